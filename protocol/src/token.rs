@@ -1,0 +1,380 @@
+//! Capability tokens: PASETO v4.public (Ed25519) through the `pasetors` crate.
+//!
+//! A tenant backend holds a [`TenantSigningKey`] and mints short-lived tokens for its users
+//! with [`mint`]. Relays hold each tenant's [`TenantPublicKey`]s and check a token with
+//! [`verify`], passing the current time in: this module never reads the clock.
+//!
+//! The payload is JSON: `tenant`, `sub` (user), `docs` (`{"exact": [..]}` or
+//! `{"prefix": ".."}`), `rights` (`read`, `write`, `presence`), `exp` (RFC 3339) and `aud`
+//! (the jurisdiction). The footer names the tenant (`{"tenant": ".."}`) so that the relay
+//! knows which keys to try; the signed payload must name the same tenant.
+
+use pasetors::Public;
+use pasetors::keys::{AsymmetricPublicKey, AsymmetricSecretKey};
+use pasetors::paserk::FormatAsPaserk;
+use pasetors::token::UntrustedToken;
+use pasetors::version4::{PublicToken, V4};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::ids::{DocId, TenantId, UserId};
+
+/// Why a token was refused or could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenError {
+    /// Not a PASETO v4.public token, or its footer or payload is not valid JSON of the
+    /// expected shape. Caused by the token's holder.
+    #[error("malformed token: {0}")]
+    Malformed(&'static str),
+    /// The footer names a tenant this relay has no keys for.
+    #[error("unknown tenant {0}")]
+    UnknownTenant(String),
+    /// No key of the tenant verifies the signature.
+    #[error("token signature is not valid for the tenant's keys")]
+    BadSignature,
+    /// The footer and the signed payload name different tenants.
+    #[error("token footer and payload disagree on the tenant")]
+    TenantMismatch,
+    /// `exp` is at or before `now`.
+    #[error("token expired")]
+    Expired,
+    /// The token is for another jurisdiction.
+    #[error("token audience {found} does not match {expected}")]
+    WrongAudience {
+        /// The token's `aud`.
+        found: String,
+        /// This relay's jurisdiction.
+        expected: String,
+    },
+    /// A key could not be parsed (not a `k4.secret.` / `k4.public.` PASERK).
+    #[error("invalid key: {0}")]
+    InvalidKey(&'static str),
+}
+
+/// What a token lets its holder do on the documents it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Rights {
+    /// Subscribe and receive changes.
+    pub read: bool,
+    /// Send changes.
+    pub write: bool,
+    /// Send and receive presence.
+    pub presence: bool,
+}
+
+impl Rights {
+    /// Every right.
+    pub const ALL: Rights = Rights {
+        read: true,
+        write: true,
+        presence: true,
+    };
+
+    /// Parses `read,write,presence` (any subset, comma-separated).
+    pub fn parse(list: &str) -> Result<Rights, TokenError> {
+        let mut rights = Rights::default();
+        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "read" => rights.read = true,
+                "write" => rights.write = true,
+                "presence" => rights.presence = true,
+                _ => return Err(TokenError::Malformed("unknown right")),
+            }
+        }
+        Ok(rights)
+    }
+
+    fn to_words(self) -> Vec<String> {
+        let mut words = Vec::new();
+        for (on, word) in [
+            (self.read, "read"),
+            (self.write, "write"),
+            (self.presence, "presence"),
+        ] {
+            if on {
+                words.push(word.to_owned());
+            }
+        }
+        words
+    }
+}
+
+/// Which documents a token covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocScope {
+    /// Exactly these document ids.
+    Exact(Vec<String>),
+    /// Every document whose id starts with this prefix (empty: every document).
+    Prefix(String),
+}
+
+impl DocScope {
+    /// Whether the scope covers `doc`.
+    pub fn covers(&self, doc: &DocId) -> bool {
+        match self {
+            DocScope::Exact(ids) => ids.iter().any(|id| id == doc.as_str()),
+            DocScope::Prefix(prefix) => doc.as_str().starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// The verified content of a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capability {
+    /// The tenant whose documents this covers.
+    pub tenant: TenantId,
+    /// The user it was minted for.
+    pub user: UserId,
+    /// The documents it covers.
+    pub docs: DocScope,
+    /// What it allows.
+    pub rights: Rights,
+    /// Expiry, in seconds since the Unix epoch.
+    pub expires_at: i64,
+    /// The jurisdiction it is valid in.
+    pub audience: String,
+}
+
+impl Capability {
+    /// Whether the capability allows `right` on `doc`.
+    pub fn allows(&self, doc: &DocId, right: fn(&Rights) -> bool) -> bool {
+        right(&self.rights) && self.docs.covers(doc)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Payload {
+    tenant: String,
+    sub: String,
+    docs: DocScope,
+    rights: Vec<String>,
+    exp: String,
+    aud: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Footer {
+    tenant: String,
+}
+
+/// A tenant's Ed25519 signing key. Kept by the tenant backend, never by relays.
+pub struct TenantSigningKey(AsymmetricSecretKey<V4>);
+
+impl std::fmt::Debug for TenantSigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TenantSigningKey(..)")
+    }
+}
+
+impl TenantSigningKey {
+    /// Derives a key pair from 32 bytes of seed; the caller supplies the randomness.
+    pub fn from_seed(seed: [u8; 32]) -> Result<Self, TokenError> {
+        let pair = ed25519_compact::KeyPair::from_seed(ed25519_compact::Seed::new(seed));
+        AsymmetricSecretKey::<V4>::from(pair.sk.as_ref())
+            .map(TenantSigningKey)
+            .map_err(|_| TokenError::InvalidKey("bad seed"))
+    }
+
+    /// Parses a `k4.secret.` PASERK string.
+    pub fn from_paserk(text: &str) -> Result<Self, TokenError> {
+        AsymmetricSecretKey::<V4>::try_from(text.trim())
+            .map(TenantSigningKey)
+            .map_err(|_| TokenError::InvalidKey("expected a k4.secret. PASERK"))
+    }
+
+    /// The key as a `k4.secret.` PASERK string.
+    pub fn to_paserk(&self) -> Result<String, TokenError> {
+        let mut out = String::new();
+        self.0
+            .fmt(&mut out)
+            .map_err(|_| TokenError::InvalidKey("cannot format"))?;
+        Ok(out)
+    }
+
+    /// The matching public key, for relays.
+    pub fn public_key(&self) -> Result<TenantPublicKey, TokenError> {
+        AsymmetricPublicKey::<V4>::try_from(&self.0)
+            .map(TenantPublicKey)
+            .map_err(|_| TokenError::InvalidKey("cannot derive public key"))
+    }
+}
+
+/// A tenant's Ed25519 public key, configured on relays.
+#[derive(Clone)]
+pub struct TenantPublicKey(AsymmetricPublicKey<V4>);
+
+impl std::fmt::Debug for TenantPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TenantPublicKey(..)")
+    }
+}
+
+impl TenantPublicKey {
+    /// Parses a `k4.public.` PASERK string.
+    pub fn from_paserk(text: &str) -> Result<Self, TokenError> {
+        AsymmetricPublicKey::<V4>::try_from(text.trim())
+            .map(TenantPublicKey)
+            .map_err(|_| TokenError::InvalidKey("expected a k4.public. PASERK"))
+    }
+
+    /// The key as a `k4.public.` PASERK string.
+    pub fn to_paserk(&self) -> Result<String, TokenError> {
+        let mut out = String::new();
+        self.0
+            .fmt(&mut out)
+            .map_err(|_| TokenError::InvalidKey("cannot format"))?;
+        Ok(out)
+    }
+}
+
+/// Signs a capability into a PASETO v4.public token.
+pub fn mint(capability: &Capability, key: &TenantSigningKey) -> Result<String, TokenError> {
+    let exp = OffsetDateTime::from_unix_timestamp(capability.expires_at)
+        .map_err(|_| TokenError::Malformed("expiry out of range"))?
+        .format(&Rfc3339)
+        .map_err(|_| TokenError::Malformed("expiry out of range"))?;
+    let payload = Payload {
+        tenant: capability.tenant.to_string(),
+        sub: capability.user.to_string(),
+        docs: capability.docs.clone(),
+        rights: capability.rights.to_words(),
+        exp,
+        aud: capability.audience.clone(),
+    };
+    let footer = Footer {
+        tenant: capability.tenant.to_string(),
+    };
+    let payload = serde_json::to_vec(&payload).map_err(|_| TokenError::Malformed("payload"))?;
+    let footer = serde_json::to_vec(&footer).map_err(|_| TokenError::Malformed("footer"))?;
+    PublicToken::sign(&key.0, &payload, Some(&footer), None)
+        .map_err(|_| TokenError::InvalidKey("signing failed"))
+}
+
+/// Verifies a token: signature under one of the tenant's keys, tenant agreement, expiry
+/// against `now_unix` (seconds), and audience against `audience`.
+///
+/// `keys_for` returns the public keys configured for a tenant (none: unknown tenant).
+pub fn verify<'k>(
+    token: &str,
+    keys_for: impl Fn(&TenantId) -> Option<&'k [TenantPublicKey]>,
+    now_unix: i64,
+    audience: &str,
+) -> Result<Capability, TokenError> {
+    let untrusted = UntrustedToken::<Public, V4>::try_from(token)
+        .map_err(|_| TokenError::Malformed("not a v4.public token"))?;
+    let footer: Footer = serde_json::from_slice(untrusted.untrusted_footer())
+        .map_err(|_| TokenError::Malformed("footer"))?;
+    let tenant =
+        TenantId::new(footer.tenant.as_str()).map_err(|_| TokenError::Malformed("tenant id"))?;
+    let keys = keys_for(&tenant).ok_or_else(|| TokenError::UnknownTenant(tenant.to_string()))?;
+    let trusted = keys
+        .iter()
+        .find_map(|key| PublicToken::verify(&key.0, &untrusted, None, None).ok())
+        .ok_or(TokenError::BadSignature)?;
+    let payload: Payload =
+        serde_json::from_str(trusted.payload()).map_err(|_| TokenError::Malformed("payload"))?;
+    if payload.tenant != footer.tenant {
+        return Err(TokenError::TenantMismatch);
+    }
+    let expires_at = OffsetDateTime::parse(&payload.exp, &Rfc3339)
+        .map_err(|_| TokenError::Malformed("exp"))?
+        .unix_timestamp();
+    if expires_at <= now_unix {
+        return Err(TokenError::Expired);
+    }
+    if payload.aud != audience {
+        return Err(TokenError::WrongAudience {
+            found: payload.aud,
+            expected: audience.to_owned(),
+        });
+    }
+    Ok(Capability {
+        tenant,
+        user: UserId::new(payload.sub).map_err(|_| TokenError::Malformed("sub"))?,
+        docs: payload.docs,
+        rights: Rights::parse(&payload.rights.join(","))?,
+        expires_at,
+        audience: payload.aud,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capability(tenant: &str) -> Capability {
+        Capability {
+            tenant: TenantId::new(tenant).unwrap(),
+            user: UserId::new("alice").unwrap(),
+            docs: DocScope::Prefix("notes/".into()),
+            rights: Rights {
+                read: true,
+                write: false,
+                presence: true,
+            },
+            expires_at: 1_000_000,
+            audience: "eu".into(),
+        }
+    }
+
+    #[test]
+    fn mint_and_verify() {
+        let key = TenantSigningKey::from_seed([3; 32]).unwrap();
+        let public = vec![key.public_key().unwrap()];
+        let token = mint(&capability("acme"), &key).unwrap();
+        let acme = TenantId::new("acme").unwrap();
+        let keys = |t: &TenantId| (t == &acme).then_some(public.as_slice());
+        let cap = verify(&token, keys, 999_999, "eu").unwrap();
+        assert_eq!(cap, capability("acme"));
+        assert!(cap.allows(&DocId::new("notes/a").unwrap(), |r| r.read));
+        assert!(!cap.allows(&DocId::new("notes/a").unwrap(), |r| r.write));
+        assert!(!cap.allows(&DocId::new("other").unwrap(), |r| r.read));
+
+        assert_eq!(
+            verify(&token, keys, 1_000_000, "eu"),
+            Err(TokenError::Expired)
+        );
+        assert!(matches!(
+            verify(&token, keys, 0, "us"),
+            Err(TokenError::WrongAudience { .. })
+        ));
+        assert_eq!(
+            verify("v4.public.xyz", keys, 0, "eu").unwrap_err(),
+            TokenError::Malformed("not a v4.public token")
+        );
+
+        let other = mint(&capability("globex"), &key).unwrap();
+        assert_eq!(
+            verify(&other, keys, 0, "eu"),
+            Err(TokenError::UnknownTenant("globex".into()))
+        );
+
+        let wrong_key = TenantSigningKey::from_seed([4; 32]).unwrap();
+        let forged = mint(&capability("acme"), &wrong_key).unwrap();
+        assert_eq!(
+            verify(&forged, keys, 0, "eu"),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn keys_round_trip_as_paserk() {
+        let key = TenantSigningKey::from_seed([9; 32]).unwrap();
+        let text = key.to_paserk().unwrap();
+        assert!(text.starts_with("k4.secret."));
+        let again = TenantSigningKey::from_paserk(&text).unwrap();
+        let public = again.public_key().unwrap().to_paserk().unwrap();
+        assert!(public.starts_with("k4.public."));
+        assert_eq!(
+            TenantPublicKey::from_paserk(&public)
+                .unwrap()
+                .to_paserk()
+                .unwrap(),
+            public
+        );
+        assert!(TenantPublicKey::from_paserk("k4.public.nope").is_err());
+    }
+}

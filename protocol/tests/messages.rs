@@ -1,0 +1,244 @@
+//! Property tests: every message round-trips and `encoded_len` is exact; arbitrary bytes
+//! never panic the decoder.
+
+use bytes::Bytes;
+use meridian_protocol::{
+    ChangeHash, ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_FRAME_LEN,
+    NodeAddr, NodeId, RelayToClient, UserId, frame,
+};
+use proptest::prelude::*;
+
+fn id_string() -> impl Strategy<Value = String> {
+    "[a-zA-Z0-9._:@/-]{1,40}"
+}
+
+fn doc() -> impl Strategy<Value = DocId> {
+    id_string().prop_map(|s| DocId::new(s).unwrap())
+}
+
+fn hashes() -> impl Strategy<Value = Vec<ChangeHash>> {
+    prop::collection::vec(any::<[u8; 32]>().prop_map(ChangeHash), 0..8)
+}
+
+fn blob(max: usize) -> impl Strategy<Value = Bytes> {
+    prop::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn changes() -> impl Strategy<Value = Vec<Bytes>> {
+    prop::collection::vec(
+        prop::collection::vec(any::<u8>(), 1..200).prop_map(Bytes::from),
+        0..8,
+    )
+}
+
+fn node() -> impl Strategy<Value = NodeAddr> {
+    (id_string(), "[a-z0-9.:]{0,30}").prop_map(|(n, addr)| NodeAddr {
+        node: NodeId::new(n.chars().take(60).collect::<String>()).unwrap(),
+        addr,
+    })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    (1u16..40).prop_map(|code| match code {
+        1 => ErrorCode::Unauthorized,
+        2 => ErrorCode::Forbidden,
+        3 => ErrorCode::Redirect,
+        4 => ErrorCode::TooLarge,
+        5 => ErrorCode::RateLimited,
+        6 => ErrorCode::InvalidChange,
+        7 => ErrorCode::MissingDependencies,
+        8 => ErrorCode::Overloaded,
+        9 => ErrorCode::VersionMismatch,
+        10 => ErrorCode::Internal,
+        11 => ErrorCode::Malformed,
+        12 => ErrorCode::SlowConsumer,
+        13 => ErrorCode::UnknownDocument,
+        14 => ErrorCode::ShuttingDown,
+        other => ErrorCode::Other(other),
+    })
+}
+
+fn client_message() -> impl Strategy<Value = ClientToRelay> {
+    prop_oneof![
+        ("[ -~]{0,300}", "[ -~]{0,40}")
+            .prop_map(|(token, client)| ClientToRelay::Hello { token, client }),
+        (doc(), hashes()).prop_map(|(doc, heads)| ClientToRelay::Subscribe { doc, heads }),
+        doc().prop_map(|doc| ClientToRelay::Unsubscribe { doc }),
+        (doc(), changes()).prop_map(|(doc, changes)| ClientToRelay::Changes { doc, changes }),
+        (doc(), blob(100)).prop_map(|(doc, state)| ClientToRelay::Presence { doc, state }),
+        any::<u64>().prop_map(|nonce| ClientToRelay::Ping { nonce }),
+    ]
+}
+
+fn relay_message() -> impl Strategy<Value = RelayToClient> {
+    prop_oneof![
+        (node(), any::<u64>(), prop::collection::vec(node(), 0..4)).prop_map(
+            |(n, session, nodes)| RelayToClient::Welcome {
+                node: n.node,
+                session,
+                nodes
+            }
+        ),
+        (doc(), hashes()).prop_map(|(doc, heads)| RelayToClient::Synced { doc, heads }),
+        (doc(), changes()).prop_map(|(doc, changes)| RelayToClient::Changes { doc, changes }),
+        (doc(), hashes(), hashes()).prop_map(|(doc, changes, heads)| RelayToClient::Applied {
+            doc,
+            changes,
+            heads
+        }),
+        (doc(), hashes(), hashes()).prop_map(|(doc, changes, heads)| RelayToClient::Durable {
+            doc,
+            changes,
+            heads
+        }),
+        (doc(), hashes(), blob(300), 0u64..1000).prop_map(|(doc, heads, bytes, extra)| {
+            let offset = extra / 2;
+            let total = offset + bytes.len() as u64 + extra / 2;
+            RelayToClient::Snapshot {
+                doc,
+                heads,
+                offset,
+                total,
+                bytes,
+            }
+        }),
+        (doc(), any::<u64>(), id_string(), blob(100)).prop_map(|(doc, session, user, state)| {
+            RelayToClient::Presence {
+                doc,
+                session,
+                user: UserId::new(user).unwrap(),
+                state,
+            }
+        }),
+        (doc(), node()).prop_map(|(doc, node)| RelayToClient::Moved { doc, node }),
+        (
+            "[a-z-]{1,20}",
+            prop::collection::vec(node(), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(cell, nodes, epoch)| RelayToClient::Redirect {
+                cell,
+                nodes,
+                epoch
+            }),
+        any::<u64>().prop_map(|nonce| RelayToClient::Pong { nonce }),
+        (
+            error_code(),
+            prop::option::of(doc()),
+            any::<u32>(),
+            "[ -~]{0,100}"
+        )
+            .prop_map(
+                |(code, doc, retry_after_ms, message)| RelayToClient::Error {
+                    code,
+                    doc,
+                    retry_after_ms,
+                    message
+                }
+            ),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn client_messages_round_trip(message in client_message()) {
+        let bytes = message.to_bytes();
+        prop_assert_eq!(bytes.len(), message.encoded_len());
+        prop_assert_eq!(frame::check(&bytes), Ok(Some(bytes.len())));
+        prop_assert_eq!(ClientToRelay::decode(&bytes), Ok(message));
+    }
+
+    #[test]
+    fn relay_messages_round_trip(message in relay_message()) {
+        let bytes = message.to_bytes();
+        prop_assert_eq!(bytes.len(), message.encoded_len());
+        prop_assert_eq!(RelayToClient::decode(&bytes), Ok(message));
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected(message in client_message(), extra in 1usize..10) {
+        let mut bytes = message.to_bytes().to_vec();
+        bytes.extend(std::iter::repeat_n(0u8, extra));
+        prop_assert_eq!(
+            ClientToRelay::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TrailingBytes(extra))
+        );
+    }
+
+    #[test]
+    fn truncated_frames_are_rejected(message in relay_message(), cut in 1usize..64) {
+        let bytes = message.to_bytes();
+        let cut = cut.min(bytes.len());
+        let short = bytes.slice(..bytes.len() - cut);
+        prop_assert!(RelayToClient::decode(&short).is_err());
+    }
+
+    #[test]
+    fn decoder_never_panics(data in prop::collection::vec(any::<u8>(), 0..512)) {
+        let bytes = Bytes::from(data);
+        let _ = ClientToRelay::decode(&bytes);
+        let _ = RelayToClient::decode(&bytes);
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&bytes);
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            let _ = ClientToRelay::decode(&frame);
+        }
+    }
+
+    #[test]
+    fn stream_of_frames_splits_anywhere(
+        messages in prop::collection::vec(client_message(), 1..6),
+        chunk in 1usize..50,
+    ) {
+        let mut stream = Vec::new();
+        for m in &messages {
+            m.encode(&mut stream);
+        }
+        let mut decoder = FrameDecoder::new();
+        let mut out = Vec::new();
+        for piece in stream.chunks(chunk) {
+            decoder.push(piece);
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                out.push(ClientToRelay::decode(&frame).unwrap());
+            }
+        }
+        prop_assert_eq!(out, messages);
+        prop_assert!(decoder.is_empty());
+    }
+}
+
+#[test]
+fn oversize_and_unknown_version_are_refused_from_the_header() {
+    let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+    let oversize = Bytes::from(vec![len[0], len[1], len[2], len[3], 1, 1]);
+    assert!(matches!(
+        ClientToRelay::decode(&oversize),
+        Err(DecodeError::Oversize { .. })
+    ));
+    let mut ping = ClientToRelay::Ping { nonce: 1 }.to_bytes().to_vec();
+    ping[4] = 2;
+    assert_eq!(
+        ClientToRelay::decode(&Bytes::from(ping)),
+        Err(DecodeError::UnknownVersion(2))
+    );
+    let unknown = Bytes::from(vec![0, 0, 0, 2, 1, 0x7f]);
+    assert_eq!(
+        ClientToRelay::decode(&unknown),
+        Err(DecodeError::UnknownMessage(0x7f))
+    );
+}
+
+#[test]
+fn over_limit_fields_are_rejected() {
+    let message = ClientToRelay::Presence {
+        doc: DocId::new("d").unwrap(),
+        state: Bytes::from(vec![0u8; meridian_protocol::MAX_PRESENCE_LEN + 1]),
+    };
+    assert!(matches!(
+        message.check_limits(),
+        Err(DecodeError::InvalidField {
+            field: "presence",
+            ..
+        })
+    ));
+}
