@@ -1,1 +1,4 @@
+//! A Meridian relay node.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod engine;

@@ -1,0 +1,1305 @@
+//! The relay's decisions, with no IO: sessions, subscriptions, the change-graph hot path,
+//! orphans, presence, group commit to the cache and batched flushes to the durable tier.
+//!
+//! # Calling order (one driver task owns the engine)
+//!
+//! 1. Feed one input: `handle_session_open`, `handle_subscribe`, `handle_changes`,
+//!    `handle_presence`, `handle_unsubscribe`, `handle_session_closed`, `handle_loaded`,
+//!    `handle_cache_committed`, `handle_flush_done` or `handle_timeout`.
+//! 2. Drain [`Engine::poll_transmit`] (messages for sessions) and
+//!    [`Engine::poll_store_task`] (effects on the cache and the durable tier); carry them
+//!    out and feed their results back through the matching `handle_*`.
+//! 3. Re-arm the timer at [`Engine::poll_timeout`] and call `handle_timeout` when it fires.
+//!
+//! The engine never reads the clock (time comes in as [`Now`]), never touches a socket,
+//! file or database, and never spawns. Everything it wants done is data: [`Transmit`] and
+//! [`StoreTask`].
+//!
+//! # Acknowledgements
+//!
+//! A change is *Applied* once the cache commit that covers it completes (group commit: one
+//! commit covers every change that arrived while the previous one was in flight), and
+//! *Durable* once the flush batch that carries it succeeds. Only then is it acknowledged,
+//! and `Applied` is always sent before `Durable`. Changes with missing dependencies wait in
+//! a bounded orphan queue and are never acknowledged or flushed until they connect.
+
+pub mod change;
+pub mod graph;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use meridian_protocol::token::{Capability, Rights};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient, TenantId, UserId};
+
+use change::{ChangeError, ParsedChange, parse_change};
+use graph::{AddError, Added, ChangeGraph, ChangeIndex};
+
+/// A session (one authenticated connection), numbered by the IO layer.
+pub type SessionId = u64;
+
+/// The current time, passed into the engine.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// Monotonic time, for timers and ages.
+    pub instant: Instant,
+    /// Wall-clock seconds since the Unix epoch, for token expiry.
+    pub unix_secs: i64,
+}
+
+/// A document within its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DocKey {
+    /// The owning tenant.
+    pub tenant: TenantId,
+    /// The document.
+    pub doc: DocId,
+}
+
+/// A change as stored in the cache and the durable tier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredChange {
+    /// Its hash.
+    pub hash: ChangeHash,
+    /// Its bytes.
+    pub bytes: Bytes,
+    /// The user who wrote it.
+    pub user: UserId,
+}
+
+/// A change read back while loading a document.
+#[derive(Debug, Clone)]
+pub struct LoadedChange {
+    /// The change.
+    pub change: StoredChange,
+    /// True if it came from (or is known to be in) the durable tier.
+    pub durable: bool,
+}
+
+/// Engine limits and timings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Orphans (changes waiting for dependencies) per document, by count.
+    pub orphans_per_doc_max: usize,
+    /// Orphans per document, by bytes.
+    pub orphan_bytes_per_doc_max: usize,
+    /// Documents one session may subscribe to.
+    pub subscriptions_per_session_max: usize,
+    /// Change frames buffered for a document that is still loading.
+    pub loading_backlog_max: usize,
+    /// How long changes wait before a flush batch starts (they accumulate meanwhile).
+    pub flush_interval: Duration,
+    /// Changes per flush batch.
+    pub flush_batch_max: usize,
+    /// Flush batches in flight at once.
+    pub flush_in_flight_max: usize,
+    /// First retry delay after a failed flush; doubles up to `flush_retry_max`.
+    pub flush_retry_initial: Duration,
+    /// Longest retry delay.
+    pub flush_retry_max: Duration,
+    /// Target bytes per catch-up `changes` frame.
+    pub catchup_frame_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            orphans_per_doc_max: 256,
+            orphan_bytes_per_doc_max: 4 << 20,
+            subscriptions_per_session_max: 1024,
+            loading_backlog_max: 64,
+            flush_interval: Duration::from_millis(20),
+            flush_batch_max: 500,
+            flush_in_flight_max: 4,
+            flush_retry_initial: Duration::from_millis(50),
+            flush_retry_max: Duration::from_secs(5),
+            catchup_frame_bytes: 256 << 10,
+        }
+    }
+}
+
+/// What a session should be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    /// One message.
+    Message(RelayToClient),
+    /// A catch-up: these changes in `changes` frames, then `Synced` with `heads`. The
+    /// bytes are shared with the graph, so a large catch-up costs pointers, not copies.
+    CatchUp {
+        /// The document.
+        doc: DocId,
+        /// Missing changes, in causal order.
+        changes: Vec<Bytes>,
+        /// The relay's heads.
+        heads: Vec<ChangeHash>,
+    },
+    /// Send this error and close the whole connection.
+    Close(RelayToClient),
+}
+
+/// A message for one session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    /// The recipient.
+    pub session: SessionId,
+    /// The document stream it belongs on (`None`: the control stream).
+    pub doc: Option<DocId>,
+    /// What to send.
+    pub outbound: Outbound,
+}
+
+/// An effect on storage for the IO layer to carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreTask {
+    /// Load a document from the cache and the durable tier; answer with `handle_loaded`.
+    Load {
+        /// The document.
+        key: DocKey,
+    },
+    /// Write these changes to the cache and its flush queue, make them crash-safe in one
+    /// flush, then answer `handle_cache_committed(commit)`. May be empty (acks only).
+    Cache {
+        /// Commit number.
+        commit: u64,
+        /// New changes.
+        changes: Vec<(DocKey, StoredChange)>,
+    },
+    /// Write these changes to the durable tier; answer `handle_flush_done(batch, ..)`.
+    Flush {
+        /// Batch number.
+        batch: u64,
+        /// The changes.
+        changes: Vec<(DocKey, StoredChange)>,
+    },
+    /// These changes are durable: remove them from the cache's flush queue.
+    Uncache {
+        /// The changes.
+        changes: Vec<(DocKey, ChangeHash)>,
+    },
+}
+
+/// Counters the IO layer exports as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Changes received from clients.
+    pub changes_received: u64,
+    /// Changes newly added to a graph.
+    pub changes_applied: u64,
+    /// Changes refused, by any reason.
+    pub changes_refused: u64,
+    /// Change deliveries to other subscribers.
+    pub changes_fanned_out: u64,
+    /// Changes parked as orphans.
+    pub orphans_parked: u64,
+    /// Flush batches that succeeded.
+    pub flush_batches: u64,
+    /// Flush batches that failed (and were retried).
+    pub flush_errors: u64,
+    /// Changes made durable.
+    pub changes_durable: u64,
+    /// Documents loaded from storage.
+    pub cold_loads: u64,
+    /// Changes read back from storage that failed their checks.
+    pub corrupt_changes: u64,
+    /// Broken internal invariants (should stay 0).
+    pub invariant_violations: u64,
+}
+
+struct Session {
+    capability: Capability,
+    subscriptions: HashSet<DocId>,
+}
+
+struct Orphan {
+    change: ParsedChange,
+    session: SessionId,
+    user: UserId,
+}
+
+enum DocState {
+    Loading {
+        subscribes: Vec<(SessionId, Vec<ChangeHash>)>,
+        changes: Vec<(SessionId, Vec<Bytes>)>,
+    },
+    Ready,
+}
+
+struct Doc {
+    state: DocState,
+    graph: ChangeGraph,
+    subscribers: BTreeSet<SessionId>,
+    orphans: Vec<Orphan>,
+    orphan_bytes: usize,
+    presence: HashMap<SessionId, Bytes>,
+    durable_waiters: HashMap<ChangeHash, Vec<SessionId>>,
+    unflushed: usize,
+}
+
+impl Doc {
+    fn loading() -> Self {
+        Doc {
+            state: DocState::Loading {
+                subscribes: Vec::new(),
+                changes: Vec::new(),
+            },
+            graph: ChangeGraph::new(),
+            subscribers: BTreeSet::new(),
+            orphans: Vec::new(),
+            orphan_bytes: 0,
+            presence: HashMap::new(),
+            durable_waiters: HashMap::new(),
+            unflushed: 0,
+        }
+    }
+}
+
+/// Changes acknowledged to one session when a commit completes.
+struct Ack {
+    session: SessionId,
+    key: DocKey,
+    hashes: Vec<ChangeHash>,
+}
+
+#[derive(Clone)]
+struct FlushItem {
+    key: DocKey,
+    hash: ChangeHash,
+    since: Instant,
+}
+
+/// The relay engine. See the module docs for the calling order.
+pub struct Engine {
+    config: EngineConfig,
+    sessions: HashMap<SessionId, Session>,
+    docs: HashMap<DocKey, Doc>,
+    transmits: VecDeque<Transmit>,
+    store_tasks: VecDeque<StoreTask>,
+    next_commit: u64,
+    cache_pending: Vec<(DocKey, StoredChange)>,
+    cache_pending_acks: Vec<Ack>,
+    cache_in_flight: Option<(u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>)>,
+    flush_queue: VecDeque<FlushItem>,
+    flush_in_flight: HashMap<u64, Vec<FlushItem>>,
+    next_batch: u64,
+    flush_due: Option<Instant>,
+    flush_backoff: Option<Duration>,
+    stats: Stats,
+}
+
+impl Engine {
+    /// A new engine with no sessions or documents.
+    pub fn new(config: EngineConfig) -> Self {
+        Engine {
+            config,
+            sessions: HashMap::new(),
+            docs: HashMap::new(),
+            transmits: VecDeque::new(),
+            store_tasks: VecDeque::new(),
+            next_commit: 1,
+            cache_pending: Vec::new(),
+            cache_pending_acks: Vec::new(),
+            cache_in_flight: None,
+            flush_queue: VecDeque::new(),
+            flush_in_flight: HashMap::new(),
+            next_batch: 1,
+            flush_due: None,
+            flush_backoff: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Documents in memory.
+    pub fn hot_docs(&self) -> usize {
+        self.docs.len()
+    }
+
+    /// Sessions open.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Changes waiting for (or in) a durable flush.
+    pub fn flush_queue_len(&self) -> usize {
+        self.flush_queue.len() + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Age of the oldest change not yet durable.
+    pub fn oldest_unflushed(&self, now: Instant) -> Option<Duration> {
+        let queued = self.flush_queue.front().map(|item| item.since);
+        let in_flight = self
+            .flush_in_flight
+            .values()
+            .flatten()
+            .map(|item| item.since)
+            .min();
+        [queued, in_flight]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|since| now.saturating_duration_since(since))
+    }
+
+    /// Orphans waiting across all documents.
+    pub fn orphans(&self) -> usize {
+        self.docs.values().map(|doc| doc.orphans.len()).sum()
+    }
+
+    /// The next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next storage effect to carry out.
+    pub fn poll_store_task(&mut self) -> Option<StoreTask> {
+        self.store_tasks.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.flush_queue.is_empty()
+            || self.flush_in_flight.len() >= self.config.flush_in_flight_max
+        {
+            return None;
+        }
+        self.flush_due
+    }
+
+    /// A connection authenticated with `capability`.
+    pub fn handle_session_open(&mut self, session: SessionId, capability: Capability) {
+        self.sessions.insert(
+            session,
+            Session {
+                capability,
+                subscriptions: HashSet::new(),
+            },
+        );
+    }
+
+    /// A connection ended: its subscriptions, presence and orphans go.
+    pub fn handle_session_closed(&mut self, session: SessionId) {
+        let Some(state) = self.sessions.remove(&session) else {
+            return;
+        };
+        let tenant = state.capability.tenant.clone();
+        for doc in state.subscriptions {
+            self.leave(
+                session,
+                &DocKey {
+                    tenant: tenant.clone(),
+                    doc,
+                },
+            );
+        }
+        for doc in self.docs.values_mut() {
+            let before = doc.orphans.len();
+            doc.orphans.retain(|orphan| orphan.session != session);
+            if doc.orphans.len() != before {
+                doc.orphan_bytes = doc.orphans.iter().map(|o| o.change.bytes.len()).sum();
+            }
+            if let DocState::Loading {
+                subscribes,
+                changes,
+            } = &mut doc.state
+            {
+                subscribes.retain(|(s, _)| *s != session);
+                changes.retain(|(s, _)| *s != session);
+            }
+        }
+    }
+
+    /// A session subscribes to `doc` with the heads it already has.
+    pub fn handle_subscribe(
+        &mut self,
+        now: Now,
+        session: SessionId,
+        doc: DocId,
+        heads: Vec<ChangeHash>,
+    ) {
+        let Some(key) = self.authorize(now, session, &doc, |r| r.read) else {
+            return;
+        };
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if !state.subscriptions.contains(&doc)
+            && state.subscriptions.len() >= self.config.subscriptions_per_session_max
+        {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::Overloaded,
+                "too many subscriptions on this connection",
+            );
+            return;
+        }
+        state.subscriptions.insert(doc);
+        match self.docs.get_mut(&key) {
+            Some(Doc {
+                state: DocState::Loading { subscribes, .. },
+                ..
+            }) => subscribes.push((session, heads)),
+            Some(_) => self.serve_subscribe(&key, session, heads),
+            None => {
+                let mut loading = Doc::loading();
+                if let DocState::Loading { subscribes, .. } = &mut loading.state {
+                    subscribes.push((session, heads));
+                }
+                self.docs.insert(key.clone(), loading);
+                self.store_tasks.push_back(StoreTask::Load { key });
+            }
+        }
+    }
+
+    /// A session stops following `doc`.
+    pub fn handle_unsubscribe(&mut self, session: SessionId, doc: DocId) {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if state.subscriptions.remove(&doc) {
+            let key = DocKey {
+                tenant: state.capability.tenant.clone(),
+                doc,
+            };
+            self.leave(session, &key);
+        }
+    }
+
+    /// Changes from a session for a document it subscribed to.
+    pub fn handle_changes(
+        &mut self,
+        now: Now,
+        session: SessionId,
+        doc: DocId,
+        changes: Vec<Bytes>,
+    ) {
+        self.stats.changes_received += changes.len() as u64;
+        let Some(key) = self.authorize(now, session, &doc, |r| r.write) else {
+            self.stats.changes_refused += changes.len() as u64;
+            return;
+        };
+        if !self.is_subscribed(session, &doc) {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::UnknownDocument,
+                "subscribe before sending changes",
+            );
+            return;
+        }
+        let backlog_max = self.config.loading_backlog_max;
+        let Some(entry) = self.docs.get_mut(&key) else {
+            self.invariant_broken(session, Some(doc), "subscribed document is not in memory");
+            return;
+        };
+        if let DocState::Loading {
+            changes: backlog, ..
+        } = &mut entry.state
+        {
+            if backlog.len() >= backlog_max {
+                self.error(
+                    session,
+                    Some(doc),
+                    ErrorCode::Overloaded,
+                    "document is still loading",
+                );
+            } else {
+                backlog.push((session, changes));
+            }
+            return;
+        }
+        self.ingest(now, session, &key, changes);
+    }
+
+    /// A session's presence on a document: fanned out, kept only in memory.
+    pub fn handle_presence(&mut self, now: Now, session: SessionId, doc: DocId, state: Bytes) {
+        let Some(key) = self.authorize(now, session, &doc, |r| r.presence) else {
+            return;
+        };
+        if !self.is_subscribed(session, &doc) {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::UnknownDocument,
+                "subscribe before sending presence",
+            );
+            return;
+        }
+        let user = match self.sessions.get(&session) {
+            Some(s) => s.capability.user.clone(),
+            None => return,
+        };
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        if state.is_empty() {
+            entry.presence.remove(&session);
+        } else {
+            entry.presence.insert(session, state.clone());
+        }
+        let message = RelayToClient::Presence {
+            doc: doc.clone(),
+            session,
+            user,
+            state,
+        };
+        let others: Vec<SessionId> = entry
+            .subscribers
+            .iter()
+            .copied()
+            .filter(|s| *s != session)
+            .collect();
+        for other in others {
+            self.send(other, Some(doc.clone()), message.clone());
+        }
+    }
+
+    /// The result of a `Load` task.
+    pub fn handle_loaded(
+        &mut self,
+        now: Now,
+        key: DocKey,
+        result: Result<Vec<LoadedChange>, String>,
+    ) {
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        let DocState::Loading {
+            subscribes,
+            changes,
+        } = std::mem::replace(&mut entry.state, DocState::Ready)
+        else {
+            return;
+        };
+        let loaded = match result {
+            Ok(loaded) => loaded,
+            Err(reason) => {
+                tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
+                self.docs.remove(&key);
+                for (session, _) in subscribes {
+                    if let Some(state) = self.sessions.get_mut(&session) {
+                        state.subscriptions.remove(&key.doc);
+                    }
+                    self.error(
+                        session,
+                        Some(key.doc.clone()),
+                        ErrorCode::Internal,
+                        "document could not be loaded; retry",
+                    );
+                }
+                return;
+            }
+        };
+        self.stats.cold_loads += 1;
+        self.insert_loaded(now, &key, loaded);
+        for (session, heads) in subscribes {
+            if self.is_subscribed(session, &key.doc) {
+                self.serve_subscribe(&key, session, heads);
+            }
+        }
+        for (session, batch) in changes {
+            if self.is_subscribed(session, &key.doc) {
+                self.ingest(now, session, &key, batch);
+            }
+        }
+    }
+
+    /// A `Cache` task completed: its changes survive a crash. Acknowledge them.
+    pub fn handle_cache_committed(&mut self, now: Now, commit: u64) {
+        let Some((in_flight, entries, acks)) = self.cache_in_flight.take() else {
+            self.stats.invariant_violations += 1;
+            return;
+        };
+        if in_flight != commit {
+            self.stats.invariant_violations += 1;
+            self.cache_in_flight = Some((in_flight, entries, acks));
+            return;
+        }
+        for (key, hash) in entries {
+            self.flush_queue.push_back(FlushItem {
+                key,
+                hash,
+                since: now.instant,
+            });
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+        for ack in acks {
+            self.acknowledge(ack);
+        }
+        self.start_commit();
+    }
+
+    /// A `Flush` task finished: on success its changes are durable; on failure they go
+    /// back to the front of the queue and the next attempt backs off.
+    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), String>) {
+        let Some(items) = self.flush_in_flight.remove(&batch) else {
+            self.stats.invariant_violations += 1;
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.stats.flush_batches += 1;
+                self.flush_backoff = None;
+                self.complete_flush(items);
+            }
+            Err(reason) => {
+                self.stats.flush_errors += 1;
+                tracing::debug!(batch, %reason, "flush failed; will retry");
+                for item in items.into_iter().rev() {
+                    self.flush_queue.push_front(item);
+                }
+                let backoff = self
+                    .flush_backoff
+                    .map_or(self.config.flush_retry_initial, |b| {
+                        (b * 2).min(self.config.flush_retry_max)
+                    });
+                self.flush_backoff = Some(backoff);
+                self.flush_due = Some(now.instant + backoff);
+            }
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant);
+        }
+    }
+
+    /// The timer from `poll_timeout` fired.
+    pub fn handle_timeout(&mut self, now: Now) {
+        let Some(due) = self.flush_due else {
+            return;
+        };
+        if due > now.instant {
+            return;
+        }
+        self.flush_due = None;
+        while !self.flush_queue.is_empty()
+            && self.flush_in_flight.len() < self.config.flush_in_flight_max
+        {
+            let take = self.flush_queue.len().min(self.config.flush_batch_max);
+            let items: Vec<FlushItem> = self.flush_queue.drain(..take).collect();
+            let mut changes = Vec::with_capacity(items.len());
+            for item in &items {
+                match self.stored_change(&item.key, &item.hash) {
+                    Some(change) => changes.push((item.key.clone(), change)),
+                    None => self.stats.invariant_violations += 1,
+                }
+            }
+            let batch = self.next_batch;
+            self.next_batch += 1;
+            self.flush_in_flight.insert(batch, items);
+            self.store_tasks
+                .push_back(StoreTask::Flush { batch, changes });
+        }
+        if !self.flush_queue.is_empty() {
+            // Wait for a batch to finish; it re-arms the timer.
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+    }
+
+    /// Documents that may be dropped from memory: no subscribers, nothing unflushed,
+    /// nothing waiting. The IO layer decides when memory calls for it.
+    pub fn evictable(&self) -> Vec<DocKey> {
+        self.docs
+            .iter()
+            .filter(|(_, d)| {
+                d.subscribers.is_empty()
+                    && d.unflushed == 0
+                    && d.orphans.is_empty()
+                    && matches!(d.state, DocState::Ready)
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Drops a document from memory if it is still evictable; it reloads on demand.
+    pub fn evict(&mut self, key: &DocKey) -> bool {
+        let evictable = self.docs.get(key).is_some_and(|d| {
+            d.subscribers.is_empty()
+                && d.unflushed == 0
+                && d.orphans.is_empty()
+                && matches!(d.state, DocState::Ready)
+        });
+        if evictable {
+            self.docs.remove(key);
+        }
+        evictable
+    }
+
+    /// Tells every session the relay is going away.
+    pub fn handle_shutdown(&mut self) {
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for session in sessions {
+            self.transmits.push_back(Transmit {
+                session,
+                doc: None,
+                outbound: Outbound::Close(RelayToClient::error(
+                    ErrorCode::ShuttingDown,
+                    None,
+                    "relay is shutting down",
+                )),
+            });
+        }
+    }
+
+    // ---- helpers ----
+
+    /// Checks expiry and the right on `doc`; answers the session with an error if refused.
+    fn authorize(
+        &mut self,
+        now: Now,
+        session: SessionId,
+        doc: &DocId,
+        right: fn(&Rights) -> bool,
+    ) -> Option<DocKey> {
+        let state = self.sessions.get(&session)?;
+        if state.capability.expires_at <= now.unix_secs {
+            self.transmits.push_back(Transmit {
+                session,
+                doc: None,
+                outbound: Outbound::Close(RelayToClient::error(
+                    ErrorCode::Unauthorized,
+                    None,
+                    "token expired",
+                )),
+            });
+            return None;
+        }
+        if !state.capability.allows(doc, right) {
+            self.error(
+                session,
+                Some(doc.clone()),
+                ErrorCode::Forbidden,
+                "the token does not grant this right on this document",
+            );
+            return None;
+        }
+        Some(DocKey {
+            tenant: state.capability.tenant.clone(),
+            doc: doc.clone(),
+        })
+    }
+
+    fn is_subscribed(&self, session: SessionId, doc: &DocId) -> bool {
+        self.sessions
+            .get(&session)
+            .is_some_and(|s| s.subscriptions.contains(doc))
+    }
+
+    fn send(&mut self, session: SessionId, doc: Option<DocId>, message: RelayToClient) {
+        self.transmits.push_back(Transmit {
+            session,
+            doc,
+            outbound: Outbound::Message(message),
+        });
+    }
+
+    fn error(&mut self, session: SessionId, doc: Option<DocId>, code: ErrorCode, message: &str) {
+        self.send(
+            session,
+            doc.clone(),
+            RelayToClient::error(code, doc, message),
+        );
+    }
+
+    fn invariant_broken(&mut self, session: SessionId, doc: Option<DocId>, what: &str) {
+        debug_assert!(false, "invariant broken: {what}");
+        self.stats.invariant_violations += 1;
+        self.error(session, doc, ErrorCode::Internal, "internal error");
+    }
+
+    fn leave(&mut self, session: SessionId, key: &DocKey) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        entry.subscribers.remove(&session);
+        if entry.presence.remove(&session).is_some() {
+            let user = self
+                .sessions
+                .get(&session)
+                .map(|s| s.capability.user.clone());
+            let others: Vec<SessionId> = entry.subscribers.iter().copied().collect();
+            if let Some(user) = user {
+                for other in others {
+                    self.send(
+                        other,
+                        Some(key.doc.clone()),
+                        RelayToClient::Presence {
+                            doc: key.doc.clone(),
+                            session,
+                            user: user.clone(),
+                            state: Bytes::new(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn serve_subscribe(&mut self, key: &DocKey, session: SessionId, heads: Vec<ChangeHash>) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        let (missing, _all_known) = entry.graph.missing_since(&heads);
+        let changes = missing
+            .iter()
+            .map(|&i| entry.graph.entry(i).bytes.clone())
+            .collect();
+        let mut relay_heads = entry.graph.heads().to_vec();
+        relay_heads.truncate(MAX_HEADS);
+        entry.subscribers.insert(session);
+        let presence: Vec<(SessionId, Bytes)> = entry
+            .presence
+            .iter()
+            .filter(|(s, _)| **s != session)
+            .map(|(s, p)| (*s, p.clone()))
+            .collect();
+        self.transmits.push_back(Transmit {
+            session,
+            doc: Some(key.doc.clone()),
+            outbound: Outbound::CatchUp {
+                doc: key.doc.clone(),
+                changes,
+                heads: relay_heads,
+            },
+        });
+        for (other, state) in presence {
+            if let Some(user) = self.sessions.get(&other).map(|s| s.capability.user.clone()) {
+                self.send(
+                    session,
+                    Some(key.doc.clone()),
+                    RelayToClient::Presence {
+                        doc: key.doc.clone(),
+                        session: other,
+                        user,
+                        state,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The hot path: parse, check, add or park, fan out, queue for the cache commit.
+    fn ingest(&mut self, now: Now, session: SessionId, key: &DocKey, changes: Vec<Bytes>) {
+        let _ = now;
+        let Some(user) = self
+            .sessions
+            .get(&session)
+            .map(|s| s.capability.user.clone())
+        else {
+            return;
+        };
+        let mut accepted: Vec<(SessionId, ChangeIndex)> = Vec::new();
+        let mut known: Vec<ChangeHash> = Vec::new();
+        let mut refusals: Vec<(ErrorCode, String)> = Vec::new();
+        let (orphans_max, orphan_bytes_max) = (
+            self.config.orphans_per_doc_max,
+            self.config.orphan_bytes_per_doc_max,
+        );
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        for bytes in changes {
+            let parsed = match parse_change(bytes) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    let code = match error {
+                        ChangeError::TooLarge(_) => ErrorCode::TooLarge,
+                        _ => ErrorCode::InvalidChange,
+                    };
+                    refusals.push((code, error.to_string()));
+                    continue;
+                }
+            };
+            match entry.graph.add(&parsed, &user, false) {
+                Ok(Added::New(index)) => accepted.push((session, index)),
+                Ok(Added::Known(_)) => known.push(parsed.hash),
+                Err(AddError::MissingDeps(_)) => {
+                    if entry.orphans.iter().any(|o| o.change.hash == parsed.hash) {
+                        continue;
+                    }
+                    if entry.orphans.len() >= orphans_max
+                        || entry.orphan_bytes + parsed.bytes.len() > orphan_bytes_max
+                    {
+                        refusals.push((
+                            ErrorCode::MissingDependencies,
+                            format!(
+                                "change {} has missing dependencies and the orphan queue is full",
+                                parsed.hash
+                            ),
+                        ));
+                        continue;
+                    }
+                    self.stats.orphans_parked += 1;
+                    entry.orphan_bytes += parsed.bytes.len();
+                    entry.orphans.push(Orphan {
+                        change: parsed,
+                        session,
+                        user: user.clone(),
+                    });
+                }
+                Err(AddError::ActorOfOtherUser) => refusals.push((
+                    ErrorCode::Forbidden,
+                    format!("actor of change {} belongs to another user", parsed.hash),
+                )),
+                Err(error) => refusals.push((
+                    ErrorCode::InvalidChange,
+                    format!("change {}: {error}", parsed.hash),
+                )),
+            }
+        }
+        // Orphans whose dependencies arrived join the graph.
+        if !accepted.is_empty() {
+            loop {
+                let ready = entry
+                    .orphans
+                    .iter()
+                    .position(|o| entry.graph.missing_deps(&o.change) == 0);
+                let Some(at) = ready else { break };
+                let orphan = entry.orphans.swap_remove(at);
+                entry.orphan_bytes -= orphan.change.bytes.len();
+                match entry.graph.add(&orphan.change, &orphan.user, false) {
+                    Ok(Added::New(index)) => accepted.push((orphan.session, index)),
+                    Ok(Added::Known(_)) => {}
+                    Err(error) => {
+                        let message = format!("change {}: {error}", orphan.change.hash);
+                        self.transmits.push_back(Transmit {
+                            session: orphan.session,
+                            doc: Some(key.doc.clone()),
+                            outbound: Outbound::Message(RelayToClient::error(
+                                ErrorCode::InvalidChange,
+                                Some(key.doc.clone()),
+                                message,
+                            )),
+                        });
+                    }
+                }
+            }
+        }
+        self.stats.changes_applied += accepted.len() as u64;
+        self.stats.changes_refused += refusals.len() as u64;
+        entry.unflushed += accepted.len();
+
+        // Fan out to every other subscriber without waiting for the cache.
+        if !accepted.is_empty() {
+            let bytes: Vec<Bytes> = accepted
+                .iter()
+                .map(|(_, i)| entry.graph.entry(*i).bytes.clone())
+                .collect();
+            let others: Vec<SessionId> = entry
+                .subscribers
+                .iter()
+                .copied()
+                .filter(|s| *s != session)
+                .collect();
+            self.stats.changes_fanned_out += (bytes.len() * others.len()) as u64;
+            for chunk in chunk_by_bytes(&bytes, self.config.catchup_frame_bytes) {
+                let message = RelayToClient::Changes {
+                    doc: key.doc.clone(),
+                    changes: chunk.to_vec(),
+                };
+                for &other in &others {
+                    self.transmits.push_back(Transmit {
+                        session: other,
+                        doc: Some(key.doc.clone()),
+                        outbound: Outbound::Message(message.clone()),
+                    });
+                }
+            }
+        }
+
+        // Queue new changes for the next cache commit and the acks to release with it.
+        let mut acks: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
+        for (origin, index) in &accepted {
+            let item = entry.graph.entry(*index);
+            self.cache_pending.push((
+                key.clone(),
+                StoredChange {
+                    hash: item.hash,
+                    bytes: item.bytes.clone(),
+                    user: item.user.clone(),
+                },
+            ));
+            acks.entry(*origin).or_default().push(item.hash);
+        }
+        if !known.is_empty() {
+            acks.entry(session).or_default().extend(known);
+        }
+        for (origin, hashes) in acks {
+            self.cache_pending_acks.push(Ack {
+                session: origin,
+                key: key.clone(),
+                hashes,
+            });
+        }
+        for (code, message) in refusals {
+            self.error(session, Some(key.doc.clone()), code, &message);
+        }
+        self.start_commit();
+    }
+
+    /// Starts the next group commit if none is in flight and anything is waiting.
+    fn start_commit(&mut self) {
+        if self.cache_in_flight.is_some()
+            || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
+        {
+            return;
+        }
+        let commit = self.next_commit;
+        self.next_commit += 1;
+        let changes = std::mem::take(&mut self.cache_pending);
+        let entries = changes
+            .iter()
+            .map(|(key, change)| (key.clone(), change.hash))
+            .collect();
+        let acks = std::mem::take(&mut self.cache_pending_acks);
+        self.cache_in_flight = Some((commit, entries, acks));
+        self.store_tasks
+            .push_back(StoreTask::Cache { commit, changes });
+    }
+
+    fn acknowledge(&mut self, ack: Ack) {
+        if !self.is_subscribed(ack.session, &ack.key.doc) {
+            return;
+        }
+        let Some(entry) = self.docs.get_mut(&ack.key) else {
+            return;
+        };
+        let mut durable = Vec::new();
+        for hash in &ack.hashes {
+            let Some(index) = entry.graph.index_of(hash) else {
+                continue;
+            };
+            if entry.graph.entry(index).durable {
+                durable.push(*hash);
+            } else {
+                let waiters = entry.durable_waiters.entry(*hash).or_default();
+                if !waiters.contains(&ack.session) {
+                    waiters.push(ack.session);
+                }
+            }
+        }
+        let heads: Vec<ChangeHash> = entry
+            .graph
+            .heads()
+            .iter()
+            .take(MAX_HEADS)
+            .copied()
+            .collect();
+        let durable_heads: Vec<ChangeHash> = if entry.unflushed == 0 {
+            entry
+                .graph
+                .heads()
+                .iter()
+                .take(MAX_HEADS)
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for chunk in ack.hashes.chunks(MAX_HEADS) {
+            self.send(
+                ack.session,
+                Some(ack.key.doc.clone()),
+                RelayToClient::Applied {
+                    doc: ack.key.doc.clone(),
+                    changes: chunk.to_vec(),
+                    heads: heads.clone(),
+                },
+            );
+        }
+        for chunk in durable.chunks(MAX_HEADS) {
+            self.send(
+                ack.session,
+                Some(ack.key.doc.clone()),
+                RelayToClient::Durable {
+                    doc: ack.key.doc.clone(),
+                    changes: chunk.to_vec(),
+                    heads: durable_heads.clone(),
+                },
+            );
+        }
+    }
+
+    fn complete_flush(&mut self, items: Vec<FlushItem>) {
+        let mut by_doc: HashMap<DocKey, Vec<ChangeHash>> = HashMap::new();
+        for item in items {
+            by_doc.entry(item.key).or_default().push(item.hash);
+        }
+        let mut uncache = Vec::new();
+        for (key, hashes) in by_doc {
+            let Some(entry) = self.docs.get_mut(&key) else {
+                self.stats.invariant_violations += 1;
+                continue;
+            };
+            let mut notify: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
+            for hash in &hashes {
+                if let Some(index) = entry.graph.index_of(hash) {
+                    if entry.graph.mark_durable(index) {
+                        entry.unflushed = entry.unflushed.saturating_sub(1);
+                        self.stats.changes_durable += 1;
+                    }
+                }
+                for session in entry.durable_waiters.remove(hash).unwrap_or_default() {
+                    if entry.subscribers.contains(&session) {
+                        notify.entry(session).or_default().push(*hash);
+                    }
+                }
+                uncache.push((key.clone(), *hash));
+            }
+            let heads: Vec<ChangeHash> = if entry.unflushed == 0 {
+                entry
+                    .graph
+                    .heads()
+                    .iter()
+                    .take(MAX_HEADS)
+                    .copied()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            for (session, hashes) in notify {
+                for chunk in hashes.chunks(MAX_HEADS) {
+                    self.send(
+                        session,
+                        Some(key.doc.clone()),
+                        RelayToClient::Durable {
+                            doc: key.doc.clone(),
+                            changes: chunk.to_vec(),
+                            heads: heads.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        self.store_tasks
+            .push_back(StoreTask::Uncache { changes: uncache });
+    }
+
+    fn stored_change(&self, key: &DocKey, hash: &ChangeHash) -> Option<StoredChange> {
+        let entry = self.docs.get(key)?;
+        let item = entry.graph.entry(entry.graph.index_of(hash)?);
+        Some(StoredChange {
+            hash: item.hash,
+            bytes: item.bytes.clone(),
+            user: item.user.clone(),
+        })
+    }
+
+    /// Builds a document's graph from loaded changes in any order (Kahn's algorithm over
+    /// the dependency edges). Changes that fail their checks are counted and skipped.
+    fn insert_loaded(&mut self, now: Now, key: &DocKey, loaded: Vec<LoadedChange>) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        let mut parsed: Vec<(ParsedChange, UserId, bool)> = Vec::with_capacity(loaded.len());
+        let mut seen = HashSet::new();
+        for item in loaded {
+            if !seen.insert(item.change.hash) {
+                // The same change from the cache and the durable tier: keep one, durable
+                // if either copy is.
+                if item.durable {
+                    if let Some(p) = parsed
+                        .iter_mut()
+                        .find(|(p, _, _)| p.hash == item.change.hash)
+                    {
+                        p.2 = true;
+                    }
+                }
+                continue;
+            }
+            match parse_change(item.change.bytes) {
+                Ok(change) if change.hash == item.change.hash => {
+                    parsed.push((change, item.change.user, item.durable))
+                }
+                _ => self.stats.corrupt_changes += 1,
+            }
+        }
+        let position: HashMap<ChangeHash, usize> = parsed
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _, _))| (p.hash, i))
+            .collect();
+        let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
+        let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, (change, _, _)) in parsed.iter().enumerate() {
+            for dep in &change.deps {
+                if let Some(&j) = position.get(dep) {
+                    waiting_on[i] += 1;
+                    dependents.entry(j).or_default().push(i);
+                }
+            }
+        }
+        let mut ready: VecDeque<usize> =
+            (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
+        let mut unflushed = Vec::new();
+        let mut added = 0usize;
+        while let Some(i) = ready.pop_front() {
+            let (change, user, durable) = &parsed[i];
+            match entry.graph.add(change, user, *durable) {
+                Ok(Added::New(_)) => {
+                    added += 1;
+                    if !durable {
+                        unflushed.push(change.hash);
+                    }
+                }
+                Ok(Added::Known(_)) => {}
+                Err(_) => {
+                    self.stats.corrupt_changes += 1;
+                    continue;
+                }
+            }
+            for &next in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+                waiting_on[next] -= 1;
+                if waiting_on[next] == 0 {
+                    ready.push_back(next);
+                }
+            }
+        }
+        if added < parsed.len() {
+            self.stats.corrupt_changes += (parsed.len() - added) as u64;
+        }
+        entry.unflushed += unflushed.len();
+        for hash in unflushed {
+            self.flush_queue.push_back(FlushItem {
+                key: key.clone(),
+                hash,
+                since: now.instant,
+            });
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+    }
+}
+
+/// Splits `items` into runs of at most `max_bytes` (at least one item each) and at most
+/// the protocol's per-frame count.
+pub fn chunk_by_bytes(items: &[Bytes], max_bytes: usize) -> Vec<&[Bytes]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for (i, item) in items.iter().enumerate() {
+        let full = i > start
+            && (size + item.len() + 4 > max_bytes
+                || i - start >= meridian_protocol::MAX_CHANGES_PER_FRAME);
+        if full {
+            chunks.push(&items[start..i]);
+            start = i;
+            size = 0;
+        }
+        size += item.len() + 4;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,383 @@
+//! Engine unit tests: the whole hot path driven by hand, storage answered in memory.
+
+use super::*;
+use automerge::AutoCommit;
+use automerge::transaction::Transactable;
+use meridian_protocol::token::DocScope;
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_secs: 1_000,
+    }
+}
+
+fn capability(user: &str, rights: Rights) -> Capability {
+    Capability {
+        tenant: TenantId::new("acme").unwrap(),
+        user: UserId::new(user).unwrap(),
+        docs: DocScope::Prefix(String::new()),
+        rights,
+        expires_at: 2_000,
+        audience: "dev".into(),
+    }
+}
+
+fn doc_id() -> DocId {
+    DocId::new("d1").unwrap()
+}
+
+/// Drives the engine and answers every store task at once, like a perfect disk.
+struct Harness {
+    engine: Engine,
+    sent: Vec<Transmit>,
+    flushed: Vec<StoredChange>,
+    fail_flushes: bool,
+    durable: Vec<StoredChange>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness {
+            engine: Engine::new(EngineConfig::default()),
+            sent: Vec::new(),
+            flushed: Vec::new(),
+            fail_flushes: false,
+            durable: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, now: Now) {
+        loop {
+            while let Some(t) = self.engine.poll_transmit() {
+                self.sent.push(t);
+            }
+            let Some(task) = self.engine.poll_store_task() else {
+                break;
+            };
+            match task {
+                StoreTask::Load { key } => {
+                    let loaded = self
+                        .durable
+                        .iter()
+                        .map(|c| LoadedChange {
+                            change: c.clone(),
+                            durable: true,
+                        })
+                        .collect();
+                    self.engine.handle_loaded(now, key, Ok(loaded));
+                }
+                StoreTask::Cache { commit, .. } => self.engine.handle_cache_committed(now, commit),
+                StoreTask::Flush { batch, changes } => {
+                    if self.fail_flushes {
+                        self.engine
+                            .handle_flush_done(now, batch, Err("throttled".into()));
+                    } else {
+                        self.flushed.extend(changes.into_iter().map(|(_, c)| c));
+                        self.engine.handle_flush_done(now, batch, Ok(()));
+                    }
+                }
+                StoreTask::Uncache { .. } => {}
+            }
+        }
+    }
+
+    fn fire_timer(&mut self) {
+        if let Some(at) = self.engine.poll_timeout() {
+            let now = Now {
+                instant: at,
+                unix_secs: 1_000,
+            };
+            self.engine.handle_timeout(now);
+            self.run(now);
+        }
+    }
+
+    fn take(&mut self, session: SessionId) -> Vec<Outbound> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            self.sent.drain(..).partition(|t| t.session == session);
+        self.sent = rest;
+        mine.into_iter().map(|t| t.outbound).collect()
+    }
+}
+
+fn changes_of(doc: &mut AutoCommit) -> Vec<Bytes> {
+    doc.get_changes(&[])
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect()
+}
+
+#[test]
+fn changes_are_applied_fanned_out_and_made_durable_in_order() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.run(t);
+    assert!(matches!(&h.take(1)[..], [Outbound::CatchUp { changes, .. }] if changes.is_empty()));
+    h.take(2);
+
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", "v").unwrap();
+    let bytes = changes_of(&mut doc);
+    h.engine.handle_changes(t, 1, doc_id(), bytes.clone());
+    h.run(t);
+    let to_bob = h.take(2);
+    assert!(
+        matches!(&to_bob[..], [Outbound::Message(RelayToClient::Changes { changes, .. })] if *changes == bytes)
+    );
+    let to_alice = h.take(1);
+    assert!(
+        matches!(&to_alice[..], [Outbound::Message(RelayToClient::Applied { changes, .. })] if changes.len() == 1)
+    );
+
+    h.fire_timer();
+    let to_alice = h.take(1);
+    assert!(
+        matches!(&to_alice[..], [Outbound::Message(RelayToClient::Durable { changes, heads, .. })] if changes.len() == 1 && heads.len() == 1)
+    );
+    assert_eq!(h.flushed.len(), 1);
+    assert_eq!(h.engine.flush_queue_len(), 0);
+}
+
+#[test]
+fn orphans_wait_for_dependencies_and_are_bounded() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        orphans_per_doc_max: 2,
+        ..EngineConfig::default()
+    });
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.run(t);
+    h.take(1);
+    let mut doc = AutoCommit::new();
+    for i in 0..5 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let all = changes_of(&mut doc);
+    // Changes 2..5 without change 1: two park, two are refused.
+    h.engine.handle_changes(t, 1, doc_id(), all[1..].to_vec());
+    h.run(t);
+    let out = h.take(1);
+    let refused = out
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outbound::Message(RelayToClient::Error {
+                    code: ErrorCode::MissingDependencies,
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!(refused, 2);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+    );
+    assert_eq!(h.engine.orphans(), 2);
+    // Change 1 arrives: it and both parked orphans connect.
+    h.engine.handle_changes(t, 1, doc_id(), all[..1].to_vec());
+    h.run(t);
+    let applied: usize = h
+        .take(1)
+        .iter()
+        .map(|o| match o {
+            Outbound::Message(RelayToClient::Applied { changes, .. }) => changes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(applied, 3);
+    assert_eq!(h.engine.orphans(), 0);
+}
+
+#[test]
+fn failed_flushes_keep_changes_and_retry() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.run(t);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    h.run(t);
+    h.fail_flushes = true;
+    for _ in 0..5 {
+        h.fire_timer();
+    }
+    assert_eq!(h.engine.stats().flush_errors, 5);
+    assert_eq!(h.engine.flush_queue_len(), 1);
+    h.fail_flushes = false;
+    h.fire_timer();
+    assert_eq!(h.flushed.len(), 1);
+    assert_eq!(h.engine.flush_queue_len(), 0);
+    assert!(
+        h.take(1)
+            .iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Durable { .. })))
+    );
+}
+
+#[test]
+fn rights_and_expiry_are_checked_on_every_message() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine.handle_session_open(
+        1,
+        capability(
+            "reader",
+            Rights {
+                read: true,
+                write: false,
+                presence: false,
+            },
+        ),
+    );
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.run(t);
+    h.take(1);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    h.engine
+        .handle_presence(t, 1, doc_id(), Bytes::from_static(b"here"));
+    h.run(t);
+    let out = h.take(1);
+    let forbidden = out
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outbound::Message(RelayToClient::Error {
+                    code: ErrorCode::Forbidden,
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!(forbidden, 2);
+
+    let late = Now {
+        instant: t.instant,
+        unix_secs: 2_000,
+    };
+    h.engine
+        .handle_subscribe(late, 1, DocId::new("d2").unwrap(), vec![]);
+    h.run(late);
+    assert!(matches!(
+        &h.take(1)[..],
+        [Outbound::Close(RelayToClient::Error {
+            code: ErrorCode::Unauthorized,
+            ..
+        })]
+    ));
+}
+
+#[test]
+fn catch_up_sends_only_what_the_client_lacks_and_cold_loads() {
+    let mut h = Harness::new();
+    let t = now();
+    let mut doc = AutoCommit::new();
+    for i in 0..10 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let user = UserId::new("alice").unwrap();
+    h.durable = doc
+        .get_changes(&[])
+        .iter()
+        .rev()
+        .map(|c| StoredChange {
+            hash: ChangeHash(c.hash().0),
+            bytes: Bytes::copy_from_slice(c.raw_bytes()),
+            user: user.clone(),
+        })
+        .collect();
+    let fourth = doc.get_changes(&[])[3].hash();
+    let mut partial = doc.fork_at(&[fourth]).unwrap();
+    let heads: Vec<ChangeHash> = partial
+        .get_heads()
+        .iter()
+        .map(|h| ChangeHash(h.0))
+        .collect();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), heads);
+    h.run(t);
+    let out = h.take(1);
+    let Outbound::CatchUp { changes, heads, .. } = &out[0] else {
+        panic!("{out:?}")
+    };
+    assert_eq!(changes.len(), 6);
+    for c in changes {
+        partial.load_incremental(c).unwrap();
+    }
+    assert_eq!(heads.len(), 1);
+    assert_eq!(partial.get_heads(), doc.get_heads());
+    assert_eq!(h.engine.stats().cold_loads, 1);
+    assert_eq!(h.engine.flush_queue_len(), 0);
+}
+
+#[test]
+fn a_conflicting_change_and_garbage_are_refused() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.run(t);
+    h.take(1);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    let first = changes_of(&mut doc);
+    let mut twin = AutoCommit::new();
+    twin.set_actor(doc.get_actor().clone());
+    twin.put(automerge::ROOT, "k", 2).unwrap();
+    let conflicting = changes_of(&mut twin);
+    h.engine.handle_changes(t, 1, doc_id(), first);
+    h.engine.handle_changes(t, 1, doc_id(), conflicting);
+    h.engine.handle_changes(
+        t,
+        1,
+        doc_id(),
+        vec![Bytes::from_static(b"\x85\x6f\x4a\x83garbage")],
+    );
+    h.run(t);
+    let invalid = h
+        .take(1)
+        .iter()
+        .filter(|o| {
+            matches!(
+                o,
+                Outbound::Message(RelayToClient::Error {
+                    code: ErrorCode::InvalidChange,
+                    ..
+                })
+            )
+        })
+        .count();
+    assert_eq!(invalid, 2);
+}
+
+#[test]
+fn chunking_respects_bytes_and_keeps_order() {
+    let items: Vec<Bytes> = (0..10u8).map(|i| Bytes::from(vec![i; 100])).collect();
+    let chunks = chunk_by_bytes(&items, 250);
+    assert!(chunks.iter().all(|c| !c.is_empty()));
+    assert_eq!(chunks.concat(), items);
+    assert_eq!(chunks.len(), 5);
+}
