@@ -1,1 +1,265 @@
+//! The Meridian client SDK: what a native app embeds to sync Automerge documents through a
+//! relay over QUIC.
+//!
+//! # Model
+//!
+//! [`Client::connect`] opens one QUIC connection to a relay and authenticates with a
+//! capability token. [`Client::open`] returns a [`DocHandle`]: a local
+//! `automerge::AutoCommit` that the app edits with [`DocHandle::change`] and reads with
+//! [`DocHandle::read`]. Every local change is kept (in memory, and on disk when a store
+//! directory is configured) until the relay says it is Durable; until then it is re-sent
+//! after every reconnect. Remote changes arrive in the background and are announced on
+//! [`DocHandle::updates`].
+//!
+//! A background task owns the connection. When it drops, the task reconnects with
+//! exponential backoff and jitter, resubscribes every open document with its heads (the
+//! relay sends what is missing), and uploads what the relay lacks. Edits made while
+//! offline simply wait.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod connection;
+mod doc;
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meridian_protocol::{DocId, ErrorCode, IdError, NodeAddr};
+use tokio::sync::{mpsc, watch};
+
+pub use connection::endpoint as quic_endpoint;
+pub use doc::{DocEvent, DocHandle, PeerPresence, SyncStatus};
+pub use meridian_protocol::{ChangeHash, UserId};
+
+/// How to reach and authenticate with a relay.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The relay's `host:port`.
+    pub endpoint: String,
+    /// The name the relay's certificate is checked against.
+    pub server_name: String,
+    /// PEM of the CA certificate(s) that sign relay certificates.
+    pub ca_pem: Vec<u8>,
+    /// A capability token (PASETO v4.public).
+    pub token: String,
+    /// Where unacknowledged edits are kept across app restarts (optional).
+    pub store_dir: Option<PathBuf>,
+    /// First reconnect delay; doubles up to `reconnect_max`.
+    pub reconnect_initial: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// How long one connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Name and version sent in `hello`, for the relay's logs.
+    pub client_name: String,
+}
+
+impl ClientConfig {
+    /// A config with default timings.
+    pub fn new(endpoint: impl Into<String>, ca_pem: Vec<u8>, token: impl Into<String>) -> Self {
+        ClientConfig {
+            endpoint: endpoint.into(),
+            server_name: "localhost".into(),
+            ca_pem,
+            token: token.into(),
+            store_dir: None,
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            client_name: concat!("meridian-client/", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The configuration is unusable (bad CA, bad address).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The relay could not be reached or the connection failed.
+    #[error("cannot reach relay at {endpoint}: {reason}")]
+    Unreachable {
+        /// The address tried.
+        endpoint: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The relay refused the token (expired, bad signature, unknown tenant).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The relay answered with a typed error.
+    #[error("relay error {code}: {message}")]
+    Relay {
+        /// The error's code.
+        code: ErrorCode,
+        /// Its text.
+        message: String,
+    },
+    /// A document id is not valid.
+    #[error("invalid document id: {0}")]
+    InvalidDocument(#[from] IdError),
+    /// The local store failed.
+    #[error("client store: {0}")]
+    Store(String),
+    /// The client was closed.
+    #[error("client closed")]
+    Closed,
+}
+
+/// A connection to a relay, shared by every open document. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Mutex<ClientConfig>,
+    docs: Mutex<HashMap<DocId, DocHandle>>,
+    commands: mpsc::Sender<connection::Command>,
+    state: watch::Receiver<ConnectionState>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The connection as the app sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connecting or waiting to reconnect.
+    Connecting,
+    /// Connected and authenticated.
+    Connected {
+        /// The relay's session id for this connection.
+        session: u64,
+        /// The cell's nodes, from `welcome`.
+        nodes: Vec<String>,
+    },
+    /// Stopped for good: the token was refused or the client closed.
+    Failed(String),
+}
+
+impl Client {
+    /// Connects and authenticates. The first attempt must succeed (so a wrong address or
+    /// a bad token is reported at once); later drops reconnect in the background.
+    pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
+        let endpoint = connection::endpoint(&config)?;
+        let first = connection::establish(&endpoint, &config).await?;
+        let (commands_tx, commands_rx) = mpsc::channel(1024);
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
+        let inner = Arc::new(Inner {
+            config: Mutex::new(config),
+            docs: Mutex::new(HashMap::new()),
+            commands: commands_tx,
+            state: state_rx,
+            task: Mutex::new(None),
+        });
+        let task = tokio::spawn(connection::run(
+            Arc::downgrade(&inner),
+            endpoint,
+            first,
+            commands_rx,
+            state_tx,
+        ));
+        if let Ok(mut slot) = inner.task.lock() {
+            *slot = Some(task);
+        }
+        Ok(Client { inner })
+    }
+
+    /// Opens a document: loads it from the local store if configured, subscribes, and
+    /// returns at once. Use [`DocHandle::wait_synced`] to wait for the catch-up.
+    pub async fn open(&self, doc: &str) -> Result<DocHandle, ClientError> {
+        let id = DocId::new(doc)?;
+        if let Some(existing) = self
+            .inner
+            .docs
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .get(&id)
+        {
+            return Ok(existing.clone());
+        }
+        let store_dir = self
+            .inner
+            .config
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .store_dir
+            .clone();
+        let handle = DocHandle::open(id.clone(), store_dir)?;
+        self.inner
+            .docs
+            .lock()
+            .map_err(|_| ClientError::Closed)?
+            .insert(id, handle.clone());
+        self.inner
+            .commands
+            .send(connection::Command::Open(handle.clone()))
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        Ok(handle)
+    }
+
+    /// Replaces the token used for future reconnects (tokens are short-lived).
+    pub fn set_token(&self, token: String) {
+        if let Ok(mut config) = self.inner.config.lock() {
+            config.token = token;
+        }
+    }
+
+    /// The connection's state now.
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Waits until the connection is (re)established or has failed for good.
+    pub async fn wait_connected(&self) -> Result<(), ClientError> {
+        let mut state = self.inner.state.clone();
+        loop {
+            match &*state.borrow_and_update() {
+                ConnectionState::Connected { .. } => return Ok(()),
+                ConnectionState::Failed(reason) => {
+                    return Err(ClientError::Unauthorized(reason.clone()));
+                }
+                ConnectionState::Connecting => {}
+            }
+            state.changed().await.map_err(|_| ClientError::Closed)?;
+        }
+    }
+
+    /// Drops the connection; it reconnects by itself (used by tests and on network
+    /// changes).
+    pub async fn reconnect(&self) {
+        let _ = self
+            .inner
+            .commands
+            .send(connection::Command::Reconnect)
+            .await;
+    }
+
+    /// Closes the connection and stops reconnecting. Pending edits stay in the store.
+    pub async fn close(&self) {
+        let _ = self.inner.commands.send(connection::Command::Close).await;
+        let task = self.inner.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut task) = self.task.lock() {
+            if let Some(task) = task.take() {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Node addresses as strings, for [`ConnectionState::Connected`].
+fn node_list(nodes: &[NodeAddr]) -> Vec<String> {
+    nodes.iter().map(|n| n.addr.clone()).collect()
+}

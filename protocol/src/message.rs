@@ -227,7 +227,8 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    fn to_u16(self) -> u16 {
+    /// The numeric code on the wire, also used as the QUIC application close code.
+    pub fn code(self) -> u16 {
         match self {
             ErrorCode::Unauthorized => 1,
             ErrorCode::Forbidden => 2,
@@ -247,7 +248,8 @@ impl ErrorCode {
         }
     }
 
-    fn from_u16(code: u16) -> Self {
+    /// The error code for a numeric code (unknown codes map to `Other`).
+    pub fn from_code(code: u16) -> Self {
         match code {
             1 => ErrorCode::Unauthorized,
             2 => ErrorCode::Forbidden,
@@ -571,7 +573,7 @@ impl RelayToClient {
                 retry_after_ms,
                 message,
             } => {
-                w.u16(code.to_u16());
+                w.u16(code.code());
                 match doc {
                     Some(doc) => {
                         w.u8(1);
@@ -688,7 +690,7 @@ impl RelayToClient {
             },
             tag::PONG => RelayToClient::Pong { nonce: r.u64()? },
             tag::ERROR => {
-                let code = ErrorCode::from_u16(r.u16()?);
+                let code = ErrorCode::from_code(r.u16()?);
                 let doc = match r.u8()? {
                     0 => None,
                     1 => Some(read_doc(&mut r)?),

@@ -1,4 +1,40 @@
 //! A Meridian relay node.
+//!
+//! `engine` decides (no IO); `node` and `session` run it over QUIC with quinn; `cache` is
+//! the node's sled cache; `store` is the durable tier. See ARCHITECTURE.md.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod cache;
+pub mod config;
 pub mod engine;
+pub mod node;
+mod session;
+pub mod store;
+pub mod tls;
+
+pub use config::{DurableConfig, Limits, RelayConfig, TenantKeys};
+pub use node::{RelayHandle, RelayStats, start, start_with_store};
+
+/// Why a relay could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind: {0}")]
+    Bind(std::io::Error),
+    /// The sled cache failed.
+    #[error("cache: {0}")]
+    Cache(cache::CacheError),
+    /// The durable tier failed.
+    #[error("durable store: {0}")]
+    Store(store::StoreError),
+    /// Shutdown did not flush everything in time.
+    #[error("shutdown deadline passed before every change was flushed")]
+    ShutdownTimeout,
+}

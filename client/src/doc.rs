@@ -1,0 +1,437 @@
+//! One open document: the local Automerge document, the changes not yet Durable, the
+//! peers' presence, and the events the app listens to.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::AutoCommit;
+use bytes::Bytes;
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, UserId};
+use tokio::sync::{Notify, broadcast, watch};
+
+use crate::ClientError;
+use crate::store::DocStore;
+
+/// Events the app can listen to with [`DocHandle::updates`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DocEvent {
+    /// Remote changes were applied to the local document.
+    Remote {
+        /// How many changes.
+        changes: usize,
+    },
+    /// The catch-up after (re)subscribing finished.
+    Synced,
+    /// A peer's presence changed (empty state: it left).
+    Presence(PeerPresence),
+    /// The relay refused something for this document.
+    Error {
+        /// The error's code.
+        code: ErrorCode,
+        /// Its text.
+        message: String,
+    },
+}
+
+/// A peer's presence on a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerPresence {
+    /// The peer's session on the relay.
+    pub session: u64,
+    /// The peer's user.
+    pub user: UserId,
+    /// Opaque state (empty: gone).
+    pub state: Bytes,
+}
+
+/// Where this document's local changes stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SyncStatus {
+    /// Local changes the relay has not acknowledged yet.
+    pub pending: usize,
+    /// Local changes Applied by the relay but not yet Durable.
+    pub applied: usize,
+    /// Whether the catch-up on the current connection is complete.
+    pub synced: bool,
+}
+
+/// A local change not yet Durable.
+pub(crate) struct Pending {
+    pub(crate) hash: ChangeHash,
+    pub(crate) bytes: Bytes,
+    pub(crate) sent: bool,
+    pub(crate) applied: bool,
+}
+
+pub(crate) struct DocState {
+    pub(crate) doc: AutoCommit,
+    pub(crate) pending: Vec<Pending>,
+    pub(crate) synced: bool,
+    pub(crate) presence_out: Option<Bytes>,
+    pub(crate) peers: HashMap<u64, PeerPresence>,
+    pub(crate) extra_upload: Vec<Bytes>,
+    pub(crate) snapshot: Vec<u8>,
+    pub(crate) last_error: Option<(ErrorCode, String)>,
+}
+
+pub(crate) struct DocShared {
+    pub(crate) id: DocId,
+    state: Mutex<DocState>,
+    version: watch::Sender<u64>,
+    events: broadcast::Sender<DocEvent>,
+    pub(crate) outgoing: Notify,
+    store: Option<DocStore>,
+}
+
+/// An open document. Cheap to clone; every clone is the same document.
+#[derive(Clone)]
+pub struct DocHandle {
+    pub(crate) shared: Arc<DocShared>,
+}
+
+impl DocHandle {
+    pub(crate) fn open(id: DocId, store_dir: Option<PathBuf>) -> Result<Self, ClientError> {
+        let mut doc = AutoCommit::new();
+        let mut pending = Vec::new();
+        let store = match store_dir {
+            Some(dir) => {
+                let store = DocStore::open(&dir, &id)?;
+                let (saved, changes) = store.load()?;
+                if let Some(saved) = saved {
+                    doc =
+                        AutoCommit::load(&saved).map_err(|e| ClientError::Store(e.to_string()))?;
+                }
+                for bytes in changes {
+                    let change = automerge::Change::try_from(&bytes[..])
+                        .map_err(|e| ClientError::Store(e.to_string()))?;
+                    let hash = ChangeHash(change.hash().0);
+                    doc.apply_changes([change])
+                        .map_err(|e| ClientError::Store(e.to_string()))?;
+                    pending.push(Pending {
+                        hash,
+                        bytes,
+                        sent: false,
+                        applied: false,
+                    });
+                }
+                Some(store)
+            }
+            None => None,
+        };
+        let (version, _) = watch::channel(0);
+        let (events, _) = broadcast::channel(1024);
+        Ok(DocHandle {
+            shared: Arc::new(DocShared {
+                id,
+                state: Mutex::new(DocState {
+                    doc,
+                    pending,
+                    synced: false,
+                    presence_out: None,
+                    peers: HashMap::new(),
+                    extra_upload: Vec::new(),
+                    snapshot: Vec::new(),
+                    last_error: None,
+                }),
+                version,
+                events,
+                outgoing: Notify::new(),
+                store,
+            }),
+        })
+    }
+
+    /// The document's id.
+    pub fn id(&self) -> &DocId {
+        &self.shared.id
+    }
+
+    /// Edits the document. Every change made inside `edit` is committed, kept until it is
+    /// Durable (and written to the store first, when one is configured), and sent.
+    pub fn change<R>(&self, edit: impl FnOnce(&mut AutoCommit) -> R) -> Result<R, ClientError> {
+        let mut state = self.lock();
+        let before = state.doc.get_heads();
+        let result = edit(&mut state.doc);
+        state.doc.commit();
+        let new: Vec<(ChangeHash, Bytes)> = state
+            .doc
+            .get_changes(&before)
+            .iter()
+            .map(|c| {
+                (
+                    ChangeHash(c.hash().0),
+                    Bytes::copy_from_slice(c.raw_bytes()),
+                )
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(result);
+        }
+        if let Some(store) = &self.shared.store {
+            let bytes: Vec<Bytes> = new.iter().map(|(_, b)| b.clone()).collect();
+            store.append_pending(&bytes)?;
+        }
+        for (hash, bytes) in new {
+            state.pending.push(Pending {
+                hash,
+                bytes,
+                sent: false,
+                applied: false,
+            });
+        }
+        drop(state);
+        self.bump();
+        self.shared.outgoing.notify_one();
+        Ok(result)
+    }
+
+    /// Reads the document.
+    pub fn read<R>(&self, read: impl FnOnce(&AutoCommit) -> R) -> R {
+        read(&self.lock().doc)
+    }
+
+    /// The local document's heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.lock()
+            .doc
+            .get_heads()
+            .iter()
+            .map(|h| ChangeHash(h.0))
+            .collect()
+    }
+
+    /// Saves the whole document (`Automerge::save`).
+    pub fn save(&self) -> Vec<u8> {
+        self.lock().doc.save()
+    }
+
+    /// Where the local changes stand.
+    pub fn status(&self) -> SyncStatus {
+        let state = self.lock();
+        SyncStatus {
+            pending: state.pending.iter().filter(|p| !p.applied).count(),
+            applied: state.pending.iter().filter(|p| p.applied).count(),
+            synced: state.synced,
+        }
+    }
+
+    /// The last error the relay reported for this document, if any.
+    pub fn last_error(&self) -> Option<(ErrorCode, String)> {
+        self.lock().last_error.clone()
+    }
+
+    /// A stream of events (remote changes, presence, errors).
+    pub fn updates(&self) -> broadcast::Receiver<DocEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// Sets this client's presence on the document (empty: gone).
+    pub fn set_presence(&self, state: Bytes) {
+        self.lock().presence_out = Some(state);
+        self.shared.outgoing.notify_one();
+    }
+
+    /// The peers present now.
+    pub fn presence(&self) -> Vec<PeerPresence> {
+        let mut peers: Vec<_> = self.lock().peers.values().cloned().collect();
+        peers.sort_by_key(|p| p.session);
+        peers
+    }
+
+    /// Waits until every local change made so far is Durable.
+    pub async fn wait_durable(&self) -> Result<(), ClientError> {
+        self.wait_for(|state| state.pending.is_empty()).await
+    }
+
+    /// Waits until every local change made so far is Applied.
+    pub async fn wait_applied(&self) -> Result<(), ClientError> {
+        self.wait_for(|state| state.pending.iter().all(|p| p.applied))
+            .await
+    }
+
+    /// Waits until the catch-up on the current connection is complete.
+    pub async fn wait_synced(&self) -> Result<(), ClientError> {
+        self.wait_for(|state| state.synced).await
+    }
+
+    async fn wait_for(&self, done: impl Fn(&DocState) -> bool) -> Result<(), ClientError> {
+        let mut version = self.shared.version.subscribe();
+        loop {
+            if done(&self.lock()) {
+                return Ok(());
+            }
+            version.changed().await.map_err(|_| ClientError::Closed)?;
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, DocState> {
+        // A panic while holding the lock cannot leave the state half-updated in a way
+        // that matters more than losing the document, so recover the guard.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn bump(&self) {
+        self.shared.version.send_modify(|v| *v += 1);
+    }
+
+    fn emit(&self, event: DocEvent) {
+        let _ = self.shared.events.send(event);
+    }
+
+    // ---- used by the connection task ----
+
+    /// Prepares for a new connection: nothing has been sent on it yet.
+    pub(crate) fn reset_for_connection(&self) {
+        let mut state = self.lock();
+        state.synced = false;
+        state.snapshot.clear();
+        for pending in &mut state.pending {
+            pending.sent = false;
+        }
+        state.extra_upload.clear();
+        drop(state);
+        self.bump();
+    }
+
+    /// The heads to subscribe with.
+    pub(crate) fn subscribe_heads(&self) -> Vec<ChangeHash> {
+        let mut heads = self.heads();
+        heads.truncate(meridian_protocol::MAX_HEADS);
+        heads
+    }
+
+    /// Changes and presence waiting to be sent; marks them sent.
+    pub(crate) fn take_outgoing(&self) -> (Vec<Bytes>, Option<Bytes>) {
+        let mut state = self.lock();
+        let mut out = std::mem::take(&mut state.extra_upload);
+        for pending in state.pending.iter_mut().filter(|p| !p.sent) {
+            pending.sent = true;
+            out.push(pending.bytes.clone());
+        }
+        (out, state.presence_out.take())
+    }
+
+    /// Applies changes from the relay.
+    pub(crate) fn apply_remote(&self, changes: Vec<Bytes>) {
+        let count = changes.len();
+        let parsed: Vec<automerge::Change> = changes
+            .iter()
+            .filter_map(|bytes| automerge::Change::try_from(&bytes[..]).ok())
+            .collect();
+        let mut state = self.lock();
+        if let Err(error) = state.doc.apply_changes(parsed) {
+            tracing::debug!(doc = %self.shared.id, %error, "remote changes not applied");
+            return;
+        }
+        drop(state);
+        self.bump();
+        self.emit(DocEvent::Remote { changes: count });
+    }
+
+    /// A piece of a snapshot from the relay; loaded once complete.
+    pub(crate) fn apply_snapshot_piece(&self, offset: u64, total: u64, bytes: &[u8]) {
+        let mut state = self.lock();
+        if offset as usize != state.snapshot.len() {
+            state.snapshot.clear();
+            return;
+        }
+        state.snapshot.extend_from_slice(bytes);
+        if state.snapshot.len() as u64 == total {
+            let snapshot = std::mem::take(&mut state.snapshot);
+            if let Err(error) = state.doc.load_incremental(&snapshot) {
+                tracing::debug!(doc = %self.shared.id, %error, "snapshot not loaded");
+            }
+            drop(state);
+            self.bump();
+            self.emit(DocEvent::Remote { changes: 0 });
+        }
+    }
+
+    /// The relay finished the catch-up; upload whatever of ours its heads do not cover.
+    pub(crate) fn on_synced(&self, relay_heads: &[ChangeHash]) {
+        let mut state = self.lock();
+        let heads: Vec<automerge::ChangeHash> = relay_heads
+            .iter()
+            .map(|h| automerge::ChangeHash(h.0))
+            .collect();
+        let knows_all = heads
+            .iter()
+            .all(|h| state.doc.get_change_by_hash(h).is_some());
+        if knows_all {
+            let pending: std::collections::HashSet<ChangeHash> =
+                state.pending.iter().map(|p| p.hash).collect();
+            let extra: Vec<Bytes> = state
+                .doc
+                .get_changes(&heads)
+                .iter()
+                .filter(|c| !pending.contains(&ChangeHash(c.hash().0)))
+                .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+                .collect();
+            state.extra_upload = extra;
+        }
+        state.synced = true;
+        drop(state);
+        self.bump();
+        self.emit(DocEvent::Synced);
+        self.shared.outgoing.notify_one();
+    }
+
+    pub(crate) fn on_applied(&self, hashes: &[ChangeHash]) {
+        let mut state = self.lock();
+        for pending in state.pending.iter_mut() {
+            if hashes.contains(&pending.hash) {
+                pending.applied = true;
+            }
+        }
+        drop(state);
+        self.bump();
+    }
+
+    pub(crate) fn on_durable(&self, hashes: &[ChangeHash]) -> Result<(), ClientError> {
+        let mut state = self.lock();
+        let before = state.pending.len();
+        state.pending.retain(|p| !hashes.contains(&p.hash));
+        if state.pending.len() != before {
+            if let Some(store) = &self.shared.store {
+                let remaining: Vec<Bytes> = state.pending.iter().map(|p| p.bytes.clone()).collect();
+                let saved = remaining.is_empty().then(|| state.doc.save());
+                store.rewrite(saved.as_deref(), &remaining)?;
+            }
+        }
+        drop(state);
+        self.bump();
+        Ok(())
+    }
+
+    pub(crate) fn on_presence(&self, peer: PeerPresence) {
+        let mut state = self.lock();
+        if peer.state.is_empty() {
+            state.peers.remove(&peer.session);
+        } else {
+            state.peers.insert(peer.session, peer.clone());
+        }
+        drop(state);
+        self.emit(DocEvent::Presence(peer));
+    }
+
+    pub(crate) fn on_error(&self, code: ErrorCode, message: String) {
+        self.lock().last_error = Some((code, message.clone()));
+        self.bump();
+        self.emit(DocEvent::Error { code, message });
+    }
+
+    /// Saves the document to the store (if any), e.g. when the app closes it.
+    pub fn persist(&self) -> Result<(), ClientError> {
+        if let Some(store) = &self.shared.store {
+            let mut state = self.lock();
+            let remaining: Vec<Bytes> = state.pending.iter().map(|p| p.bytes.clone()).collect();
+            let saved = state.doc.save();
+            store.rewrite(Some(&saved), &remaining)?;
+        }
+        Ok(())
+    }
+}

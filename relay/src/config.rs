@@ -1,0 +1,110 @@
+//! Plain configuration for a relay node. The binary owns the TOML file and converts it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use meridian_protocol::token::TenantPublicKey;
+use meridian_protocol::{NodeId, TenantId};
+
+use crate::engine::EngineConfig;
+
+/// Everything a relay node needs to start.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// This node's id within its cell.
+    pub node: NodeId,
+    /// The cell's id.
+    pub cell: String,
+    /// The jurisdiction: tokens must name it as their audience.
+    pub jurisdiction: String,
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// The address clients are told (`host:port`); defaults to the bound address.
+    pub advertise: Option<String>,
+    /// Where the sled cache lives (`<data_dir>/cache`).
+    pub data_dir: PathBuf,
+    /// TLS certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// TLS private key (PEM).
+    pub key_file: PathBuf,
+    /// The durable tier.
+    pub durable: DurableConfig,
+    /// Tenants served and their token keys.
+    pub tenants: Vec<TenantKeys>,
+    /// Transport and queue limits.
+    pub limits: Limits,
+    /// Engine limits and timings.
+    pub engine: EngineConfig,
+}
+
+/// Which durable tier to use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DurableConfig {
+    /// Fsynced log files under a directory (the embedded default).
+    Local {
+        /// The directory.
+        path: PathBuf,
+    },
+}
+
+/// A tenant and the public keys its tokens are verified with.
+#[derive(Debug, Clone)]
+pub struct TenantKeys {
+    /// The tenant.
+    pub tenant: TenantId,
+    /// Current keys (several during a rotation).
+    pub public_keys: Vec<TenantPublicKey>,
+}
+
+/// Transport limits (DESIGN.md "Limits").
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more are refused.
+    pub connections_max: usize,
+    /// Bidirectional streams a connection may open after authentication (documents + 1).
+    pub streams_per_connection_max: u32,
+    /// Connection receive window before authentication, in bytes.
+    pub receive_window_unauthenticated: u32,
+    /// Connection receive window after authentication, in bytes.
+    pub receive_window: u32,
+    /// Per-stream receive window, in bytes (at least one frame).
+    pub stream_receive_window: u32,
+    /// Bytes queued for one connection before it counts as a slow consumer.
+    pub send_queue_bytes_max: usize,
+    /// Messages queued per stream before the connection counts as a slow consumer.
+    pub send_queue_messages_max: usize,
+    /// How long a connection may take to send `hello`.
+    pub hello_timeout: Duration,
+    /// Idle timeout of the QUIC connection.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval.
+    pub keep_alive: Duration,
+    /// Bound on queued engine inputs (sessions wait when it is full).
+    pub engine_queue_max: usize,
+    /// Documents loading from storage at once.
+    pub loads_in_flight_max: usize,
+    /// Hot documents kept in memory without subscribers before eviction starts.
+    pub idle_docs_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_max: 20_000,
+            streams_per_connection_max: 256,
+            receive_window_unauthenticated: 16 << 10,
+            receive_window: 2 << 20,
+            stream_receive_window: (1 << 20) + (64 << 10),
+            send_queue_bytes_max: 8 << 20,
+            send_queue_messages_max: 4096,
+            hello_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(3),
+            engine_queue_max: 8192,
+            loads_in_flight_max: 16,
+            idle_docs_max: 10_000,
+        }
+    }
+}

@@ -1,0 +1,615 @@
+//! A running relay node: the QUIC endpoint, the accept loop, the engine driver task, the
+//! cache worker, and the one shutdown path.
+//!
+//! The driver owns the [`Engine`]: it receives one input, calls `handle_*`, drains
+//! `poll_transmit` into session outboxes and `poll_store_task` into the cache worker and
+//! the durable tier, and re-arms the flush timer.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use meridian_protocol::token::{Capability, TenantPublicKey};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, NodeId, TenantId};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::cache::Cache;
+use crate::config::{DurableConfig, Limits, RelayConfig};
+use crate::engine::{DocKey, Engine, LoadedChange, Now, SessionId, StoreTask, StoredChange};
+use crate::session::{self, Outbox};
+use crate::store::{DurableStore, LocalDirStore};
+use crate::{RelayError, tls};
+
+/// Inputs from sessions to the engine driver.
+pub enum Input {
+    /// A session authenticated.
+    Open {
+        /// Session id.
+        session: SessionId,
+        /// Its verified token.
+        capability: Capability,
+        /// Its control stream.
+        control: Outbox,
+    },
+    /// A document stream opened.
+    Subscribe {
+        /// Session id.
+        session: SessionId,
+        /// Document.
+        doc: DocId,
+        /// The client's heads.
+        heads: Vec<ChangeHash>,
+        /// The stream's outbox.
+        outbox: Outbox,
+    },
+    /// A document stream ended.
+    Unsubscribe {
+        /// Session id.
+        session: SessionId,
+        /// Document.
+        doc: DocId,
+    },
+    /// Changes arrived.
+    Changes {
+        /// Session id.
+        session: SessionId,
+        /// Document.
+        doc: DocId,
+        /// Raw changes.
+        changes: Vec<Bytes>,
+    },
+    /// Presence arrived.
+    Presence {
+        /// Session id.
+        session: SessionId,
+        /// Document.
+        doc: DocId,
+        /// State.
+        state: Bytes,
+    },
+    /// The connection ended.
+    Closed {
+        /// Session id.
+        session: SessionId,
+    },
+}
+
+enum Completion {
+    Loaded(DocKey, Result<Vec<LoadedChange>, String>),
+    Committed(u64),
+    Flushed(u64, Result<(), String>),
+}
+
+enum CacheJob {
+    Commit(u64, Vec<(DocKey, StoredChange)>),
+    Uncache(Vec<(DocKey, ChangeHash)>),
+}
+
+/// Gauges and counters published by the driver.
+#[derive(Debug, Clone, Default)]
+pub struct RelayStats {
+    /// Engine counters.
+    pub engine: crate::engine::Stats,
+    /// Sessions open.
+    pub sessions: usize,
+    /// Documents in memory.
+    pub hot_docs: usize,
+    /// Changes not yet durable.
+    pub flush_queue: usize,
+    /// Age of the oldest change not yet durable.
+    pub oldest_unflushed: Option<Duration>,
+    /// Connections closed because they did not read.
+    pub slow_consumers: u64,
+    /// Connections refused over the connection limit.
+    pub connections_refused: u64,
+}
+
+/// State shared by the accept loop and sessions.
+pub struct Shared {
+    pub(crate) node: NodeId,
+    pub(crate) advertise: String,
+    pub(crate) jurisdiction: String,
+    pub(crate) tenants: HashMap<TenantId, Vec<TenantPublicKey>>,
+    pub(crate) limits: Limits,
+    pub(crate) catchup_frame_bytes: usize,
+    inputs: mpsc::Sender<Input>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+impl Shared {
+    /// Sends an input to the driver, waiting while its queue is full (backpressure).
+    pub(crate) async fn send_input(&self, input: Input) {
+        let _ = self.inputs.send(input).await;
+    }
+
+    /// Spawns a task owned by the node (aborted at shutdown).
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        if let Ok(mut tasks) = self.tasks.lock() {
+            while tasks.try_join_next().is_some() {}
+            tasks.spawn(task);
+        }
+    }
+}
+
+/// A running relay. Dropping it without [`RelayHandle::shutdown`] aborts its tasks.
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    shutdown: Option<oneshot::Sender<()>>,
+    driver: tokio::task::JoinHandle<()>,
+    accept: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
+    stats: watch::Receiver<RelayStats>,
+    cache: Cache,
+}
+
+impl RelayHandle {
+    /// The UDP address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The latest published counters.
+    pub fn stats(&self) -> RelayStats {
+        self.stats.borrow().clone()
+    }
+
+    /// Stops accepting, tells sessions, flushes everything to the durable tier (bounded by
+    /// `deadline`), closes connections and the cache.
+    pub async fn shutdown(mut self, deadline: Duration) -> Result<(), RelayError> {
+        self.accept.abort();
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+        let drained = tokio::time::timeout(deadline, &mut self.driver)
+            .await
+            .is_ok();
+        if !drained {
+            self.driver.abort();
+        }
+        self.endpoint.close(
+            quinn::VarInt::from(u32::from(ErrorCode::ShuttingDown.code())),
+            b"shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Ok(mut tasks) = self.shared.tasks.lock() {
+            tasks.abort_all();
+        }
+        self.cache.commit().await.map_err(RelayError::Cache)?;
+        if drained {
+            Ok(())
+        } else {
+            Err(RelayError::ShutdownTimeout)
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.driver.abort();
+    }
+}
+
+/// Starts a relay node: opens the cache, replays its flush queue into the durable tier,
+/// then binds the QUIC endpoint and serves.
+pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+    let store: Arc<dyn DurableStore> = match &config.durable {
+        DurableConfig::Local { path } => {
+            Arc::new(LocalDirStore::open(path).map_err(RelayError::Store)?)
+        }
+    };
+    start_with_store(config, store).await
+}
+
+/// Like [`start`], with a durable store supplied by the caller.
+pub async fn start_with_store(
+    config: RelayConfig,
+    store: Arc<dyn DurableStore>,
+) -> Result<RelayHandle, RelayError> {
+    let cache = Cache::open(&config.data_dir.join("cache")).map_err(RelayError::Cache)?;
+    replay_flush_queue(&cache, store.as_ref()).await?;
+
+    let (certs, key) = tls::load_identity(&config.cert_file, &config.key_file)?;
+    let crypto = tls::server_crypto(certs, key)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let limits = config.limits.clone();
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(limits.receive_window_unauthenticated.into())
+        .stream_receive_window(limits.stream_receive_window.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|e| RelayError::Config(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(limits.keep_alive));
+    server_config.transport_config(Arc::new(transport));
+    server_config.max_incoming(limits.connections_max.max(1));
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.listen).map_err(RelayError::Bind)?;
+    let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
+
+    let (inputs_tx, inputs_rx) = mpsc::channel(limits.engine_queue_max);
+    let shared = Arc::new(Shared {
+        node: config.node.clone(),
+        advertise: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string()),
+        jurisdiction: config.jurisdiction.clone(),
+        tenants: config
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.clone(), t.public_keys.clone()))
+            .collect(),
+        limits: limits.clone(),
+        catchup_frame_bytes: config.engine.catchup_frame_bytes,
+        inputs: inputs_tx,
+        tasks: Mutex::new(JoinSet::new()),
+    });
+    let (stats_tx, stats_rx) = watch::channel(RelayStats::default());
+    let (stop_tx, stop_rx) = oneshot::channel();
+    let driver = Driver {
+        engine: Engine::new(config.engine.clone()),
+        outboxes: HashMap::new(),
+        store,
+        cache: cache.clone(),
+        limits: limits.clone(),
+        stats: stats_tx,
+        slow_consumers: 0,
+        connections_refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    };
+    let refused = driver.connections_refused.clone();
+    let driver = tokio::spawn(driver.run(inputs_rx, stop_rx));
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), refused));
+    tracing::debug!(%local_addr, node = %config.node, "relay serving");
+    Ok(RelayHandle {
+        local_addr,
+        endpoint,
+        shutdown: Some(stop_tx),
+        driver,
+        accept,
+        shared,
+        stats: stats_rx,
+        cache,
+    })
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    refused: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let permits = Arc::new(Semaphore::new(shared.limits.connections_max));
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        };
+        let session_shared = shared.clone();
+        shared.spawn(async move {
+            session::serve(incoming, session_shared).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Writes every change left in the cache's flush queue to the durable tier.
+async fn replay_flush_queue(cache: &Cache, store: &dyn DurableStore) -> Result<(), RelayError> {
+    let mut attempts = 0u32;
+    loop {
+        let batch = cache.queued(500).map_err(RelayError::Cache)?;
+        if batch.is_empty() {
+            return cache.commit().await.map_err(RelayError::Cache);
+        }
+        match store.write_changes(&batch).await {
+            Ok(()) => {
+                attempts = 0;
+                let done: Vec<_> = batch
+                    .into_iter()
+                    .map(|(key, change)| (key, change.hash))
+                    .collect();
+                cache.uncache(&done).map_err(RelayError::Cache)?;
+            }
+            Err(error) if attempts < 10 => {
+                attempts += 1;
+                tracing::debug!(%error, attempts, "flush queue replay failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 << attempts.min(5))).await;
+            }
+            Err(error) => return Err(RelayError::Store(error)),
+        }
+    }
+}
+
+struct Driver {
+    engine: Engine,
+    outboxes: HashMap<SessionId, SessionOutboxes>,
+    store: Arc<dyn DurableStore>,
+    cache: Cache,
+    limits: Limits,
+    stats: watch::Sender<RelayStats>,
+    slow_consumers: u64,
+    connections_refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+struct SessionOutboxes {
+    control: Outbox,
+    docs: HashMap<DocId, Outbox>,
+}
+
+fn now() -> Now {
+    Now {
+        instant: Instant::now(),
+        unix_secs: session::unix_now(),
+    }
+}
+
+impl Driver {
+    async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut stop: oneshot::Receiver<()>) {
+        let (done_tx, mut done_rx) = mpsc::channel::<Completion>(1024);
+        let (cache_tx, cache_rx) = mpsc::channel::<CacheJob>(1024);
+        let mut workers = JoinSet::new();
+        workers.spawn(cache_worker(self.cache.clone(), cache_rx, done_tx.clone()));
+        let loads = Arc::new(Semaphore::new(self.limits.loads_in_flight_max));
+        let mut shutting_down = false;
+        loop {
+            let timer = self.engine.poll_timeout();
+            tokio::select! {
+                input = inputs.recv(), if !shutting_down => match input {
+                    Some(input) => self.handle_input(input),
+                    None => shutting_down = true,
+                },
+                Some(done) = done_rx.recv() => match done {
+                    Completion::Loaded(key, result) => self.engine.handle_loaded(now(), key, result),
+                    Completion::Committed(commit) => self.engine.handle_cache_committed(now(), commit),
+                    Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
+                },
+                _ = sleep_until(timer), if timer.is_some() => self.engine.handle_timeout(now()),
+                _ = &mut stop, if !shutting_down => {
+                    shutting_down = true;
+                    self.engine.handle_shutdown();
+                }
+            }
+            self.drain(&done_tx, &cache_tx, &loads, &mut workers);
+            while workers.try_join_next().is_some() {}
+            if shutting_down && self.engine.flush_queue_len() == 0 {
+                break;
+            }
+        }
+        drop(cache_tx);
+        // Let the cache worker finish its last uncache.
+        while workers.join_next().await.is_some() {}
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Open {
+                session,
+                capability,
+                control,
+            } => {
+                self.outboxes.insert(
+                    session,
+                    SessionOutboxes {
+                        control,
+                        docs: HashMap::new(),
+                    },
+                );
+                self.engine.handle_session_open(session, capability);
+            }
+            Input::Subscribe {
+                session,
+                doc,
+                heads,
+                outbox,
+            } => {
+                if let Some(outboxes) = self.outboxes.get_mut(&session) {
+                    outboxes.docs.insert(doc.clone(), outbox);
+                    self.engine.handle_subscribe(now(), session, doc, heads);
+                }
+            }
+            Input::Unsubscribe { session, doc } => {
+                if let Some(outboxes) = self.outboxes.get_mut(&session) {
+                    outboxes.docs.remove(&doc);
+                }
+                self.engine.handle_unsubscribe(session, doc);
+            }
+            Input::Changes {
+                session,
+                doc,
+                changes,
+            } => self.engine.handle_changes(now(), session, doc, changes),
+            Input::Presence {
+                session,
+                doc,
+                state,
+            } => self.engine.handle_presence(now(), session, doc, state),
+            Input::Closed { session } => {
+                self.outboxes.remove(&session);
+                self.engine.handle_session_closed(session);
+            }
+        }
+    }
+
+    fn drain(
+        &mut self,
+        done: &mpsc::Sender<Completion>,
+        cache: &mpsc::Sender<CacheJob>,
+        loads: &Arc<Semaphore>,
+        workers: &mut JoinSet<()>,
+    ) {
+        loop {
+            let mut progressed = false;
+            while let Some(transmit) = self.engine.poll_transmit() {
+                progressed = true;
+                let Some(outboxes) = self.outboxes.get(&transmit.session) else {
+                    continue;
+                };
+                let outbox = transmit
+                    .doc
+                    .as_ref()
+                    .and_then(|doc| outboxes.docs.get(doc))
+                    .unwrap_or(&outboxes.control);
+                if !outbox.push(transmit.outbound) {
+                    self.slow_consumers += 1;
+                    outboxes
+                        .control
+                        .close(ErrorCode::SlowConsumer, "slow consumer: send queue full");
+                    self.outboxes.remove(&transmit.session);
+                    self.engine.handle_session_closed(transmit.session);
+                }
+            }
+            while let Some(task) = self.engine.poll_store_task() {
+                progressed = true;
+                self.execute(task, done, cache, loads, workers);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.evict_idle_docs();
+        let now = Instant::now();
+        self.stats.send_replace(RelayStats {
+            engine: self.engine.stats().clone(),
+            sessions: self.engine.sessions(),
+            hot_docs: self.engine.hot_docs(),
+            flush_queue: self.engine.flush_queue_len(),
+            oldest_unflushed: self.engine.oldest_unflushed(now),
+            slow_consumers: self.slow_consumers,
+            connections_refused: self
+                .connections_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+        });
+    }
+
+    fn execute(
+        &mut self,
+        task: StoreTask,
+        done: &mpsc::Sender<Completion>,
+        cache: &mpsc::Sender<CacheJob>,
+        loads: &Arc<Semaphore>,
+        workers: &mut JoinSet<()>,
+    ) {
+        match task {
+            StoreTask::Load { key } => {
+                let (store, cache, done, loads) = (
+                    self.store.clone(),
+                    self.cache.clone(),
+                    done.clone(),
+                    loads.clone(),
+                );
+                workers.spawn(async move {
+                    let _permit = loads.acquire_owned().await;
+                    let result = load_doc(&cache, store.as_ref(), &key).await;
+                    let _ = done.send(Completion::Loaded(key, result)).await;
+                });
+            }
+            StoreTask::Cache { commit, changes } => {
+                if cache.try_send(CacheJob::Commit(commit, changes)).is_err() {
+                    tracing::error!("cache worker queue full; this is a bug");
+                }
+            }
+            StoreTask::Uncache { changes } => {
+                if cache.try_send(CacheJob::Uncache(changes)).is_err() {
+                    tracing::error!("cache worker queue full; this is a bug");
+                }
+            }
+            StoreTask::Flush { batch, changes } => {
+                let (store, done) = (self.store.clone(), done.clone());
+                workers.spawn(async move {
+                    let result = store
+                        .write_changes(&changes)
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = done.send(Completion::Flushed(batch, result)).await;
+                });
+            }
+        }
+    }
+
+    fn evict_idle_docs(&mut self) {
+        let excess = self
+            .engine
+            .hot_docs()
+            .saturating_sub(self.limits.idle_docs_max);
+        if excess == 0 {
+            return;
+        }
+        for key in self.engine.evictable().into_iter().take(excess) {
+            self.engine.evict(&key);
+        }
+    }
+}
+
+async fn load_doc(
+    cache: &Cache,
+    store: &dyn DurableStore,
+    key: &DocKey,
+) -> Result<Vec<LoadedChange>, String> {
+    let durable = store.load(key).await.map_err(|e| e.to_string())?;
+    let cache = cache.clone();
+    let cache_key = key.clone();
+    let cached = tokio::task::spawn_blocking(move || cache.load(&cache_key))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut out: Vec<LoadedChange> = durable
+        .into_iter()
+        .map(|change| LoadedChange {
+            change,
+            durable: true,
+        })
+        .collect();
+    out.extend(cached);
+    Ok(out)
+}
+
+/// Applies cache jobs in order; a commit covers every write before it.
+async fn cache_worker(
+    cache: Cache,
+    mut jobs: mpsc::Receiver<CacheJob>,
+    done: mpsc::Sender<Completion>,
+) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            CacheJob::Commit(commit, changes) => {
+                let mut delay = Duration::from_millis(10);
+                loop {
+                    let written = match cache.write(&changes) {
+                        Ok(()) => cache.commit().await,
+                        Err(error) => Err(error),
+                    };
+                    match written {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::error!(%error, "cache commit failed; retrying");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+                let _ = done.send(Completion::Committed(commit)).await;
+            }
+            CacheJob::Uncache(changes) => {
+                if let Err(error) = cache.uncache(&changes) {
+                    // Harmless: the changes are durable and replay rewrites them idempotently.
+                    tracing::debug!(%error, "uncache failed");
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}

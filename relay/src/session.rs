@@ -1,0 +1,479 @@
+//! One client connection: authentication on the control stream, then one task per
+//! document stream. Sessions never decide anything; they decode frames, forward inputs to
+//! the engine driver and write what the driver queues for them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use meridian_protocol::token::{self, TenantPublicKey};
+use meridian_protocol::{
+    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, NodeAddr, RelayToClient, TenantId,
+};
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::engine::{Outbound, SessionId, chunk_by_bytes};
+use crate::node::{Input, Shared};
+
+/// The most bytes read from a stream at once.
+const READ_CHUNK: usize = 64 << 10;
+
+/// The sending half of one stream's bounded queue, shared with the engine driver.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outbound>,
+    queued_bytes: Arc<AtomicUsize>,
+    bytes_max: usize,
+    connection: quinn::Connection,
+}
+
+impl Outbox {
+    /// Queues a message; false if the consumer is too far behind (the caller disconnects
+    /// it as a slow consumer).
+    pub fn push(&self, outbound: Outbound) -> bool {
+        let size = match &outbound {
+            Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
+            Outbound::CatchUp { changes, .. } => changes.len() * 16,
+        };
+        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
+        if queued > self.bytes_max {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        if self.tx.try_send(outbound).is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Closes the connection with a typed error code.
+    pub fn close(&self, code: ErrorCode, reason: &str) {
+        self.connection
+            .close(VarInt::from(u32::from(code.code())), reason.as_bytes());
+    }
+}
+
+/// Why a stream stopped being readable.
+#[derive(Debug)]
+enum ReadError {
+    Decode(DecodeError),
+    Stream,
+}
+
+/// Reads whole frames from a QUIC stream with a bounded buffer.
+struct FrameReader {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    fn new(recv: RecvStream) -> Self {
+        FrameReader {
+            recv,
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    /// The next frame; `Ok(None)` at a clean end of stream.
+    async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
+        loop {
+            if let Some(frame) = self.decoder.next_frame().map_err(ReadError::Decode)? {
+                return Ok(Some(frame));
+            }
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+                Ok(None) if self.decoder.is_empty() => return Ok(None),
+                Ok(None) => {
+                    return Err(ReadError::Decode(DecodeError::Truncated { needed: 1 }));
+                }
+                Err(_) => return Err(ReadError::Stream),
+            }
+        }
+    }
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
+    let connection = match tokio::time::timeout(shared.limits.hello_timeout, incoming).await {
+        Ok(Ok(connection)) => connection,
+        _ => return,
+    };
+    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let result = run(session, &connection, &shared).await;
+    if let Err(reason) = result {
+        tracing::debug!(session, %reason, "session ended");
+    }
+    shared.send_input(Input::Closed { session }).await;
+}
+
+async fn run(
+    session: SessionId,
+    connection: &quinn::Connection,
+    shared: &Arc<Shared>,
+) -> Result<(), String> {
+    let hello_timeout = shared.limits.hello_timeout;
+    let (mut send, recv) = tokio::time::timeout(hello_timeout, connection.accept_bi())
+        .await
+        .map_err(|_| "no control stream in time".to_string())?
+        .map_err(|error| error.to_string())?;
+    let mut reader = FrameReader::new(recv);
+    let frame = match tokio::time::timeout(hello_timeout, reader.next()).await {
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Err(ReadError::Decode(error))) => {
+            refuse(
+                connection,
+                &mut send,
+                decode_error_code(&error),
+                &error.to_string(),
+            )
+            .await;
+            return Err(format!("bad hello frame: {error}"));
+        }
+        _ => {
+            connection.close(
+                VarInt::from(u32::from(ErrorCode::Unauthorized.code())),
+                b"no hello",
+            );
+            return Err("no hello".into());
+        }
+    };
+    let token = match ClientToRelay::decode(&frame) {
+        Ok(ClientToRelay::Hello { token, .. }) => token,
+        Ok(_) => {
+            refuse(
+                connection,
+                &mut send,
+                ErrorCode::Unauthorized,
+                "hello must come first",
+            )
+            .await;
+            return Err("message before hello".into());
+        }
+        Err(error) => {
+            refuse(
+                connection,
+                &mut send,
+                decode_error_code(&error),
+                &error.to_string(),
+            )
+            .await;
+            return Err(format!("bad hello: {error}"));
+        }
+    };
+    let keys_for = |tenant: &TenantId| -> Option<&[TenantPublicKey]> {
+        shared.tenants.get(tenant).map(Vec::as_slice)
+    };
+    let capability = match token::verify(&token, keys_for, unix_now(), &shared.jurisdiction) {
+        Ok(capability) => capability,
+        Err(error) => {
+            refuse(
+                connection,
+                &mut send,
+                ErrorCode::Unauthorized,
+                &error.to_string(),
+            )
+            .await;
+            return Err(format!("token refused: {error}"));
+        }
+    };
+    // Authenticated: open up streams and windows.
+    connection
+        .set_max_concurrent_bi_streams(VarInt::from(shared.limits.streams_per_connection_max));
+    connection.set_receive_window(VarInt::from(shared.limits.receive_window));
+
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let control = spawn_writer(shared, connection, send, queued_bytes.clone());
+    let welcome = RelayToClient::Welcome {
+        node: shared.node.clone(),
+        session,
+        nodes: vec![NodeAddr {
+            node: shared.node.clone(),
+            addr: shared.advertise.clone(),
+        }],
+    };
+    if !control.push(Outbound::Message(welcome)) {
+        return Err("control queue full at welcome".into());
+    }
+    shared
+        .send_input(Input::Open {
+            session,
+            capability,
+            control: control.clone(),
+        })
+        .await;
+
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = connection.accept_bi() => {
+                let (send, recv) = accepted.map_err(|error| error.to_string())?;
+                let stream_shared = shared.clone();
+                let stream_connection = connection.clone();
+                let queued = queued_bytes.clone();
+                streams.spawn(async move {
+                    doc_stream(session, stream_connection, send, recv, stream_shared, queued).await;
+                });
+            }
+            frame = reader.next() => match frame {
+                Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
+                    Ok(ClientToRelay::Ping { nonce }) => {
+                        if !control.push(Outbound::Message(RelayToClient::Pong { nonce })) {
+                            control.close(ErrorCode::SlowConsumer, "slow consumer");
+                            return Err("slow consumer".into());
+                        }
+                    }
+                    Ok(_) => {
+                        control.push(Outbound::Close(RelayToClient::error(ErrorCode::Malformed, None, "only ping may follow hello on the control stream")));
+                        return Err("unexpected message on control stream".into());
+                    }
+                    Err(error) => {
+                        control.push(Outbound::Close(RelayToClient::error(decode_error_code(&error), None, error.to_string())));
+                        return Err(format!("bad frame: {error}"));
+                    }
+                },
+                Ok(None) => return Err("control stream finished".into()),
+                Err(ReadError::Decode(error)) => {
+                    control.push(Outbound::Close(RelayToClient::error(decode_error_code(&error), None, error.to_string())));
+                    return Err(format!("bad frame: {error}"));
+                }
+                Err(ReadError::Stream) => return Err("control stream reset".into()),
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+        }
+    }
+}
+
+/// One document stream: `subscribe` first, then changes, presence and `unsubscribe`.
+async fn doc_stream(
+    session: SessionId,
+    connection: quinn::Connection,
+    mut send: SendStream,
+    recv: RecvStream,
+    shared: Arc<Shared>,
+    queued_bytes: Arc<AtomicUsize>,
+) {
+    let mut reader = FrameReader::new(recv);
+    let (doc, heads) = match reader.next().await {
+        Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
+            Ok(ClientToRelay::Subscribe { doc, heads }) => (doc, heads),
+            Ok(_) => {
+                refuse(
+                    &connection,
+                    &mut send,
+                    ErrorCode::Malformed,
+                    "a document stream starts with subscribe",
+                )
+                .await;
+                return;
+            }
+            Err(error) => {
+                refuse(
+                    &connection,
+                    &mut send,
+                    decode_error_code(&error),
+                    &error.to_string(),
+                )
+                .await;
+                return;
+            }
+        },
+        Ok(None) | Err(ReadError::Stream) => return,
+        Err(ReadError::Decode(error)) => {
+            refuse(
+                &connection,
+                &mut send,
+                decode_error_code(&error),
+                &error.to_string(),
+            )
+            .await;
+            return;
+        }
+    };
+    let outbox = spawn_writer(&shared, &connection, send, queued_bytes);
+    shared
+        .send_input(Input::Subscribe {
+            session,
+            doc: doc.clone(),
+            heads,
+            outbox: outbox.clone(),
+        })
+        .await;
+    loop {
+        let input = match reader.next().await {
+            Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
+                Ok(ClientToRelay::Changes { doc: d, changes }) if d == doc => Input::Changes {
+                    session,
+                    doc: doc.clone(),
+                    changes,
+                },
+                Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => Input::Presence {
+                    session,
+                    doc: doc.clone(),
+                    state,
+                },
+                Ok(ClientToRelay::Unsubscribe { doc: d }) if d == doc => {
+                    shared
+                        .send_input(Input::Unsubscribe {
+                            session,
+                            doc: doc.clone(),
+                        })
+                        .await;
+                    return;
+                }
+                Ok(_) => {
+                    outbox.push(Outbound::Close(RelayToClient::error(
+                        ErrorCode::Malformed,
+                        Some(doc.clone()),
+                        "message does not belong on this document stream",
+                    )));
+                    return;
+                }
+                Err(error) => {
+                    outbox.push(Outbound::Close(RelayToClient::error(
+                        decode_error_code(&error),
+                        Some(doc.clone()),
+                        error.to_string(),
+                    )));
+                    return;
+                }
+            },
+            Ok(None) | Err(ReadError::Stream) => {
+                shared
+                    .send_input(Input::Unsubscribe {
+                        session,
+                        doc: doc.clone(),
+                    })
+                    .await;
+                return;
+            }
+            Err(ReadError::Decode(error)) => {
+                outbox.push(Outbound::Close(RelayToClient::error(
+                    decode_error_code(&error),
+                    Some(doc.clone()),
+                    error.to_string(),
+                )));
+                return;
+            }
+        };
+        shared.send_input(input).await;
+    }
+}
+
+/// Spawns the task that writes a stream's queued messages, returning its outbox.
+fn spawn_writer(
+    shared: &Arc<Shared>,
+    connection: &quinn::Connection,
+    mut send: SendStream,
+    queued_bytes: Arc<AtomicUsize>,
+) -> Outbox {
+    let (tx, mut rx) = mpsc::channel::<Outbound>(shared.limits.send_queue_messages_max);
+    let outbox = Outbox {
+        tx,
+        queued_bytes: queued_bytes.clone(),
+        bytes_max: shared.limits.send_queue_bytes_max,
+        connection: connection.clone(),
+    };
+    let connection = connection.clone();
+    let frame_bytes = shared.catchup_frame_bytes;
+    shared.spawn(async move {
+        let mut buf = Vec::with_capacity(64 << 10);
+        while let Some(outbound) = rx.recv().await {
+            buf.clear();
+            let (size, close) = match &outbound {
+                Outbound::Message(message) => {
+                    message.encode(&mut buf);
+                    (message.encoded_len(), None)
+                }
+                Outbound::Close(message) => {
+                    message.encode(&mut buf);
+                    let code = match message {
+                        RelayToClient::Error { code, .. } => *code,
+                        _ => ErrorCode::Internal,
+                    };
+                    (message.encoded_len(), Some(code))
+                }
+                Outbound::CatchUp {
+                    doc,
+                    changes,
+                    heads,
+                } => {
+                    let size = changes.len() * 16;
+                    for chunk in chunk_by_bytes(changes, frame_bytes) {
+                        RelayToClient::Changes {
+                            doc: doc.clone(),
+                            changes: chunk.to_vec(),
+                        }
+                        .encode(&mut buf);
+                        if buf.len() >= frame_bytes {
+                            if send.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                            buf.clear();
+                        }
+                    }
+                    RelayToClient::Synced {
+                        doc: doc.clone(),
+                        heads: heads.clone(),
+                    }
+                    .encode(&mut buf);
+                    (size, None)
+                }
+            };
+            let written = send.write_all(&buf).await;
+            queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            if written.is_err() {
+                return;
+            }
+            if let Some(code) = close {
+                let _ = send.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+                connection.close(
+                    VarInt::from(u32::from(code.code())),
+                    code.to_string().as_bytes(),
+                );
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    outbox
+}
+
+/// Answers on a stream with one error, then closes the connection with its code.
+async fn refuse(
+    connection: &quinn::Connection,
+    send: &mut SendStream,
+    code: ErrorCode,
+    message: &str,
+) {
+    let frame = RelayToClient::error(code, None, message).to_bytes();
+    if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    }
+    connection.close(
+        VarInt::from(u32::from(code.code())),
+        code.to_string().as_bytes(),
+    );
+}
+
+fn decode_error_code(error: &DecodeError) -> ErrorCode {
+    match error {
+        DecodeError::Oversize { .. } => ErrorCode::TooLarge,
+        DecodeError::UnknownVersion(_) => ErrorCode::VersionMismatch,
+        _ => ErrorCode::Malformed,
+    }
+}
+
+/// Wall-clock seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

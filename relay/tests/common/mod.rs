@@ -1,0 +1,257 @@
+//! Shared harness for the relay's integration tests: a dev PKI, a tenant key, relays on
+//! 127.0.0.1, SDK clients and raw QUIC connections.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use meridian_client::{Client, ClientConfig, DocHandle};
+use meridian_protocol::token::{self, Capability, DocScope, Rights, TenantSigningKey};
+use meridian_protocol::{ClientToRelay, FrameDecoder, NodeId, RelayToClient, TenantId, UserId};
+use meridian_relay::engine::EngineConfig;
+use meridian_relay::tls::{self, DevPki};
+use meridian_relay::{DurableConfig, Limits, RelayConfig, RelayHandle, TenantKeys};
+
+pub const TENANT: &str = "acme";
+pub const JURISDICTION: &str = "dev";
+
+pub struct Dev {
+    pub dir: tempfile::TempDir,
+    pub pki: DevPki,
+    pub key: TenantSigningKey,
+    pub limits: Limits,
+    pub engine: EngineConfig,
+}
+
+impl Dev {
+    pub fn new() -> Dev {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = tls::dev_pki(&dir.path().join("tls")).expect("pki");
+        Dev {
+            dir,
+            pki,
+            key: TenantSigningKey::from_seed(rand_seed()).expect("key"),
+            limits: Limits::default(),
+            engine: EngineConfig::default(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("node")
+    }
+
+    pub fn config(&self, listen: SocketAddr) -> RelayConfig {
+        RelayConfig {
+            node: NodeId::new("node-1").expect("node id"),
+            cell: "dev".into(),
+            jurisdiction: JURISDICTION.into(),
+            listen,
+            advertise: None,
+            data_dir: self.data_dir(),
+            cert_file: self.pki.node_cert.clone(),
+            key_file: self.pki.node_key.clone(),
+            durable: DurableConfig::Local {
+                path: self.dir.path().join("durable"),
+            },
+            tenants: vec![TenantKeys {
+                tenant: TenantId::new(TENANT).expect("tenant"),
+                public_keys: vec![self.key.public_key().expect("public key")],
+            }],
+            limits: self.limits.clone(),
+            engine: self.engine.clone(),
+        }
+    }
+
+    pub async fn start(&self) -> RelayHandle {
+        self.start_at("127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    pub async fn start_at(&self, listen: SocketAddr) -> RelayHandle {
+        meridian_relay::start(self.config(listen))
+            .await
+            .expect("relay starts")
+    }
+
+    pub fn token_with(&self, user: &str, docs: DocScope, rights: Rights, ttl_secs: i64) -> String {
+        let capability = Capability {
+            tenant: TenantId::new(TENANT).expect("tenant"),
+            user: UserId::new(user).expect("user"),
+            docs,
+            rights,
+            expires_at: unix_now() + ttl_secs,
+            audience: JURISDICTION.into(),
+        };
+        token::mint(&capability, &self.key).expect("mint")
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(user, DocScope::Prefix(String::new()), Rights::ALL, 3600)
+    }
+
+    pub fn client_config(&self, addr: SocketAddr, token: String) -> ClientConfig {
+        let ca = std::fs::read(&self.pki.ca_cert).expect("ca");
+        let mut config = ClientConfig::new(addr.to_string(), ca, token);
+        config.reconnect_initial = Duration::from_millis(50);
+        config.reconnect_max = Duration::from_millis(500);
+        config
+    }
+
+    pub async fn client(&self, addr: SocketAddr, user: &str) -> Client {
+        Client::connect(self.client_config(addr, self.token(user)))
+            .await
+            .expect("client connects")
+    }
+
+    /// A raw QUIC connection with its control stream, after a successful hello.
+    pub async fn raw(&self, addr: SocketAddr, token: String) -> Raw {
+        let config = self.client_config(addr, token.clone());
+        let endpoint = meridian_client::quic_endpoint(&config).expect("endpoint");
+        let connection = endpoint
+            .connect(addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        let (mut send, recv) = connection.open_bi().await.expect("control stream");
+        let hello = ClientToRelay::Hello {
+            token,
+            client: "raw-test".into(),
+        };
+        send.write_all(&hello.to_bytes()).await.expect("hello");
+        let mut control = RawStream::new(send, recv);
+        let first = control.next().await;
+        Raw {
+            _endpoint: endpoint,
+            connection,
+            control,
+            first,
+        }
+    }
+}
+
+pub struct Raw {
+    _endpoint: quinn::Endpoint,
+    pub connection: quinn::Connection,
+    pub control: RawStream,
+    pub first: Option<RelayToClient>,
+}
+
+impl Raw {
+    /// Opens a document stream and sends `subscribe` with no heads.
+    pub async fn subscribe(&self, doc: &str) -> RawStream {
+        let (mut send, recv) = self.connection.open_bi().await.expect("doc stream");
+        let subscribe = ClientToRelay::Subscribe {
+            doc: meridian_protocol::DocId::new(doc).expect("doc"),
+            heads: vec![],
+        };
+        send.write_all(&subscribe.to_bytes())
+            .await
+            .expect("subscribe");
+        RawStream::new(send, recv)
+    }
+}
+
+pub struct RawStream {
+    pub send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl RawStream {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        RawStream {
+            send,
+            recv,
+            decoder: FrameDecoder::new(),
+        }
+    }
+
+    /// The next message, or `None` when the stream or connection ends.
+    pub async fn next(&mut self) -> Option<RelayToClient> {
+        loop {
+            if let Ok(Some(frame)) = self.decoder.next_frame() {
+                return RelayToClient::decode(&frame).ok();
+            }
+            match tokio::time::timeout(Duration::from_secs(20), self.recv.read_chunk(1 << 16, true))
+                .await
+            {
+                Ok(Ok(Some(chunk))) => self.decoder.push(&chunk.bytes),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Skips messages until one matches.
+    pub async fn until(
+        &mut self,
+        mut wanted: impl FnMut(&RelayToClient) -> bool,
+    ) -> Option<RelayToClient> {
+        while let Some(message) = self.next().await {
+            if wanted(&message) {
+                return Some(message);
+            }
+        }
+        None
+    }
+
+    pub async fn send(&mut self, message: &ClientToRelay) {
+        self.send
+            .write_all(&message.to_bytes())
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.send.write_all(bytes).await;
+    }
+}
+
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn rand_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(1);
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = (nanos >> ((i % 16) * 8)) as u8 ^ (i as u8).wrapping_mul(31);
+    }
+    seed
+}
+
+/// Waits (up to a generous deadline: convergence, not speed, is under test) until every
+/// handle has the same heads.
+pub async fn converge(handles: &[&DocHandle]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let first = handles[0].heads();
+        if handles.iter().all(|h| h.heads() == first) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "documents did not converge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn json(handle: &DocHandle) -> serde_json::Value {
+    handle.read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)).expect("json"))
+}
+
+/// One Automerge change's bytes, made by a fresh document.
+pub fn some_change(key: &str) -> Bytes {
+    use automerge::transaction::Transactable;
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, key, "value").expect("put");
+    Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes())
+}
