@@ -73,6 +73,8 @@ pub(crate) struct DocState {
     pub(crate) extra_upload: Vec<Bytes>,
     pub(crate) snapshot: Vec<u8>,
     pub(crate) last_error: Option<(ErrorCode, String)>,
+    /// Counts refusals that end a wait: a forbidden subscribe or a refused change.
+    pub(crate) refusals: u64,
 }
 
 pub(crate) struct DocShared {
@@ -133,6 +135,7 @@ impl DocHandle {
                     extra_upload: Vec::new(),
                     snapshot: Vec::new(),
                     last_error: None,
+                    refusals: 0,
                 }),
                 version,
                 events,
@@ -255,11 +258,24 @@ impl DocHandle {
         self.wait_for(|state| state.synced).await
     }
 
+    /// Waits until `done` holds. Fails if, meanwhile, the relay refuses the subscription
+    /// or a change (the condition could then never hold).
     async fn wait_for(&self, done: impl Fn(&DocState) -> bool) -> Result<(), ClientError> {
         let mut version = self.shared.version.subscribe();
+        let refusals = self.lock().refusals;
         loop {
-            if done(&self.lock()) {
-                return Ok(());
+            {
+                let state = self.lock();
+                if done(&state) {
+                    return Ok(());
+                }
+                if state.refusals != refusals {
+                    let (code, message) = state
+                        .last_error
+                        .clone()
+                        .unwrap_or((ErrorCode::Internal, String::new()));
+                    return Err(ClientError::Relay { code, message });
+                }
             }
             version.changed().await.map_err(|_| ClientError::Closed)?;
         }
@@ -419,7 +435,19 @@ impl DocHandle {
     }
 
     pub(crate) fn on_error(&self, code: ErrorCode, message: String) {
-        self.lock().last_error = Some((code, message.clone()));
+        let mut state = self.lock();
+        state.last_error = Some((code, message.clone()));
+        if matches!(
+            code,
+            ErrorCode::Forbidden
+                | ErrorCode::InvalidChange
+                | ErrorCode::TooLarge
+                | ErrorCode::MissingDependencies
+                | ErrorCode::UnknownDocument
+        ) {
+            state.refusals += 1;
+        }
+        drop(state);
         self.bump();
         self.emit(DocEvent::Error { code, message });
     }

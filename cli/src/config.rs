@@ -1,0 +1,259 @@
+//! The TOML files the binary reads: a relay node's config and a client's `client.toml`.
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meridian_protocol::token::TenantPublicKey;
+use meridian_protocol::{NodeId, TenantId};
+use meridian_relay::engine::EngineConfig;
+use meridian_relay::{DurableConfig, Limits, RelayConfig, TenantKeys};
+use serde::{Deserialize, Serialize};
+
+/// A relay node's configuration file (see `relay/config.example.toml`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    pub node: NodeSection,
+    pub tls: TlsSection,
+    pub durable: DurableSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSection>,
+    #[serde(default)]
+    pub tenants: Vec<TenantSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    pub id: String,
+    pub cell: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    pub jurisdiction: String,
+    pub listen: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurableSection {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+}
+
+/// Optional overrides of the built-in limits.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub connections_max: Option<usize>,
+    pub streams_per_connection_max: Option<u32>,
+    pub send_queue_bytes_max: Option<usize>,
+    pub idle_timeout_ms: Option<u64>,
+    pub keep_alive_ms: Option<u64>,
+    pub hello_timeout_ms: Option<u64>,
+    pub idle_docs_max: Option<usize>,
+    pub orphans_per_doc_max: Option<usize>,
+    pub orphan_bytes_per_doc_max: Option<usize>,
+    pub subscriptions_per_session_max: Option<usize>,
+    pub flush_interval_ms: Option<u64>,
+    pub flush_batch_max: Option<usize>,
+    pub flush_in_flight_max: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSection {
+    pub id: String,
+    pub public_keys: Vec<String>,
+}
+
+impl RelayFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid relay config {}", path.display()))
+    }
+
+    /// Converts into the relay library's plain config, resolving relative paths against
+    /// the config file's directory.
+    pub fn into_config(self, base: &Path) -> Result<RelayConfig> {
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let durable = match self.durable.kind.as_str() {
+            "local" => DurableConfig::Local {
+                path: resolve(
+                    self.durable
+                        .path
+                        .context("durable.path is required when durable.kind = \"local\"")?,
+                ),
+            },
+            other => bail!(
+                "durable.kind = {other:?} is not supported by this build (supported: \"local\")"
+            ),
+        };
+        let mut limits = Limits::default();
+        let mut engine = EngineConfig::default();
+        if let Some(l) = self.limits {
+            let ms = Duration::from_millis;
+            if let Some(v) = l.connections_max {
+                limits.connections_max = v;
+            }
+            if let Some(v) = l.streams_per_connection_max {
+                limits.streams_per_connection_max = v;
+            }
+            if let Some(v) = l.send_queue_bytes_max {
+                limits.send_queue_bytes_max = v;
+            }
+            if let Some(v) = l.idle_timeout_ms {
+                limits.idle_timeout = ms(v);
+            }
+            if let Some(v) = l.keep_alive_ms {
+                limits.keep_alive = ms(v);
+            }
+            if let Some(v) = l.hello_timeout_ms {
+                limits.hello_timeout = ms(v);
+            }
+            if let Some(v) = l.idle_docs_max {
+                limits.idle_docs_max = v;
+            }
+            if let Some(v) = l.orphans_per_doc_max {
+                engine.orphans_per_doc_max = v;
+            }
+            if let Some(v) = l.orphan_bytes_per_doc_max {
+                engine.orphan_bytes_per_doc_max = v;
+            }
+            if let Some(v) = l.subscriptions_per_session_max {
+                engine.subscriptions_per_session_max = v;
+            }
+            if let Some(v) = l.flush_interval_ms {
+                engine.flush_interval = ms(v);
+            }
+            if let Some(v) = l.flush_batch_max {
+                engine.flush_batch_max = v.max(1);
+            }
+            if let Some(v) = l.flush_in_flight_max {
+                engine.flush_in_flight_max = v.max(1);
+            }
+        }
+        let mut tenants = Vec::new();
+        for tenant in self.tenants {
+            let keys = tenant
+                .public_keys
+                .iter()
+                .map(|k| {
+                    TenantPublicKey::from_paserk(k)
+                        .with_context(|| format!("tenant {}: bad public key", tenant.id))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if keys.is_empty() {
+                bail!("tenant {} has no public_keys", tenant.id);
+            }
+            tenants.push(TenantKeys {
+                tenant: TenantId::new(tenant.id.as_str())
+                    .with_context(|| format!("tenant id {:?}", tenant.id))?,
+                public_keys: keys,
+            });
+        }
+        Ok(RelayConfig {
+            node: NodeId::new(self.node.id.as_str())
+                .with_context(|| format!("node.id {:?}", self.node.id))?,
+            cell: self.node.cell,
+            jurisdiction: self.node.jurisdiction,
+            listen: self.node.listen,
+            advertise: self.node.advertise,
+            data_dir: resolve(self.node.data_dir),
+            cert_file: resolve(self.tls.cert_file),
+            key_file: resolve(self.tls.key_file),
+            durable,
+            tenants,
+            limits,
+            engine,
+        })
+    }
+}
+
+/// What a client needs to reach a relay: `client.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    /// `host:port` of the relay.
+    pub endpoint: String,
+    /// Name on the relay's certificate.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// CA certificate (PEM) path.
+    pub ca_cert: PathBuf,
+    /// The tenant the token is for.
+    pub tenant: String,
+    /// A capability token.
+    pub token: String,
+    /// Optional directory for unacknowledged edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_dir: Option<PathBuf>,
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+impl ClientFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid client config {}", path.display()))
+    }
+
+    pub fn client_config(&self, base: &Path) -> Result<meridian_client::ClientConfig> {
+        let ca_path = if self.ca_cert.is_relative() {
+            base.join(&self.ca_cert)
+        } else {
+            self.ca_cert.clone()
+        };
+        let ca = std::fs::read(&ca_path)
+            .with_context(|| format!("cannot read CA certificate {}", ca_path.display()))?;
+        let mut config =
+            meridian_client::ClientConfig::new(self.endpoint.clone(), ca, self.token.clone());
+        config.server_name = self.server_name.clone();
+        config.store_dir = self.store_dir.clone();
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_relay_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml");
+        let file = RelayFile::read(&path).unwrap();
+        let config = file.into_config(Path::new("/etc/meridian")).unwrap();
+        assert_eq!(config.node.as_str(), "node-1");
+        assert_eq!(config.tenants.len(), 1);
+        assert_eq!(config.engine.flush_interval, Duration::from_millis(20));
+        assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/node.crt"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml"),
+        )
+        .unwrap();
+        let typo = text.replace("[tls]", "[tls]\ncert_flie = \"x\"");
+        let error = toml::from_str::<RelayFile>(&typo).unwrap_err().to_string();
+        assert!(error.contains("cert_flie"), "{error}");
+    }
+}

@@ -1,0 +1,128 @@
+//! `meridian doc set|get|watch`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use automerge::transaction::Transactable;
+use clap::Subcommand;
+use meridian_client::{Client, DocEvent, DocHandle};
+
+/// How long a one-shot command waits for the relay.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Subcommand)]
+pub enum DocCommand {
+    /// Set a string at KEY in the document's root map; returns once it is Durable.
+    Set {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+        key: String,
+        value: String,
+    },
+    /// Print the document as JSON after catching up.
+    Get {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+    },
+    /// Print one JSON line per remote update until interrupted.
+    Watch {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+    },
+}
+
+pub async fn run(command: DocCommand) -> Result<()> {
+    match command {
+        DocCommand::Set {
+            config,
+            doc,
+            key,
+            value,
+        } => {
+            let (client, handle) = open(&config, &doc).await?;
+            handle.change(|d| d.put(automerge::ROOT, key.as_str(), value.as_str()))??;
+            within(
+                handle.wait_durable(),
+                "waiting for the change to become durable",
+            )
+            .await?;
+            println!("{}", heads_hex(&handle).join(" "));
+            client.close().await;
+            Ok(())
+        }
+        DocCommand::Get { config, doc } => {
+            let (client, handle) = open(&config, &doc).await?;
+            println!("{}", serde_json::to_string_pretty(&to_json(&handle)?)?);
+            client.close().await;
+            Ok(())
+        }
+        DocCommand::Watch { config, doc } => {
+            let (client, handle) = open(&config, &doc).await?;
+            let mut updates = handle.updates();
+            print_line("synced", &handle)?;
+            loop {
+                tokio::select! {
+                    event = updates.recv() => match event {
+                        Ok(DocEvent::Remote { .. }) => print_line("update", &handle)?,
+                        Ok(DocEvent::Error { code, message }) => eprintln!("relay error {code}: {message}"),
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => print_line("update", &handle)?,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    signal = crate::wait_for_signal() => {
+                        signal?;
+                        break;
+                    }
+                }
+            }
+            client.close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn open(config_path: &Path, doc: &str) -> Result<(Client, DocHandle)> {
+    let file = crate::config::ClientFile::read(config_path)?;
+    let base = config_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let client = Client::connect(file.client_config(&base)?).await?;
+    let handle = client.open(doc).await?;
+    within(handle.wait_synced(), "waiting for the catch-up").await?;
+    Ok((client, handle))
+}
+
+async fn within<T>(
+    future: impl std::future::Future<Output = Result<T, meridian_client::ClientError>>,
+    what: &str,
+) -> Result<T> {
+    Ok(tokio::time::timeout(COMMAND_TIMEOUT, future)
+        .await
+        .with_context(|| format!("timed out {what}"))??)
+}
+
+fn to_json(handle: &DocHandle) -> Result<serde_json::Value> {
+    handle
+        .read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)))
+        .context("document is not JSON")
+}
+
+fn heads_hex(handle: &DocHandle) -> Vec<String> {
+    handle.heads().iter().map(|h| h.to_hex()).collect()
+}
+
+fn print_line(event: &str, handle: &DocHandle) -> Result<()> {
+    let line = serde_json::json!({
+        "event": event,
+        "doc": handle.id().as_str(),
+        "heads": heads_hex(handle),
+        "value": to_json(handle)?,
+    });
+    println!("{line}");
+    Ok(())
+}

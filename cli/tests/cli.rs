@@ -1,0 +1,262 @@
+//! The `meridian` binary end to end: `dev`, `doc set/get/watch`, `token`, clean shutdown
+//! and restart on the same data directory, and one-line errors.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn meridian() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meridian"))
+}
+
+/// Kills the child if a test fails before stopping it.
+struct Guard(Option<Child>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `meridian dev` and waits for its "is running" line.
+fn start_dev(dir: &Path) -> Guard {
+    let mut child = meridian()
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn meridian dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = lines.next().expect("dev printed its banner").expect("line");
+        if line.contains("is running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "meridian dev did not start");
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Guard(Some(child))
+}
+
+fn stop(mut guard: Guard) {
+    let mut child = guard.0.take().expect("running");
+    let pid = child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "meridian dev exited with {status}");
+}
+
+fn run(args: &[&str], config: &Path) -> Output {
+    meridian()
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .args(std::iter::empty::<&str>())
+        .output()
+        .expect("run meridian")
+}
+
+fn doc(cmd: &str, config: &Path, rest: &[&str]) -> Output {
+    let mut command = meridian();
+    command
+        .args(["doc", cmd, "--config"])
+        .arg(config)
+        .args(rest);
+    command.output().expect("run meridian doc")
+}
+
+#[test]
+fn dev_deployment_serves_documents_and_keeps_them_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("client.toml");
+    let dev = start_dev(dir.path());
+
+    let set = doc("set", &config, &["notes", "title", "hello"]);
+    assert!(
+        set.status.success(),
+        "{}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let heads = String::from_utf8(set.stdout).unwrap();
+    assert_eq!(heads.trim().len(), 64, "prints the heads");
+
+    let mut watch = meridian()
+        .args(["doc", "watch", "--config"])
+        .arg(&config)
+        .arg("notes")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watched = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: serde_json::Value = serde_json::from_str(&watched.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "synced");
+    assert_eq!(first["value"], serde_json::json!({"title": "hello"}));
+
+    assert!(
+        doc("set", &config, &["notes", "body", "world"])
+            .status
+            .success()
+    );
+    let update: serde_json::Value =
+        serde_json::from_str(&watched.next().unwrap().unwrap()).unwrap();
+    assert_eq!(update["event"], "update");
+    assert_eq!(
+        update["value"],
+        serde_json::json!({"title": "hello", "body": "world"})
+    );
+    Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(watch.wait().unwrap().success());
+
+    stop(dev);
+    let dev = start_dev(dir.path());
+    let get = doc("get", &config, &["notes"]);
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    let value: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(
+        value,
+        serde_json::json!({"title": "hello", "body": "world"})
+    );
+
+    // A bad token: one clear line, non-zero exit.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let bad = dir.path().join("bad.toml");
+    let token_line = text.lines().find(|l| l.starts_with("token")).unwrap();
+    std::fs::write(&bad, text.replace(token_line, "token = \"v4.public.nope\"")).unwrap();
+    let refused = doc("get", &bad, &["notes"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.starts_with("error: unauthorized"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    // An unknown config key.
+    std::fs::write(&bad, format!("{text}\ncolour = \"blue\"\n")).unwrap();
+    let refused = doc("get", &bad, &["notes"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown field `colour`"));
+    stop(dev);
+
+    // An unreachable relay (the dev deployment is stopped).
+    let refused = doc("get", &config, &["notes"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).starts_with("error: cannot reach relay"));
+}
+
+#[test]
+fn tokens_minted_by_the_cli_are_accepted_by_a_configured_relay() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("acme.key");
+    let keygen = meridian()
+        .args(["token", "keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    assert!(public.starts_with("k4.public."));
+
+    // A relay from a config file, reusing the dev PKI for its certificate.
+    let dev = start_dev(&dir.path().join("dev"));
+    stop(dev);
+    let tls = dir.path().join("dev/tls");
+    let relay_toml = dir.path().join("relay.toml");
+    std::fs::write(
+        &relay_toml,
+        format!(
+            "[node]\nid = \"n1\"\ncell = \"c1\"\njurisdiction = \"eu\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"node\"\n\
+             [tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[durable]\nkind = \"local\"\npath = \"durable\"\n\
+             [[tenants]]\nid = \"acme\"\npublic_keys = [\"{public}\"]\n",
+            tls.join("node.crt").display(),
+            tls.join("node.key").display()
+        ),
+    )
+    .unwrap();
+    let mut relay = meridian()
+        .args(["relay", "--config"])
+        .arg(&relay_toml)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(relay.stderr.take().unwrap()).lines();
+    let relay = Guard(Some(relay));
+    let line = stderr.next().unwrap().unwrap();
+    let addr = line.rsplit(' ').next().unwrap().to_string();
+    std::thread::spawn(move || for _ in stderr {});
+
+    let mint = |rights: &str, audience: &str| {
+        let out = meridian()
+            .args([
+                "token",
+                "mint",
+                "--tenant",
+                "acme",
+                "--user",
+                "u1",
+                "--docs",
+                "team/",
+                "--rights",
+                rights,
+                "--ttl",
+                "1h",
+                "--audience",
+                audience,
+                "--key",
+            ])
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let client_toml = |token: &str| {
+        let path = dir.path().join("client.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "endpoint = \"{addr}\"\nca_cert = \"{}\"\ntenant = \"acme\"\ntoken = \"{token}\"\n",
+                tls.join("ca.crt").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let config = client_toml(&mint("read,write", "eu"));
+    assert!(
+        doc("set", &config, &["team/plan", "k", "v"])
+            .status
+            .success()
+    );
+    let outside = doc("set", &config, &["other/plan", "k", "v"]);
+    assert!(!outside.status.success());
+    assert!(
+        String::from_utf8_lossy(&outside.stderr).contains("forbidden"),
+        "{}",
+        String::from_utf8_lossy(&outside.stderr)
+    );
+    let config = client_toml(&mint("read,write", "us"));
+    assert!(!run(&["doc", "get", "team/plan"], &config).status.success());
+
+    stop(relay);
+}
