@@ -1,0 +1,138 @@
+variable "name" {
+  description = "Name of this router deployment, e.g. \"router-eu-west-1\"."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[a-z0-9][a-z0-9-]{0,23}$", var.name))
+    error_message = "name must be 1-24 lowercase letters, digits or dashes."
+  }
+}
+
+variable "control_tables" {
+  description = "Control-plane table of every jurisdiction: jurisdiction => { region, table, kms_key_arn }. The router reads and writes placements there."
+  type = map(object({
+    region      = string
+    table       = string
+    kms_key_arn = string
+  }))
+}
+
+variable "vpc_id" {
+  description = "VPC of the routers."
+  type        = string
+}
+
+variable "subnet_ids" {
+  description = "Subnets of the routers and their load balancer."
+  type        = list(string)
+}
+
+variable "public_addresses" {
+  description = "Give routers public IPv4 addresses (and advertise them)."
+  type        = bool
+  default     = true
+}
+
+variable "client_cidrs" {
+  description = "CIDRs that may reach the QUIC port."
+  type        = list(string)
+  default     = ["0.0.0.0/0"]
+}
+
+variable "metrics_cidr" {
+  description = "The only CIDR (besides the load balancer's health checks) that may reach the metrics port."
+  type        = string
+}
+
+variable "quic_port" {
+  description = "UDP port of QUIC."
+  type        = number
+  default     = 4433
+}
+
+variable "metrics_port" {
+  description = "TCP port of /metrics, /healthz, /readyz."
+  type        = number
+  default     = 9090
+}
+
+variable "instance_type" {
+  description = "Instance type of the routers."
+  type        = string
+  default     = "c7g.medium"
+}
+
+variable "ami_ssm_parameter" {
+  description = "SSM parameter holding the AMI id (Amazon Linux 2023; match the architecture of instance_type)."
+  type        = string
+  default     = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64"
+}
+
+variable "min_size" {
+  description = "Minimum number of routers."
+  type        = number
+  default     = 2
+}
+
+variable "max_size" {
+  description = "Maximum number of routers."
+  type        = number
+  default     = 4
+}
+
+variable "desired_capacity" {
+  description = "Desired number of routers."
+  type        = number
+  default     = 2
+}
+
+variable "meridian_binary_url" {
+  description = "Where the meridian binary is downloaded from at boot: s3://bucket/key or https://..."
+  type        = string
+}
+
+variable "meridian_binary_sha256" {
+  description = "SHA-256 (hex) of the meridian binary."
+  type        = string
+
+  validation {
+    condition     = can(regex("^[0-9a-f]{64}$", var.meridian_binary_sha256))
+    error_message = "meridian_binary_sha256 must be 64 lowercase hex characters."
+  }
+}
+
+variable "binary_bucket_arn" {
+  description = "ARN of the S3 bucket holding the binary, when meridian_binary_url is s3://..."
+  type        = string
+  default     = null
+}
+
+variable "tls_secret_arn" {
+  description = "Secrets Manager secret {\"cert\", \"key\"} (PEM) of the router's QUIC endpoint. Null: self-signed (testing only)."
+  type        = string
+  default     = null
+}
+
+variable "enable_ssm" {
+  description = "Attach AmazonSSMManagedInstanceCore (Session Manager access)."
+  type        = bool
+  default     = true
+}
+
+variable "alarm_actions" {
+  description = "ARNs notified when the health alarm fires or recovers."
+  type        = list(string)
+  default     = []
+}
+
+variable "deletion_protection" {
+  description = "Deletion protection of the load balancer."
+  type        = bool
+  default     = true
+}
+
+variable "tags" {
+  description = "Tags added to every resource."
+  type        = map(string)
+  default     = {}
+}
