@@ -1,1 +1,1 @@
-
+//! Shared helpers for the benchmarks.

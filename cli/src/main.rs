@@ -1,4 +1,5 @@
 //! `meridian`: the one binary. Local dev deployment, relay node, tokens, documents.
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod config;
 mod dev;

@@ -411,12 +411,12 @@ impl DocHandle {
         let mut state = self.lock();
         let before = state.pending.len();
         state.pending.retain(|p| !hashes.contains(&p.hash));
-        if state.pending.len() != before {
-            if let Some(store) = &self.shared.store {
-                let remaining: Vec<Bytes> = state.pending.iter().map(|p| p.bytes.clone()).collect();
-                let saved = remaining.is_empty().then(|| state.doc.save());
-                store.rewrite(saved.as_deref(), &remaining)?;
-            }
+        if state.pending.len() != before
+            && let Some(store) = &self.shared.store
+        {
+            let remaining: Vec<Bytes> = state.pending.iter().map(|p| p.bytes.clone()).collect();
+            let saved = remaining.is_empty().then(|| state.doc.save());
+            store.rewrite(saved.as_deref(), &remaining)?;
         }
         drop(state);
         self.bump();

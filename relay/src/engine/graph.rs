@@ -161,10 +161,8 @@ impl ChangeGraph {
         let actor = self.actor_index.get(&change.actor).copied();
         if let Some(actor) = actor {
             let state = &self.actors[actor as usize];
-            if let Some(bound) = &state.user {
-                if bound != user {
-                    return Err(AddError::ActorOfOtherUser);
-                }
+            if state.user.as_ref().is_some_and(|bound| bound != user) {
+                return Err(AddError::ActorOfOtherUser);
             }
             if let Some(&existing) = usize::try_from(change.seq)
                 .ok()

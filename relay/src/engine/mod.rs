@@ -254,6 +254,9 @@ impl Doc {
     }
 }
 
+/// The cache commit in flight: its number, the changes it covers, the acks it releases.
+type CommitInFlight = (u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>);
+
 /// Changes acknowledged to one session when a commit completes.
 struct Ack {
     session: SessionId,
@@ -278,7 +281,7 @@ pub struct Engine {
     next_commit: u64,
     cache_pending: Vec<(DocKey, StoredChange)>,
     cache_pending_acks: Vec<Ack>,
-    cache_in_flight: Option<(u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>)>,
+    cache_in_flight: Option<CommitInFlight>,
     flush_queue: VecDeque<FlushItem>,
     flush_in_flight: HashMap<u64, Vec<FlushItem>>,
     next_batch: u64,
@@ -1139,11 +1142,11 @@ impl Engine {
             };
             let mut notify: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
             for hash in &hashes {
-                if let Some(index) = entry.graph.index_of(hash) {
-                    if entry.graph.mark_durable(index) {
-                        entry.unflushed = entry.unflushed.saturating_sub(1);
-                        self.stats.changes_durable += 1;
-                    }
+                if let Some(index) = entry.graph.index_of(hash)
+                    && entry.graph.mark_durable(index)
+                {
+                    entry.unflushed = entry.unflushed.saturating_sub(1);
+                    self.stats.changes_durable += 1;
                 }
                 for session in entry.durable_waiters.remove(hash).unwrap_or_default() {
                     if entry.subscribers.contains(&session) {
@@ -1203,13 +1206,12 @@ impl Engine {
             if !seen.insert(item.change.hash) {
                 // The same change from the cache and the durable tier: keep one, durable
                 // if either copy is.
-                if item.durable {
-                    if let Some(p) = parsed
+                if item.durable
+                    && let Some(p) = parsed
                         .iter_mut()
                         .find(|(p, _, _)| p.hash == item.change.hash)
-                    {
-                        p.2 = true;
-                    }
+                {
+                    p.2 = true;
                 }
                 continue;
             }
