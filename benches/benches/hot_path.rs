@@ -12,19 +12,24 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{Criterion, criterion_group, criterion_main};
 use meridian_benches::{build_trace_doc, loaded_engine};
 use meridian_protocol::RelayToClient;
-use meridian_relay::engine::{chunk_by_bytes, Outbound};
+use meridian_relay::engine::{Outbound, chunk_by_bytes};
 
 const DOC_CHANGES: usize = 100_000;
 const FOLLOW_UP: usize = 5_000;
 
 fn hot_path(c: &mut Criterion) {
-    let meridian_benches::TraceDoc { doc: mut base, changes, follow_up } =
-        build_trace_doc(DOC_CHANGES, FOLLOW_UP).expect("trace document");
+    let meridian_benches::TraceDoc {
+        doc: mut base,
+        changes,
+        follow_up,
+    } = build_trace_doc(DOC_CHANGES, FOLLOW_UP).expect("trace document");
     let mut group = c.benchmark_group("ingest");
-    group.sample_size(20).measurement_time(Duration::from_secs(10));
+    group
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(10));
 
     let mut engine = loaded_engine(&changes).expect("engine");
     let mut next = 0usize;
@@ -46,7 +51,9 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
-    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
     let mut doc = base.fork();
     doc.set_actor(base.get_actor().clone());
     let mut next = 0usize;
@@ -86,8 +93,12 @@ fn hot_path(c: &mut Criterion) {
     group.bench_function("empty-client (100k-change doc)", |b| {
         b.iter(|| {
             session += 1;
-            engine.engine.handle_session_open(session, capability.clone());
-            engine.engine.handle_subscribe(engine.now, session, engine.doc.clone(), vec![]);
+            engine
+                .engine
+                .handle_session_open(session, capability.clone());
+            engine
+                .engine
+                .handle_subscribe(engine.now, session, engine.doc.clone(), vec![]);
             let mut sent = 0;
             while let Some(transmit) = engine.engine.poll_transmit() {
                 if let Outbound::CatchUp { changes, .. } = &transmit.outbound {
@@ -113,7 +124,13 @@ fn hot_path(c: &mut Criterion) {
 fn wire_size(doc: &meridian_protocol::DocId, changes: &[Bytes]) -> usize {
     chunk_by_bytes(changes, 256 << 10)
         .into_iter()
-        .map(|chunk| RelayToClient::Changes { doc: doc.clone(), changes: chunk.to_vec() }.encoded_len())
+        .map(|chunk| {
+            RelayToClient::Changes {
+                doc: doc.clone(),
+                changes: chunk.to_vec(),
+            }
+            .encoded_len()
+        })
         .sum()
 }
 

@@ -1,14 +1,20 @@
 //! Frame encode and decode.
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use meridian_protocol::{ChangeHash, ClientToRelay, DocId, RelayToClient};
 
 fn frames(c: &mut Criterion) {
     let doc = DocId::new("paper").expect("doc id");
     let keystroke = Bytes::from(vec![0x42u8; 120]);
-    let changes = ClientToRelay::Changes { doc: doc.clone(), changes: vec![keystroke.clone()] };
-    let batch = RelayToClient::Changes { doc: doc.clone(), changes: vec![keystroke; 256] };
+    let changes = ClientToRelay::Changes {
+        doc: doc.clone(),
+        changes: vec![keystroke.clone()],
+    };
+    let batch = RelayToClient::Changes {
+        doc: doc.clone(),
+        changes: vec![keystroke; 256],
+    };
     let applied = RelayToClient::Applied {
         doc,
         changes: vec![ChangeHash([1; 32])],
@@ -44,7 +50,9 @@ fn frames(c: &mut Criterion) {
     });
     let encoded = applied.to_bytes();
     group.throughput(Throughput::Bytes(encoded.len() as u64));
-    group.bench_function("decode applied", |b| b.iter(|| RelayToClient::decode(&encoded).expect("decodes")));
+    group.bench_function("decode applied", |b| {
+        b.iter(|| RelayToClient::decode(&encoded).expect("decodes"))
+    });
     group.finish();
 }
 

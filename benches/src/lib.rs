@@ -28,9 +28,12 @@ pub struct Edit {
 
 /// Where the trace lives: `$MERIDIAN_TRACE`, or `../shared/data/` beside the repository.
 pub fn trace_path() -> PathBuf {
-    std::env::var_os("MERIDIAN_TRACE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/automerge-paper-edits.json")
-    })
+    std::env::var_os("MERIDIAN_TRACE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../shared/data/automerge-paper-edits.json")
+        })
 }
 
 /// Reads the editing trace.
@@ -40,10 +43,24 @@ pub fn load_trace() -> Result<Vec<Edit>, String> {
     let raw: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     raw.iter()
         .map(|entry| {
-            let position = entry.get(0).and_then(|v| v.as_u64()).ok_or("bad position")? as usize;
-            let delete = entry.get(1).and_then(|v| v.as_u64()).ok_or("bad delete count")? as usize;
-            let insert = entry.get(2).and_then(|v| v.as_str()).unwrap_or("").to_owned();
-            Ok(Edit { position, delete, insert })
+            let position = entry
+                .get(0)
+                .and_then(|v| v.as_u64())
+                .ok_or("bad position")? as usize;
+            let delete = entry
+                .get(1)
+                .and_then(|v| v.as_u64())
+                .ok_or("bad delete count")? as usize;
+            let insert = entry
+                .get(2)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned();
+            Ok(Edit {
+                position,
+                delete,
+                insert,
+            })
         })
         .collect()
 }
@@ -66,7 +83,9 @@ pub fn build_trace_doc(count: usize, follow_up: usize) -> Result<TraceDoc, Strin
     }
     let started = Instant::now();
     let mut doc = AutoCommit::new();
-    let text = doc.put_object(automerge::ROOT, "text", ObjType::Text).map_err(|e| e.to_string())?;
+    let text = doc
+        .put_object(automerge::ROOT, "text", ObjType::Text)
+        .map_err(|e| e.to_string())?;
     doc.commit();
     let mut changes = vec![last_change(&mut doc)?];
     let apply = |doc: &mut AutoCommit, edit: &Edit| -> Result<Bytes, String> {
@@ -90,7 +109,11 @@ pub fn build_trace_doc(count: usize, follow_up: usize) -> Result<TraceDoc, Strin
         started.elapsed(),
         doc.text(&text).map(|t| t.len()).unwrap_or(0)
     );
-    Ok(TraceDoc { doc, changes, follow_up: more })
+    Ok(TraceDoc {
+        doc,
+        changes,
+        follow_up: more,
+    })
 }
 
 fn last_change(doc: &mut AutoCommit) -> Result<Bytes, String> {
@@ -119,7 +142,10 @@ pub struct LoadedEngine {
 
 /// Builds an engine with the document loaded (as if from the durable tier).
 pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
-    let now = Now { instant: Instant::now(), unix_secs: 1_000 };
+    let now = Now {
+        instant: Instant::now(),
+        unix_secs: 1_000,
+    };
     let mut engine = Engine::new(EngineConfig::default());
     let tenant = TenantId::new("bench").map_err(|e| e.to_string())?;
     let user = UserId::new("writer").map_err(|e| e.to_string())?;
@@ -134,25 +160,38 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
     };
     engine.handle_session_open(1, capability);
     engine.handle_subscribe(now, 1, doc.clone(), vec![]);
-    let key = DocKey { tenant, doc: doc.clone() };
+    let key = DocKey {
+        tenant,
+        doc: doc.clone(),
+    };
     let mut loaded = Vec::with_capacity(changes.len());
     for bytes in changes {
         loaded.push(LoadedChange {
-            change: StoredChange { hash: hash_of(bytes)?, bytes: bytes.clone(), user: user.clone() },
+            change: StoredChange {
+                hash: hash_of(bytes)?,
+                bytes: bytes.clone(),
+                user: user.clone(),
+            },
             durable: true,
         });
     }
     while engine.poll_store_task().is_some() {}
     engine.handle_loaded(now, key, Ok(loaded));
     while engine.poll_transmit().is_some() {}
-    Ok(LoadedEngine { engine, writer: 1, doc, now })
+    Ok(LoadedEngine {
+        engine,
+        writer: 1,
+        doc,
+        now,
+    })
 }
 
 impl LoadedEngine {
     /// The hot path for one batch of changes from the writer: parse, check, add, fan out,
     /// queue for the cache, and the ack once the (instant) cache commit completes.
     pub fn ingest(&mut self, changes: Vec<Bytes>) -> usize {
-        self.engine.handle_changes(self.now, self.writer, self.doc.clone(), changes);
+        self.engine
+            .handle_changes(self.now, self.writer, self.doc.clone(), changes);
         let mut effects = 0;
         while let Some(task) = self.engine.poll_store_task() {
             effects += 1;
