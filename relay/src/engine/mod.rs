@@ -24,7 +24,9 @@
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
 pub mod change;
+mod durability;
 pub mod graph;
+mod load;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -34,6 +36,7 @@ use meridian_protocol::token::{Capability, Rights};
 use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient, TenantId, UserId};
 
 use change::{ChangeError, ParsedChange, parse_change};
+use durability::{Ack, CommitInFlight, FlushItem};
 use graph::{AddError, Added, ChangeGraph, ChangeIndex};
 
 /// A session (one authenticated connection), numbered by the IO layer.
@@ -237,6 +240,22 @@ struct Doc {
 }
 
 impl Doc {
+    /// The heads, capped to what one message carries.
+    fn heads(&self) -> Vec<ChangeHash> {
+        let mut heads = self.graph.heads().to_vec();
+        heads.truncate(MAX_HEADS);
+        heads
+    }
+
+    /// The heads when everything held is durable; empty otherwise.
+    fn durable_heads(&self) -> Vec<ChangeHash> {
+        if self.unflushed == 0 {
+            self.heads()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn loading() -> Self {
         Doc {
             state: DocState::Loading {
@@ -252,23 +271,6 @@ impl Doc {
             unflushed: 0,
         }
     }
-}
-
-/// The cache commit in flight: its number, the changes it covers, the acks it releases.
-type CommitInFlight = (u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>);
-
-/// Changes acknowledged to one session when a commit completes.
-struct Ack {
-    session: SessionId,
-    key: DocKey,
-    hashes: Vec<ChangeHash>,
-}
-
-#[derive(Clone)]
-struct FlushItem {
-    key: DocKey,
-    hash: ChangeHash,
-    since: Instant,
 }
 
 /// The relay engine. See the module docs for the calling order.
@@ -612,99 +614,6 @@ impl Engine {
         }
     }
 
-    /// A `Cache` task completed: its changes survive a crash. Acknowledge them.
-    pub fn handle_cache_committed(&mut self, now: Now, commit: u64) {
-        let Some((in_flight, entries, acks)) = self.cache_in_flight.take() else {
-            self.stats.invariant_violations += 1;
-            return;
-        };
-        if in_flight != commit {
-            self.stats.invariant_violations += 1;
-            self.cache_in_flight = Some((in_flight, entries, acks));
-            return;
-        }
-        for (key, hash) in entries {
-            self.flush_queue.push_back(FlushItem {
-                key,
-                hash,
-                since: now.instant,
-            });
-        }
-        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
-            self.flush_due = Some(now.instant + self.config.flush_interval);
-        }
-        for ack in acks {
-            self.acknowledge(ack);
-        }
-        self.start_commit();
-    }
-
-    /// A `Flush` task finished: on success its changes are durable; on failure they go
-    /// back to the front of the queue and the next attempt backs off.
-    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), String>) {
-        let Some(items) = self.flush_in_flight.remove(&batch) else {
-            self.stats.invariant_violations += 1;
-            return;
-        };
-        match result {
-            Ok(()) => {
-                self.stats.flush_batches += 1;
-                self.flush_backoff = None;
-                self.complete_flush(items);
-            }
-            Err(reason) => {
-                self.stats.flush_errors += 1;
-                tracing::debug!(batch, %reason, "flush failed; will retry");
-                for item in items.into_iter().rev() {
-                    self.flush_queue.push_front(item);
-                }
-                let backoff = self
-                    .flush_backoff
-                    .map_or(self.config.flush_retry_initial, |b| {
-                        (b * 2).min(self.config.flush_retry_max)
-                    });
-                self.flush_backoff = Some(backoff);
-                self.flush_due = Some(now.instant + backoff);
-            }
-        }
-        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
-            self.flush_due = Some(now.instant);
-        }
-    }
-
-    /// The timer from `poll_timeout` fired.
-    pub fn handle_timeout(&mut self, now: Now) {
-        let Some(due) = self.flush_due else {
-            return;
-        };
-        if due > now.instant {
-            return;
-        }
-        self.flush_due = None;
-        while !self.flush_queue.is_empty()
-            && self.flush_in_flight.len() < self.config.flush_in_flight_max
-        {
-            let take = self.flush_queue.len().min(self.config.flush_batch_max);
-            let items: Vec<FlushItem> = self.flush_queue.drain(..take).collect();
-            let mut changes = Vec::with_capacity(items.len());
-            for item in &items {
-                match self.stored_change(&item.key, &item.hash) {
-                    Some(change) => changes.push((item.key.clone(), change)),
-                    None => self.stats.invariant_violations += 1,
-                }
-            }
-            let batch = self.next_batch;
-            self.next_batch += 1;
-            self.flush_in_flight.insert(batch, items);
-            self.store_tasks
-                .push_back(StoreTask::Flush { batch, changes });
-        }
-        if !self.flush_queue.is_empty() {
-            // Wait for a batch to finish; it re-arms the timer.
-            self.flush_due = Some(now.instant + self.config.flush_interval);
-        }
-    }
-
     /// Documents that may be dropped from memory: no subscribers, nothing unflushed,
     /// nothing waiting. The IO layer decides when memory calls for it.
     pub fn evictable(&self) -> Vec<DocKey> {
@@ -853,8 +762,7 @@ impl Engine {
             .iter()
             .map(|&i| entry.graph.entry(i).bytes.clone())
             .collect();
-        let mut relay_heads = entry.graph.heads().to_vec();
-        relay_heads.truncate(MAX_HEADS);
+        let relay_heads = entry.heads();
         entry.subscribers.insert(session);
         let presence: Vec<(SessionId, Bytes)> = entry
             .presence
@@ -1044,239 +952,6 @@ impl Engine {
             self.error(session, Some(key.doc.clone()), code, &message);
         }
         self.start_commit();
-    }
-
-    /// Starts the next group commit if none is in flight and anything is waiting.
-    fn start_commit(&mut self) {
-        if self.cache_in_flight.is_some()
-            || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
-        {
-            return;
-        }
-        let commit = self.next_commit;
-        self.next_commit += 1;
-        let changes = std::mem::take(&mut self.cache_pending);
-        let entries = changes
-            .iter()
-            .map(|(key, change)| (key.clone(), change.hash))
-            .collect();
-        let acks = std::mem::take(&mut self.cache_pending_acks);
-        self.cache_in_flight = Some((commit, entries, acks));
-        self.store_tasks
-            .push_back(StoreTask::Cache { commit, changes });
-    }
-
-    fn acknowledge(&mut self, ack: Ack) {
-        if !self.is_subscribed(ack.session, &ack.key.doc) {
-            return;
-        }
-        let Some(entry) = self.docs.get_mut(&ack.key) else {
-            return;
-        };
-        let mut durable = Vec::new();
-        for hash in &ack.hashes {
-            let Some(index) = entry.graph.index_of(hash) else {
-                continue;
-            };
-            if entry.graph.entry(index).durable {
-                durable.push(*hash);
-            } else {
-                let waiters = entry.durable_waiters.entry(*hash).or_default();
-                if !waiters.contains(&ack.session) {
-                    waiters.push(ack.session);
-                }
-            }
-        }
-        let heads: Vec<ChangeHash> = entry
-            .graph
-            .heads()
-            .iter()
-            .take(MAX_HEADS)
-            .copied()
-            .collect();
-        let durable_heads: Vec<ChangeHash> = if entry.unflushed == 0 {
-            entry
-                .graph
-                .heads()
-                .iter()
-                .take(MAX_HEADS)
-                .copied()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        for chunk in ack.hashes.chunks(MAX_HEADS) {
-            self.send(
-                ack.session,
-                Some(ack.key.doc.clone()),
-                RelayToClient::Applied {
-                    doc: ack.key.doc.clone(),
-                    changes: chunk.to_vec(),
-                    heads: heads.clone(),
-                },
-            );
-        }
-        for chunk in durable.chunks(MAX_HEADS) {
-            self.send(
-                ack.session,
-                Some(ack.key.doc.clone()),
-                RelayToClient::Durable {
-                    doc: ack.key.doc.clone(),
-                    changes: chunk.to_vec(),
-                    heads: durable_heads.clone(),
-                },
-            );
-        }
-    }
-
-    fn complete_flush(&mut self, items: Vec<FlushItem>) {
-        let mut by_doc: HashMap<DocKey, Vec<ChangeHash>> = HashMap::new();
-        for item in items {
-            by_doc.entry(item.key).or_default().push(item.hash);
-        }
-        let mut uncache = Vec::new();
-        for (key, hashes) in by_doc {
-            let Some(entry) = self.docs.get_mut(&key) else {
-                self.stats.invariant_violations += 1;
-                continue;
-            };
-            let mut notify: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
-            for hash in &hashes {
-                if let Some(index) = entry.graph.index_of(hash)
-                    && entry.graph.mark_durable(index)
-                {
-                    entry.unflushed = entry.unflushed.saturating_sub(1);
-                    self.stats.changes_durable += 1;
-                }
-                for session in entry.durable_waiters.remove(hash).unwrap_or_default() {
-                    if entry.subscribers.contains(&session) {
-                        notify.entry(session).or_default().push(*hash);
-                    }
-                }
-                uncache.push((key.clone(), *hash));
-            }
-            let heads: Vec<ChangeHash> = if entry.unflushed == 0 {
-                entry
-                    .graph
-                    .heads()
-                    .iter()
-                    .take(MAX_HEADS)
-                    .copied()
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            for (session, hashes) in notify {
-                for chunk in hashes.chunks(MAX_HEADS) {
-                    self.send(
-                        session,
-                        Some(key.doc.clone()),
-                        RelayToClient::Durable {
-                            doc: key.doc.clone(),
-                            changes: chunk.to_vec(),
-                            heads: heads.clone(),
-                        },
-                    );
-                }
-            }
-        }
-        self.store_tasks
-            .push_back(StoreTask::Uncache { changes: uncache });
-    }
-
-    fn stored_change(&self, key: &DocKey, hash: &ChangeHash) -> Option<StoredChange> {
-        let entry = self.docs.get(key)?;
-        let item = entry.graph.entry(entry.graph.index_of(hash)?);
-        Some(StoredChange {
-            hash: item.hash,
-            bytes: item.bytes.clone(),
-            user: item.user.clone(),
-        })
-    }
-
-    /// Builds a document's graph from loaded changes in any order (Kahn's algorithm over
-    /// the dependency edges). Changes that fail their checks are counted and skipped.
-    fn insert_loaded(&mut self, now: Now, key: &DocKey, loaded: Vec<LoadedChange>) {
-        let Some(entry) = self.docs.get_mut(key) else {
-            return;
-        };
-        let mut parsed: Vec<(ParsedChange, UserId, bool)> = Vec::with_capacity(loaded.len());
-        let mut seen = HashSet::new();
-        for item in loaded {
-            if !seen.insert(item.change.hash) {
-                // The same change from the cache and the durable tier: keep one, durable
-                // if either copy is.
-                if item.durable
-                    && let Some(p) = parsed
-                        .iter_mut()
-                        .find(|(p, _, _)| p.hash == item.change.hash)
-                {
-                    p.2 = true;
-                }
-                continue;
-            }
-            match parse_change(item.change.bytes) {
-                Ok(change) if change.hash == item.change.hash => {
-                    parsed.push((change, item.change.user, item.durable))
-                }
-                _ => self.stats.corrupt_changes += 1,
-            }
-        }
-        let position: HashMap<ChangeHash, usize> = parsed
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _, _))| (p.hash, i))
-            .collect();
-        let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
-        let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, (change, _, _)) in parsed.iter().enumerate() {
-            for dep in &change.deps {
-                if let Some(&j) = position.get(dep) {
-                    waiting_on[i] += 1;
-                    dependents.entry(j).or_default().push(i);
-                }
-            }
-        }
-        let mut ready: VecDeque<usize> =
-            (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
-        let mut unflushed = Vec::new();
-        let mut added = 0usize;
-        while let Some(i) = ready.pop_front() {
-            let (change, user, durable) = &parsed[i];
-            match entry.graph.add(change, user, *durable) {
-                Ok(Added::New(_)) => {
-                    added += 1;
-                    if !durable {
-                        unflushed.push(change.hash);
-                    }
-                }
-                Ok(Added::Known(_)) => {}
-                Err(_) => {
-                    self.stats.corrupt_changes += 1;
-                    continue;
-                }
-            }
-            for &next in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
-                waiting_on[next] -= 1;
-                if waiting_on[next] == 0 {
-                    ready.push_back(next);
-                }
-            }
-        }
-        if added < parsed.len() {
-            self.stats.corrupt_changes += (parsed.len() - added) as u64;
-        }
-        entry.unflushed += unflushed.len();
-        for hash in unflushed {
-            self.flush_queue.push_back(FlushItem {
-                key: key.clone(),
-                hash,
-                since: now.instant,
-            });
-        }
-        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
-            self.flush_due = Some(now.instant + self.config.flush_interval);
-        }
     }
 }
 

@@ -1,0 +1,243 @@
+//! Acknowledgements and durability: the group commit to the cache, `applied`, the batched
+//! flush to the durable tier with retry and backoff, and `durable`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient};
+
+use super::{DocKey, Engine, Now, SessionId, StoreTask, StoredChange};
+
+/// The cache commit in flight: its number, the changes it covers, the acks it releases.
+pub(super) type CommitInFlight = (u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>);
+
+/// Changes acknowledged to one session when a commit completes.
+pub(super) struct Ack {
+    pub(super) session: SessionId,
+    pub(super) key: DocKey,
+    pub(super) hashes: Vec<ChangeHash>,
+}
+
+#[derive(Clone)]
+pub(super) struct FlushItem {
+    pub(super) key: DocKey,
+    pub(super) hash: ChangeHash,
+    pub(super) since: Instant,
+}
+
+impl Engine {
+    /// A `Cache` task completed: its changes survive a crash. Acknowledge them.
+    pub fn handle_cache_committed(&mut self, now: Now, commit: u64) {
+        let Some((in_flight, entries, acks)) = self.cache_in_flight.take() else {
+            self.stats.invariant_violations += 1;
+            return;
+        };
+        if in_flight != commit {
+            self.stats.invariant_violations += 1;
+            self.cache_in_flight = Some((in_flight, entries, acks));
+            return;
+        }
+        for (key, hash) in entries {
+            self.flush_queue.push_back(FlushItem {
+                key,
+                hash,
+                since: now.instant,
+            });
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+        for ack in acks {
+            self.acknowledge(ack);
+        }
+        self.start_commit();
+    }
+
+    /// A `Flush` task finished: on success its changes are durable; on failure they go
+    /// back to the front of the queue and the next attempt backs off.
+    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), String>) {
+        let Some(items) = self.flush_in_flight.remove(&batch) else {
+            self.stats.invariant_violations += 1;
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.stats.flush_batches += 1;
+                self.flush_backoff = None;
+                self.complete_flush(items);
+            }
+            Err(reason) => {
+                self.stats.flush_errors += 1;
+                tracing::debug!(batch, %reason, "flush failed; will retry");
+                for item in items.into_iter().rev() {
+                    self.flush_queue.push_front(item);
+                }
+                let backoff = self
+                    .flush_backoff
+                    .map_or(self.config.flush_retry_initial, |b| {
+                        (b * 2).min(self.config.flush_retry_max)
+                    });
+                self.flush_backoff = Some(backoff);
+                self.flush_due = Some(now.instant + backoff);
+            }
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant);
+        }
+    }
+
+    /// The timer from `poll_timeout` fired.
+    pub fn handle_timeout(&mut self, now: Now) {
+        let Some(due) = self.flush_due else {
+            return;
+        };
+        if due > now.instant {
+            return;
+        }
+        self.flush_due = None;
+        while !self.flush_queue.is_empty()
+            && self.flush_in_flight.len() < self.config.flush_in_flight_max
+        {
+            let take = self.flush_queue.len().min(self.config.flush_batch_max);
+            let items: Vec<FlushItem> = self.flush_queue.drain(..take).collect();
+            let mut changes = Vec::with_capacity(items.len());
+            for item in &items {
+                match self.stored_change(&item.key, &item.hash) {
+                    Some(change) => changes.push((item.key.clone(), change)),
+                    None => self.stats.invariant_violations += 1,
+                }
+            }
+            let batch = self.next_batch;
+            self.next_batch += 1;
+            self.flush_in_flight.insert(batch, items);
+            self.store_tasks
+                .push_back(StoreTask::Flush { batch, changes });
+        }
+        if !self.flush_queue.is_empty() {
+            // Wait for a batch to finish; it re-arms the timer.
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+    }
+
+    /// Starts the next group commit if none is in flight and anything is waiting.
+    pub(super) fn start_commit(&mut self) {
+        if self.cache_in_flight.is_some()
+            || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
+        {
+            return;
+        }
+        let commit = self.next_commit;
+        self.next_commit += 1;
+        let changes = std::mem::take(&mut self.cache_pending);
+        let entries = changes
+            .iter()
+            .map(|(key, change)| (key.clone(), change.hash))
+            .collect();
+        let acks = std::mem::take(&mut self.cache_pending_acks);
+        self.cache_in_flight = Some((commit, entries, acks));
+        self.store_tasks
+            .push_back(StoreTask::Cache { commit, changes });
+    }
+
+    fn acknowledge(&mut self, ack: Ack) {
+        if !self.is_subscribed(ack.session, &ack.key.doc) {
+            return;
+        }
+        let Some(entry) = self.docs.get_mut(&ack.key) else {
+            return;
+        };
+        let mut durable = Vec::new();
+        for hash in &ack.hashes {
+            let Some(index) = entry.graph.index_of(hash) else {
+                continue;
+            };
+            if entry.graph.entry(index).durable {
+                durable.push(*hash);
+            } else {
+                let waiters = entry.durable_waiters.entry(*hash).or_default();
+                if !waiters.contains(&ack.session) {
+                    waiters.push(ack.session);
+                }
+            }
+        }
+        let heads = entry.heads();
+        let durable_heads = entry.durable_heads();
+        for chunk in ack.hashes.chunks(MAX_HEADS) {
+            self.send(
+                ack.session,
+                Some(ack.key.doc.clone()),
+                RelayToClient::Applied {
+                    doc: ack.key.doc.clone(),
+                    changes: chunk.to_vec(),
+                    heads: heads.clone(),
+                },
+            );
+        }
+        for chunk in durable.chunks(MAX_HEADS) {
+            self.send(
+                ack.session,
+                Some(ack.key.doc.clone()),
+                RelayToClient::Durable {
+                    doc: ack.key.doc.clone(),
+                    changes: chunk.to_vec(),
+                    heads: durable_heads.clone(),
+                },
+            );
+        }
+    }
+
+    fn complete_flush(&mut self, items: Vec<FlushItem>) {
+        let mut by_doc: HashMap<DocKey, Vec<ChangeHash>> = HashMap::new();
+        for item in items {
+            by_doc.entry(item.key).or_default().push(item.hash);
+        }
+        let mut uncache = Vec::new();
+        for (key, hashes) in by_doc {
+            let Some(entry) = self.docs.get_mut(&key) else {
+                self.stats.invariant_violations += 1;
+                continue;
+            };
+            let mut notify: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
+            for hash in &hashes {
+                if let Some(index) = entry.graph.index_of(hash)
+                    && entry.graph.mark_durable(index)
+                {
+                    entry.unflushed = entry.unflushed.saturating_sub(1);
+                    self.stats.changes_durable += 1;
+                }
+                for session in entry.durable_waiters.remove(hash).unwrap_or_default() {
+                    if entry.subscribers.contains(&session) {
+                        notify.entry(session).or_default().push(*hash);
+                    }
+                }
+                uncache.push((key.clone(), *hash));
+            }
+            let heads = entry.durable_heads();
+            for (session, hashes) in notify {
+                for chunk in hashes.chunks(MAX_HEADS) {
+                    self.send(
+                        session,
+                        Some(key.doc.clone()),
+                        RelayToClient::Durable {
+                            doc: key.doc.clone(),
+                            changes: chunk.to_vec(),
+                            heads: heads.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        self.store_tasks
+            .push_back(StoreTask::Uncache { changes: uncache });
+    }
+
+    fn stored_change(&self, key: &DocKey, hash: &ChangeHash) -> Option<StoredChange> {
+        let entry = self.docs.get(key)?;
+        let item = entry.graph.entry(entry.graph.index_of(hash)?);
+        Some(StoredChange {
+            hash: item.hash,
+            bytes: item.bytes.clone(),
+            user: item.user.clone(),
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Building a document's graph from changes loaded from the cache and the durable tier.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use meridian_protocol::{ChangeHash, UserId};
+
+use super::change::{ParsedChange, parse_change};
+use super::durability::FlushItem;
+use super::graph::Added;
+use super::{DocKey, Engine, LoadedChange, Now};
+
+impl Engine {
+    /// Builds a document's graph from loaded changes in any order (Kahn's algorithm over
+    /// the dependency edges). Changes that fail their checks are counted and skipped.
+    pub(super) fn insert_loaded(&mut self, now: Now, key: &DocKey, loaded: Vec<LoadedChange>) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        let mut parsed: Vec<(ParsedChange, UserId, bool)> = Vec::with_capacity(loaded.len());
+        let mut seen = HashSet::new();
+        for item in loaded {
+            if !seen.insert(item.change.hash) {
+                // The same change from the cache and the durable tier: keep one, durable
+                // if either copy is.
+                if item.durable
+                    && let Some(p) = parsed
+                        .iter_mut()
+                        .find(|(p, _, _)| p.hash == item.change.hash)
+                {
+                    p.2 = true;
+                }
+                continue;
+            }
+            match parse_change(item.change.bytes) {
+                Ok(change) if change.hash == item.change.hash => {
+                    parsed.push((change, item.change.user, item.durable))
+                }
+                _ => self.stats.corrupt_changes += 1,
+            }
+        }
+        let position: HashMap<ChangeHash, usize> = parsed
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _, _))| (p.hash, i))
+            .collect();
+        let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
+        let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+        for (i, (change, _, _)) in parsed.iter().enumerate() {
+            for dep in &change.deps {
+                if let Some(&j) = position.get(dep) {
+                    waiting_on[i] += 1;
+                    dependents.entry(j).or_default().push(i);
+                }
+            }
+        }
+        let mut ready: VecDeque<usize> =
+            (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
+        let mut unflushed = Vec::new();
+        let mut added = 0usize;
+        while let Some(i) = ready.pop_front() {
+            let (change, user, durable) = &parsed[i];
+            match entry.graph.add(change, user, *durable) {
+                Ok(Added::New(_)) => {
+                    added += 1;
+                    if !durable {
+                        unflushed.push(change.hash);
+                    }
+                }
+                Ok(Added::Known(_)) => {}
+                Err(_) => {
+                    self.stats.corrupt_changes += 1;
+                    continue;
+                }
+            }
+            for &next in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+                waiting_on[next] -= 1;
+                if waiting_on[next] == 0 {
+                    ready.push_back(next);
+                }
+            }
+        }
+        if added < parsed.len() {
+            self.stats.corrupt_changes += (parsed.len() - added) as u64;
+        }
+        entry.unflushed += unflushed.len();
+        for hash in unflushed {
+            self.flush_queue.push_back(FlushItem {
+                key: key.clone(),
+                hash,
+                since: now.instant,
+            });
+        }
+        if !self.flush_queue.is_empty() && self.flush_due.is_none() {
+            self.flush_due = Some(now.instant + self.config.flush_interval);
+        }
+    }
+}
