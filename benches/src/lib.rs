@@ -12,7 +12,7 @@ use bytes::Bytes;
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
 use meridian_relay::engine::{
-    DocKey, Engine, EngineConfig, LoadedChange, Now, SessionId, StoreTask, StoredChange,
+    DocKey, Engine, EngineConfig, Loaded, LoadedChange, Now, SessionId, StoreTask, StoredChange,
 };
 
 /// One edit of the trace: at `position`, delete `delete` characters, then insert `insert`.
@@ -146,8 +146,12 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
         instant: Instant::now(),
         unix_secs: 1_000,
     };
-    let mut engine = Engine::new(EngineConfig::default());
     let tenant = TenantId::new("bench").map_err(|e| e.to_string())?;
+    let mut engine = Engine::new(EngineConfig {
+        jurisdiction: "bench".into(),
+        tenant_jurisdictions: [(tenant.clone(), "bench".to_string())].into(),
+        ..EngineConfig::default()
+    });
     let user = UserId::new("writer").map_err(|e| e.to_string())?;
     let doc = DocId::new("paper").map_err(|e| e.to_string())?;
     let capability = Capability {
@@ -166,17 +170,24 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
     };
     let mut loaded = Vec::with_capacity(changes.len());
     for bytes in changes {
-        loaded.push(LoadedChange {
-            change: StoredChange {
+        loaded.push(LoadedChange::stored(
+            StoredChange {
                 hash: hash_of(bytes)?,
                 bytes: bytes.clone(),
                 user: user.clone(),
             },
-            durable: true,
-        });
+            true,
+        ));
     }
     while engine.poll_store_task().is_some() {}
-    engine.handle_loaded(now, key, Ok(loaded));
+    engine.handle_loaded(
+        now,
+        key,
+        Ok(Loaded {
+            changes: loaded,
+            snapshot: None,
+        }),
+    );
     while engine.poll_transmit().is_some() {}
     Ok(LoadedEngine {
         engine,

@@ -52,6 +52,14 @@ pub struct DurableSection {
     pub kind: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bucket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 /// Optional overrides of the built-in limits.
@@ -78,6 +86,8 @@ pub struct LimitsSection {
 pub struct TenantSection {
     pub id: String,
     pub public_keys: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
 }
 
 impl RelayFile {
@@ -99,9 +109,27 @@ impl RelayFile {
                         .context("durable.path is required when durable.kind = \"local\"")?,
                 ),
             },
-            other => bail!(
-                "durable.kind = {other:?} is not supported by this build (supported: \"local\")"
-            ),
+            "dynamodb" => {
+                let region = self
+                    .durable
+                    .region
+                    .clone()
+                    .context("durable.region is required when durable.kind = \"dynamodb\"")?;
+                let mut aws =
+                    meridian_relay::store::AwsConfig::new(&self.node.jurisdiction, &region);
+                if let Some(table) = self.durable.table.clone() {
+                    aws.table = table;
+                }
+                if let Some(bucket) = self.durable.bucket.clone() {
+                    aws.bucket = bucket;
+                }
+                aws.endpoint = self.durable.endpoint.clone();
+                aws.cell = self.node.cell.clone();
+                DurableConfig::Aws(aws)
+            }
+            other => {
+                bail!("durable.kind = {other:?} is not supported (use \"local\" or \"dynamodb\")")
+            }
         };
         let mut limits = Limits::default();
         let mut engine = EngineConfig::default();
@@ -161,6 +189,7 @@ impl RelayFile {
                 bail!("tenant {} has no public_keys", tenant.id);
             }
             tenants.push(TenantKeys {
+                jurisdiction: tenant.jurisdiction.clone(),
                 tenant: TenantId::new(tenant.id.as_str())
                     .with_context(|| format!("tenant id {:?}", tenant.id))?,
                 public_keys: keys,

@@ -16,6 +16,8 @@ use crate::config::{
 const DEV_TENANT: &str = "dev";
 const DEV_JURISDICTION: &str = "dev";
 const DEV_CELL: &str = "dev";
+/// The region named for the dev deployment's emulated DynamoDB and S3.
+const DEV_REGION: &str = "us-east-1";
 /// Lifetime of the token written to `client.toml`.
 const DEV_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -27,6 +29,10 @@ pub struct DevArgs {
     /// UDP address to listen on (default: a free port on 127.0.0.1).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Use DynamoDB and S3 at this endpoint (an emulator such as moto_server) instead of
+    /// the local directory store; the table and bucket are created when missing.
+    #[arg(long)]
+    durable_endpoint: Option<String>,
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
@@ -53,14 +59,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
             cert_file: pki.node_cert.clone(),
             key_file: pki.node_key.clone(),
         },
-        durable: DurableSection {
-            kind: "local".into(),
-            path: Some(dir.join("durable")),
-        },
+        durable: durable_section(&dir, args.durable_endpoint.as_deref()).await?,
         limits: None,
         tenants: vec![TenantSection {
             id: DEV_TENANT.into(),
             public_keys: vec![public_key],
+            jurisdiction: None,
         }],
     };
     let relay = meridian_relay::start(file.clone().into_config(&dir)?).await?;
@@ -93,6 +97,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
         "  relay    {addr} (node dev-1, cell {DEV_CELL}, jurisdiction {DEV_JURISDICTION}, tenant {DEV_TENANT})"
     );
     println!("  data     {}", dir.display());
+    match &file.durable.endpoint {
+        Some(endpoint) => println!(
+            "  durable  DynamoDB table {} and S3 bucket {} at {endpoint}",
+            file.durable.table.as_deref().unwrap_or_default(),
+            file.durable.bucket.as_deref().unwrap_or_default()
+        ),
+        None => println!(
+            "  durable  local directory {}",
+            dir.join("durable").display()
+        ),
+    }
     println!("  client   {config} (token valid 24 h; all rights on every document)");
     println!();
     println!(
@@ -108,6 +123,36 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!("shutting down: flushing to the durable store");
     relay.shutdown(Duration::from_secs(30)).await?;
     Ok(())
+}
+
+/// The dev deployment's durable tier: the local directory store, or DynamoDB + S3 at an
+/// emulator endpoint (created when missing).
+async fn durable_section(dir: &Path, endpoint: Option<&str>) -> Result<DurableSection> {
+    let Some(endpoint) = endpoint else {
+        return Ok(DurableSection {
+            kind: "local".into(),
+            path: Some(dir.join("durable")),
+            table: None,
+            bucket: None,
+            region: None,
+            endpoint: None,
+        });
+    };
+    let mut aws = meridian_relay::store::AwsConfig::new(DEV_JURISDICTION, DEV_REGION);
+    aws.endpoint = Some(endpoint.to_owned());
+    let store = meridian_relay::store::AwsStore::connect(aws.clone()).await;
+    store
+        .ensure_resources()
+        .await
+        .with_context(|| format!("cannot prepare DynamoDB/S3 at {endpoint}"))?;
+    Ok(DurableSection {
+        kind: "dynamodb".into(),
+        path: None,
+        table: Some(aws.table),
+        bucket: Some(aws.bucket),
+        region: Some(aws.region),
+        endpoint: Some(endpoint.to_owned()),
+    })
 }
 
 /// Reads the dev tenant key, creating it on first start.

@@ -38,6 +38,31 @@ enum Command {
     /// Read and write documents through a relay.
     #[command(subcommand)]
     Doc(doc::DocCommand),
+    /// Prepare the durable tier.
+    #[command(subcommand)]
+    Durable(DurableCommand),
+}
+
+#[derive(Subcommand)]
+enum DurableCommand {
+    /// Create a jurisdiction's DynamoDB table (pay per request, streams, TTL) and S3 bucket
+    /// (versioned) when missing, and print their names. For emulators; production tables
+    /// and buckets come from Terraform.
+    Init {
+        #[arg(long)]
+        jurisdiction: String,
+        /// The DynamoDB/S3 endpoint (for example http://127.0.0.1:5000).
+        #[arg(long)]
+        endpoint: String,
+        #[arg(long, default_value = "us-east-1")]
+        region: String,
+        /// Table name (default meridian-changes-<jurisdiction>).
+        #[arg(long)]
+        table: Option<String>,
+        /// Bucket name (default meridian-snapshots-<jurisdiction>-<region>).
+        #[arg(long)]
+        bucket: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +91,13 @@ fn main() -> ExitCode {
             Command::Relay { config } => run_relay(config).await,
             Command::Token(command) => token::run(command),
             Command::Doc(command) => doc::run(command).await,
+            Command::Durable(DurableCommand::Init {
+                jurisdiction,
+                endpoint,
+                region,
+                table,
+                bucket,
+            }) => durable_init(&jurisdiction, &endpoint, &region, table, bucket).await,
         }
     });
     match result {
@@ -86,6 +118,29 @@ async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
     wait_for_signal().await?;
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+async fn durable_init(
+    jurisdiction: &str,
+    endpoint: &str,
+    region: &str,
+    table: Option<String>,
+    bucket: Option<String>,
+) -> anyhow::Result<()> {
+    let mut aws = meridian_relay::store::AwsConfig::new(jurisdiction, region);
+    aws.endpoint = Some(endpoint.to_owned());
+    if let Some(table) = table {
+        aws.table = table;
+    }
+    if let Some(bucket) = bucket {
+        aws.bucket = bucket;
+    }
+    let store = meridian_relay::store::AwsStore::connect(aws.clone()).await;
+    let (table_created, bucket_created) = store.ensure_resources().await?;
+    let state = |created: bool| if created { "created" } else { "exists" };
+    println!("table  {} ({})", aws.table, state(table_created));
+    println!("bucket {} ({})", aws.bucket, state(bucket_created));
     Ok(())
 }
 

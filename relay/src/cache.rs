@@ -88,10 +88,7 @@ impl Cache {
             let (id, value) = item?;
             let hash = hash_of(&id)?;
             let queued = self.flush_queue.contains_key(&id)?;
-            out.push(LoadedChange {
-                change: decode_value(hash, &value)?,
-                durable: !queued,
-            });
+            out.push(LoadedChange::stored(decode_value(hash, &value)?, !queued));
         }
         Ok(out)
     }

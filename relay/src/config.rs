@@ -39,7 +39,7 @@ pub struct RelayConfig {
 }
 
 /// Which durable tier to use.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum DurableConfig {
     /// Fsynced log files under a directory (the embedded default).
@@ -47,6 +47,8 @@ pub enum DurableConfig {
         /// The directory.
         path: PathBuf,
     },
+    /// DynamoDB + S3 for this node's jurisdiction.
+    Aws(crate::store::AwsConfig),
 }
 
 /// A tenant and the public keys its tokens are verified with.
@@ -54,6 +56,9 @@ pub enum DurableConfig {
 pub struct TenantKeys {
     /// The tenant.
     pub tenant: TenantId,
+    /// The tenant's jurisdiction (`None`: the node's). A tenant of another jurisdiction is
+    /// refused: its data may not be written here.
+    pub jurisdiction: Option<String>,
     /// Current keys (several during a rotation).
     pub public_keys: Vec<TenantPublicKey>,
 }

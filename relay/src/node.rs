@@ -19,8 +19,11 @@ use tokio::task::JoinSet;
 
 use crate::cache::Cache;
 use crate::config::{DurableConfig, Limits, RelayConfig};
-use crate::engine::{DocKey, Engine, LoadedChange, Now, SessionId, StoreTask, StoredChange};
+use crate::engine::{
+    DocKey, Engine, Loaded, LoadedChange, Now, SessionId, Snapshot, StoreTask, StoredChange,
+};
 use crate::session::{self, Outbox};
+use crate::store::SnapshotRecord;
 use crate::store::{DurableStore, LocalDirStore};
 use crate::{RelayError, tls};
 
@@ -79,7 +82,8 @@ pub enum Input {
 }
 
 enum Completion {
-    Loaded(DocKey, Result<Vec<LoadedChange>, String>),
+    Loaded(DocKey, Result<Loaded, String>),
+    Compacted(DocKey, Result<Snapshot, String>, usize),
     Committed(u64),
     Flushed(u64, Result<(), String>),
 }
@@ -106,6 +110,8 @@ pub struct RelayStats {
     pub slow_consumers: u64,
     /// Connections refused over the connection limit.
     pub connections_refused: u64,
+    /// Flush batches refused by the IO layer's residency check (should stay 0).
+    pub residency_refusals: u64,
 }
 
 /// State shared by the accept loop and sessions.
@@ -199,6 +205,12 @@ impl Drop for RelayHandle {
 /// then binds the QUIC endpoint and serves.
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     let store: Arc<dyn DurableStore> = match &config.durable {
+        DurableConfig::Aws(aws) => {
+            let mut aws = aws.clone();
+            aws.jurisdiction = config.jurisdiction.clone();
+            aws.cell = config.cell.clone();
+            Arc::new(crate::store::AwsStore::connect(aws).await)
+        }
         DurableConfig::Local { path } => {
             Arc::new(LocalDirStore::open(path).map_err(RelayError::Store)?)
         }
@@ -256,13 +268,14 @@ pub async fn start_with_store(
     let (stats_tx, stats_rx) = watch::channel(RelayStats::default());
     let (stop_tx, stop_rx) = oneshot::channel();
     let driver = Driver {
-        engine: Engine::new(config.engine.clone()),
+        engine: Engine::new(engine_config(&config)),
         outboxes: HashMap::new(),
         store,
         cache: cache.clone(),
         limits: limits.clone(),
         stats: stats_tx,
         slow_consumers: 0,
+        residency_refusals: 0,
         connections_refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     let refused = driver.connections_refused.clone();
@@ -301,6 +314,24 @@ async fn accept_loop(
     }
 }
 
+/// The engine's configuration, with residency taken from the node's config.
+fn engine_config(config: &RelayConfig) -> crate::engine::EngineConfig {
+    let mut engine = config.engine.clone();
+    engine.jurisdiction = config.jurisdiction.clone();
+    engine.tenant_jurisdictions = config
+        .tenants
+        .iter()
+        .map(|t| {
+            let jurisdiction = t
+                .jurisdiction
+                .clone()
+                .unwrap_or_else(|| config.jurisdiction.clone());
+            (t.tenant.clone(), jurisdiction)
+        })
+        .collect();
+    engine
+}
+
 /// Writes every change left in the cache's flush queue to the durable tier.
 async fn replay_flush_queue(cache: &Cache, store: &dyn DurableStore) -> Result<(), RelayError> {
     let mut attempts = 0u32;
@@ -336,6 +367,7 @@ struct Driver {
     limits: Limits,
     stats: watch::Sender<RelayStats>,
     slow_consumers: u64,
+    residency_refusals: u64,
     connections_refused: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -368,6 +400,7 @@ impl Driver {
                 },
                 Some(done) = done_rx.recv() => match done {
                     Completion::Loaded(key, result) => self.engine.handle_loaded(now(), key, result),
+                    Completion::Compacted(key, result, changes) => self.engine.handle_compacted(key, result, changes),
                     Completion::Committed(commit) => self.engine.handle_cache_committed(now(), commit),
                     Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
                 },
@@ -483,6 +516,7 @@ impl Driver {
             flush_queue: self.engine.flush_queue_len(),
             oldest_unflushed: self.engine.oldest_unflushed(now),
             slow_consumers: self.slow_consumers,
+            residency_refusals: self.residency_refusals,
             connections_refused: self
                 .connections_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -516,12 +550,47 @@ impl Driver {
                     tracing::error!("cache worker queue full; this is a bug");
                 }
             }
+            StoreTask::Compact {
+                key,
+                base,
+                changes,
+                heads,
+                clock,
+            } => {
+                let (store, done) = (self.store.clone(), done.clone());
+                let count = changes.len();
+                workers.spawn(async move {
+                    let started = Instant::now();
+                    let result = compact(store, &key, base, changes, heads, clock).await;
+                    tracing::debug!(tenant = %key.tenant, doc = %key.doc, elapsed = ?started.elapsed(), ok = result.is_ok(), "snapshot");
+                    let _ = done.send(Completion::Compacted(key, result, count)).await;
+                });
+            }
             StoreTask::Uncache { changes } => {
                 if cache.try_send(CacheJob::Uncache(changes)).is_err() {
                     tracing::error!("cache worker queue full; this is a bug");
                 }
             }
-            StoreTask::Flush { batch, changes } => {
+            StoreTask::Flush {
+                batch,
+                jurisdiction,
+                changes,
+            } => {
+                // Residency, second check, right before the write: the batch is for this
+                // node's durable tier and every tenant in it belongs to that jurisdiction.
+                let misplaced = changes.iter().find(|(key, _)| {
+                    self.engine.config().tenant_jurisdictions.get(&key.tenant)
+                        != Some(&jurisdiction)
+                });
+                if jurisdiction != self.engine.config().jurisdiction || misplaced.is_some() {
+                    self.residency_refusals += 1;
+                    let reason = format!(
+                        "residency: batch for {jurisdiction:?} refused by the {:?} store",
+                        self.engine.config().jurisdiction
+                    );
+                    let _ = done.try_send(Completion::Flushed(batch, Err(reason)));
+                    return;
+                }
                 let (store, done) = (self.store.clone(), done.clone());
                 workers.spawn(async move {
                     let result = store
@@ -548,27 +617,114 @@ impl Driver {
     }
 }
 
-async fn load_doc(
-    cache: &Cache,
-    store: &dyn DurableStore,
-    key: &DocKey,
-) -> Result<Vec<LoadedChange>, String> {
-    let durable = store.load(key).await.map_err(|e| e.to_string())?;
+async fn load_doc(cache: &Cache, store: &dyn DurableStore, key: &DocKey) -> Result<Loaded, String> {
+    let stored = store.load(key).await.map_err(|e| e.to_string())?;
     let cache = cache.clone();
     let cache_key = key.clone();
     let cached = tokio::task::spawn_blocking(move || cache.load(&cache_key))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let mut out: Vec<LoadedChange> = durable
-        .into_iter()
-        .map(|change| LoadedChange {
-            change,
+    let mut changes: Vec<LoadedChange> = Vec::new();
+    let snapshot = match stored.snapshot {
+        Some(record) => {
+            let (snapshot, expanded) = tokio::task::spawn_blocking(move || expand_snapshot(record))
+                .await
+                .map_err(|e| e.to_string())??;
+            changes = expanded;
+            Some(snapshot)
+        }
+        None => None,
+    };
+    changes.extend(
+        stored
+            .changes
+            .into_iter()
+            .map(|c| LoadedChange::stored(c, true)),
+    );
+    changes.extend(cached);
+    Ok(Loaded { changes, snapshot })
+}
+
+/// Checks a snapshot (its loaded heads must be the recorded ones) and expands it into its
+/// changes, so that the change graph is complete.
+fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange>), String> {
+    let mut doc = automerge::AutoCommit::load(&record.bytes)
+        .map_err(|e| format!("snapshot does not load: {e}"))?;
+    let mut heads: Vec<_> = doc
+        .get_heads()
+        .iter()
+        .map(|h| meridian_protocol::ChangeHash(h.0))
+        .collect();
+    let mut expected = record.heads.clone();
+    heads.sort();
+    expected.sort();
+    if heads != expected {
+        return Err("snapshot heads do not match its record; refusing it".into());
+    }
+    let changes = doc
+        .get_changes(&[])
+        .iter()
+        .map(|c| LoadedChange {
+            hash: meridian_protocol::ChangeHash(c.hash().0),
+            bytes: bytes::Bytes::copy_from_slice(c.raw_bytes()),
+            user: None,
             durable: true,
         })
         .collect();
-    out.extend(cached);
-    Ok(out)
+    Ok((
+        Snapshot {
+            heads: record.heads,
+            bytes: record.bytes,
+        },
+        changes,
+    ))
+}
+
+/// Materializes a document (off the hot path) and stores it as a snapshot.
+async fn compact(
+    store: Arc<dyn DurableStore>,
+    key: &DocKey,
+    base: Option<Snapshot>,
+    changes: Vec<Bytes>,
+    heads: Vec<ChangeHash>,
+    clock: Vec<(meridian_protocol::ActorId, u64)>,
+) -> Result<Snapshot, String> {
+    let expected = heads.clone();
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let mut doc = match &base {
+            Some(base) => automerge::AutoCommit::load(&base.bytes).map_err(|e| e.to_string())?,
+            None => automerge::AutoCommit::new(),
+        };
+        let parsed = changes
+            .iter()
+            .map(|c| automerge::Change::try_from(&c[..]).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        doc.apply_changes(parsed).map_err(|e| e.to_string())?;
+        let mut got: Vec<_> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+        let mut want = expected;
+        got.sort();
+        want.sort();
+        if got != want {
+            return Err("materialized heads differ from the graph's".into());
+        }
+        Ok(doc.save())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    let record = SnapshotRecord {
+        heads,
+        clock,
+        bytes: Bytes::from(bytes),
+    };
+    store
+        .write_snapshot(key, &record)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(Snapshot {
+        heads: record.heads,
+        bytes: record.bytes,
+    })
 }
 
 /// Applies cache jobs in order; a commit covers every write before it.

@@ -9,7 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use meridian_protocol::token::{self, TenantPublicKey};
 use meridian_protocol::{
-    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, NodeAddr, RelayToClient, TenantId,
+    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, MAX_SNAPSHOT_CHUNK, NodeAddr,
+    RelayToClient, TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
@@ -400,10 +401,28 @@ fn spawn_writer(
                 }
                 Outbound::CatchUp {
                     doc,
+                    snapshot,
                     changes,
                     heads,
                 } => {
                     let size = changes.len() * 16;
+                    if let Some(snapshot) = snapshot {
+                        let total = snapshot.bytes.len() as u64;
+                        for (i, piece) in snapshot.bytes.chunks(MAX_SNAPSHOT_CHUNK).enumerate() {
+                            RelayToClient::Snapshot {
+                                doc: doc.clone(),
+                                heads: snapshot.heads.clone(),
+                                offset: (i * MAX_SNAPSHOT_CHUNK) as u64,
+                                total,
+                                bytes: snapshot.bytes.slice_ref(piece),
+                            }
+                            .encode(&mut buf);
+                            if send.write_all(&buf).await.is_err() {
+                                return;
+                            }
+                            buf.clear();
+                        }
+                    }
                     for chunk in chunk_by_bytes(changes, frame_bytes) {
                         RelayToClient::Changes {
                             doc: doc.clone(),

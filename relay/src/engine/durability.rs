@@ -101,17 +101,33 @@ impl Engine {
             let take = self.flush_queue.len().min(self.config.flush_batch_max);
             let items: Vec<FlushItem> = self.flush_queue.drain(..take).collect();
             let mut changes = Vec::with_capacity(items.len());
-            for item in &items {
+            let mut planned = Vec::with_capacity(items.len());
+            for item in items {
+                // Residency, first check: where this tenant's bytes may go.
+                if !self.resident(&item.key.tenant) {
+                    self.stats.residency_refusals += 1;
+                    self.quarantined.push(item);
+                    continue;
+                }
                 match self.stored_change(&item.key, &item.hash) {
-                    Some(change) => changes.push((item.key.clone(), change)),
+                    Some(change) => {
+                        changes.push((item.key.clone(), change));
+                        planned.push(item);
+                    }
                     None => self.stats.invariant_violations += 1,
                 }
             }
+            if planned.is_empty() {
+                continue;
+            }
             let batch = self.next_batch;
             self.next_batch += 1;
-            self.flush_in_flight.insert(batch, items);
-            self.store_tasks
-                .push_back(StoreTask::Flush { batch, changes });
+            self.flush_in_flight.insert(batch, planned);
+            self.store_tasks.push_back(StoreTask::Flush {
+                batch,
+                jurisdiction: self.config.jurisdiction.clone(),
+                changes,
+            });
         }
         if !self.flush_queue.is_empty() {
             // Wait for a batch to finish; it re-arms the timer.
@@ -237,7 +253,7 @@ impl Engine {
         Some(StoredChange {
             hash: item.hash,
             bytes: item.bytes.clone(),
-            user: item.user.clone(),
+            user: item.user.clone()?,
         })
     }
 }

@@ -34,8 +34,9 @@ pub struct Entry {
     pub seq: u64,
     /// Raw bytes.
     pub bytes: Bytes,
-    /// The user who wrote it (bound to the actor).
-    pub user: UserId,
+    /// The user who wrote it (bound to the actor); `None` for changes expanded from a
+    /// snapshot, which does not record who wrote them.
+    pub user: Option<UserId>,
     /// Whether it is in the durable tier.
     pub durable: bool,
 }
@@ -148,7 +149,7 @@ impl ChangeGraph {
     pub fn add(
         &mut self,
         change: &ParsedChange,
-        user: &UserId,
+        user: Option<&UserId>,
         durable: bool,
     ) -> Result<Added, AddError> {
         if let Some(&index) = self.by_hash.get(&change.hash) {
@@ -161,7 +162,9 @@ impl ChangeGraph {
         let actor = self.actor_index.get(&change.actor).copied();
         if let Some(actor) = actor {
             let state = &self.actors[actor as usize];
-            if state.user.as_ref().is_some_and(|bound| bound != user) {
+            if let (Some(bound), Some(user)) = (&state.user, user)
+                && bound != user
+            {
                 return Err(AddError::ActorOfOtherUser);
             }
             if let Some(&existing) = usize::try_from(change.seq)
@@ -223,7 +226,9 @@ impl ChangeGraph {
                 .push((change.seq, covered));
         }
         state.chain.push(index);
-        state.user.get_or_insert_with(|| user.clone());
+        if state.user.is_none() {
+            state.user = user.cloned();
+        }
 
         self.heads.retain(|head| !change.deps.contains(head));
         let at = self
@@ -238,7 +243,7 @@ impl ChangeGraph {
             actor,
             seq: change.seq,
             bytes: change.bytes.clone(),
-            user: user.clone(),
+            user: user.cloned(),
             durable,
         });
         Ok(Added::New(index))
@@ -267,6 +272,14 @@ impl ChangeGraph {
         }
         missing.sort_unstable();
         (missing, all_known)
+    }
+
+    /// The vector clock of the whole graph: each actor's highest sequence number.
+    pub fn clock(&self) -> Vec<(ActorId, u64)> {
+        self.actors
+            .iter()
+            .filter_map(|a| a.id.clone().map(|id| (id, a.chain.len() as u64)))
+            .collect()
     }
 
     /// The user an actor is bound to, if any change of it is present.
@@ -325,7 +338,7 @@ mod tests {
     fn add_all(graph: &mut ChangeGraph, doc: &mut AutoCommit) {
         for change in doc.get_changes(&[]) {
             let parsed = parse_change(Bytes::copy_from_slice(change.raw_bytes())).unwrap();
-            graph.add(&parsed, &user(), false).unwrap();
+            graph.add(&parsed, Some(&user()), false).unwrap();
         }
     }
 
@@ -401,14 +414,14 @@ mod tests {
         let second = last(&mut a);
         let mut graph = ChangeGraph::new();
         assert_eq!(
-            graph.add(&second, &user(), false),
+            graph.add(&second, Some(&user()), false),
             Err(AddError::MissingDeps(1))
         );
-        assert_eq!(graph.add(&first, &user(), false), Ok(Added::New(0)));
-        assert_eq!(graph.add(&first, &user(), false), Ok(Added::Known(0)));
+        assert_eq!(graph.add(&first, Some(&user()), false), Ok(Added::New(0)));
+        assert_eq!(graph.add(&first, Some(&user()), false), Ok(Added::Known(0)));
         let other = UserId::new("mallory").unwrap();
         assert_eq!(
-            graph.add(&second, &other, false),
+            graph.add(&second, Some(&other), false),
             Err(AddError::ActorOfOtherUser)
         );
 
@@ -418,9 +431,9 @@ mod tests {
         fork.put(automerge::ROOT, "x", 99).unwrap();
         let forked = last(&mut fork);
         assert_eq!(forked.seq, 2);
-        assert_eq!(graph.add(&second, &user(), false), Ok(Added::New(1)));
+        assert_eq!(graph.add(&second, Some(&user()), false), Ok(Added::New(1)));
         assert!(matches!(
-            graph.add(&forked, &user(), false),
+            graph.add(&forked, Some(&user()), false),
             Err(AddError::SeqConflict { seq: 2, .. })
         ));
         assert_eq!(graph.heads(), &[second.hash]);

@@ -1,6 +1,6 @@
 //! Building a document's graph from changes loaded from the cache and the durable tier.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use meridian_protocol::{ChangeHash, UserId};
 
@@ -16,33 +16,28 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        let mut parsed: Vec<(ParsedChange, UserId, bool)> = Vec::with_capacity(loaded.len());
-        let mut seen = HashSet::new();
+        let mut parsed: Vec<(ParsedChange, Option<UserId>, bool)> =
+            Vec::with_capacity(loaded.len());
+        let mut position: HashMap<ChangeHash, usize> = HashMap::with_capacity(loaded.len());
         for item in loaded {
-            if !seen.insert(item.change.hash) {
-                // The same change from the cache and the durable tier: keep one, durable
-                // if either copy is.
-                if item.durable
-                    && let Some(p) = parsed
-                        .iter_mut()
-                        .find(|(p, _, _)| p.hash == item.change.hash)
-                {
-                    p.2 = true;
+            if let Some(&at) = position.get(&item.hash) {
+                // The same change from the cache and the durable tier (or a snapshot):
+                // keep one, durable if either copy is, with the user if either knows it.
+                let (_, user, durable) = &mut parsed[at];
+                *durable |= item.durable;
+                if user.is_none() {
+                    *user = item.user;
                 }
                 continue;
             }
-            match parse_change(item.change.bytes) {
-                Ok(change) if change.hash == item.change.hash => {
-                    parsed.push((change, item.change.user, item.durable))
+            match parse_change(item.bytes) {
+                Ok(change) if change.hash == item.hash => {
+                    position.insert(change.hash, parsed.len());
+                    parsed.push((change, item.user, item.durable));
                 }
                 _ => self.stats.corrupt_changes += 1,
             }
         }
-        let position: HashMap<ChangeHash, usize> = parsed
-            .iter()
-            .enumerate()
-            .map(|(i, (p, _, _))| (p.hash, i))
-            .collect();
         let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
         let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
         for (i, (change, _, _)) in parsed.iter().enumerate() {
@@ -59,7 +54,7 @@ impl Engine {
         let mut added = 0usize;
         while let Some(i) = ready.pop_front() {
             let (change, user, durable) = &parsed[i];
-            match entry.graph.add(change, user, *durable) {
+            match entry.graph.add(change, user.as_ref(), *durable) {
                 Ok(Added::New(_)) => {
                     added += 1;
                     if !durable {

@@ -24,6 +24,7 @@
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
 pub mod change;
+mod compact;
 mod durability;
 pub mod graph;
 mod load;
@@ -74,10 +75,45 @@ pub struct StoredChange {
 /// A change read back while loading a document.
 #[derive(Debug, Clone)]
 pub struct LoadedChange {
-    /// The change.
-    pub change: StoredChange,
+    /// Its hash as stored (checked against the bytes).
+    pub hash: ChangeHash,
+    /// Its bytes.
+    pub bytes: Bytes,
+    /// The user who wrote it; `None` for changes expanded from a snapshot, which do not
+    /// record it (they then do not bind their actor).
+    pub user: Option<UserId>,
     /// True if it came from (or is known to be in) the durable tier.
     pub durable: bool,
+}
+
+impl LoadedChange {
+    /// A change from the durable tier or the cache.
+    pub fn stored(change: StoredChange, durable: bool) -> Self {
+        LoadedChange {
+            hash: change.hash,
+            bytes: change.bytes,
+            user: Some(change.user),
+            durable,
+        }
+    }
+}
+
+/// A saved document (`Automerge::save`) and the heads it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The heads the snapshot covers.
+    pub heads: Vec<ChangeHash>,
+    /// Its bytes.
+    pub bytes: Bytes,
+}
+
+/// A document read back from storage.
+#[derive(Debug, Clone, Default)]
+pub struct Loaded {
+    /// Every change (a snapshot's changes included, expanded by the IO layer).
+    pub changes: Vec<LoadedChange>,
+    /// The newest snapshot, kept to answer empty clients' catch-up.
+    pub snapshot: Option<Snapshot>,
 }
 
 /// Engine limits and timings.
@@ -103,6 +139,17 @@ pub struct EngineConfig {
     pub flush_retry_max: Duration,
     /// Target bytes per catch-up `changes` frame.
     pub catchup_frame_bytes: usize,
+    /// A snapshot is made once this many changes arrived since the last one...
+    pub snapshot_every_changes: usize,
+    /// ... or this many bytes of changes.
+    pub snapshot_every_bytes: usize,
+    /// Snapshots being made at once (materializing is CPU-heavy).
+    pub compactions_in_flight_max: usize,
+    /// The jurisdiction this engine's durable tier belongs to.
+    pub jurisdiction: String,
+    /// Each tenant's jurisdiction. A tenant not listed, or listed elsewhere, is refused:
+    /// its data may not be written here.
+    pub tenant_jurisdictions: HashMap<TenantId, String>,
 }
 
 impl Default for EngineConfig {
@@ -118,6 +165,11 @@ impl Default for EngineConfig {
             flush_retry_initial: Duration::from_millis(50),
             flush_retry_max: Duration::from_secs(5),
             catchup_frame_bytes: 256 << 10,
+            snapshot_every_changes: 1000,
+            snapshot_every_bytes: 1 << 20,
+            compactions_in_flight_max: 1,
+            jurisdiction: String::new(),
+            tenant_jurisdictions: HashMap::new(),
         }
     }
 }
@@ -132,6 +184,8 @@ pub enum Outbound {
     CatchUp {
         /// The document.
         doc: DocId,
+        /// For a client with no history: the newest snapshot, sent first.
+        snapshot: Option<Snapshot>,
         /// Missing changes, in causal order.
         changes: Vec<Bytes>,
         /// The relay's heads.
@@ -172,8 +226,24 @@ pub enum StoreTask {
     Flush {
         /// Batch number.
         batch: u64,
+        /// The jurisdiction whose durable tier must take them (checked again by the IO
+        /// layer right before the write).
+        jurisdiction: String,
         /// The changes.
         changes: Vec<(DocKey, StoredChange)>,
+    },
+    /// Materialize the document and store a snapshot; answer `handle_compacted`.
+    Compact {
+        /// The document.
+        key: DocKey,
+        /// The previous snapshot to start from, if any.
+        base: Option<Snapshot>,
+        /// The changes after `base` (all changes without one), in causal order.
+        changes: Vec<Bytes>,
+        /// The heads the result must have.
+        heads: Vec<ChangeHash>,
+        /// The vector clock it covers (actor → highest seq).
+        clock: Vec<(meridian_protocol::ActorId, u64)>,
     },
     /// These changes are durable: remove them from the cache's flush queue.
     Uncache {
@@ -205,6 +275,13 @@ pub struct Stats {
     pub cold_loads: u64,
     /// Changes read back from storage that failed their checks.
     pub corrupt_changes: u64,
+    /// Snapshots written.
+    pub snapshots: u64,
+    /// Snapshot attempts that failed.
+    pub snapshot_errors: u64,
+    /// Writes refused because the tenant's data may not live in this jurisdiction
+    /// (should stay 0).
+    pub residency_refusals: u64,
     /// Broken internal invariants (should stay 0).
     pub invariant_violations: u64,
 }
@@ -237,6 +314,9 @@ struct Doc {
     presence: HashMap<SessionId, Bytes>,
     durable_waiters: HashMap<ChangeHash, Vec<SessionId>>,
     unflushed: usize,
+    snapshot: Option<Snapshot>,
+    since_snapshot: (usize, usize),
+    compacting: bool,
 }
 
 impl Doc {
@@ -269,6 +349,9 @@ impl Doc {
             presence: HashMap::new(),
             durable_waiters: HashMap::new(),
             unflushed: 0,
+            snapshot: None,
+            since_snapshot: (0, 0),
+            compacting: false,
         }
     }
 }
@@ -289,6 +372,9 @@ pub struct Engine {
     next_batch: u64,
     flush_due: Option<Instant>,
     flush_backoff: Option<Duration>,
+    compactions_in_flight: usize,
+    /// Changes whose tenant may not be flushed here: kept, never written, counted.
+    quarantined: Vec<FlushItem>,
     stats: Stats,
 }
 
@@ -310,8 +396,15 @@ impl Engine {
             next_batch: 1,
             flush_due: None,
             flush_backoff: None,
+            compactions_in_flight: 0,
+            quarantined: Vec::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
     }
 
     /// Counters so far.
@@ -331,7 +424,9 @@ impl Engine {
 
     /// Changes waiting for (or in) a durable flush.
     pub fn flush_queue_len(&self) -> usize {
-        self.flush_queue.len() + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
+        self.flush_queue.len()
+            + self.quarantined.len()
+            + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
     }
 
     /// Age of the oldest change not yet durable.
@@ -376,7 +471,21 @@ impl Engine {
     }
 
     /// A connection authenticated with `capability`.
+    /// A tenant whose data may not live in this jurisdiction is refused (and counted).
     pub fn handle_session_open(&mut self, session: SessionId, capability: Capability) {
+        if !self.resident(&capability.tenant) {
+            self.stats.residency_refusals += 1;
+            self.transmits.push_back(Transmit {
+                session,
+                doc: None,
+                outbound: Outbound::Close(RelayToClient::error(
+                    ErrorCode::Forbidden,
+                    None,
+                    "this tenant's data may not be stored in this jurisdiction",
+                )),
+            });
+            return;
+        }
         self.sessions.insert(
             session,
             Session {
@@ -565,12 +674,7 @@ impl Engine {
     }
 
     /// The result of a `Load` task.
-    pub fn handle_loaded(
-        &mut self,
-        now: Now,
-        key: DocKey,
-        result: Result<Vec<LoadedChange>, String>,
-    ) {
+    pub fn handle_loaded(&mut self, now: Now, key: DocKey, result: Result<Loaded, String>) {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
@@ -601,7 +705,10 @@ impl Engine {
             }
         };
         self.stats.cold_loads += 1;
-        self.insert_loaded(now, &key, loaded);
+        self.insert_loaded(now, &key, loaded.changes);
+        if let Some(entry) = self.docs.get_mut(&key) {
+            entry.snapshot = loaded.snapshot;
+        }
         for (session, heads) in subscribes {
             if self.is_subscribed(session, &key.doc) {
                 self.serve_subscribe(&key, session, heads);
@@ -757,7 +864,10 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        let (missing, _all_known) = entry.graph.missing_since(&heads);
+        // A client with no history gets the newest snapshot plus the changes after it.
+        let snapshot = entry.snapshot.clone().filter(|_| heads.is_empty());
+        let since = snapshot.as_ref().map_or(&heads[..], |s| &s.heads[..]);
+        let (missing, _all_known) = entry.graph.missing_since(since);
         let changes = missing
             .iter()
             .map(|&i| entry.graph.entry(i).bytes.clone())
@@ -775,6 +885,7 @@ impl Engine {
             doc: Some(key.doc.clone()),
             outbound: Outbound::CatchUp {
                 doc: key.doc.clone(),
+                snapshot,
                 changes,
                 heads: relay_heads,
             },
@@ -827,7 +938,7 @@ impl Engine {
                     continue;
                 }
             };
-            match entry.graph.add(&parsed, &user, false) {
+            match entry.graph.add(&parsed, Some(&user), false) {
                 Ok(Added::New(index)) => accepted.push((session, index)),
                 Ok(Added::Known(_)) => known.push(parsed.hash),
                 Err(AddError::MissingDeps(_)) => {
@@ -874,7 +985,7 @@ impl Engine {
                 let Some(at) = ready else { break };
                 let orphan = entry.orphans.swap_remove(at);
                 entry.orphan_bytes -= orphan.change.bytes.len();
-                match entry.graph.add(&orphan.change, &orphan.user, false) {
+                match entry.graph.add(&orphan.change, Some(&orphan.user), false) {
                     Ok(Added::New(index)) => accepted.push((orphan.session, index)),
                     Ok(Added::Known(_)) => {}
                     Err(error) => {
@@ -893,6 +1004,11 @@ impl Engine {
             }
         }
         self.stats.changes_applied += accepted.len() as u64;
+        entry.since_snapshot.0 += accepted.len();
+        entry.since_snapshot.1 += accepted
+            .iter()
+            .map(|(_, i)| entry.graph.entry(*i).bytes.len())
+            .sum::<usize>();
         self.stats.changes_refused += refusals.len() as u64;
         entry.unflushed += accepted.len();
 
@@ -928,12 +1044,17 @@ impl Engine {
         let mut acks: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
         for (origin, index) in &accepted {
             let item = entry.graph.entry(*index);
+            // Changes added by the hot path always carry their writer.
+            let Some(user) = item.user.clone() else {
+                self.stats.invariant_violations += 1;
+                continue;
+            };
             self.cache_pending.push((
                 key.clone(),
                 StoredChange {
                     hash: item.hash,
                     bytes: item.bytes.clone(),
-                    user: item.user.clone(),
+                    user,
                 },
             ));
             acks.entry(*origin).or_default().push(item.hash);
@@ -952,6 +1073,7 @@ impl Engine {
             self.error(session, Some(key.doc.clone()), code, &message);
         }
         self.start_commit();
+        self.maybe_compact(key);
     }
 }
 

@@ -23,6 +23,15 @@ fn capability(user: &str, rights: Rights) -> Capability {
     }
 }
 
+/// The default config with tenant `acme` resident in jurisdiction `dev`.
+fn config() -> EngineConfig {
+    EngineConfig {
+        jurisdiction: "dev".into(),
+        tenant_jurisdictions: [(TenantId::new("acme").unwrap(), "dev".to_string())].into(),
+        ..EngineConfig::default()
+    }
+}
+
 fn doc_id() -> DocId {
     DocId::new("d1").unwrap()
 }
@@ -39,7 +48,7 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         Harness {
-            engine: Engine::new(EngineConfig::default()),
+            engine: Engine::new(config()),
             sent: Vec::new(),
             flushed: Vec::new(),
             fail_flushes: false,
@@ -57,18 +66,22 @@ impl Harness {
             };
             match task {
                 StoreTask::Load { key } => {
-                    let loaded = self
+                    let changes = self
                         .durable
                         .iter()
-                        .map(|c| LoadedChange {
-                            change: c.clone(),
-                            durable: true,
-                        })
+                        .map(|c| LoadedChange::stored(c.clone(), true))
                         .collect();
-                    self.engine.handle_loaded(now, key, Ok(loaded));
+                    self.engine.handle_loaded(
+                        now,
+                        key,
+                        Ok(Loaded {
+                            changes,
+                            snapshot: None,
+                        }),
+                    );
                 }
                 StoreTask::Cache { commit, .. } => self.engine.handle_cache_committed(now, commit),
-                StoreTask::Flush { batch, changes } => {
+                StoreTask::Flush { batch, changes, .. } => {
                     if self.fail_flushes {
                         self.engine
                             .handle_flush_done(now, batch, Err("throttled".into()));
@@ -78,6 +91,10 @@ impl Harness {
                     }
                 }
                 StoreTask::Uncache { .. } => {}
+                StoreTask::Compact { key, .. } => {
+                    self.engine
+                        .handle_compacted(key, Err("not in this harness".into()), 0)
+                }
             }
         }
     }
@@ -150,7 +167,7 @@ fn orphans_wait_for_dependencies_and_are_bounded() {
     let mut h = Harness::new();
     h.engine = Engine::new(EngineConfig {
         orphans_per_doc_max: 2,
-        ..EngineConfig::default()
+        ..config()
     });
     let t = now();
     h.engine

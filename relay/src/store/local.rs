@@ -8,18 +8,26 @@
 //! A crash can leave a torn last record; loading stops at it (it was never acknowledged).
 //! A record whose CRC fails in the middle of a file is corruption: it is skipped and
 //! reported by the engine's own re-hash of every loaded change.
+//!
+//! Snapshots live beside the log: `<hex of doc id>.snap/<id>.meta` (heads and clock) and
+//! `<id>.am` (the saved document), the latter created with a hard link so that a second
+//! writer of the same id finds it present and leaves it alone.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use meridian_protocol::{ChangeHash, UserId};
 
-use super::{DurableStore, StoreError};
+use super::{
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
+    newest, not_covered,
+};
 use crate::engine::{DocKey, StoredChange};
 
 /// The largest record accepted when reading, a guard against a corrupt length.
@@ -31,6 +39,8 @@ pub struct LocalDirStore {
     root: Arc<PathBuf>,
     /// Serializes appends so records never interleave.
     writer: Arc<Mutex<()>>,
+    /// Injected failures (tests stand them in for throttling).
+    failures: Arc<AtomicUsize>,
 }
 
 impl LocalDirStore {
@@ -41,7 +51,106 @@ impl LocalDirStore {
         Ok(LocalDirStore {
             root: Arc::new(root),
             writer: Arc::new(Mutex::new(())),
+            failures: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Makes the next `count` writes fail with `Unavailable`, as a throttled or
+    /// unreachable store would.
+    pub fn fail_next_writes(&self, count: usize) {
+        self.failures.store(count, Ordering::SeqCst);
+    }
+
+    fn injected_failure(&self) -> bool {
+        self.failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn snapshot_dir(root: &Path, key: &DocKey) -> PathBuf {
+        root.join(key.tenant.as_str())
+            .join(format!("{}.snap", hex::encode(key.doc.as_str())))
+    }
+
+    fn write_snapshot_blocking(
+        root: &Path,
+        key: &DocKey,
+        snapshot: &SnapshotRecord,
+    ) -> Result<SnapshotWrite, StoreError> {
+        let dir = Self::snapshot_dir(root, key);
+        fs::create_dir_all(&dir)?;
+        let id = snapshot.id();
+        let data = dir.join(format!("{id}.am"));
+        if data.exists() {
+            return Ok(SnapshotWrite::AlreadyExists);
+        }
+        let meta = format!(
+            "{}\n{}\n",
+            snapshot
+                .heads
+                .iter()
+                .map(|h| h.to_hex())
+                .collect::<Vec<_>>()
+                .join(","),
+            encode_clock(&snapshot.clock)
+        );
+        write_synced(&dir.join(format!("{id}.meta.tmp")), meta.as_bytes())?;
+        fs::rename(
+            dir.join(format!("{id}.meta.tmp")),
+            dir.join(format!("{id}.meta")),
+        )?;
+        let tmp = dir.join(format!("{id}.am.tmp"));
+        write_synced(&tmp, &snapshot.bytes)?;
+        let outcome = match fs::hard_link(&tmp, &data) {
+            Ok(()) => SnapshotWrite::Written,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                SnapshotWrite::AlreadyExists
+            }
+            Err(error) => return Err(error.into()),
+        };
+        fs::remove_file(&tmp)?;
+        File::open(&dir)?.sync_all()?;
+        Ok(outcome)
+    }
+
+    fn load_snapshots(root: &Path, key: &DocKey) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let dir = Self::snapshot_dir(root, key);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error.into()),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("meta") {
+                continue;
+            }
+            let (Ok(meta), Ok(bytes)) = (
+                fs::read_to_string(&path),
+                fs::read(path.with_extension("am")),
+            ) else {
+                continue; // meta written, data not yet: an interrupted write
+            };
+            let mut lines = meta.lines();
+            let heads = lines
+                .next()
+                .unwrap_or("")
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(|h| {
+                    h.parse()
+                        .map_err(|_| StoreError::Corrupt("bad snapshot head".into()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let clock = decode_clock(lines.next().unwrap_or(""))?;
+            out.push(SnapshotRecord {
+                heads,
+                clock,
+                bytes: Bytes::from(bytes),
+            });
+        }
+        Ok(out)
     }
 
     fn path_of(root: &Path, key: &DocKey) -> PathBuf {
@@ -75,7 +184,7 @@ impl LocalDirStore {
         Ok(())
     }
 
-    fn load_blocking(root: &Path, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
+    fn load_changes(root: &Path, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
         let path = Self::path_of(root, key);
         let mut data = Vec::new();
         match File::open(&path) {
@@ -97,7 +206,11 @@ impl DurableStore for LocalDirStore {
         let root = self.root.clone();
         let writer = self.writer.clone();
         let changes = changes.to_vec();
+        let failed = self.injected_failure();
         Box::pin(async move {
+            if failed {
+                return Err(StoreError::Unavailable("injected failure".into()));
+            }
             tokio::task::spawn_blocking(move || {
                 let _guard = writer
                     .lock()
@@ -109,19 +222,45 @@ impl DurableStore for LocalDirStore {
         })
     }
 
-    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+    fn write_snapshot<'a>(
+        &'a self,
+        key: &'a DocKey,
+        snapshot: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<SnapshotWrite, StoreError>> {
+        let (root, key, snapshot) = (self.root.clone(), key.clone(), snapshot.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                Self::write_snapshot_blocking(&root, &key, &snapshot)
+            })
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>> {
         let root = self.root.clone();
         let key = key.clone();
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || Self::load_blocking(&root, &key))
-                .await
-                .map_err(|error| StoreError::Unavailable(error.to_string()))?
+            tokio::task::spawn_blocking(move || {
+                let snapshot = newest(Self::load_snapshots(&root, &key)?);
+                let changes = not_covered(snapshot.as_ref(), Self::load_changes(&root, &key)?);
+                Ok(StoredDoc { snapshot, changes })
+            })
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?
         })
     }
 
     fn kind(&self) -> &'static str {
         "local"
     }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut file = File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    Ok(())
 }
 
 fn encode_record(out: &mut Vec<u8>, change: &StoredChange) {
@@ -195,7 +334,7 @@ mod tests {
         let batch: Vec<_> = (1..=3).map(|n| (key.clone(), change(n))).collect();
         store.write_changes(&batch).await.unwrap();
         store.write_changes(&batch[..1]).await.unwrap();
-        let loaded = store.load(&key).await.unwrap();
+        let loaded = store.load(&key).await.unwrap().changes;
         assert_eq!(loaded.len(), 4);
         assert_eq!(loaded[2], change(3));
 
@@ -203,12 +342,12 @@ mod tests {
         let mut data = fs::read(&path).unwrap();
         data.truncate(data.len() - 5);
         fs::write(&path, &data).unwrap();
-        assert_eq!(store.load(&key).await.unwrap().len(), 3);
+        assert_eq!(store.load(&key).await.unwrap().changes.len(), 3);
 
         // A flipped byte inside the first record: it is skipped, the rest survive.
         let mut data = fs::read(&path).unwrap();
         data[20] ^= 0xff;
         fs::write(&path, &data).unwrap();
-        assert_eq!(store.load(&key).await.unwrap().len(), 2);
+        assert_eq!(store.load(&key).await.unwrap().changes.len(), 2);
     }
 }

@@ -6,13 +6,21 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::future::BoxFuture;
 
-use super::{DurableStore, StoreError};
+use super::{
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, newest, not_covered,
+};
 use crate::engine::{DocKey, StoredChange};
 
-/// Changes in a map, lost with the process.
+#[derive(Debug, Default)]
+struct Doc {
+    changes: Vec<StoredChange>,
+    snapshots: HashMap<String, SnapshotRecord>,
+}
+
+/// Changes and snapshots in a map, lost with the process.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    docs: Mutex<HashMap<DocKey, Vec<StoredChange>>>,
+    docs: Mutex<HashMap<DocKey, Doc>>,
     failures: AtomicUsize,
 }
 
@@ -27,12 +35,22 @@ impl MemoryStore {
         self.failures.store(count, Ordering::SeqCst);
     }
 
-    /// Number of changes stored for a document.
-    pub fn len(&self, key: &DocKey) -> usize {
+    fn fail(&self) -> Result<(), StoreError> {
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            Err(StoreError::Unavailable("injected failure".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn docs(&self) -> Result<std::sync::MutexGuard<'_, HashMap<DocKey, Doc>>, StoreError> {
         self.docs
             .lock()
-            .map(|docs| docs.get(key).map_or(0, Vec::len))
-            .unwrap_or(0)
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))
     }
 }
 
@@ -42,19 +60,10 @@ impl DurableStore for MemoryStore {
         changes: &'a [(DocKey, StoredChange)],
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
-            let failing = self
-                .failures
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if failing {
-                return Err(StoreError::Unavailable("injected failure".into()));
-            }
-            let mut docs = self
-                .docs
-                .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            self.fail()?;
+            let mut docs = self.docs()?;
             for (key, change) in changes {
-                let stored = docs.entry(key.clone()).or_default();
+                let stored = &mut docs.entry(key.clone()).or_default().changes;
                 if !stored.iter().any(|c| c.hash == change.hash) {
                     stored.push(change.clone());
                 }
@@ -63,13 +72,32 @@ impl DurableStore for MemoryStore {
         })
     }
 
-    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+    fn write_snapshot<'a>(
+        &'a self,
+        key: &'a DocKey,
+        snapshot: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<SnapshotWrite, StoreError>> {
         Box::pin(async move {
-            let docs = self
-                .docs
-                .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
-            Ok(docs.get(key).cloned().unwrap_or_default())
+            self.fail()?;
+            let mut docs = self.docs()?;
+            let snapshots = &mut docs.entry(key.clone()).or_default().snapshots;
+            if snapshots.contains_key(&snapshot.id()) {
+                return Ok(SnapshotWrite::AlreadyExists);
+            }
+            snapshots.insert(snapshot.id(), snapshot.clone());
+            Ok(SnapshotWrite::Written)
+        })
+    }
+
+    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>> {
+        Box::pin(async move {
+            let docs = self.docs()?;
+            let Some(doc) = docs.get(key) else {
+                return Ok(StoredDoc::default());
+            };
+            let snapshot = newest(doc.snapshots.values().cloned());
+            let changes = not_covered(snapshot.as_ref(), doc.changes.clone());
+            Ok(StoredDoc { snapshot, changes })
         })
     }
 

@@ -1,16 +1,26 @@
-//! The durable tier: one narrow trait, with a local-directory implementation (the embedded
-//! default) and an in-memory twin for tests.
+//! The durable tier: one narrow trait with three implementations: DynamoDB + S3
+//! ([`AwsStore`], production), a local directory ([`LocalDirStore`], the embedded default),
+//! and an in-memory twin ([`MemoryStore`], engine tests). All pass the same conformance
+//! suite (`relay/tests/store_conformance.rs`).
 //!
 //! Writes are idempotent: a change is immutable and keyed by its hash, so writing it twice
-//! (after a retry, from a replayed flush queue) stores the same bytes.
+//! (after a retry, from a replayed flush queue, from two regions) stores the same bytes.
+//! A snapshot is keyed by the hash of its heads and written only if absent.
 
+mod aws;
 mod local;
 mod memory;
 
+pub use aws::{AwsConfig, AwsStore, AwsStoreStats};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 
+use std::collections::HashMap;
+
+use bytes::Bytes;
 use futures::future::BoxFuture;
+use meridian_protocol::{ActorId, ChangeHash};
+use sha2::{Digest, Sha256};
 
 use crate::engine::{DocKey, StoredChange};
 
@@ -28,9 +38,68 @@ pub enum StoreError {
     /// The store refused or could not be reached (throttled, down); retry later.
     #[error("durable store unavailable: {0}")]
     Unavailable(String),
+    /// The write would put a tenant's data outside its jurisdiction. Refused, counted.
+    #[error("residency: {0}")]
+    Residency(String),
 }
 
-/// A durable home for changes. Implementations must be safe to call concurrently.
+/// A snapshot as stored: `Automerge::save()` output, the heads and the vector clock it
+/// covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// The heads it covers.
+    pub heads: Vec<ChangeHash>,
+    /// Actor → highest sequence number covered.
+    pub clock: Vec<(ActorId, u64)>,
+    /// The saved document.
+    pub bytes: Bytes,
+}
+
+impl SnapshotRecord {
+    /// The snapshot's id: hex SHA-256 of its sorted heads.
+    pub fn id(&self) -> String {
+        let mut heads = self.heads.clone();
+        heads.sort();
+        let mut hasher = Sha256::new();
+        for head in &heads {
+            hasher.update(head.0);
+        }
+        hex::encode(hasher.finalize())
+    }
+
+    /// How many changes it covers (the sum of its clock): the newest snapshot covers most.
+    pub fn size(&self) -> u64 {
+        self.clock.iter().map(|(_, seq)| *seq).sum()
+    }
+
+    /// Whether the change `(actor, seq)` is inside the snapshot.
+    pub fn covers(&self, actor: &[u8], seq: u64) -> bool {
+        self.clock
+            .iter()
+            .any(|(a, covered)| a.as_bytes() == actor && seq <= *covered)
+    }
+}
+
+/// The outcome of writing a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotWrite {
+    /// It was written now.
+    Written,
+    /// A snapshot with the same id was already there; it was left as it was.
+    AlreadyExists,
+}
+
+/// A document as the durable tier holds it: the newest snapshot and every change it does
+/// not cover.
+#[derive(Debug, Clone, Default)]
+pub struct StoredDoc {
+    /// The newest snapshot, if any.
+    pub snapshot: Option<SnapshotRecord>,
+    /// Changes not covered by the snapshot (all changes without one), any order.
+    pub changes: Vec<StoredChange>,
+}
+
+/// A durable home for changes and snapshots. Implementations are safe to call concurrently.
 pub trait DurableStore: Send + Sync + 'static {
     /// Writes changes (any documents, any order); returns once they are durable.
     fn write_changes<'a>(
@@ -38,9 +107,62 @@ pub trait DurableStore: Send + Sync + 'static {
         changes: &'a [(DocKey, StoredChange)],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Every change stored for a document, in any order.
-    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
+    /// Writes a snapshot unless one with the same id exists.
+    fn write_snapshot<'a>(
+        &'a self,
+        key: &'a DocKey,
+        snapshot: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<SnapshotWrite, StoreError>>;
+
+    /// The newest snapshot of a document and every change it does not cover.
+    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>>;
 
     /// A short name for logs: `local`, `memory`, `dynamodb`.
     fn kind(&self) -> &'static str;
+}
+
+/// Drops the changes a snapshot covers; changes that do not parse are kept (the engine
+/// re-checks and counts them).
+pub fn not_covered(
+    snapshot: Option<&SnapshotRecord>,
+    changes: Vec<StoredChange>,
+) -> Vec<StoredChange> {
+    let Some(snapshot) = snapshot else {
+        return changes;
+    };
+    changes
+        .into_iter()
+        .filter(
+            |change| match automerge::Change::try_from(&change.bytes[..]) {
+                Ok(parsed) => !snapshot.covers(parsed.actor_id().to_bytes(), parsed.seq()),
+                Err(_) => true,
+            },
+        )
+        .collect()
+}
+
+/// Picks the snapshot that covers the most changes.
+pub fn newest(snapshots: impl IntoIterator<Item = SnapshotRecord>) -> Option<SnapshotRecord> {
+    snapshots.into_iter().max_by_key(SnapshotRecord::size)
+}
+
+/// Encodes a clock for storage as `actorhex:seq,actorhex:seq`.
+pub fn encode_clock(clock: &[(ActorId, u64)]) -> String {
+    clock
+        .iter()
+        .map(|(actor, seq)| format!("{}:{seq}", hex::encode(actor.as_bytes())))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Decodes [`encode_clock`]'s format.
+pub fn decode_clock(text: &str) -> Result<Vec<(ActorId, u64)>, StoreError> {
+    let bad = || StoreError::Corrupt("bad clock".into());
+    let mut out = HashMap::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (actor, seq) = part.split_once(':').ok_or_else(bad)?;
+        let actor = ActorId::new(&hex::decode(actor).map_err(|_| bad())?).map_err(|_| bad())?;
+        out.insert(actor, seq.parse::<u64>().map_err(|_| bad())?);
+    }
+    Ok(out.into_iter().collect())
 }

@@ -58,6 +58,7 @@ impl Dev {
             },
             tenants: vec![TenantKeys {
                 tenant: TenantId::new(TENANT).expect("tenant"),
+                jurisdiction: None,
                 public_keys: vec![self.key.public_key().expect("public key")],
             }],
             limits: self.limits.clone(),

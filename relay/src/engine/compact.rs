@@ -1,0 +1,78 @@
+//! Snapshots and residency: when to materialize a document in the background, and which
+//! tenants' data may be written here.
+
+use meridian_protocol::TenantId;
+
+use super::{DocKey, Engine, Snapshot, StoreTask};
+
+impl Engine {
+    /// Whether `tenant`'s data may be written to this engine's jurisdiction.
+    pub(super) fn resident(&self, tenant: &TenantId) -> bool {
+        self.config
+            .tenant_jurisdictions
+            .get(tenant)
+            .is_some_and(|j| *j == self.config.jurisdiction)
+    }
+
+    /// Starts a snapshot of `key` if enough changed since the last one and a compaction
+    /// slot is free. Materializing happens in the IO layer, off the hot path.
+    pub(super) fn maybe_compact(&mut self, key: &DocKey) {
+        if self.compactions_in_flight >= self.config.compactions_in_flight_max {
+            return;
+        }
+        let (every_changes, every_bytes) = (
+            self.config.snapshot_every_changes,
+            self.config.snapshot_every_bytes,
+        );
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        let (changes, bytes) = entry.since_snapshot;
+        if entry.compacting || (changes < every_changes && bytes < every_bytes) {
+            return;
+        }
+        let base = entry.snapshot.clone();
+        let since = base.as_ref().map_or(&[][..], |s| &s.heads[..]);
+        let (missing, _) = entry.graph.missing_since(since);
+        let task = StoreTask::Compact {
+            key: key.clone(),
+            changes: missing
+                .iter()
+                .map(|&i| entry.graph.entry(i).bytes.clone())
+                .collect(),
+            heads: entry.graph.heads().to_vec(),
+            clock: entry.graph.clock(),
+            base,
+        };
+        entry.compacting = true;
+        entry.since_snapshot = (0, 0);
+        self.compactions_in_flight += 1;
+        self.store_tasks.push_back(task);
+    }
+
+    /// A `Compact` task finished: on success the snapshot answers empty clients from now
+    /// on; on failure the counters keep growing and a later change retries.
+    pub fn handle_compacted(
+        &mut self,
+        key: DocKey,
+        result: Result<Snapshot, String>,
+        changes: usize,
+    ) {
+        self.compactions_in_flight = self.compactions_in_flight.saturating_sub(1);
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        entry.compacting = false;
+        match result {
+            Ok(snapshot) => {
+                self.stats.snapshots += 1;
+                entry.snapshot = Some(snapshot);
+            }
+            Err(reason) => {
+                tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot failed");
+                self.stats.snapshot_errors += 1;
+                entry.since_snapshot.0 += changes;
+            }
+        }
+    }
+}

@@ -1,0 +1,771 @@
+//! The production durable tier: DynamoDB (one table per jurisdiction, a global table in
+//! production) for changes and snapshot records, S3 (one bucket per jurisdiction) for
+//! snapshots and changes too large for an item.
+//!
+//! Items (partition key `pk = "<tenant>#<doc>"`, sort key `sk`):
+//! - change: `sk = "c#<hash hex>"`, `b` (bytes) or `s3` (object key, for changes over
+//!   [`INLINE_MAX`]), `actor`, `seq`, `user`, `cell`, `wt` (write time, ms);
+//! - snapshot: `sk = "s#<snapshot id>"`, `heads`, `clock`, `size`, `s3`, `wt`.
+//!
+//! Change items are immutable and keyed by content, so a retry, a replayed flush queue or
+//! another region writing the same change writes the same item, and last-writer-wins
+//! replication can never drop data. `BatchWriteItem` carries at most 25 items; unprocessed
+//! items and throttling are retried with capped exponential backoff and full jitter.
+//!
+//! Cold loads read the newest snapshot and only the change items written since shortly
+//! before it, through the local secondary index `by_wt` (`pk`, `wt`): `replication_margin`
+//! covers items replicated late from other regions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_dynamodb::primitives::Blob;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    LocalSecondaryIndex, Projection, ProjectionType, PutRequest, ScalarAttributeType,
+    StreamSpecification, StreamViewType, TimeToLiveSpecification, WriteRequest,
+};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use meridian_protocol::{ChangeHash, UserId};
+
+use super::{
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
+    newest,
+};
+use crate::engine::{DocKey, StoredChange};
+
+/// Changes larger than this go to S3 behind a pointer item (DynamoDB items stop at 400 KB).
+pub const INLINE_MAX: usize = 350_000;
+/// DynamoDB's limit on one `BatchWriteItem`.
+pub const BATCH_MAX: usize = 25;
+/// The local secondary index on write time.
+const BY_WRITE_TIME: &str = "by_wt";
+/// The TTL attribute the table is created with (unused by change items, which never expire).
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+
+/// Where a jurisdiction's durable tier lives.
+#[derive(Debug, Clone)]
+pub struct AwsConfig {
+    /// The jurisdiction (for residency checks and names).
+    pub jurisdiction: String,
+    /// AWS region of the table and bucket this node uses.
+    pub region: String,
+    /// The change table (`meridian-changes-<jurisdiction>`).
+    pub table: String,
+    /// The snapshot bucket.
+    pub bucket: String,
+    /// Endpoint override for emulators (`http://127.0.0.1:PORT`); `None` for AWS.
+    pub endpoint: Option<String>,
+    /// This node's cell, recorded on every change item.
+    pub cell: String,
+    /// How far before a snapshot's write time a cold load still reads change items.
+    pub replication_margin: Duration,
+    /// Attempts for one batch (throttling, unprocessed items) before the flush fails and
+    /// the engine requeues it.
+    pub attempts_max: u32,
+    /// First retry delay; doubles up to `retry_max`, with full jitter.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+}
+
+impl AwsConfig {
+    /// Defaults for a jurisdiction: names as Terraform creates them.
+    pub fn new(jurisdiction: &str, region: &str) -> Self {
+        AwsConfig {
+            jurisdiction: jurisdiction.to_owned(),
+            region: region.to_owned(),
+            table: format!("meridian-changes-{jurisdiction}"),
+            bucket: format!("meridian-snapshots-{jurisdiction}-{region}"),
+            endpoint: None,
+            cell: "cell".into(),
+            replication_margin: Duration::from_secs(3600),
+            attempts_max: 8,
+            retry_initial: Duration::from_millis(25),
+            retry_max: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters of the store's calls.
+#[derive(Debug, Default)]
+pub struct AwsStoreStats {
+    /// `BatchWriteItem` calls that succeeded.
+    pub batches: AtomicU64,
+    /// Change items written.
+    pub items: AtomicU64,
+    /// Retries (throttling, unprocessed items, transient errors).
+    pub retries: AtomicU64,
+    /// Throttled calls.
+    pub throttled: AtomicU64,
+    /// Items returned unprocessed.
+    pub unprocessed: AtomicU64,
+    /// Calls that failed for good.
+    pub errors: AtomicU64,
+    /// Changes stored in S3 behind a pointer item.
+    pub large_changes: AtomicU64,
+}
+
+/// DynamoDB + S3.
+#[derive(Clone)]
+pub struct AwsStore {
+    config: AwsConfig,
+    dynamodb: aws_sdk_dynamodb::Client,
+    s3: aws_sdk_s3::Client,
+    stats: Arc<AwsStoreStats>,
+    faults: Arc<Faults>,
+}
+
+#[derive(Default)]
+struct Faults {
+    throttles: AtomicUsize,
+    unprocessed: AtomicUsize,
+}
+
+impl AwsStore {
+    /// Builds clients from the SDK's default credential chain; with an endpoint override
+    /// and no credentials in the environment, emulator credentials are used.
+    pub async fn connect(config: AwsConfig) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new(config.region.clone()));
+        if config.endpoint.is_some() && std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+            loader = loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+                "emulator",
+                "emulator",
+                None,
+                None,
+                "meridian-emulator",
+            ));
+        }
+        let shared = loader.load().await;
+        let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&shared);
+        let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
+        if let Some(endpoint) = &config.endpoint {
+            dynamodb = dynamodb.endpoint_url(endpoint);
+            s3 = s3.endpoint_url(endpoint).force_path_style(true);
+        }
+        AwsStore {
+            dynamodb: aws_sdk_dynamodb::Client::from_conf(dynamodb.build()),
+            s3: aws_sdk_s3::Client::from_conf(s3.build()),
+            config,
+            stats: Arc::new(AwsStoreStats::default()),
+            faults: Arc::new(Faults::default()),
+        }
+    }
+
+    /// The store's counters.
+    pub fn stats(&self) -> &AwsStoreStats {
+        &self.stats
+    }
+
+    /// The table and bucket names.
+    pub fn names(&self) -> (&str, &str) {
+        (&self.config.table, &self.config.bucket)
+    }
+
+    /// Tests: the next `count` batch calls are answered as throttled.
+    pub fn inject_throttles(&self, count: usize) {
+        self.faults.throttles.store(count, Ordering::SeqCst);
+    }
+
+    /// Tests: the next `count` batch calls process only half their items and return the
+    /// rest as `UnprocessedItems`.
+    pub fn inject_unprocessed(&self, count: usize) {
+        self.faults.unprocessed.store(count, Ordering::SeqCst);
+    }
+
+    /// Creates the table (pay per request, streams, TTL, the write-time index) and the
+    /// bucket (versioned) when missing. Returns whether each was created. For emulators
+    /// and `meridian durable init`; production resources come from Terraform.
+    pub async fn ensure_resources(&self) -> Result<(bool, bool), StoreError> {
+        let table = self.ensure_table().await?;
+        let bucket = self.ensure_bucket().await?;
+        Ok((table, bucket))
+    }
+
+    async fn ensure_table(&self) -> Result<bool, StoreError> {
+        let table = &self.config.table;
+        match self
+            .dynamodb
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(false),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) => {}
+            Err(error) => return Err(unavailable("DescribeTable", error)),
+        }
+        let attribute = |name: &str, kind| {
+            AttributeDefinition::builder()
+                .attribute_name(name)
+                .attribute_type(kind)
+                .build()
+                .map_err(build_error)
+        };
+        let key = |name: &str, kind| {
+            KeySchemaElement::builder()
+                .attribute_name(name)
+                .key_type(kind)
+                .build()
+                .map_err(build_error)
+        };
+        let index = LocalSecondaryIndex::builder()
+            .index_name(BY_WRITE_TIME)
+            .key_schema(key("pk", KeyType::Hash)?)
+            .key_schema(key("wt", KeyType::Range)?)
+            .projection(
+                Projection::builder()
+                    .projection_type(ProjectionType::All)
+                    .build(),
+            )
+            .build()
+            .map_err(build_error)?;
+        let created = self
+            .dynamodb
+            .create_table()
+            .table_name(table)
+            .attribute_definitions(attribute("pk", ScalarAttributeType::S)?)
+            .attribute_definitions(attribute("sk", ScalarAttributeType::S)?)
+            .attribute_definitions(attribute("wt", ScalarAttributeType::N)?)
+            .key_schema(key("pk", KeyType::Hash)?)
+            .key_schema(key("sk", KeyType::Range)?)
+            .local_secondary_indexes(index)
+            .billing_mode(BillingMode::PayPerRequest)
+            .stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(StreamViewType::NewAndOldImages)
+                    .build()
+                    .map_err(build_error)?,
+            )
+            .send()
+            .await;
+        match created {
+            Ok(_) => {}
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_resource_in_use_exception()) =>
+            {
+                return Ok(false);
+            }
+            Err(error) => return Err(unavailable("CreateTable", error)),
+        }
+        self.dynamodb
+            .update_time_to_live()
+            .table_name(table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .enabled(true)
+                    .attribute_name(TTL_ATTRIBUTE)
+                    .build()
+                    .map_err(build_error)?,
+            )
+            .send()
+            .await
+            .map_err(|e| unavailable("UpdateTimeToLive", e))?;
+        Ok(true)
+    }
+
+    async fn ensure_bucket(&self) -> Result<bool, StoreError> {
+        let bucket = &self.config.bucket;
+        if self.s3.head_bucket().bucket(bucket).send().await.is_ok() {
+            return Ok(false);
+        }
+        let mut create = self.s3.create_bucket().bucket(bucket);
+        if self.config.region != "us-east-1" {
+            create = create.create_bucket_configuration(
+                aws_sdk_s3::types::CreateBucketConfiguration::builder()
+                    .location_constraint(aws_sdk_s3::types::BucketLocationConstraint::from(
+                        self.config.region.as_str(),
+                    ))
+                    .build(),
+            );
+        }
+        create
+            .send()
+            .await
+            .map_err(|e| unavailable("CreateBucket", e))?;
+        self.s3
+            .put_bucket_versioning()
+            .bucket(bucket)
+            .versioning_configuration(
+                aws_sdk_s3::types::VersioningConfiguration::builder()
+                    .status(aws_sdk_s3::types::BucketVersioningStatus::Enabled)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| unavailable("PutBucketVersioning", e))?;
+        Ok(true)
+    }
+
+    async fn write_all(&self, changes: &[(DocKey, StoredChange)]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut requests = Vec::with_capacity(changes.len());
+        for (key, change) in changes {
+            requests.push(self.change_request(key, change, now).await?);
+        }
+        for chunk in requests.chunks(BATCH_MAX) {
+            self.write_batch(chunk.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    async fn change_request(
+        &self,
+        key: &DocKey,
+        change: &StoredChange,
+        now: u64,
+    ) -> Result<WriteRequest, StoreError> {
+        let parsed = automerge::Change::try_from(&change.bytes[..])
+            .map_err(|e| StoreError::Corrupt(format!("change {}: {e}", change.hash)))?;
+        let mut item = HashMap::new();
+        item.insert("pk".to_owned(), AttributeValue::S(partition(key)));
+        item.insert(
+            "sk".to_owned(),
+            AttributeValue::S(format!("c#{}", change.hash.to_hex())),
+        );
+        if change.bytes.len() > INLINE_MAX {
+            let object = format!(
+                "{}/{}/changes/{}",
+                key.tenant,
+                hex::encode(key.doc.as_str()),
+                change.hash.to_hex()
+            );
+            self.s3
+                .put_object()
+                .bucket(&self.config.bucket)
+                .key(&object)
+                .body(ByteStream::from(change.bytes.to_vec()))
+                .send()
+                .await
+                .map_err(|e| unavailable("PutObject", e))?;
+            self.stats.large_changes.fetch_add(1, Ordering::Relaxed);
+            item.insert("s3".to_owned(), AttributeValue::S(object));
+        } else {
+            item.insert(
+                "b".to_owned(),
+                AttributeValue::B(Blob::new(change.bytes.to_vec())),
+            );
+        }
+        item.insert(
+            "actor".to_owned(),
+            AttributeValue::B(Blob::new(parsed.actor_id().to_bytes().to_vec())),
+        );
+        item.insert(
+            "seq".to_owned(),
+            AttributeValue::N(parsed.seq().to_string()),
+        );
+        item.insert(
+            "user".to_owned(),
+            AttributeValue::S(change.user.to_string()),
+        );
+        item.insert(
+            "cell".to_owned(),
+            AttributeValue::S(self.config.cell.clone()),
+        );
+        item.insert("wt".to_owned(), AttributeValue::N(now.to_string()));
+        let put = PutRequest::builder()
+            .set_item(Some(item))
+            .build()
+            .map_err(build_error)?;
+        Ok(WriteRequest::builder().put_request(put).build())
+    }
+
+    /// One batch of at most 25, retried until every item is processed or the attempts
+    /// run out.
+    async fn write_batch(&self, mut pending: Vec<WriteRequest>) -> Result<(), StoreError> {
+        debug_assert!(pending.len() <= BATCH_MAX, "batch over DynamoDB's limit");
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let outcome = self.send_batch(&pending).await;
+            match outcome {
+                Ok(unprocessed) if unprocessed.is_empty() => {
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .items
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Ok(unprocessed) => {
+                    self.stats
+                        .unprocessed
+                        .fetch_add(unprocessed.len() as u64, Ordering::Relaxed);
+                    let done = pending.len() - unprocessed.len();
+                    self.stats.items.fetch_add(done as u64, Ordering::Relaxed);
+                    pending = unprocessed;
+                }
+                Err(BatchFailure::Retryable(reason)) => {
+                    tracing::debug!(attempt, %reason, "batch write will be retried");
+                }
+                Err(BatchFailure::Fatal(error)) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(error);
+                }
+            }
+            if attempt >= self.config.attempts_max {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(StoreError::Unavailable(format!(
+                    "{} items still unwritten after {attempt} attempts",
+                    pending.len()
+                )));
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff(
+                attempt,
+                self.config.retry_initial,
+                self.config.retry_max,
+            ))
+            .await;
+        }
+    }
+
+    /// Sends one `BatchWriteItem`; returns the unprocessed requests.
+    async fn send_batch(
+        &self,
+        requests: &[WriteRequest],
+    ) -> Result<Vec<WriteRequest>, BatchFailure> {
+        if take_one(&self.faults.throttles) {
+            self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(BatchFailure::Retryable("injected throttling".into()));
+        }
+        let (sent, held_back) = if take_one(&self.faults.unprocessed) && requests.len() > 1 {
+            requests.split_at(requests.len() / 2)
+        } else {
+            (requests, &[][..])
+        };
+        let result = self
+            .dynamodb
+            .batch_write_item()
+            .request_items(&self.config.table, sent.to_vec())
+            .send()
+            .await;
+        match result {
+            Ok(output) => {
+                let mut unprocessed: Vec<WriteRequest> = output
+                    .unprocessed_items
+                    .and_then(|mut map| map.remove(&self.config.table))
+                    .unwrap_or_default();
+                unprocessed.extend_from_slice(held_back);
+                Ok(unprocessed)
+            }
+            Err(error) => {
+                let throttled = error.as_service_error().is_some_and(|e| {
+                    e.is_provisioned_throughput_exceeded_exception()
+                        || e.is_throttling_exception()
+                        || e.is_request_limit_exceeded()
+                });
+                let server = error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_internal_server_error());
+                let transport = matches!(
+                    error,
+                    aws_sdk_dynamodb::error::SdkError::DispatchFailure(_)
+                        | aws_sdk_dynamodb::error::SdkError::TimeoutError(_)
+                        | aws_sdk_dynamodb::error::SdkError::ResponseError(_)
+                );
+                if throttled {
+                    self.stats.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                let reason = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();
+                if throttled || server || transport {
+                    Err(BatchFailure::Retryable(reason))
+                } else {
+                    Err(BatchFailure::Fatal(StoreError::Unavailable(reason)))
+                }
+            }
+        }
+    }
+
+    async fn put_snapshot(
+        &self,
+        key: &DocKey,
+        snapshot: &SnapshotRecord,
+    ) -> Result<SnapshotWrite, StoreError> {
+        let id = snapshot.id();
+        let object = format!("{}/{}/{id}.am", key.tenant, hex::encode(key.doc.as_str()));
+        if self
+            .s3
+            .head_object()
+            .bucket(&self.config.bucket)
+            .key(&object)
+            .send()
+            .await
+            .is_ok()
+        {
+            return Ok(SnapshotWrite::AlreadyExists);
+        }
+        let put = self
+            .s3
+            .put_object()
+            .bucket(&self.config.bucket)
+            .key(&object)
+            .if_none_match("*")
+            .body(ByteStream::from(snapshot.bytes.to_vec()))
+            .send()
+            .await;
+        if let Err(error) = put {
+            if error
+                .raw_response()
+                .is_some_and(|r| r.status().as_u16() == 412)
+            {
+                return Ok(SnapshotWrite::AlreadyExists);
+            }
+            return Err(unavailable("PutObject", error));
+        }
+        let heads = snapshot
+            .heads
+            .iter()
+            .map(|h| AttributeValue::S(h.to_hex()))
+            .collect();
+        let put_item = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.config.table)
+            .item("pk", AttributeValue::S(partition(key)))
+            .item("sk", AttributeValue::S(format!("s#{id}")))
+            .item("heads", AttributeValue::L(heads))
+            .item("clock", AttributeValue::S(encode_clock(&snapshot.clock)))
+            .item("size", AttributeValue::N(snapshot.size().to_string()))
+            .item("s3", AttributeValue::S(object))
+            .item("cell", AttributeValue::S(self.config.cell.clone()))
+            .item("wt", AttributeValue::N(now_ms().to_string()))
+            .condition_expression("attribute_not_exists(sk)")
+            .send()
+            .await;
+        match put_item {
+            Ok(_) => Ok(SnapshotWrite::Written),
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(SnapshotWrite::AlreadyExists)
+            }
+            Err(error) => Err(unavailable("PutItem", error)),
+        }
+    }
+
+    async fn load_doc(&self, key: &DocKey) -> Result<StoredDoc, StoreError> {
+        let snapshot_items = self
+            .query(
+                key,
+                "pk = :pk AND begins_with(sk, :prefix)",
+                Some("s#"),
+                None,
+            )
+            .await?;
+        let mut candidates: Vec<(SnapshotRecord, u64)> = Vec::new();
+        for item in &snapshot_items {
+            let Some(object) = string(item, "s3") else {
+                continue;
+            };
+            let heads = match item.get("heads") {
+                Some(AttributeValue::L(list)) => list
+                    .iter()
+                    .filter_map(|v| v.as_s().ok()?.parse::<ChangeHash>().ok())
+                    .collect(),
+                _ => continue,
+            };
+            let clock = decode_clock(string(item, "clock").unwrap_or_default().as_str())?;
+            let bytes = self.get_object(&object).await?;
+            let wt = number(item, "wt").unwrap_or(0);
+            candidates.push((
+                SnapshotRecord {
+                    heads,
+                    clock,
+                    bytes,
+                },
+                wt,
+            ));
+        }
+        let best = newest(candidates.iter().map(|(s, _)| s.clone()));
+        let snapshot_wt = best.as_ref().and_then(|b| {
+            candidates
+                .iter()
+                .find(|(s, _)| s.id() == b.id())
+                .map(|(_, wt)| *wt)
+        });
+        let items = match snapshot_wt {
+            Some(wt) => {
+                let since = wt.saturating_sub(self.config.replication_margin.as_millis() as u64);
+                self.query(key, "pk = :pk AND wt >= :since", None, Some(since))
+                    .await?
+            }
+            None => {
+                self.query(
+                    key,
+                    "pk = :pk AND begins_with(sk, :prefix)",
+                    Some("c#"),
+                    None,
+                )
+                .await?
+            }
+        };
+        let mut changes = Vec::new();
+        for item in items {
+            let Some(sk) = string(&item, "sk") else {
+                continue;
+            };
+            let Some(hash) = sk
+                .strip_prefix("c#")
+                .and_then(|h| h.parse::<ChangeHash>().ok())
+            else {
+                continue; // a snapshot item in the index
+            };
+            if let (Some(snapshot), Some(AttributeValue::B(actor)), Some(seq)) =
+                (&best, item.get("actor"), number(&item, "seq"))
+            {
+                if snapshot.covers(actor.as_ref(), seq) {
+                    continue;
+                }
+            }
+            let bytes = match (item.get("b"), string(&item, "s3")) {
+                (Some(AttributeValue::B(blob)), _) => Bytes::copy_from_slice(blob.as_ref()),
+                (_, Some(object)) => self.get_object(&object).await?,
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "change item {sk} has no bytes"
+                    )));
+                }
+            };
+            let user = string(&item, "user")
+                .and_then(|u| UserId::new(u).ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("change item {sk} has no user")))?;
+            changes.push(StoredChange { hash, bytes, user });
+        }
+        Ok(StoredDoc {
+            snapshot: best,
+            changes,
+        })
+    }
+
+    async fn query(
+        &self,
+        key: &DocKey,
+        condition: &str,
+        prefix: Option<&str>,
+        since: Option<u64>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, StoreError> {
+        let mut request = self
+            .dynamodb
+            .query()
+            .table_name(&self.config.table)
+            .consistent_read(true)
+            .key_condition_expression(condition)
+            .expression_attribute_values(":pk", AttributeValue::S(partition(key)));
+        if let Some(prefix) = prefix {
+            request = request
+                .expression_attribute_values(":prefix", AttributeValue::S(prefix.to_owned()));
+        }
+        if let Some(since) = since {
+            request = request
+                .index_name(BY_WRITE_TIME)
+                .expression_attribute_values(":since", AttributeValue::N(since.to_string()));
+        }
+        let mut pages = request.into_paginator().items().send();
+        let mut out = Vec::new();
+        while let Some(item) = pages.next().await {
+            out.push(item.map_err(|e| unavailable("Query", e))?);
+        }
+        Ok(out)
+    }
+
+    async fn get_object(&self, object: &str) -> Result<Bytes, StoreError> {
+        let output = self
+            .s3
+            .get_object()
+            .bucket(&self.config.bucket)
+            .key(object)
+            .send()
+            .await
+            .map_err(|e| unavailable("GetObject", e))?;
+        let body = output
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("GetObject body: {e}")))?;
+        Ok(body.into_bytes())
+    }
+}
+
+impl DurableStore for AwsStore {
+    fn write_changes<'a>(
+        &'a self,
+        changes: &'a [(DocKey, StoredChange)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.write_all(changes))
+    }
+
+    fn write_snapshot<'a>(
+        &'a self,
+        key: &'a DocKey,
+        snapshot: &'a SnapshotRecord,
+    ) -> BoxFuture<'a, Result<SnapshotWrite, StoreError>> {
+        Box::pin(self.put_snapshot(key, snapshot))
+    }
+
+    fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>> {
+        Box::pin(self.load_doc(key))
+    }
+
+    fn kind(&self) -> &'static str {
+        "dynamodb"
+    }
+}
+
+enum BatchFailure {
+    Retryable(String),
+    Fatal(StoreError),
+}
+
+fn partition(key: &DocKey) -> String {
+    format!("{}#{}", key.tenant, key.doc)
+}
+
+fn string(item: &HashMap<String, AttributeValue>, name: &str) -> Option<String> {
+    item.get(name)?.as_s().ok().cloned()
+}
+
+fn number(item: &HashMap<String, AttributeValue>, name: &str) -> Option<u64> {
+    item.get(name)?.as_n().ok()?.parse().ok()
+}
+
+fn take_one(counter: &AtomicUsize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Capped exponential backoff with full jitter.
+fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let ceiling = initial.saturating_mul(1 << attempt.min(16)).min(max);
+    ceiling.mul_f64(rand::random::<f64>())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unavailable<E: std::error::Error + 'static>(call: &str, error: E) -> StoreError {
+    StoreError::Unavailable(format!(
+        "{call}: {}",
+        aws_sdk_dynamodb::error::DisplayErrorContext(&error)
+    ))
+}
+
+fn build_error(error: aws_sdk_dynamodb::error::BuildError) -> StoreError {
+    StoreError::Unavailable(format!("request: {error}"))
+}
