@@ -79,6 +79,8 @@ pub struct LimitsSection {
     pub flush_interval_ms: Option<u64>,
     pub flush_batch_max: Option<usize>,
     pub flush_in_flight_max: Option<usize>,
+    pub snapshot_every_changes: Option<usize>,
+    pub snapshot_every_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -170,6 +172,12 @@ impl RelayFile {
             }
             if let Some(v) = l.flush_batch_max {
                 engine.flush_batch_max = v.max(1);
+            }
+            if let Some(v) = l.snapshot_every_changes {
+                engine.snapshot_every_changes = v.max(1);
+            }
+            if let Some(v) = l.snapshot_every_bytes {
+                engine.snapshot_every_bytes = v.max(1);
             }
             if let Some(v) = l.flush_in_flight_max {
                 engine.flush_in_flight_max = v.max(1);

@@ -204,6 +204,14 @@ impl DocHandle {
             .collect()
     }
 
+    /// Whether the local document holds a change.
+    pub fn contains(&self, hash: &ChangeHash) -> bool {
+        self.lock()
+            .doc
+            .get_change_by_hash(&automerge::ChangeHash(hash.0))
+            .is_some()
+    }
+
     /// Saves the whole document (`Automerge::save`).
     pub fn save(&self) -> Vec<u8> {
         self.lock().doc.save()

@@ -71,6 +71,8 @@ pub struct AwsConfig {
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Time allowed for one attempt of one call.
+    pub attempt_timeout: Duration,
 }
 
 impl AwsConfig {
@@ -87,6 +89,7 @@ impl AwsConfig {
             attempts_max: 8,
             retry_initial: Duration::from_millis(25),
             retry_max: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -141,6 +144,15 @@ impl AwsStore {
                 "meridian-emulator",
             ));
         }
+        // Bounded calls: a store that stops answering fails the attempt (and the flush is
+        // retried) instead of hanging a flush slot forever.
+        loader = loader.timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(config.attempt_timeout)
+                .operation_timeout(config.attempt_timeout * 3)
+                .build(),
+        );
         let shared = loader.load().await;
         let mut dynamodb = aws_sdk_dynamodb::config::Builder::from(&shared);
         let mut s3 = aws_sdk_s3::config::Builder::from(&shared);

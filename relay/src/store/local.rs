@@ -243,7 +243,11 @@ impl DurableStore for LocalDirStore {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let snapshot = newest(Self::load_snapshots(&root, &key)?);
-                let changes = not_covered(snapshot.as_ref(), Self::load_changes(&root, &key)?);
+                let mut seen = std::collections::HashSet::new();
+                let mut changes = Self::load_changes(&root, &key)?;
+                // A change written twice (a retry, a replay) is one change.
+                changes.retain(|change| seen.insert(change.hash));
+                let changes = not_covered(snapshot.as_ref(), changes);
                 Ok(StoredDoc { snapshot, changes })
             })
             .await

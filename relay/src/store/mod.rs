@@ -11,7 +11,7 @@ mod aws;
 mod local;
 mod memory;
 
-pub use aws::{AwsConfig, AwsStore, AwsStoreStats};
+pub use aws::{AwsConfig, AwsStore, AwsStoreStats, BATCH_MAX, INLINE_MAX};
 pub use local::LocalDirStore;
 pub use memory::MemoryStore;
 

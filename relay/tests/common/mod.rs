@@ -256,3 +256,5 @@ pub fn some_change(key: &str) -> Bytes {
     doc.put(automerge::ROOT, key, "value").expect("put");
     Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes())
 }
+
+pub mod moto;

@@ -1,0 +1,280 @@
+//! The durable-store conformance suite, run on the local-directory store and on
+//! DynamoDB + S3 (moto_server, started by scripts/test).
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use common::moto;
+use meridian_protocol::{ActorId, ChangeHash, DocId, TenantId, UserId};
+use meridian_relay::engine::{DocKey, StoredChange};
+use meridian_relay::store::{
+    AwsStore, DurableStore, LocalDirStore, SnapshotRecord, SnapshotWrite, StoreError,
+};
+
+enum Under {
+    Local(LocalDirStore, #[allow(dead_code)] tempfile::TempDir),
+    Aws(AwsStore),
+}
+
+impl Under {
+    async fn both() -> Vec<Under> {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalDirStore::open(dir.path()).unwrap();
+        let (aws, _) = moto::fresh_store("eu").await;
+        vec![Under::Local(local, dir), Under::Aws(aws)]
+    }
+
+    fn store(&self) -> &dyn DurableStore {
+        match self {
+            Under::Local(store, _) => store,
+            Under::Aws(store) => store,
+        }
+    }
+}
+
+fn key(doc: &str) -> DocKey {
+    DocKey {
+        tenant: TenantId::new("acme").unwrap(),
+        doc: DocId::new(doc).unwrap(),
+    }
+}
+
+/// `count` changes of one actor, each a small edit, as the relay stores them.
+fn changes(count: usize, value_len: usize) -> (automerge::AutoCommit, Vec<StoredChange>) {
+    let mut doc = automerge::AutoCommit::new();
+    let mut out = Vec::new();
+    for i in 0..count {
+        let value: String = (0..value_len)
+            .map(|j| char::from(b'a' + ((i * 7 + j * 13) % 26) as u8))
+            .collect();
+        doc.put(automerge::ROOT, format!("k{}", i % 10), value)
+            .unwrap();
+        doc.commit();
+        let change = doc.get_last_local_change().unwrap();
+        out.push(StoredChange {
+            hash: ChangeHash(change.hash().0),
+            bytes: Bytes::copy_from_slice(change.raw_bytes()),
+            user: UserId::new("alice").unwrap(),
+        });
+    }
+    (doc, out)
+}
+
+fn hashes(changes: &[StoredChange]) -> HashSet<ChangeHash> {
+    changes.iter().map(|c| c.hash).collect()
+}
+
+fn keyed(key: &DocKey, changes: &[StoredChange]) -> Vec<(DocKey, StoredChange)> {
+    changes.iter().map(|c| (key.clone(), c.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writing_the_same_change_twice_stores_it_once() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("idempotent");
+        let (_, written) = changes(3, 10);
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        let loaded = store.load(&doc).await.unwrap();
+        assert_eq!(loaded.changes.len(), 3, "{}", store.kind());
+        assert_eq!(hashes(&loaded.changes), hashes(&written));
+        for change in &written {
+            let back = loaded
+                .changes
+                .iter()
+                .find(|c| c.hash == change.hash)
+                .unwrap();
+            assert_eq!(back, change, "{}", store.kind());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_larger_than_25_are_split_and_all_written() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("big-batch");
+        let (_, written) = changes(77, 10);
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        assert_eq!(
+            hashes(&store.load(&doc).await.unwrap().changes),
+            hashes(&written)
+        );
+        if let Under::Aws(aws) = &under {
+            assert_eq!(
+                aws.stats().batches.load(Ordering::Relaxed),
+                4,
+                "ceil(77 / 25) calls"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprocessed_items_are_retried_until_written() {
+    let (aws, _) = moto::fresh_store("eu").await;
+    let doc = key("unprocessed");
+    let (_, written) = changes(50, 10);
+    aws.inject_unprocessed(3);
+    aws.write_changes(&keyed(&doc, &written)).await.unwrap();
+    assert!(aws.stats().unprocessed.load(Ordering::Relaxed) > 0);
+    assert!(aws.stats().retries.load(Ordering::Relaxed) >= 3);
+    assert_eq!(
+        hashes(&aws.load(&doc).await.unwrap().changes),
+        hashes(&written)
+    );
+    // The local store has no partial writes: a write is all or nothing (see the
+    // throttling case for its failure path).
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_is_retried_and_loses_nothing() {
+    for under in Under::both().await {
+        let doc = key("throttled");
+        let (_, written) = changes(30, 10);
+        match &under {
+            Under::Aws(aws) => {
+                aws.inject_throttles(3);
+                aws.write_changes(&keyed(&doc, &written)).await.unwrap();
+                assert_eq!(aws.stats().throttled.load(Ordering::Relaxed), 3);
+                // More throttling than the attempts allow: the write fails, retryable.
+                aws.inject_throttles(100);
+                let error = aws.write_changes(&keyed(&doc, &written)).await.unwrap_err();
+                assert!(matches!(error, StoreError::Unavailable(_)), "{error}");
+                aws.inject_throttles(0);
+            }
+            Under::Local(local, _) => {
+                local.fail_next_writes(1);
+                let error = local
+                    .write_changes(&keyed(&doc, &written))
+                    .await
+                    .unwrap_err();
+                assert!(matches!(error, StoreError::Unavailable(_)));
+                local.write_changes(&keyed(&doc, &written)).await.unwrap();
+            }
+        }
+        assert_eq!(
+            hashes(&under.store().load(&doc).await.unwrap().changes),
+            hashes(&written)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_too_large_for_an_item_go_through_s3() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("large");
+        let (_, written) = changes(2, 450_000);
+        assert!(written[0].bytes.len() > meridian_relay::store::INLINE_MAX);
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        let loaded = store.load(&doc).await.unwrap();
+        for change in &written {
+            assert_eq!(
+                loaded.changes.iter().find(|c| c.hash == change.hash),
+                Some(change)
+            );
+        }
+        if let Under::Aws(aws) = &under {
+            assert_eq!(aws.stats().large_changes.load(Ordering::Relaxed), 2);
+        }
+    }
+}
+
+fn snapshot_at(
+    doc: &automerge::AutoCommit,
+    written: &[StoredChange],
+    upto: usize,
+) -> SnapshotRecord {
+    let mut partial = doc
+        .clone()
+        .fork_at(&[automerge::ChangeHash(written[upto - 1].hash.0)])
+        .unwrap();
+    SnapshotRecord {
+        heads: vec![written[upto - 1].hash],
+        clock: vec![(
+            ActorId::new(doc.get_actor().to_bytes()).unwrap(),
+            upto as u64,
+        )],
+        bytes: Bytes::from(partial.save()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_written_once_and_a_second_write_conflicts() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("snap");
+        let (source, written) = changes(20, 10);
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        let snapshot = snapshot_at(&source, &written, 20);
+        assert_eq!(
+            store.write_snapshot(&doc, &snapshot).await.unwrap(),
+            SnapshotWrite::Written
+        );
+        let mut other = snapshot.clone();
+        other.bytes = Bytes::from_static(b"different bytes under the same id");
+        assert_eq!(
+            store.write_snapshot(&doc, &other).await.unwrap(),
+            SnapshotWrite::AlreadyExists
+        );
+        let loaded = store.load(&doc).await.unwrap();
+        assert_eq!(
+            loaded.snapshot.as_ref(),
+            Some(&snapshot),
+            "{}",
+            store.kind()
+        );
+        assert!(
+            loaded.changes.is_empty(),
+            "the snapshot covers every change"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_load_is_the_newest_snapshot_plus_what_it_does_not_cover() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("cold");
+        let (source, written) = changes(100, 10);
+        store.write_changes(&keyed(&doc, &written)).await.unwrap();
+        assert_eq!(store.load(&doc).await.unwrap().snapshot, None);
+        store
+            .write_snapshot(&doc, &snapshot_at(&source, &written, 30))
+            .await
+            .unwrap();
+        store
+            .write_snapshot(&doc, &snapshot_at(&source, &written, 60))
+            .await
+            .unwrap();
+        let loaded = store.load(&doc).await.unwrap();
+        let snapshot = loaded.snapshot.expect("a snapshot");
+        assert_eq!(
+            snapshot.heads,
+            vec![written[59].hash],
+            "{}: the newest",
+            store.kind()
+        );
+        assert_eq!(hashes(&loaded.changes), hashes(&written[60..]));
+        // Rebuilt from what was loaded, the document equals the written set.
+        let mut rebuilt = automerge::AutoCommit::load(&snapshot.bytes).unwrap();
+        for change in &loaded.changes {
+            rebuilt.load_incremental(&change.bytes).unwrap();
+        }
+        assert_eq!(rebuilt.get_heads(), source.clone().get_heads());
+        assert!(
+            store
+                .load(&key("never-written"))
+                .await
+                .unwrap()
+                .changes
+                .is_empty()
+        );
+    }
+}
