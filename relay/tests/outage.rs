@@ -21,31 +21,44 @@ struct Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
 fn own_moto() -> Moto {
-    let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/moto/bin/moto_server");
+    let binary =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/moto/bin/moto_server");
     assert!(
         binary.exists(),
         "this test needs moto_server in .venv/moto: run scripts/test, or \
          `source scripts/moto && moto_install`"
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(binary)
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start moto_server");
-    Moto { child, url: format!("http://127.0.0.1:{port}") }
+    Moto {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    }
 }
 
 fn signal(moto: &Moto, signal: &str) {
-    let status = Command::new("kill").args([signal, &moto.child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args([signal, &moto.child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -77,30 +90,53 @@ async fn the_store_paused_for_30_seconds_delays_durability_and_loses_nothing() {
     let bob = dev.client(addr, "bob").await;
     let a = alice.open("ops").await.unwrap();
     let b = bob.open("ops").await.unwrap();
-    a.change(|d| d.put(automerge::ROOT, "before", 1).unwrap()).unwrap();
+    a.change(|d| d.put(automerge::ROOT, "before", 1).unwrap())
+        .unwrap();
     a.wait_durable().await.unwrap();
 
     signal(&moto, "-STOP");
     let paused = Instant::now();
     let mut writes = 0;
     while paused.elapsed() < Duration::from_secs(30) {
-        a.change(|d| d.put(automerge::ROOT, format!("k{}", writes % 20), writes as i64).unwrap()).unwrap();
+        a.change(|d| {
+            d.put(automerge::ROOT, format!("k{}", writes % 20), writes as i64)
+                .unwrap()
+        })
+        .unwrap();
         writes += 1;
         // Applied keeps coming while the durable tier is away.
-        tokio::time::timeout(Duration::from_secs(10), a.wait_applied()).await.expect("applied in time").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), a.wait_applied())
+            .await
+            .expect("applied in time")
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats = relay.stats();
-    assert!(stats.flush_queue > 0, "changes wait for the durable tier: {stats:?}");
-    assert!(stats.oldest_unflushed.unwrap_or_default() >= Duration::from_secs(20), "flush lag grows: {stats:?}");
-    assert!(a.status().applied > 0, "applied but not durable while the store is away");
+    assert!(
+        stats.flush_queue > 0,
+        "changes wait for the durable tier: {stats:?}"
+    );
+    assert!(
+        stats.oldest_unflushed.unwrap_or_default() >= Duration::from_secs(20),
+        "flush lag grows: {stats:?}"
+    );
+    assert!(
+        a.status().applied > 0,
+        "applied but not durable while the store is away"
+    );
     converge(&[&a, &b]).await; // the relay kept serving the other client
 
     signal(&moto, "-CONT");
-    tokio::time::timeout(Duration::from_secs(120), a.wait_durable()).await.expect("durable after the store returned").unwrap();
+    tokio::time::timeout(Duration::from_secs(120), a.wait_durable())
+        .await
+        .expect("durable after the store returned")
+        .unwrap();
     let stats = relay.stats();
     assert_eq!(stats.flush_queue, 0, "{stats:?}");
-    assert_eq!(stats.engine.changes_durable, stats.engine.changes_applied, "{stats:?}");
+    assert_eq!(
+        stats.engine.changes_durable, stats.engine.changes_applied,
+        "{stats:?}"
+    );
 
     // Nothing lost: a relay with an empty cache serves every change from the store.
     let expected = json(&a);
