@@ -195,7 +195,13 @@ mod tests {
             cache.write(&[(key.clone(), change.clone())]).unwrap();
             cache.commit().await.unwrap();
         }
-        let cache = Cache::open(dir.path()).unwrap();
+        // sled releases its file lock from a background thread after the last handle drops.
+        let cache = loop {
+            match Cache::open(dir.path()) {
+                Ok(cache) => break cache,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
         assert_eq!(
             cache.queued(10).unwrap(),
             vec![(key.clone(), change.clone())]

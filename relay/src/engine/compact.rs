@@ -74,5 +74,7 @@ impl Engine {
                 entry.since_snapshot.0 += changes;
             }
         }
+        // Changes that arrived meanwhile may already call for the next one.
+        self.maybe_compact(&key);
     }
 }

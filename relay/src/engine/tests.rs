@@ -398,3 +398,61 @@ fn chunking_respects_bytes_and_keeps_order() {
     assert_eq!(chunks.concat(), items);
     assert_eq!(chunks.len(), 5);
 }
+
+#[test]
+fn tenants_of_another_jurisdiction_are_refused_and_counted() {
+    let mut h = Harness::new();
+    let mut foreign = capability("alice", Rights::ALL);
+    foreign.tenant = TenantId::new("globex").unwrap();
+    h.engine.handle_session_open(7, foreign);
+    h.run(now());
+    assert!(matches!(
+        &h.take(7)[..],
+        [Outbound::Close(RelayToClient::Error {
+            code: ErrorCode::Forbidden,
+            ..
+        })]
+    ));
+    assert_eq!(h.engine.stats().residency_refusals, 1);
+    assert_eq!(h.engine.sessions(), 0);
+}
+
+#[test]
+fn enough_changes_start_one_background_compaction() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        snapshot_every_changes: 5,
+        ..config()
+    });
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.run(t);
+    let mut doc = AutoCommit::new();
+    for i in 0..6 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    let mut compactions = Vec::new();
+    while let Some(task) = h.engine.poll_store_task() {
+        if let StoreTask::Compact {
+            changes,
+            heads,
+            clock,
+            base,
+            ..
+        } = task
+        {
+            compactions.push((changes.len(), heads, clock, base));
+        }
+    }
+    assert_eq!(compactions.len(), 1);
+    let (count, heads, clock, base) = &compactions[0];
+    assert_eq!(*count, 6);
+    assert_eq!(heads.len(), 1);
+    assert_eq!(clock[0].1, 6);
+    assert!(base.is_none());
+}
