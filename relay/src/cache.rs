@@ -36,11 +36,28 @@ pub struct Cache {
 
 impl Cache {
     /// Opens (creating if needed) the cache under `path`.
+    ///
+    /// sled locks its directory; a previous owner that is still exiting (or, in tests, a
+    /// dropped handle whose background thread has not finished) holds the lock briefly,
+    /// so a busy lock is retried for up to two seconds.
     pub fn open(path: &Path) -> Result<Self, CacheError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(64 << 20)
-            .open()?;
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(64 << 20)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(error))
+                    if error.to_string().contains("lock") && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(error) => return Err(error.into()),
+            }
+        };
         let changes = db.open_tree("changes")?;
         let flush_queue = db.open_tree("flush_queue")?;
         Ok(Cache {
@@ -195,13 +212,7 @@ mod tests {
             cache.write(&[(key.clone(), change.clone())]).unwrap();
             cache.commit().await.unwrap();
         }
-        // sled releases its file lock from a background thread after the last handle drops.
-        let cache = loop {
-            match Cache::open(dir.path()) {
-                Ok(cache) => break cache,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        };
+        let cache = Cache::open(dir.path()).unwrap();
         assert_eq!(
             cache.queued(10).unwrap(),
             vec![(key.clone(), change.clone())]
