@@ -708,7 +708,20 @@ async fn compact(
         if got != want {
             return Err("materialized heads differ from the graph's".into());
         }
-        Ok(doc.save())
+        let saved = doc.save();
+        // Verify what will be stored: it loads, and to the same heads.
+        let mut reloaded = automerge::AutoCommit::load(&saved)
+            .map_err(|e| format!("snapshot does not reload: {e}"))?;
+        let mut again: Vec<_> = reloaded
+            .get_heads()
+            .iter()
+            .map(|h| ChangeHash(h.0))
+            .collect();
+        again.sort();
+        if again != got {
+            return Err("saved snapshot reloads to other heads".into());
+        }
+        Ok(saved)
     })
     .await
     .map_err(|e| e.to_string())??;
