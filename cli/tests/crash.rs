@@ -194,7 +194,7 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged_durable() {
                 .unwrap();
             written[d].push(handles[d].heads()[0]);
             i += 1;
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 for (d, handle) in handles.iter().enumerate() {
                     if tokio::time::timeout(Duration::from_millis(5), handle.wait_durable())
                         .await

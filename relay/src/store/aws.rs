@@ -637,10 +637,9 @@ impl AwsStore {
             };
             if let (Some(snapshot), Some(AttributeValue::B(actor)), Some(seq)) =
                 (&best, item.get("actor"), number(&item, "seq"))
+                && snapshot.covers(actor.as_ref(), seq)
             {
-                if snapshot.covers(actor.as_ref(), seq) {
-                    continue;
-                }
+                continue;
             }
             let bytes = match (item.get("b"), string(&item, "s3")) {
                 (Some(AttributeValue::B(blob)), _) => Bytes::copy_from_slice(blob.as_ref()),
