@@ -21,8 +21,17 @@ pub struct RelayFile {
     pub durable: DurableSection,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+}
+
+/// Where the node serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -217,6 +226,7 @@ impl RelayFile {
             tenants,
             limits,
             engine,
+            metrics_listen: self.metrics.map(|m| m.listen),
         })
     }
 }

@@ -61,6 +61,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
         },
         durable: durable_section(&dir, args.durable_endpoint.as_deref()).await?,
         limits: None,
+        metrics: Some(crate::config::MetricsSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }),
         tenants: vec![TenantSection {
             id: DEV_TENANT.into(),
             public_keys: vec![public_key],
@@ -70,6 +73,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let relay = meridian_relay::start(file.clone().into_config(&dir)?).await?;
     let addr = relay.local_addr();
     file.node.listen = addr;
+    if let (Some(metrics), Some(bound)) = (&mut file.metrics, relay.metrics_addr()) {
+        metrics.listen = bound;
+    }
     std::fs::write(dir.join("relay.toml"), toml::to_string_pretty(&file)?)?;
 
     let capability = Capability {
@@ -96,6 +102,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!(
         "  relay    {addr} (node dev-1, cell {DEV_CELL}, jurisdiction {DEV_JURISDICTION}, tenant {DEV_TENANT})"
     );
+    if let Some(metrics) = relay.metrics_addr() {
+        println!("  metrics  http://{metrics}/metrics  (health: /healthz, readiness: /readyz)");
+    }
     println!("  data     {}", dir.display());
     match &file.durable.endpoint {
         Some(endpoint) => println!(

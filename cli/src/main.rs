@@ -115,6 +115,9 @@ async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
     let relay_config = file.into_config(&base)?;
     let relay = meridian_relay::start(relay_config).await?;
     eprintln!("relay listening on {}", relay.local_addr());
+    if let Some(metrics) = relay.metrics_addr() {
+        eprintln!("metrics on http://{metrics}/metrics");
+    }
     wait_for_signal().await?;
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;

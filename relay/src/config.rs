@@ -36,6 +36,8 @@ pub struct RelayConfig {
     pub limits: Limits,
     /// Engine limits and timings.
     pub engine: EngineConfig,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Which durable tier to use.

@@ -7,6 +7,8 @@
 pub mod cache;
 pub mod config;
 pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod node;
 mod session;
 pub mod store;

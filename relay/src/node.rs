@@ -22,6 +22,7 @@ use crate::config::{DurableConfig, Limits, RelayConfig};
 use crate::engine::{
     DocKey, Engine, Loaded, LoadedChange, Now, SessionId, Snapshot, StoreTask, StoredChange,
 };
+use crate::http::Readiness;
 use crate::session::{self, Outbox};
 use crate::store::SnapshotRecord;
 use crate::store::{DurableStore, LocalDirStore};
@@ -112,6 +113,8 @@ pub struct RelayStats {
     pub connections_refused: u64,
     /// Flush batches refused by the IO layer's residency check (should stay 0).
     pub residency_refusals: u64,
+    /// Changes waiting for missing dependencies.
+    pub orphans: usize,
 }
 
 /// State shared by the accept loop and sessions.
@@ -151,12 +154,19 @@ pub struct RelayHandle {
     shared: Arc<Shared>,
     stats: watch::Receiver<RelayStats>,
     cache: Cache,
+    http: Option<tokio::task::JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl RelayHandle {
     /// The UDP address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address `/metrics`, `/healthz` and `/readyz` are served on, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The latest published counters.
@@ -198,6 +208,9 @@ impl Drop for RelayHandle {
     fn drop(&mut self) {
         self.accept.abort();
         self.driver.abort();
+        if let Some(http) = &self.http {
+            http.abort();
+        }
     }
 }
 
@@ -223,6 +236,22 @@ pub async fn start_with_store(
     config: RelayConfig,
     store: Arc<dyn DurableStore>,
 ) -> Result<RelayHandle, RelayError> {
+    // The HTTP endpoint comes up first, so that `/readyz` says "not ready" while the
+    // flush queue is replayed.
+    let readiness = Arc::new(Readiness::default());
+    let (http, metrics_addr) = match config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await.map_err(RelayError::Bind)?;
+            let bound = listener.local_addr().map_err(RelayError::Bind)?;
+            let task = tokio::spawn(crate::http::serve(
+                listener,
+                crate::metrics::install(),
+                readiness.clone(),
+            ));
+            (Some(task), Some(bound))
+        }
+        None => (None, None),
+    };
     let cache = Cache::open(&config.data_dir.join("cache")).map_err(RelayError::Cache)?;
     replay_flush_queue(&cache, store.as_ref()).await?;
 
@@ -277,10 +306,15 @@ pub async fn start_with_store(
         slow_consumers: 0,
         residency_refusals: 0,
         connections_refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        readiness: readiness.clone(),
+        published: Instant::now(),
     };
     let refused = driver.connections_refused.clone();
     let driver = tokio::spawn(driver.run(inputs_rx, stop_rx));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), refused));
+    readiness
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::debug!(%local_addr, node = %config.node, "relay serving");
     Ok(RelayHandle {
         local_addr,
@@ -291,6 +325,8 @@ pub async fn start_with_store(
         shared,
         stats: stats_rx,
         cache,
+        http,
+        metrics_addr,
     })
 }
 
@@ -369,6 +405,9 @@ struct Driver {
     slow_consumers: u64,
     residency_refusals: u64,
     connections_refused: Arc<std::sync::atomic::AtomicU64>,
+    readiness: Arc<Readiness>,
+    /// When metrics were last published (publishing is throttled off the hot path).
+    published: Instant,
 }
 
 struct SessionOutboxes {
@@ -391,9 +430,13 @@ impl Driver {
         workers.spawn(cache_worker(self.cache.clone(), cache_rx, done_tx.clone()));
         let loads = Arc::new(Semaphore::new(self.limits.loads_in_flight_max));
         let mut shutting_down = false;
+        // Gauges such as the flush lag change while nothing happens: refresh them.
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let timer = self.engine.poll_timeout();
             tokio::select! {
+                _ = tick.tick() => {}
                 input = inputs.recv(), if !shutting_down => match input {
                     Some(input) => self.handle_input(input),
                     None => shutting_down = true,
@@ -508,6 +551,13 @@ impl Driver {
             }
         }
         self.evict_idle_docs();
+        while let Some(latency) = self.engine.poll_durable_latency() {
+            crate::metrics::durable_ack_latency(latency);
+        }
+        self.readiness.store_failing.store(
+            self.engine.flush_failing(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let now = Instant::now();
         self.stats.send_replace(RelayStats {
             engine: self.engine.stats().clone(),
@@ -517,10 +567,15 @@ impl Driver {
             oldest_unflushed: self.engine.oldest_unflushed(now),
             slow_consumers: self.slow_consumers,
             residency_refusals: self.residency_refusals,
+            orphans: self.engine.orphans(),
             connections_refused: self
                 .connections_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
         });
+        if now.duration_since(self.published) >= Duration::from_millis(100) {
+            self.published = now;
+            crate::metrics::publish(&self.stats.borrow());
+        }
     }
 
     fn execute(
@@ -562,6 +617,9 @@ impl Driver {
                 workers.spawn(async move {
                     let started = Instant::now();
                     let result = compact(store, &key, base, changes, heads, clock).await;
+                    if result.is_ok() {
+                        crate::metrics::snapshot_duration(started.elapsed());
+                    }
                     tracing::debug!(tenant = %key.tenant, doc = %key.doc, elapsed = ?started.elapsed(), ok = result.is_ok(), "snapshot");
                     let _ = done.send(Completion::Compacted(key, result, count)).await;
                 });

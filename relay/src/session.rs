@@ -137,6 +137,7 @@ async fn run(
             return Err(format!("bad hello frame: {error}"));
         }
         _ => {
+            crate::metrics::connection_rejected("no_hello");
             connection.close(
                 VarInt::from(u32::from(ErrorCode::Unauthorized.code())),
                 b"no hello",
@@ -173,6 +174,7 @@ async fn run(
     let capability = match token::verify(&token, keys_for, unix_now(), &shared.jurisdiction) {
         Ok(capability) => capability,
         Err(error) => {
+            crate::metrics::connection_rejected("unauthorized");
             refuse(
                 connection,
                 &mut send,

@@ -64,7 +64,7 @@ impl Engine {
             Ok(()) => {
                 self.stats.flush_batches += 1;
                 self.flush_backoff = None;
-                self.complete_flush(items);
+                self.complete_flush(now, items);
             }
             Err(reason) => {
                 self.stats.flush_errors += 1;
@@ -202,7 +202,15 @@ impl Engine {
         }
     }
 
-    fn complete_flush(&mut self, items: Vec<FlushItem>) {
+    fn complete_flush(&mut self, now: Now, items: Vec<FlushItem>) {
+        /// Samples kept for the IO layer between two drains.
+        const LATENCY_SAMPLES_MAX: usize = 10_000;
+        for item in &items {
+            if self.durable_latencies.len() < LATENCY_SAMPLES_MAX {
+                self.durable_latencies
+                    .push(now.instant.saturating_duration_since(item.since));
+            }
+        }
         let mut by_doc: HashMap<DocKey, Vec<ChangeHash>> = HashMap::new();
         for item in items {
             by_doc.entry(item.key).or_default().push(item.hash);

@@ -373,6 +373,8 @@ pub struct Engine {
     flush_due: Option<Instant>,
     flush_backoff: Option<Duration>,
     compactions_in_flight: usize,
+    /// Applied-to-durable latencies not yet taken by the IO layer (bounded).
+    durable_latencies: Vec<Duration>,
     /// Changes whose tenant may not be flushed here: kept, never written, counted.
     quarantined: Vec<FlushItem>,
     stats: Stats,
@@ -397,6 +399,7 @@ impl Engine {
             flush_due: None,
             flush_backoff: None,
             compactions_in_flight: 0,
+            durable_latencies: Vec::new(),
             quarantined: Vec::new(),
             stats: Stats::default(),
         }
@@ -453,6 +456,17 @@ impl Engine {
     /// The next message to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// The next applied-to-durable latency sample, for the IO layer's histogram.
+    pub fn poll_durable_latency(&mut self) -> Option<Duration> {
+        self.durable_latencies.pop()
+    }
+
+    /// True while the last flush attempt failed (the durable tier is unreachable or
+    /// throttling); cleared by the next success.
+    pub fn flush_failing(&self) -> bool {
+        self.flush_backoff.is_some()
     }
 
     /// The next storage effect to carry out.

@@ -418,14 +418,17 @@ impl AwsStore {
                     pending = unprocessed;
                 }
                 Err(BatchFailure::Retryable(reason)) => {
+                    crate::metrics::store_retry("transient");
                     tracing::debug!(attempt, %reason, "batch write will be retried");
                 }
                 Err(BatchFailure::Fatal(error)) => {
+                    crate::metrics::store_error();
                     self.stats.errors.fetch_add(1, Ordering::Relaxed);
                     return Err(error);
                 }
             }
             if attempt >= self.config.attempts_max {
+                crate::metrics::store_error();
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 return Err(StoreError::Unavailable(format!(
                     "{} items still unwritten after {attempt} attempts",
@@ -448,6 +451,7 @@ impl AwsStore {
         requests: &[WriteRequest],
     ) -> Result<Vec<WriteRequest>, BatchFailure> {
         if take_one(&self.faults.throttles) {
+            crate::metrics::store_retry("throttled");
             self.stats.throttled.fetch_add(1, Ordering::Relaxed);
             return Err(BatchFailure::Retryable("injected throttling".into()));
         }
@@ -487,6 +491,7 @@ impl AwsStore {
                         | aws_sdk_dynamodb::error::SdkError::ResponseError(_)
                 );
                 if throttled {
+                    crate::metrics::store_retry("throttled");
                     self.stats.throttled.fetch_add(1, Ordering::Relaxed);
                 }
                 let reason = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();

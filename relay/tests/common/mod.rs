@@ -63,6 +63,7 @@ impl Dev {
             }],
             limits: self.limits.clone(),
             engine: self.engine.clone(),
+            metrics_listen: None,
         }
     }
 

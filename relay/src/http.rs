@@ -1,0 +1,119 @@
+//! The node's small HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (alive) and
+//! `/readyz` (ready to serve). Requests are bounded in size and time; one connection per
+//! request (`Connection: close`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+/// The most bytes read of one request.
+const REQUEST_MAX: usize = 8 << 10;
+/// Requests served at once.
+const CONCURRENT_MAX: usize = 64;
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// The flush queue was replayed and the QUIC endpoint is serving.
+    pub serving: AtomicBool,
+    /// The last flush to the durable tier failed (the store is unreachable or throttling).
+    pub store_failing: AtomicBool,
+}
+
+impl Readiness {
+    fn ready(&self) -> Result<(), &'static str> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err("starting: replaying the flush queue");
+        }
+        if self.store_failing.load(Ordering::Relaxed) {
+            return Err("durable store unreachable");
+        }
+        Ok(())
+    }
+}
+
+/// Binds the endpoint; serve it with [`serve`].
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves requests until the task is aborted.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    readiness: Arc<Readiness>,
+) {
+    let permits = Arc::new(Semaphore::new(CONCURRENT_MAX));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            continue; // over the limit: drop the connection
+        };
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), respond(stream, metrics, readiness))
+                    .await;
+            drop(permit);
+        });
+    }
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    metrics: Option<PrometheusHandle>,
+    readiness: Arc<Readiness>,
+) -> std::io::Result<()> {
+    let mut request = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_MAX {
+        let read = stream.read(&mut chunk).await?;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(&chunk[..read]);
+    }
+    let line = request.split(|b| *b == b'\r').next().unwrap_or(&[]);
+    let mut parts = line.split(|b| *b == b' ');
+    let (method, path) = (parts.next().unwrap_or(&[]), parts.next().unwrap_or(&[]));
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => match &metrics {
+            Some(handle) => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                "metrics recorder not installed\n".to_owned(),
+            ),
+        },
+        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        (b"GET", b"/readyz") => match readiness.ready() {
+            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
+            Err(reason) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("{reason}\n"),
+            ),
+        },
+        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

@@ -1,0 +1,190 @@
+//! Prometheus metrics: the process-wide recorder (metrics-exporter-prometheus) and the
+//! names this relay exports. Every name is documented in the README.
+//!
+//! The recorder is global to the process: run one relay per process in production (tests
+//! that start several relays in one process see their sums).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::node::RelayStats;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once and returns its handle (`None` if another
+/// recorder was installed first by the embedding program).
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ])
+                .ok()?
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(
+        "meridian_sessions",
+        "Authenticated sessions (connections) open."
+    );
+    describe_counter!(
+        "meridian_connections_rejected_total",
+        "Connections refused, by reason."
+    );
+    describe_gauge!("meridian_hot_documents", "Documents held in memory.");
+    describe_counter!(
+        "meridian_changes_received_total",
+        "Changes received from clients."
+    );
+    describe_counter!(
+        "meridian_changes_applied_total",
+        "Changes newly added to a document's change graph."
+    );
+    describe_counter!(
+        "meridian_changes_refused_total",
+        "Changes refused (invalid, forbidden, orphan queue full, ...)."
+    );
+    describe_counter!(
+        "meridian_changes_fanned_out_total",
+        "Change deliveries to other subscribers."
+    );
+    describe_gauge!(
+        "meridian_orphan_changes",
+        "Changes waiting for missing dependencies."
+    );
+    describe_counter!(
+        "meridian_orphans_parked_total",
+        "Changes parked as orphans."
+    );
+    describe_gauge!(
+        "meridian_flush_queue_depth",
+        "Changes applied but not yet durable."
+    );
+    describe_gauge!(
+        "meridian_flush_oldest_unflushed_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest change not yet durable (flush lag)."
+    );
+    describe_counter!(
+        "meridian_flush_batches_total",
+        "Flush batches written to the durable tier."
+    );
+    describe_counter!(
+        "meridian_flush_errors_total",
+        "Flush batches that failed and were requeued."
+    );
+    describe_counter!("meridian_changes_durable_total", "Changes made durable.");
+    describe_histogram!(
+        "meridian_durable_ack_latency_seconds",
+        Unit::Seconds,
+        "From a change's cache commit (applied) to its durable flush."
+    );
+    describe_counter!(
+        "meridian_store_retries_total",
+        "Durable-tier call retries, by kind (throttled, unprocessed, transient)."
+    );
+    describe_counter!(
+        "meridian_store_errors_total",
+        "Durable-tier calls that failed for good."
+    );
+    describe_counter!("meridian_snapshots_total", "Snapshots written.");
+    describe_counter!(
+        "meridian_snapshot_errors_total",
+        "Snapshot attempts that failed."
+    );
+    describe_histogram!(
+        "meridian_snapshot_duration_seconds",
+        Unit::Seconds,
+        "Time to materialize, verify and store a snapshot."
+    );
+    describe_counter!(
+        "meridian_cold_loads_total",
+        "Documents loaded from storage."
+    );
+    describe_counter!(
+        "meridian_corrupt_changes_total",
+        "Stored changes that failed their checks on load."
+    );
+    describe_counter!(
+        "meridian_slow_consumers_total",
+        "Connections closed because they did not read."
+    );
+    describe_counter!(
+        "meridian_residency_violations_refused_total",
+        "Writes refused by a residency check (should stay 0)."
+    );
+    describe_counter!(
+        "meridian_invariant_violations_total",
+        "Broken internal invariants (should stay 0)."
+    );
+}
+
+/// Publishes the driver's counters and gauges.
+pub fn publish(stats: &RelayStats) {
+    let engine = &stats.engine;
+    gauge!("meridian_sessions").set(stats.sessions as f64);
+    gauge!("meridian_hot_documents").set(stats.hot_docs as f64);
+    gauge!("meridian_orphan_changes").set(stats.orphans as f64);
+    gauge!("meridian_flush_queue_depth").set(stats.flush_queue as f64);
+    gauge!("meridian_flush_oldest_unflushed_age_seconds")
+        .set(stats.oldest_unflushed.map_or(0.0, |age| age.as_secs_f64()));
+    counter!("meridian_connections_rejected_total", "reason" => "limit")
+        .absolute(stats.connections_refused);
+    counter!("meridian_changes_received_total").absolute(engine.changes_received);
+    counter!("meridian_changes_applied_total").absolute(engine.changes_applied);
+    counter!("meridian_changes_refused_total").absolute(engine.changes_refused);
+    counter!("meridian_changes_fanned_out_total").absolute(engine.changes_fanned_out);
+    counter!("meridian_orphans_parked_total").absolute(engine.orphans_parked);
+    counter!("meridian_flush_batches_total").absolute(engine.flush_batches);
+    counter!("meridian_flush_errors_total").absolute(engine.flush_errors);
+    counter!("meridian_changes_durable_total").absolute(engine.changes_durable);
+    counter!("meridian_snapshots_total").absolute(engine.snapshots);
+    counter!("meridian_snapshot_errors_total").absolute(engine.snapshot_errors);
+    counter!("meridian_cold_loads_total").absolute(engine.cold_loads);
+    counter!("meridian_corrupt_changes_total").absolute(engine.corrupt_changes);
+    counter!("meridian_slow_consumers_total").absolute(stats.slow_consumers);
+    counter!("meridian_residency_violations_refused_total", "check" => "engine")
+        .absolute(engine.residency_refusals);
+    counter!("meridian_residency_violations_refused_total", "check" => "io")
+        .absolute(stats.residency_refusals);
+    counter!("meridian_invariant_violations_total").absolute(engine.invariant_violations);
+}
+
+/// A connection refused before it became a session.
+pub fn connection_rejected(reason: &'static str) {
+    counter!("meridian_connections_rejected_total", "reason" => reason).increment(1);
+}
+
+/// One change's time from applied to durable.
+pub fn durable_ack_latency(latency: Duration) {
+    histogram!("meridian_durable_ack_latency_seconds").record(latency.as_secs_f64());
+}
+
+/// One snapshot's duration.
+pub fn snapshot_duration(duration: Duration) {
+    histogram!("meridian_snapshot_duration_seconds").record(duration.as_secs_f64());
+}
+
+/// A durable-tier retry of the given kind.
+pub fn store_retry(kind: &'static str) {
+    counter!("meridian_store_retries_total", "kind" => kind).increment(1);
+}
+
+/// A durable-tier call that failed for good.
+pub fn store_error() {
+    counter!("meridian_store_errors_total").increment(1);
+}
