@@ -374,7 +374,12 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
             user,
             state,
         }),
-        RelayToClient::Error { code, message, .. } => doc.on_error(code, message),
+        RelayToClient::Error { code, message, .. } => {
+            if matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited) {
+                doc.retry_unapplied(Duration::from_millis(250));
+            }
+            doc.on_error(code, message)
+        }
         RelayToClient::Moved { .. } | RelayToClient::Redirect { .. } => {
             doc.on_error(
                 ErrorCode::Redirect,

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use meridian_protocol::{ChangeHash, DocId, ErrorCode, UserId};
 use tokio::sync::{Notify, broadcast, watch};
 
-use crate::ClientError;
 use crate::store::DocStore;
+use crate::{ClientError, ConnectionState};
 
 /// Events the app can listen to with [`DocHandle::updates`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +84,7 @@ pub(crate) struct DocShared {
     events: broadcast::Sender<DocEvent>,
     pub(crate) outgoing: Notify,
     store: Option<DocStore>,
+    connection: watch::Receiver<ConnectionState>,
 }
 
 /// An open document. Cheap to clone; every clone is the same document.
@@ -93,7 +94,11 @@ pub struct DocHandle {
 }
 
 impl DocHandle {
-    pub(crate) fn open(id: DocId, store_dir: Option<PathBuf>) -> Result<Self, ClientError> {
+    pub(crate) fn open(
+        id: DocId,
+        store_dir: Option<PathBuf>,
+        connection: watch::Receiver<ConnectionState>,
+    ) -> Result<Self, ClientError> {
         let mut doc = AutoCommit::new();
         let mut pending = Vec::new();
         let store = match store_dir {
@@ -141,6 +146,7 @@ impl DocHandle {
                 events,
                 outgoing: Notify::new(),
                 store,
+                connection,
             }),
         })
     }
@@ -270,8 +276,18 @@ impl DocHandle {
     /// or a change (the condition could then never hold).
     async fn wait_for(&self, done: impl Fn(&DocState) -> bool) -> Result<(), ClientError> {
         let mut version = self.shared.version.subscribe();
+        let mut connection = self.shared.connection.clone();
         let refusals = self.lock().refusals;
         loop {
+            // A connection that failed for good (token refused, client closed) will not
+            // make progress: end the wait.
+            if let ConnectionState::Failed(reason) = &*connection.borrow_and_update() {
+                return Err(if reason == "closed" {
+                    ClientError::Closed
+                } else {
+                    ClientError::Unauthorized(reason.clone())
+                });
+            }
             {
                 let state = self.lock();
                 if done(&state) {
@@ -285,8 +301,24 @@ impl DocHandle {
                     return Err(ClientError::Relay { code, message });
                 }
             }
-            version.changed().await.map_err(|_| ClientError::Closed)?;
+            tokio::select! {
+                changed = version.changed() => changed.map_err(|_| ClientError::Closed)?,
+                changed = connection.changed() => changed.map_err(|_| ClientError::Closed)?,
+            }
         }
+    }
+
+    /// The relay could not take our changes yet (the document is still loading, or it is
+    /// overloaded): send the unacknowledged ones again a little later.
+    pub(crate) fn retry_unapplied(&self, after: std::time::Duration) {
+        for pending in self.lock().pending.iter_mut().filter(|p| !p.applied) {
+            pending.sent = false;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            shared.outgoing.notify_one();
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, DocState> {

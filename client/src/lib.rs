@@ -188,7 +188,7 @@ impl Client {
             .map_err(|_| ClientError::Closed)?
             .store_dir
             .clone();
-        let handle = DocHandle::open(id.clone(), store_dir)?;
+        let handle = DocHandle::open(id.clone(), store_dir, self.inner.state.clone())?;
         self.inner
             .docs
             .lock()

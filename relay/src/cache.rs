@@ -76,8 +76,11 @@ impl Cache {
             change_batch.insert(id.clone(), encode_value(change));
             queue_batch.insert(id, &[][..]);
         }
-        self.changes.apply_batch(change_batch)?;
+        // The queue entry goes first: a crash between the two leaves a queued entry with no
+        // change (dropped at replay; it was never acknowledged), never a cached change that
+        // looks flushed.
         self.flush_queue.apply_batch(queue_batch)?;
+        self.changes.apply_batch(change_batch)?;
         Ok(())
     }
 

@@ -89,6 +89,14 @@ enum Completion {
     Flushed(u64, Result<(), String>),
 }
 
+/// The cache worker's two queues: commits (at most one is ever in flight, so this never
+/// fills) and uncaches (which may wait, or be dropped: a dropped uncache only means a
+/// durable change is flushed again, idempotently, at the next start).
+struct CacheQueues {
+    commits: mpsc::Sender<CacheJob>,
+    uncaches: mpsc::Sender<CacheJob>,
+}
+
 enum CacheJob {
     Commit(u64, Vec<(DocKey, StoredChange)>),
     Uncache(Vec<(DocKey, ChangeHash)>),
@@ -425,9 +433,19 @@ fn now() -> Now {
 impl Driver {
     async fn run(mut self, mut inputs: mpsc::Receiver<Input>, mut stop: oneshot::Receiver<()>) {
         let (done_tx, mut done_rx) = mpsc::channel::<Completion>(1024);
-        let (cache_tx, cache_rx) = mpsc::channel::<CacheJob>(1024);
+        let (commits_tx, commits_rx) = mpsc::channel::<CacheJob>(4);
+        let (uncaches_tx, uncaches_rx) = mpsc::channel::<CacheJob>(1024);
+        let cache_tx = CacheQueues {
+            commits: commits_tx,
+            uncaches: uncaches_tx,
+        };
         let mut workers = JoinSet::new();
-        workers.spawn(cache_worker(self.cache.clone(), cache_rx, done_tx.clone()));
+        workers.spawn(cache_worker(
+            self.cache.clone(),
+            commits_rx,
+            uncaches_rx,
+            done_tx.clone(),
+        ));
         let loads = Arc::new(Semaphore::new(self.limits.loads_in_flight_max));
         let mut shutting_down = false;
         // Gauges such as the flush lag change while nothing happens: refresh them.
@@ -443,7 +461,7 @@ impl Driver {
                 },
                 Some(done) = done_rx.recv() => match done {
                     Completion::Loaded(key, result) => self.engine.handle_loaded(now(), key, result),
-                    Completion::Compacted(key, result, changes) => self.engine.handle_compacted(key, result, changes),
+                    Completion::Compacted(key, result, changes) => self.engine.handle_compacted(now(), key, result, changes),
                     Completion::Committed(commit) => self.engine.handle_cache_committed(now(), commit),
                     Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
                 },
@@ -517,7 +535,7 @@ impl Driver {
     fn drain(
         &mut self,
         done: &mpsc::Sender<Completion>,
-        cache: &mpsc::Sender<CacheJob>,
+        cache: &CacheQueues,
         loads: &Arc<Semaphore>,
         workers: &mut JoinSet<()>,
     ) {
@@ -582,7 +600,7 @@ impl Driver {
         &mut self,
         task: StoreTask,
         done: &mpsc::Sender<Completion>,
-        cache: &mpsc::Sender<CacheJob>,
+        cache: &CacheQueues,
         loads: &Arc<Semaphore>,
         workers: &mut JoinSet<()>,
     ) {
@@ -601,7 +619,11 @@ impl Driver {
                 });
             }
             StoreTask::Cache { commit, changes } => {
-                if cache.try_send(CacheJob::Commit(commit, changes)).is_err() {
+                if cache
+                    .commits
+                    .try_send(CacheJob::Commit(commit, changes))
+                    .is_err()
+                {
                     tracing::error!("cache worker queue full; this is a bug");
                 }
             }
@@ -625,8 +647,10 @@ impl Driver {
                 });
             }
             StoreTask::Uncache { changes } => {
-                if cache.try_send(CacheJob::Uncache(changes)).is_err() {
-                    tracing::error!("cache worker queue full; this is a bug");
+                if cache.uncaches.try_send(CacheJob::Uncache(changes)).is_err() {
+                    tracing::debug!(
+                        "uncache queue full; those durable changes will be replayed (idempotently) at the next start"
+                    );
                 }
             }
             StoreTask::Flush {
@@ -646,7 +670,8 @@ impl Driver {
                         "residency: batch for {jurisdiction:?} refused by the {:?} store",
                         self.engine.config().jurisdiction
                     );
-                    let _ = done.try_send(Completion::Flushed(batch, Err(reason)));
+                    tracing::error!(%reason, "residency check refused a flush batch");
+                    self.engine.handle_flush_done(now(), batch, Err(reason));
                     return;
                 }
                 let (store, done) = (self.store.clone(), done.clone());
@@ -801,10 +826,17 @@ async fn compact(
 /// Applies cache jobs in order; a commit covers every write before it.
 async fn cache_worker(
     cache: Cache,
-    mut jobs: mpsc::Receiver<CacheJob>,
+    mut commits: mpsc::Receiver<CacheJob>,
+    mut uncaches: mpsc::Receiver<CacheJob>,
     done: mpsc::Sender<Completion>,
 ) {
-    while let Some(job) = jobs.recv().await {
+    loop {
+        let job = tokio::select! {
+            biased;
+            Some(job) = commits.recv() => job,
+            Some(job) = uncaches.recv() => job,
+            else => return,
+        };
         match job {
             CacheJob::Commit(commit, changes) => {
                 let mut delay = Duration::from_millis(10);

@@ -3,7 +3,14 @@
 
 use meridian_protocol::TenantId;
 
-use super::{DocKey, Engine, Snapshot, StoreTask};
+use std::time::{Duration, Instant};
+
+use super::{DocKey, Engine, Now, Snapshot, StoreTask};
+
+/// First delay after a failed snapshot.
+const COMPACT_RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// Longest delay between snapshot attempts of one document.
+const COMPACT_RETRY_MAX: Duration = Duration::from_secs(600);
 
 impl Engine {
     /// Whether `tenant`'s data may be written to this engine's jurisdiction.
@@ -16,7 +23,7 @@ impl Engine {
 
     /// Starts a snapshot of `key` if enough changed since the last one and a compaction
     /// slot is free. Materializing happens in the IO layer, off the hot path.
-    pub(super) fn maybe_compact(&mut self, key: &DocKey) {
+    pub(super) fn maybe_compact(&mut self, now: Instant, key: &DocKey) {
         if self.compactions_in_flight >= self.config.compactions_in_flight_max {
             return;
         }
@@ -30,6 +37,12 @@ impl Engine {
         let (changes, bytes) = entry.since_snapshot;
         if entry.compacting || (changes < every_changes && bytes < every_bytes) {
             return;
+        }
+        if entry
+            .compact_retry
+            .is_some_and(|(_, not_before)| now < not_before)
+        {
+            return; // a failed attempt backs off
         }
         let base = entry.snapshot.clone();
         let since = base.as_ref().map_or(&[][..], |s| &s.heads[..]);
@@ -54,6 +67,7 @@ impl Engine {
     /// on; on failure the counters keep growing and a later change retries.
     pub fn handle_compacted(
         &mut self,
+        now: Now,
         key: DocKey,
         result: Result<Snapshot, String>,
         changes: usize,
@@ -67,14 +81,22 @@ impl Engine {
             Ok(snapshot) => {
                 self.stats.snapshots += 1;
                 entry.snapshot = Some(snapshot);
+                entry.compact_retry = None;
             }
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot failed");
                 self.stats.snapshot_errors += 1;
                 entry.since_snapshot.0 += changes;
+                // Exponential backoff, 0.5 s doubling to 10 min, so that a document whose
+                // snapshot keeps failing does not keep a core busy.
+                let failures = entry.compact_retry.map_or(0, |(f, _)| f).saturating_add(1);
+                let delay = COMPACT_RETRY_INITIAL
+                    .saturating_mul(1 << failures.min(10))
+                    .min(COMPACT_RETRY_MAX);
+                entry.compact_retry = Some((failures, now.instant + delay));
             }
         }
         // Changes that arrived meanwhile may already call for the next one.
-        self.maybe_compact(&key);
+        self.maybe_compact(now.instant, &key);
     }
 }

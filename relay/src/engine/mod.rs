@@ -127,6 +127,8 @@ pub struct EngineConfig {
     pub subscriptions_per_session_max: usize,
     /// Change frames buffered for a document that is still loading.
     pub loading_backlog_max: usize,
+    /// Documents loading from storage at once (more subscribes are refused, retryable).
+    pub loads_pending_max: usize,
     /// How long changes wait before a flush batch starts (they accumulate meanwhile).
     pub flush_interval: Duration,
     /// Changes per flush batch.
@@ -159,6 +161,7 @@ impl Default for EngineConfig {
             orphan_bytes_per_doc_max: 4 << 20,
             subscriptions_per_session_max: 1024,
             loading_backlog_max: 64,
+            loads_pending_max: 1024,
             flush_interval: Duration::from_millis(20),
             flush_batch_max: 500,
             flush_in_flight_max: 4,
@@ -317,6 +320,8 @@ struct Doc {
     snapshot: Option<Snapshot>,
     since_snapshot: (usize, usize),
     compacting: bool,
+    /// After failed snapshots: how many, and not before when to try again.
+    compact_retry: Option<(u32, Instant)>,
 }
 
 impl Doc {
@@ -352,6 +357,7 @@ impl Doc {
             snapshot: None,
             since_snapshot: (0, 0),
             compacting: false,
+            compact_retry: None,
         }
     }
 }
@@ -373,6 +379,8 @@ pub struct Engine {
     flush_due: Option<Instant>,
     flush_backoff: Option<Duration>,
     compactions_in_flight: usize,
+    /// Documents in the `Loading` state.
+    loading: usize,
     /// Applied-to-durable latencies not yet taken by the IO layer (bounded).
     durable_latencies: Vec<Duration>,
     /// Changes whose tenant may not be flushed here: kept, never written, counted.
@@ -399,6 +407,7 @@ impl Engine {
             flush_due: None,
             flush_backoff: None,
             compactions_in_flight: 0,
+            loading: 0,
             durable_latencies: Vec::new(),
             quarantined: Vec::new(),
             stats: Stats::default(),
@@ -518,6 +527,7 @@ impl Engine {
         for doc in state.subscriptions {
             self.leave(
                 session,
+                &state.capability.user,
                 &DocKey {
                     tenant: tenant.clone(),
                     doc,
@@ -573,7 +583,19 @@ impl Engine {
                 ..
             }) => subscribes.push((session, heads)),
             Some(_) => self.serve_subscribe(&key, session, heads),
+            None if self.loading >= self.config.loads_pending_max => {
+                if let Some(state) = self.sessions.get_mut(&session) {
+                    state.subscriptions.remove(&key.doc);
+                }
+                self.error(
+                    session,
+                    Some(key.doc.clone()),
+                    ErrorCode::Overloaded,
+                    "too many documents loading; retry",
+                );
+            }
             None => {
+                self.loading += 1;
                 let mut loading = Doc::loading();
                 if let DocState::Loading { subscribes, .. } = &mut loading.state {
                     subscribes.push((session, heads));
@@ -594,7 +616,8 @@ impl Engine {
                 tenant: state.capability.tenant.clone(),
                 doc,
             };
-            self.leave(session, &key);
+            let user = state.capability.user.clone();
+            self.leave(session, &user, &key);
         }
     }
 
@@ -699,6 +722,7 @@ impl Engine {
         else {
             return;
         };
+        self.loading = self.loading.saturating_sub(1);
         let loaded = match result {
             Ok(loaded) => loaded,
             Err(reason) => {
@@ -846,18 +870,17 @@ impl Engine {
         self.error(session, doc, ErrorCode::Internal, "internal error");
     }
 
-    fn leave(&mut self, session: SessionId, key: &DocKey) {
+    fn leave(&mut self, session: SessionId, user: &UserId, key: &DocKey) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
         entry.subscribers.remove(&session);
+        if let DocState::Loading { subscribes, .. } = &mut entry.state {
+            subscribes.retain(|(s, _)| *s != session);
+        }
         if entry.presence.remove(&session).is_some() {
-            let user = self
-                .sessions
-                .get(&session)
-                .map(|s| s.capability.user.clone());
             let others: Vec<SessionId> = entry.subscribers.iter().copied().collect();
-            if let Some(user) = user {
+            {
                 for other in others {
                     self.send(
                         other,
@@ -922,7 +945,6 @@ impl Engine {
 
     /// The hot path: parse, check, add or park, fan out, queue for the cache commit.
     fn ingest(&mut self, now: Now, session: SessionId, key: &DocKey, changes: Vec<Bytes>) {
-        let _ = now;
         let Some(user) = self
             .sessions
             .get(&session)
@@ -1026,17 +1048,22 @@ impl Engine {
         self.stats.changes_refused += refusals.len() as u64;
         entry.unflushed += accepted.len();
 
-        // Fan out to every other subscriber without waiting for the cache.
-        if !accepted.is_empty() {
-            let bytes: Vec<Bytes> = accepted
-                .iter()
-                .map(|(_, i)| entry.graph.entry(*i).bytes.clone())
-                .collect();
+        // Fan out without waiting for the cache: each change to every subscriber but the
+        // session it came from (an orphan that connects now came from another session).
+        let mut by_origin: Vec<(SessionId, Vec<Bytes>)> = Vec::new();
+        for (origin, index) in &accepted {
+            let bytes = entry.graph.entry(*index).bytes.clone();
+            match by_origin.iter_mut().find(|(o, _)| o == origin) {
+                Some((_, group)) => group.push(bytes),
+                None => by_origin.push((*origin, vec![bytes])),
+            }
+        }
+        for (origin, bytes) in by_origin {
             let others: Vec<SessionId> = entry
                 .subscribers
                 .iter()
                 .copied()
-                .filter(|s| *s != session)
+                .filter(|s| *s != origin)
                 .collect();
             self.stats.changes_fanned_out += (bytes.len() * others.len()) as u64;
             for chunk in chunk_by_bytes(&bytes, self.config.catchup_frame_bytes) {
@@ -1087,7 +1114,7 @@ impl Engine {
             self.error(session, Some(key.doc.clone()), code, &message);
         }
         self.start_commit();
-        self.maybe_compact(key);
+        self.maybe_compact(now.instant, key);
     }
 }
 

@@ -93,7 +93,7 @@ impl Harness {
                 StoreTask::Uncache { .. } => {}
                 StoreTask::Compact { key, .. } => {
                     self.engine
-                        .handle_compacted(key, Err("not in this harness".into()), 0)
+                        .handle_compacted(now, key, Err("not in this harness".into()), 0)
                 }
             }
         }
@@ -455,4 +455,70 @@ fn enough_changes_start_one_background_compaction() {
     assert_eq!(heads.len(), 1);
     assert_eq!(clock[0].1, 6);
     assert!(base.is_none());
+}
+
+#[test]
+fn an_orphan_connected_by_another_session_reaches_that_session() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.run(t);
+    h.take(1);
+    h.take(2);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    doc.commit();
+    let mut bobs = doc.fork();
+    bobs.put(automerge::ROOT, "b", 2).unwrap();
+    bobs.commit();
+    let first = changes_of(&mut doc);
+    let orphan = bobs
+        .get_changes(&doc.get_heads())
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect::<Vec<_>>();
+    // Bob's change arrives before the change it depends on, which Alice sends.
+    h.engine.handle_changes(t, 2, doc_id(), orphan.clone());
+    h.engine.handle_changes(t, 1, doc_id(), first);
+    h.run(t);
+    let to_alice: Vec<Bytes> = h
+        .take(1)
+        .into_iter()
+        .filter_map(|o| match o {
+            Outbound::Message(RelayToClient::Changes { changes, .. }) => Some(changes),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        to_alice, orphan,
+        "Alice receives Bob's change that her change connected"
+    );
+}
+
+#[test]
+fn presence_is_cleared_when_a_connection_drops() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.engine
+        .handle_presence(t, 1, doc_id(), Bytes::from_static(b"here"));
+    h.run(t);
+    h.take(2);
+    h.engine.handle_session_closed(1);
+    h.run(t);
+    assert!(matches!(
+        &h.take(2)[..],
+        [Outbound::Message(RelayToClient::Presence { session: 1, state, .. })] if state.is_empty()
+    ));
 }

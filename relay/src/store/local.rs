@@ -13,7 +13,7 @@
 //! `<id>.am` (the saved document), the latter created with a hard link so that a second
 //! writer of the same id finds it present and leaves it alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ pub struct LocalDirStore {
     root: Arc<PathBuf>,
     /// Serializes appends so records never interleave.
     writer: Arc<Mutex<()>>,
+    /// Logs whose tail was checked since this process opened the store.
+    checked: Arc<Mutex<HashSet<PathBuf>>>,
     /// Injected failures (tests stand them in for throttling).
     failures: Arc<AtomicUsize>,
 }
@@ -51,6 +53,7 @@ impl LocalDirStore {
         Ok(LocalDirStore {
             root: Arc::new(root),
             writer: Arc::new(Mutex::new(())),
+            checked: Arc::new(Mutex::new(HashSet::new())),
             failures: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -158,7 +161,14 @@ impl LocalDirStore {
             .join(format!("{}.log", hex::encode(key.doc.as_str())))
     }
 
-    fn write_blocking(root: &Path, changes: &[(DocKey, StoredChange)]) -> Result<(), StoreError> {
+    /// Appends each document's records. A log is first cut back to its last whole record
+    /// (a crash mid-append leaves a torn tail, which must not hide what comes after it),
+    /// and an append that fails is cut back off, so the log always ends on a record.
+    fn write_blocking(
+        root: &Path,
+        checked: &Mutex<HashSet<PathBuf>>,
+        changes: &[(DocKey, StoredChange)],
+    ) -> Result<(), StoreError> {
         let mut by_doc: BTreeMap<&DocKey, Vec<u8>> = BTreeMap::new();
         for (key, change) in changes {
             encode_record(by_doc.entry(key).or_default(), change);
@@ -175,8 +185,26 @@ impl LocalDirStore {
             }
             let new_file = !path.exists();
             let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            file.write_all(&records)?;
-            file.sync_data()?;
+            let mut seen = checked
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            if !new_file && !seen.contains(&path) {
+                let data = fs::read(&path)?;
+                let whole = valid_prefix(&data);
+                if whole < data.len() {
+                    tracing::debug!(path = %path.display(), torn = data.len() - whole, "cutting a torn log tail");
+                    file.set_len(whole as u64)?;
+                    file.sync_data()?;
+                }
+            }
+            seen.insert(path.clone());
+            drop(seen);
+            let before = file.metadata()?.len();
+            let appended = file.write_all(&records).and_then(|()| file.sync_data());
+            if let Err(error) = appended {
+                let _ = file.set_len(before).and_then(|()| file.sync_data());
+                return Err(error.into());
+            }
             if new_file {
                 File::open(dir)?.sync_all()?;
             }
@@ -205,6 +233,7 @@ impl DurableStore for LocalDirStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let root = self.root.clone();
         let writer = self.writer.clone();
+        let checked = self.checked.clone();
         let changes = changes.to_vec();
         let failed = self.injected_failure();
         Box::pin(async move {
@@ -215,7 +244,7 @@ impl DurableStore for LocalDirStore {
                 let _guard = writer
                     .lock()
                     .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?;
-                Self::write_blocking(&root, &changes)
+                Self::write_blocking(&root, &checked, &changes)
             })
             .await
             .map_err(|error| StoreError::Unavailable(error.to_string()))?
@@ -277,6 +306,19 @@ fn encode_record(out: &mut Vec<u8>, change: &StoredChange) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
     out.extend_from_slice(&payload);
+}
+
+/// The length of the log up to its last whole record (what follows is a torn tail).
+fn valid_prefix(data: &[u8]) -> usize {
+    let mut at = 0;
+    while data.len() - at >= 8 {
+        let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+        if len > RECORD_MAX || data.len() - at - 8 < len {
+            break;
+        }
+        at += 8 + len;
+    }
+    at
 }
 
 /// Reads records until the end or a torn tail; skips records that fail their CRC.
@@ -348,10 +390,21 @@ mod tests {
         fs::write(&path, &data).unwrap();
         assert_eq!(store.load(&key).await.unwrap().changes.len(), 3);
 
+        // A torn tail followed by more appends (a crash mid-write, then a restart): the
+        // tail is cut first, so the new records load.
+        let reopened = LocalDirStore::open(dir.path()).unwrap();
+        reopened
+            .write_changes(&[(key.clone(), change(9))])
+            .await
+            .unwrap();
+        let loaded = reopened.load(&key).await.unwrap().changes;
+        assert_eq!(loaded.len(), 4);
+        assert!(loaded.contains(&change(9)));
+
         // A flipped byte inside the first record: it is skipped, the rest survive.
         let mut data = fs::read(&path).unwrap();
         data[20] ^= 0xff;
         fs::write(&path, &data).unwrap();
-        assert_eq!(store.load(&key).await.unwrap().changes.len(), 2);
+        assert_eq!(store.load(&key).await.unwrap().changes.len(), 3);
     }
 }
