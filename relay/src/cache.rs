@@ -118,12 +118,19 @@ impl Cache {
         let mut out = Vec::new();
         for item in self.flush_queue.iter().take(limit) {
             let (id, _) = item?;
-            let key = doc_key_of(&id)?;
-            let hash = hash_of(&id)?;
-            match self.changes.get(&id)? {
-                Some(value) => out.push((key, decode_value(hash, &value)?)),
-                None => {
-                    // Queued but not stored: a torn write before the commit, never acked.
+            let decoded = match self.changes.get(&id)? {
+                Some(value) => {
+                    doc_key_of(&id).and_then(|key| Ok((key, decode_value(hash_of(&id)?, &value)?)))
+                }
+                // Queued but not stored: a torn write before the commit, never acked.
+                None => Err(CacheError::Corrupt),
+            };
+            match decoded {
+                Ok(entry) => out.push(entry),
+                Err(_) => {
+                    // Unreadable: it cannot be flushed, and one bad entry must not keep the
+                    // node from starting. Clients keep every change until it is Durable.
+                    tracing::debug!("dropping an unreadable flush-queue entry");
                     self.flush_queue.remove(&id)?;
                 }
             }

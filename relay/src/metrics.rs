@@ -179,6 +179,11 @@ pub fn snapshot_duration(duration: Duration) {
     histogram!("meridian_snapshot_duration_seconds").record(duration.as_secs_f64());
 }
 
+/// A snapshot refused on load.
+pub fn corrupt_snapshot() {
+    counter!("meridian_corrupt_snapshots_total").increment(1);
+}
+
 /// A durable-tier retry of the given kind.
 pub fn store_retry(kind: &'static str) {
     counter!("meridian_store_retries_total", "kind" => kind).increment(1);

@@ -13,14 +13,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_protocol::token::{Capability, TenantPublicKey};
-use meridian_protocol::{ChangeHash, DocId, ErrorCode, NodeId, TenantId};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, NodeId, RelayToClient, TenantId};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::cache::Cache;
 use crate::config::{DurableConfig, Limits, RelayConfig};
 use crate::engine::{
-    DocKey, Engine, Loaded, LoadedChange, Now, SessionId, Snapshot, StoreTask, StoredChange,
+    DocKey, Engine, Loaded, LoadedChange, Now, Outbound, SessionId, Snapshot, StoreTask,
+    StoredChange,
 };
 use crate::http::Readiness;
 use crate::session::{self, Outbox};
@@ -261,7 +262,7 @@ pub async fn start_with_store(
         None => (None, None),
     };
     let cache = Cache::open(&config.data_dir.join("cache")).map_err(RelayError::Cache)?;
-    replay_flush_queue(&cache, store.as_ref()).await?;
+    replay_flush_queue(&cache, store.as_ref(), &engine_config(&config)).await?;
 
     let (certs, key) = tls::load_identity(&config.cert_file, &config.key_file)?;
     let crypto = tls::server_crypto(certs, key)?;
@@ -377,10 +378,29 @@ fn engine_config(config: &RelayConfig) -> crate::engine::EngineConfig {
 }
 
 /// Writes every change left in the cache's flush queue to the durable tier.
-async fn replay_flush_queue(cache: &Cache, store: &dyn DurableStore) -> Result<(), RelayError> {
+/// Entries of tenants that may not be written to this jurisdiction (a data directory
+/// reused under another configuration) stay queued, unwritten, and are reported.
+async fn replay_flush_queue(
+    cache: &Cache,
+    store: &dyn DurableStore,
+    residency: &crate::engine::EngineConfig,
+) -> Result<(), RelayError> {
     let mut attempts = 0u32;
     loop {
-        let batch = cache.queued(500).map_err(RelayError::Cache)?;
+        let queued = cache.queued(500).map_err(RelayError::Cache)?;
+        let total = queued.len();
+        let batch: Vec<_> = queued
+            .into_iter()
+            .filter(|(key, _)| {
+                residency.tenant_jurisdictions.get(&key.tenant) == Some(&residency.jurisdiction)
+            })
+            .collect();
+        if batch.len() < total {
+            tracing::error!(
+                refused = total - batch.len(),
+                "flush-queue entries of tenants outside this jurisdiction were not replayed"
+            );
+        }
         if batch.is_empty() {
             return cache.commit().await.map_err(RelayError::Cache);
         }
@@ -505,6 +525,16 @@ impl Driver {
                 outbox,
             } => {
                 if let Some(outboxes) = self.outboxes.get_mut(&session) {
+                    if outboxes.docs.contains_key(&doc) {
+                        // A second stream for one document would make the two streams'
+                        // acknowledgements and ends ambiguous: a protocol error.
+                        outbox.push(Outbound::Close(RelayToClient::error(
+                            ErrorCode::Malformed,
+                            Some(doc),
+                            "this document is already subscribed on this connection",
+                        )));
+                        return;
+                    }
                     outboxes.docs.insert(doc.clone(), outbox);
                     self.engine.handle_subscribe(now(), session, doc, heads);
                 }
@@ -709,22 +739,31 @@ async fn load_doc(cache: &Cache, store: &dyn DurableStore, key: &DocKey) -> Resu
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     let mut changes: Vec<LoadedChange> = Vec::new();
+    let mut tail = stored.changes;
     let snapshot = match stored.snapshot {
-        Some(record) => {
-            let (snapshot, expanded) = tokio::task::spawn_blocking(move || expand_snapshot(record))
-                .await
-                .map_err(|e| e.to_string())??;
-            changes = expanded;
-            Some(snapshot)
-        }
+        Some(record) => match tokio::task::spawn_blocking(move || expand_snapshot(record))
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Ok((snapshot, expanded)) => {
+                changes = expanded;
+                Some(snapshot)
+            }
+            Err(reason) => {
+                // An unusable snapshot is refused and counted; the change items, which are
+                // never deleted, still hold the whole document.
+                crate::metrics::corrupt_snapshot();
+                tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; loading every change");
+                tail = store
+                    .load_all_changes(key)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                None
+            }
+        },
         None => None,
     };
-    changes.extend(
-        stored
-            .changes
-            .into_iter()
-            .map(|c| LoadedChange::stored(c, true)),
-    );
+    changes.extend(tail.into_iter().map(|c| LoadedChange::stored(c, true)));
     changes.extend(cached);
     Ok(Loaded { changes, snapshot })
 }

@@ -71,6 +71,12 @@ impl DurableStore for Gated {
     fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>> {
         self.inner.load(key)
     }
+    fn load_all_changes<'a>(
+        &'a self,
+        key: &'a DocKey,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        self.inner.load_all_changes(key)
+    }
     fn kind(&self) -> &'static str {
         "gated"
     }

@@ -90,3 +90,57 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     c.wait_durable().await.unwrap();
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_loads() {
+    use meridian_protocol::{ActorId, ChangeHash, DocId, TenantId};
+    use meridian_relay::engine::DocKey;
+    use meridian_relay::store::{DurableStore, LocalDirStore, SnapshotRecord};
+
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let a = alice.open("ledger").await.unwrap();
+    for i in 0..20 {
+        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+    let expected = json(&a);
+    alice.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    std::fs::remove_dir_all(dev.data_dir()).unwrap();
+
+    // A snapshot claiming the document's heads but holding another document.
+    let mut other = automerge::AutoCommit::new();
+    other.put(automerge::ROOT, "bogus", true).unwrap();
+    let store = LocalDirStore::open(dev.dir.path().join("durable")).unwrap();
+    let heads: Vec<ChangeHash> = a.heads();
+    let actor = a.read(|d| d.get_actor().clone());
+    let key = DocKey {
+        tenant: TenantId::new(common::TENANT).unwrap(),
+        doc: DocId::new("ledger").unwrap(),
+    };
+    store
+        .write_snapshot(
+            &key,
+            &SnapshotRecord {
+                heads,
+                clock: vec![(ActorId::new(actor.to_bytes()).unwrap(), 20)],
+                bytes: bytes::Bytes::from(other.save()),
+            },
+        )
+        .await
+        .unwrap();
+
+    let relay = dev.start().await;
+    let bob = dev.client(relay.local_addr(), "bob").await;
+    let b = bob.open("ledger").await.unwrap();
+    b.wait_synced().await.unwrap();
+    assert_eq!(
+        json(&b),
+        expected,
+        "every change loaded despite the bad snapshot"
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -34,7 +34,6 @@ use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
     DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
-    newest,
 };
 use crate::engine::{DocKey, StoredChange};
 
@@ -582,37 +581,26 @@ impl AwsStore {
                 None,
             )
             .await?;
-        let mut candidates: Vec<(SnapshotRecord, u64)> = Vec::new();
-        for item in &snapshot_items {
-            let Some(object) = string(item, "s3") else {
-                continue;
-            };
-            let heads = match item.get("heads") {
-                Some(AttributeValue::L(list)) => list
-                    .iter()
-                    .filter_map(|v| v.as_s().ok()?.parse::<ChangeHash>().ok())
-                    .collect(),
-                _ => continue,
-            };
-            let clock = decode_clock(string(item, "clock").unwrap_or_default().as_str())?;
-            let bytes = self.get_object(&object).await?;
-            let wt = number(item, "wt").unwrap_or(0);
-            candidates.push((
-                SnapshotRecord {
-                    heads,
-                    clock,
-                    bytes,
-                },
-                wt,
-            ));
+        // Newest first by the recorded size; only the chosen snapshot's object is fetched,
+        // and an unreadable one (missing, not yet replicated, bad record) falls back to the
+        // next, then to no snapshot: change items are never deleted.
+        let mut candidates: Vec<(u64, &HashMap<String, AttributeValue>)> = snapshot_items
+            .iter()
+            .map(|item| (number(item, "size").unwrap_or(0), item))
+            .collect();
+        candidates.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+        let mut best = None;
+        let mut snapshot_wt = None;
+        for (_, item) in candidates {
+            match self.read_snapshot(item).await {
+                Ok(record) => {
+                    snapshot_wt = Some(number(item, "wt").unwrap_or(0));
+                    best = Some(record);
+                    break;
+                }
+                Err(error) => tracing::debug!(%error, "skipping an unreadable snapshot"),
+            }
         }
-        let best = newest(candidates.iter().map(|(s, _)| s.clone()));
-        let snapshot_wt = best.as_ref().and_then(|b| {
-            candidates
-                .iter()
-                .find(|(s, _)| s.id() == b.id())
-                .map(|(_, wt)| *wt)
-        });
         let items = match snapshot_wt {
             Some(wt) => {
                 let since = wt.saturating_sub(self.config.replication_margin.as_millis() as u64);
@@ -631,39 +619,93 @@ impl AwsStore {
         };
         let mut changes = Vec::new();
         for item in items {
-            let Some(sk) = string(&item, "sk") else {
-                continue;
-            };
-            let Some(hash) = sk
-                .strip_prefix("c#")
-                .and_then(|h| h.parse::<ChangeHash>().ok())
-            else {
-                continue; // a snapshot item in the index
-            };
-            if let (Some(snapshot), Some(AttributeValue::B(actor)), Some(seq)) =
-                (&best, item.get("actor"), number(&item, "seq"))
-                && snapshot.covers(actor.as_ref(), seq)
-            {
-                continue;
+            if let Some(change) = self.change_of(&item, best.as_ref()).await? {
+                changes.push(change);
             }
-            let bytes = match (item.get("b"), string(&item, "s3")) {
-                (Some(AttributeValue::B(blob)), _) => Bytes::copy_from_slice(blob.as_ref()),
-                (_, Some(object)) => self.get_object(&object).await?,
-                _ => {
-                    return Err(StoreError::Corrupt(format!(
-                        "change item {sk} has no bytes"
-                    )));
-                }
-            };
-            let user = string(&item, "user")
-                .and_then(|u| UserId::new(u).ok())
-                .ok_or_else(|| StoreError::Corrupt(format!("change item {sk} has no user")))?;
-            changes.push(StoredChange { hash, bytes, user });
         }
         Ok(StoredDoc {
             snapshot: best,
             changes,
         })
+    }
+
+    async fn read_snapshot(
+        &self,
+        item: &HashMap<String, AttributeValue>,
+    ) -> Result<SnapshotRecord, StoreError> {
+        let object = string(item, "s3")
+            .ok_or_else(|| StoreError::Corrupt("snapshot item without s3".into()))?;
+        let heads = match item.get("heads") {
+            Some(AttributeValue::L(list)) => list
+                .iter()
+                .map(|v| {
+                    v.as_s()
+                        .ok()
+                        .and_then(|h| h.parse::<ChangeHash>().ok())
+                        .ok_or_else(|| StoreError::Corrupt("bad snapshot head".into()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            _ => return Err(StoreError::Corrupt("snapshot item without heads".into())),
+        };
+        let clock = decode_clock(string(item, "clock").unwrap_or_default().as_str())?;
+        let bytes = self.get_object(&object).await?;
+        Ok(SnapshotRecord {
+            heads,
+            clock,
+            bytes,
+        })
+    }
+
+    async fn load_every_change(&self, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
+        let items = self
+            .query(
+                key,
+                "pk = :pk AND begins_with(sk, :prefix)",
+                Some("c#"),
+                None,
+            )
+            .await?;
+        let mut changes = Vec::with_capacity(items.len());
+        for item in items {
+            changes.push(self.change_of(&item, None).await?);
+        }
+        Ok(changes.into_iter().flatten().collect())
+    }
+
+    /// A change item's change, `None` when it is not a change item or the snapshot covers it.
+    async fn change_of(
+        &self,
+        item: &HashMap<String, AttributeValue>,
+        snapshot: Option<&SnapshotRecord>,
+    ) -> Result<Option<StoredChange>, StoreError> {
+        let Some(sk) = string(item, "sk") else {
+            return Ok(None);
+        };
+        let Some(hash) = sk
+            .strip_prefix("c#")
+            .and_then(|h| h.parse::<ChangeHash>().ok())
+        else {
+            return Ok(None); // a snapshot item in the index
+        };
+        if let (Some(snapshot), Some(AttributeValue::B(actor)), Some(seq)) =
+            (snapshot, item.get("actor"), number(item, "seq"))
+            && snapshot.covers(actor.as_ref(), seq)
+        {
+            return Ok(None);
+        }
+        let bytes = match (item.get("b"), string(item, "s3")) {
+            (Some(AttributeValue::B(blob)), _) => Bytes::copy_from_slice(blob.as_ref()),
+            (_, Some(object)) => self.get_object(&object).await?,
+            _ => {
+                return Err(StoreError::Corrupt(format!(
+                    "change item {sk} has no bytes"
+                )));
+            }
+        };
+        let user = string(item, "user")
+            .and_then(|u| UserId::new(u).ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("change item {sk} has no user")))?;
+        Ok(Some(StoredChange { hash, bytes, user }))
     }
 
     async fn query(
@@ -733,6 +775,13 @@ impl DurableStore for AwsStore {
 
     fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>> {
         Box::pin(self.load_doc(key))
+    }
+
+    fn load_all_changes<'a>(
+        &'a self,
+        key: &'a DocKey,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        Box::pin(self.load_every_change(key))
     }
 
     fn kind(&self) -> &'static str {

@@ -284,6 +284,24 @@ impl DurableStore for LocalDirStore {
         })
     }
 
+    fn load_all_changes<'a>(
+        &'a self,
+        key: &'a DocKey,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        let root = self.root.clone();
+        let key = key.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let mut seen = HashSet::new();
+                let mut changes = Self::load_changes(&root, &key)?;
+                changes.retain(|change| seen.insert(change.hash));
+                Ok(changes)
+            })
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "local"
     }

@@ -101,6 +101,19 @@ impl DurableStore for MemoryStore {
         })
     }
 
+    fn load_all_changes<'a>(
+        &'a self,
+        key: &'a DocKey,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .docs()?
+                .get(key)
+                .map(|d| d.changes.clone())
+                .unwrap_or_default())
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

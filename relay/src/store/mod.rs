@@ -117,6 +117,13 @@ pub trait DurableStore: Send + Sync + 'static {
     /// The newest snapshot of a document and every change it does not cover.
     fn load<'a>(&'a self, key: &'a DocKey) -> BoxFuture<'a, Result<StoredDoc, StoreError>>;
 
+    /// Every change of a document, ignoring snapshots: the fallback when the newest
+    /// snapshot turns out to be unusable.
+    fn load_all_changes<'a>(
+        &'a self,
+        key: &'a DocKey,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
+
     /// A short name for logs: `local`, `memory`, `dynamodb`.
     fn kind(&self) -> &'static str;
 }
