@@ -18,8 +18,10 @@ use crate::{ClientError, ConnectionState};
 pub enum DocEvent {
     /// Remote changes were applied to the local document.
     Remote {
-        /// How many changes.
+        /// How many changes (0 for a snapshot).
         changes: usize,
+        /// Their hashes, in the order they arrived.
+        hashes: Vec<ChangeHash>,
     },
     /// The catch-up after (re)subscribing finished.
     Synced,
@@ -159,6 +161,14 @@ impl DocHandle {
     /// Edits the document. Every change made inside `edit` is committed, kept until it is
     /// Durable (and written to the store first, when one is configured), and sent.
     pub fn change<R>(&self, edit: impl FnOnce(&mut AutoCommit) -> R) -> Result<R, ClientError> {
+        self.change_with_hashes(edit).map(|(result, _)| result)
+    }
+
+    /// Like [`DocHandle::change`], also returning the hashes of the changes it made.
+    pub fn change_with_hashes<R>(
+        &self,
+        edit: impl FnOnce(&mut AutoCommit) -> R,
+    ) -> Result<(R, Vec<ChangeHash>), ClientError> {
         let mut state = self.lock();
         let before = state.doc.get_heads();
         let result = edit(&mut state.doc);
@@ -175,12 +185,46 @@ impl DocHandle {
             })
             .collect();
         if new.is_empty() {
-            return Ok(result);
+            return Ok((result, Vec::new()));
         }
         if let Some(store) = &self.shared.store {
             let bytes: Vec<Bytes> = new.iter().map(|(_, b)| b.clone()).collect();
             store.append_pending(&bytes)?;
         }
+        let hashes = new.iter().map(|(hash, _)| *hash).collect();
+        self.queue_local(state, new);
+        Ok((result, hashes))
+    }
+
+    /// Imports changes made elsewhere (another replica's history, a bulk import) as if they
+    /// were local: applied to the local document, kept until Durable, and sent.
+    pub fn import(&self, changes: &[Bytes]) -> Result<(), ClientError> {
+        let parsed = changes
+            .iter()
+            .map(|bytes| {
+                automerge::Change::try_from(&bytes[..])
+                    .map_err(|e| ClientError::Store(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let new: Vec<(ChangeHash, Bytes)> = parsed
+            .iter()
+            .zip(changes)
+            .map(|(change, bytes)| (ChangeHash(change.hash().0), bytes.clone()))
+            .collect();
+        let mut state = self.lock();
+        state
+            .doc
+            .apply_changes(parsed)
+            .map_err(|e| ClientError::Store(e.to_string()))?;
+        if let Some(store) = &self.shared.store {
+            let bytes: Vec<Bytes> = new.iter().map(|(_, b)| b.clone()).collect();
+            store.append_pending(&bytes)?;
+        }
+        self.queue_local(state, new);
+        Ok(())
+    }
+
+    fn queue_local(&self, mut state: MutexGuard<'_, DocState>, new: Vec<(ChangeHash, Bytes)>) {
         for (hash, bytes) in new {
             state.pending.push(Pending {
                 hash,
@@ -192,7 +236,6 @@ impl DocHandle {
         drop(state);
         self.bump();
         self.shared.outgoing.notify_one();
-        Ok(result)
     }
 
     /// Reads the document.
@@ -378,6 +421,7 @@ impl DocHandle {
             .iter()
             .filter_map(|bytes| automerge::Change::try_from(&bytes[..]).ok())
             .collect();
+        let hashes: Vec<ChangeHash> = parsed.iter().map(|c| ChangeHash(c.hash().0)).collect();
         let mut state = self.lock();
         if let Err(error) = state.doc.apply_changes(parsed) {
             tracing::debug!(doc = %self.shared.id, %error, "remote changes not applied");
@@ -385,7 +429,10 @@ impl DocHandle {
         }
         drop(state);
         self.bump();
-        self.emit(DocEvent::Remote { changes: count });
+        self.emit(DocEvent::Remote {
+            changes: count,
+            hashes,
+        });
     }
 
     /// A piece of a snapshot from the relay; loaded once complete.
@@ -403,7 +450,10 @@ impl DocHandle {
             }
             drop(state);
             self.bump();
-            self.emit(DocEvent::Remote { changes: 0 });
+            self.emit(DocEvent::Remote {
+                changes: 0,
+                hashes: Vec::new(),
+            });
         }
     }
 

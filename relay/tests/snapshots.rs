@@ -60,8 +60,8 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     let mut snapshot_loaded = false;
     while let Ok(event) = events.try_recv() {
         match event {
-            DocEvent::Remote { changes: 0 } => snapshot_loaded = true,
-            DocEvent::Remote { changes } => remote_changes += changes,
+            DocEvent::Remote { changes: 0, .. } => snapshot_loaded = true,
+            DocEvent::Remote { changes, .. } => remote_changes += changes,
             _ => {}
         }
     }
