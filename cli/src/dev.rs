@@ -36,6 +36,7 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
+    let mut shutdown = crate::Shutdown::listen()?;
     let dir = absolute(&args.data_dir)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let pki = meridian_relay::tls::dev_pki(&dir.join("tls"))?;
@@ -128,7 +129,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!();
     println!("Stop with Ctrl-C. Restarting with the same --data-dir keeps every document.");
 
-    crate::wait_for_signal().await?;
+    shutdown.wait().await;
     println!("shutting down: flushing to the durable store");
     relay.shutdown(Duration::from_secs(30)).await?;
     Ok(())

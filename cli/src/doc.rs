@@ -61,6 +61,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
             Ok(())
         }
         DocCommand::Watch { config, doc } => {
+            let mut shutdown = crate::Shutdown::listen()?;
             let (client, handle) = open(&config, &doc).await?;
             let mut updates = handle.updates();
             print_line("synced", &handle)?;
@@ -73,10 +74,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => print_line("update", &handle)?,
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     },
-                    signal = crate::wait_for_signal() => {
-                        signal?;
-                        break;
-                    }
+                    _ = shutdown.wait() => break,
                 }
             }
             client.close().await;

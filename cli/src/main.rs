@@ -110,6 +110,7 @@ fn main() -> ExitCode {
 }
 
 async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
+    let mut shutdown = Shutdown::listen()?;
     let file = config::RelayFile::read(&path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
     let relay_config = file.into_config(&base)?;
@@ -118,7 +119,7 @@ async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
     if let Some(metrics) = relay.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");
     }
-    wait_for_signal().await?;
+    shutdown.wait().await;
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;
     Ok(())
@@ -147,12 +148,28 @@ async fn durable_init(
     Ok(())
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
+/// SIGINT and SIGTERM, listened for from the moment this is created (create it before
+/// announcing readiness, so that a signal sent right after the announcement is not lost to
+/// the default action).
+pub struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
     }
-    Ok(())
+
+    /// Waits for either signal.
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
 }

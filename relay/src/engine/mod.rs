@@ -583,17 +583,12 @@ impl Engine {
                 ..
             }) => subscribes.push((session, heads)),
             Some(_) => self.serve_subscribe(&key, session, heads),
-            None if self.loading >= self.config.loads_pending_max => {
-                if let Some(state) = self.sessions.get_mut(&session) {
-                    state.subscriptions.remove(&key.doc);
-                }
-                self.error(
-                    session,
-                    Some(key.doc.clone()),
-                    ErrorCode::Overloaded,
-                    "too many documents loading; retry",
-                );
-            }
+            None if self.loading >= self.config.loads_pending_max => self.refuse_subscription(
+                session,
+                &key.doc,
+                ErrorCode::Overloaded,
+                "too many documents loading; retry",
+            ),
             None => {
                 self.loading += 1;
                 let mut loading = Doc::loading();
@@ -729,12 +724,9 @@ impl Engine {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
                 self.docs.remove(&key);
                 for (session, _) in subscribes {
-                    if let Some(state) = self.sessions.get_mut(&session) {
-                        state.subscriptions.remove(&key.doc);
-                    }
-                    self.error(
+                    self.refuse_subscription(
                         session,
-                        Some(key.doc.clone()),
+                        &key.doc,
                         ErrorCode::Internal,
                         "document could not be loaded; retry",
                     );
@@ -862,6 +854,20 @@ impl Engine {
             doc.clone(),
             RelayToClient::error(code, doc, message),
         );
+    }
+
+    /// Ends a subscription that cannot be served, telling the session why.
+    fn refuse_subscription(
+        &mut self,
+        session: SessionId,
+        doc: &DocId,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        if let Some(state) = self.sessions.get_mut(&session) {
+            state.subscriptions.remove(doc);
+        }
+        self.error(session, Some(doc.clone()), code, message);
     }
 
     fn invariant_broken(&mut self, session: SessionId, doc: Option<DocId>, what: &str) {
