@@ -376,8 +376,9 @@ async fn main() -> Result<()> {
         Scenario::Catchup | Scenario::LargeDoc => {
             let trace = meridian_benches::build_trace_doc(
                 args.doc_changes,
+                // Follow-up keystrokes for large-doc: half the document, at most 50k.
                 if args.scenario == Scenario::LargeDoc {
-                    50_000
+                    (args.doc_changes / 2).clamp(1, 50_000)
                 } else {
                     1
                 },
