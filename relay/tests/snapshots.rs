@@ -68,7 +68,10 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     assert!(snapshot_loaded, "the catch-up used a snapshot");
     // Only the tail after the newest snapshot came as changes, never all 281 (a later
     // snapshot may already cover the 30 written after the first one).
-    assert!(remote_changes < 281, "{remote_changes} changes in the catch-up");
+    assert!(
+        remote_changes < 281,
+        "{remote_changes} changes in the catch-up"
+    );
 
     // A relay without its cache loads from snapshot + tail and serves the same document.
     alice.close().await;
