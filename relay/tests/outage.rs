@@ -131,6 +131,11 @@ async fn the_store_paused_for_30_seconds_delays_durability_and_loses_nothing() {
         .await
         .expect("durable after the store returned")
         .unwrap();
+    // The driver publishes its counters just after it queues the acks: wait for them.
+    let published = Instant::now() + Duration::from_secs(10);
+    while relay.stats().flush_queue > 0 && Instant::now() < published {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let stats = relay.stats();
     assert_eq!(stats.flush_queue, 0, "{stats:?}");
     assert_eq!(
