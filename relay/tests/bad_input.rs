@@ -401,6 +401,11 @@ async fn a_client_that_never_reads_is_disconnected() {
     }
     doc.wait_durable().await.unwrap();
     expect_closed_with(&sloth, ErrorCode::SlowConsumer).await;
+    // Counters are published just after the close is queued: wait for them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relay.stats().slow_consumers == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(relay.stats().slow_consumers >= 1);
     still_serving(&dev, addr).await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
