@@ -56,6 +56,16 @@ impl Harness {
         }
     }
 
+    /// Opens a session with every right, subscribes it to the test document and drains
+    /// what that produced.
+    fn join(&mut self, session: SessionId, user: &str, t: Now) {
+        self.engine
+            .handle_session_open(session, capability(user, Rights::ALL));
+        self.engine.handle_subscribe(t, session, doc_id(), vec![]);
+        self.run(t);
+        self.take(session);
+    }
+
     fn run(&mut self, now: Now) {
         loop {
             while let Some(t) = self.engine.poll_transmit() {
@@ -170,11 +180,7 @@ fn orphans_wait_for_dependencies_and_are_bounded() {
         ..config()
     });
     let t = now();
-    h.engine
-        .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
-    h.run(t);
-    h.take(1);
+    h.join(1, "alice", t);
     let mut doc = AutoCommit::new();
     for i in 0..5 {
         doc.put(automerge::ROOT, "k", i).unwrap();
@@ -353,11 +359,7 @@ fn catch_up_sends_only_what_the_client_lacks_and_cold_loads() {
 fn a_conflicting_change_and_garbage_are_refused() {
     let mut h = Harness::new();
     let t = now();
-    h.engine
-        .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
-    h.run(t);
-    h.take(1);
+    h.join(1, "alice", t);
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
     let first = changes_of(&mut doc);
