@@ -178,7 +178,8 @@ impl RelayHandle {
         self.metrics_addr
     }
 
-    /// The latest published counters.
+    /// The latest published counters (refreshed at most every 100 ms, and at least every
+    /// 250 ms while the node runs).
     pub fn stats(&self) -> RelayStats {
         self.stats.borrow().clone()
     }
@@ -316,7 +317,9 @@ pub async fn start_with_store(
         residency_refusals: 0,
         connections_refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         readiness: readiness.clone(),
-        published: Instant::now(),
+        published: Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now),
     };
     let refused = driver.connections_refused.clone();
     let driver = tokio::spawn(driver.run(inputs_rx, stop_rx));
@@ -606,7 +609,14 @@ impl Driver {
             self.engine.flush_failing(),
             std::sync::atomic::Ordering::Relaxed,
         );
+        // Counters and gauges walk the in-flight flush batches and every document: refresh
+        // them at most every 100 ms (the driver's tick refreshes them when idle), not on
+        // every turn of the hot path.
         let now = Instant::now();
+        if now.duration_since(self.published) < Duration::from_millis(100) {
+            return;
+        }
+        self.published = now;
         self.stats.send_replace(RelayStats {
             engine: self.engine.stats().clone(),
             sessions: self.engine.sessions(),
@@ -620,10 +630,7 @@ impl Driver {
                 .connections_refused
                 .load(std::sync::atomic::Ordering::Relaxed),
         });
-        if now.duration_since(self.published) >= Duration::from_millis(100) {
-            self.published = now;
-            crate::metrics::publish(&self.stats.borrow());
-        }
+        crate::metrics::publish(&self.stats.borrow());
     }
 
     fn execute(

@@ -182,7 +182,14 @@ async fn acknowledged_changes_survive_losing_the_durable_ack_and_a_crash() {
     let b = bob.open("crashy").await.unwrap();
     b.wait_synced().await.unwrap();
     assert_eq!(json(&b), serde_json::json!({"x": 1}));
-    assert_eq!(relay.stats().flush_queue, 0);
+    // Counters are published every 100-250 ms: wait for a set taken after bob connected.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while relay.stats().sessions == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = relay.stats();
+    assert_eq!(stats.sessions, 1, "{stats:?}");
+    assert_eq!(stats.flush_queue, 0, "{stats:?}");
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
