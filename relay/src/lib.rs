@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cache;
+pub mod cell;
 pub mod config;
 pub mod engine;
 pub mod http;
