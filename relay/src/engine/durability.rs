@@ -84,10 +84,12 @@ impl Engine {
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant);
         }
+        self.progress_handoffs(now.instant);
     }
 
     /// The timer from `poll_timeout` fired.
     pub fn handle_timeout(&mut self, now: Now) {
+        self.progress_handoffs(now.instant);
         let Some(due) = self.flush_due else {
             return;
         };

@@ -23,6 +23,7 @@
 //! and `Applied` is always sent before `Durable`. Changes with missing dependencies wait in
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
+mod cell;
 pub mod change;
 mod compact;
 mod durability;
@@ -147,6 +148,9 @@ pub struct EngineConfig {
     pub snapshot_every_bytes: usize,
     /// Snapshots being made at once (materializing is CPU-heavy).
     pub compactions_in_flight_max: usize,
+    /// How long a document handing off to another node of the cell waits for its flush
+    /// before its subscribers are told `Moved` anyway.
+    pub handoff_timeout: Duration,
     /// The jurisdiction this engine's durable tier belongs to.
     pub jurisdiction: String,
     /// Each tenant's jurisdiction. A tenant not listed, or listed elsewhere, is refused:
@@ -171,6 +175,7 @@ impl Default for EngineConfig {
             snapshot_every_changes: 1000,
             snapshot_every_bytes: 1 << 20,
             compactions_in_flight_max: 1,
+            handoff_timeout: Duration::from_secs(10),
             jurisdiction: String::new(),
             tenant_jurisdictions: HashMap::new(),
         }
@@ -287,6 +292,10 @@ pub struct Stats {
     pub residency_refusals: u64,
     /// Broken internal invariants (should stay 0).
     pub invariant_violations: u64,
+    /// `moved` answers (subscribes and writes for documents owned elsewhere, handoffs).
+    pub moved_answers: u64,
+    /// Hot documents whose ownership moved to another node (handoffs started).
+    pub ownership_moves: u64,
 }
 
 struct Session {
@@ -322,6 +331,8 @@ struct Doc {
     compacting: bool,
     /// After failed snapshots: how many, and not before when to try again.
     compact_retry: Option<(u32, Instant)>,
+    /// Set while the document hands off to its new owner.
+    handoff: Option<cell::Handoff>,
 }
 
 impl Doc {
@@ -358,6 +369,7 @@ impl Doc {
             since_snapshot: (0, 0),
             compacting: false,
             compact_retry: None,
+            handoff: None,
         }
     }
 }
@@ -386,6 +398,12 @@ pub struct Engine {
     /// Changes whose tenant may not be flushed here: kept, never written, counted.
     quarantined: Vec<FlushItem>,
     stats: Stats,
+    /// This node and its cell (`None`: a single relay that owns every document).
+    cell: Option<cell::CellState>,
+    /// Documents with a handoff under way.
+    handoffs: usize,
+    /// Handoff durations not yet taken by the IO layer (bounded).
+    handoff_durations: Vec<Duration>,
 }
 
 impl Engine {
@@ -411,6 +429,9 @@ impl Engine {
             durable_latencies: Vec::new(),
             quarantined: Vec::new(),
             stats: Stats::default(),
+            cell: None,
+            handoffs: 0,
+            handoff_durations: Vec::new(),
         }
     }
 
@@ -485,12 +506,14 @@ impl Engine {
 
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.flush_queue.is_empty()
+        let flush = if self.flush_queue.is_empty()
             || self.flush_in_flight.len() >= self.config.flush_in_flight_max
         {
-            return None;
-        }
-        self.flush_due
+            None
+        } else {
+            self.flush_due
+        };
+        [flush, self.handoff_deadline()].into_iter().flatten().min()
     }
 
     /// A connection authenticated with `capability`.
@@ -562,6 +585,10 @@ impl Engine {
         let Some(key) = self.authorize(now, session, &doc, |r| r.read) else {
             return;
         };
+        if let Some(to) = self.owner_elsewhere(&key) {
+            self.moved(session, &doc, to);
+            return;
+        }
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
         };
@@ -629,6 +656,11 @@ impl Engine {
             self.stats.changes_refused += changes.len() as u64;
             return;
         };
+        if let Some(to) = self.owner_elsewhere(&key) {
+            // Not acknowledged: the client keeps the changes and sends them to the owner.
+            self.moved(session, &doc, to);
+            return;
+        }
         if !self.is_subscribed(session, &doc) {
             self.error(
                 session,
@@ -749,6 +781,7 @@ impl Engine {
                 self.ingest(now, session, &key, batch);
             }
         }
+        self.progress_handoffs(now.instant);
     }
 
     /// Documents that may be dropped from memory: no subscribers, nothing unflushed,

@@ -524,3 +524,111 @@ fn presence_is_cleared_when_a_connection_drops() {
         [Outbound::Message(RelayToClient::Presence { session: 1, state, .. })] if state.is_empty()
     ));
 }
+
+fn node(name: &str) -> meridian_protocol::NodeAddr {
+    meridian_protocol::NodeAddr {
+        node: meridian_protocol::NodeId::new(name).unwrap(),
+        addr: format!("{name}:4433"),
+    }
+}
+
+/// A document id owned by `want` in the cell {a, b}.
+fn doc_owned_by(want: &str) -> DocId {
+    let members = [node("a"), node("b")];
+    (0..)
+        .map(|i| DocId::new(format!("doc-{i}")).unwrap())
+        .find(|doc| {
+            let key = DocKey {
+                tenant: TenantId::new("acme").unwrap(),
+                doc: doc.clone(),
+            };
+            crate::cell::owner(&members, &key).unwrap().node.as_str() == want
+        })
+        .unwrap()
+}
+
+fn moved_to(out: &[Outbound]) -> Option<String> {
+    out.iter().find_map(|o| match o {
+        Outbound::Message(RelayToClient::Moved { node, .. }) => Some(node.node.to_string()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
+    let mut h = Harness::new();
+    h.engine.set_cell(node("a"));
+    h.engine.handle_membership(now(), vec![node("a"), node("b")]);
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    let theirs = doc_owned_by("b");
+    h.engine.handle_subscribe(t, 1, theirs.clone(), vec![]);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    h.engine.handle_changes(t, 1, theirs.clone(), changes_of(&mut doc));
+    h.run(t);
+    let out = h.take(1);
+    let moved: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o, Outbound::Message(RelayToClient::Moved { .. })))
+        .collect();
+    assert_eq!(moved.len(), 2, "{out:?}");
+    assert_eq!(moved_to(&out).as_deref(), Some("b"));
+    assert_eq!(h.engine.hot_docs(), 0, "nothing loaded for a foreign document");
+    assert!(h.flushed.is_empty(), "nothing written for a foreign document");
+    assert_eq!(h.engine.stats().moved_answers, 2);
+}
+
+#[test]
+fn a_handoff_flushes_before_it_tells_subscribers_moved() {
+    let mut h = Harness::new();
+    h.engine.set_cell(node("a"));
+    let ours = doc_owned_by("b"); // owned by `a` while `a` is alone
+    let t = now();
+    for session in [1, 2] {
+        h.engine
+            .handle_session_open(session, capability("alice", Rights::ALL));
+        h.engine.handle_subscribe(t, session, ours.clone(), vec![]);
+    }
+    h.run(t);
+    h.take(1);
+    h.take(2);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    h.fail_flushes = true;
+    h.engine.handle_changes(t, 1, ours.clone(), changes_of(&mut doc));
+    h.run(t);
+    h.take(1);
+    h.take(2);
+    // `b` joins and wins the document while its change is not yet durable.
+    h.engine.handle_membership(t, vec![node("a"), node("b")]);
+    h.run(t);
+    assert_eq!(h.engine.handoffs_pending(), 1);
+    assert_eq!(moved_to(&h.take(1)), None, "no moved before the flush");
+    // A write during the handoff is not taken: moved.
+    let mut other = AutoCommit::new();
+    other.put(automerge::ROOT, "x", 2).unwrap();
+    h.engine.handle_changes(t, 2, ours.clone(), changes_of(&mut other));
+    h.run(t);
+    assert_eq!(moved_to(&h.take(2)).as_deref(), Some("b"));
+    // The flush succeeds: durable first, then moved, and the document leaves memory.
+    h.fail_flushes = false;
+    h.fire_timer();
+    h.fire_timer();
+    let out = h.take(1);
+    let durable_at = out
+        .iter()
+        .position(|o| matches!(o, Outbound::Message(RelayToClient::Durable { .. })))
+        .expect("durable");
+    let moved_at = out
+        .iter()
+        .position(|o| matches!(o, Outbound::Message(RelayToClient::Moved { .. })))
+        .expect("moved");
+    assert!(durable_at < moved_at, "{out:?}");
+    assert_eq!(h.flushed.len(), 1, "only the owner's accepted change is written");
+    assert_eq!(h.engine.handoffs_pending(), 0);
+    assert_eq!(h.engine.hot_docs(), 0);
+    assert_eq!(h.engine.stats().ownership_moves, 1);
+    assert!(h.engine.poll_handoff_duration().is_some());
+}
