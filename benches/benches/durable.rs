@@ -77,6 +77,7 @@ async fn durable_ack_latency(endpoint: &str, tag: &str) {
         limits: Limits::default(),
         engine: EngineConfig::default(),
         metrics_listen: None,
+        gossip: None,
     })
     .await
     .expect("relay");

@@ -23,8 +23,39 @@ pub struct RelayFile {
     pub limits: Option<LimitsSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellSection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+}
+
+/// Membership in a cell of several nodes (SWIM gossip over UDP).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellSection {
+    /// UDP address for gossip.
+    pub gossip_listen: SocketAddr,
+    /// Gossip address told to other nodes (defaults to the bound address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_advertise: Option<SocketAddr>,
+    /// File holding the cell's HMAC key, hex (at least 32 digits).
+    pub key_file: PathBuf,
+    /// Gossip addresses of the cell's other nodes.
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_period_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_rtt_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspect_to_down_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remove_down_after_secs: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_timeout_ms: Option<u64>,
+    /// Fraction of outgoing gossip packets dropped on purpose (benchmarks only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_packet_loss: Option<f64>,
 }
 
 /// Where the node serves `/metrics`, `/healthz` and `/readyz`.
@@ -192,6 +223,55 @@ impl RelayFile {
                 engine.flush_in_flight_max = v.max(1);
             }
         }
+        let gossip = match self.cell {
+            Some(cell) => {
+                let key_path = resolve(cell.key_file.clone());
+                let text = std::fs::read_to_string(&key_path)
+                    .with_context(|| format!("cannot read cell.key_file {}", key_path.display()))?;
+                let key = hex::decode(text.trim())
+                    .with_context(|| format!("cell.key_file {}: not hex", key_path.display()))?;
+                if key.len() < 16 {
+                    bail!(
+                        "cell.key_file {}: the key must be at least 16 bytes (32 hex digits)",
+                        key_path.display()
+                    );
+                }
+                let ms = Duration::from_millis;
+                let mut membership = meridian_relay::cell::MembershipConfig::default();
+                if let Some(v) = cell.probe_period_ms {
+                    membership.probe_period = ms(v.max(10));
+                }
+                if let Some(v) = cell.probe_rtt_ms {
+                    membership.probe_rtt = ms(v.max(1));
+                }
+                if let Some(v) = cell.suspect_to_down_ms {
+                    membership.suspect_to_down_after = ms(v.max(1));
+                }
+                if let Some(v) = cell.remove_down_after_secs {
+                    membership.remove_down_after = Duration::from_secs(v.max(1));
+                }
+                if let Some(v) = cell.test_packet_loss {
+                    if !(0.0..1.0).contains(&v) {
+                        bail!("cell.test_packet_loss must be in [0, 1)");
+                    }
+                    membership.loss = v;
+                }
+                if let Some(v) = cell.handoff_timeout_ms {
+                    engine.handoff_timeout = ms(v);
+                }
+                if membership.probe_rtt >= membership.probe_period {
+                    bail!("cell.probe_rtt_ms must be less than cell.probe_period_ms");
+                }
+                Some(meridian_relay::config::GossipConfig {
+                    listen: cell.gossip_listen,
+                    advertise: cell.gossip_advertise,
+                    key,
+                    seeds: cell.seeds,
+                    membership,
+                })
+            }
+            None => None,
+        };
         let mut tenants = Vec::new();
         for tenant in self.tenants {
             let keys = tenant
@@ -227,6 +307,7 @@ impl RelayFile {
             limits,
             engine,
             metrics_listen: self.metrics.map(|m| m.listen),
+            gossip,
         })
     }
 }
@@ -237,6 +318,10 @@ impl RelayFile {
 pub struct ClientFile {
     /// `host:port` of the relay.
     pub endpoint: String,
+    /// Every node of the cell (`endpoint` is one of them): the client fails over to
+    /// another when its node dies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<ClientNode>,
     /// Name on the relay's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -249,6 +334,19 @@ pub struct ClientFile {
     /// Optional directory for unacknowledged edits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_dir: Option<PathBuf>,
+}
+
+/// One node of the cell as `client.toml` lists it.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientNode {
+    /// Node id.
+    pub id: String,
+    /// `host:port` for QUIC.
+    pub endpoint: String,
+    /// `host:port` of its `/metrics`, `/healthz`, `/readyz` and `/cell` (operators' tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
 }
 
 fn default_server_name() -> String {

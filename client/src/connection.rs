@@ -1,19 +1,20 @@
 //! The background task that owns the QUIC connection: connect, authenticate, subscribe
 //! every open document on its own stream, move changes both ways, reconnect on loss.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_protocol::{
-    ClientToRelay, ErrorCode, FrameDecoder, MAX_CHANGES_PER_FRAME, MAX_FRAME_LEN, RelayToClient,
+    ClientToRelay, DocId, ErrorCode, FrameDecoder, MAX_CHANGES_PER_FRAME, MAX_FRAME_LEN,
+    RelayToClient,
 };
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 
 use crate::doc::{DocHandle, PeerPresence};
 use crate::{ClientConfig, ClientError, ConnectionState, Inner, node_list};
@@ -66,10 +67,11 @@ pub fn endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
     let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .keep_alive_interval(Some(Duration::from_secs(3)))
-        .max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(
-            10_000,
-        ))))
+        .keep_alive_interval(Some(config.keep_alive))
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(config.idle_timeout)
+                .map_err(|e| ClientError::Config(format!("idle timeout: {e}")))?,
+        ))
         .stream_receive_window(quinn::VarInt::from_u32((MAX_FRAME_LEN + (64 << 10)) as u32))
         .receive_window(quinn::VarInt::from_u32(8 << 20));
     client_config.transport_config(Arc::new(transport));
@@ -167,6 +169,74 @@ fn classify_close(reason: &ConnectionError) -> ClientError {
     }
 }
 
+/// Reports from connection and stream tasks to the run loop.
+enum Event {
+    /// A connection attempt to `addr` finished.
+    Established {
+        addr: String,
+        result: Result<Established, ClientError>,
+    },
+    /// The connection to `addr` ended (`Some`: the token was refused).
+    Lost {
+        addr: String,
+        generation: u64,
+        unauthorized: Option<String>,
+    },
+    /// A document's stream ended: the relay moved it (`Some(owner)`) or the stream
+    /// closed.
+    DocEnded {
+        doc: DocId,
+        generation: u64,
+        moved: Option<String>,
+    },
+}
+
+/// A live connection to one node.
+struct Conn {
+    connection: Connection,
+    session: u64,
+    nodes: Vec<String>,
+    generation: u64,
+    _control: tokio::task::JoinHandle<()>,
+}
+
+/// One open document and where it is served.
+struct Slot {
+    handle: DocHandle,
+    /// The node the relay said owns it (`None`: any node; it answers `moved`).
+    target: Option<String>,
+    /// The stream serving it: its generation and its task.
+    stream: Option<(u64, tokio::task::JoinHandle<()>)>,
+    /// Not before this instant may the stream be opened again.
+    not_before: Option<Instant>,
+    /// `moved` answers in a row (a cell still agreeing on its members bounces).
+    bounces: u32,
+}
+
+/// Per-address reconnect state.
+#[derive(Default)]
+struct Backoff {
+    delay: Option<Duration>,
+    not_before: Option<Instant>,
+}
+
+/// The connection pool: one connection per node in use, documents spread over them by
+/// owner, `moved` followed, and a dead node's documents moved to the others.
+struct Pool {
+    inner: Weak<Inner>,
+    endpoint: quinn::Endpoint,
+    /// Every node address known (the configured ones, then those from `welcome`).
+    known: Vec<String>,
+    /// The node documents without a known owner go to (rotates away from dead nodes).
+    primary: usize,
+    conns: HashMap<String, Conn>,
+    connecting: HashSet<String>,
+    backoff: HashMap<String, Backoff>,
+    docs: HashMap<DocId, Slot>,
+    events: mpsc::Sender<Event>,
+    next_generation: u64,
+}
+
 /// Runs until the client is closed or dropped, or the token is refused.
 pub(crate) async fn run(
     inner: Weak<Inner>,
@@ -175,146 +245,409 @@ pub(crate) async fn run(
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<ConnectionState>,
 ) {
-    let mut docs: Vec<DocHandle> = Vec::new();
-    let mut next = Some(first);
-    let mut backoff = None::<Duration>;
+    let Some(config) = inner
+        .upgrade()
+        .and_then(|i| i.config.lock().ok().map(|c| c.clone()))
+    else {
+        return;
+    };
+    let (events_tx, mut events_rx) = mpsc::channel(1024);
+    let mut known = vec![config.endpoint.clone()];
+    for node in &config.nodes {
+        if !known.contains(node) {
+            known.push(node.clone());
+        }
+    }
+    let mut pool = Pool {
+        inner,
+        endpoint,
+        known,
+        primary: 0,
+        conns: HashMap::new(),
+        connecting: HashSet::new(),
+        backoff: HashMap::new(),
+        docs: HashMap::new(),
+        events: events_tx,
+        next_generation: 1,
+    };
+    pool.add_conn(config.endpoint.clone(), first);
     loop {
-        let established = match next.take() {
-            Some(established) => established,
-            None => {
-                let Some(config) = inner
-                    .upgrade()
-                    .and_then(|i| i.config.lock().ok().map(|c| c.clone()))
-                else {
+        let wake = pool.ensure();
+        pool.publish(&state);
+        let sleep = async {
+            match wake {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(Command::Open(doc)) => {
+                    pool.docs.insert(doc.id().clone(), Slot {
+                        handle: doc,
+                        target: None,
+                        stream: None,
+                        not_before: None,
+                        bounces: 0,
+                    });
+                }
+                Some(Command::Reconnect) => {
+                    for conn in pool.conns.values() {
+                        conn.connection.close(0u32.into(), b"reconnect");
+                    }
+                }
+                Some(Command::Close) | None => {
+                    for conn in pool.conns.values() {
+                        conn.connection.close(0u32.into(), b"client closed");
+                    }
+                    for slot in pool.docs.values() {
+                        let _ = slot.handle.persist();
+                    }
+                    state.send_replace(ConnectionState::Failed("closed".into()));
+                    let _ = tokio::time::timeout(Duration::from_secs(1), pool.endpoint.wait_idle()).await;
                     return;
-                };
-                let delay = backoff.map_or(config.reconnect_initial, |d| {
-                    (d * 2).min(config.reconnect_max)
-                });
-                backoff = Some(delay);
-                let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
-                let sleep = tokio::time::sleep(jittered);
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        _ = &mut sleep => break,
-                        command = commands.recv() => match command {
-                            Some(Command::Open(doc)) => docs.push(doc),
-                            Some(Command::Reconnect) => {}
-                            Some(Command::Close) | None => {
-                                state.send_replace(ConnectionState::Failed("closed".into()));
-                                return;
-                            }
-                        }
-                    }
                 }
-                match establish(&endpoint, &config).await {
-                    Ok(established) => established,
-                    Err(ClientError::Unauthorized(reason)) => {
-                        tracing::debug!(%reason, "token refused; not reconnecting");
-                        state.send_replace(ConnectionState::Failed(reason));
-                        return;
+            },
+            Some(event) = events_rx.recv() => {
+                if let Some(reason) = pool.handle(event) {
+                    tracing::debug!(%reason, "token refused; not reconnecting");
+                    for conn in pool.conns.values() {
+                        conn.connection.close(0u32.into(), b"unauthorized");
                     }
-                    Err(error) => {
-                        tracing::debug!(%error, "reconnect failed");
-                        continue;
-                    }
+                    state.send_replace(ConnectionState::Failed(reason));
+                    return;
                 }
             }
-        };
-        state.send_replace(ConnectionState::Connected {
-            session: established.session,
-            nodes: established.nodes.clone(),
-        });
-        let connection = established.connection.clone();
-        let mut streams = JoinSet::new();
-        for doc in &docs {
-            doc.reset_for_connection();
-            streams.spawn(doc_stream(connection.clone(), doc.clone()));
+            _ = sleep => {}
         }
-        let mut control = Reader::new(established.control_recv);
-        let outcome = loop {
-            tokio::select! {
-                command = commands.recv() => match command {
-                    Some(Command::Open(doc)) => {
-                        doc.reset_for_connection();
-                        streams.spawn(doc_stream(connection.clone(), doc.clone()));
-                        docs.push(doc);
-                    }
-                    Some(Command::Reconnect) => {
-                        connection.close(0u32.into(), b"reconnect");
-                        break None;
-                    }
-                    Some(Command::Close) | None => {
-                        connection.close(0u32.into(), b"client closed");
-                        for doc in &docs {
-                            let _ = doc.persist();
-                        }
-                        state.send_replace(ConnectionState::Failed("closed".into()));
-                        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-                        return;
-                    }
-                },
-                message = control.next() => match message {
-                    Ok(Some(RelayToClient::Error { code, message, .. })) => {
-                        tracing::debug!(%code, %message, "relay error on control stream");
-                        if code == ErrorCode::Unauthorized {
-                            break Some(message);
-                        }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => {
-                        let reason = connection.closed().await;
-                        match classify_close(&reason) {
-                            ClientError::Unauthorized(message) => break Some(message),
-                            error => {
-                                tracing::debug!(%error, "connection lost");
-                                break None;
-                            }
-                        }
-                    }
-                },
-                Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            }
-        };
-        streams.abort_all();
-        if let Some(reason) = outcome {
-            state.send_replace(ConnectionState::Failed(reason));
-            return;
-        }
-        backoff = None;
-        state.send_replace(ConnectionState::Connecting);
     }
 }
 
-/// One document's stream on one connection.
-async fn doc_stream(connection: Connection, doc: DocHandle) {
+impl Pool {
+    fn config(&self) -> Option<ClientConfig> {
+        self.inner
+            .upgrade()
+            .and_then(|i| i.config.lock().ok().map(|c| c.clone()))
+    }
+
+    fn add_conn(&mut self, addr: String, established: Established) {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        for node in &established.nodes {
+            if !self.known.contains(node) {
+                self.known.push(node.clone());
+            }
+        }
+        if let Some(backoff) = self.backoff.get_mut(&addr) {
+            *backoff = Backoff::default();
+        }
+        let control = tokio::spawn(watch_control(
+            established.connection.clone(),
+            established.control_recv,
+            addr.clone(),
+            generation,
+            self.events.clone(),
+            established._control_send,
+        ));
+        self.conns.insert(
+            addr,
+            Conn {
+                connection: established.connection,
+                session: established.session,
+                nodes: established.nodes,
+                generation,
+                _control: control,
+            },
+        );
+    }
+
+    /// Handles one report; `Some(reason)` when the token was refused (stop for good).
+    fn handle(&mut self, event: Event) -> Option<String> {
+        match event {
+            Event::Established { addr, result } => {
+                self.connecting.remove(&addr);
+                match result {
+                    Ok(established) => self.add_conn(addr, established),
+                    Err(ClientError::Unauthorized(reason)) => return Some(reason),
+                    Err(error) => {
+                        tracing::debug!(%addr, %error, "connect failed");
+                        self.failed(&addr);
+                    }
+                }
+            }
+            Event::Lost {
+                addr,
+                generation,
+                unauthorized,
+            } => {
+                if let Some(reason) = unauthorized {
+                    return Some(reason);
+                }
+                if self
+                    .conns
+                    .get(&addr)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    tracing::debug!(%addr, "connection lost");
+                    self.conns.remove(&addr);
+                    self.failed(&addr);
+                }
+            }
+            Event::DocEnded {
+                doc,
+                generation,
+                moved,
+            } => {
+                let slot = self.docs.get_mut(&doc)?;
+                if slot.stream.as_ref().map(|(g, _)| *g) != Some(generation) {
+                    return None;
+                }
+                slot.stream = None;
+                match moved {
+                    Some(owner) => {
+                        slot.bounces += 1;
+                        // Members of a cell that have not yet agreed on who owns the
+                        // document bounce it between them: back off a little.
+                        if slot.bounces > 2 {
+                            let delay = Duration::from_millis(50 * u64::from(slot.bounces.min(20)));
+                            slot.not_before = Some(Instant::now() + delay);
+                        }
+                        if !self.known.contains(&owner) {
+                            self.known.push(owner.clone());
+                        }
+                        slot.target = Some(owner);
+                    }
+                    None => {
+                        // The stream ended while its connection may still be up (a
+                        // refusal): subscribe again a little later.
+                        slot.not_before = Some(Instant::now() + Duration::from_millis(500));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// `addr` could not be reached or its connection died: back off from it, send its
+    /// documents through another node, and move the primary away from it.
+    fn failed(&mut self, addr: &str) {
+        let (initial, max) = self
+            .config()
+            .map_or((Duration::from_millis(100), Duration::from_secs(5)), |c| {
+                (c.reconnect_initial, c.reconnect_max)
+            });
+        let backoff = self.backoff.entry(addr.to_owned()).or_default();
+        let delay = backoff.delay.map_or(initial, |d| (d * 2).min(max));
+        backoff.delay = Some(delay);
+        backoff.not_before =
+            Some(Instant::now() + delay.mul_f64(0.5 + rand::random::<f64>() * 0.5));
+        for slot in self.docs.values_mut() {
+            if slot.target.as_deref() == Some(addr) {
+                slot.target = None;
+            }
+        }
+        if self.known.get(self.primary).map(String::as_str) == Some(addr) && self.known.len() > 1 {
+            self.primary = (self.primary + 1) % self.known.len();
+        }
+    }
+
+    /// Opens what is missing: a stream for every document whose node is connected, a
+    /// connection to every node a document waits for. Returns when to look again.
+    fn ensure(&mut self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut wake: Option<Instant> = None;
+        let mut earliest = |at: Instant| {
+            wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+        };
+        let primary = self.primary_addr();
+        let mut wanted: Vec<String> = Vec::new();
+        let mut open: Vec<(DocId, String)> = Vec::new();
+        for (id, slot) in &self.docs {
+            if slot.stream.is_some() {
+                continue;
+            }
+            if let Some(at) = slot.not_before
+                && at > now
+            {
+                earliest(at);
+                continue;
+            }
+            let addr = slot.target.clone().unwrap_or_else(|| primary.clone());
+            if self.conns.contains_key(&addr) {
+                open.push((id.clone(), addr));
+            } else if !wanted.contains(&addr) {
+                wanted.push(addr);
+            }
+        }
+        if self.conns.is_empty() && !wanted.contains(&primary) {
+            wanted.push(primary);
+        }
+        for (id, addr) in open {
+            let Some(conn) = self.conns.get(&addr) else {
+                continue;
+            };
+            let generation = self.next_generation;
+            self.next_generation += 1;
+            if let Some(slot) = self.docs.get_mut(&id) {
+                slot.handle.reset_for_connection();
+                slot.not_before = None;
+                let task = tokio::spawn(doc_stream(
+                    conn.connection.clone(),
+                    slot.handle.clone(),
+                    generation,
+                    self.events.clone(),
+                ));
+                slot.stream = Some((generation, task));
+            }
+        }
+        for addr in wanted {
+            if self.connecting.contains(&addr) {
+                continue;
+            }
+            if let Some(at) = self.backoff.get(&addr).and_then(|b| b.not_before)
+                && at > now
+            {
+                earliest(at);
+                continue;
+            }
+            let Some(mut config) = self.config() else {
+                continue;
+            };
+            config.endpoint = addr.clone();
+            self.connecting.insert(addr.clone());
+            let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
+            tokio::spawn(async move {
+                let result = establish(&endpoint, &config).await;
+                let _ = events.send(Event::Established { addr, result }).await;
+            });
+        }
+        wake
+    }
+
+    fn primary_addr(&self) -> String {
+        self.known
+            .get(self.primary)
+            .or_else(|| self.known.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn publish(&self, state: &watch::Sender<ConnectionState>) {
+        let primary = self.primary_addr();
+        let conn = self
+            .conns
+            .get(&primary)
+            .or_else(|| self.conns.values().next());
+        let next = match conn {
+            Some(conn) => ConnectionState::Connected {
+                session: conn.session,
+                nodes: conn.nodes.clone(),
+            },
+            None => ConnectionState::Connecting,
+        };
+        state.send_if_modified(|current| {
+            if matches!(current, ConnectionState::Failed(_)) || *current == next {
+                false
+            } else {
+                *current = next;
+                true
+            }
+        });
+    }
+}
+
+/// Reads a connection's control stream until it ends, then reports why.
+async fn watch_control(
+    connection: Connection,
+    recv: RecvStream,
+    addr: String,
+    generation: u64,
+    events: mpsc::Sender<Event>,
+    _send: SendStream,
+) {
+    let mut control = Reader::new(recv);
+    let unauthorized = loop {
+        match control.next().await {
+            Ok(Some(RelayToClient::Error { code, message, .. })) => {
+                tracing::debug!(%code, %message, "relay error on control stream");
+                if code == ErrorCode::Unauthorized {
+                    break Some(message);
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => {
+                let reason = connection.closed().await;
+                match classify_close(&reason) {
+                    ClientError::Unauthorized(message) => break Some(message),
+                    error => {
+                        tracing::debug!(%error, "connection ended");
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    if unauthorized.is_some() {
+        connection.close(0u32.into(), b"unauthorized");
+    }
+    let _ = events
+        .send(Event::Lost {
+            addr,
+            generation,
+            unauthorized,
+        })
+        .await;
+}
+
+/// One document's stream on one connection; reports when it ends and whether the relay
+/// moved the document.
+async fn doc_stream(
+    connection: Connection,
+    doc: DocHandle,
+    generation: u64,
+    events: mpsc::Sender<Event>,
+) {
+    let moved = serve_doc(connection, &doc).await;
+    let _ = events
+        .send(Event::DocEnded {
+            doc: doc.id().clone(),
+            generation,
+            moved,
+        })
+        .await;
+}
+
+async fn serve_doc(connection: Connection, doc: &DocHandle) -> Option<String> {
     let Ok((mut send, recv)) = connection.open_bi().await else {
-        return;
+        return None;
     };
     let subscribe = ClientToRelay::Subscribe {
         doc: doc.id().clone(),
         heads: doc.subscribe_heads(),
     };
     if send.write_all(&subscribe.to_bytes()).await.is_err() {
-        return;
+        return None;
     }
     let mut reader = Reader::new(recv);
     loop {
         tokio::select! {
             message = reader.next() => match message {
-                Ok(Some(message)) => handle_message(&doc, message),
-                Ok(None) | Err(_) => return,
+                Ok(Some(RelayToClient::Moved { node, .. })) => {
+                    let _ = send.finish();
+                    return Some(node.addr);
+                }
+                Ok(Some(message)) => handle_message(doc, message),
+                Ok(None) | Err(_) => return None,
             },
             _ = doc.shared.outgoing.notified() => {
                 let (changes, presence) = doc.take_outgoing();
-                if write_changes(&mut send, &doc, changes).await.is_err() {
-                    return;
+                if write_changes(&mut send, doc, changes).await.is_err() {
+                    return None;
                 }
                 if let Some(state) = presence {
                     let message = ClientToRelay::Presence { doc: doc.id().clone(), state };
                     if send.write_all(&message.to_bytes()).await.is_err() {
-                        return;
+                        return None;
                     }
                 }
             }
@@ -380,10 +713,11 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
             }
             doc.on_error(code, message)
         }
-        RelayToClient::Moved { .. } | RelayToClient::Redirect { .. } => {
+        RelayToClient::Moved { .. } => {}
+        RelayToClient::Redirect { .. } => {
             doc.on_error(
                 ErrorCode::Redirect,
-                "relay moved the document; this client does not follow yet".into(),
+                "the tenant's home cell moved; this client does not follow redirects yet".into(),
             );
         }
         RelayToClient::Welcome { .. } | RelayToClient::Pong { .. } => {}

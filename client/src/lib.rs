@@ -36,8 +36,11 @@ pub use meridian_protocol::{ChangeHash, UserId};
 /// How to reach and authenticate with a relay.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The relay's `host:port`.
+    /// The relay's `host:port` (any node of the tenant's cell).
     pub endpoint: String,
+    /// The cell's other nodes (`host:port`), tried when `endpoint` cannot be reached.
+    /// Nodes named in `welcome` and `moved` are added as they are learnt.
+    pub nodes: Vec<String>,
     /// The name the relay's certificate is checked against.
     pub server_name: String,
     /// PEM of the CA certificate(s) that sign relay certificates.
@@ -52,6 +55,11 @@ pub struct ClientConfig {
     pub reconnect_max: Duration,
     /// How long one connection attempt may take.
     pub connect_timeout: Duration,
+    /// A connection that hears nothing for this long counts as dead (its documents move
+    /// to another node of the cell).
+    pub idle_timeout: Duration,
+    /// Keep-alive interval (well under `idle_timeout`).
+    pub keep_alive: Duration,
     /// Name and version sent in `hello`, for the relay's logs.
     pub client_name: String,
 }
@@ -61,13 +69,16 @@ impl ClientConfig {
     pub fn new(endpoint: impl Into<String>, ca_pem: Vec<u8>, token: impl Into<String>) -> Self {
         ClientConfig {
             endpoint: endpoint.into(),
+            nodes: Vec::new(),
             server_name: "localhost".into(),
             ca_pem,
             token: token.into(),
             store_dir: None,
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(4),
+            keep_alive: Duration::from_secs(1),
             client_name: concat!("meridian-client/", env!("CARGO_PKG_VERSION")).into(),
         }
     }

@@ -38,6 +38,24 @@ pub struct RelayConfig {
     pub engine: EngineConfig,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` over HTTP (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// Membership in a cell of several nodes (`None`: a relay on its own, owning every
+    /// document).
+    pub gossip: Option<GossipConfig>,
+}
+
+/// How a node finds and talks to the other nodes of its cell.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    /// UDP address for gossip.
+    pub listen: SocketAddr,
+    /// The gossip address other nodes are told (defaults to the bound address).
+    pub advertise: Option<SocketAddr>,
+    /// The cell's HMAC key (at least 16 bytes; every node of the cell has the same).
+    pub key: Vec<u8>,
+    /// Gossip addresses of other nodes to join through.
+    pub seeds: Vec<SocketAddr>,
+    /// Timings.
+    pub membership: crate::cell::MembershipConfig,
 }
 
 /// Which durable tier to use.

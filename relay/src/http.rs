@@ -24,6 +24,11 @@ pub struct Readiness {
     pub serving: AtomicBool,
     /// The last flush to the durable tier failed (the store is unreachable or throttling).
     pub store_failing: AtomicBool,
+    /// The node is not in a cell, or it has joined it (found a member, or waited out the
+    /// join grace period as the first node of a cell).
+    pub joined: AtomicBool,
+    /// The cell's membership as JSON for `/cell` (empty: not in a cell).
+    pub cell: std::sync::Mutex<String>,
 }
 
 impl Readiness {
@@ -33,6 +38,9 @@ impl Readiness {
         }
         if self.store_failing.load(Ordering::Relaxed) {
             return Err("durable store unreachable");
+        }
+        if !self.joined.load(Ordering::Relaxed) {
+            return Err("joining the cell");
         }
         Ok(())
     }
@@ -102,6 +110,14 @@ async fn respond(
                 format!("{reason}\n"),
             ),
         },
+        (b"GET", b"/cell") => {
+            let cell = readiness.cell.lock().map(|c| c.clone()).unwrap_or_default();
+            if cell.is_empty() {
+                ("404 Not Found", "text/plain", "not in a cell\n".to_owned())
+            } else {
+                ("200 OK", "application/json", cell)
+            }
+        }
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
         _ => (
             "405 Method Not Allowed",

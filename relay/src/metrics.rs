@@ -131,6 +131,75 @@ fn describe() {
         "meridian_invariant_violations_total",
         "Broken internal invariants (should stay 0)."
     );
+    describe_gauge!(
+        "meridian_gossip_members",
+        "Cell members as this node sees them, by state (alive, suspect, down); this node counts as alive."
+    );
+    describe_counter!(
+        "meridian_gossip_suspicions_total",
+        "Members this node saw become suspect."
+    );
+    describe_counter!(
+        "meridian_gossip_false_suspicions_total",
+        "Suspects that refuted the suspicion (were alive after all)."
+    );
+    describe_counter!(
+        "meridian_gossip_members_down_total",
+        "Members this node saw declared down."
+    );
+    describe_counter!(
+        "meridian_gossip_packets_dropped_total",
+        "Gossip packets dropped, by reason (bad_tag, wrong_cell, malformed, refused, outgoing)."
+    );
+    describe_counter!(
+        "meridian_gossip_packets_total",
+        "Gossip packets accepted (direction=in) and sent (direction=out)."
+    );
+    describe_counter!(
+        "meridian_ownership_moves_total",
+        "Hot documents whose ownership moved to another node (handoffs started)."
+    );
+    describe_counter!(
+        "meridian_moved_total",
+        "`moved` answers sent (requests for documents owned elsewhere, handoffs)."
+    );
+    describe_histogram!(
+        "meridian_handoff_duration_seconds",
+        Unit::Seconds,
+        "From a document's ownership moving away to its subscribers being told `moved` (includes its flush)."
+    );
+}
+
+/// Publishes the cell's membership counters and gauges.
+pub fn publish_cell(view: &crate::cell::gossip::CellView) {
+    for state in [
+        crate::cell::MemberState::Alive,
+        crate::cell::MemberState::Suspect,
+        crate::cell::MemberState::Down,
+    ] {
+        let count = view.members.iter().filter(|m| m.state == state).count();
+        gauge!("meridian_gossip_members", "state" => state.as_str()).set(count as f64);
+    }
+    let stats = &view.stats;
+    counter!("meridian_gossip_suspicions_total").absolute(stats.suspicions);
+    counter!("meridian_gossip_false_suspicions_total").absolute(stats.false_suspicions);
+    counter!("meridian_gossip_members_down_total").absolute(stats.downs);
+    for (reason, value) in [
+        ("bad_tag", stats.dropped_bad_tag),
+        ("wrong_cell", stats.dropped_wrong_cell),
+        ("malformed", stats.dropped_malformed),
+        ("refused", stats.dropped_refused),
+        ("outgoing", stats.dropped_outgoing),
+    ] {
+        counter!("meridian_gossip_packets_dropped_total", "reason" => reason).absolute(value);
+    }
+    counter!("meridian_gossip_packets_total", "direction" => "in").absolute(stats.packets_received);
+    counter!("meridian_gossip_packets_total", "direction" => "out").absolute(stats.packets_sent);
+}
+
+/// One handoff's duration.
+pub fn handoff_duration(duration: Duration) {
+    histogram!("meridian_handoff_duration_seconds").record(duration.as_secs_f64());
 }
 
 /// Publishes the driver's counters and gauges.
@@ -162,6 +231,8 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_residency_violations_refused_total", "check" => "io")
         .absolute(stats.residency_refusals);
     counter!("meridian_invariant_violations_total").absolute(engine.invariant_violations);
+    counter!("meridian_ownership_moves_total").absolute(engine.ownership_moves);
+    counter!("meridian_moved_total").absolute(engine.moved_answers);
 }
 
 /// A connection refused before it became a session.

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::cache::Cache;
+use crate::cell::gossip::{CellView, Gossip};
 use crate::config::{DurableConfig, Limits, RelayConfig};
 use crate::engine::{
     DocKey, Engine, Loaded, LoadedChange, Now, Outbound, SessionId, Snapshot, StoreTask,
@@ -130,6 +131,8 @@ pub struct RelayStats {
 pub struct Shared {
     pub(crate) node: NodeId,
     pub(crate) advertise: String,
+    /// The cell's live members, told to clients in `welcome`.
+    pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
     pub(crate) jurisdiction: String,
     pub(crate) tenants: HashMap<TenantId, Vec<TenantPublicKey>>,
     pub(crate) limits: Limits,
@@ -165,9 +168,21 @@ pub struct RelayHandle {
     cache: Cache,
     http: Option<tokio::task::JoinHandle<()>>,
     metrics_addr: Option<SocketAddr>,
+    gossip: Option<Gossip>,
+    gossip_addr: Option<SocketAddr>,
 }
 
 impl RelayHandle {
+    /// The UDP address gossip is bound to, when the node is in a cell.
+    pub fn gossip_addr(&self) -> Option<SocketAddr> {
+        self.gossip_addr
+    }
+
+    /// The cell as this node sees it (`None`: not in a cell).
+    pub fn cell_view(&self) -> Option<CellView> {
+        self.gossip.as_ref().map(|g| g.view().borrow().clone())
+    }
+
     /// The UDP address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -188,6 +203,11 @@ impl RelayHandle {
     /// `deadline`), closes connections and the cache.
     pub async fn shutdown(mut self, deadline: Duration) -> Result<(), RelayError> {
         self.accept.abort();
+        // Leave the cell first: the other members take over this node's documents while
+        // the driver hands them off (flush, then `moved` to their subscribers).
+        if let Some(gossip) = &self.gossip {
+            gossip.leave(Duration::from_secs(1)).await;
+        }
         if let Some(stop) = self.shutdown.take() {
             let _ = stop.send(());
         }
@@ -222,6 +242,14 @@ impl Drop for RelayHandle {
             http.abort();
         }
     }
+}
+
+/// The node's generation in its cell: its start time in milliseconds, so that a
+/// restarted node is a newer identity than its former self.
+fn generation() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
 }
 
 /// Starts a relay node: opens the cache, replays its flush queue into the durable tier,
@@ -286,13 +314,50 @@ pub async fn start_with_store(
         quinn::Endpoint::server(server_config, config.listen).map_err(RelayError::Bind)?;
     let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
 
+    let advertise = config
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local_addr.to_string());
+    let me = meridian_protocol::NodeAddr {
+        node: config.node.clone(),
+        addr: advertise.clone(),
+    };
+    let (gossip, gossip_addr) = match &config.gossip {
+        Some(gossip) => {
+            let socket = tokio::net::UdpSocket::bind(gossip.listen)
+                .await
+                .map_err(RelayError::Bind)?;
+            let bound = socket.local_addr().map_err(RelayError::Bind)?;
+            let sealer = crate::cell::PacketSealer::new(&config.cell, &gossip.key)
+                .map_err(|e| RelayError::Config(e.to_string()))?;
+            let member = crate::cell::Member {
+                node: config.node.to_string(),
+                gossip: gossip.advertise.unwrap_or(bound),
+                client: advertise.clone(),
+                generation: generation(),
+            };
+            let membership = crate::cell::Membership::new(
+                member,
+                sealer,
+                gossip.membership.clone(),
+                gossip.seeds.clone(),
+                rand::random(),
+            );
+            (Some(Gossip::spawn(socket, membership)), Some(bound))
+        }
+        None => {
+            readiness
+                .joined
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            (None, None)
+        }
+    };
+
     let (inputs_tx, inputs_rx) = mpsc::channel(limits.engine_queue_max);
     let shared = Arc::new(Shared {
         node: config.node.clone(),
-        advertise: config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| local_addr.to_string()),
+        nodes: Mutex::new(vec![me.clone()]),
+        advertise,
         jurisdiction: config.jurisdiction.clone(),
         tenants: config
             .tenants
@@ -306,8 +371,14 @@ pub async fn start_with_store(
     });
     let (stats_tx, stats_rx) = watch::channel(RelayStats::default());
     let (stop_tx, stop_rx) = oneshot::channel();
+    let mut engine = Engine::new(engine_config(&config));
+    if gossip.is_some() {
+        engine.set_cell(me);
+    }
     let driver = Driver {
-        engine: Engine::new(engine_config(&config)),
+        engine,
+        shared: shared.clone(),
+        cell: gossip.as_ref().map(Gossip::view),
         outboxes: HashMap::new(),
         store,
         cache: cache.clone(),
@@ -339,6 +410,8 @@ pub async fn start_with_store(
         cache,
         http,
         metrics_addr,
+        gossip,
+        gossip_addr,
     })
 }
 
@@ -428,6 +501,9 @@ async fn replay_flush_queue(
 
 struct Driver {
     engine: Engine,
+    shared: Arc<Shared>,
+    /// The cell's membership, when the node is in one.
+    cell: Option<watch::Receiver<CellView>>,
     outboxes: HashMap<SessionId, SessionOutboxes>,
     store: Arc<dyn DurableStore>,
     cache: Cache,
@@ -444,6 +520,22 @@ struct Driver {
 struct SessionOutboxes {
     control: Outbox,
     docs: HashMap<DocId, Outbox>,
+}
+
+/// How long a leaving node keeps its connections after its last handoff, so that the
+/// `moved` answers are written before the connections close.
+const HANDOFF_GRACE: Duration = Duration::from_millis(300);
+
+/// The next cell view, when it changes; `None` when the gossip task ended; never
+/// resolves without a cell.
+async fn cell_changed(cell: &mut Option<watch::Receiver<CellView>>) -> Option<CellView> {
+    match cell {
+        Some(view) => match view.changed().await {
+            Ok(()) => Some(view.borrow_and_update().clone()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 fn now() -> Now {
@@ -471,6 +563,10 @@ impl Driver {
         ));
         let loads = Arc::new(Semaphore::new(self.limits.loads_in_flight_max));
         let mut shutting_down = false;
+        // After a graceful leave: when the handoffs finished, so that the `moved` answers
+        // reach the clients before their connections are closed.
+        let mut handed_off_at: Option<Instant> = None;
+        let mut cell = self.cell.take();
         // Gauges such as the flush lag change while nothing happens: refresh them.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -489,20 +585,58 @@ impl Driver {
                     Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
                 },
                 _ = sleep_until(timer), if timer.is_some() => self.engine.handle_timeout(now()),
+                changed = cell_changed(&mut cell) => match changed {
+                    Some(view) => self.handle_cell_view(&view),
+                    None => cell = None,
+                },
                 _ = &mut stop, if !shutting_down => {
                     shutting_down = true;
-                    self.engine.handle_shutdown();
                 }
             }
             self.drain(&done_tx, &cache_tx, &loads, &mut workers);
             while workers.try_join_next().is_some() {}
-            if shutting_down && self.engine.flush_queue_len() == 0 {
-                break;
+            if shutting_down
+                && self.engine.flush_queue_len() == 0
+                && self.engine.handoffs_pending() == 0
+            {
+                let at = *handed_off_at.get_or_insert_with(Instant::now);
+                if at.elapsed() >= HANDOFF_GRACE {
+                    self.engine.handle_shutdown();
+                    self.drain(&done_tx, &cache_tx, &loads, &mut workers);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         drop(cache_tx);
         // Let the cache worker finish its last uncache.
         while workers.join_next().await.is_some() {}
+    }
+
+    fn handle_cell_view(&mut self, view: &CellView) {
+        self.engine.handle_membership(now(), view.live.clone());
+        if let Ok(mut nodes) = self.shared.nodes.lock() {
+            nodes.clone_from(&view.live);
+        }
+        self.readiness
+            .joined
+            .store(view.joined, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut json) = self.readiness.cell.lock() {
+            *json = serde_json::json!({
+                "node": self.shared.node.as_str(),
+                "members": view.members,
+                "stats": {
+                    "suspicions": view.stats.suspicions,
+                    "false_suspicions": view.stats.false_suspicions,
+                    "downs": view.stats.downs,
+                    "dropped_bad_tag": view.stats.dropped_bad_tag,
+                    "dropped_wrong_cell": view.stats.dropped_wrong_cell,
+                    "dropped_malformed": view.stats.dropped_malformed,
+                },
+            })
+            .to_string();
+        }
+        crate::metrics::publish_cell(view);
     }
 
     fn handle_input(&mut self, input: Input) {
@@ -604,6 +738,9 @@ impl Driver {
         self.evict_idle_docs();
         while let Some(latency) = self.engine.poll_durable_latency() {
             crate::metrics::durable_ack_latency(latency);
+        }
+        while let Some(duration) = self.engine.poll_handoff_duration() {
+            crate::metrics::handoff_duration(duration);
         }
         self.readiness.store_failing.store(
             self.engine.flush_failing(),

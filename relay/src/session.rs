@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use meridian_protocol::token::{self, TenantPublicKey};
 use meridian_protocol::{
-    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, MAX_SNAPSHOT_CHUNK, NodeAddr,
+    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, MAX_NODES, MAX_SNAPSHOT_CHUNK, NodeAddr,
     RelayToClient, TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
@@ -195,10 +195,16 @@ async fn run(
     let welcome = RelayToClient::Welcome {
         node: shared.node.clone(),
         session,
-        nodes: vec![NodeAddr {
-            node: shared.node.clone(),
-            addr: shared.advertise.clone(),
-        }],
+        nodes: shared
+            .nodes
+            .lock()
+            .map(|nodes| nodes.iter().take(MAX_NODES).cloned().collect())
+            .unwrap_or_else(|_| {
+                vec![NodeAddr {
+                    node: shared.node.clone(),
+                    addr: shared.advertise.clone(),
+                }]
+            }),
     };
     if !control.push(Outbound::Message(welcome)) {
         return Err("control queue full at welcome".into());

@@ -867,7 +867,8 @@ impl Engine {
         })
     }
 
-    fn is_subscribed(&self, session: SessionId, doc: &DocId) -> bool {
+    /// True while `session` is subscribed to `doc`.
+    pub fn is_subscribed(&self, session: SessionId, doc: &DocId) -> bool {
         self.sessions
             .get(&session)
             .is_some_and(|s| s.subscriptions.contains(doc))

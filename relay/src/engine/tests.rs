@@ -558,7 +558,8 @@ fn moved_to(out: &[Outbound]) -> Option<String> {
 fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
     let mut h = Harness::new();
     h.engine.set_cell(node("a"));
-    h.engine.handle_membership(now(), vec![node("a"), node("b")]);
+    h.engine
+        .handle_membership(now(), vec![node("a"), node("b")]);
     let t = now();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
@@ -566,7 +567,8 @@ fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
     h.engine.handle_subscribe(t, 1, theirs.clone(), vec![]);
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
-    h.engine.handle_changes(t, 1, theirs.clone(), changes_of(&mut doc));
+    h.engine
+        .handle_changes(t, 1, theirs.clone(), changes_of(&mut doc));
     h.run(t);
     let out = h.take(1);
     let moved: Vec<_> = out
@@ -575,8 +577,15 @@ fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
         .collect();
     assert_eq!(moved.len(), 2, "{out:?}");
     assert_eq!(moved_to(&out).as_deref(), Some("b"));
-    assert_eq!(h.engine.hot_docs(), 0, "nothing loaded for a foreign document");
-    assert!(h.flushed.is_empty(), "nothing written for a foreign document");
+    assert_eq!(
+        h.engine.hot_docs(),
+        0,
+        "nothing loaded for a foreign document"
+    );
+    assert!(
+        h.flushed.is_empty(),
+        "nothing written for a foreign document"
+    );
     assert_eq!(h.engine.stats().moved_answers, 2);
 }
 
@@ -597,7 +606,8 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
     h.fail_flushes = true;
-    h.engine.handle_changes(t, 1, ours.clone(), changes_of(&mut doc));
+    h.engine
+        .handle_changes(t, 1, ours.clone(), changes_of(&mut doc));
     h.run(t);
     h.take(1);
     h.take(2);
@@ -609,7 +619,8 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     // A write during the handoff is not taken: moved.
     let mut other = AutoCommit::new();
     other.put(automerge::ROOT, "x", 2).unwrap();
-    h.engine.handle_changes(t, 2, ours.clone(), changes_of(&mut other));
+    h.engine
+        .handle_changes(t, 2, ours.clone(), changes_of(&mut other));
     h.run(t);
     assert_eq!(moved_to(&h.take(2)).as_deref(), Some("b"));
     // The flush succeeds: durable first, then moved, and the document leaves memory.
@@ -626,7 +637,11 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
         .position(|o| matches!(o, Outbound::Message(RelayToClient::Moved { .. })))
         .expect("moved");
     assert!(durable_at < moved_at, "{out:?}");
-    assert_eq!(h.flushed.len(), 1, "only the owner's accepted change is written");
+    assert_eq!(
+        h.flushed.len(),
+        1,
+        "only the owner's accepted change is written"
+    );
     assert_eq!(h.engine.handoffs_pending(), 0);
     assert_eq!(h.engine.hot_docs(), 0);
     assert_eq!(h.engine.stats().ownership_moves, 1);

@@ -64,6 +64,7 @@ impl Dev {
             limits: self.limits.clone(),
             engine: self.engine.clone(),
             metrics_listen: None,
+            gossip: None,
         }
     }
 
