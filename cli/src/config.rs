@@ -372,6 +372,12 @@ impl ClientFile {
             meridian_client::ClientConfig::new(self.endpoint.clone(), ca, self.token.clone());
         config.server_name = self.server_name.clone();
         config.store_dir = self.store_dir.clone();
+        config.nodes = self
+            .nodes
+            .iter()
+            .map(|n| n.endpoint.clone())
+            .filter(|e| *e != self.endpoint)
+            .collect();
         Ok(config)
     }
 }

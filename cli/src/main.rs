@@ -1,6 +1,7 @@
 //! `meridian`: the one binary. Local dev deployment, relay node, tokens, documents.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod cell;
 mod config;
 mod dev;
 mod doc;
@@ -31,7 +32,14 @@ enum Command {
         /// The config file (see relay/config.example.toml).
         #[arg(long)]
         config: PathBuf,
+        /// Shut down gracefully when standard input closes (how `meridian dev` stops its
+        /// nodes, including when it dies itself).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
     },
+    /// Inspect a cell.
+    #[command(subcommand)]
+    Cell(cell::CellCommand),
     /// Make tenant keys and capability tokens.
     #[command(subcommand)]
     Token(token::TokenCommand),
@@ -88,7 +96,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Dev(args) => dev::run(args).await,
-            Command::Relay { config } => run_relay(config).await,
+            Command::Relay {
+                config,
+                exit_with_parent,
+            } => run_relay(config, exit_with_parent).await,
+            Command::Cell(command) => cell::run(command).await,
             Command::Token(command) => token::run(command),
             Command::Doc(command) => doc::run(command).await,
             Command::Durable(DurableCommand::Init {
@@ -109,7 +121,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
+async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> {
     let mut shutdown = Shutdown::listen()?;
     let file = config::RelayFile::read(&path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
@@ -119,10 +131,29 @@ async fn run_relay(path: PathBuf) -> anyhow::Result<()> {
     if let Some(metrics) = relay.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");
     }
-    shutdown.wait().await;
+    if exit_with_parent {
+        tokio::select! {
+            _ = shutdown.wait() => {}
+            _ = stdin_closed() => {}
+        }
+    } else {
+        shutdown.wait().await;
+    }
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;
     Ok(())
+}
+
+/// Resolves when standard input reaches its end (or fails).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(read) = stdin.read(&mut buf).await {
+        if read == 0 {
+            break;
+        }
+    }
 }
 
 async fn durable_init(

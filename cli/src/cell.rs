@@ -1,0 +1,124 @@
+//! `meridian cell status`: the cell's members and their states, as one node sees them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::ClientFile;
+
+#[derive(clap::Subcommand)]
+pub enum CellCommand {
+    /// Print every member of the cell with its state (alive, suspect, down).
+    Status {
+        /// A client.toml that lists the cell's nodes with their admin addresses.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(command: CellCommand) -> Result<()> {
+    match command {
+        CellCommand::Status { config, json } => status(config, json).await,
+    }
+}
+
+async fn status(path: PathBuf, json: bool) -> Result<()> {
+    let file = ClientFile::read(&path)?;
+    let admins: Vec<(String, String)> = file
+        .nodes
+        .iter()
+        .filter_map(|n| n.admin.clone().map(|a| (n.id.clone(), a)))
+        .collect();
+    if admins.is_empty() {
+        bail!(
+            "{} lists no node with an admin address ([[nodes]] admin = \"host:port\")",
+            path.display()
+        );
+    }
+    let mut unreachable = Vec::new();
+    let mut view = None;
+    for (id, admin) in &admins {
+        let addr: SocketAddr = match tokio::net::lookup_host(admin).await.ok().and_then(|mut a| a.next()) {
+            Some(addr) => addr,
+            None => {
+                unreachable.push(id.clone());
+                continue;
+            }
+        };
+        match http_get(addr, "/cell").await {
+            Ok((200, body)) => {
+                let value: serde_json::Value = serde_json::from_str(&body)
+                    .with_context(|| format!("{id}: /cell did not answer JSON"))?;
+                view = Some(value);
+                break;
+            }
+            _ => unreachable.push(id.clone()),
+        }
+    }
+    let Some(view) = view else {
+        bail!("no node of the cell answered at its admin address ({})", admins.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>().join(", "));
+    };
+    if json {
+        let out = serde_json::json!({
+            "seen_by": view["node"],
+            "members": view["members"],
+            "stats": view["stats"],
+            "unreachable": unreachable,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "cell members as seen by {}",
+        view["node"].as_str().unwrap_or("?")
+    );
+    println!(
+        "{:<16} {:<8} {:<22} {:<22} {:>15}",
+        "NODE", "STATE", "QUIC", "GOSSIP", "GENERATION"
+    );
+    for member in view["members"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        let me = if member["me"].as_bool().unwrap_or(false) { " (this node)" } else { "" };
+        println!(
+            "{:<16} {:<8} {:<22} {:<22} {:>15}{me}",
+            member["node"].as_str().unwrap_or("?"),
+            member["state"].as_str().unwrap_or("?"),
+            member["client"].as_str().unwrap_or("?"),
+            member["gossip"].as_str().unwrap_or("?"),
+            member["generation"].as_u64().unwrap_or(0),
+        );
+    }
+    if !unreachable.is_empty() {
+        println!("admin endpoint unreachable: {}", unreachable.join(", "));
+    }
+    Ok(())
+}
+
+/// A minimal HTTP/1.1 GET to a node's admin endpoint: `(status, body)`.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .context("timed out")??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    Ok((status, body.to_owned()))
+}
