@@ -125,7 +125,7 @@ impl Tracker {
 /// The relay under test, when this process started it.
 struct LocalRelay {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for LocalRelay {
@@ -168,13 +168,13 @@ fn start_relay() -> Result<(LocalRelay, PathBuf)> {
     }
     let dir = tempfile::tempdir()?;
     let child = Command::new(&meridian)
-        .args(["dev", "--data-dir"])
+        .args(["dev", "--nodes", "1", "--data-dir"])
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let config = dir.path().join("client.toml");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while !config.exists() {
         if Instant::now() > deadline {
             bail!("the local relay did not start");
@@ -182,7 +182,7 @@ fn start_relay() -> Result<(LocalRelay, PathBuf)> {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(100));
-    Ok((LocalRelay { child, _dir: dir }, config))
+    Ok((LocalRelay { child, dir }, config))
 }
 
 /// Resident memory (bytes) and CPU time (seconds) of a process, from /proc.
@@ -316,7 +316,12 @@ async fn main() -> Result<()> {
             (Some(relay), path)
         }
     };
-    let relay_pid = relay.as_ref().map(|r| r.child.id());
+    // The relay node is `meridian dev`'s child; its PID is in node-1.pid.
+    let relay_pid = relay.as_ref().and_then(|r| {
+        std::fs::read_to_string(r.dir.path().join("node-1.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
+    });
     let config = client_config(&config_path)?;
     let tracker = Arc::new(Tracker {
         latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).ok()),

@@ -13,9 +13,9 @@
 //! `<id>.am` (the saved document), the latter created with a hard link so that a second
 //! writer of the same id finds it present and leaves it alone.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,8 +39,10 @@ pub struct LocalDirStore {
     root: Arc<PathBuf>,
     /// Serializes appends so records never interleave.
     writer: Arc<Mutex<()>>,
-    /// Logs whose tail was checked since this process opened the store.
-    checked: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Each log's length after this process last checked or appended to it: if the
+    /// log still has that length, no other process wrote to it since, and its tail is
+    /// whole.
+    checked: Arc<Mutex<HashMap<PathBuf, u64>>>,
     /// Injected failures (tests stand them in for throttling).
     failures: Arc<AtomicUsize>,
 }
@@ -53,7 +55,7 @@ impl LocalDirStore {
         Ok(LocalDirStore {
             root: Arc::new(root),
             writer: Arc::new(Mutex::new(())),
-            checked: Arc::new(Mutex::new(HashSet::new())),
+            checked: Arc::new(Mutex::new(HashMap::new())),
             failures: Arc::new(AtomicUsize::new(0)),
         })
     }
@@ -161,12 +163,16 @@ impl LocalDirStore {
             .join(format!("{}.log", hex::encode(key.doc.as_str())))
     }
 
-    /// Appends each document's records. A log is first cut back to its last whole record
-    /// (a crash mid-append leaves a torn tail, which must not hide what comes after it),
-    /// and an append that fails is cut back off, so the log always ends on a record.
+    /// Appends each document's records.
+    ///
+    /// Several processes may share the directory (the nodes of a local cell): each
+    /// append holds an exclusive lock on the log file. Under the lock, a log that changed
+    /// since this process last saw it is checked from the last length it knew: a torn
+    /// tail (a writer killed mid-append) is cut, since it would hide what comes after
+    /// it. An append that fails is cut back off, so the log always ends on a record.
     fn write_blocking(
         root: &Path,
-        checked: &Mutex<HashSet<PathBuf>>,
+        checked: &Mutex<HashMap<PathBuf, u64>>,
         changes: &[(DocKey, StoredChange)],
     ) -> Result<(), StoreError> {
         let mut by_doc: BTreeMap<&DocKey, Vec<u8>> = BTreeMap::new();
@@ -184,21 +190,30 @@ impl LocalDirStore {
                 File::open(root)?.sync_all()?;
             }
             let new_file = !path.exists();
-            let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-            let mut seen = checked
+            let mut file = OpenOptions::new()
+                .create(true)
+                .read(true)
+                .append(true)
+                .open(&path)?;
+            file.lock()?;
+            let len = file.metadata()?.len();
+            let known = checked
                 .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
-            if !new_file && !seen.contains(&path) {
-                let data = fs::read(&path)?;
-                let whole = valid_prefix(&data);
-                if whole < data.len() {
-                    tracing::debug!(path = %path.display(), torn = data.len() - whole, "cutting a torn log tail");
-                    file.set_len(whole as u64)?;
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .get(&path)
+                .copied();
+            if known != Some(len) {
+                let from = known.filter(|k| *k <= len).unwrap_or(0);
+                let mut tail = Vec::new();
+                file.seek(SeekFrom::Start(from))?;
+                file.read_to_end(&mut tail)?;
+                let whole = from + valid_prefix(&tail) as u64;
+                if whole < len {
+                    tracing::debug!(path = %path.display(), torn = len - whole, "cutting a torn log tail");
+                    file.set_len(whole)?;
                     file.sync_data()?;
                 }
             }
-            seen.insert(path.clone());
-            drop(seen);
             let before = file.metadata()?.len();
             let appended = file.write_all(&records).and_then(|()| file.sync_data());
             if let Err(error) = appended {
@@ -208,6 +223,12 @@ impl LocalDirStore {
             if new_file {
                 File::open(dir)?.sync_all()?;
             }
+            let after = before + records.len() as u64;
+            checked
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .insert(path, after);
+            // Dropping the file releases the lock.
         }
         Ok(())
     }
@@ -424,5 +445,34 @@ mod tests {
         data[20] ^= 0xff;
         fs::write(&path, &data).unwrap();
         assert_eq!(store.load(&key).await.unwrap().changes.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn two_writers_sharing_a_directory_never_hide_each_others_records() {
+        // Two stores on one directory stand for two processes (nodes of a local cell):
+        // each keeps its own idea of the log's length.
+        let dir = tempfile::tempdir().unwrap();
+        let a = LocalDirStore::open(dir.path()).unwrap();
+        let b = LocalDirStore::open(dir.path()).unwrap();
+        let key = DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new("shared").unwrap(),
+        };
+        a.write_changes(&[(key.clone(), change(1))]).await.unwrap();
+        b.write_changes(&[(key.clone(), change(2))]).await.unwrap();
+        a.write_changes(&[(key.clone(), change(3))]).await.unwrap();
+        // `b` is killed halfway through an append: a torn record at the end.
+        let path = LocalDirStore::path_of(dir.path(), &key);
+        let mut torn = Vec::new();
+        encode_record(&mut torn, &change(4));
+        torn.truncate(torn.len() / 2);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&torn).unwrap();
+        drop(file);
+        // `a` last saw the log before the torn write: it checks from there and cuts it.
+        a.write_changes(&[(key.clone(), change(5))]).await.unwrap();
+        let loaded = b.load(&key).await.unwrap().changes;
+        let hashes: Vec<u8> = loaded.iter().map(|c| c.hash.0[0]).collect();
+        assert_eq!(hashes, vec![1, 2, 3, 5]);
     }
 }
