@@ -44,7 +44,11 @@ async fn status(path: PathBuf, json: bool) -> Result<()> {
     let mut unreachable = Vec::new();
     let mut view = None;
     for (id, admin) in &admins {
-        let addr: SocketAddr = match tokio::net::lookup_host(admin).await.ok().and_then(|mut a| a.next()) {
+        let addr: SocketAddr = match tokio::net::lookup_host(admin)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+        {
             Some(addr) => addr,
             None => {
                 unreachable.push(id.clone());
@@ -62,7 +66,14 @@ async fn status(path: PathBuf, json: bool) -> Result<()> {
         }
     }
     let Some(view) = view else {
-        bail!("no node of the cell answered at its admin address ({})", admins.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no node of the cell answered at its admin address ({})",
+            admins
+                .iter()
+                .map(|(_, a)| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     };
     if json {
         let out = serde_json::json!({
@@ -82,8 +93,16 @@ async fn status(path: PathBuf, json: bool) -> Result<()> {
         "{:<16} {:<8} {:<22} {:<22} {:>15}",
         "NODE", "STATE", "QUIC", "GOSSIP", "GENERATION"
     );
-    for member in view["members"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        let me = if member["me"].as_bool().unwrap_or(false) { " (this node)" } else { "" };
+    for member in view["members"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        let me = if member["me"].as_bool().unwrap_or(false) {
+            " (this node)"
+        } else {
+            ""
+        };
         println!(
             "{:<16} {:<8} {:<22} {:<22} {:>15}{me}",
             member["node"].as_str().unwrap_or("?"),
@@ -104,7 +123,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .await?;
         let mut response = Vec::new();
         stream.take(1 << 20).read_to_end(&mut response).await?;
@@ -114,7 +136,9 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .await
         .context("timed out")??;
     let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").context("malformed HTTP response")?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
     let status = head
         .split_whitespace()
         .nth(1)

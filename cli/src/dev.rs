@@ -144,7 +144,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         .collect();
     for node in &mut nodes {
         if let Some(cell) = &mut node.file.cell {
-            cell.seeds = seeds.iter().copied().filter(|s| *s != cell.gossip_listen).collect();
+            cell.seeds = seeds
+                .iter()
+                .copied()
+                .filter(|s| *s != cell.gossip_listen)
+                .collect();
         }
         std::fs::write(&node.config, toml::to_string_pretty(&node.file)?)
             .with_context(|| format!("cannot write {}", node.config.display()))?;
@@ -200,7 +204,10 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let client_path = dir.join("client.toml");
     std::fs::write(&client_path, toml::to_string_pretty(&client)?)?;
     // The single-node config of earlier versions, kept pointing at node 1.
-    std::fs::write(dir.join("relay.toml"), toml::to_string_pretty(&nodes[0].file)?)?;
+    std::fs::write(
+        dir.join("relay.toml"),
+        toml::to_string_pretty(&nodes[0].file)?,
+    )?;
 
     let config = client_path.display();
     println!("Meridian dev deployment is running.");
@@ -220,7 +227,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
             metrics.map(|m| m.to_string()).unwrap_or_default(),
         );
     }
-    println!("           (each node also serves /healthz, /readyz and /cell; logs in node-<i>.log)");
+    println!(
+        "           (each node also serves /healthz, /readyz and /cell; logs in node-<i>.log)"
+    );
     println!("  data     {}", dir.display());
     match &durable.endpoint {
         Some(endpoint) => println!(
@@ -287,11 +296,18 @@ async fn wait_ready(dir: &Path, nodes: &mut [Node], shutdown: &mut crate::Shutdo
                         tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                     );
                 }
-                if crate::cell::http_get(metrics, "/readyz").await.is_ok_and(|(status, _)| status == 200) {
+                if crate::cell::http_get(metrics, "/readyz")
+                    .await
+                    .is_ok_and(|(status, _)| status == 200)
+                {
                     break;
                 }
                 if tokio::time::Instant::now() > deadline {
-                    bail!("{} did not become ready within 90 s (see node-{}.log)", node.id, node.index);
+                    bail!(
+                        "{} did not become ready within 90 s (see node-{}.log)",
+                        node.id,
+                        node.index
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
