@@ -457,7 +457,8 @@ impl DocHandle {
         }
     }
 
-    /// The relay finished the catch-up; upload whatever of ours its heads do not cover.
+    /// The relay finished the catch-up; upload whatever of ours its heads do not cover
+    /// (changes this replica made that the relay lost, for example with a node's cache).
     pub(crate) fn on_synced(&self, relay_heads: &[ChangeHash]) {
         let mut state = self.lock();
         let heads: Vec<automerge::ChangeHash> = relay_heads
@@ -470,10 +471,15 @@ impl DocHandle {
         if knows_all {
             let pending: std::collections::HashSet<ChangeHash> =
                 state.pending.iter().map(|p| p.hash).collect();
+            // Only this replica's own changes: a relay binds an actor to the user who first
+            // writes with it, so uploading another user's change would claim it. A relay
+            // that lacks another user's change re-reads it from the durable tier.
+            let me = state.doc.get_actor().clone();
             let extra: Vec<Bytes> = state
                 .doc
                 .get_changes(&heads)
                 .iter()
+                .filter(|c| c.actor_id() == &me)
                 .filter(|c| !pending.contains(&ChangeHash(c.hash().0)))
                 .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
                 .collect();

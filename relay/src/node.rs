@@ -86,6 +86,7 @@ pub enum Input {
 
 enum Completion {
     Loaded(DocKey, Result<Loaded, String>),
+    Refreshed(DocKey, Result<Loaded, String>),
     Compacted(DocKey, Result<Snapshot, String>, usize),
     Committed(u64),
     Flushed(u64, Result<(), String>),
@@ -580,6 +581,7 @@ impl Driver {
                 },
                 Some(done) = done_rx.recv() => match done {
                     Completion::Loaded(key, result) => self.engine.handle_loaded(now(), key, result),
+                    Completion::Refreshed(key, result) => self.engine.handle_refreshed(now(), key, result),
                     Completion::Compacted(key, result, changes) => self.engine.handle_compacted(now(), key, result, changes),
                     Completion::Committed(commit) => self.engine.handle_cache_committed(now(), commit),
                     Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
@@ -790,6 +792,19 @@ impl Driver {
                     let _permit = loads.acquire_owned().await;
                     let result = load_doc(&cache, store.as_ref(), &key).await;
                     let _ = done.send(Completion::Loaded(key, result)).await;
+                });
+            }
+            StoreTask::Refresh { key } => {
+                let (store, cache, done, loads) = (
+                    self.store.clone(),
+                    self.cache.clone(),
+                    done.clone(),
+                    loads.clone(),
+                );
+                workers.spawn(async move {
+                    let _permit = loads.acquire_owned().await;
+                    let result = load_doc(&cache, store.as_ref(), &key).await;
+                    let _ = done.send(Completion::Refreshed(key, result)).await;
                 });
             }
             StoreTask::Cache { commit, changes } => {

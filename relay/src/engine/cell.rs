@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient};
 
-use super::{DocKey, DocState, Engine, Now, SessionId};
+use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask};
 use crate::cell::owner;
 
 /// This node and the cell's live members.
@@ -50,6 +50,9 @@ impl Engine {
         };
         members.sort_by(|a, b| a.node.cmp(&b.node));
         members.dedup_by(|a, b| a.node == b.node);
+        let joined = members
+            .iter()
+            .any(|m| !cell.members.iter().any(|old| old.node == m.node));
         cell.members = members;
         let keys: Vec<DocKey> = self.docs.keys().cloned().collect();
         let mut started = false;
@@ -60,6 +63,10 @@ impl Engine {
             };
             match (to, doc.handoff.as_mut()) {
                 (Some(to), None) => {
+                    if !doc.refreshes.is_empty() {
+                        doc.refreshes.clear();
+                        self.refreshes = self.refreshes.saturating_sub(1);
+                    }
                     doc.handoff = Some(Handoff {
                         to,
                         since: now.instant,
@@ -74,6 +81,15 @@ impl Engine {
                     self.handoffs = self.handoffs.saturating_sub(1);
                 }
                 (None, None) => {}
+            }
+            // A member that joined (or came back from a partition) may have written this
+            // document meanwhile, and flushes it as it hands it over: read it again.
+            if joined && doc.handoff.is_none() && matches!(doc.state, DocState::Ready) {
+                if doc.refreshes.is_empty() {
+                    self.refreshes += 1;
+                }
+                let first = now.instant + self.config.refresh_after_join;
+                doc.refreshes = vec![first, first + self.config.handoff_timeout];
             }
         }
         if started && !self.flush_queue.is_empty() {
@@ -116,6 +132,123 @@ impl Engine {
             .filter_map(|d| d.handoff.as_ref())
             .map(|h| h.since + self.config.handoff_timeout)
             .min()
+    }
+
+    /// The earliest refresh, for `poll_timeout`.
+    pub(super) fn refresh_deadline(&self) -> Option<Instant> {
+        if self.refreshes == 0 {
+            return None;
+        }
+        self.docs
+            .values()
+            .filter(|d| !d.refreshing)
+            .filter_map(|d| d.refreshes.first())
+            .min()
+            .copied()
+    }
+
+    /// Starts the refreshes that are due.
+    pub(super) fn start_refreshes(&mut self, now: Instant) {
+        if self.refreshes == 0 {
+            return;
+        }
+        let due: Vec<DocKey> = self
+            .docs
+            .iter()
+            .filter(|(_, d)| !d.refreshing && d.refreshes.first().is_some_and(|at| *at <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            if let Some(doc) = self.docs.get_mut(&key) {
+                doc.refreshes.remove(0);
+                if doc.refreshes.is_empty() {
+                    self.refreshes = self.refreshes.saturating_sub(1);
+                }
+                doc.refreshing = true;
+                doc.last_refresh = Some(now);
+                self.stats.refreshes += 1;
+                self.store_tasks.push_back(StoreTask::Refresh { key });
+            }
+        }
+    }
+
+    /// Re-reads `key` from the durable tier soon (at most once per
+    /// `refresh_after_join`), when a session showed changes this copy cannot place.
+    pub(super) fn request_refresh(&mut self, now: Instant, key: &DocKey) {
+        let min_interval = self.config.refresh_after_join;
+        let Some(doc) = self.docs.get_mut(key) else {
+            return;
+        };
+        if doc.refreshing
+            || doc.handoff.is_some()
+            || !matches!(doc.state, DocState::Ready)
+            || doc
+                .last_refresh
+                .is_some_and(|at| now.saturating_duration_since(at) < min_interval)
+        {
+            return;
+        }
+        doc.refreshing = true;
+        doc.last_refresh = Some(now);
+        self.stats.refreshes += 1;
+        self.store_tasks
+            .push_back(StoreTask::Refresh { key: key.clone() });
+    }
+
+    /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
+    /// subscribers, and orphans whose dependencies arrived are taken.
+    pub fn handle_refreshed(&mut self, now: Now, key: DocKey, result: Result<Loaded, String>) {
+        let Some(doc) = self.docs.get_mut(&key) else {
+            return;
+        };
+        doc.refreshing = false;
+        let loaded = match result {
+            Ok(loaded) => loaded,
+            Err(reason) => {
+                tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "refresh failed");
+                return;
+            }
+        };
+        if !matches!(doc.state, DocState::Ready) || doc.handoff.is_some() {
+            return;
+        }
+        let new = self.insert_loaded(now, &key, loaded.changes, true);
+        if !new.is_empty() {
+            self.stats.refreshed_changes += new.len() as u64;
+            let Some(doc) = self.docs.get(&key) else {
+                return;
+            };
+            let subscribers: Vec<SessionId> = doc.subscribers.iter().copied().collect();
+            self.stats.changes_fanned_out += (new.len() * subscribers.len()) as u64;
+            for chunk in super::chunk_by_bytes(&new, self.config.catchup_frame_bytes) {
+                let message = RelayToClient::Changes {
+                    doc: key.doc.clone(),
+                    changes: chunk.to_vec(),
+                };
+                for &session in &subscribers {
+                    self.send(session, Some(key.doc.clone()), message.clone());
+                }
+            }
+        }
+        // Orphans may now have their dependencies: take them again from their sessions
+        // (what still misses something is parked again).
+        let Some(doc) = self.docs.get_mut(&key) else {
+            return;
+        };
+        let orphans = std::mem::take(&mut doc.orphans);
+        doc.orphan_bytes = 0;
+        let mut by_session: Vec<(SessionId, Vec<bytes::Bytes>)> = Vec::new();
+        for orphan in orphans {
+            match by_session.iter_mut().find(|(s, _)| *s == orphan.session) {
+                Some((_, changes)) => changes.push(orphan.change.bytes),
+                None => by_session.push((orphan.session, vec![orphan.change.bytes])),
+            }
+        }
+        for (session, changes) in by_session {
+            if self.is_subscribed(session, &key.doc) {
+                self.ingest(now, session, &key, changes);
+            }
+        }
     }
 
     /// Answers `Moved` and drops the session's subscription, if any.
@@ -199,7 +332,11 @@ impl Engine {
                 changes.clear();
             }
             if drop_now {
-                self.docs.remove(&key);
+                if let Some(doc) = self.docs.remove(&key)
+                    && !doc.refreshes.is_empty()
+                {
+                    self.refreshes = self.refreshes.saturating_sub(1);
+                }
                 if loading {
                     self.loading = self.loading.saturating_sub(1);
                 }

@@ -90,6 +90,7 @@ impl Engine {
     /// The timer from `poll_timeout` fired.
     pub fn handle_timeout(&mut self, now: Now) {
         self.progress_handoffs(now.instant);
+        self.start_refreshes(now.instant);
         let Some(due) = self.flush_due else {
             return;
         };

@@ -11,10 +11,18 @@ use super::{DocKey, Engine, LoadedChange, Now};
 
 impl Engine {
     /// Builds a document's graph from loaded changes in any order (Kahn's algorithm over
-    /// the dependency edges). Changes that fail their checks are counted and skipped.
-    pub(super) fn insert_loaded(&mut self, now: Now, key: &DocKey, loaded: Vec<LoadedChange>) {
+    /// the dependency edges), or merges them into the graph it has. Changes that fail
+    /// their checks are counted and skipped. With `collect_new`, returns the bytes of the
+    /// changes that were new to the graph, in causal order.
+    pub(super) fn insert_loaded(
+        &mut self,
+        now: Now,
+        key: &DocKey,
+        loaded: Vec<LoadedChange>,
+        collect_new: bool,
+    ) -> Vec<bytes::Bytes> {
         let Some(entry) = self.docs.get_mut(key) else {
-            return;
+            return Vec::new();
         };
         let mut parsed: Vec<(ParsedChange, Option<UserId>, bool)> =
             Vec::with_capacity(loaded.len());
@@ -52,16 +60,20 @@ impl Engine {
             (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
         let mut unflushed = Vec::new();
         let mut added = 0usize;
+        let mut new = Vec::new();
         while let Some(i) = ready.pop_front() {
             let (change, user, durable) = &parsed[i];
             match entry.graph.add(change, user.as_ref(), *durable) {
                 Ok(Added::New(_)) => {
                     added += 1;
+                    if collect_new {
+                        new.push(change.bytes.clone());
+                    }
                     if !durable {
                         unflushed.push(change.hash);
                     }
                 }
-                Ok(Added::Known(_)) => {}
+                Ok(Added::Known(_)) => added += 1,
                 Err(_) => {
                     self.stats.corrupt_changes += 1;
                     continue;
@@ -88,5 +100,6 @@ impl Engine {
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant + self.config.flush_interval);
         }
+        new
     }
 }

@@ -151,6 +151,11 @@ pub struct EngineConfig {
     /// How long a document handing off to another node of the cell waits for its flush
     /// before its subscribers are told `Moved` anyway.
     pub handoff_timeout: Duration,
+    /// After a member joins the cell (or a partition heals), documents this node keeps
+    /// serving are re-read from the durable tier this long later, and again after
+    /// `handoff_timeout` more: the other node may have taken writes for them meanwhile
+    /// and flushed them in its handoff.
+    pub refresh_after_join: Duration,
     /// The jurisdiction this engine's durable tier belongs to.
     pub jurisdiction: String,
     /// Each tenant's jurisdiction. A tenant not listed, or listed elsewhere, is refused:
@@ -176,6 +181,7 @@ impl Default for EngineConfig {
             snapshot_every_bytes: 1 << 20,
             compactions_in_flight_max: 1,
             handoff_timeout: Duration::from_secs(10),
+            refresh_after_join: Duration::from_secs(1),
             jurisdiction: String::new(),
             tenant_jurisdictions: HashMap::new(),
         }
@@ -240,6 +246,12 @@ pub enum StoreTask {
         /// The changes.
         changes: Vec<(DocKey, StoredChange)>,
     },
+    /// Read the document again from the cache and the durable tier (as for `Load`) and
+    /// answer `handle_refreshed`: changes another node wrote meanwhile join the graph.
+    Refresh {
+        /// The document.
+        key: DocKey,
+    },
     /// Materialize the document and store a snapshot; answer `handle_compacted`.
     Compact {
         /// The document.
@@ -296,6 +308,10 @@ pub struct Stats {
     pub moved_answers: u64,
     /// Hot documents whose ownership moved to another node (handoffs started).
     pub ownership_moves: u64,
+    /// Re-reads of hot documents from the durable tier after a member joined.
+    pub refreshes: u64,
+    /// Changes those re-reads found that the graph lacked.
+    pub refreshed_changes: u64,
 }
 
 struct Session {
@@ -333,6 +349,12 @@ struct Doc {
     compact_retry: Option<(u32, Instant)>,
     /// Set while the document hands off to its new owner.
     handoff: Option<cell::Handoff>,
+    /// When to re-read the document from the durable tier (after a member joined).
+    refreshes: Vec<Instant>,
+    /// A refresh read is in flight.
+    refreshing: bool,
+    /// When the last refresh was asked for (they are rate-limited per document).
+    last_refresh: Option<Instant>,
 }
 
 impl Doc {
@@ -370,6 +392,9 @@ impl Doc {
             compacting: false,
             compact_retry: None,
             handoff: None,
+            refreshes: Vec::new(),
+            refreshing: false,
+            last_refresh: None,
         }
     }
 }
@@ -404,6 +429,8 @@ pub struct Engine {
     handoffs: usize,
     /// Handoff durations not yet taken by the IO layer (bounded).
     handoff_durations: Vec<Duration>,
+    /// Documents with a refresh scheduled.
+    refreshes: usize,
 }
 
 impl Engine {
@@ -432,6 +459,7 @@ impl Engine {
             cell: None,
             handoffs: 0,
             handoff_durations: Vec::new(),
+            refreshes: 0,
         }
     }
 
@@ -513,7 +541,10 @@ impl Engine {
         } else {
             self.flush_due
         };
-        [flush, self.handoff_deadline()].into_iter().flatten().min()
+        [flush, self.handoff_deadline(), self.refresh_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A connection authenticated with `capability`.
@@ -767,7 +798,7 @@ impl Engine {
             }
         };
         self.stats.cold_loads += 1;
-        self.insert_loaded(now, &key, loaded.changes);
+        self.insert_loaded(now, &key, loaded.changes, false);
         if let Some(entry) = self.docs.get_mut(&key) {
             entry.snapshot = loaded.snapshot;
         }
@@ -807,8 +838,11 @@ impl Engine {
                 && d.orphans.is_empty()
                 && matches!(d.state, DocState::Ready)
         });
-        if evictable {
-            self.docs.remove(key);
+        if evictable
+            && let Some(doc) = self.docs.remove(key)
+            && !doc.refreshes.is_empty()
+        {
+            self.refreshes = self.refreshes.saturating_sub(1);
         }
         evictable
     }
@@ -994,6 +1028,9 @@ impl Engine {
         };
         let mut accepted: Vec<(SessionId, ChangeIndex)> = Vec::new();
         let mut known: Vec<ChangeHash> = Vec::new();
+        // Set when the session showed changes this copy cannot place: re-read the
+        // document from the durable tier.
+        let mut stale = false;
         let mut refusals: Vec<(ErrorCode, String)> = Vec::new();
         let (orphans_max, orphan_bytes_max) = (
             self.config.orphans_per_doc_max,
@@ -1034,6 +1071,7 @@ impl Engine {
                         continue;
                     }
                     self.stats.orphans_parked += 1;
+                    stale = true;
                     entry.orphan_bytes += parsed.bytes.len();
                     entry.orphans.push(Orphan {
                         change: parsed,
@@ -1041,10 +1079,15 @@ impl Engine {
                         user: user.clone(),
                     });
                 }
-                Err(AddError::ActorOfOtherUser) => refusals.push((
-                    ErrorCode::Forbidden,
-                    format!("actor of change {} belongs to another user", parsed.hash),
-                )),
+                Err(AddError::ActorOfOtherUser) => {
+                    // Either another user's genuine change that this copy lacks (a
+                    // client uploads what it learnt elsewhere; this node's copy is
+                    // behind the durable tier), or a forgery. It is not taken from this
+                    // session: the durable tier, written only by relays, is re-read
+                    // instead, and a genuine change arrives from there.
+                    self.stats.changes_refused += 1;
+                    stale = true;
+                }
                 Err(error) => refusals.push((
                     ErrorCode::InvalidChange,
                     format!("change {}: {error}", parsed.hash),
@@ -1152,6 +1195,9 @@ impl Engine {
         }
         for (code, message) in refusals {
             self.error(session, Some(key.doc.clone()), code, &message);
+        }
+        if stale {
+            self.request_refresh(now.instant, key);
         }
         self.start_commit();
         self.maybe_compact(now.instant, key);

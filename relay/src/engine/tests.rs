@@ -100,6 +100,21 @@ impl Harness {
                         self.engine.handle_flush_done(now, batch, Ok(()));
                     }
                 }
+                StoreTask::Refresh { key } => {
+                    let changes = self
+                        .durable
+                        .iter()
+                        .map(|c| LoadedChange::stored(c.clone(), true))
+                        .collect();
+                    self.engine.handle_refreshed(
+                        now,
+                        key,
+                        Ok(Loaded {
+                            changes,
+                            snapshot: None,
+                        }),
+                    );
+                }
                 StoreTask::Uncache { .. } => {}
                 StoreTask::Compact { key, .. } => {
                     self.engine
@@ -646,4 +661,57 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     assert_eq!(h.engine.hot_docs(), 0);
     assert_eq!(h.engine.stats().ownership_moves, 1);
     assert!(h.engine.poll_handoff_duration().is_some());
+}
+
+#[test]
+fn a_change_this_copy_cannot_place_refreshes_it_from_the_durable_tier() {
+    let mut h = Harness::new();
+    let t = now();
+    h.join(1, "bob", t);
+    // Another node took alice's change and flushed it; this copy never saw it.
+    let mut alice = AutoCommit::new();
+    alice.put(automerge::ROOT, "a", 1).unwrap();
+    let c1 = changes_of(&mut alice);
+    let parsed = automerge::Change::from_bytes(c1[0].to_vec()).unwrap();
+    h.durable.push(StoredChange {
+        hash: ChangeHash(parsed.hash().0),
+        bytes: c1[0].clone(),
+        user: UserId::new("alice").unwrap(),
+    });
+    // Bob, who has it, writes on top of it and sends only his own change.
+    let mut bob = alice.fork();
+    bob.put(automerge::ROOT, "b", 2).unwrap();
+    let c2: Vec<Bytes> = bob
+        .get_changes(&alice.get_heads())
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    h.engine.handle_changes(t, 1, doc_id(), c2);
+    h.run(t);
+    assert_eq!(h.engine.stats().refreshes, 1);
+    assert_eq!(h.engine.stats().refreshed_changes, 1);
+    assert_eq!(h.engine.orphans(), 0, "the orphan joined after the refresh");
+    let out = h.take(1);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. }))),
+        "{out:?}"
+    );
+    // Alice's change is bound to alice: bob cannot send a change under her actor.
+    let mut forged = alice.fork();
+    forged.set_actor(alice.get_actor().clone());
+    forged.put(automerge::ROOT, "a", 666).unwrap();
+    let forged: Vec<Bytes> = forged
+        .get_changes(&alice.get_heads())
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    let applied_before = h.engine.stats().changes_applied;
+    h.engine.handle_changes(t, 1, doc_id(), forged);
+    h.run(t);
+    assert_eq!(
+        h.engine.stats().changes_applied,
+        applied_before,
+        "not taken"
+    );
 }
