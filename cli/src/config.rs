@@ -228,14 +228,8 @@ impl RelayFile {
                 let key_path = resolve(cell.key_file.clone());
                 let text = std::fs::read_to_string(&key_path)
                     .with_context(|| format!("cannot read cell.key_file {}", key_path.display()))?;
-                let key = hex::decode(text.trim())
-                    .with_context(|| format!("cell.key_file {}: not hex", key_path.display()))?;
-                if key.len() < 16 {
-                    bail!(
-                        "cell.key_file {}: the key must be at least 16 bytes (32 hex digits)",
-                        key_path.display()
-                    );
-                }
+                let key = cell_key(text.trim())
+                    .with_context(|| format!("cell.key_file {}", key_path.display()))?;
                 let ms = Duration::from_millis;
                 let mut membership = meridian_relay::cell::MembershipConfig::default();
                 if let Some(v) = cell.probe_period_ms {
@@ -310,6 +304,21 @@ impl RelayFile {
             gossip,
         })
     }
+}
+
+/// The cell's gossip key from its file: hex (at least 32 digits, as `meridian dev` writes
+/// it), or else at least 32 printable characters used as they are (as a Secrets Manager
+/// random password is).
+fn cell_key(text: &str) -> Result<Vec<u8>> {
+    if let Ok(key) = hex::decode(text)
+        && key.len() >= 16
+    {
+        return Ok(key);
+    }
+    if text.len() >= 32 && text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Ok(text.as_bytes().to_vec());
+    }
+    bail!("the key must be at least 32 hex digits, or at least 32 printable characters")
 }
 
 /// What a client needs to reach a relay: `client.toml`.
@@ -395,6 +404,15 @@ mod tests {
         assert_eq!(config.tenants.len(), 1);
         assert_eq!(config.engine.flush_interval, Duration::from_millis(20));
         assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/node.crt"));
+    }
+
+    #[test]
+    fn cell_keys_are_hex_or_long_printable_text() {
+        assert_eq!(cell_key(&"ab".repeat(16)).unwrap(), vec![0xab; 16]);
+        let password = "Zq8xY2vB7nM4kL1pR6tW3sD9fG5hJ0cA";
+        assert_eq!(cell_key(password).unwrap(), password.as_bytes());
+        assert!(cell_key("abcd").is_err());
+        assert!(cell_key("short password").is_err());
     }
 
     #[test]

@@ -163,6 +163,14 @@ fn describe() {
         "meridian_moved_total",
         "`moved` answers sent (requests for documents owned elsewhere, handoffs)."
     );
+    describe_counter!(
+        "meridian_document_refreshes_total",
+        "Re-reads of hot documents from the durable tier (after a member joined, or a change the copy could not place)."
+    );
+    describe_counter!(
+        "meridian_document_refreshed_changes_total",
+        "Changes those re-reads found missing from the copy."
+    );
     describe_histogram!(
         "meridian_handoff_duration_seconds",
         Unit::Seconds,
@@ -233,6 +241,8 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_invariant_violations_total").absolute(engine.invariant_violations);
     counter!("meridian_ownership_moves_total").absolute(engine.ownership_moves);
     counter!("meridian_moved_total").absolute(engine.moved_answers);
+    counter!("meridian_document_refreshes_total").absolute(engine.refreshes);
+    counter!("meridian_document_refreshed_changes_total").absolute(engine.refreshed_changes);
 }
 
 /// A connection refused before it became a session.

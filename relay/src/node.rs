@@ -568,6 +568,9 @@ impl Driver {
         // reach the clients before their connections are closed.
         let mut handed_off_at: Option<Instant> = None;
         let mut cell = self.cell.take();
+        if let Some(view) = cell.as_mut().map(|v| v.borrow_and_update().clone()) {
+            self.handle_cell_view(&view);
+        }
         // Gauges such as the flush lag change while nothing happens: refresh them.
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -89,9 +89,13 @@ async fn run(
     let mut buf = vec![0u8; DATAGRAM_MAX];
     let mut published = Instant::now();
     let mut joined_at_latest = Instant::now() + join_grace(&membership);
+    // Counters and the join grace period change while nothing arrives: publish anyway.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let timer = membership.poll_timeout();
         tokio::select! {
+            _ = tick.tick() => {}
             received = socket.recv_from(&mut buf) => match received {
                 Ok((len, _from)) => membership.handle_packet(Instant::now(), &buf[..len]),
                 Err(error) => {
