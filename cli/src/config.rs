@@ -142,6 +142,18 @@ impl RelayFile {
     /// Converts into the relay library's plain config, resolving relative paths against
     /// the config file's directory.
     pub fn into_config(self, base: &Path) -> Result<RelayConfig> {
+        self.into_config_with(base, |path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read cell.key_file {}", path.display()))
+        })
+    }
+
+    /// Like [`RelayFile::into_config`], reading the cell's key file with `read_key`.
+    pub fn into_config_with(
+        self,
+        base: &Path,
+        read_key: impl Fn(&Path) -> Result<String>,
+    ) -> Result<RelayConfig> {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let durable = match self.durable.kind.as_str() {
             "local" => DurableConfig::Local {
@@ -226,8 +238,7 @@ impl RelayFile {
         let gossip = match self.cell {
             Some(cell) => {
                 let key_path = resolve(cell.key_file.clone());
-                let text = std::fs::read_to_string(&key_path)
-                    .with_context(|| format!("cannot read cell.key_file {}", key_path.display()))?;
+                let text = read_key(&key_path)?;
                 let key = cell_key(text.trim())
                     .with_context(|| format!("cell.key_file {}", key_path.display()))?;
                 let ms = Duration::from_millis;
@@ -406,6 +417,77 @@ mod tests {
         assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/node.crt"));
     }
 
+    /// Fills the Terraform cell module's relay.toml template the way Terraform and the
+    /// boot script do, with sample values, so that the relay's own config model checks
+    /// every key the template renders.
+    fn render_terraform_template() -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../terraform/modules/cell/templates/relay.toml.tftpl");
+        let template = std::fs::read_to_string(path).unwrap();
+        let public = meridian_protocol::token::TenantSigningKey::from_seed([3; 32])
+            .unwrap()
+            .public_key()
+            .unwrap()
+            .to_paserk()
+            .unwrap();
+        let value = |expr: &str| -> String {
+            match expr {
+                "jsonencode(cell_id)" => "\"eu-a\"".into(),
+                "jsonencode(region)" => "\"eu-west-1\"".into(),
+                "jsonencode(jurisdiction)" => "\"eu\"".into(),
+                "jsonencode(data_dir)" => "\"/var/lib/meridian\"".into(),
+                "jsonencode(durable_table)" => "\"meridian-changes-eu\"".into(),
+                "jsonencode(durable_bucket)" => "\"meridian-snapshots-eu-eu-west-1\"".into(),
+                "jsonencode(tenant.id)" => "\"acme\"".into(),
+                "jsonencode(tenant.public_keys)" => format!("[\"{public}\"]"),
+                "quic_port" => "4433".into(),
+                "gossip_port" => "7946".into(),
+                "metrics_port" => "9090".into(),
+                "seeds" => "[\"10.0.1.11:7946\"]".into(),
+                other => panic!("the relay template uses ${{{other}}}: add it to this test"),
+            }
+        };
+        let mut out = String::new();
+        for line in template.lines() {
+            if line.trim_start().starts_with("%{") {
+                continue;
+            }
+            let mut rest = line;
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let end = rest[start..].find('}').unwrap() + start;
+                out.push_str(&value(&rest[start + 2..end]));
+                rest = &rest[end + 1..];
+            }
+            out.push_str(rest);
+            out.push('\n');
+        }
+        out.replace("@NODE_ID@", "i-0123456789abcdef0")
+            .replace("@ADVERTISE@", "203.0.113.7:4433")
+            .replace("@GOSSIP_ADVERTISE@", "10.0.1.10:7946")
+            .replace("@SEEDS@", "[]")
+    }
+
+    #[test]
+    fn the_terraform_relay_template_renders_a_config_the_relay_accepts() {
+        let text = render_terraform_template();
+        let file: RelayFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config = file
+            .into_config_with(Path::new("/etc/meridian"), |path| {
+                assert_eq!(path, Path::new("/etc/meridian/gossip.key"));
+                // What Secrets Manager generates: 64 letters and digits.
+                Ok("Zq8xY2vB7nM4kL1pR6tW3sD9fG5hJ0cAZq8xY2vB7nM4kL1pR6tW3sD9fG5hJ0cA".into())
+            })
+            .unwrap();
+        let gossip = config.gossip.expect("[cell] rendered");
+        assert_eq!(gossip.listen, "0.0.0.0:7946".parse().unwrap());
+        assert_eq!(gossip.advertise, Some("10.0.1.10:7946".parse().unwrap()));
+        assert_eq!(gossip.seeds, vec!["10.0.1.11:7946".parse().unwrap()]);
+        assert_eq!(config.cell, "eu-a");
+        assert_eq!(config.tenants.len(), 1);
+        assert!(config.metrics_listen.is_some());
+    }
+
     #[test]
     fn cell_keys_are_hex_or_long_printable_text() {
         assert_eq!(cell_key(&"ab".repeat(16)).unwrap(), vec![0xab; 16]);
@@ -413,6 +495,26 @@ mod tests {
         assert_eq!(cell_key(password).unwrap(), password.as_bytes());
         assert!(cell_key("abcd").is_err());
         assert!(cell_key("short password").is_err());
+    }
+
+    #[test]
+    fn the_commented_cell_example_parses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml"),
+        )
+        .unwrap();
+        // The commented block from `# [cell]` to the next blank line, uncommented.
+        let section: String = text
+            .lines()
+            .skip_while(|l| *l != "# [cell]")
+            .take_while(|l| !l.is_empty())
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let table: toml::Table = toml::from_str(&section).unwrap();
+        let cell: CellSection = table["cell"].clone().try_into().unwrap();
+        assert_eq!(cell.seeds.len(), 2);
+        assert_eq!(cell.suspect_to_down_ms, Some(2000));
     }
 
     #[test]

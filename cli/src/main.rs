@@ -36,6 +36,9 @@ enum Command {
         /// nodes, including when it dies itself).
         #[arg(long, hide = true)]
         exit_with_parent: bool,
+        /// Check the config file (keys, values, tenant keys, the cell key file) and exit.
+        #[arg(long)]
+        check: bool,
     },
     /// Inspect a cell.
     #[command(subcommand)]
@@ -98,7 +101,13 @@ fn main() -> ExitCode {
             Command::Dev(args) => dev::run(args).await,
             Command::Relay {
                 config,
+                check: true,
+                ..
+            } => check_relay(config),
+            Command::Relay {
+                config,
                 exit_with_parent,
+                check: false,
             } => run_relay(config, exit_with_parent).await,
             Command::Cell(command) => cell::run(command).await,
             Command::Token(command) => token::run(command),
@@ -119,6 +128,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_relay(path: PathBuf) -> anyhow::Result<()> {
+    let file = config::RelayFile::read(&path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let config = file.into_config(&base)?;
+    println!(
+        "{}: ok (node {}, cell {}, jurisdiction {}, {} tenant(s){})",
+        path.display(),
+        config.node,
+        config.cell,
+        config.jurisdiction,
+        config.tenants.len(),
+        if config.gossip.is_some() {
+            ", gossip on"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> {

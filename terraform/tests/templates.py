@@ -34,7 +34,7 @@ RELAY_KEYS = {
     "node": {"id", "cell", "region", "jurisdiction", "listen", "advertise", "data_dir"},
     "tls": {"cert_file", "key_file"},
     "durable": {"kind", "table", "bucket", "region"},
-    "gossip": {"listen", "seeds", "key_file"},
+    "cell": {"gossip_listen", "gossip_advertise", "seeds", "key_file"},
     "metrics": {"listen"},
 }
 TENANT_KEYS = {"id", "public_keys"}
@@ -73,6 +73,7 @@ def fill(config: str, seeds: str = '["10.0.1.11:7946"]') -> str:
     return (
         config.replace("@NODE_ID@", "i-0123456789abcdef0")
         .replace("@ADVERTISE@", "203.0.113.7:4433")
+        .replace("@GOSSIP_ADVERTISE@", "10.0.1.10:7946")
         .replace("@SEEDS@", seeds)
     )
 
@@ -86,7 +87,7 @@ def relay(config: str, name: str, expect_seeds: list[str], expect_tenants: list[
     for section, keys in RELAY_KEYS.items():
         check(set(doc.get(section, {})) == keys, f"{name}: [{section}] keys {set(doc.get(section, {}))} != {keys}")
     check(set(doc) - {"tenants"} == set(RELAY_KEYS), f"{name}: sections {set(doc)}")
-    node, durable, gossip = doc.get("node", {}), doc.get("durable", {}), doc.get("gossip", {})
+    node, durable, gossip = doc.get("node", {}), doc.get("durable", {}), doc.get("cell", {})
     check(node.get("id") == "i-0123456789abcdef0", f"{name}: node.id {node.get('id')!r}")
     check(node.get("cell") == "eu-a" and node.get("region") == "eu-west-1", f"{name}: node {node}")
     check(node.get("jurisdiction") == "eu", f"{name}: node.jurisdiction {node.get('jurisdiction')!r}")
@@ -102,9 +103,10 @@ def relay(config: str, name: str, expect_seeds: list[str], expect_tenants: list[
         },
         f"{name}: durable {durable}",
     )
-    check(gossip.get("listen") == "0.0.0.0:7946", f"{name}: gossip.listen {gossip.get('listen')!r}")
-    check(gossip.get("seeds") == expect_seeds, f"{name}: gossip.seeds {gossip.get('seeds')!r} != {expect_seeds}")
-    check(gossip.get("key_file") == "/etc/meridian/gossip.key", f"{name}: gossip.key_file")
+    check(gossip.get("gossip_listen") == "0.0.0.0:7946", f"{name}: cell.gossip_listen {gossip.get('gossip_listen')!r}")
+    check(gossip.get("gossip_advertise") == "10.0.1.10:7946", f"{name}: cell.gossip_advertise {gossip.get('gossip_advertise')!r}")
+    check(gossip.get("seeds") == expect_seeds, f"{name}: cell.seeds {gossip.get('seeds')!r} != {expect_seeds}")
+    check(gossip.get("key_file") == "/etc/meridian/gossip.key", f"{name}: cell.key_file")
     check(doc.get("tls") == {"cert_file": "/etc/meridian/tls/node.crt", "key_file": "/etc/meridian/tls/node.key"}, f"{name}: tls")
     check(doc.get("metrics") == {"listen": "0.0.0.0:9090"}, f"{name}: metrics {doc.get('metrics')}")
     check(doc.get("tenants", []) == expect_tenants, f"{name}: tenants {doc.get('tenants')} != {expect_tenants}")

@@ -32,7 +32,7 @@ output "quic_listen" {
 }
 
 output "gossip_listen" {
-  description = "[gossip] listen"
+  description = "[cell] gossip_listen"
   value       = "0.0.0.0:${var.gossip_port}"
 }
 
@@ -47,12 +47,12 @@ output "data_dir" {
 }
 
 output "gossip_key_secret_arn" {
-  description = "Secrets Manager secret written to [gossip] key_file (/etc/meridian/gossip.key) at boot"
+  description = "Secrets Manager secret written to [cell] key_file (/etc/meridian/gossip.key) at boot"
   value       = aws_secretsmanager_secret.gossip.arn
 }
 
 output "relay_config" {
-  description = "The rendered relay.toml; @NODE_ID@ ([node] id = instance id), @ADVERTISE@ ([node] advertise) and @SEEDS@ ([gossip] seeds) are filled in at boot"
+  description = "The rendered relay.toml; @NODE_ID@ ([node] id = instance id), @ADVERTISE@ ([node] advertise), @GOSSIP_ADVERTISE@ ([cell] gossip_advertise, the private IP) and @SEEDS@ ([cell] seeds) are filled in at boot"
   value       = local.relay_config
 }
 

@@ -77,7 +77,7 @@ variable "quic_port" {
 }
 
 variable "gossip_port" {
-  description = "UDP port of SWIM gossip (relay config [gossip] listen)."
+  description = "UDP port of SWIM gossip (relay config [cell] gossip_listen)."
   type        = number
   default     = 7946
 }
