@@ -19,6 +19,9 @@ use tokio::sync::{mpsc, watch};
 use crate::doc::{DocHandle, PeerPresence};
 use crate::{ClientConfig, ClientError, ConnectionState, Inner, node_list};
 
+/// A connection no open document uses is closed after this long.
+const UNUSED_CONNECTION_CLOSE: Duration = Duration::from_secs(10);
+
 /// Bytes of changes per outgoing frame (a single larger change still goes alone).
 const UPLOAD_FRAME_BYTES: usize = 256 << 10;
 
@@ -198,6 +201,8 @@ struct Conn {
     nodes: Vec<String>,
     generation: u64,
     _control: tokio::task::JoinHandle<()>,
+    /// Since when no document uses it (`None`: in use).
+    unused_since: Option<Instant>,
 }
 
 /// One open document and where it is served.
@@ -205,8 +210,8 @@ struct Slot {
     handle: DocHandle,
     /// The node the relay said owns it (`None`: any node; it answers `moved`).
     target: Option<String>,
-    /// The stream serving it: its generation and its task.
-    stream: Option<(u64, tokio::task::JoinHandle<()>)>,
+    /// The stream serving it: its generation, its task, the node and when it opened.
+    stream: Option<(u64, tokio::task::JoinHandle<()>, String, Instant)>,
     /// Not before this instant may the stream be opened again.
     not_before: Option<Instant>,
     /// `moved` answers in a row (a cell still agreeing on its members bounces).
@@ -241,6 +246,7 @@ struct Pool {
 pub(crate) async fn run(
     inner: Weak<Inner>,
     endpoint: quinn::Endpoint,
+    first_addr: String,
     first: Established,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<ConnectionState>,
@@ -270,7 +276,12 @@ pub(crate) async fn run(
         events: events_tx,
         next_generation: 1,
     };
-    pool.add_conn(config.endpoint.clone(), first);
+    pool.primary = pool
+        .known
+        .iter()
+        .position(|a| *a == first_addr)
+        .unwrap_or(0);
+    pool.add_conn(first_addr, first);
     loop {
         let wake = pool.ensure();
         pool.publish(&state);
@@ -357,6 +368,7 @@ impl Pool {
                 nodes: established.nodes,
                 generation,
                 _control: control,
+                unused_since: None,
             },
         );
     }
@@ -399,10 +411,17 @@ impl Pool {
                 moved,
             } => {
                 let slot = self.docs.get_mut(&doc)?;
-                if slot.stream.as_ref().map(|(g, _)| *g) != Some(generation) {
+                if slot.stream.as_ref().map(|(g, ..)| *g) != Some(generation) {
                     return None;
                 }
-                slot.stream = None;
+                let lived = slot
+                    .stream
+                    .take()
+                    .map_or(Duration::ZERO, |(.., opened)| opened.elapsed());
+                if lived > Duration::from_secs(2) {
+                    // It was served for a while: a move now is not a bounce.
+                    slot.bounces = 0;
+                }
                 match moved {
                     Some(owner) => {
                         slot.bounces += 1;
@@ -480,7 +499,34 @@ impl Pool {
             }
         }
         if self.conns.is_empty() && !wanted.contains(&primary) {
-            wanted.push(primary);
+            wanted.push(primary.clone());
+        }
+        // Connections no document uses any more (and not the primary) close after a
+        // while.
+        let in_use: HashSet<&str> = self
+            .docs
+            .values()
+            .filter_map(|s| s.stream.as_ref().map(|(_, _, a, _)| a.as_str()))
+            .chain(open.iter().map(|(_, a)| a.as_str()))
+            .chain([primary.as_str()])
+            .collect();
+        let mut idle = Vec::new();
+        for (addr, conn) in &mut self.conns {
+            if in_use.contains(addr.as_str()) {
+                conn.unused_since = None;
+            } else {
+                let since = *conn.unused_since.get_or_insert(now);
+                if now.duration_since(since) >= UNUSED_CONNECTION_CLOSE {
+                    idle.push(addr.clone());
+                } else {
+                    earliest(since + UNUSED_CONNECTION_CLOSE);
+                }
+            }
+        }
+        for addr in idle {
+            if let Some(conn) = self.conns.remove(&addr) {
+                conn.connection.close(0u32.into(), b"unused");
+            }
         }
         for (id, addr) in open {
             let Some(conn) = self.conns.get(&addr) else {
@@ -497,7 +543,7 @@ impl Pool {
                     generation,
                     self.events.clone(),
                 ));
-                slot.stream = Some((generation, task));
+                slot.stream = Some((generation, task, addr.clone(), Instant::now()));
             }
         }
         for addr in wanted {
@@ -635,6 +681,19 @@ async fn serve_doc(connection: Connection, doc: &DocHandle) -> Option<String> {
                 Ok(Some(RelayToClient::Moved { node, .. })) => {
                     let _ = send.finish();
                     return Some(node.addr);
+                }
+                Ok(Some(message @ RelayToClient::Error { code, .. }))
+                    if !doc.status().synced
+                        && matches!(
+                            code,
+                            ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::RateLimited
+                        ) =>
+                {
+                    // The subscription was refused for now (a load failed, too many
+                    // loading): end this stream; the pool subscribes again shortly.
+                    handle_message(doc, message);
+                    let _ = send.finish();
+                    return None;
                 }
                 Ok(Some(message)) => handle_message(doc, message),
                 Ok(None) | Err(_) => return None,

@@ -152,11 +152,36 @@ pub enum ConnectionState {
 }
 
 impl Client {
-    /// Connects and authenticates. The first attempt must succeed (so a wrong address or
-    /// a bad token is reported at once); later drops reconnect in the background.
+    /// Connects and authenticates, trying `endpoint` and then the other configured
+    /// nodes. One of them must answer (so a wrong address or a bad token is reported at
+    /// once); later drops reconnect in the background.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let endpoint = connection::endpoint(&config)?;
-        let first = connection::establish(&endpoint, &config).await?;
+        let mut first = None;
+        let mut last_error = None;
+        let candidates: Vec<String> = std::iter::once(config.endpoint.clone())
+            .chain(config.nodes.iter().cloned())
+            .collect();
+        for candidate in candidates {
+            let attempt = ClientConfig {
+                endpoint: candidate,
+                ..config.clone()
+            };
+            match connection::establish(&endpoint, &attempt).await {
+                Ok(established) => {
+                    first = Some((attempt.endpoint, established));
+                    break;
+                }
+                Err(error @ ClientError::Unauthorized(_)) => return Err(error),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        let Some((first_addr, first)) = first else {
+            return Err(last_error.unwrap_or(ClientError::Unreachable {
+                endpoint: config.endpoint.clone(),
+                reason: "no node to try".into(),
+            }));
+        };
         let (commands_tx, commands_rx) = mpsc::channel(1024);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let inner = Arc::new(Inner {
@@ -169,6 +194,7 @@ impl Client {
         let task = tokio::spawn(connection::run(
             Arc::downgrade(&inner),
             endpoint,
+            first_addr,
             first,
             commands_rx,
             state_tx,

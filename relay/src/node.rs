@@ -45,6 +45,8 @@ pub enum Input {
     Subscribe {
         /// Session id.
         session: SessionId,
+        /// The stream (its QUIC id), to tell a new stream from one still closing.
+        stream: u64,
         /// Document.
         doc: DocId,
         /// The client's heads.
@@ -56,6 +58,8 @@ pub enum Input {
     Unsubscribe {
         /// Session id.
         session: SessionId,
+        /// The stream that ended.
+        stream: u64,
         /// Document.
         doc: DocId,
     },
@@ -132,6 +136,9 @@ pub struct RelayStats {
 pub struct Shared {
     pub(crate) node: NodeId,
     pub(crate) advertise: String,
+    /// False until the node joined its cell (always true without a cell): sessions are
+    /// refused until then.
+    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
     /// The cell's live members, told to clients in `welcome`.
     pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
     pub(crate) jurisdiction: String,
@@ -357,6 +364,7 @@ pub async fn start_with_store(
     let (inputs_tx, inputs_rx) = mpsc::channel(limits.engine_queue_max);
     let shared = Arc::new(Shared {
         node: config.node.clone(),
+        joined: Arc::new(std::sync::atomic::AtomicBool::new(gossip.is_none())),
         nodes: Mutex::new(vec![me.clone()]),
         advertise,
         jurisdiction: config.jurisdiction.clone(),
@@ -378,6 +386,7 @@ pub async fn start_with_store(
     }
     let driver = Driver {
         engine,
+        refresh_permits: Arc::new(Semaphore::new(REFRESHES_IN_FLIGHT_MAX)),
         shared: shared.clone(),
         cell: gossip.as_ref().map(Gossip::view),
         outboxes: HashMap::new(),
@@ -502,6 +511,8 @@ async fn replay_flush_queue(
 
 struct Driver {
     engine: Engine,
+    /// Refreshes (re-reads after membership changes) never take cold loads' permits.
+    refresh_permits: Arc<Semaphore>,
     shared: Arc<Shared>,
     /// The cell's membership, when the node is in one.
     cell: Option<watch::Receiver<CellView>>,
@@ -520,12 +531,15 @@ struct Driver {
 
 struct SessionOutboxes {
     control: Outbox,
-    docs: HashMap<DocId, Outbox>,
+    /// Each document's stream and its outbox.
+    docs: HashMap<DocId, (u64, Outbox)>,
 }
 
 /// How long a leaving node keeps its connections after its last handoff, so that the
 /// `moved` answers are written before the connections close.
 const HANDOFF_GRACE: Duration = Duration::from_millis(300);
+/// Documents re-read from storage at once by refreshes.
+const REFRESHES_IN_FLIGHT_MAX: usize = 4;
 
 /// The next cell view, when it changes; `None` when the gossip task ended; never
 /// resolves without a cell.
@@ -596,14 +610,18 @@ impl Driver {
                 },
                 _ = &mut stop, if !shutting_down => {
                     shutting_down = true;
+                    // The leave was published before the stop: take it first, so that
+                    // the handoffs start before the drain condition is looked at.
+                    if let Some(view) = cell.as_mut().map(|v| v.borrow_and_update().clone()) {
+                        self.handle_cell_view(&view);
+                    }
                 }
             }
             self.drain(&done_tx, &cache_tx, &loads, &mut workers);
             while workers.try_join_next().is_some() {}
-            if shutting_down
-                && self.engine.flush_queue_len() == 0
-                && self.engine.handoffs_pending() == 0
-            {
+            if !(self.engine.flush_queue_len() == 0 && self.engine.handoffs_pending() == 0) {
+                handed_off_at = None;
+            } else if shutting_down {
                 let at = *handed_off_at.get_or_insert_with(Instant::now);
                 if at.elapsed() >= HANDOFF_GRACE {
                     self.engine.handle_shutdown();
@@ -619,11 +637,15 @@ impl Driver {
     }
 
     fn handle_cell_view(&mut self, view: &CellView) {
-        self.engine.handle_membership(now(), view.live.clone());
+        self.engine
+            .handle_membership(now(), view.live_members.clone());
         if let Ok(mut nodes) = self.shared.nodes.lock() {
             nodes.clone_from(&view.live);
         }
         self.readiness
+            .joined
+            .store(view.joined, std::sync::atomic::Ordering::Relaxed);
+        self.shared
             .joined
             .store(view.joined, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut json) = self.readiness.cell.lock() {
@@ -662,12 +684,16 @@ impl Driver {
             }
             Input::Subscribe {
                 session,
+                stream,
                 doc,
                 heads,
                 outbox,
             } => {
                 if let Some(outboxes) = self.outboxes.get_mut(&session) {
-                    if outboxes.docs.contains_key(&doc) {
+                    // A stream whose subscription already ended (`moved`, a refusal) may
+                    // still be closing when the client subscribes again on a new one.
+                    if outboxes.docs.contains_key(&doc) && self.engine.is_subscribed(session, &doc)
+                    {
                         // A second stream for one document would make the two streams'
                         // acknowledgements and ends ambiguous: a protocol error.
                         outbox.push(Outbound::Close(RelayToClient::error(
@@ -677,15 +703,28 @@ impl Driver {
                         )));
                         return;
                     }
-                    outboxes.docs.insert(doc.clone(), outbox);
+                    outboxes.docs.insert(doc.clone(), (stream, outbox));
                     self.engine.handle_subscribe(now(), session, doc, heads);
                 }
             }
-            Input::Unsubscribe { session, doc } => {
-                if let Some(outboxes) = self.outboxes.get_mut(&session) {
-                    outboxes.docs.remove(&doc);
+            Input::Unsubscribe {
+                session,
+                stream,
+                doc,
+            } => {
+                // Only the document's current stream ends its subscription; the end of
+                // a stream it replaced changes nothing.
+                let current = self
+                    .outboxes
+                    .get(&session)
+                    .and_then(|o| o.docs.get(&doc))
+                    .is_some_and(|(s, _)| *s == stream);
+                if current {
+                    if let Some(outboxes) = self.outboxes.get_mut(&session) {
+                        outboxes.docs.remove(&doc);
+                    }
+                    self.engine.handle_unsubscribe(session, doc);
                 }
-                self.engine.handle_unsubscribe(session, doc);
             }
             Input::Changes {
                 session,
@@ -722,6 +761,7 @@ impl Driver {
                     .doc
                     .as_ref()
                     .and_then(|doc| outboxes.docs.get(doc))
+                    .map(|(_, outbox)| outbox)
                     .unwrap_or(&outboxes.control);
                 if !outbox.push(transmit.outbound) {
                     self.slow_consumers += 1;
@@ -802,7 +842,7 @@ impl Driver {
                     self.store.clone(),
                     self.cache.clone(),
                     done.clone(),
-                    loads.clone(),
+                    self.refresh_permits.clone(),
                 );
                 workers.spawn(async move {
                     let _permit = loads.acquire_owned().await;

@@ -185,6 +185,18 @@ async fn run(
             return Err(format!("token refused: {error}"));
         }
     };
+    // A node that has not joined its cell yet would think it owns every document.
+    if !shared.joined.load(std::sync::atomic::Ordering::Relaxed) {
+        crate::metrics::connection_rejected("joining");
+        refuse(
+            connection,
+            &mut send,
+            ErrorCode::Overloaded,
+            "this node is joining its cell; use another node or retry",
+        )
+        .await;
+        return Err("not joined yet".into());
+    }
     // Authenticated: open up streams and windows.
     connection
         .set_max_concurrent_bi_streams(VarInt::from(shared.limits.streams_per_connection_max));
@@ -304,10 +316,12 @@ async fn doc_stream(
             return;
         }
     };
+    let stream = u64::from(send.id());
     let outbox = spawn_writer(&shared, &connection, send, queued_bytes);
     shared
         .send_input(Input::Subscribe {
             session,
+            stream,
             doc: doc.clone(),
             heads,
             outbox: outbox.clone(),
@@ -330,6 +344,7 @@ async fn doc_stream(
                     shared
                         .send_input(Input::Unsubscribe {
                             session,
+                            stream,
                             doc: doc.clone(),
                         })
                         .await;
@@ -356,6 +371,7 @@ async fn doc_stream(
                 shared
                     .send_input(Input::Unsubscribe {
                         session,
+                        stream,
                         doc: doc.clone(),
                     })
                     .await;

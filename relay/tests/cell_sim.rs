@@ -291,7 +291,7 @@ impl Sim {
                 packets.push((to, packet));
             }
             if node.membership.take_live_changed() {
-                let live = node.membership.live();
+                let live = node.membership.live_members();
                 node.engine.handle_membership(now, live);
                 progressed = true;
             }

@@ -16,6 +16,8 @@ const DATAGRAM_MAX: usize = 2048;
 pub struct CellView {
     /// Live members (alive or suspect), this node included unless it left.
     pub live: Vec<NodeAddr>,
+    /// The same, each with its generation.
+    pub live_members: Vec<(NodeAddr, u64)>,
     /// Every known member with its state.
     pub members: Vec<MemberView>,
     /// Counters.
@@ -74,6 +76,7 @@ impl Drop for Gossip {
 fn view_of(membership: &Membership) -> CellView {
     CellView {
         live: membership.live(),
+        live_members: membership.live_members(),
         members: membership.members(),
         stats: membership.stats().clone(),
         joined: membership.connected() || membership.alone_by_config(),

@@ -325,10 +325,13 @@ impl Membership {
         }
         self.left = true;
         self.live_changed = true;
+        // Nothing more to announce or probe: no timer may fire again.
+        self.next_announce = None;
         if let Err(error) = self.foca.leave_cluster(&mut self.runtime) {
             tracing::debug!(%error, "foca leave");
         }
         self.after(now);
+        self.timers.clear();
     }
 
     /// True after [`Membership::leave`].
@@ -386,6 +389,9 @@ impl Membership {
 
     /// When [`Membership::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.left {
+            return None;
+        }
         let timer = self.timers.first_key_value().map(|((at, _), _)| *at);
         [timer, self.next_announce].into_iter().flatten().min()
     }
@@ -403,6 +409,11 @@ impl Membership {
     /// The live members (alive or suspect), this node included unless it left: the set
     /// ownership is computed over. One entry per node id (the highest generation).
     pub fn live(&self) -> Vec<NodeAddr> {
+        self.live_members().into_iter().map(|(m, _)| m).collect()
+    }
+
+    /// Like [`Membership::live`], with each member's generation.
+    pub fn live_members(&self) -> Vec<(NodeAddr, u64)> {
         let mut by_node: BTreeMap<&str, &Member> = BTreeMap::new();
         let me = (!self.left).then_some(&self.me);
         for member in self.foca.iter_members().map(|m| m.id()).chain(me) {
@@ -411,7 +422,10 @@ impl Membership {
                 *slot = member;
             }
         }
-        by_node.values().filter_map(|m| m.node_addr()).collect()
+        by_node
+            .values()
+            .filter_map(|m| m.node_addr().map(|a| (a, m.generation)))
+            .collect()
     }
 
     /// Every known member with its state, this node first.

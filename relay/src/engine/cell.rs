@@ -21,6 +21,8 @@ use crate::cell::owner;
 pub(super) struct CellState {
     me: NodeId,
     members: Vec<NodeAddr>,
+    /// Each member's generation, to tell a restarted member from its former self.
+    generations: Vec<(NodeId, u64)>,
 }
 
 /// A document leaving this node.
@@ -31,29 +33,57 @@ pub(super) struct Handoff {
 
 /// Samples of handoff durations kept between two drains.
 const HANDOFF_SAMPLES_MAX: usize = 10_000;
+/// The longest interval between two refreshes a session's uploads trigger.
+const REFRESH_INTERVAL_MAX: Duration = Duration::from_secs(60);
+
+/// A stable per-document delay in `[0, spread)`, so that the refreshes a membership
+/// change schedules do not all start at once.
+fn jitter(key: &DocKey, spread: Duration) -> Duration {
+    let hash = key
+        .tenant
+        .as_str()
+        .bytes()
+        .chain([0])
+        .chain(key.doc.as_str().bytes())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let nanos = spread.as_nanos().max(1) as u64;
+    Duration::from_nanos(hash % nanos)
+}
 
 impl Engine {
     /// Puts the engine in a cell as `me`, alone until [`Engine::handle_membership`].
     pub fn set_cell(&mut self, me: NodeAddr) {
         self.cell = Some(CellState {
             me: me.node.clone(),
+            generations: Vec::new(),
             members: vec![me],
         });
     }
 
-    /// The cell's live members changed (this node is absent from `members` once it
+    /// The cell's live members, each with its generation (this node is absent once it
     /// leaves). Documents now owned elsewhere start their handoff; documents whose
-    /// handoff was under way and that are owned here again stay.
-    pub fn handle_membership(&mut self, now: Now, mut members: Vec<NodeAddr>) {
+    /// handoff was under way and that are owned here again stay; documents this node
+    /// keeps are re-read from the durable tier a little later (a member that joined,
+    /// restarted or came back from a partition may have written them, and flushes them
+    /// as it hands them over). A call with the same members changes nothing.
+    pub fn handle_membership(&mut self, now: Now, members: Vec<(NodeAddr, u64)>) {
         let Some(cell) = self.cell.as_mut() else {
             return;
         };
-        members.sort_by(|a, b| a.node.cmp(&b.node));
-        members.dedup_by(|a, b| a.node == b.node);
-        let joined = members
-            .iter()
-            .any(|m| !cell.members.iter().any(|old| old.node == m.node));
-        cell.members = members;
+        let mut members = members;
+        members.sort_by(|(a, ga), (b, gb)| a.node.cmp(&b.node).then(gb.cmp(ga)));
+        members.dedup_by(|(a, _), (b, _)| a.node == b.node);
+        let generations: Vec<(NodeId, u64)> =
+            members.iter().map(|(m, g)| (m.node.clone(), *g)).collect();
+        let addrs: Vec<NodeAddr> = members.into_iter().map(|(m, _)| m).collect();
+        if addrs == cell.members && generations == cell.generations {
+            return;
+        }
+        cell.members = addrs;
+        cell.generations = generations;
+        self.membership_changed_at = Some(now.instant);
         let keys: Vec<DocKey> = self.docs.keys().cloned().collect();
         let mut started = false;
         for key in keys {
@@ -63,10 +93,6 @@ impl Engine {
             };
             match (to, doc.handoff.as_mut()) {
                 (Some(to), None) => {
-                    if !doc.refreshes.is_empty() {
-                        doc.refreshes.clear();
-                        self.refreshes = self.refreshes.saturating_sub(1);
-                    }
                     doc.handoff = Some(Handoff {
                         to,
                         since: now.instant,
@@ -82,15 +108,7 @@ impl Engine {
                 }
                 (None, None) => {}
             }
-            // A member that joined (or came back from a partition) may have written this
-            // document meanwhile, and flushes it as it hands it over: read it again.
-            if joined && doc.handoff.is_none() && matches!(doc.state, DocState::Ready) {
-                if doc.refreshes.is_empty() {
-                    self.refreshes += 1;
-                }
-                let first = now.instant + self.config.refresh_after_join;
-                doc.refreshes = vec![first, first + self.config.handoff_timeout];
-            }
+            self.refresh_after_change(now.instant, &key);
         }
         if started && !self.flush_queue.is_empty() {
             // Flush now rather than after the usual accumulation delay.
@@ -134,57 +152,79 @@ impl Engine {
             .min()
     }
 
-    /// The earliest refresh, for `poll_timeout`.
-    pub(super) fn refresh_deadline(&self) -> Option<Instant> {
-        if self.refreshes == 0 {
-            return None;
-        }
-        self.docs
-            .values()
-            .filter(|d| !d.refreshing)
-            .filter_map(|d| d.refreshes.first())
-            .min()
-            .copied()
-    }
-
-    /// Starts the refreshes that are due.
-    pub(super) fn start_refreshes(&mut self, now: Instant) {
-        if self.refreshes == 0 {
+    /// Schedules re-reads of `key` if the members changed lately: one soon, and one
+    /// after the handoff timeout of that change (a former owner flushes before it lets
+    /// go, within that time).
+    pub(super) fn refresh_after_change(&mut self, now: Instant, key: &DocKey) {
+        let Some(changed) = self.membership_changed_at else {
+            return;
+        };
+        let delay = self.config.refresh_after_join;
+        let last = changed + self.config.handoff_timeout + delay;
+        if now > last {
             return;
         }
-        let due: Vec<DocKey> = self
-            .docs
-            .iter()
-            .filter(|(_, d)| !d.refreshing && d.refreshes.first().is_some_and(|at| *at <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in due {
-            if let Some(doc) = self.docs.get_mut(&key) {
-                doc.refreshes.remove(0);
-                if doc.refreshes.is_empty() {
-                    self.refreshes = self.refreshes.saturating_sub(1);
-                }
-                doc.refreshing = true;
-                doc.last_refresh = Some(now);
-                self.stats.refreshes += 1;
-                self.store_tasks.push_back(StoreTask::Refresh { key });
-            }
+        let Some(doc) = self.docs.get(key) else {
+            return;
+        };
+        if doc.handoff.is_some() {
+            return;
+        }
+        let spread = jitter(key, delay);
+        self.refresh_queue
+            .insert((now + delay + spread, key.clone()));
+        if last > now + delay + spread {
+            self.refresh_queue.insert((last + spread, key.clone()));
         }
     }
 
-    /// Re-reads `key` from the durable tier soon (at most once per
-    /// `refresh_after_join`), when a session showed changes this copy cannot place.
+    /// The earliest scheduled refresh, for `poll_timeout`.
+    pub(super) fn refresh_deadline(&self) -> Option<Instant> {
+        self.refresh_queue.first().map(|(at, _)| *at)
+    }
+
+    /// Starts the scheduled refreshes that are due.
+    pub(super) fn start_refreshes(&mut self, now: Instant) {
+        while let Some((at, _)) = self.refresh_queue.first() {
+            if *at > now {
+                break;
+            }
+            let Some((_, key)) = self.refresh_queue.pop_first() else {
+                break;
+            };
+            let retry = now + self.config.refresh_after_join;
+            let Some(doc) = self.docs.get_mut(&key) else {
+                continue;
+            };
+            if doc.handoff.is_some() {
+                continue;
+            }
+            if doc.refreshing || !matches!(doc.state, DocState::Ready) {
+                self.refresh_queue.insert((retry, key));
+                continue;
+            }
+            doc.refreshing = true;
+            doc.last_refresh = Some(now);
+            self.stats.refreshes += 1;
+            self.store_tasks.push_back(StoreTask::Refresh { key });
+        }
+    }
+
+    /// Re-reads `key` from the durable tier soon, when a session showed changes this
+    /// copy cannot place: at most once per the document's refresh interval, which
+    /// doubles (to a minute) while refreshes find nothing new.
     pub(super) fn request_refresh(&mut self, now: Instant, key: &DocKey) {
-        let min_interval = self.config.refresh_after_join;
+        let floor = self.config.refresh_after_join;
         let Some(doc) = self.docs.get_mut(key) else {
             return;
         };
+        let interval = doc.refresh_interval.max(floor);
         if doc.refreshing
             || doc.handoff.is_some()
             || !matches!(doc.state, DocState::Ready)
             || doc
                 .last_refresh
-                .is_some_and(|at| now.saturating_duration_since(at) < min_interval)
+                .is_some_and(|at| now.saturating_duration_since(at) < interval)
         {
             return;
         }
@@ -198,10 +238,12 @@ impl Engine {
     /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
     /// subscribers, and orphans whose dependencies arrived are taken.
     pub fn handle_refreshed(&mut self, now: Now, key: DocKey, result: Result<Loaded, String>) {
+        let floor = self.config.refresh_after_join;
         let Some(doc) = self.docs.get_mut(&key) else {
             return;
         };
         doc.refreshing = false;
+        doc.last_refresh = Some(now.instant);
         let loaded = match result {
             Ok(loaded) => loaded,
             Err(reason) => {
@@ -213,11 +255,16 @@ impl Engine {
             return;
         }
         let new = self.insert_loaded(now, &key, loaded.changes, true);
+        let Some(doc) = self.docs.get_mut(&key) else {
+            return;
+        };
+        doc.refresh_interval = if new.is_empty() {
+            (doc.refresh_interval * 2).clamp(floor, REFRESH_INTERVAL_MAX)
+        } else {
+            floor
+        };
         if !new.is_empty() {
             self.stats.refreshed_changes += new.len() as u64;
-            let Some(doc) = self.docs.get(&key) else {
-                return;
-            };
             let subscribers: Vec<SessionId> = doc.subscribers.iter().copied().collect();
             self.stats.changes_fanned_out += (new.len() * subscribers.len()) as u64;
             for chunk in super::chunk_by_bytes(&new, self.config.catchup_frame_bytes) {
@@ -231,7 +278,8 @@ impl Engine {
             }
         }
         // Orphans may now have their dependencies: take them again from their sessions
-        // (what still misses something is parked again).
+        // (what still misses something is parked again, without asking for another
+        // refresh: the next upload that cannot be placed does).
         let Some(doc) = self.docs.get_mut(&key) else {
             return;
         };
@@ -244,11 +292,13 @@ impl Engine {
                 None => by_session.push((orphan.session, vec![orphan.change.bytes])),
             }
         }
+        self.reingesting = true;
         for (session, changes) in by_session {
             if self.is_subscribed(session, &key.doc) {
                 self.ingest(now, session, &key, changes);
             }
         }
+        self.reingesting = false;
     }
 
     /// Answers `Moved` and drops the session's subscription, if any.
@@ -332,11 +382,7 @@ impl Engine {
                 changes.clear();
             }
             if drop_now {
-                if let Some(doc) = self.docs.remove(&key)
-                    && !doc.refreshes.is_empty()
-                {
-                    self.refreshes = self.refreshes.saturating_sub(1);
-                }
+                self.docs.remove(&key);
                 if loading {
                     self.loading = self.loading.saturating_sub(1);
                 }

@@ -349,12 +349,14 @@ struct Doc {
     compact_retry: Option<(u32, Instant)>,
     /// Set while the document hands off to its new owner.
     handoff: Option<cell::Handoff>,
-    /// When to re-read the document from the durable tier (after a member joined).
-    refreshes: Vec<Instant>,
     /// A refresh read is in flight.
     refreshing: bool,
-    /// When the last refresh was asked for (they are rate-limited per document).
+    /// When the last refresh was asked for or completed (they are rate-limited per
+    /// document).
     last_refresh: Option<Instant>,
+    /// The least time between two refreshes a session triggers; doubles while they find
+    /// nothing new.
+    refresh_interval: Duration,
 }
 
 impl Doc {
@@ -392,9 +394,9 @@ impl Doc {
             compacting: false,
             compact_retry: None,
             handoff: None,
-            refreshes: Vec::new(),
             refreshing: false,
             last_refresh: None,
+            refresh_interval: Duration::ZERO,
         }
     }
 }
@@ -429,8 +431,12 @@ pub struct Engine {
     handoffs: usize,
     /// Handoff durations not yet taken by the IO layer (bounded).
     handoff_durations: Vec<Duration>,
-    /// Documents with a refresh scheduled.
-    refreshes: usize,
+    /// Scheduled refreshes, earliest first (entries for documents gone are skipped).
+    refresh_queue: std::collections::BTreeSet<(Instant, DocKey)>,
+    /// When the cell's members last changed.
+    membership_changed_at: Option<Instant>,
+    /// Set while orphans are taken again after a refresh (they must not ask for another).
+    reingesting: bool,
 }
 
 impl Engine {
@@ -459,7 +465,9 @@ impl Engine {
             cell: None,
             handoffs: 0,
             handoff_durations: Vec::new(),
-            refreshes: 0,
+            refresh_queue: std::collections::BTreeSet::new(),
+            membership_changed_at: None,
+            reingesting: false,
         }
     }
 
@@ -640,7 +648,7 @@ impl Engine {
                 state: DocState::Loading { subscribes, .. },
                 ..
             }) => subscribes.push((session, heads)),
-            Some(_) => self.serve_subscribe(&key, session, heads),
+            Some(_) => self.serve_subscribe(now.instant, &key, session, heads),
             None if self.loading >= self.config.loads_pending_max => self.refuse_subscription(
                 session,
                 &key.doc,
@@ -799,12 +807,14 @@ impl Engine {
         };
         self.stats.cold_loads += 1;
         self.insert_loaded(now, &key, loaded.changes, false);
+        // Loaded while ownership was moving: the former owner may still be flushing it.
+        self.refresh_after_change(now.instant, &key);
         if let Some(entry) = self.docs.get_mut(&key) {
             entry.snapshot = loaded.snapshot;
         }
         for (session, heads) in subscribes {
             if self.is_subscribed(session, &key.doc) {
-                self.serve_subscribe(&key, session, heads);
+                self.serve_subscribe(now.instant, &key, session, heads);
             }
         }
         for (session, batch) in changes {
@@ -838,11 +848,8 @@ impl Engine {
                 && d.orphans.is_empty()
                 && matches!(d.state, DocState::Ready)
         });
-        if evictable
-            && let Some(doc) = self.docs.remove(key)
-            && !doc.refreshes.is_empty()
-        {
-            self.refreshes = self.refreshes.saturating_sub(1);
+        if evictable {
+            self.docs.remove(key);
         }
         evictable
     }
@@ -971,14 +978,20 @@ impl Engine {
         }
     }
 
-    fn serve_subscribe(&mut self, key: &DocKey, session: SessionId, heads: Vec<ChangeHash>) {
+    fn serve_subscribe(
+        &mut self,
+        now: Instant,
+        key: &DocKey,
+        session: SessionId,
+        heads: Vec<ChangeHash>,
+    ) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
         // A client with no history gets the newest snapshot plus the changes after it.
         let snapshot = entry.snapshot.clone().filter(|_| heads.is_empty());
         let since = snapshot.as_ref().map_or(&heads[..], |s| &s.heads[..]);
-        let (missing, _all_known) = entry.graph.missing_since(since);
+        let (missing, all_known) = entry.graph.missing_since(since);
         let changes = missing
             .iter()
             .map(|&i| entry.graph.entry(i).bytes.clone())
@@ -1001,6 +1014,11 @@ impl Engine {
                 heads: relay_heads,
             },
         });
+        if !all_known {
+            // The client holds changes this copy lacks: another node may have written
+            // them; re-read the document from the durable tier.
+            self.request_refresh(now, key);
+        }
         for (other, state) in presence {
             if let Some(user) = self.sessions.get(&other).map(|s| s.capability.user.clone()) {
                 self.send(
@@ -1196,7 +1214,7 @@ impl Engine {
         for (code, message) in refusals {
             self.error(session, Some(key.doc.clone()), code, &message);
         }
-        if stale {
+        if stale && !self.reingesting {
             self.request_refresh(now.instant, key);
         }
         self.start_commit();

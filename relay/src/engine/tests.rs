@@ -574,7 +574,7 @@ fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
     let mut h = Harness::new();
     h.engine.set_cell(node("a"));
     h.engine
-        .handle_membership(now(), vec![node("a"), node("b")]);
+        .handle_membership(now(), vec![(node("a"), 1), (node("b"), 1)]);
     let t = now();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
@@ -627,7 +627,8 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     h.take(1);
     h.take(2);
     // `b` joins and wins the document while its change is not yet durable.
-    h.engine.handle_membership(t, vec![node("a"), node("b")]);
+    h.engine
+        .handle_membership(t, vec![(node("a"), 1), (node("b"), 1)]);
     h.run(t);
     assert_eq!(h.engine.handoffs_pending(), 1);
     assert_eq!(moved_to(&h.take(1)), None, "no moved before the flush");
