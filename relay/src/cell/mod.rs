@@ -109,7 +109,11 @@ mod tests {
         if let Some(m) = nodes[2].as_mut() {
             m.leave(now);
             assert!(m.live().iter().all(|n| n.node.as_str() != "n2"));
-            assert_eq!(m.poll_timeout(), None, "a node that left has nothing to wait for");
+            assert_eq!(
+                m.poll_timeout(),
+                None,
+                "a node that left has nothing to wait for"
+            );
         }
         // Deliver the leave quickly: well before suspicion could have done it.
         let now = run(&mut nodes, now, Duration::from_millis(200));
