@@ -2,10 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::ClientFile;
 
@@ -55,7 +53,7 @@ async fn status(path: PathBuf, json: bool) -> Result<()> {
                 continue;
             }
         };
-        match http_get(addr, "/cell").await {
+        match meridian_relay::http::get(addr, "/cell").await {
             Ok((200, body)) => {
                 let value: serde_json::Value = serde_json::from_str(&body)
                     .with_context(|| format!("{id}: /cell did not answer JSON"))?;
@@ -116,33 +114,4 @@ async fn status(path: PathBuf, json: bool) -> Result<()> {
         println!("admin endpoint unreachable: {}", unreachable.join(", "));
     }
     Ok(())
-}
-
-/// A minimal HTTP/1.1 GET to a node's admin endpoint: `(status, body)`.
-pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await?;
-        let mut response = Vec::new();
-        stream.take(1 << 20).read_to_end(&mut response).await?;
-        anyhow::Ok(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(2), exchange)
-        .await
-        .context("timed out")??;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP status line")?;
-    Ok((status, body.to_owned()))
 }

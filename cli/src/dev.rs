@@ -296,7 +296,7 @@ async fn wait_ready(dir: &Path, nodes: &mut [Node], shutdown: &mut crate::Shutdo
                         tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                     );
                 }
-                if crate::cell::http_get(metrics, "/readyz")
+                if meridian_relay::http::get(metrics, "/readyz")
                     .await
                     .is_ok_and(|(status, _)| status == 200)
                 {

@@ -2,61 +2,24 @@
 //! editing many documents: `kill -9` of a node, its restart under the same identity, a
 //! graceful leave, and forged gossip packets.
 
+mod common;
+
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
 use meridian_client::{ChangeHash, Client, ClientConfig, DocEvent, DocHandle};
+use meridian_relay::cell::MemberState;
+
+use common::{Guard, meridian, start_dev};
 
 const NODES: usize = 4;
 const CLIENTS: usize = 3;
 const DOCS: usize = 16;
-
-/// Kills the child if a test fails before stopping it.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn meridian() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meridian"))
-}
-
-fn start_dev(dir: &Path, nodes: usize) -> Guard {
-    let mut child = meridian()
-        .args(["dev", "--nodes", &nodes.to_string(), "--data-dir"])
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn meridian dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        let line = lines.next().expect("dev printed its banner").expect("line");
-        if line.contains("is running") {
-            break;
-        }
-    }
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            eprintln!("dev: {line}");
-        }
-    });
-    Guard(Some(child))
-}
 
 fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
@@ -95,48 +58,31 @@ fn pid(dir: &Path, i: usize) -> u32 {
         .expect("pid")
 }
 
-/// `(status, body)` of a GET on a node's admin endpoint; `None` if it does not answer.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_owned()))
-}
-
 /// `node`'s state as the node at `admin` sees it (the newest generation).
-fn state_seen(admin: SocketAddr, node: &str) -> Option<String> {
-    let (_, body) = http_get(admin, "/cell")?;
-    let view: serde_json::Value = serde_json::from_str(&body).ok()?;
-    view["members"]
-        .as_array()?
-        .iter()
-        .filter(|m| m["node"] == node)
-        .max_by_key(|m| m["generation"].as_u64().unwrap_or(0))
-        .and_then(|m| m["state"].as_str().map(str::to_owned))
+async fn state_seen(admin: SocketAddr, node: &str) -> Option<&'static str> {
+    meridian_relay::http::member_state(admin, node)
+        .await
+        .map(MemberState::as_str)
 }
 
-/// The sum of a metric's samples whose line starts with `prefix` (name and labels).
-fn metric(admin: SocketAddr, prefix: &str) -> f64 {
-    let Some((_, body)) = http_get(admin, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
+    meridian_relay::http::metric_sum(admin, prefix).await
 }
 
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+async fn ready(admin: SocketAddr) -> bool {
+    meridian_relay::http::get(admin, "/readyz")
+        .await
+        .is_ok_and(|(status, _)| status == 200)
+}
+
+/// Polls `check` every 100 ms until it holds.
+async fn wait_for<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> F,
+) {
     let deadline = Instant::now() + timeout;
-    while !done() {
+    while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -292,19 +238,17 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     work.converge(Duration::from_secs(60)).await;
     // Each document is loaded by its owner only, and the owners are spread over the
     // nodes: clients followed `moved` to reach them.
-    let hot: Vec<f64> = admins
-        .iter()
-        .map(|a| metric(*a, "meridian_hot_documents"))
-        .collect();
+    let mut hot = Vec::new();
+    for a in &admins {
+        hot.push(metric(*a, "meridian_hot_documents").await);
+    }
     assert_eq!(hot.iter().sum::<f64>() as usize, DOCS, "{hot:?}");
     assert!(hot.iter().all(|h| *h > 0.0), "{hot:?}");
-    assert!(
-        admins
-            .iter()
-            .map(|a| metric(*a, "meridian_moved_total"))
-            .sum::<f64>()
-            > 0.0
-    );
+    let mut moved = 0.0;
+    for a in &admins {
+        moved += metric(*a, "meridian_moved_total").await;
+    }
+    assert!(moved > 0.0, "clients were told moved");
     assert!(work.take_errors().is_empty());
 
     // kill -9 node 2 while clients keep writing.
@@ -312,10 +256,11 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     signal(pid(dir, 2), "-KILL");
     work.edit(120, Duration::from_millis(10)).await;
     for i in [1, 3, 4] {
+        let admin = admins[i - 1];
         wait_for(
             &format!("node {i} to mark dev-2 down"),
             Duration::from_secs(30),
-            || state_seen(admins[i - 1], "dev-2").as_deref() == Some("down"),
+            || async move { state_seen(admin, "dev-2").await == Some("down") },
         )
         .await;
     }
@@ -330,10 +275,10 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     );
 
     // Restart node 2 with the same identity: it rejoins and wins its documents back.
-    let moves_before: f64 = [1, 3, 4]
-        .iter()
-        .map(|i| metric(admins[i - 1], "meridian_ownership_moves_total"))
-        .sum();
+    let mut moves_before = 0.0;
+    for i in [1, 3, 4] {
+        moves_before += metric(admins[i - 1], "meridian_ownership_moves_total").await;
+    }
     let mut restarted = Guard(Some(
         meridian()
             .args(["relay", "--config"])
@@ -345,23 +290,22 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
             .expect("restart node 2"),
     ));
     for i in [1, 3, 4] {
+        let admin = admins[i - 1];
         wait_for(
             &format!("node {i} to see dev-2 alive again"),
             Duration::from_secs(30),
-            || state_seen(admins[i - 1], "dev-2").as_deref() == Some("alive"),
+            || async move { state_seen(admin, "dev-2").await == Some("alive") },
         )
         .await;
     }
-    wait_for("dev-2 ready", Duration::from_secs(30), || {
-        http_get(admins[1], "/readyz").is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    let node2 = admins[1];
+    wait_for("dev-2 ready", Duration::from_secs(30), || ready(node2)).await;
     work.edit(120, Duration::from_millis(5)).await;
     work.converge(Duration::from_secs(60)).await;
-    let moves_after: f64 = [1, 3, 4]
-        .iter()
-        .map(|i| metric(admins[i - 1], "meridian_ownership_moves_total"))
-        .sum();
+    let mut moves_after = 0.0;
+    for i in [1, 3, 4] {
+        moves_after += metric(admins[i - 1], "meridian_ownership_moves_total").await;
+    }
     assert!(
         moves_after > moves_before,
         "documents moved back to the restarted node"
@@ -369,7 +313,7 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     wait_for(
         "the restarted node to serve documents",
         Duration::from_secs(10),
-        || metric(admins[1], "meridian_hot_documents") > 0.0,
+        || async move { metric(node2, "meridian_hot_documents").await > 0.0 },
     )
     .await;
 
@@ -378,10 +322,11 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     signal(pid(dir, 3), "-TERM");
     work.edit(120, Duration::from_millis(10)).await;
     for i in [1, 2, 4] {
+        let admin = admins[i - 1];
         wait_for(
             &format!("node {i} to see dev-3 leave"),
             Duration::from_secs(30),
-            || state_seen(admins[i - 1], "dev-3").as_deref() == Some("down"),
+            || async move { state_seen(admin, "dev-3").await == Some("down") },
         )
         .await;
     }
@@ -394,7 +339,8 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
 
     // Forged and wrong-cell gossip packets change nothing and are counted.
     let target = gossip(dir, 1);
-    let before = state_seen(admins[0], "dev-4");
+    let node1 = admins[0];
+    let before = state_seen(node1, "dev-4").await;
     let socket = UdpSocket::bind("127.0.0.1:0").expect("udp");
     let forged =
         meridian_relay::cell::PacketSealer::new("dev", b"not the dev cell's key, 32 bytes")
@@ -414,19 +360,23 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     wait_for(
         "the forged packets to be counted",
         Duration::from_secs(10),
-        || {
+        || async move {
             metric(
-                admins[0],
+                node1,
                 "meridian_gossip_packets_dropped_total{reason=\"bad_tag\"}",
-            ) >= 3.0
+            )
+            .await
+                >= 3.0
                 && metric(
-                    admins[0],
+                    node1,
                     "meridian_gossip_packets_dropped_total{reason=\"wrong_cell\"}",
-                ) >= 3.0
+                )
+                .await
+                    >= 3.0
         },
     )
     .await;
-    assert_eq!(state_seen(admins[0], "dev-4"), before);
+    assert_eq!(state_seen(node1, "dev-4").await, before);
     work.edit(30, Duration::from_millis(2)).await;
     work.converge(Duration::from_secs(60)).await;
 

@@ -1,50 +1,13 @@
 //! The `meridian` binary end to end: `dev`, `doc set/get/watch`, `token`, clean shutdown
 //! and restart on the same data directory, and one-line errors.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
-fn meridian() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meridian"))
-}
-
-/// Kills the child if a test fails before stopping it.
-struct Guard(Option<Child>);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// Starts `meridian dev` and waits for its "is running" line.
-fn start_dev(dir: &Path) -> Guard {
-    let mut child = meridian()
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn meridian dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let line = lines.next().expect("dev printed its banner").expect("line");
-        if line.contains("is running") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "meridian dev did not start");
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Guard(Some(child))
-}
+use common::{Guard, meridian, start_dev};
 
 fn stop(mut guard: Guard) {
     let mut child = guard.0.take().expect("running");
@@ -81,7 +44,7 @@ fn doc(cmd: &str, config: &Path, rest: &[&str]) -> Output {
 fn dev_deployment_serves_documents_and_keeps_them_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("client.toml");
-    let dev = start_dev(dir.path());
+    let dev = start_dev(dir.path(), 3);
 
     let set = doc("set", &config, &["notes", "title", "hello"]);
     assert!(
@@ -123,7 +86,7 @@ fn dev_deployment_serves_documents_and_keeps_them_across_restarts() {
     assert!(watch.wait().unwrap().success());
 
     stop(dev);
-    let dev = start_dev(dir.path());
+    let dev = start_dev(dir.path(), 3);
     let get = doc("get", &config, &["notes"]);
     assert!(
         get.status.success(),
@@ -174,7 +137,7 @@ fn tokens_minted_by_the_cli_are_accepted_by_a_configured_relay() {
     assert!(public.starts_with("k4.public."));
 
     // A relay from a config file, reusing the dev PKI for its certificate.
-    let dev = start_dev(&dir.path().join("dev"));
+    let dev = start_dev(&dir.path().join("dev"), 1);
     stop(dev);
     let tls = dir.path().join("dev/tls");
     let relay_toml = dir.path().join("relay.toml");

@@ -133,3 +133,61 @@ async fn respond(
     stream.write_all(body.as_bytes()).await?;
     stream.shutdown().await
 }
+
+/// A minimal HTTP/1.1 GET against a node's admin endpoint (for tools, tests and
+/// benchmarks): the status and the body, within 2 s.
+pub async fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let malformed =
+        || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut response = Vec::new();
+        stream.take(8 << 20).read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(2), exchange)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))??;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(malformed)?;
+    Ok((status, body.to_owned()))
+}
+
+/// `node`'s state (its newest generation) as the node serving `/cell` at `admin` sees
+/// it; `None` if that node does not answer or does not know it.
+pub async fn member_state(admin: SocketAddr, node: &str) -> Option<crate::cell::MemberState> {
+    let (_, body) = get(admin, "/cell").await.ok()?;
+    #[derive(serde::Deserialize)]
+    struct View {
+        members: Vec<crate::cell::MemberView>,
+    }
+    let view: View = serde_json::from_str(&body).ok()?;
+    view.members
+        .into_iter()
+        .filter(|m| m.node == node)
+        .max_by_key(|m| m.generation)
+        .map(|m| m.state)
+}
+
+/// The sum of the samples on `/metrics` at `admin` whose line starts with `prefix` (a
+/// name, optionally with labels); 0 if the node does not answer.
+pub async fn metric_sum(admin: SocketAddr, prefix: &str) -> f64 {
+    let Ok((_, body)) = get(admin, "/metrics").await else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}

@@ -22,7 +22,6 @@ use hdrhistogram::Histogram;
 use meridian_client::{Client, ClientConfig};
 use meridian_protocol::{DocId, NodeAddr, NodeId, TenantId};
 use meridian_relay::engine::DocKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NODES: usize = 5;
 
@@ -127,45 +126,14 @@ fn admin(dir: &Path, i: usize) -> Result<SocketAddr> {
         .context("addr")
 }
 
-async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .ok()?;
-        let mut out = String::new();
-        stream.read_to_string(&mut out).await.ok()?;
-        Some(out.split_once("\r\n\r\n")?.1.to_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(2), exchange)
+async fn state_seen(admin: SocketAddr, node: &str) -> Option<&'static str> {
+    meridian_relay::http::member_state(admin, node)
         .await
-        .ok()
-        .flatten()
-}
-
-/// `node`'s state (newest generation) as the node at `admin` sees it.
-async fn state_seen(admin: SocketAddr, node: &str) -> Option<String> {
-    let body = http_get(admin, "/cell").await?;
-    let view: serde_json::Value = serde_json::from_str(&body).ok()?;
-    view["members"]
-        .as_array()?
-        .iter()
-        .filter(|m| m["node"] == node)
-        .max_by_key(|m| m["generation"].as_u64().unwrap_or(0))
-        .and_then(|m| m["state"].as_str().map(str::to_owned))
+        .map(meridian_relay::cell::MemberState::as_str)
 }
 
 async fn metric_sum(admin: SocketAddr, prefix: &str) -> f64 {
-    let Some(body) = http_get(admin, "/metrics").await else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    meridian_relay::http::metric_sum(admin, prefix).await
 }
 
 fn client_config(dir: &Path) -> Result<ClientConfig> {
@@ -215,7 +183,10 @@ async fn failover(runs: usize, docs: usize, json: Option<PathBuf>) -> Result<()>
     let admins: Vec<SocketAddr> = (1..=NODES).map(|i| admin(dir, i)).collect::<Result<_>>()?;
     for a in &admins {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while http_get(*a, "/readyz").await.as_deref() != Some("ready\n") {
+        while !meridian_relay::http::get(*a, "/readyz")
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+        {
             if Instant::now() > deadline {
                 bail!("node at {a} not ready");
             }
@@ -281,7 +252,7 @@ async fn failover(runs: usize, docs: usize, json: Option<PathBuf>) -> Result<()>
             loop {
                 let mut all = true;
                 for (i, a) in admins.iter().enumerate() {
-                    if i + 1 != victim && state_seen(*a, &name).await.as_deref() != Some("down") {
+                    if i + 1 != victim && state_seen(*a, &name).await != Some("down") {
                         all = false;
                     }
                 }
@@ -327,7 +298,7 @@ async fn failover(runs: usize, docs: usize, json: Option<PathBuf>) -> Result<()>
         loop {
             let mut alive = true;
             for a in &admins {
-                if state_seen(*a, &name).await.as_deref() != Some("alive") {
+                if state_seen(*a, &name).await != Some("alive") {
                     alive = false;
                 }
             }
