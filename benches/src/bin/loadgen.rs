@@ -458,9 +458,14 @@ async fn main() -> Result<()> {
         report["relay_cpu_percent_since_connected"] =
             serde_json::json!((cpu1 - cpu0) * 100.0 / since_connected);
     }
-    for client in &clients {
-        client.close().await;
+    // Close every client at once: each close waits for its connection to drain (about
+    // three round-trip timeouts), so closing them one after another took minutes with
+    // thousands of clients (what looked like a stall of the idle scenario).
+    let mut closing = tokio::task::JoinSet::new();
+    for client in clients {
+        closing.spawn(async move { client.close().await });
     }
+    while closing.join_next().await.is_some() {}
     drop(relay);
     println!("{:<32} value", "metric");
     if let Some(map) = report.as_object() {
