@@ -407,7 +407,8 @@ fn spawn_writer(
     let connection = connection.clone();
     let frame_bytes = shared.catchup_frame_bytes;
     shared.spawn(async move {
-        let mut buf = Vec::with_capacity(64 << 10);
+        // Grows with the largest frame written; idle connections keep it empty.
+        let mut buf = Vec::new();
         while let Some(outbound) = rx.recv().await {
             buf.clear();
             let (size, close) = match &outbound {
