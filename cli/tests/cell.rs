@@ -65,6 +65,19 @@ async fn state_seen(admin: SocketAddr, node: &str) -> Option<&'static str> {
         .map(MemberState::as_str)
 }
 
+/// Waits (30 s at most) until every node in `observers` (1-based) sees `node` in `state`.
+async fn wait_seen(admins: &[SocketAddr], observers: &[usize], node: &str, state: &'static str) {
+    for &i in observers {
+        let admin = admins[i - 1];
+        wait_for(
+            &format!("node {i} to see {node} {state}"),
+            Duration::from_secs(30),
+            || async move { state_seen(admin, node).await == Some(state) },
+        )
+        .await;
+    }
+}
+
 async fn metric(admin: SocketAddr, prefix: &str) -> f64 {
     meridian_relay::http::metric_sum(admin, prefix).await
 }
@@ -255,15 +268,7 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     let killed = Instant::now();
     signal(pid(dir, 2), "-KILL");
     work.edit(120, Duration::from_millis(10)).await;
-    for i in [1, 3, 4] {
-        let admin = admins[i - 1];
-        wait_for(
-            &format!("node {i} to mark dev-2 down"),
-            Duration::from_secs(30),
-            || async move { state_seen(admin, "dev-2").await == Some("down") },
-        )
-        .await;
-    }
+    wait_seen(&admins, &[1, 3, 4], "dev-2", "down").await;
     eprintln!(
         "kill -9: every survivor marked dev-2 down after {:?}",
         killed.elapsed()
@@ -289,15 +294,7 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
             .spawn()
             .expect("restart node 2"),
     ));
-    for i in [1, 3, 4] {
-        let admin = admins[i - 1];
-        wait_for(
-            &format!("node {i} to see dev-2 alive again"),
-            Duration::from_secs(30),
-            || async move { state_seen(admin, "dev-2").await == Some("alive") },
-        )
-        .await;
-    }
+    wait_seen(&admins, &[1, 3, 4], "dev-2", "alive").await;
     let node2 = admins[1];
     wait_for("dev-2 ready", Duration::from_secs(30), || ready(node2)).await;
     work.edit(120, Duration::from_millis(5)).await;
@@ -321,15 +318,7 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     work.take_errors();
     signal(pid(dir, 3), "-TERM");
     work.edit(120, Duration::from_millis(10)).await;
-    for i in [1, 2, 4] {
-        let admin = admins[i - 1];
-        wait_for(
-            &format!("node {i} to see dev-3 leave"),
-            Duration::from_secs(30),
-            || async move { state_seen(admin, "dev-3").await == Some("down") },
-        )
-        .await;
-    }
+    wait_seen(&admins, &[1, 2, 4], "dev-3", "down").await;
     work.converge(Duration::from_secs(60)).await;
     let errors = work.take_errors();
     assert!(

@@ -345,9 +345,7 @@ impl Pool {
         let generation = self.next_generation;
         self.next_generation += 1;
         for node in &established.nodes {
-            if !self.known.contains(node) {
-                self.known.push(node.clone());
-            }
+            self.learn(node);
         }
         if let Some(backoff) = self.backoff.get_mut(&addr) {
             *backoff = Backoff::default();
@@ -431,10 +429,8 @@ impl Pool {
                             let delay = Duration::from_millis(50 * u64::from(slot.bounces.min(20)));
                             slot.not_before = Some(Instant::now() + delay);
                         }
-                        if !self.known.contains(&owner) {
-                            self.known.push(owner.clone());
-                        }
-                        slot.target = Some(owner);
+                        slot.target = Some(owner.clone());
+                        self.learn(&owner);
                     }
                     None => {
                         // The stream ended while its connection may still be up (a
@@ -568,6 +564,15 @@ impl Pool {
             });
         }
         wake
+    }
+
+    /// Remembers a node's address (from `welcome` or `moved`), up to the protocol's
+    /// node limit: what relays say never grows the pool's bookkeeping without bound.
+    fn learn(&mut self, node: &str) {
+        if self.known.len() < meridian_protocol::MAX_NODES && !self.known.iter().any(|k| k == node)
+        {
+            self.known.push(node.to_owned());
+        }
     }
 
     fn primary_addr(&self) -> String {

@@ -815,6 +815,24 @@ impl Driver {
         crate::metrics::publish(&self.stats.borrow());
     }
 
+    /// Reads a document from the cache and the durable tier on a worker, holding one of
+    /// `permits`, and reports it as `completion`.
+    fn spawn_load(
+        &self,
+        key: DocKey,
+        permits: Arc<Semaphore>,
+        completion: fn(DocKey, Result<Loaded, String>) -> Completion,
+        done: &mpsc::Sender<Completion>,
+        workers: &mut JoinSet<()>,
+    ) {
+        let (store, cache, done) = (self.store.clone(), self.cache.clone(), done.clone());
+        workers.spawn(async move {
+            let _permit = permits.acquire_owned().await;
+            let result = load_doc(&cache, store.as_ref(), &key).await;
+            let _ = done.send(completion(key, result)).await;
+        });
+    }
+
     fn execute(
         &mut self,
         task: StoreTask,
@@ -825,30 +843,13 @@ impl Driver {
     ) {
         match task {
             StoreTask::Load { key } => {
-                let (store, cache, done, loads) = (
-                    self.store.clone(),
-                    self.cache.clone(),
-                    done.clone(),
-                    loads.clone(),
-                );
-                workers.spawn(async move {
-                    let _permit = loads.acquire_owned().await;
-                    let result = load_doc(&cache, store.as_ref(), &key).await;
-                    let _ = done.send(Completion::Loaded(key, result)).await;
-                });
+                self.spawn_load(key, loads.clone(), Completion::Loaded, done, workers);
             }
+            // A refresh is a load whose result merges into a hot document; it waits on its
+            // own permits so that cold loads never queue behind refreshes.
             StoreTask::Refresh { key } => {
-                let (store, cache, done, loads) = (
-                    self.store.clone(),
-                    self.cache.clone(),
-                    done.clone(),
-                    self.refresh_permits.clone(),
-                );
-                workers.spawn(async move {
-                    let _permit = loads.acquire_owned().await;
-                    let result = load_doc(&cache, store.as_ref(), &key).await;
-                    let _ = done.send(Completion::Refreshed(key, result)).await;
-                });
+                let permits = self.refresh_permits.clone();
+                self.spawn_load(key, permits, Completion::Refreshed, done, workers);
             }
             StoreTask::Cache { commit, changes } => {
                 if cache

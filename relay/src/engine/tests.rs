@@ -75,21 +75,7 @@ impl Harness {
                 break;
             };
             match task {
-                StoreTask::Load { key } => {
-                    let changes = self
-                        .durable
-                        .iter()
-                        .map(|c| LoadedChange::stored(c.clone(), true))
-                        .collect();
-                    self.engine.handle_loaded(
-                        now,
-                        key,
-                        Ok(Loaded {
-                            changes,
-                            snapshot: None,
-                        }),
-                    );
-                }
+                StoreTask::Load { key } => self.engine.handle_loaded(now, key, self.read()),
                 StoreTask::Cache { commit, .. } => self.engine.handle_cache_committed(now, commit),
                 StoreTask::Flush { batch, changes, .. } => {
                     if self.fail_flushes {
@@ -100,21 +86,7 @@ impl Harness {
                         self.engine.handle_flush_done(now, batch, Ok(()));
                     }
                 }
-                StoreTask::Refresh { key } => {
-                    let changes = self
-                        .durable
-                        .iter()
-                        .map(|c| LoadedChange::stored(c.clone(), true))
-                        .collect();
-                    self.engine.handle_refreshed(
-                        now,
-                        key,
-                        Ok(Loaded {
-                            changes,
-                            snapshot: None,
-                        }),
-                    );
-                }
+                StoreTask::Refresh { key } => self.engine.handle_refreshed(now, key, self.read()),
                 StoreTask::Uncache { .. } => {}
                 StoreTask::Compact { key, .. } => {
                     self.engine
@@ -122,6 +94,18 @@ impl Harness {
                 }
             }
         }
+    }
+
+    /// What a load (or refresh) reads: every durable change.
+    fn read(&self) -> Result<Loaded, String> {
+        Ok(Loaded {
+            changes: self
+                .durable
+                .iter()
+                .map(|c| LoadedChange::stored(c.clone(), true))
+                .collect(),
+            snapshot: None,
+        })
     }
 
     fn fire_timer(&mut self) {
