@@ -91,6 +91,10 @@ string_id!(
     /// A relay node, unique within its cell.
     NodeId, "node id", 64
 );
+string_id!(
+    /// A cell: a cluster of relay nodes in one region, unique across the deployment.
+    CellId, "cell id", 64
+);
 
 /// The SHA-256 hash Automerge computes over a change's bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
