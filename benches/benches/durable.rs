@@ -78,6 +78,7 @@ async fn durable_ack_latency(endpoint: &str, tag: &str) {
         engine: EngineConfig::default(),
         metrics_listen: None,
         gossip: None,
+        placement: None,
     })
     .await
     .expect("relay");

@@ -1,4 +1,5 @@
-//! `meridian cell status`: the cell's members and their states, as one node sees them.
+//! `meridian cell status`: the cell's members and their states, as one node sees them;
+//! `meridian cell list|drain|undrain` live in `placement.rs`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,23 @@ use crate::config::ClientFile;
 
 #[derive(clap::Subcommand)]
 pub enum CellCommand {
+    /// List the cells of the directory: region, jurisdiction, state (active or
+    /// draining), health as a router sees it, and tenants placed.
+    List(crate::placement::ListArgs),
+    /// Drain a cell: routers move its tenants to other cells of their jurisdiction.
+    Drain {
+        cell: String,
+        /// A config file with a [control] section (router.toml or client.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Take a cell out of drain.
+    Undrain {
+        cell: String,
+        /// A config file with a [control] section (router.toml or client.toml).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Print every member of the cell with its state (alive, suspect, down).
     Status {
         /// A client.toml that lists the cell's nodes with their admin addresses.
@@ -23,6 +41,13 @@ pub enum CellCommand {
 pub async fn run(command: CellCommand) -> Result<()> {
     match command {
         CellCommand::Status { config, json } => status(config, json).await,
+        CellCommand::List(args) => crate::placement::list(args).await,
+        CellCommand::Drain { cell, config } => {
+            crate::placement::set_draining(&config, &cell, true).await
+        }
+        CellCommand::Undrain { cell, config } => {
+            crate::placement::set_draining(&config, &cell, false).await
+        }
     }
 }
 

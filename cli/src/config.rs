@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use meridian_cell_router::{Cell, CellNode, Directory, Jurisdictions};
+use meridian_protocol::CellId;
 use meridian_protocol::token::TenantPublicKey;
 use meridian_protocol::{NodeId, TenantId};
+use meridian_relay::control::ControlConfig;
 use meridian_relay::engine::EngineConfig;
+use meridian_relay::router::RouterConfig;
 use meridian_relay::{DurableConfig, Limits, RelayConfig, TenantKeys};
 use serde::{Deserialize, Serialize};
 
@@ -25,8 +29,208 @@ pub struct RelayFile {
     pub metrics: Option<MetricsSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cell: Option<CellSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+}
+
+/// Serve only the tenants the control plane places in this node's cell.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSection {
+    /// The control plane the routers write.
+    pub control: ControlSection,
+    /// How often placements are re-read (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_ms: Option<u64>,
+}
+
+/// Where the control plane lives: `kind = "local"` with `path`, or `kind = "dynamodb"`
+/// with `table`, `region` and optionally `endpoint`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+impl ControlSection {
+    /// The library's config, resolving a relative path against `base`.
+    pub fn into_config(self, base: &Path) -> Result<ControlConfig> {
+        match self.kind.as_str() {
+            "local" => {
+                let path = self
+                    .path
+                    .context("control.path is required when control.kind = \"local\"")?;
+                Ok(ControlConfig::Local {
+                    path: if path.is_relative() {
+                        base.join(path)
+                    } else {
+                        path
+                    },
+                })
+            }
+            "dynamodb" => Ok(ControlConfig::Dynamo {
+                table: self.table.unwrap_or_else(|| "meridian-control".into()),
+                region: self
+                    .region
+                    .context("control.region is required when control.kind = \"dynamodb\"")?,
+                endpoint: self.endpoint,
+            }),
+            other => {
+                bail!("control.kind = {other:?} is not supported (use \"local\" or \"dynamodb\")")
+            }
+        }
+    }
+}
+
+/// The router's configuration file (see `cell-router/router.example.toml`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterFile {
+    pub router: RouterSection,
+    pub tls: TlsSection,
+    pub control: ControlSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSection>,
+    /// Jurisdiction name → the regions it covers.
+    pub jurisdictions: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub cells: Vec<CellEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSection {
+    /// UDP address for QUIC (`locate`).
+    pub listen: SocketAddr,
+    /// The address clients are told (defaults to `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+/// Probe timings and hysteresis.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    pub probe_interval_ms: Option<u64>,
+    pub probe_timeout_ms: Option<u64>,
+    pub down_after_failures: Option<u32>,
+    pub down_after_ms: Option<u64>,
+    pub up_after_successes: Option<u32>,
+}
+
+/// One cell of the directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CellEntry {
+    pub id: String,
+    pub region: String,
+    /// Defaults to the jurisdiction whose regions include `region`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub nodes: Vec<ClientNode>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl RouterFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        read_toml(path, "router")
+    }
+
+    /// The cell directory this file describes, validated.
+    pub fn directory(&self) -> Result<Directory> {
+        let mut jurisdictions = Jurisdictions::new();
+        for (name, regions) in &self.jurisdictions {
+            jurisdictions
+                .insert(name, regions.iter().cloned())
+                .with_context(|| format!("jurisdiction {name}"))?;
+        }
+        let mut cells = Vec::new();
+        for entry in &self.cells {
+            let jurisdiction = match &entry.jurisdiction {
+                Some(j) => j.clone(),
+                None => jurisdictions
+                    .of_region(&entry.region)
+                    .with_context(|| {
+                        format!(
+                            "cell {}: no jurisdiction covers region {}",
+                            entry.id, entry.region
+                        )
+                    })?
+                    .to_owned(),
+            };
+            cells.push(Cell {
+                id: CellId::new(entry.id.as_str())
+                    .with_context(|| format!("cell id {:?}", entry.id))?,
+                region: entry.region.clone(),
+                jurisdiction,
+                nodes: entry
+                    .nodes
+                    .iter()
+                    .map(|n| CellNode {
+                        node: n.id.clone(),
+                        endpoint: n.endpoint.clone(),
+                        admin: n.admin.clone(),
+                    })
+                    .collect(),
+                weight: entry.weight,
+                draining: false,
+            });
+        }
+        Directory::new(jurisdictions, cells).context("invalid cell directory")
+    }
+
+    /// Converts into the relay library's router config.
+    pub fn into_config(self, base: &Path) -> Result<RouterConfig> {
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        let directory = self.directory()?;
+        let mut config = RouterConfig::new(
+            self.router.listen,
+            resolve(self.tls.cert_file),
+            resolve(self.tls.key_file),
+            self.control.into_config(base)?,
+            directory,
+        );
+        config.metrics_listen = self.metrics.map(|m| m.listen);
+        if let Some(health) = self.health {
+            let ms = Duration::from_millis;
+            if let Some(v) = health.probe_interval_ms {
+                config.probe_interval = ms(v.max(10));
+            }
+            if let Some(v) = health.probe_timeout_ms {
+                config.probe_timeout = ms(v.max(1));
+            }
+            if let Some(v) = health.down_after_failures {
+                config.health.down_after_failures = v.max(1);
+            }
+            if let Some(v) = health.down_after_ms {
+                config.health.down_after = ms(v);
+            }
+            if let Some(v) = health.up_after_successes {
+                config.health.up_after_successes = v.max(1);
+            }
+        }
+        if config.probe_timeout >= config.probe_interval {
+            bail!("health.probe_timeout_ms must be less than health.probe_interval_ms");
+        }
+        Ok(config)
+    }
 }
 
 /// Membership in a cell of several nodes (SWIM gossip over UDP).
@@ -134,9 +338,7 @@ pub struct TenantSection {
 
 impl RelayFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid relay config {}", path.display()))
+        read_toml(path, "relay")
     }
 
     /// Converts into the relay library's plain config, resolving relative paths against
@@ -313,8 +515,27 @@ impl RelayFile {
             engine,
             metrics_listen: self.metrics.map(|m| m.listen),
             gossip,
+            placement: match self.placement {
+                Some(placement) => {
+                    let mut config = meridian_relay::placement::PlacementConfig::new(
+                        placement.control.into_config(base)?,
+                    );
+                    if let Some(v) = placement.refresh_ms {
+                        config.refresh = Duration::from_millis(v.max(10));
+                    }
+                    Some(config)
+                }
+                None => None,
+            },
         })
     }
+}
+
+/// Reads and parses one of the binary's TOML files.
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid {what} config {}", path.display()))
 }
 
 /// The cell's gossip key from its file: hex (at least 32 digits, as `meridian dev` writes
@@ -354,6 +575,15 @@ pub struct ClientFile {
     /// Optional directory for unacknowledged edits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_dir: Option<PathBuf>,
+    /// `host:port` of a router: the client locates its tenant's home cell through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<String>,
+    /// `host:port` of the router's `/metrics` and `/cell` (operators' tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_admin: Option<String>,
+    /// The control plane (operators' tools: `tenant create`, `cell drain`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlSection>,
 }
 
 /// One node of the cell as `client.toml` lists it.
@@ -375,9 +605,7 @@ fn default_server_name() -> String {
 
 impl ClientFile {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("invalid client config {}", path.display()))
+        read_toml(path, "client")
     }
 
     pub fn client_config(&self, base: &Path) -> Result<meridian_client::ClientConfig> {
@@ -392,6 +620,7 @@ impl ClientFile {
             meridian_client::ClientConfig::new(self.endpoint.clone(), ca, self.token.clone());
         config.server_name = self.server_name.clone();
         config.store_dir = self.store_dir.clone();
+        config.router = self.router.clone();
         config.nodes = self
             .nodes
             .iter()
@@ -486,6 +715,57 @@ mod tests {
         assert_eq!(config.cell, "eu-a");
         assert_eq!(config.tenants.len(), 1);
         assert!(config.metrics_listen.is_some());
+    }
+
+    #[test]
+    fn the_example_router_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/router.example.toml");
+        let file = RouterFile::read(&path).unwrap();
+        let config = file.into_config(Path::new("/etc/meridian")).unwrap();
+        assert_eq!(config.directory.cells().count(), 3);
+        let eu_b = config
+            .directory
+            .cell(&CellId::new("eu-b").unwrap())
+            .unwrap();
+        assert_eq!(eu_b.jurisdiction, "eu");
+        assert_eq!(config.probe_interval, Duration::from_secs(1));
+        assert_eq!(config.health.down_after_failures, 3);
+        assert!(matches!(config.control, ControlConfig::Dynamo { .. }));
+        assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/router.crt"));
+    }
+
+    #[test]
+    fn a_router_config_with_a_cell_outside_every_jurisdiction_is_refused() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/router.example.toml");
+        let text = std::fs::read_to_string(path)
+            .unwrap()
+            .replace("region = \"us-east-1\"", "region = \"ap-south-1\"");
+        let file: RouterFile = toml::from_str(&text).unwrap();
+        let error = format!("{:#}", file.directory().unwrap_err());
+        assert!(error.contains("ap-south-1"), "{error}");
+    }
+
+    #[test]
+    fn the_commented_placement_example_parses() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml"),
+        )
+        .unwrap();
+        let section: String = text
+            .lines()
+            .skip_while(|l| *l != "# [placement]")
+            .take_while(|l| !l.is_empty())
+            .filter(|l| !l.starts_with("# # "))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let table: toml::Table = toml::from_str(&section).unwrap();
+        let placement: PlacementSection = table["placement"].clone().try_into().unwrap();
+        assert_eq!(placement.refresh_ms, Some(1000));
+        assert!(matches!(
+            placement.control.into_config(Path::new("/")).unwrap(),
+            ControlConfig::Dynamo { .. }
+        ));
     }
 
     #[test]

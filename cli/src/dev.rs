@@ -1,5 +1,6 @@
 //! `meridian dev`: a complete local deployment with embedded storage in one command.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,9 +11,12 @@ use anyhow::{Context, Result, bail};
 use meridian_protocol::token::{self, Capability, DocScope, Rights, TenantSigningKey};
 use meridian_protocol::{TenantId, UserId};
 
+use meridian_cell_router::{Placement, Tenant};
+use meridian_relay::control::{ControlError, TenantRecord};
+
 use crate::config::{
-    CellSection, ClientFile, ClientNode, DurableSection, NodeSection, RelayFile, TenantSection,
-    TlsSection,
+    CellEntry, CellSection, ClientFile, ClientNode, ControlSection, DurableSection, MetricsSection,
+    NodeSection, PlacementSection, RelayFile, RouterFile, RouterSection, TenantSection, TlsSection,
 };
 
 /// The tenant, jurisdiction and cell of the dev deployment.
@@ -40,15 +44,56 @@ pub struct DevArgs {
     /// the local directory store; the table and bucket are created when missing.
     #[arg(long)]
     durable_endpoint: Option<String>,
+    /// Several cells and a router instead of one cell, as
+    /// `CELL=REGION:JURISDICTION,...` (for example
+    /// `eu-a=eu-west-1:eu,eu-b=eu-central-1:eu,us-a=us-east-1:us`); `--nodes` nodes per
+    /// cell.
+    #[arg(long)]
+    cells: Option<String>,
 }
 
-/// One node of the dev cell.
-struct Node {
-    index: u16,
+/// A child process of the deployment: a relay node or the router.
+struct Proc {
+    name: String,
+    log: PathBuf,
+    /// Its `/readyz` address.
+    admin: Option<SocketAddr>,
+    child: Option<Child>,
+}
+
+/// One relay node's config, before it runs.
+struct NodeSpec {
     id: String,
     config: PathBuf,
+    log: PathBuf,
+    pid: PathBuf,
     file: RelayFile,
-    child: Option<Child>,
+}
+
+/// What every node of one cell shares.
+struct CellPlan<'a> {
+    /// Where the cell's `node-<i>.toml|.pid|.log`, `node-<i>/` and `cell.key` live.
+    dir: PathBuf,
+    cell: String,
+    region: Option<String>,
+    jurisdiction: String,
+    nodes: u16,
+    /// The first node's QUIC address (when the operator chose it).
+    first_listen: Option<SocketAddr>,
+    /// Node ids are `<prefix><i>`.
+    id_prefix: String,
+    pki: &'a meridian_relay::tls::DevPki,
+    durable: DurableSection,
+    tenants: Vec<TenantSection>,
+    placement: Option<PlacementSection>,
+}
+
+/// One cell of `--cells`.
+#[derive(Debug, Clone, PartialEq)]
+struct CellSpec {
+    id: String,
+    region: String,
+    jurisdiction: String,
 }
 
 pub async fn run(args: DevArgs) -> Result<()> {
@@ -57,15 +102,367 @@ pub async fn run(args: DevArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let pki = meridian_relay::tls::dev_pki(&dir.join("tls"))?;
     let key = tenant_key(&dir.join("tenant.key"))?;
-    let public_key = key.public_key()?.to_paserk()?;
-    let cell_key = cell_key(&dir.join("cell.key"))?;
-    let durable = durable_section(&dir, args.durable_endpoint.as_deref()).await?;
+    match args.cells.clone() {
+        Some(spec) => run_cells(&args, &dir, &pki, &key, &parse_cells(&spec)?, &mut shutdown).await,
+        None => run_one_cell(&args, &dir, &pki, &key, &mut shutdown).await,
+    }
+}
 
-    // Addresses: kept from an earlier run with the same data directory (so that a
-    // restarted node is the same member and client.toml stays valid), else free ports.
+/// One cell, no router: the deployment every earlier version ran.
+async fn run_one_cell(
+    args: &DevArgs,
+    dir: &Path,
+    pki: &meridian_relay::tls::DevPki,
+    key: &TenantSigningKey,
+    shutdown: &mut crate::Shutdown,
+) -> Result<()> {
+    let public_key = key.public_key()?.to_paserk()?;
+    let durable = durable_section(
+        &dir.join("durable"),
+        DEV_JURISDICTION,
+        args.durable_endpoint.as_deref(),
+    )
+    .await?;
+    let nodes = plan_cell(CellPlan {
+        dir: dir.to_path_buf(),
+        cell: DEV_CELL.into(),
+        region: None,
+        jurisdiction: DEV_JURISDICTION.into(),
+        nodes: args.nodes,
+        first_listen: args.listen,
+        id_prefix: "dev-".into(),
+        pki,
+        durable: durable.clone(),
+        tenants: vec![TenantSection {
+            id: DEV_TENANT.into(),
+            public_keys: vec![public_key],
+            jurisdiction: None,
+        }],
+        placement: None,
+    })?;
+    let exe = std::env::current_exe().context("cannot find the meridian binary")?;
+    let mut procs = Vec::new();
+    for node in &nodes {
+        procs.push(spawn(
+            &exe,
+            "relay",
+            &node.id,
+            &node.config,
+            &node.log,
+            &node.pid,
+            admin_of(&node.file),
+        )?);
+    }
+    if let Err(error) = wait_ready(&mut procs, shutdown).await {
+        stop_all(&mut procs).await;
+        return Err(error);
+    }
+    let client = ClientFile {
+        endpoint: nodes[0].file.node.listen.to_string(),
+        nodes: client_nodes(&nodes),
+        server_name: "localhost".into(),
+        ca_cert: pki.ca_cert.clone(),
+        tenant: DEV_TENANT.into(),
+        token: dev_token(key, DEV_TENANT, DEV_JURISDICTION)?,
+        store_dir: None,
+        router: None,
+        router_admin: None,
+        control: None,
+    };
+    let client_path = dir.join("client.toml");
+    std::fs::write(&client_path, toml::to_string_pretty(&client)?)?;
+    // The single-node config of earlier versions, kept pointing at node 1.
+    std::fs::write(
+        dir.join("relay.toml"),
+        toml::to_string_pretty(&nodes[0].file)?,
+    )?;
+
+    println!("Meridian dev deployment is running.");
+    println!(
+        "  cell     {DEV_CELL} (jurisdiction {DEV_JURISDICTION}, tenant {DEV_TENANT}), {} node(s):",
+        nodes.len()
+    );
+    print_nodes(&nodes, &procs);
+    println!("  data     {}", dir.display());
+    print_durable(&durable, &dir.join("durable"));
+    let config = client_path.display();
+    println!("  client   {config} (token valid 24 h; all rights on every document)");
+    println!();
+    print_next(&config.to_string(), false);
+    supervise(&mut procs, shutdown).await;
+    Ok(())
+}
+
+/// Several cells and a router: one durable store per jurisdiction, one dev tenant per
+/// jurisdiction (`dev-<jurisdiction>`), every node serving only what the router places
+/// in its cell.
+async fn run_cells(
+    args: &DevArgs,
+    dir: &Path,
+    pki: &meridian_relay::tls::DevPki,
+    key: &TenantSigningKey,
+    cells: &[CellSpec],
+    shutdown: &mut crate::Shutdown,
+) -> Result<()> {
+    let public_key = key.public_key()?.to_paserk()?;
+    let mut jurisdictions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for cell in cells {
+        let regions = jurisdictions.entry(cell.jurisdiction.clone()).or_default();
+        if !regions.contains(&cell.region) {
+            regions.push(cell.region.clone());
+        }
+    }
+    let control = ControlSection {
+        kind: "local".into(),
+        path: Some(dir.join("control")),
+        table: None,
+        region: None,
+        endpoint: None,
+    };
+    let mut durables = BTreeMap::new();
+    for jurisdiction in jurisdictions.keys() {
+        let durable = durable_section(
+            &dir.join(format!("durable-{jurisdiction}")),
+            jurisdiction,
+            args.durable_endpoint.as_deref(),
+        )
+        .await?;
+        durables.insert(jurisdiction.clone(), durable);
+    }
+    let mut plans = Vec::new();
+    for (index, cell) in cells.iter().enumerate() {
+        let nodes = plan_cell(CellPlan {
+            dir: dir.join("cells").join(&cell.id),
+            cell: cell.id.clone(),
+            region: Some(cell.region.clone()),
+            jurisdiction: cell.jurisdiction.clone(),
+            nodes: args.nodes,
+            first_listen: if index == 0 { args.listen } else { None },
+            id_prefix: format!("{}-", cell.id),
+            pki,
+            durable: durables[&cell.jurisdiction].clone(),
+            tenants: vec![TenantSection {
+                id: dev_tenant(&cell.jurisdiction),
+                public_keys: vec![public_key.clone()],
+                jurisdiction: Some(cell.jurisdiction.clone()),
+            }],
+            placement: Some(PlacementSection {
+                control: control.clone(),
+                refresh_ms: None,
+            }),
+        })?;
+        plans.push((cell.clone(), nodes));
+    }
+    let router_path = dir.join("router.toml");
+    let previous = router_path
+        .exists()
+        .then(|| RouterFile::read(&router_path).ok())
+        .flatten();
+    let router_listen = match previous.as_ref() {
+        Some(file) => file.router.listen,
+        None => free_udp()?,
+    };
+    let router_metrics = match previous.as_ref().and_then(|f| f.metrics.as_ref()) {
+        Some(metrics) => metrics.listen,
+        None => free_tcp()?,
+    };
+    let router = RouterFile {
+        router: RouterSection {
+            listen: router_listen,
+            advertise: None,
+        },
+        tls: TlsSection {
+            cert_file: pki.node_cert.clone(),
+            key_file: pki.node_key.clone(),
+        },
+        control: control.clone(),
+        metrics: Some(MetricsSection {
+            listen: router_metrics,
+        }),
+        health: None,
+        jurisdictions: jurisdictions.clone(),
+        cells: plans
+            .iter()
+            .map(|(cell, nodes)| CellEntry {
+                id: cell.id.clone(),
+                region: cell.region.clone(),
+                jurisdiction: Some(cell.jurisdiction.clone()),
+                weight: 1,
+                nodes: client_nodes(nodes),
+            })
+            .collect(),
+    };
+    router.directory().context("--cells")?;
+    std::fs::write(&router_path, toml::to_string_pretty(&router)?)?;
+
+    let exe = std::env::current_exe().context("cannot find the meridian binary")?;
+    let mut procs = vec![spawn(
+        &exe,
+        "router",
+        "router",
+        &router_path,
+        &dir.join("router.log"),
+        &dir.join("router.pid"),
+        Some(router_metrics),
+    )?];
+    if let Err(error) = wait_ready(&mut procs, shutdown).await {
+        stop_all(&mut procs).await;
+        return Err(error);
+    }
+    // The router has published the directory: the dev tenants can be created.
+    let store = meridian_relay::control::open(&control.clone().into_config(dir)?).await?;
+    for jurisdiction in jurisdictions.keys() {
+        let record = TenantRecord {
+            tenant: Tenant {
+                id: TenantId::new(dev_tenant(jurisdiction))?,
+                jurisdiction: jurisdiction.clone(),
+                pin: None,
+            },
+            placement: Placement {
+                cell: None,
+                epoch: 0,
+            },
+            updated_ms: meridian_relay::control::unix_ms(),
+        };
+        match store.create_tenant(&record).await {
+            Ok(()) | Err(ControlError::Exists(_)) => {}
+            Err(error) => {
+                stop_all(&mut procs).await;
+                return Err(error.into());
+            }
+        }
+    }
+    for (_, nodes) in &plans {
+        for node in nodes {
+            procs.push(spawn(
+                &exe,
+                "relay",
+                &node.id,
+                &node.config,
+                &node.log,
+                &node.pid,
+                admin_of(&node.file),
+            )?);
+        }
+    }
+    if let Err(error) = wait_ready(&mut procs, shutdown).await {
+        stop_all(&mut procs).await;
+        return Err(error);
+    }
+
+    let mut first_client = None;
+    for jurisdiction in jurisdictions.keys() {
+        let Some((_, nodes)) = plans.iter().find(|(c, _)| c.jurisdiction == *jurisdiction) else {
+            continue;
+        };
+        let tenant = dev_tenant(jurisdiction);
+        let client = ClientFile {
+            endpoint: nodes[0].file.node.listen.to_string(),
+            nodes: client_nodes(nodes),
+            server_name: "localhost".into(),
+            ca_cert: pki.ca_cert.clone(),
+            tenant: tenant.clone(),
+            token: dev_token(key, &tenant, jurisdiction)?,
+            store_dir: None,
+            router: Some(router_listen.to_string()),
+            router_admin: Some(router_metrics.to_string()),
+            control: Some(control.clone()),
+        };
+        let text = toml::to_string_pretty(&client)?;
+        std::fs::write(dir.join(format!("client-{jurisdiction}.toml")), &text)?;
+        first_client.get_or_insert(text);
+    }
+    let client_path = dir.join("client.toml");
+    std::fs::write(&client_path, first_client.unwrap_or_default())?;
+
+    println!(
+        "Meridian dev deployment is running: a router and {} cell(s).",
+        plans.len()
+    );
+    println!(
+        "  router   quic {router_listen}  metrics http://{router_metrics}/metrics  pid {}",
+        procs[0].child.as_ref().map_or(0, Child::id)
+    );
+    for (cell, nodes) in &plans {
+        println!(
+            "  cell     {} (region {}, jurisdiction {}, tenant {}), {} node(s):",
+            cell.id,
+            cell.region,
+            cell.jurisdiction,
+            dev_tenant(&cell.jurisdiction),
+            nodes.len()
+        );
+        print_nodes(nodes, &procs);
+    }
+    println!(
+        "  data     {} (control plane in control/, cells in cells/<cell>/)",
+        dir.display()
+    );
+    for (jurisdiction, durable) in &durables {
+        print!("  {jurisdiction:<8} ");
+        print_durable(durable, &dir.join(format!("durable-{jurisdiction}")));
+    }
+    let config = client_path.display().to_string();
+    println!(
+        "  client   {config} (tenant {}; client-<jurisdiction>.toml for the others)",
+        dev_tenant(jurisdictions.keys().next().map_or("", String::as_str))
+    );
+    println!();
+    print_next(&config, true);
+    supervise(&mut procs, shutdown).await;
+    Ok(())
+}
+
+/// Parses `CELL=REGION:JURISDICTION,...`.
+fn parse_cells(spec: &str) -> Result<Vec<CellSpec>> {
+    let mut cells: Vec<CellSpec> = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parsed = part.split_once('=').and_then(|(id, rest)| {
+            let (region, jurisdiction) = rest.split_once(':')?;
+            Some(CellSpec {
+                id: id.trim().to_owned(),
+                region: region.trim().to_owned(),
+                jurisdiction: jurisdiction.trim().to_owned(),
+            })
+        });
+        let Some(cell) = parsed else {
+            bail!("--cells: {part:?} is not CELL=REGION:JURISDICTION");
+        };
+        meridian_protocol::CellId::new(cell.id.as_str())
+            .with_context(|| format!("--cells: cell id {:?}", cell.id))?;
+        if cells.iter().any(|c| c.id == cell.id) {
+            bail!("--cells: cell {} listed twice", cell.id);
+        }
+        if let Some(other) = cells
+            .iter()
+            .find(|c| c.region == cell.region && c.jurisdiction != cell.jurisdiction)
+        {
+            bail!(
+                "--cells: region {} is in jurisdiction {} (cell {}) and {} (cell {})",
+                cell.region,
+                other.jurisdiction,
+                other.id,
+                cell.jurisdiction,
+                cell.id
+            );
+        }
+        cells.push(cell);
+    }
+    if cells.is_empty() {
+        bail!("--cells: no cell given");
+    }
+    Ok(cells)
+}
+
+/// Writes one cell's node configs (addresses kept from an earlier run with the same data
+/// directory, so that a restarted node is the same member and client files stay valid).
+fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
+    std::fs::create_dir_all(&plan.dir)
+        .with_context(|| format!("cannot create {}", plan.dir.display()))?;
+    let cell_key = cell_key(&plan.dir.join("cell.key"))?;
     let mut nodes = Vec::new();
-    for index in 1..=args.nodes {
-        let config = dir.join(format!("node-{index}.toml"));
+    for index in 1..=plan.nodes {
+        let config = plan.dir.join(format!("node-{index}.toml"));
         let previous = config
             .exists()
             .then(|| RelayFile::read(&config).ok())
@@ -78,7 +475,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 file.metrics.as_ref().map(|m| m.listen),
             ),
             None => (
-                match (index, args.listen) {
+                match (index, plan.first_listen) {
                     (1, Some(listen)) => listen,
                     _ => free_udp()?,
                 },
@@ -94,24 +491,24 @@ pub async fn run(args: DevArgs) -> Result<()> {
             Some(metrics) => metrics,
             None => free_tcp()?,
         };
-        let id = format!("dev-{index}");
+        let id = format!("{}{index}", plan.id_prefix);
         let file = RelayFile {
             node: NodeSection {
                 id: id.clone(),
-                cell: DEV_CELL.into(),
-                region: None,
-                jurisdiction: DEV_JURISDICTION.into(),
+                cell: plan.cell.clone(),
+                region: plan.region.clone(),
+                jurisdiction: plan.jurisdiction.clone(),
                 listen,
                 advertise: None,
-                data_dir: dir.join(format!("node-{index}")),
+                data_dir: plan.dir.join(format!("node-{index}")),
             },
             tls: TlsSection {
-                cert_file: pki.node_cert.clone(),
-                key_file: pki.node_key.clone(),
+                cert_file: plan.pki.node_cert.clone(),
+                key_file: plan.pki.node_key.clone(),
             },
-            durable: durable.clone(),
+            durable: plan.durable.clone(),
             limits: None,
-            metrics: Some(crate::config::MetricsSection { listen: metrics }),
+            metrics: Some(MetricsSection { listen: metrics }),
             cell: Some(CellSection {
                 gossip_listen: gossip,
                 gossip_advertise: None,
@@ -124,18 +521,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
                 handoff_timeout_ms: None,
                 test_packet_loss: None,
             }),
-            tenants: vec![TenantSection {
-                id: DEV_TENANT.into(),
-                public_keys: vec![public_key.clone()],
-                jurisdiction: None,
-            }],
+            placement: plan.placement.clone(),
+            tenants: plan.tenants.clone(),
         };
-        nodes.push(Node {
-            index,
+        nodes.push(NodeSpec {
             id,
+            log: plan.dir.join(format!("node-{index}.log")),
+            pid: plan.dir.join(format!("node-{index}.pid")),
             config,
             file,
-            child: None,
         });
     }
     let seeds: Vec<SocketAddr> = nodes
@@ -153,70 +547,77 @@ pub async fn run(args: DevArgs) -> Result<()> {
         std::fs::write(&node.config, toml::to_string_pretty(&node.file)?)
             .with_context(|| format!("cannot write {}", node.config.display()))?;
     }
+    Ok(nodes)
+}
 
-    let exe = std::env::current_exe().context("cannot find the meridian binary")?;
-    for node in &mut nodes {
-        let log = std::fs::File::create(dir.join(format!("node-{}.log", node.index)))?;
-        let child = Command::new(&exe)
-            .args(["relay", "--exit-with-parent", "--config"])
-            .arg(&node.config)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", node.id))?;
-        std::fs::write(
-            dir.join(format!("node-{}.pid", node.index)),
-            format!("{}\n", child.id()),
-        )?;
-        node.child = Some(child);
-    }
-    let started = wait_ready(&dir, &mut nodes, &mut shutdown).await;
-    if let Err(error) = started {
-        stop_all(&mut nodes).await;
-        return Err(error);
-    }
+/// Starts `meridian <command> --exit-with-parent --config <config>` with its output in
+/// `log` and its PID in `pid`.
+fn spawn(
+    exe: &Path,
+    command: &str,
+    name: &str,
+    config: &Path,
+    log: &Path,
+    pid: &Path,
+    admin: Option<SocketAddr>,
+) -> Result<Proc> {
+    let log_file = std::fs::File::create(log)?;
+    let child = Command::new(exe)
+        .args([command, "--exit-with-parent", "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    std::fs::write(pid, format!("{}\n", child.id()))?;
+    Ok(Proc {
+        name: name.to_owned(),
+        log: log.to_path_buf(),
+        admin,
+        child: Some(child),
+    })
+}
 
+fn admin_of(file: &RelayFile) -> Option<SocketAddr> {
+    file.metrics.as_ref().map(|m| m.listen)
+}
+
+fn client_nodes(nodes: &[NodeSpec]) -> Vec<ClientNode> {
+    nodes
+        .iter()
+        .map(|n| ClientNode {
+            id: n.id.clone(),
+            endpoint: n.file.node.listen.to_string(),
+            admin: n.file.metrics.as_ref().map(|m| m.listen.to_string()),
+        })
+        .collect()
+}
+
+fn dev_tenant(jurisdiction: &str) -> String {
+    format!("dev-{jurisdiction}")
+}
+
+/// A 24 h token with every right on every document of `tenant`.
+fn dev_token(key: &TenantSigningKey, tenant: &str, jurisdiction: &str) -> Result<String> {
     let capability = Capability {
-        tenant: TenantId::new(DEV_TENANT)?,
+        tenant: TenantId::new(tenant)?,
         user: UserId::new("dev-user")?,
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
         expires_at: crate::token::unix_now()? + DEV_TOKEN_TTL.as_secs() as i64,
-        audience: DEV_JURISDICTION.into(),
+        audience: jurisdiction.into(),
     };
-    let client = ClientFile {
-        endpoint: nodes[0].file.node.listen.to_string(),
-        nodes: nodes
-            .iter()
-            .map(|n| ClientNode {
-                id: n.id.clone(),
-                endpoint: n.file.node.listen.to_string(),
-                admin: n.file.metrics.as_ref().map(|m| m.listen.to_string()),
-            })
-            .collect(),
-        server_name: "localhost".into(),
-        ca_cert: pki.ca_cert.clone(),
-        tenant: DEV_TENANT.into(),
-        token: token::mint(&capability, &key)?,
-        store_dir: None,
-    };
-    let client_path = dir.join("client.toml");
-    std::fs::write(&client_path, toml::to_string_pretty(&client)?)?;
-    // The single-node config of earlier versions, kept pointing at node 1.
-    std::fs::write(
-        dir.join("relay.toml"),
-        toml::to_string_pretty(&nodes[0].file)?,
-    )?;
+    Ok(token::mint(&capability, key)?)
+}
 
-    let config = client_path.display();
-    println!("Meridian dev deployment is running.");
-    println!(
-        "  cell     {DEV_CELL} (jurisdiction {DEV_JURISDICTION}, tenant {DEV_TENANT}), {} node(s):",
-        nodes.len()
-    );
-    for node in &nodes {
-        let pid = node.child.as_ref().map_or(0, Child::id);
+fn print_nodes(nodes: &[NodeSpec], procs: &[Proc]) {
+    for node in nodes {
+        let pid = procs
+            .iter()
+            .find(|p| p.name == node.id)
+            .and_then(|p| p.child.as_ref())
+            .map_or(0, Child::id);
         let metrics = node.file.metrics.as_ref().map(|m| m.listen);
         let gossip = node.file.cell.as_ref().map(|c| c.gossip_listen);
         println!(
@@ -230,73 +631,81 @@ pub async fn run(args: DevArgs) -> Result<()> {
     println!(
         "           (each node also serves /healthz, /readyz and /cell; logs in node-<i>.log)"
     );
-    println!("  data     {}", dir.display());
+}
+
+fn print_durable(durable: &DurableSection, local: &Path) {
     match &durable.endpoint {
         Some(endpoint) => println!(
             "  durable  DynamoDB table {} and S3 bucket {} at {endpoint}",
             durable.table.as_deref().unwrap_or_default(),
             durable.bucket.as_deref().unwrap_or_default()
         ),
-        None => println!(
-            "  durable  local directory {}",
-            dir.join("durable").display()
-        ),
+        None => println!("  durable  local directory {}", local.display()),
     }
-    println!("  client   {config} (token valid 24 h; all rights on every document)");
-    println!();
+}
+
+fn print_next(config: &str, cells: bool) {
     println!(
         "Next, in another terminal (or prefix with `cargo run --release -p meridian-cli --`):"
     );
     println!("  meridian doc set --config {config} notes title \"hello\"");
     println!("  meridian doc get --config {config} notes");
     println!("  meridian doc watch --config {config} notes");
-    println!("  meridian cell status --config {config}");
+    if cells {
+        println!("  meridian cell list --config {config}");
+        println!("  meridian tenant locate --config {config} --tenant <tenant>");
+        println!("  meridian tenant create --config {config} --tenant acme --jurisdiction <j>");
+        println!("  meridian cell drain <cell> --config {config}");
+    } else {
+        println!("  meridian cell status --config {config}");
+    }
     println!();
     println!("Stop with Ctrl-C. Restarting with the same --data-dir keeps every document.");
+}
 
+/// Reports children that exit until Ctrl-C, then stops the rest.
+async fn supervise(procs: &mut [Proc], shutdown: &mut crate::Shutdown) {
     let mut watch = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = shutdown.wait() => break,
             _ = watch.tick() => {
-                for node in &mut nodes {
-                    if let Some(child) = &mut node.child
+                for proc in procs.iter_mut() {
+                    if let Some(child) = &mut proc.child
                         && let Ok(Some(status)) = child.try_wait()
                     {
-                        println!("{} exited ({status}); the cell carries on without it", node.id);
-                        node.child = None;
+                        println!("{} exited ({status}); the deployment carries on without it", proc.name);
+                        proc.child = None;
                     }
                 }
             }
         }
     }
-    println!("shutting down: every node flushes to the durable store and leaves the cell");
-    stop_all(&mut nodes).await;
-    Ok(())
+    println!("shutting down: every node flushes to the durable store and leaves its cell");
+    stop_all(procs).await;
 }
 
-/// Waits until every node answers `/readyz`, or fails with the log of a node that died.
-async fn wait_ready(dir: &Path, nodes: &mut [Node], shutdown: &mut crate::Shutdown) -> Result<()> {
+/// Waits until every process answers `/readyz`, or fails with the log of one that died.
+async fn wait_ready(procs: &mut [Proc], shutdown: &mut crate::Shutdown) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let ready = async {
-        for node in nodes.iter_mut() {
-            let Some(metrics) = node.file.metrics.as_ref().map(|m| m.listen) else {
+        for proc in procs.iter_mut() {
+            let Some(admin) = proc.admin else {
                 continue;
             };
             loop {
-                if let Some(child) = &mut node.child
+                if let Some(child) = &mut proc.child
                     && let Ok(Some(status)) = child.try_wait()
                 {
-                    let log = std::fs::read_to_string(dir.join(format!("node-{}.log", node.index)))
-                        .unwrap_or_default();
+                    let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
                     let tail: Vec<&str> = log.lines().rev().take(5).collect();
                     bail!(
                         "{} exited during start ({status}): {}",
-                        node.id,
+                        proc.name,
                         tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
                     );
                 }
-                if meridian_relay::http::get(metrics, "/readyz")
+                if meridian_relay::http::get(admin, "/readyz")
                     .await
                     .is_ok_and(|(status, _)| status == 200)
                 {
@@ -304,9 +713,9 @@ async fn wait_ready(dir: &Path, nodes: &mut [Node], shutdown: &mut crate::Shutdo
                 }
                 if tokio::time::Instant::now() > deadline {
                     bail!(
-                        "{} did not become ready within 90 s (see node-{}.log)",
-                        node.id,
-                        node.index
+                        "{} did not become ready within 90 s (see {})",
+                        proc.name,
+                        proc.log.display()
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -322,15 +731,15 @@ async fn wait_ready(dir: &Path, nodes: &mut [Node], shutdown: &mut crate::Shutdo
 
 /// Stops every child: closing its stdin asks for a graceful leave (flush, hand off,
 /// close); one still running after 30 s is killed.
-async fn stop_all(nodes: &mut [Node]) {
-    for node in nodes.iter_mut() {
-        if let Some(child) = &mut node.child {
+async fn stop_all(procs: &mut [Proc]) {
+    for proc in procs.iter_mut() {
+        if let Some(child) = &mut proc.child {
             drop(child.stdin.take());
         }
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    for node in nodes.iter_mut() {
-        let Some(mut child) = node.child.take() else {
+    for proc in procs.iter_mut() {
+        let Some(mut child) = proc.child.take() else {
             continue;
         };
         loop {
@@ -370,18 +779,22 @@ fn cell_key(path: &Path) -> Result<PathBuf> {
 
 /// The dev deployment's durable tier: the local directory store, or DynamoDB + S3 at an
 /// emulator endpoint (created when missing).
-async fn durable_section(dir: &Path, endpoint: Option<&str>) -> Result<DurableSection> {
+async fn durable_section(
+    local: &Path,
+    jurisdiction: &str,
+    endpoint: Option<&str>,
+) -> Result<DurableSection> {
     let Some(endpoint) = endpoint else {
         return Ok(DurableSection {
             kind: "local".into(),
-            path: Some(dir.join("durable")),
+            path: Some(local.to_path_buf()),
             table: None,
             bucket: None,
             region: None,
             endpoint: None,
         });
     };
-    let mut aws = meridian_relay::store::AwsConfig::new(DEV_JURISDICTION, DEV_REGION);
+    let mut aws = meridian_relay::store::AwsConfig::new(jurisdiction, DEV_REGION);
     aws.endpoint = Some(endpoint.to_owned());
     let store = meridian_relay::store::AwsStore::connect(aws.clone()).await;
     store
@@ -415,5 +828,30 @@ fn absolute(path: &Path) -> Result<PathBuf> {
         Ok(path.to_path_buf())
     } else {
         Ok(std::env::current_dir()?.join(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_specs_parse_and_refuse_mistakes() {
+        let cells =
+            parse_cells("eu-a=eu-west-1:eu, eu-b=eu-central-1:eu,us-a=us-east-1:us").unwrap();
+        assert_eq!(cells.len(), 3);
+        assert_eq!(
+            cells[1],
+            CellSpec {
+                id: "eu-b".into(),
+                region: "eu-central-1".into(),
+                jurisdiction: "eu".into()
+            }
+        );
+        assert!(parse_cells("eu-a=eu-west-1").is_err());
+        assert!(parse_cells("eu-a=eu-west-1:eu,eu-a=eu-west-1:eu").is_err());
+        assert!(parse_cells("a=eu-west-1:eu,b=eu-west-1:us").is_err());
+        assert!(parse_cells("").is_err());
+        assert!(parse_cells("bad cell=eu-west-1:eu").is_err());
     }
 }

@@ -5,6 +5,7 @@ mod cell;
 mod config;
 mod dev;
 mod doc;
+mod placement;
 mod token;
 
 use std::path::PathBuf;
@@ -40,7 +41,23 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Inspect a cell.
+    /// Run a router from a TOML config file: answers `locate`, probes cells, commits
+    /// failovers and drains.
+    Router {
+        /// The config file (see cell-router/router.example.toml).
+        #[arg(long)]
+        config: PathBuf,
+        /// Stop when standard input closes (how `meridian dev` stops its router).
+        #[arg(long, hide = true)]
+        exit_with_parent: bool,
+        /// Check the config file (directory, jurisdictions, timings) and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Create tenants and locate them.
+    #[command(subcommand)]
+    Tenant(placement::TenantCommand),
+    /// Inspect, list, drain and undrain cells.
     #[command(subcommand)]
     Cell(cell::CellCommand),
     /// Make tenant keys and capability tokens.
@@ -109,6 +126,17 @@ fn main() -> ExitCode {
                 exit_with_parent,
                 check: false,
             } => run_relay(config, exit_with_parent).await,
+            Command::Router {
+                config,
+                check: true,
+                ..
+            } => check_router(config),
+            Command::Router {
+                config,
+                exit_with_parent,
+                check: false,
+            } => run_router(config, exit_with_parent).await,
+            Command::Tenant(command) => placement::run_tenant(command).await,
             Command::Cell(command) => cell::run(command).await,
             Command::Token(command) => token::run(command),
             Command::Doc(command) => doc::run(command).await,
@@ -160,6 +188,42 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     if let Some(metrics) = relay.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");
     }
+    stopped(&mut shutdown, exit_with_parent).await;
+    eprintln!("shutting down: flushing to the durable tier");
+    relay.shutdown(std::time::Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+fn check_router(path: PathBuf) -> anyhow::Result<()> {
+    let file = config::RouterFile::read(&path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let config = file.into_config(&base)?;
+    println!(
+        "{}: ok ({} cell(s) in {} jurisdiction(s), probes every {} ms)",
+        path.display(),
+        config.directory.cells().count(),
+        config.directory.jurisdictions().names().count(),
+        config.probe_interval.as_millis()
+    );
+    Ok(())
+}
+
+async fn run_router(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> {
+    let mut shutdown = Shutdown::listen()?;
+    let file = config::RouterFile::read(&path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let router = meridian_relay::router::start(file.into_config(&base)?).await?;
+    eprintln!("router listening on {}", router.local_addr());
+    if let Some(metrics) = router.metrics_addr() {
+        eprintln!("metrics on http://{metrics}/metrics");
+    }
+    stopped(&mut shutdown, exit_with_parent).await;
+    router.shutdown().await;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM, or (with `exit_with_parent`) for standard input to close.
+async fn stopped(shutdown: &mut Shutdown, exit_with_parent: bool) {
     if exit_with_parent {
         tokio::select! {
             _ = shutdown.wait() => {}
@@ -168,9 +232,6 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     } else {
         shutdown.wait().await;
     }
-    eprintln!("shutting down: flushing to the durable tier");
-    relay.shutdown(std::time::Duration::from_secs(30)).await?;
-    Ok(())
 }
 
 /// Resolves when standard input reaches its end (or fails).

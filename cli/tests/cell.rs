@@ -4,30 +4,19 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use automerge::transaction::Transactable;
-use meridian_client::{ChangeHash, Client, ClientConfig, DocEvent, DocHandle};
+use meridian_client::ClientConfig;
 use meridian_relay::cell::MemberState;
 
-use common::{Guard, meridian, start_dev};
+use common::{Guard, Workload, meridian, signal, start_dev, wait_for};
 
 const NODES: usize = 4;
 const CLIENTS: usize = 3;
 const DOCS: usize = 16;
-
-fn signal(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {signal} {pid}");
-}
 
 fn node_toml(dir: &Path, i: usize) -> toml::Value {
     let text = std::fs::read_to_string(dir.join(format!("node-{i}.toml"))).expect("node config");
@@ -88,19 +77,6 @@ async fn ready(admin: SocketAddr) -> bool {
         .is_ok_and(|(status, _)| status == 200)
 }
 
-/// Polls `check` every 100 ms until it holds.
-async fn wait_for<F: std::future::Future<Output = bool>>(
-    what: &str,
-    timeout: Duration,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn client_config(dir: &Path, first: usize) -> ClientConfig {
     let text = std::fs::read_to_string(dir.join("client.toml")).expect("client.toml");
     let file: toml::Value = toml::from_str(&text).expect("client toml");
@@ -121,123 +97,6 @@ fn client_config(dir: &Path, first: usize) -> ClientConfig {
     config
 }
 
-/// Clients editing documents, with every change they made and every error they saw.
-struct Workload {
-    clients: Vec<Client>,
-    /// `handles[client][doc]`.
-    handles: Vec<Vec<DocHandle>>,
-    /// Every change made, per document.
-    made: Vec<HashSet<ChangeHash>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    counter: u64,
-}
-
-impl Workload {
-    async fn start(dir: &Path) -> Workload {
-        let mut clients = Vec::new();
-        let mut handles = Vec::new();
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        for c in 0..CLIENTS {
-            let client = Client::connect(client_config(dir, c))
-                .await
-                .expect("connect");
-            let mut docs = Vec::new();
-            for d in 0..DOCS {
-                let handle = client.open(&format!("doc-{d}")).await.expect("open");
-                let mut events = handle.updates();
-                let errors = errors.clone();
-                tokio::spawn(async move {
-                    while let Ok(event) = events.recv().await {
-                        if let DocEvent::Error { code, message } = event {
-                            errors
-                                .lock()
-                                .expect("errors")
-                                .push(format!("client {c} doc {d}: {code} {message}"));
-                        }
-                    }
-                });
-                docs.push(handle);
-            }
-            clients.push(client);
-            handles.push(docs);
-        }
-        Workload {
-            clients,
-            handles,
-            made: vec![HashSet::new(); DOCS],
-            errors,
-            counter: 0,
-        }
-    }
-
-    /// Makes `count` edits spread over clients and documents, `pause` apart.
-    async fn edit(&mut self, count: usize, pause: Duration) {
-        for _ in 0..count {
-            self.counter += 1;
-            let n = self.counter as usize;
-            let (c, d) = (n % CLIENTS, (n * 7) % DOCS);
-            let (_, hashes) = self.handles[c][d]
-                .change_with_hashes(|doc| {
-                    doc.put(automerge::ROOT, format!("client-{c}"), n as i64)
-                        .expect("put");
-                })
-                .expect("change");
-            self.made[d].extend(hashes);
-            tokio::time::sleep(pause).await;
-        }
-    }
-
-    /// Waits until every change is Durable and every client holds every change made,
-    /// with identical heads per document.
-    async fn converge(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        for (c, docs) in self.handles.iter().enumerate() {
-            for (d, handle) in docs.iter().enumerate() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                tokio::time::timeout(left, handle.wait_durable())
-                    .await
-                    .unwrap_or_else(|_| {
-                        panic!(
-                            "client {c} doc {d}: changes not durable in time ({:?})",
-                            handle.status()
-                        )
-                    })
-                    .expect("wait durable");
-            }
-        }
-        loop {
-            let converged = (0..DOCS).all(|d| {
-                let heads: Vec<_> = self
-                    .handles
-                    .iter()
-                    .map(|h| {
-                        let mut heads = h[d].heads();
-                        heads.sort();
-                        heads
-                    })
-                    .collect();
-                heads.windows(2).all(|w| w[0] == w[1])
-                    && self
-                        .handles
-                        .iter()
-                        .all(|h| self.made[d].iter().all(|x| h[d].contains(x)))
-            });
-            if converged {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "clients did not converge in time"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn take_errors(&self) -> Vec<String> {
-        std::mem::take(&mut *self.errors.lock().expect("errors"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     meridian_relay::tls::install_crypto_provider();
@@ -246,7 +105,8 @@ async fn a_cell_survives_kill_9_restart_graceful_leave_and_forged_gossip() {
     let mut dev = start_dev(dir, NODES);
     let admins: Vec<SocketAddr> = (1..=NODES).map(|i| admin(dir, i)).collect();
 
-    let mut work = Workload::start(dir).await;
+    let mut work =
+        Workload::start((0..CLIENTS).map(|c| client_config(dir, c)).collect(), DOCS).await;
     work.edit(120, Duration::from_millis(2)).await;
     work.converge(Duration::from_secs(60)).await;
     // Each document is loaded by its owner only, and the owners are spread over the

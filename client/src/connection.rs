@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use meridian_protocol::{
     ClientToRelay, DocId, ErrorCode, FrameDecoder, MAX_CHANGES_PER_FRAME, MAX_FRAME_LEN,
-    RelayToClient,
+    RelayToClient, TenantId,
 };
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
@@ -17,7 +17,7 @@ use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 
 use crate::doc::{DocHandle, PeerPresence};
-use crate::{ClientConfig, ClientError, ConnectionState, Inner, node_list};
+use crate::{ClientConfig, ClientError, ConnectionState, Home, Inner, node_list};
 
 /// A connection no open document uses is closed after this long.
 const UNUSED_CONNECTION_CLOSE: Duration = Duration::from_secs(10);
@@ -137,8 +137,20 @@ pub(crate) async fn establish(
                 message,
                 ..
             })) => Err(ClientError::Unauthorized(message)),
+            Ok(Some(RelayToClient::Error {
+                code: ErrorCode::Unavailable,
+                message,
+                ..
+            })) => Err(ClientError::Unavailable(message)),
             Ok(Some(RelayToClient::Error { code, message, .. })) => {
                 Err(ClientError::Relay { code, message })
+            }
+            Ok(Some(RelayToClient::Redirect { cell, nodes, epoch })) => {
+                Err(ClientError::Redirected {
+                    cell,
+                    nodes: node_list(&nodes),
+                    epoch,
+                })
             }
             Ok(Some(other)) => Err(unreachable(format!("unexpected first message {other:?}"))),
             Ok(None) | Err(_) => Err(match connection.close_reason() {
@@ -192,6 +204,36 @@ enum Event {
         generation: u64,
         moved: Option<String>,
     },
+    /// A relay said the tenant lives in another cell.
+    Redirect {
+        cell: String,
+        nodes: Vec<String>,
+        epoch: u64,
+    },
+    /// A `locate` through the router finished.
+    Located(Result<Home, ClientError>),
+}
+
+/// The first delay between two `locate`s while the cell does not answer; it doubles up
+/// to [`LOCATE_DELAY_MAX`].
+const LOCATE_DELAY_INITIAL: Duration = Duration::from_millis(500);
+/// The longest delay between two `locate`s.
+const LOCATE_DELAY_MAX: Duration = Duration::from_secs(2);
+
+/// Where the tenant lives, for a client with a router.
+struct Placement {
+    router: String,
+    tenant: TenantId,
+    audience: String,
+    /// The home cell and epoch last learnt (`None`: not yet).
+    home: Option<(String, u64)>,
+    locating: bool,
+    next_locate: Option<Instant>,
+    delay: Duration,
+    /// Connection attempts that failed since a connection last succeeded.
+    failures: usize,
+    /// Why the tenant cannot be served now (the router said `unavailable`).
+    unavailable: Option<String>,
 }
 
 /// A live connection to one node.
@@ -240,6 +282,8 @@ struct Pool {
     docs: HashMap<DocId, Slot>,
     events: mpsc::Sender<Event>,
     next_generation: u64,
+    /// With a router: the tenant's placement.
+    placement: Option<Placement>,
 }
 
 /// Runs until the client is closed or dropped, or the token is refused.
@@ -250,6 +294,7 @@ pub(crate) async fn run(
     first: Established,
     mut commands: mpsc::Receiver<Command>,
     state: watch::Sender<ConnectionState>,
+    home: Option<Home>,
 ) {
     let Some(config) = inner
         .upgrade()
@@ -264,6 +309,26 @@ pub(crate) async fn run(
             known.push(node.clone());
         }
     }
+    let placement = config.router.as_ref().and_then(|router| {
+        let (tenant, audience) = meridian_protocol::token::unverified_claims(&config.token).ok()?;
+        Some(Placement {
+            router: router.clone(),
+            tenant,
+            audience,
+            home: home.as_ref().map(|h| (h.cell.clone(), h.epoch)),
+            locating: false,
+            next_locate: None,
+            delay: LOCATE_DELAY_INITIAL,
+            failures: 0,
+            unavailable: None,
+        })
+    });
+    if let Some(home) = &home {
+        known = home.nodes.clone();
+        if !known.contains(&first_addr) {
+            known.push(first_addr.clone());
+        }
+    }
     let mut pool = Pool {
         inner,
         endpoint,
@@ -275,6 +340,7 @@ pub(crate) async fn run(
         docs: HashMap::new(),
         events: events_tx,
         next_generation: 1,
+        placement,
     };
     pool.primary = pool
         .known
@@ -377,10 +443,27 @@ impl Pool {
             Event::Established { addr, result } => {
                 self.connecting.remove(&addr);
                 match result {
-                    Ok(established) => self.add_conn(addr, established),
+                    Ok(established) => {
+                        if let Some(placement) = &mut self.placement {
+                            placement.failures = 0;
+                            placement.unavailable = None;
+                            placement.delay = LOCATE_DELAY_INITIAL;
+                        }
+                        self.add_conn(addr, established);
+                    }
                     Err(ClientError::Unauthorized(reason)) => return Some(reason),
+                    Err(ClientError::Redirected { cell, nodes, epoch }) => {
+                        self.failed(&addr);
+                        self.redirect(cell, nodes, epoch);
+                    }
                     Err(error) => {
                         tracing::debug!(%addr, %error, "connect failed");
+                        if let Some(placement) = &mut self.placement {
+                            placement.failures += 1;
+                            if let ClientError::Unavailable(reason) = &error {
+                                placement.unavailable = Some(reason.clone());
+                            }
+                        }
                         self.failed(&addr);
                     }
                 }
@@ -401,6 +484,15 @@ impl Pool {
                     tracing::debug!(%addr, "connection lost");
                     self.conns.remove(&addr);
                     self.failed(&addr);
+                    // The last connection died: the whole cell may be gone. Ask the
+                    // router now (and again while nothing answers): it may have failed
+                    // the tenant over already.
+                    if self.conns.is_empty()
+                        && let Some(placement) = &mut self.placement
+                        && placement.next_locate.is_none()
+                    {
+                        placement.next_locate = Some(Instant::now());
+                    }
                 }
             }
             Event::DocEnded {
@@ -439,7 +531,133 @@ impl Pool {
                     }
                 }
             }
+            Event::Redirect { cell, nodes, epoch } => self.redirect(cell, nodes, epoch),
+            Event::Located(result) => self.located(result),
         }
+        None
+    }
+
+    /// A relay or the router named the tenant's home cell: newer placements replace the
+    /// nodes the pool uses, and connections to the old cell close (their documents
+    /// subscribe again in the new cell).
+    fn redirect(&mut self, cell: String, nodes: Vec<String>, epoch: u64) {
+        let Some(placement) = &mut self.placement else {
+            // Without a router the client cannot check a cell; follow it as a cell
+            // change all the same: every relay speaks for the same deployment.
+            self.switch_cell(nodes);
+            return;
+        };
+        if let Some((current, known)) = &placement.home
+            && (epoch < *known || (epoch == *known && *current == cell))
+        {
+            return;
+        }
+        if nodes.is_empty() {
+            // The relay did not know the cell's nodes: ask the router.
+            placement.next_locate = Some(Instant::now());
+            placement.home = Some((cell, epoch));
+            return;
+        }
+        tracing::debug!(%cell, epoch, "tenant placed in another cell");
+        placement.home = Some((cell, epoch));
+        placement.failures = 0;
+        self.switch_cell(nodes);
+    }
+
+    fn switch_cell(&mut self, nodes: Vec<String>) {
+        let mut known: Vec<String> = Vec::new();
+        for node in nodes {
+            if known.len() < meridian_protocol::MAX_NODES && !known.contains(&node) {
+                known.push(node);
+            }
+        }
+        if known.is_empty() || known == self.known {
+            return;
+        }
+        for (_, conn) in self.conns.drain() {
+            conn.connection.close(0u32.into(), b"redirected");
+        }
+        self.known = known;
+        self.primary = 0;
+        self.backoff.clear();
+        for slot in self.docs.values_mut() {
+            slot.target = None;
+            slot.not_before = None;
+            slot.bounces = 0;
+        }
+    }
+
+    fn located(&mut self, result: Result<Home, ClientError>) {
+        let Some(placement) = &mut self.placement else {
+            return;
+        };
+        placement.locating = false;
+        let now = Instant::now();
+        match result {
+            Ok(home)
+                if !home.jurisdiction.is_empty() && home.jurisdiction != placement.audience =>
+            {
+                tracing::warn!(jurisdiction = %home.jurisdiction, "router answered a cell outside the token's jurisdiction; ignored");
+                placement.next_locate = Some(now + placement.delay);
+            }
+            Ok(home) => {
+                placement.unavailable = None;
+                let same = placement
+                    .home
+                    .as_ref()
+                    .is_some_and(|(cell, epoch)| *cell == home.cell && *epoch == home.epoch);
+                if same {
+                    // The router still thinks the cell is fine: try its nodes again, and
+                    // ask again later.
+                    self.backoff.clear();
+                    placement.next_locate = Some(now + placement.delay);
+                    placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
+                    placement.failures = 0;
+                    self.switch_cell(home.nodes);
+                } else {
+                    placement.next_locate = None;
+                    placement.delay = LOCATE_DELAY_INITIAL;
+                    self.redirect(home.cell, home.nodes, home.epoch);
+                }
+            }
+            Err(ClientError::Unavailable(reason)) => {
+                placement.unavailable = Some(reason);
+                placement.next_locate = Some(now + placement.delay);
+                placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
+            }
+            Err(error) => {
+                tracing::debug!(%error, "locate failed");
+                placement.next_locate = Some(now + placement.delay);
+                placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
+            }
+        }
+    }
+
+    /// With a router, when no node of the cell answers: locate again.
+    fn maybe_locate(&mut self, now: Instant) -> Option<Instant> {
+        let known = self.known.len().max(1);
+        let no_connection = self.conns.is_empty();
+        let placement = self.placement.as_mut()?;
+        if placement.locating || !no_connection {
+            return None;
+        }
+        let due = placement.next_locate.unwrap_or(now);
+        let stuck = placement.failures >= known || placement.unavailable.is_some();
+        if !stuck && placement.next_locate.is_none() {
+            return None;
+        }
+        if due > now {
+            return Some(due);
+        }
+        placement.locating = true;
+        placement.next_locate = None;
+        let (router, tenant) = (placement.router.clone(), placement.tenant.clone());
+        let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
+        let config = self.config()?;
+        tokio::spawn(async move {
+            let result = crate::locate::locate(&endpoint, &config, &router, &tenant).await;
+            let _ = events.send(Event::Located(result)).await;
+        });
         None
     }
 
@@ -474,6 +692,9 @@ impl Pool {
         let mut earliest = |at: Instant| {
             wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
         };
+        if let Some(at) = self.maybe_locate(now) {
+            earliest(at);
+        }
         let primary = self.primary_addr();
         let mut wanted: Vec<String> = Vec::new();
         let mut open: Vec<(DocId, String)> = Vec::new();
@@ -589,12 +810,14 @@ impl Pool {
             .conns
             .get(&primary)
             .or_else(|| self.conns.values().next());
-        let next = match conn {
-            Some(conn) => ConnectionState::Connected {
+        let unavailable = self.placement.as_ref().and_then(|p| p.unavailable.clone());
+        let next = match (conn, unavailable) {
+            (Some(conn), _) => ConnectionState::Connected {
                 session: conn.session,
                 nodes: conn.nodes.clone(),
             },
-            None => ConnectionState::Connecting,
+            (None, Some(reason)) => ConnectionState::Unavailable(reason),
+            (None, None) => ConnectionState::Connecting,
         };
         state.send_if_modified(|current| {
             if matches!(current, ConnectionState::Failed(_)) || *current == next {
@@ -624,6 +847,15 @@ async fn watch_control(
                 if code == ErrorCode::Unauthorized {
                     break Some(message);
                 }
+            }
+            Ok(Some(RelayToClient::Redirect { cell, nodes, epoch })) => {
+                let _ = events
+                    .send(Event::Redirect {
+                        cell,
+                        nodes: node_list(&nodes),
+                        epoch,
+                    })
+                    .await;
             }
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => {
@@ -778,13 +1010,11 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
             doc.on_error(code, message)
         }
         RelayToClient::Moved { .. } => {}
-        RelayToClient::Redirect { .. } => {
-            doc.on_error(
-                ErrorCode::Redirect,
-                "the tenant's home cell moved; this client does not follow redirects yet".into(),
-            );
-        }
-        RelayToClient::Welcome { .. } | RelayToClient::Pong { .. } => {}
+        // Redirects arrive on the control stream; the pool follows them.
+        RelayToClient::Redirect { .. }
+        | RelayToClient::Welcome { .. }
+        | RelayToClient::Pong { .. }
+        | RelayToClient::Home { .. } => {}
     }
 }
 

@@ -19,6 +19,7 @@
 
 mod connection;
 mod doc;
+mod locate;
 mod store;
 
 use std::collections::HashMap;
@@ -31,12 +32,14 @@ use tokio::sync::{mpsc, watch};
 
 pub use connection::endpoint as quic_endpoint;
 pub use doc::{DocEvent, DocHandle, PeerPresence, SyncStatus};
+pub use locate::Home;
 pub use meridian_protocol::{ChangeHash, UserId};
 
 /// How to reach and authenticate with a relay.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The relay's `host:port` (any node of the tenant's cell).
+    /// The relay's `host:port` (any node of the tenant's cell). With a `router`, this and
+    /// `nodes` are only where to try when the router cannot be reached (may be empty).
     pub endpoint: String,
     /// The cell's other nodes (`host:port`), tried when `endpoint` cannot be reached.
     /// Nodes named in `welcome` and `moved` are added as they are learnt.
@@ -62,6 +65,10 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// Name and version sent in `hello`, for the relay's logs.
     pub client_name: String,
+    /// A router's `host:port`: when set, the client locates its tenant's home cell
+    /// through it (the tenant and jurisdiction come from the token's claims), follows
+    /// `redirect`, and locates again when its cell stops answering.
+    pub router: Option<String>,
 }
 
 impl ClientConfig {
@@ -80,6 +87,7 @@ impl ClientConfig {
             idle_timeout: Duration::from_secs(4),
             keep_alive: Duration::from_secs(1),
             client_name: concat!("meridian-client/", env!("CARGO_PKG_VERSION")).into(),
+            router: None,
         }
     }
 }
@@ -102,6 +110,21 @@ pub enum ClientError {
     /// The relay refused the token (expired, bad signature, unknown tenant).
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// No cell of the tenant's jurisdiction can serve it now (the router fails closed;
+    /// it never sends a tenant to another jurisdiction). The client keeps locating; edits
+    /// wait locally.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The relay serves the tenant in another cell (`redirect`).
+    #[error("the tenant is served by cell {cell} (epoch {epoch})")]
+    Redirected {
+        /// The home cell.
+        cell: String,
+        /// Its nodes.
+        nodes: Vec<String>,
+        /// The placement epoch.
+        epoch: u64,
+    },
     /// The relay answered with a typed error.
     #[error("relay error {code}: {message}")]
     Relay {
@@ -147,6 +170,8 @@ pub enum ConnectionState {
         /// The cell's nodes, from `welcome`.
         nodes: Vec<String>,
     },
+    /// No cell of the tenant's jurisdiction can serve it now; the client keeps locating.
+    Unavailable(String),
     /// Stopped for good: the token was refused or the client closed.
     Failed(String),
 }
@@ -157,12 +182,37 @@ impl Client {
     /// once); later drops reconnect in the background.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let endpoint = connection::endpoint(&config)?;
+        let mut home = None;
+        let mut candidates: std::collections::VecDeque<String> =
+            std::iter::once(config.endpoint.clone())
+                .chain(config.nodes.iter().cloned())
+                .filter(|c| !c.is_empty())
+                .collect();
+        if let Some(router) = &config.router {
+            let (tenant, audience) = meridian_protocol::token::unverified_claims(&config.token)
+                .map_err(|e| ClientError::Config(format!("token: {e}")))?;
+            match locate::locate(&endpoint, &config, router, &tenant).await {
+                Ok(located) => {
+                    check_residency(&located, &audience)?;
+                    candidates = located.nodes.iter().cloned().collect();
+                    home = Some(located);
+                }
+                // Without the router, the configured nodes (the last home) may still do.
+                Err(error @ ClientError::Unreachable { .. }) if !candidates.is_empty() => {
+                    tracing::debug!(%error, "router unreachable; trying the configured nodes");
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let mut first = None;
         let mut last_error = None;
-        let candidates: Vec<String> = std::iter::once(config.endpoint.clone())
-            .chain(config.nodes.iter().cloned())
-            .collect();
-        for candidate in candidates {
+        // Every node once, and the nodes of at most a few redirects.
+        let mut attempts = 0;
+        while let Some(candidate) = candidates.pop_front() {
+            attempts += 1;
+            if attempts > 4 * meridian_protocol::MAX_NODES {
+                break;
+            }
             let attempt = ClientConfig {
                 endpoint: candidate,
                 ..config.clone()
@@ -173,6 +223,19 @@ impl Client {
                     break;
                 }
                 Err(error @ ClientError::Unauthorized(_)) => return Err(error),
+                Err(ClientError::Redirected { cell, nodes, epoch }) => {
+                    if home.as_ref().is_none_or(|h: &Home| epoch > h.epoch) {
+                        candidates = nodes.iter().cloned().collect();
+                        home = Some(Home {
+                            cell: cell.clone(),
+                            region: String::new(),
+                            jurisdiction: String::new(),
+                            nodes: nodes.clone(),
+                            epoch,
+                        });
+                    }
+                    last_error = Some(ClientError::Redirected { cell, nodes, epoch });
+                }
                 Err(error) => last_error = Some(error),
             }
         }
@@ -198,6 +261,7 @@ impl Client {
             first,
             commands_rx,
             state_tx,
+            home,
         ));
         if let Ok(mut slot) = inner.task.lock() {
             *slot = Some(task);
@@ -260,6 +324,9 @@ impl Client {
                 ConnectionState::Failed(reason) => {
                     return Err(ClientError::Unauthorized(reason.clone()));
                 }
+                ConnectionState::Unavailable(reason) => {
+                    return Err(ClientError::Unavailable(reason.clone()));
+                }
                 ConnectionState::Connecting => {}
             }
             state.changed().await.map_err(|_| ClientError::Closed)?;
@@ -294,6 +361,34 @@ impl Drop for Inner {
             task.abort();
         }
     }
+}
+
+/// Asks the router named in `config.router` where `tenant` lives (for tools; a
+/// [`Client`] locates by itself).
+pub async fn locate(
+    config: &ClientConfig,
+    tenant: &meridian_protocol::TenantId,
+) -> Result<Home, ClientError> {
+    let router = config
+        .router
+        .as_deref()
+        .ok_or_else(|| ClientError::Config("no router configured".into()))?;
+    let endpoint = connection::endpoint(config)?;
+    let home = locate::locate(&endpoint, config, router, tenant).await;
+    endpoint.close(0u32.into(), b"done");
+    home
+}
+
+/// Refuses a home outside the token's jurisdiction (a misconfigured router must not make
+/// the app send its content abroad).
+fn check_residency(home: &Home, audience: &str) -> Result<(), ClientError> {
+    if !home.jurisdiction.is_empty() && home.jurisdiction != audience {
+        return Err(ClientError::Config(format!(
+            "the router placed the tenant in jurisdiction {}, the token is for {audience}",
+            home.jurisdiction
+        )));
+    }
+    Ok(())
 }
 
 /// Node addresses as strings, for [`ConnectionState::Connected`].

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crate::DecodeError;
 use crate::codec::{Reader, Writer, bytes32_len, str16_len};
 use crate::frame::{self, HEADER_LEN, MAX_FRAME_LEN};
-use crate::ids::{ChangeHash, DocId, NodeId, UserId};
+use crate::ids::{ChangeHash, DocId, NodeId, TenantId, UserId};
 
 /// The longest capability token accepted in `hello`, in bytes.
 pub const MAX_TOKEN_LEN: usize = 4096;
@@ -25,7 +25,7 @@ pub const MAX_CHANGE_LEN: usize = MAX_FRAME_LEN - 1024;
 pub const MAX_PRESENCE_LEN: usize = 4096;
 /// The longest human-readable text in an `error` (or a client name in `hello`).
 pub const MAX_MESSAGE_LEN: usize = 1024;
-/// The most node addresses one `welcome`, `moved` or `redirect` carries.
+/// The most node addresses one `welcome`, `moved`, `redirect` or `home` carries.
 pub const MAX_NODES: usize = 64;
 /// The longest node address (`host:port`) or cell id, in bytes.
 pub const MAX_ADDR_LEN: usize = 255;
@@ -85,9 +85,16 @@ pub enum ClientToRelay {
         /// Echoed back.
         nonce: u64,
     },
+    /// Client → router: where is this tenant served? Answered with `Home`, or an
+    /// `Error` (`Unavailable`, `UnknownTenant`). Sent on any bidirectional stream of a
+    /// connection to a router, without `hello`; relays refuse it as `Malformed`.
+    Locate {
+        /// The tenant.
+        tenant: TenantId,
+    },
 }
 
-/// Messages a relay sends to a client.
+/// Messages a relay (or, for `Home`, a router) sends to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayToClient {
     /// The token was accepted.
@@ -177,6 +184,21 @@ pub enum RelayToClient {
         /// The ping's nonce.
         nonce: u64,
     },
+    /// Router → client: the tenant's home cell (the answer to `Locate`).
+    Home {
+        /// The tenant.
+        tenant: TenantId,
+        /// Its home cell.
+        cell: String,
+        /// The cell's region.
+        region: String,
+        /// The tenant's jurisdiction (the cell lies inside it).
+        jurisdiction: String,
+        /// The cell's nodes.
+        nodes: Vec<NodeAddr>,
+        /// The placement epoch.
+        epoch: u64,
+    },
     /// A typed error. With `doc` it concerns one document; without, the connection.
     Error {
         /// What went wrong.
@@ -222,6 +244,11 @@ pub enum ErrorCode {
     UnknownDocument,
     /// The relay is shutting down.
     ShuttingDown,
+    /// No cell of the tenant's jurisdiction can serve it now (fail closed: never a cell
+    /// of another jurisdiction). Retry later.
+    Unavailable,
+    /// The router or relay does not know the tenant.
+    UnknownTenant,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -244,6 +271,8 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => 12,
             ErrorCode::UnknownDocument => 13,
             ErrorCode::ShuttingDown => 14,
+            ErrorCode::Unavailable => 15,
+            ErrorCode::UnknownTenant => 16,
             ErrorCode::Other(code) => code,
         }
     }
@@ -265,6 +294,8 @@ impl ErrorCode {
             12 => ErrorCode::SlowConsumer,
             13 => ErrorCode::UnknownDocument,
             14 => ErrorCode::ShuttingDown,
+            15 => ErrorCode::Unavailable,
+            16 => ErrorCode::UnknownTenant,
             other => ErrorCode::Other(other),
         }
     }
@@ -286,6 +317,7 @@ mod tag {
     pub const CHANGES: u8 = 0x04;
     pub const PRESENCE: u8 = 0x05;
     pub const PING: u8 = 0x06;
+    pub const LOCATE: u8 = 0x07;
 
     pub const WELCOME: u8 = 0x81;
     pub const SYNCED: u8 = 0x82;
@@ -298,6 +330,7 @@ mod tag {
     pub const REDIRECT: u8 = 0x89;
     pub const PONG: u8 = 0x8a;
     pub const ERROR: u8 = 0x8b;
+    pub const HOME: u8 = 0x8c;
 }
 
 impl ClientToRelay {
@@ -308,7 +341,9 @@ impl ClientToRelay {
             | ClientToRelay::Unsubscribe { doc }
             | ClientToRelay::Changes { doc, .. }
             | ClientToRelay::Presence { doc, .. } => Some(doc),
-            ClientToRelay::Hello { .. } | ClientToRelay::Ping { .. } => None,
+            ClientToRelay::Hello { .. }
+            | ClientToRelay::Ping { .. }
+            | ClientToRelay::Locate { .. } => None,
         }
     }
 
@@ -325,6 +360,7 @@ impl ClientToRelay {
             ClientToRelay::Changes { doc, changes } => doc_len(doc) + changes_len(changes),
             ClientToRelay::Presence { doc, state } => doc_len(doc) + bytes32_len(state),
             ClientToRelay::Ping { .. } => 8,
+            ClientToRelay::Locate { tenant } => str16_len(tenant.as_str()),
         }
     }
 
@@ -354,6 +390,7 @@ impl ClientToRelay {
                 w.bytes32(state);
             }
             ClientToRelay::Ping { nonce } => w.u64(*nonce),
+            ClientToRelay::Locate { tenant } => w.str16(tenant.as_str()),
         }
         debug_assert_eq!(
             out.len() - start,
@@ -390,6 +427,7 @@ impl ClientToRelay {
             ClientToRelay::Changes { .. } => tag::CHANGES,
             ClientToRelay::Presence { .. } => tag::PRESENCE,
             ClientToRelay::Ping { .. } => tag::PING,
+            ClientToRelay::Locate { .. } => tag::LOCATE,
         }
     }
 
@@ -418,6 +456,9 @@ impl ClientToRelay {
                 state: slice_of(frame_bytes, r.bytes32("presence", MAX_PRESENCE_LEN)?),
             },
             tag::PING => ClientToRelay::Ping { nonce: r.u64()? },
+            tag::LOCATE => ClientToRelay::Locate {
+                tenant: read_tenant(&mut r)?,
+            },
             other => return Err(DecodeError::UnknownMessage(other)),
         };
         r.finish()?;
@@ -439,6 +480,7 @@ impl RelayToClient {
             RelayToClient::Error { doc, .. } => doc.as_ref(),
             RelayToClient::Welcome { .. }
             | RelayToClient::Redirect { .. }
+            | RelayToClient::Home { .. }
             | RelayToClient::Pong { .. } => None,
         }
     }
@@ -474,6 +516,21 @@ impl RelayToClient {
             RelayToClient::Moved { doc, node } => doc_len(doc) + node_len(node),
             RelayToClient::Redirect { cell, nodes, .. } => str16_len(cell) + nodes_len(nodes) + 8,
             RelayToClient::Pong { .. } => 8,
+            RelayToClient::Home {
+                tenant,
+                cell,
+                region,
+                jurisdiction,
+                nodes,
+                ..
+            } => {
+                str16_len(tenant.as_str())
+                    + str16_len(cell)
+                    + str16_len(region)
+                    + str16_len(jurisdiction)
+                    + nodes_len(nodes)
+                    + 8
+            }
             RelayToClient::Error { doc, message, .. } => {
                 2 + 1 + doc.as_ref().map_or(0, doc_len) + 4 + str16_len(message)
             }
@@ -492,6 +549,7 @@ impl RelayToClient {
             RelayToClient::Moved { .. } => tag::MOVED,
             RelayToClient::Redirect { .. } => tag::REDIRECT,
             RelayToClient::Pong { .. } => tag::PONG,
+            RelayToClient::Home { .. } => tag::HOME,
             RelayToClient::Error { .. } => tag::ERROR,
         }
     }
@@ -567,6 +625,21 @@ impl RelayToClient {
                 w.u64(*epoch);
             }
             RelayToClient::Pong { nonce } => w.u64(*nonce),
+            RelayToClient::Home {
+                tenant,
+                cell,
+                region,
+                jurisdiction,
+                nodes,
+                epoch,
+            } => {
+                w.str16(tenant.as_str());
+                w.str16(cell);
+                w.str16(region);
+                w.str16(jurisdiction);
+                write_nodes(&mut w, nodes);
+                w.u64(*epoch);
+            }
             RelayToClient::Error {
                 code,
                 doc,
@@ -689,6 +762,14 @@ impl RelayToClient {
                 epoch: r.u64()?,
             },
             tag::PONG => RelayToClient::Pong { nonce: r.u64()? },
+            tag::HOME => RelayToClient::Home {
+                tenant: read_tenant(&mut r)?,
+                cell: r.str16("cell", MAX_ADDR_LEN)?.to_owned(),
+                region: r.str16("region", MAX_ADDR_LEN)?.to_owned(),
+                jurisdiction: r.str16("jurisdiction", MAX_ADDR_LEN)?.to_owned(),
+                nodes: read_nodes(&mut r)?,
+                epoch: r.u64()?,
+            },
             tag::ERROR => {
                 let code = ErrorCode::from_code(r.u16()?);
                 let doc = match r.u8()? {
@@ -771,6 +852,13 @@ fn read_doc(r: &mut Reader<'_>) -> Result<DocId, DecodeError> {
     DocId::new(r.str16("doc", DocId::MAX_LEN)?).map_err(|_| DecodeError::InvalidField {
         field: "doc",
         reason: "invalid document id",
+    })
+}
+
+fn read_tenant(r: &mut Reader<'_>) -> Result<TenantId, DecodeError> {
+    TenantId::new(r.str16("tenant", TenantId::MAX_LEN)?).map_err(|_| DecodeError::InvalidField {
+        field: "tenant",
+        reason: "invalid tenant id",
     })
 }
 

@@ -301,6 +301,19 @@ pub fn verify<'k>(
     })
 }
 
+/// The tenant and the audience (jurisdiction) a token *claims*, read without checking
+/// its signature: a client uses them to find its tenant's home cell before any relay has
+/// verified the token. Never authorize anything with this.
+pub fn unverified_claims(token: &str) -> Result<(TenantId, String), TokenError> {
+    let untrusted = UntrustedToken::<Public, V4>::try_from(token)
+        .map_err(|_| TokenError::Malformed("not a v4.public token"))?;
+    let payload: Payload = serde_json::from_slice(untrusted.untrusted_payload())
+        .map_err(|_| TokenError::Malformed("payload"))?;
+    let tenant =
+        TenantId::new(payload.tenant.as_str()).map_err(|_| TokenError::Malformed("tenant id"))?;
+    Ok((tenant, payload.aud))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +341,11 @@ mod tests {
         let acme = TenantId::new("acme").unwrap();
         let keys = |t: &TenantId| (t == &acme).then_some(public.as_slice());
         let cap = verify(&token, keys, 999_999, "eu").unwrap();
+        assert_eq!(
+            unverified_claims(&token).unwrap(),
+            (acme.clone(), "eu".into())
+        );
+        assert!(unverified_claims("v4.public.garbage").is_err());
         assert_eq!(cap, capability("acme"));
         assert!(cap.allows(&DocId::new("notes/a").unwrap(), |r| r.read));
         assert!(!cap.allows(&DocId::new("notes/a").unwrap(), |r| r.write));

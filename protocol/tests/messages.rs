@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use meridian_protocol::{
     ChangeHash, ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_FRAME_LEN,
-    NodeAddr, NodeId, RelayToClient, UserId, frame,
+    NodeAddr, NodeId, RelayToClient, TenantId, UserId, frame,
 };
 use proptest::prelude::*;
 
@@ -54,6 +54,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         12 => ErrorCode::SlowConsumer,
         13 => ErrorCode::UnknownDocument,
         14 => ErrorCode::ShuttingDown,
+        15 => ErrorCode::Unavailable,
+        16 => ErrorCode::UnknownTenant,
         other => ErrorCode::Other(other),
     })
 }
@@ -67,6 +69,9 @@ fn client_message() -> impl Strategy<Value = ClientToRelay> {
         (doc(), changes()).prop_map(|(doc, changes)| ClientToRelay::Changes { doc, changes }),
         (doc(), blob(100)).prop_map(|(doc, state)| ClientToRelay::Presence { doc, state }),
         any::<u64>().prop_map(|nonce| ClientToRelay::Ping { nonce }),
+        id_string().prop_map(|tenant| ClientToRelay::Locate {
+            tenant: TenantId::new(tenant).unwrap()
+        }),
     ]
 }
 
@@ -122,6 +127,24 @@ fn relay_message() -> impl Strategy<Value = RelayToClient> {
                 epoch
             }),
         any::<u64>().prop_map(|nonce| RelayToClient::Pong { nonce }),
+        (
+            id_string(),
+            "[a-z-]{1,20}",
+            "[a-z0-9-]{0,20}",
+            "[a-z]{0,8}",
+            prop::collection::vec(node(), 0..4),
+            any::<u64>()
+        )
+            .prop_map(|(tenant, cell, region, jurisdiction, nodes, epoch)| {
+                RelayToClient::Home {
+                    tenant: TenantId::new(tenant).unwrap(),
+                    cell,
+                    region,
+                    jurisdiction,
+                    nodes,
+                    epoch,
+                }
+            }),
         (
             error_code(),
             prop::option::of(doc()),

@@ -41,6 +41,9 @@ pub struct RelayConfig {
     /// Membership in a cell of several nodes (`None`: a relay on its own, owning every
     /// document).
     pub gossip: Option<GossipConfig>,
+    /// Serve only the tenants the control plane places in this cell, redirecting the
+    /// others (`None`: serve every configured tenant, as a deployment without a router).
+    pub placement: Option<crate::placement::PlacementConfig>,
 }
 
 /// How a node finds and talks to the other nodes of its cell.

@@ -7,10 +7,13 @@
 pub mod cache;
 pub mod cell;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod node;
+pub mod placement;
+pub mod router;
 mod session;
 pub mod store;
 pub mod tls;
@@ -37,6 +40,9 @@ pub enum RelayError {
     /// The durable tier failed.
     #[error("durable store: {0}")]
     Store(store::StoreError),
+    /// The control plane could not be opened.
+    #[error("control store: {0}")]
+    Control(control::ControlError),
     /// Shutdown did not flush everything in time.
     #[error("shutdown deadline passed before every change was flushed")]
     ShutdownTimeout,

@@ -86,6 +86,11 @@ pub enum Input {
         /// Session id.
         session: SessionId,
     },
+    /// The control plane placed a tenant in this node's cell.
+    TenantArrived {
+        /// The tenant.
+        tenant: TenantId,
+    },
 }
 
 enum Completion {
@@ -145,6 +150,8 @@ pub struct Shared {
     pub(crate) tenants: HashMap<TenantId, Vec<TenantPublicKey>>,
     pub(crate) limits: Limits,
     pub(crate) catchup_frame_bytes: usize,
+    /// The placements of tenants (`None`: every configured tenant is served here).
+    pub(crate) placements: Option<Arc<crate::placement::Placements>>,
     inputs: mpsc::Sender<Input>,
     tasks: Mutex<JoinSet<()>>,
 }
@@ -361,6 +368,21 @@ pub async fn start_with_store(
         }
     };
 
+    let placements = match &config.placement {
+        Some(placement) => {
+            let store = crate::control::open(&placement.control)
+                .await
+                .map_err(RelayError::Control)?;
+            let cell = meridian_protocol::CellId::new(config.cell.as_str())
+                .map_err(|e| RelayError::Config(format!("cell id: {e}")))?;
+            Some(Arc::new(crate::placement::Placements::new(
+                store,
+                cell,
+                placement.clone(),
+            )))
+        }
+        None => None,
+    };
     let (inputs_tx, inputs_rx) = mpsc::channel(limits.engine_queue_max);
     let shared = Arc::new(Shared {
         node: config.node.clone(),
@@ -375,6 +397,7 @@ pub async fn start_with_store(
             .collect(),
         limits: limits.clone(),
         catchup_frame_bytes: config.engine.catchup_frame_bytes,
+        placements: placements.clone(),
         inputs: inputs_tx,
         tasks: Mutex::new(JoinSet::new()),
     });
@@ -402,6 +425,18 @@ pub async fn start_with_store(
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now),
     };
+    if let Some(placements) = placements {
+        // Tenants whose placement arrives here: their hot documents are re-read.
+        let (arrived_tx, mut arrived_rx) = mpsc::channel(1024);
+        shared.spawn(placements.run_refresher(arrived_tx));
+        let arrivals = shared.clone();
+        shared.spawn(async move {
+            while let Some(tenant) = arrived_rx.recv().await {
+                crate::metrics::tenant_arrived();
+                arrivals.send_input(Input::TenantArrived { tenant }).await;
+            }
+        });
+    }
     let refused = driver.connections_refused.clone();
     let driver = tokio::spawn(driver.run(inputs_rx, stop_rx));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), shared.clone(), refused));
@@ -739,6 +774,9 @@ impl Driver {
             Input::Closed { session } => {
                 self.outboxes.remove(&session);
                 self.engine.handle_session_closed(session);
+            }
+            Input::TenantArrived { tenant } => {
+                self.engine.handle_tenant_arrived(now(), &tenant);
             }
         }
     }

@@ -13,11 +13,12 @@ use meridian_protocol::{
     RelayToClient, TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::engine::{Outbound, SessionId, chunk_by_bytes};
 use crate::node::{Input, Shared};
+use crate::placement::Verdict;
 
 /// The most bytes read from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
@@ -197,6 +198,33 @@ async fn run(
         .await;
         return Err("not joined yet".into());
     }
+    // A tenant is served only in the cell the control plane places it in.
+    let mut placement = match &shared.placements {
+        Some(placements) => match placements.check(&capability.tenant).await {
+            Ok(verdict) => {
+                let now = verdict.borrow().clone();
+                match now {
+                    Verdict::Serve { .. } => Some(verdict),
+                    other => {
+                        refuse_placement(connection, &mut send, other).await;
+                        return Err("tenant not served in this cell".into());
+                    }
+                }
+            }
+            Err(error) => {
+                crate::metrics::connection_rejected("placement_unknown");
+                refuse(
+                    connection,
+                    &mut send,
+                    ErrorCode::Overloaded,
+                    &format!("the tenant's placement cannot be read now: {error}"),
+                )
+                .await;
+                return Err(format!("placement unknown: {error}"));
+            }
+        },
+        None => None,
+    };
     // Authenticated: open up streams and windows.
     connection
         .set_max_concurrent_bi_streams(VarInt::from(shared.limits.streams_per_connection_max));
@@ -266,6 +294,18 @@ async fn run(
                 Err(ReadError::Stream) => return Err("control stream reset".into()),
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            changed = placement_changed(&mut placement) => {
+                if changed.is_err() {
+                    // The placement cache is gone: the node is stopping.
+                    placement = None;
+                    continue;
+                }
+                let verdict = placement.as_ref().map(|p| p.borrow().clone());
+                if let Some(verdict) = verdict.filter(|v| !matches!(v, Verdict::Serve { .. })) {
+                    control.push(Outbound::Close(placement_message(verdict)));
+                    return Err("the tenant's placement moved".into());
+                }
+            }
         }
     }
 }
@@ -418,10 +458,7 @@ fn spawn_writer(
                 }
                 Outbound::Close(message) => {
                     message.encode(&mut buf);
-                    let code = match message {
-                        RelayToClient::Error { code, .. } => *code,
-                        _ => ErrorCode::Internal,
-                    };
+                    let code = close_code(message);
                     (message.encoded_len(), Some(code))
                 }
                 Outbound::CatchUp {
@@ -505,6 +542,66 @@ async fn refuse(
         VarInt::from(u32::from(code.code())),
         code.to_string().as_bytes(),
     );
+}
+
+/// Waits until the tenant's placement changes (never, without placements).
+async fn placement_changed(
+    placement: &mut Option<watch::Receiver<Verdict>>,
+) -> Result<(), watch::error::RecvError> {
+    match placement {
+        Some(receiver) => receiver.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a session is told when its tenant is not (or no longer) served in this cell.
+fn placement_message(verdict: Verdict) -> RelayToClient {
+    match verdict {
+        Verdict::Redirect { cell, nodes, epoch } => {
+            crate::metrics::redirect();
+            RelayToClient::Redirect {
+                cell: cell.to_string(),
+                nodes,
+                epoch,
+            }
+        }
+        Verdict::Unavailable => RelayToClient::error(
+            ErrorCode::Unavailable,
+            None,
+            "the tenant has no home cell now; locate it again later",
+        ),
+        Verdict::Unknown => RelayToClient::error(
+            ErrorCode::UnknownTenant,
+            None,
+            "the control plane does not know this tenant",
+        ),
+        Verdict::Serve { .. } => RelayToClient::error(ErrorCode::Internal, None, "served here"),
+    }
+}
+
+/// Refuses a session whose tenant this cell does not serve: `redirect` (or a typed
+/// error), then a close with the matching code.
+async fn refuse_placement(connection: &quinn::Connection, send: &mut SendStream, verdict: Verdict) {
+    let message = placement_message(verdict);
+    let code = close_code(&message);
+    crate::metrics::connection_rejected("not_home");
+    let frame = message.to_bytes();
+    if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+    }
+    connection.close(
+        VarInt::from(u32::from(code.code())),
+        code.to_string().as_bytes(),
+    );
+}
+
+/// The connection close code for a final message.
+fn close_code(message: &RelayToClient) -> ErrorCode {
+    match message {
+        RelayToClient::Error { code, .. } => *code,
+        RelayToClient::Redirect { .. } => ErrorCode::Redirect,
+        _ => ErrorCode::Internal,
+    }
 }
 
 fn decode_error_code(error: &DecodeError) -> ErrorCode {

@@ -7,6 +7,9 @@
 //!   node is then restarted under the same identity before the next run.
 //! - `loss`: a 5-node cell whose nodes drop a share of their outgoing gossip packets;
 //!   counts suspicions, false suspicions and downs per node-hour.
+//! - `cell-failover`: two `eu` cells and a router (`meridian dev --cells`); each run
+//!   `kill -9`s every node of the tenant's home cell and measures the time until the
+//!   client's writes are Applied in the other cell, then restarts the killed cell.
 //!
 //! See benches/README.md for the commands and figures.
 
@@ -43,6 +46,20 @@ enum Bench {
         #[arg(long, default_value_t = 40)]
         docs: usize,
         /// Write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// kill -9 a whole home cell per run: time until clients write in the other cell.
+    CellFailover {
+        /// Kill/restart runs.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Documents the client keeps open (a write on each is measured).
+        #[arg(long, default_value_t = 10)]
+        docs: usize,
+        /// Nodes per cell.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -110,6 +127,20 @@ fn start_dev(dir: &Path) -> Result<Child> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok(child)
+}
+
+/// Starts a relay node again from its config (same identity and addresses) and records
+/// its PID where `meridian dev` keeps it.
+fn restart_node(config: &Path, pid_file: &Path) -> Result<Child> {
+    let child = Command::new(meridian()?)
+        .args(["relay", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::fs::write(pid_file, format!("{}\n", child.id()))?;
     Ok(child)
 }
 
@@ -282,18 +313,10 @@ async fn failover(runs: usize, docs: usize, json: Option<PathBuf>) -> Result<()>
             slowest.as_secs_f64()
         );
         // Restart it under the same identity and let ownership settle back.
-        let child = Command::new(meridian()?)
-            .args(["relay", "--config"])
-            .arg(dir.join(format!("node-{victim}.toml")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        std::fs::write(
-            dir.join(format!("node-{victim}.pid")),
-            format!("{}\n", child.id()),
-        )?;
-        restarted.0.push(child);
+        restarted.0.push(restart_node(
+            &dir.join(format!("node-{victim}.toml")),
+            &dir.join(format!("node-{victim}.pid")),
+        )?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mut alive = true;
@@ -433,12 +456,164 @@ async fn loss(loss: f64, minutes: f64, json: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+async fn cell_failover(
+    runs: usize,
+    docs: usize,
+    nodes: usize,
+    json: Option<PathBuf>,
+) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let dev = Command::new(meridian()?)
+        .args([
+            "dev",
+            "--cells",
+            "eu-a=eu-west-1:eu,eu-b=eu-central-1:eu",
+            "--nodes",
+            &nodes.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let dev = Children(vec![dev]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !dir.join("client.toml").exists() {
+        if Instant::now() > deadline {
+            bail!("the dev cells did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(dir.join("client-eu.toml"))?;
+    let file: toml::Value = toml::from_str(&text)?;
+    let mut config = ClientConfig::new(
+        file["endpoint"].as_str().context("endpoint")?,
+        std::fs::read(file["ca_cert"].as_str().context("ca_cert")?)?,
+        file["token"].as_str().context("token")?,
+    );
+    config.router = Some(file["router"].as_str().context("router")?.to_owned());
+    let client = Client::connect(config.clone()).await?;
+    let tenant = TenantId::new("dev-eu")?;
+    let mut handles = Vec::new();
+    for d in 0..docs {
+        let handle = client.open(&format!("bench-{d}")).await?;
+        handle.change(|doc| doc.put(automerge::ROOT, "n", 0i64).map(|_| ()))??;
+        handle.wait_durable().await?;
+        handles.push(handle);
+    }
+    let mut write_again = Histogram::<u64>::new(3)?;
+    let mut restarted = Children(Vec::new());
+    for run in 0..runs {
+        let home = meridian_client::locate(&config, &tenant).await?.cell;
+        let mut pids = Vec::new();
+        for i in 1..=nodes {
+            let path = dir.join(format!("cells/{home}/node-{i}.pid"));
+            pids.push(std::fs::read_to_string(&path)?.trim().parse::<u32>()?);
+        }
+        // Nodes restarted by an earlier run are our children; the others are dev's.
+        restarted.0.retain(|c| !pids.contains(&c.id()));
+        let killed = Instant::now();
+        for pid in &pids {
+            Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()?;
+        }
+        let mut writes = tokio::task::JoinSet::new();
+        for handle in &handles {
+            handle.change(|doc| doc.put(automerge::ROOT, "n", run as i64 + 1).map(|_| ()))??;
+            let handle = handle.clone();
+            writes.spawn(async move {
+                handle.wait_applied().await?;
+                anyhow::Ok(killed.elapsed())
+            });
+        }
+        let mut slowest = Duration::ZERO;
+        let all = tokio::time::timeout(Duration::from_secs(120), async {
+            let mut out = Vec::new();
+            while let Some(done) = writes.join_next().await {
+                out.push(done.map_err(anyhow::Error::from).and_then(|r| r));
+            }
+            out
+        })
+        .await
+        .context("clients did not write again in 120 s")?;
+        for w in all {
+            let w = w?;
+            slowest = slowest.max(w);
+            write_again.record(w.as_micros() as u64)?;
+        }
+        println!(
+            "run {run}: killed cell {home} ({nodes} nodes); clients wrote again in the other cell after {:.2} s (slowest document)",
+            slowest.as_secs_f64()
+        );
+        // Restart the killed cell, and let the router see it up before the next run.
+        for i in 1..=nodes {
+            restarted.0.push(restart_node(
+                &dir.join(format!("cells/{home}/node-{i}.toml")),
+                &dir.join(format!("cells/{home}/node-{i}.pid")),
+            )?);
+        }
+        let router_admin: SocketAddr = file["router_admin"]
+            .as_str()
+            .context("router_admin")?
+            .parse()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, body) = meridian_relay::http::get(router_admin, "/cell").await?;
+            let view: serde_json::Value = serde_json::from_str(&body)?;
+            let up = view["cells"]
+                .as_array()
+                .is_some_and(|cells| cells.iter().all(|c| c["up"] == true));
+            if up {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the restarted cell {home} did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for handle in &handles {
+            tokio::time::timeout(Duration::from_secs(60), handle.wait_durable())
+                .await
+                .context("documents did not settle")??;
+        }
+    }
+    client.close().await;
+    println!();
+    println!("cell failover, 2 eu cells of {nodes} nodes, default config, {runs} runs:");
+    println!(
+        "  kill -9 of the home cell -> clients write again in the other cell ({} writes): p50 {:.2} s  p99 {:.2} s  max {:.2} s",
+        write_again.len(),
+        percentile(&write_again, 0.5) / 1000.0,
+        percentile(&write_again, 0.99) / 1000.0,
+        write_again.max() as f64 / 1e6
+    );
+    if let Some(path) = json {
+        let out = serde_json::json!({
+            "runs": runs,
+            "write_again_s": {"writes": write_again.len(), "p50": percentile(&write_again, 0.5) / 1000.0, "p99": percentile(&write_again, 0.99) / 1000.0, "max": write_again.max() as f64 / 1e6},
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    drop(restarted);
+    drop(dev);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     meridian_relay::tls::install_crypto_provider();
     let args = Args::parse();
     match args.command {
         Bench::Failover { runs, docs, json } => failover(runs, docs, json).await,
+        Bench::CellFailover {
+            runs,
+            docs,
+            nodes,
+            json,
+        } => cell_failover(runs, docs, nodes, json).await,
         Bench::Loss {
             loss: share,
             minutes,

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient};
+use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient, TenantId};
 
 use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask};
 use crate::cell::owner;
@@ -60,6 +60,24 @@ impl Engine {
             generations: Vec::new(),
             members: vec![me],
         });
+    }
+
+    /// The tenant's placement has just arrived in this node's cell (a failover, drain or
+    /// fail-back): another cell may have written its documents meanwhile. Its hot
+    /// documents are re-read from the durable tier soon and again after the handoff
+    /// timeout (the former cell flushes within it), and documents loaded in that window
+    /// are re-read too, as after a membership change.
+    pub fn handle_tenant_arrived(&mut self, now: Now, tenant: &TenantId) {
+        self.membership_changed_at = Some(now.instant);
+        let keys: Vec<DocKey> = self
+            .docs
+            .keys()
+            .filter(|key| key.tenant == *tenant)
+            .cloned()
+            .collect();
+        for key in keys {
+            self.refresh_after_change(now.instant, &key);
+        }
     }
 
     /// The cell's live members, each with its generation (this node is absent once it

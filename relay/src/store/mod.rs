@@ -7,7 +7,7 @@
 //! (after a retry, from a replayed flush queue, from two regions) stores the same bytes.
 //! A snapshot is keyed by the hash of its heads and written only if absent.
 
-mod aws;
+pub(crate) mod aws;
 mod local;
 mod memory;
 

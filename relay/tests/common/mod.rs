@@ -65,6 +65,7 @@ impl Dev {
             engine: self.engine.clone(),
             metrics_listen: None,
             gossip: None,
+            placement: None,
         }
     }
 
@@ -260,3 +261,19 @@ pub fn some_change(key: &str) -> Bytes {
 }
 
 pub mod moto;
+
+/// Waits (generously) until every local change of the handle is Durable.
+pub async fn wait_durable(handle: &DocHandle) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = handle.status();
+        if status.pending == 0 && status.applied == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "changes never became durable: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,691 @@
+//! The router service: answers `locate` over QUIC, probes every cell's nodes, and
+//! commits failovers and drains to the control plane.
+//!
+//! Decisions are the pure functions of `meridian_cell_router`; this module only feeds
+//! them. Every `probe_interval` the router asks each node's `/readyz` (a cell's round is
+//! good when one node is ready), feeds the rounds into a [`HealthTracker`] (hysteresis:
+//! one lost probe moves nobody), re-reads the directory's drain flags and every tenant
+//! from the control store, and commits what [`decide_all`] returns, each with a
+//! conditional write on the epoch. Several routers may run: a commit that loses to
+//! another router's is dropped and decided again on the next round, from what the winner
+//! wrote.
+//!
+//! `locate{tenant}` is answered from the cached tenants (read from the store on a miss):
+//! `home{cell, region, jurisdiction, nodes, epoch}` when the placement's cell can serve,
+//! after committing a new placement if it cannot and another cell of the jurisdiction
+//! can; `error{unavailable}` when no cell of the jurisdiction can (fail closed: never a
+//! cell of another jurisdiction); `error{unknown_tenant}` for a tenant never created.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use meridian_cell_router::{
+    Cell, Decision, Directory, HealthConfig, HealthTracker, Placement, Reason, decide_all, place,
+    serving_cell,
+};
+use meridian_protocol::{
+    ClientToRelay, ErrorCode, FrameDecoder, MAX_NODES, RelayToClient, TenantId,
+};
+use quinn::VarInt;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::RelayError;
+use crate::control::{ControlConfig, ControlError, ControlStore, TenantRecord, unix_ms};
+use crate::http::Readiness;
+
+/// Everything a router needs to start.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// UDP address for QUIC (`locate`).
+    pub listen: SocketAddr,
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/router` (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// TLS private key (PEM).
+    pub key_file: PathBuf,
+    /// The control plane.
+    pub control: ControlConfig,
+    /// The cells and jurisdictions this router publishes and probes.
+    pub directory: Directory,
+    /// Hysteresis of cell health.
+    pub health: HealthConfig,
+    /// How often every node is probed (and decisions run).
+    pub probe_interval: Duration,
+    /// How long one probe may take.
+    pub probe_timeout: Duration,
+    /// Connections served at once.
+    pub connections_max: usize,
+}
+
+impl RouterConfig {
+    /// Defaults: probes every second with a 500 ms timeout; a cell is down after 3
+    /// failed rounds spanning at least 3 s, and up again after 2 good rounds.
+    pub fn new(
+        listen: SocketAddr,
+        cert_file: PathBuf,
+        key_file: PathBuf,
+        control: ControlConfig,
+        directory: Directory,
+    ) -> Self {
+        RouterConfig {
+            listen,
+            metrics_listen: None,
+            cert_file,
+            key_file,
+            control,
+            directory,
+            health: HealthConfig::default(),
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_millis(500),
+            connections_max: 10_000,
+        }
+    }
+}
+
+/// Locates one connection may ask before it is closed (clients locate rarely).
+const LOCATES_PER_CONNECTION_MAX: usize = 1024;
+/// Streams one connection may have open at once.
+const STREAMS_PER_CONNECTION_MAX: u32 = 4;
+/// How long a connection may stay without a request.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tenants kept in the router's cache.
+const TENANTS_CACHED_MAX: usize = 2_000_000;
+
+/// What the router knows: the directory with drain flags, cell health, and tenants.
+struct State {
+    directory: Directory,
+    health: HealthTracker,
+    tenants: HashMap<TenantId, TenantRecord>,
+}
+
+struct Router {
+    store: Arc<dyn ControlStore>,
+    state: Mutex<State>,
+    config: RouterConfig,
+}
+
+/// A running router. Dropping it stops it.
+pub struct RouterHandle {
+    local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    endpoint: quinn::Endpoint,
+    router: Arc<Router>,
+    _tasks: JoinSet<()>,
+}
+
+impl RouterHandle {
+    /// The bound QUIC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The bound HTTP address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Whether the router considers a cell up now.
+    pub fn cell_up(&self, cell: &meridian_protocol::CellId) -> bool {
+        self.router
+            .state
+            .lock()
+            .is_ok_and(|state| state.health.is_up(cell))
+    }
+
+    /// Stops serving: open connections are closed.
+    pub async fn shutdown(self) {
+        self.endpoint.close(
+            VarInt::from(u32::from(ErrorCode::ShuttingDown.code())),
+            b"router shutting down",
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Opens the control store, publishes the directory, and starts serving.
+pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
+    let readiness = Arc::new(Readiness::default());
+    let mut tasks = JoinSet::new();
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::http::bind(addr).await.map_err(RelayError::Bind)?;
+            let bound = listener.local_addr().map_err(RelayError::Bind)?;
+            tasks.spawn(crate::http::serve(
+                listener,
+                crate::metrics::install(),
+                readiness.clone(),
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
+    let store = crate::control::open(&config.control)
+        .await
+        .map_err(RelayError::Control)?;
+    for cell in config.directory.cells() {
+        store
+            .publish_cell(cell)
+            .await
+            .map_err(RelayError::Control)?;
+    }
+    let (certs, key) = crate::tls::load_identity(&config.cert_file, &config.key_file)?;
+    let crypto = crate::tls::server_crypto(certs, key)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
+                .map_err(|e| RelayError::Config(e.to_string()))?,
+        ));
+    server_config.transport_config(Arc::new(transport));
+    server_config.max_incoming(config.connections_max.max(1));
+    let endpoint =
+        quinn::Endpoint::server(server_config, config.listen).map_err(RelayError::Bind)?;
+    let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
+
+    let router = Arc::new(Router {
+        store,
+        state: Mutex::new(State {
+            directory: config.directory.clone(),
+            health: HealthTracker::new(config.health.clone()),
+            tenants: HashMap::new(),
+        }),
+        config,
+    });
+    tasks.spawn(router.clone().run_rounds(readiness.clone()));
+    tasks.spawn(accept_loop(endpoint.clone(), router.clone()));
+    readiness
+        .serving
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    readiness
+        .joined
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(%local_addr, "router serving");
+    Ok(RouterHandle {
+        local_addr,
+        metrics_addr,
+        endpoint,
+        router,
+        _tasks: tasks,
+    })
+}
+
+impl Router {
+    /// Probes, re-reads and decides every `probe_interval`, forever.
+    async fn run_rounds(self: Arc<Self>, readiness: Arc<Readiness>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.probe_round().await;
+            if let Err(error) = self.reload().await {
+                tracing::debug!(%error, "reading the control store failed");
+                continue;
+            }
+            self.decide_round().await;
+            if let Ok(view) = self.view_json()
+                && let Ok(mut slot) = readiness.cell.lock()
+            {
+                *slot = view;
+            }
+        }
+    }
+
+    /// Probes every node of every cell at once; feeds one round per cell.
+    async fn probe_round(&self) {
+        let cells: Vec<Cell> = match self.state.lock() {
+            Ok(state) => state.directory.cells().cloned().collect(),
+            Err(_) => return,
+        };
+        let timeout = self.config.probe_timeout;
+        let rounds = futures::future::join_all(cells.into_iter().map(|cell| async move {
+            let probes = cell
+                .nodes
+                .iter()
+                .map(|node| probe(node.admin.clone(), timeout));
+            let results = futures::future::join_all(probes).await;
+            let ok = results.iter().filter(|ok| **ok).count();
+            (cell.id, ok, results.len())
+        }))
+        .await;
+        let now = Instant::now();
+        if let Ok(mut state) = self.state.lock() {
+            for (cell, ok, total) in rounds {
+                if let Some(up) = state.health.handle_probe_round(now, &cell, ok, total) {
+                    tracing::info!(%cell, up, "cell health changed");
+                }
+            }
+        }
+    }
+
+    /// Re-reads the drain flags and every tenant.
+    async fn reload(&self) -> Result<(), ControlError> {
+        let cells = self.store.cells().await?;
+        let tenants = self.store.tenants().await?;
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| ControlError::Unavailable("router state poisoned".into()))?;
+        for cell in &cells {
+            state.directory.set_draining(&cell.id, cell.draining);
+        }
+        state.tenants = tenants
+            .into_iter()
+            .take(TENANTS_CACHED_MAX)
+            .map(|record| (record.tenant.id.clone(), record))
+            .collect();
+        Ok(())
+    }
+
+    /// Commits every move the library decides for the cached tenants.
+    async fn decide_round(&self) {
+        let moves: Vec<(TenantRecord, TenantRecord, Reason)> = {
+            let Ok(state) = self.state.lock() else {
+                return;
+            };
+            let decisions = decide_all(
+                &state.directory,
+                &state.health,
+                state.tenants.values().map(|r| (&r.tenant, &r.placement)),
+            );
+            decisions
+                .into_iter()
+                .filter_map(|(tenant, decision)| {
+                    let current = state.tenants.get(&tenant)?;
+                    let Decision::Move { to, epoch, reason } = decision else {
+                        return None;
+                    };
+                    // A cell this router has not heard from yet counts as up only
+                    // optimistically: move nobody onto it before its first probe round.
+                    if !state.health.is_settled(&to) {
+                        return None;
+                    }
+                    let next = moved(current, to, epoch);
+                    Some((current.clone(), next, reason))
+                })
+                .collect()
+        };
+        for (current, next, reason) in moves {
+            let _ = self.commit(&current, next, reason).await;
+        }
+        self.publish_metrics();
+    }
+
+    /// Commits a move after checking residency once more; updates the cache.
+    async fn commit(
+        &self,
+        current: &TenantRecord,
+        next: TenantRecord,
+        reason: Reason,
+    ) -> Result<TenantRecord, ControlError> {
+        let in_jurisdiction = self.state.lock().is_ok_and(|state| {
+            next.placement.cell.as_ref().is_some_and(|cell| {
+                state
+                    .directory
+                    .cell(cell)
+                    .is_some_and(|c| c.jurisdiction == next.tenant.jurisdiction)
+            })
+        });
+        if !in_jurisdiction {
+            crate::metrics::router_residency_refusal();
+            return Err(ControlError::Unavailable(
+                "refused: the placement would leave the tenant's jurisdiction".into(),
+            ));
+        }
+        match self.store.commit(&next, current.placement.epoch).await {
+            Ok(()) => {
+                crate::metrics::placement_move(reason_label(reason));
+                tracing::info!(
+                    tenant = %next.tenant.id,
+                    cell = ?next.placement.cell,
+                    epoch = next.placement.epoch,
+                    reason = reason_label(reason),
+                    "placement committed"
+                );
+                if let Ok(mut state) = self.state.lock() {
+                    state.tenants.insert(next.tenant.id.clone(), next.clone());
+                }
+                Ok(next)
+            }
+            Err(error) => {
+                if matches!(error, ControlError::Conflict { .. }) {
+                    crate::metrics::placement_conflict();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Answers one `locate`.
+    async fn locate(&self, tenant: &TenantId) -> RelayToClient {
+        let started = Instant::now();
+        let (result, answer) = match self.locate_inner(tenant).await {
+            Ok(Some(home)) => ("home", home),
+            Ok(None) => (
+                "unavailable",
+                RelayToClient::error(
+                    ErrorCode::Unavailable,
+                    None,
+                    "no cell of the tenant's jurisdiction is available now",
+                ),
+            ),
+            Err(LocateError::Unknown) => (
+                "unknown",
+                RelayToClient::error(ErrorCode::UnknownTenant, None, "unknown tenant"),
+            ),
+            Err(LocateError::Store(error)) => (
+                "error",
+                RelayToClient::Error {
+                    code: ErrorCode::Overloaded,
+                    doc: None,
+                    retry_after_ms: 1000,
+                    message: format!("control store: {error}"),
+                },
+            ),
+        };
+        crate::metrics::locate(result, started.elapsed());
+        answer
+    }
+
+    async fn locate_inner(&self, tenant: &TenantId) -> Result<Option<RelayToClient>, LocateError> {
+        // Two attempts: a commit that loses to another router re-reads what won.
+        for _ in 0..2 {
+            let cached = self
+                .state
+                .lock()
+                .ok()
+                .and_then(|state| state.tenants.get(tenant).cloned());
+            let record = match cached {
+                Some(record) => record,
+                None => {
+                    let record = self
+                        .store
+                        .tenant(tenant)
+                        .await
+                        .map_err(LocateError::Store)?
+                        .ok_or(LocateError::Unknown)?;
+                    if let Ok(mut state) = self.state.lock()
+                        && state.tenants.len() < TENANTS_CACHED_MAX
+                    {
+                        state.tenants.insert(tenant.clone(), record.clone());
+                    }
+                    record
+                }
+            };
+            let decision = {
+                let state = self.state.lock().map_err(|_| {
+                    LocateError::Store(ControlError::Unavailable("poisoned".into()))
+                })?;
+                if let Some(cell) = serving_cell(
+                    &state.directory,
+                    &state.health,
+                    &record.tenant,
+                    &record.placement,
+                ) {
+                    return Ok(Some(home(&record, cell)));
+                }
+                place(
+                    &state.directory,
+                    &state.health,
+                    &record.tenant,
+                    &record.placement,
+                )
+            };
+            match decision {
+                Decision::Move { to, epoch, reason } => {
+                    let next = moved(&record, to, epoch);
+                    match self.commit(&record, next, reason).await {
+                        Ok(next) => {
+                            let state = self.state.lock().map_err(|_| {
+                                LocateError::Store(ControlError::Unavailable("poisoned".into()))
+                            })?;
+                            if let Some(cell) = next
+                                .placement
+                                .cell
+                                .as_ref()
+                                .and_then(|c| state.directory.cell(c))
+                            {
+                                return Ok(Some(home(&next, cell)));
+                            }
+                            return Ok(None);
+                        }
+                        Err(ControlError::Conflict { .. }) => {
+                            // Forget the stale copy and read what the other router wrote.
+                            if let Ok(mut state) = self.state.lock() {
+                                state.tenants.remove(tenant);
+                            }
+                        }
+                        Err(error) => return Err(LocateError::Store(error)),
+                    }
+                }
+                Decision::Stay | Decision::Unavailable => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    fn publish_metrics(&self) {
+        let Ok(state) = self.state.lock() else {
+            return;
+        };
+        let mut placements: HashMap<String, usize> = state
+            .directory
+            .cells()
+            .map(|c| (c.id.to_string(), 0))
+            .collect();
+        let mut unavailable = 0;
+        for record in state.tenants.values() {
+            match serving_cell(
+                &state.directory,
+                &state.health,
+                &record.tenant,
+                &record.placement,
+            ) {
+                Some(cell) => *placements.entry(cell.id.to_string()).or_default() += 1,
+                None => unavailable += 1,
+            }
+        }
+        let cells_up: Vec<(String, bool)> = state
+            .directory
+            .cells()
+            .map(|c| (c.id.to_string(), state.health.is_up(&c.id)))
+            .collect();
+        let placements: Vec<(String, usize)> = placements.into_iter().collect();
+        crate::metrics::router_view(&placements, &cells_up, unavailable);
+    }
+
+    /// The router's view as JSON, for `/cell` on its admin address (and `meridian cell
+    /// list`).
+    fn view_json(&self) -> Result<String, serde_json::Error> {
+        let Ok(state) = self.state.lock() else {
+            return Ok(String::new());
+        };
+        let mut tenants: HashMap<String, usize> = HashMap::new();
+        for record in state.tenants.values() {
+            if let Some(cell) = &record.placement.cell {
+                *tenants.entry(cell.to_string()).or_default() += 1;
+            }
+        }
+        let cells: Vec<serde_json::Value> = state
+            .directory
+            .cells()
+            .map(|cell| {
+                serde_json::json!({
+                    "cell": cell.id.to_string(),
+                    "region": cell.region,
+                    "jurisdiction": cell.jurisdiction,
+                    "draining": cell.draining,
+                    "up": state.health.is_up(&cell.id),
+                    "weight": cell.weight,
+                    "nodes": cell.nodes.len(),
+                    "tenants": tenants.get(cell.id.as_str()).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        serde_json::to_string(&serde_json::json!({ "router": true, "cells": cells }))
+    }
+}
+
+#[derive(Debug)]
+enum LocateError {
+    Unknown,
+    Store(ControlError),
+}
+
+fn moved(current: &TenantRecord, to: meridian_protocol::CellId, epoch: u64) -> TenantRecord {
+    TenantRecord {
+        tenant: current.tenant.clone(),
+        placement: Placement {
+            cell: Some(to),
+            epoch,
+        },
+        updated_ms: unix_ms(),
+    }
+}
+
+fn home(record: &TenantRecord, cell: &Cell) -> RelayToClient {
+    RelayToClient::Home {
+        tenant: record.tenant.id.clone(),
+        cell: cell.id.to_string(),
+        region: cell.region.clone(),
+        jurisdiction: cell.jurisdiction.clone(),
+        nodes: cell.node_addrs().into_iter().take(MAX_NODES).collect(),
+        epoch: record.placement.epoch,
+    }
+}
+
+fn reason_label(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Initial => "initial",
+        Reason::Pinned => "pinned",
+        Reason::Failover => "failover",
+        Reason::Drain => "drain",
+        Reason::Residency => "residency",
+    }
+}
+
+/// One probe: `GET /readyz` on a node's admin address answered 200 in time.
+async fn probe(admin: Option<String>, timeout: Duration) -> bool {
+    let Some(addr) = admin.and_then(|a| a.parse::<SocketAddr>().ok()) else {
+        crate::metrics::probe("unreachable");
+        return false;
+    };
+    match tokio::time::timeout(timeout, crate::http::get(addr, "/readyz")).await {
+        Ok(Ok((200, _))) => {
+            crate::metrics::probe("ready");
+            true
+        }
+        Ok(Ok(_)) => {
+            crate::metrics::probe("not_ready");
+            false
+        }
+        _ => {
+            crate::metrics::probe("unreachable");
+            false
+        }
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, router: Arc<Router>) {
+    let permits = Arc::new(Semaphore::new(router.config.connections_max.max(1)));
+    let mut connections = JoinSet::new();
+    while let Some(incoming) = endpoint.accept().await {
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let router = router.clone();
+        connections.spawn(async move {
+            if let Ok(Ok(connection)) = tokio::time::timeout(IDLE_TIMEOUT, incoming).await {
+                serve_connection(connection, router).await;
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Serves `locate` and `ping` on every stream of one connection; each request is
+/// answered on its own stream.
+async fn serve_connection(connection: quinn::Connection, router: Arc<Router>) {
+    let mut answered = 0usize;
+    let mut streams = JoinSet::new();
+    while answered < LOCATES_PER_CONNECTION_MAX {
+        let Ok((send, recv)) = connection.accept_bi().await else {
+            break;
+        };
+        answered += 1;
+        let (router, connection) = (router.clone(), connection.clone());
+        streams.spawn(async move {
+            serve_stream(&connection, send, recv, &router).await;
+        });
+        while streams.try_join_next().is_some() {}
+    }
+    while streams.join_next().await.is_some() {}
+}
+
+async fn serve_stream(
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    router: &Router,
+) {
+    let mut decoder = FrameDecoder::new();
+    let frame: Bytes = loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => break frame,
+            Ok(None) => {}
+            Err(error) => {
+                return answer_and_close(connection, &mut send, malformed(&error.to_string()))
+                    .await;
+            }
+        }
+        match tokio::time::timeout(IDLE_TIMEOUT, recv.read_chunk(4096, true)).await {
+            Ok(Ok(Some(chunk))) => decoder.push(&chunk.bytes),
+            _ => return,
+        }
+    };
+    let answer = match ClientToRelay::decode(&frame) {
+        Ok(ClientToRelay::Locate { tenant }) => router.locate(&tenant).await,
+        Ok(ClientToRelay::Ping { nonce }) => RelayToClient::Pong { nonce },
+        Ok(_) => {
+            return answer_and_close(
+                connection,
+                &mut send,
+                malformed("a router answers only locate and ping"),
+            )
+            .await;
+        }
+        Err(error) => {
+            return answer_and_close(connection, &mut send, malformed(&error.to_string())).await;
+        }
+    };
+    let _ = send.write_all(&answer.to_bytes()).await;
+    let _ = send.finish();
+}
+
+fn malformed(message: &str) -> RelayToClient {
+    RelayToClient::error(ErrorCode::Malformed, None, message)
+}
+
+async fn answer_and_close(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    answer: RelayToClient,
+) {
+    if send.write_all(&answer.to_bytes()).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
+    connection.close(
+        VarInt::from(u32::from(ErrorCode::Malformed.code())),
+        b"malformed",
+    );
+}
