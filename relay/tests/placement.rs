@@ -392,13 +392,33 @@ async fn the_router_places_fails_over_drains_and_fails_closed() {
     config.health.down_after_failures = 2;
     config.health.down_after = Duration::from_millis(400);
     config.health.up_after_successes = 2;
-    let router = meridian_relay::router::start(config).await.unwrap();
+    let router = meridian_relay::router::start(config.clone()).await.unwrap();
     let at = router.local_addr();
+    // A second router on the same control plane.
+    let second = meridian_relay::router::start(config).await.unwrap();
     let store = LocalControlStore::open(&control).unwrap();
     store
         .create_tenant(&record("acme", "eu", None, 0))
         .await
         .unwrap();
+
+    // Both routers asked at once to place a new tenant: one commits, the other re-reads
+    // what it wrote; both answer the same home and epoch.
+    store
+        .create_tenant(&record("beta", "eu", None, 0))
+        .await
+        .unwrap();
+    let (one, two) = tokio::join!(
+        locate(&dev, at, "beta"),
+        locate(&dev, second.local_addr(), "beta")
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    assert_eq!(
+        (one.cell.as_str(), one.epoch),
+        (two.cell.as_str(), two.epoch)
+    );
+    assert_eq!(one.epoch, 1);
+    second.shutdown().await;
 
     // Unknown tenants are told so.
     match locate(&dev, at, "nobody").await {
