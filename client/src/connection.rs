@@ -284,6 +284,8 @@ struct Pool {
     next_generation: u64,
     /// With a router: the tenant's placement.
     placement: Option<Placement>,
+    /// Without a router: the newest epoch a `redirect` named.
+    redirect_epoch: u64,
 }
 
 /// Runs until the client is closed or dropped, or the token is refused.
@@ -341,6 +343,7 @@ pub(crate) async fn run(
         events: events_tx,
         next_generation: 1,
         placement,
+        redirect_epoch: 0,
     };
     pool.primary = pool
         .known
@@ -452,6 +455,10 @@ impl Pool {
                         self.add_conn(addr, established);
                     }
                     Err(ClientError::Unauthorized(reason)) => return Some(reason),
+                    Err(ClientError::Relay {
+                        code: ErrorCode::UnknownTenant,
+                        message,
+                    }) => return Some(format!("unknown tenant: {message}")),
                     Err(ClientError::Redirected { cell, nodes, epoch }) => {
                         self.failed(&addr);
                         self.redirect(cell, nodes, epoch);
@@ -532,7 +539,7 @@ impl Pool {
                 }
             }
             Event::Redirect { cell, nodes, epoch } => self.redirect(cell, nodes, epoch),
-            Event::Located(result) => self.located(result),
+            Event::Located(result) => return self.located(result),
         }
         None
     }
@@ -542,8 +549,12 @@ impl Pool {
     /// subscribe again in the new cell).
     fn redirect(&mut self, cell: String, nodes: Vec<String>, epoch: u64) {
         let Some(placement) = &mut self.placement else {
-            // Without a router the client cannot check a cell; follow it as a cell
-            // change all the same: every relay speaks for the same deployment.
+            // Without a router the client cannot ask; it follows newer placements only,
+            // so relays with stale caches cannot bounce it between cells.
+            if epoch < self.redirect_epoch || (epoch == self.redirect_epoch && epoch > 0) {
+                return;
+            }
+            self.redirect_epoch = epoch;
             self.switch_cell(nodes);
             return;
         };
@@ -571,7 +582,9 @@ impl Pool {
                 known.push(node);
             }
         }
-        if known.is_empty() || known == self.known {
+        // The same cell (in any order, or a part of what `welcome` taught): keep the
+        // connections.
+        if known.is_empty() || known.iter().all(|node| self.known.contains(node)) {
             return;
         }
         for (_, conn) in self.conns.drain() {
@@ -587,9 +600,11 @@ impl Pool {
         }
     }
 
-    fn located(&mut self, result: Result<Home, ClientError>) {
+    /// The answer of a `locate`; `Some(reason)` when the tenant does not exist (stop
+    /// for good, as for a refused token).
+    fn located(&mut self, result: Result<Home, ClientError>) -> Option<String> {
         let Some(placement) = &mut self.placement else {
-            return;
+            return None;
         };
         placement.locating = false;
         let now = Instant::now();
@@ -602,18 +617,23 @@ impl Pool {
             }
             Ok(home) => {
                 placement.unavailable = None;
-                let same = placement
-                    .home
-                    .as_ref()
-                    .is_some_and(|(cell, epoch)| *cell == home.cell && *epoch == home.epoch);
-                if same {
-                    // The router still thinks the cell is fine: try its nodes again, and
-                    // ask again later.
-                    self.backoff.clear();
+                let newer = placement.home.as_ref().is_none_or(|(cell, epoch)| {
+                    home.epoch > *epoch || (home.epoch == *epoch && *cell != home.cell)
+                });
+                if !newer {
+                    // The router still names this cell (or lags behind what a relay
+                    // said): try the cell's nodes again, and ask again later.
                     placement.next_locate = Some(now + placement.delay);
                     placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
-                    placement.failures = 0;
-                    self.switch_cell(home.nodes);
+                    let same_cell = placement
+                        .home
+                        .as_ref()
+                        .is_some_and(|(cell, _)| *cell == home.cell);
+                    if same_cell && self.conns.is_empty() {
+                        placement.failures = 0;
+                        self.backoff.clear();
+                        self.switch_cell(home.nodes);
+                    }
                 } else {
                     placement.next_locate = None;
                     placement.delay = LOCATE_DELAY_INITIAL;
@@ -625,12 +645,17 @@ impl Pool {
                 placement.next_locate = Some(now + placement.delay);
                 placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
             }
+            Err(ClientError::Relay {
+                code: ErrorCode::UnknownTenant,
+                message,
+            }) => return Some(format!("unknown tenant: {message}")),
             Err(error) => {
                 tracing::debug!(%error, "locate failed");
                 placement.next_locate = Some(now + placement.delay);
                 placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
             }
         }
+        None
     }
 
     /// With a router, when no node of the cell answers: locate again.

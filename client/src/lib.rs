@@ -144,6 +144,11 @@ pub enum ClientError {
     Closed,
 }
 
+/// With a router, how many times [`Client::connect`] locates and tries the home cell.
+const LOCATE_ROUNDS: usize = 3;
+/// The pause between two such rounds.
+const LOCATE_ROUND_DELAY: Duration = Duration::from_secs(1);
+
 /// A connection to a relay, shared by every open document. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -182,61 +187,90 @@ impl Client {
     /// once); later drops reconnect in the background.
     pub async fn connect(config: ClientConfig) -> Result<Client, ClientError> {
         let endpoint = connection::endpoint(&config)?;
+        let configured: Vec<String> = std::iter::once(config.endpoint.clone())
+            .chain(config.nodes.iter().cloned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let audience = match &config.router {
+            Some(_) => Some(
+                meridian_protocol::token::unverified_claims(&config.token)
+                    .map_err(|e| ClientError::Config(format!("token: {e}")))?,
+            ),
+            None => None,
+        };
         let mut home = None;
-        let mut candidates: std::collections::VecDeque<String> =
-            std::iter::once(config.endpoint.clone())
-                .chain(config.nodes.iter().cloned())
-                .filter(|c| !c.is_empty())
-                .collect();
-        if let Some(router) = &config.router {
-            let (tenant, audience) = meridian_protocol::token::unverified_claims(&config.token)
-                .map_err(|e| ClientError::Config(format!("token: {e}")))?;
-            match locate::locate(&endpoint, &config, router, &tenant).await {
-                Ok(located) => {
-                    check_residency(&located, &audience)?;
-                    candidates = located.nodes.iter().cloned().collect();
-                    home = Some(located);
-                }
-                // Without the router, the configured nodes (the last home) may still do.
-                Err(error @ ClientError::Unreachable { .. }) if !candidates.is_empty() => {
-                    tracing::debug!(%error, "router unreachable; trying the configured nodes");
-                }
-                Err(error) => return Err(error),
-            }
-        }
         let mut first = None;
         let mut last_error = None;
-        // Every node once, and the nodes of at most a few redirects.
-        let mut attempts = 0;
-        while let Some(candidate) = candidates.pop_front() {
-            attempts += 1;
-            if attempts > 4 * meridian_protocol::MAX_NODES {
-                break;
+        // With a router: a few rounds of locate-then-connect, since a cell that just
+        // died is still named by the router until it has marked it down.
+        let rounds = if config.router.is_some() {
+            LOCATE_ROUNDS
+        } else {
+            1
+        };
+        for round in 0..rounds {
+            if round > 0 {
+                tokio::time::sleep(LOCATE_ROUND_DELAY).await;
             }
-            let attempt = ClientConfig {
-                endpoint: candidate,
-                ..config.clone()
-            };
-            match connection::establish(&endpoint, &attempt).await {
-                Ok(established) => {
-                    first = Some((attempt.endpoint, established));
+            let mut candidates: std::collections::VecDeque<String> =
+                configured.iter().cloned().collect();
+            if let (Some(router), Some((tenant, audience))) = (&config.router, &audience) {
+                match locate::locate(&endpoint, &config, router, tenant).await {
+                    Ok(located) => {
+                        check_residency(&located, audience)?;
+                        candidates = located.nodes.iter().cloned().collect();
+                        home = Some(located);
+                    }
+                    // A router that cannot answer now (unreachable, still probing, its
+                    // control plane down): the configured nodes (the last home) may do.
+                    Err(
+                        error @ (ClientError::Unreachable { .. }
+                        | ClientError::Relay {
+                            code: ErrorCode::Overloaded,
+                            ..
+                        }),
+                    ) => {
+                        tracing::debug!(%error, "router cannot answer; trying the configured nodes");
+                        last_error = Some(error);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            // Every node once, and the nodes of at most a few redirects.
+            let mut attempts = 0;
+            while let Some(candidate) = candidates.pop_front() {
+                attempts += 1;
+                if attempts > 4 * meridian_protocol::MAX_NODES {
                     break;
                 }
-                Err(error @ ClientError::Unauthorized(_)) => return Err(error),
-                Err(ClientError::Redirected { cell, nodes, epoch }) => {
-                    if home.as_ref().is_none_or(|h: &Home| epoch > h.epoch) {
-                        candidates = nodes.iter().cloned().collect();
-                        home = Some(Home {
-                            cell: cell.clone(),
-                            region: String::new(),
-                            jurisdiction: String::new(),
-                            nodes: nodes.clone(),
-                            epoch,
-                        });
+                let attempt = ClientConfig {
+                    endpoint: candidate,
+                    ..config.clone()
+                };
+                match connection::establish(&endpoint, &attempt).await {
+                    Ok(established) => {
+                        first = Some((attempt.endpoint, established));
+                        break;
                     }
-                    last_error = Some(ClientError::Redirected { cell, nodes, epoch });
+                    Err(error @ ClientError::Unauthorized(_)) => return Err(error),
+                    Err(ClientError::Redirected { cell, nodes, epoch }) => {
+                        if home.as_ref().is_none_or(|h: &Home| epoch > h.epoch) {
+                            candidates = nodes.iter().cloned().collect();
+                            home = Some(Home {
+                                cell: cell.clone(),
+                                region: String::new(),
+                                jurisdiction: String::new(),
+                                nodes: nodes.clone(),
+                                epoch,
+                            });
+                        }
+                        last_error = Some(ClientError::Redirected { cell, nodes, epoch });
+                    }
+                    Err(error) => last_error = Some(error),
                 }
-                Err(error) => last_error = Some(error),
+            }
+            if first.is_some() {
+                break;
             }
         }
         let Some((first_addr, first)) = first else {

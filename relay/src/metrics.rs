@@ -382,3 +382,8 @@ pub fn router_view(
     }
     gauge!("meridian_tenants_unavailable").set(unavailable as f64);
 }
+
+/// A control-plane record that failed its checks, skipped by a scan.
+pub fn control_record_corrupt() {
+    counter!("meridian_control_corrupt_records_total").increment(1);
+}

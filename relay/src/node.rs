@@ -368,6 +368,8 @@ pub async fn start_with_store(
         }
     };
 
+    // Tenants whose placement arrives here: their hot documents are re-read.
+    let (arrivals_tx, mut arrivals_rx) = mpsc::channel::<TenantId>(1024);
     let placements = match &config.placement {
         Some(placement) => {
             let store = crate::control::open(&placement.control)
@@ -379,6 +381,7 @@ pub async fn start_with_store(
                 store,
                 cell,
                 placement.clone(),
+                arrivals_tx.clone(),
             )))
         }
         None => None,
@@ -425,13 +428,12 @@ pub async fn start_with_store(
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now),
     };
+    drop(arrivals_tx);
     if let Some(placements) = placements {
-        // Tenants whose placement arrives here: their hot documents are re-read.
-        let (arrived_tx, mut arrived_rx) = mpsc::channel(1024);
-        shared.spawn(placements.run_refresher(arrived_tx));
+        shared.spawn(placements.run_refresher());
         let arrivals = shared.clone();
         shared.spawn(async move {
-            while let Some(tenant) = arrived_rx.recv().await {
+            while let Some(tenant) = arrivals_rx.recv().await {
                 crate::metrics::tenant_arrived();
                 arrivals.send_input(Input::TenantArrived { tenant }).await;
             }

@@ -9,9 +9,16 @@
 //! (1 s by default), so a relay learns a failover or drain within `refresh` plus one
 //! control-store round trip.
 //!
-//! When the store cannot be reached, the last verdict stands: two cells that both think
-//! they are home cannot lose data (changes are immutable and merge); a tenant this node
-//! has never checked is refused with `overloaded` until the store answers.
+//! When the store cannot be reached, the last verdict stands, for sessions already open
+//! and for new ones: two cells that both think they are home cannot lose data (changes
+//! are immutable and merge), so a control-plane outage costs convergence time, not
+//! availability. A tenant this node has never checked is refused with `overloaded` until
+//! the store answers. Verdicts never go back to an older epoch (two reads racing).
+//!
+//! A tenant *arrives* when this cell becomes its home at a new epoch, or when a session
+//! of it is first seen here: the node then re-reads the tenant's hot documents (another
+//! cell may have written them meanwhile). Arrivals are never dropped: the channel to the
+//! driver is awaited.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -81,6 +88,7 @@ pub struct Placements {
     cell: CellId,
     config: PlacementConfig,
     state: Mutex<State>,
+    arrivals: mpsc::Sender<TenantId>,
 }
 
 #[derive(Default)]
@@ -91,23 +99,33 @@ struct State {
 
 struct Entry {
     verdict: watch::Sender<Verdict>,
+    /// The epoch of the record the verdict came from (0: unknown tenant).
+    epoch: u64,
     fetched: Instant,
     last_used: Instant,
 }
 
 impl Placements {
-    /// A cache for a node of `cell`.
-    pub fn new(store: Arc<dyn ControlStore>, cell: CellId, config: PlacementConfig) -> Self {
+    /// A cache for a node of `cell`; tenants that arrive in the cell are sent on
+    /// `arrivals`.
+    pub fn new(
+        store: Arc<dyn ControlStore>,
+        cell: CellId,
+        config: PlacementConfig,
+        arrivals: mpsc::Sender<TenantId>,
+    ) -> Self {
         Placements {
             store,
             cell,
             config,
             state: Mutex::new(State::default()),
+            arrivals,
         }
     }
 
-    /// The tenant's verdict now, read from the store unless a fresh one is cached, and a
-    /// receiver that sees later changes.
+    /// The tenant's verdict now, read from the store unless a fresh one is cached (or
+    /// the store cannot be read and one is cached at all), and a receiver that sees
+    /// later changes.
     pub async fn check(&self, tenant: &TenantId) -> Result<watch::Receiver<Verdict>, ControlError> {
         let now = Instant::now();
         if let Ok(mut state) = self.state.lock()
@@ -117,18 +135,35 @@ impl Placements {
             entry.last_used = now;
             return Ok(entry.verdict.subscribe());
         }
-        if self.cells_empty() {
-            self.refresh_cells().await?;
+        let read = async {
+            if self.cells_empty() {
+                self.refresh_cells().await?;
+            }
+            self.store.tenant(tenant).await
+        };
+        let record = match read.await {
+            Ok(record) => record,
+            Err(error) => {
+                crate::metrics::placement_read_failed();
+                // The last verdict stands while the store cannot be read.
+                if let Ok(mut state) = self.state.lock()
+                    && let Some(entry) = state.tenants.get_mut(tenant)
+                {
+                    entry.last_used = now;
+                    return Ok(entry.verdict.subscribe());
+                }
+                return Err(error);
+            }
+        };
+        let (receiver, arrived) = self.publish(tenant, record.as_ref(), now)?;
+        if arrived {
+            let _ = self.arrivals.send(tenant.clone()).await;
         }
-        let record = self.store.tenant(tenant).await?;
-        let (receiver, _) = self.publish(tenant, record.as_ref(), now)?;
         Ok(receiver)
     }
 
-    /// Re-reads the directory and every cached tenant every `refresh`, forever; a tenant
-    /// whose placement arrives in this cell is sent on `arrived` (the node re-reads its
-    /// hot documents: another cell may have written to them meanwhile).
-    pub async fn run_refresher(self: Arc<Self>, arrived: mpsc::Sender<TenantId>) {
+    /// Re-reads the directory and every cached tenant every `refresh`, forever.
+    pub async fn run_refresher(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -153,7 +188,7 @@ impl Placements {
                 match record {
                     Ok(record) => {
                         if let Ok((_, true)) = self.publish(&tenant, record.as_ref(), now) {
-                            let _ = arrived.try_send(tenant);
+                            let _ = self.arrivals.send(tenant).await;
                         }
                     }
                     Err(error) => {
@@ -206,8 +241,9 @@ impl Placements {
         state.tenants.keys().cloned().collect()
     }
 
-    /// Stores the verdict for `record`; returns a receiver and whether the tenant has
-    /// just arrived in this cell (it was cached with another verdict before).
+    /// Stores the verdict for `record` unless a newer epoch is cached; returns a
+    /// receiver and whether the tenant has just arrived in this cell (first seen here, or
+    /// served here at a new epoch).
     fn publish(
         &self,
         tenant: &TenantId,
@@ -219,23 +255,35 @@ impl Placements {
             .lock()
             .map_err(|_| ControlError::Unavailable("placement cache poisoned".into()))?;
         let verdict = verdict(&self.cell, &state.cells, record);
-        if !state.tenants.contains_key(tenant) && state.tenants.len() >= self.config.tenants_max {
-            return Err(ControlError::Unavailable(format!(
-                "more than {} tenants cached",
-                self.config.tenants_max
-            )));
-        }
-        let entry = state
-            .tenants
-            .entry(tenant.clone())
-            .or_insert_with(|| Entry {
-                verdict: watch::Sender::new(verdict.clone()),
-                fetched: now,
-                last_used: now,
-            });
+        let epoch = record.map_or(0, |r| r.placement.epoch);
+        let serving = matches!(verdict, Verdict::Serve { .. });
+        let Some(entry) = state.tenants.get_mut(tenant) else {
+            if state.tenants.len() >= self.config.tenants_max {
+                return Err(ControlError::Unavailable(format!(
+                    "more than {} tenants cached",
+                    self.config.tenants_max
+                )));
+            }
+            let sender = watch::Sender::new(verdict);
+            let receiver = sender.subscribe();
+            state.tenants.insert(
+                tenant.clone(),
+                Entry {
+                    verdict: sender,
+                    epoch,
+                    fetched: now,
+                    last_used: now,
+                },
+            );
+            return Ok((receiver, serving));
+        };
         entry.fetched = now;
-        let arrived = matches!(verdict, Verdict::Serve { .. })
-            && !matches!(*entry.verdict.borrow(), Verdict::Serve { .. });
+        if epoch < entry.epoch {
+            // A read that raced a newer one: keep the newer verdict.
+            return Ok((entry.verdict.subscribe(), false));
+        }
+        let arrived = serving && *entry.verdict.borrow() != verdict;
+        entry.epoch = epoch;
         entry.verdict.send_if_modified(|current| {
             if *current == verdict {
                 false

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use meridian_cell_router::{
     Cell, Decision, Directory, HealthConfig, HealthTracker, Placement, Reason, decide_all, place,
     serving_cell,
@@ -96,6 +97,10 @@ const STREAMS_PER_CONNECTION_MAX: u32 = 4;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Tenants kept in the router's cache.
 const TENANTS_CACHED_MAX: usize = 2_000_000;
+/// Placement commits in flight at once in a decision round.
+const COMMITS_IN_FLIGHT_MAX: usize = 32;
+/// How long a placement stands before a router moves the tenant back to its pin.
+const PIN_RETURN_HOLD: Duration = Duration::from_secs(30);
 
 /// What the router knows: the directory with drain flags, cell health, and tenants.
 struct State {
@@ -200,6 +205,7 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
         }),
         config,
     });
+    tasks.spawn(router.clone().run_probes());
     tasks.spawn(router.clone().run_rounds(readiness.clone()));
     tasks.spawn(accept_loop(endpoint.clone(), router.clone()));
     readiness
@@ -219,13 +225,23 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
 }
 
 impl Router {
-    /// Probes, re-reads and decides every `probe_interval`, forever.
-    async fn run_rounds(self: Arc<Self>, readiness: Arc<Readiness>) {
+    /// Probes every cell every `probe_interval`, forever (its own task: a long decision
+    /// round never delays health).
+    async fn run_probes(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.probe_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.probe_round().await;
+        }
+    }
+
+    /// Re-reads and decides every `probe_interval`, forever.
+    async fn run_rounds(self: Arc<Self>, readiness: Arc<Readiness>) {
+        let mut tick = tokio::time::interval(self.config.probe_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
             if let Err(error) = self.reload().await {
                 tracing::debug!(%error, "reading the control store failed");
                 continue;
@@ -308,14 +324,30 @@ impl Router {
                     if !state.health.is_settled(&to) {
                         return None;
                     }
+                    // Back to a pin only after the last move has stood for a while: two
+                    // routers that disagree about the pinned cell's health would
+                    // otherwise move the tenant back and forth every round.
+                    if reason == Reason::Pinned
+                        && unix_ms().saturating_sub(current.updated_ms)
+                            < PIN_RETURN_HOLD.as_millis() as u64
+                    {
+                        return None;
+                    }
                     let next = moved(current, to, epoch);
                     Some((current.clone(), next, reason))
                 })
                 .collect()
         };
-        for (current, next, reason) in moves {
-            let _ = self.commit(&current, next, reason).await;
-        }
+        // Commits are independent conditional writes: several at once, so that failing
+        // over a large cell does not take one round trip per tenant in a row.
+        futures::stream::iter(moves)
+            .for_each_concurrent(
+                COMMITS_IN_FLIGHT_MAX,
+                |(current, next, reason)| async move {
+                    let _ = self.commit(&current, next, reason).await;
+                },
+            )
+            .await;
         self.publish_metrics();
     }
 
@@ -381,6 +413,15 @@ impl Router {
                 "unknown",
                 RelayToClient::error(ErrorCode::UnknownTenant, None, "unknown tenant"),
             ),
+            Err(LocateError::NotReady) => (
+                "not_ready",
+                RelayToClient::Error {
+                    code: ErrorCode::Overloaded,
+                    doc: None,
+                    retry_after_ms: 1000,
+                    message: "the router is still probing cells; retry".into(),
+                },
+            ),
             Err(LocateError::Store(error)) => (
                 "error",
                 RelayToClient::Error {
@@ -440,6 +481,15 @@ impl Router {
                 )
             };
             match decision {
+                Decision::Move { to, .. }
+                    if !self
+                        .state
+                        .lock()
+                        .is_ok_and(|state| state.health.is_settled(&to)) =>
+                {
+                    // Just started: the target has not been probed yet.
+                    return Err(LocateError::NotReady);
+                }
                 Decision::Move { to, epoch, reason } => {
                     let next = moved(&record, to, epoch);
                     match self.commit(&record, next, reason).await {
@@ -537,6 +587,8 @@ impl Router {
 #[derive(Debug)]
 enum LocateError {
     Unknown,
+    /// The router has not probed the cell it would choose yet.
+    NotReady,
     Store(ControlError),
 }
 

@@ -171,11 +171,12 @@ impl ControlStore for DynamoControlStore {
 
     fn tenants(&self) -> BoxFuture<'_, Result<Vec<TenantRecord>, ControlError>> {
         Box::pin(async move {
-            self.scan("tenant#")
+            Ok(self
+                .scan("tenant#")
                 .await?
                 .iter()
-                .map(parse_tenant)
-                .collect()
+                .filter_map(|item| skip_corrupt(parse_tenant(item)))
+                .collect())
         })
     }
 
@@ -238,17 +239,12 @@ impl ControlStore for DynamoControlStore {
 
     fn cells(&self) -> BoxFuture<'_, Result<Vec<Cell>, ControlError>> {
         Box::pin(async move {
-            self.scan("cell#")
+            Ok(self
+                .scan("cell#")
                 .await?
                 .iter()
-                .map(|item| {
-                    let mut cell: Cell = serde_json::from_str(string(item, "doc")?)
-                        .map_err(|e| ControlError::Corrupt(format!("cell item: {e}")))?;
-                    cell.draining =
-                        matches!(item.get("draining"), Some(AttributeValue::Bool(true)));
-                    Ok(cell)
-                })
-                .collect()
+                .filter_map(|item| skip_corrupt(parse_cell(item)))
+                .collect())
         })
     }
 
@@ -301,6 +297,19 @@ impl ControlStore for DynamoControlStore {
                 Err(error) => Err(unavailable("UpdateItem", error)),
             }
         })
+    }
+}
+
+/// A record that fails its checks is skipped and counted: one bad item must not stop
+/// every other decision.
+fn skip_corrupt<T>(parsed: Result<T, ControlError>) -> Option<T> {
+    match parsed {
+        Ok(record) => Some(record),
+        Err(error) => {
+            crate::metrics::control_record_corrupt();
+            tracing::warn!(%error, "corrupt control record skipped");
+            None
+        }
     }
 }
 
@@ -364,6 +373,13 @@ fn parse_tenant(item: &Item) -> Result<TenantRecord, ControlError> {
         },
         updated_ms: parse_number(item, "updated").unwrap_or(0),
     })
+}
+
+fn parse_cell(item: &Item) -> Result<Cell, ControlError> {
+    let mut cell: Cell = serde_json::from_str(string(item, "doc")?)
+        .map_err(|e| ControlError::Corrupt(format!("cell item: {e}")))?;
+    cell.draining = matches!(item.get("draining"), Some(AttributeValue::Bool(true)));
+    Ok(cell)
 }
 
 fn string<'a>(item: &'a Item, name: &str) -> Result<&'a str, ControlError> {

@@ -201,9 +201,16 @@ fn scan<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>, ControlError
                 dir.display()
             )));
         }
-        // A record removed between listing and reading is simply not there.
-        if let Some(record) = read_json(&path)? {
-            records.push(record);
+        // A record removed between listing and reading is simply not there; a corrupt
+        // one is skipped and counted, so that it cannot stop every other decision.
+        match read_json(&path) {
+            Ok(Some(record)) => records.push(record),
+            Ok(None) => {}
+            Err(ControlError::Corrupt(what)) => {
+                crate::metrics::control_record_corrupt();
+                tracing::warn!(%what, "corrupt control record skipped");
+            }
+            Err(error) => return Err(error),
         }
     }
     Ok(records)

@@ -33,6 +33,9 @@ pub(super) struct Handoff {
 
 /// Samples of handoff durations kept between two drains.
 const HANDOFF_SAMPLES_MAX: usize = 10_000;
+/// Tenants remembered as recently arrived (a bound; beyond it an arrival only refreshes
+/// the documents already in memory).
+const TENANT_ARRIVALS_MAX: usize = 10_000;
 /// The longest interval between two refreshes a session's uploads trigger.
 const REFRESH_INTERVAL_MAX: Duration = Duration::from_secs(60);
 
@@ -63,12 +66,18 @@ impl Engine {
     }
 
     /// The tenant's placement has just arrived in this node's cell (a failover, drain or
-    /// fail-back): another cell may have written its documents meanwhile. Its hot
-    /// documents are re-read from the durable tier soon and again after the handoff
-    /// timeout (the former cell flushes within it), and documents loaded in that window
-    /// are re-read too, as after a membership change.
+    /// fail-back, or its first session here): another cell may have written its
+    /// documents meanwhile. Its hot documents are re-read from the durable tier soon and
+    /// again after the handoff timeout (the former cell flushes within it), and its
+    /// documents loaded in that window are re-read too, as after a membership change.
     pub fn handle_tenant_arrived(&mut self, now: Now, tenant: &TenantId) {
-        self.membership_changed_at = Some(now.instant);
+        let now_instant = now.instant;
+        let window = self.config.handoff_timeout + self.config.refresh_after_join;
+        self.tenant_arrivals
+            .retain(|_, at| now_instant.saturating_duration_since(*at) <= window);
+        if self.tenant_arrivals.len() < TENANT_ARRIVALS_MAX {
+            self.tenant_arrivals.insert(tenant.clone(), now_instant);
+        }
         let keys: Vec<DocKey> = self
             .docs
             .keys()
@@ -174,7 +183,8 @@ impl Engine {
     /// after the handoff timeout of that change (a former owner flushes before it lets
     /// go, within that time).
     pub(super) fn refresh_after_change(&mut self, now: Instant, key: &DocKey) {
-        let Some(changed) = self.membership_changed_at else {
+        let arrived = self.tenant_arrivals.get(&key.tenant).copied();
+        let Some(changed) = self.membership_changed_at.into_iter().chain(arrived).max() else {
             return;
         };
         let delay = self.config.refresh_after_join;

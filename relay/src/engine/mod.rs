@@ -435,6 +435,9 @@ pub struct Engine {
     refresh_queue: std::collections::BTreeSet<(Instant, DocKey)>,
     /// When the cell's members last changed.
     membership_changed_at: Option<Instant>,
+    /// Tenants whose placement arrived in this cell lately, and when (bounded; entries
+    /// older than the refresh window are pruned).
+    tenant_arrivals: HashMap<TenantId, Instant>,
     /// Set while orphans are taken again after a refresh (they must not ask for another).
     reingesting: bool,
 }
@@ -467,6 +470,7 @@ impl Engine {
             handoff_durations: Vec::new(),
             refresh_queue: std::collections::BTreeSet::new(),
             membership_changed_at: None,
+            tenant_arrivals: HashMap::new(),
             reingesting: false,
         }
     }

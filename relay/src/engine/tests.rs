@@ -700,3 +700,44 @@ fn a_change_this_copy_cannot_place_refreshes_it_from_the_durable_tier() {
         "not taken"
     );
 }
+
+#[test]
+fn a_tenant_arriving_in_the_cell_has_its_hot_documents_re_read() {
+    let mut h = Harness::new();
+    let t = now();
+    h.join(1, "bob", t);
+    // While the tenant lived in another cell, alice wrote there and it was flushed.
+    let mut alice = AutoCommit::new();
+    alice.put(automerge::ROOT, "a", 1).unwrap();
+    let change = changes_of(&mut alice);
+    let parsed = automerge::Change::from_bytes(change[0].to_vec()).unwrap();
+    h.durable.push(StoredChange {
+        hash: ChangeHash(parsed.hash().0),
+        bytes: change[0].clone(),
+        user: UserId::new("alice").unwrap(),
+    });
+    // Another tenant's arrival leaves this document alone.
+    h.engine
+        .handle_tenant_arrived(t, &TenantId::new("other").unwrap());
+    for _ in 0..20 {
+        h.fire_timer();
+    }
+    assert_eq!(h.engine.stats().refreshes, 0);
+    // The tenant's own arrival re-reads it: the copy catches up and bob hears of it.
+    h.engine
+        .handle_tenant_arrived(t, &TenantId::new("acme").unwrap());
+    for _ in 0..100 {
+        if h.engine.stats().refreshed_changes > 0 {
+            break;
+        }
+        h.fire_timer();
+    }
+    assert!(h.engine.stats().refreshes >= 1);
+    assert_eq!(h.engine.stats().refreshed_changes, 1);
+    let out = h.take(1);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Changes { .. }))),
+        "{out:?}"
+    );
+}
