@@ -1,6 +1,7 @@
 //! The TOML files the binary reads: a relay node's config and a client's `client.toml`.
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -47,7 +48,9 @@ pub struct PlacementSection {
 }
 
 /// Where the control plane lives: `kind = "local"` with `path`, or `kind = "dynamodb"`
-/// with `table`, `region` and optionally `endpoint`.
+/// with `table`, `region` and optionally `endpoint`; or one store per jurisdiction, as
+/// `[control.jurisdictions.<name>]` tables with those keys (the top-level ones are their
+/// defaults; a local store's default path is `<path>/<name>`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSection {
@@ -60,16 +63,59 @@ pub struct ControlSection {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub jurisdictions: BTreeMap<String, ControlStoreSection>,
+}
+
+/// One jurisdiction's control store.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlStoreSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
 }
 
 impl ControlSection {
-    /// The library's config, resolving a relative path against `base`.
+    /// The library's config, resolving relative paths against `base`.
     pub fn into_config(self, base: &Path) -> Result<ControlConfig> {
+        if self.jurisdictions.is_empty() {
+            let store = ControlStoreSection {
+                path: self.path.clone(),
+                table: self.table.clone(),
+                region: self.region.clone(),
+                endpoint: self.endpoint.clone(),
+            };
+            return self.single(store, base, "control");
+        }
+        let mut stores = BTreeMap::new();
+        for (name, entry) in &self.jurisdictions {
+            let store = ControlStoreSection {
+                path: entry
+                    .path
+                    .clone()
+                    .or_else(|| self.path.as_ref().map(|p| p.join(name))),
+                table: entry.table.clone().or_else(|| self.table.clone()),
+                region: entry.region.clone().or_else(|| self.region.clone()),
+                endpoint: entry.endpoint.clone().or_else(|| self.endpoint.clone()),
+            };
+            let what = format!("control.jurisdictions.{name}");
+            stores.insert(name.clone(), self.single(store, base, &what)?);
+        }
+        Ok(ControlConfig::ByJurisdiction(stores))
+    }
+
+    fn single(&self, store: ControlStoreSection, base: &Path, what: &str) -> Result<ControlConfig> {
         match self.kind.as_str() {
             "local" => {
-                let path = self
-                    .path
-                    .context("control.path is required when control.kind = \"local\"")?;
+                let path = store.path.with_context(|| {
+                    format!("{what}: path is required when control.kind = \"local\"")
+                })?;
                 Ok(ControlConfig::Local {
                     path: if path.is_relative() {
                         base.join(path)
@@ -79,11 +125,11 @@ impl ControlSection {
                 })
             }
             "dynamodb" => Ok(ControlConfig::Dynamo {
-                table: self.table.unwrap_or_else(|| "meridian-control".into()),
-                region: self
-                    .region
-                    .context("control.region is required when control.kind = \"dynamodb\"")?,
-                endpoint: self.endpoint,
+                table: store.table.unwrap_or_else(|| "meridian-control".into()),
+                region: store.region.with_context(|| {
+                    format!("{what}: region is required when control.kind = \"dynamodb\"")
+                })?,
+                endpoint: store.endpoint,
             }),
             other => {
                 bail!("control.kind = {other:?} is not supported (use \"local\" or \"dynamodb\")")
@@ -104,7 +150,7 @@ pub struct RouterFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSection>,
     /// Jurisdiction name → the regions it covers.
-    pub jurisdictions: std::collections::BTreeMap<String, Vec<String>>,
+    pub jurisdictions: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub cells: Vec<CellEntry>,
 }
@@ -646,36 +692,11 @@ mod tests {
         assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/node.crt"));
     }
 
-    /// Fills the Terraform cell module's relay.toml template the way Terraform and the
-    /// boot script do, with sample values, so that the relay's own config model checks
-    /// every key the template renders.
-    fn render_terraform_template() -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../terraform/modules/cell/templates/relay.toml.tftpl");
+    /// Renders a Terraform template the way `templatefile` would for one iteration of
+    /// every loop (loop lines dropped), with `value` for each `${...}` expression.
+    fn render_template(relative: &str, value: impl Fn(&str) -> String) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
         let template = std::fs::read_to_string(path).unwrap();
-        let public = meridian_protocol::token::TenantSigningKey::from_seed([3; 32])
-            .unwrap()
-            .public_key()
-            .unwrap()
-            .to_paserk()
-            .unwrap();
-        let value = |expr: &str| -> String {
-            match expr {
-                "jsonencode(cell_id)" => "\"eu-a\"".into(),
-                "jsonencode(region)" => "\"eu-west-1\"".into(),
-                "jsonencode(jurisdiction)" => "\"eu\"".into(),
-                "jsonencode(data_dir)" => "\"/var/lib/meridian\"".into(),
-                "jsonencode(durable_table)" => "\"meridian-changes-eu\"".into(),
-                "jsonencode(durable_bucket)" => "\"meridian-snapshots-eu-eu-west-1\"".into(),
-                "jsonencode(tenant.id)" => "\"acme\"".into(),
-                "jsonencode(tenant.public_keys)" => format!("[\"{public}\"]"),
-                "quic_port" => "4433".into(),
-                "gossip_port" => "7946".into(),
-                "metrics_port" => "9090".into(),
-                "seeds" => "[\"10.0.1.11:7946\"]".into(),
-                other => panic!("the relay template uses ${{{other}}}: add it to this test"),
-            }
-        };
         let mut out = String::new();
         for line in template.lines() {
             if line.trim_start().starts_with("%{") {
@@ -691,10 +712,90 @@ mod tests {
             out.push_str(rest);
             out.push('\n');
         }
-        out.replace("@NODE_ID@", "i-0123456789abcdef0")
-            .replace("@ADVERTISE@", "203.0.113.7:4433")
-            .replace("@GOSSIP_ADVERTISE@", "10.0.1.10:7946")
-            .replace("@SEEDS@", "[]")
+        out
+    }
+
+    /// Fills the Terraform cell module's relay.toml template the way Terraform and the
+    /// boot script do, with sample values, so that the relay's own config model checks
+    /// every key the template renders.
+    fn render_terraform_template() -> String {
+        let public = meridian_protocol::token::TenantSigningKey::from_seed([3; 32])
+            .unwrap()
+            .public_key()
+            .unwrap()
+            .to_paserk()
+            .unwrap();
+        let value = |expr: &str| -> String {
+            match expr {
+                "jsonencode(cell_id)" => "\"eu-a\"".into(),
+                "jsonencode(region)" => "\"eu-west-1\"".into(),
+                "jsonencode(jurisdiction)" => "\"eu\"".into(),
+                "jsonencode(data_dir)" => "\"/var/lib/meridian\"".into(),
+                "jsonencode(durable_table)" => "\"meridian-changes-eu\"".into(),
+                "jsonencode(durable_bucket)" => "\"meridian-snapshots-eu-eu-west-1\"".into(),
+                "jsonencode(control_table)" => "\"meridian-control\"".into(),
+                "jsonencode(tenant.id)" => "\"acme\"".into(),
+                "jsonencode(tenant.public_keys)" => format!("[\"{public}\"]"),
+                "quic_port" => "4433".into(),
+                "gossip_port" => "7946".into(),
+                "metrics_port" => "9090".into(),
+                "seeds" => "[\"10.0.1.11:7946\"]".into(),
+                other => panic!("the relay template uses ${{{other}}}: add it to this test"),
+            }
+        };
+        render_template(
+            "../terraform/modules/cell/templates/relay.toml.tftpl",
+            value,
+        )
+        .replace("@NODE_ID@", "i-0123456789abcdef0")
+        .replace("@ADVERTISE@", "203.0.113.7:4433")
+        .replace("@GOSSIP_ADVERTISE@", "10.0.1.10:7946")
+        .replace("@SEEDS@", "[]")
+    }
+
+    #[test]
+    fn the_terraform_router_template_renders_a_config_the_router_accepts() {
+        let value = |expr: &str| -> String {
+            match expr {
+                "quic_port" => "4433".into(),
+                "metrics_port" => "9090".into(),
+                "jurisdiction" => "eu".into(),
+                "jsonencode(control.table)" => "\"meridian-control\"".into(),
+                "jsonencode(control.region)" => "\"eu-west-1\"".into(),
+                "jsonencode(regions)" => "[\"eu-west-1\", \"eu-central-1\"]".into(),
+                "jsonencode(cell.id)" => "\"eu-a\"".into(),
+                "jsonencode(cell.region)" => "\"eu-west-1\"".into(),
+                "jsonencode(cell.jurisdiction)" => "\"eu\"".into(),
+                "cell.weight" => "2".into(),
+                "jsonencode(format(\"%s-lb\", cell.id))" => "\"eu-a-lb\"".into(),
+                "jsonencode(cell.endpoint)" => "\"eu-a.elb.example:4433\"".into(),
+                "jsonencode(cell.admin)" => "\"eu-a.elb.example:9090\"".into(),
+                other => panic!("the router template uses ${{{other}}}: add it to this test"),
+            }
+        };
+        let text = render_template(
+            "../terraform/modules/router/templates/router.toml.tftpl",
+            value,
+        );
+        let file: RouterFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config = file.into_config(Path::new("/etc/meridian")).unwrap();
+        let cell = config
+            .directory
+            .cell(&CellId::new("eu-a").unwrap())
+            .expect("the cell is in the directory");
+        assert_eq!((cell.weight, cell.nodes.len()), (2, 1));
+        assert_eq!(
+            cell.nodes[0].admin.as_deref(),
+            Some("eu-a.elb.example:9090")
+        );
+        match config.control {
+            ControlConfig::ByJurisdiction(stores) => {
+                assert!(
+                    matches!(&stores["eu"], ControlConfig::Dynamo { region, .. } if region == "eu-west-1")
+                );
+            }
+            other => panic!("one control table per jurisdiction, got {other:?}"),
+        }
     }
 
     #[test]
@@ -715,6 +816,12 @@ mod tests {
         assert_eq!(config.cell, "eu-a");
         assert_eq!(config.tenants.len(), 1);
         assert!(config.metrics_listen.is_some());
+        let placement = config.placement.expect("[placement] rendered");
+        assert!(matches!(
+            placement.control,
+            ControlConfig::Dynamo { ref table, ref region, .. }
+                if table == "meridian-control" && region == "eu-west-1"
+        ));
     }
 
     #[test]
@@ -730,7 +837,16 @@ mod tests {
         assert_eq!(eu_b.jurisdiction, "eu");
         assert_eq!(config.probe_interval, Duration::from_secs(1));
         assert_eq!(config.health.down_after_failures, 3);
-        assert!(matches!(config.control, ControlConfig::Dynamo { .. }));
+        match &config.control {
+            ControlConfig::ByJurisdiction(stores) => {
+                assert_eq!(stores.len(), 2);
+                assert!(
+                    matches!(&stores["us"], ControlConfig::Dynamo { table, region, .. }
+                    if table == "meridian-control" && region == "us-east-1")
+                );
+            }
+            other => panic!("one control table per jurisdiction, got {other:?}"),
+        }
         assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/router.crt"));
     }
 

@@ -15,8 +15,9 @@ use meridian_cell_router::{Placement, Tenant};
 use meridian_relay::control::{ControlError, TenantRecord};
 
 use crate::config::{
-    CellEntry, CellSection, ClientFile, ClientNode, ControlSection, DurableSection, MetricsSection,
-    NodeSection, PlacementSection, RelayFile, RouterFile, RouterSection, TenantSection, TlsSection,
+    CellEntry, CellSection, ClientFile, ClientNode, ControlSection, ControlStoreSection,
+    DurableSection, MetricsSection, NodeSection, PlacementSection, RelayFile, RouterFile,
+    RouterSection, TenantSection, TlsSection,
 };
 
 /// The tenant, jurisdiction and cell of the dev deployment.
@@ -218,6 +219,12 @@ async fn run_cells(
         table: None,
         region: None,
         endpoint: None,
+        // One store per jurisdiction (`control/<jurisdiction>/`), as in production: a
+        // relay reads only its own jurisdiction's.
+        jurisdictions: jurisdictions
+            .keys()
+            .map(|j| (j.clone(), ControlStoreSection::default()))
+            .collect(),
     };
     let mut durables = BTreeMap::new();
     for jurisdiction in jurisdictions.keys() {
@@ -247,7 +254,14 @@ async fn run_cells(
                 jurisdiction: Some(cell.jurisdiction.clone()),
             }],
             placement: Some(PlacementSection {
-                control: control.clone(),
+                control: ControlSection {
+                    kind: "local".into(),
+                    path: Some(dir.join("control").join(&cell.jurisdiction)),
+                    table: None,
+                    region: None,
+                    endpoint: None,
+                    jurisdictions: BTreeMap::new(),
+                },
                 refresh_ms: None,
             }),
         })?;
@@ -395,7 +409,7 @@ async fn run_cells(
         print_nodes(nodes, &procs);
     }
     println!(
-        "  data     {} (control plane in control/, cells in cells/<cell>/)",
+        "  data     {} (control plane in control/<jurisdiction>/, cells in cells/<cell>/)",
         dir.display()
     );
     for (jurisdiction, durable) in &durables {

@@ -624,18 +624,20 @@ fn reason_label(reason: Reason) -> &'static str {
     }
 }
 
-/// One probe: `GET /readyz` on a node's admin address answered 200 in time.
+/// One probe: `GET /readyz` on a node's admin address (`host:port`, a name is resolved
+/// each time: in AWS it is the cell's load balancer) answered 200 in time.
 async fn probe(admin: Option<String>, timeout: Duration) -> bool {
-    let Some(addr) = admin.and_then(|a| a.parse::<SocketAddr>().ok()) else {
-        crate::metrics::probe("unreachable");
-        return false;
+    let get = async {
+        let admin = admin?;
+        let addr: SocketAddr = tokio::net::lookup_host(admin.as_str()).await.ok()?.next()?;
+        crate::http::get(addr, "/readyz").await.ok()
     };
-    match tokio::time::timeout(timeout, crate::http::get(addr, "/readyz")).await {
-        Ok(Ok((200, _))) => {
+    match tokio::time::timeout(timeout, get).await {
+        Ok(Some((200, _))) => {
             crate::metrics::probe("ready");
             true
         }
-        Ok(Ok(_)) => {
+        Ok(Some(_)) => {
             crate::metrics::probe("not_ready");
             false
         }

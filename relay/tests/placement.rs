@@ -151,6 +151,35 @@ async fn the_local_control_store_commits_placements_conditionally() {
 }
 
 #[tokio::test]
+async fn a_control_store_per_jurisdiction_keeps_each_tenant_in_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let eu = Arc::new(LocalControlStore::open(dir.path().join("eu")).unwrap());
+    let us = Arc::new(LocalControlStore::open(dir.path().join("us")).unwrap());
+    let stores: std::collections::BTreeMap<String, Arc<dyn ControlStore>> = [
+        ("eu".to_string(), eu.clone() as Arc<dyn ControlStore>),
+        ("us".to_string(), us.clone() as Arc<dyn ControlStore>),
+    ]
+    .into();
+    let both = Arc::new(meridian_relay::control::ByJurisdiction::new(stores));
+    conformance(both.clone()).await;
+    let beta = TenantId::new("beta").unwrap();
+    assert!(us.tenant(&beta).await.unwrap().is_some());
+    assert!(eu.tenant(&beta).await.unwrap().is_none());
+    assert_eq!(eu.cells().await.unwrap().len(), 2);
+    assert!(us.cells().await.unwrap().is_empty());
+    // Tenant ids are unique across jurisdictions.
+    assert!(matches!(
+        both.create_tenant(&record("beta", "eu", None, 0)).await,
+        Err(ControlError::Exists(_))
+    ));
+    // A jurisdiction without a store is refused, not filed elsewhere.
+    assert!(matches!(
+        both.create_tenant(&record("gamma", "ap", None, 0)).await,
+        Err(ControlError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
 async fn the_dynamodb_control_store_commits_placements_conditionally() {
     let table = format!(
         "meridian-control-{}-{}",

@@ -36,6 +36,7 @@ RELAY_KEYS = {
     "durable": {"kind", "table", "bucket", "region"},
     "cell": {"gossip_listen", "gossip_advertise", "seeds", "key_file"},
     "metrics": {"listen"},
+    "placement": {"refresh_ms", "control"},
 }
 TENANT_KEYS = {"id", "public_keys"}
 
@@ -109,6 +110,11 @@ def relay(config: str, name: str, expect_seeds: list[str], expect_tenants: list[
     check(gossip.get("key_file") == "/etc/meridian/gossip.key", f"{name}: cell.key_file")
     check(doc.get("tls") == {"cert_file": "/etc/meridian/tls/node.crt", "key_file": "/etc/meridian/tls/node.key"}, f"{name}: tls")
     check(doc.get("metrics") == {"listen": "0.0.0.0:9090"}, f"{name}: metrics {doc.get('metrics')}")
+    check(
+        doc.get("placement")
+        == {"refresh_ms": 1000, "control": {"kind": "dynamodb", "table": "meridian-control", "region": "eu-west-1"}},
+        f"{name}: placement {doc.get('placement')}",
+    )
     check(doc.get("tenants", []) == expect_tenants, f"{name}: tenants {doc.get('tenants')} != {expect_tenants}")
 
 
@@ -118,10 +124,24 @@ def router(config: str) -> None:
     except tomllib.TOMLDecodeError as err:
         failures.append(f"router_config: not TOML: {err}")
         return
-    check(set(doc) == {"router", "tls", "control", "metrics"}, f"router_config: sections {set(doc)}")
     check(
-        doc.get("router") == {"id": "i-0123456789abcdef0", "region": "eu-west-1", "listen": "0.0.0.0:4433", "advertise": "203.0.113.7:4433"},
-        f"router_config: [router] {doc.get('router')}",
+        set(doc) == {"router", "tls", "control", "metrics", "jurisdictions", "cells"},
+        f"router_config: sections {set(doc)}",
+    )
+    check(doc.get("router") == {"listen": "0.0.0.0:4433"}, f"router_config: [router] {doc.get('router')}")
+    check(
+        doc.get("jurisdictions") == {"eu": ["eu-west-1", "eu-central-1"], "us": ["us-east-1"]},
+        f"router_config: jurisdictions {doc.get('jurisdictions')}",
+    )
+    check(
+        doc.get("cells")
+        == [
+            {"id": "eu-a", "region": "eu-west-1", "jurisdiction": "eu", "weight": 2,
+             "nodes": [{"id": "eu-a-lb", "endpoint": "eu-a.elb.example:4433", "admin": "eu-a.elb.example:9090"}]},
+            {"id": "us-a", "region": "us-east-1", "jurisdiction": "us", "weight": 1,
+             "nodes": [{"id": "us-a-lb", "endpoint": "us-a.elb.example:4433", "admin": "us-a.elb.example:9090"}]},
+        ],
+        f"router_config: cells {doc.get('cells')}",
     )
     control = doc.get("control", {})
     check(control.get("kind") == "dynamodb", f"router_config: control.kind {control.get('kind')!r}")

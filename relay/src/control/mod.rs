@@ -13,9 +13,11 @@
 
 mod aws;
 mod local;
+mod sharded;
 
 pub use aws::DynamoControlStore;
 pub use local::LocalControlStore;
+pub use sharded::ByJurisdiction;
 
 use futures::future::BoxFuture;
 use meridian_cell_router::{Cell, Placement, Tenant};
@@ -120,10 +122,26 @@ pub enum ControlConfig {
         /// Endpoint override for emulators (`http://127.0.0.1:PORT`).
         endpoint: Option<String>,
     },
+    /// One store per jurisdiction (as Terraform creates them): tenants and cells live in
+    /// their own jurisdiction's store.
+    ByJurisdiction(std::collections::BTreeMap<String, ControlConfig>),
 }
 
 /// Opens the configured store.
 pub async fn open(
+    config: &ControlConfig,
+) -> Result<std::sync::Arc<dyn ControlStore>, ControlError> {
+    let ControlConfig::ByJurisdiction(configs) = config else {
+        return open_single(config).await;
+    };
+    let mut stores = std::collections::BTreeMap::new();
+    for (jurisdiction, config) in configs {
+        stores.insert(jurisdiction.clone(), open_single(config).await?);
+    }
+    Ok(std::sync::Arc::new(ByJurisdiction::new(stores)))
+}
+
+async fn open_single(
     config: &ControlConfig,
 ) -> Result<std::sync::Arc<dyn ControlStore>, ControlError> {
     Ok(match config {
@@ -135,6 +153,11 @@ pub async fn open(
         } => std::sync::Arc::new(
             DynamoControlStore::connect(table.clone(), region.clone(), endpoint.clone()).await,
         ),
+        ControlConfig::ByJurisdiction(_) => {
+            return Err(ControlError::Unavailable(
+                "a per-jurisdiction control store cannot nest another".into(),
+            ));
+        }
     })
 }
 

@@ -72,6 +72,7 @@ module "cell_eu_a" {
   vpc_id                 = var.networks["eu-west-1"].vpc_id
   subnet_ids             = var.networks["eu-west-1"].subnet_ids
   metrics_cidr           = var.metrics_cidr
+  router_cidrs           = var.router_cidrs
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
@@ -95,6 +96,7 @@ module "cell_eu_b" {
   vpc_id                 = var.networks["eu-central-1"].vpc_id
   subnet_ids             = var.networks["eu-central-1"].subnet_ids
   metrics_cidr           = var.metrics_cidr
+  router_cidrs           = var.router_cidrs
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
@@ -142,6 +144,7 @@ module "cell_us_a" {
   vpc_id                 = var.networks["us-east-1"].vpc_id
   subnet_ids             = var.networks["us-east-1"].subnet_ids
   metrics_cidr           = var.metrics_cidr
+  router_cidrs           = var.router_cidrs
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
@@ -154,6 +157,13 @@ module "cell_us_a" {
 # --- Routers and global entry ---------------------------------------------------------
 
 locals {
+  # The cell directory every router probes and places tenants in.
+  router_cells = [
+    module.cell_eu_a.router_cell,
+    module.cell_eu_b.router_cell,
+    module.cell_us_a.router_cell,
+  ]
+
   control_tables = {
     eu = {
       region      = module.eu.control_table_region
@@ -174,6 +184,8 @@ module "router_eu_west_1" {
 
   name                   = "router-eu-west-1"
   control_tables         = local.control_tables
+  jurisdictions          = var.jurisdictions
+  cells                  = local.router_cells
   vpc_id                 = var.networks["eu-west-1"].vpc_id
   subnet_ids             = var.networks["eu-west-1"].subnet_ids
   metrics_cidr           = var.metrics_cidr
@@ -191,6 +203,8 @@ module "router_us_east_1" {
 
   name                   = "router-us-east-1"
   control_tables         = local.control_tables
+  jurisdictions          = var.jurisdictions
+  cells                  = local.router_cells
   vpc_id                 = var.networks["us-east-1"].vpc_id
   subnet_ids             = var.networks["us-east-1"].subnet_ids
   metrics_cidr           = var.metrics_cidr

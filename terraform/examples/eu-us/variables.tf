@@ -26,6 +26,12 @@ variable "metrics_cidr" {
   type        = string
 }
 
+variable "router_cidrs" {
+  description = "CIDRs of the routers (their public addresses or NAT), allowed to probe every cell's readiness listener."
+  type        = list(string)
+  default     = []
+}
+
 variable "meridian_binary_url" {
   description = "Where nodes download the meridian binary: s3://bucket/key or https://..."
   type        = string

@@ -34,6 +34,7 @@ locals {
     data_dir       = var.data_dir
     durable_table  = var.durable_table
     durable_bucket = var.durable_bucket
+    control_table  = var.control_table
     seeds          = length(var.gossip_seeds) > 0 ? jsonencode(var.gossip_seeds) : "@SEEDS@"
     tenants        = var.tenants
   })

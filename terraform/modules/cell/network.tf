@@ -188,3 +188,54 @@ resource "aws_lb_listener" "quic" {
     target_group_arn = aws_lb_target_group.quic.arn
   }
 }
+
+# Routers probe the cell's readiness through the load balancer: a TCP listener on
+# the metrics port, reachable only from router_cidrs, forwarding to the nodes'
+# /readyz (a cell is ready while one node is).
+resource "aws_vpc_security_group_ingress_rule" "nlb_probe" {
+  for_each = toset(var.router_cidrs)
+
+  security_group_id = aws_security_group.nlb.id
+  description       = "Readiness probes from the routers"
+  ip_protocol       = "tcp"
+  from_port         = var.metrics_port
+  to_port           = var.metrics_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_lb_target_group" "probe" {
+  name_prefix          = "mrp-"
+  port                 = var.metrics_port
+  protocol             = "TCP"
+  target_type          = "instance"
+  vpc_id               = var.vpc_id
+  deregistration_delay = 10
+  tags                 = local.tags
+
+  health_check {
+    protocol            = "HTTP"
+    port                = tostring(var.metrics_port)
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = 10
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_lb_listener" "probe" {
+  load_balancer_arn = aws_lb.this.arn
+  port              = var.metrics_port
+  protocol          = "TCP"
+  tags              = local.tags
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.probe.arn
+  }
+}
+

@@ -61,6 +61,18 @@ output "nlb_dns_name" {
   value       = aws_lb.this.dns_name
 }
 
+output "router_cell" {
+  description = "This cell as the router module's cells variable lists it: id, region, jurisdiction, weight, endpoint (QUIC through the load balancer) and admin (the readiness probe listener)"
+  value = {
+    id           = var.cell_id
+    region       = local.region
+    jurisdiction = var.jurisdiction
+    weight       = var.weight
+    endpoint     = "${aws_lb.this.dns_name}:${var.quic_port}"
+    admin        = "${aws_lb.this.dns_name}:${var.metrics_port}"
+  }
+}
+
 output "nlb_zone_id" {
   description = "Route 53 zone id of the load balancer, for alias records"
   value       = aws_lb.this.zone_id

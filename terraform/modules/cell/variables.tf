@@ -65,6 +65,23 @@ variable "client_cidrs" {
   default     = ["0.0.0.0/0"]
 }
 
+variable "router_cidrs" {
+  description = "CIDRs of the routers, which probe the cell's readiness (GET /readyz) through the load balancer's metrics-port listener. Empty: nothing can reach that listener."
+  type        = list(string)
+  default     = []
+}
+
+variable "weight" {
+  description = "Capacity weight of the cell in the router's placement (rendered into the router's [[cells]] through the router_cell output)."
+  type        = number
+  default     = 1
+
+  validation {
+    condition     = var.weight >= 1
+    error_message = "weight must be at least 1."
+  }
+}
+
 variable "metrics_cidr" {
   description = "The only CIDR (besides the load balancer's health checks) that may reach the metrics port (/metrics, /healthz, /readyz)."
   type        = string

@@ -20,10 +20,11 @@ locals {
   })
 
   router_config = templatefile("${path.module}/templates/router.toml.tftpl", {
-    region         = local.region
     quic_port      = var.quic_port
     metrics_port   = var.metrics_port
     control_tables = var.control_tables
+    jurisdictions  = var.jurisdictions
+    cells          = var.cells
   })
 
   # The boot script is shared with the cell module.
@@ -180,10 +181,10 @@ resource "aws_vpc_security_group_egress_rule" "https" {
 
 resource "aws_vpc_security_group_egress_rule" "cells" {
   security_group_id = aws_security_group.router.id
-  description       = "QUIC health probes to relay cells"
-  ip_protocol       = "udp"
-  from_port         = var.quic_port
-  to_port           = var.quic_port
+  description       = "Readiness probes (HTTP GET /readyz) to the cells' load balancers"
+  ip_protocol       = "tcp"
+  from_port         = var.cell_probe_port
+  to_port           = var.cell_probe_port
   cidr_ipv4         = "0.0.0.0/0"
 }
 

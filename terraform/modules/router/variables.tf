@@ -17,6 +17,34 @@ variable "control_tables" {
   }))
 }
 
+variable "jurisdictions" {
+  description = "Jurisdictions the router places tenants in: name => regions (disjoint). Rendered into router.toml [jurisdictions]."
+  type        = map(list(string))
+}
+
+variable "cells" {
+  description = "The cell directory: the router_cell output of every cell module (id, region, jurisdiction, weight, endpoint = QUIC host:port, admin = probe host:port). Rendered into router.toml [[cells]]."
+  type = list(object({
+    id           = string
+    region       = string
+    jurisdiction = string
+    weight       = number
+    endpoint     = string
+    admin        = string
+  }))
+
+  validation {
+    condition     = alltrue([for cell in var.cells : contains(keys(var.jurisdictions), cell.jurisdiction) && contains(var.jurisdictions[cell.jurisdiction], cell.region)])
+    error_message = "every cell's region must be one of its jurisdiction's regions."
+  }
+}
+
+variable "cell_probe_port" {
+  description = "TCP port of the cells' readiness probe listener (their load balancer's metrics port)."
+  type        = number
+  default     = 9090
+}
+
 variable "vpc_id" {
   description = "VPC of the routers."
   type        = string

@@ -17,6 +17,7 @@ locals {
     data_dir       = "/var/lib/meridian"
     durable_table  = "meridian-changes-eu"
     durable_bucket = "meridian-snapshots-eu-eu-west-1"
+    control_table  = "meridian-control"
     seeds          = "@SEEDS@"
     tenants = [
       { id = "acme", public_keys = ["k4.public.AAAA", "k4.public.BBBB"] },
@@ -32,9 +33,16 @@ locals {
   }))
 
   router_config = templatefile("${local.router_templates}/router.toml.tftpl", {
-    region       = "eu-west-1"
     quic_port    = 4433
     metrics_port = 9090
+    jurisdictions = {
+      eu = ["eu-west-1", "eu-central-1"]
+      us = ["us-east-1"]
+    }
+    cells = [
+      { id = "eu-a", region = "eu-west-1", jurisdiction = "eu", weight = 2, endpoint = "eu-a.elb.example:4433", admin = "eu-a.elb.example:9090" },
+      { id = "us-a", region = "us-east-1", jurisdiction = "us", weight = 1, endpoint = "us-a.elb.example:4433", admin = "us-a.elb.example:9090" },
+    ]
     control_tables = {
       eu = { region = "eu-west-1", table = "meridian-control", kms_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/x" }
       us = { region = "us-east-1", table = "meridian-control", kms_key_arn = "arn:aws:kms:us-east-1:111122223333:key/y" }
