@@ -19,6 +19,7 @@ DOCUMENTED = [
     "modules/jurisdiction",
     "modules/jurisdiction/modules/region",
     "modules/cell",
+    "modules/quic-lb",
     "modules/router",
     "modules/edge",
     "examples/eu-us",

@@ -35,8 +35,8 @@ resource "aws_cloudwatch_metric_alarm" "unhealthy_nodes" {
   tags                = local.tags
 
   dimensions = {
-    LoadBalancer = aws_lb.this.arn_suffix
-    TargetGroup  = aws_lb_target_group.quic.arn_suffix
+    LoadBalancer = module.lb.arn_suffix
+    TargetGroup  = module.lb.target_group_arn_suffix
   }
 }
 
@@ -56,7 +56,7 @@ resource "aws_cloudwatch_metric_alarm" "too_few_nodes" {
   tags                = local.tags
 
   dimensions = {
-    LoadBalancer = aws_lb.this.arn_suffix
-    TargetGroup  = aws_lb_target_group.quic.arn_suffix
+    LoadBalancer = module.lb.arn_suffix
+    TargetGroup  = module.lb.target_group_arn_suffix
   }
 }

@@ -43,7 +43,7 @@ resource "aws_vpc_security_group_ingress_rule" "health" {
   ip_protocol                  = "tcp"
   from_port                    = var.metrics_port
   to_port                      = var.metrics_port
-  referenced_security_group_id = aws_security_group.nlb.id
+  referenced_security_group_id = module.lb.security_group_id
 }
 
 resource "aws_vpc_security_group_ingress_rule" "quic_peers" {
@@ -102,100 +102,13 @@ resource "aws_vpc_security_group_egress_rule" "gossip" {
   referenced_security_group_id = aws_security_group.gossip.id
 }
 
-resource "aws_security_group" "nlb" {
-  name_prefix = "${local.name}-nlb-"
-  description = "Meridian cell ${var.cell_id} load balancer"
-  vpc_id      = var.vpc_id
-  tags        = merge(local.tags, { Name = "${local.name}-nlb" })
-
-  lifecycle {
-    create_before_destroy = true
-  }
-}
-
-resource "aws_vpc_security_group_ingress_rule" "nlb_quic" {
-  for_each = toset(var.client_cidrs)
-
-  security_group_id = aws_security_group.nlb.id
-  description       = "QUIC from clients"
-  ip_protocol       = "udp"
-  from_port         = var.quic_port
-  to_port           = var.quic_port
-  cidr_ipv4         = each.value
-}
-
-resource "aws_vpc_security_group_egress_rule" "nlb_quic" {
-  security_group_id            = aws_security_group.nlb.id
-  description                  = "QUIC to the relay nodes"
-  ip_protocol                  = "udp"
-  from_port                    = var.quic_port
-  to_port                      = var.quic_port
-  referenced_security_group_id = aws_security_group.node.id
-}
-
-resource "aws_vpc_security_group_egress_rule" "nlb_health" {
-  security_group_id            = aws_security_group.nlb.id
-  description                  = "Health checks to the relay nodes"
-  ip_protocol                  = "tcp"
-  from_port                    = var.metrics_port
-  to_port                      = var.metrics_port
-  referenced_security_group_id = aws_security_group.node.id
-}
-
-resource "aws_lb" "this" {
-  name                             = substr("${local.name}-nlb", 0, 32)
-  load_balancer_type               = "network"
-  internal                         = false
-  subnets                          = var.subnet_ids
-  security_groups                  = [aws_security_group.nlb.id]
-  enable_cross_zone_load_balancing = true
-  enable_deletion_protection       = var.deletion_protection
-  tags                             = local.tags
-}
-
-resource "aws_lb_target_group" "quic" {
-  name_prefix          = "mrd-"
-  port                 = var.quic_port
-  protocol             = "UDP"
-  target_type          = "instance"
-  vpc_id               = var.vpc_id
-  deregistration_delay = 60
-  tags                 = local.tags
-
-  health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/healthz"
-    matcher             = "200"
-    interval            = 10
-    healthy_threshold   = 3
-    unhealthy_threshold = 3
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
-}
-
-resource "aws_lb_listener" "quic" {
-  load_balancer_arn = aws_lb.this.arn
-  port              = var.quic_port
-  protocol          = "UDP"
-  tags              = local.tags
-
-  default_action {
-    type             = "forward"
-    target_group_arn = aws_lb_target_group.quic.arn
-  }
-}
-
 # Routers probe the cell's readiness through the load balancer: a TCP listener on
 # the metrics port, reachable only from router_cidrs, forwarding to the nodes'
 # /readyz (a cell is ready while one node is).
 resource "aws_vpc_security_group_ingress_rule" "nlb_probe" {
   for_each = toset(var.router_cidrs)
 
-  security_group_id = aws_security_group.nlb.id
+  security_group_id = module.lb.security_group_id
   description       = "Readiness probes from the routers"
   ip_protocol       = "tcp"
   from_port         = var.metrics_port
@@ -228,7 +141,7 @@ resource "aws_lb_target_group" "probe" {
 }
 
 resource "aws_lb_listener" "probe" {
-  load_balancer_arn = aws_lb.this.arn
+  load_balancer_arn = module.lb.arn
   port              = var.metrics_port
   protocol          = "TCP"
   tags              = local.tags
@@ -239,3 +152,56 @@ resource "aws_lb_listener" "probe" {
   }
 }
 
+module "lb" {
+  source = "../quic-lb"
+
+  name                     = local.name
+  description              = "Meridian cell ${var.cell_id} load balancer"
+  role                     = "relay nodes"
+  target_group_prefix      = "mrd-"
+  vpc_id                   = var.vpc_id
+  subnet_ids               = var.subnet_ids
+  client_cidrs             = var.client_cidrs
+  target_security_group_id = aws_security_group.node.id
+  quic_port                = var.quic_port
+  metrics_port             = var.metrics_port
+  deregistration_delay     = 60
+  deletion_protection      = var.deletion_protection
+  tags                     = local.tags
+}
+
+# The load balancer moved into modules/quic-lb; these keep existing deployments in place.
+moved {
+  from = aws_security_group.nlb
+  to   = module.lb.aws_security_group.nlb
+}
+
+moved {
+  from = aws_vpc_security_group_ingress_rule.nlb_quic
+  to   = module.lb.aws_vpc_security_group_ingress_rule.nlb_quic
+}
+
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_quic
+  to   = module.lb.aws_vpc_security_group_egress_rule.nlb_quic
+}
+
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_health
+  to   = module.lb.aws_vpc_security_group_egress_rule.nlb_health
+}
+
+moved {
+  from = aws_lb.this
+  to   = module.lb.aws_lb.this
+}
+
+moved {
+  from = aws_lb_target_group.quic
+  to   = module.lb.aws_lb_target_group.quic
+}
+
+moved {
+  from = aws_lb_listener.quic
+  to   = module.lb.aws_lb_listener.quic
+}

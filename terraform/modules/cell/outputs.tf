@@ -58,7 +58,7 @@ output "relay_config" {
 
 output "nlb_dns_name" {
   description = "DNS name of the cell's UDP load balancer (QUIC entry to any node of the cell)"
-  value       = aws_lb.this.dns_name
+  value       = module.lb.dns_name
 }
 
 output "router_cell" {
@@ -68,14 +68,14 @@ output "router_cell" {
     region       = local.region
     jurisdiction = var.jurisdiction
     weight       = var.weight
-    endpoint     = "${aws_lb.this.dns_name}:${var.quic_port}"
-    admin        = "${aws_lb.this.dns_name}:${var.metrics_port}"
+    endpoint     = "${module.lb.dns_name}:${var.quic_port}"
+    admin        = "${module.lb.dns_name}:${var.metrics_port}"
   }
 }
 
 output "nlb_zone_id" {
   description = "Route 53 zone id of the load balancer, for alias records"
-  value       = aws_lb.this.zone_id
+  value       = module.lb.zone_id
 }
 
 output "autoscaling_group_name" {

@@ -167,7 +167,7 @@ resource "aws_vpc_security_group_ingress_rule" "health" {
   ip_protocol                  = "tcp"
   from_port                    = var.metrics_port
   to_port                      = var.metrics_port
-  referenced_security_group_id = aws_security_group.nlb.id
+  referenced_security_group_id = module.lb.security_group_id
 }
 
 resource "aws_vpc_security_group_egress_rule" "https" {
@@ -188,91 +188,58 @@ resource "aws_vpc_security_group_egress_rule" "cells" {
   cidr_ipv4         = "0.0.0.0/0"
 }
 
-resource "aws_security_group" "nlb" {
-  name_prefix = "${local.name}-nlb-"
-  description = "Meridian router ${var.name} load balancer"
-  vpc_id      = var.vpc_id
-  tags        = merge(local.tags, { Name = "${local.name}-nlb" })
+module "lb" {
+  source = "../quic-lb"
 
-  lifecycle {
-    create_before_destroy = true
-  }
+  name                     = local.name
+  description              = "Meridian router ${var.name} load balancer"
+  role                     = "routers"
+  target_group_prefix      = "mrr-"
+  vpc_id                   = var.vpc_id
+  subnet_ids               = var.subnet_ids
+  client_cidrs             = var.client_cidrs
+  target_security_group_id = aws_security_group.router.id
+  quic_port                = var.quic_port
+  metrics_port             = var.metrics_port
+  deregistration_delay     = 30
+  deletion_protection      = var.deletion_protection
+  tags                     = local.tags
 }
 
-resource "aws_vpc_security_group_ingress_rule" "nlb_quic" {
-  for_each = toset(var.client_cidrs)
-
-  security_group_id = aws_security_group.nlb.id
-  description       = "QUIC from clients"
-  ip_protocol       = "udp"
-  from_port         = var.quic_port
-  to_port           = var.quic_port
-  cidr_ipv4         = each.value
+# The load balancer moved into modules/quic-lb; these keep existing deployments in place.
+moved {
+  from = aws_security_group.nlb
+  to   = module.lb.aws_security_group.nlb
 }
 
-resource "aws_vpc_security_group_egress_rule" "nlb_quic" {
-  security_group_id            = aws_security_group.nlb.id
-  description                  = "QUIC to the routers"
-  ip_protocol                  = "udp"
-  from_port                    = var.quic_port
-  to_port                      = var.quic_port
-  referenced_security_group_id = aws_security_group.router.id
+moved {
+  from = aws_vpc_security_group_ingress_rule.nlb_quic
+  to   = module.lb.aws_vpc_security_group_ingress_rule.nlb_quic
 }
 
-resource "aws_vpc_security_group_egress_rule" "nlb_health" {
-  security_group_id            = aws_security_group.nlb.id
-  description                  = "Health checks to the routers"
-  ip_protocol                  = "tcp"
-  from_port                    = var.metrics_port
-  to_port                      = var.metrics_port
-  referenced_security_group_id = aws_security_group.router.id
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_quic
+  to   = module.lb.aws_vpc_security_group_egress_rule.nlb_quic
 }
 
-resource "aws_lb" "this" {
-  name                             = substr("${local.name}-nlb", 0, 32)
-  load_balancer_type               = "network"
-  internal                         = false
-  subnets                          = var.subnet_ids
-  security_groups                  = [aws_security_group.nlb.id]
-  enable_cross_zone_load_balancing = true
-  enable_deletion_protection       = var.deletion_protection
-  tags                             = local.tags
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_health
+  to   = module.lb.aws_vpc_security_group_egress_rule.nlb_health
 }
 
-resource "aws_lb_target_group" "quic" {
-  name_prefix          = "mrr-"
-  port                 = var.quic_port
-  protocol             = "UDP"
-  target_type          = "instance"
-  vpc_id               = var.vpc_id
-  deregistration_delay = 30
-  tags                 = local.tags
-
-  health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/healthz"
-    matcher             = "200"
-    interval            = 10
-    healthy_threshold   = 3
-    unhealthy_threshold = 3
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
+moved {
+  from = aws_lb.this
+  to   = module.lb.aws_lb.this
 }
 
-resource "aws_lb_listener" "quic" {
-  load_balancer_arn = aws_lb.this.arn
-  port              = var.quic_port
-  protocol          = "UDP"
-  tags              = local.tags
+moved {
+  from = aws_lb_target_group.quic
+  to   = module.lb.aws_lb_target_group.quic
+}
 
-  default_action {
-    type             = "forward"
-    target_group_arn = aws_lb_target_group.quic.arn
-  }
+moved {
+  from = aws_lb_listener.quic
+  to   = module.lb.aws_lb_listener.quic
 }
 
 # --- Compute ------------------------------------------------------------------------
@@ -332,7 +299,7 @@ resource "aws_autoscaling_group" "router" {
   max_size                  = var.max_size
   desired_capacity          = var.desired_capacity
   vpc_zone_identifier       = var.subnet_ids
-  target_group_arns         = [aws_lb_target_group.quic.arn]
+  target_group_arns         = [module.lb.target_group_arn]
   health_check_type         = "ELB"
   health_check_grace_period = 90
   wait_for_capacity_timeout = "15m"
@@ -381,7 +348,7 @@ resource "aws_cloudwatch_metric_alarm" "no_healthy_router" {
   tags                = local.tags
 
   dimensions = {
-    LoadBalancer = aws_lb.this.arn_suffix
-    TargetGroup  = aws_lb_target_group.quic.arn_suffix
+    LoadBalancer = module.lb.arn_suffix
+    TargetGroup  = module.lb.target_group_arn_suffix
   }
 }

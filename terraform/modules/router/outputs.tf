@@ -10,12 +10,12 @@ output "region" {
 
 output "nlb_dns_name" {
   description = "DNS name of the router load balancer."
-  value       = aws_lb.this.dns_name
+  value       = module.lb.dns_name
 }
 
 output "nlb_zone_id" {
   description = "Route 53 zone id of the router load balancer (for alias records)."
-  value       = aws_lb.this.zone_id
+  value       = module.lb.zone_id
 }
 
 output "health_alarm_name" {
