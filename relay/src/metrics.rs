@@ -46,6 +46,11 @@ fn describe() {
         "Connections refused, by reason."
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
+    describe_histogram!(
+        "meridian_fanout_latency_seconds",
+        Unit::Seconds,
+        "From a change's arrival to its being written to another subscriber's stream."
+    );
     describe_counter!(
         "meridian_redirects_total",
         "Sessions told `redirect`: their tenant's home is another cell."
@@ -386,4 +391,10 @@ pub fn router_view(
 /// A control-plane record that failed its checks, skipped by a scan.
 pub fn control_record_corrupt() {
     counter!("meridian_control_corrupt_records_total").increment(1);
+}
+
+/// One fan-out: another session's changes, from their arrival at the relay to their
+/// being written to this subscriber's stream.
+pub fn fanout_latency(latency: Duration) {
+    histogram!("meridian_fanout_latency_seconds").record(latency.as_secs_f64());
 }

@@ -71,6 +71,8 @@ pub enum Input {
         doc: DocId,
         /// Raw changes.
         changes: Vec<Bytes>,
+        /// When the session decoded them (for the fan-out latency).
+        received: Instant,
     },
     /// Presence arrived.
     Presence {
@@ -412,6 +414,7 @@ pub async fn start_with_store(
     }
     let driver = Driver {
         engine,
+        fanout_from: None,
         refresh_permits: Arc::new(Semaphore::new(REFRESHES_IN_FLIGHT_MAX)),
         shared: shared.clone(),
         cell: gossip.as_ref().map(Gossip::view),
@@ -548,6 +551,8 @@ async fn replay_flush_queue(
 
 struct Driver {
     engine: Engine,
+    /// While one session's changes are handled: that session and when they arrived.
+    fanout_from: Option<(SessionId, Instant)>,
     /// Refreshes (re-reads after membership changes) never take cold loads' permits.
     refresh_permits: Arc<Semaphore>,
     shared: Arc<Shared>,
@@ -767,7 +772,11 @@ impl Driver {
                 session,
                 doc,
                 changes,
-            } => self.engine.handle_changes(now(), session, doc, changes),
+                received,
+            } => {
+                self.fanout_from = Some((session, received));
+                self.engine.handle_changes(now(), session, doc, changes);
+            }
             Input::Presence {
                 session,
                 doc,
@@ -803,7 +812,21 @@ impl Driver {
                     .and_then(|doc| outboxes.docs.get(doc))
                     .map(|(_, outbox)| outbox)
                     .unwrap_or(&outboxes.control);
-                if !outbox.push(transmit.outbound) {
+                // Changes of the session whose input is being handled, going to the
+                // other subscribers: their fan-out latency is measured.
+                let pushed = match self.fanout_from {
+                    Some((from, received))
+                        if from != transmit.session
+                            && matches!(
+                                transmit.outbound,
+                                Outbound::Message(RelayToClient::Changes { .. })
+                            ) =>
+                    {
+                        outbox.push_fanout(transmit.outbound, received)
+                    }
+                    _ => outbox.push(transmit.outbound),
+                };
+                if !pushed {
                     self.slow_consumers += 1;
                     outboxes
                         .control
@@ -820,6 +843,7 @@ impl Driver {
                 break;
             }
         }
+        self.fanout_from = None;
         self.evict_idle_docs();
         while let Some(latency) = self.engine.poll_durable_latency() {
             crate::metrics::durable_ack_latency(latency);

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use meridian_protocol::token::{self, TenantPublicKey};
@@ -26,7 +26,8 @@ const READ_CHUNK: usize = 64 << 10;
 /// The sending half of one stream's bounded queue, shared with the engine driver.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outbound>,
+    /// Each message with, for a fan-out, when its changes arrived at the relay.
+    tx: mpsc::Sender<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<AtomicUsize>,
     bytes_max: usize,
     connection: quinn::Connection,
@@ -36,6 +37,16 @@ impl Outbox {
     /// Queues a message; false if the consumer is too far behind (the caller disconnects
     /// it as a slow consumer).
     pub fn push(&self, outbound: Outbound) -> bool {
+        self.push_at(outbound, None)
+    }
+
+    /// Queues another session's changes, received at `received`: the time until they
+    /// are written is recorded as fan-out latency.
+    pub fn push_fanout(&self, outbound: Outbound, received: Instant) -> bool {
+        self.push_at(outbound, Some(received))
+    }
+
+    fn push_at(&self, outbound: Outbound, received: Option<Instant>) -> bool {
         let size = match &outbound {
             Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
             Outbound::CatchUp { changes, .. } => changes.len() * 16,
@@ -45,7 +56,7 @@ impl Outbox {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             return false;
         }
-        if self.tx.try_send(outbound).is_err() {
+        if self.tx.try_send((outbound, received)).is_err() {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             return false;
         }
@@ -374,6 +385,7 @@ async fn doc_stream(
                     session,
                     doc: doc.clone(),
                     changes,
+                    received: Instant::now(),
                 },
                 Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => Input::Presence {
                     session,
@@ -437,7 +449,8 @@ fn spawn_writer(
     mut send: SendStream,
     queued_bytes: Arc<AtomicUsize>,
 ) -> Outbox {
-    let (tx, mut rx) = mpsc::channel::<Outbound>(shared.limits.send_queue_messages_max);
+    let (tx, mut rx) =
+        mpsc::channel::<(Outbound, Option<Instant>)>(shared.limits.send_queue_messages_max);
     let outbox = Outbox {
         tx,
         queued_bytes: queued_bytes.clone(),
@@ -449,7 +462,7 @@ fn spawn_writer(
     shared.spawn(async move {
         // Grows with the largest frame written; idle connections keep it empty.
         let mut buf = Vec::new();
-        while let Some(outbound) = rx.recv().await {
+        while let Some((outbound, received)) = rx.recv().await {
             buf.clear();
             let (size, close) = match &outbound {
                 Outbound::Message(message) => {
@@ -510,6 +523,9 @@ fn spawn_writer(
             queued_bytes.fetch_sub(size, Ordering::Relaxed);
             if written.is_err() {
                 return;
+            }
+            if let Some(received) = received {
+                crate::metrics::fanout_latency(received.elapsed());
             }
             if let Some(code) = close {
                 let _ = send.finish();

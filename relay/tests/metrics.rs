@@ -173,6 +173,10 @@ async fn metrics_health_and_readiness() {
     assert_eq!(value(&text, "meridian_sessions"), 2.0);
     assert!(value(&text, "meridian_hot_documents") >= 1.0);
     assert!(value(&text, "meridian_durable_ack_latency_seconds_count") >= 20.0);
+    assert!(
+        value(&text, "meridian_fanout_latency_seconds_count") >= 1.0,
+        "the deliveries to bob were timed"
+    );
     assert!(value(&text, "meridian_cold_loads_total") >= 1.0);
     assert!(
         value(
