@@ -185,6 +185,34 @@ fn start_relay() -> Result<(LocalRelay, PathBuf)> {
     Ok((LocalRelay { child, dir }, config))
 }
 
+/// The upper bound of the Prometheus histogram bucket that holds quantile `q` of
+/// `name` in a `/metrics` text (bucket resolution: the relay's buckets).
+fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, count)| *count >= q * total)
+        .map(|(le, _)| *le)
+}
+
 /// Resident memory (bytes) and CPU time (seconds) of a process, from /proc.
 fn process_usage(pid: u32) -> Option<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -316,6 +344,12 @@ async fn main() -> Result<()> {
             (Some(relay), path)
         }
     };
+    // The relay node's admin address, for its own fan-out latency histogram.
+    let relay_admin: Option<std::net::SocketAddr> = relay.as_ref().and_then(|r| {
+        let text = std::fs::read_to_string(r.dir.path().join("node-1.toml")).ok()?;
+        let file: toml::Value = toml::from_str(&text).ok()?;
+        file.get("metrics")?.get("listen")?.as_str()?.parse().ok()
+    });
     // The relay node is `meridian dev`'s child; its PID is in node-1.pid.
     let relay_pid = relay.as_ref().and_then(|r| {
         std::fs::read_to_string(r.dir.path().join("node-1.pid"))
@@ -448,6 +482,15 @@ async fn main() -> Result<()> {
         for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
             report[format!("latency_ms_{name}")] =
                 serde_json::json!(h.value_at_quantile(q) as f64 / 1000.0);
+        }
+    }
+    if let Some(admin) = relay_admin
+        && let Ok((200, text)) = meridian_relay::http::get(admin, "/metrics").await
+    {
+        for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
+            if let Some(le) = histogram_quantile(&text, "meridian_fanout_latency_seconds", q) {
+                report[format!("relay_fanout_ms_{name}_at_most")] = serde_json::json!(le * 1000.0);
+            }
         }
     }
     if let (Some((_, cpu0)), Some((rss, cpu1))) =
