@@ -143,21 +143,7 @@ async fn run_one_cell(
     })?;
     let exe = std::env::current_exe().context("cannot find the meridian binary")?;
     let mut procs = Vec::new();
-    for node in &nodes {
-        procs.push(spawn(
-            &exe,
-            "relay",
-            &node.id,
-            &node.config,
-            &node.log,
-            &node.pid,
-            admin_of(&node.file),
-        )?);
-    }
-    if let Err(error) = wait_ready(&mut procs, shutdown).await {
-        stop_all(&mut procs).await;
-        return Err(error);
-    }
+    start_nodes(&exe, &nodes, &mut procs, shutdown).await?;
     let client = ClientFile {
         endpoint: nodes[0].file.node.listen.to_string(),
         nodes: client_nodes(&nodes),
@@ -346,23 +332,8 @@ async fn run_cells(
             }
         }
     }
-    for (_, nodes) in &plans {
-        for node in nodes {
-            procs.push(spawn(
-                &exe,
-                "relay",
-                &node.id,
-                &node.config,
-                &node.log,
-                &node.pid,
-                admin_of(&node.file),
-            )?);
-        }
-    }
-    if let Err(error) = wait_ready(&mut procs, shutdown).await {
-        stop_all(&mut procs).await;
-        return Err(error);
-    }
+    let all: Vec<&NodeSpec> = plans.iter().flat_map(|(_, nodes)| nodes).collect();
+    start_nodes(&exe, all, &mut procs, shutdown).await?;
 
     let mut first_client = None;
     for jurisdiction in jurisdictions.keys() {
@@ -591,6 +562,38 @@ fn spawn(
         admin,
         child: Some(child),
     })
+}
+
+/// Starts every node as a child process (added to `procs`) and waits until all are
+/// ready; on failure every process in `procs` is stopped.
+async fn start_nodes<'a>(
+    exe: &Path,
+    nodes: impl IntoIterator<Item = &'a NodeSpec>,
+    procs: &mut Vec<Proc>,
+    shutdown: &mut crate::Shutdown,
+) -> Result<()> {
+    for node in nodes {
+        match spawn(
+            exe,
+            "relay",
+            &node.id,
+            &node.config,
+            &node.log,
+            &node.pid,
+            admin_of(&node.file),
+        ) {
+            Ok(proc) => procs.push(proc),
+            Err(error) => {
+                stop_all(procs).await;
+                return Err(error);
+            }
+        }
+    }
+    if let Err(error) = wait_ready(procs, shutdown).await {
+        stop_all(procs).await;
+        return Err(error);
+    }
+    Ok(())
 }
 
 fn admin_of(file: &RelayFile) -> Option<SocketAddr> {
