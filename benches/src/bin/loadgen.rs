@@ -413,7 +413,7 @@ async fn main() -> Result<()> {
             }
         }
         Scenario::Catchup | Scenario::LargeDoc => {
-            let trace = meridian_benches::build_trace_doc(
+            let mut trace = meridian_benches::build_trace_doc(
                 args.doc_changes,
                 // Follow-up keystrokes for large-doc: half the document, at most 50k.
                 if args.scenario == Scenario::LargeDoc {
@@ -464,8 +464,34 @@ async fn main() -> Result<()> {
                     loader.wait_applied().await?;
                     applied += chunk.len();
                 }
-                report["large_doc_changes_per_second"] =
-                    serde_json::json!(applied as f64 / started.elapsed().as_secs_f64());
+                let ours = applied as f64 / started.elapsed().as_secs_f64();
+                report["large_doc_changes_per_second"] = serde_json::json!(ours);
+                // The baseline, side by side: a naive relay that applies every change to
+                // its materialized document and speaks the Automerge sync protocol, fed
+                // the same changes in the same batches (in process, relay work only).
+                let naive = meridian_benches::naive_relay_ingest(
+                    &mut trace.doc,
+                    &trace.follow_up,
+                    100,
+                    0,
+                    Duration::from_secs(args.duration),
+                )
+                .map_err(anyhow::Error::msg)?;
+                let baseline = naive.changes as f64 / naive.relay_time.as_secs_f64().max(1e-9);
+                report["baseline_changes_per_second"] = serde_json::json!(baseline);
+                report["ratio_vs_baseline"] = serde_json::json!(ours / baseline.max(1e-9));
+                // And one sync message per keystroke, as a live editor sends them.
+                let single = meridian_benches::naive_relay_ingest(
+                    &mut trace.doc,
+                    &trace.follow_up,
+                    1,
+                    0,
+                    Duration::from_secs(args.duration),
+                )
+                .map_err(anyhow::Error::msg)?;
+                report["baseline_changes_per_second_one_per_message"] = serde_json::json!(
+                    single.changes as f64 / single.relay_time.as_secs_f64().max(1e-9)
+                );
             }
         }
     }
