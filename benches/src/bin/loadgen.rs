@@ -466,6 +466,34 @@ async fn main() -> Result<()> {
                 }
                 let ours = applied as f64 / started.elapsed().as_secs_f64();
                 report["large_doc_changes_per_second"] = serde_json::json!(ours);
+                // One keystroke at a time, pipelined (no wait per change), as a live
+                // editor types: the rest of the trace, for at most the same duration.
+                let rest = &trace.follow_up[applied.min(trace.follow_up.len())..];
+                if !rest.is_empty() {
+                    let one_at_a_time = Instant::now();
+                    let deadline = one_at_a_time + Duration::from_secs(args.duration);
+                    let mut typed = 0usize;
+                    let mut importing = Duration::ZERO;
+                    for change in rest {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        let import = Instant::now();
+                        loader.import(std::slice::from_ref(change))?;
+                        importing += import.elapsed();
+                        typed += 1;
+                        if typed.is_multiple_of(64) {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    loader.wait_applied().await?;
+                    report["large_doc_changes_per_second_one_at_a_time"] =
+                        serde_json::json!(typed as f64 / one_at_a_time.elapsed().as_secs_f64());
+                    // The generator's own share: applying each keystroke to the client's
+                    // materialized copy.
+                    report["large_doc_client_import_ms_per_change"] =
+                        serde_json::json!(importing.as_secs_f64() * 1000.0 / typed.max(1) as f64);
+                }
                 // The baseline, side by side: a naive relay that applies every change to
                 // its materialized document and speaks the Automerge sync protocol, fed
                 // the same changes in the same batches (in process, relay work only).
