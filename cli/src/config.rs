@@ -138,7 +138,7 @@ impl ControlSection {
     }
 }
 
-/// The router's configuration file (see `cell-router/router.example.toml`).
+/// The router's configuration file (see `relay/router.example.toml`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterFile {
@@ -160,9 +160,6 @@ pub struct RouterFile {
 pub struct RouterSection {
     /// UDP address for QUIC (`locate`).
     pub listen: SocketAddr,
-    /// The address clients are told (defaults to `listen`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub advertise: Option<String>,
 }
 
 /// Probe timings and hysteresis.

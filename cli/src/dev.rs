@@ -269,7 +269,6 @@ async fn run_cells(
     let router = RouterFile {
         router: RouterSection {
             listen: router_listen,
-            advertise: None,
         },
         tls: TlsSection {
             cert_file: pki.node_cert.clone(),

@@ -28,32 +28,11 @@ struct Cli {
 enum Command {
     /// Run a complete local deployment with embedded storage.
     Dev(dev::DevArgs),
-    /// Run a relay node from a TOML config file.
-    Relay {
-        /// The config file (see relay/config.example.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// Shut down gracefully when standard input closes (how `meridian dev` stops its
-        /// nodes, including when it dies itself).
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-        /// Check the config file (keys, values, tenant keys, the cell key file) and exit.
-        #[arg(long)]
-        check: bool,
-    },
-    /// Run a router from a TOML config file: answers `locate`, probes cells, commits
-    /// failovers and drains.
-    Router {
-        /// The config file (see cell-router/router.example.toml).
-        #[arg(long)]
-        config: PathBuf,
-        /// Stop when standard input closes (how `meridian dev` stops its router).
-        #[arg(long, hide = true)]
-        exit_with_parent: bool,
-        /// Check the config file (directory, jurisdictions, timings) and exit.
-        #[arg(long)]
-        check: bool,
-    },
+    /// Run a relay node from a TOML config file (see relay/config.example.toml).
+    Relay(ServiceArgs),
+    /// Run a router from a TOML config file (see relay/router.example.toml): answers
+    /// `locate`, probes cells, commits failovers and drains.
+    Router(ServiceArgs),
     /// Create tenants and locate them.
     #[command(subcommand)]
     Tenant(placement::TenantCommand),
@@ -69,6 +48,22 @@ enum Command {
     /// Prepare the durable tier.
     #[command(subcommand)]
     Durable(DurableCommand),
+}
+
+/// How `meridian relay` and `meridian router` are run.
+#[derive(clap::Args)]
+struct ServiceArgs {
+    /// The config file.
+    #[arg(long)]
+    config: PathBuf,
+    /// Shut down gracefully when standard input closes (how `meridian dev` stops its
+    /// children, including when it dies itself).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+    /// Check the config file (every key and value; a relay's tenant keys and cell key
+    /// file, a router's directory and timings) and exit.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Subcommand)]
@@ -116,26 +111,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Dev(args) => dev::run(args).await,
-            Command::Relay {
-                config,
-                check: true,
-                ..
-            } => check_relay(config),
-            Command::Relay {
-                config,
-                exit_with_parent,
-                check: false,
-            } => run_relay(config, exit_with_parent).await,
-            Command::Router {
-                config,
-                check: true,
-                ..
-            } => check_router(config),
-            Command::Router {
-                config,
-                exit_with_parent,
-                check: false,
-            } => run_router(config, exit_with_parent).await,
+            Command::Relay(args) if args.check => check_relay(args.config),
+            Command::Relay(args) => run_relay(args.config, args.exit_with_parent).await,
+            Command::Router(args) if args.check => check_router(args.config),
+            Command::Router(args) => run_router(args.config, args.exit_with_parent).await,
             Command::Tenant(command) => placement::run_tenant(command).await,
             Command::Cell(command) => cell::run(command).await,
             Command::Token(command) => token::run(command),

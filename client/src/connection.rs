@@ -609,9 +609,7 @@ impl Pool {
         placement.locating = false;
         let now = Instant::now();
         match result {
-            Ok(home)
-                if !home.jurisdiction.is_empty() && home.jurisdiction != placement.audience =>
-            {
+            Ok(home) if crate::check_residency(&home, &placement.audience).is_err() => {
                 tracing::warn!(jurisdiction = %home.jurisdiction, "router answered a cell outside the token's jurisdiction; ignored");
                 placement.next_locate = Some(now + placement.delay);
             }

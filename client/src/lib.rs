@@ -415,7 +415,7 @@ pub async fn locate(
 
 /// Refuses a home outside the token's jurisdiction (a misconfigured router must not make
 /// the app send its content abroad).
-fn check_residency(home: &Home, audience: &str) -> Result<(), ClientError> {
+pub(crate) fn check_residency(home: &Home, audience: &str) -> Result<(), ClientError> {
     if !home.jurisdiction.is_empty() && home.jurisdiction != audience {
         return Err(ClientError::Config(format!(
             "the router placed the tenant in jurisdiction {}, the token is for {audience}",

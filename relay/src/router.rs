@@ -91,6 +91,8 @@ impl RouterConfig {
 
 /// Locates one connection may ask before it is closed (clients locate rarely).
 const LOCATES_PER_CONNECTION_MAX: usize = 1024;
+/// The largest request a router reads (a `locate` is a few dozen bytes).
+const REQUEST_MAX: usize = 4096;
 /// Streams one connection may have open at once.
 const STREAMS_PER_CONNECTION_MAX: u32 = 4;
 /// How long a connection may stay without a request.
@@ -693,6 +695,7 @@ async fn serve_stream(
     router: &Router,
 ) {
     let mut decoder = FrameDecoder::new();
+    let mut read = 0usize;
     let frame: Bytes = loop {
         match decoder.next_frame() {
             Ok(Some(frame)) => break frame,
@@ -702,8 +705,20 @@ async fn serve_stream(
                     .await;
             }
         }
-        match tokio::time::timeout(IDLE_TIMEOUT, recv.read_chunk(4096, true)).await {
-            Ok(Ok(Some(chunk))) => decoder.push(&chunk.bytes),
+        match tokio::time::timeout(IDLE_TIMEOUT, recv.read_chunk(REQUEST_MAX, true)).await {
+            Ok(Ok(Some(chunk))) => {
+                read += chunk.bytes.len();
+                if read > REQUEST_MAX {
+                    // A locate is a few dozen bytes: never buffer a frame of a megabyte.
+                    return answer_and_close(
+                        connection,
+                        &mut send,
+                        malformed("a router request is at most 4 KiB"),
+                    )
+                    .await;
+                }
+                decoder.push(&chunk.bytes);
+            }
             _ => return,
         }
     };

@@ -520,6 +520,32 @@ async fn the_router_places_fails_over_drains_and_fails_closed() {
     assert_eq!(drained.cell, names[other_index].0);
     assert!(drained.epoch > back.epoch);
 
+    // A request larger than any locate is refused, not buffered.
+    let config = dev.client_config(at, dev.token("ops"));
+    let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+    let connection = endpoint.connect(at, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    let mut oversized = (64u32 << 10).to_be_bytes().to_vec();
+    oversized.extend(std::iter::repeat_n(0u8, 8 << 10));
+    let _ = send.write_all(&oversized).await;
+    let answer = recv.read_to_end(64 << 10).await.unwrap_or_default();
+    let mut decoder = meridian_protocol::FrameDecoder::new();
+    decoder.push(&answer);
+    let answer = decoder
+        .next_frame()
+        .expect("a valid frame")
+        .expect("an error frame");
+    assert!(
+        matches!(
+            RelayToClient::decode(&answer),
+            Ok(RelayToClient::Error {
+                code: ErrorCode::Malformed,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+
     router.shutdown().await;
     for cell in &mut cells {
         cell.stop().await;
