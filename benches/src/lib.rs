@@ -3,6 +3,9 @@
 //! change per keystroke, and a relay engine preloaded with them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod naive;
+pub mod raw;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -215,112 +218,4 @@ impl LoadedEngine {
         }
         effects
     }
-}
-
-/// What the naive baseline relay did in [`naive_relay_ingest`].
-#[derive(Debug, Clone, Copy)]
-pub struct NaiveIngest {
-    /// Changes the naive relay took in.
-    pub changes: usize,
-    /// Time spent in the relay's own work (applying to its materialized document and
-    /// producing sync messages), excluding the clients' work.
-    pub relay_time: std::time::Duration,
-}
-
-/// The naive baseline relay, in process: it keeps the document materialized
-/// (`AutoCommit`), applies every incoming change to it through the Automerge sync
-/// protocol, and answers the writer and every subscriber with sync messages. The writer
-/// sends `follow_up` in sync messages of `batch` changes until `budget` of relay time is
-/// spent. Only the relay's calls are timed (no network: an upper bound of what a naive
-/// relay could do). Fails if the relay's document does not end with the writer's heads.
-pub fn naive_relay_ingest(
-    base: &mut AutoCommit,
-    follow_up: &[Bytes],
-    batch: usize,
-    subscribers: usize,
-    budget: std::time::Duration,
-) -> Result<NaiveIngest, String> {
-    use automerge::sync::{self, SyncDoc};
-
-    /// Runs the sync protocol between the relay and one peer until both are quiet,
-    /// timing the relay's side.
-    fn exchange(
-        relay: &mut AutoCommit,
-        relay_state: &mut sync::State,
-        peer: &mut AutoCommit,
-        peer_state: &mut sync::State,
-        relay_time: &mut std::time::Duration,
-    ) -> Result<(), String> {
-        for _ in 0..64 {
-            let to_relay = peer.sync().generate_sync_message(peer_state);
-            let started = Instant::now();
-            if let Some(message) = to_relay.clone() {
-                relay
-                    .sync()
-                    .receive_sync_message(relay_state, message)
-                    .map_err(|e| e.to_string())?;
-            }
-            let to_peer = relay.sync().generate_sync_message(relay_state);
-            *relay_time += started.elapsed();
-            if let Some(message) = to_peer.clone() {
-                peer.sync()
-                    .receive_sync_message(peer_state, message)
-                    .map_err(|e| e.to_string())?;
-            }
-            if to_relay.is_none() && to_peer.is_none() {
-                return Ok(());
-            }
-        }
-        Err("the sync protocol did not settle in 64 rounds".into())
-    }
-
-    let mut relay = base.fork();
-    let mut writer = base.fork();
-    let mut relay_writer = sync::State::new();
-    let mut writer_state = sync::State::new();
-    let mut subs: Vec<(AutoCommit, sync::State, sync::State)> = (0..subscribers)
-        .map(|_| (base.fork(), sync::State::new(), sync::State::new()))
-        .collect();
-    // The initial handshakes are not the ingest being measured.
-    let mut untimed = std::time::Duration::ZERO;
-    exchange(
-        &mut relay,
-        &mut relay_writer,
-        &mut writer,
-        &mut writer_state,
-        &mut untimed,
-    )?;
-    for (peer, relay_state, peer_state) in &mut subs {
-        exchange(&mut relay, relay_state, peer, peer_state, &mut untimed)?;
-    }
-    let mut relay_time = std::time::Duration::ZERO;
-    let mut changes = 0;
-    for chunk in follow_up.chunks(batch.max(1)) {
-        if relay_time >= budget {
-            break;
-        }
-        let parsed = chunk
-            .iter()
-            .map(|bytes| automerge::Change::from_bytes(bytes.to_vec()).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, _>>()?;
-        writer.apply_changes(parsed).map_err(|e| e.to_string())?;
-        exchange(
-            &mut relay,
-            &mut relay_writer,
-            &mut writer,
-            &mut writer_state,
-            &mut relay_time,
-        )?;
-        for (peer, relay_state, peer_state) in &mut subs {
-            exchange(&mut relay, relay_state, peer, peer_state, &mut relay_time)?;
-        }
-        changes += chunk.len();
-    }
-    if relay.get_heads() != writer.get_heads() {
-        return Err("the naive relay's document does not have the writer's heads".into());
-    }
-    Ok(NaiveIngest {
-        changes,
-        relay_time,
-    })
 }

@@ -413,6 +413,11 @@ impl Pool {
     fn add_conn(&mut self, addr: String, established: Established) {
         let generation = self.next_generation;
         self.next_generation += 1;
+        if let Some(inner) = self.inner.upgrade()
+            && let Ok(mut wire) = inner.wire.lock()
+        {
+            wire.add(established.connection.clone());
+        }
         for node in &established.nodes {
             self.learn(node);
         }

@@ -161,6 +161,29 @@ struct Inner {
     commands: mpsc::Sender<connection::Command>,
     state: watch::Receiver<ConnectionState>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Connections this client made, for [`Client::bytes_received`].
+    wire: Mutex<Wire>,
+}
+
+/// The newest connections a client made (at most [`Wire::KEEP`]) and the bytes received
+/// on older ones.
+#[derive(Default)]
+pub(crate) struct Wire {
+    older_rx: u64,
+    recent: std::collections::VecDeque<quinn::Connection>,
+}
+
+impl Wire {
+    const KEEP: usize = 16;
+
+    pub(crate) fn add(&mut self, connection: quinn::Connection) {
+        if self.recent.len() >= Self::KEEP
+            && let Some(oldest) = self.recent.pop_front()
+        {
+            self.older_rx += oldest.stats().udp_rx.bytes;
+        }
+        self.recent.push_back(connection);
+    }
 }
 
 /// The connection as the app sees it.
@@ -287,6 +310,7 @@ impl Client {
             commands: commands_tx,
             state: state_rx,
             task: Mutex::new(None),
+            wire: Mutex::new(Wire::default()),
         });
         let task = tokio::spawn(connection::run(
             Arc::downgrade(&inner),
@@ -342,6 +366,19 @@ impl Client {
         if let Ok(mut config) = self.inner.config.lock() {
             config.token = token;
         }
+    }
+
+    /// UDP bytes received over every connection this client has made (QUIC headers,
+    /// TLS and frames): what a client pays on the wire, for benchmarks and tools.
+    pub fn bytes_received(&self) -> u64 {
+        self.inner.wire.lock().map_or(0, |wire| {
+            wire.older_rx
+                + wire
+                    .recent
+                    .iter()
+                    .map(|c| c.stats().udp_rx.bytes)
+                    .sum::<u64>()
+        })
     }
 
     /// The connection's state now.

@@ -10,6 +10,12 @@
 //! subscribers), `idle` (many idle connections: memory per connection), `catchup` (late
 //! joiners on a large document), `large-doc` (edits on a document replayed from the real
 //! editing trace). See benches/README.md for the commands and figures.
+//!
+//! With `--system both` (the default) every scenario runs twice in one invocation: once
+//! against Meridian and once against the naive baseline relay (`naive-relay`: a
+//! materialized Automerge document per document, the Automerge sync protocol; see
+//! `meridian_benches::naive`), with the same clients, documents and rates, and the
+//! report gives each figure for both and their ratio.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -19,10 +25,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use automerge::AutoCommit;
 use automerge::transaction::Transactable;
 use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use meridian_benches::naive::{NaiveClient, NaiveDocHandle};
 use meridian_client::{ChangeHash, Client, ClientConfig, DocEvent, DocHandle};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -34,11 +42,25 @@ enum Scenario {
     LargeDoc,
 }
 
+/// Which relay to load.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum System {
+    /// Meridian.
+    Ours,
+    /// The naive baseline relay.
+    Naive,
+    /// Meridian, then the naive baseline, side by side.
+    Both,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Meridian load generator")]
 struct Args {
     #[arg(long, value_enum)]
     scenario: Scenario,
+    /// Which relay to load (`both`: ours, then the naive baseline, with ratios).
+    #[arg(long, value_enum, default_value_t = System::Both)]
+    system: System,
     /// Clients (QUIC connections).
     #[arg(long, default_value_t = 100)]
     clients: usize,
@@ -122,7 +144,7 @@ impl Tracker {
     }
 }
 
-/// The relay under test, when this process started it.
+/// A relay process this load generator started, stopped when dropped.
 struct LocalRelay {
     child: Child,
     dir: tempfile::TempDir,
@@ -158,31 +180,35 @@ fn client_config(path: &Path) -> Result<ClientConfig> {
     Ok(config)
 }
 
-fn start_relay() -> Result<(LocalRelay, PathBuf)> {
-    let meridian = std::env::current_exe()?.with_file_name("meridian");
-    if !meridian.exists() {
+/// Starts a binary from this one's directory with `args`, and waits for `ready` (a
+/// file name in the fresh data directory passed as `--data-dir`/`--dir`).
+fn start_local(binary: &str, args: &[&str], dir_flag: &str, ready: &str) -> Result<LocalRelay> {
+    let path = std::env::current_exe()?.with_file_name(binary);
+    if !path.exists() {
         bail!(
-            "{} not found: build it first (cargo build --release -p meridian-cli)",
-            meridian.display()
+            "{} not found: build it first (cargo build --release -p meridian-cli -p meridian-benches)",
+            path.display()
         );
     }
     let dir = tempfile::tempdir()?;
-    let child = Command::new(&meridian)
-        .args(["dev", "--nodes", "1", "--data-dir"])
+    let child = Command::new(&path)
+        .args(args)
+        .arg(dir_flag)
         .arg(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let config = dir.path().join("client.toml");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !config.exists() {
+    let relay = LocalRelay { child, dir };
+    let ready = relay.dir.path().join(ready);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready.exists() {
         if Instant::now() > deadline {
-            bail!("the local relay did not start");
+            bail!("{binary} did not start");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(100));
-    Ok((LocalRelay { child, dir }, config))
+    Ok(relay)
 }
 
 /// The upper bound of the Prometheus histogram bucket that holds quantile `q` of
@@ -229,19 +255,225 @@ fn process_usage(pid: u32) -> Option<(u64, f64)> {
     Some((rss_kib * 1024, ticks / 100.0))
 }
 
+/// The relay under test: how to reach it, and its process when this one started it.
+struct Target {
+    /// Stops the relay when the target is dropped.
+    _local: Option<LocalRelay>,
+    pid: Option<u32>,
+    /// Meridian's admin address, for its own fan-out histogram.
+    admin: Option<std::net::SocketAddr>,
+    connector: Connector,
+}
+
+#[derive(Clone)]
+enum Connector {
+    Ours(ClientConfig),
+    Naive {
+        endpoint: quinn::Endpoint,
+        addr: std::net::SocketAddr,
+    },
+}
+
+impl Target {
+    /// Meridian: an existing deployment's client.toml, or `meridian dev --nodes 1`.
+    fn ours(config: Option<&Path>) -> Result<Target> {
+        let (local, config_path) = match config {
+            Some(path) => (None, path.to_path_buf()),
+            None => {
+                let relay = start_local(
+                    "meridian",
+                    &["dev", "--nodes", "1"],
+                    "--data-dir",
+                    "client.toml",
+                )?;
+                let path = relay.dir.path().join("client.toml");
+                (Some(relay), path)
+            }
+        };
+        let admin = local.as_ref().and_then(|r| {
+            let text = std::fs::read_to_string(r.dir.path().join("node-1.toml")).ok()?;
+            let file: toml::Value = toml::from_str(&text).ok()?;
+            file.get("metrics")?.get("listen")?.as_str()?.parse().ok()
+        });
+        // The relay node is `meridian dev`'s child; its PID is in node-1.pid.
+        let pid = local.as_ref().and_then(|r| {
+            std::fs::read_to_string(r.dir.path().join("node-1.pid"))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok())
+        });
+        Ok(Target {
+            _local: local,
+            pid,
+            admin,
+            connector: Connector::Ours(client_config(&config_path)?),
+        })
+    }
+
+    /// The naive baseline relay, with `preload` (a saved document) as `large`.
+    fn naive(preload: Option<&[u8]>) -> Result<Target> {
+        let file = tempfile::NamedTempFile::new()?;
+        let mut args = vec![];
+        let spec;
+        if let Some(bytes) = preload {
+            std::fs::write(file.path(), bytes)?;
+            spec = format!("large={}", file.path().display());
+            args.extend(["--preload", spec.as_str()]);
+        }
+        let relay = start_local("naive-relay", &args, "--dir", "addr")?;
+        let addr = std::fs::read_to_string(relay.dir.path().join("addr"))?
+            .trim()
+            .parse()?;
+        let ca = std::fs::read(relay.dir.path().join("ca.crt"))?;
+        // The same client transport as Meridian's SDK (keep-alive, windows, TLS); one
+        // endpoint carries every naive client.
+        let config = ClientConfig::new(String::new(), ca, String::new());
+        let endpoint = meridian_client::quic_endpoint(&config)?;
+        Ok(Target {
+            pid: Some(relay.child.id()),
+            _local: Some(relay),
+            admin: None,
+            connector: Connector::Naive { endpoint, addr },
+        })
+    }
+
+    fn usage(&self) -> Option<(u64, f64)> {
+        self.pid.and_then(process_usage)
+    }
+}
+
+impl Connector {
+    async fn connect(&self) -> Result<Conn> {
+        Ok(match self {
+            Connector::Ours(config) => Conn::Ours(Client::connect(config.clone()).await?),
+            Connector::Naive { endpoint, addr } => {
+                Conn::Naive(NaiveClient::connect(endpoint, *addr, "localhost").await?)
+            }
+        })
+    }
+}
+
+enum Conn {
+    Ours(Client),
+    Naive(NaiveClient),
+}
+
+#[derive(Clone)]
+enum Doc {
+    Ours(DocHandle),
+    Naive(NaiveDocHandle),
+}
+
+impl Conn {
+    /// Opens `name` (starting from `base` on the naive side; ours starts from its
+    /// store), reporting remote changes to `tracker`.
+    async fn open(&self, name: &str, base: AutoCommit, tracker: &Arc<Tracker>) -> Result<Doc> {
+        match self {
+            Conn::Ours(client) => {
+                let handle = client.open(name).await?;
+                let mut updates = handle.updates();
+                let tracker = tracker.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match updates.recv().await {
+                            Ok(DocEvent::Remote { hashes, .. }) => tracker.received(&hashes),
+                            Ok(DocEvent::Error { .. }) => {
+                                tracker.errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                        }
+                    }
+                });
+                Ok(Doc::Ours(handle))
+            }
+            Conn::Naive(client) => {
+                let tracker = tracker.clone();
+                let handle = client
+                    .open(name, base, move |hashes| tracker.received(hashes))
+                    .await?;
+                Ok(Doc::Naive(handle))
+            }
+        }
+    }
+
+    fn bytes_received(&self) -> u64 {
+        match self {
+            Conn::Ours(client) => client.bytes_received(),
+            Conn::Naive(client) => client.bytes_received(),
+        }
+    }
+
+    async fn close(&self) {
+        match self {
+            Conn::Ours(client) => client.close().await,
+            Conn::Naive(client) => client.close(),
+        }
+    }
+}
+
+impl Doc {
+    /// Sets `key` at the root to `value`; the new change's hashes.
+    fn put(&self, key: String, value: String) -> Result<Vec<ChangeHash>> {
+        match self {
+            Doc::Ours(handle) => {
+                match handle.change_with_hashes(|d| d.put(automerge::ROOT, key, value))? {
+                    (Ok(()), hashes) => Ok(hashes),
+                    (Err(error), _) => Err(error.into()),
+                }
+            }
+            Doc::Naive(handle) => Ok(handle.change(|d| d.put(automerge::ROOT, key, value))?),
+        }
+    }
+
+    /// Presence (the naive relay has none: the Automerge sync protocol carries no
+    /// ephemeral state).
+    fn set_presence(&self, state: Bytes) {
+        if let Doc::Ours(handle) = self {
+            handle.set_presence(state);
+        }
+    }
+
+    async fn wait_synced(&self) -> Result<()> {
+        match self {
+            Doc::Ours(handle) => handle.wait_synced().await?,
+            Doc::Naive(handle) => handle.wait_synced().await?,
+        }
+        Ok(())
+    }
+
+    fn import(&self, changes: &[Bytes]) -> Result<()> {
+        match self {
+            Doc::Ours(handle) => handle.import(changes)?,
+            Doc::Naive(handle) => handle.import(changes)?,
+        }
+        Ok(())
+    }
+
+    /// Waits until the relay has taken every local change (ours: `applied`; the naive
+    /// relay: its heads are ours).
+    async fn wait_applied(&self) -> Result<()> {
+        match self {
+            Doc::Ours(handle) => handle.wait_applied().await?,
+            Doc::Naive(handle) => handle.wait_synced().await?,
+        }
+        Ok(())
+    }
+}
+
 async fn connect_all(
-    config: &ClientConfig,
+    connector: &Connector,
     count: usize,
     rate: u32,
-) -> Result<(Vec<Client>, Duration)> {
+) -> Result<(Vec<Conn>, Duration)> {
     let progress = indicatif::ProgressBar::new(count as u64).with_message("connecting");
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     let mut pending = tokio::task::JoinSet::new();
     for _ in 0..count {
         interval.tick().await;
-        let config = config.clone();
-        pending.spawn(async move { Client::connect(config).await });
+        let connector = connector.clone();
+        pending.spawn(async move { connector.connect().await });
     }
     let mut clients = Vec::with_capacity(count);
     while let Some(result) = pending.join_next().await {
@@ -258,31 +490,12 @@ fn filler(size: usize, seed: usize) -> String {
         .collect()
 }
 
-/// Opens documents, forwards every subscriber's remote updates to the tracker.
-async fn open_and_track(
-    clients: &[Client],
-    docs: usize,
-    tracker: &Arc<Tracker>,
-) -> Result<Vec<DocHandle>> {
+/// Opens documents (client `i` on `load-{i % docs}`) and waits for each catch-up.
+async fn open_and_track(clients: &[Conn], docs: usize, tracker: &Arc<Tracker>) -> Result<Vec<Doc>> {
     let mut handles = Vec::with_capacity(clients.len());
     for (i, client) in clients.iter().enumerate() {
-        let handle = client.open(&format!("load-{}", i % docs.max(1))).await?;
-        let mut updates = handle.updates();
-        let tracker = tracker.clone();
-        tokio::spawn(async move {
-            loop {
-                match updates.recv().await {
-                    Ok(DocEvent::Remote { hashes, .. }) => tracker.received(&hashes),
-                    Ok(DocEvent::Error { .. }) => {
-                        tracker.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-                }
-            }
-        });
-        handles.push(handle);
+        let name = format!("load-{}", i % docs.max(1));
+        handles.push(client.open(&name, AutoCommit::new(), tracker).await?);
     }
     for handle in &handles {
         tokio::time::timeout(Duration::from_secs(120), handle.wait_synced()).await??;
@@ -292,7 +505,7 @@ async fn open_and_track(
 
 /// Writers edit at `rate` until `deadline`.
 fn spawn_writers(
-    writers: Vec<(usize, DocHandle, usize)>,
+    writers: Vec<(usize, Doc, usize)>,
     rate: f64,
     size: usize,
     presence_rate: f64,
@@ -314,11 +527,9 @@ fn spawn_writers(
             let mut n = 0usize;
             while Instant::now() < deadline {
                 ticker.tick().await;
-                let value = filler(size, n + id);
-                match handle.change_with_hashes(|d| d.put(automerge::ROOT, format!("c{id}"), value))
-                {
-                    Ok((Ok(()), hashes)) => tracker.sent(hashes, receivers),
-                    _ => {
+                match handle.put(format!("c{id}"), filler(size, n + id)) {
+                    Ok(hashes) => tracker.sent(hashes, receivers),
+                    Err(_) => {
                         tracker.errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -333,41 +544,24 @@ fn spawn_writers(
     tasks
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    meridian_relay::tls::install_crypto_provider();
-    let args = Args::parse();
-    let (relay, config_path) = match &args.config {
-        Some(path) => (None, path.clone()),
-        None => {
-            let (relay, path) = start_relay()?;
-            (Some(relay), path)
-        }
-    };
-    // The relay node's admin address, for its own fan-out latency histogram.
-    let relay_admin: Option<std::net::SocketAddr> = relay.as_ref().and_then(|r| {
-        let text = std::fs::read_to_string(r.dir.path().join("node-1.toml")).ok()?;
-        let file: toml::Value = toml::from_str(&text).ok()?;
-        file.get("metrics")?.get("listen")?.as_str()?.parse().ok()
-    });
-    // The relay node is `meridian dev`'s child; its PID is in node-1.pid.
-    let relay_pid = relay.as_ref().and_then(|r| {
-        std::fs::read_to_string(r.dir.path().join("node-1.pid"))
-            .ok()
-            .and_then(|pid| pid.trim().parse::<u32>().ok())
-    });
-    let config = client_config(&config_path)?;
+/// Runs the scenario against one target; the figures as JSON.
+async fn run(
+    args: &Args,
+    target: &Target,
+    trace: Option<&meridian_benches::TraceDoc>,
+) -> Result<serde_json::Value> {
     let tracker = Arc::new(Tracker {
         latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).ok()),
         ..Tracker::default()
     });
-    let usage_before = relay_pid.and_then(process_usage);
-    let mut report = serde_json::json!({ "scenario": format!("{:?}", args.scenario), "clients": args.clients, "docs": args.docs });
+    let usage_before = target.usage();
+    let mut report = serde_json::json!({});
 
-    let (clients, connect_time) = connect_all(&config, args.clients, args.connect_rate).await?;
+    let (clients, connect_time) =
+        connect_all(&target.connector, args.clients, args.connect_rate).await?;
     report["connect_per_second"] =
         serde_json::json!(args.clients as f64 / connect_time.as_secs_f64());
-    let usage_connected = relay_pid.and_then(process_usage);
+    let usage_connected = target.usage();
     let connected_at = Instant::now();
 
     let started;
@@ -375,7 +569,7 @@ async fn main() -> Result<()> {
         Scenario::Steady | Scenario::Fanout => {
             let handles = open_and_track(&clients, args.docs, &tracker).await?;
             let per_doc = args.clients.div_ceil(args.docs.max(1));
-            let writers: Vec<(usize, DocHandle, usize)> = handles
+            let writers: Vec<(usize, Doc, usize)> = handles
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| args.scenario == Scenario::Steady || *i < args.docs)
@@ -404,55 +598,60 @@ async fn main() -> Result<()> {
             let _handles = open_and_track(&clients, args.docs, &tracker).await?;
             started = Instant::now();
             tokio::time::sleep(Duration::from_secs(args.duration)).await;
-            if let (Some((before, _)), Some((after, _))) =
-                (usage_before, relay_pid.and_then(process_usage))
-            {
+            if let (Some((before, _)), Some((after, _))) = (usage_before, target.usage()) {
                 report["relay_rss_per_connection_kib"] = serde_json::json!(
                     (after.saturating_sub(before)) as f64 / 1024.0 / args.clients as f64
                 );
             }
         }
         Scenario::Catchup | Scenario::LargeDoc => {
-            let mut trace = meridian_benches::build_trace_doc(
-                args.doc_changes,
-                // Follow-up keystrokes for large-doc: half the document, at most 50k.
-                if args.scenario == Scenario::LargeDoc {
-                    (args.doc_changes / 2).clamp(1, 50_000)
-                } else {
-                    1
-                },
-            )
-            .map_err(anyhow::Error::msg)?;
-            let loader = clients[0].open("large").await?;
+            let trace = trace.context("no trace document")?;
+            let naive = matches!(target.connector, Connector::Naive { .. });
+            // The writer starts with the whole document; ours uploads it first (the
+            // naive relay loaded it from a file).
+            let base = if naive {
+                trace.doc.clone()
+            } else {
+                AutoCommit::new()
+            };
+            let loader = clients[0].open("large", base, &tracker).await?;
             loader.wait_synced().await?;
-            let upload = Instant::now();
-            loader.import(&trace.changes)?;
-            loader.wait_durable().await?;
-            report["preload_seconds"] = serde_json::json!(upload.elapsed().as_secs_f64());
+            if let Doc::Ours(handle) = &loader {
+                let upload = Instant::now();
+                handle.import(&trace.changes)?;
+                handle.wait_durable().await?;
+                report["preload_seconds"] = serde_json::json!(upload.elapsed().as_secs_f64());
+            }
             if args.scenario == Scenario::Catchup {
-                let cpu_before = relay_pid.and_then(process_usage).map(|u| u.1);
+                let cpu_before = target.usage().map(|u| u.1);
                 started = Instant::now();
                 let mut times = Vec::new();
+                let mut bytes = Vec::new();
                 for client in clients.iter().skip(1) {
+                    let rx_before = client.bytes_received();
                     let opened = Instant::now();
-                    let handle = client.open("large").await?;
+                    let handle = client.open("large", AutoCommit::new(), &tracker).await?;
                     handle.wait_synced().await?;
                     times.push(opened.elapsed());
+                    bytes.push(client.bytes_received().saturating_sub(rx_before));
                 }
                 times.sort();
+                bytes.sort();
                 if !times.is_empty() {
                     report["catchup_ms_p50"] =
                         serde_json::json!(times[times.len() / 2].as_secs_f64() * 1000.0);
                     report["catchup_ms_max"] =
                         serde_json::json!(times[times.len() - 1].as_secs_f64() * 1000.0);
-                    if let (Some(before), Some((_, after))) =
-                        (cpu_before, relay_pid.and_then(process_usage))
-                    {
+                    report["catchup_wire_kb_p50"] =
+                        serde_json::json!(bytes[bytes.len() / 2] as f64 / 1000.0);
+                    if let (Some(before), Some((_, after))) = (cpu_before, target.usage()) {
                         report["relay_cpu_ms_per_catchup"] =
                             serde_json::json!((after - before) * 1000.0 / times.len() as f64);
                     }
                 }
             } else {
+                // Batches of 100 trace changes, each waited for.
+                let cpu_before = target.usage().map(|u| u.1);
                 started = Instant::now();
                 let deadline = started + Duration::from_secs(args.duration);
                 let mut applied = 0usize;
@@ -464,62 +663,64 @@ async fn main() -> Result<()> {
                     loader.wait_applied().await?;
                     applied += chunk.len();
                 }
-                let ours = applied as f64 / started.elapsed().as_secs_f64();
-                report["large_doc_changes_per_second"] = serde_json::json!(ours);
-                // One keystroke at a time, pipelined (no wait per change), as a live
-                // editor types: the rest of the trace, for at most the same duration.
-                let rest = &trace.follow_up[applied.min(trace.follow_up.len())..];
-                if !rest.is_empty() {
-                    let one_at_a_time = Instant::now();
-                    let deadline = one_at_a_time + Duration::from_secs(args.duration);
-                    let mut typed = 0usize;
-                    let mut importing = Duration::ZERO;
-                    for change in rest {
-                        if Instant::now() >= deadline {
-                            break;
+                report["large_doc_client_changes_per_second"] =
+                    serde_json::json!(applied as f64 / started.elapsed().as_secs_f64());
+                if let (Some(before), Some((_, after))) = (cpu_before, target.usage()) {
+                    report["large_doc_client_relay_cpu_us_per_change"] =
+                        serde_json::json!((after - before) * 1e6 / applied.max(1) as f64);
+                }
+                // The full client leaves first: it would receive every raw change and
+                // spend the generator's CPU applying them to its own copy.
+                clients[0].close().await;
+                // Raw writers: the rest of the trace sent over the wire as pre-built
+                // changes (the generator applies nothing), one change per frame or sync
+                // message as a live editor types, then in batches of 100.
+                let mut position = applied.min(trace.follow_up.len());
+                for (label, batch, window) in [("one_per_message", 1, 1000), ("batched", 100, 2000)]
+                {
+                    let rest = &trace.follow_up[position..];
+                    // The first raw run leaves at least half of the rest to the second.
+                    let rest = if batch == 1 {
+                        &rest[..rest.len() / 2]
+                    } else {
+                        rest
+                    };
+                    if rest.is_empty() {
+                        break;
+                    }
+                    // The trace is linear: the last change sent is the only head.
+                    let last = match position.checked_sub(1) {
+                        Some(last) => &trace.follow_up[last],
+                        None => trace.changes.last().context("empty trace")?,
+                    };
+                    let heads = vec![meridian_benches::hash_of(last).map_err(anyhow::Error::msg)?];
+                    let work = meridian_benches::raw::Workload {
+                        doc: "large",
+                        changes: rest,
+                        batch,
+                        window,
+                        budget: Duration::from_secs(args.duration),
+                    };
+                    let cpu_before = target.usage().map(|u| u.1);
+                    let run = match &target.connector {
+                        Connector::Ours(config) => {
+                            let endpoint = meridian_client::quic_endpoint(config)?;
+                            meridian_benches::raw::ours(&endpoint, config, heads, work).await
                         }
-                        let import = Instant::now();
-                        loader.import(std::slice::from_ref(change))?;
-                        importing += import.elapsed();
-                        typed += 1;
-                        if typed.is_multiple_of(64) {
-                            tokio::task::yield_now().await;
+                        Connector::Naive { endpoint, addr } => {
+                            let heads = heads.iter().map(|h| automerge::ChangeHash(h.0)).collect();
+                            meridian_benches::raw::naive(endpoint, *addr, heads, work).await
                         }
                     }
-                    loader.wait_applied().await?;
-                    report["large_doc_changes_per_second_one_at_a_time"] =
-                        serde_json::json!(typed as f64 / one_at_a_time.elapsed().as_secs_f64());
-                    // The generator's own share: applying each keystroke to the client's
-                    // materialized copy.
-                    report["large_doc_client_import_ms_per_change"] =
-                        serde_json::json!(importing.as_secs_f64() * 1000.0 / typed.max(1) as f64);
+                    .map_err(|error| anyhow::anyhow!("raw writer ({label}): {error:?}"))?;
+                    position += run.changes;
+                    report[format!("large_doc_raw_{label}_changes_per_second")] =
+                        serde_json::json!(run.changes as f64 / run.elapsed.as_secs_f64().max(1e-9));
+                    if let (Some(before), Some((_, after))) = (cpu_before, target.usage()) {
+                        report[format!("large_doc_raw_{label}_relay_cpu_us_per_change")] =
+                            serde_json::json!((after - before) * 1e6 / run.changes.max(1) as f64);
+                    }
                 }
-                // The baseline, side by side: a naive relay that applies every change to
-                // its materialized document and speaks the Automerge sync protocol, fed
-                // the same changes in the same batches (in process, relay work only).
-                let naive = meridian_benches::naive_relay_ingest(
-                    &mut trace.doc,
-                    &trace.follow_up,
-                    100,
-                    0,
-                    Duration::from_secs(args.duration),
-                )
-                .map_err(anyhow::Error::msg)?;
-                let baseline = naive.changes as f64 / naive.relay_time.as_secs_f64().max(1e-9);
-                report["baseline_changes_per_second"] = serde_json::json!(baseline);
-                report["ratio_vs_baseline"] = serde_json::json!(ours / baseline.max(1e-9));
-                // And one sync message per keystroke, as a live editor sends them.
-                let single = meridian_benches::naive_relay_ingest(
-                    &mut trace.doc,
-                    &trace.follow_up,
-                    1,
-                    0,
-                    Duration::from_secs(args.duration),
-                )
-                .map_err(anyhow::Error::msg)?;
-                report["baseline_changes_per_second_one_per_message"] = serde_json::json!(
-                    single.changes as f64 / single.relay_time.as_secs_f64().max(1e-9)
-                );
             }
         }
     }
@@ -538,7 +739,7 @@ async fn main() -> Result<()> {
                 serde_json::json!(h.value_at_quantile(q) as f64 / 1000.0);
         }
     }
-    if let Some(admin) = relay_admin
+    if let Some(admin) = target.admin
         && let Ok((200, text)) = meridian_relay::http::get(admin, "/metrics").await
     {
         for (name, q) in [("p50", 0.5), ("p99", 0.99)] {
@@ -547,9 +748,7 @@ async fn main() -> Result<()> {
             }
         }
     }
-    if let (Some((_, cpu0)), Some((rss, cpu1))) =
-        (usage_connected, relay_pid.and_then(process_usage))
-    {
+    if let (Some((_, cpu0)), Some((rss, cpu1))) = (usage_connected, target.usage()) {
         report["relay_rss_mib"] = serde_json::json!(rss as f64 / (1 << 20) as f64);
         let since_connected = connected_at.elapsed().as_secs_f64().max(0.001);
         report["relay_cpu_percent_since_connected"] =
@@ -563,21 +762,117 @@ async fn main() -> Result<()> {
         closing.spawn(async move { client.close().await });
     }
     while closing.join_next().await.is_some() {}
-    drop(relay);
-    println!("{:<32} value", "metric");
-    if let Some(map) = report.as_object() {
-        for (key, value) in map {
-            println!("{key:<32} {value}");
+    Ok(report)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    meridian_relay::tls::install_crypto_provider();
+    let args = Args::parse();
+    let mut trace = match args.scenario {
+        Scenario::Catchup | Scenario::LargeDoc => Some(
+            meridian_benches::build_trace_doc(
+                args.doc_changes,
+                // Follow-up keystrokes for large-doc: 1.5 times the document, at most
+                // 150k (the trace has 259,778 keystrokes).
+                if args.scenario == Scenario::LargeDoc {
+                    (args.doc_changes * 3 / 2).clamp(1, 150_000)
+                } else {
+                    1
+                },
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
+    let mut report = serde_json::json!({
+        "scenario": format!("{:?}", args.scenario),
+        "clients": args.clients,
+        "docs": args.docs,
+        "rate": args.rate,
+        "duration": args.duration,
+    });
+    let mut errors = 0;
+    let systems: &[System] = match args.system {
+        System::Both => &[System::Ours, System::Naive],
+        System::Ours => &[System::Ours],
+        System::Naive => &[System::Naive],
+    };
+    for system in systems {
+        let (name, target) = match system {
+            System::Naive => (
+                "baseline",
+                Target::naive(trace.as_mut().map(|t| t.doc.save()).as_deref())?,
+            ),
+            _ => ("ours", Target::ours(args.config.as_deref())?),
+        };
+        eprintln!("{name}: running {:?}", args.scenario);
+        let figures = run(&args, &target, trace.as_ref()).await?;
+        // The baseline's errors are figures (an overloaded naive relay drops peers
+        // whose queues fill); ours fail the run.
+        if *system == System::Ours {
+            errors += figures["errors"].as_u64().unwrap_or(0);
+        }
+        // Changes sent to subscribers that none of them received: the relay is broken.
+        if figures["sent"].as_u64().unwrap_or(0) > 0
+            && args.clients > args.docs
+            && figures["deliveries"].as_u64() == Some(0)
+        {
+            bail!("{name}: {} changes sent, none delivered", figures["sent"]);
+        }
+        report[name] = figures;
+        drop(target);
+    }
+    // Ours divided by the baseline, for every figure both have.
+    let mut ratios = serde_json::Map::new();
+    if let (Some(ours), Some(baseline)) =
+        (report["ours"].as_object(), report["baseline"].as_object())
+    {
+        for (key, value) in ours {
+            if let (Some(a), Some(b)) = (value.as_f64(), baseline.get(key).and_then(|v| v.as_f64()))
+                && b != 0.0
+            {
+                ratios.insert(key.clone(), serde_json::json!(a / b));
+            }
         }
     }
+    let keys: Vec<String> = ["ours", "baseline"]
+        .iter()
+        .filter_map(|side| report[*side].as_object())
+        .flat_map(|map| map.keys().cloned())
+        .fold(Vec::new(), |mut keys, key| {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+            keys
+        });
+    println!(
+        "{:?}: {} clients, {} docs",
+        args.scenario, args.clients, args.docs
+    );
+    println!(
+        "{:<48} {:>14} {:>14} {:>16}",
+        "metric", "ours", "baseline", "ours / baseline"
+    );
+    let cell = |v: Option<&serde_json::Value>| match v.and_then(|v| v.as_f64()) {
+        Some(x) if x.fract() == 0.0 && x.abs() < 1e15 => format!("{x:.0}"),
+        Some(x) => format!("{x:.3}"),
+        None => "-".into(),
+    };
+    for key in &keys {
+        println!(
+            "{key:<48} {:>14} {:>14} {:>16}",
+            cell(report["ours"].get(key)),
+            cell(report["baseline"].get(key)),
+            cell(ratios.get(key)),
+        );
+    }
+    report["ours_over_baseline"] = serde_json::Value::Object(ratios);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
-    if tracker.errors.load(Ordering::Relaxed) > 0 {
-        bail!(
-            "{} errors during the run",
-            tracker.errors.load(Ordering::Relaxed)
-        );
+    if errors > 0 {
+        bail!("{errors} errors during the run");
     }
     Ok(())
 }
