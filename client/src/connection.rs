@@ -40,6 +40,13 @@ pub(crate) struct Established {
     nodes: Vec<String>,
 }
 
+impl Established {
+    /// The QUIC connection.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.connection
+    }
+}
+
 /// A QUIC client endpoint that trusts the configured CA, TLS 1.3 only, ALPN `meridian/1`.
 /// Public for tools and tests that speak the protocol by hand.
 pub fn endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {

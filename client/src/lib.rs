@@ -176,7 +176,15 @@ pub(crate) struct Wire {
 impl Wire {
     const KEEP: usize = 16;
 
+    /// Counts `connection` from now on (once, however often it is added).
     pub(crate) fn add(&mut self, connection: quinn::Connection) {
+        if self
+            .recent
+            .iter()
+            .any(|c| c.stable_id() == connection.stable_id())
+        {
+            return;
+        }
         if self.recent.len() >= Self::KEEP
             && let Some(oldest) = self.recent.pop_front()
         {
@@ -310,7 +318,13 @@ impl Client {
             commands: commands_tx,
             state: state_rx,
             task: Mutex::new(None),
-            wire: Mutex::new(Wire::default()),
+            // The first connection counts before `connect` returns (the pool adds the
+            // later ones).
+            wire: Mutex::new({
+                let mut wire = Wire::default();
+                wire.add(first.connection().clone());
+                wire
+            }),
         });
         let task = tokio::spawn(connection::run(
             Arc::downgrade(&inner),

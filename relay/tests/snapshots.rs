@@ -51,11 +51,25 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
 
     // An empty client gets the snapshot (one event with no change count) and the tail.
     let bob = dev.client(addr, "bob").await;
+    let connected = bob.bytes_received();
+    assert!(connected > 0, "the handshake's bytes are counted");
     let b = bob.open("novel").await.unwrap();
     let mut events = b.updates();
     b.wait_synced().await.unwrap();
     assert_eq!(b.heads(), a.heads());
     assert_eq!(json(&b), json(&a));
+    // On the wire, the snapshot and tail cost less than the document's changes would.
+    let catch_up = bob.bytes_received() - connected;
+    let every_change: usize = automerge::AutoCommit::load(&a.save())
+        .unwrap()
+        .get_changes(&[])
+        .iter()
+        .map(|c| c.raw_bytes().len())
+        .sum();
+    assert!(
+        catch_up > 0 && (catch_up as usize) < every_change,
+        "catch-up took {catch_up} bytes; the changes are {every_change}"
+    );
     let mut remote_changes = 0;
     let mut snapshot_loaded = false;
     while let Ok(event) = events.try_recv() {
