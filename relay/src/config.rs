@@ -91,7 +91,8 @@ pub struct TenantKeys {
 pub struct Limits {
     /// Connections served at once; more are refused.
     pub connections_max: usize,
-    /// Bidirectional streams a connection may open after authentication (documents + 1).
+    /// Bidirectional streams a connection may open after authentication (documents + 1),
+    /// at most: the relay allows 16 at first and doubles the limit as they fill.
     pub streams_per_connection_max: u32,
     /// Connection receive window before authentication, in bytes.
     pub receive_window_unauthenticated: u32,

@@ -236,9 +236,11 @@ async fn run(
         },
         None => None,
     };
-    // Authenticated: open up streams and windows.
-    connection
-        .set_max_concurrent_bi_streams(VarInt::from(shared.limits.streams_per_connection_max));
+    // Authenticated: open up streams and windows. quinn keeps state for every stream it
+    // allows, so the stream limit starts small and doubles as the client uses it.
+    let streams_max = shared.limits.streams_per_connection_max;
+    let mut streams_allowed = STREAMS_AFTER_HELLO.min(streams_max);
+    connection.set_max_concurrent_bi_streams(VarInt::from(streams_allowed));
     connection.set_receive_window(VarInt::from(shared.limits.receive_window));
 
     let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -279,6 +281,10 @@ async fn run(
                 streams.spawn(async move {
                     doc_stream(session, stream_connection, send, recv, stream_shared, queued).await;
                 });
+                if streams.len() * 2 >= streams_allowed as usize && streams_allowed < streams_max {
+                    streams_allowed = streams_allowed.saturating_mul(2).min(streams_max);
+                    connection.set_max_concurrent_bi_streams(VarInt::from(streams_allowed));
+                }
             }
             frame = reader.next() => match frame {
                 Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
@@ -320,6 +326,12 @@ async fn run(
         }
     }
 }
+
+/// Document streams a connection may open right after `hello`; the limit doubles (up to
+/// `streams_per_connection_max`) whenever half of it is in use. quinn keeps state for
+/// every stream it allows, a few hundred bytes each: allowing the maximum at once made
+/// up about a third of an idle connection's memory.
+const STREAMS_AFTER_HELLO: u32 = 16;
 
 /// One document stream: `subscribe` first, then changes, presence and `unsubscribe`.
 async fn doc_stream(

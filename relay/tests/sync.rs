@@ -295,3 +295,29 @@ async fn unacknowledged_edits_survive_an_app_restart_with_a_client_store() {
     assert_eq!(json(&b), serde_json::json!({"saved": 1, "offline": 2}));
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_opens_more_documents_than_the_first_stream_limit() {
+    // The relay allows 16 streams after `hello` and raises the limit as they fill.
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let bob = dev.client(relay.local_addr(), "bob").await;
+    let mut docs = Vec::new();
+    for i in 0..70 {
+        let doc = alice.open(&format!("many-{i}")).await.unwrap();
+        doc.change(|d| d.put(automerge::ROOT, "n", i as i64).unwrap())
+            .unwrap();
+        docs.push(doc);
+    }
+    for doc in &docs {
+        tokio::time::timeout(Duration::from_secs(30), doc.wait_durable())
+            .await
+            .expect("every document's stream opened")
+            .unwrap();
+    }
+    let last = bob.open("many-69").await.unwrap();
+    last.wait_synced().await.unwrap();
+    assert_eq!(json(&last), serde_json::json!({"n": 69}));
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
