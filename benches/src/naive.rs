@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, watch};
 pub const MAX_FRAME: usize = 64 << 20;
 /// Sync messages queued for one peer before it counts as too slow and is dropped.
 pub const PEER_QUEUE: usize = 1024;
+/// Documents the naive relay holds at most; a stream naming one more is refused.
+pub const DOCS_MAX: usize = 100_000;
 
 /// What can go wrong in the naive relay or its client.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,9 @@ pub enum NaiveError {
     /// The peer's queue is full (it reads too slowly) or its stream is gone.
     #[error("peer queue full or closed")]
     Backpressure,
+    /// The relay already holds [`DOCS_MAX`] documents.
+    #[error("too many documents")]
+    TooManyDocs,
     /// A lock was poisoned by a panic elsewhere.
     #[error("poisoned lock")]
     Poisoned,
@@ -75,13 +80,20 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Vec<u8>>,
     Ok(Some(body))
 }
 
-/// Writes one frame.
-pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), NaiveError> {
+/// One frame: the body's length as a big-endian `u32`, then the body.
+pub fn encode_frame(body: &[u8]) -> Result<Vec<u8>, NaiveError> {
     if body.len() > MAX_FRAME {
         return Err(NaiveError::FrameTooLong(body.len()));
     }
-    send.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    send.write_all(body).await?;
+    let mut frame = Vec::with_capacity(body.len() + 4);
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    Ok(frame)
+}
+
+/// Writes one frame.
+pub async fn write_frame(send: &mut quinn::SendStream, body: &[u8]) -> Result<(), NaiveError> {
+    send.write_all(&encode_frame(body)?).await?;
     Ok(())
 }
 
@@ -143,13 +155,14 @@ impl NaiveServer {
     }
 
     fn doc(&self, name: &str) -> Result<Arc<Mutex<NaiveDoc>>, NaiveError> {
-        Ok(self
-            .docs
-            .lock()
-            .map_err(|_| NaiveError::Poisoned)?
-            .entry(name.to_owned())
-            .or_default()
-            .clone())
+        let mut docs = self.docs.lock().map_err(|_| NaiveError::Poisoned)?;
+        if let Some(doc) = docs.get(name) {
+            return Ok(doc.clone());
+        }
+        if docs.len() >= DOCS_MAX {
+            return Err(NaiveError::TooManyDocs);
+        }
+        Ok(docs.entry(name.to_owned()).or_default().clone())
     }
 
     /// Accepts connections on `endpoint` until it closes.

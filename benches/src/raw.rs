@@ -17,7 +17,7 @@ use bytes::Bytes;
 use meridian_protocol::{ChangeHash, ClientToRelay, DocId, FrameDecoder, RelayToClient};
 use tokio::sync::watch;
 
-use crate::naive::{NaiveError, read_frame, write_frame};
+use crate::naive::{NaiveError, encode_frame, read_frame, write_frame};
 
 /// What a raw writer achieved.
 #[derive(Debug, Clone, Copy)]
@@ -261,10 +261,7 @@ pub async fn naive(
                 flags: None,
                 version: MessageVersion::V1,
             };
-            let body = message.encode();
-            let mut frame = Vec::with_capacity(body.len() + 4);
-            frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&body);
+            let frame = encode_frame(&message.encode()).map_err(|e| e.to_string())?;
             total += chunk.len();
             done_at.insert(last, total);
             frames.push((Bytes::from(frame), chunk.len()));

@@ -198,10 +198,13 @@ fn start_local(binary: &str, args: &[&str], dir_flag: &str, ready: &str) -> Resu
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let relay = LocalRelay { child, dir };
+    let mut relay = LocalRelay { child, dir };
     let ready = relay.dir.path().join(ready);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ready.exists() {
+        if let Some(status) = relay.child.try_wait()? {
+            bail!("{binary} exited before it was ready ({status})");
+        }
         if Instant::now() > deadline {
             bail!("{binary} did not start");
         }
@@ -311,14 +314,20 @@ impl Target {
 
     /// The naive baseline relay, with `preload` (a saved document) as `large`.
     fn naive(preload: Option<&[u8]>) -> Result<Target> {
-        let file = tempfile::NamedTempFile::new()?;
-        let mut args = vec![];
-        let spec;
-        if let Some(bytes) = preload {
-            std::fs::write(file.path(), bytes)?;
-            spec = format!("large={}", file.path().display());
-            args.extend(["--preload", spec.as_str()]);
-        }
+        // The preload file is read before the relay reports ready; it goes with `_file`.
+        let (_file, spec) = match preload {
+            Some(bytes) => {
+                let file = tempfile::NamedTempFile::new()?;
+                std::fs::write(file.path(), bytes)?;
+                let spec = format!("large={}", file.path().display());
+                (Some(file), Some(spec))
+            }
+            None => (None, None),
+        };
+        let args: Vec<&str> = match &spec {
+            Some(spec) => vec!["--preload", spec],
+            None => vec![],
+        };
         let relay = start_local("naive-relay", &args, "--dir", "addr")?;
         let addr = std::fs::read_to_string(relay.dir.path().join("addr"))?
             .trim()
@@ -655,7 +664,9 @@ async fn run(
                 started = Instant::now();
                 let deadline = started + Duration::from_secs(args.duration);
                 let mut applied = 0usize;
-                for chunk in trace.follow_up.chunks(100) {
+                // At most a third of the follow-up, so that the raw writers get theirs.
+                let client_share = &trace.follow_up[..trace.follow_up.len() / 3];
+                for chunk in client_share.chunks(100) {
                     if Instant::now() >= deadline {
                         break;
                     }
