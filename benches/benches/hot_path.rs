@@ -98,7 +98,7 @@ fn hot_path(c: &mut Criterion) {
                 .handle_session_open(session, capability.clone());
             engine
                 .engine
-                .handle_subscribe(engine.now, session, engine.doc.clone(), vec![]);
+                .handle_subscribe(engine.now, session, engine.doc.clone(), vec![], true);
             let mut sent = 0;
             while let Some(transmit) = engine.engine.poll_transmit() {
                 if let Outbound::CatchUp { changes, .. } = &transmit.outbound {

@@ -166,7 +166,7 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
         audience: "bench".into(),
     };
     engine.handle_session_open(1, capability);
-    engine.handle_subscribe(now, 1, doc.clone(), vec![]);
+    engine.handle_subscribe(now, 1, doc.clone(), vec![], true);
     let key = DocKey {
         tenant,
         doc: doc.clone(),

@@ -155,6 +155,7 @@ pub async fn ours(
         let subscribe = ClientToRelay::Subscribe {
             doc: doc.clone(),
             heads,
+            snapshot: true,
         };
         send.write_all(&subscribe.to_bytes())
             .await

@@ -942,6 +942,7 @@ async fn serve_doc(connection: Connection, doc: &DocHandle) -> Option<String> {
     let subscribe = ClientToRelay::Subscribe {
         doc: doc.id().clone(),
         heads: doc.subscribe_heads(),
+        snapshot: doc.subscribe_snapshot(),
     };
     if send.write_all(&subscribe.to_bytes()).await.is_err() {
         return None;
@@ -966,6 +967,14 @@ async fn serve_doc(connection: Connection, doc: &DocHandle) -> Option<String> {
                     handle_message(doc, message);
                     let _ = send.finish();
                     return None;
+                }
+                Ok(Some(RelayToClient::Synced { heads, .. })) => {
+                    if !doc.on_synced(&heads) {
+                        // Its snapshot did not load: the pool subscribes again shortly,
+                        // for every change.
+                        let _ = send.finish();
+                        return None;
+                    }
                 }
                 Ok(Some(message)) => handle_message(doc, message),
                 Ok(None) | Err(_) => return None,
@@ -1015,7 +1024,8 @@ async fn write_changes(
 fn handle_message(doc: &DocHandle, message: RelayToClient) {
     match message {
         RelayToClient::Changes { changes, .. } => doc.apply_remote(changes),
-        RelayToClient::Synced { heads, .. } => doc.on_synced(&heads),
+        // `serve_doc` handles the end of a catch-up.
+        RelayToClient::Synced { .. } => {}
         RelayToClient::Applied { changes, .. } => doc.on_applied(&changes),
         RelayToClient::Durable { changes, .. } => {
             if let Err(error) = doc.on_durable(&changes) {

@@ -74,6 +74,8 @@ pub(crate) struct DocState {
     pub(crate) peers: HashMap<u64, PeerPresence>,
     pub(crate) extra_upload: Vec<Bytes>,
     pub(crate) snapshot: Vec<u8>,
+    /// A snapshot from the relay did not load: subscribe for every change instead.
+    pub(crate) snapshot_refused: bool,
     pub(crate) last_error: Option<(ErrorCode, String)>,
     /// Counts refusals that end a wait: a forbidden subscribe or a refused change.
     pub(crate) refusals: u64,
@@ -141,6 +143,7 @@ impl DocHandle {
                     peers: HashMap::new(),
                     extra_upload: Vec::new(),
                     snapshot: Vec::new(),
+                    snapshot_refused: false,
                     last_error: None,
                     refusals: 0,
                 }),
@@ -439,14 +442,18 @@ impl DocHandle {
     pub(crate) fn apply_snapshot_piece(&self, offset: u64, total: u64, bytes: &[u8]) {
         let mut state = self.lock();
         if offset as usize != state.snapshot.len() {
+            tracing::debug!(doc = %self.shared.id, offset, "snapshot piece out of order");
             state.snapshot.clear();
+            state.snapshot_refused = true;
             return;
         }
         state.snapshot.extend_from_slice(bytes);
         if state.snapshot.len() as u64 == total {
             let snapshot = std::mem::take(&mut state.snapshot);
             if let Err(error) = state.doc.load_incremental(&snapshot) {
-                tracing::debug!(doc = %self.shared.id, %error, "snapshot not loaded");
+                // The relay stores snapshots unverified; every change is still there.
+                tracing::debug!(doc = %self.shared.id, %error, "snapshot not loaded; asking for every change");
+                state.snapshot_refused = true;
             }
             drop(state);
             self.bump();
@@ -457,9 +464,19 @@ impl DocHandle {
         }
     }
 
+    /// Whether to take a snapshot for the catch-up (no snapshot of the relay's failed to
+    /// load here).
+    pub(crate) fn subscribe_snapshot(&self) -> bool {
+        !self.lock().snapshot_refused
+    }
+
     /// The relay finished the catch-up; upload whatever of ours its heads do not cover
     /// (changes this replica made that the relay lost, for example with a node's cache).
-    pub(crate) fn on_synced(&self, relay_heads: &[ChangeHash]) {
+    /// Returns `false` if the catch-up came with a snapshot that did not load and left
+    /// this replica short of the relay's heads: the caller subscribes again, for every
+    /// change.
+    #[must_use]
+    pub(crate) fn on_synced(&self, relay_heads: &[ChangeHash]) -> bool {
         let mut state = self.lock();
         let heads: Vec<automerge::ChangeHash> = relay_heads
             .iter()
@@ -468,6 +485,9 @@ impl DocHandle {
         let knows_all = heads
             .iter()
             .all(|h| state.doc.get_change_by_hash(h).is_some());
+        if !knows_all && state.snapshot_refused {
+            return false;
+        }
         if knows_all {
             let pending: std::collections::HashSet<ChangeHash> =
                 state.pending.iter().map(|p| p.hash).collect();
@@ -490,6 +510,7 @@ impl DocHandle {
         self.bump();
         self.emit(DocEvent::Synced);
         self.shared.outgoing.notify_one();
+        true
     }
 
     pub(crate) fn on_applied(&self, hashes: &[ChangeHash]) {

@@ -60,6 +60,11 @@ pub enum ClientToRelay {
         doc: DocId,
         /// The client's heads; empty for a client with no history.
         heads: Vec<ChangeHash>,
+        /// Whether a client with no history takes its catch-up as the newest snapshot plus
+        /// the changes after it (`true`, the usual case), or as every change (`false`: a
+        /// client whose snapshot did not load asks again this way). One byte after the
+        /// heads; a frame that ends before it (an older SDK) means `true`.
+        snapshot: bool,
     },
     /// Stop receiving a document's changes and presence.
     Unsubscribe {
@@ -355,7 +360,7 @@ impl ClientToRelay {
     fn body_len(&self) -> usize {
         match self {
             ClientToRelay::Hello { token, client } => str16_len(token) + str16_len(client),
-            ClientToRelay::Subscribe { doc, heads } => doc_len(doc) + heads_len(heads),
+            ClientToRelay::Subscribe { doc, heads, .. } => doc_len(doc) + heads_len(heads) + 1,
             ClientToRelay::Unsubscribe { doc } => doc_len(doc),
             ClientToRelay::Changes { doc, changes } => doc_len(doc) + changes_len(changes),
             ClientToRelay::Presence { doc, state } => doc_len(doc) + bytes32_len(state),
@@ -376,9 +381,14 @@ impl ClientToRelay {
                 w.str16(token);
                 w.str16(client);
             }
-            ClientToRelay::Subscribe { doc, heads } => {
+            ClientToRelay::Subscribe {
+                doc,
+                heads,
+                snapshot,
+            } => {
                 w.str16(doc.as_str());
                 write_heads(&mut w, heads);
+                w.u8(u8::from(*snapshot));
             }
             ClientToRelay::Unsubscribe { doc } => w.str16(doc.as_str()),
             ClientToRelay::Changes { doc, changes } => {
@@ -443,6 +453,17 @@ impl ClientToRelay {
             tag::SUBSCRIBE => ClientToRelay::Subscribe {
                 doc: read_doc(&mut r)?,
                 heads: read_heads(&mut r)?,
+                // Absent in frames from SDKs older than the flag: they take snapshots.
+                snapshot: match if r.remaining() == 0 { 1 } else { r.u8()? } {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            field: "snapshot",
+                            reason: "must be 0 or 1",
+                        });
+                    }
+                },
             },
             tag::UNSUBSCRIBE => ClientToRelay::Unsubscribe {
                 doc: read_doc(&mut r)?,

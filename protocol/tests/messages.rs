@@ -64,7 +64,13 @@ fn client_message() -> impl Strategy<Value = ClientToRelay> {
     prop_oneof![
         ("[ -~]{0,300}", "[ -~]{0,40}")
             .prop_map(|(token, client)| ClientToRelay::Hello { token, client }),
-        (doc(), hashes()).prop_map(|(doc, heads)| ClientToRelay::Subscribe { doc, heads }),
+        (doc(), hashes(), any::<bool>()).prop_map(|(doc, heads, snapshot)| {
+            ClientToRelay::Subscribe {
+                doc,
+                heads,
+                snapshot,
+            }
+        }),
         doc().prop_map(|doc| ClientToRelay::Unsubscribe { doc }),
         (doc(), changes()).prop_map(|(doc, changes)| ClientToRelay::Changes { doc, changes }),
         (doc(), blob(100)).prop_map(|(doc, state)| ClientToRelay::Presence { doc, state }),
@@ -264,4 +270,44 @@ fn over_limit_fields_are_rejected() {
             ..
         })
     ));
+}
+
+#[test]
+fn a_subscribe_flag_other_than_0_or_1_is_rejected() {
+    let message = ClientToRelay::Subscribe {
+        doc: DocId::new("d").unwrap(),
+        heads: vec![ChangeHash([7; 32])],
+        snapshot: false,
+    };
+    let mut bytes = message.to_bytes().to_vec();
+    *bytes.last_mut().unwrap() = 2;
+    assert!(matches!(
+        ClientToRelay::decode(&Bytes::from(bytes)),
+        Err(DecodeError::InvalidField {
+            field: "snapshot",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_subscribe_without_the_snapshot_flag_takes_a_snapshot() {
+    // What an SDK older than the flag sends: the flag byte missing, the length one less.
+    let message = ClientToRelay::Subscribe {
+        doc: DocId::new("d").unwrap(),
+        heads: vec![],
+        snapshot: false,
+    };
+    let mut bytes = message.to_bytes().to_vec();
+    bytes.pop();
+    let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) - 1;
+    bytes[..4].copy_from_slice(&len.to_be_bytes());
+    assert_eq!(
+        ClientToRelay::decode(&Bytes::from(bytes)).unwrap(),
+        ClientToRelay::Subscribe {
+            doc: DocId::new("d").unwrap(),
+            heads: vec![],
+            snapshot: true,
+        }
+    );
 }

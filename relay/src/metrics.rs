@@ -158,7 +158,7 @@ fn describe() {
     describe_histogram!(
         "meridian_snapshot_duration_seconds",
         Unit::Seconds,
-        "Time to materialize, verify and store a snapshot."
+        "Time to materialize, save and store a snapshot."
     );
     describe_counter!(
         "meridian_cold_loads_total",

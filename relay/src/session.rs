@@ -343,9 +343,13 @@ async fn doc_stream(
     queued_bytes: Arc<AtomicUsize>,
 ) {
     let mut reader = FrameReader::new(recv);
-    let (doc, heads) = match reader.next().await {
+    let (doc, heads, snapshot) = match reader.next().await {
         Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
-            Ok(ClientToRelay::Subscribe { doc, heads }) => (doc, heads),
+            Ok(ClientToRelay::Subscribe {
+                doc,
+                heads,
+                snapshot,
+            }) => (doc, heads, snapshot),
             Ok(_) => {
                 refuse(
                     &connection,
@@ -387,6 +391,7 @@ async fn doc_stream(
             stream,
             doc: doc.clone(),
             heads,
+            snapshot,
             outbox: outbox.clone(),
         })
         .await;

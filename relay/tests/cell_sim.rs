@@ -649,7 +649,8 @@ impl Sim {
             self.clients[c].docs[d].wait_until = self.tick + 1;
             let now = self.now();
             if let Some(node) = self.nodes[n].as_mut() {
-                node.engine.handle_subscribe(now, session, doc_id(d), heads);
+                node.engine
+                    .handle_subscribe(now, session, doc_id(d), heads, true);
                 self.pump_node(n);
             }
         }
@@ -992,7 +993,7 @@ impl Sim {
             },
         );
         node.engine
-            .handle_subscribe(now, session, doc_id(d), Vec::new());
+            .handle_subscribe(now, session, doc_id(d), Vec::new(), true);
         let mut served = HashSet::new();
         for _ in 0..100 {
             let Some(node) = self.nodes[owner_node].as_mut() else {

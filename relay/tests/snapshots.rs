@@ -159,3 +159,143 @@ async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_l
     );
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A relay stand-in on 127.0.0.1 that answers every `subscribe{snapshot: true}` of an
+/// empty client with a snapshot that does not load, and `subscribe{snapshot: false}` with
+/// every change. Records the flag of each subscribe.
+async fn serve_a_broken_snapshot(
+    endpoint: quinn::Endpoint,
+    changes: Vec<bytes::Bytes>,
+    heads: Vec<meridian_protocol::ChangeHash>,
+    subscribes: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+) {
+    use meridian_protocol::{ClientToRelay, FrameDecoder, NodeAddr, NodeId, RelayToClient};
+    async fn read(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> ClientToRelay {
+        loop {
+            if let Some(frame) = decoder.next_frame().unwrap() {
+                return ClientToRelay::decode(&frame).unwrap();
+            }
+            let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
+            decoder.push(&chunk.bytes);
+        }
+    }
+    let connection = endpoint.accept().await.unwrap().await.unwrap();
+    let (mut control, mut recv) = connection.accept_bi().await.unwrap();
+    let mut decoder = FrameDecoder::new();
+    assert!(matches!(
+        read(&mut recv, &mut decoder).await,
+        ClientToRelay::Hello { .. }
+    ));
+    let node = NodeId::new("fake").unwrap();
+    let welcome = RelayToClient::Welcome {
+        node: node.clone(),
+        session: 1,
+        nodes: vec![NodeAddr {
+            node,
+            addr: endpoint.local_addr().unwrap().to_string(),
+        }],
+    };
+    control.write_all(&welcome.to_bytes()).await.unwrap();
+    let mut open = Vec::new();
+    loop {
+        let Ok((mut send, mut recv)) = connection.accept_bi().await else {
+            return;
+        };
+        let mut decoder = FrameDecoder::new();
+        let ClientToRelay::Subscribe {
+            doc,
+            heads: theirs,
+            snapshot,
+        } = read(&mut recv, &mut decoder).await
+        else {
+            panic!("a document stream starts with subscribe");
+        };
+        assert!(theirs.is_empty());
+        subscribes.lock().unwrap().push(snapshot);
+        if snapshot {
+            let broken = bytes::Bytes::from_static(b"\x85\x6f\x4a\x83 not a document");
+            let piece = RelayToClient::Snapshot {
+                doc: doc.clone(),
+                heads: heads.clone(),
+                offset: 0,
+                total: broken.len() as u64,
+                bytes: broken,
+            };
+            send.write_all(&piece.to_bytes()).await.unwrap();
+        } else {
+            let all = RelayToClient::Changes {
+                doc: doc.clone(),
+                changes: changes.clone(),
+            };
+            send.write_all(&all.to_bytes()).await.unwrap();
+        }
+        let synced = RelayToClient::Synced {
+            doc,
+            heads: heads.clone(),
+        };
+        send.write_all(&synced.to_bytes()).await.unwrap();
+        open.push((send, recv));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_snapshot_does_not_load_subscribes_again_for_every_change() {
+    // Relays store snapshots without loading them back (that costs as much as the save on
+    // every snapshot of a big document), so the client is the one that checks.
+    let dev = Dev::new();
+    let mut source = automerge::AutoCommit::new();
+    for i in 0..20 {
+        source.put(automerge::ROOT, format!("k{i}"), i).unwrap();
+        source.commit();
+    }
+    let changes: Vec<bytes::Bytes> = source
+        .get_changes(&[])
+        .iter()
+        .map(|c| bytes::Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    let heads: Vec<meridian_protocol::ChangeHash> = source
+        .get_heads()
+        .iter()
+        .map(|h| meridian_protocol::ChangeHash(h.0))
+        .collect();
+    let (certs, key) =
+        meridian_relay::tls::load_identity(&dev.pki.node_cert, &dev.pki.node_key).unwrap();
+    let crypto = meridian_relay::tls::server_crypto(certs, key).unwrap();
+    let endpoint = quinn::Endpoint::server(
+        quinn::ServerConfig::with_crypto(std::sync::Arc::new(crypto)),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let subscribes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let fake = tokio::spawn(serve_a_broken_snapshot(
+        endpoint,
+        changes,
+        heads.clone(),
+        subscribes.clone(),
+    ));
+
+    let client = dev.client(addr, "bob").await;
+    let doc = client.open("ledger").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), doc.wait_synced())
+        .await
+        .expect("synced in time")
+        .unwrap();
+    assert_eq!(
+        *subscribes.lock().unwrap(),
+        vec![true, false],
+        "one subscribe for the snapshot, then one for every change"
+    );
+    let got: Vec<meridian_protocol::ChangeHash> = doc.heads();
+    let mut want = heads;
+    let mut got = got;
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(
+        doc.read(|d| automerge::ReadDoc::length(d, automerge::ROOT)),
+        20
+    );
+    client.close().await;
+    fake.abort();
+}

@@ -327,7 +327,7 @@ struct Orphan {
 
 enum DocState {
     Loading {
-        subscribes: Vec<(SessionId, Vec<ChangeHash>)>,
+        subscribes: Vec<(SessionId, Vec<ChangeHash>, bool)>,
         changes: Vec<(SessionId, Vec<Bytes>)>,
     },
     Ready,
@@ -611,19 +611,21 @@ impl Engine {
                 changes,
             } = &mut doc.state
             {
-                subscribes.retain(|(s, _)| *s != session);
+                subscribes.retain(|(s, _, _)| *s != session);
                 changes.retain(|(s, _)| *s != session);
             }
         }
     }
 
-    /// A session subscribes to `doc` with the heads it already has.
+    /// A session subscribes to `doc` with the heads it already has; `snapshot`: whether a
+    /// client with no history may be caught up from the newest snapshot.
     pub fn handle_subscribe(
         &mut self,
         now: Now,
         session: SessionId,
         doc: DocId,
         heads: Vec<ChangeHash>,
+        snapshot: bool,
     ) {
         let Some(key) = self.authorize(now, session, &doc, |r| r.read) else {
             return;
@@ -651,8 +653,8 @@ impl Engine {
             Some(Doc {
                 state: DocState::Loading { subscribes, .. },
                 ..
-            }) => subscribes.push((session, heads)),
-            Some(_) => self.serve_subscribe(now.instant, &key, session, heads),
+            }) => subscribes.push((session, heads, snapshot)),
+            Some(_) => self.serve_subscribe(now.instant, &key, session, heads, snapshot),
             None if self.loading >= self.config.loads_pending_max => self.refuse_subscription(
                 session,
                 &key.doc,
@@ -663,7 +665,7 @@ impl Engine {
                 self.loading += 1;
                 let mut loading = Doc::loading();
                 if let DocState::Loading { subscribes, .. } = &mut loading.state {
-                    subscribes.push((session, heads));
+                    subscribes.push((session, heads, snapshot));
                 }
                 self.docs.insert(key.clone(), loading);
                 self.store_tasks.push_back(StoreTask::Load { key });
@@ -798,7 +800,7 @@ impl Engine {
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
                 self.docs.remove(&key);
-                for (session, _) in subscribes {
+                for (session, _, _) in subscribes {
                     self.refuse_subscription(
                         session,
                         &key.doc,
@@ -816,9 +818,9 @@ impl Engine {
         if let Some(entry) = self.docs.get_mut(&key) {
             entry.snapshot = loaded.snapshot;
         }
-        for (session, heads) in subscribes {
+        for (session, heads, snapshot) in subscribes {
             if self.is_subscribed(session, &key.doc) {
-                self.serve_subscribe(now.instant, &key, session, heads);
+                self.serve_subscribe(now.instant, &key, session, heads, snapshot);
             }
         }
         for (session, batch) in changes {
@@ -961,7 +963,7 @@ impl Engine {
         };
         entry.subscribers.remove(&session);
         if let DocState::Loading { subscribes, .. } = &mut entry.state {
-            subscribes.retain(|(s, _)| *s != session);
+            subscribes.retain(|(s, _, _)| *s != session);
         }
         if entry.presence.remove(&session).is_some() {
             let others: Vec<SessionId> = entry.subscribers.iter().copied().collect();
@@ -988,12 +990,17 @@ impl Engine {
         key: &DocKey,
         session: SessionId,
         heads: Vec<ChangeHash>,
+        snapshot: bool,
     ) {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        // A client with no history gets the newest snapshot plus the changes after it.
-        let snapshot = entry.snapshot.clone().filter(|_| heads.is_empty());
+        // A client with no history gets the newest snapshot plus the changes after it,
+        // unless it asks for every change (its copy of a snapshot did not load).
+        let snapshot = entry
+            .snapshot
+            .clone()
+            .filter(|_| heads.is_empty() && snapshot);
         let since = snapshot.as_ref().map_or(&heads[..], |s| &s.heads[..]);
         let (missing, all_known) = entry.graph.missing_since(since);
         let changes = missing

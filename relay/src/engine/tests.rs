@@ -61,7 +61,8 @@ impl Harness {
     fn join(&mut self, session: SessionId, user: &str, t: Now) {
         self.engine
             .handle_session_open(session, capability(user, Rights::ALL));
-        self.engine.handle_subscribe(t, session, doc_id(), vec![]);
+        self.engine
+            .handle_subscribe(t, session, doc_id(), vec![], true);
         self.run(t);
         self.take(session);
     }
@@ -142,8 +143,8 @@ fn changes_are_applied_fanned_out_and_made_durable_in_order() {
         .handle_session_open(1, capability("alice", Rights::ALL));
     h.engine
         .handle_session_open(2, capability("bob", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
-    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
     h.run(t);
     assert!(matches!(&h.take(1)[..], [Outbound::CatchUp { changes, .. }] if changes.is_empty()));
     h.take(2);
@@ -229,7 +230,7 @@ fn failed_flushes_keep_changes_and_retry() {
     let t = now();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
     h.run(t);
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
@@ -268,7 +269,7 @@ fn rights_and_expiry_are_checked_on_every_message() {
             },
         ),
     );
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
     h.run(t);
     h.take(1);
     let mut doc = AutoCommit::new();
@@ -298,7 +299,7 @@ fn rights_and_expiry_are_checked_on_every_message() {
         unix_secs: 2_000,
     };
     h.engine
-        .handle_subscribe(late, 1, DocId::new("d2").unwrap(), vec![]);
+        .handle_subscribe(late, 1, DocId::new("d2").unwrap(), vec![], true);
     h.run(late);
     assert!(matches!(
         &h.take(1)[..],
@@ -338,7 +339,7 @@ fn catch_up_sends_only_what_the_client_lacks_and_cold_loads() {
         .collect();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), heads);
+    h.engine.handle_subscribe(t, 1, doc_id(), heads, true);
     h.run(t);
     let out = h.take(1);
     let Outbound::CatchUp { changes, heads, .. } = &out[0] else {
@@ -428,7 +429,7 @@ fn enough_changes_start_one_background_compaction() {
     let t = now();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
     h.run(t);
     let mut doc = AutoCommit::new();
     for i in 0..6 {
@@ -459,6 +460,62 @@ fn enough_changes_start_one_background_compaction() {
 }
 
 #[test]
+fn an_empty_client_gets_the_snapshot_unless_it_asks_for_every_change() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        snapshot_every_changes: 5,
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    for i in 0..6 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    // Answer the compaction with a snapshot at the document's heads.
+    let mut compacted = false;
+    while let Some(task) = h.engine.poll_store_task() {
+        if let StoreTask::Compact { key, heads, .. } = task {
+            let snapshot = Snapshot {
+                heads,
+                bytes: Bytes::from(doc.save()),
+            };
+            h.engine.handle_compacted(t, key, Ok(snapshot), 6);
+            compacted = true;
+        }
+    }
+    assert!(compacted);
+    h.run(t);
+    h.take(1);
+    for (session, snapshot) in [(2, true), (3, false)] {
+        h.engine
+            .handle_session_open(session, capability("bob", Rights::ALL));
+        h.engine
+            .handle_subscribe(t, session, doc_id(), vec![], snapshot);
+        h.run(t);
+        let out = h.take(session);
+        let Some(Outbound::CatchUp {
+            snapshot: got,
+            changes,
+            ..
+        }) = out.first()
+        else {
+            panic!("expected a catch-up, got {out:?}");
+        };
+        if snapshot {
+            assert!(got.is_some());
+            assert!(changes.is_empty());
+        } else {
+            assert!(got.is_none(), "asked for every change, got a snapshot");
+            assert_eq!(changes.len(), 6);
+        }
+    }
+}
+
+#[test]
 fn an_orphan_connected_by_another_session_reaches_that_session() {
     let mut h = Harness::new();
     let t = now();
@@ -466,8 +523,8 @@ fn an_orphan_connected_by_another_session_reaches_that_session() {
         .handle_session_open(1, capability("alice", Rights::ALL));
     h.engine
         .handle_session_open(2, capability("bob", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
-    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
     h.run(t);
     h.take(1);
     h.take(2);
@@ -510,8 +567,8 @@ fn presence_is_cleared_when_a_connection_drops() {
         .handle_session_open(1, capability("alice", Rights::ALL));
     h.engine
         .handle_session_open(2, capability("bob", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![]);
-    h.engine.handle_subscribe(t, 2, doc_id(), vec![]);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
     h.engine
         .handle_presence(t, 1, doc_id(), Bytes::from_static(b"here"));
     h.run(t);
@@ -563,7 +620,8 @@ fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
     let theirs = doc_owned_by("b");
-    h.engine.handle_subscribe(t, 1, theirs.clone(), vec![]);
+    h.engine
+        .handle_subscribe(t, 1, theirs.clone(), vec![], true);
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
     h.engine
@@ -597,7 +655,8 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     for session in [1, 2] {
         h.engine
             .handle_session_open(session, capability("alice", Rights::ALL));
-        h.engine.handle_subscribe(t, session, ours.clone(), vec![]);
+        h.engine
+            .handle_subscribe(t, session, ours.clone(), vec![], true);
     }
     h.run(t);
     h.take(1);

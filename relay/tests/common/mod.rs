@@ -145,10 +145,17 @@ pub struct Raw {
 impl Raw {
     /// Opens a document stream and sends `subscribe` with no heads.
     pub async fn subscribe(&self, doc: &str) -> RawStream {
+        self.subscribe_with(doc, true).await
+    }
+
+    /// Opens a document stream and sends `subscribe` with no heads, taking a snapshot for
+    /// the catch-up or not.
+    pub async fn subscribe_with(&self, doc: &str, snapshot: bool) -> RawStream {
         let (mut send, recv) = self.connection.open_bi().await.expect("doc stream");
         let subscribe = ClientToRelay::Subscribe {
             doc: meridian_protocol::DocId::new(doc).expect("doc"),
             heads: vec![],
+            snapshot,
         };
         send.write_all(&subscribe.to_bytes())
             .await
