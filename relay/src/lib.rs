@@ -12,6 +12,7 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod node;
+mod outbox;
 pub mod placement;
 pub mod router;
 mod session;

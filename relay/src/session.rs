@@ -13,7 +13,7 @@ use meridian_protocol::{
     RelayToClient, TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::engine::{Outbound, SessionId, chunk_by_bytes};
@@ -27,7 +27,7 @@ const READ_CHUNK: usize = 64 << 10;
 #[derive(Clone)]
 pub struct Outbox {
     /// Each message with, for a fan-out, when its changes arrived at the relay.
-    tx: mpsc::Sender<(Outbound, Option<Instant>)>,
+    tx: crate::outbox::Sender<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<AtomicUsize>,
     bytes_max: usize,
     connection: quinn::Connection,
@@ -466,8 +466,9 @@ fn spawn_writer(
     mut send: SendStream,
     queued_bytes: Arc<AtomicUsize>,
 ) -> Outbox {
-    let (tx, mut rx) =
-        mpsc::channel::<(Outbound, Option<Instant>)>(shared.limits.send_queue_messages_max);
+    let (tx, mut rx) = crate::outbox::bounded::<(Outbound, Option<Instant>)>(
+        shared.limits.send_queue_messages_max,
+    );
     let outbox = Outbox {
         tx,
         queued_bytes: queued_bytes.clone(),

@@ -1,0 +1,180 @@
+//! A bounded single-consumer queue that holds no memory while empty.
+//!
+//! Every stream of every connection has a send queue, and most connections are idle: a
+//! tokio `mpsc` channel allocates its first block (32 slots) when it is created, about
+//! 5 KB per stream with the relay's messages. This queue allocates only while messages
+//! wait and gives the memory back once it has drained.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+/// A drained queue keeps at most this many slots of capacity.
+const KEEP_CAPACITY: usize = 8;
+
+struct Inner<T> {
+    state: Mutex<State<T>>,
+    ready: Notify,
+    max: usize,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    /// Every sender is gone: the receiver ends after the last item.
+    closed: bool,
+}
+
+/// The sending half; cheap to clone. The queue closes when the last clone is dropped.
+pub struct Sender<T> {
+    handle: Arc<SenderHandle<T>>,
+}
+
+impl<T> Clone for Sender<T> {
+    fn clone(&self) -> Self {
+        Sender {
+            handle: self.handle.clone(),
+        }
+    }
+}
+
+struct SenderHandle<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Drop for SenderHandle<T> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.inner.state.lock() {
+            state.closed = true;
+        }
+        self.inner.ready.notify_one();
+    }
+}
+
+/// The receiving half.
+pub struct Receiver<T> {
+    inner: Arc<Inner<T>>,
+}
+
+/// A queue of at most `max` items.
+pub fn bounded<T>(max: usize) -> (Sender<T>, Receiver<T>) {
+    let inner = Arc::new(Inner {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            closed: false,
+        }),
+        ready: Notify::new(),
+        max,
+    });
+    (
+        Sender {
+            handle: Arc::new(SenderHandle {
+                inner: inner.clone(),
+            }),
+        },
+        Receiver { inner },
+    )
+}
+
+impl<T> Sender<T> {
+    /// Queues `item`; gives it back if the queue is full or the receiver is gone.
+    pub fn try_send(&self, item: T) -> Result<(), T> {
+        let inner = &self.handle.inner;
+        {
+            let Ok(mut state) = inner.state.lock() else {
+                return Err(item);
+            };
+            if state.closed || state.items.len() >= inner.max {
+                return Err(item);
+            }
+            state.items.push_back(item);
+        }
+        inner.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl<T> Receiver<T> {
+    /// The next item; `None` once every sender is gone and the queue is empty.
+    pub async fn recv(&mut self) -> Option<T> {
+        loop {
+            {
+                let mut state = self.inner.state.lock().ok()?;
+                if let Some(item) = state.items.pop_front() {
+                    if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
+                        state.items.shrink_to(KEEP_CAPACITY);
+                    }
+                    return Some(item);
+                }
+                if state.closed {
+                    return None;
+                }
+            }
+            // One consumer: a notification sent between the check and here is kept as a
+            // permit, so none is lost.
+            self.inner.ready.notified().await;
+        }
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        // Later sends fail instead of queueing for nobody.
+        if let Ok(mut state) = self.inner.state.lock() {
+            state.closed = true;
+            state.items.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn items_arrive_in_order_until_every_sender_is_gone() {
+        let (tx, mut rx) = bounded::<u32>(3);
+        let other = tx.clone();
+        assert!(tx.try_send(1).is_ok());
+        assert!(other.try_send(2).is_ok());
+        assert!(tx.try_send(3).is_ok());
+        assert_eq!(tx.try_send(4), Err(4), "full");
+        assert_eq!(rx.recv().await, Some(1));
+        assert!(tx.try_send(4).is_ok(), "room again");
+        drop(tx);
+        assert_eq!(rx.recv().await, Some(2));
+        drop(other);
+        assert_eq!(rx.recv().await, Some(3));
+        assert_eq!(rx.recv().await, Some(4));
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_a_send_and_for_the_close() {
+        let (tx, mut rx) = bounded::<u32>(8);
+        let waiter = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            (first, second)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.try_send(7).is_ok());
+        tokio::task::yield_now().await;
+        drop(tx);
+        assert_eq!(waiter.await.unwrap(), (Some(7), None));
+    }
+
+    #[tokio::test]
+    async fn a_drained_queue_gives_its_memory_back_and_a_dropped_receiver_refuses() {
+        let (tx, mut rx) = bounded::<u64>(1000);
+        for i in 0..500 {
+            assert!(tx.try_send(i).is_ok());
+        }
+        for _ in 0..500 {
+            rx.recv().await.unwrap();
+        }
+        assert!(rx.inner.state.lock().unwrap().items.capacity() <= KEEP_CAPACITY);
+        drop(rx);
+        assert_eq!(tx.try_send(1), Err(1));
+    }
+}
