@@ -389,7 +389,7 @@ impl Engine {
                 changes,
             } = &doc.state
             {
-                sessions.extend(subscribes.iter().map(|(s, _, _)| *s));
+                sessions.extend(subscribes.iter().map(|w| w.session));
                 sessions.extend(changes.iter().map(|(s, _)| *s));
             }
             sessions.sort_unstable();

@@ -325,9 +325,17 @@ struct Orphan {
     user: UserId,
 }
 
+/// A subscribe that waits for its document to load.
+struct WaitingSubscribe {
+    session: SessionId,
+    heads: Vec<ChangeHash>,
+    /// Whether the client takes a snapshot for its catch-up.
+    snapshot: bool,
+}
+
 enum DocState {
     Loading {
-        subscribes: Vec<(SessionId, Vec<ChangeHash>, bool)>,
+        subscribes: Vec<WaitingSubscribe>,
         changes: Vec<(SessionId, Vec<Bytes>)>,
     },
     Ready,
@@ -611,7 +619,7 @@ impl Engine {
                 changes,
             } = &mut doc.state
             {
-                subscribes.retain(|(s, _, _)| *s != session);
+                subscribes.retain(|w| w.session != session);
                 changes.retain(|(s, _)| *s != session);
             }
         }
@@ -653,7 +661,11 @@ impl Engine {
             Some(Doc {
                 state: DocState::Loading { subscribes, .. },
                 ..
-            }) => subscribes.push((session, heads, snapshot)),
+            }) => subscribes.push(WaitingSubscribe {
+                session,
+                heads,
+                snapshot,
+            }),
             Some(_) => self.serve_subscribe(now.instant, &key, session, heads, snapshot),
             None if self.loading >= self.config.loads_pending_max => self.refuse_subscription(
                 session,
@@ -665,7 +677,11 @@ impl Engine {
                 self.loading += 1;
                 let mut loading = Doc::loading();
                 if let DocState::Loading { subscribes, .. } = &mut loading.state {
-                    subscribes.push((session, heads, snapshot));
+                    subscribes.push(WaitingSubscribe {
+                        session,
+                        heads,
+                        snapshot,
+                    });
                 }
                 self.docs.insert(key.clone(), loading);
                 self.store_tasks.push_back(StoreTask::Load { key });
@@ -800,7 +816,7 @@ impl Engine {
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
                 self.docs.remove(&key);
-                for (session, _, _) in subscribes {
+                for WaitingSubscribe { session, .. } in subscribes {
                     self.refuse_subscription(
                         session,
                         &key.doc,
@@ -818,7 +834,12 @@ impl Engine {
         if let Some(entry) = self.docs.get_mut(&key) {
             entry.snapshot = loaded.snapshot;
         }
-        for (session, heads, snapshot) in subscribes {
+        for WaitingSubscribe {
+            session,
+            heads,
+            snapshot,
+        } in subscribes
+        {
             if self.is_subscribed(session, &key.doc) {
                 self.serve_subscribe(now.instant, &key, session, heads, snapshot);
             }
@@ -963,7 +984,7 @@ impl Engine {
         };
         entry.subscribers.remove(&session);
         if let DocState::Loading { subscribes, .. } = &mut entry.state {
-            subscribes.retain(|(s, _, _)| *s != session);
+            subscribes.retain(|w| w.session != session);
         }
         if entry.presence.remove(&session).is_some() {
             let others: Vec<SessionId> = entry.subscribers.iter().copied().collect();

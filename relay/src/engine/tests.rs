@@ -419,18 +419,15 @@ fn tenants_of_another_jurisdiction_are_refused_and_counted() {
     assert_eq!(h.engine.sessions(), 0);
 }
 
-#[test]
-fn enough_changes_start_one_background_compaction() {
+/// An engine that snapshots every 5 changes, after session 1 wrote 6 changes to the test
+/// document; its store tasks are not yet answered. Also returns the writer's document.
+fn six_changes_past_the_snapshot_threshold(t: Now) -> (Harness, AutoCommit) {
     let mut h = Harness::new();
     h.engine = Engine::new(EngineConfig {
         snapshot_every_changes: 5,
         ..config()
     });
-    let t = now();
-    h.engine
-        .handle_session_open(1, capability("alice", Rights::ALL));
-    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
-    h.run(t);
+    h.join(1, "alice", t);
     let mut doc = AutoCommit::new();
     for i in 0..6 {
         doc.put(automerge::ROOT, "k", i).unwrap();
@@ -438,6 +435,13 @@ fn enough_changes_start_one_background_compaction() {
     }
     h.engine
         .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    (h, doc)
+}
+
+#[test]
+fn enough_changes_start_one_background_compaction() {
+    let t = now();
+    let (mut h, _) = six_changes_past_the_snapshot_threshold(t);
     let mut compactions = Vec::new();
     while let Some(task) = h.engine.poll_store_task() {
         if let StoreTask::Compact {
@@ -461,20 +465,8 @@ fn enough_changes_start_one_background_compaction() {
 
 #[test]
 fn an_empty_client_gets_the_snapshot_unless_it_asks_for_every_change() {
-    let mut h = Harness::new();
-    h.engine = Engine::new(EngineConfig {
-        snapshot_every_changes: 5,
-        ..config()
-    });
     let t = now();
-    h.join(1, "alice", t);
-    let mut doc = AutoCommit::new();
-    for i in 0..6 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-    }
-    h.engine
-        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    let (mut h, mut doc) = six_changes_past_the_snapshot_threshold(t);
     // Answer the compaction with a snapshot at the document's heads.
     let mut compacted = false;
     while let Some(task) = h.engine.poll_store_task() {
