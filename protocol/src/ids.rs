@@ -35,8 +35,10 @@ fn allowed(byte: u8) -> bool {
 macro_rules! string_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $max:expr) => {
         $(#[$doc])*
+        // `Arc<str>`: ids are cloned into every message and map key (a document id
+        // goes with each fanned-out change), and a clone must not allocate.
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(String);
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// The longest valid identifier, in bytes.
@@ -51,7 +53,7 @@ macro_rules! string_id {
                 if !value.bytes().all(allowed) {
                     return Err(IdError::Charset { kind: $kind });
                 }
-                Ok($name(value))
+                Ok($name(value.into()))
             }
 
             /// The identifier as a string slice.
