@@ -28,6 +28,11 @@ impl Engine {
             Vec::with_capacity(loaded.len());
         let mut position: HashMap<ChangeHash, usize> = HashMap::with_capacity(loaded.len());
         for item in loaded {
+            // A refresh re-reads a hot document: what the graph already holds is not
+            // parsed (hashed) again, on the driver, only to be found known.
+            if entry.graph.index_of(&item.hash).is_some() {
+                continue;
+            }
             if let Some(&at) = position.get(&item.hash) {
                 // The same change from the cache and the durable tier (or a snapshot):
                 // keep one, durable if either copy is, with the user if either knows it.
