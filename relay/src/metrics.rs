@@ -393,8 +393,9 @@ pub fn control_record_corrupt() {
     counter!("meridian_control_corrupt_records_total").increment(1);
 }
 
-/// One fan-out: another session's changes, from their arrival at the relay to their
-/// being written to this subscriber's stream.
-pub fn fanout_latency(latency: Duration) {
-    histogram!("meridian_fanout_latency_seconds").record(latency.as_secs_f64());
+/// The fan-out latency histogram: another session's changes, from their arrival at the
+/// relay to their being written to a subscriber's stream. A stream's writer looks it up
+/// once and records every fan-out it writes.
+pub fn fanout_latency() -> metrics::Histogram {
+    histogram!("meridian_fanout_latency_seconds")
 }

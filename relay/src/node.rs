@@ -854,10 +854,7 @@ impl Driver {
                 let pushed = match self.fanout_from {
                     Some((from, received))
                         if from != transmit.session
-                            && matches!(
-                                transmit.outbound,
-                                Outbound::Message(RelayToClient::Changes { .. })
-                            ) =>
+                            && matches!(transmit.outbound, Outbound::Fanout(_)) =>
                     {
                         outbox.push_fanout(transmit.outbound, received)
                     }

@@ -94,20 +94,37 @@ impl<T> Sender<T> {
     }
 }
 
+impl<T> State<T> {
+    fn pop(&mut self) -> Option<T> {
+        let item = self.items.pop_front()?;
+        if self.items.is_empty() && self.items.capacity() > KEEP_CAPACITY {
+            self.items.shrink_to(KEEP_CAPACITY);
+        }
+        Some(item)
+    }
+}
+
 impl<T> Receiver<T> {
-    /// The next item; `None` once every sender is gone and the queue is empty.
-    pub async fn recv(&mut self) -> Option<T> {
+    /// Waits for at least one item, then moves up to `max` queued items (at least one)
+    /// to the back of `out`, under one lock; `false` once every sender is gone and the
+    /// queue is empty.
+    pub async fn recv_many(&mut self, out: &mut VecDeque<T>, max: usize) -> bool {
         loop {
             {
-                let mut state = self.inner.state.lock().ok()?;
-                if let Some(item) = state.items.pop_front() {
-                    if state.items.is_empty() && state.items.capacity() > KEEP_CAPACITY {
-                        state.items.shrink_to(KEEP_CAPACITY);
+                let Ok(mut state) = self.inner.state.lock() else {
+                    return false;
+                };
+                if !state.items.is_empty() {
+                    for _ in 0..max.max(1) {
+                        match state.pop() {
+                            Some(item) => out.push_back(item),
+                            None => break,
+                        }
                     }
-                    return Some(item);
+                    return true;
                 }
                 if state.closed {
-                    return None;
+                    return false;
                 }
             }
             // One consumer: a notification sent between the check and here is kept as a
@@ -131,6 +148,40 @@ impl<T> Drop for Receiver<T> {
 mod tests {
     use super::*;
 
+    async fn recv<T>(rx: &mut Receiver<T>) -> Option<T> {
+        let mut out = VecDeque::new();
+        if rx.recv_many(&mut out, 1).await {
+            assert_eq!(out.len(), 1);
+        }
+        out.pop_front()
+    }
+
+    #[tokio::test]
+    async fn recv_many_takes_what_is_queued_up_to_its_limit() {
+        let (tx, mut rx) = bounded::<u32>(8);
+        for i in 1..=5 {
+            assert!(tx.try_send(i).is_ok());
+        }
+        let mut out = VecDeque::new();
+        assert!(rx.recv_many(&mut out, 3).await);
+        assert_eq!(out, [1, 2, 3]);
+        assert!(rx.recv_many(&mut out, 3).await);
+        assert_eq!(out, [1, 2, 3, 4, 5]);
+        // It waits for the next item, and ends once the senders are gone.
+        let waiting = tokio::spawn(async move {
+            let mut out = VecDeque::new();
+            let got = rx.recv_many(&mut out, 3).await;
+            (got, out, rx.recv_many(&mut VecDeque::new(), 3).await)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.try_send(6).is_ok());
+        drop(tx);
+        let (got, out, after) = waiting.await.unwrap();
+        assert!(got);
+        assert_eq!(out, [6]);
+        assert!(!after);
+    }
+
     #[tokio::test]
     async fn items_arrive_in_order_until_every_sender_is_gone() {
         let (tx, mut rx) = bounded::<u32>(3);
@@ -139,22 +190,22 @@ mod tests {
         assert!(other.try_send(2).is_ok());
         assert!(tx.try_send(3).is_ok());
         assert_eq!(tx.try_send(4), Err(4), "full");
-        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(recv(&mut rx).await, Some(1));
         assert!(tx.try_send(4).is_ok(), "room again");
         drop(tx);
-        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(recv(&mut rx).await, Some(2));
         drop(other);
-        assert_eq!(rx.recv().await, Some(3));
-        assert_eq!(rx.recv().await, Some(4));
-        assert_eq!(rx.recv().await, None);
+        assert_eq!(recv(&mut rx).await, Some(3));
+        assert_eq!(recv(&mut rx).await, Some(4));
+        assert_eq!(recv(&mut rx).await, None);
     }
 
     #[tokio::test]
     async fn a_waiting_receiver_wakes_for_a_send_and_for_the_close() {
         let (tx, mut rx) = bounded::<u32>(8);
         let waiter = tokio::spawn(async move {
-            let first = rx.recv().await;
-            let second = rx.recv().await;
+            let first = recv(&mut rx).await;
+            let second = recv(&mut rx).await;
             (first, second)
         });
         tokio::task::yield_now().await;
@@ -171,7 +222,7 @@ mod tests {
             assert!(tx.try_send(i).is_ok());
         }
         for _ in 0..500 {
-            rx.recv().await.unwrap();
+            recv(&mut rx).await.unwrap();
         }
         assert!(rx.inner.state.lock().unwrap().items.capacity() <= KEEP_CAPACITY);
         drop(rx);

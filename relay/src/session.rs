@@ -2,6 +2,7 @@
 //! document stream. Sessions never decide anything; they decode frames, forward inputs to
 //! the engine driver and write what the driver queues for them.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +23,23 @@ use crate::placement::Verdict;
 
 /// The most bytes read from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
+
+/// A stream's writer writes what is queued in batches of up to this many bytes...
+const WRITE_BATCH_BYTES: usize = 64 << 10;
+/// ...taking up to this many messages from its queue at once.
+const WRITE_BATCH_ITEMS: usize = 64;
+/// A writer whose queue has drained keeps a write buffer of at most this capacity.
+const KEEP_WRITE_BYTES: usize = 16 << 10;
+
+/// What a queued message counts against its stream's byte budget: its encoded size (a
+/// catch-up: 16 bytes per change, whose bytes the graph holds anyway).
+fn outbound_size(outbound: &Outbound) -> usize {
+    match outbound {
+        Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
+        Outbound::Fanout(frame) => frame.len(),
+        Outbound::CatchUp { changes, .. } => changes.len() * 16,
+    }
+}
 
 /// The sending half of one stream's bounded queue, shared with the engine driver.
 #[derive(Clone)]
@@ -47,10 +65,7 @@ impl Outbox {
     }
 
     fn push_at(&self, outbound: Outbound, received: Option<Instant>) -> bool {
-        let size = match &outbound {
-            Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
-            Outbound::CatchUp { changes, .. } => changes.len() * 16,
-        };
+        let size = outbound_size(&outbound);
         let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
         if queued > self.bytes_max {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
@@ -478,72 +493,80 @@ fn spawn_writer(
     let connection = connection.clone();
     let frame_bytes = shared.catchup_frame_bytes;
     shared.spawn(async move {
-        // Grows with the largest frame written; idle connections keep it empty.
+        let fanout_latency = crate::metrics::fanout_latency();
+        // These three hold memory only while messages flow (see the end of the loop).
+        let mut pending = VecDeque::new();
         let mut buf = Vec::new();
-        while let Some((outbound, received)) = rx.recv().await {
+        // When the fan-outs in the batch arrived at the relay.
+        let mut received_at = Vec::new();
+        while !pending.is_empty() || rx.recv_many(&mut pending, WRITE_BATCH_ITEMS).await {
+            // What is queued goes out in one write (up to WRITE_BATCH_BYTES): under
+            // fan-out load, one stream write per message cost more than the messages.
             buf.clear();
-            let (size, close) = match &outbound {
-                Outbound::Message(message) => {
-                    message.encode(&mut buf);
-                    (message.encoded_len(), None)
-                }
-                Outbound::Close(message) => {
-                    message.encode(&mut buf);
-                    let code = close_code(message);
-                    (message.encoded_len(), Some(code))
-                }
-                Outbound::CatchUp {
-                    doc,
-                    snapshot,
-                    changes,
-                    heads,
-                } => {
-                    let size = changes.len() * 16;
-                    if let Some(snapshot) = snapshot {
-                        let total = snapshot.bytes.len() as u64;
-                        for (i, piece) in snapshot.bytes.chunks(MAX_SNAPSHOT_CHUNK).enumerate() {
-                            RelayToClient::Snapshot {
+            received_at.clear();
+            let mut size = 0;
+            let mut close = None;
+            while let Some((outbound, received)) = pending.pop_front() {
+                size += outbound_size(&outbound);
+                match outbound {
+                    Outbound::Fanout(frame) => buf.extend_from_slice(&frame),
+                    Outbound::Message(message) => message.encode(&mut buf),
+                    Outbound::Close(message) => {
+                        message.encode(&mut buf);
+                        close = Some(close_code(&message));
+                    }
+                    Outbound::CatchUp {
+                        doc,
+                        snapshot,
+                        changes,
+                        heads,
+                    } => {
+                        if let Some(snapshot) = snapshot {
+                            let total = snapshot.bytes.len() as u64;
+                            for (i, piece) in snapshot.bytes.chunks(MAX_SNAPSHOT_CHUNK).enumerate()
+                            {
+                                RelayToClient::Snapshot {
+                                    doc: doc.clone(),
+                                    heads: snapshot.heads.clone(),
+                                    offset: (i * MAX_SNAPSHOT_CHUNK) as u64,
+                                    total,
+                                    bytes: snapshot.bytes.slice_ref(piece),
+                                }
+                                .encode(&mut buf);
+                                if send.write_all(&buf).await.is_err() {
+                                    return;
+                                }
+                                buf.clear();
+                            }
+                        }
+                        for chunk in chunk_by_bytes(&changes, frame_bytes) {
+                            RelayToClient::Changes {
                                 doc: doc.clone(),
-                                heads: snapshot.heads.clone(),
-                                offset: (i * MAX_SNAPSHOT_CHUNK) as u64,
-                                total,
-                                bytes: snapshot.bytes.slice_ref(piece),
+                                changes: chunk.to_vec(),
                             }
                             .encode(&mut buf);
-                            if send.write_all(&buf).await.is_err() {
-                                return;
+                            if buf.len() >= frame_bytes {
+                                if send.write_all(&buf).await.is_err() {
+                                    return;
+                                }
+                                buf.clear();
                             }
-                            buf.clear();
                         }
+                        RelayToClient::Synced { doc, heads }.encode(&mut buf);
                     }
-                    for chunk in chunk_by_bytes(changes, frame_bytes) {
-                        RelayToClient::Changes {
-                            doc: doc.clone(),
-                            changes: chunk.to_vec(),
-                        }
-                        .encode(&mut buf);
-                        if buf.len() >= frame_bytes {
-                            if send.write_all(&buf).await.is_err() {
-                                return;
-                            }
-                            buf.clear();
-                        }
-                    }
-                    RelayToClient::Synced {
-                        doc: doc.clone(),
-                        heads: heads.clone(),
-                    }
-                    .encode(&mut buf);
-                    (size, None)
                 }
-            };
+                received_at.extend(received);
+                if close.is_some() || buf.len() >= WRITE_BATCH_BYTES {
+                    break;
+                }
+            }
             let written = send.write_all(&buf).await;
             queued_bytes.fetch_sub(size, Ordering::Relaxed);
             if written.is_err() {
                 return;
             }
-            if let Some(received) = received {
-                crate::metrics::fanout_latency(received.elapsed());
+            for received in &received_at {
+                fanout_latency.record(received.elapsed().as_secs_f64());
             }
             if let Some(code) = close {
                 let _ = send.finish();
@@ -554,6 +577,12 @@ fn spawn_writer(
                     code.to_string().as_bytes(),
                 );
                 return;
+            }
+            // A stream that goes quiet gives back what a burst made these grow to.
+            if pending.is_empty() && buf.capacity() > KEEP_WRITE_BYTES {
+                buf = Vec::new();
+                pending = VecDeque::new();
+                received_at = Vec::new();
             }
         }
         let _ = send.finish();

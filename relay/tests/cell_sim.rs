@@ -427,7 +427,15 @@ impl Sim {
                 .and_then(|d| d.parse::<usize>().ok())
         };
         let tick = self.tick;
+        // A fan-out is a frame encoded once for every recipient: decode it as a client.
+        let outbound = match outbound {
+            Outbound::Fanout(frame) => {
+                Outbound::Message(RelayToClient::decode(&frame).expect("a fan-out frame decodes"))
+            }
+            other => other,
+        };
         match outbound {
+            Outbound::Fanout(_) => unreachable!("decoded above"),
             Outbound::CatchUp {
                 doc,
                 changes,

@@ -295,15 +295,8 @@ impl Engine {
             self.stats.refreshed_changes += new.len() as u64;
             let subscribers: Vec<SessionId> = doc.subscribers.iter().copied().collect();
             self.stats.changes_fanned_out += (new.len() * subscribers.len()) as u64;
-            for chunk in super::chunk_by_bytes(&new, self.config.catchup_frame_bytes) {
-                let message = RelayToClient::Changes {
-                    doc: key.doc.clone(),
-                    changes: chunk.to_vec(),
-                };
-                for &session in &subscribers {
-                    self.send(session, Some(key.doc.clone()), message.clone());
-                }
-            }
+            let frames = super::changes_frames(&key.doc, &new, self.config.catchup_frame_bytes);
+            Self::fan_out(&mut self.transmits, &key.doc, frames, &subscribers);
         }
         // Orphans may now have their dependencies: take them again from their sessions
         // (what still misses something is parked again, without asking for another

@@ -193,6 +193,9 @@ impl Default for EngineConfig {
 pub enum Outbound {
     /// One message.
     Message(RelayToClient),
+    /// Changes fanned out to the other subscribers of a document: one `changes` frame,
+    /// encoded once and shared by every recipient (a clone is a reference count).
+    Fanout(Bytes),
     /// A catch-up: these changes in `changes` frames, then `Synced` with `heads`. The
     /// bytes are shared with the graph, so a large catch-up costs pointers, not copies.
     CatchUp {
@@ -942,6 +945,25 @@ impl Engine {
             .is_some_and(|s| s.subscriptions.contains(doc))
     }
 
+    /// Sends the changes of `doc` in `frames` (encoded `changes` messages) to every
+    /// session in `to`.
+    fn fan_out(
+        transmits: &mut VecDeque<Transmit>,
+        doc: &DocId,
+        frames: Vec<Bytes>,
+        to: &[SessionId],
+    ) {
+        for frame in frames {
+            for &session in to {
+                transmits.push_back(Transmit {
+                    session,
+                    doc: Some(doc.clone()),
+                    outbound: Outbound::Fanout(frame.clone()),
+                });
+            }
+        }
+    }
+
     fn send(&mut self, session: SessionId, doc: Option<DocId>, message: RelayToClient) {
         self.transmits.push_back(Transmit {
             session,
@@ -1199,19 +1221,8 @@ impl Engine {
                 .filter(|s| *s != origin)
                 .collect();
             self.stats.changes_fanned_out += (bytes.len() * others.len()) as u64;
-            for chunk in chunk_by_bytes(&bytes, self.config.catchup_frame_bytes) {
-                let message = RelayToClient::Changes {
-                    doc: key.doc.clone(),
-                    changes: chunk.to_vec(),
-                };
-                for &other in &others {
-                    self.transmits.push_back(Transmit {
-                        session: other,
-                        doc: Some(key.doc.clone()),
-                        outbound: Outbound::Message(message.clone()),
-                    });
-                }
-            }
+            let frames = changes_frames(&key.doc, &bytes, self.config.catchup_frame_bytes);
+            Self::fan_out(&mut self.transmits, &key.doc, frames, &others);
         }
 
         // Queue new changes for the next cache commit and the acks to release with it.
@@ -1275,6 +1286,20 @@ pub fn chunk_by_bytes(items: &[Bytes], max_bytes: usize) -> Vec<&[Bytes]> {
         chunks.push(&items[start..]);
     }
     chunks
+}
+
+/// `changes` frames for `doc` carrying `items`, split as [`chunk_by_bytes`] does.
+pub fn changes_frames(doc: &DocId, items: &[Bytes], max_bytes: usize) -> Vec<Bytes> {
+    chunk_by_bytes(items, max_bytes)
+        .into_iter()
+        .map(|chunk| {
+            RelayToClient::Changes {
+                doc: doc.clone(),
+                changes: chunk.to_vec(),
+            }
+            .to_bytes()
+        })
+        .collect()
 }
 
 #[cfg(test)]
