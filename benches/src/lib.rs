@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod naive;
+pub mod peers;
 pub mod raw;
 
 use std::path::PathBuf;

@@ -98,7 +98,7 @@ async fn wait_acks(acks: &mut Acks, ready: impl Fn(usize) -> bool) -> Result<(),
 }
 
 /// Reads one relay message from a stream.
-async fn next_message(
+pub(crate) async fn next_message(
     recv: &mut quinn::RecvStream,
     decoder: &mut FrameDecoder,
 ) -> Result<Option<RelayToClient>, String> {

@@ -18,6 +18,7 @@
 //! report gives each figure for both and their ratio.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +32,7 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use meridian_benches::naive::{NaiveClient, NaiveDocHandle};
+use meridian_benches::peers::{self, ChangeMaker, Observer, Peer, RawConn};
 use meridian_client::{ChangeHash, Client, ClientConfig, DocEvent, DocHandle};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -40,6 +42,17 @@ enum Scenario {
     Idle,
     Catchup,
     LargeDoc,
+}
+
+/// What the clients of `steady`, `fanout` and `idle` are.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum PeerKind {
+    /// Raw peers (`meridian_benches::peers`): each relay's wire protocol, own changes
+    /// only, received changes counted and not applied.
+    Raw,
+    /// Full clients: Meridian's SDK, and full Automerge sync peers for the baseline;
+    /// each applies every change it receives to its materialized copy.
+    Sdk,
 }
 
 /// Which relay to load.
@@ -64,6 +77,10 @@ struct Args {
     /// Clients (QUIC connections).
     #[arg(long, default_value_t = 100)]
     clients: usize,
+    /// What the clients of `steady`, `fanout` and `idle` are (`catchup` and `large-doc`
+    /// always use full clients and raw writers).
+    #[arg(long, value_enum, default_value_t = PeerKind::Raw)]
+    peers: PeerKind,
     /// Documents.
     #[arg(long, default_value_t = 10)]
     docs: usize,
@@ -93,41 +110,67 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// Sent changes waiting for their receipts: send time and receivers still to come.
+/// Sent changes waiting for their receipts, by key (`peers::change_key`: the first four
+/// bytes of the change's hash): send time and receivers still to come.
 #[derive(Default)]
 struct Tracker {
-    sent: Mutex<HashMap<ChangeHash, (Instant, usize)>>,
+    sent: Mutex<HashMap<u32, (Instant, usize)>>,
     latency_us: Mutex<Option<Histogram<u64>>>,
     deliveries: AtomicU64,
     sent_count: AtomicU64,
     errors: AtomicU64,
+    /// The first error's text, for the report.
+    first_error: Mutex<Option<String>>,
+}
+
+fn keys_of(hashes: &[ChangeHash]) -> Vec<u32> {
+    hashes.iter().map(|h| peers::hash_key(&h.0)).collect()
 }
 
 impl Tracker {
-    fn sent(&self, hashes: Vec<ChangeHash>, receivers: usize) {
+    fn sent(&self, keys: Vec<u32>, receivers: usize) {
         self.sent_count
-            .fetch_add(hashes.len() as u64, Ordering::Relaxed);
+            .fetch_add(keys.len() as u64, Ordering::Relaxed);
         if receivers == 0 {
             return;
         }
         let now = Instant::now();
         if let Ok(mut sent) = self.sent.lock() {
-            for hash in hashes {
-                sent.insert(hash, (now, receivers));
+            for key in keys {
+                sent.insert(key, (now, receivers));
             }
         }
     }
 
-    fn received(&self, hashes: &[ChangeHash]) {
+    /// Receipts still missing (changes sent and not yet at every subscriber).
+    fn undelivered(&self) -> u64 {
+        self.sent
+            .lock()
+            .map(|sent| sent.values().map(|(_, n)| *n as u64).sum())
+            .unwrap_or(0)
+    }
+
+    fn error(&self, reason: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first_error.lock()
+            && first.is_none()
+        {
+            *first = Some(reason);
+        }
+    }
+}
+
+impl Observer for Tracker {
+    fn received(&self, keys: &[u32]) {
         let now = Instant::now();
         let mut samples = Vec::new();
         if let Ok(mut sent) = self.sent.lock() {
-            for hash in hashes {
-                if let Some((at, remaining)) = sent.get_mut(hash) {
+            for key in keys {
+                if let Some((at, remaining)) = sent.get_mut(key) {
                     samples.push(now.duration_since(*at));
                     *remaining -= 1;
                     if *remaining == 0 {
-                        sent.remove(hash);
+                        sent.remove(key);
                     }
                 }
             }
@@ -141,6 +184,10 @@ impl Tracker {
                 let _ = histogram.record(sample.as_micros().max(1) as u64);
             }
         }
+    }
+
+    fn failed(&self, reason: String) {
+        self.error(reason);
     }
 }
 
@@ -268,13 +315,32 @@ struct Target {
     connector: Connector,
 }
 
+/// How to reach the relay under test.
 #[derive(Clone)]
-enum Connector {
-    Ours(ClientConfig),
-    Naive {
-        endpoint: quinn::Endpoint,
-        addr: std::net::SocketAddr,
-    },
+struct Connector {
+    system: Relay,
+    addr: SocketAddr,
+    /// Client endpoints (UDP sockets) shared by the raw peers and the naive clients,
+    /// connection `i` on `endpoints[i % len]`; each of our SDK clients has its own.
+    endpoints: Arc<Vec<quinn::Endpoint>>,
+}
+
+#[derive(Clone)]
+enum Relay {
+    Ours(Box<ClientConfig>),
+    Naive,
+}
+
+/// Client endpoints shared by many connections: enough that one endpoint's driver task
+/// does not serialize the generator's receive path on 2 vCPUs, few enough that 20,000
+/// connections fit in the file descriptor limit.
+const SHARED_ENDPOINTS: usize = 4;
+
+fn shared_endpoints(config: &ClientConfig) -> Result<Arc<Vec<quinn::Endpoint>>> {
+    let endpoints = (0..SHARED_ENDPOINTS)
+        .map(|_| meridian_client::quic_endpoint(config))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Arc::new(endpoints))
 }
 
 impl Target {
@@ -304,11 +370,19 @@ impl Target {
                 .ok()
                 .and_then(|pid| pid.trim().parse::<u32>().ok())
         });
+        let config = client_config(&config_path)?;
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&config.endpoint)?
+            .next()
+            .context("the relay's endpoint resolves to no address")?;
         Ok(Target {
             _local: local,
             pid,
             admin,
-            connector: Connector::Ours(client_config(&config_path)?),
+            connector: Connector {
+                addr,
+                endpoints: shared_endpoints(&config)?,
+                system: Relay::Ours(Box::new(config)),
+            },
         })
     }
 
@@ -333,15 +407,17 @@ impl Target {
             .trim()
             .parse()?;
         let ca = std::fs::read(relay.dir.path().join("ca.crt"))?;
-        // The same client transport as Meridian's SDK (keep-alive, windows, TLS); one
-        // endpoint carries every naive client.
+        // The same client transport as Meridian's SDK (keep-alive, windows, TLS).
         let config = ClientConfig::new(String::new(), ca, String::new());
-        let endpoint = meridian_client::quic_endpoint(&config)?;
         Ok(Target {
             pid: Some(relay.child.id()),
             _local: Some(relay),
             admin: None,
-            connector: Connector::Naive { endpoint, addr },
+            connector: Connector {
+                system: Relay::Naive,
+                addr,
+                endpoints: shared_endpoints(&config)?,
+            },
         })
     }
 
@@ -351,11 +427,30 @@ impl Target {
 }
 
 impl Connector {
-    async fn connect(&self) -> Result<Conn> {
-        Ok(match self {
-            Connector::Ours(config) => Conn::Ours(Client::connect(config.clone()).await?),
-            Connector::Naive { endpoint, addr } => {
-                Conn::Naive(NaiveClient::connect(endpoint, *addr, "localhost").await?)
+    fn endpoint(&self, i: usize) -> &quinn::Endpoint {
+        &self.endpoints[i % self.endpoints.len()]
+    }
+
+    /// Connection `i`: a raw peer or a full client.
+    async fn connect(&self, i: usize, kind: PeerKind) -> Result<Conn> {
+        Ok(match (&self.system, kind) {
+            (Relay::Ours(config), PeerKind::Sdk) => {
+                Conn::Ours(Client::connect(ClientConfig::clone(config)).await?)
+            }
+            (Relay::Ours(config), PeerKind::Raw) => Conn::Raw(
+                RawConn::ours(
+                    self.endpoint(i),
+                    self.addr,
+                    &config.server_name,
+                    &config.token,
+                )
+                .await?,
+            ),
+            (Relay::Naive, PeerKind::Sdk) => {
+                Conn::Naive(NaiveClient::connect(self.endpoint(i), self.addr, "localhost").await?)
+            }
+            (Relay::Naive, PeerKind::Raw) => {
+                Conn::Raw(RawConn::naive(self.endpoint(i), self.addr, "localhost").await?)
             }
         })
     }
@@ -364,12 +459,20 @@ impl Connector {
 enum Conn {
     Ours(Client),
     Naive(NaiveClient),
+    Raw(RawConn),
 }
 
 #[derive(Clone)]
 enum Doc {
     Ours(DocHandle),
     Naive(NaiveDocHandle),
+    Raw(Arc<RawDoc>),
+}
+
+/// A document at a raw peer, with the writer's own change history.
+struct RawDoc {
+    peer: Peer,
+    maker: Mutex<ChangeMaker>,
 }
 
 impl Conn {
@@ -384,9 +487,11 @@ impl Conn {
                 tokio::spawn(async move {
                     loop {
                         match updates.recv().await {
-                            Ok(DocEvent::Remote { hashes, .. }) => tracker.received(&hashes),
-                            Ok(DocEvent::Error { .. }) => {
-                                tracker.errors.fetch_add(1, Ordering::Relaxed);
+                            Ok(DocEvent::Remote { hashes, .. }) => {
+                                tracker.received(&keys_of(&hashes));
+                            }
+                            Ok(DocEvent::Error { code, message }) => {
+                                tracker.error(format!("{code:?}: {message}"));
                             }
                             Ok(_) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -399,9 +504,16 @@ impl Conn {
             Conn::Naive(client) => {
                 let tracker = tracker.clone();
                 let handle = client
-                    .open(name, base, move |hashes| tracker.received(hashes))
+                    .open(name, base, move |hashes| tracker.received(&keys_of(hashes)))
                     .await?;
                 Ok(Doc::Naive(handle))
+            }
+            Conn::Raw(conn) => {
+                let observer: Arc<dyn Observer> = tracker.clone();
+                Ok(Doc::Raw(Arc::new(RawDoc {
+                    peer: conn.open(name, observer).await?,
+                    maker: Mutex::new(ChangeMaker::new()),
+                })))
             }
         }
     }
@@ -410,6 +522,7 @@ impl Conn {
         match self {
             Conn::Ours(client) => client.bytes_received(),
             Conn::Naive(client) => client.bytes_received(),
+            Conn::Raw(conn) => conn.bytes_received(),
         }
     }
 
@@ -417,36 +530,53 @@ impl Conn {
         match self {
             Conn::Ours(client) => client.close().await,
             Conn::Naive(client) => client.close(),
+            Conn::Raw(conn) => conn.close(),
         }
     }
 }
 
 impl Doc {
-    /// Sets `key` at the root to `value`; the new change's hashes.
-    fn put(&self, key: String, value: String) -> Result<Vec<ChangeHash>> {
+    /// Sets `key` at the root to `value`; the new change's keys.
+    fn put(&self, key: String, value: String) -> Result<Vec<u32>> {
         match self {
             Doc::Ours(handle) => {
                 match handle.change_with_hashes(|d| d.put(automerge::ROOT, key, value))? {
-                    (Ok(()), hashes) => Ok(hashes),
+                    (Ok(()), hashes) => Ok(keys_of(&hashes)),
                     (Err(error), _) => Err(error.into()),
                 }
             }
-            Doc::Naive(handle) => Ok(handle.change(|d| d.put(automerge::ROOT, key, value))?),
+            Doc::Naive(handle) => Ok(keys_of(
+                &handle.change(|d| d.put(automerge::ROOT, key, value))?,
+            )),
+            Doc::Raw(doc) => {
+                let (bytes, hash) = doc
+                    .maker
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned lock"))?
+                    .next(&key, &value)?;
+                doc.peer.send_change(bytes, hash)?;
+                Ok(vec![peers::hash_key(&hash.0)])
+            }
         }
     }
 
     /// Presence (the naive relay has none: the Automerge sync protocol carries no
     /// ephemeral state).
-    fn set_presence(&self, state: Bytes) {
-        if let Doc::Ours(handle) = self {
-            handle.set_presence(state);
+    fn set_presence(&self, state: Bytes) -> Result<()> {
+        match self {
+            Doc::Ours(handle) => handle.set_presence(state),
+            Doc::Naive(_) => {}
+            Doc::Raw(doc) => doc.peer.send_presence(state)?,
         }
+        Ok(())
     }
 
+    /// Waits for the catch-up (a raw peer's `open` already did).
     async fn wait_synced(&self) -> Result<()> {
         match self {
             Doc::Ours(handle) => handle.wait_synced().await?,
             Doc::Naive(handle) => handle.wait_synced().await?,
+            Doc::Raw(_) => {}
         }
         Ok(())
     }
@@ -455,6 +585,7 @@ impl Doc {
         match self {
             Doc::Ours(handle) => handle.import(changes)?,
             Doc::Naive(handle) => handle.import(changes)?,
+            Doc::Raw(_) => bail!("raw peers do not import"),
         }
         Ok(())
     }
@@ -465,6 +596,7 @@ impl Doc {
         match self {
             Doc::Ours(handle) => handle.wait_applied().await?,
             Doc::Naive(handle) => handle.wait_synced().await?,
+            Doc::Raw(_) => bail!("raw peers do not import"),
         }
         Ok(())
     }
@@ -472,6 +604,7 @@ impl Doc {
 
 async fn connect_all(
     connector: &Connector,
+    kind: PeerKind,
     count: usize,
     rate: u32,
 ) -> Result<(Vec<Conn>, Duration)> {
@@ -479,18 +612,24 @@ async fn connect_all(
     let started = Instant::now();
     let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     let mut pending = tokio::task::JoinSet::new();
-    for _ in 0..count {
+    for i in 0..count {
         interval.tick().await;
         let connector = connector.clone();
-        pending.spawn(async move { connector.connect().await });
+        pending.spawn(async move { (i, connector.connect(i, kind).await) });
     }
     let mut clients = Vec::with_capacity(count);
     while let Some(result) = pending.join_next().await {
-        clients.push(result?.context("connect")?);
+        let (i, conn) = result?;
+        clients.push((i, conn.context("connect")?));
         progress.inc(1);
     }
     progress.finish_and_clear();
-    Ok((clients, started.elapsed()))
+    // In connection order: client `i` opens document `i % docs`.
+    clients.sort_by_key(|(i, _)| *i);
+    Ok((
+        clients.into_iter().map(|(_, c)| c).collect(),
+        started.elapsed(),
+    ))
 }
 
 fn filler(size: usize, seed: usize) -> String {
@@ -512,7 +651,15 @@ async fn open_and_track(clients: &[Conn], docs: usize, tracker: &Arc<Tracker>) -
     Ok(handles)
 }
 
-/// Writers edit at `rate` until `deadline`.
+/// How long a run waits after the last send for the receipts still missing.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+/// Changes a writer sends at once when it fell behind its rate, at most.
+const MAX_BURST: usize = 100;
+
+/// Writers edit at `rate` until `deadline`: one change per frame (a live editor's
+/// keystrokes), ticking at most once per millisecond (tokio's timer resolution) and
+/// sending every change that is due.
 fn spawn_writers(
     writers: Vec<(usize, Doc, usize)>,
     rate: f64,
@@ -525,7 +672,8 @@ fn spawn_writers(
     for (id, handle, receivers) in writers {
         let tracker = tracker.clone();
         tasks.spawn(async move {
-            let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            let rate = rate.max(0.001);
+            let period = Duration::from_secs_f64((1.0 / rate).max(0.001));
             let offset = Duration::from_secs_f64(
                 period.as_secs_f64() * ((id * 7919) % 1000) as f64 / 1000.0,
             );
@@ -533,20 +681,24 @@ fn spawn_writers(
             let mut ticker = tokio::time::interval(period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut presence_due = Instant::now();
+            let begun = Instant::now();
             let mut n = 0usize;
             while Instant::now() < deadline {
                 ticker.tick().await;
-                match handle.put(format!("c{id}"), filler(size, n + id)) {
-                    Ok(hashes) => tracker.sent(hashes, receivers),
-                    Err(_) => {
-                        tracker.errors.fetch_add(1, Ordering::Relaxed);
+                let due = ((begun.elapsed().as_secs_f64() * rate) as usize + 1).min(n + MAX_BURST);
+                while n < due {
+                    match handle.put(format!("c{id}"), filler(size, n + id)) {
+                        Ok(keys) => tracker.sent(keys, receivers),
+                        Err(error) => tracker.error(error.to_string()),
                     }
+                    n += 1;
                 }
                 if presence_rate > 0.0 && Instant::now() >= presence_due {
-                    handle.set_presence(Bytes::from(format!("cursor:{n}")));
+                    if let Err(error) = handle.set_presence(Bytes::from(format!("cursor:{n}"))) {
+                        tracker.error(error.to_string());
+                    }
                     presence_due = Instant::now() + Duration::from_secs_f64(1.0 / presence_rate);
                 }
-                n += 1;
             }
         });
     }
@@ -566,8 +718,14 @@ async fn run(
     let usage_before = target.usage();
     let mut report = serde_json::json!({});
 
+    // Catch-up and large-doc measure full clients; the others load the relay with raw
+    // peers unless asked otherwise.
+    let kind = match args.scenario {
+        Scenario::Steady | Scenario::Fanout | Scenario::Idle => args.peers,
+        Scenario::Catchup | Scenario::LargeDoc => PeerKind::Sdk,
+    };
     let (clients, connect_time) =
-        connect_all(&target.connector, args.clients, args.connect_rate).await?;
+        connect_all(&target.connector, kind, args.clients, args.connect_rate).await?;
     report["connect_per_second"] =
         serde_json::json!(args.clients as f64 / connect_time.as_secs_f64());
     let usage_connected = target.usage();
@@ -577,12 +735,14 @@ async fn run(
     match args.scenario {
         Scenario::Steady | Scenario::Fanout => {
             let handles = open_and_track(&clients, args.docs, &tracker).await?;
-            let per_doc = args.clients.div_ceil(args.docs.max(1));
+            // Client `i` is on document `i % docs`; every other client there receives.
+            let docs = args.docs.max(1);
+            let receivers = |i: usize| (args.clients + docs - 1 - i % docs) / docs - 1;
             let writers: Vec<(usize, Doc, usize)> = handles
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| args.scenario == Scenario::Steady || *i < args.docs)
-                .map(|(i, h)| (i, h.clone(), per_doc.saturating_sub(1)))
+                .map(|(i, h)| (i, h.clone(), receivers(i)))
                 .collect();
             started = Instant::now();
             let deadline = started + Duration::from_secs(args.duration);
@@ -600,7 +760,13 @@ async fn run(
                 bar.inc(1);
             }
             while tasks.join_next().await.is_some() {}
-            tokio::time::sleep(Duration::from_millis(500)).await; // last deliveries
+            // The last deliveries: until every receipt is in, for at most DRAIN_MAX (an
+            // overloaded naive relay drops peers, whose receipts never come).
+            let drain = Instant::now();
+            while tracker.undelivered() > 0 && drain.elapsed() < DRAIN_MAX {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            report["drain_seconds"] = serde_json::json!(drain.elapsed().as_secs_f64());
             bar.finish_and_clear();
         }
         Scenario::Idle => {
@@ -615,7 +781,7 @@ async fn run(
         }
         Scenario::Catchup | Scenario::LargeDoc => {
             let trace = trace.context("no trace document")?;
-            let naive = matches!(target.connector, Connector::Naive { .. });
+            let naive = matches!(target.connector.system, Relay::Naive);
             // The writer starts with the whole document; ours uploads it first (the
             // naive relay loaded it from a file).
             let base = if naive {
@@ -713,14 +879,21 @@ async fn run(
                         budget: Duration::from_secs(args.duration),
                     };
                     let cpu_before = target.usage().map(|u| u.1);
-                    let run = match &target.connector {
-                        Connector::Ours(config) => {
+                    let connector = &target.connector;
+                    let run = match &connector.system {
+                        Relay::Ours(config) => {
                             let endpoint = meridian_client::quic_endpoint(config)?;
                             meridian_benches::raw::ours(&endpoint, config, heads, work).await
                         }
-                        Connector::Naive { endpoint, addr } => {
+                        Relay::Naive => {
                             let heads = heads.iter().map(|h| automerge::ChangeHash(h.0)).collect();
-                            meridian_benches::raw::naive(endpoint, *addr, heads, work).await
+                            meridian_benches::raw::naive(
+                                connector.endpoint(0),
+                                connector.addr,
+                                heads,
+                                work,
+                            )
+                            .await
                         }
                     }
                     .map_err(|error| anyhow::anyhow!("raw writer ({label}): {error:?}"))?;
@@ -741,6 +914,13 @@ async fn run(
     report["deliveries_per_second"] =
         serde_json::json!(tracker.deliveries.load(Ordering::Relaxed) as f64 / elapsed.max(0.001));
     report["errors"] = serde_json::json!(tracker.errors.load(Ordering::Relaxed));
+    // Receipts that had not arrived half a second after the last send.
+    report["undelivered"] = serde_json::json!(tracker.undelivered());
+    if let Ok(first) = tracker.first_error.lock()
+        && let Some(first) = first.as_ref()
+    {
+        eprintln!("first error: {first}");
+    }
     if let Ok(histogram) = tracker.latency_us.lock()
         && let Some(h) = histogram.as_ref()
         && !h.is_empty()
@@ -823,6 +1003,13 @@ async fn main() -> Result<()> {
         // whose queues fill); ours fail the run.
         if *system == System::Ours {
             errors += figures["errors"].as_u64().unwrap_or(0);
+            // A change of ours that some subscriber never received (within DRAIN_MAX of
+            // the last send) is a lost delivery: the run fails.
+            let undelivered = figures["undelivered"].as_u64().unwrap_or(0);
+            if undelivered > 0 {
+                eprintln!("ours: {undelivered} receipts missing");
+                errors += undelivered;
+            }
         }
         // Changes sent to subscribers that none of them received: the relay is broken.
         if figures["sent"].as_u64().unwrap_or(0) > 0
