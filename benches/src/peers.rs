@@ -159,6 +159,18 @@ enum Kind {
     Naive,
 }
 
+async fn dial(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, PeerError> {
+    endpoint
+        .connect(addr, server_name)
+        .map_err(connect_error)?
+        .await
+        .map_err(connect_error)
+}
+
 impl RawConn {
     /// Connects to a Meridian relay and authenticates with `token`.
     pub async fn ours(
@@ -167,11 +179,7 @@ impl RawConn {
         server_name: &str,
         token: &str,
     ) -> Result<RawConn, PeerError> {
-        let connection = endpoint
-            .connect(addr, server_name)
-            .map_err(connect_error)?
-            .await
-            .map_err(connect_error)?;
+        let connection = dial(endpoint, addr, server_name).await?;
         let (mut control, mut control_recv) = connection.open_bi().await.map_err(connect_error)?;
         let hello = ClientToRelay::Hello {
             token: token.to_owned(),
@@ -202,13 +210,8 @@ impl RawConn {
         addr: SocketAddr,
         server_name: &str,
     ) -> Result<RawConn, PeerError> {
-        let connection = endpoint
-            .connect(addr, server_name)
-            .map_err(connect_error)?
-            .await
-            .map_err(connect_error)?;
         Ok(RawConn {
-            connection,
+            connection: dial(endpoint, addr, server_name).await?,
             kind: Kind::Naive,
         })
     }
