@@ -134,6 +134,19 @@ impl<T> Receiver<T> {
     }
 }
 
+impl<T> Receiver<T> {
+    /// Closes the queue (later sends fail) and hands back what is still in it.
+    pub fn close(&mut self) -> VecDeque<T> {
+        match self.inner.state.lock() {
+            Ok(mut state) => {
+                state.closed = true;
+                std::mem::take(&mut state.items)
+            }
+            Err(_) => VecDeque::new(),
+        }
+    }
+}
+
 impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         // Later sends fail instead of queueing for nobody.
@@ -180,6 +193,16 @@ mod tests {
         assert!(got);
         assert_eq!(out, [6]);
         assert!(!after);
+    }
+
+    #[test]
+    fn close_hands_back_what_is_queued_and_refuses_later_sends() {
+        let (tx, mut rx) = bounded::<u32>(8);
+        assert!(tx.try_send(1).is_ok());
+        assert!(tx.try_send(2).is_ok());
+        assert_eq!(rx.close(), [1, 2]);
+        assert_eq!(tx.try_send(3), Err(3));
+        assert!(rx.close().is_empty());
     }
 
     #[tokio::test]

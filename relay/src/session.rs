@@ -41,6 +41,50 @@ fn outbound_size(outbound: &Outbound) -> usize {
     }
 }
 
+/// A stream writer's end of its queue, with the bytes it has taken from the queue and
+/// not yet written. However the writer ends (a write error, a close), everything still
+/// owed, and whatever is left in the queue, goes back to the connection's byte budget,
+/// which its other streams share.
+struct WriterQueue {
+    rx: crate::outbox::Receiver<(Outbound, Option<Instant>)>,
+    queued_bytes: Arc<AtomicUsize>,
+    owed: usize,
+}
+
+impl WriterQueue {
+    /// Moves up to [`WRITE_BATCH_ITEMS`] queued messages to `pending`, waiting for one;
+    /// false once the queue is closed and empty.
+    async fn take(&mut self, pending: &mut VecDeque<(Outbound, Option<Instant>)>) -> bool {
+        let before = pending.len();
+        let got = self.rx.recv_many(pending, WRITE_BATCH_ITEMS).await;
+        self.owed += pending
+            .iter()
+            .skip(before)
+            .map(|(outbound, _)| outbound_size(outbound))
+            .sum::<usize>();
+        got
+    }
+
+    /// `size` bytes of what was taken are written.
+    fn written(&mut self, size: usize) {
+        self.owed = self.owed.saturating_sub(size);
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
+impl Drop for WriterQueue {
+    fn drop(&mut self) {
+        let left: usize = self
+            .rx
+            .close()
+            .iter()
+            .map(|(outbound, _)| outbound_size(outbound))
+            .sum();
+        self.queued_bytes
+            .fetch_sub(self.owed + left, Ordering::Relaxed);
+    }
+}
+
 /// The sending half of one stream's bounded queue, shared with the engine driver.
 #[derive(Clone)]
 pub struct Outbox {
@@ -481,12 +525,17 @@ fn spawn_writer(
     mut send: SendStream,
     queued_bytes: Arc<AtomicUsize>,
 ) -> Outbox {
-    let (tx, mut rx) = crate::outbox::bounded::<(Outbound, Option<Instant>)>(
+    let (tx, rx) = crate::outbox::bounded::<(Outbound, Option<Instant>)>(
         shared.limits.send_queue_messages_max,
     );
+    let mut queue = WriterQueue {
+        rx,
+        queued_bytes: queued_bytes.clone(),
+        owed: 0,
+    };
     let outbox = Outbox {
         tx,
-        queued_bytes: queued_bytes.clone(),
+        queued_bytes,
         bytes_max: shared.limits.send_queue_bytes_max,
         connection: connection.clone(),
     };
@@ -499,7 +548,7 @@ fn spawn_writer(
         let mut buf = Vec::new();
         // When the fan-outs in the batch arrived at the relay.
         let mut received_at = Vec::new();
-        while !pending.is_empty() || rx.recv_many(&mut pending, WRITE_BATCH_ITEMS).await {
+        while !pending.is_empty() || queue.take(&mut pending).await {
             // What is queued goes out in one write (up to WRITE_BATCH_BYTES): under
             // fan-out load, one stream write per message cost more than the messages.
             buf.clear();
@@ -560,11 +609,10 @@ fn spawn_writer(
                     break;
                 }
             }
-            let written = send.write_all(&buf).await;
-            queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            if written.is_err() {
+            if send.write_all(&buf).await.is_err() {
                 return;
             }
+            queue.written(size);
             for received in &received_at {
                 fanout_latency.record(received.elapsed().as_secs_f64());
             }
@@ -579,10 +627,12 @@ fn spawn_writer(
                 return;
             }
             // A stream that goes quiet gives back what a burst made these grow to.
-            if pending.is_empty() && buf.capacity() > KEEP_WRITE_BYTES {
-                buf = Vec::new();
+            if pending.is_empty() {
                 pending = VecDeque::new();
                 received_at = Vec::new();
+                if buf.capacity() > KEEP_WRITE_BYTES {
+                    buf = Vec::new();
+                }
             }
         }
         let _ = send.finish();
@@ -680,4 +730,65 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_protocol::DocId;
+
+    fn pong(nonce: u64) -> (Outbound, Option<Instant>) {
+        (Outbound::Message(RelayToClient::Pong { nonce }), None)
+    }
+
+    /// What the outbox does on push: count the bytes, then queue.
+    fn push(
+        tx: &crate::outbox::Sender<(Outbound, Option<Instant>)>,
+        queued: &AtomicUsize,
+        item: (Outbound, Option<Instant>),
+    ) {
+        queued.fetch_add(outbound_size(&item.0), Ordering::Relaxed);
+        assert!(tx.try_send(item).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_writer_that_ends_early_gives_every_unwritten_byte_back() {
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = crate::outbox::bounded(100);
+        let mut queue = WriterQueue {
+            rx,
+            queued_bytes: queued.clone(),
+            owed: 0,
+        };
+        let doc = DocId::new("d").unwrap();
+        let fanout = RelayToClient::Changes {
+            doc,
+            changes: vec![Bytes::from_static(b"change")],
+        }
+        .to_bytes();
+        for nonce in 0..(WRITE_BATCH_ITEMS as u64 + 10) {
+            push(&tx, &queued, pong(nonce));
+        }
+        push(
+            &tx,
+            &queued,
+            (Outbound::Fanout(fanout), Some(Instant::now())),
+        );
+        let total = queued.load(Ordering::Relaxed);
+        assert!(total > 0);
+
+        // One batch taken (at most WRITE_BATCH_ITEMS), part of it written.
+        let mut pending = VecDeque::new();
+        assert!(queue.take(&mut pending).await);
+        assert_eq!(pending.len(), WRITE_BATCH_ITEMS);
+        let first = outbound_size(&pending[0].0);
+        queue.written(first);
+        assert_eq!(queued.load(Ordering::Relaxed), total - first);
+
+        // The writer ends (a failed write): the rest of the batch and what is still
+        // queued are given back, and the queue refuses more.
+        drop(queue);
+        assert_eq!(queued.load(Ordering::Relaxed), 0);
+        assert!(tx.try_send(pong(0)).is_err());
+    }
 }
