@@ -385,7 +385,8 @@ async fn open_naive(
     let sync = Arc::new(Mutex::new(NaiveSync::default()));
     let (ready, opened) = oneshot::channel();
     let state = sync.clone();
-    let replies = out.clone();
+    // Weak: dropping the `Peer` closes the queue, which finishes the stream.
+    let replies = out.downgrade();
     let dropped = Arc::new(AtomicBool::new(false));
     let ending = Ending {
         connection: connection.clone(),
@@ -415,6 +416,9 @@ async fn open_naive(
                         // Queued under the lock: frames leave in the order of the heads
                         // they state (see the module's notes).
                         let reply = frame(state.message(Vec::new())).map_err(|e| e.to_string())?;
+                        let Some(replies) = replies.upgrade() else {
+                            return Ok(()); // the peer was dropped
+                        };
                         replies
                             .try_send(reply)
                             .map_err(|_| "send queue full".to_owned())?;

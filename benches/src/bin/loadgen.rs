@@ -121,6 +121,8 @@ struct Tracker {
     errors: AtomicU64,
     /// The first error's text, for the report.
     first_error: Mutex<Option<String>>,
+    /// When the latest receipt arrived.
+    last_receipt: Mutex<Option<Instant>>,
 }
 
 fn keys_of(hashes: &[ChangeHash]) -> Vec<u32> {
@@ -175,8 +177,14 @@ impl Observer for Tracker {
                 }
             }
         }
+        if samples.is_empty() {
+            return;
+        }
         self.deliveries
             .fetch_add(samples.len() as u64, Ordering::Relaxed);
+        if let Ok(mut last) = self.last_receipt.lock() {
+            *last = Some(now);
+        }
         if let Ok(mut histogram) = self.latency_us.lock()
             && let Some(histogram) = histogram.as_mut()
         {
@@ -536,28 +544,33 @@ impl Conn {
 }
 
 impl Doc {
-    /// Sets `key` at the root to `value`; the new change's keys.
-    fn put(&self, key: String, value: String) -> Result<Vec<u32>> {
+    /// Sets `key` at the root to `value`, handing the new change's keys to `record`
+    /// before the change can reach anyone (a raw peer records, then sends; the full
+    /// clients' changes leave through their connection tasks, after `record`).
+    fn put(&self, key: String, value: String, record: impl FnOnce(Vec<u32>)) -> Result<()> {
         match self {
             Doc::Ours(handle) => {
                 match handle.change_with_hashes(|d| d.put(automerge::ROOT, key, value))? {
-                    (Ok(()), hashes) => Ok(keys_of(&hashes)),
-                    (Err(error), _) => Err(error.into()),
+                    (Ok(()), hashes) => record(keys_of(&hashes)),
+                    (Err(error), _) => return Err(error.into()),
                 }
             }
-            Doc::Naive(handle) => Ok(keys_of(
-                &handle.change(|d| d.put(automerge::ROOT, key, value))?,
-            )),
+            Doc::Naive(handle) => {
+                record(keys_of(
+                    &handle.change(|d| d.put(automerge::ROOT, key, value))?,
+                ));
+            }
             Doc::Raw(doc) => {
                 let (bytes, hash) = doc
                     .maker
                     .lock()
                     .map_err(|_| anyhow::anyhow!("poisoned lock"))?
                     .next(&key, &value)?;
+                record(vec![peers::hash_key(&hash.0)]);
                 doc.peer.send_change(bytes, hash)?;
-                Ok(vec![peers::hash_key(&hash.0)])
             }
         }
+        Ok(())
     }
 
     /// Presence (the naive relay has none: the Automerge sync protocol carries no
@@ -687,9 +700,9 @@ fn spawn_writers(
                 ticker.tick().await;
                 let due = ((begun.elapsed().as_secs_f64() * rate) as usize + 1).min(n + MAX_BURST);
                 while n < due {
-                    match handle.put(format!("c{id}"), filler(size, n + id)) {
-                        Ok(keys) => tracker.sent(keys, receivers),
-                        Err(error) => tracker.error(error.to_string()),
+                    let record = |keys| tracker.sent(keys, receivers);
+                    if let Err(error) = handle.put(format!("c{id}"), filler(size, n + id), record) {
+                        tracker.error(error.to_string());
                     }
                     n += 1;
                 }
@@ -732,6 +745,8 @@ async fn run(
     let connected_at = Instant::now();
 
     let started;
+    // Steady and fanout: when the writers stopped, and the relay's usage then.
+    let mut loaded = None;
     match args.scenario {
         Scenario::Steady | Scenario::Fanout => {
             let handles = open_and_track(&clients, args.docs, &tracker).await?;
@@ -760,6 +775,7 @@ async fn run(
                 bar.inc(1);
             }
             while tasks.join_next().await.is_some() {}
+            loaded = Some((Instant::now(), target.usage()));
             // The last deliveries: until every receipt is in, for at most DRAIN_MAX (an
             // overloaded naive relay drops peers, whose receipts never come).
             let drain = Instant::now();
@@ -908,13 +924,21 @@ async fn run(
             }
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    // Deliveries per second over the time they took: from the first send to the last
+    // receipt (not to the end of the wait for receipts that never came).
+    let delivering = tracker
+        .last_receipt
+        .lock()
+        .ok()
+        .and_then(|last| *last)
+        .map_or_else(|| started.elapsed(), |last| last.duration_since(started));
     report["sent"] = serde_json::json!(tracker.sent_count.load(Ordering::Relaxed));
     report["deliveries"] = serde_json::json!(tracker.deliveries.load(Ordering::Relaxed));
-    report["deliveries_per_second"] =
-        serde_json::json!(tracker.deliveries.load(Ordering::Relaxed) as f64 / elapsed.max(0.001));
+    report["deliveries_per_second"] = serde_json::json!(
+        tracker.deliveries.load(Ordering::Relaxed) as f64 / delivering.as_secs_f64().max(0.001)
+    );
     report["errors"] = serde_json::json!(tracker.errors.load(Ordering::Relaxed));
-    // Receipts that had not arrived half a second after the last send.
+    // Receipts that had not arrived DRAIN_MAX after the last send.
     report["undelivered"] = serde_json::json!(tracker.undelivered());
     if let Ok(first) = tracker.first_error.lock()
         && let Some(first) = first.as_ref()
@@ -938,10 +962,30 @@ async fn run(
                 report[format!("relay_fanout_ms_{name}_at_most")] = serde_json::json!(le * 1000.0);
             }
         }
+        // Snapshots written in the whole run (upload included) and their mean duration.
+        let value = |name: &str| {
+            text.lines().find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+        };
+        if let Some(count) = value("meridian_snapshots_total")
+            && count > 0.0
+        {
+            report["relay_snapshots"] = serde_json::json!(count);
+            if let Some(sum) = value("meridian_snapshot_duration_seconds_sum") {
+                report["relay_snapshot_ms_mean"] = serde_json::json!(sum * 1000.0 / count);
+            }
+        }
     }
-    if let (Some((_, cpu0)), Some((rss, cpu1))) = (usage_connected, target.usage()) {
+    // Relay CPU from the connections being up to the end of the load (steady, fanout:
+    // when the writers stopped; otherwise now).
+    let (until, usage_end) = loaded.unwrap_or_else(|| (Instant::now(), target.usage()));
+    if let (Some((_, cpu0)), Some((rss, cpu1))) = (usage_connected, usage_end) {
         report["relay_rss_mib"] = serde_json::json!(rss as f64 / (1 << 20) as f64);
-        let since_connected = connected_at.elapsed().as_secs_f64().max(0.001);
+        let since_connected = until.duration_since(connected_at).as_secs_f64().max(0.001);
         report["relay_cpu_percent_since_connected"] =
             serde_json::json!((cpu1 - cpu0) * 100.0 / since_connected);
     }
