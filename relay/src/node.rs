@@ -271,6 +271,30 @@ fn generation() -> u64 {
         .map_or(1, |d| d.as_millis() as u64)
 }
 
+/// The QUIC transport settings of the relay's endpoint, per connection before `hello`:
+/// one bidirectional stream (the control stream) and a small receive window. A session
+/// opens both up after `hello` (see [`STREAMS_AFTER_HELLO`]).
+pub fn server_transport(limits: &Limits) -> Result<quinn::TransportConfig, RelayError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .receive_window(limits.receive_window_unauthenticated.into())
+        .stream_receive_window(limits.stream_receive_window.into())
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout)
+                .map_err(|e| RelayError::Config(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(limits.keep_alive));
+    Ok(transport)
+}
+
+/// Document streams a connection may open right after `hello`; the limit doubles (up to
+/// `streams_per_connection_max`) whenever half of it is in use. quinn keeps state for
+/// every stream it allows, a few hundred bytes each: allowing the maximum at once made
+/// up about a third of an idle connection's memory.
+pub const STREAMS_AFTER_HELLO: u32 = 16;
+
 /// Starts a relay node: opens the cache, replays its flush queue into the durable tier,
 /// then binds the QUIC endpoint and serves.
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
@@ -316,18 +340,7 @@ pub async fn start_with_store(
     let crypto = tls::server_crypto(certs, key)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let limits = config.limits.clone();
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .receive_window(limits.receive_window_unauthenticated.into())
-        .stream_receive_window(limits.stream_receive_window.into())
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(limits.idle_timeout)
-                .map_err(|e| RelayError::Config(e.to_string()))?,
-        ))
-        .keep_alive_interval(Some(limits.keep_alive));
-    server_config.transport_config(Arc::new(transport));
+    server_config.transport_config(Arc::new(server_transport(&limits)?));
     server_config.max_incoming(limits.connections_max.max(1));
     let endpoint =
         quinn::Endpoint::server(server_config, config.listen).map_err(RelayError::Bind)?;

@@ -298,7 +298,7 @@ async fn run(
     // Authenticated: open up streams and windows. quinn keeps state for every stream it
     // allows, so the stream limit starts small and doubles as the client uses it.
     let streams_max = shared.limits.streams_per_connection_max;
-    let mut streams_allowed = STREAMS_AFTER_HELLO.min(streams_max);
+    let mut streams_allowed = crate::node::STREAMS_AFTER_HELLO.min(streams_max);
     connection.set_max_concurrent_bi_streams(VarInt::from(streams_allowed));
     connection.set_receive_window(VarInt::from(shared.limits.receive_window));
 
@@ -385,12 +385,6 @@ async fn run(
         }
     }
 }
-
-/// Document streams a connection may open right after `hello`; the limit doubles (up to
-/// `streams_per_connection_max`) whenever half of it is in use. quinn keeps state for
-/// every stream it allows, a few hundred bytes each: allowing the maximum at once made
-/// up about a third of an idle connection's memory.
-const STREAMS_AFTER_HELLO: u32 = 16;
 
 /// One document stream: `subscribe` first, then changes, presence and `unsubscribe`.
 async fn doc_stream(

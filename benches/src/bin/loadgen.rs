@@ -297,22 +297,6 @@ fn histogram_quantile(text: &str, name: &str, q: f64) -> Option<f64> {
         .map(|(le, _)| *le)
 }
 
-/// Resident memory (bytes) and CPU time (seconds) of a process, from /proc.
-fn process_usage(pid: u32) -> Option<(u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kib: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some((rss_kib * 1024, ticks / 100.0))
-}
-
 /// The relay under test: how to reach it, and its process when this one started it.
 struct Target {
     /// Stops the relay when the target is dropped.
@@ -430,7 +414,7 @@ impl Target {
     }
 
     fn usage(&self) -> Option<(u64, f64)> {
-        self.pid.and_then(process_usage)
+        self.pid.and_then(meridian_benches::process_usage)
     }
 }
 
