@@ -77,8 +77,9 @@ enum Slot {
 /// The flush queue's index: which changes are queued, and where.
 #[derive(Debug, Default)]
 struct Queued {
-    /// The next batch's number.
-    next: u64,
+    /// The number of a batch whose write failed: its retry writes the same batch again
+    /// (a failed write may have left its flush-queue entry behind).
+    retry: Option<u64>,
     /// Queued changes, by `tenant 0x00 doc 0x00 hash`.
     changes: HashMap<Vec<u8>, Slot>,
     /// Queued changes left in each batch.
@@ -86,6 +87,12 @@ struct Queued {
 }
 
 impl Queued {
+    /// Forgets a batch that cannot be read any more.
+    fn forget_batch(&mut self, seq: u64) {
+        self.changes.retain(|_, slot| *slot != Slot::Batch(seq));
+        self.batches.remove(&seq);
+    }
+
     /// Takes changes out of the queue; returns the flush-queue keys to remove.
     fn remove(&mut self, ids: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
         let mut emptied = Vec::new();
@@ -134,7 +141,7 @@ impl Cache {
         };
         let changes = db.open_tree("changes")?;
         let flush_queue = db.open_tree("flush_queue")?;
-        let queued = index_flush_queue(&flush_queue)?;
+        let queued = index_flush_queue(&flush_queue, &changes)?;
         Ok(Cache {
             db,
             changes,
@@ -152,7 +159,6 @@ impl Cache {
     /// the same batch again.
     pub fn write(&self, changes: &[(DocKey, StoredChange)]) -> Result<(), CacheError> {
         let mut queued = self.index()?;
-        let seq = queued.next;
         let mut docs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut doc_index: HashMap<Vec<u8>, usize> = HashMap::new();
         let mut refs = Vec::new();
@@ -180,6 +186,13 @@ impl Cache {
         if fresh.is_empty() {
             return Ok(());
         }
+        // Batch numbers come from sled's persisted id generator: never reused, even
+        // after a restart with an empty queue (a batch's `changes` entries outlive it).
+        let seq = match queued.retry {
+            Some(seq) => seq,
+            None => self.db.generate_id()?,
+        };
+        queued.retry = Some(seq);
         // The queue entry goes first: a crash between the two leaves a queued batch with
         // no changes (dropped at replay; it was never acknowledged), never cached changes
         // that look flushed.
@@ -190,7 +203,7 @@ impl Cache {
             batch.insert(key, value);
         }
         self.changes.apply_batch(batch)?;
-        queued.next = seq + 1;
+        queued.retry = None;
         queued.batches.insert(seq, fresh.len());
         for id in fresh {
             queued.changes.insert(id, Slot::Batch(seq));
@@ -239,27 +252,32 @@ impl Cache {
                 _ => return Err(CacheError::Corrupt),
             }
         }
-        // Read without the index held (a large document takes a while), then marked.
-        let queued = self.index()?;
+        // Read, and the keys made, without the index held (a large document takes a
+        // while, and every write waits for the index); then marked.
         let mut seen = HashSet::with_capacity(stored.len());
+        stored.retain(|change| seen.insert(change.hash));
+        let ids: Vec<Vec<u8>> = stored
+            .iter()
+            .map(|change| entry_key(&prefix, &change.hash))
+            .collect();
+        let queued = self.index()?;
         Ok(stored
             .into_iter()
-            .filter(|change| seen.insert(change.hash))
-            .map(|change| {
-                let durable = !queued
-                    .changes
-                    .contains_key(&entry_key(&prefix, &change.hash));
+            .zip(ids)
+            .map(|(change, id)| {
+                let durable = !queued.changes.contains_key(&id);
                 LoadedChange::stored(change, durable)
             })
             .collect())
     }
 
     /// Queued changes, oldest batch first, up to `limit` of them, for replay at start.
-    /// A queued change whose bytes are missing (a write torn by a crash before its
-    /// commit: never acknowledged) leaves the queue.
+    /// A queued change that cannot be read (its bytes missing or corrupt) leaves the
+    /// queue: one bad entry must not keep the node from starting.
     pub fn queued(&self, limit: usize) -> Result<Vec<(DocKey, StoredChange)>, CacheError> {
         let mut out = Vec::new();
         let mut missing = Vec::new();
+        let mut unreadable = Vec::new();
         for item in self.flush_queue.iter() {
             if out.len() >= limit {
                 break;
@@ -267,10 +285,14 @@ impl Cache {
             let (queue_key, value) = item?;
             match seq_of(&queue_key) {
                 Some(seq) => {
+                    let Ok(refs) = decode_refs(&value) else {
+                        unreadable.push(seq);
+                        continue;
+                    };
                     let mut by_doc: Vec<(Vec<u8>, Vec<ChangeHash>)> = Vec::new();
                     {
                         let queued = self.index()?;
-                        for (prefix, hash) in decode_refs(&value)? {
+                        for (prefix, hash) in refs {
                             let id = entry_key(&prefix, &hash);
                             if queued.changes.get(&id) != Some(&Slot::Batch(seq)) {
                                 continue; // durable already, or queued in an earlier batch
@@ -282,13 +304,19 @@ impl Cache {
                         }
                     }
                     for (prefix, hashes) in by_doc {
-                        let doc = doc_key_of(&prefix)?;
                         let mut key = prefix.clone();
                         key.extend_from_slice(&seq.to_be_bytes());
                         let mut stored = Vec::new();
-                        if let Some(value) = self.changes.get(&key)? {
-                            decode_changes(&value, &mut stored)?;
-                        }
+                        let readable = match (doc_key_of(&prefix), self.changes.get(&key)?) {
+                            (Ok(doc), Some(value)) => {
+                                decode_changes(&value, &mut stored).ok().map(|()| doc)
+                            }
+                            _ => None,
+                        };
+                        let Some(doc) = readable else {
+                            missing.extend(hashes.iter().map(|hash| entry_key(&prefix, hash)));
+                            continue;
+                        };
                         for hash in hashes {
                             match stored.iter().find(|change| change.hash == hash) {
                                 Some(change) if out.len() < limit => {
@@ -321,14 +349,22 @@ impl Cache {
                 }
             }
         }
-        if !missing.is_empty() {
+        if !missing.is_empty() || !unreadable.is_empty() {
             // It cannot be flushed, and one bad entry must not keep the node from
             // starting. Clients keep every change until it is Durable.
-            tracing::debug!(
-                entries = missing.len(),
+            tracing::warn!(
+                changes = missing.len(),
+                batches = unreadable.len(),
                 "dropping unreadable flush-queue entries"
             );
-            let emptied = self.index()?.remove(missing);
+            let mut emptied = {
+                let mut queued = self.index()?;
+                for seq in &unreadable {
+                    queued.forget_batch(*seq);
+                }
+                queued.remove(missing)
+            };
+            emptied.extend(unreadable.iter().map(|seq| seq.to_be_bytes().to_vec()));
             self.remove_from_queue(emptied)?;
         }
         Ok(out)
@@ -340,10 +376,11 @@ impl Cache {
     }
 }
 
-/// Reads the flush queue into its index. A batch that cannot be read, or whose changes
-/// are all queued by earlier batches, is removed; so is an entry of the earlier layout
-/// whose change a batch also holds.
-fn index_flush_queue(flush_queue: &sled::Tree) -> Result<Queued, CacheError> {
+/// Reads the flush queue into its index. A batch that cannot be read, whose changes were
+/// never stored (a write torn by a crash before its commit: never acknowledged), or whose
+/// changes are all queued by earlier batches, is removed; so is an entry of the earlier
+/// layout whose change a batch also holds.
+fn index_flush_queue(flush_queue: &sled::Tree, changes: &sled::Tree) -> Result<Queued, CacheError> {
     let mut queued = Queued::default();
     let mut stale = Vec::new();
     // Batch keys (8 bytes, big-endian) sort in batch order; the earlier layout's keys
@@ -352,14 +389,27 @@ fn index_flush_queue(flush_queue: &sled::Tree) -> Result<Queued, CacheError> {
         let (key, value) = item?;
         match seq_of(&key) {
             Some(seq) => {
-                queued.next = queued.next.max(seq.saturating_add(1));
                 let Ok(refs) = decode_refs(&value) else {
-                    tracing::debug!(seq, "dropping an unreadable flush-queue batch");
+                    tracing::warn!(seq, "dropping an unreadable flush-queue batch");
                     stale.push(key);
                     continue;
                 };
+                let mut stored: HashMap<Vec<u8>, bool> = HashMap::new();
                 let mut left = 0;
                 for (prefix, hash) in refs {
+                    let present = match stored.get(&prefix) {
+                        Some(present) => *present,
+                        None => {
+                            let mut doc_key = prefix.clone();
+                            doc_key.extend_from_slice(&key);
+                            let present = changes.contains_key(doc_key)?;
+                            stored.insert(prefix.clone(), present);
+                            present
+                        }
+                    };
+                    if !present {
+                        continue; // torn: never acknowledged
+                    }
                     if let Entry::Vacant(slot) = queued.changes.entry(entry_key(&prefix, &hash)) {
                         slot.insert(Slot::Batch(seq));
                         left += 1;
@@ -632,30 +682,77 @@ mod tests {
     }
 
     /// A queued batch whose changes never reached the cache (a crash between the two
-    /// inserts, before the commit: never acknowledged) leaves the queue at replay.
+    /// inserts, before the commit: never acknowledged) is dropped at open, so a resent
+    /// copy of its change is stored and queued again.
     #[tokio::test]
-    async fn a_torn_batch_is_dropped_at_replay() {
+    async fn a_torn_batch_is_dropped_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let a = key("a");
         {
             let cache = Cache::open(dir.path()).unwrap();
             cache.write(&[(a.clone(), change(1))]).unwrap();
-            let seq = 7u64;
             let prefix = doc_prefix(&a);
             let mut refs = (prefix.len() as u16).to_be_bytes().to_vec();
             refs.extend_from_slice(&prefix);
             refs.extend_from_slice(&change(2).hash.0);
-            cache.flush_queue.insert(seq.to_be_bytes(), refs).unwrap();
+            cache
+                .flush_queue
+                .insert(u64::MAX.to_be_bytes(), refs)
+                .unwrap();
             cache.commit().await.unwrap();
         }
         let cache = Cache::open(dir.path()).unwrap();
-        assert_eq!(cache.queue_len(), 2);
-        assert_eq!(cache.queued(10).unwrap(), vec![(a.clone(), change(1))]);
         assert_eq!(cache.queue_len(), 1);
         assert_eq!(cache.flush_queue.len(), 1);
-        // New batches are numbered after every batch seen at open.
+        assert_eq!(cache.queued(10).unwrap(), vec![(a.clone(), change(1))]);
+        cache.write(&[(a.clone(), change(2))]).unwrap();
+        assert_eq!(cache.queue_len(), 2);
+        assert_eq!(cache.load(&a).unwrap().len(), 2);
+    }
+
+    /// Batch numbers are never reused, even once the queue has drained and the node
+    /// restarted: a batch's `changes` entries outlive its queue entry.
+    #[tokio::test]
+    async fn batch_numbers_are_not_reused_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = key("a");
+        let first = {
+            let cache = Cache::open(dir.path()).unwrap();
+            cache.write(&[(a.clone(), change(1))]).unwrap();
+            let first = cache.flush_queue.first().unwrap().unwrap().0;
+            cache.uncache(&[(a.clone(), change(1).hash)]).unwrap();
+            cache.commit().await.unwrap();
+            first
+        };
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.write(&[(a.clone(), change(2))]).unwrap();
+        let second = cache.flush_queue.first().unwrap().unwrap().0;
+        assert_ne!(first, second);
+        assert_eq!(
+            hashes(&cache.load(&a).unwrap()),
+            vec![(change(1).hash, true), (change(2).hash, false)]
+        );
+    }
+
+    /// Entries that turn unreadable while the node runs leave the queue at the next
+    /// replay instead of failing it.
+    #[tokio::test]
+    async fn unreadable_entries_leave_the_queue_without_failing_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (key("a"), key("b"));
+        let cache = Cache::open(dir.path()).unwrap();
+        cache.write(&[(a.clone(), change(1))]).unwrap();
+        cache.write(&[(b.clone(), change(2))]).unwrap();
         cache.write(&[(a.clone(), change(3))]).unwrap();
-        assert!(cache.flush_queue.contains_key(8u64.to_be_bytes()).unwrap());
+        let batches: Vec<_> = cache.flush_queue.iter().map(|e| e.unwrap().0).collect();
+        // The first batch's changes are garbage; the second's queue entry is.
+        let mut doc_key = doc_prefix(&a);
+        doc_key.extend_from_slice(&batches[0]);
+        cache.changes.insert(doc_key, &[1u8, 2, 3][..]).unwrap();
+        cache.flush_queue.insert(&batches[1], &[9u8][..]).unwrap();
+        assert_eq!(cache.queued(10).unwrap(), vec![(a.clone(), change(3))]);
+        assert_eq!(cache.queue_len(), 1);
+        assert_eq!(cache.flush_queue.len(), 1);
     }
 
     /// Entries of the earlier layout (one per change) replay, load, and leave the queue
