@@ -194,7 +194,7 @@ impl Cache {
         };
         queued.retry = Some(seq);
         // The queue entry goes first: a crash between the two leaves a queued batch with
-        // no changes (dropped at replay; it was never acknowledged), never cached changes
+        // no changes (dropped at open; it was never acknowledged), never cached changes
         // that look flushed.
         self.flush_queue.insert(seq.to_be_bytes(), refs)?;
         let mut batch = sled::Batch::default();
