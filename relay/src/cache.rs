@@ -159,8 +159,8 @@ impl Cache {
     /// the same batch again.
     pub fn write(&self, changes: &[(DocKey, StoredChange)]) -> Result<(), CacheError> {
         let mut queued = self.index()?;
-        let mut docs: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
-        let mut doc_index: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Per document (`tenant 0x00 doc 0x00`): its changes in this batch, encoded.
+        let mut docs: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
         let mut refs = Vec::new();
         let mut fresh = HashSet::new();
         for (key, change) in changes {
@@ -169,19 +169,8 @@ impl Cache {
             if queued.changes.contains_key(&id) || !fresh.insert(id) {
                 continue; // stored and queued by an earlier write, or twice in this one
             }
-            let prefix_len = u16::try_from(prefix.len()).map_err(|_| CacheError::TooLong)?;
-            refs.extend_from_slice(&prefix_len.to_be_bytes());
-            refs.extend_from_slice(&prefix);
-            refs.extend_from_slice(&change.hash.0);
-            let doc = match doc_index.get(&prefix) {
-                Some(doc) => *doc,
-                None => {
-                    doc_index.insert(prefix.clone(), docs.len());
-                    docs.push((prefix, Vec::new()));
-                    docs.len() - 1
-                }
-            };
-            encode_change(&mut docs[doc].1, change)?;
+            encode_ref(&mut refs, &prefix, &change.hash)?;
+            encode_change(docs.entry(prefix).or_default(), change)?;
         }
         if fresh.is_empty() {
             return Ok(());
@@ -533,6 +522,15 @@ fn decode_single(hash: ChangeHash, value: &[u8]) -> Result<StoredChange, CacheEr
     })
 }
 
+/// Appends one change a flush-queue batch names (see [`decode_refs`]).
+fn encode_ref(out: &mut Vec<u8>, prefix: &[u8], hash: &ChangeHash) -> Result<(), CacheError> {
+    let prefix_len = u16::try_from(prefix.len()).map_err(|_| CacheError::TooLong)?;
+    out.extend_from_slice(&prefix_len.to_be_bytes());
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(&hash.0);
+    Ok(())
+}
+
 /// The changes a flush-queue batch names: `(tenant 0x00 doc 0x00, hash)`.
 fn decode_refs(value: &[u8]) -> Result<Vec<(Vec<u8>, ChangeHash)>, CacheError> {
     let mut out = Vec::new();
@@ -691,10 +689,8 @@ mod tests {
         {
             let cache = Cache::open(dir.path()).unwrap();
             cache.write(&[(a.clone(), change(1))]).unwrap();
-            let prefix = doc_prefix(&a);
-            let mut refs = (prefix.len() as u16).to_be_bytes().to_vec();
-            refs.extend_from_slice(&prefix);
-            refs.extend_from_slice(&change(2).hash.0);
+            let mut refs = Vec::new();
+            encode_ref(&mut refs, &doc_prefix(&a), &change(2).hash).unwrap();
             cache
                 .flush_queue
                 .insert(u64::MAX.to_be_bytes(), refs)
