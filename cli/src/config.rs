@@ -360,6 +360,10 @@ pub struct LimitsSection {
     pub keep_alive_ms: Option<u64>,
     pub hello_timeout_ms: Option<u64>,
     pub idle_docs_max: Option<usize>,
+    pub frame_stall_timeout_ms: Option<u64>,
+    pub frame_timeout_ms: Option<u64>,
+    pub unfinished_bytes_per_session_max: Option<usize>,
+    pub unfinished_bytes_per_node_max: Option<usize>,
     pub orphans_per_doc_max: Option<usize>,
     pub orphan_bytes_per_doc_max: Option<usize>,
     pub subscriptions_per_session_max: Option<usize>,
@@ -454,6 +458,18 @@ impl RelayFile {
             }
             if let Some(v) = l.idle_docs_max {
                 limits.idle_docs_max = v;
+            }
+            if let Some(v) = l.frame_stall_timeout_ms {
+                limits.frame_stall_timeout = ms(v);
+            }
+            if let Some(v) = l.frame_timeout_ms {
+                limits.frame_timeout = ms(v);
+            }
+            if let Some(v) = l.unfinished_bytes_per_session_max {
+                limits.unfinished_bytes_per_session_max = v;
+            }
+            if let Some(v) = l.unfinished_bytes_per_node_max {
+                limits.unfinished_bytes_per_node_max = v;
             }
             if let Some(v) = l.orphans_per_doc_max {
                 engine.orphans_per_doc_max = v;

@@ -178,7 +178,7 @@ fn classify_close(reason: &ConnectionError) -> ClientError {
                 u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX),
             );
             let message = String::from_utf8_lossy(&close.reason).into_owned();
-            if code == ErrorCode::Unauthorized {
+            if code == ErrorCode::Unauthorized || code == ErrorCode::TokenExpired {
                 ClientError::Unauthorized(message)
             } else {
                 ClientError::Relay { code, message }

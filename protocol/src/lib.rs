@@ -31,9 +31,9 @@ pub mod token;
 pub use frame::{FrameDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use ids::{ActorId, CellId, ChangeHash, DocId, IdError, NodeId, TenantId, UserId};
 pub use message::{
-    ClientToRelay, ErrorCode, MAX_ADDR_LEN, MAX_CHANGE_LEN, MAX_CHANGES_PER_FRAME, MAX_HEADS,
-    MAX_MESSAGE_LEN, MAX_NODES, MAX_PRESENCE_LEN, MAX_SNAPSHOT_CHUNK, MAX_TOKEN_LEN, NodeAddr,
-    RelayToClient,
+    ClientToRelay, ErrorCode, MAX_ADDR_LEN, MAX_CHANGE_INFLATED, MAX_CHANGE_LEN, MAX_CHANGE_OPS,
+    MAX_CHANGES_PER_FRAME, MAX_FRAME_INFLATED, MAX_FRAME_OPS, MAX_HEADS, MAX_MESSAGE_LEN,
+    MAX_NODES, MAX_PRESENCE_LEN, MAX_SNAPSHOT_CHUNK, MAX_TOKEN_LEN, NodeAddr, RelayToClient,
 };
 
 /// The ALPN protocol identifier that relays and clients negotiate.

@@ -21,6 +21,22 @@ pub const MAX_CHANGES_PER_FRAME: usize = 4096;
 /// The largest single Automerge change accepted, in bytes: a frame minus room for its
 /// header, so that the largest change always fits one frame.
 pub const MAX_CHANGE_LEN: usize = MAX_FRAME_LEN - 1024;
+/// The most bytes one change may hold once its compressed form is inflated. A change
+/// chunk may be DEFLATE-compressed as a whole; the relay inflates it with this bound and
+/// refuses a change over it as `too_large`, so that a change within [`MAX_CHANGE_LEN`] on
+/// the wire cannot hold more than this in memory or in a document.
+pub const MAX_CHANGE_INFLATED: usize = MAX_CHANGE_LEN;
+/// The most operations one change may carry (run-length-encoded columns let a few bytes
+/// stand for millions of operations, each of which Automerge checks when it parses the
+/// change), and the most predecessors its operations may name in all. Over either: the
+/// change is refused as `too_large`.
+pub const MAX_CHANGE_OPS: u64 = 1 << 20;
+/// The most inflated bytes all the changes of one `changes` frame may hold together;
+/// the changes past it are refused as `too_large`, each on its own.
+pub const MAX_FRAME_INFLATED: usize = 4 * MAX_CHANGE_INFLATED;
+/// The most operations all the changes of one `changes` frame may carry together; the
+/// changes past it are refused as `too_large`, each on its own.
+pub const MAX_FRAME_OPS: u64 = 2 * MAX_CHANGE_OPS;
 /// The largest presence state, in bytes. Presence is ephemeral and never stored.
 pub const MAX_PRESENCE_LEN: usize = 4096;
 /// The longest human-readable text in an `error` (or a client name in `hello`).
@@ -254,6 +270,15 @@ pub enum ErrorCode {
     Unavailable,
     /// The router or relay does not know the tenant.
     UnknownTenant,
+    /// The session's token expired; the connection is closed. Connect again with a fresh
+    /// token.
+    TokenExpired,
+    /// A new change under an actor id that another user already wrote with; that change
+    /// was refused (nothing stored). A client uploads only its own actor's new changes.
+    ActorConflict,
+    /// The peer started something and did not finish it in time (a frame that stopped
+    /// arriving, no `hello`, no control stream); the connection is closed.
+    Timeout,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -278,6 +303,9 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => 14,
             ErrorCode::Unavailable => 15,
             ErrorCode::UnknownTenant => 16,
+            ErrorCode::TokenExpired => 17,
+            ErrorCode::ActorConflict => 18,
+            ErrorCode::Timeout => 19,
             ErrorCode::Other(code) => code,
         }
     }
@@ -301,16 +329,48 @@ impl ErrorCode {
             14 => ErrorCode::ShuttingDown,
             15 => ErrorCode::Unavailable,
             16 => ErrorCode::UnknownTenant,
+            17 => ErrorCode::TokenExpired,
+            18 => ErrorCode::ActorConflict,
+            19 => ErrorCode::Timeout,
             other => ErrorCode::Other(other),
         }
     }
 }
 
+impl ErrorCode {
+    /// The documented name (`too_large`, `version_mismatch`, ...), also the reason text of
+    /// a QUIC close; `None` for a code this build does not know.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Redirect => "redirect",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidChange => "invalid_change",
+            ErrorCode::MissingDependencies => "missing_dependencies",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::UnknownDocument => "unknown_document",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownTenant => "unknown_tenant",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::ActorConflict => "actor_conflict",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Other(_) => return None,
+        })
+    }
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ErrorCode::Other(code) => write!(f, "error code {code}"),
-            other => write!(f, "{}", format!("{other:?}").to_lowercase()),
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "error code {}", self.code()),
         }
     }
 }
@@ -904,7 +964,9 @@ fn read_changes(r: &mut Reader<'_>, frame_bytes: &Bytes) -> Result<Vec<Bytes>, D
     let count = r.count16("changes", MAX_CHANGES_PER_FRAME)?;
     let mut changes = Vec::with_capacity(count.min(r.remaining() / 4));
     for _ in 0..count {
-        let change = r.bytes32("change", MAX_CHANGE_LEN)?;
+        // Bounded by the frame; a change over `MAX_CHANGE_LEN` is refused by the relay
+        // on its own (`too_large`), not as a malformed frame.
+        let change = r.bytes32("change", MAX_FRAME_LEN)?;
         if change.is_empty() {
             return Err(DecodeError::InvalidField {
                 field: "change",

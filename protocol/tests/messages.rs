@@ -56,6 +56,9 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         14 => ErrorCode::ShuttingDown,
         15 => ErrorCode::Unavailable,
         16 => ErrorCode::UnknownTenant,
+        17 => ErrorCode::TokenExpired,
+        18 => ErrorCode::ActorConflict,
+        19 => ErrorCode::Timeout,
         other => ErrorCode::Other(other),
     })
 }
@@ -310,4 +313,24 @@ fn a_subscribe_without_the_snapshot_flag_takes_a_snapshot() {
             snapshot: true,
         }
     );
+}
+
+#[test]
+fn every_error_code_has_its_documented_name_and_number() {
+    for number in 1u16..=19 {
+        let code = ErrorCode::from_code(number);
+        assert_eq!(code.code(), number);
+        let name = code.name().expect("a known code has a name");
+        assert!(
+            name.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+            "{name}"
+        );
+        assert_eq!(code.to_string(), name);
+    }
+    assert_eq!(ErrorCode::TooLarge.to_string(), "too_large");
+    assert_eq!(ErrorCode::VersionMismatch.to_string(), "version_mismatch");
+    assert_eq!(ErrorCode::TokenExpired.code(), 17);
+    assert_eq!(ErrorCode::from_code(20), ErrorCode::Other(20));
+    assert_eq!(ErrorCode::Other(20).name(), None);
+    assert_eq!(ErrorCode::Other(20).to_string(), "error code 20");
 }

@@ -92,7 +92,8 @@ pub struct Limits {
     /// Connections served at once; more are refused.
     pub connections_max: usize,
     /// Bidirectional streams a connection may open after authentication (documents + 1),
-    /// at most: the relay allows 16 at first and doubles the limit as they fill.
+    /// at most: the relay allows 16 at first and doubles the limit as they fill. A
+    /// session's subscriptions are capped at one less (the control stream).
     pub streams_per_connection_max: u32,
     /// Connection receive window before authentication, in bytes.
     pub receive_window_unauthenticated: u32,
@@ -116,6 +117,16 @@ pub struct Limits {
     pub loads_in_flight_max: usize,
     /// Hot documents kept in memory without subscribers before eviction starts.
     pub idle_docs_max: usize,
+    /// A stream that has started a frame and receives nothing more for this long is
+    /// reset (a document stream) or closed (the control stream) with `timeout`.
+    pub frame_stall_timeout: Duration,
+    /// A started frame must be complete within this long, however it trickles in.
+    pub frame_timeout: Duration,
+    /// Bytes of unfinished frames one session may hold across its streams; a stream that
+    /// would go over is reset with `overloaded`.
+    pub unfinished_bytes_per_session_max: usize,
+    /// Bytes of unfinished frames all sessions of the node may hold together.
+    pub unfinished_bytes_per_node_max: usize,
 }
 
 impl Default for Limits {
@@ -134,6 +145,10 @@ impl Default for Limits {
             engine_queue_max: 8192,
             loads_in_flight_max: 16,
             idle_docs_max: 10_000,
+            frame_stall_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(60),
+            unfinished_bytes_per_session_max: 4 << 20,
+            unfinished_bytes_per_node_max: 256 << 20,
         }
     }
 }

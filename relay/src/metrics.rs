@@ -46,6 +46,18 @@ fn describe() {
         "Connections refused, by reason."
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
+    describe_counter!(
+        "meridian_sessions_expired_total",
+        "Sessions closed with `token_expired` when their token expired."
+    );
+    describe_counter!(
+        "meridian_frames_stalled_total",
+        "Streams reset (or connections closed) because a started frame stalled or took too long."
+    );
+    describe_counter!(
+        "meridian_unfinished_frames_refused_total",
+        "Streams reset because unfinished frames held the session's or the node's budget, by scope."
+    );
     describe_histogram!(
         "meridian_fanout_latency_seconds",
         Unit::Seconds,
@@ -297,6 +309,22 @@ pub fn publish(stats: &RelayStats) {
 /// A connection refused before it became a session.
 pub fn connection_rejected(reason: &'static str) {
     counter!("meridian_connections_rejected_total", "reason" => reason).increment(1);
+}
+
+/// A session closed because its token expired.
+pub fn session_expired() {
+    counter!("meridian_sessions_expired_total").increment(1);
+}
+
+/// A stream whose started frame stalled or took too long.
+pub fn frame_stalled() {
+    counter!("meridian_frames_stalled_total").increment(1);
+}
+
+/// A stream refused because unfinished frames hold the budget of `scope` (`session` or
+/// `node`).
+pub fn unfinished_refused(scope: &'static str) {
+    counter!("meridian_unfinished_frames_refused_total", "scope" => scope).increment(1);
 }
 
 /// One change's time from applied to durable.

@@ -71,8 +71,8 @@ pub enum Input {
         session: SessionId,
         /// Document.
         doc: DocId,
-        /// Raw changes.
-        changes: Vec<Bytes>,
+        /// The frame's changes, parsed by the session (each owns its bytes).
+        changes: crate::engine::ChangeFrame,
         /// When the session decoded them (for the fan-out latency).
         received: Instant,
     },
@@ -152,7 +152,12 @@ pub struct Shared {
     pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
     pub(crate) jurisdiction: String,
     pub(crate) tenants: HashMap<TenantId, Vec<TenantPublicKey>>,
+    /// Tenants whose data may live in this node's jurisdiction (the others are refused
+    /// before `welcome`).
+    pub(crate) resident: std::collections::HashSet<TenantId>,
     pub(crate) limits: Limits,
+    /// Bytes of unfinished frames held by every session together.
+    pub(crate) unfinished: Arc<crate::session::UnfinishedBudget>,
     pub(crate) catchup_frame_bytes: usize,
     /// The placements of tenants (`None`: every configured tenant is served here).
     pub(crate) placements: Option<Arc<crate::placement::Placements>>,
@@ -415,7 +420,16 @@ pub async fn start_with_store(
             .iter()
             .map(|t| (t.tenant.clone(), t.public_keys.clone()))
             .collect(),
+        resident: engine_config(&config)
+            .tenant_jurisdictions
+            .into_iter()
+            .filter(|(_, jurisdiction)| *jurisdiction == config.jurisdiction)
+            .map(|(tenant, _)| tenant)
+            .collect(),
         limits: limits.clone(),
+        unfinished: Arc::new(crate::session::UnfinishedBudget::new(
+            limits.unfinished_bytes_per_node_max,
+        )),
         catchup_frame_bytes: config.engine.catchup_frame_bytes,
         placements: placements.clone(),
         inputs: inputs_tx,
@@ -505,6 +519,9 @@ async fn accept_loop(
 fn engine_config(config: &RelayConfig) -> crate::engine::EngineConfig {
     let mut engine = config.engine.clone();
     engine.jurisdiction = config.jurisdiction.clone();
+    // Each subscription is a stream; the control stream is one more.
+    let streams = config.limits.streams_per_connection_max.max(2) as usize;
+    engine.subscriptions_per_session_max = engine.subscriptions_per_session_max.min(streams - 1);
     engine.tenant_jurisdictions = config
         .tenants
         .iter()
@@ -825,7 +842,8 @@ impl Driver {
                 received,
             } => {
                 self.fanout_from = Some((session, received));
-                self.engine.handle_changes(now(), session, doc, changes);
+                self.engine
+                    .handle_parsed_changes(now(), session, doc, changes);
             }
             Input::Presence {
                 session,
@@ -875,9 +893,7 @@ impl Driver {
                 };
                 if !pushed {
                     self.slow_consumers += 1;
-                    outboxes
-                        .control
-                        .close(ErrorCode::SlowConsumer, "slow consumer: send queue full");
+                    outboxes.control.close(ErrorCode::SlowConsumer);
                     self.outboxes.remove(&transmit.session);
                     self.engine.handle_session_closed(transmit.session);
                 }

@@ -122,31 +122,97 @@ impl Outbox {
         true
     }
 
-    /// Closes the connection with a typed error code.
-    pub fn close(&self, code: ErrorCode, reason: &str) {
-        self.connection
-            .close(VarInt::from(u32::from(code.code())), reason.as_bytes());
+    /// Closes the connection with a typed error code (its name is the close reason).
+    pub fn close(&self, code: ErrorCode) {
+        close(&self.connection, code);
     }
 }
 
 /// Why a stream stopped being readable.
 #[derive(Debug)]
 enum ReadError {
+    /// The bytes are not a valid frame.
     Decode(DecodeError),
+    /// A frame was started and then stalled (no bytes for `frame_stall_timeout`) or took
+    /// longer than `frame_timeout` in all.
+    Stalled,
+    /// Unfinished frames already hold the session's or the node's budget of bytes.
+    Budget,
+    /// The stream was reset or the connection closed.
     Stream,
 }
 
-/// Reads whole frames from a QUIC stream with a bounded buffer.
+impl ReadError {
+    /// The error a peer is told, for errors that are its doing.
+    fn answer(&self) -> Option<(ErrorCode, String)> {
+        match self {
+            ReadError::Decode(error) => Some((decode_error_code(error), error.to_string())),
+            ReadError::Stalled => Some((
+                ErrorCode::Timeout,
+                "a frame was started and not finished in time".into(),
+            )),
+            ReadError::Budget => Some((
+                ErrorCode::Overloaded,
+                "too many bytes of unfinished frames".into(),
+            )),
+            ReadError::Stream => None,
+        }
+    }
+}
+
+/// Bytes of unfinished frames held for one session, or for the whole node.
+pub(crate) struct UnfinishedBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl UnfinishedBudget {
+    pub(crate) fn new(max: usize) -> Self {
+        UnfinishedBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        let used = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if used > self.max {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Reads whole frames from a QUIC stream with a bounded buffer. The bytes of a frame not
+/// yet complete count against the session's and the node's budgets, and a started frame
+/// must keep arriving (`frame_stall_timeout`) and complete (`frame_timeout`) in time.
 struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
+    budgets: [Arc<UnfinishedBudget>; 2],
+    /// Bytes charged to both budgets (what the decoder buffers).
+    charged: usize,
+    /// When the frame being read began (`None`: between frames).
+    started: Option<tokio::time::Instant>,
+    stall_timeout: std::time::Duration,
+    frame_timeout: std::time::Duration,
 }
 
 impl FrameReader {
-    fn new(recv: RecvStream) -> Self {
+    fn new(recv: RecvStream, shared: &Shared, session: Arc<UnfinishedBudget>) -> Self {
         FrameReader {
             recv,
             decoder: FrameDecoder::new(),
+            budgets: [session, shared.unfinished.clone()],
+            charged: 0,
+            started: None,
+            stall_timeout: shared.limits.frame_stall_timeout,
+            frame_timeout: shared.limits.frame_timeout,
         }
     }
 
@@ -154,16 +220,68 @@ impl FrameReader {
     async fn next(&mut self) -> Result<Option<Bytes>, ReadError> {
         loop {
             if let Some(frame) = self.decoder.next_frame().map_err(ReadError::Decode)? {
+                self.recharge()?;
+                self.started = (!self.decoder.is_empty()).then(tokio::time::Instant::now);
                 return Ok(Some(frame));
             }
-            match self.recv.read_chunk(READ_CHUNK, true).await {
-                Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
+            let read = self.recv.read_chunk(READ_CHUNK, true);
+            let chunk = match self.started {
+                None => read.await,
+                Some(started) => {
+                    let deadline = (started + self.frame_timeout)
+                        .min(tokio::time::Instant::now() + self.stall_timeout);
+                    match tokio::time::timeout_at(deadline, read).await {
+                        Ok(chunk) => chunk,
+                        Err(_) => {
+                            crate::metrics::frame_stalled();
+                            return Err(ReadError::Stalled);
+                        }
+                    }
+                }
+            };
+            match chunk {
+                Ok(Some(chunk)) => {
+                    self.decoder.push(&chunk.bytes);
+                    self.started.get_or_insert_with(tokio::time::Instant::now);
+                    self.recharge()?;
+                }
                 Ok(None) if self.decoder.is_empty() => return Ok(None),
                 Ok(None) => {
                     return Err(ReadError::Decode(DecodeError::Truncated { needed: 1 }));
                 }
                 Err(_) => return Err(ReadError::Stream),
             }
+        }
+    }
+
+    /// Charges the budgets for what the decoder now buffers.
+    fn recharge(&mut self) -> Result<(), ReadError> {
+        let buffered = self.decoder.buffered();
+        if buffered > self.charged {
+            let more = buffered - self.charged;
+            if !self.budgets[0].take(more) {
+                crate::metrics::unfinished_refused("session");
+                return Err(ReadError::Budget);
+            }
+            if !self.budgets[1].take(more) {
+                self.budgets[0].give(more);
+                crate::metrics::unfinished_refused("node");
+                return Err(ReadError::Budget);
+            }
+        } else {
+            for budget in &self.budgets {
+                budget.give(self.charged - buffered);
+            }
+        }
+        self.charged = buffered;
+        Ok(())
+    }
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        for budget in &self.budgets {
+            budget.give(self.charged);
         }
     }
 }
@@ -190,29 +308,33 @@ async fn run(
     shared: &Arc<Shared>,
 ) -> Result<(), String> {
     let hello_timeout = shared.limits.hello_timeout;
-    let (mut send, recv) = tokio::time::timeout(hello_timeout, connection.accept_bi())
-        .await
-        .map_err(|_| "no control stream in time".to_string())?
-        .map_err(|error| error.to_string())?;
-    let mut reader = FrameReader::new(recv);
+    let Ok(accepted) = tokio::time::timeout(hello_timeout, connection.accept_bi()).await else {
+        crate::metrics::connection_rejected("no_hello");
+        close(connection, ErrorCode::Timeout);
+        return Err("no control stream in time".into());
+    };
+    let (mut send, recv) = accepted.map_err(|error| error.to_string())?;
+    let unfinished = Arc::new(UnfinishedBudget::new(
+        shared.limits.unfinished_bytes_per_session_max,
+    ));
+    let mut reader = FrameReader::new(recv, shared, unfinished.clone());
     let frame = match tokio::time::timeout(hello_timeout, reader.next()).await {
         Ok(Ok(Some(frame))) => frame,
-        Ok(Err(ReadError::Decode(error))) => {
-            refuse(
-                connection,
-                &mut send,
-                decode_error_code(&error),
-                &error.to_string(),
-            )
-            .await;
-            return Err(format!("bad hello frame: {error}"));
-        }
-        _ => {
+        Err(_) => {
             crate::metrics::connection_rejected("no_hello");
-            connection.close(
-                VarInt::from(u32::from(ErrorCode::Unauthorized.code())),
-                b"no hello",
-            );
+            close(connection, ErrorCode::Timeout);
+            return Err("no hello in time".into());
+        }
+        Ok(Err(error @ (ReadError::Decode(_) | ReadError::Stalled | ReadError::Budget))) => {
+            let (code, message) = error
+                .answer()
+                .unwrap_or((ErrorCode::Malformed, String::new()));
+            refuse(connection, &mut send, code, &message).await;
+            return Err(format!("bad hello frame: {message}"));
+        }
+        Ok(Ok(None) | Err(ReadError::Stream)) => {
+            crate::metrics::connection_rejected("no_hello");
+            close(connection, ErrorCode::Unauthorized);
             return Err("no hello".into());
         }
     };
@@ -256,6 +378,19 @@ async fn run(
             return Err(format!("token refused: {error}"));
         }
     };
+    // A tenant whose data may not live in this jurisdiction is refused before `welcome`
+    // (the engine checks again when the session opens).
+    if !shared.resident.contains(&capability.tenant) {
+        crate::metrics::connection_rejected("residency");
+        refuse(
+            connection,
+            &mut send,
+            ErrorCode::Forbidden,
+            "this tenant's data may not be stored in this jurisdiction",
+        )
+        .await;
+        return Err("tenant of another jurisdiction".into());
+    }
     // A node that has not joined its cell yet would think it owns every document.
     if !shared.joined.load(std::sync::atomic::Ordering::Relaxed) {
         crate::metrics::connection_rejected("joining");
@@ -321,6 +456,12 @@ async fn run(
     if !control.push(Outbound::Message(welcome)) {
         return Err("control queue full at welcome".into());
     }
+    // The session ends when its token expires, whether or not it acts.
+    let expires_in = std::time::Duration::from_secs(
+        u64::try_from(capability.expires_at.saturating_sub(unix_now())).unwrap_or(0),
+    );
+    let expiry = tokio::time::sleep(expires_in);
+    tokio::pin!(expiry);
     shared
         .send_input(Input::Open {
             session,
@@ -337,8 +478,10 @@ async fn run(
                 let stream_shared = shared.clone();
                 let stream_connection = connection.clone();
                 let queued = queued_bytes.clone();
+                let unfinished = unfinished.clone();
                 streams.spawn(async move {
-                    doc_stream(session, stream_connection, send, recv, stream_shared, queued).await;
+                    let reader = FrameReader::new(recv, &stream_shared, unfinished);
+                    doc_stream(session, stream_connection, send, reader, stream_shared, queued).await;
                 });
                 if streams.len() * 2 >= streams_allowed as usize && streams_allowed < streams_max {
                     streams_allowed = streams_allowed.saturating_mul(2).min(streams_max);
@@ -349,7 +492,7 @@ async fn run(
                 Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
                     Ok(ClientToRelay::Ping { nonce }) => {
                         if !control.push(Outbound::Message(RelayToClient::Pong { nonce })) {
-                            control.close(ErrorCode::SlowConsumer, "slow consumer");
+                            control.close(ErrorCode::SlowConsumer);
                             return Err("slow consumer".into());
                         }
                     }
@@ -363,13 +506,24 @@ async fn run(
                     }
                 },
                 Ok(None) => return Err("control stream finished".into()),
-                Err(ReadError::Decode(error)) => {
-                    control.push(Outbound::Close(RelayToClient::error(decode_error_code(&error), None, error.to_string())));
-                    return Err(format!("bad frame: {error}"));
-                }
-                Err(ReadError::Stream) => return Err("control stream reset".into()),
+                Err(error) => match error.answer() {
+                    Some((code, message)) => {
+                        control.push(Outbound::Close(RelayToClient::error(code, None, message.clone())));
+                        return Err(format!("bad frame: {message}"));
+                    }
+                    None => return Err("control stream reset".into()),
+                },
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            () = &mut expiry => {
+                crate::metrics::session_expired();
+                control.push(Outbound::Close(RelayToClient::error(
+                    ErrorCode::TokenExpired,
+                    None,
+                    "the session's token expired; connect again with a fresh token",
+                )));
+                return Err("token expired".into());
+            }
             changed = placement_changed(&mut placement) => {
                 if changed.is_err() {
                     // The placement cache is gone: the node is stopping.
@@ -391,11 +545,10 @@ async fn doc_stream(
     session: SessionId,
     connection: quinn::Connection,
     mut send: SendStream,
-    recv: RecvStream,
+    mut reader: FrameReader,
     shared: Arc<Shared>,
     queued_bytes: Arc<AtomicUsize>,
 ) {
-    let mut reader = FrameReader::new(recv);
     let (doc, heads, snapshot) = match reader.next().await {
         Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
             Ok(ClientToRelay::Subscribe {
@@ -425,14 +578,11 @@ async fn doc_stream(
             }
         },
         Ok(None) | Err(ReadError::Stream) => return,
-        Err(ReadError::Decode(error)) => {
-            refuse(
-                &connection,
-                &mut send,
-                decode_error_code(&error),
-                &error.to_string(),
-            )
-            .await;
+        Err(error) => {
+            let (code, message) = error
+                .answer()
+                .unwrap_or((ErrorCode::Malformed, String::new()));
+            refuse(&connection, &mut send, code, &message).await;
             return;
         }
     };
@@ -451,10 +601,13 @@ async fn doc_stream(
     loop {
         let input = match reader.next().await {
             Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
+                // Parsed here, in this connection's task, within the frame's budget: the
+                // driver's decision loop never does a frame's parse work, and what it
+                // keeps owns its bytes (the frame is released here).
                 Ok(ClientToRelay::Changes { doc: d, changes }) if d == doc => Input::Changes {
                     session,
                     doc: doc.clone(),
-                    changes,
+                    changes: crate::engine::change::parse_frame(&changes),
                     received: Instant::now(),
                 },
                 Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => Input::Presence {
@@ -505,6 +658,27 @@ async fn doc_stream(
                     Some(doc.clone()),
                     error.to_string(),
                 )));
+                return;
+            }
+            // A stalled frame, or unfinished frames over budget: this stream is reset
+            // (its subscription ends, with the reason); the connection goes on.
+            Err(error @ (ReadError::Stalled | ReadError::Budget)) => {
+                let (code, message) = error
+                    .answer()
+                    .unwrap_or((ErrorCode::Timeout, String::new()));
+                outbox.push(Outbound::Message(RelayToClient::error(
+                    code,
+                    Some(doc.clone()),
+                    message,
+                )));
+                let _ = reader.recv.stop(VarInt::from(u32::from(code.code())));
+                shared
+                    .send_input(Input::Unsubscribe {
+                        session,
+                        stream,
+                        doc: doc.clone(),
+                    })
+                    .await;
                 return;
             }
         };
@@ -645,6 +819,11 @@ async fn refuse(
     if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
     }
+    close(connection, code);
+}
+
+/// Closes the connection with a typed code, its documented name as the reason.
+fn close(connection: &quinn::Connection, code: ErrorCode) {
     connection.close(
         VarInt::from(u32::from(code.code())),
         code.to_string().as_bytes(),

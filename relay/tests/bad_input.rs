@@ -6,43 +6,14 @@ use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use bytes::Bytes;
-use common::{Dev, JURISDICTION, Raw, TENANT, some_change};
+use common::{Dev, JURISDICTION, TENANT, expect_closed_with, some_change, still_serving};
 use meridian_protocol::token::{self, Capability, DocScope, Rights, TenantSigningKey};
 use meridian_protocol::{ClientToRelay, DocId, ErrorCode, RelayToClient, TenantId, UserId};
-
-/// The relay still serves a well-behaved client end to end.
-async fn still_serving(dev: &Dev, addr: std::net::SocketAddr) {
-    let client = dev.client(addr, "bystander").await;
-    let doc = client.open("bystander-doc").await.unwrap();
-    doc.change(|d| d.put(automerge::ROOT, "ok", true).unwrap())
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(30), doc.wait_durable())
-        .await
-        .expect("durable in time")
-        .unwrap();
-    client.close().await;
-}
 
 fn error_code(message: &Option<RelayToClient>) -> Option<ErrorCode> {
     match message {
         Some(RelayToClient::Error { code, .. }) => Some(*code),
         _ => None,
-    }
-}
-
-async fn expect_closed_with(raw: &Raw, code: ErrorCode) {
-    let reason = tokio::time::timeout(Duration::from_secs(20), raw.connection.closed())
-        .await
-        .expect("connection closed in time");
-    match reason {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            assert_eq!(
-                close.error_code.into_inner(),
-                u64::from(code.code()),
-                "{close:?}"
-            )
-        }
-        other => panic!("closed with {other:?}, expected {code}"),
     }
 }
 
@@ -66,7 +37,7 @@ async fn garbage_truncated_oversize_and_unknown_version_frames() {
         .unwrap();
     stream.send_raw(&[0, 0, 0, 5, 1, 0x7e, 1, 2, 3]).await;
     assert_eq!(error_code(&stream.next().await), Some(ErrorCode::Malformed));
-    expect_closed_with(&raw, ErrorCode::Malformed).await;
+    expect_closed_with(&raw.connection, ErrorCode::Malformed).await;
 
     // A truncated frame: the stream ends in the middle of it.
     let raw = dev.raw(addr, dev.token("mallory")).await;
@@ -93,7 +64,7 @@ async fn garbage_truncated_oversize_and_unknown_version_frames() {
         .unwrap();
     stream.send_raw(&[0x00, 0x20, 0x00, 0x00, 1, 4]).await;
     assert_eq!(error_code(&stream.next().await), Some(ErrorCode::TooLarge));
-    expect_closed_with(&raw, ErrorCode::TooLarge).await;
+    expect_closed_with(&raw.connection, ErrorCode::TooLarge).await;
 
     // An unknown protocol version in the very first frame.
     let config = dev.client_config(addr, dev.token("mallory"));
@@ -400,7 +371,7 @@ async fn a_client_that_never_reads_is_disconnected() {
         }
     }
     doc.wait_durable().await.unwrap();
-    expect_closed_with(&sloth, ErrorCode::SlowConsumer).await;
+    expect_closed_with(&sloth.connection, ErrorCode::SlowConsumer).await;
     // Counters are published just after the close is queued: wait for them.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while relay.stats().slow_consumers == 0 && std::time::Instant::now() < deadline {

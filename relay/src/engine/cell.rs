@@ -306,11 +306,11 @@ impl Engine {
         };
         let orphans = std::mem::take(&mut doc.orphans);
         doc.orphan_bytes = 0;
-        let mut by_session: Vec<(SessionId, Vec<bytes::Bytes>)> = Vec::new();
+        let mut by_session: Vec<(SessionId, super::ChangeFrame)> = Vec::new();
         for orphan in orphans {
             match by_session.iter_mut().find(|(s, _)| *s == orphan.session) {
-                Some((_, changes)) => changes.push(orphan.change.bytes),
-                None => by_session.push((orphan.session, vec![orphan.change.bytes])),
+                Some((_, changes)) => changes.push(Ok(orphan.change)),
+                None => by_session.push((orphan.session, vec![Ok(orphan.change)])),
             }
         }
         self.reingesting = true;

@@ -37,9 +37,13 @@ use bytes::Bytes;
 use meridian_protocol::token::{Capability, Rights};
 use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient, TenantId, UserId};
 
-use change::{ChangeError, ParsedChange, parse_change};
+use change::{ChangeError, ParsedChange, parse_frame};
 use durability::{Ack, CommitInFlight, FlushItem};
 use graph::{AddError, Added, ChangeGraph, ChangeIndex};
+
+/// The changes of one `changes` frame, each parsed within the frame's budget (or
+/// refused with the reason), as [`change::parse_frame`] returns them.
+pub type ChangeFrame = Vec<Result<ParsedChange, ChangeError>>;
 
 /// A session (one authenticated connection), numbered by the IO layer.
 pub type SessionId = u64;
@@ -168,7 +172,7 @@ impl Default for EngineConfig {
         EngineConfig {
             orphans_per_doc_max: 256,
             orphan_bytes_per_doc_max: 4 << 20,
-            subscriptions_per_session_max: 1024,
+            subscriptions_per_session_max: 255,
             loading_backlog_max: 64,
             loads_pending_max: 1024,
             flush_interval: Duration::from_millis(20),
@@ -339,7 +343,7 @@ struct WaitingSubscribe {
 enum DocState {
     Loading {
         subscribes: Vec<WaitingSubscribe>,
-        changes: Vec<(SessionId, Vec<Bytes>)>,
+        changes: Vec<(SessionId, ChangeFrame)>,
     },
     Ready,
 }
@@ -707,13 +711,28 @@ impl Engine {
         }
     }
 
-    /// Changes from a session for a document it subscribed to.
+    /// Changes from a session for a document it subscribed to, as raw bytes: parsed here
+    /// (within one frame's budget), then as [`Engine::handle_parsed_changes`].
     pub fn handle_changes(
         &mut self,
         now: Now,
         session: SessionId,
         doc: DocId,
         changes: Vec<Bytes>,
+    ) {
+        let parsed = parse_frame(&changes);
+        self.handle_parsed_changes(now, session, doc, parsed);
+    }
+
+    /// Changes from a session for a document it subscribed to, already parsed by
+    /// [`change::parse_frame`] (the IO layer parses in the session's own task, so that a
+    /// frame's parse work never holds the decision loop).
+    pub fn handle_parsed_changes(
+        &mut self,
+        now: Now,
+        session: SessionId,
+        doc: DocId,
+        changes: ChangeFrame,
     ) {
         self.stats.changes_received += changes.len() as u64;
         let Some(key) = self.authorize(now, session, &doc, |r| r.write) else {
@@ -763,6 +782,8 @@ impl Engine {
         let Some(key) = self.authorize(now, session, &doc, |r| r.presence) else {
             return;
         };
+        // Kept and queued for others: a copy, never a slice of the frame it came in.
+        let state = Bytes::copy_from_slice(&state);
         if !self.is_subscribed(session, &doc) {
             self.error(
                 session,
@@ -916,9 +937,9 @@ impl Engine {
                 session,
                 doc: None,
                 outbound: Outbound::Close(RelayToClient::error(
-                    ErrorCode::Unauthorized,
+                    ErrorCode::TokenExpired,
                     None,
-                    "token expired",
+                    "the session's token expired; connect again with a fresh token",
                 )),
             });
             return None;
@@ -1090,7 +1111,7 @@ impl Engine {
     }
 
     /// The hot path: parse, check, add or park, fan out, queue for the cache commit.
-    fn ingest(&mut self, now: Now, session: SessionId, key: &DocKey, changes: Vec<Bytes>) {
+    fn ingest(&mut self, now: Now, session: SessionId, key: &DocKey, changes: ChangeFrame) {
         let Some(user) = self
             .sessions
             .get(&session)
@@ -1111,15 +1132,11 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        for bytes in changes {
-            let parsed = match parse_change(bytes) {
+        for parsed in changes {
+            let parsed = match parsed {
                 Ok(parsed) => parsed,
                 Err(error) => {
-                    let code = match error {
-                        ChangeError::TooLarge(_) => ErrorCode::TooLarge,
-                        _ => ErrorCode::InvalidChange,
-                    };
-                    refusals.push((code, error.to_string()));
+                    refusals.push((error.code(), error.to_string()));
                     continue;
                 }
             };
@@ -1155,9 +1172,16 @@ impl Engine {
                     // Either another user's genuine change that this copy lacks (a
                     // client uploads what it learnt elsewhere; this node's copy is
                     // behind the durable tier), or a forgery. It is not taken from this
-                    // session: the durable tier, written only by relays, is re-read
-                    // instead, and a genuine change arrives from there.
-                    self.stats.changes_refused += 1;
+                    // session, and the sender is told so: the durable tier, written only
+                    // by relays, is re-read instead, and a genuine change arrives from
+                    // there (after which an upload of it is simply known).
+                    refusals.push((
+                        ErrorCode::ActorConflict,
+                        format!(
+                            "change {}: its actor writes for another user in this document",
+                            parsed.hash
+                        ),
+                    ));
                     stale = true;
                 }
                 Err(error) => refusals.push((

@@ -316,7 +316,7 @@ fn rights_and_expiry_are_checked_on_every_message() {
     assert!(matches!(
         &h.take(1)[..],
         [Outbound::Close(RelayToClient::Error {
-            code: ErrorCode::Unauthorized,
+            code: ErrorCode::TokenExpired,
             ..
         })]
     ));
@@ -758,6 +758,19 @@ fn a_change_this_copy_cannot_place_refreshes_it_from_the_durable_tier() {
         h.engine.stats().changes_applied,
         applied_before,
         "not taken"
+    );
+    // ...and is told so, never left without an answer.
+    let out = h.take(1);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            Outbound::Message(RelayToClient::Error {
+                code: ErrorCode::ActorConflict,
+                doc: Some(_),
+                ..
+            })
+        )),
+        "{out:?}"
     );
 }
 

@@ -284,3 +284,43 @@ pub async fn wait_durable(handle: &DocHandle) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The relay still serves a well-behaved client end to end (durable acknowledgement).
+pub async fn still_serving(dev: &Dev, addr: SocketAddr) {
+    use automerge::transaction::Transactable;
+    let client = dev.client(addr, "bystander").await;
+    let doc = client.open("bystander-doc").await.expect("open");
+    doc.change(|d| d.put(automerge::ROOT, "ok", true).expect("put"))
+        .expect("change");
+    tokio::time::timeout(Duration::from_secs(30), doc.wait_durable())
+        .await
+        .expect("durable in time")
+        .expect("durable");
+    client.close().await;
+}
+
+/// Waits for the connection to be closed by the relay with `code`, whose documented name
+/// is the close reason.
+pub async fn expect_closed_with(
+    connection: &quinn::Connection,
+    code: meridian_protocol::ErrorCode,
+) {
+    let reason = tokio::time::timeout(Duration::from_secs(20), connection.closed())
+        .await
+        .expect("connection closed in time");
+    match reason {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code.into_inner(),
+                u64::from(code.code()),
+                "{close:?}"
+            );
+            assert_eq!(
+                close.reason.as_ref(),
+                code.to_string().as_bytes(),
+                "the close reason is the code's documented name"
+            );
+        }
+        other => panic!("closed with {other:?}, expected {code}"),
+    }
+}

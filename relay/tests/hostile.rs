@@ -1,0 +1,434 @@
+//! The hostile suite: a client holding a valid token (or none) that tries to stall or
+//! exhaust the node. Each case asserts the typed answer, that a legitimate client keeps
+//! working, and, where memory is the target, a bound on what the node holds.
+
+mod common;
+
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use common::{Dev, Raw, RawStream, expect_closed_with, some_change, still_serving};
+use meridian_protocol::{
+    ClientToRelay, DocId, ErrorCode, MAX_CHANGE_LEN, MAX_CHANGE_OPS, RelayToClient, TenantId,
+};
+use meridian_relay::TenantKeys;
+use meridian_relay::engine::change::operation_bomb;
+
+fn doc(name: &str) -> DocId {
+    DocId::new(name).unwrap()
+}
+
+/// The code and document of an `error`, if the message is one.
+fn error_of(message: &Option<RelayToClient>) -> Option<(ErrorCode, Option<DocId>)> {
+    match message {
+        Some(RelayToClient::Error { code, doc, .. }) => Some((*code, doc.clone())),
+        _ => None,
+    }
+}
+
+/// A subscribed raw stream, caught up.
+async fn subscribed(raw: &Raw, name: &str) -> RawStream {
+    let mut stream = raw.subscribe(name).await;
+    stream
+        .until(|m| matches!(m, RelayToClient::Synced { .. }))
+        .await
+        .expect("synced");
+    stream
+}
+
+/// The connection still answers `ping` on its control stream.
+async fn still_open(raw: &mut Raw) {
+    raw.control.send(&ClientToRelay::Ping { nonce: 77 }).await;
+    let pong = raw
+        .control
+        .until(|m| matches!(m, RelayToClient::Pong { .. }))
+        .await;
+    assert_eq!(pong, Some(RelayToClient::Pong { nonce: 77 }));
+}
+
+/// One change that puts a string of `len` bytes, compressed as Automerge saves changes.
+fn long_string_change(len: usize) -> Bytes {
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "text", "a".repeat(len)).unwrap();
+    let mut change = doc.get_last_local_change().unwrap().clone();
+    Bytes::copy_from_slice(change.bytes().as_ref())
+}
+
+/// This process's resident memory, in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("VmRSS");
+    let kib: usize = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_and_operation_bombs_are_refused_per_change() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&raw, "d").await;
+
+    // A 2 MB text compressed to a few kilobytes, an operation bomb, and a valid change.
+    let bomb = long_string_change(2_000_000);
+    assert!(bomb.len() < 64 << 10);
+    let ops = operation_bomb(MAX_CHANGE_OPS * 1000);
+    let valid = some_change("fine");
+    for _ in 0..5 {
+        stream
+            .send(&ClientToRelay::Changes {
+                doc: doc("d"),
+                changes: vec![bomb.clone(), ops.clone(), valid.clone()],
+            })
+            .await;
+    }
+    // Each bomb is refused on its own, as `too_large`, on the document's stream...
+    let mut refused = 0;
+    while refused < 10 {
+        let message = stream.next().await;
+        match error_of(&message) {
+            Some((ErrorCode::TooLarge, Some(d))) if d == doc("d") => refused += 1,
+            None if matches!(message, Some(RelayToClient::Applied { .. })) => {}
+            other => panic!("expected too_large, got {other:?} ({message:?})"),
+        }
+    }
+    // ...the valid change in the same frames is applied, and the connection stays.
+    stream
+        .until(|m| matches!(m, RelayToClient::Applied { .. }))
+        .await
+        .expect("the valid change is applied");
+    still_open(&mut raw).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_just_over_the_limit_is_refused_on_its_own() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&raw, "d").await;
+
+    let mut oversize = some_change("x").to_vec();
+    oversize.resize(MAX_CHANGE_LEN + 1, 0);
+    stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("d"),
+            changes: vec![Bytes::from(oversize), some_change("after")],
+        })
+        .await;
+    assert_eq!(
+        error_of(&stream.next().await),
+        Some((ErrorCode::TooLarge, Some(doc("d"))))
+    );
+    assert!(matches!(
+        stream.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+    still_open(&mut raw).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn padded_frames_and_orphans_do_not_pin_their_frames() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let raw = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&raw, "d").await;
+    // Warm up: the first frames grow buffers that stay allocated.
+    let padding = Bytes::from(vec![0x85u8; 1000 << 10]);
+    let frames = 120;
+    let before = rss();
+
+    // Each frame: one small change that is kept (accepted, or parked as an orphan
+    // whose dependency never comes) and an invalid item that pads it to 1 MB.
+    let mut author = automerge::AutoCommit::new();
+    author.put(automerge::ROOT, "base", 0).unwrap();
+    let _never_sent = author.get_last_local_change().unwrap().clone();
+    for i in 0..frames {
+        let kept = if i % 2 == 0 {
+            some_change(&format!("k{i}"))
+        } else {
+            author.put(automerge::ROOT, "n", i).unwrap();
+            Bytes::copy_from_slice(author.get_last_local_change().unwrap().raw_bytes())
+        };
+        stream
+            .send(&ClientToRelay::Changes {
+                doc: doc("d"),
+                changes: vec![kept, padding.clone()],
+            })
+            .await;
+    }
+    // Wait until every frame was taken: the last orphan... each frame answers with an
+    // error for its padding item.
+    let mut answered = 0;
+    while answered < frames {
+        if let Some((code, _)) = error_of(&stream.next().await) {
+            assert_eq!(code, ErrorCode::InvalidChange);
+            answered += 1;
+        }
+    }
+    let grown = rss().saturating_sub(before);
+    // Pinned, the frames would hold 120 MB; what is kept is a few kilobytes.
+    assert!(
+        grown < 60 << 20,
+        "resident memory grew by {} MiB",
+        grown >> 20
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_or_trickling_frame_is_reset_and_the_connection_goes_on() {
+    let mut dev = Dev::new();
+    dev.limits.frame_stall_timeout = Duration::from_millis(300);
+    dev.limits.frame_timeout = Duration::from_secs(1);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+
+    // All but 7 bytes of a 1 MB frame, then nothing.
+    let mut stalled = subscribed(&raw, "stalled").await;
+    let frame = ClientToRelay::Changes {
+        doc: doc("stalled"),
+        changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
+    }
+    .to_bytes();
+    stalled.send_raw(&frame[..frame.len() - 7]).await;
+    assert_eq!(
+        error_of(&stalled.next().await),
+        Some((ErrorCode::Timeout, Some(doc("stalled"))))
+    );
+
+    // A frame that trickles in a byte at a time never completes in time either.
+    let mut trickle = subscribed(&raw, "trickle").await;
+    let small = ClientToRelay::Changes {
+        doc: doc("trickle"),
+        changes: vec![some_change("t")],
+    }
+    .to_bytes();
+    let sender = tokio::spawn(async move {
+        for byte in small.iter().take(20) {
+            trickle.send_raw(&[*byte]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        trickle
+    });
+    let mut trickle = sender.await.unwrap();
+    assert_eq!(
+        error_of(&trickle.next().await),
+        Some((ErrorCode::Timeout, Some(doc("trickle"))))
+    );
+    // The connection itself is fine.
+    still_open(&mut raw).await;
+    let _ = subscribed(&raw, "after").await;
+
+    // On the control stream, a stalled frame closes the connection with `timeout`.
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let ping = ClientToRelay::Ping { nonce: 1 }.to_bytes();
+    raw.control.send_raw(&ping[..ping.len() - 1]).await;
+    expect_closed_with(&raw.connection, ErrorCode::Timeout).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_frames_are_budgeted_per_session() {
+    let mut dev = Dev::new();
+    dev.limits.unfinished_bytes_per_session_max = 1536 << 10;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let frame = |name: &str| {
+        ClientToRelay::Changes {
+            doc: doc(name),
+            changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
+        }
+        .to_bytes()
+    };
+    let mut first = subscribed(&raw, "a").await;
+    let a = frame("a");
+    first.send_raw(&a[..a.len() - 7]).await;
+    // Let the relay read the first one before the second starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut second = subscribed(&raw, "b").await;
+    let b = frame("b");
+    second.send_raw(&b[..b.len() - 7]).await;
+    assert_eq!(
+        error_of(&second.next().await),
+        Some((ErrorCode::Overloaded, Some(doc("b"))))
+    );
+    // The first stream finishes its frame (an invalid change) and is answered for it.
+    first.send_raw(&a[a.len() - 7..]).await;
+    assert_eq!(
+        error_of(&first.next().await),
+        Some((ErrorCode::InvalidChange, Some(doc("a"))))
+    );
+    still_open(&mut raw).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_of_another_jurisdiction_is_refused_before_welcome() {
+    let dev = Dev::new();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    config.tenants.push(TenantKeys {
+        tenant: TenantId::new("elsewhere").unwrap(),
+        jurisdiction: Some("us".into()),
+        public_keys: vec![dev.key.public_key().unwrap()],
+    });
+    let relay = meridian_relay::start(config).await.unwrap();
+    let addr = relay.local_addr();
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new("elsewhere").unwrap(),
+        user: meridian_protocol::UserId::new("u").unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    let token = meridian_protocol::token::mint(&capability, &dev.key).unwrap();
+    let raw = dev.raw(addr, token).await;
+    assert_eq!(
+        error_of(&raw.first),
+        Some((ErrorCode::Forbidden, None)),
+        "refused first, never welcomed: {:?}",
+        raw.first
+    );
+    expect_closed_with(&raw.connection, ErrorCode::Forbidden).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_authenticate_close_with_timeout() {
+    let mut dev = Dev::new();
+    dev.limits.hello_timeout = Duration::from_millis(300);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let config = dev.client_config(addr, String::new());
+    let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+
+    // No control stream at all.
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    expect_closed_with(&connection, ErrorCode::Timeout).await;
+
+    // A control stream, and no `hello` on it (a byte, so the relay sees the stream).
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0]).await.unwrap();
+    expect_closed_with(&connection, ErrorCode::Timeout).await;
+
+    // Garbage where `hello` belongs: a typed close, named as documented.
+    let connection = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, _recv) = connection.open_bi().await.unwrap();
+    send.write_all(&[0xff, 0, 0, 0, 1]).await.unwrap();
+    expect_closed_with(&connection, ErrorCode::TooLarge).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_ends_when_its_token_expires_even_while_only_reading() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    // A reader whose token expires in two seconds, subscribed and then silent.
+    let token = dev.token_with(
+        "short",
+        meridian_protocol::token::DocScope::Prefix(String::new()),
+        meridian_protocol::token::Rights::ALL,
+        2,
+    );
+    let reader = dev.raw(addr, token).await;
+    assert!(matches!(reader.first, Some(RelayToClient::Welcome { .. })));
+    let _stream = subscribed(&reader, "shared").await;
+    expect_closed_with(&reader.connection, ErrorCode::TokenExpired).await;
+    // Writers go on; the expired reader receives nothing more (its connection is gone).
+    let writer = dev.client(addr, "writer").await;
+    let handle = writer.open("shared").await.unwrap();
+    handle
+        .change(|d| d.put(automerge::ROOT, "after", 1).unwrap())
+        .unwrap();
+    common::wait_durable(&handle).await;
+    writer.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_change_under_another_users_actor_gets_a_typed_answer() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let alice = dev.raw(addr, dev.token("alice")).await;
+    let mut alice_stream = subscribed(&alice, "d").await;
+    let mut original = automerge::AutoCommit::new();
+    original.put(automerge::ROOT, "a", 1).unwrap();
+    let first = Bytes::copy_from_slice(original.get_last_local_change().unwrap().raw_bytes());
+    alice_stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("d"),
+            changes: vec![first.clone()],
+        })
+        .await;
+    assert!(matches!(
+        alice_stream.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+
+    // Mallory re-uploads alice's change (known: acknowledged, claims nothing), then
+    // forges a new one under alice's actor (refused with `actor_conflict`).
+    let mallory = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&mallory, "d").await;
+    stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("d"),
+            changes: vec![first],
+        })
+        .await;
+    assert!(matches!(
+        stream.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+    let mut forged = original.fork();
+    forged.set_actor(original.get_actor().clone());
+    forged.put(automerge::ROOT, "a", 666).unwrap();
+    let forged = Bytes::copy_from_slice(forged.get_last_local_change().unwrap().raw_bytes());
+    stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("d"),
+            changes: vec![forged],
+        })
+        .await;
+    assert_eq!(
+        error_of(&stream.next().await),
+        Some((ErrorCode::ActorConflict, Some(doc("d"))))
+    );
+    // Alice, the real author, goes on writing under her actor.
+    original.put(automerge::ROOT, "a", 2).unwrap();
+    let second = Bytes::copy_from_slice(original.get_last_local_change().unwrap().raw_bytes());
+    alice_stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("d"),
+            changes: vec![second],
+        })
+        .await;
+    assert!(
+        alice_stream
+            .until(|m| matches!(m, RelayToClient::Applied { .. }))
+            .await
+            .is_some()
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
