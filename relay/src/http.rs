@@ -1,21 +1,40 @@
-//! The node's small HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (alive) and
-//! `/readyz` (ready to serve). Requests are bounded in size and time; one connection per
-//! request (`Connection: close`).
+//! The node's admin endpoint over HTTP/1.1 (hyper): `/metrics` (Prometheus text),
+//! `/healthz` (alive), `/readyz` (ready to serve) and `/cell`.
+//!
+//! It cannot be starved by idle or slow clients: a connection must send its request
+//! headers within [`HEADER_TIMEOUT`] and be done within [`CONNECTION_TIMEOUT`]; each
+//! source address holds at most [`CONNECTIONS_PER_ADDRESS_MAX`] connections and the node
+//! [`CONNECTIONS_MAX`]; keep-alive is off (one request per connection). A probe from a
+//! load balancer or router therefore always finds a slot, whatever one client holds.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-/// The most bytes read of one request.
-const REQUEST_MAX: usize = 8 << 10;
-/// Requests served at once.
-const CONCURRENT_MAX: usize = 64;
+/// Connections served at once by one node's admin endpoint.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Connections one source address (IPv6: its /64) may hold at once; more are closed at
+/// once.
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 16;
+/// How long a connection may take to send its request headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection may last in all (request, response, close).
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers larger than this are refused by hyper.
+const HEADERS_MAX: usize = 8 << 10;
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -51,87 +70,142 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// The address a connection counts against: IPv4 as it is, IPv6 by its /64.
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::V6(segments.into())
+        }
+    }
+}
+
+/// Connections held per source address.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = address_key(ip);
+        let mut held = self.0.lock().ok()?;
+        let count = held.entry(key).or_insert(0);
+        if *count >= CONNECTIONS_PER_ADDRESS_MAX {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One connection's place in [`PerAddress`], given back when dropped.
+struct AddressSlot {
+    table: Arc<PerAddress>,
+    key: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.table.0.lock()
+            && let Some(count) = held.get_mut(&self.key)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 /// Serves requests until the task is aborted.
 pub async fn serve(
     listener: TcpListener,
     metrics: Option<PrometheusHandle>,
     readiness: Arc<Readiness>,
 ) {
-    let permits = Arc::new(Semaphore::new(CONCURRENT_MAX));
+    let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let per_address = Arc::new(PerAddress::default());
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let Some(slot) = per_address.take(peer.ip()) else {
+            crate::metrics::admin_refused("address");
+            continue; // dropped: this address holds its share
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue; // over the limit: drop the connection
+            crate::metrics::admin_refused("limit");
+            continue;
         };
         let (metrics, readiness) = (metrics.clone(), readiness.clone());
         tokio::spawn(async move {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), respond(stream, metrics, readiness))
-                    .await;
-            drop(permit);
+            let service = hyper::service::service_fn(move |request| {
+                let response = respond(&request, metrics.as_ref(), &readiness);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .max_buf_size(HEADERS_MAX)
+                .serve_connection(TokioIo::new(stream), service);
+            if tokio::time::timeout(CONNECTION_TIMEOUT, connection)
+                .await
+                .is_err()
+            {
+                crate::metrics::admin_refused("timeout");
+            }
+            drop((permit, slot));
         });
     }
 }
 
-async fn respond(
-    mut stream: TcpStream,
-    metrics: Option<PrometheusHandle>,
-    readiness: Arc<Readiness>,
-) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < REQUEST_MAX {
-        let read = stream.read(&mut chunk).await?;
-        if read == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..read]);
+fn respond(
+    request: &Request<Incoming>,
+    metrics: Option<&PrometheusHandle>,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| reply(status, "text/plain", body);
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
-    let line = request.split(|b| *b == b'\r').next().unwrap_or(&[]);
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (parts.next().unwrap_or(&[]), parts.next().unwrap_or(&[]));
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => match &metrics {
-            Some(handle) => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                "metrics recorder not installed\n".to_owned(),
+    match request.uri().path() {
+        "/metrics" => match metrics {
+            Some(handle) => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "metrics recorder not installed\n".into(),
             ),
         },
-        (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        (b"GET", b"/readyz") => match readiness.ready() {
-            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Err(reason) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("{reason}\n"),
-            ),
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match readiness.ready() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
         },
-        (b"GET", b"/cell") => {
+        "/cell" => {
             let cell = readiness.cell.lock().map(|c| c.clone()).unwrap_or_default();
             if cell.is_empty() {
-                ("404 Not Found", "text/plain", "not in a cell\n".to_owned())
+                text(StatusCode::NOT_FOUND, "not in a cell\n".into())
             } else {
-                ("200 OK", "application/json", cell)
+                reply(StatusCode::OK, "application/json", cell)
             }
         }
-        (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
 /// A minimal HTTP/1.1 GET against a node's admin endpoint (for tools, tests and

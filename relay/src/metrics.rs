@@ -47,6 +47,10 @@ fn describe() {
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
     describe_counter!(
+        "meridian_admin_connections_refused_total",
+        "Admin endpoint connections refused or cut, by reason (address, limit, timeout)."
+    );
+    describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
     );
@@ -309,6 +313,12 @@ pub fn publish(stats: &RelayStats) {
 /// A connection refused before it became a session.
 pub fn connection_rejected(reason: &'static str) {
     counter!("meridian_connections_rejected_total", "reason" => reason).increment(1);
+}
+
+/// A connection to the admin endpoint refused or cut (`address`: its source address held
+/// its share; `limit`: the endpoint was full; `timeout`: it took too long).
+pub fn admin_refused(reason: &'static str) {
+    counter!("meridian_admin_connections_refused_total", "reason" => reason).increment(1);
 }
 
 /// A session closed because its token expired.

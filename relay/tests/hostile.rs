@@ -432,3 +432,58 @@ async fn a_new_change_under_another_users_actor_gets_a_typed_answer() {
     );
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_admin_connections_cannot_starve_readiness() {
+    let dev = Dev::new();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let relay = meridian_relay::start(config).await.unwrap();
+    let admin = relay.metrics_addr().unwrap();
+    let (status, _) = meridian_relay::http::get(admin, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+
+    // 70 idle connections from another loopback address, and one that sends its
+    // request headers a byte at a time.
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        if let Ok(stream) = socket.connect(admin).await {
+            idle.push(stream);
+        }
+    }
+    let slow = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+        let mut stream = socket.connect(admin).await.unwrap();
+        let started = std::time::Instant::now();
+        for byte in b"GET /readyz HTTP/1.1\r\nHost: x\r\n".iter().cycle() {
+            if stream.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if started.elapsed() > Duration::from_secs(30) {
+                panic!("a request trickling its headers was never cut");
+            }
+        }
+    });
+    // Probes from the router's address are answered throughout.
+    for _ in 0..10 {
+        let (status, body) = meridian_relay::http::get(admin, "/readyz").await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "ready\n"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The idle ones are closed by the node once the header timeout passes.
+    for stream in &mut idle {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+            .await
+            .expect("idle connection closed in time");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    slow.await.unwrap();
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
