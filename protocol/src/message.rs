@@ -31,8 +31,9 @@ pub const MAX_CHANGE_INFLATED: usize = MAX_CHANGE_LEN;
 /// change), and the most predecessors its operations may name in all. Over either: the
 /// change is refused as `too_large`.
 pub const MAX_CHANGE_OPS: u64 = 1 << 20;
-/// The most inflated bytes all the changes of one `changes` frame may hold together;
-/// the changes past it are refused as `too_large`, each on its own.
+/// The most bytes the relay inflates for all the changes of one `changes` frame together
+/// (a refused change counts for what was inflated to refuse it); the changes past it are
+/// refused as `too_large`, each on its own, without being read.
 pub const MAX_FRAME_INFLATED: usize = 4 * MAX_CHANGE_INFLATED;
 /// The most operations all the changes of one `changes` frame may carry together; the
 /// changes past it are refused as `too_large`, each on its own.

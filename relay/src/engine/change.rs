@@ -128,14 +128,37 @@ impl FrameBudget {
     /// Parses one change of the frame within the per-change limits and what is left of
     /// the frame's budget. The result owns a copy of the change's bytes, so that it never
     /// keeps the rest of the frame alive.
+    ///
+    /// The work a refused change cost (what was inflated to find it too large, the bytes
+    /// read to find it malformed) is charged too, so that a frame of refusals costs no
+    /// more than a frame of accepted changes; once the budget is spent, the frame's
+    /// remaining changes are refused without being looked at.
     pub fn parse(&mut self, bytes: &Bytes) -> Result<ParsedChange, ChangeError> {
-        let cost = measure(bytes)?;
-        check_cost(&cost)?;
-        let work = cost.ops.max(cost.preds);
-        if cost.inflated > self.inflated_left || work > self.ops_left {
+        if self.inflated_left == 0 || self.ops_left == 0 {
             return Err(ChangeError::FrameBudget);
         }
+        let inflate_max = self.inflated_left.min(MAX_CHANGE_INFLATED);
+        let cost = match measure_within(bytes, inflate_max) {
+            Ok(cost) => cost,
+            Err(ChangeError::Inflated) => {
+                self.inflated_left -= inflate_max;
+                return Err(if inflate_max < MAX_CHANGE_INFLATED {
+                    ChangeError::FrameBudget
+                } else {
+                    ChangeError::Inflated
+                });
+            }
+            Err(error) => {
+                self.inflated_left = self.inflated_left.saturating_sub(bytes.len());
+                return Err(error);
+            }
+        };
         self.inflated_left -= cost.inflated;
+        check_cost(&cost)?;
+        let work = cost.ops.max(cost.preds);
+        if work > self.ops_left {
+            return Err(ChangeError::FrameBudget);
+        }
         self.ops_left -= work;
         parse_measured(Bytes::copy_from_slice(bytes))
     }
@@ -181,6 +204,11 @@ fn parse_measured(bytes: Bytes) -> Result<ParsedChange, ChangeError> {
 /// without expanding runs). Work and memory are bounded by the limits, whatever the
 /// bytes claim.
 pub fn measure(bytes: &[u8]) -> Result<ChangeCost, ChangeError> {
+    measure_within(bytes, MAX_CHANGE_INFLATED)
+}
+
+/// [`measure`], inflating at most `inflate_max` bytes (one more, to tell "over").
+fn measure_within(bytes: &[u8], inflate_max: usize) -> Result<ChangeCost, ChangeError> {
     if bytes.len() > MAX_CHANGE_LEN {
         return Err(ChangeError::TooLarge(bytes.len()));
     }
@@ -202,10 +230,10 @@ pub fn measure(bytes: &[u8]) -> Result<ChangeCost, ChangeError> {
         CHUNK_COMPRESSED_CHANGE => {
             let mut out = Vec::new();
             flate2::read::DeflateDecoder::new(data)
-                .take(MAX_CHANGE_INFLATED as u64 + 1)
+                .take(inflate_max as u64 + 1)
                 .read_to_end(&mut out)
                 .map_err(|_| ChangeError::Parse("compressed change does not inflate".into()))?;
-            if out.len() > MAX_CHANGE_INFLATED {
+            if out.len() > inflate_max {
                 return Err(ChangeError::Inflated);
             }
             inflated_buffer = out;
@@ -213,6 +241,9 @@ pub fn measure(bytes: &[u8]) -> Result<ChangeCost, ChangeError> {
         }
         _ => return Err(ChangeError::Parse("not a change chunk".into())),
     };
+    if body.len() > inflate_max {
+        return Err(ChangeError::Inflated);
+    }
     let (ops, preds) = count_ops(body)?;
     Ok(ChangeCost {
         inflated: body.len(),
@@ -524,16 +555,11 @@ mod tests {
         frame.push(one_change());
         let results = parse_frame(&frame);
         assert!(results[..fit].iter().all(Result::is_ok));
-        assert_eq!(
-            results[fit].as_ref().unwrap_err(),
-            &ChangeError::FrameBudget
-        );
-        assert_eq!(
-            results[fit + 1].as_ref().unwrap_err(),
-            &ChangeError::FrameBudget
-        );
-        // A small change after the budget ran out still fits what is left.
-        assert!(results[fit + 2].is_ok());
+        // The next one is inflated as far as the budget goes and refused; the budget is
+        // then spent, and what follows is refused unread, however small.
+        for refused in &results[fit..] {
+            assert_eq!(refused.as_ref().unwrap_err(), &ChangeError::FrameBudget);
+        }
 
         // What a parse keeps is a copy, never a slice of the frame it came in.
         let change = one_change();
@@ -546,6 +572,30 @@ mod tests {
         let kept = parsed.bytes.as_ptr() as usize;
         let frame_start = padded.as_ptr() as usize;
         assert!(kept < frame_start || kept >= frame_start + padded.len());
+    }
+
+    #[test]
+    fn a_frame_of_bombs_costs_no_more_than_its_budget() {
+        // As many bombs as fit a frame: only the first few are inflated (each to the
+        // per-change limit, charged to the frame), the rest are refused unread.
+        let bomb = one_long_string(2_000_000);
+        let frame = vec![bomb; 300];
+        let results = parse_frame(&frame);
+        let inflated = results
+            .iter()
+            .filter(|r| matches!(r, Err(ChangeError::Inflated)))
+            .count();
+        assert_eq!(inflated, MAX_FRAME_INFLATED / MAX_CHANGE_INFLATED);
+        assert!(
+            results[inflated..]
+                .iter()
+                .all(|r| matches!(r, Err(ChangeError::FrameBudget)))
+        );
+        // Garbage is charged for the bytes read too.
+        let garbage = Bytes::from(vec![0x85; 500_000]);
+        let results = parse_frame(&vec![garbage; 20]);
+        assert!(matches!(results[0], Err(ChangeError::Parse(_))));
+        assert!(matches!(results[19], Err(ChangeError::FrameBudget)));
     }
 
     #[test]
