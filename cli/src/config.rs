@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub struct RelayFile {
     pub durable: DurableSection,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limits: Option<RateLimitsSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -374,6 +377,76 @@ pub struct LimitsSection {
     pub snapshot_every_bytes: Option<usize>,
 }
 
+/// Optional overrides of the built-in rate limits and quotas (per node).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitsSection {
+    pub connection: Option<RatesSection>,
+    pub user: Option<RatesSection>,
+    pub tenant: Option<RatesSection>,
+    pub connections_per_tenant_max: Option<usize>,
+    pub connections_per_user_max: Option<usize>,
+    pub unauthenticated_per_address_max: Option<usize>,
+    pub engine_inputs_per_tenant_max: Option<usize>,
+    pub strikes_max: Option<u32>,
+}
+
+/// Rates per second for one scope.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatesSection {
+    pub changes: Option<NonZeroU32>,
+    pub inflated_bytes: Option<NonZeroU32>,
+    pub presence: Option<NonZeroU32>,
+    pub subscribes: Option<NonZeroU32>,
+}
+
+impl RatesSection {
+    fn apply(&self, rates: &mut meridian_relay::ratelimit::Rates) {
+        if let Some(v) = self.changes {
+            rates.changes = v;
+        }
+        if let Some(v) = self.inflated_bytes {
+            rates.inflated_bytes = v;
+        }
+        if let Some(v) = self.presence {
+            rates.presence = v;
+        }
+        if let Some(v) = self.subscribes {
+            rates.subscribes = v;
+        }
+    }
+}
+
+impl RateLimitsSection {
+    fn apply(&self, config: &mut meridian_relay::ratelimit::RateLimitConfig) {
+        for (section, rates) in [
+            (&self.connection, &mut config.connection),
+            (&self.user, &mut config.user),
+            (&self.tenant, &mut config.tenant),
+        ] {
+            if let Some(section) = section {
+                section.apply(rates);
+            }
+        }
+        if let Some(v) = self.connections_per_tenant_max {
+            config.connections_per_tenant_max = v;
+        }
+        if let Some(v) = self.connections_per_user_max {
+            config.connections_per_user_max = v;
+        }
+        if let Some(v) = self.unauthenticated_per_address_max {
+            config.unauthenticated_per_address_max = v;
+        }
+        if let Some(v) = self.engine_inputs_per_tenant_max {
+            config.engine_inputs_per_tenant_max = v;
+        }
+        if let Some(v) = self.strikes_max {
+            config.strikes_max = v;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSection {
@@ -436,6 +509,9 @@ impl RelayFile {
         };
         let mut limits = Limits::default();
         let mut engine = EngineConfig::default();
+        if let Some(rates) = &self.rate_limits {
+            rates.apply(&mut limits.rates);
+        }
         if let Some(l) = self.limits {
             let ms = Duration::from_millis;
             if let Some(v) = l.connections_max {
@@ -703,6 +779,52 @@ mod tests {
         assert_eq!(config.tenants.len(), 1);
         assert_eq!(config.engine.flush_interval, Duration::from_millis(20));
         assert_eq!(config.cert_file, Path::new("/etc/meridian/tls/node.crt"));
+        // The example states the defaults, so it parses to them.
+        let defaults = meridian_relay::ratelimit::RateLimitConfig::default();
+        assert_eq!(config.limits.rates.connection, defaults.connection);
+        assert_eq!(config.limits.rates.user, defaults.user);
+        assert_eq!(config.limits.rates.tenant, defaults.tenant);
+        assert_eq!(
+            config.limits.rates.unauthenticated_per_address_max,
+            defaults.unauthenticated_per_address_max
+        );
+        assert_eq!(
+            config.limits.frame_stall_timeout,
+            Limits::default().frame_stall_timeout
+        );
+        assert_eq!(config.engine.subscriptions_per_session_max, 255);
+    }
+
+    #[test]
+    fn rate_limits_override_per_scope() {
+        let text = r#"
+            [node]
+            id = "n"
+            cell = "c"
+            region = "r"
+            jurisdiction = "dev"
+            listen = "127.0.0.1:0"
+            data_dir = "d"
+            [tls]
+            cert_file = "c.pem"
+            key_file = "k.pem"
+            [durable]
+            kind = "local"
+            path = "p"
+            [rate_limits]
+            strikes_max = 7
+            [rate_limits.user]
+            presence = 3
+        "#;
+        let file: RelayFile = toml::from_str(text).unwrap();
+        let config = file.into_config(Path::new("/")).unwrap();
+        assert_eq!(config.limits.rates.strikes_max, 7);
+        assert_eq!(config.limits.rates.user.presence.get(), 3);
+        let defaults = meridian_relay::ratelimit::RateLimitConfig::default();
+        assert_eq!(config.limits.rates.user.changes, defaults.user.changes);
+        assert_eq!(config.limits.rates.connection, defaults.connection);
+        let zero = text.replace("presence = 3", "presence = 0");
+        assert!(toml::from_str::<RelayFile>(&zero).is_err(), "a rate is never 0");
     }
 
     /// Renders a Terraform template the way `templatefile` would for one iteration of

@@ -492,6 +492,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
             },
             durable: plan.durable.clone(),
             limits: None,
+            rate_limits: None,
             metrics: Some(MetricsSection { listen: metrics }),
             cell: Some(CellSection {
                 gossip_listen: gossip,

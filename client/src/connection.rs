@@ -1048,9 +1048,15 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
             user,
             state,
         }),
-        RelayToClient::Error { code, message, .. } => {
+        RelayToClient::Error {
+            code,
+            message,
+            retry_after_ms,
+            ..
+        } => {
             if matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited) {
-                doc.retry_unapplied(Duration::from_millis(250));
+                // Resent when the relay says it may be (at least 250 ms on).
+                doc.retry_unapplied(Duration::from_millis(u64::from(retry_after_ms).max(250)));
             }
             doc.on_error(code, message)
         }

@@ -756,6 +756,17 @@ impl RelayToClient {
 
     /// An error message, with its text cut to [`MAX_MESSAGE_LEN`] on a char boundary.
     pub fn error(code: ErrorCode, doc: Option<DocId>, message: impl Into<String>) -> Self {
+        Self::error_retry(code, doc, 0, message)
+    }
+
+    /// An `error` that tells the client when to retry (`rate_limited`, `overloaded`),
+    /// in milliseconds; the message is cut to [`MAX_MESSAGE_LEN`].
+    pub fn error_retry(
+        code: ErrorCode,
+        doc: Option<DocId>,
+        retry_after_ms: u32,
+        message: impl Into<String>,
+    ) -> Self {
         let mut message = message.into();
         if message.len() > MAX_MESSAGE_LEN {
             let mut cut = MAX_MESSAGE_LEN;
@@ -767,7 +778,7 @@ impl RelayToClient {
         RelayToClient::Error {
             code,
             doc,
-            retry_after_ms: 0,
+            retry_after_ms,
             message,
         }
     }

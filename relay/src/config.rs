@@ -127,6 +127,8 @@ pub struct Limits {
     pub unfinished_bytes_per_session_max: usize,
     /// Bytes of unfinished frames all sessions of the node may hold together.
     pub unfinished_bytes_per_node_max: usize,
+    /// Rate limits and quotas per connection, user, tenant and source address.
+    pub rates: crate::ratelimit::RateLimitConfig,
 }
 
 impl Default for Limits {
@@ -149,6 +151,7 @@ impl Default for Limits {
             frame_timeout: Duration::from_secs(60),
             unfinished_bytes_per_session_max: 4 << 20,
             unfinished_bytes_per_node_max: 256 << 20,
+            rates: crate::ratelimit::RateLimitConfig::default(),
         }
     }
 }

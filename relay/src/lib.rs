@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 mod outbox;
 pub mod placement;
+pub mod ratelimit;
 pub mod router;
 mod session;
 pub mod store;

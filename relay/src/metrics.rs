@@ -51,6 +51,10 @@ fn describe() {
         "Admin endpoint connections refused or cut, by reason (address, limit, timeout)."
     );
     describe_counter!(
+        "meridian_rate_limited_total",
+        "Inputs and connections refused by a rate limit or quota, by limit and scope."
+    );
+    describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
     );
@@ -319,6 +323,12 @@ pub fn connection_rejected(reason: &'static str) {
 /// its share; `limit`: the endpoint was full; `timeout`: it took too long).
 pub fn admin_refused(reason: &'static str) {
     counter!("meridian_admin_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// An input refused by a rate limit (`kind`: changes, inflated_bytes, presence,
+/// subscribes, connections; `scope`: connection, user, tenant, address).
+pub fn rate_limited(kind: &'static str, scope: &'static str) {
+    counter!("meridian_rate_limited_total", "limit" => kind, "scope" => scope).increment(1);
 }
 
 /// A session closed because its token expired.

@@ -55,6 +55,8 @@ pub enum Input {
         snapshot: bool,
         /// The stream's outbox.
         outbox: Outbox,
+        /// The tenant's place in the input queue, given back once handled.
+        admission: Admission,
     },
     /// A document stream ended.
     Unsubscribe {
@@ -75,6 +77,8 @@ pub enum Input {
         changes: crate::engine::ChangeFrame,
         /// When the session decoded them (for the fan-out latency).
         received: Instant,
+        /// The tenant's place in the input queue, given back once handled.
+        admission: Admission,
     },
     /// Presence arrived.
     Presence {
@@ -84,6 +88,8 @@ pub enum Input {
         doc: DocId,
         /// State.
         state: Bytes,
+        /// The tenant's place in the input queue, given back once handled.
+        admission: Admission,
     },
     /// The connection ended.
     Closed {
@@ -96,6 +102,11 @@ pub enum Input {
         tenant: TenantId,
     },
 }
+
+/// A tenant's place in the engine's input queue (see
+/// [`crate::ratelimit::SessionLimits::admit`]), held by an input until the driver has
+/// handled it.
+pub type Admission = Option<tokio::sync::OwnedSemaphorePermit>;
 
 enum Completion {
     Loaded(DocKey, Result<Loaded, String>),
@@ -158,6 +169,8 @@ pub struct Shared {
     pub(crate) limits: Limits,
     /// Bytes of unfinished frames held by every session together.
     pub(crate) unfinished: Arc<crate::session::UnfinishedBudget>,
+    /// Rate limits and quotas.
+    pub(crate) rate_limits: Arc<crate::ratelimit::NodeLimits>,
     pub(crate) catchup_frame_bytes: usize,
     /// The placements of tenants (`None`: every configured tenant is served here).
     pub(crate) placements: Option<Arc<crate::placement::Placements>>,
@@ -430,6 +443,7 @@ pub async fn start_with_store(
         unfinished: Arc::new(crate::session::UnfinishedBudget::new(
             limits.unfinished_bytes_per_node_max,
         )),
+        rate_limits: crate::ratelimit::NodeLimits::new(limits.rates.clone()),
         catchup_frame_bytes: config.engine.catchup_frame_bytes,
         placements: placements.clone(),
         inputs: inputs_tx,
@@ -501,7 +515,20 @@ async fn accept_loop(
     refused: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let permits = Arc::new(Semaphore::new(shared.limits.connections_max));
+    let mut pruned = Instant::now();
     while let Some(incoming) = endpoint.accept().await {
+        if pruned.elapsed() > Duration::from_secs(10) {
+            shared.rate_limits.prune();
+            pruned = Instant::now();
+        }
+        let Some(address) = shared
+            .rate_limits
+            .unauthenticated(incoming.remote_address().ip())
+        else {
+            crate::metrics::rate_limited("connections", "address");
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             incoming.refuse();
@@ -509,7 +536,7 @@ async fn accept_loop(
         };
         let session_shared = shared.clone();
         shared.spawn(async move {
-            session::serve(incoming, session_shared).await;
+            session::serve(incoming, session_shared, address).await;
             drop(permit);
         });
     }
@@ -796,6 +823,7 @@ impl Driver {
                 heads,
                 snapshot,
                 outbox,
+                admission: _admission,
             } => {
                 if let Some(outboxes) = self.outboxes.get_mut(&session) {
                     // A stream whose subscription already ended (`moved`, a refusal) may
@@ -840,6 +868,7 @@ impl Driver {
                 doc,
                 changes,
                 received,
+                admission: _admission,
             } => {
                 self.fanout_from = Some((session, received));
                 self.engine
@@ -849,6 +878,7 @@ impl Driver {
                 session,
                 doc,
                 state,
+                admission: _admission,
             } => self.engine.handle_presence(now(), session, doc, state),
             Input::Closed { session } => {
                 self.outboxes.remove(&session);

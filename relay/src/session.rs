@@ -10,8 +10,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use meridian_protocol::token::{self, TenantPublicKey};
 use meridian_protocol::{
-    ClientToRelay, DecodeError, ErrorCode, FrameDecoder, MAX_NODES, MAX_SNAPSHOT_CHUNK, NodeAddr,
-    RelayToClient, TenantId,
+    ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_NODES, MAX_SNAPSHOT_CHUNK,
+    NodeAddr, RelayToClient, TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use crate::engine::{Outbound, SessionId, chunk_by_bytes};
 use crate::node::{Input, Shared};
 use crate::placement::Verdict;
+use crate::ratelimit::Kind;
 
 /// The most bytes read from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
@@ -289,13 +290,20 @@ impl Drop for FrameReader {
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
 /// Serves one accepted connection until it ends.
-pub async fn serve(incoming: quinn::Incoming, shared: Arc<Shared>) {
+///
+/// `address` holds the connection's place in its source address's share of connections
+/// that have not said `hello`; it is given back once the session is authenticated.
+pub async fn serve(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    address: crate::ratelimit::AddressSlot,
+) {
     let connection = match tokio::time::timeout(shared.limits.hello_timeout, incoming).await {
         Ok(Ok(connection)) => connection,
         _ => return,
     };
     let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
-    let result = run(session, &connection, &shared).await;
+    let result = run(session, &connection, &shared, address).await;
     if let Err(reason) = result {
         tracing::debug!(session, %reason, "session ended");
     }
@@ -306,6 +314,7 @@ async fn run(
     session: SessionId,
     connection: &quinn::Connection,
     shared: &Arc<Shared>,
+    address: crate::ratelimit::AddressSlot,
 ) -> Result<(), String> {
     let hello_timeout = shared.limits.hello_timeout;
     let Ok(accepted) = tokio::time::timeout(hello_timeout, connection.accept_bi()).await else {
@@ -391,6 +400,26 @@ async fn run(
         .await;
         return Err("tenant of another jurisdiction".into());
     }
+    // Connection caps per tenant and user on this node.
+    let limits = match shared
+        .rate_limits
+        .open_session(&capability.tenant, &capability.user)
+    {
+        Ok(limits) => Arc::new(limits),
+        Err(error) => {
+            crate::metrics::rate_limited("connections", "user_or_tenant");
+            crate::metrics::connection_rejected("quota");
+            refuse(
+                connection,
+                &mut send,
+                ErrorCode::Overloaded,
+                &error.to_string(),
+            )
+            .await;
+            return Err(error.to_string());
+        }
+    };
+    drop(address);
     // A node that has not joined its cell yet would think it owns every document.
     if !shared.joined.load(std::sync::atomic::Ordering::Relaxed) {
         crate::metrics::connection_rejected("joining");
@@ -479,9 +508,11 @@ async fn run(
                 let stream_connection = connection.clone();
                 let queued = queued_bytes.clone();
                 let unfinished = unfinished.clone();
+                let limits = limits.clone();
                 streams.spawn(async move {
                     let reader = FrameReader::new(recv, &stream_shared, unfinished);
-                    doc_stream(session, stream_connection, send, reader, stream_shared, queued).await;
+                    let stream = DocStream { session, connection: stream_connection, shared: stream_shared, limits };
+                    stream.serve(send, reader, queued).await;
                 });
                 if streams.len() * 2 >= streams_allowed as usize && streams_allowed < streams_max {
                     streams_allowed = streams_allowed.saturating_mul(2).min(streams_max);
@@ -541,99 +572,165 @@ async fn run(
 }
 
 /// One document stream: `subscribe` first, then changes, presence and `unsubscribe`.
-async fn doc_stream(
+struct DocStream {
     session: SessionId,
     connection: quinn::Connection,
-    mut send: SendStream,
-    mut reader: FrameReader,
     shared: Arc<Shared>,
-    queued_bytes: Arc<AtomicUsize>,
-) {
-    let (doc, heads, snapshot) = match reader.next().await {
-        Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
-            Ok(ClientToRelay::Subscribe {
-                doc,
-                heads,
-                snapshot,
-            }) => (doc, heads, snapshot),
-            Ok(_) => {
-                refuse(
-                    &connection,
-                    &mut send,
-                    ErrorCode::Malformed,
-                    "a document stream starts with subscribe",
-                )
-                .await;
-                return;
-            }
-            Err(error) => {
-                refuse(
-                    &connection,
-                    &mut send,
-                    decode_error_code(&error),
-                    &error.to_string(),
-                )
-                .await;
-                return;
-            }
-        },
-        Ok(None) | Err(ReadError::Stream) => return,
-        Err(error) => {
-            let (code, message) = error
-                .answer()
-                .unwrap_or((ErrorCode::Malformed, String::new()));
-            refuse(&connection, &mut send, code, &message).await;
-            return;
-        }
-    };
-    let stream = u64::from(send.id());
-    let outbox = spawn_writer(&shared, &connection, send, queued_bytes);
-    shared
-        .send_input(Input::Subscribe {
-            session,
-            stream,
-            doc: doc.clone(),
-            heads,
-            snapshot,
-            outbox: outbox.clone(),
-        })
-        .await;
-    loop {
-        let input = match reader.next().await {
+    limits: Arc<crate::ratelimit::SessionLimits>,
+}
+
+/// What a rate-limited input gets: a `rate_limited` error with the time to retry, or for
+/// a persistent offender the close of its connection.
+fn rate_limited(doc: &DocId, refused: crate::ratelimit::Refused) -> Outbound {
+    let retry_after_ms = u32::try_from(refused.retry_after.as_millis()).unwrap_or(u32::MAX);
+    let message = RelayToClient::error_retry(
+        ErrorCode::RateLimited,
+        Some(doc.clone()),
+        retry_after_ms.max(1),
+        format!("the {} rate limit was hit; retry later", refused.scope),
+    );
+    if refused.persistent {
+        Outbound::Close(message)
+    } else {
+        Outbound::Message(message)
+    }
+}
+
+impl DocStream {
+    async fn serve(
+        self,
+        mut send: SendStream,
+        mut reader: FrameReader,
+        queued_bytes: Arc<AtomicUsize>,
+    ) {
+        let (session, connection, shared) = (self.session, &self.connection, &self.shared);
+        let (doc, heads, snapshot) = match reader.next().await {
             Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
-                // Parsed here, in this connection's task, within the frame's budget: the
-                // driver's decision loop never does a frame's parse work, and what it
-                // keeps owns its bytes (the frame is released here).
-                Ok(ClientToRelay::Changes { doc: d, changes }) if d == doc => Input::Changes {
-                    session,
-                    doc: doc.clone(),
-                    changes: crate::engine::change::parse_frame(&changes),
-                    received: Instant::now(),
-                },
-                Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => Input::Presence {
-                    session,
-                    doc: doc.clone(),
-                    state,
-                },
-                Ok(ClientToRelay::Unsubscribe { doc: d }) if d == doc => {
-                    shared
-                        .send_input(Input::Unsubscribe {
-                            session,
-                            stream,
-                            doc: doc.clone(),
-                        })
-                        .await;
-                    return;
-                }
+                Ok(ClientToRelay::Subscribe {
+                    doc,
+                    heads,
+                    snapshot,
+                }) => (doc, heads, snapshot),
                 Ok(_) => {
-                    outbox.push(Outbound::Close(RelayToClient::error(
+                    refuse(
+                        connection,
+                        &mut send,
                         ErrorCode::Malformed,
-                        Some(doc.clone()),
-                        "message does not belong on this document stream",
-                    )));
+                        "a document stream starts with subscribe",
+                    )
+                    .await;
                     return;
                 }
                 Err(error) => {
+                    refuse(
+                        connection,
+                        &mut send,
+                        decode_error_code(&error),
+                        &error.to_string(),
+                    )
+                    .await;
+                    return;
+                }
+            },
+            Ok(None) | Err(ReadError::Stream) => return,
+            Err(error) => {
+                let (code, message) = error
+                    .answer()
+                    .unwrap_or((ErrorCode::Malformed, String::new()));
+                refuse(connection, &mut send, code, &message).await;
+                return;
+            }
+        };
+        let stream = u64::from(send.id());
+        let outbox = spawn_writer(shared, connection, send, queued_bytes);
+        if let Err(refused) = self.limits.check(Kind::Subscribes, 1) {
+            // The subscription is refused for now; the stream ends (the SDK subscribes
+            // again later).
+            outbox.push(rate_limited(&doc, refused));
+            return;
+        }
+        let admission = self.limits.admit().await;
+        shared
+            .send_input(Input::Subscribe {
+                session,
+                stream,
+                doc: doc.clone(),
+                heads,
+                snapshot,
+                outbox: outbox.clone(),
+                admission,
+            })
+            .await;
+        let unsubscribe = Input::Unsubscribe {
+            session,
+            stream,
+            doc: doc.clone(),
+        };
+        loop {
+            let input = match reader.next().await {
+                Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
+                    Ok(ClientToRelay::Changes { doc: d, changes }) if d == doc => {
+                        match self.changes(&doc, &changes) {
+                            Ok(parsed) => Input::Changes {
+                                session,
+                                doc: doc.clone(),
+                                changes: parsed,
+                                received: Instant::now(),
+                                admission: self.limits.admit().await,
+                            },
+                            Err(refusal) => {
+                                let close = matches!(refusal, Outbound::Close(_));
+                                outbox.push(refusal);
+                                if close {
+                                    return;
+                                }
+                                continue;
+                            }
+                        }
+                    }
+                    Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => {
+                        if let Err(refused) = self.limits.check(Kind::Presence, 1) {
+                            let refusal = rate_limited(&doc, refused);
+                            let close = matches!(refusal, Outbound::Close(_));
+                            outbox.push(refusal);
+                            if close {
+                                return;
+                            }
+                            continue;
+                        }
+                        Input::Presence {
+                            session,
+                            doc: doc.clone(),
+                            state,
+                            admission: self.limits.admit().await,
+                        }
+                    }
+                    Ok(ClientToRelay::Unsubscribe { doc: d }) if d == doc => {
+                        shared.send_input(unsubscribe).await;
+                        return;
+                    }
+                    Ok(_) => {
+                        outbox.push(Outbound::Close(RelayToClient::error(
+                            ErrorCode::Malformed,
+                            Some(doc.clone()),
+                            "message does not belong on this document stream",
+                        )));
+                        return;
+                    }
+                    Err(error) => {
+                        outbox.push(Outbound::Close(RelayToClient::error(
+                            decode_error_code(&error),
+                            Some(doc.clone()),
+                            error.to_string(),
+                        )));
+                        return;
+                    }
+                },
+                Ok(None) | Err(ReadError::Stream) => {
+                    shared.send_input(unsubscribe).await;
+                    return;
+                }
+                Err(ReadError::Decode(error)) => {
                     outbox.push(Outbound::Close(RelayToClient::error(
                         decode_error_code(&error),
                         Some(doc.clone()),
@@ -641,48 +738,47 @@ async fn doc_stream(
                     )));
                     return;
                 }
-            },
-            Ok(None) | Err(ReadError::Stream) => {
-                shared
-                    .send_input(Input::Unsubscribe {
-                        session,
-                        stream,
-                        doc: doc.clone(),
-                    })
-                    .await;
-                return;
-            }
-            Err(ReadError::Decode(error)) => {
-                outbox.push(Outbound::Close(RelayToClient::error(
-                    decode_error_code(&error),
-                    Some(doc.clone()),
-                    error.to_string(),
-                )));
-                return;
-            }
-            // A stalled frame, or unfinished frames over budget: this stream is reset
-            // (its subscription ends, with the reason); the connection goes on.
-            Err(error @ (ReadError::Stalled | ReadError::Budget)) => {
-                let (code, message) = error
-                    .answer()
-                    .unwrap_or((ErrorCode::Timeout, String::new()));
-                outbox.push(Outbound::Message(RelayToClient::error(
-                    code,
-                    Some(doc.clone()),
-                    message,
-                )));
-                let _ = reader.recv.stop(VarInt::from(u32::from(code.code())));
-                shared
-                    .send_input(Input::Unsubscribe {
-                        session,
-                        stream,
-                        doc: doc.clone(),
-                    })
-                    .await;
-                return;
-            }
-        };
-        shared.send_input(input).await;
+                // A stalled frame, or unfinished frames over budget: this stream is reset
+                // (its subscription ends, with the reason); the connection goes on.
+                Err(error @ (ReadError::Stalled | ReadError::Budget)) => {
+                    let (code, message) = error
+                        .answer()
+                        .unwrap_or((ErrorCode::Timeout, String::new()));
+                    outbox.push(Outbound::Message(RelayToClient::error(
+                        code,
+                        Some(doc.clone()),
+                        message,
+                    )));
+                    let _ = reader.recv.stop(VarInt::from(u32::from(code.code())));
+                    shared.send_input(unsubscribe).await;
+                    return;
+                }
+            };
+            shared.send_input(input).await;
+        }
+    }
+
+    /// A `changes` frame, within the rate limits: its count is checked before it is
+    /// parsed (here, in this connection's task, within the frame's budget: the driver's
+    /// decision loop never does a frame's parse work, and what it keeps owns its bytes),
+    /// its inflated bytes after. A refused frame is dropped unacknowledged (the client
+    /// sends it again after `retry_after_ms`).
+    fn changes(
+        &self,
+        doc: &DocId,
+        changes: &[Bytes],
+    ) -> Result<crate::engine::ChangeFrame, Outbound> {
+        let count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+        self.limits
+            .check(Kind::Changes, count)
+            .map_err(|refused| rate_limited(doc, refused))?;
+        let mut budget = crate::engine::change::FrameBudget::default();
+        let parsed = changes.iter().map(|bytes| budget.parse(bytes)).collect();
+        let inflated = u32::try_from(budget.inflated()).unwrap_or(u32::MAX);
+        self.limits
+            .check(Kind::InflatedBytes, inflated)
+            .map_err(|refused| rate_limited(doc, refused))?;
+        Ok(parsed)
     }
 }
 

@@ -487,3 +487,161 @@ async fn idle_and_slow_admin_connections_cannot_starve_readiness() {
     slow.await.unwrap();
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_flood_is_rate_limited_and_the_flooder_closed() {
+    let mut dev = Dev::new();
+    dev.limits.rates.connection.presence = std::num::NonZeroU32::new(20).unwrap();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    // An innocent subscriber of the same document, with a small send queue.
+    let mut bystander = dev.raw(addr, dev.token("bystander")).await;
+    let mut watching = subscribed(&bystander, "shared").await;
+    let flooder = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&flooder, "shared").await;
+    let state = Bytes::from(vec![7u8; meridian_protocol::MAX_PRESENCE_LEN]);
+    let sender = tokio::spawn(async move {
+        for _ in 0..2_000 {
+            stream
+                .send_raw(
+                    &ClientToRelay::Presence {
+                        doc: doc("shared"),
+                        state: state.clone(),
+                    }
+                    .to_bytes(),
+                )
+                .await;
+        }
+        stream
+    });
+    let mut stream = sender.await.unwrap();
+    // The flooder is told to back off, with a time, then closed as a persistent offender.
+    let refused = stream
+        .until(|m| {
+            matches!(
+                m,
+                RelayToClient::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+            )
+        })
+        .await;
+    match refused {
+        Some(RelayToClient::Error {
+            retry_after_ms,
+            doc: Some(d),
+            ..
+        }) => {
+            assert!(retry_after_ms > 0);
+            assert_eq!(d, doc("shared"));
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    expect_closed_with(&flooder.connection, ErrorCode::RateLimited).await;
+    // The bystander saw at most the bucket's worth and is still connected.
+    let mut seen = 0;
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), watching.next()).await
+    {
+        if matches!(message, RelayToClient::Presence { .. }) {
+            seen += 1;
+        }
+    }
+    assert!(seen <= 200, "{seen} presence messages passed");
+    still_open(&mut bystander).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_backs_off_on_rate_limited_and_loses_nothing() {
+    let mut dev = Dev::new();
+    dev.limits.rates.connection.changes = std::num::NonZeroU32::new(500).unwrap();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let client = dev.client(addr, "writer").await;
+    let handle = client.open("burst").await.unwrap();
+    let mut updates = handle.updates();
+    // More changes than one bucket holds (4,096: a whole frame), typed offline-fast.
+    for i in 0..6_000 {
+        handle
+            .change(|d| d.put(automerge::ROOT, format!("k{}", i % 100), i).unwrap())
+            .unwrap();
+    }
+    common::wait_durable(&handle).await;
+    let mut limited = false;
+    while let Ok(event) = updates.try_recv() {
+        if matches!(
+            event,
+            meridian_client::DocEvent::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            }
+        ) {
+            limited = true;
+        }
+    }
+    assert!(limited, "the relay never rate-limited the burst");
+    // Everything arrived: a fresh reader sees the last value of every key.
+    let reader = dev.client(addr, "reader").await;
+    let copy = reader.open("burst").await.unwrap();
+    common::converge(&[&handle, &copy]).await;
+    assert_eq!(common::json(&copy)["k99"], serde_json::json!(5999));
+    client.close().await;
+    reader.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_per_source_address() {
+    let mut dev = Dev::new();
+    dev.limits.rates.unauthenticated_per_address_max = 3;
+    dev.limits.hello_timeout = Duration::from_secs(30);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let config = dev.client_config(addr, String::new());
+    let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+    // Three connections from 127.0.0.1 that never say hello hold its share...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(endpoint.connect(addr, "localhost").unwrap().await.unwrap());
+    }
+    // ...so a fourth from it is refused at the handshake,
+    let refused = endpoint.connect(addr, "localhost").unwrap().await;
+    assert!(
+        matches!(refused, Err(quinn::ConnectionError::ConnectionClosed(_))),
+        "{refused:?}"
+    );
+    // while another address connects and authenticates as usual.
+    let other = meridian_client::quic_endpoint(&config).unwrap();
+    other
+        .rebind(std::net::UdpSocket::bind("127.0.0.2:0").unwrap())
+        .unwrap();
+    let connection = other.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(
+        &ClientToRelay::Hello {
+            token: dev.token("other"),
+            client: "t".into(),
+        }
+        .to_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut decoder = meridian_protocol::FrameDecoder::new();
+    let welcome = loop {
+        if let Some(frame) = decoder.next_frame().unwrap() {
+            break RelayToClient::decode(&frame).unwrap();
+        }
+        let chunk = recv.read_chunk(1 << 16, true).await.unwrap().unwrap();
+        decoder.push(&chunk.bytes);
+    };
+    assert!(
+        matches!(welcome, RelayToClient::Welcome { .. }),
+        "{welcome:?}"
+    );
+    // A connection that authenticated gives its place back.
+    drop(held);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

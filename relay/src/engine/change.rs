@@ -164,6 +164,13 @@ impl FrameBudget {
     }
 }
 
+impl FrameBudget {
+    /// Inflated bytes this frame's changes cost so far (refused ones included).
+    pub fn inflated(&self) -> usize {
+        MAX_FRAME_INFLATED - self.inflated_left
+    }
+}
+
 /// Parses every change of one frame within one [`FrameBudget`]; each result owns its bytes.
 pub fn parse_frame(changes: &[Bytes]) -> Vec<Result<ParsedChange, ChangeError>> {
     let mut budget = FrameBudget::default();

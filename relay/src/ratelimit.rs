@@ -1,0 +1,536 @@
+//! Rate limits and quotas on one node: token buckets (GCRA, from `governor`) per
+//! connection, per user and per tenant for changes, inflated change bytes, presence and
+//! subscribes; caps on connections per tenant, per user and per source address before
+//! `hello`; and each tenant's share of the engine's input queue.
+//!
+//! Limits are per node: a tenant served by three nodes of a cell may use three times its
+//! tenant rate in all. Everything here is IO-layer state (it reads the clock through
+//! `governor`); the engine never sees a refused input.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use meridian_protocol::{TenantId, UserId};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Rates for one scope (a connection, a user or a tenant on this node), per second. A
+/// bucket holds [`BURST_SECONDS`] seconds' worth (and at least one whole frame's worth),
+/// so that a client catching up after being offline sends a burst without being refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rates {
+    /// Changes per second.
+    pub changes: NonZeroU32,
+    /// Change bytes per second, counted inflated.
+    pub inflated_bytes: NonZeroU32,
+    /// Presence messages per second.
+    pub presence: NonZeroU32,
+    /// Subscribes (documents opened) per second.
+    pub subscribes: NonZeroU32,
+}
+
+/// Seconds of traffic a bucket holds.
+pub const BURST_SECONDS: u32 = 5;
+
+/// Every rate limit and quota of a node.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Per connection.
+    pub connection: Rates,
+    /// Per user of a tenant, across that user's connections to this node.
+    pub user: Rates,
+    /// Per tenant, across its connections to this node.
+    pub tenant: Rates,
+    /// Connections one tenant may hold on this node.
+    pub connections_per_tenant_max: usize,
+    /// Connections one user may hold on this node.
+    pub connections_per_user_max: usize,
+    /// Connections one source address (IPv6: its /64) may hold before `hello`.
+    pub unauthenticated_per_address_max: usize,
+    /// Engine inputs (change frames, presence, subscribes) one tenant may have queued
+    /// for the driver at once: its fair share of the input queue.
+    pub engine_inputs_per_tenant_max: usize,
+    /// Consecutive refusals after which a connection is closed with `rate_limited`.
+    pub strikes_max: u32,
+}
+
+const fn rate(value: u32) -> NonZeroU32 {
+    match NonZeroU32::new(value) {
+        Some(value) => value,
+        None => NonZeroU32::MIN,
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            connection: Rates {
+                changes: rate(1_000),
+                inflated_bytes: rate(4 << 20),
+                presence: rate(50),
+                subscribes: rate(100),
+            },
+            user: Rates {
+                changes: rate(2_000),
+                inflated_bytes: rate(8 << 20),
+                presence: rate(100),
+                subscribes: rate(200),
+            },
+            tenant: Rates {
+                changes: rate(50_000),
+                inflated_bytes: rate(128 << 20),
+                presence: rate(10_000),
+                subscribes: rate(5_000),
+            },
+            connections_per_tenant_max: 10_000,
+            connections_per_user_max: 256,
+            unauthenticated_per_address_max: 64,
+            engine_inputs_per_tenant_max: 1_024,
+            strikes_max: 100,
+        }
+    }
+}
+
+/// What a rate applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Changes (counted one by one).
+    Changes,
+    /// Change bytes, inflated.
+    InflatedBytes,
+    /// Presence messages.
+    Presence,
+    /// Subscribes.
+    Subscribes,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::Changes,
+        Kind::InflatedBytes,
+        Kind::Presence,
+        Kind::Subscribes,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Changes => "changes",
+            Kind::InflatedBytes => "inflated_bytes",
+            Kind::Presence => "presence",
+            Kind::Subscribes => "subscribes",
+        }
+    }
+
+    fn of(self, rates: &Rates) -> NonZeroU32 {
+        match self {
+            Kind::Changes => rates.changes,
+            Kind::InflatedBytes => rates.inflated_bytes,
+            Kind::Presence => rates.presence,
+            Kind::Subscribes => rates.subscribes,
+        }
+    }
+}
+
+/// A bucket of [`BURST_SECONDS`] of `per_second`, and never less than one frame's worth
+/// (`floor`): a frame that could never fit would be refused forever.
+fn quota(per_second: NonZeroU32, floor: u32) -> Quota {
+    let burst = per_second
+        .saturating_mul(rate(BURST_SECONDS))
+        .max(rate(floor));
+    Quota::per_second(per_second).allow_burst(burst)
+}
+
+impl Kind {
+    /// The most one frame can ask of this kind at once.
+    fn frame_floor(self) -> u32 {
+        match self {
+            Kind::Changes => meridian_protocol::MAX_CHANGES_PER_FRAME as u32,
+            Kind::InflatedBytes => meridian_protocol::MAX_FRAME_INFLATED as u32,
+            Kind::Presence | Kind::Subscribes => 1,
+        }
+    }
+}
+
+/// Why a connection is refused before it becomes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QuotaError {
+    /// The tenant holds its share of connections on this node.
+    #[error("the tenant holds its maximum of connections on this node")]
+    TenantConnections,
+    /// The user holds its share of connections on this node.
+    #[error("the user holds its maximum of connections on this node")]
+    UserConnections,
+}
+
+/// The node's limiters, shared by every session.
+pub struct NodeLimits {
+    config: RateLimitConfig,
+    users: Vec<DefaultKeyedRateLimiter<(TenantId, UserId)>>,
+    tenants: Vec<DefaultKeyedRateLimiter<TenantId>>,
+    connections: Mutex<Connections>,
+    addresses: Mutex<HashMap<IpAddr, usize>>,
+    gates: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+}
+
+#[derive(Default)]
+struct Connections {
+    tenants: HashMap<TenantId, usize>,
+    users: HashMap<(TenantId, UserId), usize>,
+}
+
+impl NodeLimits {
+    /// Limiters with `config`.
+    pub fn new(config: RateLimitConfig) -> Arc<Self> {
+        Arc::new(NodeLimits {
+            users: Kind::ALL
+                .iter()
+                .map(|kind| {
+                    DefaultKeyedRateLimiter::keyed(quota(kind.of(&config.user), kind.frame_floor()))
+                })
+                .collect(),
+            tenants: Kind::ALL
+                .iter()
+                .map(|kind| {
+                    DefaultKeyedRateLimiter::keyed(quota(
+                        kind.of(&config.tenant),
+                        kind.frame_floor(),
+                    ))
+                })
+                .collect(),
+            config,
+            connections: Mutex::default(),
+            addresses: Mutex::default(),
+            gates: Mutex::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RateLimitConfig {
+        &self.config
+    }
+
+    /// Forgets buckets that have refilled (call now and then: keyed state grows with
+    /// the users and tenants seen).
+    pub fn prune(&self) {
+        for limiter in &self.users {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        for limiter in &self.tenants {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        if let Ok(mut gates) = self.gates.lock() {
+            let max = self.config.engine_inputs_per_tenant_max;
+            gates.retain(|_, gate| gate.available_permits() < max);
+        }
+    }
+
+    /// A connection from `ip` that has not said `hello` yet; `None` if that address
+    /// holds its share.
+    pub fn unauthenticated(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let key = address_key(ip);
+        let mut held = self.addresses.lock().ok()?;
+        let count = held.entry(key).or_insert(0);
+        if *count >= self.config.unauthenticated_per_address_max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            limits: self.clone(),
+            key,
+        })
+    }
+
+    /// A session of `user` of `tenant` opens; refused over the connection caps.
+    pub fn open_session(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> Result<SessionLimits, QuotaError> {
+        {
+            let mut held = self
+                .connections
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let tenant_count = held.tenants.get(tenant).copied().unwrap_or(0);
+            if tenant_count >= self.config.connections_per_tenant_max {
+                return Err(QuotaError::TenantConnections);
+            }
+            let user_key = (tenant.clone(), user.clone());
+            let user_count = held.users.get(&user_key).copied().unwrap_or(0);
+            if user_count >= self.config.connections_per_user_max {
+                return Err(QuotaError::UserConnections);
+            }
+            held.tenants.insert(tenant.clone(), tenant_count + 1);
+            held.users.insert(user_key, user_count + 1);
+        }
+        let gate = self
+            .gates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(tenant.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.engine_inputs_per_tenant_max)))
+            .clone();
+        Ok(SessionLimits {
+            node: self.clone(),
+            tenant: tenant.clone(),
+            user: user.clone(),
+            own: Kind::ALL
+                .iter()
+                .map(|kind| {
+                    DefaultDirectRateLimiter::direct(quota(
+                        kind.of(&self.config.connection),
+                        kind.frame_floor(),
+                    ))
+                })
+                .collect(),
+            strikes: AtomicU32::new(0),
+            gate,
+        })
+    }
+}
+
+/// The address a connection counts against: IPv4 as it is, IPv6 by its /64.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut segments = v6.segments();
+            segments[4..].fill(0);
+            IpAddr::V6(segments.into())
+        }
+    }
+}
+
+/// An unauthenticated connection's place in its address's share, given back when dropped
+/// (when the connection says `hello` or ends).
+pub struct AddressSlot {
+    limits: Arc<NodeLimits>,
+    key: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.limits.addresses.lock()
+            && let Some(count) = held.get_mut(&self.key)
+        {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why an input was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// When the client may try again.
+    pub retry_after: Duration,
+    /// Which scope's bucket was empty (`connection`, `user`, `tenant`).
+    pub scope: &'static str,
+    /// The connection refused too often in a row: close it.
+    pub persistent: bool,
+}
+
+/// One session's limiters: its own buckets, its user's and tenant's (shared), and its
+/// tenant's share of the engine's input queue. Dropping it gives its connection back.
+pub struct SessionLimits {
+    node: Arc<NodeLimits>,
+    tenant: TenantId,
+    user: UserId,
+    own: Vec<DefaultDirectRateLimiter>,
+    strikes: AtomicU32,
+    gate: Arc<Semaphore>,
+}
+
+impl SessionLimits {
+    /// Takes `amount` of `kind` from the connection's, the user's and the tenant's
+    /// buckets, or says when to retry.
+    pub fn check(&self, kind: Kind, amount: u32) -> Result<(), Refused> {
+        let Some(amount) = NonZeroU32::new(amount) else {
+            return Ok(());
+        };
+        let clock = DefaultClock::default();
+        let user_key = (self.tenant.clone(), self.user.clone());
+        let i = kind.index();
+        let outcomes = [
+            ("connection", self.own[i].check_n(amount)),
+            ("user", self.node.users[i].check_key_n(&user_key, amount)),
+            (
+                "tenant",
+                self.node.tenants[i].check_key_n(&self.tenant, amount),
+            ),
+        ];
+        for (scope, outcome) in outcomes {
+            let retry_after = match outcome {
+                Ok(Ok(())) => continue,
+                Ok(Err(not_until)) => not_until.wait_time_from(clock.now()),
+                // More than a whole bucket at once: it fits only in pieces.
+                Err(_) => Duration::from_secs(u64::from(BURST_SECONDS)),
+            };
+            crate::metrics::rate_limited(kind.name(), scope);
+            let strikes = self.strikes.fetch_add(1, Ordering::Relaxed) + 1;
+            return Err(Refused {
+                retry_after: retry_after.max(Duration::from_millis(1)),
+                scope,
+                persistent: strikes >= self.node.config.strikes_max,
+            });
+        }
+        self.strikes.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A place in the tenant's share of the engine's input queue, waited for: a tenant
+    /// that floods the node waits on its own share and never fills the queue for others.
+    pub async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.gate.clone().acquire_owned().await.ok()
+    }
+}
+
+impl Drop for SessionLimits {
+    fn drop(&mut self) {
+        let mut held = self
+            .node
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let user_key = (self.tenant.clone(), self.user.clone());
+        if let Some(count) = held.tenants.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.tenants.remove(&self.tenant);
+            }
+        }
+        if let Some(count) = held.users.get_mut(&user_key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.users.remove(&user_key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::new(name).unwrap()
+    }
+
+    fn user(name: &str) -> UserId {
+        UserId::new(name).unwrap()
+    }
+
+    fn small() -> RateLimitConfig {
+        let mut config = RateLimitConfig::default();
+        config.connection.presence = rate(10);
+        config.user.presence = rate(15);
+        config.tenant.presence = rate(1000);
+        config.connection.changes = rate(10);
+        config.connections_per_user_max = 2;
+        config.connections_per_tenant_max = 3;
+        config.unauthenticated_per_address_max = 2;
+        config.strikes_max = 3;
+        config
+    }
+
+    #[test]
+    fn a_connection_gets_its_burst_then_a_retry_time() {
+        let limits = NodeLimits::new(small());
+        let session = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        // The bucket holds five seconds' worth.
+        assert!(session.check(Kind::Presence, 50).is_ok());
+        let refused = session.check(Kind::Presence, 1).unwrap_err();
+        assert_eq!(refused.scope, "connection");
+        assert!(refused.retry_after > Duration::ZERO);
+        assert!(refused.retry_after <= Duration::from_millis(100));
+        // Other kinds have buckets of their own, and one whole frame of changes always
+        // fits an empty bucket, however low the rate.
+        assert!(
+            session
+                .check(
+                    Kind::Changes,
+                    meridian_protocol::MAX_CHANGES_PER_FRAME as u32
+                )
+                .is_ok()
+        );
+        // More than a whole bucket at once.
+        assert!(session.check(Kind::Presence, 10_000).is_err());
+        // Persistent offenders (three refusals in a row here) are told so.
+        assert!(!session.check(Kind::Presence, 1).unwrap_err().persistent);
+        assert!(session.check(Kind::Presence, 1).unwrap_err().persistent);
+    }
+
+    #[test]
+    fn a_users_connections_share_the_users_bucket() {
+        let limits = NodeLimits::new(small());
+        let first = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        let second = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        assert!(first.check(Kind::Presence, 50).is_ok());
+        // The second connection's own bucket is full, the user's has 25 left.
+        assert!(second.check(Kind::Presence, 25).is_ok());
+        assert_eq!(second.check(Kind::Presence, 1).unwrap_err().scope, "user");
+        // Another user of the same tenant is not affected.
+        let other = limits.open_session(&tenant("t"), &user("v")).unwrap();
+        assert!(other.check(Kind::Presence, 50).is_ok());
+    }
+
+    #[test]
+    fn connection_caps_per_user_tenant_and_address() {
+        let limits = NodeLimits::new(small());
+        let a = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        let _b = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        assert_eq!(
+            limits.open_session(&tenant("t"), &user("u")).err(),
+            Some(QuotaError::UserConnections)
+        );
+        let _c = limits.open_session(&tenant("t"), &user("v")).unwrap();
+        assert_eq!(
+            limits.open_session(&tenant("t"), &user("w")).err(),
+            Some(QuotaError::TenantConnections)
+        );
+        assert!(limits.open_session(&tenant("other"), &user("u")).is_ok());
+        drop(a);
+        assert!(limits.open_session(&tenant("t"), &user("w")).is_ok());
+
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let neighbour: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        let first = limits.unauthenticated(ip).unwrap();
+        let _second = limits.unauthenticated(neighbour).unwrap();
+        assert!(limits.unauthenticated(ip).is_none(), "one /64, one share");
+        assert!(
+            limits
+                .unauthenticated("2001:db9::1".parse().unwrap())
+                .is_some()
+        );
+        drop(first);
+        assert!(limits.unauthenticated(ip).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_waits_on_its_own_share_of_the_input_queue() {
+        let mut config = small();
+        config.engine_inputs_per_tenant_max = 2;
+        let limits = NodeLimits::new(config);
+        let flooding = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        let _one = flooding.admit().await.unwrap();
+        let _two = flooding.admit().await.unwrap();
+        let third = tokio::time::timeout(Duration::from_millis(50), flooding.admit()).await;
+        assert!(third.is_err(), "the flooding tenant waits");
+        let other = limits.open_session(&tenant("other"), &user("u")).unwrap();
+        assert!(other.admit().await.is_some(), "another tenant does not");
+    }
+}
