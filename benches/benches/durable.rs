@@ -73,6 +73,7 @@ async fn durable_ack_latency(endpoint: &str, tag: &str) {
             tenant: TenantId::new("acme").expect("tenant"),
             jurisdiction: None,
             public_keys: vec![key.public_key().expect("public")],
+            max_token_lifetime: None,
         }],
         limits: Limits::default(),
         engine: EngineConfig::default(),
@@ -87,7 +88,16 @@ async fn durable_ack_latency(endpoint: &str, tag: &str) {
         user: UserId::new("bench").expect("user"),
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
-        expires_at: 4_000_000_000,
+        id: "bench".into(),
+        issued_at: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64),
+        expires_at: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as i64)
+            + 12 * 3600,
         audience: "bench".into(),
     };
     let config = ClientConfig::new(

@@ -86,6 +86,8 @@ fn hot_path(c: &mut Criterion) {
         user: meridian_protocol::UserId::new("reader").expect("user"),
         docs: meridian_protocol::token::DocScope::Prefix(String::new()),
         rights: meridian_protocol::token::Rights::ALL,
+        id: "bench".into(),
+        issued_at: 0,
         expires_at: i64::MAX / 2,
         audience: "bench".into(),
     };

@@ -163,6 +163,8 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
         user: user.clone(),
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
+        id: "bench".into(),
+        issued_at: 0,
         expires_at: i64::MAX / 2,
         audience: "bench".into(),
     };

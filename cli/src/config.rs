@@ -454,6 +454,10 @@ pub struct TenantSection {
     pub public_keys: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jurisdiction: Option<String>,
+    /// The longest token lifetime accepted for this tenant, like `1h` or `7d` (default
+    /// one day).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_lifetime: Option<String>,
 }
 
 impl RelayFile {
@@ -632,6 +636,12 @@ impl RelayFile {
                 tenant: TenantId::new(tenant.id.as_str())
                     .with_context(|| format!("tenant id {:?}", tenant.id))?,
                 public_keys: keys,
+                max_token_lifetime: tenant
+                    .max_token_lifetime
+                    .as_deref()
+                    .map(crate::token::parse_duration)
+                    .transpose()
+                    .with_context(|| format!("tenant {}: max_token_lifetime", tenant.id))?,
             });
         }
         Ok(RelayConfig {
@@ -824,7 +834,10 @@ mod tests {
         assert_eq!(config.limits.rates.user.changes, defaults.user.changes);
         assert_eq!(config.limits.rates.connection, defaults.connection);
         let zero = text.replace("presence = 3", "presence = 0");
-        assert!(toml::from_str::<RelayFile>(&zero).is_err(), "a rate is never 0");
+        assert!(
+            toml::from_str::<RelayFile>(&zero).is_err(),
+            "a rate is never 0"
+        );
     }
 
     /// Renders a Terraform template the way `templatefile` would for one iteration of

@@ -51,6 +51,47 @@ pub struct DevArgs {
     /// cell.
     #[arg(long)]
     cells: Option<String>,
+    /// `default`: the relay's rate limits and quotas. `benchmark`: every rate and quota
+    /// raised out of the way, for throughput benchmarks that drive one tenant from one
+    /// user at rates no editor reaches (the load generator's throughput scenarios).
+    #[arg(long, value_enum, default_value_t = RateLimitsMode::Default)]
+    rate_limits: RateLimitsMode,
+}
+
+/// Which rate limits the dev nodes run with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RateLimitsMode {
+    /// The built-in defaults.
+    Default,
+    /// Everything raised out of the way.
+    Benchmark,
+}
+
+impl RateLimitsMode {
+    fn section(self) -> Option<crate::config::RateLimitsSection> {
+        use crate::config::{RateLimitsSection, RatesSection};
+        match self {
+            RateLimitsMode::Default => None,
+            RateLimitsMode::Benchmark => {
+                let unlimited = RatesSection {
+                    changes: Some(std::num::NonZeroU32::MAX),
+                    inflated_bytes: Some(std::num::NonZeroU32::MAX),
+                    presence: Some(std::num::NonZeroU32::MAX),
+                    subscribes: Some(std::num::NonZeroU32::MAX),
+                };
+                Some(RateLimitsSection {
+                    connection: Some(unlimited.clone()),
+                    user: Some(unlimited.clone()),
+                    tenant: Some(unlimited),
+                    connections_per_tenant_max: Some(1_000_000),
+                    connections_per_user_max: Some(1_000_000),
+                    unauthenticated_per_address_max: Some(1_000_000),
+                    engine_inputs_per_tenant_max: Some(1_000_000),
+                    strikes_max: None,
+                })
+            }
+        }
+    }
 }
 
 /// A child process of the deployment: a relay node or the router.
@@ -87,6 +128,7 @@ struct CellPlan<'a> {
     durable: DurableSection,
     tenants: Vec<TenantSection>,
     placement: Option<PlacementSection>,
+    rate_limits: Option<crate::config::RateLimitsSection>,
 }
 
 /// One cell of `--cells`.
@@ -138,8 +180,10 @@ async fn run_one_cell(
             id: DEV_TENANT.into(),
             public_keys: vec![public_key],
             jurisdiction: None,
+            max_token_lifetime: None,
         }],
         placement: None,
+        rate_limits: args.rate_limits.section(),
     })?;
     let exe = std::env::current_exe().context("cannot find the meridian binary")?;
     let mut procs = Vec::new();
@@ -238,6 +282,7 @@ async fn run_cells(
                 id: dev_tenant(&cell.jurisdiction),
                 public_keys: vec![public_key.clone()],
                 jurisdiction: Some(cell.jurisdiction.clone()),
+                max_token_lifetime: None,
             }],
             placement: Some(PlacementSection {
                 control: ControlSection {
@@ -250,6 +295,7 @@ async fn run_cells(
                 },
                 refresh_ms: None,
             }),
+            rate_limits: args.rate_limits.section(),
         })?;
         plans.push((cell.clone(), nodes));
     }
@@ -492,7 +538,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
             },
             durable: plan.durable.clone(),
             limits: None,
-            rate_limits: None,
+            rate_limits: plan.rate_limits.clone(),
             metrics: Some(MetricsSection { listen: metrics }),
             cell: Some(CellSection {
                 gossip_listen: gossip,
@@ -622,6 +668,8 @@ fn dev_token(key: &TenantSigningKey, tenant: &str, jurisdiction: &str) -> Result
         user: UserId::new("dev-user")?,
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
+        id: crate::token::new_token_id(),
+        issued_at: crate::token::unix_now()?,
         expires_at: crate::token::unix_now()? + DEV_TOKEN_TTL.as_secs() as i64,
         audience: jurisdiction.into(),
     };

@@ -167,7 +167,25 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     if let Some(metrics) = relay.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");
     }
-    stopped(&mut shutdown, exit_with_parent).await;
+    // SIGHUP re-reads the config file's tenants: a key rotation without a restart.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown, exit_with_parent) => break,
+            _ = hangup.recv() => match config::RelayFile::read(&path)
+                .and_then(|file| file.into_config(&base))
+            {
+                Ok(config) => {
+                    let ignored = relay.rotate_tenant_keys(&config.tenants);
+                    eprintln!("tenant keys reloaded from {}", path.display());
+                    for tenant in ignored {
+                        eprintln!("tenant {tenant} is new: it is served only after a restart");
+                    }
+                }
+                Err(error) => eprintln!("tenant keys not reloaded: {error:#}"),
+            },
+        }
+    }
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;
     Ok(())

@@ -89,6 +89,8 @@ pub fn run(command: TokenCommand) -> Result<()> {
                 user: UserId::new(user)?,
                 docs: scope,
                 rights: Rights::parse(&rights)?,
+                id: new_token_id(),
+                issued_at: unix_now()?,
                 expires_at: unix_now()? + parse_duration(&ttl)?.as_secs() as i64,
                 audience,
             };
@@ -99,6 +101,11 @@ pub fn run(command: TokenCommand) -> Result<()> {
 }
 
 /// A new signing key from OS randomness.
+/// A fresh token id (`jti`): 128 random bits in hex.
+pub fn new_token_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
 pub fn new_signing_key() -> Result<TenantSigningKey> {
     Ok(TenantSigningKey::from_seed(rand::random())?)
 }

@@ -142,7 +142,16 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged_durable() {
         user: UserId::new("writer").unwrap(),
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
-        expires_at: 4_000_000_000,
+        id: "crash-writer".into(),
+        issued_at: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64),
+        expires_at: (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64)
+            + 12 * 3600,
         audience: "eu".into(),
     };
     let mut client_config = ClientConfig::new(

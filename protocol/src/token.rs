@@ -5,9 +5,13 @@
 //! [`verify`], passing the current time in: this module never reads the clock.
 //!
 //! The payload is JSON: `tenant`, `sub` (user), `docs` (`{"exact": [..]}` or
-//! `{"prefix": ".."}`), `rights` (`read`, `write`, `presence`), `exp` (RFC 3339) and `aud`
-//! (the jurisdiction). The footer names the tenant (`{"tenant": ".."}`) so that the relay
-//! knows which keys to try; the signed payload must name the same tenant.
+//! `{"prefix": ".."}`), `rights` (`read`, `write`, `presence`), `jti` (the token's id, for
+//! revocation), `iat` and `exp` (RFC 3339) and `aud` (the jurisdiction). The footer names
+//! the tenant (`{"tenant": ".."}`) so that the relay knows which keys to try; the signed
+//! payload must name the same tenant.
+//!
+//! A relay refuses a token whose lifetime (`exp − iat`) is longer than its tenant's
+//! maximum, or that was issued more than [`CLOCK_SKEW_SECS`] in the future.
 
 use pasetors::Public;
 use pasetors::keys::{AsymmetricPublicKey, AsymmetricSecretKey};
@@ -19,6 +23,14 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::ids::{DocId, TenantId, UserId};
+
+/// How far a token's `iat` may lie in the relay's future (clocks differ); `exp` is
+/// checked exactly.
+pub const CLOCK_SKEW_SECS: i64 = 60;
+/// The longest token id (`jti`), in bytes.
+pub const MAX_TOKEN_ID_LEN: usize = 128;
+/// The maximum token lifetime a relay accepts when its tenant sets none: one day.
+pub const DEFAULT_MAX_LIFETIME_SECS: i64 = 24 * 3600;
 
 /// Why a token was refused or could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +52,17 @@ pub enum TokenError {
     /// `exp` is at or before `now`.
     #[error("token expired")]
     Expired,
+    /// `exp − iat` is longer than the tenant allows (or `exp` is before `iat`).
+    #[error("token lifetime of {lifetime} s exceeds the tenant's maximum of {max} s")]
+    LifetimeTooLong {
+        /// `exp − iat`, in seconds.
+        lifetime: i64,
+        /// The tenant's maximum.
+        max: i64,
+    },
+    /// `iat` lies further in the future than the clock-skew allowance.
+    #[error("token issued in the future")]
+    NotYetValid,
     /// The token is for another jurisdiction.
     #[error("token audience {found} does not match {expected}")]
     WrongAudience {
@@ -132,10 +155,24 @@ pub struct Capability {
     pub docs: DocScope,
     /// What it allows.
     pub rights: Rights,
+    /// The token's id (`jti`), unique per tenant: what revocation names.
+    pub id: String,
+    /// When it was issued, in seconds since the Unix epoch.
+    pub issued_at: i64,
     /// Expiry, in seconds since the Unix epoch.
     pub expires_at: i64,
     /// The jurisdiction it is valid in.
     pub audience: String,
+}
+
+/// What a relay trusts for one tenant: its public keys (several during a rotation) and
+/// the longest token lifetime it accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct TenantTrust<'k> {
+    /// The tenant's current public keys.
+    pub keys: &'k [TenantPublicKey],
+    /// The longest `exp − iat` accepted, in seconds.
+    pub max_lifetime_secs: i64,
 }
 
 impl Capability {
@@ -151,6 +188,8 @@ struct Payload {
     sub: String,
     docs: DocScope,
     rights: Vec<String>,
+    jti: String,
+    iat: String,
     exp: String,
     aud: String,
 }
@@ -232,16 +271,23 @@ impl TenantPublicKey {
 
 /// Signs a capability into a PASETO v4.public token.
 pub fn mint(capability: &Capability, key: &TenantSigningKey) -> Result<String, TokenError> {
-    let exp = OffsetDateTime::from_unix_timestamp(capability.expires_at)
-        .map_err(|_| TokenError::Malformed("expiry out of range"))?
-        .format(&Rfc3339)
-        .map_err(|_| TokenError::Malformed("expiry out of range"))?;
+    let time = |unix: i64, what: &'static str| {
+        OffsetDateTime::from_unix_timestamp(unix)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .ok_or(TokenError::Malformed(what))
+    };
+    if capability.id.is_empty() || capability.id.len() > MAX_TOKEN_ID_LEN {
+        return Err(TokenError::Malformed("token id empty or too long"));
+    }
     let payload = Payload {
         tenant: capability.tenant.to_string(),
         sub: capability.user.to_string(),
         docs: capability.docs.clone(),
         rights: capability.rights.to_words(),
-        exp,
+        jti: capability.id.clone(),
+        iat: time(capability.issued_at, "issued-at out of range")?,
+        exp: time(capability.expires_at, "expiry out of range")?,
         aud: capability.audience.clone(),
     };
     let footer = Footer {
@@ -254,12 +300,13 @@ pub fn mint(capability: &Capability, key: &TenantSigningKey) -> Result<String, T
 }
 
 /// Verifies a token: signature under one of the tenant's keys, tenant agreement, expiry
-/// against `now_unix` (seconds), and audience against `audience`.
+/// against `now_unix` (seconds), lifetime against the tenant's maximum, issue time
+/// against `now_unix` plus [`CLOCK_SKEW_SECS`], and audience against `audience`.
 ///
-/// `keys_for` returns the public keys configured for a tenant (none: unknown tenant).
+/// `trust_for` returns what is trusted for a tenant (none: unknown tenant).
 pub fn verify<'k>(
     token: &str,
-    keys_for: impl Fn(&TenantId) -> Option<&'k [TenantPublicKey]>,
+    trust_for: impl Fn(&TenantId) -> Option<TenantTrust<'k>>,
     now_unix: i64,
     audience: &str,
 ) -> Result<Capability, TokenError> {
@@ -269,8 +316,9 @@ pub fn verify<'k>(
         .map_err(|_| TokenError::Malformed("footer"))?;
     let tenant =
         TenantId::new(footer.tenant.as_str()).map_err(|_| TokenError::Malformed("tenant id"))?;
-    let keys = keys_for(&tenant).ok_or_else(|| TokenError::UnknownTenant(tenant.to_string()))?;
-    let trusted = keys
+    let trust = trust_for(&tenant).ok_or_else(|| TokenError::UnknownTenant(tenant.to_string()))?;
+    let trusted = trust
+        .keys
         .iter()
         .find_map(|key| PublicToken::verify(&key.0, &untrusted, None, None).ok())
         .ok_or(TokenError::BadSignature)?;
@@ -282,8 +330,24 @@ pub fn verify<'k>(
     let expires_at = OffsetDateTime::parse(&payload.exp, &Rfc3339)
         .map_err(|_| TokenError::Malformed("exp"))?
         .unix_timestamp();
+    let issued_at = OffsetDateTime::parse(&payload.iat, &Rfc3339)
+        .map_err(|_| TokenError::Malformed("iat"))?
+        .unix_timestamp();
+    if payload.jti.is_empty() || payload.jti.len() > MAX_TOKEN_ID_LEN {
+        return Err(TokenError::Malformed("jti"));
+    }
     if expires_at <= now_unix {
         return Err(TokenError::Expired);
+    }
+    if issued_at > now_unix.saturating_add(CLOCK_SKEW_SECS) {
+        return Err(TokenError::NotYetValid);
+    }
+    let lifetime = expires_at.saturating_sub(issued_at);
+    if lifetime > trust.max_lifetime_secs || lifetime <= 0 {
+        return Err(TokenError::LifetimeTooLong {
+            lifetime,
+            max: trust.max_lifetime_secs,
+        });
     }
     if payload.aud != audience {
         return Err(TokenError::WrongAudience {
@@ -296,6 +360,8 @@ pub fn verify<'k>(
         user: UserId::new(payload.sub).map_err(|_| TokenError::Malformed("sub"))?,
         docs: payload.docs,
         rights: Rights::parse(&payload.rights.join(","))?,
+        id: payload.jti,
+        issued_at,
         expires_at,
         audience: payload.aud,
     })
@@ -328,6 +394,8 @@ mod tests {
                 write: false,
                 presence: true,
             },
+            id: "token-1".into(),
+            issued_at: 999_000,
             expires_at: 1_000_000,
             audience: "eu".into(),
         }
@@ -339,7 +407,12 @@ mod tests {
         let public = vec![key.public_key().unwrap()];
         let token = mint(&capability("acme"), &key).unwrap();
         let acme = TenantId::new("acme").unwrap();
-        let keys = |t: &TenantId| (t == &acme).then_some(public.as_slice());
+        let keys = |t: &TenantId| {
+            (t == &acme).then_some(TenantTrust {
+                keys: public.as_slice(),
+                max_lifetime_secs: 3600,
+            })
+        };
         let cap = verify(&token, keys, 999_999, "eu").unwrap();
         assert_eq!(
             unverified_claims(&token).unwrap(),
@@ -356,25 +429,74 @@ mod tests {
             Err(TokenError::Expired)
         );
         assert!(matches!(
-            verify(&token, keys, 0, "us"),
+            verify(&token, keys, 999_999, "us"),
             Err(TokenError::WrongAudience { .. })
         ));
         assert_eq!(
-            verify("v4.public.xyz", keys, 0, "eu").unwrap_err(),
+            verify("v4.public.xyz", keys, 999_999, "eu").unwrap_err(),
             TokenError::Malformed("not a v4.public token")
         );
 
         let other = mint(&capability("globex"), &key).unwrap();
         assert_eq!(
-            verify(&other, keys, 0, "eu"),
+            verify(&other, keys, 999_999, "eu"),
             Err(TokenError::UnknownTenant("globex".into()))
         );
 
         let wrong_key = TenantSigningKey::from_seed([4; 32]).unwrap();
         let forged = mint(&capability("acme"), &wrong_key).unwrap();
         assert_eq!(
-            verify(&forged, keys, 0, "eu"),
+            verify(&forged, keys, 999_999, "eu"),
             Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn lifetime_issue_time_and_id_are_checked() {
+        let key = TenantSigningKey::from_seed([5; 32]).unwrap();
+        let public = vec![key.public_key().unwrap()];
+        let acme = TenantId::new("acme").unwrap();
+        let keys = |t: &TenantId| {
+            (t == &acme).then_some(TenantTrust {
+                keys: public.as_slice(),
+                max_lifetime_secs: 3600,
+            })
+        };
+        // A token good until 2200 from a tenant that allows an hour.
+        let mut long = capability("acme");
+        long.expires_at = 7_258_118_400;
+        let token = mint(&long, &key).unwrap();
+        assert!(matches!(
+            verify(&token, keys, 999_999, "eu"),
+            Err(TokenError::LifetimeTooLong { max: 3600, .. })
+        ));
+        // Issued a little in the future (clock skew) is fine; further is not.
+        let mut future = capability("acme");
+        future.issued_at = 999_999 + CLOCK_SKEW_SECS;
+        future.expires_at = future.issued_at + 60;
+        let token = mint(&future, &key).unwrap();
+        assert!(verify(&token, keys, 999_999, "eu").is_ok());
+        future.issued_at += 1;
+        future.expires_at += 1;
+        let token = mint(&future, &key).unwrap();
+        assert_eq!(
+            verify(&token, keys, 999_999, "eu"),
+            Err(TokenError::NotYetValid)
+        );
+        // Every token has an id.
+        let mut anonymous = capability("acme");
+        anonymous.id = String::new();
+        assert!(mint(&anonymous, &key).is_err());
+        assert_eq!(
+            verify(
+                &mint(&capability("acme"), &key).unwrap(),
+                keys,
+                999_999,
+                "eu"
+            )
+            .unwrap()
+            .id,
+            "token-1"
         );
     }
 

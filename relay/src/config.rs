@@ -84,6 +84,19 @@ pub struct TenantKeys {
     pub jurisdiction: Option<String>,
     /// Current keys (several during a rotation).
     pub public_keys: Vec<TenantPublicKey>,
+    /// The longest token lifetime (`exp − iat`) accepted for this tenant; `None`: one
+    /// day ([`meridian_protocol::token::DEFAULT_MAX_LIFETIME_SECS`]).
+    pub max_token_lifetime: Option<Duration>,
+}
+
+impl TenantKeys {
+    /// The longest token lifetime accepted, in seconds.
+    pub fn max_lifetime_secs(&self) -> i64 {
+        self.max_token_lifetime.map_or(
+            meridian_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
+            |lifetime| i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX),
+        )
+    }
 }
 
 /// Transport limits (DESIGN.md "Limits").

@@ -55,6 +55,10 @@ fn describe() {
         "Inputs and connections refused by a rate limit or quota, by limit and scope."
     );
     describe_counter!(
+        "meridian_tenant_key_rotations_total",
+        "Times the tenants' public keys were replaced without a restart."
+    );
+    describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
     );
@@ -329,6 +333,11 @@ pub fn admin_refused(reason: &'static str) {
 /// subscribes, connections; `scope`: connection, user, tenant, address).
 pub fn rate_limited(kind: &'static str, scope: &'static str) {
     counter!("meridian_rate_limited_total", "limit" => kind, "scope" => scope).increment(1);
+}
+
+/// The tenants' keys were replaced (a rotation).
+pub fn tenant_keys_rotated() {
+    counter!("meridian_tenant_key_rotations_total").increment(1);
 }
 
 /// A session closed because its token expired.

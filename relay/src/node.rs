@@ -152,6 +152,28 @@ pub struct RelayStats {
     pub orphans: usize,
 }
 
+/// What a node trusts for one tenant: its public keys and longest token lifetime.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantTrustEntry {
+    pub(crate) keys: Vec<TenantPublicKey>,
+    pub(crate) max_lifetime_secs: i64,
+}
+
+fn trust_entries(tenants: &[crate::TenantKeys]) -> HashMap<TenantId, TenantTrustEntry> {
+    tenants
+        .iter()
+        .map(|t| {
+            (
+                t.tenant.clone(),
+                TenantTrustEntry {
+                    keys: t.public_keys.clone(),
+                    max_lifetime_secs: t.max_lifetime_secs(),
+                },
+            )
+        })
+        .collect()
+}
+
 /// State shared by the accept loop and sessions.
 pub struct Shared {
     pub(crate) node: NodeId,
@@ -162,7 +184,9 @@ pub struct Shared {
     /// The cell's live members, told to clients in `welcome`.
     pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
     pub(crate) jurisdiction: String,
-    pub(crate) tenants: HashMap<TenantId, Vec<TenantPublicKey>>,
+    /// What is trusted per tenant; swapped whole when keys rotate
+    /// ([`RelayHandle::rotate_tenant_keys`]).
+    pub(crate) tenants: std::sync::RwLock<Arc<HashMap<TenantId, TenantTrustEntry>>>,
     /// Tenants whose data may live in this node's jurisdiction (the others are refused
     /// before `welcome`).
     pub(crate) resident: std::collections::HashSet<TenantId>,
@@ -218,6 +242,28 @@ impl RelayHandle {
     /// The cell as this node sees it (`None`: not in a cell).
     pub fn cell_view(&self) -> Option<CellView> {
         self.gossip.as_ref().map(|g| g.view().borrow().clone())
+    }
+
+    /// Replaces the public keys and token lifetimes of the tenants listed (a key
+    /// rotation, without a restart): tokens are verified against the new keys from now
+    /// on. Tenants not already served are not added (their residency is fixed at start);
+    /// their names are returned. Sessions that are open stay open until their tokens
+    /// expire.
+    pub fn rotate_tenant_keys(&self, tenants: &[crate::TenantKeys]) -> Vec<TenantId> {
+        let mut ignored = Vec::new();
+        let Ok(mut current) = self.shared.tenants.write() else {
+            return tenants.iter().map(|t| t.tenant.clone()).collect();
+        };
+        let mut next = HashMap::clone(&current);
+        for (tenant, entry) in trust_entries(tenants) {
+            match next.get_mut(&tenant) {
+                Some(slot) => *slot = entry,
+                None => ignored.push(tenant),
+            }
+        }
+        *current = Arc::new(next);
+        crate::metrics::tenant_keys_rotated();
+        ignored
     }
 
     /// The UDP address the endpoint is bound to.
@@ -428,11 +474,7 @@ pub async fn start_with_store(
         nodes: Mutex::new(vec![me.clone()]),
         advertise,
         jurisdiction: config.jurisdiction.clone(),
-        tenants: config
-            .tenants
-            .iter()
-            .map(|t| (t.tenant.clone(), t.public_keys.clone()))
-            .collect(),
+        tenants: std::sync::RwLock::new(Arc::new(trust_entries(&config.tenants))),
         resident: engine_config(&config)
             .tenant_jurisdictions
             .into_iter()

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use meridian_protocol::token::{self, TenantPublicKey};
+use meridian_protocol::token;
 use meridian_protocol::{
     ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_NODES, MAX_SNAPSHOT_CHUNK,
     NodeAddr, RelayToClient, TenantId,
@@ -370,10 +370,18 @@ async fn run(
             return Err(format!("bad hello: {error}"));
         }
     };
-    let keys_for = |tenant: &TenantId| -> Option<&[TenantPublicKey]> {
-        shared.tenants.get(tenant).map(Vec::as_slice)
+    let tenants = shared
+        .tenants
+        .read()
+        .map(|tenants| tenants.clone())
+        .unwrap_or_default();
+    let trust_for = |tenant: &TenantId| {
+        tenants.get(tenant).map(|entry| token::TenantTrust {
+            keys: &entry.keys,
+            max_lifetime_secs: entry.max_lifetime_secs,
+        })
     };
-    let capability = match token::verify(&token, keys_for, unix_now(), &shared.jurisdiction) {
+    let capability = match token::verify(&token, trust_for, unix_now(), &shared.jurisdiction) {
         Ok(capability) => capability,
         Err(error) => {
             crate::metrics::connection_rejected("unauthorized");

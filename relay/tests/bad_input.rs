@@ -254,6 +254,8 @@ async fn bad_tokens_and_missing_rights() {
         user: UserId::new("eve").unwrap(),
         docs: DocScope::Prefix(String::new()),
         rights: Rights::ALL,
+        id: "forged".into(),
+        issued_at: common::unix_now(),
         expires_at: common::unix_now() + 60,
         audience: JURISDICTION.into(),
     };

@@ -141,7 +141,15 @@ async fn a_change_just_over_the_limit_is_refused_on_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn padded_frames_and_orphans_do_not_pin_their_frames() {
-    let dev = Dev::new();
+    let mut dev = Dev::new();
+    // Memory is under test here, not the byte rate (120 MB of padding in a second).
+    for rates in [
+        &mut dev.limits.rates.connection,
+        &mut dev.limits.rates.user,
+        &mut dev.limits.rates.tenant,
+    ] {
+        rates.inflated_bytes = std::num::NonZeroU32::MAX;
+    }
     let relay = dev.start().await;
     let addr = relay.local_addr();
     let raw = dev.raw(addr, dev.token("mallory")).await;
@@ -287,6 +295,7 @@ async fn a_tenant_of_another_jurisdiction_is_refused_before_welcome() {
         tenant: TenantId::new("elsewhere").unwrap(),
         jurisdiction: Some("us".into()),
         public_keys: vec![dev.key.public_key().unwrap()],
+        max_token_lifetime: None,
     });
     let relay = meridian_relay::start(config).await.unwrap();
     let addr = relay.local_addr();
@@ -295,6 +304,8 @@ async fn a_tenant_of_another_jurisdiction_is_refused_before_welcome() {
         user: meridian_protocol::UserId::new("u").unwrap(),
         docs: meridian_protocol::token::DocScope::Prefix(String::new()),
         rights: meridian_protocol::token::Rights::ALL,
+        id: "elsewhere-1".into(),
+        issued_at: common::unix_now(),
         expires_at: common::unix_now() + 600,
         audience: common::JURISDICTION.into(),
     };
@@ -643,5 +654,62 @@ async fn unauthenticated_connections_are_capped_per_source_address() {
     );
     // A connection that authenticated gives its place back.
     drop(held);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_longer_lived_than_the_tenant_allows_are_refused() {
+    let dev = Dev::new();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    config.tenants[0].max_token_lifetime = Some(Duration::from_secs(600));
+    let relay = meridian_relay::start(config).await.unwrap();
+    let addr = relay.local_addr();
+    let all = meridian_protocol::token::DocScope::Prefix(String::new());
+    let rights = meridian_protocol::token::Rights::ALL;
+    let long = dev.token_with("u", all.clone(), rights, 3600);
+    let raw = dev.raw(addr, long).await;
+    assert_eq!(error_of(&raw.first), Some((ErrorCode::Unauthorized, None)));
+    expect_closed_with(&raw.connection, ErrorCode::Unauthorized).await;
+    let short = dev.token_with("u", all, rights, 300);
+    let raw = dev.raw(addr, short).await;
+    assert!(matches!(raw.first, Some(RelayToClient::Welcome { .. })));
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_keys_rotate_without_a_restart() {
+    let mut dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut before = dev.raw(addr, dev.token("u")).await;
+    assert!(matches!(before.first, Some(RelayToClient::Welcome { .. })));
+    let old_token = dev.token("u");
+
+    // The tenant's backend moves to a new key; the relay is told, and keeps running.
+    let old_key = std::mem::replace(
+        &mut dev.key,
+        meridian_protocol::token::TenantSigningKey::from_seed([77; 32]).unwrap(),
+    );
+    let mut tenants = dev.config(addr).tenants;
+    tenants[0].public_keys = vec![dev.key.public_key().unwrap()];
+    tenants.push(TenantKeys {
+        tenant: TenantId::new("brand-new").unwrap(),
+        jurisdiction: None,
+        public_keys: vec![dev.key.public_key().unwrap()],
+        max_token_lifetime: None,
+    });
+    let ignored = relay.rotate_tenant_keys(&tenants);
+    assert_eq!(ignored, vec![TenantId::new("brand-new").unwrap()]);
+    drop(old_key);
+
+    let refused = dev.raw(addr, old_token).await;
+    assert_eq!(
+        error_of(&refused.first),
+        Some((ErrorCode::Unauthorized, None))
+    );
+    let after = dev.raw(addr, dev.token("u")).await;
+    assert!(matches!(after.first, Some(RelayToClient::Welcome { .. })));
+    // The session opened before the rotation goes on until its token expires.
+    still_open(&mut before).await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }

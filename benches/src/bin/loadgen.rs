@@ -343,7 +343,9 @@ impl Target {
             None => {
                 let relay = start_local(
                     "meridian",
-                    &["dev", "--nodes", "1"],
+                    // Throughput scenarios drive one tenant and one user far past what
+                    // an editor does: the relay's rate limits are raised out of the way.
+                    &["dev", "--nodes", "1", "--rate-limits", "benchmark"],
                     "--data-dir",
                     "client.toml",
                 )?;

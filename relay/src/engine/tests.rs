@@ -18,6 +18,8 @@ fn capability(user: &str, rights: Rights) -> Capability {
         user: UserId::new(user).unwrap(),
         docs: DocScope::Prefix(String::new()),
         rights,
+        id: "t".into(),
+        issued_at: 0,
         expires_at: 2_000,
         audience: "dev".into(),
     }

@@ -15,6 +15,9 @@ use meridian_relay::tls::{self, DevPki};
 use meridian_relay::{DurableConfig, Limits, RelayConfig, RelayHandle, TenantKeys};
 
 pub const TENANT: &str = "acme";
+
+/// Numbers the tokens the harness mints (each token has its own id).
+static TOKEN_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 pub const JURISDICTION: &str = "dev";
 
 pub struct Dev {
@@ -60,6 +63,7 @@ impl Dev {
                 tenant: TenantId::new(TENANT).expect("tenant"),
                 jurisdiction: None,
                 public_keys: vec![self.key.public_key().expect("public key")],
+                max_token_lifetime: None,
             }],
             limits: self.limits.clone(),
             engine: self.engine.clone(),
@@ -85,6 +89,11 @@ impl Dev {
             user: UserId::new(user).expect("user"),
             docs,
             rights,
+            id: format!(
+                "{user}-{}",
+                TOKEN_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            issued_at: unix_now(),
             expires_at: unix_now() + ttl_secs,
             audience: JURISDICTION.into(),
         };
