@@ -28,6 +28,8 @@ const UPLOAD_FRAME_BYTES: usize = 256 << 10;
 pub(crate) enum Command {
     Open(DocHandle),
     Reconnect,
+    /// Move every live connection to this token.
+    Reauth(String),
     Close,
 }
 
@@ -246,6 +248,9 @@ struct Placement {
 /// A live connection to one node.
 struct Conn {
     connection: Connection,
+    /// Tokens to send as `reauth` on the control stream (bounded: only the newest
+    /// matters).
+    reauth: mpsc::Sender<String>,
     session: u64,
     nodes: Vec<String>,
     generation: u64,
@@ -358,6 +363,7 @@ pub(crate) async fn run(
         .position(|a| *a == first_addr)
         .unwrap_or(0);
     pool.add_conn(first_addr, first);
+    let mut refresh = Refresh::new(&config);
     loop {
         let wake = pool.ensure();
         pool.publish(&state);
@@ -368,6 +374,11 @@ pub(crate) async fn run(
             }
         };
         tokio::select! {
+            () = refresh.due() => {
+                if let Some(token) = refresh.fetch().await {
+                    pool.reauth(token);
+                }
+            }
             command = commands.recv() => match command {
                 Some(Command::Open(doc)) => {
                     pool.docs.insert(doc.id().clone(), Slot {
@@ -381,6 +392,12 @@ pub(crate) async fn run(
                 Some(Command::Reconnect) => {
                     for conn in pool.conns.values() {
                         conn.connection.close(0u32.into(), b"reconnect");
+                    }
+                }
+                Some(Command::Reauth(token)) => {
+                    refresh.schedule(&token);
+                    for conn in pool.conns.values() {
+                        let _ = conn.reauth.try_send(token.clone());
                     }
                 }
                 Some(Command::Close) | None => {
@@ -397,6 +414,13 @@ pub(crate) async fn run(
             },
             Some(event) = events_rx.recv() => {
                 if let Some(reason) = pool.handle(event) {
+                    // A refused or expired token: with a provider, a fresh one (if it
+                    // differs) lets the pool connect again.
+                    if let Some(token) = refresh.fetch().await {
+                        tracing::debug!(%reason, "token refused; reconnecting with a fresh one");
+                        pool.reauth(token);
+                        continue;
+                    }
                     tracing::debug!(%reason, "token refused; not reconnecting");
                     for conn in pool.conns.values() {
                         conn.connection.close(0u32.into(), b"unauthorized");
@@ -410,7 +434,97 @@ pub(crate) async fn run(
     }
 }
 
+/// When and how the client refreshes its token (only with a [`crate::TokenProvider`]).
+struct Refresh {
+    provider: Option<std::sync::Arc<dyn crate::TokenProvider>>,
+    /// The token now in use.
+    current: String,
+    /// When to ask for the next one.
+    at: Option<Instant>,
+}
+
+/// After a failed fetch, the provider is asked again this much later.
+const REFRESH_RETRY: Duration = Duration::from_secs(5);
+
+impl Refresh {
+    fn new(config: &ClientConfig) -> Self {
+        let mut refresh = Refresh {
+            provider: config.token_provider.clone(),
+            current: String::new(),
+            at: None,
+        };
+        refresh.schedule(&config.token);
+        refresh
+    }
+
+    /// The token in use is `token`: the next refresh is due once 80 % of its lifetime
+    /// has passed.
+    fn schedule(&mut self, token: &str) {
+        self.current = token.to_owned();
+        self.at = None;
+        if self.provider.is_none() {
+            return;
+        }
+        let Ok((issued, expires)) = meridian_protocol::token::unverified_times(token) else {
+            return;
+        };
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let lifetime = expires.saturating_sub(issued).max(0);
+        let refresh_unix = issued.saturating_add(lifetime * 4 / 5);
+        let wait = u64::try_from(refresh_unix.saturating_sub(now_unix)).unwrap_or(0);
+        self.at = Some(Instant::now() + Duration::from_secs(wait));
+    }
+
+    /// Resolves when a refresh is due (never without a provider).
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Asks the provider (on a blocking thread) for a fresh token; `Some` only for one
+    /// that differs from the token in use. A failure schedules another try.
+    async fn fetch(&mut self) -> Option<String> {
+        let provider = self.provider.clone()?;
+        let fetched = tokio::task::spawn_blocking(move || provider.fresh_token()).await;
+        match fetched {
+            Ok(Ok(token)) if token != self.current => {
+                self.schedule(&token);
+                Some(token)
+            }
+            Ok(Ok(_)) => {
+                self.at = Some(Instant::now() + REFRESH_RETRY);
+                None
+            }
+            Ok(Err(reason)) => {
+                tracing::debug!(%reason, "token provider failed");
+                self.at = Some(Instant::now() + REFRESH_RETRY);
+                None
+            }
+            Err(_) => {
+                self.at = Some(Instant::now() + REFRESH_RETRY);
+                None
+            }
+        }
+    }
+}
+
 impl Pool {
+    /// Moves to a fresh token: live connections `reauth`, reconnects use it.
+    fn reauth(&mut self, token: String) {
+        if let Some(inner) = self.inner.upgrade()
+            && let Ok(mut config) = inner.config.lock()
+        {
+            config.token = token.clone();
+        }
+        for conn in self.conns.values() {
+            let _ = conn.reauth.try_send(token.clone());
+        }
+    }
+
     fn config(&self) -> Option<ClientConfig> {
         self.inner
             .upgrade()
@@ -431,6 +545,7 @@ impl Pool {
         if let Some(backoff) = self.backoff.get_mut(&addr) {
             *backoff = Backoff::default();
         }
+        let (reauth, reauth_rx) = mpsc::channel(2);
         let control = tokio::spawn(watch_control(
             established.connection.clone(),
             established.control_recv,
@@ -438,11 +553,13 @@ impl Pool {
             generation,
             self.events.clone(),
             established._control_send,
+            reauth_rx,
         ));
         self.conns.insert(
             addr,
             Conn {
                 connection: established.connection,
+                reauth,
                 session: established.session,
                 nodes: established.nodes,
                 generation,
@@ -466,7 +583,10 @@ impl Pool {
                         }
                         self.add_conn(addr, established);
                     }
-                    Err(ClientError::Unauthorized(reason)) => return Some(reason),
+                    Err(ClientError::Unauthorized(reason)) => {
+                        self.failed(&addr);
+                        return Some(reason);
+                    }
                     Err(ClientError::Relay {
                         code: ErrorCode::UnknownTenant,
                         message,
@@ -493,6 +613,14 @@ impl Pool {
                 unauthorized,
             } => {
                 if let Some(reason) = unauthorized {
+                    if self
+                        .conns
+                        .get(&addr)
+                        .is_some_and(|c| c.generation == generation)
+                    {
+                        self.conns.remove(&addr);
+                        self.failed(&addr);
+                    }
                     return Some(reason);
                 }
                 if self
@@ -865,18 +993,47 @@ impl Pool {
     }
 }
 
-/// Reads a connection's control stream until it ends, then reports why.
+/// Reads a connection's control stream until it ends, then reports why; sends `reauth`
+/// with the tokens it is given.
 async fn watch_control(
     connection: Connection,
     recv: RecvStream,
     addr: String,
     generation: u64,
     events: mpsc::Sender<Event>,
-    _send: SendStream,
+    mut send: SendStream,
+    mut reauth: mpsc::Receiver<String>,
 ) {
     let mut control = Reader::new(recv);
+    // `reauth`s sent and not answered yet: their refusal is theirs, not the session's.
+    let mut reauths_pending = 0usize;
     let unauthorized = loop {
-        match control.next().await {
+        let message = tokio::select! {
+            message = control.next() => message,
+            Some(token) = reauth.recv() => {
+                let frame = ClientToRelay::Reauth { token }.to_bytes();
+                if send.write_all(&frame).await.is_ok() {
+                    reauths_pending += 1;
+                }
+                continue;
+            }
+        };
+        match message {
+            Ok(Some(RelayToClient::Reauthed { expires_at })) => {
+                reauths_pending = reauths_pending.saturating_sub(1);
+                tracing::debug!(expires_at, "session moved to a fresh token");
+            }
+            Ok(Some(RelayToClient::Error { code, message, .. }))
+                if reauths_pending > 0
+                    && matches!(
+                        code,
+                        ErrorCode::Unauthorized | ErrorCode::Forbidden | ErrorCode::RateLimited
+                    ) =>
+            {
+                // The session goes on under its current token.
+                reauths_pending -= 1;
+                tracing::debug!(%code, %message, "reauth refused");
+            }
             Ok(Some(RelayToClient::Error { code, message, .. })) => {
                 tracing::debug!(%code, %message, "relay error on control stream");
                 if code == ErrorCode::Unauthorized {
@@ -1065,6 +1222,7 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
         RelayToClient::Redirect { .. }
         | RelayToClient::Welcome { .. }
         | RelayToClient::Pong { .. }
+        | RelayToClient::Reauthed { .. }
         | RelayToClient::Home { .. } => {}
     }
 }

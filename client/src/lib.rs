@@ -35,6 +35,14 @@ pub use doc::{DocEvent, DocHandle, PeerPresence, SyncStatus};
 pub use locate::Home;
 pub use meridian_protocol::{ChangeHash, UserId};
 
+/// Where a client gets fresh tokens: called (on a blocking thread) before the current
+/// token expires, and again when a relay refuses it. An app implements it by asking its
+/// backend for a new token for the same tenant and user.
+pub trait TokenProvider: std::fmt::Debug + Send + Sync + 'static {
+    /// A fresh token, or why none could be had (the client tries again later).
+    fn fresh_token(&self) -> Result<String, String>;
+}
+
 /// How to reach and authenticate with a relay.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -50,6 +58,11 @@ pub struct ClientConfig {
     pub ca_pem: Vec<u8>,
     /// A capability token (PASETO v4.public).
     pub token: String,
+    /// Where fresh tokens come from (optional). With one, the client refreshes its token
+    /// on every live connection (`reauth`) once 80 % of its lifetime has passed, and
+    /// asks again when a relay refuses or expires it; without one, call
+    /// [`Client::set_token`] before the token expires.
+    pub token_provider: Option<std::sync::Arc<dyn TokenProvider>>,
     /// Where unacknowledged edits are kept across app restarts (optional).
     pub store_dir: Option<PathBuf>,
     /// First reconnect delay; doubles up to `reconnect_max`.
@@ -80,6 +93,7 @@ impl ClientConfig {
             server_name: "localhost".into(),
             ca_pem,
             token: token.into(),
+            token_provider: None,
             store_dir: None,
             reconnect_initial: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -375,11 +389,17 @@ impl Client {
         Ok(handle)
     }
 
-    /// Replaces the token used for future reconnects (tokens are short-lived).
-    pub fn set_token(&self, token: String) {
+    /// Replaces the token (tokens are short-lived): live connections move to it at once
+    /// (`reauth`) and reconnects use it.
+    pub async fn set_token(&self, token: String) {
         if let Ok(mut config) = self.inner.config.lock() {
-            config.token = token;
+            config.token = token.clone();
         }
+        let _ = self
+            .inner
+            .commands
+            .send(connection::Command::Reauth(token))
+            .await;
     }
 
     /// UDP bytes received over every connection this client has made (QUIC headers,

@@ -107,6 +107,15 @@ pub enum ClientToRelay {
         /// Echoed back.
         nonce: u64,
     },
+    /// A fresh token for the live session (control stream, after `hello`): same tenant
+    /// and user only. Answered with `Reauthed`, or an `error` (`unauthorized` for a token
+    /// that does not verify, `forbidden` for another tenant or user) that leaves the
+    /// session on its current token. Subscriptions the new token does not cover end
+    /// with `forbidden`.
+    Reauth {
+        /// A PASETO v4.public capability token.
+        token: String,
+    },
     /// Client → router: where is this tenant served? Answered with `Home`, or an
     /// `Error` (`Unavailable`, `UnknownTenant`). Sent on any bidirectional stream of a
     /// connection to a router, without `hello`; relays refuse it as `Malformed`.
@@ -205,6 +214,12 @@ pub enum RelayToClient {
     Pong {
         /// The ping's nonce.
         nonce: u64,
+    },
+    /// The session now runs on the token `reauth` sent.
+    Reauthed {
+        /// The new token's expiry, in seconds since the Unix epoch: the session ends then
+        /// (`token_expired`) unless it is refreshed again.
+        expires_at: u64,
     },
     /// Router → client: the tenant's home cell (the answer to `Locate`).
     Home {
@@ -384,6 +399,7 @@ mod tag {
     pub const PRESENCE: u8 = 0x05;
     pub const PING: u8 = 0x06;
     pub const LOCATE: u8 = 0x07;
+    pub const REAUTH: u8 = 0x08;
 
     pub const WELCOME: u8 = 0x81;
     pub const SYNCED: u8 = 0x82;
@@ -397,6 +413,7 @@ mod tag {
     pub const PONG: u8 = 0x8a;
     pub const ERROR: u8 = 0x8b;
     pub const HOME: u8 = 0x8c;
+    pub const REAUTHED: u8 = 0x8d;
 }
 
 impl ClientToRelay {
@@ -409,6 +426,7 @@ impl ClientToRelay {
             | ClientToRelay::Presence { doc, .. } => Some(doc),
             ClientToRelay::Hello { .. }
             | ClientToRelay::Ping { .. }
+            | ClientToRelay::Reauth { .. }
             | ClientToRelay::Locate { .. } => None,
         }
     }
@@ -426,6 +444,7 @@ impl ClientToRelay {
             ClientToRelay::Changes { doc, changes } => doc_len(doc) + changes_len(changes),
             ClientToRelay::Presence { doc, state } => doc_len(doc) + bytes32_len(state),
             ClientToRelay::Ping { .. } => 8,
+            ClientToRelay::Reauth { token } => str16_len(token),
             ClientToRelay::Locate { tenant } => str16_len(tenant.as_str()),
         }
     }
@@ -461,6 +480,7 @@ impl ClientToRelay {
                 w.bytes32(state);
             }
             ClientToRelay::Ping { nonce } => w.u64(*nonce),
+            ClientToRelay::Reauth { token } => w.str16(token),
             ClientToRelay::Locate { tenant } => w.str16(tenant.as_str()),
         }
         debug_assert_eq!(
@@ -498,6 +518,7 @@ impl ClientToRelay {
             ClientToRelay::Changes { .. } => tag::CHANGES,
             ClientToRelay::Presence { .. } => tag::PRESENCE,
             ClientToRelay::Ping { .. } => tag::PING,
+            ClientToRelay::Reauth { .. } => tag::REAUTH,
             ClientToRelay::Locate { .. } => tag::LOCATE,
         }
     }
@@ -538,6 +559,9 @@ impl ClientToRelay {
                 state: slice_of(frame_bytes, r.bytes32("presence", MAX_PRESENCE_LEN)?),
             },
             tag::PING => ClientToRelay::Ping { nonce: r.u64()? },
+            tag::REAUTH => ClientToRelay::Reauth {
+                token: r.str16("token", MAX_TOKEN_LEN)?.to_owned(),
+            },
             tag::LOCATE => ClientToRelay::Locate {
                 tenant: read_tenant(&mut r)?,
             },
@@ -563,7 +587,8 @@ impl RelayToClient {
             RelayToClient::Welcome { .. }
             | RelayToClient::Redirect { .. }
             | RelayToClient::Home { .. }
-            | RelayToClient::Pong { .. } => None,
+            | RelayToClient::Pong { .. }
+            | RelayToClient::Reauthed { .. } => None,
         }
     }
 
@@ -597,7 +622,7 @@ impl RelayToClient {
             } => doc_len(doc) + 8 + str16_len(user.as_str()) + bytes32_len(state),
             RelayToClient::Moved { doc, node } => doc_len(doc) + node_len(node),
             RelayToClient::Redirect { cell, nodes, .. } => str16_len(cell) + nodes_len(nodes) + 8,
-            RelayToClient::Pong { .. } => 8,
+            RelayToClient::Pong { .. } | RelayToClient::Reauthed { .. } => 8,
             RelayToClient::Home {
                 tenant,
                 cell,
@@ -631,6 +656,7 @@ impl RelayToClient {
             RelayToClient::Moved { .. } => tag::MOVED,
             RelayToClient::Redirect { .. } => tag::REDIRECT,
             RelayToClient::Pong { .. } => tag::PONG,
+            RelayToClient::Reauthed { .. } => tag::REAUTHED,
             RelayToClient::Home { .. } => tag::HOME,
             RelayToClient::Error { .. } => tag::ERROR,
         }
@@ -707,6 +733,7 @@ impl RelayToClient {
                 w.u64(*epoch);
             }
             RelayToClient::Pong { nonce } => w.u64(*nonce),
+            RelayToClient::Reauthed { expires_at } => w.u64(*expires_at),
             RelayToClient::Home {
                 tenant,
                 cell,
@@ -855,6 +882,9 @@ impl RelayToClient {
                 epoch: r.u64()?,
             },
             tag::PONG => RelayToClient::Pong { nonce: r.u64()? },
+            tag::REAUTHED => RelayToClient::Reauthed {
+                expires_at: r.u64()?,
+            },
             tag::HOME => RelayToClient::Home {
                 tenant: read_tenant(&mut r)?,
                 cell: r.str16("cell", MAX_ADDR_LEN)?.to_owned(),

@@ -367,6 +367,22 @@ pub fn verify<'k>(
     })
 }
 
+/// When a token *claims* it was issued and expires (seconds since the Unix epoch), read
+/// without checking its signature: a client uses them to refresh its token before it
+/// expires. Never authorize anything with this.
+pub fn unverified_times(token: &str) -> Result<(i64, i64), TokenError> {
+    let untrusted = UntrustedToken::<Public, V4>::try_from(token)
+        .map_err(|_| TokenError::Malformed("not a v4.public token"))?;
+    let payload: Payload = serde_json::from_slice(untrusted.untrusted_payload())
+        .map_err(|_| TokenError::Malformed("payload"))?;
+    let time = |text: &str, what: &'static str| {
+        OffsetDateTime::parse(text, &Rfc3339)
+            .map(OffsetDateTime::unix_timestamp)
+            .map_err(|_| TokenError::Malformed(what))
+    };
+    Ok((time(&payload.iat, "iat")?, time(&payload.exp, "exp")?))
+}
+
 /// The tenant and the audience (jurisdiction) a token *claims*, read without checking
 /// its signature: a client uses them to find its tenant's home cell before any relay has
 /// verified the token. Never authorize anything with this.
@@ -419,6 +435,7 @@ mod tests {
             (acme.clone(), "eu".into())
         );
         assert!(unverified_claims("v4.public.garbage").is_err());
+        assert_eq!(unverified_times(&token).unwrap(), (999_000, 1_000_000));
         assert_eq!(cap, capability("acme"));
         assert!(cap.allows(&DocId::new("notes/a").unwrap(), |r| r.read));
         assert!(!cap.allows(&DocId::new("notes/a").unwrap(), |r| r.write));

@@ -78,6 +78,7 @@ fn client_message() -> impl Strategy<Value = ClientToRelay> {
         (doc(), changes()).prop_map(|(doc, changes)| ClientToRelay::Changes { doc, changes }),
         (doc(), blob(100)).prop_map(|(doc, state)| ClientToRelay::Presence { doc, state }),
         any::<u64>().prop_map(|nonce| ClientToRelay::Ping { nonce }),
+        "[ -~]{0,300}".prop_map(|token| ClientToRelay::Reauth { token }),
         id_string().prop_map(|tenant| ClientToRelay::Locate {
             tenant: TenantId::new(tenant).unwrap()
         }),
@@ -136,6 +137,7 @@ fn relay_message() -> impl Strategy<Value = RelayToClient> {
                 epoch
             }),
         any::<u64>().prop_map(|nonce| RelayToClient::Pong { nonce }),
+        any::<u64>().prop_map(|expires_at| RelayToClient::Reauthed { expires_at }),
         (
             id_string(),
             "[a-z-]{1,20}",

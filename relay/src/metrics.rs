@@ -59,6 +59,10 @@ fn describe() {
         "Times the tenants' public keys were replaced without a restart."
     );
     describe_counter!(
+        "meridian_reauths_total",
+        "Token refreshes of live sessions (`reauth`), by outcome."
+    );
+    describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
     );
@@ -338,6 +342,11 @@ pub fn rate_limited(kind: &'static str, scope: &'static str) {
 /// The tenants' keys were replaced (a rotation).
 pub fn tenant_keys_rotated() {
     counter!("meridian_tenant_key_rotations_total").increment(1);
+}
+
+/// A `reauth` answered (`ok`, `unauthorized`, `forbidden`).
+pub fn reauth(outcome: &'static str) {
+    counter!("meridian_reauths_total", "outcome" => outcome).increment(1);
 }
 
 /// A session closed because its token expired.

@@ -91,6 +91,13 @@ pub enum Input {
         /// The tenant's place in the input queue, given back once handled.
         admission: Admission,
     },
+    /// The session refreshed its token (same tenant and user, verified).
+    Reauth {
+        /// Session id.
+        session: SessionId,
+        /// The new token's capability.
+        capability: Capability,
+    },
     /// The connection ended.
     Closed {
         /// Session id.
@@ -922,6 +929,10 @@ impl Driver {
                 state,
                 admission: _admission,
             } => self.engine.handle_presence(now(), session, doc, state),
+            Input::Reauth {
+                session,
+                capability,
+            } => self.engine.handle_reauth(session, capability),
             Input::Closed { session } => {
                 self.outboxes.remove(&session);
                 self.engine.handle_session_closed(session);

@@ -370,18 +370,7 @@ async fn run(
             return Err(format!("bad hello: {error}"));
         }
     };
-    let tenants = shared
-        .tenants
-        .read()
-        .map(|tenants| tenants.clone())
-        .unwrap_or_default();
-    let trust_for = |tenant: &TenantId| {
-        tenants.get(tenant).map(|entry| token::TenantTrust {
-            keys: &entry.keys,
-            max_lifetime_secs: entry.max_lifetime_secs,
-        })
-    };
-    let capability = match token::verify(&token, trust_for, unix_now(), &shared.jurisdiction) {
+    let capability = match verify_token(shared, &token) {
         Ok(capability) => capability,
         Err(error) => {
             crate::metrics::connection_rejected("unauthorized");
@@ -493,12 +482,12 @@ async fn run(
     if !control.push(Outbound::Message(welcome)) {
         return Err("control queue full at welcome".into());
     }
-    // The session ends when its token expires, whether or not it acts.
-    let expires_in = std::time::Duration::from_secs(
-        u64::try_from(capability.expires_at.saturating_sub(unix_now())).unwrap_or(0),
-    );
-    let expiry = tokio::time::sleep(expires_in);
+    // The session ends when its token expires, whether or not it acts (a `reauth`
+    // moves the expiry).
+    let expiry = tokio::time::sleep(until_expiry(capability.expires_at));
     tokio::pin!(expiry);
+    let (tenant, user) = (capability.tenant.clone(), capability.user.clone());
+    let mut last_reauth: Option<Instant> = None;
     shared
         .send_input(Input::Open {
             session,
@@ -535,8 +524,38 @@ async fn run(
                             return Err("slow consumer".into());
                         }
                     }
+                    Ok(ClientToRelay::Reauth { token }) => {
+                        if last_reauth.is_some_and(|at| at.elapsed() < REAUTH_INTERVAL_MIN) {
+                            control.push(Outbound::Message(RelayToClient::error_retry(
+                                ErrorCode::RateLimited, None, 1000, "at most one reauth a second",
+                            )));
+                            continue;
+                        }
+                        last_reauth = Some(Instant::now());
+                        let answer = match verify_token(shared, &token) {
+                            Ok(fresh) if fresh.tenant == tenant && fresh.user == user => {
+                                crate::metrics::reauth("ok");
+                                expiry.as_mut().reset(tokio::time::Instant::now() + until_expiry(fresh.expires_at));
+                                let expires_at = u64::try_from(fresh.expires_at).unwrap_or(0);
+                                shared.send_input(Input::Reauth { session, capability: fresh }).await;
+                                RelayToClient::Reauthed { expires_at }
+                            }
+                            Ok(_) => {
+                                crate::metrics::reauth("forbidden");
+                                RelayToClient::error(ErrorCode::Forbidden, None, "reauth must keep the tenant and the user")
+                            }
+                            Err(error) => {
+                                crate::metrics::reauth("unauthorized");
+                                RelayToClient::error(ErrorCode::Unauthorized, None, format!("reauth refused: {error}"))
+                            }
+                        };
+                        if !control.push(Outbound::Message(answer)) {
+                            control.close(ErrorCode::SlowConsumer);
+                            return Err("slow consumer".into());
+                        }
+                    }
                     Ok(_) => {
-                        control.push(Outbound::Close(RelayToClient::error(ErrorCode::Malformed, None, "only ping may follow hello on the control stream")));
+                        control.push(Outbound::Close(RelayToClient::error(ErrorCode::Malformed, None, "only ping and reauth may follow hello on the control stream")));
                         return Err("unexpected message on control stream".into());
                     }
                     Err(error) => {
@@ -925,6 +944,32 @@ async fn refuse(
     }
     close(connection, code);
 }
+
+/// Verifies a token against the tenants' current keys and lifetimes.
+fn verify_token(shared: &Shared, token: &str) -> Result<token::Capability, token::TokenError> {
+    let tenants = shared
+        .tenants
+        .read()
+        .map(|tenants| tenants.clone())
+        .unwrap_or_default();
+    let trust_for = |tenant: &TenantId| {
+        tenants.get(tenant).map(|entry| token::TenantTrust {
+            keys: &entry.keys,
+            max_lifetime_secs: entry.max_lifetime_secs,
+        })
+    };
+    token::verify(token, trust_for, unix_now(), &shared.jurisdiction)
+}
+
+/// The time until a token's expiry (zero if it has passed).
+fn until_expiry(expires_at: i64) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        u64::try_from(expires_at.saturating_sub(unix_now())).unwrap_or(0),
+    )
+}
+
+/// The least time between two `reauth`s of one connection.
+const REAUTH_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Closes the connection with a typed code, its documented name as the reason.
 fn close(connection: &quinn::Connection, code: ErrorCode) {

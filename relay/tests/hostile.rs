@@ -713,3 +713,121 @@ async fn tenant_keys_rotate_without_a_restart() {
     still_open(&mut before).await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauth_moves_a_live_session_to_a_fresh_token_of_the_same_user_only() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let all = meridian_protocol::token::DocScope::Prefix(String::new());
+    let rights = meridian_protocol::token::Rights::ALL;
+    let mut raw = dev
+        .raw(addr, dev.token_with("alice", all.clone(), rights, 2))
+        .await;
+    let _public = subscribed(&raw, "public/a").await;
+    let mut private = subscribed(&raw, "private/b").await;
+
+    // Another user's token is refused, and the session goes on.
+    raw.control
+        .send(&ClientToRelay::Reauth {
+            token: dev.token("mallory"),
+        })
+        .await;
+    assert_eq!(
+        error_of(&raw.control.next().await),
+        Some((ErrorCode::Forbidden, None))
+    );
+    // A fresh token of alice's that covers only `public/`: accepted, and the other
+    // subscription ends with `forbidden`.
+    tokio::time::sleep(Duration::from_millis(1100)).await; // one reauth a second
+    let fresh = dev.token_with(
+        "alice",
+        meridian_protocol::token::DocScope::Prefix("public/".into()),
+        rights,
+        600,
+    );
+    raw.control
+        .send(&ClientToRelay::Reauth { token: fresh })
+        .await;
+    assert!(matches!(
+        raw.control.next().await,
+        Some(RelayToClient::Reauthed { expires_at }) if expires_at > common::unix_now() as u64 + 500
+    ));
+    assert_eq!(
+        error_of(&private.next().await),
+        Some((ErrorCode::Forbidden, Some(doc("private/b"))))
+    );
+    // The first token's expiry passes; the session lives on under the fresh one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    still_open(&mut raw).await;
+    assert!(raw.connection.close_reason().is_none());
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Mints tokens of a few seconds for one user, counting how many it gave out.
+#[derive(Debug)]
+struct ShortTokens {
+    key: meridian_protocol::token::TenantSigningKey,
+    minted: std::sync::atomic::AtomicUsize,
+}
+
+impl meridian_client::TokenProvider for ShortTokens {
+    fn fresh_token(&self) -> Result<String, String> {
+        let serial = self
+            .minted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let capability = meridian_protocol::token::Capability {
+            tenant: TenantId::new(common::TENANT).unwrap(),
+            user: meridian_protocol::UserId::new("refresher").unwrap(),
+            docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+            rights: meridian_protocol::token::Rights::ALL,
+            id: format!("short-{serial}"),
+            issued_at: common::unix_now(),
+            expires_at: common::unix_now() + 3,
+            audience: common::JURISDICTION.into(),
+        };
+        meridian_protocol::token::mint(&capability, &self.key).map_err(|e| e.to_string())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_refreshes_its_token_before_expiry_without_reconnecting() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let provider = std::sync::Arc::new(ShortTokens {
+        key: meridian_protocol::token::TenantSigningKey::from_paserk(&dev.key.to_paserk().unwrap())
+            .unwrap(),
+        minted: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let first = meridian_client::TokenProvider::fresh_token(provider.as_ref()).unwrap();
+    let mut config = dev.client_config(addr, first);
+    config.token_provider = Some(provider.clone());
+    let client = meridian_client::Client::connect(config).await.unwrap();
+    client.wait_connected().await.unwrap();
+    let session = match client.state() {
+        meridian_client::ConnectionState::Connected { session, .. } => session,
+        other => panic!("{other:?}"),
+    };
+    let handle = client.open("refreshed").await.unwrap();
+    // Three token lifetimes of editing.
+    for i in 0..9 {
+        handle
+            .change(|d| d.put(automerge::ROOT, "i", i).unwrap())
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    common::wait_durable(&handle).await;
+    assert!(
+        provider.minted.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "the token was refreshed"
+    );
+    match client.state() {
+        meridian_client::ConnectionState::Connected { session: now, .. } => {
+            assert_eq!(now, session, "the same session throughout: no reconnect")
+        }
+        other => panic!("{other:?}"),
+    }
+    client.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

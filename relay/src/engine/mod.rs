@@ -599,6 +599,44 @@ impl Engine {
         );
     }
 
+    /// A live session now runs on a fresh token (`reauth`; the IO layer checked that it
+    /// names the same tenant and user). Subscriptions the new token no longer lets it
+    /// read end with `forbidden`.
+    pub fn handle_reauth(&mut self, session: SessionId, capability: Capability) {
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if state.capability.tenant != capability.tenant || state.capability.user != capability.user
+        {
+            self.invariant_broken(session, None, "reauth changed the tenant or user");
+            return;
+        }
+        let lost: Vec<DocId> = state
+            .subscriptions
+            .iter()
+            .filter(|doc| !capability.allows(doc, |r| r.read))
+            .cloned()
+            .collect();
+        let (tenant, user) = (capability.tenant.clone(), capability.user.clone());
+        state.capability = capability;
+        for doc in lost {
+            self.refuse_subscription(
+                session,
+                &doc,
+                ErrorCode::Forbidden,
+                "the refreshed token does not cover this document",
+            );
+            self.leave(
+                session,
+                &user,
+                &DocKey {
+                    tenant: tenant.clone(),
+                    doc,
+                },
+            );
+        }
+    }
+
     /// A connection ended: its subscriptions, presence and orphans go.
     pub fn handle_session_closed(&mut self, session: SessionId) {
         let Some(state) = self.sessions.remove(&session) else {
