@@ -117,7 +117,7 @@ fn main() -> ExitCode {
             Command::Router(args) => run_router(args.config, args.exit_with_parent).await,
             Command::Tenant(command) => placement::run_tenant(command).await,
             Command::Cell(command) => cell::run(command).await,
-            Command::Token(command) => token::run(command),
+            Command::Token(command) => token::run(command).await,
             Command::Doc(command) => doc::run(command).await,
             Command::Durable(DurableCommand::Init {
                 jurisdiction,

@@ -42,10 +42,34 @@ pub enum TokenCommand {
         #[arg(long, default_value = "dev")]
         audience: String,
     },
+    /// Revoke one token (by its id) or every token of a user issued until now. The
+    /// revocation is written to the durable tier the relay config names, which every
+    /// relay of the jurisdiction reads (each closes the affected sessions with
+    /// `token_revoked` within about a second); it is pruned once the tenant's maximum
+    /// token lifetime has passed.
+    Revoke {
+        /// A relay config of the jurisdiction (its `[durable]` section and `[[tenants]]`).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// The token's id (its `jti`).
+        #[arg(long, required_unless_present = "user", conflicts_with = "user")]
+        token_id: Option<String>,
+        /// Every token of this user issued until now.
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
-pub fn run(command: TokenCommand) -> Result<()> {
+pub async fn run(command: TokenCommand) -> Result<()> {
     match command {
+        TokenCommand::Revoke {
+            config,
+            tenant,
+            token_id,
+            user,
+        } => revoke(&config, &tenant, token_id, user).await,
         TokenCommand::Keygen { out } => {
             let key = new_signing_key()?;
             let secret = key.to_paserk()?;
@@ -95,12 +119,49 @@ pub fn run(command: TokenCommand) -> Result<()> {
                 audience,
             };
             println!("{}", token::mint(&capability, &key)?);
+            // The id is what `token revoke --token-id` names.
+            eprintln!("token id: {}", capability.id);
             Ok(())
         }
     }
 }
 
 /// A new signing key from OS randomness.
+async fn revoke(
+    path: &std::path::Path,
+    tenant: &str,
+    token_id: Option<String>,
+    user: Option<String>,
+) -> Result<()> {
+    use meridian_relay::revocation::{Revocation, Revoked};
+    let file = crate::config::RelayFile::read(path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let config = file.into_config(&base)?;
+    let tenant = TenantId::new(tenant)?;
+    let keys = config
+        .tenants
+        .iter()
+        .find(|t| t.tenant == tenant)
+        .with_context(|| format!("tenant {tenant} is not in {}", path.display()))?;
+    let revoked = match (token_id, user) {
+        (Some(id), None) => Revoked::Token(id),
+        (None, Some(user)) => Revoked::User(UserId::new(user)?.to_string()),
+        _ => bail!("name either --token-id or --user"),
+    };
+    let revocation = Revocation::new(&tenant, revoked, unix_now()?, keys.max_lifetime_secs());
+    let store = meridian_relay::node::open_store(&config).await?;
+    store.revoke(&revocation).await?;
+    println!(
+        "revoked {} in tenant {tenant} (kept until {})",
+        match &revocation.revoked {
+            Revoked::Token(id) => format!("token {id}"),
+            Revoked::User(user) => format!("every token of user {user} issued until now"),
+        },
+        revocation.expires_at
+    );
+    Ok(())
+}
+
 /// A fresh token id (`jti`): 128 random bits in hex.
 pub fn new_token_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())

@@ -221,5 +221,89 @@ fn tokens_minted_by_the_cli_are_accepted_by_a_configured_relay() {
     let config = client_toml(&mint("read,write", "us"));
     assert!(!run(&["doc", "get", "team/plan"], &config).status.success());
 
+    // `token revoke --user`: every token of u1 issued until now is refused (the relay
+    // reads revocations from its durable tier about every second).
+    let config = client_toml(&mint("read,write", "eu"));
+    let revoke = meridian()
+        .args([
+            "token", "revoke", "--tenant", "acme", "--user", "u1", "--config",
+        ])
+        .arg(&relay_toml)
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let refused = doc("get", &config, &["team/plan"]);
+        if !refused.status.success() {
+            assert!(
+                String::from_utf8_lossy(&refused.stderr).contains("revoked"),
+                "{}",
+                String::from_utf8_lossy(&refused.stderr)
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never revoked");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+
+    // A key rotation without a restart: the config names a new key, SIGHUP, and tokens
+    // of the new key are accepted (minted a second later than the revocation).
+    let new_key = dir.path().join("acme-2.key");
+    let keygen = meridian()
+        .args(["token", "keygen", "--out"])
+        .arg(&new_key)
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let new_public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let text = std::fs::read_to_string(&relay_toml).unwrap();
+    std::fs::write(&relay_toml, text.replace(&public, &new_public)).unwrap();
+    let pid = relay.0.as_ref().unwrap().id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let mint_new = || {
+        let out = meridian()
+            .args([
+                "token",
+                "mint",
+                "--tenant",
+                "acme",
+                "--user",
+                "u1",
+                "--docs",
+                "team/",
+                "--audience",
+                "eu",
+                "--key",
+            ])
+            .arg(&new_key)
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let config = client_toml(&mint_new());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !doc("get", &config, &["team/plan"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new key was never accepted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The old key is gone.
+    let config = client_toml(&mint("read,write", "eu"));
+    assert!(!doc("get", &config, &["team/plan"]).status.success());
+
     stop(relay);
 }

@@ -180,7 +180,10 @@ fn classify_close(reason: &ConnectionError) -> ClientError {
                 u16::try_from(close.error_code.into_inner()).unwrap_or(u16::MAX),
             );
             let message = String::from_utf8_lossy(&close.reason).into_owned();
-            if code == ErrorCode::Unauthorized || code == ErrorCode::TokenExpired {
+            if matches!(
+                code,
+                ErrorCode::Unauthorized | ErrorCode::TokenExpired | ErrorCode::TokenRevoked
+            ) {
                 ClientError::Unauthorized(message)
             } else {
                 ClientError::Relay { code, message }

@@ -295,6 +295,9 @@ pub enum ErrorCode {
     /// The peer started something and did not finish it in time (a frame that stopped
     /// arriving, no `hello`, no control stream); the connection is closed.
     Timeout,
+    /// The session's token was revoked (by its id, or every token of its user issued
+    /// before the revocation); the connection is closed. A fresh token may connect.
+    TokenRevoked,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -322,6 +325,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => 17,
             ErrorCode::ActorConflict => 18,
             ErrorCode::Timeout => 19,
+            ErrorCode::TokenRevoked => 20,
             ErrorCode::Other(code) => code,
         }
     }
@@ -348,6 +352,7 @@ impl ErrorCode {
             17 => ErrorCode::TokenExpired,
             18 => ErrorCode::ActorConflict,
             19 => ErrorCode::Timeout,
+            20 => ErrorCode::TokenRevoked,
             other => ErrorCode::Other(other),
         }
     }
@@ -377,6 +382,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::ActorConflict => "actor_conflict",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::Other(_) => return None,
         })
     }

@@ -59,6 +59,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         17 => ErrorCode::TokenExpired,
         18 => ErrorCode::ActorConflict,
         19 => ErrorCode::Timeout,
+        20 => ErrorCode::TokenRevoked,
         other => ErrorCode::Other(other),
     })
 }
@@ -319,7 +320,7 @@ fn a_subscribe_without_the_snapshot_flag_takes_a_snapshot() {
 
 #[test]
 fn every_error_code_has_its_documented_name_and_number() {
-    for number in 1u16..=19 {
+    for number in 1u16..=20 {
         let code = ErrorCode::from_code(number);
         assert_eq!(code.code(), number);
         let name = code.name().expect("a known code has a name");
@@ -332,7 +333,7 @@ fn every_error_code_has_its_documented_name_and_number() {
     assert_eq!(ErrorCode::TooLarge.to_string(), "too_large");
     assert_eq!(ErrorCode::VersionMismatch.to_string(), "version_mismatch");
     assert_eq!(ErrorCode::TokenExpired.code(), 17);
-    assert_eq!(ErrorCode::from_code(20), ErrorCode::Other(20));
-    assert_eq!(ErrorCode::Other(20).name(), None);
-    assert_eq!(ErrorCode::Other(20).to_string(), "error code 20");
+    assert_eq!(ErrorCode::from_code(21), ErrorCode::Other(21));
+    assert_eq!(ErrorCode::Other(21).name(), None);
+    assert_eq!(ErrorCode::Other(21).to_string(), "error code 21");
 }

@@ -142,6 +142,8 @@ pub struct Limits {
     pub unfinished_bytes_per_node_max: usize,
     /// Rate limits and quotas per connection, user, tenant and source address.
     pub rates: crate::ratelimit::RateLimitConfig,
+    /// How often the revocations are read from the durable tier.
+    pub revocation_poll: Duration,
 }
 
 impl Default for Limits {
@@ -165,6 +167,7 @@ impl Default for Limits {
             unfinished_bytes_per_session_max: 4 << 20,
             unfinished_bytes_per_node_max: 256 << 20,
             rates: crate::ratelimit::RateLimitConfig::default(),
+            revocation_poll: Duration::from_secs(1),
         }
     }
 }

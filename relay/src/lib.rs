@@ -15,6 +15,7 @@ pub mod node;
 mod outbox;
 pub mod placement;
 pub mod ratelimit;
+pub mod revocation;
 pub mod router;
 mod session;
 pub mod store;

@@ -62,6 +62,18 @@ fn describe() {
         "meridian_reauths_total",
         "Token refreshes of live sessions (`reauth`), by outcome."
     );
+    describe_gauge!(
+        "meridian_revocations",
+        "Token and user revocations in force, as this node last read them."
+    );
+    describe_counter!(
+        "meridian_revocation_read_errors_total",
+        "Reads of the revocations from the durable tier that failed (the last set stays)."
+    );
+    describe_counter!(
+        "meridian_sessions_revoked_total",
+        "Sessions closed with `token_revoked`."
+    );
     describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
@@ -347,6 +359,21 @@ pub fn tenant_keys_rotated() {
 /// A `reauth` answered (`ok`, `unauthorized`, `forbidden`).
 pub fn reauth(outcome: &'static str) {
     counter!("meridian_reauths_total", "outcome" => outcome).increment(1);
+}
+
+/// Revocations in force on this node.
+pub fn revocations_in_force(count: usize) {
+    gauge!("meridian_revocations").set(count as f64);
+}
+
+/// The revocations could not be read from the durable tier.
+pub fn revocation_read_failed() {
+    counter!("meridian_revocation_read_errors_total").increment(1);
+}
+
+/// A session closed because its token was revoked.
+pub fn session_revoked() {
+    counter!("meridian_sessions_revoked_total").increment(1);
 }
 
 /// A session closed because its token expired.

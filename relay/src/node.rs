@@ -202,6 +202,8 @@ pub struct Shared {
     pub(crate) unfinished: Arc<crate::session::UnfinishedBudget>,
     /// Rate limits and quotas.
     pub(crate) rate_limits: Arc<crate::ratelimit::NodeLimits>,
+    /// The revocations in force (read from the durable tier every `revocation_poll`).
+    pub(crate) revoked: watch::Receiver<Arc<crate::revocation::RevocationSet>>,
     pub(crate) catchup_frame_bytes: usize,
     /// The placements of tenants (`None`: every configured tenant is served here).
     pub(crate) placements: Option<Arc<crate::placement::Placements>>,
@@ -369,7 +371,14 @@ pub const STREAMS_AFTER_HELLO: u32 = 16;
 /// Starts a relay node: opens the cache, replays its flush queue into the durable tier,
 /// then binds the QUIC endpoint and serves.
 pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
-    let store: Arc<dyn DurableStore> = match &config.durable {
+    let store = open_store(&config).await?;
+    start_with_store(config, store).await
+}
+
+/// Opens the durable tier a relay config names (what `meridian token revoke` writes
+/// revocations to, as the relays do).
+pub async fn open_store(config: &RelayConfig) -> Result<Arc<dyn DurableStore>, RelayError> {
+    Ok(match &config.durable {
         DurableConfig::Aws(aws) => {
             let mut aws = aws.clone();
             aws.jurisdiction = config.jurisdiction.clone();
@@ -379,8 +388,7 @@ pub async fn start(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         DurableConfig::Local { path } => {
             Arc::new(LocalDirStore::open(path).map_err(RelayError::Store)?)
         }
-    };
-    start_with_store(config, store).await
+    })
 }
 
 /// Like [`start`], with a durable store supplied by the caller.
@@ -475,6 +483,20 @@ pub async fn start_with_store(
         None => None,
     };
     let (inputs_tx, inputs_rx) = mpsc::channel(limits.engine_queue_max);
+    // Revocations are read once before the node serves, then polled.
+    let now = session::unix_now();
+    let revocations = match store.revocations(now).await {
+        Ok(revocations) => revocations,
+        Err(error) => {
+            tracing::debug!(%error, "revocations could not be read at start");
+            crate::metrics::revocation_read_failed();
+            Vec::new()
+        }
+    };
+    let (revoked_tx, revoked) = watch::channel(Arc::new(crate::revocation::RevocationSet::new(
+        &revocations,
+        now,
+    )));
     let shared = Arc::new(Shared {
         node: config.node.clone(),
         joined: Arc::new(std::sync::atomic::AtomicBool::new(gossip.is_none())),
@@ -493,6 +515,7 @@ pub async fn start_with_store(
             limits.unfinished_bytes_per_node_max,
         )),
         rate_limits: crate::ratelimit::NodeLimits::new(limits.rates.clone()),
+        revoked,
         catchup_frame_bytes: config.engine.catchup_frame_bytes,
         placements: placements.clone(),
         inputs: inputs_tx,
@@ -504,6 +527,11 @@ pub async fn start_with_store(
     if gossip.is_some() {
         engine.set_cell(me);
     }
+    shared.spawn(crate::revocation::poll(
+        store.clone(),
+        limits.revocation_poll,
+        revoked_tx,
+    ));
     let driver = Driver {
         engine,
         fanout_from: None,

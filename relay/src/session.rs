@@ -384,6 +384,17 @@ async fn run(
             return Err(format!("token refused: {error}"));
         }
     };
+    if shared.revoked.borrow().covers(&capability) {
+        crate::metrics::connection_rejected("revoked");
+        refuse(
+            connection,
+            &mut send,
+            ErrorCode::TokenRevoked,
+            "this token was revoked",
+        )
+        .await;
+        return Err("token revoked".into());
+    }
     // A tenant whose data may not live in this jurisdiction is refused before `welcome`
     // (the engine checks again when the session opens).
     if !shared.resident.contains(&capability.tenant) {
@@ -488,6 +499,9 @@ async fn run(
     tokio::pin!(expiry);
     let (tenant, user) = (capability.tenant.clone(), capability.user.clone());
     let mut last_reauth: Option<Instant> = None;
+    // The token in force, checked against every new set of revocations.
+    let mut current = capability.clone();
+    let mut revoked = shared.revoked.clone();
     shared
         .send_input(Input::Open {
             session,
@@ -533,10 +547,15 @@ async fn run(
                         }
                         last_reauth = Some(Instant::now());
                         let answer = match verify_token(shared, &token) {
+                            Ok(fresh) if shared.revoked.borrow().covers(&fresh) => {
+                                crate::metrics::reauth("revoked");
+                                RelayToClient::error(ErrorCode::TokenRevoked, None, "this token was revoked")
+                            }
                             Ok(fresh) if fresh.tenant == tenant && fresh.user == user => {
                                 crate::metrics::reauth("ok");
                                 expiry.as_mut().reset(tokio::time::Instant::now() + until_expiry(fresh.expires_at));
                                 let expires_at = u64::try_from(fresh.expires_at).unwrap_or(0);
+                                current = fresh.clone();
                                 shared.send_input(Input::Reauth { session, capability: fresh }).await;
                                 RelayToClient::Reauthed { expires_at }
                             }
@@ -573,6 +592,17 @@ async fn run(
                 },
             },
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            Ok(()) = revoked.changed() => {
+                if revoked.borrow_and_update().covers(&current) {
+                    crate::metrics::session_revoked();
+                    control.push(Outbound::Close(RelayToClient::error(
+                        ErrorCode::TokenRevoked,
+                        None,
+                        "the session's token was revoked",
+                    )));
+                    return Err("token revoked".into());
+                }
+            }
             () = &mut expiry => {
                 crate::metrics::session_expired();
                 control.push(Outbound::Close(RelayToClient::error(

@@ -831,3 +831,78 @@ async fn the_sdk_refreshes_its_token_before_expiry_without_reconnecting() {
     client.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// The id (`jti`) of a token the harness minted.
+fn token_id(dev: &Dev, token: &str) -> String {
+    let public = vec![dev.key.public_key().unwrap()];
+    let trust = |_: &TenantId| {
+        Some(meridian_protocol::token::TenantTrust {
+            keys: public.as_slice(),
+            max_lifetime_secs: 86_400,
+        })
+    };
+    meridian_protocol::token::verify(token, trust, common::unix_now(), common::JURISDICTION)
+        .unwrap()
+        .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_tokens_and_users_are_closed_and_refused() {
+    use meridian_relay::revocation::{Revocation, Revoked};
+    let mut dev = Dev::new();
+    dev.limits.revocation_poll = Duration::from_millis(200);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    // What `meridian token revoke` does: write to the jurisdiction's durable tier.
+    let store = meridian_relay::store::LocalDirStore::open(dev.dir.path().join("durable")).unwrap();
+    let acme = TenantId::new(common::TENANT).unwrap();
+
+    let alice_token = dev.token("alice");
+    let alice = dev.raw(addr, alice_token.clone()).await;
+    let _reading = subscribed(&alice, "d").await;
+    let mut bob = dev.raw(addr, dev.token("bob")).await;
+    let carol = dev.raw(addr, dev.token("carol")).await;
+
+    // One token, by its id: its session is closed, and it cannot connect again.
+    let revocation = Revocation::new(
+        &acme,
+        Revoked::Token(token_id(&dev, &alice_token)),
+        common::unix_now(),
+        86_400,
+    );
+    use meridian_relay::store::DurableStore;
+    store.revoke(&revocation).await.unwrap();
+    expect_closed_with(&alice.connection, ErrorCode::TokenRevoked).await;
+    let again = dev.raw(addr, alice_token).await;
+    assert_eq!(
+        error_of(&again.first),
+        Some((ErrorCode::TokenRevoked, None))
+    );
+    // Alice's other tokens, and other users, are untouched.
+    let alice_fresh = dev.raw(addr, dev.token("alice")).await;
+    assert!(matches!(
+        alice_fresh.first,
+        Some(RelayToClient::Welcome { .. })
+    ));
+    still_open(&mut bob).await;
+
+    // Every token of a user issued until now.
+    let revocation = Revocation::new(
+        &acme,
+        Revoked::User("carol".into()),
+        common::unix_now(),
+        86_400,
+    );
+    store.revoke(&revocation).await.unwrap();
+    expect_closed_with(&carol.connection, ErrorCode::TokenRevoked).await;
+    // A token issued after the revocation (the next second on) connects: carol may
+    // sign in again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let carol_again = dev.raw(addr, dev.token("carol")).await;
+    assert!(matches!(
+        carol_again.first,
+        Some(RelayToClient::Welcome { .. })
+    ));
+    still_open(&mut bob).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

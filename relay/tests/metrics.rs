@@ -77,6 +77,18 @@ impl DurableStore for Gated {
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
         self.inner.load_all_changes(key)
     }
+    fn revoke<'a>(
+        &'a self,
+        revocation: &'a meridian_relay::revocation::Revocation,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.revoke(revocation)
+    }
+    fn revocations<'a>(
+        &'a self,
+        now_unix: i64,
+    ) -> BoxFuture<'a, Result<Vec<meridian_relay::revocation::Revocation>, StoreError>> {
+        self.inner.revocations(now_unix)
+    }
     fn kind(&self) -> &'static str {
         "gated"
     }

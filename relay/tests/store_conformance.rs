@@ -278,3 +278,40 @@ async fn cold_load_is_the_newest_snapshot_plus_what_it_does_not_cover() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocations_are_kept_until_they_expire_and_never_move_back() {
+    use meridian_relay::revocation::{Revocation, Revoked};
+    for under in Under::both().await {
+        let store = under.store();
+        let acme = TenantId::new("acme").unwrap();
+        let token = Revocation::new(&acme, Revoked::Token("t-1".into()), 1_000, 600);
+        let user = Revocation::new(&acme, Revoked::User("bob".into()), 1_000, 3600);
+        store.revoke(&token).await.unwrap();
+        store.revoke(&user).await.unwrap();
+        // Revoking bob again later moves his time forward; an older write never moves
+        // it back.
+        let later = Revocation::new(&acme, Revoked::User("bob".into()), 1_200, 3600);
+        store.revoke(&later).await.unwrap();
+        store.revoke(&user).await.unwrap();
+        let mut now: Vec<_> = store.revocations(1_500).await.unwrap();
+        now.sort_by_key(Revocation::key);
+        assert_eq!(now, vec![token.clone(), later.clone()], "{}", store.kind());
+        // The token's revocation expires first and is pruned; bob's stays.
+        let pruned = store.revocations(token.expires_at).await.unwrap();
+        assert_eq!(pruned, vec![later.clone()], "{}", store.kind());
+        assert_eq!(
+            store.revocations(token.expires_at - 1).await.unwrap(),
+            vec![later.clone()],
+            "pruned for good ({})",
+            store.kind()
+        );
+        assert!(
+            store
+                .revocations(later.expires_at)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

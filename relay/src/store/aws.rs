@@ -36,6 +36,7 @@ use super::{
     DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
 };
 use crate::engine::{DocKey, StoredChange};
+use crate::revocation::{Revocation, Revoked};
 
 /// Changes larger than this go to S3 behind a pointer item (DynamoDB items stop at 400 KB).
 pub const INLINE_MAX: usize = 350_000;
@@ -726,6 +727,111 @@ impl AwsStore {
         Ok(out)
     }
 
+    /// Revocations are items of one partition, [`REVOCATIONS_PK`], keyed by
+    /// [`Revocation::key`]; a write never moves a revocation's time back.
+    async fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        let (kind, target) = match &revocation.revoked {
+            Revoked::Token(id) => ("token", id.clone()),
+            Revoked::User(user) => ("user", user.clone()),
+        };
+        let put = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.config.table)
+            .item("pk", AttributeValue::S(REVOCATIONS_PK.into()))
+            .item("sk", AttributeValue::S(revocation.key()))
+            .item("tenant", AttributeValue::S(revocation.tenant.clone()))
+            .item("kind", AttributeValue::S(kind.into()))
+            .item("target", AttributeValue::S(target))
+            .item(
+                "revoked_at",
+                AttributeValue::N(revocation.revoked_at.to_string()),
+            )
+            .item(
+                "expires_at",
+                AttributeValue::N(revocation.expires_at.to_string()),
+            )
+            .condition_expression("attribute_not_exists(sk) OR revoked_at <= :at")
+            .expression_attribute_values(
+                ":at",
+                AttributeValue::N(revocation.revoked_at.to_string()),
+            )
+            .send()
+            .await;
+        match put {
+            Ok(_) => Ok(()),
+            // A newer revocation of the same token or user is there already.
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(error) => Err(unavailable("PutItem", error)),
+        }
+    }
+
+    async fn read_revocations(&self, now_unix: i64) -> Result<Vec<Revocation>, StoreError> {
+        let mut pages = self
+            .dynamodb
+            .query()
+            .table_name(&self.config.table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(REVOCATIONS_PK.into()))
+            .into_paginator()
+            .items()
+            .send();
+        let mut live = Vec::new();
+        let mut expired = Vec::new();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(|e| unavailable("Query", e))?;
+            let signed = |name: &str| -> Option<i64> { item.get(name)?.as_n().ok()?.parse().ok() };
+            let (Some(sk), Some(tenant), Some(kind), Some(target), Some(at), Some(until)) = (
+                string(&item, "sk"),
+                string(&item, "tenant"),
+                string(&item, "kind"),
+                string(&item, "target"),
+                signed("revoked_at"),
+                signed("expires_at"),
+            ) else {
+                return Err(StoreError::Corrupt(
+                    "revocation item without its fields".into(),
+                ));
+            };
+            let revoked = match kind.as_str() {
+                "token" => Revoked::Token(target),
+                "user" => Revoked::User(target),
+                other => return Err(StoreError::Corrupt(format!("revocation kind {other}"))),
+            };
+            if until <= now_unix {
+                expired.push(sk);
+                continue;
+            }
+            live.push(Revocation {
+                tenant,
+                revoked,
+                revoked_at: at,
+                expires_at: until,
+            });
+        }
+        // Pruning is best effort: another node (or the next read) finishes it.
+        for sk in expired {
+            let _ = self
+                .dynamodb
+                .delete_item()
+                .table_name(&self.config.table)
+                .key("pk", AttributeValue::S(REVOCATIONS_PK.into()))
+                .key("sk", AttributeValue::S(sk))
+                .condition_expression("expires_at <= :now")
+                .expression_attribute_values(":now", AttributeValue::N(now_unix.to_string()))
+                .send()
+                .await;
+        }
+        Ok(live)
+    }
+
     async fn get_object(&self, object: &str) -> Result<Bytes, StoreError> {
         let output = self
             .s3
@@ -745,6 +851,17 @@ impl AwsStore {
 }
 
 impl DurableStore for AwsStore {
+    fn revoke<'a>(&'a self, revocation: &'a Revocation) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.put_revocation(revocation))
+    }
+
+    fn revocations<'a>(
+        &'a self,
+        now_unix: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
+        Box::pin(self.read_revocations(now_unix))
+    }
+
     fn write_changes<'a>(
         &'a self,
         changes: &'a [(DocKey, StoredChange)],
@@ -780,6 +897,10 @@ enum BatchFailure {
     Retryable(String),
     Fatal(StoreError),
 }
+
+/// The partition that holds every revocation of the jurisdiction (`#` is in no tenant
+/// id, so no document's partition can be this).
+const REVOCATIONS_PK: &str = "#revocations";
 
 fn partition(key: &DocKey) -> String {
     format!("{}#{}", key.tenant, key.doc)

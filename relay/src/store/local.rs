@@ -12,6 +12,12 @@
 //! Snapshots live beside the log: `<hex of doc id>.snap/<id>.meta` (heads and clock) and
 //! `<id>.am` (the saved document), the latter created with a hard link so that a second
 //! writer of the same id finds it present and leaves it alone.
+//!
+//! Revocations are one JSON file, `<root>/#revocations.json` (`#` is in no tenant id),
+//! a map from [`Revocation::key`] to the revocation, replaced whole (written to a
+//! temporary file, fsynced, renamed) under an exclusive lock on `#revocations.lock`, so
+//! that the nodes of a cell and `meridian token revoke` can share it; expired entries
+//! are dropped whenever it is rewritten.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -29,6 +35,11 @@ use super::{
     newest, not_covered,
 };
 use crate::engine::{DocKey, StoredChange};
+use crate::revocation::Revocation;
+
+/// The revocations file and its lock file, under the root.
+const REVOCATIONS: &str = "#revocations.json";
+const REVOCATIONS_LOCK: &str = "#revocations.lock";
 
 /// The largest record accepted when reading, a guard against a corrupt length.
 const RECORD_MAX: usize = 2 << 20;
@@ -70,6 +81,39 @@ impl LocalDirStore {
         self.failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok()
+    }
+
+    fn read_revocations(root: &Path) -> Result<BTreeMap<String, Revocation>, StoreError> {
+        match fs::read(root.join(REVOCATIONS)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{REVOCATIONS}: {e}"))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Rewrites the revocations under the lock: `change` edits them, expired ones go.
+    fn update_revocations(
+        root: &Path,
+        now_unix: i64,
+        change: impl FnOnce(&mut BTreeMap<String, Revocation>),
+    ) -> Result<(), StoreError> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(REVOCATIONS_LOCK))?;
+        lock.lock()?;
+        let mut revocations = Self::read_revocations(root)?;
+        change(&mut revocations);
+        revocations.retain(|_, r| r.expires_at > now_unix);
+        let bytes = serde_json::to_vec_pretty(&revocations)
+            .map_err(|e| StoreError::Corrupt(format!("{REVOCATIONS}: {e}")))?;
+        let tmp = root.join(format!("{REVOCATIONS}.tmp"));
+        write_synced(&tmp, &bytes)?;
+        fs::rename(&tmp, root.join(REVOCATIONS))?;
+        File::open(root)?.sync_all()?;
+        Ok(())
     }
 
     fn snapshot_dir(root: &Path, key: &DocKey) -> PathBuf {
@@ -248,6 +292,48 @@ impl LocalDirStore {
 }
 
 impl DurableStore for LocalDirStore {
+    fn revoke<'a>(&'a self, revocation: &'a Revocation) -> BoxFuture<'a, Result<(), StoreError>> {
+        let root = self.root.clone();
+        let revocation = revocation.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let now = revocation.revoked_at;
+                Self::update_revocations(&root, now, |revocations| {
+                    let key = revocation.key();
+                    if revocations
+                        .get(&key)
+                        .is_none_or(|old| old.revoked_at <= revocation.revoked_at)
+                    {
+                        revocations.insert(key, revocation);
+                    }
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn revocations<'a>(
+        &'a self,
+        now_unix: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>> {
+        let root = self.root.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let revocations = Self::read_revocations(&root)?;
+                if revocations.values().any(|r| r.expires_at <= now_unix) {
+                    Self::update_revocations(&root, now_unix, |_| {})?;
+                }
+                Ok(revocations
+                    .into_values()
+                    .filter(|r| r.expires_at > now_unix)
+                    .collect())
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
     fn write_changes<'a>(
         &'a self,
         changes: &'a [(DocKey, StoredChange)],

@@ -21,6 +21,7 @@ struct Doc {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     docs: Mutex<HashMap<DocKey, Doc>>,
+    revocations: Mutex<HashMap<String, crate::revocation::Revocation>>,
     failures: AtomicUsize,
 }
 
@@ -55,6 +56,41 @@ impl MemoryStore {
 }
 
 impl DurableStore for MemoryStore {
+    fn revoke<'a>(
+        &'a self,
+        revocation: &'a crate::revocation::Revocation,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.fail()?;
+            let mut revocations = self
+                .revocations
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            let key = revocation.key();
+            if revocations
+                .get(&key)
+                .is_none_or(|old| old.revoked_at <= revocation.revoked_at)
+            {
+                revocations.insert(key, revocation.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn revocations<'a>(
+        &'a self,
+        now_unix: i64,
+    ) -> BoxFuture<'a, Result<Vec<crate::revocation::Revocation>, StoreError>> {
+        Box::pin(async move {
+            let mut revocations = self
+                .revocations
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            revocations.retain(|_, r| r.expires_at > now_unix);
+            Ok(revocations.values().cloned().collect())
+        })
+    }
+
     fn write_changes<'a>(
         &'a self,
         changes: &'a [(DocKey, StoredChange)],

@@ -23,6 +23,7 @@ use meridian_protocol::{ActorId, ChangeHash};
 use sha2::{Digest, Sha256};
 
 use crate::engine::{DocKey, StoredChange};
+use crate::revocation::Revocation;
 
 /// Why a durable-tier call failed. Nothing was acknowledged for a failed write; the
 /// caller keeps the changes queued and retries.
@@ -123,6 +124,16 @@ pub trait DurableStore: Send + Sync + 'static {
         &'a self,
         key: &'a DocKey,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
+
+    /// Stores a revocation, replacing an older one with the same key
+    /// ([`Revocation::key`]); returns once it is durable.
+    fn revoke<'a>(&'a self, revocation: &'a Revocation) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The revocations not yet expired at `now_unix` (expired ones may be pruned).
+    fn revocations<'a>(
+        &'a self,
+        now_unix: i64,
+    ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>>;
 
     /// A short name for logs: `local`, `memory`, `dynamodb`.
     fn kind(&self) -> &'static str;
