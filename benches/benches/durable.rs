@@ -291,6 +291,7 @@ async fn cold_load(endpoint: &str, tag: &str) {
             ActorId::new(doc.get_actor().to_bytes()).expect("actor"),
             100_000,
         )],
+        users: vec![],
         bytes: Bytes::from(doc.save()),
     };
     store

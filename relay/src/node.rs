@@ -1104,6 +1104,7 @@ impl Driver {
                 changes,
                 heads,
                 clock,
+                users,
             } => {
                 let (store, done) = (self.store.clone(), done.clone());
                 let materialized = self.materialized.clone();
@@ -1111,7 +1112,7 @@ impl Driver {
                 workers.spawn(async move {
                     let started = Instant::now();
                     let result =
-                        compact(store, materialized, &key, base, changes, heads, clock).await;
+                        compact(store, materialized, &key, base, changes, heads, (clock, users)).await;
                     if result.is_ok() {
                         crate::metrics::snapshot_duration(started.elapsed());
                     }
@@ -1227,13 +1228,19 @@ fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange
     if heads != expected {
         return Err("snapshot heads do not match its record; refusing it".into());
     }
+    // Each change keeps the author its actor was bound to when the snapshot was made.
+    let users: HashMap<Vec<u8>, meridian_protocol::UserId> = record
+        .users
+        .iter()
+        .map(|(actor, user)| (actor.as_bytes().to_vec(), user.clone()))
+        .collect();
     let changes = doc
         .get_changes(&[])
         .iter()
         .map(|c| LoadedChange {
             hash: meridian_protocol::ChangeHash(c.hash().0),
             bytes: bytes::Bytes::copy_from_slice(c.raw_bytes()),
-            user: None,
+            user: users.get(c.actor_id().to_bytes()).cloned(),
             durable: true,
         })
         .collect();
@@ -1246,6 +1253,12 @@ fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange
     ))
 }
 
+/// What a snapshot covers: its vector clock, and each bound actor's user.
+type SnapshotCovers = (
+    Vec<(meridian_protocol::ActorId, u64)>,
+    Vec<(meridian_protocol::ActorId, meridian_protocol::UserId)>,
+);
+
 /// Materializes a document (off the hot path) and stores it as a snapshot.
 async fn compact(
     store: Arc<dyn DurableStore>,
@@ -1254,7 +1267,7 @@ async fn compact(
     base: Option<Snapshot>,
     changes: Vec<Bytes>,
     heads: Vec<ChangeHash>,
-    clock: Vec<(meridian_protocol::ActorId, u64)>,
+    covers: SnapshotCovers,
 ) -> Result<Snapshot, String> {
     let expected = heads.clone();
     let doc_key = key.clone();
@@ -1297,9 +1310,11 @@ async fn compact(
     })
     .await
     .map_err(|e| e.to_string())??;
+    let (clock, users) = covers;
     let record = SnapshotRecord {
         heads,
         clock,
+        users,
         bytes: Bytes::from(bytes),
     };
     store
@@ -1371,6 +1386,38 @@ mod tests {
             tenant: TenantId::new("t").unwrap(),
             doc: DocId::new(doc).unwrap(),
         }
+    }
+
+    #[test]
+    fn changes_expanded_from_a_snapshot_keep_their_authors() {
+        use automerge::transaction::Transactable;
+        let mut alice = automerge::AutoCommit::new();
+        alice.put(automerge::ROOT, "a", 1).unwrap();
+        let mut bob = alice.fork();
+        bob.put(automerge::ROOT, "b", 2).unwrap();
+        alice.merge(&mut bob).unwrap();
+        let actor = |doc: &automerge::AutoCommit| {
+            meridian_protocol::ActorId::new(doc.get_actor().to_bytes()).unwrap()
+        };
+        let heads: Vec<ChangeHash> = alice.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+        let record = SnapshotRecord {
+            heads,
+            clock: vec![(actor(&alice), 1), (actor(&bob), 1)],
+            // Bob's binding was not known (a snapshot from before bindings were kept).
+            users: vec![(
+                actor(&alice),
+                meridian_protocol::UserId::new("alice").unwrap(),
+            )],
+            bytes: Bytes::from(alice.save()),
+        };
+        let (_, changes) = expand_snapshot(record).unwrap();
+        assert_eq!(changes.len(), 2);
+        let users: Vec<Option<String>> = changes
+            .iter()
+            .map(|c| c.user.as_ref().map(|u| u.to_string()))
+            .collect();
+        assert!(users.contains(&Some("alice".into())), "{users:?}");
+        assert!(users.contains(&None), "{users:?}");
     }
 
     #[test]

@@ -906,3 +906,86 @@ async fn revoked_tokens_and_users_are_closed_and_refused() {
     still_open(&mut bob).await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_first_change_never_claims_its_authors_actor() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let change_of = |doc: &mut automerge::AutoCommit| {
+        Bytes::copy_from_slice(doc.get_last_local_change().unwrap().raw_bytes())
+    };
+    // Alice writes the first change of her actor in document X.
+    let alice = dev.raw(addr, dev.token("alice")).await;
+    let mut x = subscribed(&alice, "x").await;
+    let mut original = automerge::AutoCommit::new();
+    original.put(automerge::ROOT, "title", "alice's").unwrap();
+    let first = change_of(&mut original);
+    x.send(&ClientToRelay::Changes {
+        doc: doc("x"),
+        changes: vec![first.clone()],
+    })
+    .await;
+    assert!(matches!(
+        x.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+
+    // Mallory copies it into a new document Y first (accepted: a copy the relay holds).
+    let mallory = dev.raw(addr, dev.token("mallory")).await;
+    let mut y = subscribed(&mallory, "y").await;
+    y.send(&ClientToRelay::Changes {
+        doc: doc("y"),
+        changes: vec![first],
+    })
+    .await;
+    assert!(matches!(
+        y.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+    // ...and cannot write under alice's actor there,
+    let mut forged = original.fork();
+    forged.set_actor(original.get_actor().clone());
+    forged.put(automerge::ROOT, "title", "mallory's").unwrap();
+    y.send(&ClientToRelay::Changes {
+        doc: doc("y"),
+        changes: vec![change_of(&mut forged)],
+    })
+    .await;
+    assert_eq!(
+        error_of(&y.next().await),
+        Some((ErrorCode::ActorConflict, Some(doc("y"))))
+    );
+    // ...nor start alice's actor in a third document with a change no one holds.
+    let mut z = subscribed(&mallory, "z").await;
+    let mut fresh = automerge::AutoCommit::new();
+    fresh.set_actor(original.get_actor().clone());
+    fresh.put(automerge::ROOT, "title", "forged first").unwrap();
+    z.send(&ClientToRelay::Changes {
+        doc: doc("z"),
+        changes: vec![change_of(&mut fresh)],
+    })
+    .await;
+    assert_eq!(
+        error_of(&z.next().await),
+        Some((ErrorCode::ActorConflict, Some(doc("z"))))
+    );
+    // Alice, the real author, writes on in Y under her actor: she was not wedged.
+    let mut alice_y = subscribed(&alice, "y").await;
+    original
+        .put(automerge::ROOT, "title", "alice's, edited")
+        .unwrap();
+    alice_y
+        .send(&ClientToRelay::Changes {
+            doc: doc("y"),
+            changes: vec![change_of(&mut original)],
+        })
+        .await;
+    assert!(
+        alice_y
+            .until(|m| matches!(m, RelayToClient::Applied { .. }))
+            .await
+            .is_some()
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -142,6 +142,7 @@ async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_l
             &SnapshotRecord {
                 heads,
                 clock: vec![(ActorId::new(actor.to_bytes()).unwrap(), 20)],
+                users: vec![],
                 bytes: bytes::Bytes::from(other.save()),
             },
         )

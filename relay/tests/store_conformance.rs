@@ -201,6 +201,11 @@ fn snapshot_at(
             ActorId::new(doc.get_actor().to_bytes()).unwrap(),
             upto as u64,
         )],
+        // Bindings round-trip with the snapshot (a user id may hold a colon).
+        users: vec![(
+            ActorId::new(doc.get_actor().to_bytes()).unwrap(),
+            UserId::new("writer:1").unwrap(),
+        )],
         bytes: Bytes::from(partial.save()),
     }
 }

@@ -283,6 +283,7 @@ impl Engine {
             return;
         }
         let new = self.insert_loaded(now, &key, loaded.changes, true);
+        self.register_bindings(&key);
         let Some(doc) = self.docs.get_mut(&key) else {
             return;
         };

@@ -55,6 +55,7 @@ impl Engine {
                 .collect(),
             heads: entry.graph.heads().to_vec(),
             clock: entry.graph.clock(),
+            users: entry.graph.bindings(),
             base,
         };
         entry.compacting = true;

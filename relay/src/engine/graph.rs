@@ -282,6 +282,15 @@ impl ChangeGraph {
             .collect()
     }
 
+    /// Every actor bound to a user, with that user (what a snapshot records so that the
+    /// changes it holds keep their authors).
+    pub fn bindings(&self) -> Vec<(ActorId, UserId)> {
+        self.actors
+            .iter()
+            .filter_map(|a| Some((a.id.clone()?, a.user.clone()?)))
+            .collect()
+    }
+
     /// The user an actor is bound to, if any change of it is present.
     pub fn actor_user(&self, actor: &ActorId) -> Option<&UserId> {
         let index = self.actor_index.get(actor)?;

@@ -165,6 +165,9 @@ pub struct EngineConfig {
     /// Each tenant's jurisdiction. A tenant not listed, or listed elsewhere, is refused:
     /// its data may not be written here.
     pub tenant_jurisdictions: HashMap<TenantId, String>,
+    /// Actors whose owning user the engine remembers across a tenant's documents (least
+    /// recently used forgotten first).
+    pub actor_owners_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -188,6 +191,7 @@ impl Default for EngineConfig {
             refresh_after_join: Duration::from_secs(1),
             jurisdiction: String::new(),
             tenant_jurisdictions: HashMap::new(),
+            actor_owners_max: 100_000,
         }
     }
 }
@@ -271,6 +275,8 @@ pub enum StoreTask {
         heads: Vec<ChangeHash>,
         /// The vector clock it covers (actor → highest seq).
         clock: Vec<(meridian_protocol::ActorId, u64)>,
+        /// Each bound actor's user, recorded with the snapshot.
+        users: Vec<(meridian_protocol::ActorId, UserId)>,
     },
     /// These changes are durable: remove them from the cache's flush queue.
     Uncache {
@@ -455,11 +461,17 @@ pub struct Engine {
     tenant_arrivals: HashMap<TenantId, Instant>,
     /// Set while orphans are taken again after a refresh (they must not ask for another).
     reingesting: bool,
+    /// Which user first wrote with each actor, across the tenant's documents: a copy of
+    /// another user's change relayed into a document binds its actor to that user, not to
+    /// whoever relayed it (see `attribute`).
+    actor_owners: lru::LruCache<(TenantId, meridian_protocol::ActorId), UserId>,
 }
 
 impl Engine {
     /// A new engine with no sessions or documents.
     pub fn new(config: EngineConfig) -> Self {
+        let owners_max = std::num::NonZeroUsize::new(config.actor_owners_max.max(1))
+            .unwrap_or(std::num::NonZeroUsize::MIN);
         Engine {
             config,
             sessions: HashMap::new(),
@@ -487,6 +499,7 @@ impl Engine {
             membership_changed_at: None,
             tenant_arrivals: HashMap::new(),
             reingesting: false,
+            actor_owners: lru::LruCache::new(owners_max),
         }
     }
 
@@ -891,6 +904,7 @@ impl Engine {
         };
         self.stats.cold_loads += 1;
         self.insert_loaded(now, &key, loaded.changes, false);
+        self.register_bindings(&key);
         // Loaded while ownership was moving: the former owner may still be flushing it.
         self.refresh_after_change(now.instant, &key);
         if let Some(entry) = self.docs.get_mut(&key) {
@@ -1167,10 +1181,22 @@ impl Engine {
             self.config.orphans_per_doc_max,
             self.config.orphan_bytes_per_doc_max,
         );
+        // Who each change is attributed to (and binds its actor to): see `attribute`.
+        let changes: Vec<(Result<ParsedChange, ChangeError>, Option<UserId>)> = changes
+            .into_iter()
+            .map(|parsed| {
+                let author = parsed
+                    .as_ref()
+                    .ok()
+                    .and_then(|parsed| self.attribute(key, parsed, &user));
+                (parsed, author)
+            })
+            .collect();
         let Some(entry) = self.docs.get_mut(key) else {
             return;
         };
-        for parsed in changes {
+        let mut bound: Vec<(meridian_protocol::ActorId, UserId)> = Vec::new();
+        for (parsed, author) in changes {
             let parsed = match parsed {
                 Ok(parsed) => parsed,
                 Err(error) => {
@@ -1178,7 +1204,20 @@ impl Engine {
                     continue;
                 }
             };
-            match entry.graph.add(&parsed, Some(&user), false) {
+            let Some(author) = author else {
+                refusals.push((
+                    ErrorCode::ActorConflict,
+                    format!(
+                        "change {}: its actor writes for another user, and this relay holds no copy of it to relay",
+                        parsed.hash
+                    ),
+                ));
+                continue;
+            };
+            if entry.graph.actor_user(&parsed.actor).is_none() {
+                bound.push((parsed.actor.clone(), author.clone()));
+            }
+            match entry.graph.add(&parsed, Some(&author), false) {
                 Ok(Added::New(index)) => accepted.push((session, index)),
                 Ok(Added::Known(_)) => known.push(parsed.hash),
                 Err(AddError::MissingDeps(_)) => {
@@ -1203,7 +1242,7 @@ impl Engine {
                     entry.orphans.push(Orphan {
                         change: parsed,
                         session,
-                        user: user.clone(),
+                        user: author,
                     });
                 }
                 Err(AddError::ActorOfOtherUser) => {
@@ -1226,6 +1265,14 @@ impl Engine {
                     ErrorCode::InvalidChange,
                     format!("change {}: {error}", parsed.hash),
                 )),
+            }
+        }
+        for (actor, author) in bound {
+            if entry.graph.actor_user(&actor) == Some(&author) {
+                let owner = (key.tenant.clone(), actor);
+                if !self.actor_owners.contains(&owner) {
+                    self.actor_owners.put(owner, author);
+                }
             }
         }
         // Orphans whose dependencies arrived join the graph.
@@ -1324,6 +1371,63 @@ impl Engine {
         }
         self.start_commit();
         self.maybe_compact(now.instant, key);
+    }
+}
+
+impl Engine {
+    /// Who a change uploaded by `uploader` is attributed to, binding its actor in the
+    /// document if it is not bound yet; `None` refuses it (`actor_conflict`).
+    ///
+    /// The rule: an actor belongs to the user who first wrote a new change with it. In a
+    /// document where the actor is bound, the graph enforces that binding (a new change
+    /// from anyone else is refused; a re-upload of a held change is known and binds
+    /// nothing). Where it is not bound yet, the uploader binds it, unless the relay
+    /// remembers another owner for the actor in this tenant: then the change is taken
+    /// only as a copy of a change the relay holds in another of the tenant's documents
+    /// (a client merging documents, a sync peer relaying) and is attributed to that
+    /// owner, so that relaying another user's change never claims their actor and the
+    /// real author is never wedged out of a document.
+    fn attribute(
+        &mut self,
+        key: &DocKey,
+        change: &ParsedChange,
+        uploader: &UserId,
+    ) -> Option<UserId> {
+        let doc = self.docs.get(key)?;
+        if doc.graph.actor_user(&change.actor).is_some()
+            || doc.graph.index_of(&change.hash).is_some()
+        {
+            return Some(uploader.clone());
+        }
+        let owner = self
+            .actor_owners
+            .get(&(key.tenant.clone(), change.actor.clone()))
+            .cloned();
+        match owner {
+            None => Some(uploader.clone()),
+            Some(owner) if &owner == uploader => Some(owner),
+            Some(owner) => {
+                let held_elsewhere = self.docs.iter().any(|(other, doc)| {
+                    other.tenant == key.tenant
+                        && other != key
+                        && doc.graph.index_of(&change.hash).is_some()
+                });
+                held_elsewhere.then_some(owner)
+            }
+        }
+    }
+
+    /// Remembers the owners of a document's bound actors (after a load or refresh).
+    fn register_bindings(&mut self, key: &DocKey) {
+        let Some(doc) = self.docs.get(key) else {
+            return;
+        };
+        for (actor, user) in doc.graph.bindings() {
+            let owner = (key.tenant.clone(), actor);
+            if !self.actor_owners.contains(&owner) {
+                self.actor_owners.put(owner, user);
+            }
+        }
     }
 }
 

@@ -33,7 +33,8 @@ use futures::future::BoxFuture;
 use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
-    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, decode_users,
+    encode_clock, encode_users,
 };
 use crate::engine::{DocKey, StoredChange};
 use crate::revocation::{Revocation, Revoked};
@@ -540,6 +541,7 @@ impl AwsStore {
             .item("sk", AttributeValue::S(format!("s#{id}")))
             .item("heads", AttributeValue::L(heads))
             .item("clock", AttributeValue::S(encode_clock(&snapshot.clock)))
+            .item("users", AttributeValue::S(encode_users(&snapshot.users)))
             .item("size", AttributeValue::N(snapshot.size().to_string()))
             .item("s3", AttributeValue::S(object))
             .item("cell", AttributeValue::S(self.config.cell.clone()))
@@ -636,10 +638,12 @@ impl AwsStore {
             _ => return Err(StoreError::Corrupt("snapshot item without heads".into())),
         };
         let clock = decode_clock(string(item, "clock").unwrap_or_default().as_str())?;
+        let users = decode_users(string(item, "users").unwrap_or_default().as_str())?;
         let bytes = self.get_object(&object).await?;
         Ok(SnapshotRecord {
             heads,
             clock,
+            users,
             bytes,
         })
     }

@@ -31,8 +31,8 @@ use futures::future::BoxFuture;
 use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
-    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, encode_clock,
-    newest, not_covered,
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, decode_users,
+    encode_clock, encode_users, newest, not_covered,
 };
 use crate::engine::{DocKey, StoredChange};
 use crate::revocation::Revocation;
@@ -134,14 +134,15 @@ impl LocalDirStore {
             return Ok(SnapshotWrite::AlreadyExists);
         }
         let meta = format!(
-            "{}\n{}\n",
+            "{}\n{}\n{}\n",
             snapshot
                 .heads
                 .iter()
                 .map(|h| h.to_hex())
                 .collect::<Vec<_>>()
                 .join(","),
-            encode_clock(&snapshot.clock)
+            encode_clock(&snapshot.clock),
+            encode_users(&snapshot.users)
         );
         write_synced(&dir.join(format!("{id}.meta.tmp")), meta.as_bytes())?;
         fs::rename(
@@ -193,9 +194,12 @@ impl LocalDirStore {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let clock = decode_clock(lines.next().unwrap_or(""))?;
+            // Snapshots written before bindings were kept have no third line.
+            let users = decode_users(lines.next().unwrap_or(""))?;
             out.push(SnapshotRecord {
                 heads,
                 clock,
+                users,
                 bytes: Bytes::from(bytes),
             });
         }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use meridian_protocol::{ActorId, ChangeHash};
+use meridian_protocol::{ActorId, ChangeHash, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::engine::{DocKey, StoredChange};
@@ -52,6 +52,10 @@ pub struct SnapshotRecord {
     pub heads: Vec<ChangeHash>,
     /// Actor → highest sequence number covered.
     pub clock: Vec<(ActorId, u64)>,
+    /// Actor → the user its changes were written by, for the actors the relay knew it
+    /// for: the changes a cold load expands from the snapshot keep their authors, so
+    /// actor bindings survive snapshots.
+    pub users: Vec<(ActorId, UserId)>,
     /// The saved document.
     pub bytes: Bytes,
 }
@@ -171,6 +175,29 @@ pub fn encode_clock(clock: &[(ActorId, u64)]) -> String {
         .map(|(actor, seq)| format!("{}:{seq}", hex::encode(actor.as_bytes())))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// Encodes actor bindings for storage as `actorhex:user,actorhex:user` (user ids hold
+/// no comma).
+pub fn encode_users(users: &[(ActorId, UserId)]) -> String {
+    users
+        .iter()
+        .map(|(actor, user)| format!("{}:{user}", hex::encode(actor.as_bytes())))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Decodes [`encode_users`]'s format.
+pub fn decode_users(text: &str) -> Result<Vec<(ActorId, UserId)>, StoreError> {
+    let bad = || StoreError::Corrupt("bad actor bindings".into());
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            let (actor, user) = part.split_once(':').ok_or_else(bad)?;
+            let actor = ActorId::new(&hex::decode(actor).map_err(|_| bad())?).map_err(|_| bad())?;
+            Ok((actor, UserId::new(user).map_err(|_| bad())?))
+        })
+        .collect()
 }
 
 /// Decodes [`encode_clock`]'s format.
