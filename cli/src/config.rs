@@ -389,6 +389,12 @@ pub struct RateLimitsSection {
     pub unauthenticated_per_address_max: Option<usize>,
     pub engine_inputs_per_tenant_max: Option<usize>,
     pub strikes_max: Option<u32>,
+    pub queued_bytes_per_tenant_max: Option<usize>,
+    pub subscriptions_per_user_max: Option<usize>,
+    pub hot_docs_per_tenant_max: Option<usize>,
+    pub orphan_bytes_per_session_max: Option<usize>,
+    pub orphan_bytes_per_tenant_max: Option<usize>,
+    pub presence_bytes_per_tenant_max: Option<usize>,
 }
 
 /// Rates per second for one scope.
@@ -419,7 +425,11 @@ impl RatesSection {
 }
 
 impl RateLimitsSection {
-    fn apply(&self, config: &mut meridian_relay::ratelimit::RateLimitConfig) {
+    fn apply(
+        &self,
+        config: &mut meridian_relay::ratelimit::RateLimitConfig,
+        engine: &mut EngineConfig,
+    ) {
         for (section, rates) in [
             (&self.connection, &mut config.connection),
             (&self.user, &mut config.user),
@@ -443,6 +453,24 @@ impl RateLimitsSection {
         }
         if let Some(v) = self.strikes_max {
             config.strikes_max = v;
+        }
+        if let Some(v) = self.queued_bytes_per_tenant_max {
+            config.queued_bytes_per_tenant_max = v;
+        }
+        if let Some(v) = self.subscriptions_per_user_max {
+            engine.subscriptions_per_user_max = v;
+        }
+        if let Some(v) = self.hot_docs_per_tenant_max {
+            engine.hot_docs_per_tenant_max = v;
+        }
+        if let Some(v) = self.orphan_bytes_per_session_max {
+            engine.orphan_bytes_per_session_max = v;
+        }
+        if let Some(v) = self.orphan_bytes_per_tenant_max {
+            engine.orphan_bytes_per_tenant_max = v;
+        }
+        if let Some(v) = self.presence_bytes_per_tenant_max {
+            engine.presence_bytes_per_tenant_max = v;
         }
     }
 }
@@ -514,7 +542,7 @@ impl RelayFile {
         let mut limits = Limits::default();
         let mut engine = EngineConfig::default();
         if let Some(rates) = &self.rate_limits {
-            rates.apply(&mut limits.rates);
+            rates.apply(&mut limits.rates, &mut engine);
         }
         if let Some(l) = self.limits {
             let ms = Duration::from_millis;

@@ -88,6 +88,12 @@ impl RateLimitsMode {
                     unauthenticated_per_address_max: Some(1_000_000),
                     engine_inputs_per_tenant_max: Some(1_000_000),
                     strikes_max: None,
+                    queued_bytes_per_tenant_max: Some(usize::MAX / 2),
+                    subscriptions_per_user_max: Some(1_000_000),
+                    hot_docs_per_tenant_max: Some(1_000_000),
+                    orphan_bytes_per_session_max: None,
+                    orphan_bytes_per_tenant_max: None,
+                    presence_bytes_per_tenant_max: Some(usize::MAX / 2),
                 })
             }
         }

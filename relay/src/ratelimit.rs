@@ -57,6 +57,10 @@ pub struct RateLimitConfig {
     pub engine_inputs_per_tenant_max: usize,
     /// Consecutive refusals after which a connection is closed with `rate_limited`.
     pub strikes_max: u32,
+    /// Bytes queued for sending to one tenant's connections on this node, together
+    /// (each connection also has its own `send_queue_bytes_max`); a connection whose
+    /// push would pass it is disconnected as a slow consumer.
+    pub queued_bytes_per_tenant_max: usize,
 }
 
 const fn rate(value: u32) -> NonZeroU32 {
@@ -92,6 +96,7 @@ impl Default for RateLimitConfig {
             unauthenticated_per_address_max: 64,
             engine_inputs_per_tenant_max: 1_024,
             strikes_max: 100,
+            queued_bytes_per_tenant_max: 1 << 30,
         }
     }
 }
@@ -180,6 +185,7 @@ pub struct NodeLimits {
     connections: Mutex<Connections>,
     addresses: Mutex<HashMap<IpAddr, usize>>,
     gates: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
+    queued: Mutex<HashMap<TenantId, Arc<std::sync::atomic::AtomicUsize>>>,
 }
 
 #[derive(Default)]
@@ -211,6 +217,7 @@ impl NodeLimits {
             connections: Mutex::default(),
             addresses: Mutex::default(),
             gates: Mutex::default(),
+            queued: Mutex::default(),
         })
     }
 
@@ -233,6 +240,9 @@ impl NodeLimits {
         if let Ok(mut gates) = self.gates.lock() {
             let max = self.config.engine_inputs_per_tenant_max;
             gates.retain(|_, gate| gate.available_permits() < max);
+        }
+        if let Ok(mut queued) = self.queued.lock() {
+            queued.retain(|_, bytes| Arc::strong_count(bytes) > 1);
         }
     }
 
@@ -390,6 +400,17 @@ impl SessionLimits {
         }
         self.strikes.store(0, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The counter of bytes queued for this session's tenant on this node.
+    pub fn tenant_queued(&self) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.node
+            .queued
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(self.tenant.clone())
+            .or_default()
+            .clone()
     }
 
     /// A place in the tenant's share of the engine's input queue, waited for: a tenant

@@ -42,13 +42,54 @@ fn outbound_size(outbound: &Outbound) -> usize {
     }
 }
 
+/// Bytes queued for sending: one connection's (shared by its streams) within
+/// `send_queue_bytes_max`, and its tenant's on this node (shared by every connection of
+/// the tenant) within `queued_bytes_per_tenant_max`. A push that would pass either fails:
+/// that consumer is too slow and is disconnected.
+pub(crate) struct QueueBudget {
+    connection: AtomicUsize,
+    connection_max: usize,
+    tenant: Arc<AtomicUsize>,
+    tenant_max: usize,
+}
+
+impl QueueBudget {
+    pub(crate) fn new(connection_max: usize, tenant: Arc<AtomicUsize>, tenant_max: usize) -> Self {
+        QueueBudget {
+            connection: AtomicUsize::new(0),
+            connection_max,
+            tenant,
+            tenant_max,
+        }
+    }
+
+    fn take(&self, size: usize) -> bool {
+        if self.connection.fetch_add(size, Ordering::Relaxed) + size > self.connection_max {
+            self.connection.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        if self.tenant.fetch_add(size, Ordering::Relaxed) + size > self.tenant_max {
+            self.tenant.fetch_sub(size, Ordering::Relaxed);
+            self.connection.fetch_sub(size, Ordering::Relaxed);
+            crate::metrics::rate_limited("queued_bytes", "tenant");
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, size: usize) {
+        self.connection.fetch_sub(size, Ordering::Relaxed);
+        self.tenant.fetch_sub(size, Ordering::Relaxed);
+    }
+}
+
 /// A stream writer's end of its queue, with the bytes it has taken from the queue and
 /// not yet written. However the writer ends (a write error, a close), everything still
 /// owed, and whatever is left in the queue, goes back to the connection's byte budget,
 /// which its other streams share.
 struct WriterQueue {
     rx: crate::outbox::Receiver<(Outbound, Option<Instant>)>,
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: Arc<QueueBudget>,
     owed: usize,
 }
 
@@ -69,7 +110,7 @@ impl WriterQueue {
     /// `size` bytes of what was taken are written.
     fn written(&mut self, size: usize) {
         self.owed = self.owed.saturating_sub(size);
-        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        self.queued_bytes.give(size);
     }
 }
 
@@ -81,8 +122,7 @@ impl Drop for WriterQueue {
             .iter()
             .map(|(outbound, _)| outbound_size(outbound))
             .sum();
-        self.queued_bytes
-            .fetch_sub(self.owed + left, Ordering::Relaxed);
+        self.queued_bytes.give(self.owed + left);
     }
 }
 
@@ -91,8 +131,7 @@ impl Drop for WriterQueue {
 pub struct Outbox {
     /// Each message with, for a fan-out, when its changes arrived at the relay.
     tx: crate::outbox::Sender<(Outbound, Option<Instant>)>,
-    queued_bytes: Arc<AtomicUsize>,
-    bytes_max: usize,
+    queued_bytes: Arc<QueueBudget>,
     connection: quinn::Connection,
 }
 
@@ -111,13 +150,11 @@ impl Outbox {
 
     fn push_at(&self, outbound: Outbound, received: Option<Instant>) -> bool {
         let size = outbound_size(&outbound);
-        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
-        if queued > self.bytes_max {
-            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        if !self.queued_bytes.take(size) {
             return false;
         }
         if self.tx.try_send((outbound, received)).is_err() {
-            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.queued_bytes.give(size);
             return false;
         }
         true
@@ -474,7 +511,11 @@ async fn run(
     connection.set_max_concurrent_bi_streams(VarInt::from(streams_allowed));
     connection.set_receive_window(VarInt::from(shared.limits.receive_window));
 
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let queued_bytes = Arc::new(QueueBudget::new(
+        shared.limits.send_queue_bytes_max,
+        limits.tenant_queued(),
+        shared.limits.rates.queued_bytes_per_tenant_max,
+    ));
     let control = spawn_writer(shared, connection, send, queued_bytes.clone());
     let welcome = RelayToClient::Welcome {
         node: shared.node.clone(),
@@ -658,7 +699,7 @@ impl DocStream {
         self,
         mut send: SendStream,
         mut reader: FrameReader,
-        queued_bytes: Arc<AtomicUsize>,
+        queued_bytes: Arc<QueueBudget>,
     ) {
         let (session, connection, shared) = (self.session, &self.connection, &self.shared);
         let (doc, heads, snapshot) = match reader.next().await {
@@ -844,7 +885,7 @@ fn spawn_writer(
     shared: &Arc<Shared>,
     connection: &quinn::Connection,
     mut send: SendStream,
-    queued_bytes: Arc<AtomicUsize>,
+    queued_bytes: Arc<QueueBudget>,
 ) -> Outbox {
     let (tx, rx) = crate::outbox::bounded::<(Outbound, Option<Instant>)>(
         shared.limits.send_queue_messages_max,
@@ -857,7 +898,6 @@ fn spawn_writer(
     let outbox = Outbox {
         tx,
         queued_bytes,
-        bytes_max: shared.limits.send_queue_bytes_max,
         connection: connection.clone(),
     };
     let connection = connection.clone();
@@ -1096,16 +1136,17 @@ mod tests {
     /// What the outbox does on push: count the bytes, then queue.
     fn push(
         tx: &crate::outbox::Sender<(Outbound, Option<Instant>)>,
-        queued: &AtomicUsize,
+        queued: &QueueBudget,
         item: (Outbound, Option<Instant>),
     ) {
-        queued.fetch_add(outbound_size(&item.0), Ordering::Relaxed);
+        assert!(queued.take(outbound_size(&item.0)));
         assert!(tx.try_send(item).is_ok());
     }
 
     #[tokio::test]
     async fn a_writer_that_ends_early_gives_every_unwritten_byte_back() {
-        let queued = Arc::new(AtomicUsize::new(0));
+        let tenant = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::new(QueueBudget::new(usize::MAX, tenant.clone(), usize::MAX));
         let (tx, rx) = crate::outbox::bounded(100);
         let mut queue = WriterQueue {
             rx,
@@ -1126,7 +1167,8 @@ mod tests {
             &queued,
             (Outbound::Fanout(fanout), Some(Instant::now())),
         );
-        let total = queued.load(Ordering::Relaxed);
+        let total = queued.connection.load(Ordering::Relaxed);
+        assert_eq!(tenant.load(Ordering::Relaxed), total);
         assert!(total > 0);
 
         // One batch taken (at most WRITE_BATCH_ITEMS), part of it written.
@@ -1135,12 +1177,13 @@ mod tests {
         assert_eq!(pending.len(), WRITE_BATCH_ITEMS);
         let first = outbound_size(&pending[0].0);
         queue.written(first);
-        assert_eq!(queued.load(Ordering::Relaxed), total - first);
+        assert_eq!(queued.connection.load(Ordering::Relaxed), total - first);
 
         // The writer ends (a failed write): the rest of the batch and what is still
         // queued are given back, and the queue refuses more.
         drop(queue);
-        assert_eq!(queued.load(Ordering::Relaxed), 0);
+        assert_eq!(queued.connection.load(Ordering::Relaxed), 0);
+        assert_eq!(tenant.load(Ordering::Relaxed), 0, "the tenant's share too");
         assert!(tx.try_send(pong(0)).is_err());
     }
 }

@@ -989,3 +989,166 @@ async fn a_copied_first_change_never_claims_its_authors_actor() {
     );
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphan_and_duplicate_floods_cost_their_sender_only() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let raw = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&raw, "flood").await;
+    // 2,000 orphans of 8 KB (their first change is never sent): more than the document's
+    // and the connection's orphan budgets; the surplus is refused, typed.
+    let mut author = automerge::AutoCommit::new();
+    author.put(automerge::ROOT, "base", 0).unwrap();
+    author.commit();
+    let mut orphans = Vec::new();
+    for i in 0..2_000 {
+        author
+            .put(automerge::ROOT, "k", format!("{i}{}", "x".repeat(8_000)))
+            .unwrap();
+        author.commit();
+        orphans.push(Bytes::copy_from_slice(
+            author.get_last_local_change().unwrap().raw_bytes(),
+        ));
+    }
+    for chunk in orphans.chunks(100) {
+        stream
+            .send(&ClientToRelay::Changes {
+                doc: doc("flood"),
+                changes: chunk.to_vec(),
+            })
+            .await;
+    }
+    let mut refused = 0;
+    while refused < 1_000 {
+        let message = stream.next().await;
+        match (error_of(&message), &message) {
+            (Some((ErrorCode::MissingDependencies, _)), _) => refused += 1,
+            (_, None) => panic!(
+                "the stream ended after {refused} refusals: {:?}",
+                raw.connection.close_reason()
+            ),
+            (Some(other), _) => panic!("{other:?}"),
+            (None, _) => {}
+        }
+    }
+    assert!(relay.stats().orphans <= 512, "{}", relay.stats().orphans);
+
+    // The same valid change 4,000 times: acknowledged as known, stored once.
+    let duplicate = some_change("dup");
+    let mut dups = subscribed(&raw, "dups").await;
+    for _ in 0..40 {
+        dups.send(&ClientToRelay::Changes {
+            doc: doc("dups"),
+            changes: vec![duplicate.clone(); 100],
+        })
+        .await;
+    }
+    // Acknowledgements of one group commit are merged: count them until it goes quiet.
+    let mut applied = 0;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(2), dups.next()).await
+    {
+        match message {
+            RelayToClient::Applied { changes, .. } => {
+                assert!(changes.iter().all(|c| c.to_hex().len() == 64));
+                applied += 1;
+            }
+            // The flood also spends the connection's change rate.
+            RelayToClient::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => {}
+            RelayToClient::Error { code, .. } => panic!("{code}"),
+            _ => {}
+        }
+    }
+    assert!(applied >= 1);
+    assert!(raw.connection.close_reason().is_none(), "still connected");
+    let reader = dev.client(addr, "reader").await;
+    let copy = reader.open("dups").await.unwrap();
+    copy.wait_synced().await.unwrap();
+    assert_eq!(copy.heads().len(), 1);
+    reader.close().await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_document_ids_reach_only_its_own_documents() {
+    let dev = Dev::new();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    let other_key = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
+    config.tenants.push(TenantKeys {
+        tenant: TenantId::new("globex").unwrap(),
+        jurisdiction: None,
+        public_keys: vec![other_key.public_key().unwrap()],
+        max_token_lifetime: None,
+    });
+    let relay = meridian_relay::start(config).await.unwrap();
+    let addr = relay.local_addr();
+    // acme writes "shared".
+    let acme = dev.client(addr, "alice").await;
+    let doc_a = acme.open("shared").await.unwrap();
+    doc_a
+        .change(|d| d.put(automerge::ROOT, "secret", "acme's").unwrap())
+        .unwrap();
+    common::wait_durable(&doc_a).await;
+    // globex opens the same id: an empty document of its own.
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new("globex").unwrap(),
+        user: meridian_protocol::UserId::new("eve").unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        id: "globex-1".into(),
+        issued_at: common::unix_now(),
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    let token = meridian_protocol::token::mint(&capability, &other_key).unwrap();
+    let raw = dev.raw(addr, token).await;
+    let mut stream = raw.subscribe("shared").await;
+    match stream
+        .until(|m| matches!(m, RelayToClient::Synced { .. }))
+        .await
+    {
+        Some(RelayToClient::Synced { heads, .. }) => assert!(heads.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    acme.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_burst_from_one_address_is_capped_and_others_get_in() {
+    let mut dev = Dev::new();
+    dev.limits.rates.unauthenticated_per_address_max = 16;
+    dev.limits.hello_timeout = Duration::from_secs(10);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let config = dev.client_config(addr, String::new());
+    let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+    // 300 handshakes at once from 127.0.0.1, none of which says hello.
+    let mut attempts = tokio::task::JoinSet::new();
+    for _ in 0..300 {
+        let endpoint = endpoint.clone();
+        attempts.spawn(async move {
+            let connecting = endpoint.connect(addr, "localhost").unwrap();
+            connecting.await
+        });
+    }
+    let (mut held, mut refused) = (Vec::new(), 0);
+    while let Some(result) = attempts.join_next().await {
+        match result.unwrap() {
+            Ok(connection) => held.push(connection),
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(held.len() <= 16, "{} connections held", held.len());
+    assert!(refused >= 284, "{refused} refused");
+    // A legitimate client from another address is served meanwhile.
+    let legit = dev.raw_from(addr, dev.token("legit"), "127.0.0.5:0").await;
+    assert!(matches!(legit.first, Some(RelayToClient::Welcome { .. })));
+    drop(held);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

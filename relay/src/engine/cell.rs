@@ -314,6 +314,8 @@ impl Engine {
                 None => by_session.push((orphan.session, vec![Ok(orphan.change)])),
             }
         }
+        // The orphans taken out are parked again (and counted again) as they are taken.
+        self.recount_usage();
         self.reingesting = true;
         for (session, changes) in by_session {
             if self.is_subscribed(session, &key.doc) {
@@ -321,6 +323,7 @@ impl Engine {
             }
         }
         self.reingesting = false;
+        self.recount_usage();
     }
 
     /// Answers `Moved` and drops the session's subscription, if any.
@@ -365,6 +368,7 @@ impl Engine {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        let handed_off = !ready.is_empty();
         for key in ready {
             let Some(doc) = self.docs.get_mut(&key) else {
                 continue;
@@ -423,6 +427,10 @@ impl Engine {
                     },
                 );
             }
+        }
+        // Orphans and presence of the documents handed off went with them.
+        if handed_off {
+            self.recount_usage();
         }
     }
 }

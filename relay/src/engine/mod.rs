@@ -168,6 +168,18 @@ pub struct EngineConfig {
     /// Actors whose owning user the engine remembers across a tenant's documents (least
     /// recently used forgotten first).
     pub actor_owners_max: usize,
+    /// Orphan bytes one session may have parked, across documents.
+    pub orphan_bytes_per_session_max: usize,
+    /// Orphan bytes one tenant may have parked on this node.
+    pub orphan_bytes_per_tenant_max: usize,
+    /// Presence bytes one tenant may hold on this node (every session's state on every
+    /// document).
+    pub presence_bytes_per_tenant_max: usize,
+    /// Documents one tenant may have in memory on this node; a subscribe that would load
+    /// another is refused (`overloaded`).
+    pub hot_docs_per_tenant_max: usize,
+    /// Documents one user may be subscribed to at once across its sessions on this node.
+    pub subscriptions_per_user_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -192,6 +204,11 @@ impl Default for EngineConfig {
             jurisdiction: String::new(),
             tenant_jurisdictions: HashMap::new(),
             actor_owners_max: 100_000,
+            orphan_bytes_per_session_max: 8 << 20,
+            orphan_bytes_per_tenant_max: 64 << 20,
+            presence_bytes_per_tenant_max: 16 << 20,
+            hot_docs_per_tenant_max: 50_000,
+            subscriptions_per_user_max: 1_024,
         }
     }
 }
@@ -465,6 +482,40 @@ pub struct Engine {
     /// another user's change relayed into a document binds its actor to that user, not to
     /// whoever relayed it (see `attribute`).
     actor_owners: lru::LruCache<(TenantId, meridian_protocol::ActorId), UserId>,
+    /// What each session and tenant holds against its budgets.
+    usage: Usage,
+}
+
+/// Orphan and presence bytes held per session and per tenant, hot documents per tenant,
+/// and each user's sessions (to count its subscriptions). Kept up to date where one item
+/// changes; recounted from the documents after bulk changes ([`Engine::recount_usage`]).
+#[derive(Debug, Default)]
+struct Usage {
+    orphan_bytes_by_session: HashMap<SessionId, usize>,
+    orphan_bytes_by_tenant: HashMap<TenantId, usize>,
+    presence_bytes_by_tenant: HashMap<TenantId, usize>,
+    docs_by_tenant: HashMap<TenantId, usize>,
+    sessions_by_user: HashMap<(TenantId, UserId), Vec<SessionId>>,
+}
+
+/// Adds `delta` (which may be negative) to `map[key]`, dropping entries that reach zero.
+fn adjust<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: K, delta: isize) {
+    let value = map.entry(key);
+    match value {
+        std::collections::hash_map::Entry::Occupied(mut slot) => {
+            let next = slot.get().saturating_add_signed(delta);
+            if next == 0 {
+                slot.remove();
+            } else {
+                *slot.get_mut() = next;
+            }
+        }
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            if delta > 0 {
+                slot.insert(delta.unsigned_abs());
+            }
+        }
+    }
 }
 
 impl Engine {
@@ -500,6 +551,7 @@ impl Engine {
             tenant_arrivals: HashMap::new(),
             reingesting: false,
             actor_owners: lru::LruCache::new(owners_max),
+            usage: Usage::default(),
         }
     }
 
@@ -603,6 +655,11 @@ impl Engine {
             });
             return;
         }
+        self.usage
+            .sessions_by_user
+            .entry((capability.tenant.clone(), capability.user.clone()))
+            .or_default()
+            .push(session);
         self.sessions.insert(
             session,
             Session {
@@ -666,11 +723,19 @@ impl Engine {
                 },
             );
         }
-        for doc in self.docs.values_mut() {
-            let before = doc.orphans.len();
+        self.usage.orphan_bytes_by_session.remove(&session);
+        for (key, doc) in self.docs.iter_mut() {
+            let before_len = doc.orphans.len();
             doc.orphans.retain(|orphan| orphan.session != session);
-            if doc.orphans.len() != before {
+            if doc.orphans.len() != before_len {
+                let before = doc.orphan_bytes;
                 doc.orphan_bytes = doc.orphans.iter().map(|o| o.change.bytes.len()).sum();
+                let removed = before - doc.orphan_bytes.min(before);
+                adjust(
+                    &mut self.usage.orphan_bytes_by_tenant,
+                    key.tenant.clone(),
+                    -(removed as isize),
+                );
             }
             if let DocState::Loading {
                 subscribes,
@@ -679,6 +744,13 @@ impl Engine {
             {
                 subscribes.retain(|w| w.session != session);
                 changes.retain(|(s, _)| *s != session);
+            }
+        }
+        let user_key = (tenant, state.capability.user.clone());
+        if let Some(sessions) = self.usage.sessions_by_user.get_mut(&user_key) {
+            sessions.retain(|s| *s != session);
+            if sessions.is_empty() {
+                self.usage.sessions_by_user.remove(&user_key);
             }
         }
     }
@@ -714,6 +786,39 @@ impl Engine {
             );
             return;
         }
+        let user_key = (key.tenant.clone(), state.capability.user.clone());
+        let new_subscription = !state.subscriptions.contains(&doc);
+        if new_subscription
+            && self.user_subscriptions(&user_key) >= self.config.subscriptions_per_user_max
+        {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::Overloaded,
+                "too many documents open for this user on this node",
+            );
+            return;
+        }
+        if !self.docs.contains_key(&key)
+            && self
+                .usage
+                .docs_by_tenant
+                .get(&key.tenant)
+                .copied()
+                .unwrap_or(0)
+                >= self.config.hot_docs_per_tenant_max
+        {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::Overloaded,
+                "too many documents in memory for this tenant on this node; retry",
+            );
+            return;
+        }
+        let Some(state) = self.sessions.get_mut(&session) else {
+            return;
+        };
         state.subscriptions.insert(doc);
         match self.docs.get_mut(&key) {
             Some(Doc {
@@ -741,6 +846,7 @@ impl Engine {
                         snapshot,
                     });
                 }
+                adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), 1);
                 self.docs.insert(key.clone(), loading);
                 self.store_tasks.push_back(StoreTask::Load { key });
             }
@@ -848,14 +954,36 @@ impl Engine {
             Some(s) => s.capability.user.clone(),
             None => return,
         };
+        let held = self
+            .usage
+            .presence_bytes_by_tenant
+            .get(&key.tenant)
+            .copied()
+            .unwrap_or(0);
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
+        let before = entry.presence.get(&session).map_or(0, Bytes::len);
+        if held - before.min(held) + state.len() > self.config.presence_bytes_per_tenant_max {
+            self.error(
+                session,
+                Some(doc),
+                ErrorCode::Overloaded,
+                "the tenant's presence budget on this node is full",
+            );
+            return;
+        }
         if state.is_empty() {
             entry.presence.remove(&session);
         } else {
             entry.presence.insert(session, state.clone());
         }
+        let delta = state.len() as isize - before as isize;
+        adjust(
+            &mut self.usage.presence_bytes_by_tenant,
+            key.tenant.clone(),
+            delta,
+        );
         let message = RelayToClient::Presence {
             doc: doc.clone(),
             session,
@@ -891,6 +1019,7 @@ impl Engine {
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
                 self.docs.remove(&key);
+                adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), -1);
                 for WaitingSubscribe { session, .. } in subscribes {
                     self.refuse_subscription(
                         session,
@@ -953,6 +1082,7 @@ impl Engine {
         });
         if evictable {
             self.docs.remove(key);
+            adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), -1);
         }
         evictable
     }
@@ -1081,7 +1211,12 @@ impl Engine {
         if let DocState::Loading { subscribes, .. } = &mut entry.state {
             subscribes.retain(|w| w.session != session);
         }
-        if entry.presence.remove(&session).is_some() {
+        if let Some(state) = entry.presence.remove(&session) {
+            adjust(
+                &mut self.usage.presence_bytes_by_tenant,
+                key.tenant.clone(),
+                -(state.len() as isize),
+            );
             let others: Vec<SessionId> = entry.subscribers.iter().copied().collect();
             {
                 for other in others {
@@ -1224,6 +1359,31 @@ impl Engine {
                     if entry.orphans.iter().any(|o| o.change.hash == parsed.hash) {
                         continue;
                     }
+                    let size = parsed.bytes.len();
+                    let by_session = self
+                        .usage
+                        .orphan_bytes_by_session
+                        .get(&session)
+                        .copied()
+                        .unwrap_or(0);
+                    let by_tenant = self
+                        .usage
+                        .orphan_bytes_by_tenant
+                        .get(&key.tenant)
+                        .copied()
+                        .unwrap_or(0);
+                    if by_session + size > self.config.orphan_bytes_per_session_max
+                        || by_tenant + size > self.config.orphan_bytes_per_tenant_max
+                    {
+                        refusals.push((
+                            ErrorCode::MissingDependencies,
+                            format!(
+                                "change {} has missing dependencies and the orphan budget of this connection or tenant is full",
+                                parsed.hash
+                            ),
+                        ));
+                        continue;
+                    }
                     if entry.orphans.len() >= orphans_max
                         || entry.orphan_bytes + parsed.bytes.len() > orphan_bytes_max
                     {
@@ -1239,6 +1399,16 @@ impl Engine {
                     self.stats.orphans_parked += 1;
                     stale = true;
                     entry.orphan_bytes += parsed.bytes.len();
+                    adjust(
+                        &mut self.usage.orphan_bytes_by_session,
+                        session,
+                        size as isize,
+                    );
+                    adjust(
+                        &mut self.usage.orphan_bytes_by_tenant,
+                        key.tenant.clone(),
+                        size as isize,
+                    );
                     entry.orphans.push(Orphan {
                         change: parsed,
                         session,
@@ -1285,6 +1455,17 @@ impl Engine {
                 let Some(at) = ready else { break };
                 let orphan = entry.orphans.swap_remove(at);
                 entry.orphan_bytes -= orphan.change.bytes.len();
+                let size = orphan.change.bytes.len() as isize;
+                adjust(
+                    &mut self.usage.orphan_bytes_by_session,
+                    orphan.session,
+                    -size,
+                );
+                adjust(
+                    &mut self.usage.orphan_bytes_by_tenant,
+                    key.tenant.clone(),
+                    -size,
+                );
                 match entry.graph.add(&orphan.change, Some(&orphan.user), false) {
                     Ok(Added::New(index)) => accepted.push((orphan.session, index)),
                     Ok(Added::Known(_)) => {}
@@ -1415,6 +1596,41 @@ impl Engine {
                 held_elsewhere.then_some(owner)
             }
         }
+    }
+
+    /// Recounts orphan and presence bytes and hot documents from the documents (after a
+    /// change to many at once: a session closing, a handoff, orphans taken again).
+    fn recount_usage(&mut self) {
+        let usage = &mut self.usage;
+        usage.orphan_bytes_by_session.clear();
+        usage.orphan_bytes_by_tenant.clear();
+        usage.presence_bytes_by_tenant.clear();
+        usage.docs_by_tenant.clear();
+        for (key, doc) in &self.docs {
+            adjust(&mut usage.docs_by_tenant, key.tenant.clone(), 1);
+            for orphan in &doc.orphans {
+                let size = orphan.change.bytes.len() as isize;
+                adjust(&mut usage.orphan_bytes_by_session, orphan.session, size);
+                adjust(&mut usage.orphan_bytes_by_tenant, key.tenant.clone(), size);
+            }
+            let presence: usize = doc.presence.values().map(Bytes::len).sum();
+            adjust(
+                &mut usage.presence_bytes_by_tenant,
+                key.tenant.clone(),
+                presence as isize,
+            );
+        }
+    }
+
+    /// Documents a user is subscribed to across its sessions.
+    fn user_subscriptions(&self, user: &(TenantId, UserId)) -> usize {
+        self.usage.sessions_by_user.get(user).map_or(0, |sessions| {
+            sessions
+                .iter()
+                .filter_map(|s| self.sessions.get(s))
+                .map(|s| s.subscriptions.len())
+                .sum()
+        })
     }
 
     /// Remembers the owners of a document's bound actors (after a load or refresh).

@@ -812,3 +812,119 @@ fn a_tenant_arriving_in_the_cell_has_its_hot_documents_re_read() {
     let out = h.take(1);
     assert!(out.iter().any(|o| fanned_out(o).is_some()), "{out:?}");
 }
+
+/// The error codes in what a session was sent.
+fn error_codes(out: &[Outbound]) -> Vec<ErrorCode> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outbound::Message(RelayToClient::Error { code, .. }) => Some(*code),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `count` changes of one actor, each depending on a first change that is never sent.
+fn orphans(count: usize, padding: usize) -> Vec<Bytes> {
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "base", 0).unwrap();
+    doc.commit();
+    (0..count)
+        .map(|i| {
+            doc.put(automerge::ROOT, "k", format!("{i}{}", "x".repeat(padding)))
+                .unwrap();
+            doc.commit();
+            Bytes::copy_from_slice(doc.get_last_local_change().unwrap().raw_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn orphans_are_budgeted_per_session_and_per_tenant_and_freed_when_the_session_ends() {
+    let mut config = config();
+    config.orphan_bytes_per_session_max = 20_000;
+    config.orphan_bytes_per_tenant_max = 30_000;
+    let mut h = Harness::new();
+    h.engine = Engine::new(config);
+    let t = now();
+    h.join(1, "mallory", t);
+    h.join(2, "mallory", t);
+    // Session 1 parks what fits its budget; the rest is refused, typed.
+    let flood = orphans(30, 1_000);
+    let size = flood[0].len();
+    h.engine.handle_changes(t, 1, doc_id(), flood.clone());
+    h.run(t);
+    let parked = h.engine.orphans();
+    assert_eq!(parked, 20_000 / size, "{size}-byte orphans");
+    let refused = error_codes(&h.take(1));
+    assert_eq!(refused.len(), 30 - parked);
+    assert!(refused.iter().all(|c| *c == ErrorCode::MissingDependencies));
+    // Session 2 of the same tenant meets the tenant's budget before its own.
+    h.engine.handle_changes(t, 2, doc_id(), orphans(30, 1_000));
+    h.run(t);
+    assert_eq!(h.engine.orphans(), 30_000 / size);
+    // Session 1 ends: its orphans go and its share of the tenant's budget comes back.
+    h.engine.handle_session_closed(1);
+    h.take(2);
+    h.engine.handle_changes(t, 2, doc_id(), orphans(5, 1_000));
+    h.run(t);
+    assert!(error_codes(&h.take(2)).is_empty(), "room again");
+}
+
+#[test]
+fn presence_hot_documents_and_subscriptions_are_budgeted() {
+    let mut config = config();
+    config.presence_bytes_per_tenant_max = 10_000;
+    config.hot_docs_per_tenant_max = 3;
+    config.subscriptions_per_user_max = 4;
+    let mut h = Harness::new();
+    h.engine = Engine::new(config);
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    let state = Bytes::from(vec![1u8; 4_000]);
+    h.engine.handle_presence(t, 1, doc_id(), state.clone());
+    h.engine.handle_presence(t, 2, doc_id(), state.clone());
+    h.run(t);
+    h.take(1);
+    h.take(2);
+    // A third 4 KB state would pass the tenant's 10 KB; replacing one's own does not.
+    h.engine
+        .handle_session_open(3, capability("carol", Rights::ALL));
+    h.engine.handle_subscribe(t, 3, doc_id(), vec![], true);
+    h.engine.handle_presence(t, 3, doc_id(), state.clone());
+    h.run(t);
+    assert_eq!(error_codes(&h.take(3)), vec![ErrorCode::Overloaded]);
+    h.engine
+        .handle_presence(t, 1, doc_id(), Bytes::from(vec![2u8; 4_000]));
+    h.run(t);
+    assert!(error_codes(&h.take(1)).is_empty());
+    // Alice leaves: her presence is freed, carol's fits.
+    h.engine.handle_session_closed(1);
+    h.engine.handle_presence(t, 3, doc_id(), state);
+    h.run(t);
+    assert!(error_codes(&h.take(3)).is_empty());
+
+    // Hot documents: d1 and two more fit the tenant's 3; a fourth is refused.
+    for (i, name) in ["d2", "d3", "d4"].iter().enumerate() {
+        h.engine
+            .handle_subscribe(t, 2, DocId::new(*name).unwrap(), vec![], true);
+        h.run(t);
+        let codes = error_codes(&h.take(2));
+        if i < 2 {
+            assert!(codes.is_empty(), "{name}: {codes:?}");
+        } else {
+            assert_eq!(codes, vec![ErrorCode::Overloaded], "{name}");
+        }
+    }
+    // Subscriptions per user across sessions: bob holds 3, a second session adds one
+    // (an open document), then the user is at 4.
+    h.engine
+        .handle_session_open(4, capability("bob", Rights::ALL));
+    h.engine.handle_subscribe(t, 4, doc_id(), vec![], true);
+    h.run(t);
+    assert!(error_codes(&h.take(4)).is_empty());
+    h.engine
+        .handle_subscribe(t, 4, DocId::new("d2").unwrap(), vec![], true);
+    h.run(t);
+    assert_eq!(error_codes(&h.take(4)), vec![ErrorCode::Overloaded]);
+}

@@ -120,8 +120,16 @@ impl Dev {
 
     /// A raw QUIC connection with its control stream, after a successful hello.
     pub async fn raw(&self, addr: SocketAddr, token: String) -> Raw {
+        self.raw_from(addr, token, "0.0.0.0:0").await
+    }
+
+    /// [`Dev::raw`] from a chosen local address (e.g. another loopback address).
+    pub async fn raw_from(&self, addr: SocketAddr, token: String, local: &str) -> Raw {
         let config = self.client_config(addr, token.clone());
         let endpoint = meridian_client::quic_endpoint(&config).expect("endpoint");
+        endpoint
+            .rebind(std::net::UdpSocket::bind(local).expect("bind"))
+            .expect("rebind");
         let connection = endpoint
             .connect(addr, "localhost")
             .expect("connect")
