@@ -395,6 +395,8 @@ pub struct RateLimitsSection {
     pub orphan_bytes_per_session_max: Option<usize>,
     pub orphan_bytes_per_tenant_max: Option<usize>,
     pub presence_bytes_per_tenant_max: Option<usize>,
+    pub penalty_initial_ms: Option<u64>,
+    pub penalty_max_ms: Option<u64>,
 }
 
 /// Rates per second for one scope.
@@ -471,6 +473,12 @@ impl RateLimitsSection {
         }
         if let Some(v) = self.presence_bytes_per_tenant_max {
             engine.presence_bytes_per_tenant_max = v;
+        }
+        if let Some(v) = self.penalty_initial_ms {
+            config.penalty_initial = Duration::from_millis(v);
+        }
+        if let Some(v) = self.penalty_max_ms {
+            config.penalty_max = Duration::from_millis(v);
         }
     }
 }

@@ -94,6 +94,8 @@ impl RateLimitsMode {
                     orphan_bytes_per_session_max: None,
                     orphan_bytes_per_tenant_max: None,
                     presence_bytes_per_tenant_max: Some(usize::MAX / 2),
+                    penalty_initial_ms: None,
+                    penalty_max_ms: None,
                 })
             }
         }

@@ -236,15 +236,13 @@ fn tokens_minted_by_the_cli_are_accepted_by_a_configured_relay() {
         "{}",
         String::from_utf8_lossy(&revoke.stderr)
     );
+    // (A refusal at the handshake may come first: the `us` token above put 127.0.0.1 in
+    // the penalty box for a moment.)
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let refused = doc("get", &config, &["team/plan"]);
-        if !refused.status.success() {
-            assert!(
-                String::from_utf8_lossy(&refused.stderr).contains("revoked"),
-                "{}",
-                String::from_utf8_lossy(&refused.stderr)
-            );
+        if String::from_utf8_lossy(&refused.stderr).contains("revoked") {
+            assert!(!refused.status.success());
             break;
         }
         assert!(std::time::Instant::now() < deadline, "never revoked");

@@ -75,6 +75,10 @@ fn describe() {
         "Sessions closed with `token_revoked`."
     );
     describe_counter!(
+        "meridian_penalties_total",
+        "Connections closed for misbehaving whose address was put in the penalty box."
+    );
+    describe_counter!(
         "meridian_sessions_expired_total",
         "Sessions closed with `token_expired` when their token expired."
     );
@@ -374,6 +378,11 @@ pub fn revocation_read_failed() {
 /// A session closed because its token was revoked.
 pub fn session_revoked() {
     counter!("meridian_sessions_revoked_total").increment(1);
+}
+
+/// An address put in the penalty box (or its cooldown extended).
+pub fn penalized() {
+    counter!("meridian_penalties_total").increment(1);
 }
 
 /// A session closed because its token expired.

@@ -598,10 +598,13 @@ async fn accept_loop(
             shared.rate_limits.prune();
             pruned = Instant::now();
         }
-        let Some(address) = shared
-            .rate_limits
-            .unauthenticated(incoming.remote_address().ip())
-        else {
+        let ip = incoming.remote_address().ip();
+        if shared.rate_limits.penalized(ip) {
+            crate::metrics::rate_limited("connections", "penalty");
+            incoming.refuse();
+            continue;
+        }
+        let Some(address) = shared.rate_limits.unauthenticated(ip) else {
             crate::metrics::rate_limited("connections", "address");
             incoming.refuse();
             continue;

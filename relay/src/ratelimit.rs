@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +36,9 @@ pub struct Rates {
 /// Seconds of traffic a bucket holds.
 pub const BURST_SECONDS: u32 = 5;
 
+/// The window in which a connection's refusals are counted against `strikes_max`.
+pub const STRIKE_WINDOW: Duration = Duration::from_secs(10);
+
 /// Every rate limit and quota of a node.
 #[derive(Debug, Clone)]
 pub struct RateLimitConfig {
@@ -55,8 +57,17 @@ pub struct RateLimitConfig {
     /// Engine inputs (change frames, presence, subscribes) one tenant may have queued
     /// for the driver at once: its fair share of the input queue.
     pub engine_inputs_per_tenant_max: usize,
-    /// Consecutive refusals after which a connection is closed with `rate_limited`.
+    /// Refusals within [`STRIKE_WINDOW`] after which a connection is closed with
+    /// `rate_limited` (a persistent offender).
     pub strikes_max: u32,
+    /// The first cooldown of an address whose connection was closed for misbehaving
+    /// (`malformed`, `too_large`, `timeout`, `rate_limited`, `unauthorized`,
+    /// `version_mismatch`); it doubles with each further offence, up to
+    /// `penalty_max`, and new connections from the address are refused at the handshake
+    /// meanwhile (before any TLS work).
+    pub penalty_initial: Duration,
+    /// The longest cooldown.
+    pub penalty_max: Duration,
     /// Bytes queued for sending to one tenant's connections on this node, together
     /// (each connection also has its own `send_queue_bytes_max`); a connection whose
     /// push would pass it is disconnected as a slow consumer.
@@ -96,6 +107,8 @@ impl Default for RateLimitConfig {
             unauthenticated_per_address_max: 64,
             engine_inputs_per_tenant_max: 1_024,
             strikes_max: 100,
+            penalty_initial: Duration::from_millis(250),
+            penalty_max: Duration::from_secs(30),
             queued_bytes_per_tenant_max: 1 << 30,
         }
     }
@@ -186,7 +199,18 @@ pub struct NodeLimits {
     addresses: Mutex<HashMap<IpAddr, usize>>,
     gates: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
     queued: Mutex<HashMap<TenantId, Arc<std::sync::atomic::AtomicUsize>>>,
+    penalties: Mutex<HashMap<IpAddr, Penalty>>,
 }
+
+/// An address's offences and until when it is refused.
+#[derive(Debug, Clone, Copy)]
+struct Penalty {
+    offences: u32,
+    until: std::time::Instant,
+}
+
+/// Addresses remembered in the penalty box at most (the oldest cooldowns go first).
+const PENALTIES_MAX: usize = 100_000;
 
 #[derive(Default)]
 struct Connections {
@@ -218,6 +242,7 @@ impl NodeLimits {
             addresses: Mutex::default(),
             gates: Mutex::default(),
             queued: Mutex::default(),
+            penalties: Mutex::default(),
         })
     }
 
@@ -244,6 +269,59 @@ impl NodeLimits {
         if let Ok(mut queued) = self.queued.lock() {
             queued.retain(|_, bytes| Arc::strong_count(bytes) > 1);
         }
+        // An address forgets its offences a minute after its last cooldown ended.
+        if let Ok(mut penalties) = self.penalties.lock() {
+            let now = std::time::Instant::now();
+            penalties.retain(|_, p| now < p.until + Duration::from_secs(60));
+        }
+    }
+
+    /// A connection from `ip` was closed with `code`: a misbehaving one puts its address
+    /// in the penalty box.
+    pub fn closed(&self, ip: IpAddr, code: meridian_protocol::ErrorCode) {
+        use meridian_protocol::ErrorCode;
+        if !matches!(
+            code,
+            ErrorCode::Malformed
+                | ErrorCode::TooLarge
+                | ErrorCode::Timeout
+                | ErrorCode::RateLimited
+                | ErrorCode::Unauthorized
+                | ErrorCode::VersionMismatch
+        ) {
+            return;
+        }
+        let Ok(mut penalties) = self.penalties.lock() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if penalties.len() >= PENALTIES_MAX {
+            penalties.retain(|_, p| now < p.until);
+            if penalties.len() >= PENALTIES_MAX {
+                return;
+            }
+        }
+        let penalty = penalties.entry(address_key(ip)).or_insert(Penalty {
+            offences: 0,
+            until: now,
+        });
+        penalty.offences = penalty.offences.saturating_add(1);
+        let cooldown = self
+            .config
+            .penalty_initial
+            .saturating_mul(1u32 << (penalty.offences - 1).min(16))
+            .min(self.config.penalty_max);
+        penalty.until = now + cooldown;
+        crate::metrics::penalized();
+    }
+
+    /// Whether new connections from `ip` are refused now (its cooldown runs).
+    pub fn penalized(&self, ip: IpAddr) -> bool {
+        self.penalties.lock().is_ok_and(|penalties| {
+            penalties
+                .get(&address_key(ip))
+                .is_some_and(|p| std::time::Instant::now() < p.until)
+        })
     }
 
     /// A connection from `ip` that has not said `hello` yet; `None` if that address
@@ -305,7 +383,7 @@ impl NodeLimits {
                     ))
                 })
                 .collect(),
-            strikes: AtomicU32::new(0),
+            strikes: Mutex::new((0, std::time::Instant::now())),
             gate,
         })
     }
@@ -361,7 +439,8 @@ pub struct SessionLimits {
     tenant: TenantId,
     user: UserId,
     own: Vec<DefaultDirectRateLimiter>,
-    strikes: AtomicU32,
+    /// Refusals in the current window, and when it began.
+    strikes: Mutex<(u32, std::time::Instant)>,
     gate: Arc<Semaphore>,
 }
 
@@ -391,14 +470,23 @@ impl SessionLimits {
                 Err(_) => Duration::from_secs(u64::from(BURST_SECONDS)),
             };
             crate::metrics::rate_limited(kind.name(), scope);
-            let strikes = self.strikes.fetch_add(1, Ordering::Relaxed) + 1;
+            let strikes = {
+                let mut strikes = self
+                    .strikes
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                if strikes.1.elapsed() > STRIKE_WINDOW {
+                    *strikes = (0, std::time::Instant::now());
+                }
+                strikes.0 += 1;
+                strikes.0
+            };
             return Err(Refused {
                 retry_after: retry_after.max(Duration::from_millis(1)),
                 scope,
                 persistent: strikes >= self.node.config.strikes_max,
             });
         }
-        self.strikes.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -490,8 +578,8 @@ mod tests {
         );
         // More than a whole bucket at once.
         assert!(session.check(Kind::Presence, 10_000).is_err());
-        // Persistent offenders (three refusals in a row here) are told so.
-        assert!(!session.check(Kind::Presence, 1).unwrap_err().persistent);
+        // Persistent offenders (three refusals within the window here, successes in
+        // between or not) are told so.
         assert!(session.check(Kind::Presence, 1).unwrap_err().persistent);
     }
 
@@ -539,6 +627,30 @@ mod tests {
         );
         drop(first);
         assert!(limits.unauthenticated(ip).is_some());
+    }
+
+    #[test]
+    fn misbehaving_addresses_cool_down_longer_each_time() {
+        use meridian_protocol::ErrorCode;
+        let mut config = small();
+        config.penalty_initial = Duration::from_secs(60);
+        let limits = NodeLimits::new(config);
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let other: IpAddr = "127.0.0.10".parse().unwrap();
+        // Ordinary endings (an expired token, a slow reader) are no offence.
+        limits.closed(ip, ErrorCode::TokenExpired);
+        limits.closed(ip, ErrorCode::SlowConsumer);
+        assert!(!limits.penalized(ip));
+        limits.closed(ip, ErrorCode::Malformed);
+        assert!(limits.penalized(ip));
+        assert!(!limits.penalized(other));
+        let first = limits.penalties.lock().unwrap()[&ip].until;
+        limits.closed(ip, ErrorCode::TooLarge);
+        let second = limits.penalties.lock().unwrap()[&ip].until;
+        assert!(second > first, "the cooldown doubled");
+        // IPv6 by /64.
+        limits.closed("2001:db8::1".parse().unwrap(), ErrorCode::Timeout);
+        assert!(limits.penalized("2001:db8::ffff".parse().unwrap()));
     }
 
     #[tokio::test]

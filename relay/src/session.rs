@@ -133,6 +133,7 @@ pub struct Outbox {
     tx: crate::outbox::Sender<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<QueueBudget>,
     connection: quinn::Connection,
+    limits: Arc<crate::ratelimit::NodeLimits>,
 }
 
 impl Outbox {
@@ -162,6 +163,8 @@ impl Outbox {
 
     /// Closes the connection with a typed error code (its name is the close reason).
     pub fn close(&self, code: ErrorCode) {
+        self.limits
+            .closed(self.connection.remote_address().ip(), code);
         close(&self.connection, code);
     }
 }
@@ -356,6 +359,9 @@ async fn run(
     let hello_timeout = shared.limits.hello_timeout;
     let Ok(accepted) = tokio::time::timeout(hello_timeout, connection.accept_bi()).await else {
         crate::metrics::connection_rejected("no_hello");
+        shared
+            .rate_limits
+            .closed(connection.remote_address().ip(), ErrorCode::Timeout);
         close(connection, ErrorCode::Timeout);
         return Err("no control stream in time".into());
     };
@@ -368,6 +374,9 @@ async fn run(
         Ok(Ok(Some(frame))) => frame,
         Err(_) => {
             crate::metrics::connection_rejected("no_hello");
+            shared
+                .rate_limits
+                .closed(connection.remote_address().ip(), ErrorCode::Timeout);
             close(connection, ErrorCode::Timeout);
             return Err("no hello in time".into());
         }
@@ -375,7 +384,7 @@ async fn run(
             let (code, message) = error
                 .answer()
                 .unwrap_or((ErrorCode::Malformed, String::new()));
-            refuse(connection, &mut send, code, &message).await;
+            refuse(shared, connection, &mut send, code, &message).await;
             return Err(format!("bad hello frame: {message}"));
         }
         Ok(Ok(None) | Err(ReadError::Stream)) => {
@@ -388,6 +397,7 @@ async fn run(
         Ok(ClientToRelay::Hello { token, .. }) => token,
         Ok(_) => {
             refuse(
+                shared,
                 connection,
                 &mut send,
                 ErrorCode::Unauthorized,
@@ -398,6 +408,7 @@ async fn run(
         }
         Err(error) => {
             refuse(
+                shared,
                 connection,
                 &mut send,
                 decode_error_code(&error),
@@ -412,6 +423,7 @@ async fn run(
         Err(error) => {
             crate::metrics::connection_rejected("unauthorized");
             refuse(
+                shared,
                 connection,
                 &mut send,
                 ErrorCode::Unauthorized,
@@ -424,6 +436,7 @@ async fn run(
     if shared.revoked.borrow().covers(&capability) {
         crate::metrics::connection_rejected("revoked");
         refuse(
+            shared,
             connection,
             &mut send,
             ErrorCode::TokenRevoked,
@@ -437,6 +450,7 @@ async fn run(
     if !shared.resident.contains(&capability.tenant) {
         crate::metrics::connection_rejected("residency");
         refuse(
+            shared,
             connection,
             &mut send,
             ErrorCode::Forbidden,
@@ -455,6 +469,7 @@ async fn run(
             crate::metrics::rate_limited("connections", "user_or_tenant");
             crate::metrics::connection_rejected("quota");
             refuse(
+                shared,
                 connection,
                 &mut send,
                 ErrorCode::Overloaded,
@@ -469,6 +484,7 @@ async fn run(
     if !shared.joined.load(std::sync::atomic::Ordering::Relaxed) {
         crate::metrics::connection_rejected("joining");
         refuse(
+            shared,
             connection,
             &mut send,
             ErrorCode::Overloaded,
@@ -493,6 +509,7 @@ async fn run(
             Err(error) => {
                 crate::metrics::connection_rejected("placement_unknown");
                 refuse(
+                    shared,
                     connection,
                     &mut send,
                     ErrorCode::Overloaded,
@@ -677,6 +694,9 @@ struct DocStream {
     limits: Arc<crate::ratelimit::SessionLimits>,
 }
 
+/// The longest a rate-limited stream is left unread.
+const RATE_LIMIT_PAUSE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What a rate-limited input gets: a `rate_limited` error with the time to retry, or for
 /// a persistent offender the close of its connection.
 fn rate_limited(doc: &DocId, refused: crate::ratelimit::Refused) -> Outbound {
@@ -711,6 +731,7 @@ impl DocStream {
                 }) => (doc, heads, snapshot),
                 Ok(_) => {
                     refuse(
+                        shared,
                         connection,
                         &mut send,
                         ErrorCode::Malformed,
@@ -721,6 +742,7 @@ impl DocStream {
                 }
                 Err(error) => {
                     refuse(
+                        shared,
                         connection,
                         &mut send,
                         decode_error_code(&error),
@@ -735,7 +757,7 @@ impl DocStream {
                 let (code, message) = error
                     .answer()
                     .unwrap_or((ErrorCode::Malformed, String::new()));
-                refuse(connection, &mut send, code, &message).await;
+                refuse(shared, connection, &mut send, code, &message).await;
                 return;
             }
         };
@@ -768,7 +790,7 @@ impl DocStream {
             let input = match reader.next().await {
                 Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
                     Ok(ClientToRelay::Changes { doc: d, changes }) if d == doc => {
-                        match self.changes(&doc, &changes) {
+                        match self.changes(&changes) {
                             Ok(parsed) => Input::Changes {
                                 session,
                                 doc: doc.clone(),
@@ -776,24 +798,32 @@ impl DocStream {
                                 received: Instant::now(),
                                 admission: self.limits.admit().await,
                             },
-                            Err(refusal) => {
+                            Err(refused) => {
+                                let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
+                                let refusal = rate_limited(&doc, refused);
                                 let close = matches!(refusal, Outbound::Close(_));
                                 outbox.push(refusal);
                                 if close {
                                     return;
                                 }
+                                // Nothing more is read from this stream until the client
+                                // may send again: QUIC flow control holds the sender back,
+                                // so a flood costs the node its rate, not its bandwidth.
+                                tokio::time::sleep(pause).await;
                                 continue;
                             }
                         }
                     }
                     Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => {
                         if let Err(refused) = self.limits.check(Kind::Presence, 1) {
+                            let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
                             let refusal = rate_limited(&doc, refused);
                             let close = matches!(refusal, Outbound::Close(_));
                             outbox.push(refusal);
                             if close {
                                 return;
                             }
+                            tokio::time::sleep(pause).await;
                             continue;
                         }
                         Input::Presence {
@@ -863,19 +893,22 @@ impl DocStream {
     /// sends it again after `retry_after_ms`).
     fn changes(
         &self,
-        doc: &DocId,
         changes: &[Bytes],
-    ) -> Result<crate::engine::ChangeFrame, Outbound> {
+    ) -> Result<crate::engine::ChangeFrame, crate::ratelimit::Refused> {
         let count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+        self.limits.check(Kind::Changes, count)?;
+        // The bytes as sent are charged before any parsing (a connection whose byte
+        // bucket is empty gets no parse work at all), what inflating added after.
+        let wire: usize = changes.iter().map(Bytes::len).sum();
         self.limits
-            .check(Kind::Changes, count)
-            .map_err(|refused| rate_limited(doc, refused))?;
+            .check(Kind::InflatedBytes, u32::try_from(wire).unwrap_or(u32::MAX))?;
         let mut budget = crate::engine::change::FrameBudget::default();
         let parsed = changes.iter().map(|bytes| budget.parse(bytes)).collect();
-        let inflated = u32::try_from(budget.inflated()).unwrap_or(u32::MAX);
-        self.limits
-            .check(Kind::InflatedBytes, inflated)
-            .map_err(|refused| rate_limited(doc, refused))?;
+        let added = budget.inflated().saturating_sub(wire);
+        self.limits.check(
+            Kind::InflatedBytes,
+            u32::try_from(added).unwrap_or(u32::MAX),
+        )?;
         Ok(parsed)
     }
 }
@@ -899,8 +932,10 @@ fn spawn_writer(
         tx,
         queued_bytes,
         connection: connection.clone(),
+        limits: shared.rate_limits.clone(),
     };
     let connection = connection.clone();
+    let limits = shared.rate_limits.clone();
     let frame_bytes = shared.catchup_frame_bytes;
     shared.spawn(async move {
         let fanout_latency = crate::metrics::fanout_latency();
@@ -981,10 +1016,8 @@ fn spawn_writer(
                 let _ = send.finish();
                 let _ =
                     tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-                connection.close(
-                    VarInt::from(u32::from(code.code())),
-                    code.to_string().as_bytes(),
-                );
+                limits.closed(connection.remote_address().ip(), code);
+                self::close(&connection, code);
                 return;
             }
             // A stream that goes quiet gives back what a burst made these grow to.
@@ -1003,6 +1036,7 @@ fn spawn_writer(
 
 /// Answers on a stream with one error, then closes the connection with its code.
 async fn refuse(
+    shared: &Shared,
     connection: &quinn::Connection,
     send: &mut SendStream,
     code: ErrorCode,
@@ -1012,6 +1046,9 @@ async fn refuse(
     if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
     }
+    shared
+        .rate_limits
+        .closed(connection.remote_address().ip(), code);
     close(connection, code);
 }
 

@@ -1047,8 +1047,7 @@ async fn orphan_and_duplicate_floods_cost_their_sender_only() {
     }
     // Acknowledgements of one group commit are merged: count them until it goes quiet.
     let mut applied = 0;
-    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(2), dups.next()).await
-    {
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(2), dups.next()).await {
         match message {
             RelayToClient::Applied { changes, .. } => {
                 assert!(changes.iter().all(|c| c.to_hex().len() == 64));
@@ -1150,5 +1149,32 @@ async fn a_connection_burst_from_one_address_is_capped_and_others_get_in() {
     let legit = dev.raw_from(addr, dev.token("legit"), "127.0.0.5:0").await;
     assert!(matches!(legit.first, Some(RelayToClient::Welcome { .. })));
     drop(held);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_address_is_refused_at_the_handshake_for_a_while() {
+    let mut dev = Dev::new();
+    dev.limits.rates.penalty_initial = Duration::from_secs(30);
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    // Garbage from 127.0.0.7 closes its connection as malformed...
+    let raw = dev
+        .raw_from(addr, dev.token("mallory"), "127.0.0.7:0")
+        .await;
+    let mut stream = subscribed(&raw, "d").await;
+    stream.send_raw(&[0, 0, 0, 5, 1, 0x7e, 1, 2, 3]).await;
+    expect_closed_with(&raw.connection, ErrorCode::Malformed).await;
+    // ...and its next handshake is refused, before any TLS work,
+    let config = dev.client_config(addr, String::new());
+    let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+    endpoint
+        .rebind(std::net::UdpSocket::bind("127.0.0.7:0").unwrap())
+        .unwrap();
+    let refused = endpoint.connect(addr, "localhost").unwrap().await;
+    assert!(refused.is_err(), "{refused:?}");
+    // while every other address is served.
+    let fine = dev.raw_from(addr, dev.token("alice"), "127.0.0.8:0").await;
+    assert!(matches!(fine.first, Some(RelayToClient::Welcome { .. })));
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }

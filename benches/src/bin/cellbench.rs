@@ -7,6 +7,8 @@
 //!   node is then restarted under the same identity before the next run.
 //! - `loss`: a 5-node cell whose nodes drop a share of their outgoing gossip packets;
 //!   counts suspicions, false suspicions and downs per node-hour.
+//! - `revoke`: a 5-node cell; each run opens a session of a fresh user on every node and
+//!   revokes the user with `meridian token revoke`: time until every session is closed.
 //! - `cell-failover`: two `eu` cells and a router (`meridian dev --cells`); each run
 //!   `kill -9`s every node of the tenant's home cell and measures the time until the
 //!   client's writes are Applied in the other cell, then restarts the killed cell.
@@ -60,6 +62,15 @@ enum Bench {
         /// Nodes per cell.
         #[arg(long, default_value_t = 2)]
         nodes: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// `meridian token revoke --user` per run: time until the user's sessions on every
+    /// node of the cell are closed with `token_revoked`.
+    Revoke {
+        /// Revocation runs (a fresh user each).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -602,6 +613,125 @@ async fn cell_failover(
     Ok(())
 }
 
+/// A raw session of `token` on the node at `addr`, authenticated.
+async fn raw_session(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &str,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let connection = endpoint.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = connection.open_bi().await?;
+    let hello = meridian_protocol::ClientToRelay::Hello {
+        token: token.to_owned(),
+        client: "cellbench".into(),
+    };
+    send.write_all(&hello.to_bytes()).await?;
+    let mut decoder = meridian_protocol::FrameDecoder::new();
+    loop {
+        if let Some(frame) = decoder.next_frame()? {
+            match meridian_protocol::RelayToClient::decode(&frame)? {
+                meridian_protocol::RelayToClient::Welcome { .. } => break,
+                other => bail!("not welcomed: {other:?}"),
+            }
+        }
+        let chunk = recv.read_chunk(1 << 16, true).await?.context("closed")?;
+        decoder.push(&chunk.bytes);
+    }
+    Ok((connection, send, recv))
+}
+
+async fn revoke(runs: usize, json: Option<PathBuf>) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let dev = Children(vec![start_dev(dir.path())?]);
+    let config = client_config(dir.path())?;
+    let key = meridian_protocol::token::TenantSigningKey::from_paserk(&std::fs::read_to_string(
+        dir.path().join("tenant.key"),
+    )?)?;
+    let (tenant, audience) = meridian_protocol::token::unverified_claims(&config.token)?;
+    let addrs: Vec<SocketAddr> = (1..=NODES)
+        .map(|i| {
+            let node = node_toml(dir.path(), i)?;
+            node["node"]["listen"]
+                .as_str()
+                .context("listen")?
+                .parse()
+                .context("listen address")
+        })
+        .collect::<Result<_>>()?;
+    let endpoint = meridian_client::quic_endpoint(&config)?;
+    // Wait until every node serves.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut closes = Histogram::<u64>::new(3)?;
+    let mut last = Histogram::<u64>::new(3)?;
+    for run in 0..runs {
+        let user = format!("revoked-{run}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        let capability = meridian_protocol::token::Capability {
+            tenant: tenant.clone(),
+            user: meridian_protocol::UserId::new(user.as_str())?,
+            docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+            rights: meridian_protocol::token::Rights::ALL,
+            id: format!("bench-{run}"),
+            issued_at: now,
+            expires_at: now + 3600,
+            audience: audience.clone(),
+        };
+        let token = meridian_protocol::token::mint(&capability, &key)?;
+        let mut sessions = Vec::new();
+        for addr in &addrs {
+            sessions.push(raw_session(&endpoint, *addr, &token).await?);
+        }
+        let started = Instant::now();
+        let status = Command::new(meridian()?)
+            .args([
+                "token",
+                "revoke",
+                "--tenant",
+                tenant.as_str(),
+                "--user",
+                &user,
+            ])
+            .arg("--config")
+            .arg(dir.path().join("node-1.toml"))
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("token revoke failed");
+        }
+        let mut slowest = Duration::ZERO;
+        for (connection, _, _) in &sessions {
+            let reason = tokio::time::timeout(Duration::from_secs(30), connection.closed()).await?;
+            let elapsed = started.elapsed();
+            match reason {
+                quinn::ConnectionError::ApplicationClosed(close)
+                    if close.reason.as_ref() == b"token_revoked" => {}
+                other => bail!("closed otherwise: {other:?}"),
+            }
+            closes.record(elapsed.as_micros() as u64)?;
+            slowest = slowest.max(elapsed);
+        }
+        last.record(slowest.as_micros() as u64)?;
+        eprintln!("run {run}: every session closed {slowest:?} after the revoke command started");
+    }
+    let figures = serde_json::json!({
+        "runs": runs,
+        "nodes": NODES,
+        "close_ms_p50": percentile(&closes, 0.5),
+        "close_ms_p99": percentile(&closes, 0.99),
+        "close_ms_max": closes.max() as f64 / 1000.0,
+        "all_closed_ms_p50": percentile(&last, 0.5),
+        "all_closed_ms_max": last.max() as f64 / 1000.0,
+    });
+    println!("{}", serde_json::to_string_pretty(&figures)?);
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&figures)?)?;
+    }
+    drop(dev);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     meridian_relay::tls::install_crypto_provider();
@@ -619,5 +749,6 @@ async fn main() -> Result<()> {
             minutes,
             json,
         } => loss(share, minutes, json).await,
+        Bench::Revoke { runs, json } => revoke(runs, json).await,
     }
 }

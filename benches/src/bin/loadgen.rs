@@ -9,7 +9,9 @@
 //! Scenarios: `steady` (many small documents), `fanout` (few documents, many
 //! subscribers), `idle` (many idle connections: memory per connection), `catchup` (late
 //! joiners on a large document), `large-doc` (edits on a document replayed from the real
-//! editing trace). See benches/README.md for the commands and figures.
+//! editing trace), `hostile` (steady traffic quiet and then under attack by the
+//! `attacker` binary, against a relay with its default limits). See benches/README.md for
+//! the commands and figures.
 //!
 //! With `--system both` (the default) every scenario runs twice in one invocation: once
 //! against Meridian and once against the naive baseline relay (`naive-relay`: a
@@ -42,6 +44,9 @@ enum Scenario {
     Idle,
     Catchup,
     LargeDoc,
+    /// Steady traffic measured quiet, then again while `attacker` (a child process) runs
+    /// hostile connections against the same relay, which keeps its default limits.
+    Hostile,
 }
 
 /// What the clients of `steady`, `fanout` and `idle` are.
@@ -108,6 +113,9 @@ struct Args {
     /// An existing deployment's client.toml (default: start a local relay).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// `hostile`: hostile connections the attacker opens.
+    #[arg(long, default_value_t = 1000)]
+    attackers: usize,
 }
 
 /// Sent changes waiting for their receipts, by key (`peers::change_key`: the first four
@@ -337,15 +345,16 @@ fn shared_endpoints(config: &ClientConfig) -> Result<Arc<Vec<quinn::Endpoint>>> 
 
 impl Target {
     /// Meridian: an existing deployment's client.toml, or `meridian dev --nodes 1`.
-    fn ours(config: Option<&Path>) -> Result<Target> {
+    fn ours(config: Option<&Path>, limits: &str) -> Result<Target> {
         let (local, config_path) = match config {
             Some(path) => (None, path.to_path_buf()),
             None => {
                 let relay = start_local(
                     "meridian",
                     // Throughput scenarios drive one tenant and one user far past what
-                    // an editor does: the relay's rate limits are raised out of the way.
-                    &["dev", "--nodes", "1", "--rate-limits", "benchmark"],
+                    // an editor does: the relay's rate limits are raised out of the way
+                    // (`benchmark`); the hostile scenario keeps the defaults.
+                    &["dev", "--nodes", "1", "--rate-limits", limits],
                     "--data-dir",
                     "client.toml",
                 )?;
@@ -728,6 +737,7 @@ async fn run(
     args: &Args,
     target: &Target,
     trace: Option<&meridian_benches::TraceDoc>,
+    before_load: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>>>,
 ) -> Result<serde_json::Value> {
     let tracker = Arc::new(Tracker {
         latency_us: Mutex::new(Histogram::new_with_bounds(1, 60_000_000, 3).ok()),
@@ -739,7 +749,7 @@ async fn run(
     // Catch-up and large-doc measure full clients; the others load the relay with raw
     // peers unless asked otherwise.
     let kind = match args.scenario {
-        Scenario::Steady | Scenario::Fanout | Scenario::Idle => args.peers,
+        Scenario::Steady | Scenario::Fanout | Scenario::Idle | Scenario::Hostile => args.peers,
         Scenario::Catchup | Scenario::LargeDoc => PeerKind::Sdk,
     };
     let (clients, connect_time) =
@@ -753,15 +763,19 @@ async fn run(
     // Steady and fanout: when the writers stopped, and the relay's usage then.
     let mut loaded = None;
     match args.scenario {
-        Scenario::Steady | Scenario::Fanout => {
+        Scenario::Steady | Scenario::Fanout | Scenario::Hostile => {
             let handles = open_and_track(&clients, args.docs, &tracker).await?;
+            // The hostile scenario starts its attack here: on clients already connected.
+            if let Some(before_load) = before_load {
+                before_load.await;
+            }
             // Client `i` is on document `i % docs`; every other client there receives.
             let docs = args.docs.max(1);
             let receivers = |i: usize| (args.clients + docs - 1 - i % docs) / docs - 1;
             let writers: Vec<(usize, Doc, usize)> = handles
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| args.scenario == Scenario::Steady || *i < args.docs)
+                .filter(|(i, _)| args.scenario != Scenario::Fanout || *i < args.docs)
                 .map(|(i, h)| (i, h.clone(), receivers(i)))
                 .collect();
             started = Instant::now();
@@ -1023,6 +1037,151 @@ async fn run(
     Ok(report)
 }
 
+/// The hostile scenario: steady traffic quiet, then the same under attack, on one relay
+/// with its default limits; the attacker runs as a child process on its own core.
+async fn hostile(args: &Args, mut report: serde_json::Value) -> Result<()> {
+    let target = Target::ours(args.config.as_deref(), "default")?;
+    let local = target
+        ._local
+        .as_ref()
+        .context("the hostile scenario starts its own relay (no --config)")?;
+    let dir = local.dir.path().to_path_buf();
+    let client: ClientFile = toml::from_str(&std::fs::read_to_string(dir.join("client.toml"))?)?;
+    let (tenant, audience) = meridian_protocol::token::unverified_claims(&client.token)?;
+
+    eprintln!("hostile: quiet run");
+    let quiet = run(args, &target, None, None).await?;
+    let attacker = std::env::current_exe()?.with_file_name("attacker");
+    if !attacker.exists() {
+        bail!("{} not found: build it first", attacker.display());
+    }
+    let attack_seconds = args.duration + 15;
+    let mut command = if Command::new("taskset").arg("-V").output().is_ok() {
+        // The attacker on core 1 (the relay keeps core 0 to itself as far as it can).
+        let mut command = Command::new("taskset");
+        command.args(["-c", "1"]).arg(&attacker);
+        command
+    } else {
+        Command::new(&attacker)
+    };
+    command
+        .args(["--endpoint", &client.endpoint, "--tenant", tenant.as_str()])
+        .args(["--audience", &audience])
+        .arg("--ca")
+        .arg(&client.ca_cert)
+        .arg("--key")
+        .arg(dir.join("tenant.key"))
+        .args(["--connections", &args.attackers.to_string()])
+        .args(["--docs", &args.docs.to_string()])
+        .args(["--duration", &attack_seconds.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    // Relay RSS, sampled while the attack runs.
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (peak, pid) = (peak.clone(), target.pid);
+        tokio::spawn(async move {
+            loop {
+                if let Some((rss, _)) = pid.and_then(meridian_benches::process_usage) {
+                    peak.fetch_max(rss, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // The legitimate clients connect and subscribe first; then the attack starts and
+    // ramps up (5 s) before the measured load begins.
+    let child = Arc::new(Mutex::new(None));
+    let cpu_before = Arc::new(Mutex::new(None));
+    let start_attack = {
+        let (child, cpu_before) = (child.clone(), cpu_before.clone());
+        let usage = target.pid;
+        Box::pin(async move {
+            eprintln!("hostile: starting {} attackers", args.attackers);
+            match command.spawn() {
+                Ok(spawned) => {
+                    if let Ok(mut slot) = child.lock() {
+                        *slot = Some(spawned);
+                    }
+                }
+                Err(error) => eprintln!("hostile: the attacker did not start: {error}"),
+            }
+            if let Ok(mut slot) = cpu_before.lock() {
+                *slot = usage
+                    .and_then(meridian_benches::process_usage)
+                    .map(|(_, cpu)| cpu);
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            eprintln!("hostile: measuring under attack");
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    };
+    let started = Instant::now();
+    let attacked = run(args, &target, None, Some(start_attack)).await?;
+    let cpu_after = target.usage().map(|(_, cpu)| cpu);
+    let child = child
+        .lock()
+        .ok()
+        .and_then(|mut slot| slot.take())
+        .context("the attacker did not start")?;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+    sampler.abort();
+    report["attack_outcomes"] = serde_json::from_slice(&output.stdout).unwrap_or_default();
+    report["relay_rss_peak_mib"] =
+        serde_json::json!(peak.load(Ordering::Relaxed) as f64 / (1 << 20) as f64);
+    let cpu_before = cpu_before.lock().ok().and_then(|slot| *slot);
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        report["relay_cpu_percent_under_attack"] =
+            serde_json::json!((after - before) * 100.0 / started.elapsed().as_secs_f64());
+    }
+    let p99 = |figures: &serde_json::Value| figures["latency_ms_p99"].as_f64();
+    if let (Some(q), Some(a)) = (p99(&quiet), p99(&attacked)) {
+        report["p99_under_attack_over_quiet"] = serde_json::json!(a / q);
+    }
+    println!(
+        "Hostile: {} clients, {} docs, {} attackers",
+        args.clients, args.docs, args.attackers
+    );
+    println!("{:<40} {:>14} {:>14}", "metric", "quiet", "under attack");
+    for key in [
+        "latency_ms_p50",
+        "latency_ms_p99",
+        "latency_ms_p999",
+        "deliveries_per_second",
+        "errors",
+        "undelivered",
+        "relay_rss_mib",
+        "relay_cpu_percent_since_connected",
+    ] {
+        let cell =
+            |v: &serde_json::Value| v[key].as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+        println!("{key:<40} {:>14} {:>14}", cell(&quiet), cell(&attacked));
+    }
+    for key in [
+        "p99_under_attack_over_quiet",
+        "relay_rss_peak_mib",
+        "relay_cpu_percent_under_attack",
+    ] {
+        println!(
+            "{key:<40} {:>14}",
+            report[key]
+                .as_f64()
+                .map_or("-".into(), |x| format!("{x:.3}"))
+        );
+    }
+    println!("attack outcomes: {}", report["attack_outcomes"]);
+    let errors =
+        attacked["errors"].as_u64().unwrap_or(0) + attacked["undelivered"].as_u64().unwrap_or(0);
+    report["quiet"] = quiet;
+    report["under_attack"] = attacked;
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    if errors > 0 {
+        bail!("{errors} errors or missing receipts for the legitimate clients under attack");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     meridian_relay::tls::install_crypto_provider();
@@ -1050,6 +1209,9 @@ async fn main() -> Result<()> {
         "rate": args.rate,
         "duration": args.duration,
     });
+    if args.scenario == Scenario::Hostile {
+        return hostile(&args, report).await;
+    }
     let mut errors = 0;
     let systems: &[System] = match args.system {
         System::Both => &[System::Ours, System::Naive],
@@ -1062,10 +1224,10 @@ async fn main() -> Result<()> {
                 "baseline",
                 Target::naive(trace.as_mut().map(|t| t.doc.save()).as_deref())?,
             ),
-            _ => ("ours", Target::ours(args.config.as_deref())?),
+            _ => ("ours", Target::ours(args.config.as_deref(), "benchmark")?),
         };
         eprintln!("{name}: running {:?}", args.scenario);
-        let figures = run(&args, &target, trace.as_ref()).await?;
+        let figures = run(&args, &target, trace.as_ref(), None).await?;
         // The baseline's errors are figures (an overloaded naive relay drops peers
         // whose queues fill); ours fail the run.
         if *system == System::Ours {
