@@ -397,6 +397,7 @@ pub struct RateLimitsSection {
     pub presence_bytes_per_tenant_max: Option<usize>,
     pub penalty_initial_ms: Option<u64>,
     pub penalty_max_ms: Option<u64>,
+    pub presence_per_doc_per_sec: Option<u32>,
 }
 
 /// Rates per second for one scope.
@@ -473,6 +474,9 @@ impl RateLimitsSection {
         }
         if let Some(v) = self.presence_bytes_per_tenant_max {
             engine.presence_bytes_per_tenant_max = v;
+        }
+        if let Some(v) = self.presence_per_doc_per_sec {
+            engine.presence_per_doc_per_sec = v;
         }
         if let Some(v) = self.penalty_initial_ms {
             config.penalty_initial = Duration::from_millis(v);

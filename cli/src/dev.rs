@@ -96,6 +96,7 @@ impl RateLimitsMode {
                     presence_bytes_per_tenant_max: Some(usize::MAX / 2),
                     penalty_initial_ms: None,
                     penalty_max_ms: None,
+                    presence_per_doc_per_sec: Some(u32::MAX),
                 })
             }
         }

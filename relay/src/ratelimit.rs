@@ -200,6 +200,8 @@ pub struct NodeLimits {
     gates: Mutex<HashMap<TenantId, Arc<Semaphore>>>,
     queued: Mutex<HashMap<TenantId, Arc<std::sync::atomic::AtomicUsize>>>,
     penalties: Mutex<HashMap<IpAddr, Penalty>>,
+    /// The one clock every limiter of the node reads.
+    clock: DefaultClock,
 }
 
 /// An address's offences and until when it is refused.
@@ -221,20 +223,24 @@ struct Connections {
 impl NodeLimits {
     /// Limiters with `config`.
     pub fn new(config: RateLimitConfig) -> Arc<Self> {
+        let clock = DefaultClock::default();
         Arc::new(NodeLimits {
             users: Kind::ALL
                 .iter()
                 .map(|kind| {
-                    DefaultKeyedRateLimiter::keyed(quota(kind.of(&config.user), kind.frame_floor()))
+                    DefaultKeyedRateLimiter::dashmap_with_clock(
+                        quota(kind.of(&config.user), kind.frame_floor()),
+                        clock.clone(),
+                    )
                 })
                 .collect(),
             tenants: Kind::ALL
                 .iter()
                 .map(|kind| {
-                    DefaultKeyedRateLimiter::keyed(quota(
-                        kind.of(&config.tenant),
-                        kind.frame_floor(),
-                    ))
+                    DefaultKeyedRateLimiter::dashmap_with_clock(
+                        quota(kind.of(&config.tenant), kind.frame_floor()),
+                        clock.clone(),
+                    )
                 })
                 .collect(),
             config,
@@ -243,6 +249,7 @@ impl NodeLimits {
             gates: Mutex::default(),
             queued: Mutex::default(),
             penalties: Mutex::default(),
+            clock,
         })
     }
 
@@ -377,10 +384,10 @@ impl NodeLimits {
             own: Kind::ALL
                 .iter()
                 .map(|kind| {
-                    DefaultDirectRateLimiter::direct(quota(
-                        kind.of(&self.config.connection),
-                        kind.frame_floor(),
-                    ))
+                    DefaultDirectRateLimiter::direct_with_clock(
+                        quota(kind.of(&self.config.connection), kind.frame_floor()),
+                        self.clock.clone(),
+                    )
                 })
                 .collect(),
             strikes: Mutex::new((0, std::time::Instant::now())),
@@ -451,7 +458,6 @@ impl SessionLimits {
         let Some(amount) = NonZeroU32::new(amount) else {
             return Ok(());
         };
-        let clock = DefaultClock::default();
         let user_key = (self.tenant.clone(), self.user.clone());
         let i = kind.index();
         let outcomes = [
@@ -465,7 +471,9 @@ impl SessionLimits {
         for (scope, outcome) in outcomes {
             let retry_after = match outcome {
                 Ok(Ok(())) => continue,
-                Ok(Err(not_until)) => not_until.wait_time_from(clock.now()),
+                // The clock is made once per node: making one runs CPUID, which a
+                // virtual machine traps (tens of microseconds).
+                Ok(Err(not_until)) => not_until.wait_time_from(self.node.clock.now()),
                 // More than a whole bucket at once: it fits only in pieces.
                 Err(_) => Duration::from_secs(u64::from(BURST_SECONDS)),
             };

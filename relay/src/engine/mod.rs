@@ -180,6 +180,10 @@ pub struct EngineConfig {
     pub hot_docs_per_tenant_max: usize,
     /// Documents one user may be subscribed to at once across its sessions on this node.
     pub subscriptions_per_user_max: usize,
+    /// Presence updates per second one document takes from all its sessions together
+    /// (each is fanned out to every subscriber; a bucket of one second's worth); more
+    /// are refused with `rate_limited`.
+    pub presence_per_doc_per_sec: u32,
 }
 
 impl Default for EngineConfig {
@@ -209,6 +213,7 @@ impl Default for EngineConfig {
             presence_bytes_per_tenant_max: 16 << 20,
             hot_docs_per_tenant_max: 50_000,
             subscriptions_per_user_max: 1_024,
+            presence_per_doc_per_sec: 200,
         }
     }
 }
@@ -378,6 +383,8 @@ struct Doc {
     orphans: Vec<Orphan>,
     orphan_bytes: usize,
     presence: HashMap<SessionId, Bytes>,
+    /// The document's presence bucket: tokens left and when it was last filled.
+    presence_bucket: (f64, Option<Instant>),
     durable_waiters: HashMap<ChangeHash, Vec<SessionId>>,
     unflushed: usize,
     snapshot: Option<Snapshot>,
@@ -425,6 +432,7 @@ impl Doc {
             orphans: Vec::new(),
             orphan_bytes: 0,
             presence: HashMap::new(),
+            presence_bucket: (0.0, None),
             durable_waiters: HashMap::new(),
             unflushed: 0,
             snapshot: None,
@@ -963,6 +971,32 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
+        // The document's presence rate: every update goes to every subscriber. Leaving
+        // (an empty state) is always taken.
+        if !state.is_empty() {
+            let rate = f64::from(self.config.presence_per_doc_per_sec.max(1));
+            let (tokens, filled) = &mut entry.presence_bucket;
+            let elapsed = filled.map_or(1.0, |at| {
+                now.instant.saturating_duration_since(at).as_secs_f64()
+            });
+            *tokens = (*tokens + elapsed * rate).min(rate);
+            *filled = Some(now.instant);
+            if *tokens < 1.0 {
+                let retry_after_ms = ((1.0 - *tokens) / rate * 1000.0).ceil() as u32;
+                self.send(
+                    session,
+                    Some(doc.clone()),
+                    RelayToClient::error_retry(
+                        ErrorCode::RateLimited,
+                        Some(doc),
+                        retry_after_ms.max(1),
+                        "this document's presence rate is used up; retry later",
+                    ),
+                );
+                return;
+            }
+            *tokens -= 1.0;
+        }
         let before = entry.presence.get(&session).map_or(0, Bytes::len);
         if held - before.min(held) + state.len() > self.config.presence_bytes_per_tenant_max {
             self.error(

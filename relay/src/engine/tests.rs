@@ -928,3 +928,34 @@ fn presence_hot_documents_and_subscriptions_are_budgeted() {
     h.run(t);
     assert_eq!(error_codes(&h.take(4)), vec![ErrorCode::Overloaded]);
 }
+
+#[test]
+fn a_documents_presence_rate_is_shared_by_its_sessions() {
+    let mut config = config();
+    config.presence_per_doc_per_sec = 5;
+    let mut h = Harness::new();
+    h.engine = Engine::new(config);
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    for i in 0..6u8 {
+        let session = 1 + u64::from(i % 2);
+        h.engine
+            .handle_presence(t, session, doc_id(), Bytes::from(vec![i + 1]));
+    }
+    h.run(t);
+    let mut codes = error_codes(&h.take(1));
+    codes.extend(error_codes(&h.take(2)));
+    assert_eq!(codes, vec![ErrorCode::RateLimited], "the sixth in a second");
+    // Leaving is always taken; a second later the bucket is full again.
+    h.engine.handle_presence(t, 1, doc_id(), Bytes::new());
+    let later = Now {
+        instant: t.instant + Duration::from_secs(1),
+        unix_secs: t.unix_secs + 1,
+    };
+    h.engine
+        .handle_presence(later, 2, doc_id(), Bytes::from_static(b"again"));
+    h.run(later);
+    assert!(error_codes(&h.take(1)).is_empty());
+    assert!(error_codes(&h.take(2)).is_empty());
+}
