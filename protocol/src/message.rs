@@ -33,10 +33,10 @@ pub const MAX_CHANGE_INFLATED: usize = MAX_CHANGE_LEN;
 pub const MAX_CHANGE_OPS: u64 = 1 << 20;
 /// The most bytes the relay inflates for all the changes of one `changes` frame together
 /// (a refused change counts for what was inflated to refuse it); the changes past it are
-/// refused as `too_large`, each on its own, without being read.
+/// refused as `overloaded` (retryable), each on its own, without being read.
 pub const MAX_FRAME_INFLATED: usize = 4 * MAX_CHANGE_INFLATED;
 /// The most operations all the changes of one `changes` frame may carry together; the
-/// changes past it are refused as `too_large`, each on its own.
+/// changes past it are refused as `overloaded` (retryable), each on its own.
 pub const MAX_FRAME_OPS: u64 = 2 * MAX_CHANGE_OPS;
 /// The largest presence state, in bytes. Presence is ephemeral and never stored.
 pub const MAX_PRESENCE_LEN: usize = 4096;

@@ -70,25 +70,13 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// The address a connection counts against: IPv4 as it is, IPv6 by its /64.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut segments = v6.segments();
-            segments[4..].fill(0);
-            IpAddr::V6(segments.into())
-        }
-    }
-}
-
 /// Connections held per source address.
 #[derive(Default)]
 struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
 
 impl PerAddress {
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
-        let key = address_key(ip);
+        let key = crate::ratelimit::address_key(ip);
         let mut held = self.0.lock().ok()?;
         let count = held.entry(key).or_insert(0);
         if *count >= CONNECTIONS_PER_ADDRESS_MAX {

@@ -61,8 +61,8 @@ pub struct RateLimitConfig {
     /// `rate_limited` (a persistent offender).
     pub strikes_max: u32,
     /// The first cooldown of an address whose connection was closed for misbehaving
-    /// (`malformed`, `too_large`, `timeout`, `rate_limited`, `unauthorized`,
-    /// `version_mismatch`); it doubles with each further offence, up to
+    /// (`malformed`, `too_large`, `timeout`, `rate_limited`, `version_mismatch`; not
+    /// `unauthorized`: a laptop waking with an expired token is no offender); it doubles with each further offence, up to
     /// `penalty_max`, and new connections from the address are refused at the handshake
     /// meanwhile (before any TLS work).
     pub penalty_initial: Duration,
@@ -271,7 +271,8 @@ impl NodeLimits {
         }
         if let Ok(mut gates) = self.gates.lock() {
             let max = self.config.engine_inputs_per_tenant_max;
-            gates.retain(|_, gate| gate.available_permits() < max);
+            // A gate still held by a session stays: a new one would double the share.
+            gates.retain(|_, gate| Arc::strong_count(gate) > 1 || gate.available_permits() < max);
         }
         if let Ok(mut queued) = self.queued.lock() {
             queued.retain(|_, bytes| Arc::strong_count(bytes) > 1);
@@ -293,7 +294,6 @@ impl NodeLimits {
                 | ErrorCode::TooLarge
                 | ErrorCode::Timeout
                 | ErrorCode::RateLimited
-                | ErrorCode::Unauthorized
                 | ErrorCode::VersionMismatch
         ) {
             return;
@@ -460,15 +460,14 @@ impl SessionLimits {
         };
         let user_key = (self.tenant.clone(), self.user.clone());
         let i = kind.index();
-        let outcomes = [
-            ("connection", self.own[i].check_n(amount)),
-            ("user", self.node.users[i].check_key_n(&user_key, amount)),
-            (
-                "tenant",
-                self.node.tenants[i].check_key_n(&self.tenant, amount),
-            ),
-        ];
-        for (scope, outcome) in outcomes {
+        // In order, stopping at the first refusal: a frame the connection's bucket refuses
+        // takes nothing from its user's or tenant's.
+        for scope in ["connection", "user", "tenant"] {
+            let outcome = match scope {
+                "connection" => self.own[i].check_n(amount),
+                "user" => self.node.users[i].check_key_n(&user_key, amount),
+                _ => self.node.tenants[i].check_key_n(&self.tenant, amount),
+            };
             let retry_after = match outcome {
                 Ok(Ok(())) => continue,
                 // The clock is made once per node: making one runs CPUID, which a
@@ -478,6 +477,15 @@ impl SessionLimits {
                 Err(_) => Duration::from_secs(u64::from(BURST_SECONDS)),
             };
             crate::metrics::rate_limited(kind.name(), scope);
+            // Only the connection's own excess makes it a persistent offender: a user or
+            // tenant drained by others must not get an honest connection closed.
+            if scope != "connection" {
+                return Err(Refused {
+                    retry_after: retry_after.max(Duration::from_millis(1)),
+                    scope,
+                    persistent: false,
+                });
+            }
             let strikes = {
                 let mut strikes = self
                     .strikes
@@ -603,6 +611,45 @@ mod tests {
         // Another user of the same tenant is not affected.
         let other = limits.open_session(&tenant("t"), &user("v")).unwrap();
         assert!(other.check(Kind::Presence, 50).is_ok());
+    }
+
+    #[test]
+    fn refusals_take_nothing_from_wider_buckets_and_only_own_excess_strikes() {
+        let limits = NodeLimits::new(small());
+        let first = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        assert!(first.check(Kind::Presence, 50).is_ok());
+        for _ in 0..2 {
+            assert_eq!(
+                first.check(Kind::Presence, 1).unwrap_err().scope,
+                "connection"
+            );
+        }
+        // The user's bucket still holds its 25: the refusals took none of it.
+        let second = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        assert!(second.check(Kind::Presence, 25).is_ok());
+        // Refused by the user's bucket (drained by the first connection): never a
+        // persistent offender for that.
+        for _ in 0..5 {
+            let refused = second.check(Kind::Presence, 1).unwrap_err();
+            assert_eq!(refused.scope, "user");
+            assert!(!refused.persistent);
+        }
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_a_tenants_gate_while_sessions_hold_it() {
+        let mut config = small();
+        config.engine_inputs_per_tenant_max = 1;
+        let limits = NodeLimits::new(config);
+        let holder = limits.open_session(&tenant("t"), &user("u")).unwrap();
+        let _permit = holder.admit().await.unwrap();
+        limits.prune();
+        let other = limits.open_session(&tenant("t"), &user("v")).unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), other.admit()).await;
+        assert!(
+            waited.is_err(),
+            "the tenant's one place is taken: a new gate was not made"
+        );
     }
 
     #[test]

@@ -296,23 +296,28 @@ impl FrameReader {
     }
 
     /// Charges the budgets for what the decoder now buffers.
+    ///
+    /// The node's budget is charged only for what a stream buffers past one read
+    /// ([`READ_CHUNK`]): when others have filled it, a session's pings and small frames
+    /// still get through (its own budget still counts every byte).
     fn recharge(&mut self) -> Result<(), ReadError> {
         let buffered = self.decoder.buffered();
+        let node_share = |bytes: usize| bytes.saturating_sub(READ_CHUNK);
         if buffered > self.charged {
             let more = buffered - self.charged;
+            let more_node = node_share(buffered) - node_share(self.charged);
             if !self.budgets[0].take(more) {
                 crate::metrics::unfinished_refused("session");
                 return Err(ReadError::Budget);
             }
-            if !self.budgets[1].take(more) {
+            if !self.budgets[1].take(more_node) {
                 self.budgets[0].give(more);
                 crate::metrics::unfinished_refused("node");
                 return Err(ReadError::Budget);
             }
         } else {
-            for budget in &self.budgets {
-                budget.give(self.charged - buffered);
-            }
+            self.budgets[0].give(self.charged - buffered);
+            self.budgets[1].give(node_share(self.charged) - node_share(buffered));
         }
         self.charged = buffered;
         Ok(())
@@ -321,9 +326,8 @@ impl FrameReader {
 
 impl Drop for FrameReader {
     fn drop(&mut self) {
-        for budget in &self.budgets {
-            budget.give(self.charged);
-        }
+        self.budgets[0].give(self.charged);
+        self.budgets[1].give(self.charged.saturating_sub(READ_CHUNK));
     }
 }
 

@@ -307,6 +307,20 @@ impl Engine {
         };
         let orphans = std::mem::take(&mut doc.orphans);
         doc.orphan_bytes = 0;
+        // What is taken out leaves the budgets; what is parked again is counted again.
+        for orphan in &orphans {
+            let size = orphan.change.bytes.len() as isize;
+            super::adjust(
+                &mut self.usage.orphan_bytes_by_session,
+                orphan.session,
+                -size,
+            );
+            super::adjust(
+                &mut self.usage.orphan_bytes_by_tenant,
+                key.tenant.clone(),
+                -size,
+            );
+        }
         let mut by_session: Vec<(SessionId, super::ChangeFrame)> = Vec::new();
         for orphan in orphans {
             match by_session.iter_mut().find(|(s, _)| *s == orphan.session) {
@@ -314,8 +328,6 @@ impl Engine {
                 None => by_session.push((orphan.session, vec![Ok(orphan.change)])),
             }
         }
-        // The orphans taken out are parked again (and counted again) as they are taken.
-        self.recount_usage();
         self.reingesting = true;
         for (session, changes) in by_session {
             if self.is_subscribed(session, &key.doc) {
@@ -323,7 +335,6 @@ impl Engine {
             }
         }
         self.reingesting = false;
-        self.recount_usage();
     }
 
     /// Answers `Moved` and drops the session's subscription, if any.

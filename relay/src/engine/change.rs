@@ -56,8 +56,8 @@ pub enum ChangeError {
     #[error("change carries {0} operations or predecessors, more than {MAX_CHANGE_OPS}")]
     TooManyOps(u64),
     /// The changes before it in the same frame used up the frame's budget of inflated
-    /// bytes ([`MAX_FRAME_INFLATED`]) or operations ([`MAX_FRAME_OPS`]); send it again
-    /// in another frame.
+    /// bytes ([`MAX_FRAME_INFLATED`]) or operations ([`MAX_FRAME_OPS`]); answered
+    /// `overloaded`: send it again in another frame.
     #[error("the frame's budget of inflated bytes or operations is used up")]
     FrameBudget,
     /// Not an Automerge change chunk.
@@ -76,10 +76,12 @@ impl ChangeError {
     /// The error code the sender is answered with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            ChangeError::TooLarge(_)
-            | ChangeError::Inflated
-            | ChangeError::TooManyOps(_)
-            | ChangeError::FrameBudget => ErrorCode::TooLarge,
+            ChangeError::TooLarge(_) | ChangeError::Inflated | ChangeError::TooManyOps(_) => {
+                ErrorCode::TooLarge
+            }
+            // The change itself may be fine: sent again (after the ones before it in the
+            // frame were taken), it fits. `overloaded` tells the SDK to resend.
+            ChangeError::FrameBudget => ErrorCode::Overloaded,
             ChangeError::Parse(_) | ChangeError::Checksum(_) | ChangeError::Actor => {
                 ErrorCode::InvalidChange
             }

@@ -1052,7 +1052,14 @@ impl Engine {
             Ok(loaded) => loaded,
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
-                self.docs.remove(&key);
+                if let Some(doc) = self.docs.remove(&key) {
+                    let presence: usize = doc.presence.values().map(Bytes::len).sum();
+                    adjust(
+                        &mut self.usage.presence_bytes_by_tenant,
+                        key.tenant.clone(),
+                        -(presence as isize),
+                    );
+                }
                 adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), -1);
                 for WaitingSubscribe { session, .. } in subscribes {
                     self.refuse_subscription(
@@ -1589,6 +1596,10 @@ impl Engine {
     }
 }
 
+/// Documents of the tenant looked through, at most, for a held copy of a change under
+/// another user's actor (see [`Engine::attribute`]).
+const ATTRIBUTE_SCAN_MAX: usize = 256;
+
 impl Engine {
     /// Who a change uploaded by `uploader` is attributed to, binding its actor in the
     /// document if it is not bound yet; `None` refuses it (`actor_conflict`).
@@ -1622,11 +1633,14 @@ impl Engine {
             None => Some(uploader.clone()),
             Some(owner) if &owner == uploader => Some(owner),
             Some(owner) => {
-                let held_elsewhere = self.docs.iter().any(|(other, doc)| {
-                    other.tenant == key.tenant
-                        && other != key
-                        && doc.graph.index_of(&change.hash).is_some()
-                });
+                // Bounded: a forger sending changes under a known actor must not make
+                // every change a scan of the node's documents.
+                let held_elsewhere = self
+                    .docs
+                    .iter()
+                    .filter(|(other, _)| other.tenant == key.tenant && *other != key)
+                    .take(ATTRIBUTE_SCAN_MAX)
+                    .any(|(_, doc)| doc.graph.index_of(&change.hash).is_some());
                 held_elsewhere.then_some(owner)
             }
         }
