@@ -641,14 +641,15 @@ mod tests {
         let mut config = small();
         config.engine_inputs_per_tenant_max = 1;
         let limits = NodeLimits::new(config);
+        // A session holds the gate (no input in flight: every place is free).
         let holder = limits.open_session(&tenant("t"), &user("u")).unwrap();
-        let _permit = holder.admit().await.unwrap();
         limits.prune();
         let other = limits.open_session(&tenant("t"), &user("v")).unwrap();
-        let waited = tokio::time::timeout(Duration::from_millis(50), other.admit()).await;
+        let _permit = other.admit().await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(50), holder.admit()).await;
         assert!(
             waited.is_err(),
-            "the tenant's one place is taken: a new gate was not made"
+            "one gate for the tenant: its one place is taken"
         );
     }
 
