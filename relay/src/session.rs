@@ -718,6 +718,22 @@ fn rate_limited(doc: &DocId, refused: crate::ratelimit::Refused) -> Outbound {
     }
 }
 
+/// Answers a rate-limited input; false when the connection is being closed (a persistent
+/// offender). Otherwise nothing more is read from the stream until the client may send
+/// again: QUIC flow control holds the sender back, so a flood costs the node its rate,
+/// not its bandwidth.
+async fn refuse_rate(outbox: &Outbox, doc: &DocId, refused: crate::ratelimit::Refused) -> bool {
+    let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
+    let refusal = rate_limited(doc, refused);
+    let close = matches!(refusal, Outbound::Close(_));
+    outbox.push(refusal);
+    if close {
+        return false;
+    }
+    tokio::time::sleep(pause).await;
+    true
+}
+
 impl DocStream {
     async fn serve(
         self,
@@ -803,32 +819,19 @@ impl DocStream {
                                 admission: self.limits.admit().await,
                             },
                             Err(refused) => {
-                                let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
-                                let refusal = rate_limited(&doc, refused);
-                                let close = matches!(refusal, Outbound::Close(_));
-                                outbox.push(refusal);
-                                if close {
-                                    return;
+                                if refuse_rate(&outbox, &doc, refused).await {
+                                    continue;
                                 }
-                                // Nothing more is read from this stream until the client
-                                // may send again: QUIC flow control holds the sender back,
-                                // so a flood costs the node its rate, not its bandwidth.
-                                tokio::time::sleep(pause).await;
-                                continue;
+                                return;
                             }
                         }
                     }
                     Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => {
                         if let Err(refused) = self.limits.check(Kind::Presence, 1) {
-                            let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
-                            let refusal = rate_limited(&doc, refused);
-                            let close = matches!(refusal, Outbound::Close(_));
-                            outbox.push(refusal);
-                            if close {
-                                return;
+                            if refuse_rate(&outbox, &doc, refused).await {
+                                continue;
                             }
-                            tokio::time::sleep(pause).await;
-                            continue;
+                            return;
                         }
                         Input::Presence {
                             session,
