@@ -184,7 +184,18 @@ pub struct EngineConfig {
     /// (each is fanned out to every subscriber; a bucket of one second's worth); more
     /// are refused with `rate_limited`.
     pub presence_per_doc_per_sec: u32,
+    /// Presence bytes per second one document sends out, counted as each update's size
+    /// (at least [`PRESENCE_COST_MIN`]) times the subscribers it goes to: an update's
+    /// cost is the fan-out it causes, so many subscribers draining large updates cannot
+    /// turn one document into a node's whole egress. A bucket of one second's worth; an
+    /// update larger than the whole bucket is taken when the bucket is full. More are
+    /// refused with `rate_limited`.
+    pub presence_fanout_bytes_per_doc_per_sec: u32,
 }
+
+/// The least an update is counted at in a document's presence fan-out budget (the
+/// message around a small state costs about this much to frame, encrypt and send).
+pub const PRESENCE_COST_MIN: usize = 64;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -214,6 +225,7 @@ impl Default for EngineConfig {
             hot_docs_per_tenant_max: 50_000,
             subscriptions_per_user_max: 1_024,
             presence_per_doc_per_sec: 200,
+            presence_fanout_bytes_per_doc_per_sec: 1 << 20,
         }
     }
 }
@@ -385,6 +397,8 @@ struct Doc {
     presence: HashMap<SessionId, Bytes>,
     /// The document's presence bucket: tokens left and when it was last filled.
     presence_bucket: (f64, Option<Instant>),
+    /// The document's presence fan-out bucket (bytes times recipients), the same way.
+    presence_bytes_bucket: (f64, Option<Instant>),
     durable_waiters: HashMap<ChangeHash, Vec<SessionId>>,
     unflushed: usize,
     snapshot: Option<Snapshot>,
@@ -433,6 +447,7 @@ impl Doc {
             orphan_bytes: 0,
             presence: HashMap::new(),
             presence_bucket: (0.0, None),
+            presence_bytes_bucket: (0.0, None),
             durable_waiters: HashMap::new(),
             unflushed: 0,
             snapshot: None,
@@ -492,6 +507,23 @@ pub struct Engine {
     actor_owners: lru::LruCache<(TenantId, meridian_protocol::ActorId), UserId>,
     /// What each session and tenant holds against its budgets.
     usage: Usage,
+}
+
+/// Refills a bucket of one second's worth of `rate` (tokens and when last filled) to
+/// `now`, and says how long until it holds `cost` (capped at the whole bucket), or `None`
+/// when it does now. Takes nothing: the caller takes once every bucket has said yes.
+fn bucket_wait(
+    bucket: &mut (f64, Option<Instant>),
+    now: Instant,
+    rate: f64,
+    cost: f64,
+) -> Option<Duration> {
+    let (tokens, filled) = bucket;
+    let elapsed = filled.map_or(1.0, |at| now.saturating_duration_since(at).as_secs_f64());
+    *tokens = (*tokens + elapsed * rate).min(rate);
+    *filled = Some(now);
+    let needed = cost.min(rate);
+    (*tokens < needed).then(|| Duration::from_secs_f64(((needed - *tokens) / rate).max(0.001)))
 }
 
 /// Orphan and presence bytes held per session and per tenant, hot documents per tenant,
@@ -971,18 +1003,24 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
-        // The document's presence rate: every update goes to every subscriber. Leaving
-        // (an empty state) is always taken.
+        // The document's presence rates, in updates and in bytes sent out: every update
+        // goes to every other subscriber. Leaving (an empty state) is always taken.
         if !state.is_empty() {
-            let rate = f64::from(self.config.presence_per_doc_per_sec.max(1));
-            let (tokens, filled) = &mut entry.presence_bucket;
-            let elapsed = filled.map_or(1.0, |at| {
-                now.instant.saturating_duration_since(at).as_secs_f64()
-            });
-            *tokens = (*tokens + elapsed * rate).min(rate);
-            *filled = Some(now.instant);
-            if *tokens < 1.0 {
-                let retry_after_ms = ((1.0 - *tokens) / rate * 1000.0).ceil() as u32;
+            let recipients = entry.subscribers.len().saturating_sub(1).max(1);
+            let cost = (state.len().max(PRESENCE_COST_MIN) * recipients) as f64;
+            let count_rate = f64::from(self.config.presence_per_doc_per_sec.max(1));
+            let bytes_rate = f64::from(self.config.presence_fanout_bytes_per_doc_per_sec.max(1));
+            let waits = [
+                bucket_wait(&mut entry.presence_bucket, now.instant, count_rate, 1.0),
+                bucket_wait(
+                    &mut entry.presence_bytes_bucket,
+                    now.instant,
+                    bytes_rate,
+                    cost,
+                ),
+            ];
+            if let Some(wait) = waits.into_iter().flatten().max() {
+                let retry_after_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
                 self.send(
                     session,
                     Some(doc.clone()),
@@ -995,7 +1033,8 @@ impl Engine {
                 );
                 return;
             }
-            *tokens -= 1.0;
+            entry.presence_bucket.0 -= 1.0;
+            entry.presence_bytes_bucket.0 -= cost.min(bytes_rate);
         }
         let before = entry.presence.get(&session).map_or(0, Bytes::len);
         if held - before.min(held) + state.len() > self.config.presence_bytes_per_tenant_max {

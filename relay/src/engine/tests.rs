@@ -959,3 +959,44 @@ fn a_documents_presence_rate_is_shared_by_its_sessions() {
     assert!(error_codes(&h.take(1)).is_empty());
     assert!(error_codes(&h.take(2)).is_empty());
 }
+
+#[test]
+fn a_documents_presence_fan_out_is_budgeted_in_bytes_times_recipients() {
+    let mut config = config();
+    config.presence_fanout_bytes_per_doc_per_sec = 10_000;
+    let mut h = Harness::new();
+    h.engine = Engine::new(config);
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    h.join(3, "carol", t);
+    // 1,000 bytes to two others cost 2,000 of the second's 10,000: the sixth is refused.
+    for _ in 0..6 {
+        h.engine
+            .handle_presence(t, 1, doc_id(), Bytes::from(vec![1u8; 1000]));
+    }
+    h.run(t);
+    let refused = h.take(1);
+    assert_eq!(error_codes(&refused), vec![ErrorCode::RateLimited]);
+    assert_eq!(
+        h.take(2)
+            .iter()
+            .filter(|m| matches!(m, Outbound::Message(RelayToClient::Presence { .. })))
+            .count(),
+        5
+    );
+    // Small updates are counted at PRESENCE_COST_MIN: the bucket is empty for them too
+    // until it refills.
+    h.engine
+        .handle_presence(t, 3, doc_id(), Bytes::from_static(b"x"));
+    h.run(t);
+    assert_eq!(error_codes(&h.take(3)), vec![ErrorCode::RateLimited]);
+    let later = Now {
+        instant: t.instant + Duration::from_millis(100),
+        unix_secs: t.unix_secs,
+    };
+    h.engine
+        .handle_presence(later, 3, doc_id(), Bytes::from_static(b"x"));
+    h.run(later);
+    assert!(error_codes(&h.take(3)).is_empty());
+}
