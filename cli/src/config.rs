@@ -367,6 +367,7 @@ pub struct LimitsSection {
     pub frame_timeout_ms: Option<u64>,
     pub unfinished_bytes_per_session_max: Option<usize>,
     pub unfinished_bytes_per_node_max: Option<usize>,
+    pub udp_buffer_bytes: Option<usize>,
     pub orphans_per_doc_max: Option<usize>,
     pub orphan_bytes_per_doc_max: Option<usize>,
     pub subscriptions_per_session_max: Option<usize>,
@@ -398,6 +399,7 @@ pub struct RateLimitsSection {
     pub penalty_initial_ms: Option<u64>,
     pub penalty_max_ms: Option<u64>,
     pub presence_per_doc_per_sec: Option<u32>,
+    pub presence_fanout_bytes_per_doc_per_sec: Option<u32>,
 }
 
 /// Rates per second for one scope.
@@ -477,6 +479,9 @@ impl RateLimitsSection {
         }
         if let Some(v) = self.presence_per_doc_per_sec {
             engine.presence_per_doc_per_sec = v;
+        }
+        if let Some(v) = self.presence_fanout_bytes_per_doc_per_sec {
+            engine.presence_fanout_bytes_per_doc_per_sec = v;
         }
         if let Some(v) = self.penalty_initial_ms {
             config.penalty_initial = Duration::from_millis(v);
@@ -590,6 +595,9 @@ impl RelayFile {
             }
             if let Some(v) = l.unfinished_bytes_per_node_max {
                 limits.unfinished_bytes_per_node_max = v;
+            }
+            if let Some(v) = l.udp_buffer_bytes {
+                limits.udp_buffer_bytes = v;
             }
             if let Some(v) = l.orphans_per_doc_max {
                 engine.orphans_per_doc_max = v;

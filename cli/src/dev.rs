@@ -97,6 +97,7 @@ impl RateLimitsMode {
                     penalty_initial_ms: None,
                     penalty_max_ms: None,
                     presence_per_doc_per_sec: Some(u32::MAX),
+                    presence_fanout_bytes_per_doc_per_sec: Some(u32::MAX),
                 })
             }
         }

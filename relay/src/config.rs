@@ -112,7 +112,8 @@ pub struct Limits {
     pub receive_window_unauthenticated: u32,
     /// Connection receive window after authentication, in bytes.
     pub receive_window: u32,
-    /// Per-stream receive window, in bytes (at least one frame).
+    /// Per-stream receive window, in bytes. A frame larger than it arrives in pieces (read
+    /// as they come); what a stream left unread holds is at most this.
     pub stream_receive_window: u32,
     /// Bytes queued for one connection before it counts as a slow consumer.
     pub send_queue_bytes_max: usize,
@@ -144,6 +145,11 @@ pub struct Limits {
     pub rates: crate::ratelimit::RateLimitConfig,
     /// How often the revocations are read from the durable tier.
     pub revocation_poll: Duration,
+    /// The QUIC socket's kernel receive and send buffers, in bytes (asked for; the
+    /// kernel caps them at `net.core.rmem_max` / `wmem_max`). Every connection's packets
+    /// arrive through this one socket: a small buffer drops honest clients' packets
+    /// while floods fill it, and each drop costs the honest client a loss recovery.
+    pub udp_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -152,8 +158,8 @@ impl Default for Limits {
             connections_max: 20_000,
             streams_per_connection_max: 256,
             receive_window_unauthenticated: 16 << 10,
-            receive_window: 2 << 20,
-            stream_receive_window: (1 << 20) + (64 << 10),
+            receive_window: 1 << 20,
+            stream_receive_window: 256 << 10,
             send_queue_bytes_max: 8 << 20,
             send_queue_messages_max: 4096,
             hello_timeout: Duration::from_secs(5),
@@ -168,6 +174,7 @@ impl Default for Limits {
             unfinished_bytes_per_node_max: 256 << 20,
             rates: crate::ratelimit::RateLimitConfig::default(),
             revocation_poll: Duration::from_secs(1),
+            udp_buffer_bytes: 8 << 20,
         }
     }
 }

@@ -97,6 +97,8 @@ const REQUEST_MAX: usize = 4096;
 const STREAMS_PER_CONNECTION_MAX: u32 = 4;
 /// How long a connection may stay without a request.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The router socket's kernel buffers, as the relay's (`Limits::udp_buffer_bytes`).
+const UDP_BUFFER_BYTES: usize = 8 << 20;
 /// Tenants kept in the router's cache.
 const TENANTS_CACHED_MAX: usize = 2_000_000;
 /// Placement commits in flight at once in a decision round.
@@ -194,8 +196,8 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
         ));
     server_config.transport_config(Arc::new(transport));
     server_config.max_incoming(config.connections_max.max(1));
-    let endpoint =
-        quinn::Endpoint::server(server_config, config.listen).map_err(RelayError::Bind)?;
+    let endpoint = crate::node::server_endpoint(server_config, config.listen, UDP_BUFFER_BYTES)
+        .map_err(RelayError::Bind)?;
     let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
 
     let router = Arc::new(Router {

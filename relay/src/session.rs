@@ -718,12 +718,72 @@ fn rate_limited(doc: &DocId, refused: crate::ratelimit::Refused) -> Outbound {
     }
 }
 
+/// The least pause after a stream's first refusal in a row; each further refusal in a
+/// row doubles it, up to [`RATE_LIMIT_PAUSE_MAX`].
+const RATE_LIMIT_PAUSE_FIRST: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A stream's recent refusals by a shared (user or tenant) bucket: each doubles the least
+/// pause of the next, and they are forgotten once the stream has gone
+/// [`RATE_LIMIT_FORGET`] without one.
+///
+/// A bucket shared by a user's or tenant's connections refills for one of them at a time,
+/// but tells every refused one to come back as soon as it holds one input more: dozens
+/// of flooding connections of one user would all wake together, each to have one more
+/// frame read, decrypted and refused, and a flooder whose frame passes now and then
+/// would start over each time. Doubling the pause of a stream refused again and again
+/// keeps a flood to about one refusal per connection per `RATE_LIMIT_PAUSE_MAX`; a
+/// client that waits as told is refused again only while others drain what it shares.
+#[derive(Default)]
+struct RefusalBackoff {
+    recent: u32,
+    last: Option<tokio::time::Instant>,
+}
+
+/// How long a stream must go without a refusal before its backoff starts over.
+const RATE_LIMIT_FORGET: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl RefusalBackoff {
+    /// `refused` at `now`, its retry time at least this stream's current pause (which
+    /// then doubles).
+    fn stretch(
+        &mut self,
+        now: tokio::time::Instant,
+        mut refused: crate::ratelimit::Refused,
+    ) -> crate::ratelimit::Refused {
+        // The connection's own bucket knows when this connection may send again: no herd
+        // to spread, and its refusals count as strikes towards closing a persistent
+        // offender, which a stretched pause would hide.
+        if refused.scope == "connection" {
+            return refused;
+        }
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) > RATE_LIMIT_FORGET)
+        {
+            self.recent = 0;
+        }
+        let least = RATE_LIMIT_PAUSE_FIRST
+            .saturating_mul(1u32 << self.recent.min(16))
+            .min(RATE_LIMIT_PAUSE_MAX);
+        self.recent = self.recent.saturating_add(1);
+        self.last = Some(now);
+        refused.retry_after = refused.retry_after.max(least).min(RATE_LIMIT_PAUSE_MAX);
+        refused
+    }
+}
+
 /// Answers a rate-limited input; false when the connection is being closed (a persistent
 /// offender). Otherwise nothing more is read from the stream until the client may send
-/// again: QUIC flow control holds the sender back, so a flood costs the node its rate,
-/// not its bandwidth.
-async fn refuse_rate(outbox: &Outbox, doc: &DocId, refused: crate::ratelimit::Refused) -> bool {
-    let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
+/// again (the time it is told): QUIC flow control holds the sender back, so a flood
+/// costs the node its rate, not its bandwidth.
+async fn refuse_rate(
+    outbox: &Outbox,
+    doc: &DocId,
+    backoff: &mut RefusalBackoff,
+    refused: crate::ratelimit::Refused,
+) -> bool {
+    let refused = backoff.stretch(tokio::time::Instant::now(), refused);
+    let pause = refused.retry_after;
     let refusal = rate_limited(doc, refused);
     let close = matches!(refusal, Outbound::Close(_));
     outbox.push(refusal);
@@ -806,6 +866,7 @@ impl DocStream {
             stream,
             doc: doc.clone(),
         };
+        let mut backoff = RefusalBackoff::default();
         loop {
             let input = match reader.next().await {
                 Ok(Some(frame)) => match ClientToRelay::decode(&frame) {
@@ -819,7 +880,7 @@ impl DocStream {
                                 admission: self.limits.admit().await,
                             },
                             Err(refused) => {
-                                if refuse_rate(&outbox, &doc, refused).await {
+                                if refuse_rate(&outbox, &doc, &mut backoff, refused).await {
                                     continue;
                                 }
                                 return;
@@ -828,7 +889,7 @@ impl DocStream {
                     }
                     Ok(ClientToRelay::Presence { doc: d, state }) if d == doc => {
                         if let Err(refused) = self.limits.check(Kind::Presence, 1) {
-                            if refuse_rate(&outbox, &doc, refused).await {
+                            if refuse_rate(&outbox, &doc, &mut backoff, refused).await {
                                 continue;
                             }
                             return;
@@ -1229,5 +1290,46 @@ mod tests {
         assert_eq!(queued.connection.load(Ordering::Relaxed), 0);
         assert_eq!(tenant.load(Ordering::Relaxed), 0, "the tenant's share too");
         assert!(tx.try_send(pong(0)).is_err());
+    }
+
+    #[test]
+    fn a_stream_refused_again_and_again_waits_longer_each_time() {
+        use std::time::Duration;
+        let refused = |ms| crate::ratelimit::Refused {
+            retry_after: Duration::from_millis(ms),
+            scope: "user",
+            persistent: false,
+        };
+        let mut backoff = RefusalBackoff::default();
+        let t = tokio::time::Instant::now();
+        // A shared bucket says 1 ms each time; the stream is told 10, 20, 40 ms ...
+        let waits: Vec<u128> = (0..4)
+            .map(|_| backoff.stretch(t, refused(1)).retry_after.as_millis())
+            .collect();
+        assert_eq!(waits, vec![10, 20, 40, 80]);
+        // ... never less than the bucket's own time, never more than the pause's cap ...
+        assert_eq!(
+            backoff.stretch(t, refused(500)).retry_after.as_millis(),
+            500
+        );
+        for _ in 0..20 {
+            backoff.stretch(t, refused(1));
+        }
+        assert_eq!(
+            backoff.stretch(t, refused(1)).retry_after,
+            RATE_LIMIT_PAUSE_MAX
+        );
+        // ... and it starts over once the stream has gone a while without a refusal.
+        let later = t + RATE_LIMIT_PAUSE_MAX + RATE_LIMIT_FORGET + Duration::from_millis(1);
+        assert_eq!(
+            backoff.stretch(later, refused(1)).retry_after.as_millis(),
+            10
+        );
+        // The connection's own bucket is taken at its word (and counts towards strikes).
+        let own = crate::ratelimit::Refused {
+            scope: "connection",
+            ..refused(3)
+        };
+        assert_eq!(backoff.stretch(later, own).retry_after.as_millis(), 3);
     }
 }

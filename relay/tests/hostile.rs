@@ -500,6 +500,68 @@ async fn idle_and_slow_admin_connections_cannot_starve_readiness() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_flooding_connections_are_not_woken_together_to_be_refused_again() {
+    // One user's presence bucket (100 a second) shared by 20 connections that each flood
+    // as fast as the relay reads: without a growing pause, every refused connection came
+    // back as soon as the bucket held one more update, to be read and refused again
+    // (about a hundred refusals a second each). The connections' own buckets are out of
+    // the way: only the user's refuses.
+    let mut dev = Dev::new();
+    dev.limits.rates.connection.presence = std::num::NonZeroU32::new(100_000).unwrap();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let state = Bytes::from(vec![7u8; 64]);
+    let mut readers = Vec::new();
+    let mut senders = Vec::new();
+    let mut connections = Vec::new();
+    for i in 0..20 {
+        let raw = dev.raw(addr, dev.token("mallory")).await;
+        let stream = subscribed(&raw, &format!("herd-{i}")).await;
+        let (send, reader) = stream.split();
+        let frame = ClientToRelay::Presence {
+            doc: doc(&format!("herd-{i}")),
+            state: state.clone(),
+        }
+        .to_bytes();
+        senders.push((send, frame));
+        readers.push(reader);
+        connections.push(raw);
+    }
+    // All flood at once (one alone would have the user's whole burst to itself).
+    for (mut send, frame) in senders {
+        tokio::spawn(async move { while send.write_all(&frame).await.is_ok() {} });
+    }
+    // Count the refusals each connection gets in three seconds.
+    let counts = futures::future::join_all(readers.into_iter().map(|mut reader| async move {
+        let mut refused = 0u32;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(message)) = tokio::time::timeout_at(deadline, reader.next()).await {
+            if matches!(
+                message,
+                RelayToClient::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                }
+            ) {
+                refused += 1;
+            }
+        }
+        refused
+    }))
+    .await;
+    let most = counts.iter().copied().max().unwrap_or(0);
+    assert!(counts.iter().sum::<u32>() > 0, "the flood was refused");
+    // 10, 20, 40, ... ms: at most nine pauses fit in three seconds.
+    assert!(
+        most <= 12,
+        "a connection was refused {most} times in 3 s: {counts:?}"
+    );
+    // The user's flooding costs nobody else: another user works as usual.
+    still_serving(&dev, addr).await;
+    drop(connections);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_presence_flood_is_rate_limited_and_the_flooder_closed() {
     let mut dev = Dev::new();
     dev.limits.rates.connection.presence = std::num::NonZeroU32::new(20).unwrap();

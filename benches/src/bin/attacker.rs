@@ -52,6 +52,10 @@ struct Args {
     /// Seconds to attack.
     #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Which attacks to run, by number (see the module comment; all eight by default).
+    /// Connections are dealt to them in turn.
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2,3,4,5,6,7")]
+    attacks: Vec<usize>,
 }
 
 /// What the relay answered, by kind.
@@ -81,7 +85,11 @@ async fn main() -> Result<()> {
     // legitimate clients' 127.0.0.1: per-address limits meet them and not the others.
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.connections {
-        let attack = i % 8;
+        let attack = args
+            .attacks
+            .get(i % args.attacks.len().max(1))
+            .copied()
+            .unwrap_or(7);
         let endpoint = meridian_client::quic_endpoint(&config)?;
         let local = format!("127.0.{}.{}:0", 1 + i / 250 % 200, 2 + i % 250);
         endpoint.rebind(std::net::UdpSocket::bind(local.as_str())?)?;

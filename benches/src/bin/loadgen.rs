@@ -116,6 +116,9 @@ struct Args {
     /// `hostile`: hostile connections the attacker opens.
     #[arg(long, default_value_t = 1000)]
     attackers: usize,
+    /// `hostile`: which attacks (the `attacker` binary's numbers, comma-separated).
+    #[arg(long, default_value = "0,1,2,3,4,5,6,7")]
+    attacks: String,
 }
 
 /// Sent changes waiting for their receipts, by key (`peers::change_key`: the first four
@@ -1074,6 +1077,7 @@ async fn hostile(args: &Args, mut report: serde_json::Value) -> Result<()> {
         .args(["--connections", &args.attackers.to_string()])
         .args(["--docs", &args.docs.to_string()])
         .args(["--duration", &attack_seconds.to_string()])
+        .args(["--attacks", &args.attacks])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     // Relay RSS, sampled while the attack runs.

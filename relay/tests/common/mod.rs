@@ -187,19 +187,16 @@ impl Raw {
 
 pub struct RawStream {
     pub send: quinn::SendStream,
+    reader: RawReader,
+}
+
+/// The receiving half of a [`RawStream`].
+pub struct RawReader {
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
 }
 
-impl RawStream {
-    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
-        RawStream {
-            send,
-            recv,
-            decoder: FrameDecoder::new(),
-        }
-    }
-
+impl RawReader {
     /// The next message, or `None` when the stream or connection ends.
     pub async fn next(&mut self) -> Option<RelayToClient> {
         loop {
@@ -213,6 +210,28 @@ impl RawStream {
                 _ => return None,
             }
         }
+    }
+}
+
+impl RawStream {
+    fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        RawStream {
+            send,
+            reader: RawReader {
+                recv,
+                decoder: FrameDecoder::new(),
+            },
+        }
+    }
+
+    /// The sending and receiving halves, to use from two tasks.
+    pub fn split(self) -> (quinn::SendStream, RawReader) {
+        (self.send, self.reader)
+    }
+
+    /// The next message, or `None` when the stream or connection ends.
+    pub async fn next(&mut self) -> Option<RelayToClient> {
+        self.reader.next().await
     }
 
     /// Skips messages until one matches.
