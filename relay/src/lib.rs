@@ -1,14 +1,14 @@
 //! A Meridian relay node.
 //!
-//! `engine` decides (no IO); `node` and `session` run it over QUIC with quinn; `cache` is
-//! the node's sled cache; `store` is the durable tier. See ARCHITECTURE.md.
+//! `engine` (the `meridian-engine` crate) decides, with no IO; `node` and `session` run
+//! it over QUIC with quinn; `cache` is the node's sled cache; `store` is the durable
+//! tier. See ARCHITECTURE.md.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod cache;
 pub mod cell;
 pub mod config;
 pub mod control;
-pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod node;
@@ -20,6 +20,8 @@ pub mod router;
 mod session;
 pub mod store;
 pub mod tls;
+
+pub use meridian_engine as engine;
 
 pub use config::{DurableConfig, Limits, RelayConfig, TenantKeys};
 pub use node::{RelayHandle, RelayStats, start, start_with_store};

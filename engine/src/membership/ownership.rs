@@ -4,7 +4,7 @@
 
 use meridian_protocol::NodeAddr;
 
-use crate::engine::DocKey;
+use crate::DocKey;
 
 /// A stable 64-bit hash (FNV-1a over length-prefixed fields, then a splitmix64
 /// finalizer). Stable across builds and platforms, unlike `std`'s `DefaultHasher`, so

@@ -601,7 +601,11 @@ fn doc_owned_by(want: &str) -> DocId {
                 tenant: TenantId::new("acme").unwrap(),
                 doc: doc.clone(),
             };
-            crate::cell::owner(&members, &key).unwrap().node.as_str() == want
+            crate::membership::owner(&members, &key)
+                .unwrap()
+                .node
+                .as_str()
+                == want
         })
         .unwrap()
 }

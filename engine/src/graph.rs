@@ -331,7 +331,7 @@ impl ChangeGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::change::parse_change;
+    use crate::change::parse_change;
     use automerge::transaction::Transactable;
     use automerge::{AutoCommit, ReadDoc};
 

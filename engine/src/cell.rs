@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient, TenantId};
 
 use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask};
-use crate::cell::owner;
+use crate::membership::owner;
 
 /// This node and the cell's live members.
 pub(super) struct CellState {

@@ -1,5 +1,11 @@
 //! The relay's decisions, with no IO: sessions, subscriptions, the change-graph hot path,
-//! orphans, presence, group commit to the cache and batched flushes to the durable tier.
+//! orphans, presence, group commit to the cache and batched flushes to the durable tier;
+//! and the cell's membership ([`membership`]: SWIM through foca, the gossip packet seal,
+//! document ownership).
+//!
+//! This crate cannot do IO: its direct dependencies include no async runtime, socket,
+//! database or cloud SDK (`tests/dependencies.rs` fails if one is added), and clippy
+//! refuses clock and entropy calls in it (`clippy.toml`).
 //!
 //! # Calling order (one driver task owns the engine)
 //!
@@ -23,12 +29,17 @@
 //! and `Applied` is always sent before `Durable`. Changes with missing dependencies wait in
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+// Tests build documents and read the clock to make their inputs.
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
+
 mod cell;
 pub mod change;
 mod compact;
 mod durability;
 pub mod graph;
 mod load;
+pub mod membership;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
