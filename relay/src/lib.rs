@@ -19,12 +19,18 @@ pub mod revocation;
 pub mod router;
 mod session;
 pub mod store;
-pub mod tls;
 
 pub use meridian_engine as engine;
+pub use meridian_process::tls;
 
 pub use config::{DurableConfig, Limits, RelayConfig, TenantKeys};
 pub use node::{RelayHandle, RelayStats, start, start_with_store};
+
+impl From<tls::TlsError> for RelayError {
+    fn from(error: tls::TlsError) -> Self {
+        RelayError::Tls(error.to_string())
+    }
+}
 
 /// Why a relay could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]

@@ -4,36 +4,25 @@
 //! The recorder is global to the process: run one relay per process in production (tests
 //! that start several relays in one process see their sums).
 
-use std::sync::OnceLock;
+use std::sync::Once;
 use std::time::Duration;
 
 use metrics::{
     Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
 };
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::node::RelayStats;
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+static DESCRIBED: Once = Once::new();
 
-/// Installs the process-wide recorder once and returns its handle (`None` if another
+/// Installs the process-wide recorder once (`meridian_process::metrics::install`) and
+/// describes this crate's metrics; returns the recorder's handle (`None` if another
 /// recorder was installed first by the embedding program).
 pub fn install() -> Option<PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0, 30.0,
-                ])
-                .ok()?
-                .build_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).ok()?;
-            describe();
-            Some(handle)
-        })
-        .clone()
+    let handle = meridian_process::metrics::install()?;
+    DESCRIBED.call_once(describe);
+    Some(handle)
 }
 
 fn describe() {
@@ -46,10 +35,6 @@ fn describe() {
         "Connections refused, by reason."
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
-    describe_counter!(
-        "meridian_admin_connections_refused_total",
-        "Admin endpoint connections refused or cut, by reason (address, limit, timeout)."
-    );
     describe_counter!(
         "meridian_rate_limited_total",
         "Inputs and connections refused by a rate limit or quota, by limit and scope."
@@ -341,12 +326,6 @@ pub fn publish(stats: &RelayStats) {
 /// A connection refused before it became a session.
 pub fn connection_rejected(reason: &'static str) {
     counter!("meridian_connections_rejected_total", "reason" => reason).increment(1);
-}
-
-/// A connection to the admin endpoint refused or cut (`address`: its source address held
-/// its share; `limit`: the endpoint was full; `timeout`: it took too long).
-pub fn admin_refused(reason: &'static str) {
-    counter!("meridian_admin_connections_refused_total", "reason" => reason).increment(1);
 }
 
 /// An input refused by a rate limit (`kind`: changes, inflated_bytes, presence,

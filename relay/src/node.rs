@@ -344,39 +344,6 @@ fn generation() -> u64 {
         .map_or(1, |d| d.as_millis() as u64)
 }
 
-/// A QUIC server endpoint on `listen` whose socket asks the kernel for `buffer_bytes` of
-/// receive and send buffer (best effort: the kernel caps what it grants).
-pub fn server_endpoint(
-    server_config: quinn::ServerConfig,
-    listen: std::net::SocketAddr,
-    buffer_bytes: usize,
-) -> std::io::Result<quinn::Endpoint> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if listen.is_ipv6() {
-        // As the standard library binds: an IPv6 address takes IPv4 too where the
-        // system allows it.
-        let _ = socket.set_only_v6(false);
-    }
-    // Best effort: a smaller buffer than asked for still works, only with more drops
-    // under floods (the kernel counts them: `RcvbufErrors` in /proc/net/snmp).
-    let _ = socket.set_recv_buffer_size(buffer_bytes);
-    let _ = socket.set_send_buffer_size(buffer_bytes);
-    socket.bind(&listen.into())?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(server_config),
-        socket.into(),
-        runtime,
-    )
-}
-
 /// The QUIC transport settings of the relay's endpoint, per connection before `hello`:
 /// one bidirectional stream (the control stream) and a small receive window. A session
 /// opens both up after `hello` (see [`STREAMS_AFTER_HELLO`]).
@@ -454,8 +421,12 @@ pub async fn start_with_store(
     let limits = config.limits.clone();
     server_config.transport_config(Arc::new(server_transport(&limits)?));
     server_config.max_incoming(limits.connections_max.max(1));
-    let endpoint = server_endpoint(server_config, config.listen, limits.udp_buffer_bytes)
-        .map_err(RelayError::Bind)?;
+    let endpoint = meridian_process::net::server_endpoint(
+        server_config,
+        config.listen,
+        limits.udp_buffer_bytes,
+    )
+    .map_err(RelayError::Bind)?;
     let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
 
     let advertise = config

@@ -396,17 +396,7 @@ impl NodeLimits {
     }
 }
 
-/// The address a connection counts against: IPv4 as it is, IPv6 by its /64.
-pub fn address_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut segments = v6.segments();
-            segments[4..].fill(0);
-            IpAddr::V6(segments.into())
-        }
-    }
-}
+pub use meridian_process::net::address_key;
 
 /// An unauthenticated connection's place in its address's share, given back when dropped
 /// (when the connection says `hello` or ends).

@@ -196,8 +196,9 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
         ));
     server_config.transport_config(Arc::new(transport));
     server_config.max_incoming(config.connections_max.max(1));
-    let endpoint = crate::node::server_endpoint(server_config, config.listen, UDP_BUFFER_BYTES)
-        .map_err(RelayError::Bind)?;
+    let endpoint =
+        meridian_process::net::server_endpoint(server_config, config.listen, UDP_BUFFER_BYTES)
+            .map_err(RelayError::Bind)?;
     let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
 
     let router = Arc::new(Router {

@@ -36,7 +36,7 @@ impl DynamoControlStore {
     /// and no credentials in the environment, emulator credentials are used.
     pub async fn connect(table: String, region: String, endpoint: Option<String>) -> Self {
         let shared =
-            crate::store::aws::sdk_config(&region, endpoint.is_some(), Duration::from_secs(3))
+            meridian_process::aws::sdk_config(&region, endpoint.is_some(), Duration::from_secs(3))
                 .await;
         let mut config = aws_sdk_dynamodb::config::Builder::from(&shared);
         if let Some(endpoint) = &endpoint {

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::RelayError;
+/// Why a TLS identity could not be loaded, made or used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
 
 /// Installs aws-lc-rs as the process-wide rustls provider. Call once at the start of
 /// `main` and of test harnesses; later calls are harmless.
@@ -18,18 +21,15 @@ pub fn install_crypto_provider() {
 pub fn load_identity(
     cert_file: &Path,
     key_file: &Path,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), RelayError> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let certs = CertificateDer::pem_file_iter(cert_file)
         .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .map_err(|error| RelayError::Tls(format!("{}: {error}", cert_file.display())))?;
+        .map_err(|error| TlsError(format!("{}: {error}", cert_file.display())))?;
     if certs.is_empty() {
-        return Err(RelayError::Tls(format!(
-            "{}: no certificate",
-            cert_file.display()
-        )));
+        return Err(TlsError(format!("{}: no certificate", cert_file.display())));
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
-        .map_err(|error| RelayError::Tls(format!("{}: {error}", key_file.display())))?;
+        .map_err(|error| TlsError(format!("{}: {error}", key_file.display())))?;
     Ok((certs, key))
 }
 
@@ -37,18 +37,18 @@ pub fn load_identity(
 pub fn server_crypto(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-) -> Result<quinn::crypto::rustls::QuicServerConfig, RelayError> {
+) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|error| RelayError::Tls(error.to_string()))?
+        .map_err(|error| TlsError(error.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|error| RelayError::Tls(error.to_string()))?;
+        .map_err(|error| TlsError(error.to_string()))?;
     crypto.alpn_protocols = vec![meridian_protocol::ALPN.to_vec()];
     crypto.max_early_data_size = 0;
     quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
-        .map_err(|error| RelayError::Tls(error.to_string()))
+        .map_err(|error| TlsError(error.to_string()))
 }
 
 /// Paths of a development PKI: a CA and one node certificate signed by it.
@@ -64,7 +64,7 @@ pub struct DevPki {
 
 /// Creates (or reuses, when the files exist) a self-signed CA and a node certificate for
 /// `localhost` and 127.0.0.1 under `dir`. For development and tests only.
-pub fn dev_pki(dir: &Path) -> Result<DevPki, RelayError> {
+pub fn dev_pki(dir: &Path) -> Result<DevPki, TlsError> {
     let pki = DevPki {
         ca_cert: dir.join("ca.crt"),
         node_cert: dir.join("node.crt"),
@@ -73,8 +73,8 @@ pub fn dev_pki(dir: &Path) -> Result<DevPki, RelayError> {
     if pki.ca_cert.exists() && pki.node_cert.exists() && pki.node_key.exists() {
         return Ok(pki);
     }
-    let tls = |e: rcgen::Error| RelayError::Tls(e.to_string());
-    std::fs::create_dir_all(dir).map_err(|e| RelayError::Tls(e.to_string()))?;
+    let tls = |e: rcgen::Error| TlsError(e.to_string());
+    std::fs::create_dir_all(dir).map_err(|e| TlsError(e.to_string()))?;
     let ca_key = rcgen::KeyPair::generate().map_err(tls)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(tls)?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -96,9 +96,8 @@ pub fn dev_pki(dir: &Path) -> Result<DevPki, RelayError> {
         .push(rcgen::DnType::CommonName, "meridian dev relay");
     let node = node_params.signed_by(&node_key, &ca).map_err(tls)?;
 
-    let write = |path: &Path, text: String| {
-        std::fs::write(path, text).map_err(|e| RelayError::Tls(e.to_string()))
-    };
+    let write =
+        |path: &Path, text: String| std::fs::write(path, text).map_err(|e| TlsError(e.to_string()));
     write(&pki.ca_cert, ca.pem())?;
     write(&pki.node_cert, node.pem())?;
     write(&pki.node_key, node_key.serialize_pem())?;
