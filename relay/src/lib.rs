@@ -8,7 +8,6 @@
 pub mod cache;
 pub mod cell;
 pub mod config;
-pub mod control;
 pub mod http;
 pub mod metrics;
 pub mod node;
@@ -20,6 +19,7 @@ pub mod router;
 mod session;
 pub mod store;
 
+pub use meridian_control as control;
 pub use meridian_engine as engine;
 pub use meridian_process::tls;
 

@@ -469,11 +469,6 @@ pub fn router_view(
     gauge!("meridian_tenants_unavailable").set(unavailable as f64);
 }
 
-/// A control-plane record that failed its checks, skipped by a scan.
-pub fn control_record_corrupt() {
-    counter!("meridian_control_corrupt_records_total").increment(1);
-}
-
 /// The fan-out latency histogram: another session's changes, from their arrival at the
 /// relay to their being written to a subscriber's stream. A stream's writer looks it up
 /// once and records every fan-out it writes.

@@ -306,7 +306,7 @@ fn skip_corrupt<T>(parsed: Result<T, ControlError>) -> Option<T> {
     match parsed {
         Ok(record) => Some(record),
         Err(error) => {
-            crate::metrics::control_record_corrupt();
+            crate::record_corrupt();
             tracing::warn!(%error, "corrupt control record skipped");
             None
         }

@@ -207,7 +207,7 @@ fn scan<T: for<'de> Deserialize<'de>>(dir: &Path) -> Result<Vec<T>, ControlError
             Ok(Some(record)) => records.push(record),
             Ok(None) => {}
             Err(ControlError::Corrupt(what)) => {
-                crate::metrics::control_record_corrupt();
+                crate::record_corrupt();
                 tracing::warn!(%what, "corrupt control record skipped");
             }
             Err(error) => return Err(error),

@@ -11,6 +11,8 @@
 //! Two routers deciding at once can therefore never both commit a placement for the same
 //! epoch; the loser gets [`ControlError::Conflict`], re-reads and decides again.
 
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
 mod aws;
 mod local;
 mod sharded;
@@ -166,4 +168,10 @@ pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A control-plane record that failed its checks, skipped by a scan
+/// (`meridian_control_corrupt_records_total`).
+fn record_corrupt() {
+    metrics::counter!("meridian_control_corrupt_records_total").increment(1);
 }
