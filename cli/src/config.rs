@@ -14,8 +14,8 @@ use meridian_protocol::token::TenantPublicKey;
 use meridian_protocol::{NodeId, TenantId};
 use meridian_relay::control::ControlConfig;
 use meridian_relay::engine::EngineConfig;
-use meridian_relay::router::RouterConfig;
 use meridian_relay::{DurableConfig, Limits, RelayConfig, TenantKeys};
+use meridian_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
 /// A relay node's configuration file (see `relay/config.example.toml`).

@@ -209,7 +209,7 @@ async fn run_router(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()>
     let mut shutdown = Shutdown::listen()?;
     let file = config::RouterFile::read(&path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
-    let router = meridian_relay::router::start(file.into_config(&base)?).await?;
+    let router = meridian_router::start(file.into_config(&base)?).await?;
     eprintln!("router listening on {}", router.local_addr());
     if let Some(metrics) = router.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");

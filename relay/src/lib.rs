@@ -15,7 +15,6 @@ mod outbox;
 pub mod placement;
 pub mod ratelimit;
 pub mod revocation;
-pub mod router;
 mod session;
 pub mod store;
 

@@ -15,7 +15,7 @@ use meridian_relay::control::{
     ControlConfig, ControlError, ControlStore, DynamoControlStore, LocalControlStore, TenantRecord,
 };
 use meridian_relay::placement::PlacementConfig;
-use meridian_relay::router::RouterConfig;
+use meridian_router::RouterConfig;
 
 fn cell(id: &str, region: &str, jurisdiction: &str, endpoint: &str, admin: Option<String>) -> Cell {
     Cell {
@@ -425,10 +425,10 @@ async fn the_router_places_fails_over_drains_and_fails_closed() {
     config.health.down_after_failures = 2;
     config.health.down_after = Duration::from_millis(400);
     config.health.up_after_successes = 2;
-    let router = meridian_relay::router::start(config.clone()).await.unwrap();
+    let router = meridian_router::start(config.clone()).await.unwrap();
     let at = router.local_addr();
     // A second router on the same control plane.
-    let second = meridian_relay::router::start(config).await.unwrap();
+    let second = meridian_router::start(config).await.unwrap();
     let store = LocalControlStore::open(&control).unwrap();
     store
         .create_tenant(&record("acme", "eu", None, 0))

@@ -15,6 +15,10 @@
 //! after committing a new placement if it cannot and another cell of the jurisdiction
 //! can; `error{unavailable}` when no cell of the jurisdiction can (fail closed: never a
 //! cell of another jurisdiction); `error{unknown_tenant}` for a tenant never created.
+//!
+//! The router links no document engine, cache or gossip: its dependencies hold no
+//! Automerge, sled or foca (`tests/dependencies.rs`).
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,9 +39,28 @@ use quinn::VarInt;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::RelayError;
-use crate::control::{ControlConfig, ControlError, ControlStore, TenantRecord, unix_ms};
-use crate::http::Readiness;
+use meridian_control::{ControlConfig, ControlError, ControlStore, TenantRecord, unix_ms};
+use meridian_process::http::Readiness;
+
+mod metrics;
+
+/// Why a router could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouterError {
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The TLS certificate or key could not be loaded or used.
+    #[error("TLS: {0}")]
+    Tls(#[from] meridian_process::tls::TlsError),
+    /// A socket could not be bound.
+    #[error("cannot bind: {0}")]
+    Bind(std::io::Error),
+    /// The control plane could not be opened.
+    #[error("control store: {0}")]
+    Control(ControlError),
+}
 
 /// Everything a router needs to start.
 #[derive(Debug, Clone)]
@@ -158,14 +181,16 @@ impl RouterHandle {
 }
 
 /// Opens the control store, publishes the directory, and starts serving.
-pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
+pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
     let readiness = Arc::new(Readiness::default());
     let mut tasks = JoinSet::new();
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
-            let listener = crate::http::bind(addr).await.map_err(RelayError::Bind)?;
-            let bound = listener.local_addr().map_err(RelayError::Bind)?;
-            tasks.spawn(crate::http::serve(
+            let listener = meridian_process::http::bind(addr)
+                .await
+                .map_err(RouterError::Bind)?;
+            let bound = listener.local_addr().map_err(RouterError::Bind)?;
+            tasks.spawn(meridian_process::http::serve(
                 listener,
                 crate::metrics::install(),
                 readiness.clone(),
@@ -174,17 +199,17 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
         }
         None => None,
     };
-    let store = crate::control::open(&config.control)
+    let store = meridian_control::open(&config.control)
         .await
-        .map_err(RelayError::Control)?;
+        .map_err(RouterError::Control)?;
     for cell in config.directory.cells() {
         store
             .publish_cell(cell)
             .await
-            .map_err(RelayError::Control)?;
+            .map_err(RouterError::Control)?;
     }
-    let (certs, key) = crate::tls::load_identity(&config.cert_file, &config.key_file)?;
-    let crypto = crate::tls::server_crypto(certs, key)?;
+    let (certs, key) = meridian_process::tls::load_identity(&config.cert_file, &config.key_file)?;
+    let crypto = meridian_process::tls::server_crypto(certs, key)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -192,14 +217,14 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RelayError> {
         .max_concurrent_uni_streams(0u32.into())
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
-                .map_err(|e| RelayError::Config(e.to_string()))?,
+                .map_err(|e| RouterError::Config(e.to_string()))?,
         ));
     server_config.transport_config(Arc::new(transport));
     server_config.max_incoming(config.connections_max.max(1));
     let endpoint =
         meridian_process::net::server_endpoint(server_config, config.listen, UDP_BUFFER_BYTES)
-            .map_err(RelayError::Bind)?;
-    let local_addr = endpoint.local_addr().map_err(RelayError::Bind)?;
+            .map_err(RouterError::Bind)?;
+    let local_addr = endpoint.local_addr().map_err(RouterError::Bind)?;
 
     let router = Arc::new(Router {
         store,
@@ -635,7 +660,7 @@ async fn probe(admin: Option<String>, timeout: Duration) -> bool {
     let get = async {
         let admin = admin?;
         let addr: SocketAddr = tokio::net::lookup_host(admin.as_str()).await.ok()?.next()?;
-        crate::http::get(addr, "/readyz").await.ok()
+        meridian_process::http::get(addr, "/readyz").await.ok()
     };
     match tokio::time::timeout(timeout, get).await {
         Ok(Some((200, _))) => {
