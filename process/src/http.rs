@@ -163,7 +163,10 @@ fn respond(
     }
     match request.uri().path() {
         "/metrics" => match metrics {
-            Some(handle) => reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render()),
+            Some(handle) => {
+                crate::metrics::collect_process();
+                reply(StatusCode::OK, "text/plain; version=0.0.4", handle.render())
+            }
             None => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "metrics recorder not installed\n".into(),

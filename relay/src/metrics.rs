@@ -4,7 +4,6 @@
 //! The recorder is global to the process: run one relay per process in production (tests
 //! that start several relays in one process see their sums).
 
-use std::sync::Once;
 use std::time::Duration;
 
 use metrics::{
@@ -14,15 +13,11 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::node::RelayStats;
 
-static DESCRIBED: Once = Once::new();
-
 /// Installs the process-wide recorder once (`meridian_process::metrics::install`) and
 /// describes this crate's metrics; returns the recorder's handle (`None` if another
 /// recorder was installed first by the embedding program).
 pub fn install() -> Option<PrometheusHandle> {
-    let handle = meridian_process::metrics::install()?;
-    DESCRIBED.call_once(describe);
-    Some(handle)
+    meridian_process::metrics::install_and_describe(describe)
 }
 
 fn describe() {

@@ -202,6 +202,21 @@ async fn metrics_health_and_readiness() {
         "{text}"
     );
     assert!(text.contains("# HELP meridian_flush_oldest_unflushed_age_seconds"));
+    // Every process exports its own figures and its build.
+    assert!(
+        value(&text, "process_resident_memory_bytes") > 0.0,
+        "{text}"
+    );
+    assert!(value(&text, "process_threads") > 0.0, "{text}");
+    // Whole seconds: present, and 0 this early.
+    assert!(value(&text, "process_cpu_seconds_total") >= 0.0, "{text}");
+    assert!(
+        text.contains(&format!(
+            "meridian_build_info{{version=\"{}\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
     assert_eq!(get(metrics_addr, "/nope").await.0, 404);
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -1,6 +1,5 @@
 //! The router's metrics (every name is documented in the README).
 
-use std::sync::Once;
 use std::time::Duration;
 
 use metrics::{
@@ -8,13 +7,9 @@ use metrics::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
-static DESCRIBED: Once = Once::new();
-
 /// Installs the process-wide recorder once and describes the router's metrics.
 pub fn install() -> Option<PrometheusHandle> {
-    let handle = meridian_process::metrics::install()?;
-    DESCRIBED.call_once(describe);
-    Some(handle)
+    meridian_process::metrics::install_and_describe(describe)
 }
 
 fn describe() {
