@@ -22,6 +22,15 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written on standard error (the filter is `MERIDIAN_LOG`).
+    #[arg(
+        long,
+        global = true,
+        env = "MERIDIAN_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: meridian_process::logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -90,13 +99,7 @@ enum DurableCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    meridian_process::logging::init(cli.log_format);
     meridian_relay::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

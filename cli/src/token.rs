@@ -16,6 +16,10 @@ pub enum TokenCommand {
         /// without it, print both.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Print one JSON object (`public`, and `secret` unless written to `--out`, then
+        /// `secret_file` and `public_file`) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Mint a capability token.
     Mint {
@@ -41,6 +45,10 @@ pub enum TokenCommand {
         /// The jurisdiction the token is valid in.
         #[arg(long, default_value = "dev")]
         audience: String,
+        /// Print one JSON object (`token`, `id`, `tenant`, `user`, `audience`,
+        /// `issued_at`, `expires_at`) on standard output instead of the bare token.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke one token (by its id) or every token of a user issued until now. The
     /// revocation is written to the durable tier the relay config names, which every
@@ -70,7 +78,7 @@ pub async fn run(command: TokenCommand) -> Result<()> {
             token_id,
             user,
         } => revoke(&config, &tenant, token_id, user).await,
-        TokenCommand::Keygen { out } => {
+        TokenCommand::Keygen { out, json } => {
             let key = new_signing_key()?;
             let secret = key.to_paserk()?;
             let public = key.public_key()?.to_paserk()?;
@@ -80,7 +88,24 @@ pub async fn run(command: TokenCommand) -> Result<()> {
                     let public_path = path.with_extension("pub");
                     std::fs::write(&public_path, format!("{public}\n"))
                         .with_context(|| format!("cannot write {}", public_path.display()))?;
-                    println!("{public}");
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "public": public,
+                                "secret_file": path,
+                                "public_file": public_path,
+                            })
+                        );
+                    } else {
+                        println!("{public}");
+                    }
+                }
+                None if json => {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "public": public, "secret": secret })
+                    );
                 }
                 None => {
                     println!("secret: {secret}");
@@ -98,6 +123,7 @@ pub async fn run(command: TokenCommand) -> Result<()> {
             ttl,
             key,
             audience,
+            json,
         } => {
             let text = std::fs::read_to_string(&key)
                 .with_context(|| format!("cannot read key {}", key.display()))?;
@@ -118,9 +144,25 @@ pub async fn run(command: TokenCommand) -> Result<()> {
                 expires_at: unix_now()? + parse_duration(&ttl)?.as_secs() as i64,
                 audience,
             };
-            println!("{}", token::mint(&capability, &key)?);
-            // The id is what `token revoke --token-id` names.
-            eprintln!("token id: {}", capability.id);
+            let minted = token::mint(&capability, &key)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "token": minted,
+                        "id": capability.id,
+                        "tenant": capability.tenant.as_str(),
+                        "user": capability.user.as_str(),
+                        "audience": capability.audience,
+                        "issued_at": capability.issued_at,
+                        "expires_at": capability.expires_at,
+                    })
+                );
+            } else {
+                println!("{minted}");
+                // The id is what `token revoke --token-id` names.
+                eprintln!("token id: {}", capability.id);
+            }
             Ok(())
         }
     }

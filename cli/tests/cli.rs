@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use common::{Guard, meridian, start_dev};
+use common::{Guard, meridian, start_dev, start_dev_with};
 
 fn stop(mut guard: Guard) {
     let mut child = guard.0.take().expect("running");
@@ -304,4 +304,130 @@ fn tokens_minted_by_the_cli_are_accepted_by_a_configured_relay() {
     assert!(!doc("get", &config, &["team/plan"]).status.success());
 
     stop(relay);
+}
+
+#[test]
+fn token_keygen_and_mint_print_json_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = |output: std::process::Output| -> serde_json::Value {
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).expect("one JSON object on stdout")
+    };
+    let printed = json(
+        meridian()
+            .args(["token", "keygen", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        printed["secret"]
+            .as_str()
+            .unwrap()
+            .starts_with("k4.secret.")
+    );
+    assert!(
+        printed["public"]
+            .as_str()
+            .unwrap()
+            .starts_with("k4.public.")
+    );
+
+    let key = dir.path().join("acme.key");
+    let written = json(
+        meridian()
+            .args(["token", "keygen", "--json", "--out"])
+            .arg(&key)
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        written.get("secret").is_none(),
+        "the secret stays in its file"
+    );
+    assert_eq!(
+        written["secret_file"].as_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    let public = written["public"].as_str().unwrap().to_owned();
+
+    let minted = json(
+        meridian()
+            .args([
+                "token", "mint", "--tenant", "acme", "--user", "ann", "--ttl", "2h",
+            ])
+            .args(["--audience", "eu", "--json", "--key"])
+            .arg(&key)
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(minted["tenant"], "acme");
+    assert_eq!(minted["user"], "ann");
+    assert_eq!(minted["audience"], "eu");
+    assert_eq!(
+        minted["expires_at"].as_i64().unwrap() - minted["issued_at"].as_i64().unwrap(),
+        7200
+    );
+    // The token is the one described, and verifies under the public key.
+    let token = minted["token"].as_str().unwrap();
+    let public = meridian_protocol::token::TenantPublicKey::from_paserk(&public).unwrap();
+    let now = minted["issued_at"].as_i64().unwrap();
+    let keys = [public];
+    let capability = meridian_protocol::token::verify(
+        token,
+        |_| {
+            Some(meridian_protocol::token::TenantTrust {
+                keys: &keys,
+                max_lifetime_secs: meridian_protocol::token::DEFAULT_MAX_LIFETIME_SECS,
+            })
+        },
+        now,
+        "eu",
+    )
+    .expect("verifies");
+    assert_eq!(capability.id, minted["id"].as_str().unwrap());
+}
+
+#[test]
+fn logs_are_json_lines_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    stop(start_dev_with(
+        &data,
+        &["--nodes", "1", "--cells", "eu-a=eu-west-1:eu"],
+    ));
+    // A corrupt tenant record is skipped with a warning when the control plane is
+    // scanned.
+    let tenants = std::fs::read_dir(data.join("control"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path().join("tenants"))
+        .find(|path| path.is_dir())
+        .expect("a jurisdiction's tenants");
+    std::fs::write(tenants.join("broken.json"), "{ not json").unwrap();
+    let list = |format: &str| {
+        meridian()
+            .args(["--log-format", format, "cell", "list", "--json", "--config"])
+            .arg(data.join("client.toml"))
+            .env("MERIDIAN_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let json = list("json");
+    assert!(json.status.success(), "{json:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&json.stderr)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(
+        lines.iter().any(|line| line["level"] == "WARN"
+            && line["fields"]["message"] == "corrupt control record skipped"),
+        "{lines:?}"
+    );
+    // The same warning as text by default.
+    let text = list("text");
+    let stderr = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        stderr.contains("corrupt control record skipped"),
+        "{stderr}"
+    );
+    assert!(!stderr.trim_start().starts_with('{'), "{stderr}");
 }
