@@ -11,7 +11,7 @@ mod token;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -97,8 +97,49 @@ enum DurableCommand {
     },
 }
 
+/// The command line, where every flag can also come from the environment: `--flag-name`
+/// of `meridian sub command` is `MERIDIAN_SUB_COMMAND_FLAG_NAME` (for containers and
+/// service managers that configure by environment). A flag given on the command line
+/// wins.
+fn command() -> clap::Command {
+    fn upper(name: &str) -> String {
+        name.to_uppercase().replace('-', "_")
+    }
+    fn with_env(command: clap::Command, prefix: &str) -> clap::Command {
+        let command = command.mut_args(|arg| {
+            let flag = arg.get_long().is_some()
+                && arg.get_env().is_none()
+                && !matches!(
+                    arg.get_action(),
+                    clap::ArgAction::Help
+                        | clap::ArgAction::HelpShort
+                        | clap::ArgAction::HelpLong
+                        | clap::ArgAction::Version
+                );
+            if flag {
+                let name = format!("{prefix}_{}", upper(arg.get_id().as_str()));
+                arg.env(name)
+            } else {
+                arg
+            }
+        });
+        let subcommands: Vec<String> = command
+            .get_subcommands()
+            .map(|sub| sub.get_name().to_owned())
+            .collect();
+        subcommands.into_iter().fold(command, |command, name| {
+            let prefix = format!("{prefix}_{}", upper(&name));
+            command.mut_subcommand(&name, |sub| with_env(sub, &prefix))
+        })
+    }
+    with_env(Cli::command(), "MERIDIAN")
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
     meridian_process::logging::init(cli.log_format);
     meridian_relay::tls::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -292,5 +333,56 @@ impl Shutdown {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every flag of every subcommand, with its environment variable.
+    fn flags(command: &clap::Command, path: &str, out: &mut Vec<(String, Option<String>)>) {
+        for arg in command.get_arguments() {
+            if arg.get_long().is_some()
+                && !matches!(
+                    arg.get_action(),
+                    clap::ArgAction::Help | clap::ArgAction::Version
+                )
+            {
+                let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+                out.push((format!("{path} --{}", arg.get_id()), env));
+            }
+        }
+        for sub in command.get_subcommands() {
+            flags(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn every_flag_can_come_from_the_environment() {
+        let command = command();
+        command.clone().debug_assert();
+        let mut all = Vec::new();
+        flags(&command, "meridian", &mut all);
+        assert!(all.len() > 30, "{all:?}");
+        let missing: Vec<_> = all.iter().filter(|(_, env)| env.is_none()).collect();
+        assert!(missing.is_empty(), "flags without a variable: {missing:?}");
+        let env = |flag: &str| {
+            all.iter()
+                .find(|(name, _)| name == flag)
+                .and_then(|(_, env)| env.clone())
+        };
+        assert_eq!(
+            env("meridian token mint --tenant").as_deref(),
+            Some("MERIDIAN_TOKEN_MINT_TENANT")
+        );
+        assert_eq!(
+            env("meridian dev --data_dir").as_deref(),
+            Some("MERIDIAN_DEV_DATA_DIR")
+        );
+        assert_eq!(
+            env("meridian relay --config").as_deref(),
+            Some("MERIDIAN_RELAY_CONFIG")
+        );
     }
 }

@@ -385,6 +385,21 @@ fn token_keygen_and_mint_print_json_on_request() {
     )
     .expect("verifies");
     assert_eq!(capability.id, minted["id"].as_str().unwrap());
+
+    // Every flag can come from the environment; the command line wins.
+    let from_env = json(
+        meridian()
+            .args(["token", "mint", "--user", "bob", "--json"])
+            .env("MERIDIAN_TOKEN_MINT_TENANT", "acme")
+            .env("MERIDIAN_TOKEN_MINT_USER", "ann")
+            .env("MERIDIAN_TOKEN_MINT_KEY", &key)
+            .env("MERIDIAN_TOKEN_MINT_AUDIENCE", "us")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(from_env["tenant"], "acme");
+    assert_eq!(from_env["user"], "bob");
+    assert_eq!(from_env["audience"], "us");
 }
 
 #[test]
