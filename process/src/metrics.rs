@@ -30,6 +30,10 @@ pub fn install() -> Option<PrometheusHandle> {
                 "meridian_admin_connections_refused_total",
                 "Admin endpoint connections refused or cut, by reason (address, limit, timeout)."
             );
+            describe_counter!(
+                "meridian_tls_reloads_total",
+                "TLS certificate reloads after the files changed, by result (ok, failed)."
+            );
             describe_gauge!(
                 "meridian_build_info",
                 "Always 1; the labels say which build runs (version, and the rustc profile)."
@@ -71,4 +75,9 @@ pub(crate) fn collect_process() {
 /// endpoint is full) or cut (`timeout`).
 pub(crate) fn admin_refused(reason: &'static str) {
     counter!("meridian_admin_connections_refused_total", "reason" => reason).increment(1);
+}
+
+/// A TLS certificate reload, by result (`ok`, `failed`).
+pub(crate) fn tls_reloaded(result: &'static str) {
+    counter!("meridian_tls_reloads_total", "result" => result).increment(1);
 }

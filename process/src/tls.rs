@@ -103,3 +103,51 @@ pub fn dev_pki(dir: &Path) -> Result<DevPki, TlsError> {
     write(&pki.node_key, node_key.serialize_pem())?;
     Ok(pki)
 }
+
+/// How often [`watch_identity`] looks at the certificate and key files.
+pub const RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What identifies a version of a file cheaply: its modification time and length.
+fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.modified().ok()?, metadata.len()))
+}
+
+/// Keeps a QUIC endpoint's certificate current: every `interval`, when the certificate
+/// or key file has changed (modification time or length), loads both again and makes the
+/// endpoint's server configuration anew with `make` (new connections get the new
+/// certificate; open ones keep theirs). A pair that does not load or does not match is
+/// logged and counted (`meridian_tls_reloads_total{result="failed"}`), and the endpoint
+/// keeps the identity it has; the next change is tried again. Runs until aborted.
+pub async fn watch_identity(
+    endpoint: quinn::Endpoint,
+    cert_file: std::path::PathBuf,
+    key_file: std::path::PathBuf,
+    interval: std::time::Duration,
+    make: impl Fn(quinn::crypto::rustls::QuicServerConfig) -> quinn::ServerConfig + Send + 'static,
+) {
+    let mut seen = (stamp(&cert_file), stamp(&key_file));
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let now = (stamp(&cert_file), stamp(&key_file));
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded =
+            load_identity(&cert_file, &key_file).and_then(|(certs, key)| server_crypto(certs, key));
+        match loaded {
+            Ok(crypto) => {
+                endpoint.set_server_config(Some(make(crypto)));
+                crate::metrics::tls_reloaded("ok");
+            }
+            Err(error) => {
+                crate::metrics::tls_reloaded("failed");
+                tracing::warn!(%error, "TLS certificate not reloaded; keeping the current one");
+            }
+        }
+    }
+}

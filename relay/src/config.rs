@@ -150,6 +150,9 @@ pub struct Limits {
     /// arrive through this one socket: a small buffer drops honest clients' packets
     /// while floods fill it, and each drop costs the honest client a loss recovery.
     pub udp_buffer_bytes: usize,
+    /// How often the TLS certificate and key files are checked for a change (a changed
+    /// pair is loaded and used for new connections, without a restart).
+    pub tls_reload_interval: Duration,
 }
 
 impl Default for Limits {
@@ -175,6 +178,7 @@ impl Default for Limits {
             rates: crate::ratelimit::RateLimitConfig::default(),
             revocation_poll: Duration::from_secs(1),
             udp_buffer_bytes: 8 << 20,
+            tls_reload_interval: meridian_process::tls::RELOAD_INTERVAL,
         }
     }
 }

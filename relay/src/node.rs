@@ -417,12 +417,17 @@ pub async fn start_with_store(
 
     let (certs, key) = tls::load_identity(&config.cert_file, &config.key_file)?;
     let crypto = tls::server_crypto(certs, key)?;
-    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let limits = config.limits.clone();
-    server_config.transport_config(Arc::new(server_transport(&limits)?));
-    server_config.max_incoming(limits.connections_max.max(1));
+    let transport = Arc::new(server_transport(&limits)?);
+    let connections_max = limits.connections_max.max(1);
+    let make_server_config = move |crypto: quinn::crypto::rustls::QuicServerConfig| {
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(transport.clone());
+        server_config.max_incoming(connections_max);
+        server_config
+    };
     let endpoint = meridian_process::net::server_endpoint(
-        server_config,
+        make_server_config(crypto),
         config.listen,
         limits.udp_buffer_bytes,
     )
@@ -531,6 +536,14 @@ pub async fn start_with_store(
     if gossip.is_some() {
         engine.set_cell(me);
     }
+    // Certificates renewed on disk are taken without a restart.
+    shared.spawn(tls::watch_identity(
+        endpoint.clone(),
+        config.cert_file.clone(),
+        config.key_file.clone(),
+        limits.tls_reload_interval,
+        make_server_config,
+    ));
     shared.spawn(crate::revocation::poll(
         store.clone(),
         limits.revocation_poll,

@@ -210,7 +210,6 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
     }
     let (certs, key) = meridian_process::tls::load_identity(&config.cert_file, &config.key_file)?;
     let crypto = meridian_process::tls::server_crypto(certs, key)?;
-    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(STREAMS_PER_CONNECTION_MAX.into())
@@ -219,11 +218,28 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
                 .map_err(|e| RouterError::Config(e.to_string()))?,
         ));
-    server_config.transport_config(Arc::new(transport));
-    server_config.max_incoming(config.connections_max.max(1));
-    let endpoint =
-        meridian_process::net::server_endpoint(server_config, config.listen, UDP_BUFFER_BYTES)
-            .map_err(RouterError::Bind)?;
+    let transport = Arc::new(transport);
+    let connections_max = config.connections_max.max(1);
+    let make_server_config = move |crypto: quinn::crypto::rustls::QuicServerConfig| {
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(transport.clone());
+        server_config.max_incoming(connections_max);
+        server_config
+    };
+    let endpoint = meridian_process::net::server_endpoint(
+        make_server_config(crypto),
+        config.listen,
+        UDP_BUFFER_BYTES,
+    )
+    .map_err(RouterError::Bind)?;
+    // Certificates renewed on disk are taken without a restart.
+    tasks.spawn(meridian_process::tls::watch_identity(
+        endpoint.clone(),
+        config.cert_file.clone(),
+        config.key_file.clone(),
+        meridian_process::tls::RELOAD_INTERVAL,
+        make_server_config,
+    ));
     let local_addr = endpoint.local_addr().map_err(RouterError::Bind)?;
 
     let router = Arc::new(Router {
