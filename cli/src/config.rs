@@ -687,7 +687,7 @@ impl RelayFile {
                 max_token_lifetime: tenant
                     .max_token_lifetime
                     .as_deref()
-                    .map(crate::token::parse_duration)
+                    .map(parse_duration)
                     .transpose()
                     .with_context(|| format!("tenant {}: max_token_lifetime", tenant.id))?,
             });
@@ -822,6 +822,29 @@ impl ClientFile {
             .collect();
         Ok(config)
     }
+}
+
+/// Parses `90s`, `30m`, `1h`, `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let value: u64 = number
+        .parse()
+        .with_context(|| format!("bad duration {text:?}"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "m" => value * 60,
+        "h" => value * 3600,
+        "d" => value * 86_400,
+        _ => bail!("bad duration unit in {text:?} (use s, m, h or d)"),
+    };
+    if seconds == 0 {
+        bail!("duration must be positive");
+    }
+    Ok(Duration::from_secs(seconds))
 }
 
 #[cfg(test)]

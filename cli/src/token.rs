@@ -1,7 +1,9 @@
 //! `meridian token keygen` and `meridian token mint`.
 
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::parse_duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
@@ -232,32 +234,10 @@ pub fn unix_now() -> Result<i64> {
     Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() as i64)
 }
 
-/// Parses `90s`, `30m`, `1h`, `7d` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let value: u64 = number
-        .parse()
-        .with_context(|| format!("bad duration {text:?}"))?;
-    let seconds = match unit {
-        "" | "s" => value,
-        "m" => value * 60,
-        "h" => value * 3600,
-        "d" => value * 86_400,
-        _ => bail!("bad duration unit in {text:?} (use s, m, h or d)"),
-    };
-    if seconds == 0 {
-        bail!("duration must be positive");
-    }
-    Ok(Duration::from_secs(seconds))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn durations_parse() {

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod clock;
 pub mod http;
 pub mod logging;
 pub mod metrics;

@@ -16,7 +16,10 @@ pub mod placement;
 pub mod ratelimit;
 pub mod revocation;
 mod session;
+mod shared;
+mod stats;
 pub mod store;
+mod writer;
 
 pub use meridian_control as control;
 pub use meridian_engine as engine;

@@ -11,7 +11,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::node::RelayStats;
+use crate::stats::RelayStats;
 
 /// Installs the process-wide recorder once (`meridian_process::metrics::install`) and
 /// describes this crate's metrics; returns the recorder's handle (`None` if another

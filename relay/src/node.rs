@@ -6,14 +6,12 @@
 //! the durable tier, and re-arms the flush timer.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meridian_protocol::token::{Capability, TenantPublicKey};
-use meridian_protocol::{ChangeHash, DocId, ErrorCode, NodeId, RelayToClient, TenantId};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, RelayToClient, TenantId};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -25,95 +23,14 @@ use crate::engine::{
     StoredChange,
 };
 use crate::http::Readiness;
-use crate::session::{self, Outbox};
+use crate::session;
+pub use crate::shared::{Admission, Input, STREAMS_AFTER_HELLO, Shared};
+use crate::shared::{UnfinishedBudget, trust_entries};
+pub use crate::stats::RelayStats;
 use crate::store::SnapshotRecord;
 use crate::store::{DurableStore, LocalDirStore};
+use crate::writer::Outbox;
 use crate::{RelayError, tls};
-
-/// Inputs from sessions to the engine driver.
-pub enum Input {
-    /// A session authenticated.
-    Open {
-        /// Session id.
-        session: SessionId,
-        /// Its verified token.
-        capability: Capability,
-        /// Its control stream.
-        control: Outbox,
-    },
-    /// A document stream opened.
-    Subscribe {
-        /// Session id.
-        session: SessionId,
-        /// The stream (its QUIC id), to tell a new stream from one still closing.
-        stream: u64,
-        /// Document.
-        doc: DocId,
-        /// The client's heads.
-        heads: Vec<ChangeHash>,
-        /// Whether it takes a snapshot for its catch-up.
-        snapshot: bool,
-        /// The stream's outbox.
-        outbox: Outbox,
-        /// The tenant's place in the input queue, given back once handled.
-        admission: Admission,
-    },
-    /// A document stream ended.
-    Unsubscribe {
-        /// Session id.
-        session: SessionId,
-        /// The stream that ended.
-        stream: u64,
-        /// Document.
-        doc: DocId,
-    },
-    /// Changes arrived.
-    Changes {
-        /// Session id.
-        session: SessionId,
-        /// Document.
-        doc: DocId,
-        /// The frame's changes, parsed by the session (each owns its bytes).
-        changes: crate::engine::ChangeFrame,
-        /// When the session decoded them (for the fan-out latency).
-        received: Instant,
-        /// The tenant's place in the input queue, given back once handled.
-        admission: Admission,
-    },
-    /// Presence arrived.
-    Presence {
-        /// Session id.
-        session: SessionId,
-        /// Document.
-        doc: DocId,
-        /// State.
-        state: Bytes,
-        /// The tenant's place in the input queue, given back once handled.
-        admission: Admission,
-    },
-    /// The session refreshed its token (same tenant and user, verified).
-    Reauth {
-        /// Session id.
-        session: SessionId,
-        /// The new token's capability.
-        capability: Capability,
-    },
-    /// The connection ended.
-    Closed {
-        /// Session id.
-        session: SessionId,
-    },
-    /// The control plane placed a tenant in this node's cell.
-    TenantArrived {
-        /// The tenant.
-        tenant: TenantId,
-    },
-}
-
-/// A tenant's place in the engine's input queue (see
-/// [`crate::ratelimit::SessionLimits::admit`]), held by an input until the driver has
-/// handled it.
-pub type Admission = Option<tokio::sync::OwnedSemaphorePermit>;
 
 enum Completion {
     Loaded(DocKey, Result<Loaded, String>),
@@ -134,96 +51,6 @@ struct CacheQueues {
 enum CacheJob {
     Commit(u64, Vec<(DocKey, StoredChange)>),
     Uncache(Vec<(DocKey, ChangeHash)>),
-}
-
-/// Gauges and counters published by the driver.
-#[derive(Debug, Clone, Default)]
-pub struct RelayStats {
-    /// Engine counters.
-    pub engine: crate::engine::Stats,
-    /// Sessions open.
-    pub sessions: usize,
-    /// Documents in memory.
-    pub hot_docs: usize,
-    /// Changes not yet durable.
-    pub flush_queue: usize,
-    /// Age of the oldest change not yet durable.
-    pub oldest_unflushed: Option<Duration>,
-    /// Connections closed because they did not read.
-    pub slow_consumers: u64,
-    /// Connections refused over the connection limit.
-    pub connections_refused: u64,
-    /// Flush batches refused by the IO layer's residency check (should stay 0).
-    pub residency_refusals: u64,
-    /// Changes waiting for missing dependencies.
-    pub orphans: usize,
-}
-
-/// What a node trusts for one tenant: its public keys and longest token lifetime.
-#[derive(Debug, Clone)]
-pub(crate) struct TenantTrustEntry {
-    pub(crate) keys: Vec<TenantPublicKey>,
-    pub(crate) max_lifetime_secs: i64,
-}
-
-fn trust_entries(tenants: &[crate::TenantKeys]) -> HashMap<TenantId, TenantTrustEntry> {
-    tenants
-        .iter()
-        .map(|t| {
-            (
-                t.tenant.clone(),
-                TenantTrustEntry {
-                    keys: t.public_keys.clone(),
-                    max_lifetime_secs: t.max_lifetime_secs(),
-                },
-            )
-        })
-        .collect()
-}
-
-/// State shared by the accept loop and sessions.
-pub struct Shared {
-    pub(crate) node: NodeId,
-    pub(crate) advertise: String,
-    /// False until the node joined its cell (always true without a cell): sessions are
-    /// refused until then.
-    pub(crate) joined: Arc<std::sync::atomic::AtomicBool>,
-    /// The cell's live members, told to clients in `welcome`.
-    pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
-    pub(crate) jurisdiction: String,
-    /// What is trusted per tenant; swapped whole when keys rotate
-    /// ([`RelayHandle::rotate_tenant_keys`]).
-    pub(crate) tenants: std::sync::RwLock<Arc<HashMap<TenantId, TenantTrustEntry>>>,
-    /// Tenants whose data may live in this node's jurisdiction (the others are refused
-    /// before `welcome`).
-    pub(crate) resident: std::collections::HashSet<TenantId>,
-    pub(crate) limits: Limits,
-    /// Bytes of unfinished frames held by every session together.
-    pub(crate) unfinished: Arc<crate::session::UnfinishedBudget>,
-    /// Rate limits and quotas.
-    pub(crate) rate_limits: Arc<crate::ratelimit::NodeLimits>,
-    /// The revocations in force (read from the durable tier every `revocation_poll`).
-    pub(crate) revoked: watch::Receiver<Arc<crate::revocation::RevocationSet>>,
-    pub(crate) catchup_frame_bytes: usize,
-    /// The placements of tenants (`None`: every configured tenant is served here).
-    pub(crate) placements: Option<Arc<crate::placement::Placements>>,
-    inputs: mpsc::Sender<Input>,
-    tasks: Mutex<JoinSet<()>>,
-}
-
-impl Shared {
-    /// Sends an input to the driver, waiting while its queue is full (backpressure).
-    pub(crate) async fn send_input(&self, input: Input) {
-        let _ = self.inputs.send(input).await;
-    }
-
-    /// Spawns a task owned by the node (aborted at shutdown).
-    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        if let Ok(mut tasks) = self.tasks.lock() {
-            while tasks.try_join_next().is_some() {}
-            tasks.spawn(task);
-        }
-    }
 }
 
 /// A running relay. Dropping it without [`RelayHandle::shutdown`] aborts its tasks.
@@ -361,12 +188,6 @@ pub fn server_transport(limits: &Limits) -> Result<quinn::TransportConfig, Relay
         .keep_alive_interval(Some(limits.keep_alive));
     Ok(transport)
 }
-
-/// Document streams a connection may open right after `hello`; the limit doubles (up to
-/// `streams_per_connection_max`) whenever half of it is in use. quinn keeps state for
-/// every stream it allows, a few hundred bytes each: allowing the maximum at once made
-/// up about a third of an idle connection's memory.
-pub const STREAMS_AFTER_HELLO: u32 = 16;
 
 /// Starts a relay node: opens the cache, replays its flush queue into the durable tier,
 /// then binds the QUIC endpoint and serves.
@@ -506,6 +327,7 @@ pub async fn start_with_store(
         &revocations,
         now,
     )));
+    let rate_limits = crate::ratelimit::NodeLimits::new(limits.rates.clone());
     let shared = Arc::new(Shared {
         node: config.node.clone(),
         joined: Arc::new(std::sync::atomic::AtomicBool::new(gossip.is_none())),
@@ -520,12 +342,14 @@ pub async fn start_with_store(
             .map(|(tenant, _)| tenant)
             .collect(),
         limits: limits.clone(),
-        unfinished: Arc::new(crate::session::UnfinishedBudget::new(
-            limits.unfinished_bytes_per_node_max,
-        )),
-        rate_limits: crate::ratelimit::NodeLimits::new(limits.rates.clone()),
+        unfinished: Arc::new(UnfinishedBudget::new(limits.unfinished_bytes_per_node_max)),
+        rate_limits: rate_limits.clone(),
         revoked,
-        catchup_frame_bytes: config.engine.catchup_frame_bytes,
+        writer: crate::writer::WriterSettings {
+            queue_messages_max: limits.send_queue_messages_max,
+            catchup_frame_bytes: config.engine.catchup_frame_bytes,
+            limits: rate_limits,
+        },
         placements: placements.clone(),
         inputs: inputs_tx,
         tasks: Mutex::new(JoinSet::new()),
@@ -544,7 +368,7 @@ pub async fn start_with_store(
         limits.tls_reload_interval,
         make_server_config,
     ));
-    shared.spawn(crate::revocation::poll(
+    shared.spawn(poll_revocations(
         store.clone(),
         limits.revocation_poll,
         revoked_tx,
@@ -1394,6 +1218,37 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Reads the store's revocations every `interval` and publishes the set in force; an
+/// unreadable store keeps the last set (and is counted).
+async fn poll_revocations(
+    store: Arc<dyn DurableStore>,
+    interval: Duration,
+    publish: watch::Sender<Arc<crate::revocation::RevocationSet>>,
+) {
+    loop {
+        let now = meridian_process::clock::unix_now();
+        match store.revocations(now).await {
+            Ok(revocations) => {
+                let set = crate::revocation::RevocationSet::new(&revocations, now);
+                crate::metrics::revocations_in_force(set.len());
+                publish.send_if_modified(|current| {
+                    if **current == set {
+                        false
+                    } else {
+                        *current = Arc::new(set);
+                        true
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::debug!(%error, "revocations could not be read");
+                crate::metrics::revocation_read_failed();
+            }
+        }
+        tokio::time::sleep(interval).await;
     }
 }
 

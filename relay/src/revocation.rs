@@ -6,15 +6,10 @@
 //! made), then pruned.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
 
 use meridian_protocol::token::{CLOCK_SKEW_SECS, Capability};
 use meridian_protocol::{TenantId, UserId};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
-
-use crate::store::DurableStore;
 
 /// What a revocation names.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -115,37 +110,6 @@ impl RevocationSet {
     /// True when nothing is revoked.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// Reads the store's revocations every `interval` and publishes the set in force; an
-/// unreadable store keeps the last set (and is counted).
-pub async fn poll(
-    store: Arc<dyn DurableStore>,
-    interval: Duration,
-    publish: watch::Sender<Arc<RevocationSet>>,
-) {
-    loop {
-        let now = crate::session::unix_now();
-        match store.revocations(now).await {
-            Ok(revocations) => {
-                let set = RevocationSet::new(&revocations, now);
-                crate::metrics::revocations_in_force(set.len());
-                publish.send_if_modified(|current| {
-                    if **current == set {
-                        false
-                    } else {
-                        *current = Arc::new(set);
-                        true
-                    }
-                });
-            }
-            Err(error) => {
-                tracing::debug!(%error, "revocations could not be read");
-                crate::metrics::revocation_read_failed();
-            }
-        }
-        tokio::time::sleep(interval).await;
     }
 }
 

@@ -2,172 +2,28 @@
 //! document stream. Sessions never decide anything; they decode frames, forward inputs to
 //! the engine driver and write what the driver queues for them.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use bytes::Bytes;
 use meridian_protocol::token;
 use meridian_protocol::{
-    ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_NODES, MAX_SNAPSHOT_CHUNK,
-    NodeAddr, RelayToClient, TenantId,
+    ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_NODES, NodeAddr, RelayToClient,
+    TenantId,
 };
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::engine::{Outbound, SessionId, chunk_by_bytes};
-use crate::node::{Input, Shared};
+use crate::engine::{Outbound, SessionId};
 use crate::placement::Verdict;
 use crate::ratelimit::Kind;
+use crate::shared::{Input, Shared, UnfinishedBudget};
+use crate::writer::{Outbox, QueueBudget, close, close_code};
 
 /// The most bytes read from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
-
-/// A stream's writer writes what is queued in batches of up to this many bytes...
-const WRITE_BATCH_BYTES: usize = 64 << 10;
-/// ...taking up to this many messages from its queue at once.
-const WRITE_BATCH_ITEMS: usize = 64;
-/// A writer whose queue has drained keeps a write buffer of at most this capacity.
-const KEEP_WRITE_BYTES: usize = 16 << 10;
-
-/// What a queued message counts against its stream's byte budget: its encoded size (a
-/// catch-up: 16 bytes per change, whose bytes the graph holds anyway).
-fn outbound_size(outbound: &Outbound) -> usize {
-    match outbound {
-        Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
-        Outbound::Fanout(frame) => frame.len(),
-        Outbound::CatchUp { changes, .. } => changes.len() * 16,
-    }
-}
-
-/// Bytes queued for sending: one connection's (shared by its streams) within
-/// `send_queue_bytes_max`, and its tenant's on this node (shared by every connection of
-/// the tenant) within `queued_bytes_per_tenant_max`. A push that would pass either fails:
-/// that consumer is too slow and is disconnected.
-pub(crate) struct QueueBudget {
-    connection: AtomicUsize,
-    connection_max: usize,
-    tenant: Arc<AtomicUsize>,
-    tenant_max: usize,
-}
-
-impl QueueBudget {
-    pub(crate) fn new(connection_max: usize, tenant: Arc<AtomicUsize>, tenant_max: usize) -> Self {
-        QueueBudget {
-            connection: AtomicUsize::new(0),
-            connection_max,
-            tenant,
-            tenant_max,
-        }
-    }
-
-    fn take(&self, size: usize) -> bool {
-        if self.connection.fetch_add(size, Ordering::Relaxed) + size > self.connection_max {
-            self.connection.fetch_sub(size, Ordering::Relaxed);
-            return false;
-        }
-        if self.tenant.fetch_add(size, Ordering::Relaxed) + size > self.tenant_max {
-            self.tenant.fetch_sub(size, Ordering::Relaxed);
-            self.connection.fetch_sub(size, Ordering::Relaxed);
-            crate::metrics::rate_limited("queued_bytes", "tenant");
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, size: usize) {
-        self.connection.fetch_sub(size, Ordering::Relaxed);
-        self.tenant.fetch_sub(size, Ordering::Relaxed);
-    }
-}
-
-/// A stream writer's end of its queue, with the bytes it has taken from the queue and
-/// not yet written. However the writer ends (a write error, a close), everything still
-/// owed, and whatever is left in the queue, goes back to the connection's byte budget,
-/// which its other streams share.
-struct WriterQueue {
-    rx: crate::outbox::Receiver<(Outbound, Option<Instant>)>,
-    queued_bytes: Arc<QueueBudget>,
-    owed: usize,
-}
-
-impl WriterQueue {
-    /// Moves up to [`WRITE_BATCH_ITEMS`] queued messages to `pending`, waiting for one;
-    /// false once the queue is closed and empty.
-    async fn take(&mut self, pending: &mut VecDeque<(Outbound, Option<Instant>)>) -> bool {
-        let before = pending.len();
-        let got = self.rx.recv_many(pending, WRITE_BATCH_ITEMS).await;
-        self.owed += pending
-            .iter()
-            .skip(before)
-            .map(|(outbound, _)| outbound_size(outbound))
-            .sum::<usize>();
-        got
-    }
-
-    /// `size` bytes of what was taken are written.
-    fn written(&mut self, size: usize) {
-        self.owed = self.owed.saturating_sub(size);
-        self.queued_bytes.give(size);
-    }
-}
-
-impl Drop for WriterQueue {
-    fn drop(&mut self) {
-        let left: usize = self
-            .rx
-            .close()
-            .iter()
-            .map(|(outbound, _)| outbound_size(outbound))
-            .sum();
-        self.queued_bytes.give(self.owed + left);
-    }
-}
-
-/// The sending half of one stream's bounded queue, shared with the engine driver.
-#[derive(Clone)]
-pub struct Outbox {
-    /// Each message with, for a fan-out, when its changes arrived at the relay.
-    tx: crate::outbox::Sender<(Outbound, Option<Instant>)>,
-    queued_bytes: Arc<QueueBudget>,
-    connection: quinn::Connection,
-    limits: Arc<crate::ratelimit::NodeLimits>,
-}
-
-impl Outbox {
-    /// Queues a message; false if the consumer is too far behind (the caller disconnects
-    /// it as a slow consumer).
-    pub fn push(&self, outbound: Outbound) -> bool {
-        self.push_at(outbound, None)
-    }
-
-    /// Queues another session's changes, received at `received`: the time until they
-    /// are written is recorded as fan-out latency.
-    pub fn push_fanout(&self, outbound: Outbound, received: Instant) -> bool {
-        self.push_at(outbound, Some(received))
-    }
-
-    fn push_at(&self, outbound: Outbound, received: Option<Instant>) -> bool {
-        let size = outbound_size(&outbound);
-        if !self.queued_bytes.take(size) {
-            return false;
-        }
-        if self.tx.try_send((outbound, received)).is_err() {
-            self.queued_bytes.give(size);
-            return false;
-        }
-        true
-    }
-
-    /// Closes the connection with a typed error code (its name is the close reason).
-    pub fn close(&self, code: ErrorCode) {
-        self.limits
-            .closed(self.connection.remote_address().ip(), code);
-        close(&self.connection, code);
-    }
-}
 
 /// Why a stream stopped being readable.
 #[derive(Debug)]
@@ -198,34 +54,6 @@ impl ReadError {
             )),
             ReadError::Stream => None,
         }
-    }
-}
-
-/// Bytes of unfinished frames held for one session, or for the whole node.
-pub(crate) struct UnfinishedBudget {
-    used: AtomicUsize,
-    max: usize,
-}
-
-impl UnfinishedBudget {
-    pub(crate) fn new(max: usize) -> Self {
-        UnfinishedBudget {
-            used: AtomicUsize::new(0),
-            max,
-        }
-    }
-
-    fn take(&self, bytes: usize) -> bool {
-        let used = self.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if used > self.max {
-            self.used.fetch_sub(bytes, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
-
-    fn give(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -528,7 +356,7 @@ async fn run(
     // Authenticated: open up streams and windows. quinn keeps state for every stream it
     // allows, so the stream limit starts small and doubles as the client uses it.
     let streams_max = shared.limits.streams_per_connection_max;
-    let mut streams_allowed = crate::node::STREAMS_AFTER_HELLO.min(streams_max);
+    let mut streams_allowed = crate::shared::STREAMS_AFTER_HELLO.min(streams_max);
     connection.set_max_concurrent_bi_streams(VarInt::from(streams_allowed));
     connection.set_receive_window(VarInt::from(shared.limits.receive_window));
 
@@ -981,124 +809,15 @@ impl DocStream {
     }
 }
 
-/// Spawns the task that writes a stream's queued messages, returning its outbox.
+/// A stream's writer, spawned as one of the node's tasks; returns its outbox.
 fn spawn_writer(
-    shared: &Arc<Shared>,
+    shared: &Shared,
     connection: &quinn::Connection,
-    mut send: SendStream,
+    send: SendStream,
     queued_bytes: Arc<QueueBudget>,
 ) -> Outbox {
-    let (tx, rx) = crate::outbox::bounded::<(Outbound, Option<Instant>)>(
-        shared.limits.send_queue_messages_max,
-    );
-    let mut queue = WriterQueue {
-        rx,
-        queued_bytes: queued_bytes.clone(),
-        owed: 0,
-    };
-    let outbox = Outbox {
-        tx,
-        queued_bytes,
-        connection: connection.clone(),
-        limits: shared.rate_limits.clone(),
-    };
-    let connection = connection.clone();
-    let limits = shared.rate_limits.clone();
-    let frame_bytes = shared.catchup_frame_bytes;
-    shared.spawn(async move {
-        let fanout_latency = crate::metrics::fanout_latency();
-        // These three hold memory only while messages flow (see the end of the loop).
-        let mut pending = VecDeque::new();
-        let mut buf = Vec::new();
-        // When the fan-outs in the batch arrived at the relay.
-        let mut received_at = Vec::new();
-        while !pending.is_empty() || queue.take(&mut pending).await {
-            // What is queued goes out in one write (up to WRITE_BATCH_BYTES): under
-            // fan-out load, one stream write per message cost more than the messages.
-            buf.clear();
-            received_at.clear();
-            let mut size = 0;
-            let mut close = None;
-            while let Some((outbound, received)) = pending.pop_front() {
-                size += outbound_size(&outbound);
-                match outbound {
-                    Outbound::Fanout(frame) => buf.extend_from_slice(&frame),
-                    Outbound::Message(message) => message.encode(&mut buf),
-                    Outbound::Close(message) => {
-                        message.encode(&mut buf);
-                        close = Some(close_code(&message));
-                    }
-                    Outbound::CatchUp {
-                        doc,
-                        snapshot,
-                        changes,
-                        heads,
-                    } => {
-                        if let Some(snapshot) = snapshot {
-                            let total = snapshot.bytes.len() as u64;
-                            for (i, piece) in snapshot.bytes.chunks(MAX_SNAPSHOT_CHUNK).enumerate()
-                            {
-                                RelayToClient::Snapshot {
-                                    doc: doc.clone(),
-                                    heads: snapshot.heads.clone(),
-                                    offset: (i * MAX_SNAPSHOT_CHUNK) as u64,
-                                    total,
-                                    bytes: snapshot.bytes.slice_ref(piece),
-                                }
-                                .encode(&mut buf);
-                                if send.write_all(&buf).await.is_err() {
-                                    return;
-                                }
-                                buf.clear();
-                            }
-                        }
-                        for chunk in chunk_by_bytes(&changes, frame_bytes) {
-                            RelayToClient::Changes {
-                                doc: doc.clone(),
-                                changes: chunk.to_vec(),
-                            }
-                            .encode(&mut buf);
-                            if buf.len() >= frame_bytes {
-                                if send.write_all(&buf).await.is_err() {
-                                    return;
-                                }
-                                buf.clear();
-                            }
-                        }
-                        RelayToClient::Synced { doc, heads }.encode(&mut buf);
-                    }
-                }
-                received_at.extend(received);
-                if close.is_some() || buf.len() >= WRITE_BATCH_BYTES {
-                    break;
-                }
-            }
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-            queue.written(size);
-            for received in &received_at {
-                fanout_latency.record(received.elapsed().as_secs_f64());
-            }
-            if let Some(code) = close {
-                let _ = send.finish();
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-                limits.closed(connection.remote_address().ip(), code);
-                self::close(&connection, code);
-                return;
-            }
-            // A stream that goes quiet gives back what a burst made these grow to.
-            if pending.is_empty() {
-                pending = VecDeque::new();
-                received_at = Vec::new();
-                if buf.capacity() > KEEP_WRITE_BYTES {
-                    buf = Vec::new();
-                }
-            }
-        }
-        let _ = send.finish();
-    });
+    let (outbox, task) = crate::writer::writer(&shared.writer, connection, send, queued_bytes);
+    shared.spawn(task);
     outbox
 }
 
@@ -1145,14 +864,6 @@ fn until_expiry(expires_at: i64) -> std::time::Duration {
 
 /// The least time between two `reauth`s of one connection.
 const REAUTH_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Closes the connection with a typed code, its documented name as the reason.
-fn close(connection: &quinn::Connection, code: ErrorCode) {
-    connection.close(
-        VarInt::from(u32::from(code.code())),
-        code.to_string().as_bytes(),
-    );
-}
 
 /// Waits until the tenant's placement changes (never, without placements).
 async fn placement_changed(
@@ -1205,15 +916,6 @@ async fn refuse_placement(connection: &quinn::Connection, send: &mut SendStream,
     );
 }
 
-/// The connection close code for a final message.
-fn close_code(message: &RelayToClient) -> ErrorCode {
-    match message {
-        RelayToClient::Error { code, .. } => *code,
-        RelayToClient::Redirect { .. } => ErrorCode::Redirect,
-        _ => ErrorCode::Internal,
-    }
-}
-
 fn decode_error_code(error: &DecodeError) -> ErrorCode {
     match error {
         DecodeError::Oversize { .. } => ErrorCode::TooLarge,
@@ -1223,74 +925,11 @@ fn decode_error_code(error: &DecodeError) -> ErrorCode {
 }
 
 /// Wall-clock seconds since the Unix epoch.
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+pub use meridian_process::clock::unix_now;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meridian_protocol::DocId;
-
-    fn pong(nonce: u64) -> (Outbound, Option<Instant>) {
-        (Outbound::Message(RelayToClient::Pong { nonce }), None)
-    }
-
-    /// What the outbox does on push: count the bytes, then queue.
-    fn push(
-        tx: &crate::outbox::Sender<(Outbound, Option<Instant>)>,
-        queued: &QueueBudget,
-        item: (Outbound, Option<Instant>),
-    ) {
-        assert!(queued.take(outbound_size(&item.0)));
-        assert!(tx.try_send(item).is_ok());
-    }
-
-    #[tokio::test]
-    async fn a_writer_that_ends_early_gives_every_unwritten_byte_back() {
-        let tenant = Arc::new(AtomicUsize::new(0));
-        let queued = Arc::new(QueueBudget::new(usize::MAX, tenant.clone(), usize::MAX));
-        let (tx, rx) = crate::outbox::bounded(100);
-        let mut queue = WriterQueue {
-            rx,
-            queued_bytes: queued.clone(),
-            owed: 0,
-        };
-        let doc = DocId::new("d").unwrap();
-        let fanout = RelayToClient::Changes {
-            doc,
-            changes: vec![Bytes::from_static(b"change")],
-        }
-        .to_bytes();
-        for nonce in 0..(WRITE_BATCH_ITEMS as u64 + 10) {
-            push(&tx, &queued, pong(nonce));
-        }
-        push(
-            &tx,
-            &queued,
-            (Outbound::Fanout(fanout), Some(Instant::now())),
-        );
-        let total = queued.connection.load(Ordering::Relaxed);
-        assert_eq!(tenant.load(Ordering::Relaxed), total);
-        assert!(total > 0);
-
-        // One batch taken (at most WRITE_BATCH_ITEMS), part of it written.
-        let mut pending = VecDeque::new();
-        assert!(queue.take(&mut pending).await);
-        assert_eq!(pending.len(), WRITE_BATCH_ITEMS);
-        let first = outbound_size(&pending[0].0);
-        queue.written(first);
-        assert_eq!(queued.connection.load(Ordering::Relaxed), total - first);
-
-        // The writer ends (a failed write): the rest of the batch and what is still
-        // queued are given back, and the queue refuses more.
-        drop(queue);
-        assert_eq!(queued.connection.load(Ordering::Relaxed), 0);
-        assert_eq!(tenant.load(Ordering::Relaxed), 0, "the tenant's share too");
-        assert!(tx.try_send(pong(0)).is_err());
-    }
 
     #[test]
     fn a_stream_refused_again_and_again_waits_longer_each_time() {

@@ -1,0 +1,26 @@
+//! What the driver publishes about the node (gauges and counters; see `metrics`).
+
+use std::time::Duration;
+
+/// Gauges and counters published by the driver.
+#[derive(Debug, Clone, Default)]
+pub struct RelayStats {
+    /// Engine counters.
+    pub engine: crate::engine::Stats,
+    /// Sessions open.
+    pub sessions: usize,
+    /// Documents in memory.
+    pub hot_docs: usize,
+    /// Changes not yet durable.
+    pub flush_queue: usize,
+    /// Age of the oldest change not yet durable.
+    pub oldest_unflushed: Option<Duration>,
+    /// Connections closed because they did not read.
+    pub slow_consumers: u64,
+    /// Connections refused over the connection limit.
+    pub connections_refused: u64,
+    /// Flush batches refused by the IO layer's residency check (should stay 0).
+    pub residency_refusals: u64,
+    /// Changes waiting for missing dependencies.
+    pub orphans: usize,
+}
