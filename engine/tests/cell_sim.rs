@@ -7,7 +7,7 @@
 //! `MERIDIAN_SIM_SEEDS=<n>` runs more seeds than the default:
 //!
 //! ```text
-//! MERIDIAN_SIM_SEEDS=5000 cargo test --release -p meridian-relay --test cell_sim -- --nocapture
+//! MERIDIAN_SIM_SEEDS=5000 cargo test --release -p meridian-engine --test cell_sim -- --nocapture
 //! ```
 //!
 //! `MERIDIAN_SIM_DEBUG=1` prints the errors clients receive late in a run.
@@ -27,8 +27,8 @@ use automerge::transaction::Transactable;
 use bytes::Bytes;
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, NodeAddr, RelayToClient, TenantId, UserId};
-use meridian_relay::cell::{Member, Membership, MembershipConfig, PacketSealer, owner};
-use meridian_relay::engine::{
+use meridian_engine::membership::{Member, Membership, MembershipConfig, PacketSealer, owner};
+use meridian_engine::{
     DocKey, Engine, EngineConfig, Loaded, LoadedChange, Now, Outbound, SessionId, StoreTask,
     StoredChange,
 };
