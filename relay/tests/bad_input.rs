@@ -1,6 +1,6 @@
 //! Bad input gets a typed error, and the relay keeps serving everyone else.
 
-mod common;
+use meridian_testkit as common;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! them with lag and last-writer-wins, the way DynamoDB global tables do (moto's own
 //! replica updates replicate nothing).
 
-mod common;
+use meridian_testkit as common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

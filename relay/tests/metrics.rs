@@ -1,7 +1,7 @@
 //! `/metrics`, `/healthz` and `/readyz` over HTTP. This test binary runs one test: the
 //! Prometheus recorder is process-wide.
 
-mod common;
+use meridian_testkit as common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! Durable with nothing lost. The test runs its own moto_server (from .venv/moto, which
 //! scripts/test installs) so that pausing it (SIGSTOP) affects no other test.
 
-mod common;
+use meridian_testkit as common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! writes (local directory and DynamoDB on moto_server), relays that serve only the
 //! tenants placed in their cell, and the router service over QUIC with real probes.
 
-mod common;
+use meridian_testkit as common;
 
 use std::sync::Arc;
 use std::time::Duration;

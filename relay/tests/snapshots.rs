@@ -2,7 +2,7 @@
 //! catches up from the newest snapshot plus the changes after it, and a relay that lost
 //! its cache cold-loads from snapshot + tail.
 
-mod common;
+use meridian_testkit as common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The durable-store conformance suite, run on the local-directory store and on
 //! DynamoDB + S3 (moto_server, started by scripts/test).
 
-mod common;
+use meridian_testkit as common;
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

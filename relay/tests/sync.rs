@@ -1,6 +1,6 @@
 //! Clients converge through a real relay over QUIC on 127.0.0.1.
 
-mod common;
+use meridian_testkit as common;
 
 use std::time::Duration;
 

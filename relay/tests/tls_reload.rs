@@ -1,7 +1,7 @@
 //! A renewed certificate is taken without a restart: new connections get it, and a pair
 //! that does not load leaves the current one in place.
 
-mod common;
+use meridian_testkit as common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! exhaust the node. Each case asserts the typed answer, that a legitimate client keeps
 //! working, and, where memory is the target, a bound on what the node holds.
 
-mod common;
+use meridian_testkit as common;
 
 use std::time::Duration;
 

@@ -1,6 +1,8 @@
-//! Shared harness for the relay's integration tests: a dev PKI, a tenant key, relays on
-//! 127.0.0.1, SDK clients and raw QUIC connections.
-#![allow(dead_code)]
+//! The harness of the relay's integration tests and of the hostile suite: a dev PKI, a
+//! tenant key, relays on 127.0.0.1, SDK clients, raw QUIC connections, and the
+//! DynamoDB/S3 emulator's endpoint ([`moto`]). Test code: it panics on what it cannot set
+//! up.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +28,12 @@ pub struct Dev {
     pub key: TenantSigningKey,
     pub limits: Limits,
     pub engine: EngineConfig,
+}
+
+impl Default for Dev {
+    fn default() -> Self {
+        Dev::new()
+    }
 }
 
 impl Dev {
