@@ -316,6 +316,7 @@ pub fn some_change(key: &str) -> Bytes {
 }
 
 pub mod moto;
+pub mod placement;
 
 /// Waits (generously) until every local change of the handle is Durable.
 pub async fn wait_durable(handle: &DocHandle) {
