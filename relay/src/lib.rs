@@ -11,7 +11,6 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod node;
-mod outbox;
 pub mod placement;
 pub mod ratelimit;
 pub mod revocation;

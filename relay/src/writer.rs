@@ -75,7 +75,7 @@ impl QueueBudget {
 /// owed, and whatever is left in the queue, goes back to the connection's byte budget,
 /// which its other streams share.
 struct WriterQueue {
-    rx: crate::outbox::Receiver<(Outbound, Option<Instant>)>,
+    rx: meridian_process::channel::Receiver<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<QueueBudget>,
     owed: usize,
 }
@@ -117,7 +117,7 @@ impl Drop for WriterQueue {
 #[derive(Clone)]
 pub struct Outbox {
     /// Each message with, for a fan-out, when its changes arrived at the relay.
-    tx: crate::outbox::Sender<(Outbound, Option<Instant>)>,
+    tx: meridian_process::channel::Sender<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<QueueBudget>,
     connection: quinn::Connection,
     limits: Arc<crate::ratelimit::NodeLimits>,
@@ -175,8 +175,9 @@ pub(crate) fn writer(
     mut send: SendStream,
     queued_bytes: Arc<QueueBudget>,
 ) -> (Outbox, impl Future<Output = ()> + Send + 'static) {
-    let (tx, rx) =
-        crate::outbox::bounded::<(Outbound, Option<Instant>)>(settings.queue_messages_max);
+    let (tx, rx) = meridian_process::channel::bounded::<(Outbound, Option<Instant>)>(
+        settings.queue_messages_max,
+    );
     let mut queue = WriterQueue {
         rx,
         queued_bytes: queued_bytes.clone(),
@@ -317,7 +318,7 @@ mod tests {
 
     /// What the outbox does on push: count the bytes, then queue.
     fn push(
-        tx: &crate::outbox::Sender<(Outbound, Option<Instant>)>,
+        tx: &meridian_process::channel::Sender<(Outbound, Option<Instant>)>,
         queued: &QueueBudget,
         item: (Outbound, Option<Instant>),
     ) {
@@ -329,7 +330,7 @@ mod tests {
     async fn a_writer_that_ends_early_gives_every_unwritten_byte_back() {
         let tenant = Arc::new(AtomicUsize::new(0));
         let queued = Arc::new(QueueBudget::new(usize::MAX, tenant.clone(), usize::MAX));
-        let (tx, rx) = crate::outbox::bounded(100);
+        let (tx, rx) = meridian_process::channel::bounded(100);
         let mut queue = WriterQueue {
             rx,
             queued_bytes: queued.clone(),
