@@ -1214,8 +1214,14 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
             retry_after_ms,
             ..
         } => {
-            if matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited) {
-                // Resent when the relay says it may be (at least 250 ms on).
+            if matches!(
+                code,
+                ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::MissingDependencies
+            ) {
+                // Resent when the relay says it may be (at least 250 ms on). A change
+                // refused for missing dependencies followed one the relay refused (a
+                // rate-limited frame makes the frames behind it, already on their way,
+                // orphans): resending what is not applied, in order, fills the gap.
                 doc.retry_unapplied(Duration::from_millis(u64::from(retry_after_ms).max(250)));
             }
             doc.on_error(code, message)

@@ -87,6 +87,8 @@ pub(crate) struct DocShared {
     version: watch::Sender<u64>,
     events: broadcast::Sender<DocEvent>,
     pub(crate) outgoing: Notify,
+    /// A resend of what is not applied is already scheduled (refusals coalesce into it).
+    retry_scheduled: std::sync::atomic::AtomicBool,
     store: Option<DocStore>,
     connection: watch::Receiver<ConnectionState>,
 }
@@ -150,6 +152,7 @@ impl DocHandle {
                 version,
                 events,
                 outgoing: Notify::new(),
+                retry_scheduled: std::sync::atomic::AtomicBool::new(false),
                 store,
                 connection,
             }),
@@ -357,12 +360,18 @@ impl DocHandle {
     /// The relay could not take our changes yet (the document is still loading, or it is
     /// overloaded): send the unacknowledged ones again a little later.
     pub(crate) fn retry_unapplied(&self, after: std::time::Duration) {
+        use std::sync::atomic::Ordering;
         for pending in self.lock().pending.iter_mut().filter(|p| !p.applied) {
             pending.sent = false;
+        }
+        // Many refusals of one burst (a frame each, or a change each) make one resend.
+        if self.shared.retry_scheduled.swap(true, Ordering::AcqRel) {
+            return;
         }
         let shared = self.shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
+            shared.retry_scheduled.store(false, Ordering::Release);
             shared.outgoing.notify_one();
         });
     }

@@ -611,7 +611,7 @@ async fn refuse_rate(
     refused: crate::ratelimit::Refused,
 ) -> bool {
     let refused = backoff.stretch(tokio::time::Instant::now(), refused);
-    let pause = refused.retry_after;
+    let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
     let refusal = rate_limited(doc, refused);
     let close = matches!(refusal, Outbound::Close(_));
     outbox.push(refusal);
