@@ -614,7 +614,13 @@ async fn refuse_rate(
     let pause = refused.retry_after.min(RATE_LIMIT_PAUSE_MAX);
     let refusal = rate_limited(doc, refused);
     let close = matches!(refusal, Outbound::Close(_));
-    outbox.push(refusal);
+    if !outbox.push(refusal) {
+        // A refusal the client never hears of would leave it waiting for acknowledgements
+        // of a frame that was dropped: a client too far behind to be told is disconnected
+        // (it reconnects and sends again what is not acknowledged).
+        outbox.close(ErrorCode::SlowConsumer);
+        return false;
+    }
     if close {
         return false;
     }
