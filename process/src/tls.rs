@@ -113,9 +113,32 @@ fn stamp(path: &Path) -> Option<(std::time::SystemTime, u64)> {
     Some((metadata.modified().ok()?, metadata.len()))
 }
 
+/// What a QUIC server endpoint is configured with besides its certificate: the transport
+/// settings and how many connection attempts may wait at once.
+#[derive(Clone)]
+pub struct ServerSettings {
+    /// Transport settings (streams, windows, timeouts).
+    pub transport: Arc<quinn::TransportConfig>,
+    /// Incoming connections held at once before more are refused.
+    pub max_incoming: usize,
+}
+
+impl ServerSettings {
+    /// The endpoint's server configuration with `crypto` (see [`server_crypto`]).
+    pub fn server_config(
+        &self,
+        crypto: quinn::crypto::rustls::QuicServerConfig,
+    ) -> quinn::ServerConfig {
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(self.transport.clone());
+        config.max_incoming(self.max_incoming.max(1));
+        config
+    }
+}
+
 /// Keeps a QUIC endpoint's certificate current: every `interval`, when the certificate
 /// or key file has changed (modification time or length), loads both again and makes the
-/// endpoint's server configuration anew with `make` (new connections get the new
+/// endpoint's server configuration anew with `settings` (new connections get the new
 /// certificate; open ones keep theirs). A pair that does not load or does not match is
 /// logged and counted (`meridian_tls_reloads_total{result="failed"}`), and the endpoint
 /// keeps the identity it has; the next change is tried again. Runs until aborted.
@@ -124,7 +147,7 @@ pub async fn watch_identity(
     cert_file: std::path::PathBuf,
     key_file: std::path::PathBuf,
     interval: std::time::Duration,
-    make: impl Fn(quinn::crypto::rustls::QuicServerConfig) -> quinn::ServerConfig + Send + 'static,
+    settings: ServerSettings,
 ) {
     let mut seen = (stamp(&cert_file), stamp(&key_file));
     let mut ticks = tokio::time::interval(interval);
@@ -141,7 +164,7 @@ pub async fn watch_identity(
             load_identity(&cert_file, &key_file).and_then(|(certs, key)| server_crypto(certs, key));
         match loaded {
             Ok(crypto) => {
-                endpoint.set_server_config(Some(make(crypto)));
+                endpoint.set_server_config(Some(settings.server_config(crypto)));
                 crate::metrics::tls_reloaded("ok");
             }
             Err(error) => {

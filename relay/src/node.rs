@@ -239,16 +239,12 @@ pub async fn start_with_store(
     let (certs, key) = tls::load_identity(&config.cert_file, &config.key_file)?;
     let crypto = tls::server_crypto(certs, key)?;
     let limits = config.limits.clone();
-    let transport = Arc::new(server_transport(&limits)?);
-    let connections_max = limits.connections_max.max(1);
-    let make_server_config = move |crypto: quinn::crypto::rustls::QuicServerConfig| {
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(transport.clone());
-        server_config.max_incoming(connections_max);
-        server_config
+    let server_settings = tls::ServerSettings {
+        transport: Arc::new(server_transport(&limits)?),
+        max_incoming: limits.connections_max,
     };
     let endpoint = meridian_process::net::server_endpoint(
-        make_server_config(crypto),
+        server_settings.server_config(crypto),
         config.listen,
         limits.udp_buffer_bytes,
     )
@@ -366,7 +362,7 @@ pub async fn start_with_store(
         config.cert_file.clone(),
         config.key_file.clone(),
         limits.tls_reload_interval,
-        make_server_config,
+        server_settings,
     ));
     shared.spawn(poll_revocations(
         store.clone(),

@@ -218,16 +218,12 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
             quinn::IdleTimeout::try_from(IDLE_TIMEOUT)
                 .map_err(|e| RouterError::Config(e.to_string()))?,
         ));
-    let transport = Arc::new(transport);
-    let connections_max = config.connections_max.max(1);
-    let make_server_config = move |crypto: quinn::crypto::rustls::QuicServerConfig| {
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server_config.transport_config(transport.clone());
-        server_config.max_incoming(connections_max);
-        server_config
+    let server_settings = meridian_process::tls::ServerSettings {
+        transport: Arc::new(transport),
+        max_incoming: config.connections_max,
     };
     let endpoint = meridian_process::net::server_endpoint(
-        make_server_config(crypto),
+        server_settings.server_config(crypto),
         config.listen,
         UDP_BUFFER_BYTES,
     )
@@ -238,7 +234,7 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
         config.cert_file.clone(),
         config.key_file.clone(),
         meridian_process::tls::RELOAD_INTERVAL,
-        make_server_config,
+        server_settings,
     ));
     let local_addr = endpoint.local_addr().map_err(RouterError::Bind)?;
 
