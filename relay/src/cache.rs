@@ -20,9 +20,10 @@
 //! durable changes of a partly flushed batch replay with the rest (writing a durable
 //! change again is idempotent).
 //!
-//! The earlier layout, one entry per change (`changes` and `flush_queue` both keyed
-//! `tenant 0x00 doc 0x00 hash`, the queue entry empty), is still read: its queued changes
-//! replay, and their entries are removed once durable.
+//! The default tree's `layout` key holds the layout's number ([`LAYOUT`], u32 big-endian).
+//! A cache of another layout is refused at open ([`CacheError::Layout`]): the cache is
+//! never the record, so the way across a layout change is a clean stop (which empties the
+//! flush queue) and a new directory.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
@@ -51,7 +52,20 @@ pub enum CacheError {
     /// A thread panicked while it held the flush-queue index.
     #[error("the flush-queue index was poisoned by a panic")]
     Poisoned,
+    /// The directory holds a cache of a layout this build does not read.
+    #[error(
+        "the cache is in layout {found}, this build reads layout {LAYOUT}: stop the node cleanly \
+         (which flushes its queue) and move the cache directory away"
+    )]
+    Layout {
+        /// The layout number the directory records.
+        found: u32,
+    },
 }
+
+/// The cache layout this build writes and reads (see the module documentation).
+pub const LAYOUT: u32 = 1;
+const LAYOUT_KEY: &[u8] = b"layout";
 
 const HASH_LEN: usize = 32;
 const SEQ_LEN: usize = 8;
@@ -65,23 +79,14 @@ pub struct Cache {
     queued: Arc<Mutex<Queued>>,
 }
 
-/// Where a queued change's flush-queue entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Slot {
-    /// In the batch with this number.
-    Batch(u64),
-    /// An entry of its own (the earlier layout), keyed like the change.
-    Single,
-}
-
 /// The flush queue's index: which changes are queued, and where.
 #[derive(Debug, Default)]
 struct Queued {
     /// The number of a batch whose write failed: its retry writes the same batch again
     /// (a failed write may have left its flush-queue entry behind).
     retry: Option<u64>,
-    /// Queued changes, by `tenant 0x00 doc 0x00 hash`.
-    changes: HashMap<Vec<u8>, Slot>,
+    /// Queued changes, by `tenant 0x00 doc 0x00 hash`: the batch each is in.
+    changes: HashMap<Vec<u8>, u64>,
     /// Queued changes left in each batch.
     batches: HashMap<u64, usize>,
 }
@@ -89,7 +94,7 @@ struct Queued {
 impl Queued {
     /// Forgets a batch that cannot be read any more.
     fn forget_batch(&mut self, seq: u64) {
-        self.changes.retain(|_, slot| *slot != Slot::Batch(seq));
+        self.changes.retain(|_, batch| *batch != seq);
         self.batches.remove(&seq);
     }
 
@@ -97,18 +102,15 @@ impl Queued {
     fn remove(&mut self, ids: impl IntoIterator<Item = Vec<u8>>) -> Vec<Vec<u8>> {
         let mut emptied = Vec::new();
         for id in ids {
-            match self.changes.remove(&id) {
-                Some(Slot::Single) => emptied.push(id),
-                Some(Slot::Batch(seq)) => {
-                    if let Entry::Occupied(mut left) = self.batches.entry(seq) {
-                        *left.get_mut() = left.get().saturating_sub(1);
-                        if *left.get() == 0 {
-                            left.remove();
-                            emptied.push(seq.to_be_bytes().to_vec());
-                        }
-                    }
+            let Some(seq) = self.changes.remove(&id) else {
+                continue;
+            };
+            if let Entry::Occupied(mut left) = self.batches.entry(seq) {
+                *left.get_mut() = left.get().saturating_sub(1);
+                if *left.get() == 0 {
+                    left.remove();
+                    emptied.push(seq.to_be_bytes().to_vec());
                 }
-                None => {}
             }
         }
         emptied
@@ -139,6 +141,19 @@ impl Cache {
                 Err(error) => return Err(error.into()),
             }
         };
+        match db.get(LAYOUT_KEY)? {
+            Some(value) => {
+                let found = <[u8; 4]>::try_from(&value[..])
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| CacheError::Corrupt)?;
+                if found != LAYOUT {
+                    return Err(CacheError::Layout { found });
+                }
+            }
+            None => {
+                db.insert(LAYOUT_KEY, &LAYOUT.to_be_bytes())?;
+            }
+        }
         let changes = db.open_tree("changes")?;
         let flush_queue = db.open_tree("flush_queue")?;
         let queued = index_flush_queue(&flush_queue, &changes)?;
@@ -195,7 +210,7 @@ impl Cache {
         queued.retry = None;
         queued.batches.insert(seq, fresh.len());
         for id in fresh {
-            queued.changes.insert(id, Slot::Batch(seq));
+            queued.changes.insert(id, seq);
         }
         Ok(())
     }
@@ -235,11 +250,10 @@ impl Cache {
         let mut stored = Vec::new();
         for item in self.changes.scan_prefix(&prefix) {
             let (id, value) = item?;
-            match id.len() - prefix.len() {
-                HASH_LEN => stored.push(decode_single(hash_of(&id)?, &value)?),
-                SEQ_LEN => decode_changes(&value, &mut stored)?,
-                _ => return Err(CacheError::Corrupt),
+            if id.len() - prefix.len() != SEQ_LEN {
+                return Err(CacheError::Corrupt);
             }
+            decode_changes(&value, &mut stored)?;
         }
         // Read, and the keys made, without the index held (a large document takes a
         // while, and every write waits for the index); then marked.
@@ -272,68 +286,49 @@ impl Cache {
                 break;
             }
             let (queue_key, value) = item?;
-            match seq_of(&queue_key) {
-                Some(seq) => {
-                    let Ok(refs) = decode_refs(&value) else {
-                        unreadable.push(seq);
-                        continue;
-                    };
-                    let mut by_doc: Vec<(Vec<u8>, Vec<ChangeHash>)> = Vec::new();
-                    {
-                        let queued = self.index()?;
-                        for (prefix, hash) in refs {
-                            let id = entry_key(&prefix, &hash);
-                            if queued.changes.get(&id) != Some(&Slot::Batch(seq)) {
-                                continue; // durable already, or queued in an earlier batch
-                            }
-                            match by_doc.iter_mut().find(|(p, _)| *p == prefix) {
-                                Some((_, hashes)) => hashes.push(hash),
-                                None => by_doc.push((prefix, vec![hash])),
-                            }
-                        }
+            // Every key is a batch number: the index at open dropped any other.
+            let Some(seq) = seq_of(&queue_key) else {
+                continue;
+            };
+            let Ok(refs) = decode_refs(&value) else {
+                unreadable.push(seq);
+                continue;
+            };
+            let mut by_doc: Vec<(Vec<u8>, Vec<ChangeHash>)> = Vec::new();
+            {
+                let queued = self.index()?;
+                for (prefix, hash) in refs {
+                    let id = entry_key(&prefix, &hash);
+                    if queued.changes.get(&id) != Some(&seq) {
+                        continue; // durable already, or queued in an earlier batch
                     }
-                    for (prefix, hashes) in by_doc {
-                        let mut key = prefix.clone();
-                        key.extend_from_slice(&seq.to_be_bytes());
-                        let mut stored = Vec::new();
-                        let readable = match (doc_key_of(&prefix), self.changes.get(&key)?) {
-                            (Ok(doc), Some(value)) => {
-                                decode_changes(&value, &mut stored).ok().map(|()| doc)
-                            }
-                            _ => None,
-                        };
-                        let Some(doc) = readable else {
-                            missing.extend(hashes.iter().map(|hash| entry_key(&prefix, hash)));
-                            continue;
-                        };
-                        for hash in hashes {
-                            match stored.iter().find(|change| change.hash == hash) {
-                                Some(change) if out.len() < limit => {
-                                    out.push((doc.clone(), change.clone()));
-                                }
-                                Some(_) => {}
-                                None => missing.push(entry_key(&prefix, &hash)),
-                            }
-                        }
+                    match by_doc.iter_mut().find(|(p, _)| *p == prefix) {
+                        Some((_, hashes)) => hashes.push(hash),
+                        None => by_doc.push((prefix, vec![hash])),
                     }
                 }
-                None => {
-                    if self.index()?.changes.get(&queue_key[..]) != Some(&Slot::Single) {
-                        continue;
+            }
+            for (prefix, hashes) in by_doc {
+                let mut key = prefix.clone();
+                key.extend_from_slice(&seq.to_be_bytes());
+                let mut stored = Vec::new();
+                let readable = match (doc_key_of(&prefix), self.changes.get(&key)?) {
+                    (Ok(doc), Some(value)) => {
+                        decode_changes(&value, &mut stored).ok().map(|()| doc)
                     }
-                    let prefix = queue_key
-                        .len()
-                        .checked_sub(HASH_LEN)
-                        .and_then(|end| queue_key.get(..end));
-                    let decoded = match (prefix, self.changes.get(&queue_key)?) {
-                        (Some(prefix), Some(value)) => doc_key_of(prefix).and_then(|doc| {
-                            Ok((doc, decode_single(hash_of(&queue_key)?, &value)?))
-                        }),
-                        _ => Err(CacheError::Corrupt),
-                    };
-                    match decoded {
-                        Ok(entry) => out.push(entry),
-                        Err(_) => missing.push(queue_key.to_vec()),
+                    _ => None,
+                };
+                let Some(doc) = readable else {
+                    missing.extend(hashes.iter().map(|hash| entry_key(&prefix, hash)));
+                    continue;
+                };
+                for hash in hashes {
+                    match stored.iter().find(|change| change.hash == hash) {
+                        Some(change) if out.len() < limit => {
+                            out.push((doc.clone(), change.clone()));
+                        }
+                        Some(_) => {}
+                        None => missing.push(entry_key(&prefix, &hash)),
                     }
                 }
             }
@@ -367,13 +362,12 @@ impl Cache {
 
 /// Reads the flush queue into its index. A batch that cannot be read, whose changes were
 /// never stored (a write torn by a crash before its commit: never acknowledged), or whose
-/// changes are all queued by earlier batches, is removed; so is an entry of the earlier
-/// layout whose change a batch also holds.
+/// changes are all queued by earlier batches, is removed; so is a key that is not a batch
+/// number.
 fn index_flush_queue(flush_queue: &sled::Tree, changes: &sled::Tree) -> Result<Queued, CacheError> {
     let mut queued = Queued::default();
     let mut stale = Vec::new();
-    // Batch keys (8 bytes, big-endian) sort in batch order; the earlier layout's keys
-    // (at least 35 bytes) are told apart by their length.
+    // Batch keys (8 bytes, big-endian) sort in batch order.
     for item in flush_queue.iter() {
         let (key, value) = item?;
         match seq_of(&key) {
@@ -400,7 +394,7 @@ fn index_flush_queue(flush_queue: &sled::Tree, changes: &sled::Tree) -> Result<Q
                         continue; // torn: never acknowledged
                     }
                     if let Entry::Vacant(slot) = queued.changes.entry(entry_key(&prefix, &hash)) {
-                        slot.insert(Slot::Batch(seq));
+                        slot.insert(seq);
                         left += 1;
                     }
                 }
@@ -410,12 +404,10 @@ fn index_flush_queue(flush_queue: &sled::Tree, changes: &sled::Tree) -> Result<Q
                     queued.batches.insert(seq, left);
                 }
             }
-            None => match queued.changes.entry(key.to_vec()) {
-                Entry::Vacant(slot) => {
-                    slot.insert(Slot::Single);
-                }
-                Entry::Occupied(_) => stale.push(key),
-            },
+            None => {
+                tracing::warn!("dropping a flush-queue entry that is not a batch");
+                stale.push(key);
+            }
         }
     }
     for key in stale {
@@ -510,17 +502,6 @@ fn decode_changes(value: &[u8], out: &mut Vec<StoredChange>) -> Result<(), Cache
     Ok(())
 }
 
-/// A change value of the earlier layout: `[user len: u8][user][change bytes]`.
-fn decode_single(hash: ChangeHash, value: &[u8]) -> Result<StoredChange, CacheError> {
-    let user_len = usize::from(*value.first().ok_or(CacheError::Corrupt)?);
-    let user = value.get(1..1 + user_len).ok_or(CacheError::Corrupt)?;
-    let user = std::str::from_utf8(user).map_err(|_| CacheError::Corrupt)?;
-    Ok(StoredChange {
-        hash,
-        bytes: Bytes::copy_from_slice(&value[1 + user_len..]),
-        user: UserId::new(user).map_err(|_| CacheError::Corrupt)?,
-    })
-}
 
 /// Appends one change a flush-queue batch names (see [`decode_refs`]).
 fn encode_ref(out: &mut Vec<u8>, prefix: &[u8], hash: &ChangeHash) -> Result<(), CacheError> {
@@ -751,58 +732,27 @@ mod tests {
         assert_eq!(cache.flush_queue.len(), 1);
     }
 
-    /// Entries of the earlier layout (one per change) replay, load, and leave the queue
-    /// once durable.
+    /// A cache records its layout; a cache of another layout is refused with a typed
+    /// error, and a key of another shape in the flush queue is dropped at open.
     #[tokio::test]
-    async fn the_earlier_layout_is_read() {
+    async fn a_cache_of_another_layout_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = key("a");
-        let single = |c: &StoredChange| {
-            let mut value = vec![c.user.as_str().len() as u8];
-            value.extend_from_slice(c.user.as_str().as_bytes());
-            value.extend_from_slice(&c.bytes);
-            value
-        };
         {
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
-            let changes = db.open_tree("changes").unwrap();
-            let queue = db.open_tree("flush_queue").unwrap();
-            for c in [change(1), change(2)] {
-                let id = entry_key(&doc_prefix(&a), &c.hash);
-                changes.insert(&id, single(&c)).unwrap();
-                queue.insert(&id, &[][..]).unwrap();
-            }
-            // Durable before the upgrade: cached, not queued.
-            changes
-                .insert(
-                    entry_key(&doc_prefix(&a), &change(3).hash),
-                    single(&change(3)),
-                )
-                .unwrap();
-            db.flush().unwrap();
+            let cache = Cache::open(dir.path()).unwrap();
+            cache.write(&[(key("a"), change(1))]).unwrap();
+            cache.flush_queue.insert(&[7u8; 40][..], &[][..]).unwrap();
+            cache.db.flush().unwrap();
         }
         let cache = Cache::open(dir.path()).unwrap();
-        assert_eq!(cache.queue_len(), 2);
-        let mut queued = cache.queued(10).unwrap();
-        queued.sort_by_key(|(_, c)| c.hash.0);
-        assert_eq!(queued, vec![(a.clone(), change(1)), (a.clone(), change(2))]);
-        cache.write(&[(a.clone(), change(4))]).unwrap();
-        assert_eq!(
-            hashes(&cache.load(&a).unwrap()),
-            vec![
-                (change(1).hash, false),
-                (change(2).hash, false),
-                (change(3).hash, true),
-                (change(4).hash, false)
-            ]
-        );
-        cache.uncache(&[(a.clone(), change(1).hash)]).unwrap();
-        assert_eq!(cache.queue_len(), 2);
-        assert_eq!(cache.flush_queue.len(), 2);
-        cache
-            .uncache(&[(a.clone(), change(2).hash), (a.clone(), change(4).hash)])
-            .unwrap();
-        assert!(cache.flush_queue.is_empty());
-        assert_eq!(cache.load(&a).unwrap().len(), 4);
+        assert_eq!(cache.queue_len(), 1);
+        assert_eq!(cache.flush_queue.len(), 1);
+        cache.db.insert(LAYOUT_KEY, &2u32.to_be_bytes()).unwrap();
+        cache.db.flush().unwrap();
+        drop(cache);
+        match Cache::open(dir.path()) {
+            Err(CacheError::Layout { found: 2 }) => {}
+            Err(other) => panic!("expected a layout error, got {other}"),
+            Ok(_) => panic!("expected a layout error, the cache opened"),
+        }
     }
 }
