@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient, TenantId};
 
-use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask};
+use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask, TaskError};
 use crate::membership::owner;
 
 /// This node and the cell's live members.
@@ -265,7 +265,7 @@ impl Engine {
 
     /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
     /// subscribers, and orphans whose dependencies arrived are taken.
-    pub fn handle_refreshed(&mut self, now: Now, key: DocKey, result: Result<Loaded, String>) {
+    pub fn handle_refreshed(&mut self, now: Now, key: DocKey, result: Result<Loaded, TaskError>) {
         let floor = self.config.refresh_after_join;
         let Some(doc) = self.docs.get_mut(&key) else {
             return;

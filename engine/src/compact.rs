@@ -5,7 +5,7 @@ use meridian_protocol::TenantId;
 
 use std::time::{Duration, Instant};
 
-use super::{DocKey, Engine, Now, Snapshot, StoreTask};
+use super::{DocKey, Engine, Now, Snapshot, StoreTask, TaskError};
 
 /// First delay after a failed snapshot.
 const COMPACT_RETRY_INITIAL: Duration = Duration::from_millis(500);
@@ -70,7 +70,7 @@ impl Engine {
         &mut self,
         now: Now,
         key: DocKey,
-        result: Result<Snapshot, String>,
+        result: Result<Snapshot, TaskError>,
         changes: usize,
     ) {
         self.compactions_in_flight = self.compactions_in_flight.saturating_sub(1);

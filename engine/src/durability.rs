@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient};
 
-use super::{DocKey, Engine, Now, SessionId, StoreTask, StoredChange};
+use super::{DocKey, Engine, Now, SessionId, StoreTask, StoredChange, TaskError};
 
 /// The cache commit in flight: its number, the changes it covers, the acks it releases.
 pub(super) type CommitInFlight = (u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>);
@@ -55,7 +55,7 @@ impl Engine {
 
     /// A `Flush` task finished: on success its changes are durable; on failure they go
     /// back to the front of the queue and the next attempt backs off.
-    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), String>) {
+    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), TaskError>) {
         let Some(items) = self.flush_in_flight.remove(&batch) else {
             self.stats.invariant_violations += 1;
             return;

@@ -37,6 +37,7 @@ mod cell;
 pub mod change;
 mod compact;
 mod durability;
+mod error;
 pub mod graph;
 mod load;
 pub mod membership;
@@ -51,6 +52,8 @@ use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient, 
 use change::{ChangeError, ParsedChange, parse_frame};
 use durability::{Ack, CommitInFlight, FlushItem};
 use graph::{AddError, Added, ChangeGraph, ChangeIndex};
+
+pub use error::{BoxError, SnapshotError, TaskError};
 
 /// The changes of one `changes` frame, each parsed within the frame's budget (or
 /// refused with the reason), as [`change::parse_frame`] returns them.
@@ -1086,7 +1089,7 @@ impl Engine {
     }
 
     /// The result of a `Load` task.
-    pub fn handle_loaded(&mut self, now: Now, key: DocKey, result: Result<Loaded, String>) {
+    pub fn handle_loaded(&mut self, now: Now, key: DocKey, result: Result<Loaded, TaskError>) {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };

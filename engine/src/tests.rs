@@ -82,8 +82,11 @@ impl Harness {
                 StoreTask::Cache { commit, .. } => self.engine.handle_cache_committed(now, commit),
                 StoreTask::Flush { batch, changes, .. } => {
                     if self.fail_flushes {
-                        self.engine
-                            .handle_flush_done(now, batch, Err("throttled".into()));
+                        self.engine.handle_flush_done(
+                            now,
+                            batch,
+                            Err(TaskError::Durable("throttled".into())),
+                        );
                     } else {
                         self.flushed.extend(changes.into_iter().map(|(_, c)| c));
                         self.engine.handle_flush_done(now, batch, Ok(()));
@@ -91,16 +94,20 @@ impl Harness {
                 }
                 StoreTask::Refresh { key } => self.engine.handle_refreshed(now, key, self.read()),
                 StoreTask::Uncache { .. } => {}
-                StoreTask::Compact { key, .. } => {
-                    self.engine
-                        .handle_compacted(now, key, Err("not in this harness".into()), 0)
-                }
+                StoreTask::Compact { key, .. } => self.engine.handle_compacted(
+                    now,
+                    key,
+                    Err(TaskError::Durable(
+                        "this harness stores no snapshots".into(),
+                    )),
+                    0,
+                ),
             }
         }
     }
 
     /// What a load (or refresh) reads: every durable change.
-    fn read(&self) -> Result<Loaded, String> {
+    fn read(&self) -> Result<Loaded, TaskError> {
         Ok(Loaded {
             changes: self
                 .durable

@@ -32,7 +32,7 @@ use bytes::Bytes;
 use meridian_engine::membership::{Member, Membership, MembershipConfig, PacketSealer, owner};
 use meridian_engine::{
     DocKey, Engine, EngineConfig, Loaded, LoadedChange, Now, Outbound, SessionId, StoreTask,
-    StoredChange,
+    StoredChange, TaskError,
 };
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, NodeAddr, RelayToClient, TenantId, UserId};
@@ -413,7 +413,9 @@ impl Sim {
                 node.engine.handle_compacted(
                     now,
                     key,
-                    Err("no snapshots in the simulation".into()),
+                    Err(TaskError::Durable(
+                        "the simulation stores no snapshots".into(),
+                    )),
                     0,
                 );
             }

@@ -19,8 +19,8 @@ use crate::cache::Cache;
 use crate::cell::gossip::{CellView, Gossip};
 use crate::config::{DurableConfig, Limits, RelayConfig};
 use crate::engine::{
-    DocKey, Engine, Loaded, LoadedChange, Now, Outbound, SessionId, Snapshot, StoreTask,
-    StoredChange,
+    DocKey, Engine, Loaded, LoadedChange, Now, Outbound, SessionId, Snapshot, SnapshotError,
+    StoreTask, StoredChange, TaskError,
 };
 use crate::http::Readiness;
 use crate::session;
@@ -33,11 +33,11 @@ use crate::writer::Outbox;
 use crate::{RelayError, tls};
 
 enum Completion {
-    Loaded(DocKey, Result<Loaded, String>),
-    Refreshed(DocKey, Result<Loaded, String>),
-    Compacted(DocKey, Result<Snapshot, String>, usize),
+    Loaded(DocKey, Result<Loaded, TaskError>),
+    Refreshed(DocKey, Result<Loaded, TaskError>),
+    Compacted(DocKey, Result<Snapshot, TaskError>, usize),
     Committed(u64),
-    Flushed(u64, Result<(), String>),
+    Flushed(u64, Result<(), TaskError>),
 }
 
 /// The cache worker's two queues: commits (at most one is ever in flight, so this never
@@ -899,7 +899,7 @@ impl Driver {
         &self,
         key: DocKey,
         permits: Arc<Semaphore>,
-        completion: fn(DocKey, Result<Loaded, String>) -> Completion,
+        completion: fn(DocKey, Result<Loaded, TaskError>) -> Completion,
         done: &mpsc::Sender<Completion>,
         workers: &mut JoinSet<()>,
     ) {
@@ -980,12 +980,12 @@ impl Driver {
                 });
                 if jurisdiction != self.engine.config().jurisdiction || misplaced.is_some() {
                     self.residency_refusals += 1;
-                    let reason = format!(
-                        "residency: batch for {jurisdiction:?} refused by the {:?} store",
-                        self.engine.config().jurisdiction
-                    );
-                    tracing::error!(%reason, "residency check refused a flush batch");
-                    self.engine.handle_flush_done(now(), batch, Err(reason));
+                    let error = TaskError::Residency {
+                        batch: jurisdiction,
+                        store: self.engine.config().jurisdiction.clone(),
+                    };
+                    tracing::error!(%error, "residency check refused a flush batch");
+                    self.engine.handle_flush_done(now(), batch, Err(error));
                     return;
                 }
                 let (store, done) = (self.store.clone(), done.clone());
@@ -993,7 +993,7 @@ impl Driver {
                     let result = store
                         .write_changes(&changes)
                         .await
-                        .map_err(|e| e.to_string());
+                        .map_err(|e| TaskError::Durable(e.into()));
                     let _ = done.send(Completion::Flushed(batch, result)).await;
                 });
             }
@@ -1014,20 +1014,25 @@ impl Driver {
     }
 }
 
-async fn load_doc(cache: &Cache, store: &dyn DurableStore, key: &DocKey) -> Result<Loaded, String> {
-    let stored = store.load(key).await.map_err(|e| e.to_string())?;
+async fn load_doc(
+    cache: &Cache,
+    store: &dyn DurableStore,
+    key: &DocKey,
+) -> Result<Loaded, TaskError> {
+    let durable = |e: crate::store::StoreError| TaskError::Durable(e.into());
+    let stored = store.load(key).await.map_err(durable)?;
     let cache = cache.clone();
     let cache_key = key.clone();
     let cached = tokio::task::spawn_blocking(move || cache.load(&cache_key))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| TaskError::WorkerLost)?
+        .map_err(|e| TaskError::Cache(e.into()))?;
     let mut changes: Vec<LoadedChange> = Vec::new();
     let mut tail = stored.changes;
     let snapshot = match stored.snapshot {
         Some(record) => match tokio::task::spawn_blocking(move || expand_snapshot(record))
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|_| TaskError::WorkerLost)?
         {
             Ok((snapshot, expanded)) => {
                 changes = expanded;
@@ -1038,10 +1043,7 @@ async fn load_doc(cache: &Cache, store: &dyn DurableStore, key: &DocKey) -> Resu
                 // never deleted, still hold the whole document.
                 crate::metrics::corrupt_snapshot();
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; loading every change");
-                tail = store
-                    .load_all_changes(key)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                tail = store.load_all_changes(key).await.map_err(durable)?;
                 None
             }
         },
@@ -1054,9 +1056,9 @@ async fn load_doc(cache: &Cache, store: &dyn DurableStore, key: &DocKey) -> Resu
 
 /// Checks a snapshot (its loaded heads must be the recorded ones) and expands it into its
 /// changes, so that the change graph is complete.
-fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange>), String> {
-    let mut doc = automerge::AutoCommit::load(&record.bytes)
-        .map_err(|e| format!("snapshot does not load: {e}"))?;
+fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange>), SnapshotError> {
+    let mut doc =
+        automerge::AutoCommit::load(&record.bytes).map_err(|e| SnapshotError::Load(Box::new(e)))?;
     let mut heads: Vec<_> = doc
         .get_heads()
         .iter()
@@ -1066,7 +1068,7 @@ fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange
     heads.sort();
     expected.sort();
     if heads != expected {
-        return Err("snapshot heads do not match its record; refusing it".into());
+        return Err(SnapshotError::HeadsDiffer);
     }
     // Each change keeps the author its actor was bound to when the snapshot was made.
     let users: HashMap<Vec<u8>, meridian_protocol::UserId> = record
@@ -1108,10 +1110,10 @@ async fn compact(
     changes: Vec<Bytes>,
     heads: Vec<ChangeHash>,
     covers: SnapshotCovers,
-) -> Result<Snapshot, String> {
+) -> Result<Snapshot, TaskError> {
     let expected = heads.clone();
     let doc_key = key.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SnapshotError> {
         let copy = base.as_ref().and_then(|base| {
             let mut at = base.heads.clone();
             at.sort();
@@ -1119,22 +1121,24 @@ async fn compact(
         });
         let mut doc = match (copy, &base) {
             (Some(doc), _) => doc,
-            (None, Some(base)) => {
-                automerge::AutoCommit::load(&base.bytes).map_err(|e| e.to_string())?
-            }
+            (None, Some(base)) => automerge::AutoCommit::load(&base.bytes)
+                .map_err(|e| SnapshotError::Load(Box::new(e)))?,
             (None, None) => automerge::AutoCommit::new(),
         };
         let parsed = changes
             .iter()
-            .map(|c| automerge::Change::try_from(&c[..]).map_err(|e| e.to_string()))
+            .map(|c| {
+                automerge::Change::try_from(&c[..]).map_err(|e| SnapshotError::Change(Box::new(e)))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        doc.apply_changes(parsed).map_err(|e| e.to_string())?;
+        doc.apply_changes(parsed)
+            .map_err(|e| SnapshotError::Apply(Box::new(e)))?;
         let mut got: Vec<_> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
         let mut want = expected;
         got.sort();
         want.sort();
         if got != want {
-            return Err("materialized heads differ from the graph's".into());
+            return Err(SnapshotError::HeadsDiffer);
         }
         let saved = doc.save();
         // Not loaded again here: that would cost as much as the save and more, on every
@@ -1149,7 +1153,7 @@ async fn compact(
         Ok(saved)
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|_| TaskError::WorkerLost)??;
     let (clock, users) = covers;
     let record = SnapshotRecord {
         heads,
@@ -1160,7 +1164,7 @@ async fn compact(
     store
         .write_snapshot(key, &record)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TaskError::Durable(e.into()))?;
     Ok(Snapshot {
         heads: record.heads,
         bytes: record.bytes,
