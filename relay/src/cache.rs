@@ -502,7 +502,6 @@ fn decode_changes(value: &[u8], out: &mut Vec<StoredChange>) -> Result<(), Cache
     Ok(())
 }
 
-
 /// Appends one change a flush-queue batch names (see [`decode_refs`]).
 fn encode_ref(out: &mut Vec<u8>, prefix: &[u8], hash: &ChangeHash) -> Result<(), CacheError> {
     let prefix_len = u16::try_from(prefix.len()).map_err(|_| CacheError::TooLong)?;
