@@ -370,6 +370,8 @@ pub struct LimitsSection {
     pub udp_buffer_bytes: Option<usize>,
     pub orphans_per_doc_max: Option<usize>,
     pub orphan_bytes_per_doc_max: Option<usize>,
+    pub unflushed_bytes_max: Option<usize>,
+    pub unflushed_bytes_per_tenant_max: Option<usize>,
     pub subscriptions_per_session_max: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub flush_batch_max: Option<usize>,
@@ -604,6 +606,12 @@ impl RelayFile {
             }
             if let Some(v) = l.orphan_bytes_per_doc_max {
                 engine.orphan_bytes_per_doc_max = v;
+            }
+            if let Some(v) = l.unflushed_bytes_max {
+                engine.unflushed_bytes_max = v;
+            }
+            if let Some(v) = l.unflushed_bytes_per_tenant_max {
+                engine.unflushed_bytes_per_tenant_max = v;
             }
             if let Some(v) = l.subscriptions_per_session_max {
                 engine.subscriptions_per_session_max = v;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient};
+use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient, TenantId};
 
 use super::{DocKey, Engine, Now, SessionId, StoreTask, StoredChange, TaskError};
 
@@ -138,6 +138,19 @@ impl Engine {
         }
     }
 
+    /// Whether the node's or the tenant's backlog of changes not yet durable is at its
+    /// bound (new changes are then refused, retryable).
+    pub(super) fn backlog_full(&self, tenant: &TenantId) -> bool {
+        let tenant = self
+            .usage
+            .unflushed_bytes_by_tenant
+            .get(tenant)
+            .copied()
+            .unwrap_or(0);
+        self.unflushed_bytes >= self.config.unflushed_bytes_max
+            || tenant >= self.config.unflushed_bytes_per_tenant_max
+    }
+
     /// Starts the next group commit if none is in flight and anything is waiting.
     pub(super) fn start_commit(&mut self) {
         if self.cache_in_flight.is_some()
@@ -231,6 +244,13 @@ impl Engine {
                 {
                     entry.unflushed = entry.unflushed.saturating_sub(1);
                     self.stats.changes_durable += 1;
+                    let size = entry.graph.entry(index).bytes.len();
+                    self.unflushed_bytes = self.unflushed_bytes.saturating_sub(size);
+                    super::adjust(
+                        &mut self.usage.unflushed_bytes_by_tenant,
+                        key.tenant.clone(),
+                        -(size as isize),
+                    );
                 }
                 for session in entry.durable_waiters.remove(hash).unwrap_or_default() {
                     if entry.subscribers.contains(&session) {

@@ -148,6 +148,13 @@ pub struct EngineConfig {
     pub loading_backlog_max: usize,
     /// Documents loading from storage at once (more subscribes are refused, retryable).
     pub loads_pending_max: usize,
+    /// Bytes of changes applied but not yet durable, on this node. While the backlog is
+    /// at this bound, new changes are refused with `overloaded` and a retry delay (the
+    /// client keeps them and resends): the bound holds the flush queue, the cache commit
+    /// that gathers, the batches in flight and quarantined changes.
+    pub unflushed_bytes_max: usize,
+    /// The same bound per tenant, so that one tenant's backlog cannot refuse the others.
+    pub unflushed_bytes_per_tenant_max: usize,
     /// How long changes wait before a flush batch starts (they accumulate meanwhile).
     pub flush_interval: Duration,
     /// Changes per flush batch.
@@ -219,6 +226,8 @@ impl Default for EngineConfig {
             subscriptions_per_session_max: 255,
             loading_backlog_max: 64,
             loads_pending_max: 1024,
+            unflushed_bytes_max: 512 << 20,
+            unflushed_bytes_per_tenant_max: 128 << 20,
             flush_interval: Duration::from_millis(20),
             flush_batch_max: 500,
             flush_in_flight_max: 4,
@@ -373,7 +382,13 @@ pub struct Stats {
     pub refreshes: u64,
     /// Changes those re-reads found that the graph lacked.
     pub refreshed_changes: u64,
+    /// Changes refused because the node's or the tenant's unflushed backlog was full.
+    pub backlog_refusals: u64,
 }
+
+/// The retry delay sent with a refusal for a full unflushed backlog: about what a flush
+/// batch takes to drain a backlog at its bound when the durable tier keeps up.
+pub const BACKLOG_RETRY_AFTER_MS: u32 = 1_000;
 
 struct Session {
     capability: Capability,
@@ -499,6 +514,8 @@ pub struct Engine {
     durable_latencies: Vec<Duration>,
     /// Changes whose tenant may not be flushed here: kept, never written, counted.
     quarantined: Vec<FlushItem>,
+    /// Bytes of changes applied but not yet durable (see `unflushed_bytes_max`).
+    unflushed_bytes: usize,
     stats: Stats,
     /// This node and its cell (`None`: a single relay that owns every document).
     cell: Option<cell::CellState>,
@@ -549,6 +566,8 @@ struct Usage {
     orphan_bytes_by_tenant: HashMap<TenantId, usize>,
     presence_bytes_by_tenant: HashMap<TenantId, usize>,
     docs_by_tenant: HashMap<TenantId, usize>,
+    /// Bytes of changes applied but not yet durable, per tenant.
+    unflushed_bytes_by_tenant: HashMap<TenantId, usize>,
     sessions_by_user: HashMap<(TenantId, UserId), Vec<SessionId>>,
 }
 
@@ -596,6 +615,7 @@ impl Engine {
             loading: 0,
             durable_latencies: Vec::new(),
             quarantined: Vec::new(),
+            unflushed_bytes: 0,
             stats: Stats::default(),
             cell: None,
             handoffs: 0,
@@ -634,6 +654,16 @@ impl Engine {
         self.flush_queue.len()
             + self.quarantined.len()
             + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Bytes of changes not yet durable.
+    pub fn unflushed_bytes(&self) -> usize {
+        self.unflushed_bytes
+    }
+
+    /// Changes the residency check keeps from being flushed (should stay 0).
+    pub fn quarantined(&self) -> usize {
+        self.quarantined.len()
     }
 
     /// Age of the oldest change not yet durable.
@@ -1400,6 +1430,23 @@ impl Engine {
         else {
             return;
         };
+        if self.backlog_full(&key.tenant) {
+            // Checked per frame: a frame admitted under the bound may take it over by at
+            // most one frame.
+            self.stats.backlog_refusals += changes.len() as u64;
+            self.stats.changes_refused += changes.len() as u64;
+            self.send(
+                session,
+                Some(key.doc.clone()),
+                RelayToClient::error_retry(
+                    ErrorCode::Overloaded,
+                    Some(key.doc.clone()),
+                    BACKLOG_RETRY_AFTER_MS,
+                    "changes not yet durable on this node are at their bound; retry later",
+                ),
+            );
+            return;
+        }
         let mut accepted: Vec<(SessionId, ChangeIndex)> = Vec::new();
         let mut known: Vec<ChangeHash> = Vec::new();
         // Set when the session showed changes this copy cannot place: re-read the
@@ -1579,11 +1626,18 @@ impl Engine {
             }
         }
         self.stats.changes_applied += accepted.len() as u64;
-        entry.since_snapshot.0 += accepted.len();
-        entry.since_snapshot.1 += accepted
+        let accepted_bytes = accepted
             .iter()
             .map(|(_, i)| entry.graph.entry(*i).bytes.len())
             .sum::<usize>();
+        entry.since_snapshot.0 += accepted.len();
+        entry.since_snapshot.1 += accepted_bytes;
+        self.unflushed_bytes += accepted_bytes;
+        adjust(
+            &mut self.usage.unflushed_bytes_by_tenant,
+            key.tenant.clone(),
+            accepted_bytes as isize,
+        );
         self.stats.changes_refused += refusals.len() as u64;
         entry.unflushed += accepted.len();
 

@@ -64,6 +64,7 @@ impl Engine {
         let mut ready: VecDeque<usize> =
             (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
         let mut unflushed = Vec::new();
+        let mut unflushed_bytes = 0usize;
         let mut added = 0usize;
         let mut new = Vec::new();
         while let Some(i) = ready.pop_front() {
@@ -76,6 +77,7 @@ impl Engine {
                     }
                     if !durable {
                         unflushed.push(change.hash);
+                        unflushed_bytes += change.bytes.len();
                     }
                 }
                 Ok(Added::Known(_)) => added += 1,
@@ -95,6 +97,12 @@ impl Engine {
             self.stats.corrupt_changes += (parsed.len() - added) as u64;
         }
         entry.unflushed += unflushed.len();
+        self.unflushed_bytes += unflushed_bytes;
+        super::adjust(
+            &mut self.usage.unflushed_bytes_by_tenant,
+            key.tenant.clone(),
+            unflushed_bytes as isize,
+        );
         for hash in unflushed {
             self.flush_queue.push_back(FlushItem {
                 key: key.clone(),

@@ -275,6 +275,83 @@ fn failed_flushes_keep_changes_and_retry() {
     );
 }
 
+/// While the durable tier fails, changes not yet durable pile up; past the tenant's
+/// bound new changes are refused with `overloaded` and a retry delay, never taken and
+/// dropped, another tenant is not refused, and once flushes succeed the tenant writes again.
+#[test]
+fn the_unflushed_backlog_is_bounded_per_tenant_and_refuses_retryably() {
+    let mut h = Harness::new();
+    let globex = TenantId::new("globex").unwrap();
+    let mut tenants = config().tenant_jurisdictions;
+    tenants.insert(globex.clone(), "dev".into());
+    h.engine = Engine::new(EngineConfig {
+        unflushed_bytes_per_tenant_max: 600,
+        tenant_jurisdictions: tenants,
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    let mut other = capability("carol", Rights::ALL);
+    other.tenant = globex;
+    h.engine.handle_session_open(2, other);
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    h.run(t);
+    h.take(2);
+    h.fail_flushes = true;
+    let mut doc = AutoCommit::new();
+    let mut sent = 0;
+    let refusal = loop {
+        doc.put(automerge::ROOT, "k", format!("{sent:0100}"))
+            .unwrap();
+        doc.commit();
+        let last = changes_of(&mut doc).pop().unwrap();
+        h.engine.handle_changes(t, 1, doc_id(), vec![last]);
+        h.run(t);
+        h.fire_timer();
+        sent += 1;
+        assert!(sent < 50, "the backlog never filled");
+        let out = h.take(1);
+        if let Some(refusal) = out.into_iter().find_map(|o| match o {
+            Outbound::Message(RelayToClient::Error {
+                code: ErrorCode::Overloaded,
+                retry_after_ms,
+                ..
+            }) => Some(retry_after_ms),
+            _ => None,
+        }) {
+            break refusal;
+        }
+    };
+    assert_eq!(refusal, BACKLOG_RETRY_AFTER_MS);
+    assert!(h.engine.unflushed_bytes() >= 600);
+    assert_eq!(h.engine.stats().backlog_refusals, 1);
+    assert_eq!(h.engine.flush_queue_len(), sent - 1);
+    // Another tenant's writes are taken.
+    let mut theirs = AutoCommit::new();
+    theirs.put(automerge::ROOT, "k", 1).unwrap();
+    h.engine
+        .handle_changes(t, 2, doc_id(), changes_of(&mut theirs));
+    h.run(t);
+    assert!(
+        h.take(2)
+            .iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+    );
+    // The durable tier recovers: the backlog drains and the refused change is taken.
+    h.fail_flushes = false;
+    h.fire_timer();
+    assert_eq!(h.engine.flush_queue_len(), 0);
+    assert_eq!(h.engine.unflushed_bytes(), 0);
+    let last = changes_of(&mut doc).pop().unwrap();
+    h.engine.handle_changes(t, 1, doc_id(), vec![last]);
+    h.run(t);
+    assert!(
+        h.take(1)
+            .iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+    );
+}
+
 #[test]
 fn rights_and_expiry_are_checked_on_every_message() {
     let mut h = Harness::new();

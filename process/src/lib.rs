@@ -6,6 +6,7 @@
 
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod backoff;
 pub mod channel;
 pub mod clock;
 pub mod http;

@@ -30,6 +30,26 @@ fn describe() {
         "Connections refused, by reason."
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
+    describe_gauge!(
+        "meridian_unflushed_bytes",
+        "Bytes of changes applied but not yet durable (bounded by `unflushed_bytes_max`)."
+    );
+    describe_gauge!(
+        "meridian_flush_quarantined_changes",
+        "Changes a residency check keeps from being flushed (should stay 0)."
+    );
+    describe_counter!(
+        "meridian_backlog_refusals_total",
+        "Changes refused with `overloaded` because the node's or the tenant's unflushed backlog was at its bound."
+    );
+    describe_counter!(
+        "meridian_cache_commit_retries_total",
+        "Cache group commits that failed and were tried again (nothing is acknowledged meanwhile)."
+    );
+    describe_counter!(
+        "meridian_uncache_dropped_total",
+        "Batches of durable changes not taken off the cache's flush queue because its queue was full (they are flushed again, idempotently, at the next start)."
+    );
     describe_counter!(
         "meridian_rate_limited_total",
         "Inputs and connections refused by a rate limit or quota, by limit and scope."
@@ -258,6 +278,9 @@ pub fn publish(stats: &RelayStats) {
     gauge!("meridian_hot_documents").set(stats.hot_docs as f64);
     gauge!("meridian_orphan_changes").set(stats.orphans as f64);
     gauge!("meridian_flush_queue_depth").set(stats.flush_queue as f64);
+    gauge!("meridian_unflushed_bytes").set(stats.unflushed_bytes as f64);
+    gauge!("meridian_flush_quarantined_changes").set(stats.quarantined as f64);
+    counter!("meridian_backlog_refusals_total").absolute(engine.backlog_refusals);
     gauge!("meridian_flush_oldest_unflushed_age_seconds")
         .set(stats.oldest_unflushed.map_or(0.0, |age| age.as_secs_f64()));
     counter!("meridian_connections_rejected_total", "reason" => "limit")
@@ -284,6 +307,16 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_moved_total").absolute(engine.moved_answers);
     counter!("meridian_document_refreshes_total").absolute(engine.refreshes);
     counter!("meridian_document_refreshed_changes_total").absolute(engine.refreshed_changes);
+}
+
+/// A cache group commit failed and is tried again.
+pub fn cache_commit_retry() {
+    counter!("meridian_cache_commit_retries_total").increment(1);
+}
+
+/// An uncache job was dropped because the cache worker's queue was full.
+pub fn uncache_dropped() {
+    counter!("meridian_uncache_dropped_total").increment(1);
 }
 
 /// A connection refused before it became a session.

@@ -882,6 +882,8 @@ impl Driver {
             sessions: self.engine.sessions(),
             hot_docs: self.engine.hot_docs(),
             flush_queue: self.engine.flush_queue_len(),
+            unflushed_bytes: self.engine.unflushed_bytes(),
+            quarantined: self.engine.quarantined(),
             oldest_unflushed: self.engine.oldest_unflushed(now),
             slow_consumers: self.slow_consumers,
             residency_refusals: self.residency_refusals,
@@ -962,6 +964,7 @@ impl Driver {
             }
             StoreTask::Uncache { changes } => {
                 if cache.uncaches.try_send(CacheJob::Uncache(changes)).is_err() {
+                    crate::metrics::uncache_dropped();
                     tracing::debug!(
                         "uncache queue full; those durable changes will be replayed (idempotently) at the next start"
                     );
@@ -1171,6 +1174,13 @@ async fn compact(
     })
 }
 
+/// First delay before a failed cache commit is tried again; it doubles up to
+/// [`CACHE_RETRY_MAX`]. Nothing is acknowledged while the commit fails, so new changes
+/// wait in the engine's bounded backlog (`unflushed_bytes_max`).
+const CACHE_RETRY_INITIAL: Duration = Duration::from_millis(10);
+/// Longest delay between two attempts of a failed cache commit.
+const CACHE_RETRY_MAX: Duration = Duration::from_secs(2);
+
 /// Applies cache jobs in order; a commit covers every write before it.
 async fn cache_worker(
     cache: Cache,
@@ -1187,7 +1197,8 @@ async fn cache_worker(
         };
         match job {
             CacheJob::Commit(commit, changes) => {
-                let mut delay = Duration::from_millis(10);
+                let mut delays =
+                    meridian_process::backoff::exponential(CACHE_RETRY_INITIAL, CACHE_RETRY_MAX);
                 loop {
                     let written = match cache.write(&changes) {
                         Ok(()) => cache.commit().await,
@@ -1196,9 +1207,10 @@ async fn cache_worker(
                     match written {
                         Ok(()) => break,
                         Err(error) => {
+                            crate::metrics::cache_commit_retry();
                             tracing::error!(%error, "cache commit failed; retrying");
+                            let delay = delays.next().unwrap_or(CACHE_RETRY_MAX);
                             tokio::time::sleep(delay).await;
-                            delay = (delay * 2).min(Duration::from_secs(2));
                         }
                     }
                 }

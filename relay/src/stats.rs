@@ -13,6 +13,10 @@ pub struct RelayStats {
     pub hot_docs: usize,
     /// Changes not yet durable.
     pub flush_queue: usize,
+    /// Bytes of changes not yet durable (bounded by `unflushed_bytes_max`).
+    pub unflushed_bytes: usize,
+    /// Changes the residency check keeps from being flushed (should stay 0).
+    pub quarantined: usize,
     /// Age of the oldest change not yet durable.
     pub oldest_unflushed: Option<Duration>,
     /// Connections closed because they did not read.

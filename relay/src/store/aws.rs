@@ -10,7 +10,7 @@
 //! Change items are immutable and keyed by content, so a retry, a replayed flush queue or
 //! another region writing the same change writes the same item, and last-writer-wins
 //! replication can never drop data. `BatchWriteItem` carries at most 25 items; unprocessed
-//! items and throttling are retried with capped exponential backoff and full jitter.
+//! items and throttling are retried with capped exponential backoff and jitter.
 //!
 //! Cold loads read the newest snapshot and only the change items written since shortly
 //! before it, through the local secondary index `by_wt` (`pk`, `wt`): `replication_margin`
@@ -68,7 +68,8 @@ pub struct AwsConfig {
     /// Attempts for one batch (throttling, unprocessed items) before the flush fails and
     /// the engine requeues it.
     pub attempts_max: u32,
-    /// First retry delay; doubles up to `retry_max`, with full jitter.
+    /// First retry delay; doubles up to `retry_max`, with jitter (the process-wide
+    /// policy, `meridian_process::backoff`).
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
@@ -386,6 +387,10 @@ impl AwsStore {
     async fn write_batch(&self, mut pending: Vec<WriteRequest>) -> Result<(), StoreError> {
         debug_assert!(pending.len() <= BATCH_MAX, "batch over DynamoDB's limit");
         let mut attempt = 0u32;
+        let mut delays = meridian_process::backoff::exponential(
+            self.config.retry_initial,
+            self.config.retry_max,
+        );
         loop {
             attempt += 1;
             let outcome = self.send_batch(&pending).await;
@@ -424,12 +429,8 @@ impl AwsStore {
                 )));
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(backoff(
-                attempt,
-                self.config.retry_initial,
-                self.config.retry_max,
-            ))
-            .await;
+            let delay = delays.next().unwrap_or(self.config.retry_max);
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -922,12 +923,6 @@ fn take_one(counter: &AtomicUsize) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok()
-}
-
-/// Capped exponential backoff with full jitter.
-fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let ceiling = initial.saturating_mul(1 << attempt.min(16)).min(max);
-    ceiling.mul_f64(rand::random::<f64>())
 }
 
 fn now_ms() -> u64 {
