@@ -68,6 +68,11 @@ pub const LAYOUT: u32 = 1;
 const LAYOUT_KEY: &[u8] = b"layout";
 
 const HASH_LEN: usize = 32;
+/// sled's page cache.
+const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// A busy directory lock is tried this many times, this far apart (two seconds in all).
+const LOCK_ATTEMPTS_MAX: u32 = 100;
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 const SEQ_LEN: usize = 8;
 
 /// The sled cache of one node.
@@ -128,15 +133,15 @@ impl Cache {
         let db = loop {
             match sled::Config::new()
                 .path(path)
-                .cache_capacity(64 << 20)
+                .cache_capacity(SLED_CACHE_BYTES)
                 .open()
             {
                 Ok(db) => break db,
                 Err(sled::Error::Io(error))
-                    if error.to_string().contains("lock") && attempts < 100 =>
+                    if error.to_string().contains("lock") && attempts < LOCK_ATTEMPTS_MAX =>
                 {
                     attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(LOCK_RETRY);
                 }
                 Err(error) => return Err(error.into()),
             }

@@ -125,7 +125,7 @@ impl RelayHandle {
         // Leave the cell first: the other members take over this node's documents while
         // the driver hands them off (flush, then `moved` to their subscribers).
         if let Some(gossip) = &self.gossip {
-            gossip.leave(Duration::from_secs(1)).await;
+            gossip.leave(LEAVE_TIMEOUT).await;
         }
         if let Some(stop) = self.shutdown.take() {
             let _ = stop.send(());
@@ -140,7 +140,7 @@ impl RelayHandle {
             quinn::VarInt::from(u32::from(ErrorCode::ShuttingDown.code())),
             b"shutting down",
         );
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.endpoint.wait_idle()).await;
         if let Ok(mut tasks) = self.shared.tasks.lock() {
             tasks.abort_all();
         }
@@ -385,7 +385,7 @@ pub async fn start_with_store(
         connections_refused: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         readiness: readiness.clone(),
         published: Instant::now()
-            .checked_sub(Duration::from_secs(1))
+            .checked_sub(PUBLISH_INTERVAL)
             .unwrap_or_else(Instant::now),
         materialized: Arc::default(),
     };
@@ -431,7 +431,7 @@ async fn accept_loop(
     let permits = Arc::new(Semaphore::new(shared.limits.connections_max));
     let mut pruned = Instant::now();
     while let Some(incoming) = endpoint.accept().await {
-        if pruned.elapsed() > Duration::from_secs(10) {
+        if pruned.elapsed() > PRUNE_INTERVAL {
             shared.rate_limits.prune();
             pruned = Instant::now();
         }
@@ -489,8 +489,10 @@ async fn replay_flush_queue(
     residency: &crate::engine::EngineConfig,
 ) -> Result<(), RelayError> {
     let mut attempts = 0u32;
+    let mut replay_delays =
+        meridian_process::backoff::exponential(REPLAY_RETRY_INITIAL, REPLAY_RETRY_MAX);
     loop {
-        let queued = cache.queued(500).map_err(RelayError::Cache)?;
+        let queued = cache.queued(REPLAY_BATCH_MAX).map_err(RelayError::Cache)?;
         let total = queued.len();
         let batch: Vec<_> = queued
             .into_iter()
@@ -516,10 +518,11 @@ async fn replay_flush_queue(
                     .collect();
                 cache.uncache(&done).map_err(RelayError::Cache)?;
             }
-            Err(error) if attempts < 10 => {
+            Err(error) if attempts < REPLAY_ATTEMPTS_MAX => {
                 attempts += 1;
                 tracing::debug!(%error, attempts, "flush queue replay failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100 << attempts.min(5))).await;
+                let delay = replay_delays.next().unwrap_or(REPLAY_RETRY_MAX);
+                tokio::time::sleep(delay).await;
             }
             Err(error) => return Err(RelayError::Store(error)),
         }
@@ -591,6 +594,25 @@ struct SessionOutboxes {
 const HANDOFF_GRACE: Duration = Duration::from_millis(300);
 /// Documents re-read from storage at once by refreshes.
 const REFRESHES_IN_FLIGHT_MAX: usize = 4;
+/// How long a leaving node waits for its `leave` to reach the cell before it drains.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a stopping node waits for its connections to close cleanly.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the accept loop prunes the rate limiters' idle entries.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(10);
+/// Queued changes replayed into the durable tier per write at start.
+const REPLAY_BATCH_MAX: usize = 500;
+/// Failed replay writes tried again before the node gives up starting.
+const REPLAY_ATTEMPTS_MAX: u32 = 10;
+/// First and longest delay between two replay attempts.
+const REPLAY_RETRY_INITIAL: Duration = Duration::from_millis(200);
+const REPLAY_RETRY_MAX: Duration = Duration::from_secs(3);
+/// The driver refreshes its gauges this often while nothing happens.
+const GAUGE_TICK: Duration = Duration::from_millis(250);
+/// The driver publishes its stats at most this often on the hot path.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a stopping driver looks again whether its handoffs are done.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(20);
 
 /// The next cell view, when it changes; `None` when the gossip task ended; never
 /// resolves without a cell.
@@ -637,7 +659,7 @@ impl Driver {
             self.handle_cell_view(&view);
         }
         // Gauges such as the flush lag change while nothing happens: refresh them.
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut tick = tokio::time::interval(GAUGE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let timer = self.engine.poll_timeout();
@@ -679,7 +701,7 @@ impl Driver {
                     self.drain(&done_tx, &cache_tx, &loads, &mut workers);
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(SHUTDOWN_POLL).await;
             }
         }
         drop(cache_tx);
@@ -873,7 +895,7 @@ impl Driver {
         // them at most every 100 ms (the driver's tick refreshes them when idle), not on
         // every turn of the hot path.
         let now = Instant::now();
-        if now.duration_since(self.published) < Duration::from_millis(100) {
+        if now.duration_since(self.published) < PUBLISH_INTERVAL {
             return;
         }
         self.published = now;

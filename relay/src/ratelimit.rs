@@ -213,6 +213,8 @@ struct Penalty {
 
 /// Addresses remembered in the penalty box at most (the oldest cooldowns go first).
 const PENALTIES_MAX: usize = 100_000;
+/// An address forgets its offences this long after its last cooldown ended.
+const PENALTY_FORGET: Duration = Duration::from_secs(60);
 
 #[derive(Default)]
 struct Connections {
@@ -277,10 +279,10 @@ impl NodeLimits {
         if let Ok(mut queued) = self.queued.lock() {
             queued.retain(|_, bytes| Arc::strong_count(bytes) > 1);
         }
-        // An address forgets its offences a minute after its last cooldown ended.
+        // An address forgets its offences a while after its last cooldown ended.
         if let Ok(mut penalties) = self.penalties.lock() {
             let now = std::time::Instant::now();
-            penalties.retain(|_, p| now < p.until + Duration::from_secs(60));
+            penalties.retain(|_, p| now < p.until + PENALTY_FORGET);
         }
     }
 

@@ -270,7 +270,7 @@ pub(crate) fn writer(
             if let Some(code) = close {
                 let _ = send.finish();
                 let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+                    tokio::time::timeout(crate::session::LAST_WORD_TIMEOUT, send.stopped()).await;
                 limits.closed(connection.remote_address().ip(), code);
                 self::close(&connection, code);
                 return;

@@ -93,7 +93,7 @@ async fn run(
     let mut published = Instant::now();
     let mut joined_at_latest = Instant::now() + join_grace(&membership);
     // Counters and the join grace period change while nothing arrives: publish anyway.
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let timer = membership.poll_timeout();
@@ -121,7 +121,7 @@ async fn run(
         send_all(&socket, &mut membership).await;
         let now = Instant::now();
         let changed = membership.take_live_changed();
-        if changed || now.duration_since(published) >= Duration::from_millis(250) {
+        if changed || now.duration_since(published) >= PUBLISH_INTERVAL {
             published = now;
             let mut next = view_of(&membership);
             // A node whose seeds never answer serves alone after a grace period rather
@@ -139,9 +139,15 @@ fn join_grace(membership: &Membership) -> Duration {
     if membership.alone_by_config() {
         Duration::ZERO
     } else {
-        Duration::from_secs(3)
+        JOIN_GRACE
     }
 }
+
+/// The cell view is published at least this often (counters change while nothing
+/// arrives), and at once when the live members change.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a node whose seeds never answer waits before it serves alone.
+const JOIN_GRACE: Duration = Duration::from_secs(3);
 
 async fn send_all(socket: &UdpSocket, membership: &mut Membership) {
     while let Some((to, packet)) = membership.poll_transmit() {
