@@ -96,13 +96,18 @@ fn hot_path(c: &mut Criterion) {
         b.iter(|| {
             session += 1;
             engine
+                .driver
                 .engine
                 .handle_session_open(session, capability.clone());
-            engine
-                .engine
-                .handle_subscribe(engine.now, session, engine.doc.clone(), vec![], true);
+            engine.driver.engine.handle_subscribe(
+                engine.now,
+                session,
+                engine.doc.clone(),
+                vec![],
+                true,
+            );
             let mut sent = 0;
-            while let Some(transmit) = engine.engine.poll_transmit() {
+            while let Some(transmit) = engine.driver.engine.poll_transmit() {
                 if let Outbound::CatchUp { changes, .. } = &transmit.outbound {
                     sent += changes.len();
                     if wire_bytes == 0 {
@@ -110,7 +115,7 @@ fn hot_path(c: &mut Criterion) {
                     }
                 }
             }
-            engine.engine.handle_session_closed(session);
+            engine.driver.engine.handle_session_closed(session);
             sent
         })
     });

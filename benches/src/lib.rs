@@ -15,9 +15,8 @@ use automerge::{AutoCommit, ObjType, ReadDoc};
 use bytes::Bytes;
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
-use meridian_relay::engine::{
-    DocKey, Engine, EngineConfig, Loaded, LoadedChange, Now, SessionId, StoreTask, StoredChange,
-};
+use meridian_relay::engine::testing::MemoryDriver;
+use meridian_relay::engine::{DocKey, Engine, EngineConfig, Now, SessionId, StoredChange};
 
 /// One edit of the trace: at `position`, delete `delete` characters, then insert `insert`.
 #[derive(Debug, Clone)]
@@ -132,10 +131,11 @@ pub fn hash_of(bytes: &[u8]) -> Result<ChangeHash, String> {
     Ok(ChangeHash(change.hash().0))
 }
 
-/// A relay engine holding one document with `changes`, and one subscribed writer session.
+/// A relay engine holding one document with `changes`, and one subscribed writer session,
+/// driven by the engine's in-memory driver (storage answers at once).
 pub struct LoadedEngine {
-    /// The engine.
-    pub engine: Engine,
+    /// The engine and its in-memory storage.
+    pub driver: MemoryDriver,
     /// The writer's session.
     pub writer: SessionId,
     /// The document.
@@ -151,7 +151,7 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
         unix_secs: 1_000,
     };
     let tenant = TenantId::new("bench").map_err(|e| e.to_string())?;
-    let mut engine = Engine::new(EngineConfig {
+    let engine = Engine::new(EngineConfig {
         jurisdiction: "bench".into(),
         tenant_jurisdictions: [(tenant.clone(), "bench".to_string())].into(),
         ..EngineConfig::default()
@@ -168,35 +168,29 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
         expires_at: i64::MAX / 2,
         audience: "bench".into(),
     };
-    engine.handle_session_open(1, capability);
-    engine.handle_subscribe(now, 1, doc.clone(), vec![], true);
     let key = DocKey {
         tenant,
         doc: doc.clone(),
     };
-    let mut loaded = Vec::with_capacity(changes.len());
+    let mut driver = MemoryDriver::new(engine);
+    let mut stored = Vec::with_capacity(changes.len());
     for bytes in changes {
-        loaded.push(LoadedChange::stored(
-            StoredChange {
-                hash: hash_of(bytes)?,
-                bytes: bytes.clone(),
-                user: user.clone(),
-            },
-            true,
-        ));
+        let change = StoredChange {
+            hash: hash_of(bytes)?,
+            bytes: bytes.clone(),
+            user: user.clone(),
+        };
+        stored.push((key.clone(), change));
     }
-    while engine.poll_store_task().is_some() {}
-    engine.handle_loaded(
-        now,
-        key,
-        Ok(Loaded {
-            changes: loaded,
-            snapshot: None,
-        }),
-    );
-    while engine.poll_transmit().is_some() {}
+    driver.durable.write(stored);
+    driver.engine.handle_session_open(1, capability);
+    driver
+        .engine
+        .handle_subscribe(now, 1, doc.clone(), vec![], true);
+    driver.run(now);
+    driver.sent.clear();
     Ok(LoadedEngine {
-        engine,
+        driver,
         writer: 1,
         doc,
         now,
@@ -205,21 +199,16 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
 
 impl LoadedEngine {
     /// The hot path for one batch of changes from the writer: parse, check, add, fan out,
-    /// queue for the cache, and the ack once the (instant) cache commit completes.
+    /// queue for the cache, and the ack once the (instant) cache commit completes. Returns
+    /// the number of messages sent.
     pub fn ingest(&mut self, changes: Vec<Bytes>) -> usize {
-        self.engine
+        self.driver
+            .engine
             .handle_changes(self.now, self.writer, self.doc.clone(), changes);
-        let mut effects = 0;
-        while let Some(task) = self.engine.poll_store_task() {
-            effects += 1;
-            if let StoreTask::Cache { commit, .. } = task {
-                self.engine.handle_cache_committed(self.now, commit);
-            }
-        }
-        while self.engine.poll_transmit().is_some() {
-            effects += 1;
-        }
-        effects
+        self.driver.run(self.now);
+        let sent = self.driver.sent.len();
+        self.driver.sent.clear();
+        sent
     }
 }
 

@@ -41,6 +41,7 @@ mod error;
 pub mod graph;
 mod load;
 pub mod membership;
+pub mod testing;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};

@@ -38,24 +38,25 @@ fn doc_id() -> DocId {
     DocId::new("d1").unwrap()
 }
 
-/// Drives the engine and answers every store task at once, like a perfect disk.
-struct Harness {
-    engine: Engine,
-    sent: Vec<Transmit>,
-    flushed: Vec<StoredChange>,
-    fail_flushes: bool,
-    durable: Vec<StoredChange>,
+/// The shipped in-memory driver (a perfect disk), with the test document's shorthands.
+struct Harness(testing::MemoryDriver);
+
+impl std::ops::Deref for Harness {
+    type Target = testing::MemoryDriver;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Harness {
     fn new() -> Self {
-        Harness {
-            engine: Engine::new(config()),
-            sent: Vec::new(),
-            flushed: Vec::new(),
-            fail_flushes: false,
-            durable: Vec::new(),
-        }
+        Harness(testing::MemoryDriver::new(Engine::new(config())))
     }
 
     /// Opens a session with every right, subscribes it to the test document and drains
@@ -69,71 +70,25 @@ impl Harness {
         self.take(session);
     }
 
-    fn run(&mut self, now: Now) {
-        loop {
-            while let Some(t) = self.engine.poll_transmit() {
-                self.sent.push(t);
-            }
-            let Some(task) = self.engine.poll_store_task() else {
-                break;
-            };
-            match task {
-                StoreTask::Load { key } => self.engine.handle_loaded(now, key, self.read()),
-                StoreTask::Cache { commit, .. } => self.engine.handle_cache_committed(now, commit),
-                StoreTask::Flush { batch, changes, .. } => {
-                    if self.fail_flushes {
-                        self.engine.handle_flush_done(
-                            now,
-                            batch,
-                            Err(TaskError::Durable("throttled".into())),
-                        );
-                    } else {
-                        self.flushed.extend(changes.into_iter().map(|(_, c)| c));
-                        self.engine.handle_flush_done(now, batch, Ok(()));
-                    }
-                }
-                StoreTask::Refresh { key } => self.engine.handle_refreshed(now, key, self.read()),
-                StoreTask::Uncache { .. } => {}
-                StoreTask::Compact { key, .. } => self.engine.handle_compacted(
-                    now,
-                    key,
-                    Err(TaskError::Durable(
-                        "this harness stores no snapshots".into(),
-                    )),
-                    0,
-                ),
-            }
-        }
-    }
-
-    /// What a load (or refresh) reads: every durable change.
-    fn read(&self) -> Result<Loaded, TaskError> {
-        Ok(Loaded {
-            changes: self
-                .durable
-                .iter()
-                .map(|c| LoadedChange::stored(c.clone(), true))
-                .collect(),
-            snapshot: None,
-        })
-    }
-
     fn fire_timer(&mut self) {
-        if let Some(at) = self.engine.poll_timeout() {
-            let now = Now {
-                instant: at,
-                unix_secs: 1_000,
-            };
-            self.engine.handle_timeout(now);
-            self.run(now);
-        }
+        self.0.fire_timer(1_000);
     }
 
-    fn take(&mut self, session: SessionId) -> Vec<Outbound> {
-        let (mine, rest): (Vec<_>, Vec<_>) =
-            self.sent.drain(..).partition(|t| t.session == session);
-        self.sent = rest;
-        mine.into_iter().map(|t| t.outbound).collect()
+    /// Changes in the durable tier, across documents.
+    fn flushed(&self) -> usize {
+        self.durable.len()
+    }
+
+    /// Stores a change of the test document as another node's flush would.
+    fn store_durable(&mut self, change: StoredChange) {
+        self.durable.write([(doc_key(), change)]);
+    }
+}
+
+fn doc_key() -> DocKey {
+    DocKey {
+        tenant: TenantId::new("acme").unwrap(),
+        doc: doc_id(),
     }
 }
 
@@ -189,7 +144,7 @@ fn changes_are_applied_fanned_out_and_made_durable_in_order() {
     assert!(
         matches!(&to_alice[..], [Outbound::Message(RelayToClient::Durable { changes, heads, .. })] if changes.len() == 1 && heads.len() == 1)
     );
-    assert_eq!(h.flushed.len(), 1);
+    assert_eq!(h.flushed(), 1);
     assert_eq!(h.engine.flush_queue_len(), 0);
 }
 
@@ -258,15 +213,15 @@ fn failed_flushes_keep_changes_and_retry() {
     h.engine
         .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
     h.run(t);
-    h.fail_flushes = true;
+    h.behaviour.fail_flushes = true;
     for _ in 0..5 {
         h.fire_timer();
     }
     assert_eq!(h.engine.stats().flush_errors, 5);
     assert_eq!(h.engine.flush_queue_len(), 1);
-    h.fail_flushes = false;
+    h.behaviour.fail_flushes = false;
     h.fire_timer();
-    assert_eq!(h.flushed.len(), 1);
+    assert_eq!(h.flushed(), 1);
     assert_eq!(h.engine.flush_queue_len(), 0);
     assert!(
         h.take(1)
@@ -297,7 +252,7 @@ fn the_unflushed_backlog_is_bounded_per_tenant_and_refuses_retryably() {
     h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
     h.run(t);
     h.take(2);
-    h.fail_flushes = true;
+    h.behaviour.fail_flushes = true;
     let mut doc = AutoCommit::new();
     let mut sent = 0;
     let refusal = loop {
@@ -338,7 +293,7 @@ fn the_unflushed_backlog_is_bounded_per_tenant_and_refuses_retryably() {
             .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
     );
     // The durable tier recovers: the backlog drains and the refused change is taken.
-    h.fail_flushes = false;
+    h.behaviour.fail_flushes = false;
     h.fire_timer();
     assert_eq!(h.engine.flush_queue_len(), 0);
     assert_eq!(h.engine.unflushed_bytes(), 0);
@@ -418,16 +373,20 @@ fn catch_up_sends_only_what_the_client_lacks_and_cold_loads() {
         doc.commit();
     }
     let user = UserId::new("alice").unwrap();
-    h.durable = doc
+    let stored: Vec<(DocKey, StoredChange)> = doc
         .get_changes(&[])
         .iter()
         .rev()
-        .map(|c| StoredChange {
-            hash: ChangeHash(c.hash().0),
-            bytes: Bytes::copy_from_slice(c.raw_bytes()),
-            user: user.clone(),
+        .map(|c| {
+            let change = StoredChange {
+                hash: ChangeHash(c.hash().0),
+                bytes: Bytes::copy_from_slice(c.raw_bytes()),
+                user: user.clone(),
+            };
+            (doc_key(), change)
         })
         .collect();
+    h.durable.write(stored);
     let fourth = doc.get_changes(&[])[3].hash();
     let mut partial = doc.fork_at(&[fourth]).unwrap();
     let heads: Vec<ChangeHash> = partial
@@ -565,20 +524,11 @@ fn enough_changes_start_one_background_compaction() {
 fn an_empty_client_gets_the_snapshot_unless_it_asks_for_every_change() {
     let t = now();
     let (mut h, mut doc) = six_changes_past_the_snapshot_threshold(t);
-    // Answer the compaction with a snapshot at the document's heads.
-    let mut compacted = false;
-    while let Some(task) = h.engine.poll_store_task() {
-        if let StoreTask::Compact { key, heads, .. } = task {
-            let snapshot = Snapshot {
-                heads,
-                bytes: Bytes::from(doc.save()),
-            };
-            h.engine.handle_compacted(t, key, Ok(snapshot), 6);
-            compacted = true;
-        }
-    }
-    assert!(compacted);
+    // The driver answers the compaction with a snapshot at the document's heads.
+    h.behaviour.snapshots = true;
     h.run(t);
+    assert_eq!(h.engine.stats().snapshots, 1);
+    assert!(h.durable.snapshot(&doc_key()).is_some());
     h.take(1);
     for (session, snapshot) in [(2, true), (3, false)] {
         h.engine
@@ -596,7 +546,13 @@ fn an_empty_client_gets_the_snapshot_unless_it_asks_for_every_change() {
             panic!("expected a catch-up, got {out:?}");
         };
         if snapshot {
-            assert!(got.is_some());
+            let got = got.as_ref().expect("a snapshot");
+            let mut loaded = AutoCommit::load(&got.bytes).unwrap();
+            assert_eq!(
+                loaded.get_heads(),
+                doc.get_heads(),
+                "the snapshot is the document"
+            );
             assert!(changes.is_empty());
         } else {
             assert!(got.is_none(), "asked for every change, got a snapshot");
@@ -730,10 +686,7 @@ fn a_document_owned_elsewhere_answers_moved_for_subscribes_and_writes() {
         0,
         "nothing loaded for a foreign document"
     );
-    assert!(
-        h.flushed.is_empty(),
-        "nothing written for a foreign document"
-    );
+    assert!(h.flushed() == 0, "nothing written for a foreign document");
     assert_eq!(h.engine.stats().moved_answers, 2);
 }
 
@@ -754,7 +707,7 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     h.take(2);
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "k", 1).unwrap();
-    h.fail_flushes = true;
+    h.behaviour.fail_flushes = true;
     h.engine
         .handle_changes(t, 1, ours.clone(), changes_of(&mut doc));
     h.run(t);
@@ -774,7 +727,7 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
     h.run(t);
     assert_eq!(moved_to(&h.take(2)).as_deref(), Some("b"));
     // The flush succeeds: durable first, then moved, and the document leaves memory.
-    h.fail_flushes = false;
+    h.behaviour.fail_flushes = false;
     h.fire_timer();
     h.fire_timer();
     let out = h.take(1);
@@ -788,7 +741,7 @@ fn a_handoff_flushes_before_it_tells_subscribers_moved() {
         .expect("moved");
     assert!(durable_at < moved_at, "{out:?}");
     assert_eq!(
-        h.flushed.len(),
+        h.flushed(),
         1,
         "only the owner's accepted change is written"
     );
@@ -808,7 +761,7 @@ fn a_change_this_copy_cannot_place_refreshes_it_from_the_durable_tier() {
     alice.put(automerge::ROOT, "a", 1).unwrap();
     let c1 = changes_of(&mut alice);
     let parsed = automerge::Change::from_bytes(c1[0].to_vec()).unwrap();
-    h.durable.push(StoredChange {
+    h.store_durable(StoredChange {
         hash: ChangeHash(parsed.hash().0),
         bytes: c1[0].clone(),
         user: UserId::new("alice").unwrap(),
@@ -874,7 +827,7 @@ fn a_tenant_arriving_in_the_cell_has_its_hot_documents_re_read() {
     alice.put(automerge::ROOT, "a", 1).unwrap();
     let change = changes_of(&mut alice);
     let parsed = automerge::Change::from_bytes(change[0].to_vec()).unwrap();
-    h.durable.push(StoredChange {
+    h.store_durable(StoredChange {
         hash: ChangeHash(parsed.hash().0),
         bytes: change[0].clone(),
         user: UserId::new("alice").unwrap(),

@@ -30,10 +30,8 @@ use automerge::AutoCommit;
 use automerge::transaction::Transactable;
 use bytes::Bytes;
 use meridian_engine::membership::{Member, Membership, MembershipConfig, PacketSealer, owner};
-use meridian_engine::{
-    DocKey, Engine, EngineConfig, Loaded, LoadedChange, Now, Outbound, SessionId, StoreTask,
-    StoredChange, TaskError,
-};
+use meridian_engine::testing::{self, Behaviour, MemoryCache, MemoryDurable};
+use meridian_engine::{DocKey, Engine, EngineConfig, Now, Outbound, SessionId, StoreTask};
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, NodeAddr, RelayToClient, TenantId, UserId};
 
@@ -90,13 +88,6 @@ fn node_name(i: usize) -> String {
     format!("n{i}")
 }
 
-/// A node's sled cache: it survives crashes.
-#[derive(Default)]
-struct Cache {
-    changes: BTreeMap<(DocKey, ChangeHash), StoredChange>,
-    queued: BTreeSet<(DocKey, ChangeHash)>,
-}
-
 struct Node {
     engine: Engine,
     membership: Membership,
@@ -137,8 +128,9 @@ struct Sim {
     tick: u64,
     nodes: Vec<Option<Node>>,
     generations: Vec<u64>,
-    caches: Vec<Cache>,
-    durable: BTreeMap<DocKey, BTreeMap<ChangeHash, StoredChange>>,
+    /// Each node's cache: it survives crashes.
+    caches: Vec<MemoryCache>,
+    durable: MemoryDurable,
     /// Gossip packets in flight: (delivery tick, sequence) -> (to node, packet).
     wire: BTreeMap<(u64, u64), (usize, Bytes)>,
     wire_seq: u64,
@@ -176,8 +168,8 @@ impl Sim {
             tick: 0,
             nodes: (0..NODES).map(|_| None).collect(),
             generations: vec![0; NODES],
-            caches: (0..NODES).map(|_| Cache::default()).collect(),
-            durable: BTreeMap::new(),
+            caches: (0..NODES).map(|_| MemoryCache::default()).collect(),
+            durable: MemoryDurable::default(),
             wire: BTreeMap::new(),
             wire_seq: 0,
             clients: (0..CLIENTS)
@@ -222,14 +214,7 @@ impl Sim {
     /// Starts (or restarts) node `i`: its flush queue is replayed into the durable tier
     /// first, then it joins under a new generation.
     fn start_node(&mut self, i: usize) {
-        let queued: Vec<(DocKey, ChangeHash)> = std::mem::take(&mut self.caches[i].queued)
-            .into_iter()
-            .collect();
-        for (key, hash) in queued {
-            if let Some(change) = self.caches[i].changes.get(&(key.clone(), hash)).cloned() {
-                self.durable.entry(key).or_default().insert(hash, change);
-            }
-        }
+        self.caches[i].replay(&mut self.durable);
         self.generations[i] += 1;
         let me = NodeAddr {
             node: meridian_protocol::NodeId::new(node_name(i)).expect("node"),
@@ -355,71 +340,15 @@ impl Sim {
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };
-        let cache = &mut self.caches[i];
-        match task {
-            task @ (StoreTask::Load { .. } | StoreTask::Refresh { .. }) => {
-                let (key, refresh) = match task {
-                    StoreTask::Load { key } => (key, false),
-                    StoreTask::Refresh { key } => (key, true),
-                    _ => return,
-                };
-                let mut changes: Vec<LoadedChange> = self
-                    .durable
-                    .get(&key)
-                    .map(|m| {
-                        m.values()
-                            .map(|c| LoadedChange::stored(c.clone(), true))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for ((k, hash), change) in &cache.changes {
-                    if *k == key {
-                        let queued = cache.queued.contains(&(k.clone(), *hash));
-                        changes.push(LoadedChange::stored(change.clone(), !queued));
-                    }
-                }
-                let loaded = Ok(Loaded {
-                    changes,
-                    snapshot: None,
-                });
-                if refresh {
-                    node.engine.handle_refreshed(now, key, loaded);
-                } else {
-                    node.engine.handle_loaded(now, key, loaded);
-                }
-            }
-            StoreTask::Cache { commit, changes } => {
-                for (key, change) in changes {
-                    cache.queued.insert((key.clone(), change.hash));
-                    cache.changes.insert((key, change.hash), change);
-                }
-                node.engine.handle_cache_committed(now, commit);
-            }
-            StoreTask::Flush { batch, changes, .. } => {
-                for (key, change) in changes {
-                    self.durable
-                        .entry(key)
-                        .or_default()
-                        .insert(change.hash, change);
-                }
-                node.engine.handle_flush_done(now, batch, Ok(()));
-            }
-            StoreTask::Uncache { changes } => {
-                for entry in changes {
-                    cache.queued.remove(&entry);
-                }
-            }
-            StoreTask::Compact { key, .. } => {
-                node.engine.handle_compacted(
-                    now,
-                    key,
-                    Err(TaskError::Durable(
-                        "the simulation stores no snapshots".into(),
-                    )),
-                    0,
-                );
-            }
-        }
+        // No snapshots: every catch-up is served from changes, which the checks compare.
+        testing::execute(
+            &mut node.engine,
+            now,
+            task,
+            &mut self.caches[i],
+            &mut self.durable,
+            Behaviour::default(),
+        );
     }
 
     /// A message from a node to a client's session.
@@ -900,9 +829,7 @@ impl Sim {
         }
         for (d, hash) in &self.acked_durable {
             assert!(
-                self.durable
-                    .get(&key(*d))
-                    .is_some_and(|m| m.contains_key(hash)),
+                self.durable.contains(&key(*d), hash),
                 "seed {seed}: a change acknowledged Durable is not in the durable tier"
             );
         }
@@ -925,10 +852,7 @@ impl Sim {
                             let change =
                                 automerge::Change::from_bytes(bytes.to_vec()).expect("change");
                             for dep in change.deps() {
-                                let in_store = self
-                                    .durable
-                                    .get(&key(d))
-                                    .is_some_and(|m| m.contains_key(&ChangeHash(dep.0)));
+                                let in_store = self.durable.contains(&key(d), &ChangeHash(dep.0));
                                 let made = self.made[d].contains(&ChangeHash(dep.0));
                                 eprintln!(
                                     "  pending {} dep {} durable {in_store} made {made}",
@@ -963,9 +887,7 @@ impl Sim {
         for d in 0..DOCS {
             for hash in &self.made[d] {
                 assert!(
-                    self.durable
-                        .get(&key(d))
-                        .is_some_and(|m| m.contains_key(hash)),
+                    self.durable.contains(&key(d), hash),
                     "seed {seed}: a change made is not durable after the faults healed"
                 );
             }

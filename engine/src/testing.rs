@@ -1,0 +1,292 @@
+//! The in-memory driver: carries out an [`Engine`]'s storage tasks against a durable tier
+//! and a node cache held in memory, and answers each at once. The engine's unit tests, the
+//! cell simulation and the benchmarks all drive the engine through it, so that what a
+//! task means (what a load reads, what a commit makes crash-safe, what a flush makes
+//! durable) is written once outside the real IO layer.
+//!
+//! It does no IO and reads no clock: the caller passes the time, as to the engine.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+use meridian_protocol::ChangeHash;
+
+use crate::{
+    DocKey, Engine, Loaded, LoadedChange, Now, Snapshot, SnapshotError, StoreTask, StoredChange,
+    TaskError, Transmit,
+};
+
+/// A durable tier in memory: every change ever flushed (never deleted), and each
+/// document's newest snapshot. Several nodes of a cell may share one.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryDurable {
+    changes: BTreeMap<DocKey, BTreeMap<ChangeHash, StoredChange>>,
+    snapshots: HashMap<DocKey, Snapshot>,
+}
+
+impl MemoryDurable {
+    /// Stores changes as a flush would.
+    pub fn write(&mut self, changes: impl IntoIterator<Item = (DocKey, StoredChange)>) {
+        for (key, change) in changes {
+            self.changes
+                .entry(key)
+                .or_default()
+                .insert(change.hash, change);
+        }
+    }
+
+    /// Durable changes across every document.
+    pub fn len(&self) -> usize {
+        self.changes.values().map(BTreeMap::len).sum()
+    }
+
+    /// Whether nothing is durable.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a change of a document is durable.
+    pub fn contains(&self, key: &DocKey, hash: &ChangeHash) -> bool {
+        self.changes
+            .get(key)
+            .is_some_and(|changes| changes.contains_key(hash))
+    }
+
+    /// A document's durable changes, by hash.
+    pub fn changes(&self, key: &DocKey) -> impl Iterator<Item = &StoredChange> {
+        self.changes.get(key).into_iter().flat_map(|c| c.values())
+    }
+
+    /// A document's newest snapshot.
+    pub fn snapshot(&self, key: &DocKey) -> Option<&Snapshot> {
+        self.snapshots.get(key)
+    }
+}
+
+/// A node's cache in memory: the changes it committed and which of them are still
+/// queued for the durable tier. It survives the node's crash (drop the engine, keep this).
+#[derive(Debug, Default, Clone)]
+pub struct MemoryCache {
+    changes: BTreeMap<(DocKey, ChangeHash), StoredChange>,
+    queued: BTreeSet<(DocKey, ChangeHash)>,
+}
+
+impl MemoryCache {
+    /// Replays the flush queue into the durable tier, as a node does before it serves.
+    pub fn replay(&mut self, durable: &mut MemoryDurable) {
+        let queued = std::mem::take(&mut self.queued);
+        durable.write(queued.into_iter().filter_map(|(key, hash)| {
+            let change = self.changes.get(&(key.clone(), hash))?.clone();
+            Some((key, change))
+        }));
+    }
+
+    /// Changes committed but not yet durable.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+}
+
+/// How the driver answers: the faults it injects and what it supports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// Every flush fails (a durable tier that is down or throttling).
+    pub fail_flushes: bool,
+    /// Every load and refresh fails.
+    pub fail_loads: bool,
+    /// Snapshots are made (materialized with Automerge); otherwise every `Compact`
+    /// fails, and documents are served from their changes.
+    pub snapshots: bool,
+}
+
+/// Carries out one task for `engine` and hands it the result.
+pub fn execute(
+    engine: &mut Engine,
+    now: Now,
+    task: StoreTask,
+    cache: &mut MemoryCache,
+    durable: &mut MemoryDurable,
+    behaviour: Behaviour,
+) {
+    match task {
+        StoreTask::Load { key } => {
+            let loaded = load(&key, cache, durable, behaviour);
+            engine.handle_loaded(now, key, loaded);
+        }
+        StoreTask::Refresh { key } => {
+            let loaded = load(&key, cache, durable, behaviour);
+            engine.handle_refreshed(now, key, loaded);
+        }
+        StoreTask::Cache { commit, changes } => {
+            for (key, change) in changes {
+                cache.queued.insert((key.clone(), change.hash));
+                cache.changes.insert((key, change.hash), change);
+            }
+            engine.handle_cache_committed(now, commit);
+        }
+        StoreTask::Flush { batch, changes, .. } => {
+            if behaviour.fail_flushes {
+                let error = TaskError::Durable("the in-memory durable tier is failing".into());
+                engine.handle_flush_done(now, batch, Err(error));
+            } else {
+                durable.write(changes);
+                engine.handle_flush_done(now, batch, Ok(()));
+            }
+        }
+        StoreTask::Uncache { changes } => {
+            for entry in changes {
+                cache.queued.remove(&entry);
+            }
+        }
+        StoreTask::Compact {
+            key,
+            base,
+            changes,
+            heads,
+            ..
+        } => {
+            let count = changes.len();
+            let result = if behaviour.snapshots {
+                materialize(base.as_ref(), &changes, &heads).map_err(TaskError::from)
+            } else {
+                Err(TaskError::Durable(
+                    "the in-memory durable tier stores no snapshots".into(),
+                ))
+            };
+            if let Ok(snapshot) = &result {
+                durable.snapshots.insert(key.clone(), snapshot.clone());
+            }
+            engine.handle_compacted(now, key, result, count);
+        }
+    }
+}
+
+/// What a load reads: the durable changes (a snapshot's changes are among them: change
+/// items are never deleted) and the cached ones, those still queued marked not durable.
+fn load(
+    key: &DocKey,
+    cache: &MemoryCache,
+    durable: &MemoryDurable,
+    behaviour: Behaviour,
+) -> Result<Loaded, TaskError> {
+    if behaviour.fail_loads {
+        return Err(TaskError::Durable(
+            "the in-memory durable tier is failing".into(),
+        ));
+    }
+    let mut changes: Vec<LoadedChange> = durable
+        .changes(key)
+        .map(|c| LoadedChange::stored(c.clone(), true))
+        .collect();
+    for ((k, hash), change) in cache.changes.range((key.clone(), ChangeHash([0; 32]))..) {
+        if k != key {
+            break;
+        }
+        let queued = cache.queued.contains(&(k.clone(), *hash));
+        changes.push(LoadedChange::stored(change.clone(), !queued));
+    }
+    Ok(Loaded {
+        changes,
+        snapshot: durable.snapshots.get(key).cloned(),
+    })
+}
+
+/// Materializes a document from its base snapshot and the changes after it, checks the
+/// heads, and saves it.
+fn materialize(
+    base: Option<&Snapshot>,
+    changes: &[Bytes],
+    heads: &[ChangeHash],
+) -> Result<Snapshot, SnapshotError> {
+    let mut doc = match base {
+        Some(base) => automerge::AutoCommit::load(&base.bytes)
+            .map_err(|e| SnapshotError::Load(Box::new(e)))?,
+        // The document only applies changes: the actor it draws writes nothing.
+        #[allow(clippy::disallowed_methods)]
+        None => automerge::AutoCommit::new(),
+    };
+    let parsed = changes
+        .iter()
+        .map(|c| {
+            automerge::Change::try_from(&c[..]).map_err(|e| SnapshotError::Change(Box::new(e)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    doc.apply_changes(parsed)
+        .map_err(|e| SnapshotError::Apply(Box::new(e)))?;
+    let mut got: Vec<ChangeHash> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+    let mut want = heads.to_vec();
+    got.sort();
+    want.sort();
+    if got != want {
+        return Err(SnapshotError::HeadsDiffer);
+    }
+    Ok(Snapshot {
+        heads: heads.to_vec(),
+        bytes: Bytes::from(doc.save()),
+    })
+}
+
+/// One engine with its own cache and durable tier, driven to quiescence after each
+/// input: the engine's tests and the benchmarks use it as a node with a perfect disk.
+pub struct MemoryDriver {
+    /// The engine under test.
+    pub engine: Engine,
+    /// Its cache.
+    pub cache: MemoryCache,
+    /// Its durable tier.
+    pub durable: MemoryDurable,
+    /// How storage answers.
+    pub behaviour: Behaviour,
+    /// Every message the engine sent, in order, until taken.
+    pub sent: Vec<Transmit>,
+}
+
+impl MemoryDriver {
+    /// A driver around `engine` with empty storage.
+    pub fn new(engine: Engine) -> Self {
+        MemoryDriver {
+            engine,
+            cache: MemoryCache::default(),
+            durable: MemoryDurable::default(),
+            behaviour: Behaviour::default(),
+            sent: Vec::new(),
+        }
+    }
+
+    /// Collects what the engine sent and carries out its tasks until it has none.
+    pub fn run(&mut self, now: Now) {
+        loop {
+            while let Some(transmit) = self.engine.poll_transmit() {
+                self.sent.push(transmit);
+            }
+            let Some(task) = self.engine.poll_store_task() else {
+                break;
+            };
+            execute(
+                &mut self.engine,
+                now,
+                task,
+                &mut self.cache,
+                &mut self.durable,
+                self.behaviour,
+            );
+        }
+    }
+
+    /// Fires the engine's timer at the time it asked for (if it did), then runs.
+    pub fn fire_timer(&mut self, unix_secs: i64) {
+        if let Some(instant) = self.engine.poll_timeout() {
+            let now = Now { instant, unix_secs };
+            self.engine.handle_timeout(now);
+            self.run(now);
+        }
+    }
+
+    /// Takes what was sent to one session, in order.
+    pub fn take(&mut self, session: crate::SessionId) -> Vec<crate::Outbound> {
+        let (mine, rest): (Vec<_>, Vec<_>) =
+            self.sent.drain(..).partition(|t| t.session == session);
+        self.sent = rest;
+        mine.into_iter().map(|t| t.outbound).collect()
+    }
+}
