@@ -362,7 +362,6 @@ pub struct LimitsSection {
     pub idle_timeout_ms: Option<u64>,
     pub keep_alive_ms: Option<u64>,
     pub hello_timeout_ms: Option<u64>,
-    pub idle_docs_max: Option<usize>,
     pub frame_stall_timeout_ms: Option<u64>,
     pub frame_timeout_ms: Option<u64>,
     pub unfinished_bytes_per_session_max: Option<usize>,
@@ -371,6 +370,9 @@ pub struct LimitsSection {
     pub orphans_per_doc_max: Option<usize>,
     pub orphan_bytes_per_doc_max: Option<usize>,
     pub unflushed_bytes_max: Option<usize>,
+    pub hot_bytes_max: Option<usize>,
+    pub hot_bytes_hard_max: Option<usize>,
+    pub hot_bytes_per_tenant_max: Option<usize>,
     pub unflushed_bytes_per_tenant_max: Option<usize>,
     pub subscriptions_per_session_max: Option<usize>,
     pub flush_interval_ms: Option<u64>,
@@ -583,9 +585,6 @@ impl RelayFile {
             if let Some(v) = l.hello_timeout_ms {
                 limits.hello_timeout = ms(v);
             }
-            if let Some(v) = l.idle_docs_max {
-                limits.idle_docs_max = v;
-            }
             if let Some(v) = l.frame_stall_timeout_ms {
                 limits.frame_stall_timeout = ms(v);
             }
@@ -606,6 +605,15 @@ impl RelayFile {
             }
             if let Some(v) = l.orphan_bytes_per_doc_max {
                 engine.orphan_bytes_per_doc_max = v;
+            }
+            if let Some(v) = l.hot_bytes_max {
+                engine.hot_bytes_max = v;
+            }
+            if let Some(v) = l.hot_bytes_hard_max {
+                engine.hot_bytes_hard_max = v;
+            }
+            if let Some(v) = l.hot_bytes_per_tenant_max {
+                engine.hot_bytes_per_tenant_max = v;
             }
             if let Some(v) = l.unflushed_bytes_max {
                 engine.unflushed_bytes_max = v;

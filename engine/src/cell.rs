@@ -284,6 +284,7 @@ impl Engine {
         }
         let new = self.insert_loaded(now, &key, loaded.changes, true);
         self.register_bindings(&key);
+        self.reaccount(&key);
         let Some(doc) = self.docs.get_mut(&key) else {
             return;
         };
@@ -419,7 +420,7 @@ impl Engine {
                 changes.clear();
             }
             if drop_now {
-                self.docs.remove(&key);
+                self.remove_doc(&key);
                 if loading {
                     self.loading = self.loading.saturating_sub(1);
                 }

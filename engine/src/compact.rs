@@ -97,7 +97,9 @@ impl Engine {
                 entry.compact_retry = Some((failures, now.instant + delay));
             }
         }
+        self.reaccount(&key);
         // Changes that arrived meanwhile may already call for the next one.
         self.maybe_compact(now.instant, &key);
+        self.make_room();
     }
 }

@@ -85,6 +85,8 @@ impl Engine {
             self.flush_due = Some(now.instant);
         }
         self.progress_handoffs(now.instant);
+        // Documents whose last changes became durable may now be evicted.
+        self.make_room();
     }
 
     /// The timer from `poll_timeout` fired.

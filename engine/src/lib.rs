@@ -41,6 +41,7 @@ mod error;
 pub mod graph;
 mod load;
 pub mod membership;
+mod memory;
 pub mod testing;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -55,6 +56,7 @@ use durability::{Ack, CommitInFlight, FlushItem};
 use graph::{AddError, Added, ChangeGraph, ChangeIndex};
 
 pub use error::{BoxError, SnapshotError, TaskError};
+pub use memory::{CHANGE_OVERHEAD_BYTES, DOC_OVERHEAD_BYTES, EVICT_SCAN_MAX};
 
 /// The changes of one `changes` frame, each parsed within the frame's budget (or
 /// refused with the reason), as [`change::parse_frame`] returns them.
@@ -198,8 +200,19 @@ pub struct EngineConfig {
     /// document).
     pub presence_bytes_per_tenant_max: usize,
     /// Documents one tenant may have in memory on this node; a subscribe that would load
-    /// another is refused (`overloaded`).
+    /// another first evicts the tenant's least recently used idle document, and is
+    /// refused (`overloaded`) when there is none.
     pub hot_docs_per_tenant_max: usize,
+    /// Bytes of hot documents (see the `memory` module for what is counted) above which
+    /// idle documents are evicted: from the tenant holding the most first, least recently
+    /// used first.
+    pub hot_bytes_max: usize,
+    /// Bytes of hot documents above which no document is loaded (`overloaded`): every
+    /// document held is in use.
+    pub hot_bytes_hard_max: usize,
+    /// Bytes of hot documents one tenant may hold: above it its idle documents are
+    /// evicted, and while it stays above its loads are refused (`overloaded`).
+    pub hot_bytes_per_tenant_max: usize,
     /// Documents one user may be subscribed to at once across its sessions on this node.
     pub subscriptions_per_user_max: usize,
     /// Presence updates per second one document takes from all its sessions together
@@ -247,6 +260,9 @@ impl Default for EngineConfig {
             orphan_bytes_per_tenant_max: 64 << 20,
             presence_bytes_per_tenant_max: 16 << 20,
             hot_docs_per_tenant_max: 50_000,
+            hot_bytes_max: 1 << 30,
+            hot_bytes_hard_max: 2 << 30,
+            hot_bytes_per_tenant_max: 256 << 20,
             subscriptions_per_user_max: 1_024,
             presence_per_doc_per_sec: 200,
             presence_fanout_bytes_per_doc_per_sec: 1 << 20,
@@ -385,6 +401,10 @@ pub struct Stats {
     pub refreshed_changes: u64,
     /// Changes refused because the node's or the tenant's unflushed backlog was full.
     pub backlog_refusals: u64,
+    /// Idle documents evicted from memory (they reload on demand).
+    pub evictions: u64,
+    /// Subscribes refused because loading the document would pass a memory budget.
+    pub memory_refusals: u64,
 }
 
 /// The retry delay sent with a refusal for a full unflushed backlog: about what a flush
@@ -436,6 +456,8 @@ struct Doc {
     compacting: bool,
     /// After failed snapshots: how many, and not before when to try again.
     compact_retry: Option<(u32, Instant)>,
+    /// Bytes this document is counted at against the memory budgets (see `memory`).
+    accounted: usize,
     /// Set while the document hands off to its new owner.
     handoff: Option<cell::Handoff>,
     /// A refresh read is in flight.
@@ -483,6 +505,7 @@ impl Doc {
             snapshot: None,
             since_snapshot: (0, 0),
             compacting: false,
+            accounted: 0,
             compact_retry: None,
             handoff: None,
             refreshing: false,
@@ -517,6 +540,10 @@ pub struct Engine {
     quarantined: Vec<FlushItem>,
     /// Bytes of changes applied but not yet durable (see `unflushed_bytes_max`).
     unflushed_bytes: usize,
+    /// Bytes of hot documents (see `memory`).
+    hot_bytes: usize,
+    /// Each tenant's hot documents in order of use, for eviction.
+    recency: memory::Recency,
     stats: Stats,
     /// This node and its cell (`None`: a single relay that owns every document).
     cell: Option<cell::CellState>,
@@ -569,6 +596,8 @@ struct Usage {
     docs_by_tenant: HashMap<TenantId, usize>,
     /// Bytes of changes applied but not yet durable, per tenant.
     unflushed_bytes_by_tenant: HashMap<TenantId, usize>,
+    /// Bytes of hot documents, per tenant (see `memory`).
+    hot_bytes_by_tenant: HashMap<TenantId, usize>,
     sessions_by_user: HashMap<(TenantId, UserId), Vec<SessionId>>,
 }
 
@@ -617,6 +646,8 @@ impl Engine {
             durable_latencies: Vec::new(),
             quarantined: Vec::new(),
             unflushed_bytes: 0,
+            hot_bytes: 0,
+            recency: memory::Recency::default(),
             stats: Stats::default(),
             cell: None,
             handoffs: 0,
@@ -809,10 +840,12 @@ impl Engine {
             );
         }
         self.usage.orphan_bytes_by_session.remove(&session);
+        let mut shrunk = Vec::new();
         for (key, doc) in self.docs.iter_mut() {
             let before_len = doc.orphans.len();
             doc.orphans.retain(|orphan| orphan.session != session);
             if doc.orphans.len() != before_len {
+                shrunk.push(key.clone());
                 let before = doc.orphan_bytes;
                 doc.orphan_bytes = doc.orphans.iter().map(|o| o.change.bytes.len()).sum();
                 let removed = before - doc.orphan_bytes.min(before);
@@ -838,6 +871,10 @@ impl Engine {
                 self.usage.sessions_by_user.remove(&user_key);
             }
         }
+        for key in shrunk {
+            self.reaccount(&key);
+        }
+        self.make_room();
     }
 
     /// A session subscribes to `doc` with the heads it already has; `snapshot`: whether a
@@ -885,20 +922,9 @@ impl Engine {
             return;
         }
         if !self.docs.contains_key(&key)
-            && self
-                .usage
-                .docs_by_tenant
-                .get(&key.tenant)
-                .copied()
-                .unwrap_or(0)
-                >= self.config.hot_docs_per_tenant_max
+            && let Err(reason) = self.admit_load(&key.tenant)
         {
-            self.error(
-                session,
-                Some(doc),
-                ErrorCode::Overloaded,
-                "too many documents in memory for this tenant on this node; retry",
-            );
+            self.error(session, Some(doc), ErrorCode::Overloaded, reason);
             return;
         }
         let Some(state) = self.sessions.get_mut(&session) else {
@@ -914,7 +940,10 @@ impl Engine {
                 heads,
                 snapshot,
             }),
-            Some(_) => self.serve_subscribe(now.instant, &key, session, heads, snapshot),
+            Some(_) => {
+                self.recency.touch(&key);
+                self.serve_subscribe(now.instant, &key, session, heads, snapshot);
+            }
             None if self.loading >= self.config.loads_pending_max => self.refuse_subscription(
                 session,
                 &key.doc,
@@ -933,6 +962,8 @@ impl Engine {
                 }
                 adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), 1);
                 self.docs.insert(key.clone(), loading);
+                self.recency.touch(&key);
+                self.reaccount(&key);
                 self.store_tasks.push_back(StoreTask::Load { key });
             }
         }
@@ -950,6 +981,7 @@ impl Engine {
             };
             let user = state.capability.user.clone();
             self.leave(session, &user, &key);
+            self.make_room();
         }
     }
 
@@ -1136,15 +1168,7 @@ impl Engine {
             Ok(loaded) => loaded,
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "load failed");
-                if let Some(doc) = self.docs.remove(&key) {
-                    let presence: usize = doc.presence.values().map(Bytes::len).sum();
-                    adjust(
-                        &mut self.usage.presence_bytes_by_tenant,
-                        key.tenant.clone(),
-                        -(presence as isize),
-                    );
-                }
-                adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), -1);
+                self.remove_doc(&key);
                 for WaitingSubscribe { session, .. } in subscribes {
                     self.refuse_subscription(
                         session,
@@ -1179,37 +1203,9 @@ impl Engine {
                 self.ingest(now, session, &key, batch);
             }
         }
+        self.reaccount(&key);
         self.progress_handoffs(now.instant);
-    }
-
-    /// Documents that may be dropped from memory: no subscribers, nothing unflushed,
-    /// nothing waiting. The IO layer decides when memory calls for it.
-    pub fn evictable(&self) -> Vec<DocKey> {
-        self.docs
-            .iter()
-            .filter(|(_, d)| {
-                d.subscribers.is_empty()
-                    && d.unflushed == 0
-                    && d.orphans.is_empty()
-                    && matches!(d.state, DocState::Ready)
-            })
-            .map(|(key, _)| key.clone())
-            .collect()
-    }
-
-    /// Drops a document from memory if it is still evictable; it reloads on demand.
-    pub fn evict(&mut self, key: &DocKey) -> bool {
-        let evictable = self.docs.get(key).is_some_and(|d| {
-            d.subscribers.is_empty()
-                && d.unflushed == 0
-                && d.orphans.is_empty()
-                && matches!(d.state, DocState::Ready)
-        });
-        if evictable {
-            self.docs.remove(key);
-            adjust(&mut self.usage.docs_by_tenant, key.tenant.clone(), -1);
-        }
-        evictable
+        self.make_room();
     }
 
     /// Tells every session the relay is going away.
@@ -1699,6 +1695,8 @@ impl Engine {
         if stale && !self.reingesting {
             self.request_refresh(now.instant, key);
         }
+        self.recency.touch(key);
+        self.reaccount(key);
         self.start_commit();
         self.maybe_compact(now.instant, key);
     }

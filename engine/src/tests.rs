@@ -1041,3 +1041,124 @@ fn a_documents_presence_fan_out_is_budgeted_in_bytes_times_recipients() {
     h.run(later);
     assert!(error_codes(&h.take(3)).is_empty());
 }
+
+/// A small change on a fresh document (each call a new actor, so any document takes it).
+fn one_change(value: i64) -> Vec<Bytes> {
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", value).unwrap();
+    changes_of(&mut doc)
+}
+
+/// Subscribes `session` to `name` and writes one change to it.
+fn open_and_write(h: &mut Harness, t: Now, session: SessionId, name: &str, value: i64) {
+    let doc = DocId::new(name).unwrap();
+    h.engine
+        .handle_subscribe(t, session, doc.clone(), vec![], true);
+    h.run(t);
+    h.engine.handle_changes(t, session, doc, one_change(value));
+    h.run(t);
+}
+
+/// Idle documents leave memory when the node's byte budget is passed, least recently
+/// used first; documents in use never do, and an evicted document reloads on demand.
+#[test]
+fn idle_documents_are_evicted_by_bytes_in_least_recently_used_order() {
+    let mut h = Harness::new();
+    // About three documents of one small change each.
+    h.engine = Engine::new(EngineConfig {
+        hot_bytes_max: 3 * (DOC_OVERHEAD_BYTES + CHANGE_OVERHEAD_BYTES + 200),
+        ..config()
+    });
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    for (i, name) in ["d1", "d2", "d3", "d4", "d5"].iter().enumerate() {
+        open_and_write(&mut h, t, 1, name, i as i64);
+    }
+    h.fire_timer(); // everything durable
+    assert_eq!(h.engine.hot_docs(), 5, "subscribed documents stay");
+    assert!(h.engine.hot_bytes() > 3 * DOC_OVERHEAD_BYTES);
+    // d2 is used again: d1 and d3 are now the least recently used.
+    h.engine
+        .handle_changes(t, 1, DocId::new("d2").unwrap(), one_change(9));
+    h.run(t);
+    h.fire_timer();
+    // The session ends: all five are idle at once, and the two least recently used go.
+    h.engine.handle_session_closed(1);
+    assert_eq!(h.engine.hot_docs(), 3);
+    assert_eq!(h.engine.stats().evictions, 2);
+    assert!(h.engine.hot_bytes() <= 3 * (DOC_OVERHEAD_BYTES + CHANGE_OVERHEAD_BYTES + 200));
+    // d2 is still hot; d1 was evicted and loads again.
+    h.engine
+        .handle_session_open(3, capability("alice", Rights::ALL));
+    let loads = h.engine.stats().cold_loads;
+    h.engine
+        .handle_subscribe(t, 3, DocId::new("d2").unwrap(), vec![], true);
+    h.run(t);
+    assert_eq!(h.engine.stats().cold_loads, loads);
+    h.engine
+        .handle_subscribe(t, 3, DocId::new("d1").unwrap(), vec![], true);
+    h.run(t);
+    assert_eq!(h.engine.stats().cold_loads, loads + 1);
+    let out = h.take(3);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Outbound::CatchUp { changes, .. } if changes.len() == 1)),
+        "the reloaded document has its change: {out:?}"
+    );
+}
+
+/// A tenant at its share of memory has its own idle documents evicted first, then its
+/// loads refused (retryable); another tenant's documents are untouched.
+#[test]
+fn a_tenant_over_its_memory_share_evicts_its_own_documents_then_is_refused() {
+    let globex = TenantId::new("globex").unwrap();
+    let mut tenants = config().tenant_jurisdictions;
+    tenants.insert(globex.clone(), "dev".into());
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        // Two documents of one small change each pass it.
+        hot_bytes_per_tenant_max: 2 * (DOC_OVERHEAD_BYTES + CHANGE_OVERHEAD_BYTES) + 100,
+        tenant_jurisdictions: tenants,
+        ..config()
+    });
+    let t = now();
+    let mut other = capability("carol", Rights::ALL);
+    other.tenant = globex;
+    h.engine.handle_session_open(2, other);
+    open_and_write(&mut h, t, 2, "theirs", 1);
+    h.fire_timer();
+    h.engine
+        .handle_unsubscribe(2, DocId::new("theirs").unwrap());
+    h.take(2);
+
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    open_and_write(&mut h, t, 1, "a1", 1);
+    open_and_write(&mut h, t, 1, "a2", 2);
+    h.fire_timer();
+    h.take(1);
+    // Both of acme's documents are in use: a third is refused, nothing is evicted.
+    h.engine
+        .handle_subscribe(t, 1, DocId::new("a3").unwrap(), vec![], true);
+    h.run(t);
+    assert_eq!(error_codes(&h.take(1)), vec![ErrorCode::Overloaded]);
+    assert_eq!(h.engine.stats().memory_refusals, 1);
+    assert_eq!(h.engine.hot_docs(), 3);
+    // a1 goes idle: the next load evicts it, not globex's idle document.
+    h.engine.handle_unsubscribe(1, DocId::new("a1").unwrap());
+    h.engine
+        .handle_subscribe(t, 1, DocId::new("a3").unwrap(), vec![], true);
+    h.run(t);
+    assert!(error_codes(&h.take(1)).is_empty());
+    assert_eq!(h.engine.stats().evictions, 1);
+    let loads = h.engine.stats().cold_loads;
+    h.engine
+        .handle_subscribe(t, 2, DocId::new("theirs").unwrap(), vec![], true);
+    h.run(t);
+    assert_eq!(
+        h.engine.stats().cold_loads,
+        loads,
+        "globex's document stayed"
+    );
+}

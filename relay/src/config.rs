@@ -129,8 +129,6 @@ pub struct Limits {
     pub engine_queue_max: usize,
     /// Documents loading from storage at once.
     pub loads_in_flight_max: usize,
-    /// Hot documents kept in memory without subscribers before eviction starts.
-    pub idle_docs_max: usize,
     /// A stream that has started a frame and receives nothing more for this long is
     /// reset (a document stream) or closed (the control stream) with `timeout`.
     pub frame_stall_timeout: Duration,
@@ -170,7 +168,6 @@ impl Default for Limits {
             keep_alive: Duration::from_secs(3),
             engine_queue_max: 8192,
             loads_in_flight_max: 16,
-            idle_docs_max: 10_000,
             frame_stall_timeout: Duration::from_secs(10),
             frame_timeout: Duration::from_secs(60),
             unfinished_bytes_per_session_max: 4 << 20,

@@ -31,6 +31,18 @@ fn describe() {
     );
     describe_gauge!("meridian_hot_documents", "Documents held in memory.");
     describe_gauge!(
+        "meridian_hot_document_bytes",
+        "Bytes the documents in memory are counted at against the memory budgets."
+    );
+    describe_counter!(
+        "meridian_evictions_total",
+        "Idle documents evicted from memory to stay within a memory budget (they reload on demand)."
+    );
+    describe_counter!(
+        "meridian_memory_refusals_total",
+        "Subscribes refused with `overloaded` because loading the document would pass a memory budget."
+    );
+    describe_gauge!(
         "meridian_unflushed_bytes",
         "Bytes of changes applied but not yet durable (bounded by `unflushed_bytes_max`)."
     );
@@ -276,6 +288,9 @@ pub fn publish(stats: &RelayStats) {
     let engine = &stats.engine;
     gauge!("meridian_sessions").set(stats.sessions as f64);
     gauge!("meridian_hot_documents").set(stats.hot_docs as f64);
+    gauge!("meridian_hot_document_bytes").set(stats.hot_bytes as f64);
+    counter!("meridian_evictions_total").absolute(engine.evictions);
+    counter!("meridian_memory_refusals_total").absolute(engine.memory_refusals);
     gauge!("meridian_orphan_changes").set(stats.orphans as f64);
     gauge!("meridian_flush_queue_depth").set(stats.flush_queue as f64);
     gauge!("meridian_unflushed_bytes").set(stats.unflushed_bytes as f64);

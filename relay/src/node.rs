@@ -880,7 +880,6 @@ impl Driver {
             }
         }
         self.fanout_from = None;
-        self.evict_idle_docs();
         while let Some(latency) = self.engine.poll_durable_latency() {
             crate::metrics::durable_ack_latency(latency);
         }
@@ -905,6 +904,7 @@ impl Driver {
             hot_docs: self.engine.hot_docs(),
             flush_queue: self.engine.flush_queue_len(),
             unflushed_bytes: self.engine.unflushed_bytes(),
+            hot_bytes: self.engine.hot_bytes(),
             quarantined: self.engine.quarantined(),
             oldest_unflushed: self.engine.oldest_unflushed(now),
             slow_consumers: self.slow_consumers,
@@ -1022,19 +1022,6 @@ impl Driver {
                     let _ = done.send(Completion::Flushed(batch, result)).await;
                 });
             }
-        }
-    }
-
-    fn evict_idle_docs(&mut self) {
-        let excess = self
-            .engine
-            .hot_docs()
-            .saturating_sub(self.limits.idle_docs_max);
-        if excess == 0 {
-            return;
-        }
-        for key in self.engine.evictable().into_iter().take(excess) {
-            self.engine.evict(&key);
         }
     }
 }

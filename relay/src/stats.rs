@@ -11,6 +11,8 @@ pub struct RelayStats {
     pub sessions: usize,
     /// Documents in memory.
     pub hot_docs: usize,
+    /// Bytes the documents in memory are counted at (see `engine::memory`).
+    pub hot_bytes: usize,
     /// Changes not yet durable.
     pub flush_queue: usize,
     /// Bytes of changes not yet durable (bounded by `unflushed_bytes_max`).
