@@ -1,5 +1,5 @@
 //! Shared helpers for the benchmarks: the real editing trace (the keystrokes of one LaTeX
-//! paper, `shared/data/automerge-paper-edits.json`) replayed as Automerge changes, one
+//! paper, `benches/data/automerge-paper-edits.json.gz`) replayed as Automerge changes, one
 //! change per keystroke, and a relay engine preloaded with them.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -29,20 +29,32 @@ pub struct Edit {
     pub insert: String,
 }
 
-/// Where the trace lives: `$MERIDIAN_TRACE`, or `../shared/data/` beside the repository.
+/// Where the trace lives: `$MERIDIAN_TRACE` (JSON, gzipped if its name ends in `.gz`), or
+/// the copy in `benches/data/`.
 pub fn trace_path() -> PathBuf {
     std::env::var_os("MERIDIAN_TRACE")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../shared/data/automerge-paper-edits.json")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/automerge-paper-edits.json.gz")
         })
 }
 
 /// Reads the editing trace.
 pub fn load_trace() -> Result<Vec<Edit>, String> {
+    use std::io::Read;
     let path = trace_path();
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+    let file = std::fs::File::open(&path).map_err(failed)?;
+    let mut text = String::new();
+    if path.extension().is_some_and(|ext| ext == "gz") {
+        flate2::read::GzDecoder::new(file)
+            .read_to_string(&mut text)
+            .map_err(failed)?;
+    } else {
+        std::io::BufReader::new(file)
+            .read_to_string(&mut text)
+            .map_err(failed)?;
+    }
     let raw: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| e.to_string())?;
     raw.iter()
         .map(|entry| {
