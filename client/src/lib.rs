@@ -3,15 +3,16 @@
 //!
 //! # Model
 //!
-//! [`Client::connect`] opens one QUIC connection to a relay and authenticates with a
-//! capability token. [`Client::open`] returns a [`DocHandle`]: a local
+//! [`Client::connect`] opens a pool of QUIC connections, one per relay node in use (the
+//! first to the configured or located relay), each authenticated with the capability
+//! token; a document's stream goes to the node that owns it, following `moved`. [`Client::open`] returns a [`DocHandle`]: a local
 //! `automerge::AutoCommit` that the app edits with [`DocHandle::change`] and reads with
 //! [`DocHandle::read`]. Every local change is kept (in memory, and on disk when a store
 //! directory is configured) until the relay says it is Durable; until then it is re-sent
 //! after every reconnect. Remote changes arrive in the background and are announced on
 //! [`DocHandle::updates`].
 //!
-//! A background task owns the connection. When it drops, the task reconnects with
+//! A background task owns the pool. When a connection drops, the task reconnects with
 //! exponential backoff and jitter, resubscribes every open document with its heads (the
 //! relay sends what is missing), and uploads what the relay lacks. Edits made while
 //! offline simply wait.

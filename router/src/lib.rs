@@ -67,7 +67,8 @@ pub enum RouterError {
 pub struct RouterConfig {
     /// UDP address for QUIC (`locate`).
     pub listen: SocketAddr,
-    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/router` (`None`: nowhere).
+    /// Where to serve `/metrics`, `/healthz`, `/readyz` and `/cell` (the router's view)
+    /// (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
     /// TLS certificate chain (PEM).
     pub cert_file: PathBuf,
