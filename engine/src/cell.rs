@@ -265,7 +265,12 @@ impl Engine {
 
     /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
     /// subscribers, and orphans whose dependencies arrived are taken.
-    pub fn handle_refreshed(&mut self, now: Now, key: DocKey, result: Result<Loaded, TaskError>) {
+    pub(crate) fn handle_refreshed(
+        &mut self,
+        now: Now,
+        key: DocKey,
+        result: Result<Loaded, TaskError>,
+    ) {
         let floor = self.config.refresh_after_join;
         let Some(doc) = self.docs.get_mut(&key) else {
             return;

@@ -66,7 +66,7 @@ impl Engine {
 
     /// A `Compact` task finished: on success the snapshot answers empty clients from now
     /// on; on failure the counters keep growing and a later change retries.
-    pub fn handle_compacted(
+    pub(crate) fn handle_compacted(
         &mut self,
         now: Now,
         key: DocKey,

@@ -27,7 +27,7 @@ pub(super) struct FlushItem {
 
 impl Engine {
     /// A `Cache` task completed: its changes survive a crash. Acknowledge them.
-    pub fn handle_cache_committed(&mut self, now: Now, commit: u64) {
+    pub(crate) fn handle_cache_committed(&mut self, now: Now, commit: u64) {
         let Some((in_flight, entries, acks)) = self.cache_in_flight.take() else {
             self.stats.invariant_violations += 1;
             return;
@@ -55,7 +55,12 @@ impl Engine {
 
     /// A `Flush` task finished: on success its changes are durable; on failure they go
     /// back to the front of the queue and the next attempt backs off.
-    pub fn handle_flush_done(&mut self, now: Now, batch: u64, result: Result<(), TaskError>) {
+    pub(crate) fn handle_flush_done(
+        &mut self,
+        now: Now,
+        batch: u64,
+        result: Result<(), TaskError>,
+    ) {
         let Some(items) = self.flush_in_flight.remove(&batch) else {
             self.stats.invariant_violations += 1;
             return;

@@ -10,11 +10,12 @@
 //! # Calling order (one driver task owns the engine)
 //!
 //! 1. Feed one input: `handle_session_open`, `handle_subscribe`, `handle_changes`,
-//!    `handle_presence`, `handle_unsubscribe`, `handle_session_closed`, `handle_loaded`,
-//!    `handle_cache_committed`, `handle_flush_done` or `handle_timeout`.
+//!    `handle_presence`, `handle_unsubscribe`, `handle_session_closed`,
+//!    `handle_task_done` or `handle_timeout`.
 //! 2. Drain [`Engine::poll_transmit`] (messages for sessions) and
-//!    [`Engine::poll_store_task`] (effects on the cache and the durable tier); carry them
-//!    out and feed their results back through the matching `handle_*`.
+//!    [`Engine::poll_store_task`] (effects on the cache and the durable tier, each with a
+//!    [`TaskId`]); carry them out and feed each result back with its id through
+//!    [`Engine::handle_task_done`].
 //! 3. Re-arm the timer at [`Engine::poll_timeout`] and call `handle_timeout` when it fires.
 //!
 //! The engine never reads the clock (time comes in as [`Now`]), never touches a socket,
@@ -42,6 +43,7 @@ pub mod graph;
 mod load;
 pub mod membership;
 mod memory;
+mod task;
 pub mod testing;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
@@ -57,6 +59,7 @@ use graph::{AddError, Added, ChangeGraph, ChangeIndex};
 
 pub use error::{BoxError, SnapshotError, TaskError};
 pub use memory::{CHANGE_OVERHEAD_BYTES, DOC_OVERHEAD_BYTES, EVICT_SCAN_MAX};
+pub use task::{TaskId, TaskResult};
 
 /// The changes of one `changes` frame, each parsed within the frame's budget (or
 /// refused with the reason), as [`change::parse_frame`] returns them.
@@ -305,23 +308,24 @@ pub struct Transmit {
     pub outbound: Outbound,
 }
 
-/// An effect on storage for the IO layer to carry out.
+/// An effect on storage for the IO layer to carry out; its result goes back through
+/// [`Engine::handle_task_done`] with the task's [`TaskId`] (none for `Uncache`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreTask {
-    /// Load a document from the cache and the durable tier; answer with `handle_loaded`.
+    /// Load a document from the cache and the durable tier; answer [`TaskResult::Loaded`].
     Load {
         /// The document.
         key: DocKey,
     },
     /// Write these changes to the cache and its flush queue, make them crash-safe in one
-    /// flush, then answer `handle_cache_committed(commit)`. May be empty (acks only).
+    /// flush, then answer [`TaskResult::Committed`]. May be empty (acks only).
     Cache {
         /// Commit number.
         commit: u64,
         /// New changes.
         changes: Vec<(DocKey, StoredChange)>,
     },
-    /// Write these changes to the durable tier; answer `handle_flush_done(batch, ..)`.
+    /// Write these changes to the durable tier; answer [`TaskResult::Flushed`].
     Flush {
         /// Batch number.
         batch: u64,
@@ -332,12 +336,12 @@ pub enum StoreTask {
         changes: Vec<(DocKey, StoredChange)>,
     },
     /// Read the document again from the cache and the durable tier (as for `Load`) and
-    /// answer `handle_refreshed`: changes another node wrote meanwhile join the graph.
+    /// answer [`TaskResult::Loaded`]: changes another node wrote meanwhile join the graph.
     Refresh {
         /// The document.
         key: DocKey,
     },
-    /// Materialize the document and store a snapshot; answer `handle_compacted`.
+    /// Materialize the document and store a snapshot; answer [`TaskResult::Compacted`].
     Compact {
         /// The document.
         key: DocKey,
@@ -529,6 +533,10 @@ pub struct Engine {
     flush_queue: VecDeque<FlushItem>,
     flush_in_flight: HashMap<u64, Vec<FlushItem>>,
     next_batch: u64,
+    next_task: u64,
+    /// Storage tasks handed out, by id, and what each is for (bounded by the loads,
+    /// refreshes, flushes and snapshots allowed in flight, and one cache commit).
+    tasks: HashMap<TaskId, task::Pending>,
     flush_due: Option<Instant>,
     flush_backoff: Option<Duration>,
     compactions_in_flight: usize,
@@ -639,6 +647,8 @@ impl Engine {
             flush_queue: VecDeque::new(),
             flush_in_flight: HashMap::new(),
             next_batch: 1,
+            next_task: 1,
+            tasks: HashMap::new(),
             flush_due: None,
             flush_backoff: None,
             compactions_in_flight: 0,
@@ -733,11 +743,6 @@ impl Engine {
     /// throttling); cleared by the next success.
     pub fn flush_failing(&self) -> bool {
         self.flush_backoff.is_some()
-    }
-
-    /// The next storage effect to carry out.
-    pub fn poll_store_task(&mut self) -> Option<StoreTask> {
-        self.store_tasks.pop_front()
     }
 
     /// When `handle_timeout` should next be called.
@@ -1152,7 +1157,12 @@ impl Engine {
     }
 
     /// The result of a `Load` task.
-    pub fn handle_loaded(&mut self, now: Now, key: DocKey, result: Result<Loaded, TaskError>) {
+    pub(crate) fn handle_loaded(
+        &mut self,
+        now: Now,
+        key: DocKey,
+        result: Result<Loaded, TaskError>,
+    ) {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };

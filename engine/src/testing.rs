@@ -13,7 +13,7 @@ use meridian_protocol::ChangeHash;
 
 use crate::{
     DocKey, Engine, Loaded, LoadedChange, Now, Snapshot, SnapshotError, StoreTask, StoredChange,
-    TaskError, Transmit,
+    TaskError, TaskId, TaskResult, Transmit,
 };
 
 /// A durable tier in memory: every change ever flushed (never deleted), and each
@@ -103,35 +103,33 @@ pub struct Behaviour {
 pub fn execute(
     engine: &mut Engine,
     now: Now,
-    task: StoreTask,
+    (id, task): (TaskId, StoreTask),
     cache: &mut MemoryCache,
     durable: &mut MemoryDurable,
     behaviour: Behaviour,
 ) {
     match task {
-        StoreTask::Load { key } => {
+        StoreTask::Load { key } | StoreTask::Refresh { key } => {
             let loaded = load(&key, cache, durable, behaviour);
-            engine.handle_loaded(now, key, loaded);
+            engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
-        StoreTask::Refresh { key } => {
-            let loaded = load(&key, cache, durable, behaviour);
-            engine.handle_refreshed(now, key, loaded);
-        }
-        StoreTask::Cache { commit, changes } => {
+        StoreTask::Cache { changes, .. } => {
             for (key, change) in changes {
                 cache.queued.insert((key.clone(), change.hash));
                 cache.changes.insert((key, change.hash), change);
             }
-            engine.handle_cache_committed(now, commit);
+            engine.handle_task_done(now, id, TaskResult::Committed);
         }
-        StoreTask::Flush { batch, changes, .. } => {
-            if behaviour.fail_flushes {
-                let error = TaskError::Durable("the in-memory durable tier is failing".into());
-                engine.handle_flush_done(now, batch, Err(error));
+        StoreTask::Flush { changes, .. } => {
+            let result = if behaviour.fail_flushes {
+                Err(TaskError::Durable(
+                    "the in-memory durable tier is failing".into(),
+                ))
             } else {
                 durable.write(changes);
-                engine.handle_flush_done(now, batch, Ok(()));
-            }
+                Ok(())
+            };
+            engine.handle_task_done(now, id, TaskResult::Flushed(result));
         }
         StoreTask::Uncache { changes } => {
             for entry in changes {
@@ -145,7 +143,6 @@ pub fn execute(
             heads,
             ..
         } => {
-            let count = changes.len();
             let result = if behaviour.snapshots {
                 materialize(base.as_ref(), &changes, &heads).map_err(TaskError::from)
             } else {
@@ -156,7 +153,7 @@ pub fn execute(
             if let Ok(snapshot) = &result {
                 durable.snapshots.insert(key.clone(), snapshot.clone());
             }
-            engine.handle_compacted(now, key, result, count);
+            engine.handle_task_done(now, id, TaskResult::Compacted(result));
         }
     }
 }

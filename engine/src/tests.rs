@@ -500,7 +500,7 @@ fn enough_changes_start_one_background_compaction() {
     let t = now();
     let (mut h, _) = six_changes_past_the_snapshot_threshold(t);
     let mut compactions = Vec::new();
-    while let Some(task) = h.engine.poll_store_task() {
+    while let Some((_, task)) = h.engine.poll_store_task() {
         if let StoreTask::Compact {
             changes,
             heads,
@@ -1160,5 +1160,37 @@ fn a_tenant_over_its_memory_share_evicts_its_own_documents_then_is_refused() {
         h.engine.stats().cold_loads,
         loads,
         "globex's document stayed"
+    );
+}
+
+/// A result must come back with the id of its task: an unknown id, or a result of the
+/// wrong kind, changes nothing and counts a broken invariant; the right answer still
+/// completes the task afterwards.
+#[test]
+fn a_task_result_completes_only_the_task_it_belongs_to() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    let Some((id, StoreTask::Load { .. })) = h.engine.poll_store_task() else {
+        panic!("expected a load");
+    };
+    assert_eq!(h.engine.tasks_in_flight(), 1);
+    h.engine
+        .handle_task_done(t, TaskId(id.0 + 100), TaskResult::Committed);
+    h.engine.handle_task_done(t, id, TaskResult::Flushed(Ok(())));
+    assert_eq!(h.engine.stats().invariant_violations, 2);
+    assert_eq!(h.engine.tasks_in_flight(), 1, "the load still waits");
+    h.engine
+        .handle_task_done(t, id, TaskResult::Loaded(Ok(Loaded::default())));
+    assert_eq!(h.engine.tasks_in_flight(), 0);
+    assert_eq!(h.engine.stats().cold_loads, 1);
+    h.run(t);
+    assert!(
+        h.take(1)
+            .iter()
+            .any(|o| matches!(o, Outbound::CatchUp { .. })),
+        "the subscriber was served"
     );
 }

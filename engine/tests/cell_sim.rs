@@ -31,7 +31,7 @@ use automerge::transaction::Transactable;
 use bytes::Bytes;
 use meridian_engine::membership::{Member, Membership, MembershipConfig, PacketSealer, owner};
 use meridian_engine::testing::{self, Behaviour, MemoryCache, MemoryDurable};
-use meridian_engine::{DocKey, Engine, EngineConfig, Now, Outbound, SessionId, StoreTask};
+use meridian_engine::{DocKey, Engine, EngineConfig, Now, Outbound, SessionId, StoreTask, TaskId};
 use meridian_protocol::token::{Capability, DocScope, Rights};
 use meridian_protocol::{ChangeHash, DocId, NodeAddr, RelayToClient, TenantId, UserId};
 
@@ -336,7 +336,7 @@ impl Sim {
             .insert((self.tick + delay, self.wire_seq), (to, packet));
     }
 
-    fn store_task(&mut self, i: usize, task: StoreTask, now: Now) {
+    fn store_task(&mut self, i: usize, task: (TaskId, StoreTask), now: Now) {
         let Some(node) = self.nodes[i].as_mut() else {
             return;
         };

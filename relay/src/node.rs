@@ -20,7 +20,7 @@ use crate::cell::gossip::{CellView, Gossip};
 use crate::config::{DurableConfig, Limits, RelayConfig};
 use crate::engine::{
     DocKey, Engine, Loaded, LoadedChange, Now, Outbound, SessionId, Snapshot, SnapshotError,
-    StoreTask, StoredChange, TaskError,
+    StoreTask, StoredChange, TaskError, TaskId, TaskResult,
 };
 use crate::http::Readiness;
 use crate::session;
@@ -32,13 +32,8 @@ use crate::store::{DurableStore, LocalDirStore};
 use crate::writer::Outbox;
 use crate::{RelayError, tls};
 
-enum Completion {
-    Loaded(DocKey, Result<Loaded, TaskError>),
-    Refreshed(DocKey, Result<Loaded, TaskError>),
-    Compacted(DocKey, Result<Snapshot, TaskError>, usize),
-    Committed(u64),
-    Flushed(u64, Result<(), TaskError>),
-}
+/// A storage task's result, with the id the engine gave the task.
+struct Completion(TaskId, TaskResult);
 
 /// The cache worker's two queues: commits (at most one is ever in flight, so this never
 /// fills) and uncaches (which may wait, or be dropped: a dropped uncache only means a
@@ -49,7 +44,7 @@ struct CacheQueues {
 }
 
 enum CacheJob {
-    Commit(u64, Vec<(DocKey, StoredChange)>),
+    Commit(TaskId, Vec<(DocKey, StoredChange)>),
     Uncache(Vec<(DocKey, ChangeHash)>),
 }
 
@@ -669,13 +664,9 @@ impl Driver {
                     Some(input) => self.handle_input(input),
                     None => shutting_down = true,
                 },
-                Some(done) = done_rx.recv() => match done {
-                    Completion::Loaded(key, result) => self.engine.handle_loaded(now(), key, result),
-                    Completion::Refreshed(key, result) => self.engine.handle_refreshed(now(), key, result),
-                    Completion::Compacted(key, result, changes) => self.engine.handle_compacted(now(), key, result, changes),
-                    Completion::Committed(commit) => self.engine.handle_cache_committed(now(), commit),
-                    Completion::Flushed(batch, result) => self.engine.handle_flush_done(now(), batch, result),
-                },
+                Some(Completion(id, result)) = done_rx.recv() => {
+                    self.engine.handle_task_done(now(), id, result);
+                }
                 _ = sleep_until(timer), if timer.is_some() => self.engine.handle_timeout(now()),
                 changed = cell_changed(&mut cell) => match changed {
                     Some(view) => self.handle_cell_view(&view),
@@ -921,9 +912,9 @@ impl Driver {
     /// `permits`, and reports it as `completion`.
     fn spawn_load(
         &self,
+        id: TaskId,
         key: DocKey,
         permits: Arc<Semaphore>,
-        completion: fn(DocKey, Result<Loaded, TaskError>) -> Completion,
         done: &mpsc::Sender<Completion>,
         workers: &mut JoinSet<()>,
     ) {
@@ -931,13 +922,13 @@ impl Driver {
         workers.spawn(async move {
             let _permit = permits.acquire_owned().await;
             let result = load_doc(&cache, store.as_ref(), &key).await;
-            let _ = done.send(completion(key, result)).await;
+            let _ = done.send(Completion(id, TaskResult::Loaded(result))).await;
         });
     }
 
     fn execute(
         &mut self,
-        task: StoreTask,
+        (id, task): (TaskId, StoreTask),
         done: &mpsc::Sender<Completion>,
         cache: &CacheQueues,
         loads: &Arc<Semaphore>,
@@ -945,18 +936,18 @@ impl Driver {
     ) {
         match task {
             StoreTask::Load { key } => {
-                self.spawn_load(key, loads.clone(), Completion::Loaded, done, workers);
+                self.spawn_load(id, key, loads.clone(), done, workers);
             }
             // A refresh is a load whose result merges into a hot document; it waits on its
             // own permits so that cold loads never queue behind refreshes.
             StoreTask::Refresh { key } => {
                 let permits = self.refresh_permits.clone();
-                self.spawn_load(key, permits, Completion::Refreshed, done, workers);
+                self.spawn_load(id, key, permits, done, workers);
             }
-            StoreTask::Cache { commit, changes } => {
+            StoreTask::Cache { changes, .. } => {
                 if cache
                     .commits
-                    .try_send(CacheJob::Commit(commit, changes))
+                    .try_send(CacheJob::Commit(id, changes))
                     .is_err()
                 {
                     tracing::error!("cache worker queue full; this is a bug");
@@ -972,7 +963,6 @@ impl Driver {
             } => {
                 let (store, done) = (self.store.clone(), done.clone());
                 let materialized = self.materialized.clone();
-                let count = changes.len();
                 workers.spawn(async move {
                     let started = Instant::now();
                     let result =
@@ -981,7 +971,7 @@ impl Driver {
                         crate::metrics::snapshot_duration(started.elapsed());
                     }
                     tracing::debug!(tenant = %key.tenant, doc = %key.doc, elapsed = ?started.elapsed(), ok = result.is_ok(), "snapshot");
-                    let _ = done.send(Completion::Compacted(key, result, count)).await;
+                    let _ = done.send(Completion(id, TaskResult::Compacted(result))).await;
                 });
             }
             StoreTask::Uncache { changes } => {
@@ -993,9 +983,9 @@ impl Driver {
                 }
             }
             StoreTask::Flush {
-                batch,
                 jurisdiction,
                 changes,
+                ..
             } => {
                 // Residency, second check, right before the write: the batch is for this
                 // node's durable tier and every tenant in it belongs to that jurisdiction.
@@ -1010,7 +1000,8 @@ impl Driver {
                         store: self.engine.config().jurisdiction.clone(),
                     };
                     tracing::error!(%error, "residency check refused a flush batch");
-                    self.engine.handle_flush_done(now(), batch, Err(error));
+                    self.engine
+                        .handle_task_done(now(), id, TaskResult::Flushed(Err(error)));
                     return;
                 }
                 let (store, done) = (self.store.clone(), done.clone());
@@ -1019,7 +1010,7 @@ impl Driver {
                         .write_changes(&changes)
                         .await
                         .map_err(|e| TaskError::Durable(e.into()));
-                    let _ = done.send(Completion::Flushed(batch, result)).await;
+                    let _ = done.send(Completion(id, TaskResult::Flushed(result))).await;
                 });
             }
         }
@@ -1205,7 +1196,7 @@ async fn cache_worker(
             else => return,
         };
         match job {
-            CacheJob::Commit(commit, changes) => {
+            CacheJob::Commit(id, changes) => {
                 let mut delays =
                     meridian_process::backoff::exponential(CACHE_RETRY_INITIAL, CACHE_RETRY_MAX);
                 loop {
@@ -1223,7 +1214,7 @@ async fn cache_worker(
                         }
                     }
                 }
-                let _ = done.send(Completion::Committed(commit)).await;
+                let _ = done.send(Completion(id, TaskResult::Committed)).await;
             }
             CacheJob::Uncache(changes) => {
                 if let Err(error) = cache.uncache(&changes) {
