@@ -165,6 +165,8 @@ pub fn loaded_engine(changes: &[Bytes]) -> Result<LoadedEngine, String> {
     let tenant = TenantId::new("bench").map_err(|e| e.to_string())?;
     let engine = Engine::new(EngineConfig {
         jurisdiction: "bench".into(),
+        // The benchmark's clock stands still: commit at once, as a perfect disk would.
+        commit_interval_min: std::time::Duration::ZERO,
         tenant_jurisdictions: [(tenant.clone(), "bench".to_string())].into(),
         ..EngineConfig::default()
     });

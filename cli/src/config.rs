@@ -376,6 +376,7 @@ pub struct LimitsSection {
     pub unflushed_bytes_per_tenant_max: Option<usize>,
     pub subscriptions_per_session_max: Option<usize>,
     pub flush_interval_ms: Option<u64>,
+    pub commit_interval_ms: Option<u64>,
     pub flush_batch_max: Option<usize>,
     pub flush_in_flight_max: Option<usize>,
     pub snapshot_every_changes: Option<usize>,
@@ -626,6 +627,9 @@ impl RelayFile {
             }
             if let Some(v) = l.flush_interval_ms {
                 engine.flush_interval = ms(v);
+            }
+            if let Some(v) = l.commit_interval_ms {
+                engine.commit_interval_min = ms(v);
             }
             if let Some(v) = l.flush_batch_max {
                 engine.flush_batch_max = v.max(1);

@@ -50,7 +50,7 @@ impl Engine {
         for ack in acks {
             self.acknowledge(ack);
         }
-        self.start_commit();
+        self.start_commit(now.instant);
     }
 
     /// A `Flush` task finished: on success its changes are durable; on failure they go
@@ -98,6 +98,9 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Now) {
         self.progress_handoffs(now.instant);
         self.start_refreshes(now.instant);
+        if self.commit_due.is_some_and(|due| due <= now.instant) {
+            self.start_commit(now.instant);
+        }
         let Some(due) = self.flush_due else {
             return;
         };
@@ -158,13 +161,24 @@ impl Engine {
             || tenant >= self.config.unflushed_bytes_per_tenant_max
     }
 
-    /// Starts the next group commit if none is in flight and anything is waiting.
-    pub(super) fn start_commit(&mut self) {
+    /// Starts the next group commit if none is in flight, anything is waiting, and the
+    /// last one started at least `commit_interval_min` ago (otherwise the timer starts it):
+    /// one commit then covers every change of that interval.
+    pub(super) fn start_commit(&mut self, now: Instant) {
         if self.cache_in_flight.is_some()
             || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
         {
             return;
         }
+        if let Some(last) = self.last_commit_at {
+            let due = last + self.config.commit_interval_min;
+            if now < due {
+                self.commit_due = Some(due);
+                return;
+            }
+        }
+        self.commit_due = None;
+        self.last_commit_at = Some(now);
         let commit = self.next_commit;
         self.next_commit += 1;
         let changes = std::mem::take(&mut self.cache_pending);

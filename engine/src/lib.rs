@@ -163,6 +163,10 @@ pub struct EngineConfig {
     pub unflushed_bytes_per_tenant_max: usize,
     /// How long changes wait before a flush batch starts (they accumulate meanwhile).
     pub flush_interval: Duration,
+    /// The least time between the starts of two cache commits: changes that arrive in
+    /// between share the next one (and one flush of the cache), at the cost of at most
+    /// this much more before `applied`. Fan-out never waits for it.
+    pub commit_interval_min: Duration,
     /// Changes per flush batch.
     pub flush_batch_max: usize,
     /// Flush batches in flight at once.
@@ -246,6 +250,7 @@ impl Default for EngineConfig {
             unflushed_bytes_max: 512 << 20,
             unflushed_bytes_per_tenant_max: 128 << 20,
             flush_interval: Duration::from_millis(20),
+            commit_interval_min: Duration::from_millis(5),
             flush_batch_max: 500,
             flush_in_flight_max: 4,
             flush_retry_initial: Duration::from_millis(50),
@@ -538,6 +543,10 @@ pub struct Engine {
     /// refreshes, flushes and snapshots allowed in flight, and one cache commit).
     tasks: HashMap<TaskId, task::Pending>,
     flush_due: Option<Instant>,
+    /// When the last cache commit started, and when the next may (see
+    /// `commit_interval_min`).
+    last_commit_at: Option<Instant>,
+    commit_due: Option<Instant>,
     flush_backoff: Option<Duration>,
     compactions_in_flight: usize,
     /// Documents in the `Loading` state.
@@ -650,6 +659,8 @@ impl Engine {
             next_task: 1,
             tasks: HashMap::new(),
             flush_due: None,
+            last_commit_at: None,
+            commit_due: None,
             flush_backoff: None,
             compactions_in_flight: 0,
             loading: 0,
@@ -754,10 +765,15 @@ impl Engine {
         } else {
             self.flush_due
         };
-        [flush, self.handoff_deadline(), self.refresh_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            flush,
+            self.commit_due,
+            self.handoff_deadline(),
+            self.refresh_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// A connection authenticated with `capability`.
@@ -1707,7 +1723,7 @@ impl Engine {
         }
         self.recency.touch(key);
         self.reaccount(key);
-        self.start_commit();
+        self.start_commit(now.instant);
         self.maybe_compact(now.instant, key);
     }
 }

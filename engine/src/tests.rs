@@ -25,9 +25,11 @@ fn capability(user: &str, rights: Rights) -> Capability {
     }
 }
 
-/// The default config with tenant `acme` resident in jurisdiction `dev`.
+/// The default config with tenant `acme` resident in jurisdiction `dev`, every cache
+/// commit started at once (the tests drive one instant at a time).
 fn config() -> EngineConfig {
     EngineConfig {
+        commit_interval_min: Duration::ZERO,
         jurisdiction: "dev".into(),
         tenant_jurisdictions: [(TenantId::new("acme").unwrap(), "dev".to_string())].into(),
         ..EngineConfig::default()
@@ -1179,7 +1181,8 @@ fn a_task_result_completes_only_the_task_it_belongs_to() {
     assert_eq!(h.engine.tasks_in_flight(), 1);
     h.engine
         .handle_task_done(t, TaskId(id.0 + 100), TaskResult::Committed);
-    h.engine.handle_task_done(t, id, TaskResult::Flushed(Ok(())));
+    h.engine
+        .handle_task_done(t, id, TaskResult::Flushed(Ok(())));
     assert_eq!(h.engine.stats().invariant_violations, 2);
     assert_eq!(h.engine.tasks_in_flight(), 1, "the load still waits");
     h.engine
@@ -1192,5 +1195,66 @@ fn a_task_result_completes_only_the_task_it_belongs_to() {
             .iter()
             .any(|o| matches!(o, Outbound::CatchUp { .. })),
         "the subscriber was served"
+    );
+}
+
+/// Cache commits start at most every `commit_interval_min`: changes that arrive in
+/// between are fanned out at once but share the next commit, started by the timer.
+#[test]
+fn changes_within_the_commit_interval_share_one_commit() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        commit_interval_min: Duration::from_millis(5),
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    let mut doc = AutoCommit::new();
+    let mut commits = 0;
+    for i in 0..3 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+        let last = changes_of(&mut doc).pop().unwrap();
+        h.engine.handle_changes(t, 1, doc_id(), vec![last]);
+        while let Some((id, task)) = h.engine.poll_store_task() {
+            if matches!(task, StoreTask::Cache { .. }) {
+                commits += 1;
+            }
+            testing::execute(
+                &mut h.0.engine,
+                t,
+                (id, task),
+                &mut h.0.cache,
+                &mut h.0.durable,
+                testing::Behaviour::default(),
+            );
+        }
+        h.run(t);
+    }
+    assert_eq!(commits, 1, "only the first change's commit starts at once");
+    let fanned: usize = h
+        .take(2)
+        .iter()
+        .filter_map(fanned_out)
+        .map(|c| c.len())
+        .sum();
+    assert_eq!(fanned, 3, "fan-out does not wait for the commit");
+    let applied = |out: &[Outbound]| -> usize {
+        out.iter()
+            .map(|o| match o {
+                Outbound::Message(RelayToClient::Applied { changes, .. }) => changes.len(),
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(applied(&h.take(1)), 1);
+    let due = h.engine.poll_timeout().expect("the next commit is timed");
+    assert_eq!(due, t.instant + Duration::from_millis(5));
+    h.fire_timer();
+    assert_eq!(
+        applied(&h.take(1)),
+        2,
+        "the other two share the second commit"
     );
 }
