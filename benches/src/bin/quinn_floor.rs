@@ -12,12 +12,20 @@
 //!
 //! The server keeps one task per connection and one per document stream, and no
 //! application state: what it costs is quinn's, rustls's and tokio's.
+//!
+//! With `--fanout-rate R` it measures the CPU floor under the relay's `steady` scenario
+//! instead: connections are grouped `--group` to a document, every client sends a
+//! change-sized message on its document stream `R` times a second, and the server writes
+//! each message to the other members' streams straight from the task that read it (no
+//! queues, no application state). The server's CPU over a window, divided by the
+//! messages sent in it, is the transport's cost per change.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -42,6 +50,16 @@ struct Args {
     /// Seconds to hold every connection before reading the server's RSS.
     #[arg(long, default_value_t = 3)]
     settle: u64,
+    /// Messages per second each client sends on its document stream (0: idle, measure
+    /// memory instead).
+    #[arg(long, default_value_t = 0.0)]
+    fanout_rate: f64,
+    /// Connections per document in the fan-out measurement.
+    #[arg(long, default_value_t = 10)]
+    group: usize,
+    /// Seconds over which the fan-out measurement reads the server's CPU.
+    #[arg(long, default_value_t = 10)]
+    window: u64,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -49,6 +67,13 @@ struct Args {
     #[arg(long, hide = true)]
     serve: Option<PathBuf>,
 }
+
+/// A change as a raw writer sends it (one keystroke with its frame header).
+const CHANGE: [u8; 150] = [5; 150];
+
+/// The fan-out server's document groups: each member's send stream, by group.
+type Groups = Arc<std::sync::Mutex<std::collections::HashMap<u64, Vec<Member>>>>;
+type Member = Arc<tokio::sync::Mutex<quinn::SendStream>>;
 
 /// What a client sends on each stream before it goes idle: a `hello` with a token, or a
 /// `subscribe`, are about this size.
@@ -89,11 +114,12 @@ async fn serve(dir: &Path) -> Result<()> {
         let mut sink = [0u8; 64];
         while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
     });
+    let groups = Groups::default();
     let accept = async {
         let mut connections = JoinSet::new();
         while let Some(incoming) = endpoint.accept().await {
             let limits = limits.clone();
-            connections.spawn(hold_connection(incoming, limits));
+            connections.spawn(hold_connection(incoming, limits, groups.clone()));
             while connections.try_join_next().is_some() {}
         }
     };
@@ -107,7 +133,7 @@ async fn serve(dir: &Path) -> Result<()> {
 
 /// One connection on the server: the control stream's first message opens the
 /// connection up as `hello` does in the relay; every document stream is held by a task.
-async fn hold_connection(incoming: quinn::Incoming, limits: Limits) {
+async fn hold_connection(incoming: quinn::Incoming, limits: Limits, groups: Groups) {
     let Ok(connection) = incoming.await else {
         return;
     };
@@ -129,7 +155,7 @@ async fn hold_connection(incoming: quinn::Incoming, limits: Limits) {
         tokio::select! {
             accepted = connection.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(hold_stream(send, recv));
+                    streams.spawn(hold_stream(send, recv, groups.clone()));
                 }
                 Err(_) => break,
             },
@@ -140,12 +166,38 @@ async fn hold_connection(incoming: quinn::Incoming, limits: Limits) {
     }
 }
 
-/// One document stream on the server: answers each message until the peer finishes.
-async fn hold_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// One document stream on the server: answers its first message (a `subscribe`; its
+/// first 8 bytes name the document's group), then writes every change it reads to the
+/// group's other members.
+async fn hold_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, groups: Groups) {
     let mut message = [0u8; MESSAGE.len()];
-    while recv.read_exact(&mut message).await.is_ok() {
-        if send.write_all(&ANSWER).await.is_err() {
-            return;
+    if recv.read_exact(&mut message).await.is_err() || send.write_all(&ANSWER).await.is_err() {
+        return;
+    }
+    let mut group = [0u8; 8];
+    group.copy_from_slice(&message[..8]);
+    let group = u64::from_be_bytes(group);
+    let me: Member = Arc::new(tokio::sync::Mutex::new(send));
+    if let Ok(mut groups) = groups.lock() {
+        groups.entry(group).or_default().push(me.clone());
+    }
+    let mut change = [0u8; CHANGE.len()];
+    while recv.read_exact(&mut change).await.is_ok() {
+        let others: Vec<Member> = match groups.lock() {
+            Ok(groups) => groups
+                .get(&group)
+                .map(|members| {
+                    members
+                        .iter()
+                        .filter(|m| !Arc::ptr_eq(m, &me))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Err(_) => return,
+        };
+        for other in others {
+            let _ = other.lock().await.write_all(&change).await;
         }
     }
 }
@@ -198,9 +250,10 @@ impl Drop for Server {
 async fn client(
     endpoint: quinn::Endpoint,
     addr: SocketAddr,
-    docs: usize,
+    (docs, group): (usize, u64),
     up: mpsc::Sender<Result<(), String>>,
     mut stop: watch::Receiver<bool>,
+    fanout: Option<(f64, f64, Arc<Counters>)>,
 ) {
     let setup = async {
         let connection = endpoint
@@ -211,7 +264,9 @@ async fn client(
         let mut streams = Vec::with_capacity(docs + 1);
         for _ in 0..=docs {
             let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-            send.write_all(&MESSAGE).await.map_err(|e| e.to_string())?;
+            let mut message = MESSAGE;
+            message[..8].copy_from_slice(&group.to_be_bytes());
+            send.write_all(&message).await.map_err(|e| e.to_string())?;
             let mut answer = [0u8; ANSWER.len()];
             recv.read_exact(&mut answer)
                 .await
@@ -234,8 +289,46 @@ async fn client(
     if up.send(Ok(())).await.is_err() {
         return;
     }
-    let _ = stop.wait_for(|stop| *stop).await;
-    held.0.close(0u32.into(), b"done");
+    let (connection, mut streams) = held;
+    if let (Some((rate, phase, counters)), Some((mut send, mut recv))) = (fanout, streams.pop()) {
+        let reader = {
+            let counters = counters.clone();
+            async move {
+                let mut change = [0u8; CHANGE.len()];
+                while recv.read_exact(&mut change).await.is_ok() {
+                    counters.received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        };
+        let writer = async move {
+            // Each client its own phase, so that the clients do not send together.
+            let period = Duration::from_secs_f64(1.0 / rate.max(0.001));
+            tokio::time::sleep(period.mul_f64(phase)).await;
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                if send.write_all(&CHANGE).await.is_err() {
+                    return;
+                }
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        tokio::select! {
+            _ = reader => {}
+            _ = writer => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+    } else {
+        let _ = stop.wait_for(|stop| *stop).await;
+    }
+    connection.close(0u32.into(), b"done");
+}
+
+/// Messages the fan-out clients sent and received.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 /// What one run measured.
@@ -249,6 +342,11 @@ struct Report {
     server_rss_before: u64,
     server_rss_with_connections: u64,
     rss_per_connection: f64,
+    /// Fan-out: messages sent in the window, deliveries received, and the server's CPU
+    /// per message sent (milliseconds).
+    fanout_sent: Option<u64>,
+    fanout_received: Option<u64>,
+    server_cpu_ms_per_message: Option<f64>,
 }
 
 /// Connections that came up and those that did not.
@@ -291,14 +389,21 @@ async fn measure(args: &Args, server: &Server, dir: &Path) -> Result<()> {
         1.0 / f64::from(args.connect_rate.max(1)),
     ));
     let mut tally = Tally::default();
+    let counters = Arc::new(Counters::default());
+    let fanout = |i: usize| {
+        // Phases spread evenly over the period (the golden ratio's fractional multiples).
+        let phase = (i as f64 * 0.618_034).fract();
+        (args.fanout_rate > 0.0).then(|| (args.fanout_rate, phase, counters.clone()))
+    };
     for i in 0..args.clients {
         pace.tick().await;
         clients.spawn(client(
             endpoints[i % endpoints.len()].clone(),
             server.addr,
-            args.docs_per_client,
+            (args.docs_per_client, (i / args.group.max(1)) as u64),
             up_tx.clone(),
             stop.clone(),
+            fanout(i),
         ));
         while let Ok(result) = up.try_recv() {
             tally.add(result);
@@ -318,6 +423,26 @@ async fn measure(args: &Args, server: &Server, dir: &Path) -> Result<()> {
 
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let with = server.rss()?;
+    let mut window = None;
+    if args.fanout_rate > 0.0 {
+        let usage = |server: &Server| {
+            meridian_benches::process_usage(server.child.id())
+                .map(|(_, cpu)| cpu)
+                .context("reading the server's CPU from /proc")
+        };
+        let (cpu0, sent0, received0) = (
+            usage(server)?,
+            counters.sent.load(Ordering::Relaxed),
+            counters.received.load(Ordering::Relaxed),
+        );
+        tokio::time::sleep(Duration::from_secs(args.window)).await;
+        let (cpu1, sent1, received1) = (
+            usage(server)?,
+            counters.sent.load(Ordering::Relaxed),
+            counters.received.load(Ordering::Relaxed),
+        );
+        window = Some((sent1 - sent0, received1 - received0, cpu1 - cpu0));
+    }
     let _ = stop_tx.send(true);
     while clients.join_next().await.is_some() {}
     for endpoint in &endpoints {
@@ -333,6 +458,10 @@ async fn measure(args: &Args, server: &Server, dir: &Path) -> Result<()> {
         server_rss_before: before,
         server_rss_with_connections: with,
         rss_per_connection: with.saturating_sub(before) as f64 / tally.connected.max(1) as f64,
+        fanout_sent: window.map(|(sent, _, _)| sent),
+        fanout_received: window.map(|(_, received, _)| received),
+        server_cpu_ms_per_message: window
+            .map(|(sent, _, cpu)| cpu * 1000.0 / sent.max(1) as f64),
     };
     println!("bare quinn server, the relay's TLS and transport settings");
     println!(
@@ -348,6 +477,16 @@ async fn measure(args: &Args, server: &Server, dir: &Path) -> Result<()> {
         "RSS per connection   {:.1} KiB",
         report.rss_per_connection / 1024.0
     );
+    if let (Some(sent), Some(received), Some(cpu)) = (
+        report.fanout_sent,
+        report.fanout_received,
+        report.server_cpu_ms_per_message,
+    ) {
+        println!(
+            "fan-out              {sent} messages sent and {received} delivered in {} s; server CPU {cpu:.3} ms per message",
+            args.window
+        );
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| path.display().to_string())?;
