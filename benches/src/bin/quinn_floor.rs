@@ -460,8 +460,7 @@ async fn measure(args: &Args, server: &Server, dir: &Path) -> Result<()> {
         rss_per_connection: with.saturating_sub(before) as f64 / tally.connected.max(1) as f64,
         fanout_sent: window.map(|(sent, _, _)| sent),
         fanout_received: window.map(|(_, received, _)| received),
-        server_cpu_ms_per_message: window
-            .map(|(sent, _, cpu)| cpu * 1000.0 / sent.max(1) as f64),
+        server_cpu_ms_per_message: window.map(|(sent, _, cpu)| cpu * 1000.0 / sent.max(1) as f64),
     };
     println!("bare quinn server, the relay's TLS and transport settings");
     println!(
