@@ -24,9 +24,6 @@ use crate::writer::{Outbox, QueueBudget, close, close_code};
 
 /// The most bytes read from a stream at once.
 const READ_CHUNK: usize = 64 << 10;
-/// How long a refusal or a close reason written just before a stream or connection ends
-/// may take to be acknowledged by the peer.
-pub(crate) const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a stream stopped being readable.
 #[derive(Debug)]
@@ -840,7 +837,7 @@ async fn refuse(
 ) {
     let frame = RelayToClient::error(code, None, message).to_bytes();
     if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, send.stopped()).await;
+        let _ = tokio::time::timeout(crate::writer::LAST_WORD_TIMEOUT, send.stopped()).await;
     }
     shared
         .rate_limits
@@ -917,7 +914,7 @@ async fn refuse_placement(connection: &quinn::Connection, send: &mut SendStream,
     crate::metrics::connection_rejected("not_home");
     let frame = message.to_bytes();
     if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, send.stopped()).await;
+        let _ = tokio::time::timeout(crate::writer::LAST_WORD_TIMEOUT, send.stopped()).await;
     }
     connection.close(
         VarInt::from(u32::from(code.code())),

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+/// How long a refusal or a close reason written just before a stream or connection ends
+/// may take to be acknowledged by the peer.
+pub(crate) const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 use meridian_protocol::{ErrorCode, MAX_SNAPSHOT_CHUNK, RelayToClient};
 use quinn::{SendStream, VarInt};
 
@@ -269,8 +273,7 @@ pub(crate) fn writer(
             }
             if let Some(code) = close {
                 let _ = send.finish();
-                let _ =
-                    tokio::time::timeout(crate::session::LAST_WORD_TIMEOUT, send.stopped()).await;
+                let _ = tokio::time::timeout(LAST_WORD_TIMEOUT, send.stopped()).await;
                 limits.closed(connection.remote_address().ip(), code);
                 self::close(&connection, code);
                 return;
