@@ -1240,3 +1240,74 @@ async fn a_misbehaving_address_is_refused_at_the_handshake_for_a_while() {
     assert!(matches!(fine.first, Some(RelayToClient::Welcome { .. })));
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A tenant that opens document after document fills only its own share of the node's
+/// memory: past it, its subscribes are refused with `overloaded` (retryable), while
+/// another tenant opens, writes and reads as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_opening_documents_fills_only_its_own_memory_share() {
+    let dev = Dev::new();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    // About 40 empty documents' worth per tenant.
+    config.engine.hot_bytes_per_tenant_max = 40 * meridian_relay::engine::DOC_OVERHEAD_BYTES;
+    let other_key = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
+    config.tenants.push(TenantKeys {
+        tenant: TenantId::new("globex").unwrap(),
+        jurisdiction: None,
+        public_keys: vec![other_key.public_key().unwrap()],
+        max_token_lifetime: None,
+    });
+    let relay = meridian_relay::start(config).await.unwrap();
+    let addr = relay.local_addr();
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new("globex").unwrap(),
+        user: meridian_protocol::UserId::new("mallory").unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        id: "globex-1".into(),
+        issued_at: common::unix_now(),
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    let token = meridian_protocol::token::mint(&capability, &other_key).unwrap();
+    let attacker = dev.raw(addr, token).await;
+    let (mut synced, mut refused) = (0, 0);
+    let mut held = Vec::new();
+    for i in 0..60 {
+        let mut stream = attacker.subscribe(&format!("hoard-{i}")).await;
+        match stream
+            .until(|m| {
+                matches!(
+                    m,
+                    RelayToClient::Synced { .. } | RelayToClient::Error { .. }
+                )
+            })
+            .await
+        {
+            Some(RelayToClient::Synced { .. }) => synced += 1,
+            Some(RelayToClient::Error {
+                code: ErrorCode::Overloaded,
+                ..
+            }) => refused += 1,
+            other => panic!("document {i}: {other:?}"),
+        }
+        // Subscribed streams stay open: their documents stay in use.
+        held.push(stream);
+    }
+    assert!((30..45).contains(&synced), "{synced} documents loaded");
+    assert_eq!(synced + refused, 60);
+    // The other tenant is untouched.
+    let acme = dev.client(addr, "alice").await;
+    for name in ["a", "b", "c"] {
+        let doc = acme.open(name).await.unwrap();
+        doc.change(|d| d.put(automerge::ROOT, "k", name).unwrap())
+            .unwrap();
+        common::wait_durable(&doc).await;
+    }
+    still_serving(&dev, addr).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.stats().engine.memory_refusals >= refused as u64);
+    drop(held);
+    acme.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
