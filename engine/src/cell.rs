@@ -111,7 +111,8 @@ impl Engine {
         cell.members = addrs;
         cell.generations = generations;
         self.membership_changed_at = Some(now.instant);
-        let keys: Vec<DocKey> = self.docs.keys().cloned().collect();
+        let mut keys: Vec<DocKey> = self.docs.keys().cloned().collect();
+        keys.sort();
         let mut started = false;
         for key in keys {
             let to = self.owner_elsewhere(&key);
@@ -373,7 +374,7 @@ impl Engine {
             return;
         }
         let timeout = self.config.handoff_timeout;
-        let ready: Vec<DocKey> = self
+        let mut ready: Vec<DocKey> = self
             .docs
             .iter()
             .filter(|(_, d)| {
@@ -385,6 +386,7 @@ impl Engine {
             })
             .map(|(k, _)| k.clone())
             .collect();
+        ready.sort();
         let handed_off = !ready.is_empty();
         for key in ready {
             let Some(doc) = self.docs.get_mut(&key) else {

@@ -1,7 +1,7 @@
 //! Acknowledgements and durability: the group commit to the cache, `applied`, the batched
 //! flush to the durable tier with retry and backoff, and `durable`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient, TenantId};
@@ -248,7 +248,7 @@ impl Engine {
                     .push(now.instant.saturating_duration_since(item.since));
             }
         }
-        let mut by_doc: HashMap<DocKey, Vec<ChangeHash>> = HashMap::new();
+        let mut by_doc: BTreeMap<DocKey, Vec<ChangeHash>> = BTreeMap::new();
         for item in items {
             by_doc.entry(item.key).or_default().push(item.hash);
         }
@@ -258,7 +258,7 @@ impl Engine {
                 self.stats.invariant_violations += 1;
                 continue;
             };
-            let mut notify: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
+            let mut notify: BTreeMap<SessionId, Vec<ChangeHash>> = BTreeMap::new();
             for hash in &hashes {
                 if let Some(index) = entry.graph.index_of(hash)
                     && entry.graph.mark_durable(index)

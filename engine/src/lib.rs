@@ -1236,7 +1236,8 @@ impl Engine {
 
     /// Tells every session the relay is going away.
     pub fn handle_shutdown(&mut self) {
-        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        sessions.sort_unstable();
         for session in sessions {
             self.transmits.push_back(Transmit {
                 session,
@@ -1687,7 +1688,9 @@ impl Engine {
         }
 
         // Queue new changes for the next cache commit and the acks to release with it.
-        let mut acks: HashMap<SessionId, Vec<ChangeHash>> = HashMap::new();
+        // Ordered, like every other output, so that a run repeats exactly.
+        let mut acks: std::collections::BTreeMap<SessionId, Vec<ChangeHash>> =
+            std::collections::BTreeMap::new();
         for (origin, index) in &accepted {
             let item = entry.graph.entry(*index);
             // Changes added by the hot path always carry their writer.
@@ -1767,12 +1770,21 @@ impl Engine {
             Some(owner) => {
                 // Bounded: a forger sending changes under a known actor must not make
                 // every change a scan of the node's documents.
+                // The tenant's documents, most recently used first.
                 let held_elsewhere = self
-                    .docs
-                    .iter()
-                    .filter(|(other, _)| other.tenant == key.tenant && *other != key)
+                    .recency
+                    .docs_of(&key.tenant)
+                    .filter(|doc| **doc != key.doc)
                     .take(ATTRIBUTE_SCAN_MAX)
-                    .any(|(_, doc)| doc.graph.index_of(&change.hash).is_some());
+                    .any(|doc| {
+                        let other = DocKey {
+                            tenant: key.tenant.clone(),
+                            doc: doc.clone(),
+                        };
+                        self.docs
+                            .get(&other)
+                            .is_some_and(|d| d.graph.index_of(&change.hash).is_some())
+                    });
                 held_elsewhere.then_some(owner)
             }
         }

@@ -61,6 +61,14 @@ impl Recency {
         }
     }
 
+    /// A tenant's documents, most recently used first.
+    pub(super) fn docs_of(&self, tenant: &TenantId) -> impl Iterator<Item = &DocId> {
+        self.by_tenant
+            .get(tenant)
+            .into_iter()
+            .flat_map(|list| list.iter().map(|(doc, ())| doc))
+    }
+
     /// A tenant's documents, least recently used first, at most [`EVICT_SCAN_MAX`].
     fn oldest(&self, tenant: &TenantId) -> Vec<DocId> {
         self.by_tenant.get(tenant).map_or_else(Vec::new, |list| {
@@ -165,13 +173,14 @@ impl Engine {
     /// allow.
     pub(super) fn make_room(&mut self) {
         let share = self.config.hot_bytes_per_tenant_max;
-        let over: Vec<TenantId> = self
+        let mut over: Vec<TenantId> = self
             .usage
             .hot_bytes_by_tenant
             .iter()
             .filter(|(_, bytes)| **bytes > share)
             .map(|(tenant, _)| tenant.clone())
             .collect();
+        over.sort();
         for tenant in over {
             let t = tenant.clone();
             self.evict_tenant(&tenant, |e| e.tenant_bytes(&t) <= share);
@@ -185,7 +194,8 @@ impl Engine {
                 .hot_bytes_by_tenant
                 .iter()
                 .filter(|(tenant, _)| !exhausted.contains(tenant))
-                .max_by_key(|(_, bytes)| **bytes)
+                // Ties go to the greatest tenant id, so that the choice is repeatable.
+                .max_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
                 .map(|(tenant, _)| tenant.clone())
             else {
                 break;
