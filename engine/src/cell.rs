@@ -235,7 +235,10 @@ impl Engine {
             doc.refreshing = true;
             doc.last_refresh = Some(now);
             self.stats.refreshes += 1;
-            self.store_tasks.push_back(StoreTask::Refresh { key });
+            self.store_tasks.push_back(StoreTask::Refresh {
+                key,
+                snapshot: true,
+            });
         }
     }
 
@@ -260,8 +263,10 @@ impl Engine {
         doc.refreshing = true;
         doc.last_refresh = Some(now);
         self.stats.refreshes += 1;
-        self.store_tasks
-            .push_back(StoreTask::Refresh { key: key.clone() });
+        self.store_tasks.push_back(StoreTask::Refresh {
+            key: key.clone(),
+            snapshot: true,
+        });
     }
 
     /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
@@ -276,6 +281,16 @@ impl Engine {
         let Some(doc) = self.docs.get_mut(&key) else {
             return;
         };
+        if let Err(TaskError::Snapshot(reason)) = &result {
+            // As for a load: read every change item instead; still refreshing.
+            tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; refreshing from every change");
+            self.stats.corrupt_snapshots += 1;
+            self.store_tasks.push_back(StoreTask::Refresh {
+                key,
+                snapshot: false,
+            });
+            return;
+        }
         doc.refreshing = false;
         doc.last_refresh = Some(now.instant);
         let loaded = match result {

@@ -321,6 +321,10 @@ pub enum StoreTask {
     Load {
         /// The document.
         key: DocKey,
+        /// Start from the newest snapshot (checked: it must load to the heads its record
+        /// names, or the answer is [`TaskError::Snapshot`]) and its tail; `false`: read
+        /// every change item instead (after a refused snapshot).
+        snapshot: bool,
     },
     /// Write these changes to the cache and its flush queue, make them crash-safe in one
     /// flush, then answer [`TaskResult::Committed`]. May be empty (acks only).
@@ -345,6 +349,8 @@ pub enum StoreTask {
     Refresh {
         /// The document.
         key: DocKey,
+        /// As for `Load`.
+        snapshot: bool,
     },
     /// Materialize the document and store a snapshot; answer [`TaskResult::Compacted`].
     Compact {
@@ -412,6 +418,9 @@ pub struct Stats {
     pub backlog_refusals: u64,
     /// Idle documents evicted from memory (they reload on demand).
     pub evictions: u64,
+    /// Snapshots refused on load or refresh (they do not load to their recorded heads);
+    /// the document was read from every change item instead.
+    pub corrupt_snapshots: u64,
     /// Subscribes refused because loading the document would pass a memory budget.
     pub memory_refusals: u64,
 }
@@ -985,7 +994,10 @@ impl Engine {
                 self.docs.insert(key.clone(), loading);
                 self.recency.touch(&key);
                 self.reaccount(&key);
-                self.store_tasks.push_back(StoreTask::Load { key });
+                self.store_tasks.push_back(StoreTask::Load {
+                    key,
+                    snapshot: true,
+                });
             }
         }
     }
@@ -1182,6 +1194,20 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(&key) else {
             return;
         };
+        if !matches!(entry.state, DocState::Loading { .. }) {
+            return;
+        }
+        if let Err(TaskError::Snapshot(reason)) = &result {
+            // The snapshot is refused, never served; change items are never deleted, so
+            // the document is read from all of them instead. It stays loading.
+            tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; loading every change");
+            self.stats.corrupt_snapshots += 1;
+            self.store_tasks.push_back(StoreTask::Load {
+                key,
+                snapshot: false,
+            });
+            return;
+        }
         let DocState::Loading {
             subscribes,
             changes,

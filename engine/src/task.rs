@@ -37,8 +37,8 @@ pub(super) enum Pending {
 impl Pending {
     fn of(task: &StoreTask) -> Option<Pending> {
         match task {
-            StoreTask::Load { key } => Some(Pending::Load(key.clone())),
-            StoreTask::Refresh { key } => Some(Pending::Refresh(key.clone())),
+            StoreTask::Load { key, .. } => Some(Pending::Load(key.clone())),
+            StoreTask::Refresh { key, .. } => Some(Pending::Refresh(key.clone())),
             StoreTask::Cache { commit, .. } => Some(Pending::Commit(*commit)),
             StoreTask::Flush { batch, .. } => Some(Pending::Flush(*batch)),
             StoreTask::Compact { key, changes, .. } => {

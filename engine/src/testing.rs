@@ -97,6 +97,8 @@ pub struct Behaviour {
     /// Snapshots are made (materialized with Automerge); otherwise every `Compact`
     /// fails, and documents are served from their changes.
     pub snapshots: bool,
+    /// Every stored snapshot fails its check when a load or refresh starts from it.
+    pub corrupt_snapshots: bool,
 }
 
 /// Carries out one task for `engine` and hands it the result.
@@ -109,8 +111,8 @@ pub fn execute(
     behaviour: Behaviour,
 ) {
     match task {
-        StoreTask::Load { key } | StoreTask::Refresh { key } => {
-            let loaded = load(&key, cache, durable, behaviour);
+        StoreTask::Load { key, snapshot } | StoreTask::Refresh { key, snapshot } => {
+            let loaded = load(&key, snapshot, cache, durable, behaviour);
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Cache { changes, .. } => {
@@ -159,9 +161,11 @@ pub fn execute(
 }
 
 /// What a load reads: the durable changes (a snapshot's changes are among them: change
-/// items are never deleted) and the cached ones, those still queued marked not durable.
+/// items are never deleted) and the cached ones, those still queued marked not durable;
+/// and, when asked to start from it, the newest snapshot.
 fn load(
     key: &DocKey,
+    from_snapshot: bool,
     cache: &MemoryCache,
     durable: &MemoryDurable,
     behaviour: Behaviour,
@@ -170,6 +174,14 @@ fn load(
         return Err(TaskError::Durable(
             "the in-memory durable tier is failing".into(),
         ));
+    }
+    let snapshot = if from_snapshot {
+        durable.snapshots.get(key).cloned()
+    } else {
+        None
+    };
+    if snapshot.is_some() && behaviour.corrupt_snapshots {
+        return Err(TaskError::Snapshot(SnapshotError::HeadsDiffer));
     }
     let mut changes: Vec<LoadedChange> = durable
         .changes(key)
@@ -182,10 +194,7 @@ fn load(
         let queued = cache.queued.contains(&(k.clone(), *hash));
         changes.push(LoadedChange::stored(change.clone(), !queued));
     }
-    Ok(Loaded {
-        changes,
-        snapshot: durable.snapshots.get(key).cloned(),
-    })
+    Ok(Loaded { changes, snapshot })
 }
 
 /// Materializes a document from its base snapshot and the changes after it, checks the

@@ -1258,3 +1258,36 @@ fn changes_within_the_commit_interval_share_one_commit() {
         "the other two share the second commit"
     );
 }
+
+/// A snapshot that fails its check on load is refused, never served: the engine counts
+/// it and loads the document again from every change item, and the subscriber gets every
+/// change.
+#[test]
+fn a_refused_snapshot_loads_the_document_from_every_change() {
+    let t = now();
+    let (mut h, doc) = six_changes_past_the_snapshot_threshold(t);
+    h.behaviour.snapshots = true;
+    h.run(t);
+    h.fire_timer();
+    assert!(h.durable.snapshot(&doc_key()).is_some());
+    // Another node, sharing the durable tier, whose read of the snapshot fails its check.
+    let mut other = Harness::new();
+    other.durable = h.durable.clone();
+    other.behaviour.corrupt_snapshots = true;
+    other
+        .engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    other.run(t);
+    assert_eq!(other.engine.stats().corrupt_snapshots, 1);
+    assert_eq!(other.engine.stats().cold_loads, 1);
+    let out = other.take(2);
+    let Some(Outbound::CatchUp {
+        snapshot, changes, ..
+    }) = out.first()
+    else {
+        panic!("expected a catch-up, got {out:?}");
+    };
+    assert!(snapshot.is_none(), "a refused snapshot is never served");
+    assert_eq!(changes.len(), doc.clone().get_changes(&[]).len());
+}

@@ -312,6 +312,7 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_snapshot_errors_total").absolute(engine.snapshot_errors);
     counter!("meridian_cold_loads_total").absolute(engine.cold_loads);
     counter!("meridian_corrupt_changes_total").absolute(engine.corrupt_changes);
+    counter!("meridian_corrupt_snapshots_total").absolute(engine.corrupt_snapshots);
     counter!("meridian_slow_consumers_total").absolute(stats.slow_consumers);
     counter!("meridian_residency_violations_refused_total", "check" => "engine")
         .absolute(engine.residency_refusals);
@@ -399,11 +400,6 @@ pub fn durable_ack_latency(latency: Duration) {
 /// One snapshot's duration.
 pub fn snapshot_duration(duration: Duration) {
     histogram!("meridian_snapshot_duration_seconds").record(duration.as_secs_f64());
-}
-
-/// A snapshot refused on load.
-pub fn corrupt_snapshot() {
-    counter!("meridian_corrupt_snapshots_total").increment(1);
 }
 
 /// A durable-tier retry of the given kind.

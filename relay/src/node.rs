@@ -913,7 +913,7 @@ impl Driver {
     fn spawn_load(
         &self,
         id: TaskId,
-        key: DocKey,
+        (key, snapshot): (DocKey, bool),
         permits: Arc<Semaphore>,
         done: &mpsc::Sender<Completion>,
         workers: &mut JoinSet<()>,
@@ -921,7 +921,7 @@ impl Driver {
         let (store, cache, done) = (self.store.clone(), self.cache.clone(), done.clone());
         workers.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let result = load_doc(&cache, store.as_ref(), &key).await;
+            let result = load_doc(&cache, store.as_ref(), &key, snapshot).await;
             let _ = done.send(Completion(id, TaskResult::Loaded(result))).await;
         });
     }
@@ -935,14 +935,14 @@ impl Driver {
         workers: &mut JoinSet<()>,
     ) {
         match task {
-            StoreTask::Load { key } => {
-                self.spawn_load(id, key, loads.clone(), done, workers);
+            StoreTask::Load { key, snapshot } => {
+                self.spawn_load(id, (key, snapshot), loads.clone(), done, workers);
             }
             // A refresh is a load whose result merges into a hot document; it waits on its
             // own permits so that cold loads never queue behind refreshes.
-            StoreTask::Refresh { key } => {
+            StoreTask::Refresh { key, snapshot } => {
                 let permits = self.refresh_permits.clone();
-                self.spawn_load(id, key, permits, done, workers);
+                self.spawn_load(id, (key, snapshot), permits, done, workers);
             }
             StoreTask::Cache { changes, .. } => {
                 if cache
@@ -1017,40 +1017,37 @@ impl Driver {
     }
 }
 
+/// Reads a document as a `Load` or `Refresh` task asks: from its newest snapshot (checked
+/// and expanded off the runtime's threads; one that fails its check is reported as
+/// [`TaskError::Snapshot`], and the engine asks again without it) and the change items
+/// after it, or from every change item; and the cache's changes.
 async fn load_doc(
     cache: &Cache,
     store: &dyn DurableStore,
     key: &DocKey,
+    from_snapshot: bool,
 ) -> Result<Loaded, TaskError> {
     let durable = |e: crate::store::StoreError| TaskError::Durable(e.into());
-    let stored = store.load(key).await.map_err(durable)?;
+    let (record, tail) = if from_snapshot {
+        let stored = store.load(key).await.map_err(durable)?;
+        (stored.snapshot, stored.changes)
+    } else {
+        (None, store.load_all_changes(key).await.map_err(durable)?)
+    };
     let cache = cache.clone();
     let cache_key = key.clone();
     let cached = tokio::task::spawn_blocking(move || cache.load(&cache_key))
         .await
         .map_err(|_| TaskError::WorkerLost)?
         .map_err(|e| TaskError::Cache(e.into()))?;
-    let mut changes: Vec<LoadedChange> = Vec::new();
-    let mut tail = stored.changes;
-    let snapshot = match stored.snapshot {
-        Some(record) => match tokio::task::spawn_blocking(move || expand_snapshot(record))
-            .await
-            .map_err(|_| TaskError::WorkerLost)?
-        {
-            Ok((snapshot, expanded)) => {
-                changes = expanded;
-                Some(snapshot)
-            }
-            Err(reason) => {
-                // An unusable snapshot is refused and counted; the change items, which are
-                // never deleted, still hold the whole document.
-                crate::metrics::corrupt_snapshot();
-                tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; loading every change");
-                tail = store.load_all_changes(key).await.map_err(durable)?;
-                None
-            }
-        },
-        None => None,
+    let (snapshot, mut changes) = match record {
+        Some(record) => {
+            let (snapshot, expanded) = tokio::task::spawn_blocking(move || expand_snapshot(record))
+                .await
+                .map_err(|_| TaskError::WorkerLost)??;
+            (Some(snapshot), expanded)
+        }
+        None => (None, Vec::new()),
     };
     changes.extend(tail.into_iter().map(|c| LoadedChange::stored(c, true)));
     changes.extend(cached);

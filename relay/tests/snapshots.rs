@@ -300,3 +300,76 @@ async fn a_client_whose_snapshot_does_not_load_subscribes_again_for_every_change
     client.close().await;
     fake.abort();
 }
+
+/// Every `.am` file (a stored snapshot's document) under `dir`.
+fn snapshot_files(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            snapshot_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "am") {
+            found.push(path);
+        }
+    }
+}
+
+/// A stored snapshot that no longer loads is refused on a cold load, counted, and never
+/// served: the relay reads the document from every change item instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_is_refused_and_the_document_loads_from_its_changes() {
+    let mut dev = Dev::new();
+    dev.engine.snapshot_every_changes = 50;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let alice = dev.client(addr, "alice").await;
+    let a = alice.open("ledger").await.unwrap();
+    for i in 0..120 {
+        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.stats().engine.snapshots < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot: {:?}",
+            relay.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    alice.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    // Every stored snapshot is damaged, and the cache is gone: a cold load must read the
+    // durable tier.
+    let durable = dev.data_dir().parent().unwrap().join("durable");
+    let mut files = Vec::new();
+    snapshot_files(&durable, &mut files);
+    assert!(
+        !files.is_empty(),
+        "no snapshot file under {}",
+        durable.display()
+    );
+    for file in &files {
+        std::fs::write(file, b"not an automerge document").unwrap();
+    }
+    std::fs::remove_dir_all(dev.data_dir()).unwrap();
+
+    let relay = dev.start().await;
+    let bob = dev.client(relay.local_addr(), "bob").await;
+    let b = bob.open("ledger").await.unwrap();
+    b.wait_synced().await.unwrap();
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(json(&b), json(&a));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.stats().engine.corrupt_snapshots < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "not counted: {:?}",
+            relay.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bob.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
