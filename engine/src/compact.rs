@@ -1,11 +1,12 @@
 //! Snapshots and residency: when to materialize a document in the background, and which
 //! tenants' data may be written here.
 
-use meridian_protocol::TenantId;
+use bytes::Bytes;
+use meridian_protocol::{ChangeHash, TenantId};
 
 use std::time::{Duration, Instant};
 
-use super::{DocKey, Engine, Now, Snapshot, StoreTask, TaskError};
+use super::{DocKey, Engine, Now, Snapshot, SnapshotError, StoreTask, TaskError};
 
 /// First delay after a failed snapshot.
 const COMPACT_RETRY_INITIAL: Duration = Duration::from_millis(500);
@@ -102,4 +103,42 @@ impl Engine {
         self.maybe_compact(now.instant, &key);
         self.make_room();
     }
+}
+
+/// The document a snapshot starts from: the base snapshot loaded, or an empty document.
+/// (Materializing is Automerge work: the IO layer runs it off the decision loop.)
+pub fn snapshot_base(base: Option<&Snapshot>) -> Result<automerge::AutoCommit, SnapshotError> {
+    match base {
+        Some(base) => {
+            automerge::AutoCommit::load(&base.bytes).map_err(|e| SnapshotError::Load(Box::new(e)))
+        }
+        // The document only applies changes: the actor it draws writes nothing.
+        #[allow(clippy::disallowed_methods)]
+        None => Ok(automerge::AutoCommit::new()),
+    }
+}
+
+/// Applies the changes a `Compact` task carries to `doc` and checks that the result has
+/// the heads the task names (sorted, as returned).
+pub fn materialize(
+    doc: &mut automerge::AutoCommit,
+    changes: &[Bytes],
+    heads: &[ChangeHash],
+) -> Result<Vec<ChangeHash>, SnapshotError> {
+    let parsed = changes
+        .iter()
+        .map(|c| {
+            automerge::Change::try_from(&c[..]).map_err(|e| SnapshotError::Change(Box::new(e)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    doc.apply_changes(parsed)
+        .map_err(|e| SnapshotError::Apply(Box::new(e)))?;
+    let mut got: Vec<ChangeHash> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+    let mut want = heads.to_vec();
+    got.sort();
+    want.sort();
+    if got != want {
+        return Err(SnapshotError::HeadsDiffer);
+    }
+    Ok(got)
 }

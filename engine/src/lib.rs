@@ -37,6 +37,7 @@
 mod cell;
 pub mod change;
 mod compact;
+pub use compact::{materialize, snapshot_base};
 mod durability;
 mod error;
 pub mod graph;

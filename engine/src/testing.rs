@@ -204,28 +204,8 @@ fn materialize(
     changes: &[Bytes],
     heads: &[ChangeHash],
 ) -> Result<Snapshot, SnapshotError> {
-    let mut doc = match base {
-        Some(base) => automerge::AutoCommit::load(&base.bytes)
-            .map_err(|e| SnapshotError::Load(Box::new(e)))?,
-        // The document only applies changes: the actor it draws writes nothing.
-        #[allow(clippy::disallowed_methods)]
-        None => automerge::AutoCommit::new(),
-    };
-    let parsed = changes
-        .iter()
-        .map(|c| {
-            automerge::Change::try_from(&c[..]).map_err(|e| SnapshotError::Change(Box::new(e)))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    doc.apply_changes(parsed)
-        .map_err(|e| SnapshotError::Apply(Box::new(e)))?;
-    let mut got: Vec<ChangeHash> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
-    let mut want = heads.to_vec();
-    got.sort();
-    want.sort();
-    if got != want {
-        return Err(SnapshotError::HeadsDiffer);
-    }
+    let mut doc = crate::snapshot_base(base)?;
+    crate::materialize(&mut doc, changes, heads)?;
     Ok(Snapshot {
         heads: heads.to_vec(),
         bytes: Bytes::from(doc.save()),

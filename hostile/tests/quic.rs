@@ -55,6 +55,36 @@ fn long_string_change(len: usize) -> Bytes {
     Bytes::copy_from_slice(change.bytes().as_ref())
 }
 
+/// Adds tenant `globex`, with a signing key of its own, to a relay's config; returns the
+/// key.
+fn add_globex(
+    config: &mut meridian_relay::RelayConfig,
+) -> meridian_protocol::token::TenantSigningKey {
+    let key = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
+    config.tenants.push(TenantKeys {
+        tenant: TenantId::new("globex").unwrap(),
+        jurisdiction: None,
+        public_keys: vec![key.public_key().unwrap()],
+        max_token_lifetime: None,
+    });
+    key
+}
+
+/// A token of tenant `globex` for `user`, with every right, for ten minutes.
+fn globex_token(key: &meridian_protocol::token::TenantSigningKey, user: &str) -> String {
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new("globex").unwrap(),
+        user: meridian_protocol::UserId::new(user).unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        id: format!("globex-{user}"),
+        issued_at: common::unix_now(),
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    meridian_protocol::token::mint(&capability, key).unwrap()
+}
+
 /// This process's resident memory, in bytes.
 fn rss() -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -1139,13 +1169,7 @@ async fn orphan_and_duplicate_floods_cost_their_sender_only() {
 async fn another_tenants_document_ids_reach_only_its_own_documents() {
     let dev = Dev::new();
     let mut config = dev.config("127.0.0.1:0".parse().unwrap());
-    let other_key = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
-    config.tenants.push(TenantKeys {
-        tenant: TenantId::new("globex").unwrap(),
-        jurisdiction: None,
-        public_keys: vec![other_key.public_key().unwrap()],
-        max_token_lifetime: None,
-    });
+    let other_key = add_globex(&mut config);
     let relay = meridian_relay::start(config).await.unwrap();
     let addr = relay.local_addr();
     // acme writes "shared".
@@ -1156,17 +1180,7 @@ async fn another_tenants_document_ids_reach_only_its_own_documents() {
         .unwrap();
     common::wait_durable(&doc_a).await;
     // globex opens the same id: an empty document of its own.
-    let capability = meridian_protocol::token::Capability {
-        tenant: TenantId::new("globex").unwrap(),
-        user: meridian_protocol::UserId::new("eve").unwrap(),
-        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
-        rights: meridian_protocol::token::Rights::ALL,
-        id: "globex-1".into(),
-        issued_at: common::unix_now(),
-        expires_at: common::unix_now() + 600,
-        audience: common::JURISDICTION.into(),
-    };
-    let token = meridian_protocol::token::mint(&capability, &other_key).unwrap();
+    let token = globex_token(&other_key, "eve");
     let raw = dev.raw(addr, token).await;
     let mut stream = raw.subscribe("shared").await;
     match stream
@@ -1250,26 +1264,10 @@ async fn a_tenant_opening_documents_fills_only_its_own_memory_share() {
     let mut config = dev.config("127.0.0.1:0".parse().unwrap());
     // About 40 empty documents' worth per tenant.
     config.engine.hot_bytes_per_tenant_max = 40 * meridian_relay::engine::DOC_OVERHEAD_BYTES;
-    let other_key = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
-    config.tenants.push(TenantKeys {
-        tenant: TenantId::new("globex").unwrap(),
-        jurisdiction: None,
-        public_keys: vec![other_key.public_key().unwrap()],
-        max_token_lifetime: None,
-    });
+    let other_key = add_globex(&mut config);
     let relay = meridian_relay::start(config).await.unwrap();
     let addr = relay.local_addr();
-    let capability = meridian_protocol::token::Capability {
-        tenant: TenantId::new("globex").unwrap(),
-        user: meridian_protocol::UserId::new("mallory").unwrap(),
-        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
-        rights: meridian_protocol::token::Rights::ALL,
-        id: "globex-1".into(),
-        issued_at: common::unix_now(),
-        expires_at: common::unix_now() + 600,
-        audience: common::JURISDICTION.into(),
-    };
-    let token = meridian_protocol::token::mint(&capability, &other_key).unwrap();
+    let token = globex_token(&other_key, "mallory");
     let attacker = dev.raw(addr, token).await;
     let (mut synced, mut refused) = (0, 0);
     let mut held = Vec::new();

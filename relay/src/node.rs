@@ -1119,27 +1119,11 @@ async fn compact(
             at.sort();
             materialized.lock().ok()?.take(&doc_key, &at)
         });
-        let mut doc = match (copy, &base) {
-            (Some(doc), _) => doc,
-            (None, Some(base)) => automerge::AutoCommit::load(&base.bytes)
-                .map_err(|e| SnapshotError::Load(Box::new(e)))?,
-            (None, None) => automerge::AutoCommit::new(),
+        let mut doc = match copy {
+            Some(doc) => doc,
+            None => crate::engine::snapshot_base(base.as_ref())?,
         };
-        let parsed = changes
-            .iter()
-            .map(|c| {
-                automerge::Change::try_from(&c[..]).map_err(|e| SnapshotError::Change(Box::new(e)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        doc.apply_changes(parsed)
-            .map_err(|e| SnapshotError::Apply(Box::new(e)))?;
-        let mut got: Vec<_> = doc.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
-        let mut want = expected;
-        got.sort();
-        want.sort();
-        if got != want {
-            return Err(SnapshotError::HeadsDiffer);
-        }
+        let got = crate::engine::materialize(&mut doc, &changes, &expected)?;
         let saved = doc.save();
         // Not loaded again here: that would cost as much as the save and more, on every
         // snapshot of a document that keeps growing. Every reader checks instead: a node
