@@ -282,9 +282,8 @@ impl Engine {
             return;
         };
         if let Err(TaskError::Snapshot(reason)) = &result {
-            // As for a load: read every change item instead; still refreshing.
-            tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; refreshing from every change");
-            self.stats.corrupt_snapshots += 1;
+            // Still refreshing.
+            self.snapshot_refused(&key, reason);
             self.store_tasks.push_back(StoreTask::Refresh {
                 key,
                 snapshot: false,

@@ -1199,10 +1199,8 @@ impl Engine {
             return;
         }
         if let Err(TaskError::Snapshot(reason)) = &result {
-            // The snapshot is refused, never served; change items are never deleted, so
-            // the document is read from all of them instead. It stays loading.
-            tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; loading every change");
-            self.stats.corrupt_snapshots += 1;
+            // It stays loading.
+            self.snapshot_refused(&key, reason);
             self.store_tasks.push_back(StoreTask::Load {
                 key,
                 snapshot: false,
@@ -1839,6 +1837,13 @@ impl Engine {
                 presence as isize,
             );
         }
+    }
+
+    /// A load's or refresh's snapshot failed its check: it is refused, never served, and
+    /// counted; change items are never deleted, so the caller asks for all of them.
+    fn snapshot_refused(&mut self, key: &DocKey, reason: &SnapshotError) {
+        tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "snapshot refused; reading every change");
+        self.stats.corrupt_snapshots += 1;
     }
 
     /// Documents a user is subscribed to across its sessions.

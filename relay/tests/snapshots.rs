@@ -10,6 +10,19 @@ use automerge::transaction::Transactable;
 use common::{Dev, json};
 use meridian_client::DocEvent;
 
+/// Waits (up to 30 s) until the relay has written a snapshot.
+async fn first_snapshot(relay: &meridian_relay::node::RelayHandle) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while relay.stats().engine.snapshots < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot: {:?}",
+            relay.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     let mut dev = Dev::new();
@@ -33,15 +46,7 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
         .unwrap();
     }
     a.wait_durable().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.stats().engine.snapshots < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no snapshots: {:?}",
-            relay.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    first_snapshot(&relay).await;
     // A tail after the snapshot.
     for i in 0..30 {
         a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
@@ -328,15 +333,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_document_loads_from_its_changes()
             .unwrap();
     }
     a.wait_durable().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while relay.stats().engine.snapshots < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "no snapshot: {:?}",
-            relay.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    first_snapshot(&relay).await;
     alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 
