@@ -1,7 +1,7 @@
 //! The background task that owns the QUIC connection: connect, authenticate, subscribe
 //! every open document on its own stream, move changes both ways, reconnect on loss.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -9,18 +9,17 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use meridian_protocol::{
     ClientToRelay, DocId, ErrorCode, FrameDecoder, MAX_CHANGES_PER_FRAME, MAX_FRAME_LEN,
-    RelayToClient, TenantId,
+    RelayToClient,
 };
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use tokio::sync::{mpsc, watch};
 
+use meridian_client_core as core;
+
 use crate::doc::{DocHandle, PeerPresence};
 use crate::{ClientConfig, ClientError, ConnectionState, Home, Inner, node_list};
-
-/// A connection no open document uses is closed after this long.
-const UNUSED_CONNECTION_CLOSE: Duration = Duration::from_secs(10);
 
 /// Bytes of changes per outgoing frame (a single larger change still goes alone).
 const UPLOAD_FRAME_BYTES: usize = 256 << 10;
@@ -226,81 +225,28 @@ enum Event {
     Located(Result<Home, ClientError>),
 }
 
-/// The first delay between two `locate`s while the cell does not answer; it doubles up
-/// to [`LOCATE_DELAY_MAX`].
-const LOCATE_DELAY_INITIAL: Duration = Duration::from_millis(500);
-/// The longest delay between two `locate`s.
-const LOCATE_DELAY_MAX: Duration = Duration::from_secs(2);
-
-/// Where the tenant lives, for a client with a router.
-struct Placement {
-    router: String,
-    tenant: TenantId,
-    audience: String,
-    /// The home cell and epoch last learnt (`None`: not yet).
-    home: Option<(String, u64)>,
-    locating: bool,
-    next_locate: Option<Instant>,
-    delay: Duration,
-    /// Connection attempts that failed since a connection last succeeded.
-    failures: usize,
-    /// Why the tenant cannot be served now (the router said `unavailable`).
-    unavailable: Option<String>,
-}
-
 /// A live connection to one node.
 struct Conn {
     connection: Connection,
     /// Tokens to send as `reauth` on the control stream (bounded: only the newest
     /// matters).
     reauth: mpsc::Sender<String>,
-    session: u64,
-    nodes: Vec<String>,
     generation: u64,
     _control: tokio::task::JoinHandle<()>,
-    /// Since when no document uses it (`None`: in use).
-    unused_since: Option<Instant>,
 }
 
-/// One open document and where it is served.
-struct Slot {
-    handle: DocHandle,
-    /// The node the relay said owns it (`None`: any node; it answers `moved`).
-    target: Option<String>,
-    /// The stream serving it: its generation, its task, the node and when it opened.
-    stream: Option<(u64, tokio::task::JoinHandle<()>, String, Instant)>,
-    /// Not before this instant may the stream be opened again.
-    not_before: Option<Instant>,
-    /// `moved` answers in a row (a cell still agreeing on its members bounces).
-    bounces: u32,
-}
-
-/// Per-address reconnect state.
-#[derive(Default)]
-struct Backoff {
-    delay: Option<Duration>,
-    not_before: Option<Instant>,
-}
-
-/// The connection pool: one connection per node in use, documents spread over them by
-/// owner, `moved` followed, and a dead node's documents moved to the others.
+/// The pool's driver: `meridian_client_core::Pool` decides which node serves each
+/// document, when to connect, back off, close and locate; this holds the connections,
+/// the documents' handles and their stream tasks, and carries the decisions out.
 struct Pool {
     inner: Weak<Inner>,
     endpoint: quinn::Endpoint,
-    /// Every node address known (the configured ones, then those from `welcome`).
-    known: Vec<String>,
-    /// The node documents without a known owner go to (rotates away from dead nodes).
-    primary: usize,
+    core: core::Pool,
     conns: HashMap<String, Conn>,
-    connecting: HashSet<String>,
-    backoff: HashMap<String, Backoff>,
-    docs: HashMap<DocId, Slot>,
+    docs: HashMap<DocId, DocHandle>,
     events: mpsc::Sender<Event>,
-    next_generation: u64,
-    /// With a router: the tenant's placement.
-    placement: Option<Placement>,
-    /// Without a router: the newest epoch a `redirect` named.
-    redirect_epoch: u64,
+    /// With a router: the token's jurisdiction, which a located home must match.
+    audience: Option<String>,
 }
 
 /// Runs until the client is closed or dropped, or the token is refused.
@@ -320,55 +266,49 @@ pub(crate) async fn run(
         return;
     };
     let (events_tx, mut events_rx) = mpsc::channel(1024);
-    let mut known = vec![config.endpoint.clone()];
-    for node in &config.nodes {
-        if !known.contains(node) {
-            known.push(node.clone());
-        }
+    let mut nodes = vec![config.endpoint.clone()];
+    nodes.extend(config.nodes.iter().cloned());
+    if let Some(home) = &home {
+        nodes = home.nodes.clone();
     }
-    let placement = config.router.as_ref().and_then(|router| {
-        let (tenant, audience) = meridian_protocol::token::unverified_claims(&config.token).ok()?;
-        Some(Placement {
+    let claims = config
+        .router
+        .as_ref()
+        .and_then(|_| meridian_protocol::token::unverified_claims(&config.token).ok());
+    let router = config
+        .router
+        .as_ref()
+        .zip(claims.clone())
+        .map(|(router, (tenant, _))| core::RouterConfig {
             router: router.clone(),
             tenant,
-            audience,
             home: home.as_ref().map(|h| (h.cell.clone(), h.epoch)),
-            locating: false,
-            next_locate: None,
-            delay: LOCATE_DELAY_INITIAL,
-            failures: 0,
-            unavailable: None,
-        })
-    });
-    if let Some(home) = &home {
-        known = home.nodes.clone();
-        if !known.contains(&first_addr) {
-            known.push(first_addr.clone());
-        }
-    }
+        });
+    let core_config = core::PoolConfig {
+        nodes,
+        reconnect_initial: config.reconnect_initial,
+        reconnect_max: config.reconnect_max,
+        router,
+        seed: rand::random(),
+    };
+    let welcome = core::Welcome {
+        session: first.session,
+        nodes: first.nodes.clone(),
+    };
+    let (core, generation) = core::Pool::new(core_config, &first_addr, welcome);
     let mut pool = Pool {
         inner,
         endpoint,
-        known,
-        primary: 0,
+        core,
         conns: HashMap::new(),
-        connecting: HashSet::new(),
-        backoff: HashMap::new(),
         docs: HashMap::new(),
         events: events_tx,
-        next_generation: 1,
-        placement,
-        redirect_epoch: 0,
+        audience: claims.map(|(_, audience)| audience),
     };
-    pool.primary = pool
-        .known
-        .iter()
-        .position(|a| *a == first_addr)
-        .unwrap_or(0);
-    pool.add_conn(first_addr, first);
+    pool.add_conn(first_addr, first, generation);
     let mut refresh = Refresh::new(&config);
     loop {
-        let wake = pool.ensure();
+        let wake = pool.step(Instant::now());
         pool.publish(&state);
         let sleep = async {
             match wake {
@@ -384,13 +324,8 @@ pub(crate) async fn run(
             }
             command = commands.recv() => match command {
                 Some(Command::Open(doc)) => {
-                    pool.docs.insert(doc.id().clone(), Slot {
-                        handle: doc,
-                        target: None,
-                        stream: None,
-                        not_before: None,
-                        bounces: 0,
-                    });
+                    pool.core.open(doc.id().clone());
+                    pool.docs.insert(doc.id().clone(), doc);
                 }
                 Some(Command::Reconnect) => {
                     for conn in pool.conns.values() {
@@ -407,8 +342,8 @@ pub(crate) async fn run(
                     for conn in pool.conns.values() {
                         conn.connection.close(0u32.into(), b"client closed");
                     }
-                    for slot in pool.docs.values() {
-                        let _ = slot.handle.persist();
+                    for doc in pool.docs.values() {
+                        let _ = doc.persist();
                     }
                     state.send_replace(ConnectionState::Failed("closed".into()));
                     let _ = tokio::time::timeout(Duration::from_secs(1), pool.endpoint.wait_idle()).await;
@@ -416,7 +351,7 @@ pub(crate) async fn run(
                 }
             },
             Some(event) = events_rx.recv() => {
-                if let Some(reason) = pool.handle(event) {
+                if let Err(core::Stop(reason)) = pool.handle(Instant::now(), event) {
                     // A refused or expired token: with a provider, a fresh one (if it
                     // differs) lets the pool connect again.
                     if let Some(token) = refresh.fetch().await {
@@ -534,19 +469,11 @@ impl Pool {
             .and_then(|i| i.config.lock().ok().map(|c| c.clone()))
     }
 
-    fn add_conn(&mut self, addr: String, established: Established) {
-        let generation = self.next_generation;
-        self.next_generation += 1;
+    fn add_conn(&mut self, addr: String, established: Established, generation: u64) {
         if let Some(inner) = self.inner.upgrade()
             && let Ok(mut wire) = inner.wire.lock()
         {
             wire.add(established.connection.clone());
-        }
-        for node in &established.nodes {
-            self.learn(node);
-        }
-        if let Some(backoff) = self.backoff.get_mut(&addr) {
-            *backoff = Backoff::default();
         }
         let (reauth, reauth_rx) = mpsc::channel(2);
         let control = tokio::spawn(watch_control(
@@ -563,51 +490,35 @@ impl Pool {
             Conn {
                 connection: established.connection,
                 reauth,
-                session: established.session,
-                nodes: established.nodes,
                 generation,
                 _control: control,
-                unused_since: None,
             },
         );
     }
 
-    /// Handles one report; `Some(reason)` when the token was refused (stop for good).
-    fn handle(&mut self, event: Event) -> Option<String> {
+    /// Hands one report to the core; `Err` when the token or the tenant was refused
+    /// (stop for good).
+    fn handle(&mut self, now: Instant, event: Event) -> Result<(), core::Stop> {
         match event {
             Event::Established { addr, result } => {
-                self.connecting.remove(&addr);
-                match result {
-                    Ok(established) => {
-                        if let Some(placement) = &mut self.placement {
-                            placement.failures = 0;
-                            placement.unavailable = None;
-                            placement.delay = LOCATE_DELAY_INITIAL;
-                        }
-                        self.add_conn(addr, established);
-                    }
-                    Err(ClientError::Unauthorized(reason)) => {
-                        self.failed(&addr);
-                        return Some(reason);
-                    }
-                    Err(ClientError::Relay {
-                        code: ErrorCode::UnknownTenant,
-                        message,
-                    }) => return Some(format!("unknown tenant: {message}")),
-                    Err(ClientError::Redirected { cell, nodes, epoch }) => {
-                        self.failed(&addr);
-                        self.redirect(cell, nodes, epoch);
-                    }
+                let result = match result {
+                    Ok(established) => Ok(established),
                     Err(error) => {
                         tracing::debug!(%addr, %error, "connect failed");
-                        if let Some(placement) = &mut self.placement {
-                            placement.failures += 1;
-                            if let ClientError::Unavailable(reason) = &error {
-                                placement.unavailable = Some(reason.clone());
-                            }
-                        }
-                        self.failed(&addr);
+                        Err(failure(error))
                     }
+                };
+                let welcome = result
+                    .as_ref()
+                    .map(|e| core::Welcome {
+                        session: e.session,
+                        nodes: e.nodes.clone(),
+                    })
+                    .map_err(Clone::clone);
+                if let (Some(generation), Ok(established)) =
+                    (self.core.handle_established(now, &addr, welcome)?, result)
+                {
+                    self.add_conn(addr, established, generation);
                 }
             }
             Event::Lost {
@@ -615,17 +526,6 @@ impl Pool {
                 generation,
                 unauthorized,
             } => {
-                if let Some(reason) = unauthorized {
-                    if self
-                        .conns
-                        .get(&addr)
-                        .is_some_and(|c| c.generation == generation)
-                    {
-                        self.conns.remove(&addr);
-                        self.failed(&addr);
-                    }
-                    return Some(reason);
-                }
                 if self
                     .conns
                     .get(&addr)
@@ -633,357 +533,112 @@ impl Pool {
                 {
                     tracing::debug!(%addr, "connection lost");
                     self.conns.remove(&addr);
-                    self.failed(&addr);
-                    // The last connection died: the whole cell may be gone. Ask the
-                    // router now (and again while nothing answers): it may have failed
-                    // the tenant over already.
-                    if self.conns.is_empty()
-                        && let Some(placement) = &mut self.placement
-                        && placement.next_locate.is_none()
-                    {
-                        placement.next_locate = Some(Instant::now());
-                    }
                 }
+                self.core
+                    .handle_lost(now, &addr, generation, unauthorized)?;
             }
             Event::DocEnded {
                 doc,
                 generation,
                 moved,
-            } => {
-                let slot = self.docs.get_mut(&doc)?;
-                if slot.stream.as_ref().map(|(g, ..)| *g) != Some(generation) {
-                    return None;
-                }
-                let lived = slot
-                    .stream
-                    .take()
-                    .map_or(Duration::ZERO, |(.., opened)| opened.elapsed());
-                if lived > Duration::from_secs(2) {
-                    // It was served for a while: a move now is not a bounce.
-                    slot.bounces = 0;
-                }
-                match moved {
-                    Some(owner) => {
-                        slot.bounces += 1;
-                        // Members of a cell that have not yet agreed on who owns the
-                        // document bounce it between them: back off a little.
-                        if slot.bounces > 2 {
-                            let delay = Duration::from_millis(50 * u64::from(slot.bounces.min(20)));
-                            slot.not_before = Some(Instant::now() + delay);
+            } => self.core.handle_doc_ended(now, &doc, generation, moved),
+            Event::Redirect { cell, nodes, epoch } => {
+                tracing::debug!(%cell, epoch, "tenant placed in another cell");
+                self.core.handle_redirect(now, cell, nodes, epoch);
+            }
+            Event::Located(result) => {
+                let result = match result {
+                    Ok(home) => match self
+                        .audience
+                        .as_deref()
+                        .map(|audience| crate::check_residency(&home, audience))
+                    {
+                        Some(Err(_)) => {
+                            tracing::warn!(jurisdiction = %home.jurisdiction, "router answered a cell outside the token's jurisdiction; ignored");
+                            Err(core::Failure::Other(
+                                "outside the token's jurisdiction".into(),
+                            ))
                         }
-                        slot.target = Some(owner.clone());
-                        self.learn(&owner);
+                        _ => Ok(core::Home {
+                            cell: home.cell,
+                            nodes: home.nodes,
+                            epoch: home.epoch,
+                        }),
+                    },
+                    Err(error) => {
+                        tracing::debug!(%error, "locate failed");
+                        Err(failure(error))
                     }
-                    None => {
-                        // The stream ended while its connection may still be up (a
-                        // refusal): subscribe again a little later.
-                        slot.not_before = Some(Instant::now() + Duration::from_millis(500));
-                    }
+                };
+                self.core.handle_located(now, result)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out what the core decided; returns when to ask it again.
+    fn step(&mut self, now: Instant) -> Option<Instant> {
+        let (actions, wake) = self.core.poll(now);
+        for action in actions {
+            match action {
+                core::Action::Connect { addr } => {
+                    let Some(mut config) = self.config() else {
+                        continue;
+                    };
+                    config.endpoint = addr.clone();
+                    let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        let result = establish(&endpoint, &config).await;
+                        let _ = events.send(Event::Established { addr, result }).await;
+                    });
                 }
-            }
-            Event::Redirect { cell, nodes, epoch } => self.redirect(cell, nodes, epoch),
-            Event::Located(result) => return self.located(result),
-        }
-        None
-    }
-
-    /// A relay or the router named the tenant's home cell: newer placements replace the
-    /// nodes the pool uses, and connections to the old cell close (their documents
-    /// subscribe again in the new cell).
-    fn redirect(&mut self, cell: String, nodes: Vec<String>, epoch: u64) {
-        let Some(placement) = &mut self.placement else {
-            // Without a router the client cannot ask; it follows newer placements only,
-            // so relays with stale caches cannot bounce it between cells.
-            if epoch < self.redirect_epoch || (epoch == self.redirect_epoch && epoch > 0) {
-                return;
-            }
-            self.redirect_epoch = epoch;
-            self.switch_cell(nodes);
-            return;
-        };
-        if let Some((current, known)) = &placement.home
-            && (epoch < *known || (epoch == *known && *current == cell))
-        {
-            return;
-        }
-        if nodes.is_empty() {
-            // The relay did not know the cell's nodes: ask the router.
-            placement.next_locate = Some(Instant::now());
-            placement.home = Some((cell, epoch));
-            return;
-        }
-        tracing::debug!(%cell, epoch, "tenant placed in another cell");
-        placement.home = Some((cell, epoch));
-        placement.failures = 0;
-        self.switch_cell(nodes);
-    }
-
-    fn switch_cell(&mut self, nodes: Vec<String>) {
-        let mut known: Vec<String> = Vec::new();
-        for node in nodes {
-            if known.len() < meridian_protocol::MAX_NODES && !known.contains(&node) {
-                known.push(node);
-            }
-        }
-        // The same cell (in any order, or a part of what `welcome` taught): keep the
-        // connections.
-        if known.is_empty() || known.iter().all(|node| self.known.contains(node)) {
-            return;
-        }
-        for (_, conn) in self.conns.drain() {
-            conn.connection.close(0u32.into(), b"redirected");
-        }
-        self.known = known;
-        self.primary = 0;
-        self.backoff.clear();
-        for slot in self.docs.values_mut() {
-            slot.target = None;
-            slot.not_before = None;
-            slot.bounces = 0;
-        }
-    }
-
-    /// The answer of a `locate`; `Some(reason)` when the tenant does not exist (stop
-    /// for good, as for a refused token).
-    fn located(&mut self, result: Result<Home, ClientError>) -> Option<String> {
-        let Some(placement) = &mut self.placement else {
-            return None;
-        };
-        placement.locating = false;
-        let now = Instant::now();
-        match result {
-            Ok(home) if crate::check_residency(&home, &placement.audience).is_err() => {
-                tracing::warn!(jurisdiction = %home.jurisdiction, "router answered a cell outside the token's jurisdiction; ignored");
-                placement.next_locate = Some(now + placement.delay);
-            }
-            Ok(home) => {
-                placement.unavailable = None;
-                let newer = placement.home.as_ref().is_none_or(|(cell, epoch)| {
-                    home.epoch > *epoch || (home.epoch == *epoch && *cell != home.cell)
-                });
-                if !newer {
-                    // The router still names this cell (or lags behind what a relay
-                    // said): try the cell's nodes again, and ask again later.
-                    placement.next_locate = Some(now + placement.delay);
-                    placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
-                    let same_cell = placement
-                        .home
-                        .as_ref()
-                        .is_some_and(|(cell, _)| *cell == home.cell);
-                    if same_cell && self.conns.is_empty() {
-                        placement.failures = 0;
-                        self.backoff.clear();
-                        self.switch_cell(home.nodes);
-                    }
-                } else {
-                    placement.next_locate = None;
-                    placement.delay = LOCATE_DELAY_INITIAL;
-                    self.redirect(home.cell, home.nodes, home.epoch);
-                }
-            }
-            Err(ClientError::Unavailable(reason)) => {
-                placement.unavailable = Some(reason);
-                placement.next_locate = Some(now + placement.delay);
-                placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
-            }
-            Err(ClientError::Relay {
-                code: ErrorCode::UnknownTenant,
-                message,
-            }) => return Some(format!("unknown tenant: {message}")),
-            Err(error) => {
-                tracing::debug!(%error, "locate failed");
-                placement.next_locate = Some(now + placement.delay);
-                placement.delay = (placement.delay * 2).min(LOCATE_DELAY_MAX);
-            }
-        }
-        None
-    }
-
-    /// With a router, when no node of the cell answers: locate again.
-    fn maybe_locate(&mut self, now: Instant) -> Option<Instant> {
-        let known = self.known.len().max(1);
-        let no_connection = self.conns.is_empty();
-        let placement = self.placement.as_mut()?;
-        if placement.locating || !no_connection {
-            return None;
-        }
-        let due = placement.next_locate.unwrap_or(now);
-        let stuck = placement.failures >= known || placement.unavailable.is_some();
-        if !stuck && placement.next_locate.is_none() {
-            return None;
-        }
-        if due > now {
-            return Some(due);
-        }
-        placement.locating = true;
-        placement.next_locate = None;
-        let (router, tenant) = (placement.router.clone(), placement.tenant.clone());
-        let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
-        let config = self.config()?;
-        tokio::spawn(async move {
-            let result = crate::locate::locate(&endpoint, &config, &router, &tenant).await;
-            let _ = events.send(Event::Located(result)).await;
-        });
-        None
-    }
-
-    /// `addr` could not be reached or its connection died: back off from it, send its
-    /// documents through another node, and move the primary away from it.
-    fn failed(&mut self, addr: &str) {
-        let (initial, max) = self
-            .config()
-            .map_or((Duration::from_millis(100), Duration::from_secs(5)), |c| {
-                (c.reconnect_initial, c.reconnect_max)
-            });
-        let backoff = self.backoff.entry(addr.to_owned()).or_default();
-        let delay = backoff.delay.map_or(initial, |d| (d * 2).min(max));
-        backoff.delay = Some(delay);
-        backoff.not_before =
-            Some(Instant::now() + delay.mul_f64(0.5 + rand::random::<f64>() * 0.5));
-        for slot in self.docs.values_mut() {
-            if slot.target.as_deref() == Some(addr) {
-                slot.target = None;
-            }
-        }
-        if self.known.get(self.primary).map(String::as_str) == Some(addr) && self.known.len() > 1 {
-            self.primary = (self.primary + 1) % self.known.len();
-        }
-    }
-
-    /// Opens what is missing: a stream for every document whose node is connected, a
-    /// connection to every node a document waits for. Returns when to look again.
-    fn ensure(&mut self) -> Option<Instant> {
-        let now = Instant::now();
-        let mut wake: Option<Instant> = None;
-        let mut earliest = |at: Instant| {
-            wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
-        };
-        if let Some(at) = self.maybe_locate(now) {
-            earliest(at);
-        }
-        let primary = self.primary_addr();
-        let mut wanted: Vec<String> = Vec::new();
-        let mut open: Vec<(DocId, String)> = Vec::new();
-        for (id, slot) in &self.docs {
-            if slot.stream.is_some() {
-                continue;
-            }
-            if let Some(at) = slot.not_before
-                && at > now
-            {
-                earliest(at);
-                continue;
-            }
-            let addr = slot.target.clone().unwrap_or_else(|| primary.clone());
-            if self.conns.contains_key(&addr) {
-                open.push((id.clone(), addr));
-            } else if !wanted.contains(&addr) {
-                wanted.push(addr);
-            }
-        }
-        if self.conns.is_empty() && !wanted.contains(&primary) {
-            wanted.push(primary.clone());
-        }
-        // Connections no document uses any more (and not the primary) close after a
-        // while.
-        let in_use: HashSet<&str> = self
-            .docs
-            .values()
-            .filter_map(|s| s.stream.as_ref().map(|(_, _, a, _)| a.as_str()))
-            .chain(open.iter().map(|(_, a)| a.as_str()))
-            .chain([primary.as_str()])
-            .collect();
-        let mut idle = Vec::new();
-        for (addr, conn) in &mut self.conns {
-            if in_use.contains(addr.as_str()) {
-                conn.unused_since = None;
-            } else {
-                let since = *conn.unused_since.get_or_insert(now);
-                if now.duration_since(since) >= UNUSED_CONNECTION_CLOSE {
-                    idle.push(addr.clone());
-                } else {
-                    earliest(since + UNUSED_CONNECTION_CLOSE);
-                }
-            }
-        }
-        for addr in idle {
-            if let Some(conn) = self.conns.remove(&addr) {
-                conn.connection.close(0u32.into(), b"unused");
-            }
-        }
-        for (id, addr) in open {
-            let Some(conn) = self.conns.get(&addr) else {
-                continue;
-            };
-            let generation = self.next_generation;
-            self.next_generation += 1;
-            if let Some(slot) = self.docs.get_mut(&id) {
-                slot.handle.reset_for_connection();
-                slot.not_before = None;
-                let task = tokio::spawn(doc_stream(
-                    conn.connection.clone(),
-                    slot.handle.clone(),
+                core::Action::OpenStream {
+                    doc,
+                    addr,
                     generation,
-                    self.events.clone(),
-                ));
-                slot.stream = Some((generation, task, addr.clone(), Instant::now()));
+                } => {
+                    let (Some(conn), Some(handle)) = (self.conns.get(&addr), self.docs.get(&doc))
+                    else {
+                        // Not here after all: the core hears the stream ended at once.
+                        self.core.handle_doc_ended(now, &doc, generation, None);
+                        continue;
+                    };
+                    handle.reset_for_connection();
+                    tokio::spawn(doc_stream(
+                        conn.connection.clone(),
+                        handle.clone(),
+                        generation,
+                        self.events.clone(),
+                    ));
+                }
+                core::Action::Close { addr, reason } => {
+                    if let Some(conn) = self.conns.remove(&addr) {
+                        conn.connection.close(0u32.into(), reason.as_bytes());
+                    }
+                }
+                core::Action::Locate { router, tenant } => {
+                    let Some(config) = self.config() else {
+                        continue;
+                    };
+                    let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        let result =
+                            crate::locate::locate(&endpoint, &config, &router, &tenant).await;
+                        let _ = events.send(Event::Located(result)).await;
+                    });
+                }
             }
-        }
-        for addr in wanted {
-            if self.connecting.contains(&addr) {
-                continue;
-            }
-            if let Some(at) = self.backoff.get(&addr).and_then(|b| b.not_before)
-                && at > now
-            {
-                earliest(at);
-                continue;
-            }
-            let Some(mut config) = self.config() else {
-                continue;
-            };
-            config.endpoint = addr.clone();
-            self.connecting.insert(addr.clone());
-            let (endpoint, events) = (self.endpoint.clone(), self.events.clone());
-            tokio::spawn(async move {
-                let result = establish(&endpoint, &config).await;
-                let _ = events.send(Event::Established { addr, result }).await;
-            });
         }
         wake
     }
 
-    /// Remembers a node's address (from `welcome` or `moved`), up to the protocol's
-    /// node limit: what relays say never grows the pool's bookkeeping without bound.
-    fn learn(&mut self, node: &str) {
-        if self.known.len() < meridian_protocol::MAX_NODES && !self.known.iter().any(|k| k == node)
-        {
-            self.known.push(node.to_owned());
-        }
-    }
-
-    fn primary_addr(&self) -> String {
-        self.known
-            .get(self.primary)
-            .or_else(|| self.known.first())
-            .cloned()
-            .unwrap_or_default()
-    }
-
     fn publish(&self, state: &watch::Sender<ConnectionState>) {
-        let primary = self.primary_addr();
-        let conn = self
-            .conns
-            .get(&primary)
-            .or_else(|| self.conns.values().next());
-        let unavailable = self.placement.as_ref().and_then(|p| p.unavailable.clone());
-        let next = match (conn, unavailable) {
-            (Some(conn), _) => ConnectionState::Connected {
-                session: conn.session,
-                nodes: conn.nodes.clone(),
-            },
-            (None, Some(reason)) => ConnectionState::Unavailable(reason),
-            (None, None) => ConnectionState::Connecting,
+        let next = match self.core.state() {
+            core::PoolState::Connected { session, nodes } => {
+                ConnectionState::Connected { session, nodes }
+            }
+            core::PoolState::Unavailable(reason) => ConnectionState::Unavailable(reason),
+            core::PoolState::Connecting => ConnectionState::Connecting,
         };
         state.send_if_modified(|current| {
             if matches!(current, ConnectionState::Failed(_)) || *current == next {
@@ -993,6 +648,22 @@ impl Pool {
                 true
             }
         });
+    }
+}
+
+/// What a failed connection or `locate` means to the pool's decisions.
+fn failure(error: ClientError) -> core::Failure {
+    match error {
+        ClientError::Unauthorized(reason) => core::Failure::Unauthorized(reason),
+        ClientError::Relay {
+            code: ErrorCode::UnknownTenant,
+            message,
+        } => core::Failure::UnknownTenant(message),
+        ClientError::Redirected { cell, nodes, epoch } => {
+            core::Failure::Redirected { cell, nodes, epoch }
+        }
+        ClientError::Unavailable(reason) => core::Failure::Unavailable(reason),
+        other => core::Failure::Other(other.to_string()),
     }
 }
 
