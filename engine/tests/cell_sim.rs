@@ -1,7 +1,9 @@
 //! A deterministic simulation of a cell: several relay engines with foca membership and
 //! rendezvous ownership, over an in-memory network with loss, delay, a partition and a
-//! crash, and clients that edit documents, follow `moved` and re-send what is not yet
-//! Durable.
+//! crash, and clients that edit documents and re-send what is not yet Durable. Which
+//! node each client connects to and subscribes at (following `moved`, backing off from
+//! nodes that are down or cut off) is decided by the SDK's own pool,
+//! `meridian_client_core::Pool`, driven here in virtual time.
 //!
 //! Virtual time, one seed per run (printed; replay one with `MERIDIAN_SIM_SEED=<seed>`).
 //! `MERIDIAN_SIM_SEEDS=<n>` runs more seeds than the default:
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 use automerge::AutoCommit;
 use automerge::transaction::Transactable;
 use bytes::Bytes;
+use meridian_client_core as pool;
 use meridian_engine::membership::{Member, Membership, MembershipConfig, PacketSealer, owner};
 use meridian_engine::testing::{self, Behaviour, MemoryCache, MemoryDurable};
 use meridian_engine::{DocKey, Engine, EngineConfig, Now, Outbound, SessionId, StoreTask, TaskId};
@@ -114,20 +117,24 @@ struct Faults {
 
 struct ClientDoc {
     doc: AutoCommit,
-    /// The node the relay said owns the document.
-    target: Option<usize>,
     /// Subscribed at (node, session), and whether its catch-up arrived.
     sub: Option<(usize, SessionId, bool)>,
+    /// The generation the client's pool gave the stream serving it.
+    stream: Option<u64>,
     pending: Vec<(ChangeHash, Bytes)>,
-    /// Not before this tick may it subscribe again.
-    wait_until: u64,
 }
 
+/// A client: the SDK's real pool decisions (`meridian_client_core::Pool`), driven by the
+/// simulation instead of tokio and quinn.
 struct SimClient {
     user: UserId,
     /// Gone for good (after its changes were durable).
     offline: bool,
+    /// Its pool, once its first connection came up.
+    pool: Option<pool::Pool>,
     sessions: Vec<Option<SessionId>>,
+    /// The pool's generation of each node's connection.
+    conns: Vec<Option<u64>>,
     docs: Vec<ClientDoc>,
 }
 
@@ -186,14 +193,15 @@ impl Sim {
                 .map(|c| SimClient {
                     user: UserId::new(format!("user-{c}")).expect("user"),
                     offline: false,
+                    pool: None,
                     sessions: vec![None; NODES],
+                    conns: vec![None; NODES],
                     docs: (0..DOCS)
                         .map(|_| ClientDoc {
                             doc: AutoCommit::new(),
-                            target: None,
                             sub: None,
+                            stream: None,
                             pending: Vec::new(),
-                            wait_until: 0,
                         })
                         .collect(),
                 })
@@ -263,16 +271,38 @@ impl Sim {
         for session in dead {
             self.sessions.remove(&session);
         }
-        for client in &mut self.clients {
-            client.sessions[i] = None;
-            for doc in &mut client.docs {
-                if doc.sub.is_some_and(|(n, _, _)| n == i) {
-                    doc.sub = None;
-                }
-                if doc.target == Some(i) {
-                    doc.target = None;
-                }
-            }
+        for c in 0..CLIENTS {
+            self.connection_lost(c, i);
+        }
+    }
+
+    /// Client `c`'s connection to node `n` died (or closed): its pool hears of it, and of
+    /// the end of every document stream on it.
+    fn connection_lost(&mut self, c: usize, n: usize) {
+        let now = self.now().instant;
+        let client = &mut self.clients[c];
+        client.sessions[n] = None;
+        let generation = client.conns[n].take();
+        let ended: Vec<usize> = (0..DOCS)
+            .filter(|d| client.docs[*d].sub.is_some_and(|(sn, _, _)| sn == n))
+            .collect();
+        if let (Some(pool), Some(generation)) = (client.pool.as_mut(), generation) {
+            // The simulation's tokens never expire: a loss is never a refusal.
+            let _ = pool.handle_lost(now, &node_name(n), generation, None);
+        }
+        for d in ended {
+            self.stream_ended(c, d, None);
+        }
+    }
+
+    /// Client `c`'s stream of document `d` ended: moved to `owner`, or closed.
+    fn stream_ended(&mut self, c: usize, d: usize, owner: Option<String>) {
+        let now = self.now().instant;
+        let client = &mut self.clients[c];
+        let state = &mut client.docs[d];
+        state.sub = None;
+        if let (Some(pool), Some(generation)) = (client.pool.as_mut(), state.stream.take()) {
+            pool.handle_doc_ended(now, &doc_id(d), generation, owner);
         }
     }
 
@@ -442,9 +472,7 @@ impl Sim {
                 }
                 RelayToClient::Moved { doc, node } => {
                     if let Some(d) = index(&doc) {
-                        let state = &mut self.clients[c].docs[d];
-                        state.sub = None;
-                        state.target = (0..NODES).find(|j| node_name(*j) == node.node.as_str());
+                        self.stream_ended(c, d, Some(node.node.as_str().to_owned()));
                     }
                 }
                 RelayToClient::Error {
@@ -457,22 +485,14 @@ impl Sim {
                         eprintln!("tick {tick} client {c} node {n} {doc}: {code} {message}");
                     }
                     if let Some(d) = index(&doc) {
-                        let state = &mut self.clients[c].docs[d];
-                        state.sub = None;
-                        state.wait_until = tick + 25;
+                        self.stream_ended(c, d, None);
                     }
                 }
                 _ => {}
             },
             Outbound::Close(_) => {
                 self.sessions.remove(&session);
-                let client = &mut self.clients[c];
-                client.sessions[n] = None;
-                for state in &mut client.docs {
-                    if state.sub.is_some_and(|(sn, _, _)| sn == n) {
-                        state.sub = None;
-                    }
-                }
+                self.connection_lost(c, n);
             }
         }
     }
@@ -531,17 +551,13 @@ impl Sim {
                 if self.reachable(c, n) {
                     continue;
                 }
-                if let Some(session) = self.clients[c].sessions[n].take() {
+                if let Some(session) = self.clients[c].sessions[n] {
                     self.sessions.remove(&session);
                     if let Some(node) = self.nodes[n].as_mut() {
                         node.engine.handle_session_closed(session);
                         self.pump_node(n);
                     }
-                }
-                for doc in &mut self.clients[c].docs {
-                    if doc.sub.is_some_and(|(sn, _, _)| sn == n) {
-                        doc.sub = None;
-                    }
+                    self.connection_lost(c, n);
                 }
             }
         }
@@ -565,8 +581,10 @@ impl Sim {
         }
         let client = &mut self.clients[c];
         client.offline = true;
+        client.pool = None;
         for doc in &mut client.docs {
             doc.sub = None;
+            doc.stream = None;
         }
     }
 
@@ -574,40 +592,8 @@ impl Sim {
         if self.clients[c].offline {
             return;
         }
-        for d in 0..DOCS {
-            let state = &self.clients[c].docs[d];
-            if state.sub.is_some() || state.wait_until > self.tick {
-                continue;
-            }
-            // The owner it was told, or its home node, or the next live one it can reach.
-            let start = state
-                .target
-                .filter(|t| self.reachable(c, *t))
-                .unwrap_or(c % NODES);
-            let Some(n) = (0..NODES)
-                .map(|k| (start + k) % NODES)
-                .find(|n| self.nodes[*n].is_some() && self.reachable(c, *n))
-            else {
-                continue;
-            };
-            let Some(session) = self.session(c, n) else {
-                continue;
-            };
-            let heads: Vec<ChangeHash> = self.clients[c].docs[d]
-                .doc
-                .get_heads()
-                .iter()
-                .map(|h| ChangeHash(h.0))
-                .collect();
-            self.clients[c].docs[d].sub = Some((n, session, false));
-            // One subscribe per document per tick: a bounce waits for the next tick.
-            self.clients[c].docs[d].wait_until = self.tick + 1;
-            let now = self.now();
-            if let Some(node) = self.nodes[n].as_mut() {
-                node.engine
-                    .handle_subscribe(now, session, doc_id(d), heads, true);
-                self.pump_node(n);
-            }
+        if !self.pool_step(c) {
+            return;
         }
         if writing && self.rng.chance(0.08) {
             let d = self.rng.below(DOCS as u64) as usize;
@@ -636,6 +622,132 @@ impl Sim {
             state.pending.extend(new.iter().cloned());
             self.send_changes(c, d, new.into_iter().map(|(_, b)| b).collect());
         }
+    }
+
+    /// Gives client `c` its pool once its home node answers, then carries out what the pool
+    /// decides: connections (a node that is down or cut off refuses at once), document
+    /// streams (subscribes) and closes. `false` while the client has no pool yet.
+    fn pool_step(&mut self, c: usize) -> bool {
+        let now = self.now();
+        if self.clients[c].pool.is_none() {
+            let home = c % NODES;
+            if self.nodes[home].is_none() || !self.reachable(c, home) {
+                return false;
+            }
+            let Some(session) = self.session(c, home) else {
+                return false;
+            };
+            let config = pool::PoolConfig {
+                nodes: (0..NODES).map(node_name).collect(),
+                reconnect_initial: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(2),
+                router: None,
+                seed: self.seed ^ (c as u64 + 1),
+            };
+            let welcome = pool::Welcome {
+                session,
+                nodes: self.live_nodes(),
+            };
+            let (mut pool, generation) = pool::Pool::new(config, &node_name(home), welcome);
+            for d in 0..DOCS {
+                pool.open(doc_id(d));
+            }
+            self.clients[c].pool = Some(pool);
+            self.clients[c].conns[home] = Some(generation);
+        }
+        let Some(pool) = self.clients[c].pool.as_mut() else {
+            return false;
+        };
+        let (actions, _) = pool.poll(now.instant);
+        for action in actions {
+            match action {
+                pool::Action::Connect { addr } => {
+                    let n = node_index(&addr);
+                    let up = n.filter(|n| self.nodes[*n].is_some() && self.reachable(c, *n));
+                    let result = match up.and_then(|n| self.session(c, n).map(|s| (n, s))) {
+                        Some((n, session)) => Ok((
+                            n,
+                            pool::Welcome {
+                                session,
+                                nodes: self.live_nodes(),
+                            },
+                        )),
+                        None => Err(pool::Failure::Other("unreachable".into())),
+                    };
+                    let Some(pool) = self.clients[c].pool.as_mut() else {
+                        return false;
+                    };
+                    match result {
+                        Ok((n, welcome)) => {
+                            if let Ok(Some(generation)) =
+                                pool.handle_established(now.instant, &addr, Ok(welcome))
+                            {
+                                self.clients[c].conns[n] = Some(generation);
+                            }
+                        }
+                        Err(failure) => {
+                            let _ = pool.handle_established(now.instant, &addr, Err(failure));
+                        }
+                    }
+                }
+                pool::Action::OpenStream {
+                    doc,
+                    addr,
+                    generation,
+                } => {
+                    let d = doc
+                        .as_str()
+                        .strip_prefix("doc-")
+                        .and_then(|d| d.parse::<usize>().ok())
+                        .expect("a simulated document");
+                    let at = node_index(&addr)
+                        .and_then(|n| self.clients[c].sessions[n].map(|session| (n, session)));
+                    let Some((n, session)) = at else {
+                        if let Some(pool) = self.clients[c].pool.as_mut() {
+                            pool.handle_doc_ended(now.instant, &doc, generation, None);
+                        }
+                        continue;
+                    };
+                    let heads: Vec<ChangeHash> = self.clients[c].docs[d]
+                        .doc
+                        .get_heads()
+                        .iter()
+                        .map(|h| ChangeHash(h.0))
+                        .collect();
+                    let state = &mut self.clients[c].docs[d];
+                    state.sub = Some((n, session, false));
+                    state.stream = Some(generation);
+                    if let Some(node) = self.nodes[n].as_mut() {
+                        node.engine.handle_subscribe(now, session, doc, heads, true);
+                        self.pump_node(n);
+                    }
+                }
+                pool::Action::Close { addr, .. } => {
+                    if let Some(n) = node_index(&addr)
+                        && let Some(session) = self.clients[c].sessions[n]
+                    {
+                        self.sessions.remove(&session);
+                        if let Some(node) = self.nodes[n].as_mut() {
+                            node.engine.handle_session_closed(session);
+                            self.pump_node(n);
+                        }
+                        self.clients[c].sessions[n] = None;
+                        self.clients[c].conns[n] = None;
+                    }
+                }
+                // The simulated client has no router.
+                pool::Action::Locate { .. } => {}
+            }
+        }
+        true
+    }
+
+    /// The names of the nodes up now.
+    fn live_nodes(&self) -> Vec<String> {
+        (0..NODES)
+            .filter(|n| self.nodes[*n].is_some())
+            .map(node_name)
+            .collect()
     }
 
     /// One tick: deliver due packets, fire timers, let clients act.
@@ -874,10 +986,10 @@ impl Sim {
                             }
                         }
                         eprintln!(
-                            "client {c} doc {d}: {} pending, sub {:?}, target {:?}, owner {:?}",
+                            "client {c} doc {d}: {} pending, sub {:?}, stream {:?}, owner {:?}",
                             doc.pending.len(),
                             doc.sub,
-                            doc.target,
+                            doc.stream,
                             self.nodes.iter().flatten().next().and_then(|n| owner(
                                 n.engine.members(),
                                 &key(d)
@@ -997,6 +1109,11 @@ impl Sim {
         }
         served
     }
+}
+
+/// The node a simulated address names.
+fn node_index(addr: &str) -> Option<usize> {
+    (0..NODES).find(|n| node_name(*n) == addr)
 }
 
 fn hex(bytes: &[u8]) -> String {
