@@ -918,6 +918,22 @@ impl Engine {
         heads: Vec<ChangeHash>,
         snapshot: bool,
     ) {
+        if self.is_subscribed(session, &doc) {
+            // A second stream for one document would make the two streams'
+            // acknowledgements and ends ambiguous: a protocol error, and the connection
+            // closes. (A stream whose subscription ended, by `moved` or a refusal, is
+            // not subscribed any more: subscribing again is fine.)
+            self.transmits.push_back(Transmit {
+                session,
+                doc: Some(doc.clone()),
+                outbound: Outbound::Close(RelayToClient::error(
+                    ErrorCode::Malformed,
+                    Some(doc),
+                    "this document is already subscribed on this connection",
+                )),
+            });
+            return;
+        }
         let Some(key) = self.authorize(now, session, &doc, |r| r.read) else {
             return;
         };
@@ -928,9 +944,7 @@ impl Engine {
         let Some(state) = self.sessions.get_mut(&session) else {
             return;
         };
-        if !state.subscriptions.contains(&doc)
-            && state.subscriptions.len() >= self.config.subscriptions_per_session_max
-        {
+        if state.subscriptions.len() >= self.config.subscriptions_per_session_max {
             self.error(
                 session,
                 Some(doc),
@@ -940,10 +954,7 @@ impl Engine {
             return;
         }
         let user_key = (key.tenant.clone(), state.capability.user.clone());
-        let new_subscription = !state.subscriptions.contains(&doc);
-        if new_subscription
-            && self.user_subscriptions(&user_key) >= self.config.subscriptions_per_user_max
-        {
+        if self.user_subscriptions(&user_key) >= self.config.subscriptions_per_user_max {
             self.error(
                 session,
                 Some(doc),

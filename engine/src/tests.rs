@@ -1291,3 +1291,29 @@ fn a_refused_snapshot_loads_the_document_from_every_change() {
     assert!(snapshot.is_none(), "a refused snapshot is never served");
     assert_eq!(changes.len(), doc.clone().get_changes(&[]).len());
 }
+
+/// A second subscribe to a document the session already follows closes the connection
+/// as `malformed`, through the document's stream; after an unsubscribe it is served.
+#[test]
+fn a_second_subscribe_while_subscribed_is_a_protocol_error() {
+    let mut h = Harness::new();
+    let t = now();
+    h.join(1, "alice", t);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.run(t);
+    let out = h.take(1);
+    assert!(
+        matches!(
+            &out[..],
+            [Outbound::Close(RelayToClient::Error {
+                code: ErrorCode::Malformed,
+                ..
+            })]
+        ),
+        "{out:?}"
+    );
+    h.engine.handle_unsubscribe(1, doc_id());
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.run(t);
+    assert!(matches!(&h.take(1)[..], [Outbound::CatchUp { .. }]));
+}

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meridian_protocol::{ChangeHash, DocId, ErrorCode, RelayToClient, TenantId};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, TenantId};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -756,19 +756,10 @@ impl Driver {
                 admission: _admission,
             } => {
                 if let Some(outboxes) = self.outboxes.get_mut(&session) {
-                    // A stream whose subscription already ended (`moved`, a refusal) may
-                    // still be closing when the client subscribes again on a new one.
-                    if outboxes.docs.contains_key(&doc) && self.engine.is_subscribed(session, &doc)
-                    {
-                        // A second stream for one document would make the two streams'
-                        // acknowledgements and ends ambiguous: a protocol error.
-                        outbox.push(Outbound::Close(RelayToClient::error(
-                            ErrorCode::Malformed,
-                            Some(doc),
-                            "this document is already subscribed on this connection",
-                        )));
-                        return;
-                    }
+                    // The newest stream of a document carries what the engine says about
+                    // it (a stream whose subscription ended may still be closing; a second
+                    // stream while subscribed is refused by the engine, which closes the
+                    // connection through it).
                     outboxes.docs.insert(doc.clone(), (stream, outbox));
                     self.engine
                         .handle_subscribe(now(), session, doc, heads, snapshot);

@@ -403,3 +403,24 @@ async fn a_connection_that_never_says_hello_is_closed() {
     still_serving(&dev, addr).await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A second stream subscribing to a document the connection already follows is a
+/// protocol error: the engine refuses it as `malformed` and the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_for_a_subscribed_document_closes_the_connection() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let raw = dev.raw(addr, dev.token("mallory")).await;
+    let mut first = raw.subscribe("d").await;
+    first
+        .until(|m| matches!(m, RelayToClient::Synced { .. }))
+        .await
+        .unwrap();
+    let mut second = raw.subscribe("d").await;
+    assert_eq!(error_code(&second.next().await), Some(ErrorCode::Malformed));
+    expect_closed_with(&raw.connection, ErrorCode::Malformed).await;
+    // Others are served as before.
+    common::still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
