@@ -18,6 +18,9 @@ use meridian_relay::{DurableConfig, Limits, RelayConfig, TenantKeys};
 use meridian_router::RouterConfig;
 use serde::{Deserialize, Serialize};
 
+/// The longest `commit_interval_ms` taken (a larger value is lowered to it).
+const COMMIT_INTERVAL_MAX_MS: u64 = 100;
+
 /// A relay node's configuration file (see `relay/config.example.toml`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -629,7 +632,8 @@ impl RelayFile {
                 engine.flush_interval = ms(v);
             }
             if let Some(v) = l.commit_interval_ms {
-                engine.commit_interval_min = ms(v);
+                // Longer would hold `applied` (and a stopping node) for no gain.
+                engine.commit_interval_min = ms(v.min(COMMIT_INTERVAL_MAX_MS));
             }
             if let Some(v) = l.flush_batch_max {
                 engine.flush_batch_max = v.max(1);

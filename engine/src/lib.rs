@@ -719,6 +719,14 @@ impl Engine {
             + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
     }
 
+    /// Whether changes wait for a cache commit, or one is in flight: they are not yet
+    /// acknowledged, and a stopping node must let the commit run.
+    pub fn commit_pending(&self) -> bool {
+        self.cache_in_flight.is_some()
+            || !self.cache_pending.is_empty()
+            || !self.cache_pending_acks.is_empty()
+    }
+
     /// Bytes of changes not yet durable.
     pub fn unflushed_bytes(&self) -> usize {
         self.unflushed_bytes

@@ -150,7 +150,9 @@ impl Engine {
     }
 
     /// Evicts a tenant's idle documents, least recently used first, until `enough` says
-    /// so or none is left among the oldest [`EVICT_SCAN_MAX`]. Returns how many went.
+    /// so or none is left among the oldest [`EVICT_SCAN_MAX`]. A document found in use is
+    /// marked used now, so that documents held open for long (read-only subscribers) do
+    /// not fill the window that later passes look at. Returns how many went.
     fn evict_tenant(&mut self, tenant: &TenantId, enough: impl Fn(&Engine) -> bool) -> usize {
         let mut evicted = 0;
         for doc in self.recency.oldest(tenant) {
@@ -161,7 +163,9 @@ impl Engine {
                 tenant: tenant.clone(),
                 doc,
             };
-            if self.idle(&key) && self.remove_doc(&key).is_some() {
+            if !self.idle(&key) {
+                self.recency.touch(&key);
+            } else if self.remove_doc(&key).is_some() {
                 self.stats.evictions += 1;
                 evicted += 1;
             }
@@ -186,34 +190,23 @@ impl Engine {
             self.evict_tenant(&tenant, |e| e.tenant_bytes(&t) <= share);
         }
         let budget = self.config.hot_bytes_max;
-        let mut exhausted: Vec<TenantId> = Vec::new();
-        while self.hot_bytes > budget {
-            // The tenant holding the most bytes gives first.
-            let Some(largest) = self
-                .usage
-                .hot_bytes_by_tenant
-                .iter()
-                .filter(|(tenant, _)| !exhausted.contains(tenant))
-                // Ties go to the greatest tenant id, so that the choice is repeatable.
-                .max_by(|a, b| a.1.cmp(b.1).then_with(|| a.0.cmp(b.0)))
-                .map(|(tenant, _)| tenant.clone())
-            else {
+        if self.hot_bytes <= budget {
+            return;
+        }
+        // The tenants holding the most bytes give first (ties by tenant id, so that the
+        // order repeats); one pass over them, each at most one scan window.
+        let mut tenants: Vec<(usize, TenantId)> = self
+            .usage
+            .hot_bytes_by_tenant
+            .iter()
+            .map(|(tenant, bytes)| (*bytes, tenant.clone()))
+            .collect();
+        tenants.sort_by(|a, b| b.cmp(a));
+        for (_, tenant) in tenants {
+            if self.hot_bytes <= budget {
                 break;
-            };
-            let next = self
-                .usage
-                .hot_bytes_by_tenant
-                .iter()
-                .filter(|(tenant, _)| **tenant != largest && !exhausted.contains(tenant))
-                .map(|(_, bytes)| *bytes)
-                .max()
-                .unwrap_or(0);
-            let evicted = self.evict_tenant(&largest, |e| {
-                e.hot_bytes <= budget || e.tenant_bytes(&largest) < next
-            });
-            if evicted == 0 {
-                exhausted.push(largest);
             }
+            self.evict_tenant(&tenant, |e| e.hot_bytes <= budget);
         }
     }
 

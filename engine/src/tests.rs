@@ -1317,3 +1317,63 @@ fn a_second_subscribe_while_subscribed_is_a_protocol_error() {
     h.run(t);
     assert!(matches!(&h.take(1)[..], [Outbound::CatchUp { .. }]));
 }
+
+/// Documents held open for long sit at the old end of the recency list; an eviction
+/// pass marks those it finds in use as used, so the next pass reaches the idle documents
+/// behind them instead of refusing the tenant for ever.
+#[test]
+fn documents_held_open_do_not_block_eviction_of_idle_ones() {
+    let held = EVICT_SCAN_MAX + 40;
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        hot_bytes_per_tenant_max: (held + 10) * DOC_OVERHEAD_BYTES,
+        subscriptions_per_user_max: 10_000,
+        ..config()
+    });
+    let t = now();
+    // Read-only subscribers hold many documents open, the oldest in use.
+    let sessions = held.div_ceil(200);
+    for s in 0..sessions {
+        let session = 10 + s as u64;
+        h.engine
+            .handle_session_open(session, capability("reader", Rights::ALL));
+        for i in (s * 200)..((s + 1) * 200).min(held) {
+            h.engine.handle_subscribe(
+                t,
+                session,
+                DocId::new(format!("held-{i}")).unwrap(),
+                vec![],
+                true,
+            );
+        }
+        h.run(t);
+        h.take(session);
+    }
+    // Ten more are opened and closed: idle, and the most recently used.
+    h.engine
+        .handle_session_open(2, capability("alice", Rights::ALL));
+    for i in 0..10 {
+        let doc = DocId::new(format!("idle-{i}")).unwrap();
+        h.engine.handle_subscribe(t, 2, doc.clone(), vec![], true);
+        h.run(t);
+        h.engine.handle_unsubscribe(2, doc);
+    }
+    h.take(2);
+    assert_eq!(h.engine.hot_docs(), held + 10);
+    // The tenant is at its share: a new document needs an idle one evicted.
+    let mut admitted = false;
+    for _ in 0..2 {
+        h.engine
+            .handle_subscribe(t, 2, DocId::new("new").unwrap(), vec![], true);
+        h.run(t);
+        if error_codes(&h.take(2)).is_empty() {
+            admitted = true;
+            break;
+        }
+    }
+    assert!(
+        admitted,
+        "the idle documents behind the held ones were never reached"
+    );
+    assert!(h.engine.stats().evictions >= 1);
+}

@@ -683,7 +683,10 @@ impl Driver {
             }
             self.drain(&done_tx, &cache_tx, &loads, &mut workers);
             while workers.try_join_next().is_some() {}
-            if !(self.engine.flush_queue_len() == 0 && self.engine.handoffs_pending() == 0) {
+            if !(self.engine.flush_queue_len() == 0
+                && !self.engine.commit_pending()
+                && self.engine.handoffs_pending() == 0)
+            {
                 handed_off_at = None;
             } else if shutting_down {
                 let at = *handed_off_at.get_or_insert_with(Instant::now);
