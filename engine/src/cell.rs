@@ -402,7 +402,7 @@ impl Engine {
             .collect();
         ready.sort();
         let handed_off = !ready.is_empty();
-        for key in ready {
+        for key in ready.clone() {
             let Some(doc) = self.docs.get_mut(&key) else {
                 continue;
             };
@@ -464,6 +464,9 @@ impl Engine {
         // Orphans and presence of the documents handed off went with them.
         if handed_off {
             self.recount_usage();
+            for key in &ready {
+                self.reaccount(key);
+            }
         }
     }
 }

@@ -1202,6 +1202,7 @@ impl Engine {
         for other in others {
             self.send(other, Some(doc.clone()), message.clone());
         }
+        self.reaccount(&key);
     }
 
     /// The result of a `Load` task.
@@ -1424,6 +1425,7 @@ impl Engine {
                     );
                 }
             }
+            self.reaccount(key);
         }
     }
 
