@@ -72,6 +72,20 @@ fn tenant() -> TenantId {
     TenantId::new("acme").expect("tenant")
 }
 
+/// Every right on every document of the tenant, for `user`.
+fn capability(user: UserId) -> Capability {
+    Capability {
+        tenant: tenant(),
+        user,
+        docs: DocScope::Prefix(String::new()),
+        rights: Rights::ALL,
+        id: "t".into(),
+        issued_at: 0,
+        expires_at: 2_000,
+        audience: "eu".into(),
+    }
+}
+
 fn key(d: usize) -> DocKey {
     DocKey {
         tenant: tenant(),
@@ -516,19 +530,8 @@ impl Sim {
         let node = self.nodes[n].as_mut()?;
         let session = self.next_session;
         self.next_session += 1;
-        node.engine.handle_session_open(
-            session,
-            Capability {
-                tenant: tenant(),
-                user: self.clients[c].user.clone(),
-                docs: DocScope::Prefix(String::new()),
-                rights: Rights::ALL,
-                id: "t".into(),
-                issued_at: 0,
-                expires_at: 2_000,
-                audience: "eu".into(),
-            },
-        );
+        node.engine
+            .handle_session_open(session, capability(self.clients[c].user.clone()));
         self.sessions.insert(session, (c, n));
         self.clients[c].sessions[n] = Some(session);
         self.pump_node(n);
@@ -551,16 +554,25 @@ impl Sim {
                 if self.reachable(c, n) {
                     continue;
                 }
-                if let Some(session) = self.clients[c].sessions[n] {
-                    self.sessions.remove(&session);
-                    if let Some(node) = self.nodes[n].as_mut() {
-                        node.engine.handle_session_closed(session);
-                        self.pump_node(n);
-                    }
+                if self.close_session(c, n) {
                     self.connection_lost(c, n);
                 }
             }
         }
+    }
+
+    /// Closes client `c`'s session on node `n`, if it has one (the node sees it close);
+    /// `true` if it had.
+    fn close_session(&mut self, c: usize, n: usize) -> bool {
+        let Some(session) = self.clients[c].sessions[n].take() else {
+            return false;
+        };
+        self.sessions.remove(&session);
+        if let Some(node) = self.nodes[n].as_mut() {
+            node.engine.handle_session_closed(session);
+            self.pump_node(n);
+        }
+        true
     }
 
     /// Client `c` disconnects for good once its changes are durable, so that only the
@@ -571,13 +583,7 @@ impl Sim {
             return;
         }
         for n in 0..NODES {
-            if let Some(session) = self.clients[c].sessions[n].take() {
-                self.sessions.remove(&session);
-                if let Some(node) = self.nodes[n].as_mut() {
-                    node.engine.handle_session_closed(session);
-                    self.pump_node(n);
-                }
-            }
+            self.close_session(c, n);
         }
         let client = &mut self.clients[c];
         client.offline = true;
@@ -724,14 +730,8 @@ impl Sim {
                 }
                 pool::Action::Close { addr, .. } => {
                     if let Some(n) = node_index(&addr)
-                        && let Some(session) = self.clients[c].sessions[n]
+                        && self.close_session(c, n)
                     {
-                        self.sessions.remove(&session);
-                        if let Some(node) = self.nodes[n].as_mut() {
-                            node.engine.handle_session_closed(session);
-                            self.pump_node(n);
-                        }
-                        self.clients[c].sessions[n] = None;
                         self.clients[c].conns[n] = None;
                     }
                 }
@@ -1059,19 +1059,8 @@ impl Sim {
         self.next_session += 1;
         let now = self.now();
         let node = self.nodes[owner_node].as_mut().expect("owner is live");
-        node.engine.handle_session_open(
-            session,
-            Capability {
-                tenant: tenant(),
-                user: UserId::new("observer").expect("user"),
-                docs: DocScope::Prefix(String::new()),
-                rights: Rights::ALL,
-                id: "t".into(),
-                issued_at: 0,
-                expires_at: 2_000,
-                audience: "eu".into(),
-            },
-        );
+        node.engine
+            .handle_session_open(session, capability(UserId::new("observer").expect("user")));
         node.engine
             .handle_subscribe(now, session, doc_id(d), Vec::new(), true);
         let mut served = HashSet::new();
