@@ -317,8 +317,15 @@ impl Engine {
             self.stats.refreshed_changes += new.len() as u64;
             let subscribers: Vec<SessionId> = doc.subscribers.iter().copied().collect();
             self.stats.changes_fanned_out += (new.len() * subscribers.len()) as u64;
-            let frames = super::changes_frames(&key.doc, &new, self.config.catchup_frame_bytes);
-            Self::fan_out(&mut self.transmits, &key.doc, frames, &subscribers);
+            Self::fan_out(
+                &mut self.transmits,
+                &self.sessions,
+                doc,
+                &key.doc,
+                &new,
+                &subscribers,
+                self.config.catchup_frame_bytes,
+            );
         }
         // Orphans may now have their dependencies: take them again from their sessions
         // (what still misses something is parked again, without asking for another

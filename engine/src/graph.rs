@@ -50,6 +50,8 @@ struct Actor {
     raises: HashMap<u32, Vec<(u64, u64)>>,
     /// The user every change of this actor must come from.
     user: Option<UserId>,
+    /// How many of `chain`'s first changes are all durable.
+    durable: u64,
 }
 
 /// Why a change cannot be added. No state changed.
@@ -133,7 +135,65 @@ impl ChangeGraph {
     /// Marks a change durable; returns false if it already was.
     pub fn mark_durable(&mut self, index: ChangeIndex) -> bool {
         let entry = &mut self.entries[index as usize];
-        !std::mem::replace(&mut entry.durable, true)
+        let newly = !std::mem::replace(&mut entry.durable, true);
+        let actor = entry.actor;
+        self.advance_durable(actor);
+        newly
+    }
+
+    /// Moves an actor's durable prefix past every durable change that now continues it.
+    fn advance_durable(&mut self, actor: u32) {
+        let state = &mut self.actors[actor as usize];
+        while let Some(&index) = state.chain.get(state.durable as usize) {
+            if !self.entries[index as usize].durable {
+                break;
+            }
+            state.durable += 1;
+        }
+    }
+
+    /// The heads of the durable part of the document: the newest changes of the largest
+    /// causally closed set of durable changes, sorted (empty when nothing is durable).
+    /// Each actor's durable prefix is cut back until every change kept has its
+    /// dependencies kept too; then a kept actor's last change is a head unless another's
+    /// covers it. Costs the square of the number of actors, not the history.
+    pub fn durable_heads(&self) -> Vec<ChangeHash> {
+        let mut clock: Vec<u64> = self.actors.iter().map(|a| a.durable).collect();
+        loop {
+            let mut cut = false;
+            for actor in 0..clock.len() {
+                while clock[actor] > 0 {
+                    let closed = self.actors[actor].raises.keys().all(|&other| {
+                        self.covered_by(actor as u32, clock[actor], other) <= clock[other as usize]
+                    });
+                    if closed {
+                        break;
+                    }
+                    clock[actor] -= 1;
+                    cut = true;
+                }
+            }
+            if !cut {
+                break;
+            }
+        }
+        let mut heads = Vec::new();
+        for (actor, &seq) in clock.iter().enumerate() {
+            if seq == 0 {
+                continue;
+            }
+            let covered = clock.iter().enumerate().any(|(other, &other_seq)| {
+                other != actor
+                    && other_seq > 0
+                    && self.covered_by(other as u32, other_seq, actor as u32) >= seq
+            });
+            if !covered {
+                let index = self.actors[actor].chain[(seq - 1) as usize];
+                heads.push(self.entries[index as usize].hash);
+            }
+        }
+        heads.sort_unstable();
+        heads
     }
 
     /// The dependencies of `change` that the graph lacks.
@@ -246,6 +306,9 @@ impl ChangeGraph {
             user: user.cloned(),
             durable,
         });
+        if durable {
+            self.advance_durable(actor);
+        }
         Ok(Added::New(index))
     }
 
@@ -412,6 +475,50 @@ mod tests {
             }
             assert!(all.get(automerge::ROOT, "k0").is_ok());
         }
+    }
+
+    /// The durable heads are the heads of the durable part: all heads once everything is
+    /// durable, an older frontier while newer changes are not, and never a change whose
+    /// dependency is not durable.
+    #[test]
+    fn durable_heads_are_the_frontier_of_the_durable_part() {
+        let mut a = AutoCommit::new();
+        a.put(automerge::ROOT, "x", 1).unwrap();
+        let a1 = last(&mut a);
+        let mut b = a.fork();
+        b.put(automerge::ROOT, "y", 1).unwrap();
+        let b1 = last(&mut b);
+        a.put(automerge::ROOT, "x", 2).unwrap();
+        let a2 = last(&mut a);
+        a.merge(&mut b).unwrap();
+        a.put(automerge::ROOT, "z", 1).unwrap();
+        let a3 = last(&mut a);
+        let mut graph = ChangeGraph::new();
+        for change in [&a1, &b1, &a2, &a3] {
+            graph.add(change, Some(&user()), false).unwrap();
+        }
+        assert!(graph.durable_heads().is_empty());
+        let mark = |graph: &mut ChangeGraph, change: &ParsedChange| {
+            let index = graph.index_of(&change.hash).unwrap();
+            graph.mark_durable(index);
+        };
+        mark(&mut graph, &a1);
+        assert_eq!(graph.durable_heads(), vec![a1.hash]);
+        // a3 depends on b1, which is not durable: it is not a durable head yet.
+        mark(&mut graph, &a3);
+        mark(&mut graph, &a2);
+        assert_eq!(graph.durable_heads(), vec![a2.hash]);
+        mark(&mut graph, &b1);
+        assert_eq!(graph.durable_heads(), graph.heads().to_vec());
+        assert_eq!(graph.durable_heads(), vec![a3.hash]);
+        // Two concurrent durable branches are both heads.
+        let mut graph = ChangeGraph::new();
+        graph.add(&a1, Some(&user()), true).unwrap();
+        graph.add(&b1, Some(&user()), true).unwrap();
+        graph.add(&a2, Some(&user()), true).unwrap();
+        let mut want = vec![a2.hash, b1.hash];
+        want.sort();
+        assert_eq!(graph.durable_heads(), want);
     }
 
     #[test]

@@ -298,9 +298,37 @@ pub enum Outbound {
         changes: Vec<Bytes>,
         /// The relay's heads.
         heads: Vec<ChangeHash>,
+        /// For a session taking [`Delivery::Changes`]: the heads of the document's
+        /// durable part ([`graph::ChangeGraph::durable_heads`]); empty for the others.
+        durable_heads: Vec<ChangeHash>,
+    },
+    /// Changes fanned out to a session taking [`Delivery::Changes`], with the document's
+    /// heads after them and the heads of its durable part.
+    Changes {
+        /// The document.
+        doc: DocId,
+        /// The changes, in causal order (shared with the graph).
+        changes: Vec<Bytes>,
+        /// The relay's heads after these changes.
+        heads: Vec<ChangeHash>,
+        /// The heads of the durable part of the document.
+        durable_heads: Vec<ChangeHash>,
     },
     /// Send this error and close the whole connection.
     Close(RelayToClient),
+}
+
+/// How a session takes the changes fanned out to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Encoded `changes` frames ([`Outbound::Fanout`]), one encoding shared by every
+    /// such recipient: QUIC sessions.
+    #[default]
+    Frames,
+    /// The changes with the heads after them ([`Outbound::Changes`]): sessions that
+    /// speak another sync protocol (the WebSocket gateway), which must tell their peer
+    /// the relay's heads with every change.
+    Changes,
 }
 
 /// A message for one session.
@@ -433,6 +461,7 @@ pub const BACKLOG_RETRY_AFTER_MS: u32 = 1_000;
 struct Session {
     capability: Capability,
     subscriptions: HashSet<DocId>,
+    delivery: Delivery,
 }
 
 struct Orphan {
@@ -797,6 +826,16 @@ impl Engine {
     /// A connection authenticated with `capability`.
     /// A tenant whose data may not live in this jurisdiction is refused (and counted).
     pub fn handle_session_open(&mut self, session: SessionId, capability: Capability) {
+        self.handle_session_open_with(session, capability, Delivery::Frames);
+    }
+
+    /// A session authenticated, taking fanned-out changes as `delivery` says.
+    pub fn handle_session_open_with(
+        &mut self,
+        session: SessionId,
+        capability: Capability,
+        delivery: Delivery,
+    ) {
         if !self.resident(&capability.tenant) {
             self.stats.residency_refusals += 1;
             self.transmits.push_back(Transmit {
@@ -820,6 +859,7 @@ impl Engine {
             Session {
                 capability,
                 subscriptions: HashSet::new(),
+                delivery,
             },
         );
     }
@@ -1341,20 +1381,48 @@ impl Engine {
             .is_some_and(|s| s.subscriptions.contains(doc))
     }
 
-    /// Sends the changes of `doc` in `frames` (encoded `changes` messages) to every
-    /// session in `to`.
+    /// Sends `changes` of the document `key` to every session in `to`: one encoding of
+    /// `changes` frames shared by the sessions that take frames, the changes with the
+    /// heads after them to those that take [`Delivery::Changes`].
     fn fan_out(
         transmits: &mut VecDeque<Transmit>,
+        sessions: &HashMap<SessionId, Session>,
+        entry: &Doc,
         doc: &DocId,
-        frames: Vec<Bytes>,
+        changes: &[Bytes],
         to: &[SessionId],
+        frame_bytes: usize,
     ) {
-        for frame in frames {
-            for &session in to {
+        let (with_changes, with_frames): (Vec<SessionId>, Vec<SessionId>) =
+            to.iter().partition(|session| {
+                sessions
+                    .get(session)
+                    .is_some_and(|s| s.delivery == Delivery::Changes)
+            });
+        if !with_frames.is_empty() {
+            for frame in changes_frames(doc, changes, frame_bytes) {
+                for &session in &with_frames {
+                    transmits.push_back(Transmit {
+                        session,
+                        doc: Some(doc.clone()),
+                        outbound: Outbound::Fanout(frame.clone()),
+                    });
+                }
+            }
+        }
+        if !with_changes.is_empty() {
+            let heads = entry.heads();
+            let durable_heads = entry.graph.durable_heads();
+            for session in with_changes {
                 transmits.push_back(Transmit {
                     session,
                     doc: Some(doc.clone()),
-                    outbound: Outbound::Fanout(frame.clone()),
+                    outbound: Outbound::Changes {
+                        doc: doc.clone(),
+                        changes: changes.to_vec(),
+                        heads: heads.clone(),
+                        durable_heads: durable_heads.clone(),
+                    },
                 });
             }
         }
@@ -1453,6 +1521,10 @@ impl Engine {
             .map(|&i| entry.graph.entry(i).bytes.clone())
             .collect();
         let relay_heads = entry.heads();
+        let durable_heads = match self.sessions.get(&session).map(|s| s.delivery) {
+            Some(Delivery::Changes) => entry.graph.durable_heads(),
+            _ => Vec::new(),
+        };
         entry.subscribers.insert(session);
         let presence: Vec<(SessionId, Bytes)> = entry
             .presence
@@ -1468,6 +1540,7 @@ impl Engine {
                 snapshot,
                 changes,
                 heads: relay_heads,
+                durable_heads,
             },
         });
         if !all_known {
@@ -1729,8 +1802,15 @@ impl Engine {
                 .filter(|s| *s != origin)
                 .collect();
             self.stats.changes_fanned_out += (bytes.len() * others.len()) as u64;
-            let frames = changes_frames(&key.doc, &bytes, self.config.catchup_frame_bytes);
-            Self::fan_out(&mut self.transmits, &key.doc, frames, &others);
+            Self::fan_out(
+                &mut self.transmits,
+                &self.sessions,
+                entry,
+                &key.doc,
+                &bytes,
+                &others,
+                self.config.catchup_frame_bytes,
+            );
         }
 
         // Queue new changes for the next cache commit and the acks to release with it.

@@ -150,6 +150,71 @@ fn changes_are_applied_fanned_out_and_made_durable_in_order() {
     assert_eq!(h.engine.flush_queue_len(), 0);
 }
 
+/// A session taking [`Delivery::Changes`] gets the changes themselves with the heads
+/// after them and the durable heads, in its catch-up and in every fan-out, while a
+/// frame-taking session of the same document still gets frames.
+#[test]
+fn sessions_taking_changes_get_heads_and_durable_heads_with_them() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine
+        .handle_session_open_with(2, capability("bob", Rights::ALL), Delivery::Changes);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.run(t);
+    h.take(1);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", "v").unwrap();
+    let first = changes_of(&mut doc);
+    h.engine.handle_changes(t, 1, doc_id(), first.clone());
+    h.run(t);
+    h.fire_timer();
+    h.take(1);
+    let first_hash = doc.get_heads()[0];
+
+    // Bob's catch-up carries the durable heads: the first change is flushed.
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    h.run(t);
+    let out = h.take(2);
+    let [
+        Outbound::CatchUp {
+            changes,
+            heads,
+            durable_heads,
+            ..
+        },
+    ] = &out[..]
+    else {
+        panic!("expected a catch-up, got {out:?}");
+    };
+    assert_eq!(changes, &first);
+    assert_eq!(heads, &vec![ChangeHash(first_hash.0)]);
+    assert_eq!(durable_heads, heads);
+
+    // A new change fans out to Bob as changes with the new heads; not yet durable.
+    doc.put(automerge::ROOT, "k", "w").unwrap();
+    let second = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+    h.engine
+        .handle_changes(t, 1, doc_id(), vec![Bytes::from(second.clone())]);
+    h.run(t);
+    let out = h.take(2);
+    let [
+        Outbound::Changes {
+            changes,
+            heads,
+            durable_heads,
+            ..
+        },
+    ] = &out[..]
+    else {
+        panic!("expected changes, got {out:?}");
+    };
+    assert_eq!(changes, &vec![Bytes::from(second)]);
+    assert_eq!(heads, &vec![ChangeHash(doc.get_heads()[0].0)]);
+    assert_eq!(durable_heads, &vec![ChangeHash(first_hash.0)]);
+}
+
 #[test]
 fn orphans_wait_for_dependencies_and_are_bounded() {
     let mut h = Harness::new();

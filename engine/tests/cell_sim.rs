@@ -421,10 +421,14 @@ impl Sim {
             Outbound::Fanout(frame) => {
                 Outbound::Message(RelayToClient::decode(&frame).expect("a fan-out frame decodes"))
             }
+            // The simulated clients take frames; changes are the same message.
+            Outbound::Changes { doc, changes, .. } => {
+                Outbound::Message(RelayToClient::Changes { doc, changes })
+            }
             other => other,
         };
         match outbound {
-            Outbound::Fanout(_) => unreachable!("decoded above"),
+            Outbound::Fanout(_) | Outbound::Changes { .. } => unreachable!("decoded above"),
             Outbound::CatchUp {
                 doc,
                 changes,

@@ -11,6 +11,7 @@ use std::time::Instant;
 /// may take to be acknowledged by the peer.
 pub(crate) const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
+use bytes::Bytes;
 use meridian_protocol::{ErrorCode, MAX_SNAPSHOT_CHUNK, RelayToClient};
 use quinn::{SendStream, VarInt};
 
@@ -30,6 +31,7 @@ pub(crate) fn outbound_size(outbound: &Outbound) -> usize {
         Outbound::Message(message) | Outbound::Close(message) => message.encoded_len(),
         Outbound::Fanout(frame) => frame.len(),
         Outbound::CatchUp { changes, .. } => changes.len() * 16,
+        Outbound::Changes { changes, .. } => changes.iter().map(Bytes::len).sum(),
     }
 }
 
@@ -214,6 +216,17 @@ pub(crate) fn writer(
                 size += outbound_size(&outbound);
                 match outbound {
                     Outbound::Fanout(frame) => buf.extend_from_slice(&frame),
+                    // QUIC sessions take frames; should changes come this way, they go
+                    // out as the same `changes` frames.
+                    Outbound::Changes { doc, changes, .. } => {
+                        for chunk in chunk_by_bytes(&changes, frame_bytes) {
+                            RelayToClient::Changes {
+                                doc: doc.clone(),
+                                changes: chunk.to_vec(),
+                            }
+                            .encode(&mut buf);
+                        }
+                    }
                     Outbound::Message(message) => message.encode(&mut buf),
                     Outbound::Close(message) => {
                         message.encode(&mut buf);
@@ -224,6 +237,7 @@ pub(crate) fn writer(
                         snapshot,
                         changes,
                         heads,
+                        ..
                     } => {
                         if let Some(snapshot) = snapshot {
                             let total = snapshot.bytes.len() as u64;
@@ -312,7 +326,6 @@ pub(crate) fn close_code(message: &RelayToClient) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use meridian_protocol::DocId;
 
     fn pong(nonce: u64) -> (Outbound, Option<Instant>) {
