@@ -38,8 +38,54 @@ pub struct RelayFile {
     pub cell: Option<CellSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<PlacementSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
+}
+
+/// The WebSocket gateway for automerge-repo peers on this node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    /// Where it listens (plain `ws://`; put TLS in front of it, as the load balancer
+    /// does).
+    pub listen: SocketAddr,
+    /// Per tenant, the browser origins allowed (none listed: every origin).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub origins: BTreeMap<String, Vec<String>>,
+    /// The largest message accepted, in bytes (default 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_bytes_max: Option<usize>,
+    /// Sockets open at once (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections_max: Option<usize>,
+    /// How often a ping is sent (default 5000); two unanswered close the socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keepalive_ms: Option<u64>,
+}
+
+impl GatewaySection {
+    /// The gateway's settings.
+    pub fn to_config(&self) -> anyhow::Result<meridian_gateway::GatewayConfig> {
+        let defaults = meridian_gateway::GatewayConfig::default();
+        let mut origins = std::collections::HashMap::new();
+        for (tenant, list) in &self.origins {
+            let tenant = meridian_protocol::TenantId::new(tenant.as_str())
+                .map_err(|error| anyhow::anyhow!("[gateway.origins] {tenant}: {error}"))?;
+            origins.insert(tenant, list.clone());
+        }
+        Ok(meridian_gateway::GatewayConfig {
+            listen: self.listen,
+            origins,
+            message_bytes_max: self.message_bytes_max.unwrap_or(defaults.message_bytes_max),
+            connections_max: self.connections_max.unwrap_or(defaults.connections_max),
+            keepalive: self.keepalive_ms.map_or(defaults.keepalive, |ms| {
+                std::time::Duration::from_millis(ms.max(100))
+            }),
+            ..defaults
+        })
+    }
 }
 
 /// Serve only the tenants the control plane places in this node's cell.

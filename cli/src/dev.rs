@@ -228,6 +228,12 @@ async fn run_one_cell(
     print_durable(&durable, &dir.join("durable"));
     let config = client_path.display();
     println!("  client   {config} (token valid 24 h; all rights on every document)");
+    if let Some(gateway) = &nodes[0].file.gateway {
+        println!(
+            "  browser  ws://{}/?token={} (automerge-repo WebSocket URL; README \"From the browser\")",
+            gateway.listen, client.token
+        );
+    }
     println!();
     print_next(&config.to_string(), false);
     supervise(&mut procs, shutdown).await;
@@ -508,11 +514,12 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
             .then(|| RelayFile::read(&config).ok())
             .flatten()
             .filter(|f| f.cell.is_some() && f.metrics.is_some());
-        let (listen, gossip, metrics) = match &previous {
+        let (listen, gossip, metrics, gateway) = match &previous {
             Some(file) => (
                 file.node.listen,
                 file.cell.as_ref().map(|c| c.gossip_listen),
                 file.metrics.as_ref().map(|m| m.listen),
+                file.gateway.clone(),
             ),
             None => (
                 match (index, plan.first_listen) {
@@ -521,7 +528,19 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
                 },
                 None,
                 None,
+                None,
             ),
+        };
+        // Every dev node serves automerge-repo peers over WebSocket.
+        let gateway = match gateway {
+            Some(gateway) => gateway,
+            None => crate::config::GatewaySection {
+                listen: free_tcp()?,
+                origins: Default::default(),
+                message_bytes_max: None,
+                connections_max: None,
+                keepalive_ms: None,
+            },
         };
         let gossip = match gossip {
             Some(gossip) => gossip,
@@ -563,6 +582,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
                 test_packet_loss: None,
             }),
             placement: plan.placement.clone(),
+            gateway: Some(gateway),
             tenants: plan.tenants.clone(),
         };
         nodes.push(NodeSpec {
@@ -695,8 +715,14 @@ fn print_nodes(nodes: &[NodeSpec], procs: &[Proc]) {
             .map_or(0, Child::id);
         let metrics = node.file.metrics.as_ref().map(|m| m.listen);
         let gossip = node.file.cell.as_ref().map(|c| c.gossip_listen);
+        let gateway = node
+            .file
+            .gateway
+            .as_ref()
+            .map(|g| format!("  ws://{}", g.listen))
+            .unwrap_or_default();
         println!(
-            "  {:<8} quic {}  gossip {}  metrics http://{}/metrics  pid {pid}",
+            "  {:<8} quic {}  gossip {}  metrics http://{}/metrics{gateway}  pid {pid}",
             node.id,
             node.file.node.listen,
             gossip.map(|g| g.to_string()).unwrap_or_default(),

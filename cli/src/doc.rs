@@ -21,7 +21,8 @@ pub enum DocCommand {
         key: String,
         value: String,
     },
-    /// Print the document as JSON after catching up.
+    /// Print the document as JSON after catching up (DOC may be an automerge-repo URL,
+    /// `automerge:<id>`, for the document `am/<id>`).
     Get {
         #[arg(long)]
         config: PathBuf,
@@ -90,6 +91,14 @@ async fn open(config_path: &Path, doc: &str) -> Result<(Client, DocHandle)> {
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let client = Client::connect(file.client_config(&base)?).await?;
+    // An automerge-repo URL (`automerge:<id>`) names the document `am/<id>`.
+    let mapped;
+    let doc = if doc.starts_with(meridian_gateway::docid::URL_SCHEME) {
+        mapped = meridian_gateway::docid::parse(doc)?;
+        mapped.as_str()
+    } else {
+        doc
+    };
     let handle = client.open(doc).await?;
     within(handle.wait_synced(), "waiting for the catch-up").await?;
     Ok((client, handle))

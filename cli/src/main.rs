@@ -213,9 +213,19 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     let mut shutdown = Shutdown::listen()?;
     let file = config::RelayFile::read(&path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    let gateway_config = file.gateway.as_ref().map(|g| g.to_config()).transpose()?;
     let relay_config = file.into_config(&base)?;
     let relay = meridian_relay::start(relay_config).await?;
     eprintln!("relay listening on {}", relay.local_addr());
+    let gateway = match gateway_config {
+        Some(config) => {
+            meridian_gateway::metrics::describe();
+            let gateway = meridian_gateway::start(config, relay.session_port()).await?;
+            eprintln!("gateway listening on ws://{}", gateway.local_addr());
+            Some(gateway)
+        }
+        None => None,
+    };
     if let Some(metrics) = relay.metrics_addr() {
         eprintln!("metrics on http://{metrics}/metrics");
     }
@@ -237,6 +247,9 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
                 Err(error) => eprintln!("tenant keys not reloaded: {error:#}"),
             },
         }
+    }
+    if let Some(gateway) = gateway {
+        gateway.shutdown().await;
     }
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;

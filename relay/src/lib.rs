@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cell;
 pub mod config;
 pub mod http;
+pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod placement;

@@ -65,6 +65,12 @@ pub struct RelayHandle {
 }
 
 impl RelayHandle {
+    /// Opens sessions on this node for front ends other than QUIC (the WebSocket
+    /// gateway).
+    pub fn session_port(&self) -> crate::local::SessionPort {
+        crate::local::SessionPort::new(self.shared.clone())
+    }
+
     /// The UDP address gossip is bound to, when the node is in a cell.
     pub fn gossip_addr(&self) -> Option<SocketAddr> {
         self.gossip_addr
@@ -739,6 +745,7 @@ impl Driver {
                 session,
                 capability,
                 control,
+                delivery,
             } => {
                 self.outboxes.insert(
                     session,
@@ -747,7 +754,8 @@ impl Driver {
                         docs: HashMap::new(),
                     },
                 );
-                self.engine.handle_session_open(session, capability);
+                self.engine
+                    .handle_session_open_with(session, capability, delivery);
             }
             Input::Subscribe {
                 session,

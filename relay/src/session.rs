@@ -161,6 +161,11 @@ impl Drop for FrameReader {
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
+/// A new session id, unique in this process whatever the front end.
+pub(crate) fn next_session_id() -> SessionId {
+    NEXT_SESSION.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Serves one accepted connection until it ends.
 ///
 /// `address` holds the connection's place in its source address's share of connections
@@ -174,7 +179,7 @@ pub async fn serve(
         Ok(Ok(connection)) => connection,
         _ => return,
     };
-    let session = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let session = next_session_id();
     let result = run(session, &connection, &shared, address).await;
     if let Err(reason) = result {
         tracing::debug!(session, %reason, "session ended");
@@ -397,6 +402,7 @@ async fn run(
             session,
             capability,
             control: control.clone(),
+            delivery: crate::engine::Delivery::Frames,
         })
         .await;
 
@@ -846,7 +852,10 @@ async fn refuse(
 }
 
 /// Verifies a token against the tenants' current keys and lifetimes.
-fn verify_token(shared: &Shared, token: &str) -> Result<token::Capability, token::TokenError> {
+pub(crate) fn verify_token(
+    shared: &Shared,
+    token: &str,
+) -> Result<token::Capability, token::TokenError> {
     let tenants = shared
         .tenants
         .read()
@@ -862,7 +871,7 @@ fn verify_token(shared: &Shared, token: &str) -> Result<token::Capability, token
 }
 
 /// The time until a token's expiry (zero if it has passed).
-fn until_expiry(expires_at: i64) -> std::time::Duration {
+pub(crate) fn until_expiry(expires_at: i64) -> std::time::Duration {
     std::time::Duration::from_secs(
         u64::try_from(expires_at.saturating_sub(unix_now())).unwrap_or(0),
     )
@@ -872,7 +881,7 @@ fn until_expiry(expires_at: i64) -> std::time::Duration {
 const REAUTH_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Waits until the tenant's placement changes (never, without placements).
-async fn placement_changed(
+pub(crate) async fn placement_changed(
     placement: &mut Option<watch::Receiver<Verdict>>,
 ) -> Result<(), watch::error::RecvError> {
     match placement {

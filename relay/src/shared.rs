@@ -28,6 +28,8 @@ pub enum Input {
         capability: Capability,
         /// Its control stream.
         control: Outbox,
+        /// How it takes fanned-out changes.
+        delivery: crate::engine::Delivery,
     },
     /// A document stream opened.
     Subscribe {

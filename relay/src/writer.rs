@@ -119,13 +119,28 @@ impl Drop for WriterQueue {
     }
 }
 
+/// What an outbox closes when its consumer must be disconnected.
+#[derive(Clone)]
+pub(crate) enum Peer {
+    /// A QUIC connection.
+    Quic(quinn::Connection),
+    /// A session of another front end in this process ([`crate::local`]): the close
+    /// code is posted for it to act on.
+    Local {
+        /// The client's address (for the penalty box).
+        address: std::net::IpAddr,
+        /// Set once, with the reason, when the session is to end.
+        closed: Arc<tokio::sync::watch::Sender<Option<ErrorCode>>>,
+    },
+}
+
 /// The sending half of one stream's bounded queue, shared with the engine driver.
 #[derive(Clone)]
 pub struct Outbox {
     /// Each message with, for a fan-out, when its changes arrived at the relay.
     tx: meridian_process::channel::Sender<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<QueueBudget>,
-    connection: quinn::Connection,
+    peer: Peer,
     limits: Arc<crate::ratelimit::NodeLimits>,
 }
 
@@ -156,9 +171,90 @@ impl Outbox {
 
     /// Closes the connection with a typed error code (its name is the close reason).
     pub fn close(&self, code: ErrorCode) {
-        self.limits
-            .closed(self.connection.remote_address().ip(), code);
-        close(&self.connection, code);
+        match &self.peer {
+            Peer::Quic(connection) => {
+                self.limits.closed(connection.remote_address().ip(), code);
+                close(connection, code);
+            }
+            Peer::Local { address, closed } => {
+                self.limits.closed(*address, code);
+                closed.send_if_modified(|current| {
+                    let first = current.is_none();
+                    current.get_or_insert(code);
+                    first
+                });
+            }
+        }
+    }
+
+    /// An outbox whose messages the caller takes from the returned queue (a session of
+    /// another front end), bounded like a stream's.
+    pub(crate) fn local(
+        settings: &WriterSettings,
+        queued_bytes: Arc<QueueBudget>,
+        peer: Peer,
+    ) -> (Outbox, LocalQueue) {
+        let (tx, rx) = meridian_process::channel::bounded::<(Outbound, Option<Instant>)>(
+            settings.queue_messages_max,
+        );
+        let outbox = Outbox {
+            tx,
+            queued_bytes: queued_bytes.clone(),
+            peer,
+            limits: settings.limits.clone(),
+        };
+        (
+            outbox,
+            LocalQueue {
+                rx,
+                queued_bytes,
+                pending: VecDeque::new(),
+            },
+        )
+    }
+}
+
+/// The receiving end of a local outbox: each message taken gives its bytes back to the
+/// budgets it was counted against.
+pub(crate) struct LocalQueue {
+    rx: meridian_process::channel::Receiver<(Outbound, Option<Instant>)>,
+    queued_bytes: Arc<QueueBudget>,
+    pending: VecDeque<(Outbound, Option<Instant>)>,
+}
+
+impl LocalQueue {
+    /// The next message; `None` once every sender is gone.
+    pub(crate) async fn recv(&mut self) -> Option<Outbound> {
+        if self.pending.is_empty()
+            && !self
+                .rx
+                .recv_many(&mut self.pending, WRITE_BATCH_ITEMS)
+                .await
+        {
+            return None;
+        }
+        let (outbound, received) = self.pending.pop_front()?;
+        self.queued_bytes.give(outbound_size(&outbound));
+        if let Some(received) = received {
+            crate::metrics::fanout_latency().record(received.elapsed().as_secs_f64());
+        }
+        if self.pending.is_empty() && self.pending.capacity() > WRITE_BATCH_ITEMS {
+            self.pending = VecDeque::new();
+        }
+        Some(outbound)
+    }
+}
+
+impl Drop for LocalQueue {
+    fn drop(&mut self) {
+        let left: usize = self
+            .rx
+            .close()
+            .iter()
+            .chain(self.pending.iter())
+            .map(|(outbound, _)| outbound_size(outbound))
+            .sum();
+        self.queued_bytes.give(left);
     }
 }
 
@@ -192,7 +288,7 @@ pub(crate) fn writer(
     let outbox = Outbox {
         tx,
         queued_bytes,
-        connection: connection.clone(),
+        peer: Peer::Quic(connection.clone()),
         limits: settings.limits.clone(),
     };
     let connection = connection.clone();

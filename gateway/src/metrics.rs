@@ -1,0 +1,34 @@
+//! The gateway's metric names.
+
+/// Sockets open now.
+pub const CONNECTIONS: &str = "meridian_gateway_connections";
+/// Messages, by direction (`in`, `out`).
+pub const MESSAGES: &str = "meridian_gateway_messages_total";
+/// Sockets closed by the gateway, by reason (the error code's name).
+pub const CLOSED: &str = "meridian_gateway_closed_total";
+/// Connections or inputs refused, by reason.
+pub const REFUSED: &str = "meridian_gateway_refused_total";
+
+/// Describes the gateway's metrics to the installed recorder.
+pub fn describe() {
+    metrics::describe_gauge!(CONNECTIONS, "WebSocket sockets open now");
+    metrics::describe_counter!(MESSAGES, "automerge-repo messages, by direction");
+    metrics::describe_counter!(CLOSED, "sockets closed by the gateway, by reason");
+    metrics::describe_counter!(REFUSED, "connections or inputs refused, by reason");
+}
+
+pub(crate) fn connected(delta: i32) {
+    metrics::gauge!(CONNECTIONS).increment(f64::from(delta));
+}
+
+pub(crate) fn message(direction: &'static str) {
+    metrics::counter!(MESSAGES, "direction" => direction).increment(1);
+}
+
+pub(crate) fn closed(reason: &'static str) {
+    metrics::counter!(CLOSED, "reason" => reason).increment(1);
+}
+
+pub(crate) fn refused(reason: &'static str) {
+    metrics::counter!(REFUSED, "reason" => reason).increment(1);
+}

@@ -1,0 +1,537 @@
+//! One WebSocket peer as a state machine without IO: automerge-repo messages and the
+//! relay's outbound messages in, [`Effect`]s out.
+//!
+//! # Syncing from the change graph
+//!
+//! The gateway never holds a document. For each document a peer syncs, it subscribes
+//! the peer's session to the relay with the peer's heads and the heads of its last sync
+//! (`have[].lastSync`); the relay's catch-up is every change outside their ancestry, and
+//! from then on the relay fans out every new change with its heads
+//! ([`Outbound::Changes`]). Each sync message the gateway sends carries those changes and:
+//!
+//! - `heads`: the heads of the document's durable part (what the tenant's storage
+//!   holds), or the relay's heads while nothing is durable yet;
+//! - `have`: one entry whose `lastSync` is the relay's heads, which the peer holds once it
+//!   has applied the message, and an empty Bloom filter; so the peer answers with
+//!   exactly the changes the relay lacks (its changes outside those heads);
+//! - `need`: empty.
+//!
+//! Changes a peer sends before its catch-up arrived wait (within
+//! [`PeerLimits::pending_bytes_max`]) and go to the relay after it. A peer that asks for
+//! something (`need`) or shows empty heads after the relay sent it changes gets a fresh
+//! catch-up.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use meridian_protocol::token::{Capability, Rights};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient};
+use meridian_relay::engine::{Outbound, SessionId};
+
+use crate::docid;
+use crate::sync::{Have, SyncError, SyncMessage};
+use crate::wire::{ClientMessage, PROTOCOL_VERSION, ServerMessage, cbor_bytes, is_one_cbor_item};
+
+/// Bounds on one peer.
+#[derive(Debug, Clone)]
+pub struct PeerLimits {
+    /// Bytes of changes held while their document's catch-up is on its way.
+    pub pending_bytes_max: usize,
+    /// Documents one peer may sync at once.
+    pub docs_max: usize,
+    /// Changes go to the relay in groups of at most this many bytes...
+    pub upload_bytes_max: usize,
+    /// ...and this many changes.
+    pub upload_changes_max: usize,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            pending_bytes_max: 16 << 20,
+            docs_max: 1024,
+            upload_bytes_max: 256 << 10,
+            upload_changes_max: 512,
+        }
+    }
+}
+
+/// What the IO layer is to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send this message to the peer.
+    Send(ServerMessage),
+    /// Subscribe the session to `doc`, the peer holding `heads`.
+    Subscribe {
+        /// The document.
+        doc: DocId,
+        /// What the peer holds.
+        heads: Vec<ChangeHash>,
+    },
+    /// End the subscription to `doc` and subscribe again with `heads` (a fresh catch-up).
+    Resubscribe {
+        /// The document.
+        doc: DocId,
+        /// What the peer holds.
+        heads: Vec<ChangeHash>,
+    },
+    /// Hand these changes to the relay (in order, none dropped: a sync peer does not
+    /// send a change twice in one session).
+    Changes {
+        /// The document.
+        doc: DocId,
+        /// The changes.
+        changes: Vec<Bytes>,
+    },
+    /// Hand a presence state to the relay.
+    Presence {
+        /// The document.
+        doc: DocId,
+        /// The state (the ephemeral message's CBOR bytes).
+        state: Bytes,
+    },
+    /// Send `error` with this message, then close the socket with this code.
+    Close {
+        /// The code (the WebSocket close code is 4000 plus its number).
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
+}
+
+impl Effect {
+    fn close(code: ErrorCode, message: impl Into<String>) -> Effect {
+        Effect::Close {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DocState {
+    document_id: String,
+    /// The relay's catch-up arrived.
+    caught_up: bool,
+    /// The peer asked with `request` (it does not have the document).
+    requested: bool,
+    /// Changes from the peer waiting for the catch-up.
+    pending: Vec<Bytes>,
+    pending_bytes: usize,
+    /// The relay's heads, which the peer holds once it has applied what was sent.
+    relay_heads: Vec<ChangeHash>,
+    /// The heads of the durable part.
+    durable_heads: Vec<ChangeHash>,
+    /// The `heads` of the last sync message sent.
+    last_sent: Option<Vec<ChangeHash>>,
+    /// `doc-unavailable` was sent.
+    unavailable: bool,
+}
+
+impl DocState {
+    /// The heads reported to the peer: durable heads, or the relay's while nothing is
+    /// durable.
+    fn reported(&self) -> Vec<ChangeHash> {
+        if self.durable_heads.is_empty() {
+            self.relay_heads.clone()
+        } else {
+            self.durable_heads.clone()
+        }
+    }
+
+    fn message(&mut self, changes: Vec<Bytes>) -> ServerMessage {
+        let heads = self.reported();
+        let data = SyncMessage {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: self.relay_heads.clone(),
+                bloom: Bytes::new(),
+            }],
+            changes,
+        }
+        .encode();
+        self.last_sent = Some(heads);
+        ServerMessage::Sync {
+            document_id: self.document_id.clone(),
+            data: Bytes::from(data),
+        }
+    }
+}
+
+/// One peer's state.
+pub struct Peer {
+    capability: Capability,
+    limits: PeerLimits,
+    storage_id: String,
+    /// The peer's id, once it joined.
+    joined: Option<String>,
+    docs: HashMap<DocId, DocState>,
+    /// The counter of ephemeral messages sent to this peer.
+    ephemeral_count: u64,
+}
+
+impl Peer {
+    /// A peer authenticated with `capability`; `storage_id` is its tenant's.
+    pub fn new(capability: Capability, storage_id: String, limits: PeerLimits) -> Self {
+        Peer {
+            capability,
+            limits,
+            storage_id,
+            joined: None,
+            docs: HashMap::new(),
+            ephemeral_count: 0,
+        }
+    }
+
+    /// The peer's id once it joined.
+    pub fn peer_id(&self) -> Option<&str> {
+        self.joined.as_deref()
+    }
+
+    /// The token in force changed (same tenant and user).
+    pub fn set_capability(&mut self, capability: Capability) {
+        self.capability = capability;
+    }
+
+    /// Handles a message from the peer.
+    pub fn handle_client(&mut self, message: ClientMessage) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if let ClientMessage::Join {
+            sender_id,
+            versions,
+        } = message
+        {
+            if !versions.iter().any(|v| v == PROTOCOL_VERSION) {
+                out.push(Effect::close(
+                    ErrorCode::VersionMismatch,
+                    format!("unsupported protocol versions {versions:?}; this gateway speaks \"{PROTOCOL_VERSION}\""),
+                ));
+                return out;
+            }
+            match &self.joined {
+                Some(joined) if *joined != sender_id => {
+                    out.push(Effect::close(
+                        ErrorCode::Malformed,
+                        "a connection joins as one peer",
+                    ));
+                    return out;
+                }
+                _ => self.joined = Some(sender_id),
+            }
+            out.push(Effect::Send(ServerMessage::Peer {
+                storage_id: self.storage_id.clone(),
+            }));
+            return out;
+        }
+        if self.joined.is_none() {
+            out.push(Effect::close(ErrorCode::Malformed, "join first"));
+            return out;
+        }
+        match message {
+            ClientMessage::Join { .. } => {}
+            ClientMessage::Request { document_id, data } => {
+                self.sync(&mut out, document_id, data, true);
+            }
+            ClientMessage::Sync { document_id, data } => {
+                self.sync(&mut out, document_id, data, false);
+            }
+            ClientMessage::Ephemeral { document_id, data } => {
+                let Some(doc) = self.doc_id(&mut out, &document_id) else {
+                    return out;
+                };
+                if self.capability.allows(&doc, |r: &Rights| r.presence)
+                    && self.docs.contains_key(&doc)
+                {
+                    out.push(Effect::Presence { doc, state: data });
+                }
+            }
+            // Nothing to do: the gateway has what it has, and asks no other peer.
+            ClientMessage::DocUnavailable { .. } | ClientMessage::RemoteHeads => {}
+            ClientMessage::Leave => {
+                out.push(Effect::close(ErrorCode::ShuttingDown, "the peer left"));
+            }
+        }
+        out
+    }
+
+    fn doc_id(&self, out: &mut Vec<Effect>, document_id: &str) -> Option<DocId> {
+        match docid::to_doc_id(document_id) {
+            Ok(doc) => Some(doc),
+            Err(error) => {
+                out.push(Effect::close(ErrorCode::Malformed, error.to_string()));
+                None
+            }
+        }
+    }
+
+    fn sync(&mut self, out: &mut Vec<Effect>, document_id: String, data: Bytes, request: bool) {
+        let Some(doc) = self.doc_id(out, &document_id) else {
+            return;
+        };
+        let message = match SyncMessage::decode(&data) {
+            Ok(message) => message,
+            Err(error) => {
+                let code = match error {
+                    SyncError::Version2 => ErrorCode::VersionMismatch,
+                    _ => ErrorCode::Malformed,
+                };
+                out.push(Effect::close(code, error.to_string()));
+                return;
+            }
+        };
+        if !self.capability.allows(&doc, |r: &Rights| r.read) {
+            out.push(Effect::Send(ServerMessage::DocUnavailable { document_id }));
+            return;
+        }
+        let writable = self.capability.allows(&doc, |r: &Rights| r.write);
+        if !self.docs.contains_key(&doc) {
+            if self.docs.len() >= self.limits.docs_max {
+                out.push(Effect::close(
+                    ErrorCode::Overloaded,
+                    format!(
+                        "a connection syncs at most {} documents",
+                        self.limits.docs_max
+                    ),
+                ));
+                return;
+            }
+            let mut heads = message.heads.clone();
+            for have in &message.have {
+                heads.extend_from_slice(&have.last_sync);
+            }
+            heads.sort_unstable();
+            heads.dedup();
+            heads.truncate(MAX_HEADS);
+            self.docs.insert(
+                doc.clone(),
+                DocState {
+                    document_id,
+                    requested: request,
+                    ..DocState::default()
+                },
+            );
+            out.push(Effect::Subscribe {
+                doc: doc.clone(),
+                heads,
+            });
+        }
+        let limits = self.limits.clone();
+        let Some(state) = self.docs.get_mut(&doc) else {
+            return;
+        };
+        let had_changes = !message.changes.is_empty();
+        if had_changes && writable {
+            if state.caught_up {
+                upload(out, &limits, &doc, message.changes);
+            } else {
+                let bytes: usize = message.changes.iter().map(Bytes::len).sum();
+                state.pending_bytes += bytes;
+                if state.pending_bytes > limits.pending_bytes_max {
+                    out.push(Effect::close(
+                        ErrorCode::TooLarge,
+                        "too many bytes of changes before the document's catch-up",
+                    ));
+                    return;
+                }
+                state.pending.extend(message.changes);
+            }
+        }
+        if !state.caught_up {
+            return;
+        }
+        let lost = message.heads.is_empty() && !state.relay_heads.is_empty();
+        if !message.need.is_empty() || (lost && !had_changes) {
+            // The peer lacks something it was sent (or everything): catch it up again.
+            state.caught_up = false;
+            out.push(Effect::Resubscribe {
+                doc,
+                heads: message.heads,
+            });
+            return;
+        }
+        if state.last_sent.as_ref() != Some(&state.reported()) {
+            out.push(Effect::Send(state.message(Vec::new())));
+        }
+    }
+
+    /// Handles what the relay sent the peer's session.
+    pub fn handle_outbound(&mut self, outbound: Outbound) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match outbound {
+            Outbound::CatchUp {
+                doc,
+                changes,
+                heads,
+                durable_heads,
+                ..
+            } => {
+                let limits = self.limits.clone();
+                let Some(state) = self.docs.get_mut(&doc) else {
+                    return out;
+                };
+                state.caught_up = true;
+                state.relay_heads = heads;
+                state.durable_heads = durable_heads;
+                if state.requested && changes.is_empty() && state.relay_heads.is_empty() {
+                    if !state.unavailable {
+                        state.unavailable = true;
+                        out.push(Effect::Send(ServerMessage::DocUnavailable {
+                            document_id: state.document_id.clone(),
+                        }));
+                    }
+                } else {
+                    out.push(Effect::Send(state.message(changes)));
+                }
+                let pending = std::mem::take(&mut state.pending);
+                state.pending_bytes = 0;
+                if !pending.is_empty() {
+                    upload(&mut out, &limits, &doc, pending);
+                }
+            }
+            Outbound::Changes {
+                doc,
+                changes,
+                heads,
+                durable_heads,
+            } => {
+                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up) {
+                    state.relay_heads = heads;
+                    state.durable_heads = durable_heads;
+                    state.unavailable = false;
+                    out.push(Effect::Send(state.message(changes)));
+                }
+            }
+            Outbound::Message(message) => self.relay_message(&mut out, message),
+            Outbound::Close(message) => {
+                let (code, text) = match message {
+                    RelayToClient::Error { code, message, .. } => (code, message),
+                    RelayToClient::Redirect { cell, .. } => (
+                        ErrorCode::Redirect,
+                        format!("the tenant's home is cell {cell}"),
+                    ),
+                    other => (ErrorCode::Internal, format!("{other:?}")),
+                };
+                out.push(Effect::close(code, text));
+            }
+            // This session takes changes, not frames.
+            Outbound::Fanout(_) => {}
+        }
+        out
+    }
+
+    fn relay_message(&mut self, out: &mut Vec<Effect>, message: RelayToClient) {
+        match message {
+            RelayToClient::Applied { doc, heads, .. } => {
+                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up) {
+                    state.relay_heads = heads;
+                    if state.last_sent.as_ref() != Some(&state.reported()) {
+                        out.push(Effect::Send(state.message(Vec::new())));
+                    }
+                }
+            }
+            RelayToClient::Durable { doc, heads, .. } => {
+                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up)
+                    && !heads.is_empty()
+                {
+                    state.durable_heads = heads;
+                    if state.last_sent.as_ref() != Some(&state.reported()) {
+                        out.push(Effect::Send(state.message(Vec::new())));
+                    }
+                }
+            }
+            RelayToClient::Presence {
+                doc,
+                session,
+                user,
+                state,
+            } => {
+                let Some(doc_state) = self.docs.get(&doc) else {
+                    return;
+                };
+                self.ephemeral_count += 1;
+                let data = if is_one_cbor_item(&state) {
+                    state
+                } else {
+                    cbor_bytes(&state)
+                };
+                out.push(Effect::Send(ServerMessage::Ephemeral {
+                    document_id: doc_state.document_id.clone(),
+                    from: presence_peer(&user, session),
+                    session_id: session.to_string(),
+                    count: self.ephemeral_count,
+                    data,
+                }));
+            }
+            RelayToClient::Error {
+                code,
+                doc: Some(doc),
+                message,
+                ..
+            } => match (code, self.docs.get_mut(&doc)) {
+                // The token may not read (or write) this document: it stays with the
+                // peer, nothing is stored, and the peer is not made to reconnect.
+                (ErrorCode::Forbidden, Some(state)) => {
+                    if !state.unavailable {
+                        state.unavailable = true;
+                        out.push(Effect::Send(ServerMessage::DocUnavailable {
+                            document_id: state.document_id.clone(),
+                        }));
+                    }
+                }
+                // Anything else refused a change the peer will not send again in this
+                // session: it must reconnect and sync again.
+                _ => out.push(Effect::close(code, message)),
+            },
+            RelayToClient::Error {
+                code,
+                doc: None,
+                message,
+                ..
+            } => out.push(Effect::close(code, message)),
+            RelayToClient::Moved { doc, .. } => {
+                // Another node of the cell owns the document.
+                if let Some(state) = self.docs.get_mut(&doc) {
+                    out.push(Effect::close(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "document {} is served by another node of this cell; reconnect",
+                            state.document_id
+                        ),
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The peer id an automerge-repo client sees for another session's presence.
+pub fn presence_peer(user: &meridian_protocol::UserId, session: SessionId) -> String {
+    format!("meridian:{user}:{session}")
+}
+
+fn upload(out: &mut Vec<Effect>, limits: &PeerLimits, doc: &DocId, changes: Vec<Bytes>) {
+    let mut group = Vec::new();
+    let mut bytes = 0;
+    for change in changes {
+        if !group.is_empty()
+            && (bytes + change.len() > limits.upload_bytes_max
+                || group.len() == limits.upload_changes_max)
+        {
+            out.push(Effect::Changes {
+                doc: doc.clone(),
+                changes: std::mem::take(&mut group),
+            });
+            bytes = 0;
+        }
+        bytes += change.len();
+        group.push(change);
+    }
+    if !group.is_empty() {
+        out.push(Effect::Changes {
+            doc: doc.clone(),
+            changes: group,
+        });
+    }
+}

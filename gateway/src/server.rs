@@ -1,0 +1,420 @@
+//! The WebSocket listener (axum) and one task per socket: authentication from the URL's
+//! `token`, the Origin allow-list, then [`Peer`] driven by the socket and by the relay
+//! session, with keep-alive pings and backpressure.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use meridian_protocol::{ErrorCode, TenantId};
+use meridian_relay::engine::Delivery;
+use meridian_relay::local::{Event, LocalSession, SessionPort, SubscribeError};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::peer::{Effect, Peer, PeerLimits};
+use crate::wire::{self, ClientMessage, ServerMessage};
+
+/// The gateway's settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Per tenant, the browser origins allowed to connect (a request with an `Origin`
+    /// header not listed is refused); a tenant not listed, or listed with no origins,
+    /// accepts every origin.
+    pub origins: HashMap<TenantId, Vec<String>>,
+    /// The largest WebSocket message accepted, in bytes.
+    pub message_bytes_max: usize,
+    /// A ping is sent this often; a socket that answers nothing for two of them is
+    /// closed.
+    pub keepalive: Duration,
+    /// How long a socket may take to `join`.
+    pub join_timeout: Duration,
+    /// Sockets open at once.
+    pub connections_max: usize,
+    /// Bounds on each peer.
+    pub peer: PeerLimits,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            origins: HashMap::new(),
+            message_bytes_max: 16 << 20,
+            keepalive: Duration::from_secs(5),
+            join_timeout: Duration::from_secs(10),
+            connections_max: 10_000,
+            peer: PeerLimits::default(),
+        }
+    }
+}
+
+/// A running gateway.
+pub struct GatewayHandle {
+    local_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops listening (open sockets end with the relay's sessions).
+    pub async fn shutdown(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Gateway {
+    port: SessionPort,
+    config: GatewayConfig,
+    permits: Arc<Semaphore>,
+    peer_id: String,
+}
+
+/// Starts the gateway in front of the relay node whose sessions `port` opens.
+pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<GatewayHandle> {
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let local_addr = listener.local_addr()?;
+    let gateway = Arc::new(Gateway {
+        peer_id: format!("meridian:{}", port.node()),
+        permits: Arc::new(Semaphore::new(config.connections_max)),
+        port,
+        config,
+    });
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(upgrade))
+        .with_state(gateway);
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listener, service)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "gateway listener ended");
+        }
+    });
+    Ok(GatewayHandle {
+        local_addr,
+        shutdown: Some(shutdown),
+        task,
+    })
+}
+
+/// The query of the gateway's URL. The token is never logged.
+#[derive(serde::Deserialize)]
+struct Params {
+    token: Option<String>,
+}
+
+async fn upgrade(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    Query(params): Query<Params>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let Ok(permit) = gateway.permits.clone().try_acquire_owned() else {
+        crate::metrics::refused("connections");
+        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+    };
+    let slot = match gateway.port.admit(remote.ip()) {
+        Ok(slot) => slot,
+        Err(error) => {
+            crate::metrics::refused("address");
+            return (StatusCode::TOO_MANY_REQUESTS, error.to_string()).into_response();
+        }
+    };
+    let token = params.token.unwrap_or_default();
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string);
+    let max = gateway.config.message_bytes_max;
+    ws.max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            crate::metrics::connected(1);
+            let ip = remote.ip();
+            let mut conn = Conn {
+                socket,
+                gateway: gateway.clone(),
+                ip,
+                their_id: String::new(),
+            };
+            let code = match gateway.port.open(&token, slot, ip, Delivery::Changes).await {
+                Ok(session) => conn.run(session, origin).await,
+                Err(error) => {
+                    crate::metrics::refused(reason(error.code()));
+                    conn.close(error.code(), &error.to_string()).await;
+                    error.code()
+                }
+            };
+            tracing::debug!(%ip, code = %code, "gateway socket ended");
+            crate::metrics::connected(-1);
+            drop(permit);
+        })
+}
+
+fn reason(code: ErrorCode) -> &'static str {
+    code.name().unwrap_or("error")
+}
+
+/// The storage id the gateway announces for a tenant: stable, and the same on every
+/// node, so that a client's record of what "the server" holds survives reconnects.
+pub fn storage_id(tenant: &TenantId) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("meridian storage {tenant}").as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+struct Conn {
+    socket: WebSocket,
+    gateway: Arc<Gateway>,
+    ip: IpAddr,
+    their_id: String,
+}
+
+/// How a socket's loop goes on after an effect.
+enum Flow {
+    Continue,
+    Closed(ErrorCode),
+}
+
+impl Conn {
+    async fn send(&mut self, message: &ServerMessage) -> bool {
+        let bytes = wire::encode(message, &self.gateway.peer_id, &self.their_id);
+        crate::metrics::message("out");
+        self.socket
+            .send(Message::Binary(bytes.into()))
+            .await
+            .is_ok()
+    }
+
+    /// Sends `error` and closes with `4000 + code` and the code's name as the reason.
+    async fn close(&mut self, code: ErrorCode, message: &str) {
+        let _ = self
+            .send(&ServerMessage::Error {
+                message: message.to_string(),
+            })
+            .await;
+        let frame = CloseFrame {
+            code: 4000 + code.code(),
+            reason: reason(code).into(),
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.socket.send(Message::Close(Some(frame))),
+        )
+        .await;
+        self.gateway.port.closed(self.ip, code);
+        crate::metrics::closed(reason(code));
+    }
+
+    async fn run(&mut self, mut session: LocalSession, origin: Option<String>) -> ErrorCode {
+        let tenant = session.capability().tenant.clone();
+        if let (Some(allowed), Some(origin)) =
+            (self.gateway.config.origins.get(&tenant), origin.as_ref())
+            && !allowed.is_empty()
+            && !allowed.iter().any(|a| a == origin)
+        {
+            let message = format!("origin {origin} is not allowed for this tenant");
+            self.close(ErrorCode::Forbidden, &message).await;
+            return ErrorCode::Forbidden;
+        }
+        let config = self.gateway.config.clone();
+        let mut peer = Peer::new(
+            session.capability().clone(),
+            storage_id(&tenant),
+            config.peer.clone(),
+        );
+        // What is on its way to the relay, in order; while any waits, the socket is not
+        // read (backpressure).
+        let mut to_relay: VecDeque<Effect> = VecDeque::new();
+        let mut resume_at: Option<tokio::time::Instant> = None;
+        let join_deadline = tokio::time::Instant::now() + config.join_timeout;
+        let mut keepalive = tokio::time::interval(config.keepalive);
+        keepalive.reset();
+        let mut heard = true;
+        loop {
+            let reading = to_relay.is_empty();
+            let effects = tokio::select! {
+                message = self.socket.recv(), if reading => {
+                    heard = true;
+                    match message {
+                        Some(Ok(Message::Binary(bytes))) => {
+                            crate::metrics::message("in");
+                            match ClientMessage::decode(&bytes) {
+                                Ok(message) => peer.handle_client(message),
+                                Err(error) => vec![Effect::Close { code: ErrorCode::Malformed, message: error.to_string() }],
+                            }
+                        }
+                        Some(Ok(Message::Text(_))) => vec![Effect::Close {
+                            code: ErrorCode::Malformed,
+                            message: "messages are binary CBOR".into(),
+                        }],
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => Vec::new(),
+                        Some(Ok(Message::Close(_))) | None => return ErrorCode::ShuttingDown,
+                        Some(Err(error)) => {
+                            // Oversize messages end here too.
+                            let text = error.to_string();
+                            let code = if text.contains("too long") || text.contains("too big") {
+                                ErrorCode::TooLarge
+                            } else {
+                                ErrorCode::Malformed
+                            };
+                            vec![Effect::Close { code, message: text }]
+                        }
+                    }
+                }
+                event = session.next() => match event {
+                    Event::Outbound(outbound) => peer.handle_outbound(outbound),
+                    Event::Ended(ended) => {
+                        let message = match &ended {
+                            meridian_relay::local::Ended::Expired => "the token expired; reconnect with a fresh token".to_string(),
+                            meridian_relay::local::Ended::Revoked => "the token was revoked; reconnect with a fresh token".to_string(),
+                            meridian_relay::local::Ended::Moved(error) => error.to_string(),
+                            meridian_relay::local::Ended::Closed(code) => format!("closed by the relay: {code}"),
+                        };
+                        vec![Effect::Close { code: ended.code(), message }]
+                    }
+                },
+                _ = keepalive.tick() => {
+                    if !heard {
+                        vec![Effect::Close { code: ErrorCode::Timeout, message: "no answer to pings".into() }]
+                    } else {
+                        heard = false;
+                        if self.socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                            return ErrorCode::ShuttingDown;
+                        }
+                        Vec::new()
+                    }
+                }
+                () = tokio::time::sleep_until(join_deadline), if peer.peer_id().is_none() => {
+                    vec![Effect::Close { code: ErrorCode::Timeout, message: "no join in time".into() }]
+                }
+                () = sleep_until(resume_at), if resume_at.is_some() => {
+                    resume_at = None;
+                    Vec::new()
+                }
+            };
+            if self.their_id.is_empty()
+                && let Some(id) = peer.peer_id()
+            {
+                self.their_id = id.to_string();
+            }
+            for effect in effects {
+                match effect {
+                    Effect::Send(message) => {
+                        if !self.send(&message).await {
+                            return ErrorCode::ShuttingDown;
+                        }
+                    }
+                    Effect::Close { code, message } => {
+                        self.close(code, &message).await;
+                        return code;
+                    }
+                    other => to_relay.push_back(other),
+                }
+            }
+            if resume_at.is_none()
+                && let Flow::Closed(code) = self
+                    .forward(&mut session, &mut to_relay, &mut resume_at)
+                    .await
+            {
+                return code;
+            }
+        }
+    }
+
+    /// Hands what waits to the relay, in order, until a rate limit says to wait.
+    async fn forward(
+        &mut self,
+        session: &mut LocalSession,
+        to_relay: &mut VecDeque<Effect>,
+        resume_at: &mut Option<tokio::time::Instant>,
+    ) -> Flow {
+        while let Some(effect) = to_relay.pop_front() {
+            let limited = match &effect {
+                Effect::Subscribe { doc, heads } => {
+                    match session.subscribe(doc.clone(), heads.clone()).await {
+                        Ok(()) => None,
+                        Err(SubscribeError::RateLimited(limited)) => Some(limited),
+                        Err(error @ SubscribeError::TooMany(_)) => {
+                            self.close(ErrorCode::Overloaded, &error.to_string()).await;
+                            return Flow::Closed(ErrorCode::Overloaded);
+                        }
+                    }
+                }
+                Effect::Resubscribe { doc, heads } => {
+                    session.unsubscribe(doc.clone()).await;
+                    to_relay.push_front(Effect::Subscribe {
+                        doc: doc.clone(),
+                        heads: heads.clone(),
+                    });
+                    continue;
+                }
+                Effect::Changes { doc, changes } => {
+                    session.changes(doc.clone(), changes).await.err()
+                }
+                // Presence over its rate is dropped: it is not stored, and the next
+                // state replaces it.
+                Effect::Presence { doc, state } => {
+                    match session.presence(doc.clone(), state.clone()).await {
+                        Err(limited) if limited.persistent => Some(limited),
+                        _ => None,
+                    }
+                }
+                Effect::Send(_) | Effect::Close { .. } => None,
+            };
+            if let Some(limited) = limited {
+                if limited.persistent {
+                    let message = "rate limits exceeded again and again";
+                    self.close(ErrorCode::RateLimited, message).await;
+                    return Flow::Closed(ErrorCode::RateLimited);
+                }
+                crate::metrics::refused("rate_limited");
+                to_relay.push_front(effect);
+                *resume_at = Some(tokio::time::Instant::now() + limited.retry_after);
+                return Flow::Continue;
+            }
+        }
+        Flow::Continue
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
