@@ -63,6 +63,10 @@ pub struct GatewaySection {
     /// How often a ping is sent (default 5000); two unanswered close the socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_ms: Option<u64>,
+    /// The gateways of the cell's other nodes, by node id, for documents they own; a
+    /// node not listed is reached at its QUIC host and this gateway's port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cell: BTreeMap<String, SocketAddr>,
 }
 
 impl GatewaySection {
@@ -83,6 +87,7 @@ impl GatewaySection {
             keepalive: self.keepalive_ms.map_or(defaults.keepalive, |ms| {
                 std::time::Duration::from_millis(ms.max(100))
             }),
+            cell_gateways: self.cell.clone().into_iter().collect(),
             ..defaults
         })
     }

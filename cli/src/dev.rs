@@ -540,6 +540,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
                 message_bytes_max: None,
                 connections_max: None,
                 keepalive_ms: None,
+                cell: Default::default(),
             },
         };
         let gossip = match gossip {
@@ -597,7 +598,19 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
         .iter()
         .filter_map(|n| n.file.cell.as_ref().map(|c| c.gossip_listen))
         .collect();
+    let gateways: Vec<(String, SocketAddr)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.id.clone(), n.file.gateway.as_ref()?.listen)))
+        .collect();
     for node in &mut nodes {
+        let id = node.id.clone();
+        if let Some(gateway) = &mut node.file.gateway {
+            gateway.cell = gateways
+                .iter()
+                .filter(|(other, _)| *other != id)
+                .cloned()
+                .collect();
+        }
         if let Some(cell) = &mut node.file.cell {
             cell.seeds = seeds
                 .iter()

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use meridian_protocol::token::{Capability, Rights};
-use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient};
+use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, NodeAddr, RelayToClient};
 use meridian_relay::engine::{Outbound, SessionId};
 
 use crate::docid;
@@ -90,6 +90,14 @@ pub enum Effect {
         /// The state (the ephemeral message's CBOR bytes).
         state: Bytes,
     },
+    /// Send this client message, as it came, to the gateway of the node that owns its
+    /// document (in this cell).
+    Forward {
+        /// The owner.
+        node: NodeAddr,
+        /// The message's bytes.
+        message: Bytes,
+    },
     /// Send `error` with this message, then close the socket with this code.
     Close {
         /// The code (the WebSocket close code is 4000 plus its number).
@@ -126,6 +134,13 @@ struct DocState {
     last_sent: Option<Vec<ChangeHash>>,
     /// `doc-unavailable` was sent.
     unavailable: bool,
+    /// Another node of the cell owns the document: its messages go to that node's
+    /// gateway.
+    forward: Option<NodeAddr>,
+    /// The peer's messages for the document until the catch-up (or `moved`) arrives,
+    /// as they came.
+    held: Vec<Bytes>,
+    held_bytes: usize,
 }
 
 impl DocState {
@@ -194,8 +209,8 @@ impl Peer {
         self.capability = capability;
     }
 
-    /// Handles a message from the peer.
-    pub fn handle_client(&mut self, message: ClientMessage) -> Vec<Effect> {
+    /// Handles a message from the peer (`raw`: its bytes as they came).
+    pub fn handle_client(&mut self, message: ClientMessage, raw: &Bytes) -> Vec<Effect> {
         let mut out = Vec::new();
         if let ClientMessage::Join {
             sender_id,
@@ -228,13 +243,35 @@ impl Peer {
             out.push(Effect::close(ErrorCode::Malformed, "join first"));
             return out;
         }
+        if let Some(doc) = message.document_id().and_then(|d| docid::to_doc_id(d).ok())
+            && let Some(state) = self.docs.get_mut(&doc)
+        {
+            if let Some(node) = &state.forward {
+                out.push(Effect::Forward {
+                    node: node.clone(),
+                    message: raw.clone(),
+                });
+                return out;
+            }
+            if !state.caught_up {
+                state.held_bytes += raw.len();
+                if state.held_bytes > self.limits.pending_bytes_max {
+                    out.push(Effect::close(
+                        ErrorCode::TooLarge,
+                        "too many bytes of messages before the document's catch-up",
+                    ));
+                    return out;
+                }
+                state.held.push(raw.clone());
+            }
+        }
         match message {
             ClientMessage::Join { .. } => {}
             ClientMessage::Request { document_id, data } => {
-                self.sync(&mut out, document_id, data, true);
+                self.sync(&mut out, document_id, data, true, raw);
             }
             ClientMessage::Sync { document_id, data } => {
-                self.sync(&mut out, document_id, data, false);
+                self.sync(&mut out, document_id, data, false, raw);
             }
             ClientMessage::Ephemeral { document_id, data } => {
                 let Some(doc) = self.doc_id(&mut out, &document_id) else {
@@ -265,7 +302,14 @@ impl Peer {
         }
     }
 
-    fn sync(&mut self, out: &mut Vec<Effect>, document_id: String, data: Bytes, request: bool) {
+    fn sync(
+        &mut self,
+        out: &mut Vec<Effect>,
+        document_id: String,
+        data: Bytes,
+        request: bool,
+        raw: &Bytes,
+    ) {
         let Some(doc) = self.doc_id(out, &document_id) else {
             return;
         };
@@ -308,6 +352,8 @@ impl Peer {
                 DocState {
                     document_id,
                     requested: request,
+                    held: vec![raw.clone()],
+                    held_bytes: raw.len(),
                     ..DocState::default()
                 },
             );
@@ -371,6 +417,8 @@ impl Peer {
                     return out;
                 };
                 state.caught_up = true;
+                state.held = Vec::new();
+                state.held_bytes = 0;
                 state.relay_heads = heads;
                 state.durable_heads = durable_heads;
                 if state.requested && changes.is_empty() && state.relay_heads.is_empty() {
@@ -489,16 +537,45 @@ impl Peer {
                 message,
                 ..
             } => out.push(Effect::close(code, message)),
-            RelayToClient::Moved { doc, .. } => {
-                // Another node of the cell owns the document.
+            RelayToClient::Moved { doc, node } => {
+                // Another node of the cell owns the document: the peer's messages for
+                // it go to that node's gateway from now on, starting with those not
+                // answered here.
+                let peer_id = self.joined.clone().unwrap_or_default();
                 if let Some(state) = self.docs.get_mut(&doc) {
-                    out.push(Effect::close(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "document {} is served by another node of this cell; reconnect",
-                            state.document_id
-                        ),
-                    ));
+                    let held = std::mem::take(&mut state.held);
+                    state.held_bytes = 0;
+                    state.pending = Vec::new();
+                    state.pending_bytes = 0;
+                    if held.is_empty() {
+                        // The owner changed under a synced peer: start its sync there
+                        // from what the peer is known to hold.
+                        let message = SyncMessage {
+                            heads: state.relay_heads.clone(),
+                            need: Vec::new(),
+                            have: vec![Have {
+                                last_sync: state.relay_heads.clone(),
+                                bloom: Bytes::new(),
+                            }],
+                            changes: Vec::new(),
+                        };
+                        out.push(Effect::Forward {
+                            node: node.clone(),
+                            message: crate::wire::encode_client_sync(
+                                &peer_id,
+                                &state.document_id,
+                                &message.encode(),
+                            ),
+                        });
+                    }
+                    for message in held {
+                        out.push(Effect::Forward {
+                            node: node.clone(),
+                            message,
+                        });
+                    }
+                    state.caught_up = false;
+                    state.forward = Some(node);
                 }
             }
             _ => {}

@@ -11,7 +11,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use meridian_protocol::{ErrorCode, TenantId};
+use bytes::Bytes;
+use meridian_protocol::{ErrorCode, NodeAddr, TenantId};
 use meridian_relay::engine::Delivery;
 use meridian_relay::local::{Event, LocalSession, SessionPort, SubscribeError};
 use tokio::sync::{Semaphore, oneshot};
@@ -39,6 +40,10 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// Bounds on each peer.
     pub peer: PeerLimits,
+    /// The gateway of each other node of the cell, by node id, for documents another
+    /// node owns; a node not listed is reached at its QUIC address's host and this
+    /// gateway's port.
+    pub cell_gateways: HashMap<String, SocketAddr>,
 }
 
 impl Default for GatewayConfig {
@@ -51,6 +56,7 @@ impl Default for GatewayConfig {
             join_timeout: Duration::from_secs(10),
             connections_max: 10_000,
             peer: PeerLimits::default(),
+            cell_gateways: HashMap::new(),
         }
     }
 }
@@ -88,6 +94,8 @@ struct Gateway {
     config: GatewayConfig,
     permits: Arc<Semaphore>,
     peer_id: String,
+    /// The port this gateway listens on (other nodes' gateways are assumed on it).
+    listen_port: u16,
 }
 
 /// Starts the gateway in front of the relay node whose sessions `port` opens.
@@ -96,6 +104,7 @@ pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<
     let local_addr = listener.local_addr()?;
     let gateway = Arc::new(Gateway {
         peer_id: format!("meridian:{}", port.node()),
+        listen_port: local_addr.port(),
         permits: Arc::new(Semaphore::new(config.connections_max)),
         port,
         config,
@@ -126,6 +135,9 @@ pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<
 #[derive(serde::Deserialize)]
 struct Params {
     token: Option<String>,
+    /// Set by a gateway forwarding a client to the document's owner: such a connection
+    /// is never forwarded again (ownership that moves meanwhile ends it instead).
+    forwarded: Option<String>,
 }
 
 async fn upgrade(
@@ -147,6 +159,7 @@ async fn upgrade(
         }
     };
     let token = params.token.unwrap_or_default();
+    let forwarded = params.forwarded.is_some();
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|value| value.to_str().ok())
@@ -162,6 +175,10 @@ async fn upgrade(
                 gateway: gateway.clone(),
                 ip,
                 their_id: String::new(),
+                forwarded,
+                token: token.clone(),
+                upstreams: HashMap::new(),
+                from_owners: tokio::sync::mpsc::channel(UPSTREAM_QUEUE),
             };
             let code = match gateway.port.open(&token, slot, ip, Delivery::Changes).await {
                 Ok(session) => conn.run(session, origin).await,
@@ -202,6 +219,17 @@ struct Conn {
     gateway: Arc<Gateway>,
     ip: IpAddr,
     their_id: String,
+    /// This connection comes from another node's gateway.
+    forwarded: bool,
+    /// The client's token (for the owners' gateways; never logged).
+    token: String,
+    /// One connection to each other node's gateway this client's documents need.
+    upstreams: HashMap<String, tokio::sync::mpsc::Sender<Bytes>>,
+    /// What those gateways send, for the client.
+    from_owners: (
+        tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+        tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+    ),
 }
 
 /// How a socket's loop goes on after an effect.
@@ -274,7 +302,7 @@ impl Conn {
                         Some(Ok(Message::Binary(bytes))) => {
                             crate::metrics::message("in");
                             match ClientMessage::decode(&bytes) {
-                                Ok(message) => peer.handle_client(message),
+                                Ok(message) => peer.handle_client(message, &bytes),
                                 Err(error) => vec![Effect::Close { code: ErrorCode::Malformed, message: error.to_string() }],
                             }
                         }
@@ -322,6 +350,19 @@ impl Conn {
                 () = tokio::time::sleep_until(join_deadline), if peer.peer_id().is_none() => {
                     vec![Effect::Close { code: ErrorCode::Timeout, message: "no join in time".into() }]
                 }
+                Some(from_owner) = self.from_owners.1.recv() => match from_owner {
+                    Ok(bytes) => {
+                        crate::metrics::message("out");
+                        if self.socket.send(Message::Binary(bytes)).await.is_err() {
+                            return ErrorCode::ShuttingDown;
+                        }
+                        Vec::new()
+                    }
+                    Err(error) => vec![Effect::Close {
+                        code: ErrorCode::Unavailable,
+                        message: format!("the node that owns a document of this connection: {error}"),
+                    }],
+                },
                 () = sleep_until(resume_at), if resume_at.is_some() => {
                     resume_at = None;
                     Vec::new()
@@ -394,6 +435,13 @@ impl Conn {
                         _ => None,
                     }
                 }
+                Effect::Forward { node, message } => {
+                    if let Err(error) = self.forward_to_owner(node, message.clone()).await {
+                        self.close(ErrorCode::Unavailable, &error).await;
+                        return Flow::Closed(ErrorCode::Unavailable);
+                    }
+                    None
+                }
                 Effect::Send(_) | Effect::Close { .. } => None,
             };
             if let Some(limited) = limited {
@@ -409,6 +457,119 @@ impl Conn {
             }
         }
         Flow::Continue
+    }
+}
+
+/// Messages queued to or from another node's gateway, per client connection.
+const UPSTREAM_QUEUE: usize = 64;
+
+impl Conn {
+    /// Sends a client message to the gateway of the node that owns its document,
+    /// connecting (and joining as the client) first if needed.
+    async fn forward_to_owner(&mut self, node: &NodeAddr, message: Bytes) -> Result<(), String> {
+        let key = node.node.to_string();
+        if self.forwarded {
+            return Err(format!(
+                "the document moved to node {key} while being forwarded; reconnect"
+            ));
+        }
+        if !self.upstreams.contains_key(&key) {
+            let addr = match self.gateway.config.cell_gateways.get(&key) {
+                Some(addr) => *addr,
+                None => {
+                    let quic: SocketAddr = node
+                        .addr
+                        .parse()
+                        .map_err(|_| format!("node {key} has no usable address"))?;
+                    SocketAddr::new(quic.ip(), self.gateway.listen_port)
+                }
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
+            tracing::debug!(node = %key, %addr, "forwarding documents to another node's gateway");
+            let url = format!("ws://{addr}/?forwarded=1&token={}", self.token);
+            let join = wire::encode_join(&self.their_id);
+            let to_client = self.from_owners.0.clone();
+            let our_id = self.gateway.peer_id.clone();
+            tokio::spawn(upstream(url, join, rx, to_client, our_id));
+            self.upstreams.insert(key.clone(), tx);
+        }
+        let sender = self.upstreams.get(&key).ok_or("no connection")?;
+        sender
+            .send(message)
+            .await
+            .map_err(|_| format!("the connection to node {key}'s gateway ended"))
+    }
+}
+
+/// One connection to another node's gateway on behalf of a client: joins as the client,
+/// sends what `rx` brings, and passes what comes back to the client's task.
+async fn upstream(
+    url: String,
+    join: Bytes,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+    to_client: tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+    our_id: String,
+) {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as Upstream;
+    let connected = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await;
+    let mut socket = match connected {
+        Ok(Ok((socket, _))) => socket,
+        Ok(Err(error)) => {
+            let _ = to_client.send(Err(error.to_string())).await;
+            return;
+        }
+        Err(_) => {
+            let _ = to_client.send(Err("no connection in time".into())).await;
+            return;
+        }
+    };
+    if socket.send(Upstream::Binary(join)).await.is_err() {
+        let _ = to_client.send(Err("the connection ended".into())).await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            outgoing = rx.recv() => match outgoing {
+                Some(bytes) => {
+                    if socket.send(Upstream::Binary(bytes)).await.is_err() {
+                        let _ = to_client.send(Err("the connection ended".into())).await;
+                        return;
+                    }
+                }
+                None => {
+                    let _ = socket.close(None).await;
+                    return;
+                }
+            },
+            incoming = socket.next() => match incoming {
+                Some(Ok(Upstream::Binary(bytes))) => match wire::relay_from_owner(&bytes, &our_id) {
+                    Ok(Some(bytes)) => {
+                        if to_client.send(Ok(bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        let _ = to_client.send(Err(error)).await;
+                        return;
+                    }
+                },
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    let _ = to_client.send(Err(error.to_string())).await;
+                    return;
+                }
+                None => {
+                    let _ = to_client.send(Err("the connection ended".into())).await;
+                    return;
+                }
+            },
+        }
     }
 }
 

@@ -87,6 +87,87 @@ pub enum ClientMessage {
     RemoteHeads,
 }
 
+impl ClientMessage {
+    /// The automerge-repo document the message is about, if any.
+    pub fn document_id(&self) -> Option<&str> {
+        match self {
+            ClientMessage::Request { document_id, .. }
+            | ClientMessage::Sync { document_id, .. }
+            | ClientMessage::Ephemeral { document_id, .. }
+            | ClientMessage::DocUnavailable { document_id } => Some(document_id),
+            ClientMessage::Join { .. } | ClientMessage::Leave | ClientMessage::RemoteHeads => None,
+        }
+    }
+}
+
+/// A `join` as a client sends it (the gateway joins another node's gateway this way).
+pub fn encode_join(sender_id: &str) -> Bytes {
+    let map = Value::Map(vec![
+        (text("type"), text("join")),
+        (text("senderId"), text(sender_id)),
+        (text("peerMetadata"), Value::Map(Vec::new())),
+        (
+            text("supportedProtocolVersions"),
+            Value::Array(vec![text(PROTOCOL_VERSION)]),
+        ),
+    ]);
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(&map, &mut out);
+    Bytes::from(out)
+}
+
+/// A `sync` as a client sends it.
+pub fn encode_client_sync(sender_id: &str, document_id: &str, data: &[u8]) -> Bytes {
+    let map = Value::Map(vec![
+        (text("type"), text("sync")),
+        (text("senderId"), text(sender_id)),
+        (text("targetId"), text("")),
+        (text("documentId"), text(document_id)),
+        (text("data"), Value::Bytes(data.to_vec())),
+    ]);
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(&map, &mut out);
+    Bytes::from(out)
+}
+
+/// What another node's gateway sent, to pass on to the client: `None` for its `peer`
+/// message (the client knows this gateway only), an error's text for `error`, else the
+/// message with its `senderId` made this gateway's (`ephemeral` keeps its sender: the
+/// peer whose presence it is).
+pub fn relay_from_owner(bytes: &[u8], our_id: &str) -> Result<Option<Bytes>, String> {
+    let value: Value = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
+    let Value::Map(mut entries) = value else {
+        return Err("not a map".into());
+    };
+    let kind = entries
+        .iter()
+        .find(|(k, _)| k == &text("type"))
+        .and_then(|(_, v)| v.as_text().map(str::to_string))
+        .unwrap_or_default();
+    match kind.as_str() {
+        "peer" => return Ok(None),
+        "error" => {
+            let message = entries
+                .iter()
+                .find(|(k, _)| k == &text("message"))
+                .and_then(|(_, v)| v.as_text().map(str::to_string))
+                .unwrap_or_default();
+            return Err(message);
+        }
+        "ephemeral" => {}
+        _ => {
+            for (key, value) in &mut entries {
+                if key == &text("senderId") {
+                    *value = text(our_id);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let _ = ciborium::into_writer(&Value::Map(entries), &mut out);
+    Ok(Some(Bytes::from(out)))
+}
+
 /// The fields any message may have; unknown fields are skipped without allocating.
 #[derive(Deserialize)]
 struct Fields {
