@@ -227,8 +227,8 @@ struct Conn {
     upstreams: HashMap<String, tokio::sync::mpsc::Sender<Bytes>>,
     /// What those gateways send, for the client.
     from_owners: (
-        tokio::sync::mpsc::Sender<Result<Bytes, String>>,
-        tokio::sync::mpsc::Receiver<Result<Bytes, String>>,
+        tokio::sync::mpsc::Sender<FromOwner>,
+        tokio::sync::mpsc::Receiver<FromOwner>,
     ),
 }
 
@@ -460,6 +460,9 @@ impl Conn {
     }
 }
 
+/// A message from another node's gateway for the client, or why that connection ended.
+type FromOwner = Result<Bytes, String>;
+
 /// Messages queued to or from another node's gateway, per client connection.
 const UPSTREAM_QUEUE: usize = 64;
 
@@ -507,7 +510,7 @@ async fn upstream(
     url: String,
     join: Bytes,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-    to_client: tokio::sync::mpsc::Sender<Result<Bytes, String>>,
+    to_client: tokio::sync::mpsc::Sender<FromOwner>,
     our_id: String,
 ) {
     use futures::{SinkExt, StreamExt};

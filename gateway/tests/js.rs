@@ -128,3 +128,219 @@ async fn a_document_created_in_js_is_read_by_the_rust_sdk_and_back() {
     assert_eq!(read["from_rust"], "yes");
     client.close().await;
 }
+
+/// A new automerge-repo document id, as its URL and its Meridian document id.
+fn new_doc() -> (String, String) {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for half in bytes.chunks_mut(8) {
+        // Each `RandomState` is keyed afresh.
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        half.copy_from_slice(&random.to_le_bytes());
+    }
+    let url = meridian_gateway::docid::url_of(bytes);
+    let doc = meridian_gateway::docid::parse(&url)
+        .expect("valid")
+        .to_string();
+    (url, doc)
+}
+
+fn put(handle: &meridian_client::DocHandle, key: &str, value: &str) {
+    use automerge::transaction::Transactable;
+    handle
+        .change(|d| d.put(automerge::ROOT, key, value))
+        .expect("change")
+        .expect("put");
+}
+
+async fn wait_key(handle: &meridian_client::DocHandle, key: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while meridian_testkit::json(handle).get(key).is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "no {key} arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_js_peers_and_a_native_client_converge() {
+    let node = Node::start().await;
+    let (url, doc) = new_doc();
+    let client = node.dev.client(node.relay.local_addr(), "native").await;
+    let handle = client.open(&doc).await.expect("open");
+    put(&handle, "title", "shared");
+    meridian_testkit::wait_durable(&handle).await;
+
+    let (a, b) = (node.url_for("alice"), node.url_for("bob"));
+    let script = tokio::spawn(async move { run_js("converge.mjs", &[&a, &b, &url]).await });
+    wait_key(&handle, "a").await;
+    wait_key(&handle, "b").await;
+    put(&handle, "native", "from rust");
+    let out = script.await.expect("script");
+    for side in ["a", "b"] {
+        assert_eq!(out[side]["title"], "shared");
+        assert_eq!(out[side]["a"], "from peer a");
+        assert_eq!(out[side]["b"], "from peer b");
+        assert_eq!(out[side]["native"], "from rust");
+    }
+    client.close().await;
+}
+
+#[tokio::test]
+async fn offline_edits_sync_after_a_reconnect_both_ways() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let node = Node::start().await;
+    let (url, doc) = new_doc();
+    let client = node.dev.client(node.relay.local_addr(), "native").await;
+    let handle = client.open(&doc).await.expect("open");
+    put(&handle, "title", "before");
+    meridian_testkit::wait_durable(&handle).await;
+
+    let mut child = tokio::process::Command::new("node")
+        .args([
+            "offline.mjs",
+            &node.url_for("alice"),
+            &url,
+            &node.storage_id(),
+        ])
+        .current_dir(js_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let offline = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the peer goes offline in time")
+        .expect("stdout");
+    assert_eq!(offline.as_deref(), Some("offline"));
+    // While the peer is offline, the native client edits too.
+    put(&handle, "native_offline", "yes");
+    meridian_testkit::wait_durable(&handle).await;
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").await.expect("write");
+    let last = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the peer syncs in time")
+        .expect("stdout")
+        .expect("a line");
+    let merged: serde_json::Value = serde_json::from_str(&last).expect("json");
+    assert_eq!(merged["native_offline"], "yes");
+    assert_eq!(merged["offline_19"], 19);
+    // Every offline edit reached the relay and its storage.
+    wait_key(&handle, "offline_19").await;
+    let json = meridian_testkit::json(&handle);
+    for i in 0..20 {
+        assert_eq!(json[format!("offline_{i}")], i);
+    }
+    client.close().await;
+}
+
+#[tokio::test]
+async fn ephemeral_messages_and_presence_cross_both_ways_and_are_not_stored() {
+    let node = Node::start().await;
+    let (url, doc) = new_doc();
+    let client = node.dev.client(node.relay.local_addr(), "native").await;
+    let handle = client.open(&doc).await.expect("open");
+    put(&handle, "title", "presence");
+    meridian_testkit::wait_durable(&handle).await;
+    let heads = handle.heads();
+
+    let peer_url = node.url_for("alice");
+    let script = tokio::spawn(async move { run_js("ephemeral.mjs", &[&peer_url, &url]).await });
+    // The JS peer's broadcasts arrive as presence (its CBOR bytes as they were sent).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let seen = loop {
+        if let Some(peer) = handle.presence().into_iter().find(|p| !p.state.is_empty()) {
+            break peer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no presence from the JS peer"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen.user.as_str(), "alice");
+    let value: ciborium::Value = ciborium::from_reader(&seen.state[..]).expect("cbor");
+    assert_eq!(
+        value,
+        ciborium::Value::Map(vec![(
+            ciborium::Value::Text("cursor".into()),
+            ciborium::Value::Integer(7.into())
+        )])
+    );
+    // The native client's presence reaches the JS peer as an ephemeral message.
+    let mut state = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Text("native cursor".into()), &mut state)
+        .expect("cbor");
+    handle.set_presence(state.into());
+    let out = script.await.expect("script");
+    assert_eq!(out["message"], "native cursor");
+    assert!(
+        out["senderId"]
+            .as_str()
+            .expect("sender")
+            .starts_with("meridian:native:")
+    );
+    // Nothing of it was stored: the document's heads did not move.
+    assert_eq!(handle.heads(), heads);
+    client.close().await;
+}
+
+#[tokio::test]
+async fn refused_tokens_get_an_error_and_documents_outside_the_rights_are_unavailable() {
+    use meridian_protocol::token::{DocScope, Rights};
+    let node = Node::start().await;
+    let bad = run_js("refused.mjs", &[&node.url("not-a-token")]).await;
+    assert!(
+        bad["error"]
+            .as_str()
+            .expect("an error")
+            .contains("token refused"),
+        "{bad}"
+    );
+    let none = run_js(
+        "refused.mjs",
+        &[&format!("ws://{}/", node.gateway.local_addr())],
+    )
+    .await;
+    assert!(
+        none["error"]
+            .as_str()
+            .expect("an error")
+            .contains("token refused")
+    );
+    let expired = node
+        .dev
+        .token_with("alice", DocScope::Prefix(String::new()), Rights::ALL, -60);
+    let out = run_js("refused.mjs", &[&node.url(&expired)]).await;
+    assert!(
+        out["error"]
+            .as_str()
+            .expect("an error")
+            .contains("token refused")
+    );
+
+    // A document the token does not cover is unavailable to it, and nothing is stored.
+    let (url, doc) = new_doc();
+    let client = node.dev.client(node.relay.local_addr(), "native").await;
+    let handle = client.open(&doc).await.expect("open");
+    put(&handle, "secret", "x");
+    meridian_testkit::wait_durable(&handle).await;
+    let narrow = node.dev.token_with(
+        "alice",
+        DocScope::Prefix("am/other".into()),
+        Rights::ALL,
+        3600,
+    );
+    let out = run_js("refused.mjs", &[&node.url(&narrow), &url]).await;
+    assert_eq!(out["unavailable"], true, "{out}");
+    // The same document with a token that covers it.
+    let out = run_js("refused.mjs", &[&node.url_for("bob"), &url]).await;
+    assert_eq!(out["unavailable"], false, "{out}");
+    assert_eq!(out["doc"]["secret"], "x");
+    client.close().await;
+}

@@ -124,7 +124,7 @@ impl Drop for WriterQueue {
 pub(crate) enum Peer {
     /// A QUIC connection.
     Quic(quinn::Connection),
-    /// A session of another front end in this process ([`crate::local`]): the close
+    /// A session of another front end in this process (the WebSocket gateway): the close
     /// code is posted for it to act on.
     Local {
         /// The client's address (for the penalty box).
