@@ -1,0 +1,492 @@
+//! The hostile suite against the WebSocket gateway: a client with a valid token (or
+//! none) speaking the automerge-repo protocol by hand, badly. Each case asserts the
+//! typed `error` and close code (4000 plus the protocol's error number, the code's name
+//! as the reason) and that an honest peer is still served afterwards.
+
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use ciborium::Value;
+use futures::{SinkExt, StreamExt};
+use meridian_gateway::sync::{Have, SyncMessage};
+use meridian_gateway::{GatewayConfig, GatewayHandle};
+use meridian_protocol::token::{DocScope, Rights};
+use meridian_protocol::{ErrorCode, TenantId};
+use meridian_relay::RelayHandle;
+use meridian_testkit::Dev;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Node {
+    dev: Dev,
+    relay: RelayHandle,
+    gateway: GatewayHandle,
+}
+
+impl Node {
+    async fn start(config: GatewayConfig) -> Node {
+        Node::start_dev(Dev::new(), config).await
+    }
+
+    async fn start_dev(dev: Dev, config: GatewayConfig) -> Node {
+        let relay = dev.start().await;
+        let gateway = meridian_gateway::start(config, relay.session_port())
+            .await
+            .expect("gateway starts");
+        Node {
+            dev,
+            relay,
+            gateway,
+        }
+    }
+
+    async fn connect(&self, token: &str) -> Socket {
+        self.connect_with(token, None).await
+    }
+
+    async fn connect_with(&self, token: &str, origin: Option<&str>) -> Socket {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://{}/?token={token}", self.gateway.local_addr());
+        let mut request = url.into_client_request().expect("request");
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().expect("header"));
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("the upgrade succeeds");
+        socket
+    }
+
+    /// A joined socket of `user` with every right.
+    async fn joined(&self, user: &str) -> Socket {
+        let mut socket = self.connect(&self.dev.token(user)).await;
+        send(&mut socket, &join(user)).await;
+        let peer = next(&mut socket).await.expect("an answer to join");
+        assert_eq!(field(&peer, "type"), Some(text("peer")));
+        socket
+    }
+
+    /// An honest peer still syncs a new document end to end.
+    async fn still_serving(&self) {
+        let mut socket = self.joined("honest").await;
+        let (id, change) = (doc_id(), one_change("honest"));
+        send(&mut socket, &sync(&id, &[], vec![change])).await;
+        let reply = next(&mut socket).await.expect("a sync reply");
+        assert_eq!(field(&reply, "type"), Some(text("sync")), "{reply:?}");
+    }
+}
+
+fn text(value: &str) -> Value {
+    Value::Text(value.into())
+}
+
+fn cbor(entries: Vec<(&str, Value)>) -> Vec<u8> {
+    let map = Value::Map(entries.into_iter().map(|(k, v)| (text(k), v)).collect());
+    let mut out = Vec::new();
+    ciborium::into_writer(&map, &mut out).expect("cbor");
+    out
+}
+
+fn join(peer: &str) -> Vec<u8> {
+    cbor(vec![
+        ("type", text("join")),
+        ("senderId", text(peer)),
+        ("peerMetadata", Value::Map(vec![])),
+        ("supportedProtocolVersions", Value::Array(vec![text("1")])),
+    ])
+}
+
+fn sync_bytes(document_id: &str, data: Vec<u8>) -> Vec<u8> {
+    cbor(vec![
+        ("type", text("sync")),
+        ("senderId", text("attacker")),
+        ("targetId", text("gateway")),
+        ("documentId", text(document_id)),
+        ("data", Value::Bytes(data)),
+    ])
+}
+
+fn sync(
+    document_id: &str,
+    heads: &[meridian_protocol::ChangeHash],
+    changes: Vec<Bytes>,
+) -> Vec<u8> {
+    let message = SyncMessage {
+        heads: heads.to_vec(),
+        need: vec![],
+        have: vec![Have::default()],
+        changes,
+    };
+    sync_bytes(document_id, message.encode())
+}
+
+fn doc_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut bytes = [0u8; 16];
+    for half in bytes.chunks_mut(8) {
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        half.copy_from_slice(&random.to_le_bytes());
+    }
+    let url = meridian_gateway::docid::url_of(bytes);
+    url.trim_start_matches("automerge:").to_string()
+}
+
+fn one_change(key: &str) -> Bytes {
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, key, "value").expect("put");
+    Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes())
+}
+
+async fn send(socket: &mut Socket, bytes: &[u8]) {
+    socket
+        .send(Message::Binary(bytes.to_vec().into()))
+        .await
+        .expect("send");
+}
+
+/// The next binary message, decoded (`None` once the socket closes).
+async fn next(socket: &mut Socket) -> Option<Value> {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("the gateway answers in time")?;
+        match message.ok()? {
+            Message::Binary(bytes) => {
+                return Some(ciborium::from_reader(&bytes[..]).expect("the gateway sends CBOR"));
+            }
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+fn field(value: &Value, key: &str) -> Option<Value> {
+    let Value::Map(entries) = value else {
+        return None;
+    };
+    entries
+        .iter()
+        .find(|(k, _)| k == &text(key))
+        .map(|(_, v)| v.clone())
+}
+
+/// Reads until the close: the `error` message's text and the close code and reason.
+async fn closed(socket: &mut Socket) -> (Option<String>, Option<(u16, String)>) {
+    let mut error = None;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("the gateway closes in time");
+        match message {
+            Some(Ok(Message::Binary(bytes))) => {
+                let value: Value = ciborium::from_reader(&bytes[..]).expect("cbor");
+                if field(&value, "type") == Some(text("error")) {
+                    error = field(&value, "message").and_then(|m| m.as_text().map(String::from));
+                }
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let close = frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+                return (error, close);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return (error, None),
+        }
+    }
+}
+
+/// Asserts the socket gets an `error` and is closed with `code`.
+async fn expect_refused(socket: &mut Socket, code: ErrorCode) -> String {
+    let (error, close) = closed(socket).await;
+    let close = close.expect("a close frame");
+    assert_eq!(
+        close,
+        (4000 + code.code(), code.name().expect("named").to_string()),
+        "error {error:?}"
+    );
+    error.expect("an error message before the close")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_bad_and_expired_tokens_get_an_error_and_a_close() {
+    let node = Node::start(GatewayConfig::default()).await;
+    for token in ["", "v4.public.garbage"] {
+        let mut socket = node.connect(token).await;
+        let error = expect_refused(&mut socket, ErrorCode::Unauthorized).await;
+        assert!(error.contains("token refused"), "{error}");
+    }
+    let expired = node
+        .dev
+        .token_with("alice", DocScope::Prefix(String::new()), Rights::ALL, -5);
+    let mut socket = node.connect(&expired).await;
+    expect_refused(&mut socket, ErrorCode::Unauthorized).await;
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_or_is_revoked_ends_its_socket_with_a_reason() {
+    use meridian_relay::revocation::{Revocation, Revoked};
+    use meridian_relay::store::DurableStore;
+    let mut dev = Dev::new();
+    dev.limits.revocation_poll = Duration::from_millis(200);
+    let node = Node::start_dev(dev, GatewayConfig::default()).await;
+    let short = node
+        .dev
+        .token_with("alice", DocScope::Prefix(String::new()), Rights::ALL, 2);
+    let mut socket = node.connect(&short).await;
+    send(&mut socket, &join("alice")).await;
+    let _peer = next(&mut socket).await;
+    let error = expect_refused(&mut socket, ErrorCode::TokenExpired).await;
+    assert!(error.contains("fresh token"), "{error}");
+
+    // Revoking every token of a user ends their sockets.
+    let mut bob = node.joined("bob").await;
+    let store =
+        meridian_relay::store::LocalDirStore::open(node.dev.dir.path().join("durable")).unwrap();
+    let acme = TenantId::new(meridian_testkit::TENANT).unwrap();
+    let revocation = Revocation::new(
+        &acme,
+        Revoked::User("bob".into()),
+        meridian_testkit::unix_now() + 1,
+        86_400,
+    );
+    store.revoke(&revocation).await.unwrap();
+    expect_refused(&mut bob, ErrorCode::TokenRevoked).await;
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_unknown_types_wrong_versions_and_messages_before_join_are_closed() {
+    let node = Node::start(GatewayConfig::default()).await;
+    let token = node.dev.token("mallory");
+
+    // Not CBOR.
+    let mut socket = node.connect(&token).await;
+    send(&mut socket, b"\xff\xfe\xfd not cbor").await;
+    expect_refused(&mut socket, ErrorCode::Malformed).await;
+    // Text frames.
+    let mut socket = node.connect(&token).await;
+    socket
+        .send(Message::Text("{\"type\":\"join\"}".into()))
+        .await
+        .expect("send");
+    expect_refused(&mut socket, ErrorCode::Malformed).await;
+    // Anything before `join`.
+    let mut socket = node.connect(&token).await;
+    send(&mut socket, &sync(&doc_id(), &[], vec![])).await;
+    let error = expect_refused(&mut socket, ErrorCode::Malformed).await;
+    assert!(error.contains("join first"), "{error}");
+    // A protocol version the gateway does not speak.
+    let mut socket = node.connect(&token).await;
+    let join_v9 = cbor(vec![
+        ("type", text("join")),
+        ("senderId", text("m")),
+        ("supportedProtocolVersions", Value::Array(vec![text("9")])),
+    ]);
+    send(&mut socket, &join_v9).await;
+    expect_refused(&mut socket, ErrorCode::VersionMismatch).await;
+    // An unknown message type after joining.
+    let mut socket = node.joined("mallory").await;
+    send(&mut socket, &cbor(vec![("type", text("teleport"))])).await;
+    let error = expect_refused(&mut socket, ErrorCode::Malformed).await;
+    assert!(error.contains("teleport"), "{error}");
+    // A document id that is not bs58check.
+    let mut socket = node.joined("mallory").await;
+    send(&mut socket, &sync("not-a-document-id", &[], vec![])).await;
+    expect_refused(&mut socket, ErrorCode::Malformed).await;
+    // A sync message that is not one, and a version 2 (whole document) message.
+    let mut socket = node.joined("mallory").await;
+    send(&mut socket, &sync_bytes(&doc_id(), vec![0x42, 0xff, 0xff])).await;
+    expect_refused(&mut socket, ErrorCode::Malformed).await;
+    let mut socket = node.joined("mallory").await;
+    send(&mut socket, &sync_bytes(&doc_id(), vec![0x43, 0, 0, 0, 0])).await;
+    expect_refused(&mut socket, ErrorCode::VersionMismatch).await;
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_messages_silent_sockets_and_unanswered_pings_are_closed() {
+    let config = GatewayConfig {
+        message_bytes_max: 64 << 10,
+        join_timeout: Duration::from_millis(500),
+        keepalive: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    };
+    let node = Node::start(config).await;
+    let token = node.dev.token("mallory");
+    // A message over the limit.
+    let mut socket = node.joined("mallory").await;
+    let big = sync_bytes(&doc_id(), vec![0u8; 100 << 10]);
+    let _ = socket.send(Message::Binary(big.into())).await;
+    let (_, close) = closed(&mut socket).await;
+    if let Some((code, _)) = close {
+        assert!(
+            code == 4000 + ErrorCode::TooLarge.code() || code == u16::from(CloseCode::Size),
+            "closed with {code}"
+        );
+    }
+    // A socket that never joins.
+    let mut socket = node.connect(&token).await;
+    expect_refused(&mut socket, ErrorCode::Timeout).await;
+    // A socket that stops reading (and so never answers pings).
+    let socket = node.joined("mallory").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut socket = socket;
+    let (_, close) = closed(&mut socket).await;
+    if let Some((code, _)) = close {
+        assert_eq!(code, 4000 + ErrorCode::Timeout.code());
+    }
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
+    let node = Node::start(GatewayConfig::default()).await;
+    let mut socket = node.joined("mallory").await;
+    let bomb = meridian_relay::engine::change::operation_bomb(
+        meridian_protocol::MAX_CHANGE_OPS as u64 * 4,
+    );
+    send(&mut socket, &sync(&doc_id(), &[], vec![bomb])).await;
+    let error = closed(&mut socket).await;
+    assert!(error.1.is_some(), "the bomb's socket is closed: {error:?}");
+    let mut socket = node.joined("mallory").await;
+    send(
+        &mut socket,
+        &sync(
+            &doc_id(),
+            &[],
+            vec![Bytes::from_static(b"\x85\x6f\x4a\x83 junk")],
+        ),
+    )
+    .await;
+    let (error, close) = closed(&mut socket).await;
+    let (code, _) = close.expect("a close");
+    assert!(
+        code == 4000 + ErrorCode::InvalidChange.code()
+            || code == 4000 + ErrorCode::Malformed.code(),
+        "{code} {error:?}"
+    );
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn documents_outside_the_rights_are_unavailable_and_read_only_writes_are_not_stored() {
+    let node = Node::start(GatewayConfig::default()).await;
+    let id = doc_id();
+    let narrow = node.dev.token_with(
+        "mallory",
+        DocScope::Exact(vec!["am/someone-else".into()]),
+        Rights::ALL,
+        3600,
+    );
+    let mut socket = node.connect(&narrow).await;
+    send(&mut socket, &join("mallory")).await;
+    let _peer = next(&mut socket).await;
+    send(&mut socket, &sync(&id, &[], vec![one_change("x")])).await;
+    let answer = next(&mut socket).await.expect("an answer");
+    assert_eq!(field(&answer, "type"), Some(text("doc-unavailable")));
+    assert_eq!(field(&answer, "documentId"), Some(text(&id)));
+
+    // A read-only token: its changes are not stored.
+    let read_only = node.dev.token_with(
+        "reader",
+        DocScope::Prefix("am/".into()),
+        Rights {
+            read: true,
+            write: false,
+            presence: false,
+        },
+        3600,
+    );
+    let mut socket = node.connect(&read_only).await;
+    send(&mut socket, &join("reader")).await;
+    let _peer = next(&mut socket).await;
+    send(&mut socket, &sync(&id, &[], vec![one_change("x")])).await;
+    let reply = next(&mut socket).await.expect("a sync reply");
+    assert_eq!(field(&reply, "type"), Some(text("sync")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = node.dev.client(node.relay.local_addr(), "auditor").await;
+    let handle = client.open(&format!("am/{id}")).await.expect("open");
+    handle.wait_synced().await.expect("synced");
+    assert!(
+        handle.heads().is_empty(),
+        "nothing of the read-only peer is stored"
+    );
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_outside_the_tenants_list_and_too_many_documents_are_refused() {
+    let mut config = GatewayConfig::default();
+    config.origins.insert(
+        TenantId::new(meridian_testkit::TENANT).unwrap(),
+        vec!["https://app.example".into()],
+    );
+    config.peer.docs_max = 3;
+    let node = Node::start(config).await;
+    let token = node.dev.token("mallory");
+    let mut socket = node
+        .connect_with(&token, Some("https://evil.example"))
+        .await;
+    let error = expect_refused(&mut socket, ErrorCode::Forbidden).await;
+    assert!(error.contains("origin"), "{error}");
+    let mut allowed = node.connect_with(&token, Some("https://app.example")).await;
+    send(&mut allowed, &join("mallory")).await;
+    assert_eq!(
+        field(&next(&mut allowed).await.expect("peer"), "type"),
+        Some(text("peer"))
+    );
+    for _ in 0..4 {
+        send(&mut allowed, &sync(&doc_id(), &[], vec![])).await;
+    }
+    expect_refused(&mut allowed, ErrorCode::Overloaded).await;
+    node.still_serving().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_changes_is_slowed_down_not_dropped() {
+    let mut dev = Dev::new();
+    dev.limits.rates.connection.changes = std::num::NonZeroU32::new(50).expect("nonzero");
+    let node = Node::start_dev(dev, GatewayConfig::default()).await;
+    let mut socket = node.joined("flooder").await;
+    let id = doc_id();
+    let mut doc = automerge::AutoCommit::new();
+    let mut changes = Vec::new();
+    for i in 0..300 {
+        doc.put(automerge::ROOT, "k", i).expect("put");
+        doc.commit();
+        changes.push(Bytes::copy_from_slice(
+            doc.get_last_local_change().expect("change").raw_bytes(),
+        ));
+    }
+    // Every change in messages of ten, as fast as the socket takes them.
+    for chunk in changes.chunks(10) {
+        send(&mut socket, &sync(&id, &[], chunk.to_vec())).await;
+    }
+    // Nothing is dropped: the relay ends up with all 300 (reading the socket pauses
+    // while the rate limit holds the flooder back).
+    let client = node.dev.client(node.relay.local_addr(), "auditor").await;
+    let handle = client.open(&format!("am/{id}")).await.expect("open");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let last = changes.last().cloned().expect("changes");
+    let hash = meridian_relay::engine::change::parse_change(last)
+        .expect("valid")
+        .hash;
+    while !handle.contains(&hash) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flood was dropped"
+        );
+        // Keep the flooder's socket read so it is not a slow consumer.
+        let _ = tokio::time::timeout(Duration::from_millis(20), socket.next()).await;
+    }
+    node.still_serving().await;
+    client.close().await;
+}
