@@ -350,9 +350,8 @@ async fn oversize_messages_silent_sockets_and_unanswered_pings_are_closed() {
 async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
     let node = Node::start(GatewayConfig::default()).await;
     let mut socket = node.joined("mallory").await;
-    let bomb = meridian_relay::engine::change::operation_bomb(
-        meridian_protocol::MAX_CHANGE_OPS as u64 * 4,
-    );
+    let bomb =
+        meridian_relay::engine::change::operation_bomb(meridian_protocol::MAX_CHANGE_OPS * 4);
     send(&mut socket, &sync(&doc_id(), &[], vec![bomb])).await;
     let error = closed(&mut socket).await;
     assert!(error.1.is_some(), "the bomb's socket is closed: {error:?}");
