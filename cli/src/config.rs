@@ -930,6 +930,12 @@ mod tests {
     fn the_example_relay_config_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml");
         let file = RelayFile::read(&path).unwrap();
+        // Its gateway section states the defaults too.
+        let gateway = file.gateway.as_ref().expect("[gateway]").to_config().unwrap();
+        let defaults = meridian_gateway::GatewayConfig::default();
+        assert_eq!(gateway.message_bytes_max, defaults.message_bytes_max);
+        assert_eq!(gateway.connections_max, defaults.connections_max);
+        assert_eq!(gateway.keepalive, defaults.keepalive);
         let config = file.into_config(Path::new("/etc/meridian")).unwrap();
         assert_eq!(config.node.as_str(), "node-1");
         assert_eq!(config.tenants.len(), 1);
