@@ -931,7 +931,12 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/config.example.toml");
         let file = RelayFile::read(&path).unwrap();
         // Its gateway section states the defaults too.
-        let gateway = file.gateway.as_ref().expect("[gateway]").to_config().unwrap();
+        let gateway = file
+            .gateway
+            .as_ref()
+            .expect("[gateway]")
+            .to_config()
+            .unwrap();
         let defaults = meridian_gateway::GatewayConfig::default();
         assert_eq!(gateway.message_bytes_max, defaults.message_bytes_max);
         assert_eq!(gateway.connections_max, defaults.connections_max);

@@ -36,6 +36,7 @@ RELAY_KEYS = {
     "durable": {"kind", "table", "bucket", "region"},
     "cell": {"gossip_listen", "gossip_advertise", "seeds", "key_file"},
     "metrics": {"listen"},
+    "gateway": {"listen"},
     "placement": {"refresh_ms", "control"},
 }
 TENANT_KEYS = {"id", "public_keys"}

@@ -76,7 +76,8 @@ module "cell_eu_a" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn         = lookup(var.tls_secret_arns, "eu-west-1", null)
+  tls_secret_arn          = lookup(var.tls_secret_arns, "eu-west-1", null)
+  gateway_certificate_arn = var.gateway_certificate_arns["eu-west-1"]
   tenants                = lookup(var.tenants, "eu", [])
   alarm_actions          = lookup(var.alarm_actions, "eu-west-1", [])
   deletion_protection    = var.deletion_protection
@@ -100,7 +101,8 @@ module "cell_eu_b" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn         = lookup(var.tls_secret_arns, "eu-central-1", null)
+  tls_secret_arn          = lookup(var.tls_secret_arns, "eu-central-1", null)
+  gateway_certificate_arn = var.gateway_certificate_arns["eu-central-1"]
   tenants                = lookup(var.tenants, "eu", [])
   alarm_actions          = lookup(var.alarm_actions, "eu-central-1", [])
   deletion_protection    = var.deletion_protection
@@ -148,7 +150,8 @@ module "cell_us_a" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn         = lookup(var.tls_secret_arns, "us-east-1", null)
+  tls_secret_arn          = lookup(var.tls_secret_arns, "us-east-1", null)
+  gateway_certificate_arn = var.gateway_certificate_arns["us-east-1"]
   tenants                = lookup(var.tenants, "us", [])
   alarm_actions          = lookup(var.alarm_actions, "us-east-1", [])
   deletion_protection    = var.deletion_protection
@@ -192,7 +195,7 @@ module "router_eu_west_1" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn         = lookup(var.tls_secret_arns, "eu-west-1", null)
+  tls_secret_arn          = lookup(var.tls_secret_arns, "eu-west-1", null)
   alarm_actions          = lookup(var.alarm_actions, "eu-west-1", [])
   deletion_protection    = var.deletion_protection
 }
@@ -211,7 +214,7 @@ module "router_us_east_1" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn         = lookup(var.tls_secret_arns, "us-east-1", null)
+  tls_secret_arn          = lookup(var.tls_secret_arns, "us-east-1", null)
   alarm_actions          = lookup(var.alarm_actions, "us-east-1", [])
   deletion_protection    = var.deletion_protection
 }

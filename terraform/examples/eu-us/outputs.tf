@@ -19,6 +19,7 @@ output "cells" {
       "metrics.listen"    = cell.metrics_listen
       gossip_key_secret   = cell.gossip_key_secret_arn
       load_balancer       = cell.nlb_dns_name
+      gateway_url         = cell.gateway_url
       autoscaling_group   = cell.autoscaling_group_name
     }
   }

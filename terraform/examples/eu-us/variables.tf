@@ -54,6 +54,11 @@ variable "tls_secret_arns" {
   default     = {}
 }
 
+variable "gateway_certificate_arns" {
+  description = "Per region with a cell, the ACM certificate of its gateway's TLS listener (wss://)."
+  type        = map(string)
+}
+
 variable "tenants" {
   description = "Per jurisdiction, the tenants its cells serve and their public keys."
   type = map(list(object({

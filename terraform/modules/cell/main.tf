@@ -31,6 +31,7 @@ locals {
     quic_port      = var.quic_port
     gossip_port    = var.gossip_port
     metrics_port   = var.metrics_port
+    gateway_port   = var.gateway_port
     data_dir       = var.data_dir
     durable_table  = var.durable_table
     durable_bucket = var.durable_bucket

@@ -4,7 +4,7 @@
 #         (TCP) from metrics_cidr and from the load balancer (health checks);
 #         HTTPS out to AWS APIs.
 # gossip: SWIM (UDP) only between members of this group, i.e. this cell's nodes.
-# nlb:    QUIC in from client_cidrs; out only to the nodes.
+# nlb:    QUIC and the gateway's TLS in from client_cidrs; out only to the nodes.
 
 resource "aws_security_group" "node" {
   name_prefix = "${local.name}-node-"
@@ -26,6 +26,33 @@ resource "aws_vpc_security_group_ingress_rule" "quic" {
   from_port         = var.quic_port
   to_port           = var.quic_port
   cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_ingress_rule" "gateway" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "WebSocket gateway from the load balancer's TLS listener"
+  ip_protocol                  = "tcp"
+  from_port                    = var.gateway_port
+  to_port                      = var.gateway_port
+  referenced_security_group_id = module.lb.security_group_id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "gateway_peers" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "WebSocket gateway between relay nodes of the cell (documents another node owns)"
+  ip_protocol                  = "tcp"
+  from_port                    = var.gateway_port
+  to_port                      = var.gateway_port
+  referenced_security_group_id = aws_security_group.node.id
+}
+
+resource "aws_vpc_security_group_egress_rule" "gateway_peers" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "WebSocket gateway of the cell's other relay nodes"
+  ip_protocol                  = "tcp"
+  from_port                    = var.gateway_port
+  to_port                      = var.gateway_port
+  referenced_security_group_id = aws_security_group.node.id
 }
 
 resource "aws_vpc_security_group_ingress_rule" "metrics" {
@@ -149,6 +176,67 @@ resource "aws_lb_listener" "probe" {
   default_action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.probe.arn
+  }
+}
+
+# The WebSocket gateway over TLS (wss): browsers cannot speak QUIC to the relay, so the
+# load balancer also terminates TLS on gateway_tls_port and forwards plain TCP to the
+# nodes' gateways. Client IPs are preserved (rate limits and the penalty box see them).
+resource "aws_vpc_security_group_ingress_rule" "nlb_gateway" {
+  for_each = toset(var.client_cidrs)
+
+  security_group_id = module.lb.security_group_id
+  description       = "wss:// from clients"
+  ip_protocol       = "tcp"
+  from_port         = var.gateway_tls_port
+  to_port           = var.gateway_tls_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_gateway" {
+  security_group_id            = module.lb.security_group_id
+  description                  = "To the nodes' WebSocket gateways"
+  ip_protocol                  = "tcp"
+  from_port                    = var.gateway_port
+  to_port                      = var.gateway_port
+  referenced_security_group_id = aws_security_group.node.id
+}
+
+resource "aws_lb_target_group" "gateway" {
+  name_prefix          = "mrw-"
+  port                 = var.gateway_port
+  protocol             = "TCP"
+  target_type          = "instance"
+  vpc_id               = var.vpc_id
+  deregistration_delay = 60
+  tags                 = local.tags
+
+  health_check {
+    protocol            = "HTTP"
+    port                = tostring(var.metrics_port)
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = 10
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_lb_listener" "gateway" {
+  load_balancer_arn = module.lb.arn
+  port              = var.gateway_tls_port
+  protocol          = "TLS"
+  certificate_arn   = var.gateway_certificate_arn
+  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+  tags              = local.tags
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.gateway.arn
   }
 }
 

@@ -101,3 +101,8 @@ output "alarm_arns" {
     too_few_nodes   = aws_cloudwatch_metric_alarm.too_few_nodes.arn
   }
 }
+
+output "gateway_url" {
+  description = "The cell's WebSocket URL for automerge-repo peers (add ?token=...)"
+  value       = "wss://${module.lb.dns_name}:${var.gateway_tls_port}/"
+}

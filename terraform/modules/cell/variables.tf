@@ -93,6 +93,23 @@ variable "quic_port" {
   default     = 4433
 }
 
+variable "gateway_port" {
+  description = "TCP port of the WebSocket gateway for automerge-repo peers (relay config [gateway] listen); the load balancer's TLS listener forwards to it."
+  type        = number
+  default     = 8080
+}
+
+variable "gateway_tls_port" {
+  description = "TCP port of the load balancer's TLS listener for the gateway (wss://)."
+  type        = number
+  default     = 443
+}
+
+variable "gateway_certificate_arn" {
+  description = "ACM certificate for the gateway's TLS listener (wss://); the cell's WebSocket URL is wss://<its DNS name>:<gateway_tls_port>/?token=...."
+  type        = string
+}
+
 variable "gossip_port" {
   description = "UDP port of SWIM gossip (relay config [cell] gossip_listen)."
   type        = number
