@@ -69,18 +69,18 @@ module "cell_eu_a" {
   durable_bucket       = module.eu_storage_eu_west_1.bucket_name
   kms_key_arn          = module.eu_storage_eu_west_1.kms_key_arn
 
-  vpc_id                 = var.networks["eu-west-1"].vpc_id
-  subnet_ids             = var.networks["eu-west-1"].subnet_ids
-  metrics_cidr           = var.metrics_cidr
-  router_cidrs           = var.router_cidrs
-  meridian_binary_url    = var.meridian_binary_url
-  meridian_binary_sha256 = var.meridian_binary_sha256
-  binary_bucket_arn      = var.binary_bucket_arn
+  vpc_id                  = var.networks["eu-west-1"].vpc_id
+  subnet_ids              = var.networks["eu-west-1"].subnet_ids
+  metrics_cidr            = var.metrics_cidr
+  router_cidrs            = var.router_cidrs
+  meridian_binary_url     = var.meridian_binary_url
+  meridian_binary_sha256  = var.meridian_binary_sha256
+  binary_bucket_arn       = var.binary_bucket_arn
   tls_secret_arn          = lookup(var.tls_secret_arns, "eu-west-1", null)
   gateway_certificate_arn = var.gateway_certificate_arns["eu-west-1"]
-  tenants                = lookup(var.tenants, "eu", [])
-  alarm_actions          = lookup(var.alarm_actions, "eu-west-1", [])
-  deletion_protection    = var.deletion_protection
+  tenants                 = lookup(var.tenants, "eu", [])
+  alarm_actions           = lookup(var.alarm_actions, "eu-west-1", [])
+  deletion_protection     = var.deletion_protection
 }
 
 module "cell_eu_b" {
@@ -94,18 +94,18 @@ module "cell_eu_b" {
   durable_bucket       = module.eu_storage_eu_central_1.bucket_name
   kms_key_arn          = module.eu_storage_eu_central_1.kms_key_arn
 
-  vpc_id                 = var.networks["eu-central-1"].vpc_id
-  subnet_ids             = var.networks["eu-central-1"].subnet_ids
-  metrics_cidr           = var.metrics_cidr
-  router_cidrs           = var.router_cidrs
-  meridian_binary_url    = var.meridian_binary_url
-  meridian_binary_sha256 = var.meridian_binary_sha256
-  binary_bucket_arn      = var.binary_bucket_arn
+  vpc_id                  = var.networks["eu-central-1"].vpc_id
+  subnet_ids              = var.networks["eu-central-1"].subnet_ids
+  metrics_cidr            = var.metrics_cidr
+  router_cidrs            = var.router_cidrs
+  meridian_binary_url     = var.meridian_binary_url
+  meridian_binary_sha256  = var.meridian_binary_sha256
+  binary_bucket_arn       = var.binary_bucket_arn
   tls_secret_arn          = lookup(var.tls_secret_arns, "eu-central-1", null)
   gateway_certificate_arn = var.gateway_certificate_arns["eu-central-1"]
-  tenants                = lookup(var.tenants, "eu", [])
-  alarm_actions          = lookup(var.alarm_actions, "eu-central-1", [])
-  deletion_protection    = var.deletion_protection
+  tenants                 = lookup(var.tenants, "eu", [])
+  alarm_actions           = lookup(var.alarm_actions, "eu-central-1", [])
+  deletion_protection     = var.deletion_protection
 }
 
 # --- us -------------------------------------------------------------------------------
@@ -143,18 +143,18 @@ module "cell_us_a" {
   durable_bucket       = module.us_storage_us_east_1.bucket_name
   kms_key_arn          = module.us_storage_us_east_1.kms_key_arn
 
-  vpc_id                 = var.networks["us-east-1"].vpc_id
-  subnet_ids             = var.networks["us-east-1"].subnet_ids
-  metrics_cidr           = var.metrics_cidr
-  router_cidrs           = var.router_cidrs
-  meridian_binary_url    = var.meridian_binary_url
-  meridian_binary_sha256 = var.meridian_binary_sha256
-  binary_bucket_arn      = var.binary_bucket_arn
+  vpc_id                  = var.networks["us-east-1"].vpc_id
+  subnet_ids              = var.networks["us-east-1"].subnet_ids
+  metrics_cidr            = var.metrics_cidr
+  router_cidrs            = var.router_cidrs
+  meridian_binary_url     = var.meridian_binary_url
+  meridian_binary_sha256  = var.meridian_binary_sha256
+  binary_bucket_arn       = var.binary_bucket_arn
   tls_secret_arn          = lookup(var.tls_secret_arns, "us-east-1", null)
   gateway_certificate_arn = var.gateway_certificate_arns["us-east-1"]
-  tenants                = lookup(var.tenants, "us", [])
-  alarm_actions          = lookup(var.alarm_actions, "us-east-1", [])
-  deletion_protection    = var.deletion_protection
+  tenants                 = lookup(var.tenants, "us", [])
+  alarm_actions           = lookup(var.alarm_actions, "us-east-1", [])
+  deletion_protection     = var.deletion_protection
 }
 
 # --- Routers and global entry ---------------------------------------------------------
@@ -195,7 +195,7 @@ module "router_eu_west_1" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn          = lookup(var.tls_secret_arns, "eu-west-1", null)
+  tls_secret_arn         = lookup(var.tls_secret_arns, "eu-west-1", null)
   alarm_actions          = lookup(var.alarm_actions, "eu-west-1", [])
   deletion_protection    = var.deletion_protection
 }
@@ -214,7 +214,7 @@ module "router_us_east_1" {
   meridian_binary_url    = var.meridian_binary_url
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
-  tls_secret_arn          = lookup(var.tls_secret_arns, "us-east-1", null)
+  tls_secret_arn         = lookup(var.tls_secret_arns, "us-east-1", null)
   alarm_actions          = lookup(var.alarm_actions, "us-east-1", [])
   deletion_protection    = var.deletion_protection
 }

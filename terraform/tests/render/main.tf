@@ -14,6 +14,7 @@ locals {
     quic_port      = 4433
     gossip_port    = 7946
     metrics_port   = 9090
+    gateway_port   = 8080
     data_dir       = "/var/lib/meridian"
     durable_table  = "meridian-changes-eu"
     durable_bucket = "meridian-snapshots-eu-eu-west-1"
