@@ -1,0 +1,215 @@
+// automerge-repo clients against Meridian's WebSocket gateway and against the reference
+// automerge-repo sync server (sync-server.mjs), side by side, in one invocation:
+//
+//   cargo build --release -p meridian-cli
+//   (cd benches/gateway && npm ci && node bench.mjs [--scenario steady|fanout|large-doc|all]
+//     [--duration SECONDS] [--meridian ../../target/release/meridian])
+//
+// Scenarios (the same clients and edits for both servers):
+//   steady    100 clients, 10 documents (10 clients each), every client 1 edit/s
+//   fanout    100 subscribers of one document, 5 writers among them at 1 edit/s each
+//   large-doc a 20,000-change text, loaded by 10 clients, 5 of them typing 1 edit/s
+// Reported per server: server CPU per edit (utime + stime of the server process over the
+// edit phase, divided by the edits made), delivered latency p50/p99 (from an edit to its
+// arrival at every other client of the document, one clock: one process), the server's
+// RSS at the end and its peak, and deliveries missing at the end (must be 0).
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import * as A from "@automerge/automerge";
+import { Repo } from "@automerge/automerge-repo";
+import { WebSocketClientAdapter } from "@automerge/automerge-repo-network-websocket";
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((pairs, arg, i, all) => {
+    if (arg.startsWith("--")) pairs.push([arg.slice(2), all[i + 1]]);
+    return pairs;
+  }, []),
+);
+const here = path.dirname(new URL(import.meta.url).pathname);
+const meridianBin = path.resolve(here, args.meridian ?? "../../target/release/meridian");
+const duration = Number(args.duration ?? 20);
+const only = args.scenario ?? "all";
+const sleep = ms => new Promise(r => setTimeout(r, ms));
+
+// ---- servers ----------------------------------------------------------------------------
+
+function cpuSeconds(pid) {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8");
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime + stime, in ticks of 10 ms
+}
+
+function memory(pid) {
+  const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+  const kib = key => Number(status.match(new RegExp(`${key}:\\s+(\\d+)`))?.[1] ?? 0);
+  return { rss: kib("VmRSS") / 1024, peak: kib("VmHWM") / 1024 };
+}
+
+async function startMeridian() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "meridian-gw-bench-"));
+  const child = spawn(meridianBin, ["dev", "--nodes", "1", "--rate-limits", "benchmark", "--data-dir", dir],
+    { stdio: ["pipe", "pipe", "inherit"] });
+  let out = "";
+  child.stdout.on("data", chunk => { out += chunk; });
+  for (let i = 0; i < 600 && !/browser\s+ws:/.test(out); i++) await sleep(50);
+  const url = out.match(/browser\s+(ws:\S+)/)?.[1];
+  if (!url) throw new Error(`meridian dev did not print a gateway URL:\n${out}`);
+  const pid = Number(fs.readFileSync(path.join(dir, "node-1.pid"), "utf8"));
+  return { name: "meridian", url, pid, stop: () => child.kill("SIGINT") };
+}
+
+async function startReference() {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), "reference-sync-"));
+  const port = 30000 + Math.floor(Math.random() * 20000);
+  const child = spawn(process.execPath, [path.join(here, "sync-server.mjs"), String(port), dir],
+    { stdio: ["ignore", "pipe", "inherit"] });
+  await new Promise((resolve, reject) => {
+    child.stdout.on("data", chunk => String(chunk).includes("listening") && resolve());
+    child.on("exit", code => reject(new Error(`reference server exited ${code}`)));
+  });
+  return { name: "reference", url: `ws://127.0.0.1:${port}`, pid: child.pid, stop: () => child.kill("SIGTERM") };
+}
+
+// ---- clients ----------------------------------------------------------------------------
+
+function client(url) {
+  return new Repo({ network: [new WebSocketClientAdapter(url, 1000)] });
+}
+
+async function waitFor(what, check, ms = 120000) {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check()) return;
+    await sleep(50);
+  }
+  throw new Error(`timed out: ${what}`);
+}
+
+// Creates a document on the server (through a creator client), returns its URL once a
+// fresh client can find it.
+async function createDoc(server, init) {
+  const creator = client(server.url);
+  const handle = creator.create();
+  init(handle);
+  const probe = client(server.url);
+  await waitFor("the document to reach the server", async () => {
+    try {
+      const found = await probe.find(handle.url);
+      return JSON.stringify(found.heads()) === JSON.stringify(handle.heads());
+    } catch { return false; }
+  });
+  return { url: handle.url, creator, probe };
+}
+
+// Runs a scenario: `docs` document URLs, `clients` assignments of {doc index, writes}.
+// Every edit sets the writer's key to {t, n}; a reader records now - t for each new n.
+async function run(server, docs, plan, { rate = 1 } = {}) {
+  const repos = [];
+  const handles = [];
+  for (const entry of plan) {
+    const repo = client(server.url);
+    repos.push(repo);
+    handles.push(await repo.find(docs[entry.doc]));
+  }
+  const latencies = [];
+  const seen = handles.map(() => new Map());
+  handles.forEach((handle, i) => {
+    handle.on("change", ({ doc }) => {
+      const now = Date.now();
+      for (const [key, value] of Object.entries(doc.w ?? {})) {
+        if (key === `c${i}` || typeof value?.n !== "number") continue;
+        const last = seen[i].get(key) ?? 0;
+        if (value.n > last) {
+          seen[i].set(key, value.n);
+          if (last > 0 || value.n === 1) latencies.push(now - value.t);
+        }
+      }
+    });
+  });
+  await sleep(1000);
+  const before = cpuSeconds(server.pid);
+  let edits = 0;
+  const counts = plan.map(() => 0);
+  const timers = plan.map((entry, i) => entry.writes && setTimeout(() => {
+    const tick = () => {
+      counts[i] += 1;
+      edits += 1;
+      handles[i].change(d => {
+        if (!d.w) d.w = {};
+        d.w[`c${i}`] = { t: Date.now(), n: counts[i] };
+        if (entry.text) A.splice(d, ["text"], Math.floor(Math.random() * d.text.length), 0, "x");
+      });
+    };
+    tick();
+    timers[i] = setInterval(tick, 1000 / rate);
+  }, Math.random() * 1000));
+  await sleep(duration * 1000);
+  timers.forEach(t => clearInterval(t));
+  const cpu = cpuSeconds(server.pid) - before;
+  // Every reader of a document must end up with every writer's last edit.
+  const expected = () => plan.reduce((missing, entry, i) => missing + plan.filter((other, j) =>
+    j !== i && other.writes && other.doc === entry.doc && (seen[i].get(`c${j}`) ?? 0) < counts[j]).length, 0);
+  const deadline = Date.now() + 30000;
+  while (expected() > 0 && Date.now() < deadline) await sleep(100);
+  const missing = expected();
+  const mem = memory(server.pid);
+  for (const repo of repos) repo.shutdown?.();
+  latencies.sort((a, b) => a - b);
+  const pct = p => latencies[Math.min(latencies.length - 1, Math.floor(p * latencies.length))] ?? NaN;
+  return {
+    edits,
+    cpu_ms_per_edit: (cpu * 1000) / Math.max(edits, 1),
+    p50_ms: pct(0.5),
+    p99_ms: pct(0.99),
+    deliveries: latencies.length,
+    missing,
+    rss_mib: mem.rss,
+    peak_rss_mib: mem.peak,
+  };
+}
+
+const scenarios = {
+  async steady(server) {
+    const docs = [];
+    for (let d = 0; d < 10; d++) docs.push((await createDoc(server, h => h.change(doc => { doc.w = {}; }))).url);
+    const plan = Array.from({ length: 100 }, (_, i) => ({ doc: i % 10, writes: true }));
+    return run(server, docs, plan);
+  },
+  async fanout(server) {
+    const docs = [(await createDoc(server, h => h.change(doc => { doc.w = {}; }))).url];
+    const plan = Array.from({ length: 100 }, (_, i) => ({ doc: 0, writes: i < 5 }));
+    return run(server, docs, plan);
+  },
+  async "large-doc"(server) {
+    const docs = [(await createDoc(server, h => {
+      h.change(doc => { doc.w = {}; doc.text = ""; });
+      for (let i = 0; i < 20000; i++) h.change(doc => { A.splice(doc, ["text"], i, 0, "a"); });
+    })).url];
+    const plan = Array.from({ length: 10 }, (_, i) => ({ doc: 0, writes: i < 5, text: true }));
+    return run(server, docs, plan);
+  },
+};
+
+const chosen = only === "all" ? Object.keys(scenarios) : [only];
+const rows = [];
+for (const name of chosen) {
+  for (const start of [startMeridian, startReference]) {
+    const server = await start();
+    try {
+      const result = await scenarios[name](server);
+      rows.push({ scenario: name, server: server.name, ...result });
+      console.error(JSON.stringify(rows.at(-1)));
+    } finally {
+      server.stop();
+      await sleep(2000);
+    }
+  }
+}
+const fmt = n => (typeof n === "number" ? (Number.isInteger(n) ? String(n) : n.toFixed(3)) : String(n));
+const columns = ["scenario", "server", "edits", "cpu_ms_per_edit", "p50_ms", "p99_ms", "deliveries", "missing", "rss_mib", "peak_rss_mib"];
+console.log(`| ${columns.join(" | ")} |`);
+console.log(`|${columns.map(() => "---").join("|")}|`);
+for (const row of rows) console.log(`| ${columns.map(c => fmt(row[c])).join(" | ")} |`);
+process.exit(rows.some(r => r.missing > 0) ? 1 : 0);
