@@ -1044,6 +1044,7 @@ mod tests {
                 "quic_port" => "4433".into(),
                 "gossip_port" => "7946".into(),
                 "metrics_port" => "9090".into(),
+                "gateway_port" => "8080".into(),
                 "seeds" => "[\"10.0.1.11:7946\"]".into(),
                 other => panic!("the relay template uses ${{{other}}}: add it to this test"),
             }
@@ -1107,6 +1108,11 @@ mod tests {
     fn the_terraform_relay_template_renders_a_config_the_relay_accepts() {
         let text = render_terraform_template();
         let file: RelayFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let gateway = file.gateway.as_ref().expect("[gateway] rendered");
+        assert_eq!(
+            gateway.to_config().unwrap().listen,
+            "0.0.0.0:8080".parse().unwrap()
+        );
         let config = file
             .into_config_with(Path::new("/etc/meridian"), |path| {
                 assert_eq!(path, Path::new("/etc/meridian/gossip.key"));

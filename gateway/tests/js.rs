@@ -344,3 +344,61 @@ async fn refused_tokens_get_an_error_and_documents_outside_the_rights_are_unavai
     assert_eq!(out["doc"]["secret"], "x");
     client.close().await;
 }
+
+/// An empty JS peer finds a 100,000-change document: it arrives whole (one change per
+/// edit, as the native client wrote it), and what it cost is printed for
+/// benches/README.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_change_document_syncs_to_an_empty_js_peer() {
+    use std::num::NonZeroU32;
+    const CHANGES: usize = 100_000;
+    let mut dev = Dev::new();
+    // One writer uploads the whole history at once: rates out of the way.
+    let lots = NonZeroU32::new(u32::MAX / 4).expect("nonzero");
+    for rates in [
+        &mut dev.limits.rates.connection,
+        &mut dev.limits.rates.user,
+        &mut dev.limits.rates.tenant,
+    ] {
+        rates.changes = lots;
+        rates.inflated_bytes = lots;
+    }
+    let relay = dev.start().await;
+    let gateway = meridian_gateway::start(GatewayConfig::default(), relay.session_port())
+        .await
+        .expect("gateway starts");
+    let (url, doc) = new_doc();
+
+    let mut source = automerge::AutoCommit::new();
+    let mut changes = Vec::with_capacity(CHANGES);
+    for i in 0..CHANGES {
+        use automerge::transaction::Transactable;
+        source
+            .put(automerge::ROOT, format!("k{}", i % 1000), i as i64)
+            .expect("put");
+        source.commit();
+        changes.push(bytes::Bytes::copy_from_slice(
+            source.get_last_local_change().expect("change").raw_bytes(),
+        ));
+    }
+    let client = dev.client(relay.local_addr(), "native").await;
+    let handle = client.open(&doc).await.expect("open");
+    handle.import(&changes).expect("import");
+    meridian_testkit::wait_durable(&handle).await;
+
+    let gateway_url = format!(
+        "ws://{}/?token={}",
+        gateway.local_addr(),
+        dev.token("reader")
+    );
+    let out = run_js("bigsync.mjs", &[&gateway_url, &url, &CHANGES.to_string()]).await;
+    assert_eq!(out["changes"], CHANGES);
+    assert_eq!(out["keys"], 1000);
+    println!(
+        "100k-change document to an empty JS peer: {:.0} ms, {} bytes in {} messages",
+        out["ms"].as_f64().unwrap_or_default(),
+        out["bytes"],
+        out["messages"]
+    );
+    client.close().await;
+}
