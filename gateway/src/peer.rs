@@ -35,7 +35,8 @@ use crate::wire::{ClientMessage, PROTOCOL_VERSION, ServerMessage, cbor_bytes, is
 /// Bounds on one peer.
 #[derive(Debug, Clone)]
 pub struct PeerLimits {
-    /// Bytes of changes held while their document's catch-up is on its way.
+    /// Bytes of messages and changes held, across the peer's documents, while their
+    /// catch-ups are on their way.
     pub pending_bytes_max: usize,
     /// Documents one peer may sync at once.
     pub docs_max: usize,
@@ -48,7 +49,7 @@ pub struct PeerLimits {
 impl Default for PeerLimits {
     fn default() -> Self {
         PeerLimits {
-            pending_bytes_max: 16 << 20,
+            pending_bytes_max: 32 << 20,
             docs_max: 1024,
             upload_bytes_max: 256 << 10,
             upload_changes_max: 512,
@@ -199,6 +200,15 @@ impl Peer {
         }
     }
 
+    /// Bytes the peer's messages and changes hold while their documents' catch-ups are
+    /// on their way, across its documents.
+    pub fn waiting_bytes(&self) -> usize {
+        self.docs
+            .values()
+            .map(|d| d.held_bytes + d.pending_bytes)
+            .sum()
+    }
+
     /// The peer's id once it joined.
     pub fn peer_id(&self) -> Option<&str> {
         self.joined.as_deref()
@@ -243,6 +253,7 @@ impl Peer {
             out.push(Effect::close(ErrorCode::Malformed, "join first"));
             return out;
         }
+        let waiting = self.waiting_bytes();
         if let Some(doc) = message.document_id().and_then(|d| docid::to_doc_id(d).ok())
             && let Some(state) = self.docs.get_mut(&doc)
         {
@@ -255,7 +266,7 @@ impl Peer {
             }
             if !state.caught_up {
                 state.held_bytes += raw.len();
-                if state.held_bytes > self.limits.pending_bytes_max {
+                if waiting + raw.len() > self.limits.pending_bytes_max {
                     out.push(Effect::close(
                         ErrorCode::TooLarge,
                         "too many bytes of messages before the document's catch-up",
@@ -340,6 +351,13 @@ impl Peer {
                 ));
                 return;
             }
+            if self.waiting_bytes() + raw.len() > self.limits.pending_bytes_max {
+                out.push(Effect::close(
+                    ErrorCode::TooLarge,
+                    "too many bytes of messages before the documents' catch-ups",
+                ));
+                return;
+            }
             let mut heads = message.heads.clone();
             for have in &message.have {
                 heads.extend_from_slice(&have.last_sync);
@@ -363,6 +381,7 @@ impl Peer {
             });
         }
         let limits = self.limits.clone();
+        let waiting = self.waiting_bytes();
         let Some(state) = self.docs.get_mut(&doc) else {
             return;
         };
@@ -373,7 +392,7 @@ impl Peer {
             } else {
                 let bytes: usize = message.changes.iter().map(Bytes::len).sum();
                 state.pending_bytes += bytes;
-                if state.pending_bytes > limits.pending_bytes_max {
+                if waiting + bytes > limits.pending_bytes_max {
                     out.push(Effect::close(
                         ErrorCode::TooLarge,
                         "too many bytes of changes before the document's catch-up",
@@ -610,5 +629,328 @@ fn upload(out: &mut Vec<Effect>, limits: &PeerLimits, doc: &DocId, changes: Vec<
             doc: doc.clone(),
             changes: group,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_protocol::token::DocScope;
+    use meridian_protocol::{NodeId, TenantId, UserId};
+
+    fn peer(docs: DocScope, rights: Rights) -> Peer {
+        let capability = Capability {
+            tenant: TenantId::new("acme").unwrap(),
+            user: UserId::new("alice").unwrap(),
+            docs,
+            rights,
+            id: "t".into(),
+            issued_at: 0,
+            expires_at: i64::MAX,
+            audience: "dev".into(),
+        };
+        let limits = PeerLimits {
+            pending_bytes_max: 1000,
+            docs_max: 2,
+            ..PeerLimits::default()
+        };
+        let mut peer = Peer::new(capability, "storage".into(), limits);
+        let joined = peer.handle_client(
+            ClientMessage::Join {
+                sender_id: "p".into(),
+                versions: vec!["1".into()],
+            },
+            &Bytes::new(),
+        );
+        assert!(matches!(
+            &joined[..],
+            [Effect::Send(ServerMessage::Peer { .. })]
+        ));
+        peer
+    }
+
+    fn all() -> Peer {
+        peer(DocScope::Prefix(String::new()), Rights::ALL)
+    }
+
+    fn id(n: u8) -> (String, DocId) {
+        let url = docid::url_of([n; 16]);
+        let id = url.trim_start_matches(docid::URL_SCHEME).to_string();
+        let doc = docid::to_doc_id(&id).unwrap();
+        (id, doc)
+    }
+
+    fn sync(document_id: &str, heads: Vec<ChangeHash>, changes: Vec<Bytes>) -> ClientMessage {
+        let message = SyncMessage {
+            heads,
+            changes,
+            ..SyncMessage::default()
+        };
+        ClientMessage::Sync {
+            document_id: document_id.into(),
+            data: Bytes::from(message.encode()),
+        }
+    }
+
+    fn sent(effects: &[Effect]) -> Vec<SyncMessage> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Send(ServerMessage::Sync { data, .. }) => {
+                    Some(SyncMessage::decode(data).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn hash(n: u8) -> ChangeHash {
+        ChangeHash([n; 32])
+    }
+
+    #[test]
+    fn a_peer_must_join_with_version_1_first() {
+        let mut fresh = Peer::new(all().capability.clone(), "s".into(), PeerLimits::default());
+        let (doc, _) = id(1);
+        let out = fresh.handle_client(sync(&doc, vec![], vec![]), &Bytes::new());
+        assert!(matches!(
+            &out[..],
+            [Effect::Close {
+                code: ErrorCode::Malformed,
+                ..
+            }]
+        ));
+        let out = fresh.handle_client(
+            ClientMessage::Join {
+                sender_id: "p".into(),
+                versions: vec!["2".into()],
+            },
+            &Bytes::new(),
+        );
+        assert!(matches!(
+            &out[..],
+            [Effect::Close {
+                code: ErrorCode::VersionMismatch,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn changes_wait_for_the_catch_up_then_go_to_the_relay_and_replies_do_not_ping_pong() {
+        let mut peer = all();
+        let (id, doc) = id(1);
+        let change = Bytes::from_static(b"change");
+        let out = peer.handle_client(
+            sync(&id, vec![hash(9)], vec![change.clone()]),
+            &Bytes::new(),
+        );
+        assert_eq!(
+            out,
+            vec![Effect::Subscribe {
+                doc: doc.clone(),
+                heads: vec![hash(9)]
+            }]
+        );
+        // The catch-up: a sync message with its changes, durable heads as heads, the
+        // relay's heads as lastSync; then the waiting change goes to the relay.
+        let out = peer.handle_outbound(Outbound::CatchUp {
+            doc: doc.clone(),
+            snapshot: None,
+            changes: vec![Bytes::from_static(b"theirs")],
+            heads: vec![hash(2)],
+            durable_heads: vec![hash(1)],
+        });
+        let messages = sent(&out);
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].heads, vec![hash(1)]);
+        assert_eq!(messages[0].have[0].last_sync, vec![hash(2)]);
+        assert_eq!(messages[0].changes, vec![Bytes::from_static(b"theirs")]);
+        assert!(out.contains(&Effect::Changes {
+            doc: doc.clone(),
+            changes: vec![change]
+        }));
+        // The peer answers with nothing new: no reply.
+        let out = peer.handle_client(sync(&id, vec![hash(2)], vec![]), &Bytes::new());
+        assert!(out.is_empty(), "{out:?}");
+        // The durable heads move: the peer is told once.
+        let durable = RelayToClient::Durable {
+            doc: doc.clone(),
+            changes: vec![],
+            heads: vec![hash(2)],
+        };
+        let out = peer.handle_outbound(Outbound::Message(durable.clone()));
+        assert_eq!(sent(&out)[0].heads, vec![hash(2)]);
+        assert!(peer.handle_outbound(Outbound::Message(durable)).is_empty());
+        // Fan-out carries changes and the heads after them.
+        let out = peer.handle_outbound(Outbound::Changes {
+            doc,
+            changes: vec![Bytes::from_static(b"new")],
+            heads: vec![hash(3)],
+            durable_heads: vec![hash(2)],
+        });
+        let messages = sent(&out);
+        assert_eq!(messages[0].have[0].last_sync, vec![hash(3)]);
+        // A peer that needs something is caught up again.
+        let mut needs = SyncMessage {
+            heads: vec![hash(3)],
+            ..SyncMessage::default()
+        };
+        needs.need = vec![hash(7)];
+        let out = peer.handle_client(
+            ClientMessage::Sync {
+                document_id: id,
+                data: Bytes::from(needs.encode()),
+            },
+            &Bytes::new(),
+        );
+        assert!(matches!(&out[..], [Effect::Resubscribe { .. }]));
+    }
+
+    #[test]
+    fn documents_outside_the_rights_are_unavailable_and_read_only_changes_are_dropped() {
+        let mut narrow = peer(DocScope::Exact(vec!["am/other".into()]), Rights::ALL);
+        let (id, _) = id(1);
+        let out = narrow.handle_client(
+            sync(&id, vec![], vec![Bytes::from_static(b"x")]),
+            &Bytes::new(),
+        );
+        assert!(matches!(
+            &out[..],
+            [Effect::Send(ServerMessage::DocUnavailable { .. })]
+        ));
+        let mut reader = peer(
+            DocScope::Prefix("am/".into()),
+            Rights {
+                read: true,
+                write: false,
+                presence: false,
+            },
+        );
+        reader.handle_client(
+            sync(&id, vec![], vec![Bytes::from_static(b"x")]),
+            &Bytes::new(),
+        );
+        let (_, doc) = self::id(1);
+        let out = reader.handle_outbound(Outbound::CatchUp {
+            doc,
+            snapshot: None,
+            changes: vec![],
+            heads: vec![hash(1)],
+            durable_heads: vec![hash(1)],
+        });
+        assert!(
+            !out.iter().any(|e| matches!(e, Effect::Changes { .. })),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_request_for_an_empty_document_is_unavailable_until_it_has_changes() {
+        let mut peer = all();
+        let (id, doc) = id(4);
+        peer.handle_client(
+            ClientMessage::Request {
+                document_id: id,
+                data: Bytes::from(SyncMessage::default().encode()),
+            },
+            &Bytes::new(),
+        );
+        let out = peer.handle_outbound(Outbound::CatchUp {
+            doc: doc.clone(),
+            snapshot: None,
+            changes: vec![],
+            heads: vec![],
+            durable_heads: vec![],
+        });
+        assert!(matches!(
+            &out[..],
+            [Effect::Send(ServerMessage::DocUnavailable { .. })]
+        ));
+        let out = peer.handle_outbound(Outbound::Changes {
+            doc,
+            changes: vec![Bytes::from_static(b"c")],
+            heads: vec![hash(1)],
+            durable_heads: vec![],
+        });
+        assert_eq!(sent(&out).len(), 1);
+    }
+
+    #[test]
+    fn documents_another_node_owns_are_forwarded_with_what_waited() {
+        let mut peer = all();
+        let (id, doc) = id(5);
+        let first = Bytes::from_static(b"first message");
+        peer.handle_client(sync(&id, vec![], vec![]), &first);
+        let second = Bytes::from_static(b"second message");
+        peer.handle_client(sync(&id, vec![], vec![]), &second);
+        let owner = NodeAddr {
+            node: NodeId::new("node-2").unwrap(),
+            addr: "127.0.0.1:1".into(),
+        };
+        let out = peer.handle_outbound(Outbound::Message(RelayToClient::Moved {
+            doc,
+            node: owner.clone(),
+        }));
+        assert_eq!(
+            out,
+            vec![
+                Effect::Forward {
+                    node: owner.clone(),
+                    message: first
+                },
+                Effect::Forward {
+                    node: owner.clone(),
+                    message: second
+                }
+            ]
+        );
+        let third = Bytes::from_static(b"third");
+        let out = peer.handle_client(sync(&id, vec![], vec![]), &third);
+        assert_eq!(
+            out,
+            vec![Effect::Forward {
+                node: owner,
+                message: third
+            }]
+        );
+    }
+
+    #[test]
+    fn what_waits_for_catch_ups_and_the_documents_synced_are_bounded_per_peer() {
+        let mut peer = all();
+        let (a, _) = id(6);
+        let (b, _) = id(7);
+        let (c, _) = id(8);
+        let big = Bytes::from(vec![0u8; 600]);
+        assert!(
+            !peer
+                .handle_client(sync(&a, vec![], vec![]), &big)
+                .iter()
+                .any(|e| matches!(e, Effect::Close { .. }))
+        );
+        // A second document's message passes the peer's budget across documents.
+        let out = peer.handle_client(sync(&b, vec![], vec![]), &big);
+        assert!(
+            out.iter().any(|e| matches!(
+                e,
+                Effect::Close {
+                    code: ErrorCode::TooLarge,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        let mut peer = all();
+        peer.handle_client(sync(&a, vec![], vec![]), &Bytes::new());
+        peer.handle_client(sync(&b, vec![], vec![]), &Bytes::new());
+        let out = peer.handle_client(sync(&c, vec![], vec![]), &Bytes::new());
+        assert!(matches!(
+            &out[..],
+            [Effect::Close {
+                code: ErrorCode::Overloaded,
+                ..
+            }]
+        ));
     }
 }

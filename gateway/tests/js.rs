@@ -345,30 +345,21 @@ async fn refused_tokens_get_an_error_and_documents_outside_the_rights_are_unavai
     client.close().await;
 }
 
-/// An empty JS peer finds a 100,000-change document: it arrives whole (one change per
-/// edit, as the native client wrote it), and what it cost is printed for
-/// benches/README.md.
+/// An empty JS peer finds a 100,000-change document (written to the node's durable
+/// store as a native client's flushes would be): it arrives whole, one change per edit,
+/// and what it cost is printed for benches/README.md.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_change_document_syncs_to_an_empty_js_peer() {
-    use std::num::NonZeroU32;
+    use meridian_relay::engine::{DocKey, StoredChange};
+    use meridian_relay::store::DurableStore;
     const CHANGES: usize = 100_000;
-    let mut dev = Dev::new();
-    // One writer uploads the whole history at once: rates out of the way.
-    let lots = NonZeroU32::new(u32::MAX / 4).expect("nonzero");
-    for rates in [
-        &mut dev.limits.rates.connection,
-        &mut dev.limits.rates.user,
-        &mut dev.limits.rates.tenant,
-    ] {
-        rates.changes = lots;
-        rates.inflated_bytes = lots;
-    }
-    let relay = dev.start().await;
-    let gateway = meridian_gateway::start(GatewayConfig::default(), relay.session_port())
-        .await
-        .expect("gateway starts");
+    let dev = Dev::new();
     let (url, doc) = new_doc();
-
+    let key = DocKey {
+        tenant: TenantId::new(TENANT).expect("tenant"),
+        doc: meridian_protocol::DocId::new(doc.as_str()).expect("doc"),
+    };
+    let writer = meridian_protocol::UserId::new("native").expect("user");
     let mut source = automerge::AutoCommit::new();
     let mut changes = Vec::with_capacity(CHANGES);
     for i in 0..CHANGES {
@@ -377,15 +368,27 @@ async fn a_100k_change_document_syncs_to_an_empty_js_peer() {
             .put(automerge::ROOT, format!("k{}", i % 1000), i as i64)
             .expect("put");
         source.commit();
-        changes.push(bytes::Bytes::copy_from_slice(
-            source.get_last_local_change().expect("change").raw_bytes(),
+        let change = source.get_last_local_change().expect("change");
+        changes.push((
+            key.clone(),
+            StoredChange {
+                hash: meridian_protocol::ChangeHash(change.hash().0),
+                bytes: bytes::Bytes::copy_from_slice(change.raw_bytes()),
+                user: writer.clone(),
+            },
         ));
     }
-    let client = dev.client(relay.local_addr(), "native").await;
-    let handle = client.open(&doc).await.expect("open");
-    handle.import(&changes).expect("import");
-    meridian_testkit::wait_durable(&handle).await;
+    let store =
+        meridian_relay::store::LocalDirStore::open(dev.dir.path().join("durable")).expect("store");
+    for batch in changes.chunks(5_000) {
+        store.write_changes(batch).await.expect("write");
+    }
+    drop(store);
 
+    let relay = dev.start().await;
+    let gateway = meridian_gateway::start(GatewayConfig::default(), relay.session_port())
+        .await
+        .expect("gateway starts");
     let gateway_url = format!(
         "ws://{}/?token={}",
         gateway.local_addr(),
@@ -400,5 +403,4 @@ async fn a_100k_change_document_syncs_to_an_empty_js_peer() {
         out["bytes"],
         out["messages"]
     );
-    client.close().await;
 }
