@@ -3,7 +3,7 @@
 //
 //   cargo build --release -p meridian-cli
 //   (cd benches/gateway && npm ci && node bench.mjs [--scenario steady|fanout|large-doc|all]
-//     [--duration SECONDS] [--meridian ../../target/release/meridian])
+//     [--duration SECONDS] [--servers meridian,reference] [--meridian ../../target/release/meridian])
 //
 // Scenarios (the same clients and edits for both servers):
 //   steady    100 clients, 10 documents (10 clients each), every client 1 edit/s
@@ -195,7 +195,9 @@ const scenarios = {
 const chosen = only === "all" ? Object.keys(scenarios) : [only];
 const rows = [];
 for (const name of chosen) {
-  for (const start of [startMeridian, startReference]) {
+  const servers = { meridian: startMeridian, reference: startReference };
+  const names = (args.servers ?? "meridian,reference").split(",");
+  for (const start of names.map(n => servers[n])) {
     const server = await start();
     try {
       const result = await scenarios[name](server);

@@ -217,6 +217,13 @@ pub struct RouterFile {
 pub struct RouterSection {
     /// UDP address for QUIC (`locate`).
     pub listen: SocketAddr,
+    /// TCP address of `GET /locate?tenant=T` over HTTP, for browser apps (none: not
+    /// served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// Browser origins allowed to call the HTTP locate (`*`: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub http_origins: Vec<String>,
 }
 
 /// Probe timings and hysteresis.
@@ -242,6 +249,10 @@ pub struct CellEntry {
     #[serde(default = "default_weight")]
     pub weight: u32,
     pub nodes: Vec<ClientNode>,
+    /// The cell's WebSocket URL for browser apps (`wss://...`), which the HTTP locate
+    /// answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 fn default_weight() -> u32 {
@@ -300,6 +311,18 @@ impl RouterFile {
     pub fn into_config(self, base: &Path) -> Result<RouterConfig> {
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
         let directory = self.directory()?;
+        let locate_http = self
+            .router
+            .http_listen
+            .map(|listen| meridian_router::LocateHttpConfig {
+                listen,
+                gateways: self
+                    .cells
+                    .iter()
+                    .filter_map(|c| Some((c.id.clone(), c.gateway.clone()?)))
+                    .collect(),
+                origins: self.router.http_origins.clone(),
+            });
         let mut config = RouterConfig::new(
             self.router.listen,
             resolve(self.tls.cert_file),
@@ -308,6 +331,7 @@ impl RouterFile {
             directory,
         );
         config.metrics_listen = self.metrics.map(|m| m.listen);
+        config.locate_http = locate_http;
         if let Some(health) = self.health {
             let ms = Duration::from_millis;
             if let Some(v) = health.probe_interval_ms {

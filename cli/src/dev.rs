@@ -328,9 +328,16 @@ async fn run_cells(
         Some(metrics) => metrics.listen,
         None => free_tcp()?,
     };
+    let router_http = match previous.as_ref().and_then(|f| f.router.http_listen) {
+        Some(listen) => listen,
+        None => free_tcp()?,
+    };
     let router = RouterFile {
         router: RouterSection {
             listen: router_listen,
+            // Browser apps of any origin may locate their tenant in the dev deployment.
+            http_listen: Some(router_http),
+            http_origins: vec!["*".into()],
         },
         tls: TlsSection {
             cert_file: pki.node_cert.clone(),
@@ -350,6 +357,10 @@ async fn run_cells(
                 jurisdiction: Some(cell.jurisdiction.clone()),
                 weight: 1,
                 nodes: client_nodes(nodes),
+                gateway: nodes
+                    .first()
+                    .and_then(|n| n.file.gateway.as_ref())
+                    .map(|g| format!("ws://{}", g.listen)),
             })
             .collect(),
     };
@@ -426,7 +437,7 @@ async fn run_cells(
         plans.len()
     );
     println!(
-        "  router   quic {router_listen}  metrics http://{router_metrics}/metrics  pid {}",
+        "  router   quic {router_listen}  metrics http://{router_metrics}/metrics  locate http://{router_http}/locate?tenant=T  pid {}",
         procs[0].child.as_ref().map_or(0, Child::id)
     );
     for (cell, nodes) in &plans {

@@ -183,6 +183,10 @@ pub struct Peer {
     /// The peer's id, once it joined.
     joined: Option<String>,
     docs: HashMap<DocId, DocState>,
+    /// The Meridian ids of the documents in `docs`, by automerge-repo id (checking a
+    /// bs58check id costs two SHA-256 rounds; a peer names its documents in every
+    /// message).
+    ids: HashMap<String, DocId>,
     /// The counter of ephemeral messages sent to this peer.
     ephemeral_count: u64,
 }
@@ -196,6 +200,7 @@ impl Peer {
             storage_id,
             joined: None,
             docs: HashMap::new(),
+            ids: HashMap::new(),
             ephemeral_count: 0,
         }
     }
@@ -254,7 +259,7 @@ impl Peer {
             return out;
         }
         let waiting = self.waiting_bytes();
-        if let Some(doc) = message.document_id().and_then(|d| docid::to_doc_id(d).ok())
+        if let Some(doc) = message.document_id().and_then(|d| self.ids.get(d).cloned())
             && let Some(state) = self.docs.get_mut(&doc)
         {
             if let Some(node) = &state.forward {
@@ -304,6 +309,9 @@ impl Peer {
     }
 
     fn doc_id(&self, out: &mut Vec<Effect>, document_id: &str) -> Option<DocId> {
+        if let Some(doc) = self.ids.get(document_id) {
+            return Some(doc.clone());
+        }
         match docid::to_doc_id(document_id) {
             Ok(doc) => Some(doc),
             Err(error) => {
@@ -365,6 +373,7 @@ impl Peer {
             heads.sort_unstable();
             heads.dedup();
             heads.truncate(MAX_HEADS);
+            self.ids.insert(document_id.clone(), doc.clone());
             self.docs.insert(
                 doc.clone(),
                 DocState {

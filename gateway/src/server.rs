@@ -12,10 +12,11 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use futures::SinkExt;
 use meridian_protocol::{ErrorCode, NodeAddr, TenantId};
 use meridian_relay::engine::Delivery;
 use meridian_relay::local::{Event, LocalSession, SessionPort, SubscribeError};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::Semaphore;
 
 use crate::peer::{Effect, Peer, PeerLimits};
 use crate::wire::{self, ClientMessage, ServerMessage};
@@ -40,6 +41,8 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// Bounds on each peer.
     pub peer: PeerLimits,
+    /// Bounds on connections before their upgrade (headers in time, per address).
+    pub web: meridian_process::web::WebLimits,
     /// The gateway of each other node of the cell, by node id, for documents another
     /// node owns; a node not listed is reached at its QUIC address's host and this
     /// gateway's port.
@@ -56,6 +59,7 @@ impl Default for GatewayConfig {
             join_timeout: Duration::from_secs(10),
             connections_max: 10_000,
             peer: PeerLimits::default(),
+            web: meridian_process::web::WebLimits::default(),
             cell_gateways: HashMap::new(),
         }
     }
@@ -64,7 +68,6 @@ impl Default for GatewayConfig {
 /// A running gateway.
 pub struct GatewayHandle {
     local_addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,11 +78,8 @@ impl GatewayHandle {
     }
 
     /// Stops listening (open sockets end with the relay's sessions).
-    pub async fn shutdown(mut self) {
-        if let Some(shutdown) = self.shutdown.take() {
-            let _ = shutdown.send(());
-        }
-        let _ = (&mut self.task).await;
+    pub async fn shutdown(self) {
+        self.task.abort();
     }
 }
 
@@ -102,6 +102,7 @@ struct Gateway {
 pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<GatewayHandle> {
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
+    let config_web = config.web;
     let gateway = Arc::new(Gateway {
         peer_id: format!("meridian:{}", port.node()),
         listen_port: local_addr.port(),
@@ -112,23 +113,13 @@ pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<
     let app = axum::Router::new()
         .route("/", axum::routing::get(upgrade))
         .with_state(gateway);
-    let (shutdown, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listener, service)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::warn!(%error, "gateway listener ended");
-        }
-    });
-    Ok(GatewayHandle {
-        local_addr,
-        shutdown: Some(shutdown),
-        task,
-    })
+    let task = tokio::spawn(meridian_process::web::serve(
+        listener,
+        app,
+        config_web,
+        crate::metrics::refused,
+    ));
+    Ok(GatewayHandle { local_addr, task })
 }
 
 /// The query of the gateway's URL. The token is never logged.
@@ -165,8 +156,11 @@ async fn upgrade(
         .and_then(|value| value.to_str().ok())
         .map(str::to_string);
     let max = gateway.config.message_bytes_max;
+    // A small read buffer: tungstenite clears its whole read buffer on every read, and
+    // the default (128 KiB) made that clearing the largest cost in profiles.
     ws.max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| async move {
             crate::metrics::connected(1);
             let ip = remote.ip();
@@ -193,6 +187,9 @@ async fn upgrade(
             drop(permit);
         })
 }
+
+/// The socket's read buffer.
+const READ_BUFFER_BYTES: usize = 16 << 10;
 
 fn reason(code: ErrorCode) -> &'static str {
     code.name().unwrap_or("error")
@@ -240,10 +237,16 @@ enum Flow {
 
 impl Conn {
     async fn send(&mut self, message: &ServerMessage) -> bool {
+        self.feed(message).await && self.socket.flush().await.is_ok()
+    }
+
+    /// Queues a message in the socket's write buffer (written at the next flush, or when
+    /// the buffer is full).
+    async fn feed(&mut self, message: &ServerMessage) -> bool {
         let bytes = wire::encode(message, &self.gateway.peer_id, &self.their_id);
-        crate::metrics::message("out");
+        crate::metrics::messages(crate::metrics::Direction::Out, 1);
         self.socket
-            .send(Message::Binary(bytes.into()))
+            .feed(Message::Binary(bytes.into()))
             .await
             .is_ok()
     }
@@ -300,7 +303,7 @@ impl Conn {
                     heard = true;
                     match message {
                         Some(Ok(Message::Binary(bytes))) => {
-                            crate::metrics::message("in");
+                            crate::metrics::messages(crate::metrics::Direction::In, 1);
                             match ClientMessage::decode(&bytes) {
                                 Ok(message) => peer.handle_client(message, &bytes),
                                 Err(error) => vec![Effect::Close { code: ErrorCode::Malformed, message: error.to_string() }],
@@ -325,7 +328,16 @@ impl Conn {
                     }
                 }
                 event = session.next() => match event {
-                    Event::Outbound(outbound) => peer.handle_outbound(outbound),
+                    Event::Outbound(outbound) => {
+                        // Everything else already queued is handled in the same turn,
+                        // and written with one flush.
+                        let mut effects = peer.handle_outbound(outbound);
+                        for _ in 0..DRAIN_MAX {
+                            let Some(more) = session.try_next() else { break };
+                            effects.extend(peer.handle_outbound(more));
+                        }
+                        effects
+                    }
                     Event::Ended(ended) => {
                         let message = match &ended {
                             meridian_relay::local::Ended::Expired => "the token expired; reconnect with a fresh token".to_string(),
@@ -352,7 +364,7 @@ impl Conn {
                 }
                 Some(from_owner) = self.from_owners.1.recv() => match from_owner {
                     Ok(bytes) => {
-                        crate::metrics::message("out");
+                        crate::metrics::messages(crate::metrics::Direction::Out, 1);
                         if self.socket.send(Message::Binary(bytes)).await.is_err() {
                             return ErrorCode::ShuttingDown;
                         }
@@ -373,12 +385,14 @@ impl Conn {
             {
                 self.their_id = id.to_string();
             }
+            let mut written = false;
             for effect in effects {
                 match effect {
                     Effect::Send(message) => {
-                        if !self.send(&message).await {
+                        if !self.feed(&message).await {
                             return ErrorCode::ShuttingDown;
                         }
+                        written = true;
                     }
                     Effect::Close { code, message } => {
                         self.close(code, &message).await;
@@ -386,6 +400,9 @@ impl Conn {
                     }
                     other => to_relay.push_back(other),
                 }
+            }
+            if written && self.socket.flush().await.is_err() {
+                return ErrorCode::ShuttingDown;
             }
             if resume_at.is_none()
                 && let Flow::Closed(code) = self
@@ -462,6 +479,9 @@ impl Conn {
 
 /// A message from another node's gateway for the client, or why that connection ended.
 type FromOwner = Result<Bytes, String>;
+
+/// Relay messages handled in one turn of a socket's loop (then written with one flush).
+const DRAIN_MAX: usize = 256;
 
 /// Messages queued to or from another node's gateway, per client connection.
 const UPSTREAM_QUEUE: usize = 64;

@@ -34,7 +34,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one connection may last in all (request, response, close).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers larger than this are refused by hyper.
-const HEADERS_MAX: usize = 8 << 10;
+pub(crate) const HEADERS_MAX: usize = 8 << 10;
 
 /// What `/readyz` reports.
 #[derive(Debug, Default)]
@@ -70,16 +70,25 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Connections held per source address.
-#[derive(Default)]
-struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+/// Connections held per source address, at most `max` each.
+pub(crate) struct PerAddress {
+    held: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
 
 impl PerAddress {
-    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+    pub(crate) fn new(max: usize) -> Self {
+        PerAddress {
+            held: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    pub(crate) fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
         let key = crate::net::address_key(ip);
-        let mut held = self.0.lock().ok()?;
+        let mut held = self.held.lock().ok()?;
         let count = held.entry(key).or_insert(0);
-        if *count >= CONNECTIONS_PER_ADDRESS_MAX {
+        if *count >= self.max {
             return None;
         }
         *count += 1;
@@ -91,14 +100,14 @@ impl PerAddress {
 }
 
 /// One connection's place in [`PerAddress`], given back when dropped.
-struct AddressSlot {
+pub(crate) struct AddressSlot {
     table: Arc<PerAddress>,
     key: IpAddr,
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        if let Ok(mut held) = self.table.0.lock()
+        if let Ok(mut held) = self.table.held.lock()
             && let Some(count) = held.get_mut(&self.key)
         {
             *count = count.saturating_sub(1);
@@ -116,7 +125,7 @@ pub async fn serve(
     readiness: Arc<Readiness>,
 ) {
     let permits = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let per_address = Arc::new(PerAddress::default());
+    let per_address = Arc::new(PerAddress::new(CONNECTIONS_PER_ADDRESS_MAX));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;

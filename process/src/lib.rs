@@ -1,7 +1,8 @@
 //! What every Meridian server process needs around its own work: TLS for QUIC, the admin
 //! HTTP endpoint (`/metrics`, `/healthz`, `/readyz`, `/cell`), the Prometheus recorder,
-//! the QUIC server socket, logging (text or JSON), a bounded queue that holds no memory
-//! while empty, the wall clock, and (feature `aws`) the AWS SDK's shared configuration.
+//! the QUIC server socket, public HTTP services on axum with the admin endpoint's
+//! defences (`web`), logging (text or JSON), a bounded queue that holds no memory while
+//! empty, the wall clock, and (feature `aws`) the AWS SDK's shared configuration.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 #[cfg(feature = "aws")]
@@ -14,3 +15,4 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod tls;
+pub mod web;

@@ -369,6 +369,16 @@ impl LocalSession {
         }
     }
 
+    /// A message from the driver already queued for this session, without waiting (one
+    /// wake-up then handles everything that arrived together); `None` when nothing is
+    /// queued or the session ended (which [`LocalSession::next`] reports).
+    pub fn try_next(&mut self) -> Option<Outbound> {
+        if self.closed.borrow().is_some() {
+            return None;
+        }
+        self.queue.try_recv()
+    }
+
     /// Subscribes to `doc`, the client holding `heads` (a catch-up of what it lacks
     /// follows through [`LocalSession::next`]). A document already subscribed is left
     /// as it is.

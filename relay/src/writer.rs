@@ -223,6 +223,23 @@ pub(crate) struct LocalQueue {
 }
 
 impl LocalQueue {
+    /// The next message if one is already queued (without waiting).
+    pub(crate) fn try_recv(&mut self) -> Option<Outbound> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let (outbound, received) = self.pending.pop_front()?;
+        self.taken(&outbound, received);
+        Some(outbound)
+    }
+
+    fn taken(&self, outbound: &Outbound, received: Option<Instant>) {
+        self.queued_bytes.give(outbound_size(outbound));
+        if let Some(received) = received {
+            crate::metrics::fanout_latency().record(received.elapsed().as_secs_f64());
+        }
+    }
+
     /// The next message; `None` once every sender is gone.
     pub(crate) async fn recv(&mut self) -> Option<Outbound> {
         if self.pending.is_empty()
@@ -234,10 +251,7 @@ impl LocalQueue {
             return None;
         }
         let (outbound, received) = self.pending.pop_front()?;
-        self.queued_bytes.give(outbound_size(&outbound));
-        if let Some(received) = received {
-            crate::metrics::fanout_latency().record(received.elapsed().as_secs_f64());
-        }
+        self.taken(&outbound, received);
         if self.pending.is_empty() && self.pending.capacity() > WRITE_BATCH_ITEMS {
             self.pending = VecDeque::new();
         }

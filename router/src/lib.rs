@@ -42,7 +42,10 @@ use tokio::task::JoinSet;
 use meridian_control::{ControlConfig, ControlError, ControlStore, TenantRecord, unix_ms};
 use meridian_process::http::Readiness;
 
+mod locate_http;
 mod metrics;
+
+pub use locate_http::LocateHttpConfig;
 
 /// Why a router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,8 @@ pub struct RouterConfig {
     pub probe_timeout: Duration,
     /// Connections served at once.
     pub connections_max: usize,
+    /// `GET /locate` over HTTP for browser apps (`None`: not served).
+    pub locate_http: Option<LocateHttpConfig>,
 }
 
 impl RouterConfig {
@@ -109,6 +114,7 @@ impl RouterConfig {
             probe_interval: Duration::from_secs(1),
             probe_timeout: Duration::from_millis(500),
             connections_max: 10_000,
+            locate_http: None,
         }
     }
 }
@@ -147,6 +153,7 @@ struct Router {
 pub struct RouterHandle {
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    locate_http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     router: Arc<Router>,
     _tasks: JoinSet<()>,
@@ -161,6 +168,11 @@ impl RouterHandle {
     /// The bound HTTP address, if any.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Where `GET /locate` is served over HTTP, if it is.
+    pub fn locate_http_addr(&self) -> Option<SocketAddr> {
+        self.locate_http_addr
     }
 
     /// Whether the router considers a cell up now.
@@ -251,6 +263,22 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
     tasks.spawn(router.clone().run_probes());
     tasks.spawn(router.clone().run_rounds(readiness.clone()));
     tasks.spawn(accept_loop(endpoint.clone(), router.clone()));
+    let locate_http_addr = match router.config.locate_http.as_ref().map(|c| c.listen) {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(RouterError::Bind)?;
+            let bound = listener.local_addr().map_err(RouterError::Bind)?;
+            tasks.spawn(meridian_process::web::serve(
+                listener,
+                locate_http::app(router.clone()),
+                meridian_process::web::WebLimits::default(),
+                crate::metrics::http_locate,
+            ));
+            Some(bound)
+        }
+        None => None,
+    };
     readiness
         .serving
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -261,6 +289,7 @@ pub async fn start(config: RouterConfig) -> Result<RouterHandle, RouterError> {
     Ok(RouterHandle {
         local_addr,
         metrics_addr,
+        locate_http_addr,
         endpoint,
         router,
         _tasks: tasks,

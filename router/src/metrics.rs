@@ -17,6 +17,10 @@ fn describe() {
         "meridian_locates_total",
         "Router: locate answers, by result."
     );
+    describe_counter!(
+        "meridian_http_locates_refused_total",
+        "Router: HTTP locate requests refused before the locate, by reason."
+    );
     describe_histogram!(
         "meridian_locate_duration_seconds",
         Unit::Seconds,
@@ -98,4 +102,10 @@ pub fn router_view(
         gauge!("meridian_cell_up", "cell" => cell.clone()).set(if *up { 1.0 } else { 0.0 });
     }
     gauge!("meridian_tenants_unavailable").set(unavailable as f64);
+}
+
+/// An HTTP locate request refused before the locate (`forbidden_origin`), or an HTTP
+/// connection closed at once (`address`, `limit`) or cut (`timeout`).
+pub(crate) fn http_locate(reason: &'static str) {
+    counter!("meridian_http_locates_refused_total", "reason" => reason).increment(1);
 }
