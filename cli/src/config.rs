@@ -1170,6 +1170,12 @@ mod tests {
             .cell(&CellId::new("eu-b").unwrap())
             .unwrap();
         assert_eq!(eu_b.jurisdiction, "eu");
+        let locate = config.locate_http.as_ref().expect("[router] http_listen");
+        assert_eq!(
+            locate.gateways.get("eu-a").map(String::as_str),
+            Some("wss://eu-a.relay.example.com/")
+        );
+        assert_eq!(locate.origins, vec!["https://app.acme.example".to_string()]);
         assert_eq!(config.probe_interval, Duration::from_secs(1));
         assert_eq!(config.health.down_after_failures, 3);
         match &config.control {

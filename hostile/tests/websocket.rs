@@ -489,3 +489,49 @@ async fn a_flood_of_changes_is_slowed_down_not_dropped() {
     node.still_serving().await;
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_of_another_cell_is_refused_with_its_home() {
+    use meridian_control::{ControlConfig, ControlStore, LocalControlStore};
+    use meridian_relay::placement::PlacementConfig;
+    use meridian_testkit::placement::{cell, record};
+    let dev = Dev::new();
+    let control = dev.dir.path().join("control");
+    let store = LocalControlStore::open(&control).unwrap();
+    store
+        .publish_cell(&cell("other", "eu-central-1", "dev", "127.0.0.1:9", None))
+        .await
+        .unwrap();
+    store
+        .create_tenant(&record(meridian_testkit::TENANT, "dev", None, 0))
+        .await
+        .unwrap();
+    store
+        .commit(
+            &record(meridian_testkit::TENANT, "dev", Some("other"), 1),
+            0,
+        )
+        .await
+        .unwrap();
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    let mut placement = PlacementConfig::new(ControlConfig::Local { path: control });
+    placement.refresh = Duration::from_millis(100);
+    config.placement = Some(placement);
+    let relay = meridian_relay::start(config).await.expect("relay starts");
+    let gateway = meridian_gateway::start(GatewayConfig::default(), relay.session_port())
+        .await
+        .expect("gateway starts");
+    let url = format!(
+        "ws://{}/?token={}",
+        gateway.local_addr(),
+        dev.token("alice")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("upgrade");
+    let error = expect_refused(&mut socket, ErrorCode::Redirect).await;
+    assert!(
+        error.contains("other"),
+        "the error names the home cell: {error}"
+    );
+}
