@@ -437,18 +437,7 @@ impl LocalSession {
     /// before parsing, inflated bytes after), parsed here within one frame's budget of
     /// work, then handed to the driver.
     pub async fn changes(&self, doc: DocId, changes: &[Bytes]) -> Result<(), RateLimited> {
-        let count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
-        self.limits.check(Kind::Changes, count)?;
-        let wire: usize = changes.iter().map(Bytes::len).sum();
-        self.limits
-            .check(Kind::InflatedBytes, u32::try_from(wire).unwrap_or(u32::MAX))?;
-        let mut budget = crate::engine::change::FrameBudget::default();
-        let parsed = changes.iter().map(|bytes| budget.parse(bytes)).collect();
-        let added = budget.inflated().saturating_sub(wire);
-        self.limits.check(
-            Kind::InflatedBytes,
-            u32::try_from(added).unwrap_or(u32::MAX),
-        )?;
+        let parsed = crate::session::admit_changes(&self.limits, changes)?;
         let admission = self.limits.admit().await;
         self.shared
             .send_input(Input::Changes {

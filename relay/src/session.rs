@@ -794,31 +794,38 @@ impl DocStream {
         }
     }
 
-    /// A `changes` frame, within the rate limits: its count is checked before it is
-    /// parsed (here, in this connection's task, within the frame's budget: the driver's
-    /// decision loop never does a frame's parse work, and what it keeps owns its bytes),
-    /// its inflated bytes after. A refused frame is dropped unacknowledged (the client
-    /// sends it again after `retry_after_ms`).
+    /// A `changes` frame, within the rate limits ([`admit_changes`]).
     fn changes(
         &self,
         changes: &[Bytes],
     ) -> Result<crate::engine::ChangeFrame, crate::ratelimit::Refused> {
-        let count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
-        self.limits.check(Kind::Changes, count)?;
-        // The bytes as sent are charged before any parsing (a connection whose byte
-        // bucket is empty gets no parse work at all), what inflating added after.
-        let wire: usize = changes.iter().map(Bytes::len).sum();
-        self.limits
-            .check(Kind::InflatedBytes, u32::try_from(wire).unwrap_or(u32::MAX))?;
-        let mut budget = crate::engine::change::FrameBudget::default();
-        let parsed = changes.iter().map(|bytes| budget.parse(bytes)).collect();
-        let added = budget.inflated().saturating_sub(wire);
-        self.limits.check(
-            Kind::InflatedBytes,
-            u32::try_from(added).unwrap_or(u32::MAX),
-        )?;
-        Ok(parsed)
+        admit_changes(&self.limits, changes)
     }
+}
+
+/// A `changes` frame of any front end, within its session's rate limits: its count is
+/// checked before it is parsed (in the session's task, within the frame's budget of parse
+/// work: the driver's decision loop never does a frame's parse work, and what it keeps
+/// owns its bytes), its inflated bytes after. A refused frame is dropped unacknowledged
+/// (the client sends it again after `retry_after_ms`).
+pub(crate) fn admit_changes(
+    limits: &crate::ratelimit::SessionLimits,
+    changes: &[Bytes],
+) -> Result<crate::engine::ChangeFrame, crate::ratelimit::Refused> {
+    let count = u32::try_from(changes.len()).unwrap_or(u32::MAX);
+    limits.check(Kind::Changes, count)?;
+    // The bytes as sent are charged before any parsing (a connection whose byte bucket is
+    // empty gets no parse work at all), what inflating added after.
+    let wire: usize = changes.iter().map(Bytes::len).sum();
+    limits.check(Kind::InflatedBytes, u32::try_from(wire).unwrap_or(u32::MAX))?;
+    let mut budget = crate::engine::change::FrameBudget::default();
+    let parsed = changes.iter().map(|bytes| budget.parse(bytes)).collect();
+    let added = budget.inflated().saturating_sub(wire);
+    limits.check(
+        Kind::InflatedBytes,
+        u32::try_from(added).unwrap_or(u32::MAX),
+    )?;
+    Ok(parsed)
 }
 
 /// A stream's writer, spawned as one of the node's tasks; returns its outbox.
