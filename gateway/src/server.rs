@@ -41,6 +41,10 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// Bounds on each peer.
     pub peer: PeerLimits,
+    /// Bytes all peers together may hold while their documents' catch-ups are on their
+    /// way (each also within `peer.pending_bytes_max`); a peer that would pass it is
+    /// closed with `overloaded`.
+    pub waiting_bytes_max: usize,
     /// Bounds on connections before their upgrade (headers in time, per address).
     pub web: meridian_process::web::WebLimits,
     /// The gateway of each other node of the cell, by node id, for documents another
@@ -59,6 +63,7 @@ impl Default for GatewayConfig {
             join_timeout: Duration::from_secs(10),
             connections_max: 10_000,
             peer: PeerLimits::default(),
+            waiting_bytes_max: 512 << 20,
             web: meridian_process::web::WebLimits::default(),
             cell_gateways: HashMap::new(),
         }
@@ -96,6 +101,8 @@ struct Gateway {
     peer_id: String,
     /// The port this gateway listens on (other nodes' gateways are assumed on it).
     listen_port: u16,
+    /// Bytes every peer together holds while catch-ups are on their way.
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Starts the gateway in front of the relay node whose sessions `port` opens.
@@ -106,6 +113,7 @@ pub async fn start(config: GatewayConfig, port: SessionPort) -> std::io::Result<
     let gateway = Arc::new(Gateway {
         peer_id: format!("meridian:{}", port.node()),
         listen_port: local_addr.port(),
+        waiting: std::sync::atomic::AtomicUsize::new(0),
         permits: Arc::new(Semaphore::new(config.connections_max)),
         port,
         config,
@@ -296,6 +304,12 @@ impl Conn {
         let mut keepalive = tokio::time::interval(config.keepalive);
         keepalive.reset();
         let mut heard = true;
+        let gateway = self.gateway.clone();
+        let mut waiting = Waiting {
+            total: &gateway.waiting,
+            max: config.waiting_bytes_max,
+            mine: 0,
+        };
         loop {
             let reading = to_relay.is_empty();
             let effects = tokio::select! {
@@ -305,7 +319,17 @@ impl Conn {
                         Some(Ok(Message::Binary(bytes))) => {
                             crate::metrics::messages(crate::metrics::Direction::In, 1);
                             match ClientMessage::decode(&bytes) {
-                                Ok(message) => peer.handle_client(message, &bytes),
+                                Ok(message) => {
+                                    let effects = peer.handle_client(message, &bytes);
+                                    if !waiting.set(peer.waiting_bytes()) {
+                                        vec![Effect::Close {
+                                            code: ErrorCode::Overloaded,
+                                            message: "the gateway holds too many bytes waiting for catch-ups; retry".into(),
+                                        }]
+                                    } else {
+                                        effects
+                                    }
+                                }
                                 Err(error) => vec![Effect::Close { code: ErrorCode::Malformed, message: error.to_string() }],
                             }
                         }
@@ -336,6 +360,7 @@ impl Conn {
                             let Some(more) = session.try_next() else { break };
                             effects.extend(peer.handle_outbound(more));
                         }
+                        waiting.set(peer.waiting_bytes());
                         effects
                     }
                     Event::Ended(ended) => {
@@ -480,6 +505,41 @@ impl Conn {
 /// A message from another node's gateway for the client, or why that connection ended.
 type FromOwner = Result<Bytes, String>;
 
+/// One peer's share of the gateway's bytes waiting for catch-ups, given back when the
+/// socket ends.
+struct Waiting<'a> {
+    total: &'a std::sync::atomic::AtomicUsize,
+    max: usize,
+    mine: usize,
+}
+
+impl Waiting<'_> {
+    /// The peer now holds `bytes`; false if that passes the gateway's budget (the share
+    /// is then not taken).
+    fn set(&mut self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        if bytes <= self.mine {
+            self.total.fetch_sub(self.mine - bytes, Ordering::Relaxed);
+            self.mine = bytes;
+            return true;
+        }
+        let more = bytes - self.mine;
+        if self.total.fetch_add(more, Ordering::Relaxed) + more > self.max {
+            self.total.fetch_sub(more, Ordering::Relaxed);
+            return false;
+        }
+        self.mine = bytes;
+        true
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.mine, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Relay messages handled in one turn of a socket's loop (then written with one flush).
 const DRAIN_MAX: usize = 256;
 
@@ -600,5 +660,45 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn peers_share_the_gateways_budget_of_waiting_bytes() {
+        let total = AtomicUsize::new(0);
+        let mut a = Waiting {
+            total: &total,
+            max: 100,
+            mine: 0,
+        };
+        let mut b = Waiting {
+            total: &total,
+            max: 100,
+            mine: 0,
+        };
+        assert!(a.set(60));
+        assert!(!b.set(50), "past the budget");
+        assert_eq!(total.load(Ordering::Relaxed), 60);
+        assert!(a.set(10));
+        assert!(b.set(50));
+        assert_eq!(total.load(Ordering::Relaxed), 60);
+        drop(a);
+        assert_eq!(total.load(Ordering::Relaxed), 50);
+        drop(b);
+        assert_eq!(total.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn storage_ids_are_stable_per_tenant_and_shaped_like_uuids() {
+        let acme = storage_id(&TenantId::new("acme").unwrap());
+        assert_eq!(acme, storage_id(&TenantId::new("acme").unwrap()));
+        assert_ne!(acme, storage_id(&TenantId::new("globex").unwrap()));
+        let parts: Vec<usize> = acme.split('-').map(str::len).collect();
+        assert_eq!(parts, vec![8, 4, 4, 4, 12]);
     }
 }
