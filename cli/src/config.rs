@@ -1100,6 +1100,9 @@ mod tests {
                 "jsonencode(format(\"%s-lb\", cell.id))" => "\"eu-a-lb\"".into(),
                 "jsonencode(cell.endpoint)" => "\"eu-a.elb.example:4433\"".into(),
                 "jsonencode(cell.admin)" => "\"eu-a.elb.example:9090\"".into(),
+                "jsonencode(cell.gateway)" => "\"wss://eu-a.elb.example:443/\"".into(),
+                "locate_http_port" => "8081".into(),
+                "jsonencode(locate_origins)" => "[\"https://app.example\"]".into(),
                 other => panic!("the router template uses ${{{other}}}: add it to this test"),
             }
         };
@@ -1117,6 +1120,12 @@ mod tests {
         assert_eq!(
             cell.nodes[0].admin.as_deref(),
             Some("eu-a.elb.example:9090")
+        );
+        let locate = config.locate_http.as_ref().expect("[router] http_listen");
+        assert_eq!(locate.listen, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(
+            locate.gateways.get("eu-a").map(String::as_str),
+            Some("wss://eu-a.elb.example:443/")
         );
         match config.control {
             ControlConfig::ByJurisdiction(stores) => {

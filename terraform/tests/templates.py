@@ -129,7 +129,10 @@ def router(config: str) -> None:
         set(doc) == {"router", "tls", "control", "metrics", "jurisdictions", "cells"},
         f"router_config: sections {set(doc)}",
     )
-    check(doc.get("router") == {"listen": "0.0.0.0:4433"}, f"router_config: [router] {doc.get('router')}")
+    check(
+        doc.get("router") == {"listen": "0.0.0.0:4433", "http_listen": "0.0.0.0:8081", "http_origins": ["https://app.example"]},
+        f"router_config: [router] {doc.get('router')}",
+    )
     check(
         doc.get("jurisdictions") == {"eu": ["eu-west-1", "eu-central-1"], "us": ["us-east-1"]},
         f"router_config: jurisdictions {doc.get('jurisdictions')}",
@@ -138,9 +141,11 @@ def router(config: str) -> None:
         doc.get("cells")
         == [
             {"id": "eu-a", "region": "eu-west-1", "jurisdiction": "eu", "weight": 2,
-             "nodes": [{"id": "eu-a-lb", "endpoint": "eu-a.elb.example:4433", "admin": "eu-a.elb.example:9090"}]},
+             "nodes": [{"id": "eu-a-lb", "endpoint": "eu-a.elb.example:4433", "admin": "eu-a.elb.example:9090"}],
+             "gateway": "wss://eu-a.elb.example:443/"},
             {"id": "us-a", "region": "us-east-1", "jurisdiction": "us", "weight": 1,
-             "nodes": [{"id": "us-a-lb", "endpoint": "us-a.elb.example:4433", "admin": "us-a.elb.example:9090"}]},
+             "nodes": [{"id": "us-a-lb", "endpoint": "us-a.elb.example:4433", "admin": "us-a.elb.example:9090"}],
+             "gateway": "wss://us-a.elb.example:443/"},
         ],
         f"router_config: cells {doc.get('cells')}",
     )

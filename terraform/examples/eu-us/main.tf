@@ -196,6 +196,8 @@ module "router_eu_west_1" {
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
   tls_secret_arn         = lookup(var.tls_secret_arns, "eu-west-1", null)
+  locate_certificate_arn = var.locate_certificate_arns["eu-west-1"]
+  locate_origins         = var.locate_origins
   alarm_actions          = lookup(var.alarm_actions, "eu-west-1", [])
   deletion_protection    = var.deletion_protection
 }
@@ -215,6 +217,8 @@ module "router_us_east_1" {
   meridian_binary_sha256 = var.meridian_binary_sha256
   binary_bucket_arn      = var.binary_bucket_arn
   tls_secret_arn         = lookup(var.tls_secret_arns, "us-east-1", null)
+  locate_certificate_arn = var.locate_certificate_arns["us-east-1"]
+  locate_origins         = var.locate_origins
   alarm_actions          = lookup(var.alarm_actions, "us-east-1", [])
   deletion_protection    = var.deletion_protection
 }

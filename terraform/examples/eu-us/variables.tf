@@ -59,6 +59,17 @@ variable "gateway_certificate_arns" {
   type        = map(string)
 }
 
+variable "locate_certificate_arns" {
+  description = "Per region with a router, the ACM certificate of its HTTP locate's TLS listener (https://)."
+  type        = map(string)
+}
+
+variable "locate_origins" {
+  description = "Browser origins allowed to call the routers' HTTP locate (\"*\": any)."
+  type        = list(string)
+  default     = []
+}
+
 variable "tenants" {
   description = "Per jurisdiction, the tenants its cells serve and their public keys."
   type = map(list(object({

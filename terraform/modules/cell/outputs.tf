@@ -62,7 +62,7 @@ output "nlb_dns_name" {
 }
 
 output "router_cell" {
-  description = "This cell as the router module's cells variable lists it: id, region, jurisdiction, weight, endpoint (QUIC through the load balancer) and admin (the readiness probe listener)"
+  description = "This cell as the router module's cells variable lists it: id, region, jurisdiction, weight, endpoint (QUIC through the load balancer), admin (the readiness probe listener) and gateway (its wss:// URL)"
   value = {
     id           = var.cell_id
     region       = local.region
@@ -70,6 +70,7 @@ output "router_cell" {
     weight       = var.weight
     endpoint     = "${module.lb.dns_name}:${var.quic_port}"
     admin        = "${module.lb.dns_name}:${var.metrics_port}"
+    gateway      = "wss://${module.lb.dns_name}:${var.gateway_tls_port}/"
   }
 }
 

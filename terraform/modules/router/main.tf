@@ -20,11 +20,13 @@ locals {
   })
 
   router_config = templatefile("${path.module}/templates/router.toml.tftpl", {
-    quic_port      = var.quic_port
-    metrics_port   = var.metrics_port
-    control_tables = var.control_tables
-    jurisdictions  = var.jurisdictions
-    cells          = var.cells
+    quic_port        = var.quic_port
+    metrics_port     = var.metrics_port
+    locate_http_port = var.locate_http_port
+    locate_origins   = var.locate_origins
+    control_tables   = var.control_tables
+    jurisdictions    = var.jurisdictions
+    cells            = var.cells
   })
 
   # The boot script is shared with the cell module.
@@ -188,6 +190,75 @@ resource "aws_vpc_security_group_egress_rule" "cells" {
   cidr_ipv4         = "0.0.0.0/0"
 }
 
+# The HTTP locate for browser apps over TLS (https): the load balancer terminates TLS on
+# locate_tls_port and forwards to the routers' locate_http_port.
+resource "aws_vpc_security_group_ingress_rule" "locate" {
+  security_group_id            = aws_security_group.router.id
+  description                  = "HTTP locate from the load balancer's TLS listener"
+  ip_protocol                  = "tcp"
+  from_port                    = var.locate_http_port
+  to_port                      = var.locate_http_port
+  referenced_security_group_id = module.lb.security_group_id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "nlb_locate" {
+  for_each = toset(var.client_cidrs)
+
+  security_group_id = module.lb.security_group_id
+  description       = "https:// locate from clients"
+  ip_protocol       = "tcp"
+  from_port         = var.locate_tls_port
+  to_port           = var.locate_tls_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_locate" {
+  security_group_id            = module.lb.security_group_id
+  description                  = "To the routers' HTTP locate"
+  ip_protocol                  = "tcp"
+  from_port                    = var.locate_http_port
+  to_port                      = var.locate_http_port
+  referenced_security_group_id = aws_security_group.router.id
+}
+
+resource "aws_lb_target_group" "locate" {
+  name_prefix          = "mrl-"
+  port                 = var.locate_http_port
+  protocol             = "TCP"
+  target_type          = "instance"
+  vpc_id               = var.vpc_id
+  deregistration_delay = 30
+  tags                 = local.tags
+
+  health_check {
+    protocol            = "HTTP"
+    port                = tostring(var.metrics_port)
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = 10
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_lb_listener" "locate" {
+  load_balancer_arn = module.lb.arn
+  port              = var.locate_tls_port
+  protocol          = "TLS"
+  certificate_arn   = var.locate_certificate_arn
+  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+  tags              = local.tags
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.locate.arn
+  }
+}
+
 module "lb" {
   source = "../quic-lb"
 
@@ -299,7 +370,7 @@ resource "aws_autoscaling_group" "router" {
   max_size                  = var.max_size
   desired_capacity          = var.desired_capacity
   vpc_zone_identifier       = var.subnet_ids
-  target_group_arns         = [module.lb.target_group_arn]
+  target_group_arns         = [module.lb.target_group_arn, aws_lb_target_group.locate.arn]
   health_check_type         = "ELB"
   health_check_grace_period = 90
   wait_for_capacity_timeout = "15m"

@@ -23,7 +23,7 @@ variable "jurisdictions" {
 }
 
 variable "cells" {
-  description = "The cell directory: the router_cell output of every cell module (id, region, jurisdiction, weight, endpoint = QUIC host:port, admin = probe host:port). Rendered into router.toml [[cells]]."
+  description = "The cell directory: the router_cell output of every cell module (id, region, jurisdiction, weight, endpoint = QUIC host:port, admin = probe host:port, gateway = the cell's wss:// URL). Rendered into router.toml [[cells]]."
   type = list(object({
     id           = string
     region       = string
@@ -31,12 +31,36 @@ variable "cells" {
     weight       = number
     endpoint     = string
     admin        = string
+    gateway      = string
   }))
 
   validation {
     condition     = alltrue([for cell in var.cells : contains(keys(var.jurisdictions), cell.jurisdiction) && contains(var.jurisdictions[cell.jurisdiction], cell.region)])
     error_message = "every cell's region must be one of its jurisdiction's regions."
   }
+}
+
+variable "locate_http_port" {
+  description = "TCP port of the router's HTTP locate for browser apps (router config [router] http_listen); the load balancer's TLS listener forwards to it."
+  type        = number
+  default     = 8081
+}
+
+variable "locate_tls_port" {
+  description = "TCP port of the load balancer's TLS listener for the HTTP locate (https://)."
+  type        = number
+  default     = 443
+}
+
+variable "locate_certificate_arn" {
+  description = "ACM certificate for the HTTP locate's TLS listener: browser apps call https://<router name>:<locate_tls_port>/locate?tenant=T."
+  type        = string
+}
+
+variable "locate_origins" {
+  description = "Browser origins allowed to call the HTTP locate (router config [router] http_origins; \"*\": any)."
+  type        = list(string)
+  default     = []
 }
 
 variable "cell_probe_port" {

@@ -34,15 +34,17 @@ locals {
   }))
 
   router_config = templatefile("${local.router_templates}/router.toml.tftpl", {
-    quic_port    = 4433
-    metrics_port = 9090
+    quic_port        = 4433
+    metrics_port     = 9090
+    locate_http_port = 8081
+    locate_origins   = ["https://app.example"]
     jurisdictions = {
       eu = ["eu-west-1", "eu-central-1"]
       us = ["us-east-1"]
     }
     cells = [
-      { id = "eu-a", region = "eu-west-1", jurisdiction = "eu", weight = 2, endpoint = "eu-a.elb.example:4433", admin = "eu-a.elb.example:9090" },
-      { id = "us-a", region = "us-east-1", jurisdiction = "us", weight = 1, endpoint = "us-a.elb.example:4433", admin = "us-a.elb.example:9090" },
+      { id = "eu-a", region = "eu-west-1", jurisdiction = "eu", weight = 2, endpoint = "eu-a.elb.example:4433", admin = "eu-a.elb.example:9090", gateway = "wss://eu-a.elb.example:443/" },
+      { id = "us-a", region = "us-east-1", jurisdiction = "us", weight = 1, endpoint = "us-a.elb.example:4433", admin = "us-a.elb.example:9090", gateway = "wss://us-a.elb.example:443/" },
     ]
     control_tables = {
       eu = { region = "eu-west-1", table = "meridian-control", kms_key_arn = "arn:aws:kms:eu-west-1:111122223333:key/x" }
