@@ -813,8 +813,10 @@ async fn reauth_moves_a_live_session_to_a_fresh_token_of_the_same_user_only() {
     let addr = relay.local_addr();
     let all = meridian_protocol::token::DocScope::Prefix(String::new());
     let rights = meridian_protocol::token::Rights::ALL;
+    // A token of a few seconds: long enough for the steps below on a loaded machine,
+    // short enough to pass while the session goes on.
     let mut raw = dev
-        .raw(addr, dev.token_with("alice", all.clone(), rights, 2))
+        .raw(addr, dev.token_with("alice", all.clone(), rights, 5))
         .await;
     let _public = subscribed(&raw, "public/a").await;
     let mut private = subscribed(&raw, "private/b").await;
@@ -850,7 +852,7 @@ async fn reauth_moves_a_live_session_to_a_fresh_token_of_the_same_user_only() {
         Some((ErrorCode::Forbidden, Some(doc("private/b"))))
     );
     // The first token's expiry passes; the session lives on under the fresh one.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     still_open(&mut raw).await;
     assert!(raw.connection.close_reason().is_none());
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
