@@ -33,6 +33,8 @@ pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 16;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one connection may last in all (request, response, close).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a listener waits after a failed `accept` before the next.
+pub(crate) const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 /// Request headers larger than this are refused by hyper.
 pub(crate) const HEADERS_MAX: usize = 8 << 10;
 
@@ -128,6 +130,8 @@ pub async fn serve(
     let per_address = Arc::new(PerAddress::new(CONNECTIONS_PER_ADDRESS_MAX));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
+            // Out of file descriptors, say: retrying at once would spin.
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         let Some(slot) = per_address.take(peer.ip()) else {

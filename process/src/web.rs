@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::http::PerAddress;
+use crate::http::{ACCEPT_RETRY, PerAddress};
 
 /// Bounds on a listener's connections in their HTTP phase.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +53,8 @@ pub async fn serve(
     let per_address = Arc::new(PerAddress::new(limits.per_address_max));
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
+            // Out of file descriptors, say: retrying at once would spin.
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         // Small messages (sync acknowledgements, presence) go out at once: Nagle's
