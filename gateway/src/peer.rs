@@ -126,7 +126,6 @@ struct DocState {
     requested: bool,
     /// Changes from the peer waiting for the catch-up.
     pending: Vec<Bytes>,
-    pending_bytes: usize,
     /// The relay's heads, which the peer holds once it has applied what was sent.
     relay_heads: Vec<ChangeHash>,
     /// The heads of the durable part.
@@ -141,7 +140,18 @@ struct DocState {
     /// The peer's messages for the document until the catch-up (or `moved`) arrives,
     /// as they came.
     held: Vec<Bytes>,
-    held_bytes: usize,
+    /// Bytes of `held` and `pending`.
+    waiting: usize,
+}
+
+impl DocState {
+    /// Drops what waited for the catch-up (it arrived, or the document moved); returns
+    /// the bytes given back.
+    fn stop_waiting(&mut self) -> (Vec<Bytes>, Vec<Bytes>, usize) {
+        let held = std::mem::take(&mut self.held);
+        let pending = std::mem::take(&mut self.pending);
+        (held, pending, std::mem::take(&mut self.waiting))
+    }
 }
 
 impl DocState {
@@ -189,6 +199,9 @@ pub struct Peer {
     ids: HashMap<String, DocId>,
     /// The counter of ephemeral messages sent to this peer.
     ephemeral_count: u64,
+    /// Bytes its documents hold while their catch-ups are on their way (the sum of
+    /// their `waiting`).
+    waiting: usize,
 }
 
 impl Peer {
@@ -202,16 +215,14 @@ impl Peer {
             docs: HashMap::new(),
             ids: HashMap::new(),
             ephemeral_count: 0,
+            waiting: 0,
         }
     }
 
     /// Bytes the peer's messages and changes hold while their documents' catch-ups are
     /// on their way, across its documents.
     pub fn waiting_bytes(&self) -> usize {
-        self.docs
-            .values()
-            .map(|d| d.held_bytes + d.pending_bytes)
-            .sum()
+        self.waiting
     }
 
     /// The peer's id once it joined.
@@ -258,7 +269,6 @@ impl Peer {
             out.push(Effect::close(ErrorCode::Malformed, "join first"));
             return out;
         }
-        let waiting = self.waiting_bytes();
         if let Some(doc) = message.document_id().and_then(|d| self.ids.get(d).cloned())
             && let Some(state) = self.docs.get_mut(&doc)
         {
@@ -270,8 +280,7 @@ impl Peer {
                 return out;
             }
             if !state.caught_up {
-                state.held_bytes += raw.len();
-                if waiting + raw.len() > self.limits.pending_bytes_max {
+                if self.waiting + raw.len() > self.limits.pending_bytes_max {
                     out.push(Effect::close(
                         ErrorCode::TooLarge,
                         "too many bytes of messages before the document's catch-up",
@@ -279,6 +288,8 @@ impl Peer {
                     return out;
                 }
                 state.held.push(raw.clone());
+                state.waiting += raw.len();
+                self.waiting += raw.len();
             }
         }
         match message {
@@ -359,7 +370,7 @@ impl Peer {
                 ));
                 return;
             }
-            if self.waiting_bytes() + raw.len() > self.limits.pending_bytes_max {
+            if self.waiting + raw.len() > self.limits.pending_bytes_max {
                 out.push(Effect::close(
                     ErrorCode::TooLarge,
                     "too many bytes of messages before the documents' catch-ups",
@@ -373,6 +384,7 @@ impl Peer {
             heads.sort_unstable();
             heads.dedup();
             heads.truncate(MAX_HEADS);
+            self.waiting += raw.len();
             self.ids.insert(document_id.clone(), doc.clone());
             self.docs.insert(
                 doc.clone(),
@@ -380,7 +392,7 @@ impl Peer {
                     document_id,
                     requested: request,
                     held: vec![raw.clone()],
-                    held_bytes: raw.len(),
+                    waiting: raw.len(),
                     ..DocState::default()
                 },
             );
@@ -390,7 +402,6 @@ impl Peer {
             });
         }
         let limits = self.limits.clone();
-        let waiting = self.waiting_bytes();
         let Some(state) = self.docs.get_mut(&doc) else {
             return;
         };
@@ -400,8 +411,7 @@ impl Peer {
                 upload(out, &limits, &doc, message.changes);
             } else {
                 let bytes: usize = message.changes.iter().map(Bytes::len).sum();
-                state.pending_bytes += bytes;
-                if waiting + bytes > limits.pending_bytes_max {
+                if self.waiting + bytes > limits.pending_bytes_max {
                     out.push(Effect::close(
                         ErrorCode::TooLarge,
                         "too many bytes of changes before the document's catch-up",
@@ -409,6 +419,8 @@ impl Peer {
                     return;
                 }
                 state.pending.extend(message.changes);
+                state.waiting += bytes;
+                self.waiting += bytes;
             }
         }
         if !state.caught_up {
@@ -445,8 +457,8 @@ impl Peer {
                     return out;
                 };
                 state.caught_up = true;
-                state.held = Vec::new();
-                state.held_bytes = 0;
+                let (_, pending, given_back) = state.stop_waiting();
+                self.waiting -= given_back;
                 state.relay_heads = heads;
                 state.durable_heads = durable_heads;
                 if state.requested && changes.is_empty() && state.relay_heads.is_empty() {
@@ -459,8 +471,6 @@ impl Peer {
                 } else {
                     out.push(Effect::Send(state.message(changes)));
                 }
-                let pending = std::mem::take(&mut state.pending);
-                state.pending_bytes = 0;
                 if !pending.is_empty() {
                     upload(&mut out, &limits, &doc, pending);
                 }
@@ -571,10 +581,9 @@ impl Peer {
                 // answered here.
                 let peer_id = self.joined.clone().unwrap_or_default();
                 if let Some(state) = self.docs.get_mut(&doc) {
-                    let held = std::mem::take(&mut state.held);
-                    state.held_bytes = 0;
-                    state.pending = Vec::new();
-                    state.pending_bytes = 0;
+                    // What waited goes to the owner as it came (the changes are in it).
+                    let (held, _, given_back) = state.stop_waiting();
+                    self.waiting -= given_back;
                     if held.is_empty() {
                         // The owner changed under a synced peer: start its sync there
                         // from what the peer is known to hold.
@@ -779,6 +788,7 @@ mod tests {
             doc: doc.clone(),
             changes: vec![change]
         }));
+        assert_eq!(peer.waiting_bytes(), 0, "what waited is given back");
         // The peer answers with nothing new: no reply.
         let out = peer.handle_client(sync(&id, vec![hash(2)], vec![]), &Bytes::new());
         assert!(out.is_empty(), "{out:?}");
@@ -914,6 +924,7 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(peer.waiting_bytes(), 0, "what waited went to the owner");
         let third = Bytes::from_static(b"third");
         let out = peer.handle_client(sync(&id, vec![], vec![]), &third);
         assert_eq!(

@@ -209,6 +209,7 @@ impl Outbox {
                 rx,
                 queued_bytes,
                 pending: VecDeque::new(),
+                fanout_latency: crate::metrics::fanout_latency(),
             },
         )
     }
@@ -220,6 +221,8 @@ pub(crate) struct LocalQueue {
     rx: meridian_process::channel::Receiver<(Outbound, Option<Instant>)>,
     queued_bytes: Arc<QueueBudget>,
     pending: VecDeque<(Outbound, Option<Instant>)>,
+    /// The fan-out latency histogram, looked up once (as a stream's writer does).
+    fanout_latency: metrics::Histogram,
 }
 
 impl LocalQueue {
@@ -236,7 +239,7 @@ impl LocalQueue {
     fn taken(&self, outbound: &Outbound, received: Option<Instant>) {
         self.queued_bytes.give(outbound_size(outbound));
         if let Some(received) = received {
-            crate::metrics::fanout_latency().record(received.elapsed().as_secs_f64());
+            self.fanout_latency.record(received.elapsed().as_secs_f64());
         }
     }
 
