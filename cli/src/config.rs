@@ -858,8 +858,10 @@ pub struct ClientFile {
     /// Name on the relay's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
-    /// CA certificate (PEM) path.
-    pub ca_cert: PathBuf,
+    /// CA certificate (PEM) path, relative to the file; without one, the operating
+    /// system's trust store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
     /// The tenant the token is for.
     pub tenant: String,
     /// A capability token.
@@ -900,26 +902,11 @@ impl ClientFile {
         read_toml(path, "client")
     }
 
-    pub fn client_config(&self, base: &Path) -> Result<meridian_client::ClientConfig> {
-        let ca_path = if self.ca_cert.is_relative() {
-            base.join(&self.ca_cert)
-        } else {
-            self.ca_cert.clone()
-        };
-        let ca = std::fs::read(&ca_path)
-            .with_context(|| format!("cannot read CA certificate {}", ca_path.display()))?;
-        let mut config =
-            meridian_client::ClientConfig::new(self.endpoint.clone(), ca, self.token.clone());
-        config.server_name = self.server_name.clone();
-        config.store_dir = self.store_dir.clone();
-        config.router = self.router.clone();
-        config.nodes = self
-            .nodes
-            .iter()
-            .map(|n| n.endpoint.clone())
-            .filter(|e| *e != self.endpoint)
-            .collect();
-        Ok(config)
+    /// The SDK's config from the file at `path`, checked strictly here first (unknown
+    /// keys are errors for the CLI; the SDK ignores the operators' keys).
+    pub fn client_config(path: &Path) -> Result<meridian_client::ClientConfig> {
+        Self::read(path)?;
+        Ok(meridian_client::ClientConfig::from_file(path)?)
     }
 }
 

@@ -1,11 +1,13 @@
-//! `meridian doc set|get|watch`.
+//! `meridian doc set|splice|get|watch`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use automerge::ReadDoc;
 use automerge::transaction::Transactable;
 use clap::Subcommand;
+use meridian_client::edit::{self, Segment};
 use meridian_client::{Client, DocEvent, DocHandle};
 
 /// How long a one-shot command waits for the relay.
@@ -20,6 +22,17 @@ pub enum DocCommand {
         doc: String,
         key: String,
         value: String,
+    },
+    /// Splice the collaborative text at KEY of the root map (created when missing):
+    /// delete DELETE code points at INDEX and insert TEXT there; returns once Durable.
+    Splice {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+        key: String,
+        index: u64,
+        delete: u64,
+        text: String,
     },
     /// Print the document as JSON after catching up (DOC may be an automerge-repo URL,
     /// `automerge:<id>`, for the document `am/<id>`).
@@ -46,6 +59,31 @@ pub async fn run(command: DocCommand) -> Result<()> {
         } => {
             let (client, handle) = open(&config, &doc).await?;
             handle.change(|d| d.put(automerge::ROOT, key.as_str(), value.as_str()))??;
+            within(
+                handle.wait_durable(),
+                "waiting for the change to become durable",
+            )
+            .await?;
+            println!("{}", heads_hex(&handle).join(" "));
+            client.close().await;
+            Ok(())
+        }
+        DocCommand::Splice {
+            config,
+            doc,
+            key,
+            index,
+            delete,
+            text,
+        } => {
+            let (client, handle) = open(&config, &doc).await?;
+            let path = [Segment::Key(key.clone())];
+            handle.try_change(|d| {
+                if matches!(d.get(automerge::ROOT, key.as_str()), Ok(None)) {
+                    edit::put_text(d, &path, "")?;
+                }
+                edit::splice_text(d, &path, index, delete, &text)
+            })??;
             within(
                 handle.wait_durable(),
                 "waiting for the change to become durable",
@@ -85,12 +123,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
 }
 
 async fn open(config_path: &Path, doc: &str) -> Result<(Client, DocHandle)> {
-    let file = crate::config::ClientFile::read(config_path)?;
-    let base = config_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let client = Client::connect(file.client_config(&base)?).await?;
+    let client = Client::connect(crate::config::ClientFile::client_config(config_path)?).await?;
     // An automerge-repo URL (`automerge:<id>`) names the document `am/<id>`.
     let mapped;
     let doc = if doc.starts_with(meridian_gateway::docid::URL_SCHEME) {

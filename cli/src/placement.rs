@@ -98,9 +98,7 @@ async fn create(path: &Path, tenant: &str, jurisdiction: &str, pin: Option<&str>
 }
 
 async fn locate(path: &Path, tenant: &str) -> Result<()> {
-    let file = ClientFile::read(path)?;
-    let base = path.parent().map(PathBuf::from).unwrap_or_default();
-    let config = file.client_config(&base)?;
+    let config = ClientFile::client_config(path)?;
     if config.router.is_none() {
         bail!("{} has no `router = \"host:port\"`", path.display());
     }

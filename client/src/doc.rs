@@ -178,6 +178,33 @@ impl DocHandle {
         let mut state = self.lock();
         let before = state.doc.get_heads();
         let result = edit(&mut state.doc);
+        self.commit_local(state, before)
+            .map(|hashes| (result, hashes))
+    }
+
+    /// Like [`DocHandle::change`] for an edit that can fail: on `Err`, everything the edit
+    /// did is rolled back and nothing is committed.
+    pub fn try_change<R, E>(
+        &self,
+        edit: impl FnOnce(&mut AutoCommit) -> Result<R, E>,
+    ) -> Result<Result<R, E>, ClientError> {
+        let mut state = self.lock();
+        let before = state.doc.get_heads();
+        match edit(&mut state.doc) {
+            Ok(result) => self.commit_local(state, before).map(|_| Ok(result)),
+            Err(error) => {
+                state.doc.rollback();
+                Ok(Err(error))
+            }
+        }
+    }
+
+    /// Commits what the open transaction holds; keeps, stores and sends the new changes.
+    fn commit_local(
+        &self,
+        mut state: MutexGuard<'_, DocState>,
+        before: Vec<automerge::ChangeHash>,
+    ) -> Result<Vec<ChangeHash>, ClientError> {
         state.doc.commit();
         let new: Vec<(ChangeHash, Bytes)> = state
             .doc
@@ -191,7 +218,7 @@ impl DocHandle {
             })
             .collect();
         if new.is_empty() {
-            return Ok((result, Vec::new()));
+            return Ok(Vec::new());
         }
         if let Some(store) = &self.shared.store {
             let bytes: Vec<Bytes> = new.iter().map(|(_, b)| b.clone()).collect();
@@ -199,7 +226,7 @@ impl DocHandle {
         }
         let hashes = new.iter().map(|(hash, _)| *hash).collect();
         self.queue_local(state, new);
-        Ok((result, hashes))
+        Ok(hashes)
     }
 
     /// Imports changes made elsewhere (another replica's history, a bulk import) as if they
@@ -256,6 +283,19 @@ impl DocHandle {
             .get_heads()
             .iter()
             .map(|h| ChangeHash(h.0))
+            .collect()
+    }
+
+    /// The raw bytes of the changes the local document holds that are not ancestors of
+    /// `heads` (every change for no heads), in causal order.
+    pub fn changes_since(&self, heads: &[ChangeHash]) -> Vec<Bytes> {
+        let heads: Vec<automerge::ChangeHash> =
+            heads.iter().map(|h| automerge::ChangeHash(h.0)).collect();
+        self.lock()
+            .doc
+            .get_changes(&heads)
+            .iter()
+            .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
             .collect()
     }
 

@@ -20,6 +20,8 @@
 
 mod connection;
 mod doc;
+pub mod edit;
+mod file;
 mod locate;
 mod store;
 
@@ -223,6 +225,8 @@ pub enum ConnectionState {
     },
     /// No cell of the tenant's jurisdiction can serve it now; the client keeps locating.
     Unavailable(String),
+    /// Offline on purpose until [`Client::resume`].
+    Paused,
     /// Stopped for good: the token was refused or the client closed.
     Failed(String),
 }
@@ -433,7 +437,7 @@ impl Client {
                 ConnectionState::Unavailable(reason) => {
                     return Err(ClientError::Unavailable(reason.clone()));
                 }
-                ConnectionState::Connecting => {}
+                ConnectionState::Connecting | ConnectionState::Paused => {}
             }
             state.changed().await.map_err(|_| ClientError::Closed)?;
         }
@@ -447,6 +451,30 @@ impl Client {
             .commands
             .send(connection::Command::Reconnect)
             .await;
+    }
+
+    /// Closes every connection and stays offline until [`Client::resume`] (for an app
+    /// going to the background). Edits made meanwhile wait, as offline.
+    pub async fn pause(&self) {
+        let _ = self.inner.commands.send(connection::Command::Pause).await;
+    }
+
+    /// Reconnects after [`Client::pause`]: documents resubscribe and pending edits are
+    /// sent.
+    pub async fn resume(&self) {
+        let _ = self.inner.commands.send(connection::Command::Resume).await;
+    }
+
+    /// Tells the client the network changed (Wi-Fi to cellular, a new address): live
+    /// connections move to a fresh UDP socket and carry on (QUIC connection migration);
+    /// a path the relay cannot reach ends in an ordinary reconnect.
+    pub async fn network_changed(&self) {
+        let _ = self.inner.commands.send(connection::Command::Rebind).await;
+    }
+
+    /// Subscribes to connection state changes.
+    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.clone()
     }
 
     /// Closes the connection and stops reconnecting. Pending edits stay in the store.
