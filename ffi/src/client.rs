@@ -101,7 +101,7 @@ impl meridian_client::TokenProvider for Provider {
 /// How long `from_config` and `connect` may take to reach a first relay.
 const CONNECT_LIMIT: f64 = 60.0;
 
-/// A client of one tenant's cell. Every method fails with `Closed` after [`Client::close`].
+/// A client of one tenant's cell. Every method fails with `Closed` after [`Client::shutdown`].
 #[derive(uniffi::Object)]
 pub struct Client {
     inner: meridian_client::Client,
@@ -303,8 +303,9 @@ impl Client {
 
     /// Closes the connections and ends every listener. Edits not yet Durable stay in the
     /// store (when one is configured) and are sent by the next client. Closing twice is
-    /// harmless.
-    pub fn close(&self) -> Result<(), MeridianError> {
+    /// harmless. (Named `shutdown`, not `close`: Kotlin's `AutoCloseable.close` frees the
+    /// object itself.)
+    pub fn shutdown(&self) -> Result<(), MeridianError> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }

@@ -98,7 +98,7 @@ impl Subscription {
                 }
             })
             .map_err(|e| MeridianError::Config {
-                message: format!("cannot start a listener thread: {e}"),
+                detail: format!("cannot start a listener thread: {e}"),
             })?;
         Ok(Arc::new(Subscription {
             cancel,
@@ -200,7 +200,7 @@ fn durable(handle: DocHandle) -> WaitFuture {
 
 fn parse_json(json: &str) -> Result<serde_json::Value, MeridianError> {
     serde_json::from_str(json).map_err(|e| MeridianError::InvalidValue {
-        message: format!("not JSON: {e}"),
+        detail: format!("not JSON: {e}"),
     })
 }
 
@@ -210,7 +210,7 @@ fn parse_heads(heads: &[String]) -> Result<Vec<automerge::ChangeHash>, MeridianE
         .map(|h| {
             h.parse::<automerge::ChangeHash>()
                 .map_err(|_| MeridianError::InvalidValue {
-                    message: format!("{h:?} is not a change hash (64 hex digits)"),
+                    detail: format!("{h:?} is not a change hash (64 hex digits)"),
                 })
         })
         .collect()
@@ -286,7 +286,7 @@ impl Document {
         for head in &heads {
             if !self.handle.contains(&meridian_client::ChangeHash(head.0)) {
                 return Err(MeridianError::InvalidValue {
-                    message: format!("head {head} is not in this document"),
+                    detail: format!("head {head} is not in this document"),
                 });
             }
         }
@@ -326,7 +326,7 @@ impl Document {
         let changes: Vec<Bytes> = changes.into_iter().map(Bytes::from).collect();
         for (i, bytes) in changes.iter().enumerate() {
             automerge::Change::try_from(&bytes[..]).map_err(|e| MeridianError::InvalidValue {
-                message: format!("change {i}: {e}"),
+                detail: format!("change {i}: {e}"),
             })?;
         }
         self.handle.import(&changes)?;
@@ -345,7 +345,7 @@ impl Document {
         self.check_open()?;
         let mut other =
             automerge::AutoCommit::load(&saved).map_err(|e| MeridianError::InvalidValue {
-                message: format!("not a saved document: {e}"),
+                detail: format!("not a saved document: {e}"),
             })?;
         let new: Vec<Bytes> = other
             .get_changes(&[])
@@ -379,7 +379,7 @@ impl Document {
         self.check_open()?;
         if state.len() > meridian_protocol::MAX_PRESENCE_LEN {
             return Err(MeridianError::InvalidValue {
-                message: format!(
+                detail: format!(
                     "presence of {} bytes is over the limit of {}",
                     state.len(),
                     meridian_protocol::MAX_PRESENCE_LEN

@@ -9,36 +9,36 @@ use meridian_client::edit::EditError;
 #[non_exhaustive]
 pub enum MeridianError {
     /// The settings or the config file are unusable.
-    #[error("configuration: {message}")]
-    Config { message: String },
+    #[error("configuration: {detail}")]
+    Config { detail: String },
     /// No relay could be reached.
-    #[error("unreachable: {message}")]
-    Unreachable { message: String },
+    #[error("unreachable: {detail}")]
+    Unreachable { detail: String },
     /// The token was refused (expired, revoked, badly signed, unknown tenant).
-    #[error("unauthorized: {message}")]
-    Unauthorized { message: String },
+    #[error("unauthorized: {detail}")]
+    Unauthorized { detail: String },
     /// No cell of the tenant's jurisdiction can serve it now; edits wait locally.
-    #[error("unavailable: {message}")]
-    Unavailable { message: String },
+    #[error("unavailable: {detail}")]
+    Unavailable { detail: String },
     /// The relay refused something with a typed error.
-    #[error("relay error {code} ({name}): {message}")]
+    #[error("relay error {code} ({name}): {detail}")]
     Relay {
         code: u16,
         name: String,
-        message: String,
+        detail: String,
     },
     /// A document id is not valid.
-    #[error("invalid document id: {message}")]
-    InvalidDocument { message: String },
+    #[error("invalid document id: {detail}")]
+    InvalidDocument { detail: String },
     /// A path does not lead where the call needs it to.
-    #[error("invalid path: {message}")]
-    InvalidPath { message: String },
+    #[error("invalid path: {detail}")]
+    InvalidPath { detail: String },
     /// A value (JSON, heads, change bytes, a timeout) is not acceptable.
-    #[error("invalid value: {message}")]
-    InvalidValue { message: String },
+    #[error("invalid value: {detail}")]
+    InvalidValue { detail: String },
     /// The local store failed.
-    #[error("store: {message}")]
-    Store { message: String },
+    #[error("store: {detail}")]
+    Store { detail: String },
     /// The wait did not end within its timeout (nothing was undone: the edit stays
     /// pending and is still sent).
     #[error("timed out after {seconds} s")]
@@ -56,23 +56,23 @@ impl From<ClientError> for MeridianError {
     fn from(error: ClientError) -> Self {
         let message = error.to_string();
         match error {
-            ClientError::Config(_) => MeridianError::Config { message },
-            ClientError::Unreachable { .. } => MeridianError::Unreachable { message },
-            ClientError::Unauthorized(_) => MeridianError::Unauthorized { message },
+            ClientError::Config(_) => MeridianError::Config { detail: message },
+            ClientError::Unreachable { .. } => MeridianError::Unreachable { detail: message },
+            ClientError::Unauthorized(_) => MeridianError::Unauthorized { detail: message },
             ClientError::Unavailable(_) | ClientError::Redirected { .. } => {
-                MeridianError::Unavailable { message }
+                MeridianError::Unavailable { detail: message }
             }
             ClientError::Relay { code, message } => MeridianError::Relay {
                 code: code.code(),
                 name: code.to_string(),
-                message,
+                detail: message,
             },
             ClientError::InvalidDocument(e) => MeridianError::InvalidDocument {
-                message: e.to_string(),
+                detail: e.to_string(),
             },
-            ClientError::Store(_) => MeridianError::Store { message },
+            ClientError::Store(_) => MeridianError::Store { detail: message },
             ClientError::Closed => MeridianError::Closed,
-            _ => MeridianError::Unavailable { message },
+            _ => MeridianError::Unavailable { detail: message },
         }
     }
 }
@@ -81,8 +81,8 @@ impl From<EditError> for MeridianError {
     fn from(error: EditError) -> Self {
         let message = error.to_string();
         match error {
-            EditError::Path { .. } => MeridianError::InvalidPath { message },
-            _ => MeridianError::InvalidValue { message },
+            EditError::Path { .. } => MeridianError::InvalidPath { detail: message },
+            _ => MeridianError::InvalidValue { detail: message },
         }
     }
 }

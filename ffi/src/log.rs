@@ -34,7 +34,7 @@ impl LogLevel {
 #[uniffi::export(with_foreign)]
 pub trait Logger: Send + Sync {
     /// One line: its level, its source (a Rust module path) and its text with fields.
-    fn log(&self, level: LogLevel, target: String, message: String);
+    fn log(&self, level: LogLevel, target: String, detail: String);
 }
 
 struct Hook {
@@ -58,7 +58,7 @@ pub fn set_logger(logger: Arc<dyn Logger>, level: LogLevel) -> Result<(), crate:
         let subscriber = tracing_subscriber::registry().with(Forward(hook.clone()));
         installed = tracing::subscriber::set_global_default(subscriber).map_err(|e| {
             crate::MeridianError::Config {
-                message: format!("a logger is already installed: {e}"),
+                detail: format!("a logger is already installed: {e}"),
             }
         });
         hook

@@ -26,14 +26,14 @@ pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime, MeridianErro
         })
         .as_ref()
         .map_err(|message| MeridianError::Config {
-            message: format!("cannot start the client runtime: {message}"),
+            detail: format!("cannot start the client runtime: {message}"),
         })
 }
 
 /// A timeout in seconds as a [`Duration`] (finite, not negative).
 pub(crate) fn timeout(seconds: f64) -> Result<Duration, MeridianError> {
     Duration::try_from_secs_f64(seconds).map_err(|_| MeridianError::InvalidValue {
-        message: format!("timeout {seconds} s is not a finite, non-negative number"),
+        detail: format!("timeout {seconds} s is not a finite, non-negative number"),
     })
 }
 

@@ -382,7 +382,7 @@ class Client:
 
     def close(self) -> None:
         """Closes the connection and ends every listener. Closing twice is harmless."""
-        self._native.close()
+        self._native.shutdown()
 
     def __enter__(self) -> "Client":
         return self

@@ -1,0 +1,33 @@
+// A first edit from Kotlin: open a document, set a value and a text, wait until both are
+// Durable, print the document, then wait for a sync with the cancellable async call.
+//
+//   FirstEdit <client.toml> <document id>
+
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+import uniffi.meridian_ffi.Client
+import uniffi.meridian_ffi.MeridianException
+import uniffi.meridian_ffi.PathSegment
+
+fun main(args: Array<String>) {
+    val client = Client.fromConfig(args[0])
+    try {
+        val doc = client.open(args[1])
+        doc.waitSynced(30.0)
+        doc.putJson(listOf(PathSegment.Key("from")), "\"kotlin\"")
+        doc.putText(listOf(PathSegment.Key("text")), "hello")
+        doc.spliceText(listOf(PathSegment.Key("text")), 5uL, 0uL, " from Kotlin")
+        doc.waitDurable(30.0)
+        println(doc.toJson())
+        runBlocking { withTimeout(30_000) { doc.waitSyncedAsync() } }
+        try {
+            doc.putJson(listOf(PathSegment.Key("from"), PathSegment.Key("below")), "1")
+            error("a value in the way must be refused")
+        } catch (e: MeridianException.InvalidPath) {
+            println("refused: ${e.message}")
+        }
+    } finally {
+        client.shutdown()
+        client.close()
+    }
+}
