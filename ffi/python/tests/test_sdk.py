@@ -277,3 +277,38 @@ def test_raw_changes_save_load_history_and_presence(dev, client):
             time.sleep(0.05)
     with pytest.raises(MeridianError.InvalidValue):
         first.set_presence(b"x" * (1 << 20))
+
+
+def test_the_examples_run(dev):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    examples = ROOT / "examples" / "python"
+    doc_id = fresh_id("example-text")
+    done = subprocess.run(
+        [sys.executable, str(examples / "text_with_cli.py"), "--config", dev.config,
+         "--meridian", dev.bin, "--words", "3", doc_id],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    python_line, cli_line = done.stdout.splitlines()[-2:]
+    assert python_line.split(":", 1)[1].strip() == cli_line.split(":", 1)[1].strip()
+    for word in ["rust0", "rust2", "py0", "py2"]:
+        assert word in python_line
+
+    watched = fresh_id("example-watch")
+    watch = subprocess.Popen(
+        [sys.executable, str(examples / "watch.py"), "--config", dev.config, "--count", "1", watched],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert watch.stdout.readline().startswith("synced")
+        dev.cli("doc", "set", "--config", dev.config, watched, "k", "v")
+        out, err = watch.communicate(timeout=60)
+        assert watch.returncode == 0, err
+        assert out.startswith("change") and '"k":"v"' in out
+    finally:
+        if watch.poll() is None:
+            watch.kill()
