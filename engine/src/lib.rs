@@ -133,6 +133,38 @@ pub struct Snapshot {
     pub bytes: Bytes,
 }
 
+impl Snapshot {
+    /// Whether `snapshot` frames of `doc` can carry this snapshot: every frame repeats
+    /// the heads, so there must be at most `MAX_HEADS` of them and room left beside them
+    /// (see [`RelayToClient::snapshot_piece_max`]). A snapshot that does not fit is never
+    /// served: the catch-up sends every change instead.
+    pub fn fits_frames(&self, doc: &DocId) -> bool {
+        RelayToClient::snapshot_piece_max(doc, self.heads.len()).is_some()
+    }
+
+    /// The `snapshot` frames that carry this snapshot of `doc` in order, each piece as
+    /// large as the frame leaves beside the document id and the heads, so that every
+    /// frame is within `MAX_FRAME_LEN`; `None` if it does not fit frames at all
+    /// ([`Snapshot::fits_frames`]).
+    pub fn messages(&self, doc: &DocId) -> Option<Vec<RelayToClient>> {
+        let piece_max = RelayToClient::snapshot_piece_max(doc, self.heads.len())?;
+        let total = self.bytes.len() as u64;
+        Some(
+            self.bytes
+                .chunks(piece_max)
+                .enumerate()
+                .map(|(i, piece)| RelayToClient::Snapshot {
+                    doc: doc.clone(),
+                    heads: self.heads.clone(),
+                    offset: (i * piece_max) as u64,
+                    total,
+                    bytes: self.bytes.slice_ref(piece),
+                })
+                .collect(),
+        )
+    }
+}
+
 /// A document read back from storage.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
@@ -1509,11 +1541,13 @@ impl Engine {
             return;
         };
         // A client with no history gets the newest snapshot plus the changes after it,
-        // unless it asks for every change (its copy of a snapshot did not load).
+        // unless it asks for every change (its copy of a snapshot did not load), or the
+        // snapshot has more heads than a frame carries: then it gets every change too.
         let snapshot = entry
             .snapshot
-            .clone()
-            .filter(|_| heads.is_empty() && snapshot);
+            .as_ref()
+            .filter(|s| heads.is_empty() && snapshot && s.fits_frames(&key.doc))
+            .cloned();
         let since = snapshot.as_ref().map_or(&heads[..], |s| &s.heads[..]);
         let (missing, all_known) = entry.graph.missing_since(since);
         let changes = missing

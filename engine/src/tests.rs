@@ -628,6 +628,105 @@ fn an_empty_client_gets_the_snapshot_unless_it_asks_for_every_change() {
     }
 }
 
+/// A document whose snapshot has more heads than one frame carries (`MAX_HEADS`) is
+/// caught up from every change; one with `MAX_HEADS` heads still gets its snapshot.
+#[test]
+fn a_snapshot_with_more_heads_than_a_frame_carries_is_never_served() {
+    for heads in [MAX_HEADS, MAX_HEADS + 1] {
+        let t = now();
+        let mut h = Harness::new();
+        h.engine = Engine::new(EngineConfig {
+            snapshot_every_changes: heads,
+            ..config()
+        });
+        h.behaviour.snapshots = true;
+        h.join(1, "alice", t);
+        // Concurrent changes: each by its own actor, none depending on another.
+        let changes: Vec<Bytes> = (0..heads)
+            .map(|i| {
+                let mut doc = AutoCommit::new();
+                doc.put(automerge::ROOT, format!("k{i}"), i as i64).unwrap();
+                changes_of(&mut doc).remove(0)
+            })
+            .collect();
+        h.engine.handle_changes(t, 1, doc_id(), changes);
+        h.run(t);
+        assert_eq!(h.engine.stats().snapshots, 1);
+        let stored = h.durable.snapshot(&doc_key()).expect("a snapshot").clone();
+        assert_eq!(stored.heads.len(), heads);
+        assert_eq!(stored.fits_frames(&doc_id()), heads <= MAX_HEADS);
+        h.take(1);
+
+        h.engine
+            .handle_session_open(2, capability("bob", Rights::ALL));
+        h.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+        h.run(t);
+        let out = h.take(2);
+        let Some(Outbound::CatchUp {
+            snapshot, changes, ..
+        }) = out.first()
+        else {
+            panic!("expected a catch-up, got {out:?}");
+        };
+        if heads <= MAX_HEADS {
+            assert_eq!(snapshot.as_ref(), Some(&stored));
+            assert!(changes.is_empty());
+        } else {
+            assert!(
+                snapshot.is_none(),
+                "a snapshot no frame can carry was served"
+            );
+            assert_eq!(changes.len(), heads, "every change instead");
+        }
+    }
+}
+
+/// Snapshot pieces leave room for the document id and the heads each frame repeats:
+/// every frame decodes, and the pieces put together are the snapshot.
+#[test]
+fn snapshot_frames_stay_within_the_frame_limit() {
+    let doc = DocId::new("notes/1").unwrap();
+    let bytes: Bytes = (0..5 * meridian_protocol::MAX_SNAPSHOT_CHUNK / 2)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    for heads in [0, 1, 31, 40, MAX_HEADS] {
+        let snapshot = Snapshot {
+            heads: (0..heads)
+                .map(|i| ChangeHash([(i % 256) as u8; 32]))
+                .collect(),
+            bytes: bytes.clone(),
+        };
+        let messages = snapshot.messages(&doc).expect("fits");
+        let mut joined = Vec::new();
+        for message in &messages {
+            message.check_limits().unwrap();
+            assert!(message.encoded_len() - 4 <= meridian_protocol::MAX_FRAME_LEN);
+            let RelayToClient::Snapshot {
+                heads: got,
+                offset,
+                total,
+                bytes: piece,
+                ..
+            } = message
+            else {
+                panic!("not a snapshot piece: {message:?}");
+            };
+            assert_eq!(got, &snapshot.heads);
+            assert_eq!(*offset, joined.len() as u64);
+            assert_eq!(*total, bytes.len() as u64);
+            joined.extend_from_slice(piece);
+        }
+        assert_eq!(joined, bytes, "{heads} heads");
+        assert_eq!(messages.len(), 3);
+    }
+    let too_many = Snapshot {
+        heads: vec![ChangeHash([1; 32]); MAX_HEADS + 1],
+        bytes,
+    };
+    assert!(!too_many.fits_frames(&doc));
+    assert!(too_many.messages(&doc).is_none());
+}
+
 #[test]
 fn an_orphan_connected_by_another_session_reaches_that_session() {
     let mut h = Harness::new();

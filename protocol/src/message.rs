@@ -46,7 +46,9 @@ pub const MAX_MESSAGE_LEN: usize = 1024;
 pub const MAX_NODES: usize = 64;
 /// The longest node address (`host:port`) or cell id, in bytes.
 pub const MAX_ADDR_LEN: usize = 255;
-/// The largest piece of a snapshot one frame carries.
+/// The largest piece of a snapshot one frame carries. A frame also carries the document
+/// id and the snapshot's heads, so the piece that fits a given frame may be smaller: see
+/// [`RelayToClient::snapshot_piece_max`].
 pub const MAX_SNAPSHOT_CHUNK: usize = MAX_FRAME_LEN - 1024;
 
 /// A relay node and the address clients reach it at.
@@ -180,7 +182,8 @@ pub enum RelayToClient {
         offset: u64,
         /// The whole snapshot's length.
         total: u64,
-        /// This piece, at most [`MAX_SNAPSHOT_CHUNK`] bytes.
+        /// This piece, at most [`MAX_SNAPSHOT_CHUNK`] bytes, and at most what the frame
+        /// leaves next to the other fields ([`RelayToClient::snapshot_piece_max`]).
         bytes: Bytes,
     },
     /// Another session's presence on a document (empty state: it left).
@@ -622,7 +625,7 @@ impl RelayToClient {
             } => doc_len(doc) + heads_len(changes) + heads_len(heads),
             RelayToClient::Snapshot {
                 doc, heads, bytes, ..
-            } => doc_len(doc) + heads_len(heads) + 16 + bytes32_len(bytes),
+            } => snapshot_body_len(doc, heads.len(), bytes.len()),
             RelayToClient::Presence {
                 doc, user, state, ..
             } => doc_len(doc) + 8 + str16_len(user.as_str()) + bytes32_len(state),
@@ -668,7 +671,94 @@ impl RelayToClient {
         }
     }
 
-    /// Appends the whole frame to `out`.
+    /// The most snapshot bytes one `snapshot` frame of `doc` with `heads` heads can carry:
+    /// what [`MAX_FRAME_LEN`] leaves after the frame's other fields (version, type,
+    /// document id, heads, offset, total and the piece's length), at most
+    /// [`MAX_SNAPSHOT_CHUNK`]. `None` when the heads alone break a limit (more than
+    /// [`MAX_HEADS`], or no room left for a byte): such a snapshot cannot be sent at all,
+    /// and the catch-up must send changes instead.
+    pub fn snapshot_piece_max(doc: &DocId, heads: usize) -> Option<usize> {
+        if heads > MAX_HEADS {
+            return None;
+        }
+        let fields = frame_len(snapshot_body_len(doc, heads, 0));
+        MAX_FRAME_LEN
+            .checked_sub(fields)
+            .filter(|&room| room > 0)
+            .map(|room| room.min(MAX_SNAPSHOT_CHUNK))
+    }
+
+    /// Checks the limits the decoder enforces (the frame length and every field's), so
+    /// that a sender can tell before writing a frame the client would refuse.
+    pub fn check_limits(&self) -> Result<(), DecodeError> {
+        let len = frame_len(self.body_len());
+        if len > MAX_FRAME_LEN {
+            return Err(DecodeError::Oversize {
+                len,
+                max: MAX_FRAME_LEN,
+            });
+        }
+        // The encoder only debug-asserts list counts and string lengths: check them first,
+        // as the decoder would. Then round-tripping is the source of truth for the rest.
+        self.check_lengths()?;
+        RelayToClient::decode(&self.to_bytes()).map(|_| ())
+    }
+
+    /// The list counts and string lengths the decoder bounds.
+    fn check_lengths(&self) -> Result<(), DecodeError> {
+        let nodes_ok = |nodes: &[NodeAddr]| {
+            within(nodes.len(), MAX_NODES, "nodes", "too many items")?;
+            nodes
+                .iter()
+                .try_for_each(|n| within(n.addr.len(), MAX_ADDR_LEN, "addr", "too long"))
+        };
+        let heads_ok =
+            |heads: &[ChangeHash]| within(heads.len(), MAX_HEADS, "heads", "too many items");
+        match self {
+            RelayToClient::Welcome { nodes, .. } => nodes_ok(nodes),
+            RelayToClient::Synced { heads, .. } | RelayToClient::Snapshot { heads, .. } => {
+                heads_ok(heads)
+            }
+            RelayToClient::Changes { changes, .. } => within(
+                changes.len(),
+                MAX_CHANGES_PER_FRAME,
+                "changes",
+                "too many items",
+            ),
+            RelayToClient::Applied { changes, heads, .. }
+            | RelayToClient::Durable { changes, heads, .. } => {
+                heads_ok(changes)?;
+                heads_ok(heads)
+            }
+            RelayToClient::Moved { node, .. } => nodes_ok(std::slice::from_ref(node)),
+            RelayToClient::Redirect { cell, nodes, .. } => {
+                within(cell.len(), MAX_ADDR_LEN, "cell", "too long")?;
+                nodes_ok(nodes)
+            }
+            RelayToClient::Home {
+                cell,
+                region,
+                jurisdiction,
+                nodes,
+                ..
+            } => {
+                within(cell.len(), MAX_ADDR_LEN, "cell", "too long")?;
+                within(region.len(), MAX_ADDR_LEN, "region", "too long")?;
+                within(jurisdiction.len(), MAX_ADDR_LEN, "jurisdiction", "too long")?;
+                nodes_ok(nodes)
+            }
+            RelayToClient::Error { message, .. } => {
+                within(message.len(), MAX_MESSAGE_LEN, "message", "too long")
+            }
+            RelayToClient::Presence { .. }
+            | RelayToClient::Pong { .. }
+            | RelayToClient::Reauthed { .. } => Ok(()),
+        }
+    }
+
+    /// Appends the whole frame to `out`. The message must respect the documented limits
+    /// (the decoder refuses what breaks them); see [`RelayToClient::check_limits`], and
+    /// [`RelayToClient::snapshot_piece_max`] for the size of a snapshot piece.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         frame::write_header(out, self.tag(), self.body_len());
@@ -925,12 +1015,41 @@ impl RelayToClient {
     }
 }
 
+/// `len` within `max`, or the decoder's error for `field`.
+fn within(
+    len: usize,
+    max: usize,
+    field: &'static str,
+    reason: &'static str,
+) -> Result<(), DecodeError> {
+    if len > max {
+        return Err(DecodeError::InvalidField { field, reason });
+    }
+    Ok(())
+}
+
 fn doc_len(doc: &DocId) -> usize {
     str16_len(doc.as_str())
 }
 
+/// The length a frame's prefix declares (and [`MAX_FRAME_LEN`] bounds) for a body of
+/// `body_len` bytes: the body plus the version and type bytes.
+fn frame_len(body_len: usize) -> usize {
+    HEADER_LEN - 4 + body_len
+}
+
+/// A `snapshot` body: the document id, the heads, offset and total, and the piece.
+fn snapshot_body_len(doc: &DocId, heads: usize, piece: usize) -> usize {
+    doc_len(doc) + heads_count_len(heads) + 8 + 8 + 4 + piece
+}
+
 fn heads_len(heads: &[ChangeHash]) -> usize {
-    2 + 32 * heads.len()
+    heads_count_len(heads.len())
+}
+
+/// The encoded size of a list of `count` heads.
+fn heads_count_len(count: usize) -> usize {
+    2 + 32 * count
 }
 
 fn changes_len(changes: &[Bytes]) -> usize {

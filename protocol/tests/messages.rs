@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use meridian_protocol::{
     ChangeHash, ClientToRelay, DecodeError, DocId, ErrorCode, FrameDecoder, MAX_FRAME_LEN,
-    NodeAddr, NodeId, RelayToClient, TenantId, UserId, frame,
+    MAX_HEADS, MAX_SNAPSHOT_CHUNK, NodeAddr, NodeId, RelayToClient, TenantId, UserId, frame,
 };
 use proptest::prelude::*;
 
@@ -187,6 +187,7 @@ proptest! {
     fn relay_messages_round_trip(message in relay_message()) {
         let bytes = message.to_bytes();
         prop_assert_eq!(bytes.len(), message.encoded_len());
+        prop_assert_eq!(message.check_limits(), Ok(()));
         prop_assert_eq!(RelayToClient::decode(&bytes), Ok(message));
     }
 
@@ -336,4 +337,95 @@ fn every_error_code_has_its_documented_name_and_number() {
     assert_eq!(ErrorCode::from_code(21), ErrorCode::Other(21));
     assert_eq!(ErrorCode::Other(21).name(), None);
     assert_eq!(ErrorCode::Other(21).to_string(), "error code 21");
+}
+
+/// A `snapshot` frame of `doc` with `heads` heads and a piece of `piece` bytes.
+fn snapshot_frame(doc: &DocId, heads: usize, piece: usize) -> RelayToClient {
+    RelayToClient::Snapshot {
+        doc: doc.clone(),
+        heads: vec![ChangeHash([7; 32]); heads],
+        offset: 0,
+        total: piece as u64,
+        bytes: Bytes::from(vec![0u8; piece]),
+    }
+}
+
+#[test]
+fn a_full_snapshot_chunk_next_to_31_heads_is_over_the_frame_limit() {
+    // The frame the relay used to write: a piece of the full chunk size beside the heads.
+    let message = snapshot_frame(&DocId::new("notes/1").unwrap(), 31, MAX_SNAPSHOT_CHUNK);
+    assert_eq!(
+        message.check_limits(),
+        Err(DecodeError::Oversize {
+            len: 1_048_577,
+            max: MAX_FRAME_LEN
+        })
+    );
+    assert!(matches!(
+        RelayToClient::decode(&message.to_bytes()),
+        Err(DecodeError::Oversize { .. })
+    ));
+}
+
+#[test]
+fn a_snapshot_piece_of_the_largest_size_fills_the_frame_and_one_byte_more_does_not_fit() {
+    let long = "d".repeat(DocId::MAX_LEN);
+    for doc in ["d", "notes/1", long.as_str()] {
+        let doc = DocId::new(doc).unwrap();
+        for heads in [0, 1, 30, 31, 40, 500, MAX_HEADS] {
+            let piece = RelayToClient::snapshot_piece_max(&doc, heads).unwrap();
+            assert!(piece <= MAX_SNAPSHOT_CHUNK);
+            let message = snapshot_frame(&doc, heads, piece);
+            assert_eq!(message.check_limits(), Ok(()), "{doc} with {heads} heads");
+            if piece < MAX_SNAPSHOT_CHUNK {
+                // The piece is what the frame leaves: the frame is exactly full.
+                assert_eq!(message.encoded_len() - 4, MAX_FRAME_LEN);
+                assert!(matches!(
+                    snapshot_frame(&doc, heads, piece + 1).check_limits(),
+                    Err(DecodeError::Oversize { .. })
+                ));
+            }
+        }
+        // Over the heads limit, no frame can carry the snapshot at all.
+        assert_eq!(RelayToClient::snapshot_piece_max(&doc, MAX_HEADS + 1), None);
+    }
+    // Few heads on a short id: the chunk limit, not the frame, is what binds.
+    let short = DocId::new("d").unwrap();
+    assert_eq!(
+        RelayToClient::snapshot_piece_max(&short, 1),
+        Some(MAX_SNAPSHOT_CHUNK)
+    );
+}
+
+#[test]
+fn relay_messages_over_their_limits_are_caught_before_sending() {
+    let doc = DocId::new("d").unwrap();
+    let synced = RelayToClient::Synced {
+        doc: doc.clone(),
+        heads: vec![ChangeHash([1; 32]); MAX_HEADS + 1],
+    };
+    assert!(matches!(
+        synced.check_limits(),
+        Err(DecodeError::InvalidField { field: "heads", .. })
+    ));
+    let within = RelayToClient::Synced {
+        doc,
+        heads: vec![ChangeHash([1; 32]); MAX_HEADS],
+    };
+    assert_eq!(within.check_limits(), Ok(()));
+    // Built without `RelayToClient::error` (which cuts it): a message over what a `str16`
+    // even holds is refused, not encoded.
+    let error = RelayToClient::Error {
+        code: ErrorCode::Internal,
+        doc: None,
+        retry_after_ms: 0,
+        message: "x".repeat(70_000),
+    };
+    assert!(matches!(
+        error.check_limits(),
+        Err(DecodeError::InvalidField {
+            field: "message",
+            ..
+        })
+    ));
 }

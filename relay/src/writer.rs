@@ -12,7 +12,7 @@ use std::time::Instant;
 pub(crate) const LAST_WORD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 use bytes::Bytes;
-use meridian_protocol::{ErrorCode, MAX_SNAPSHOT_CHUNK, RelayToClient};
+use meridian_protocol::{ErrorCode, RelayToClient};
 use quinn::{SendStream, VarInt};
 
 use crate::engine::{Outbound, chunk_by_bytes};
@@ -353,17 +353,22 @@ pub(crate) fn writer(
                         ..
                     } => {
                         if let Some(snapshot) = snapshot {
-                            let total = snapshot.bytes.len() as u64;
-                            for (i, piece) in snapshot.bytes.chunks(MAX_SNAPSHOT_CHUNK).enumerate()
-                            {
-                                RelayToClient::Snapshot {
-                                    doc: doc.clone(),
-                                    heads: snapshot.heads.clone(),
-                                    offset: (i * MAX_SNAPSHOT_CHUNK) as u64,
-                                    total,
-                                    bytes: snapshot.bytes.slice_ref(piece),
-                                }
+                            // Pieces sized to leave room for the document id and the heads
+                            // each frame repeats (the engine serves no snapshot whose
+                            // heads do not fit a frame).
+                            let Some(pieces) = snapshot.messages(&doc) else {
+                                let count = snapshot.heads.len();
+                                tracing::error!(%doc, heads = count, "queued a snapshot no frame fits");
+                                RelayToClient::error(
+                                    ErrorCode::Internal,
+                                    Some(doc),
+                                    "internal error",
+                                )
                                 .encode(&mut buf);
+                                continue;
+                            };
+                            for piece in pieces {
+                                piece.encode(&mut buf);
                                 if send.write_all(&buf).await.is_err() {
                                     return;
                                 }

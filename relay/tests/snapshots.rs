@@ -166,6 +166,140 @@ async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_l
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// `len` bytes that do not compress (a snapshot of them is about as large).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// A document of over 1 MiB whose newest snapshot has 40 heads (40 writers, each with a
+/// change the others did not see): an empty client that asks for a snapshot gets it in
+/// frames within the frame limit, every one of which decodes, and syncs to the same
+/// document. Regression: the relay cut snapshots into pieces of the full
+/// `MAX_SNAPSHOT_CHUNK` beside the heads each frame repeats, so from 31 heads on (for
+/// `notes/1`) the first frame was over `MAX_FRAME_LEN`; the SDK refused it and asked for
+/// the same snapshot again, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_with_many_heads_reaches_an_empty_client_in_frames_it_accepts() {
+    use automerge::ReadDoc;
+    use meridian_protocol::{ChangeHash, RelayToClient};
+
+    const BLOBS: usize = 3;
+    const WRITERS: usize = 40;
+    let mut dev = Dev::new();
+    // One snapshot, made once every change below is in: it has all 40 heads.
+    dev.engine.snapshot_every_changes = BLOBS + WRITERS;
+    dev.engine.snapshot_every_bytes = usize::MAX;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+
+    // 1.35 MB in three changes, then 40 concurrent changes on top of them.
+    let mut base = automerge::AutoCommit::new();
+    for i in 0..BLOBS {
+        base.put(
+            automerge::ROOT,
+            format!("blob{i}"),
+            automerge::ScalarValue::Bytes(noise(i as u64 + 1, 450_000)),
+        )
+        .unwrap();
+        base.commit();
+    }
+    let mut changes: Vec<bytes::Bytes> = base
+        .get_changes(&[])
+        .iter()
+        .map(|c| bytes::Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    for writer in 0..WRITERS {
+        let mut fork = base.fork();
+        fork.put(automerge::ROOT, format!("writer{writer}"), writer as i64)
+            .unwrap();
+        let change = fork.get_last_local_change().unwrap();
+        changes.push(bytes::Bytes::copy_from_slice(change.raw_bytes()));
+    }
+    let alice = dev.client(addr, "alice").await;
+    let a = alice.open("notes/1").await.unwrap();
+    a.import(&changes).unwrap();
+    assert_eq!(a.heads().len(), WRITERS);
+    tokio::time::timeout(Duration::from_secs(60), a.wait_durable())
+        .await
+        .expect("durable in time")
+        .unwrap();
+    first_snapshot(&relay).await;
+
+    // On the wire: the catch-up starts with the snapshot, in pieces that each fit a
+    // frame (a frame over the limit does not decode, and the stream reads as ended).
+    let raw = dev.raw(addr, dev.token("carol")).await;
+    let mut stream = raw.subscribe("notes/1").await;
+    let mut snapshot = Vec::new();
+    let mut pieces = 0;
+    loop {
+        let message = stream
+            .next()
+            .await
+            .expect("every frame of the catch-up decodes");
+        match message {
+            RelayToClient::Snapshot {
+                heads,
+                offset,
+                total,
+                bytes,
+                ..
+            } => {
+                assert_eq!(heads.len(), WRITERS);
+                assert_eq!(offset, snapshot.len() as u64);
+                assert!(total > meridian_protocol::MAX_SNAPSHOT_CHUNK as u64);
+                snapshot.extend_from_slice(&bytes);
+                pieces += 1;
+            }
+            RelayToClient::Changes { .. } => {}
+            RelayToClient::Synced { .. } => break,
+            other => panic!("unexpected in the catch-up: {other:?}"),
+        }
+    }
+    assert!(pieces >= 2, "the catch-up used the snapshot, in pieces");
+    let mut loaded = automerge::AutoCommit::load(&snapshot).unwrap();
+    assert_eq!(loaded.get_heads().len(), WRITERS);
+
+    // The SDK syncs from it, to the same document.
+    let bob = dev.client(addr, "bob").await;
+    let b = bob.open("notes/1").await.unwrap();
+    let mut events = b.updates();
+    tokio::time::timeout(Duration::from_secs(30), b.wait_synced())
+        .await
+        .expect("synced in time")
+        .unwrap();
+    let sorted = |mut heads: Vec<ChangeHash>| {
+        heads.sort();
+        heads
+    };
+    assert_eq!(sorted(b.heads()), sorted(a.heads()));
+    assert_eq!(b.read(|d| d.length(automerge::ROOT)), BLOBS + WRITERS);
+    let blob = b.read(|d| {
+        d.get(automerge::ROOT, "blob2")
+            .unwrap()
+            .unwrap()
+            .0
+            .into_bytes()
+            .ok()
+    });
+    assert_eq!(blob, Some(noise(3, 450_000)));
+    let mut snapshot_loaded = false;
+    while let Ok(event) = events.try_recv() {
+        snapshot_loaded |= matches!(event, DocEvent::Remote { changes: 0, .. });
+    }
+    assert!(snapshot_loaded, "the catch-up used the snapshot");
+    alice.close().await;
+    bob.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 /// A relay stand-in on 127.0.0.1 that answers every `subscribe{snapshot: true}` of an
 /// empty client with a snapshot that does not load, and `subscribe{snapshot: false}` with
 /// every change. Records the flag of each subscribe.
@@ -174,6 +308,10 @@ async fn serve_a_broken_snapshot(
     changes: Vec<bytes::Bytes>,
     heads: Vec<meridian_protocol::ChangeHash>,
     subscribes: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+    snapshot_frame: fn(
+        meridian_protocol::DocId,
+        Vec<meridian_protocol::ChangeHash>,
+    ) -> meridian_protocol::RelayToClient,
 ) {
     use meridian_protocol::{ClientToRelay, FrameDecoder, NodeAddr, NodeId, RelayToClient};
     async fn read(recv: &mut quinn::RecvStream, decoder: &mut FrameDecoder) -> ClientToRelay {
@@ -219,15 +357,9 @@ async fn serve_a_broken_snapshot(
         assert!(theirs.is_empty());
         subscribes.lock().unwrap().push(snapshot);
         if snapshot {
-            let broken = bytes::Bytes::from_static(b"\x85\x6f\x4a\x83 not a document");
-            let piece = RelayToClient::Snapshot {
-                doc: doc.clone(),
-                heads: heads.clone(),
-                offset: 0,
-                total: broken.len() as u64,
-                bytes: broken,
-            };
-            send.write_all(&piece.to_bytes()).await.unwrap();
+            // The client may stop reading the stream (a frame it refuses): no unwrap.
+            let piece = snapshot_frame(doc.clone(), heads.clone());
+            let _ = send.write_all(&piece.to_bytes()).await;
         } else {
             let all = RelayToClient::Changes {
                 doc: doc.clone(),
@@ -239,7 +371,7 @@ async fn serve_a_broken_snapshot(
             doc,
             heads: heads.clone(),
         };
-        send.write_all(&synced.to_bytes()).await.unwrap();
+        let _ = send.write_all(&synced.to_bytes()).await;
         open.push((send, recv));
     }
 }
@@ -248,6 +380,47 @@ async fn serve_a_broken_snapshot(
 async fn a_client_whose_snapshot_does_not_load_subscribes_again_for_every_change() {
     // Relays store snapshots without loading them back (that costs as much as the save on
     // every snapshot of a big document), so the client is the one that checks.
+    a_client_given_this_snapshot_subscribes_again_for_every_change(|doc, heads| {
+        let broken = bytes::Bytes::from_static(b"\x85\x6f\x4a\x83 not a document");
+        meridian_protocol::RelayToClient::Snapshot {
+            doc,
+            heads,
+            offset: 0,
+            total: broken.len() as u64,
+            bytes: broken,
+        }
+    })
+    .await;
+}
+
+/// A snapshot frame the client cannot even decode (over the frame limit, as relays wrote
+/// for documents with some 30 heads or more): the client does not ask for the same snapshot
+/// again and again, but subscribes for every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_cannot_read_a_snapshot_frame_subscribes_again_for_every_change() {
+    a_client_given_this_snapshot_subscribes_again_for_every_change(|doc, mut heads| {
+        heads.resize(40, meridian_protocol::ChangeHash([9; 32]));
+        let piece = meridian_protocol::RelayToClient::Snapshot {
+            doc,
+            heads,
+            offset: 0,
+            total: meridian_protocol::MAX_SNAPSHOT_CHUNK as u64,
+            bytes: vec![0; meridian_protocol::MAX_SNAPSHOT_CHUNK].into(),
+        };
+        assert!(piece.encoded_len() - 4 > meridian_protocol::MAX_FRAME_LEN);
+        piece
+    })
+    .await;
+}
+
+/// Against a relay stand-in that answers a snapshot subscribe with `snapshot_frame`, the
+/// client subscribes once for the snapshot, then once for every change, and syncs.
+async fn a_client_given_this_snapshot_subscribes_again_for_every_change(
+    snapshot_frame: fn(
+        meridian_protocol::DocId,
+        Vec<meridian_protocol::ChangeHash>,
+    ) -> meridian_protocol::RelayToClient,
+) {
     let dev = Dev::new();
     let mut source = automerge::AutoCommit::new();
     for i in 0..20 {
@@ -279,6 +452,7 @@ async fn a_client_whose_snapshot_does_not_load_subscribes_again_for_every_change
         changes,
         heads.clone(),
         subscribes.clone(),
+        snapshot_frame,
     ));
 
     let client = dev.client(addr, "bob").await;
