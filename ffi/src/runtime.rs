@@ -84,3 +84,55 @@ where
         Err(_) => Err(MeridianError::Closed),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_must_be_finite_and_not_negative() {
+        assert!(timeout(0.0).is_ok());
+        assert_eq!(timeout(1.5).unwrap(), Duration::from_millis(1500));
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                timeout(bad),
+                Err(MeridianError::InvalidValue { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn a_blocking_call_times_out_and_refuses_a_runtime_thread() {
+        let never = block_on(
+            Some(0.05),
+            std::future::pending::<Result<(), MeridianError>>(),
+        );
+        assert_eq!(never, Err(MeridianError::Timeout { seconds: 0.05 }));
+        let inside = runtime()
+            .unwrap()
+            .block_on(async { tokio::spawn(async { block_on(None, async { Ok(1) }) }).await })
+            .unwrap();
+        assert_eq!(inside, Err(MeridianError::WouldBlock));
+    }
+
+    #[test]
+    fn dropping_an_async_call_aborts_its_work() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        struct Flag(std::sync::mpsc::Sender<()>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                let _ = self.0.send(());
+            }
+        }
+        let call = spawn(async move {
+            let _flag = Flag(tx);
+            std::future::pending::<Result<(), MeridianError>>().await
+        });
+        let outcome = runtime()
+            .unwrap()
+            .block_on(async { tokio::time::timeout(Duration::from_millis(50), call).await });
+        assert!(outcome.is_err(), "the call never ends by itself");
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the spawned work was dropped when the call was");
+    }
+}

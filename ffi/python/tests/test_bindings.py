@@ -68,6 +68,6 @@ def test_the_kotlin_bindings_compile_and_make_a_first_edit(dev, tmp_path):
         timeout=120,
     )
     assert ran.returncode == 0, ran.stderr
-    assert "refused:" in ran.stdout
+    assert "cancelled a wait" in ran.stdout and "refused:" in ran.stdout
     seen = json.loads(dev.cli("doc", "get", "--config", dev.config, "kotlin/first-edit"))
-    assert seen == {"from": "kotlin", "text": "hello from Kotlin"}
+    assert seen == {"from": "kotlin", "text": "hello from Kotlin", "paused": True}
