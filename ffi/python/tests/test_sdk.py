@@ -312,3 +312,30 @@ def test_the_examples_run(dev):
     finally:
         if watch.poll() is None:
             watch.kill()
+
+
+def test_a_token_provider_keeps_a_short_lived_token_fresh(dev, tmp_path):
+    def mint(ttl: str) -> str:
+        return dev.cli(
+            "token", "mint", "--tenant", "dev", "--user", "dev-user",
+            "--key", str(dev.data_dir / "tenant.key"), "--ttl", ttl,
+        ).strip()
+
+    text = open(dev.config).read()
+    old = text.split('token = "')[1].split('"')[0]
+    config = tmp_path / "client.toml"
+    config.write_text(text.replace(old, mint("6s")))
+    calls = []
+
+    def provider():
+        calls.append(time.monotonic())
+        return mint("1h")
+
+    with meridian.Client.from_config(str(config), token_provider=provider) as client:
+        doc = client.open(fresh_id("refresh"))
+        doc.wait_synced(WAIT)
+        time.sleep(8)  # past the first token's expiry
+        doc.put(["after"], "expiry")
+        doc.wait_durable(WAIT)
+        assert calls, "the provider was never asked"
+        assert isinstance(client.state(), meridian.ConnectionState.CONNECTED)
