@@ -59,14 +59,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
         } => {
             let (client, handle) = open(&config, &doc).await?;
             handle.change(|d| d.put(automerge::ROOT, key.as_str(), value.as_str()))??;
-            within(
-                handle.wait_durable(),
-                "waiting for the change to become durable",
-            )
-            .await?;
-            println!("{}", heads_hex(&handle).join(" "));
-            client.close().await;
-            Ok(())
+            durable_then_close(client, &handle).await
         }
         DocCommand::Splice {
             config,
@@ -84,14 +77,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
                 }
                 edit::splice_text(d, &path, index, delete, &text)
             })??;
-            within(
-                handle.wait_durable(),
-                "waiting for the change to become durable",
-            )
-            .await?;
-            println!("{}", heads_hex(&handle).join(" "));
-            client.close().await;
-            Ok(())
+            durable_then_close(client, &handle).await
         }
         DocCommand::Get { config, doc } => {
             let (client, handle) = open(&config, &doc).await?;
@@ -135,6 +121,18 @@ async fn open(config_path: &Path, doc: &str) -> Result<(Client, DocHandle)> {
     let handle = client.open(doc).await?;
     within(handle.wait_synced(), "waiting for the catch-up").await?;
     Ok((client, handle))
+}
+
+/// Waits until the edits are Durable, prints the heads, and closes the client.
+async fn durable_then_close(client: Client, handle: &DocHandle) -> Result<()> {
+    within(
+        handle.wait_durable(),
+        "waiting for the change to become durable",
+    )
+    .await?;
+    println!("{}", heads_hex(handle).join(" "));
+    client.close().await;
+    Ok(())
 }
 
 async fn within<T>(

@@ -130,6 +130,20 @@ impl Client {
         Ok(())
     }
 
+    /// Hands a command to the client's background task (quick: a bounded queue).
+    fn command<F, Fut>(&self, command: F) -> Result<(), MeridianError>
+    where
+        F: FnOnce(meridian_client::Client) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.check_open()?;
+        let sent = command(self.inner.clone());
+        block_on(Some(CONNECT_LIMIT), async move {
+            sent.await;
+            Ok(())
+        })
+    }
+
     fn keep(&self, subscription: &Arc<Subscription>) {
         if let Ok(mut list) = self.subscriptions.lock() {
             list.retain(|s| !s.is_cancelled());
@@ -222,42 +236,22 @@ impl Client {
 
     /// Replaces the token: live connections move to it at once.
     pub fn set_token(&self, token: String) -> Result<(), MeridianError> {
-        self.check_open()?;
-        let client = self.inner.clone();
-        block_on(Some(CONNECT_LIMIT), async move {
-            client.set_token(token).await;
-            Ok(())
-        })
+        self.command(|client| async move { client.set_token(token).await })
     }
 
     /// Goes offline until `resume` (the app moved to the background). Edits wait.
     pub fn pause(&self) -> Result<(), MeridianError> {
-        self.check_open()?;
-        let client = self.inner.clone();
-        block_on(Some(CONNECT_LIMIT), async move {
-            client.pause().await;
-            Ok(())
-        })
+        self.command(|client| async move { client.pause().await })
     }
 
     /// Reconnects after `pause`.
     pub fn resume(&self) -> Result<(), MeridianError> {
-        self.check_open()?;
-        let client = self.inner.clone();
-        block_on(Some(CONNECT_LIMIT), async move {
-            client.resume().await;
-            Ok(())
-        })
+        self.command(|client| async move { client.resume().await })
     }
 
     /// The device's network changed: connections move to a fresh socket.
     pub fn network_changed(&self) -> Result<(), MeridianError> {
-        self.check_open()?;
-        let client = self.inner.clone();
-        block_on(Some(CONNECT_LIMIT), async move {
-            client.network_changed().await;
-            Ok(())
-        })
+        self.command(|client| async move { client.network_changed().await })
     }
 
     /// Calls `listener` with every change of the connection's state (first with the
