@@ -1,4 +1,4 @@
-//! `meridian doc set|splice|get|watch`.
+//! `meridian doc set|splice|get|watch|history|restore`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,6 +40,31 @@ pub enum DocCommand {
         #[arg(long)]
         config: PathBuf,
         doc: String,
+        /// Print the document as it was at these heads (hex, comma-separated), as
+        /// `doc history` lists them.
+        #[arg(long, value_delimiter = ',')]
+        at: Vec<String>,
+    },
+    /// List the document's changes in causal order: time, hash, actor, sequence number
+    /// and the heads just after each (what `get --at` and `restore --to` take).
+    History {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+        /// One JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the document equal to its state at HEADS with one forward change (which
+    /// collaborators and offline clients merge like any edit); returns once Durable and
+    /// prints the new heads.
+    Restore {
+        #[arg(long)]
+        config: PathBuf,
+        doc: String,
+        /// Heads of the state to bring back (hex, comma-separated).
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<String>,
     },
     /// Print one JSON line per remote update until interrupted.
     Watch {
@@ -79,11 +104,43 @@ pub async fn run(command: DocCommand) -> Result<()> {
             })??;
             durable_then_close(client, &handle).await
         }
-        DocCommand::Get { config, doc } => {
+        DocCommand::Get { config, doc, at } => {
             let (client, handle) = open(&config, &doc).await?;
-            println!("{}", serde_json::to_string_pretty(&to_json(&handle)?)?);
+            let value = if at.is_empty() {
+                to_json(&handle)?
+            } else {
+                let heads = parse_heads(&at)?;
+                handle.try_change(|d| edit::to_json_at(d, &heads))??
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
             client.close().await;
             Ok(())
+        }
+        DocCommand::History { config, doc, json } => {
+            let (client, handle) = open(&config, &doc).await?;
+            let history = handle.history();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&history)?);
+            } else {
+                for entry in &history {
+                    println!(
+                        "{}  {}  actor {} seq {}  heads {}",
+                        time_of(entry.time),
+                        &entry.hash[..12],
+                        &entry.actor[..entry.actor.len().min(12)],
+                        entry.seq,
+                        entry.heads.join(",")
+                    );
+                }
+            }
+            client.close().await;
+            Ok(())
+        }
+        DocCommand::Restore { config, doc, to } => {
+            let heads = parse_heads(&to)?;
+            let (client, handle) = open(&config, &doc).await?;
+            handle.try_change(|d| edit::restore(d, &heads))??;
+            durable_then_close(client, &handle).await
         }
         DocCommand::Watch { config, doc } => {
             let mut shutdown = crate::Shutdown::listen()?;
@@ -148,6 +205,31 @@ fn to_json(handle: &DocHandle) -> Result<serde_json::Value> {
     handle
         .read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)))
         .context("document is not JSON")
+}
+
+fn parse_heads(heads: &[String]) -> Result<Vec<automerge::ChangeHash>> {
+    heads
+        .iter()
+        .map(|h| {
+            h.trim()
+                .parse()
+                .with_context(|| format!("{h:?} is not a change hash (64 hex digits)"))
+        })
+        .collect()
+}
+
+/// A change's own timestamp as RFC 3339 (`-` when its author set none).
+fn time_of(millis: i64) -> String {
+    if millis == 0 {
+        return "-".into();
+    }
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| millis.to_string())
 }
 
 fn heads_hex(handle: &DocHandle) -> Vec<String> {

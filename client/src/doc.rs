@@ -299,6 +299,12 @@ impl DocHandle {
             .collect()
     }
 
+    /// Every change the local document holds, in causal order, with the heads after each
+    /// ([`crate::edit::history`]).
+    pub fn history(&self) -> Vec<crate::edit::HistoryEntry> {
+        crate::edit::history(&mut self.lock().doc)
+    }
+
     /// Whether the local document holds a change.
     pub fn contains(&self, hash: &ChangeHash) -> bool {
         self.lock()

@@ -52,6 +52,25 @@ pub struct SyncStatus {
     pub synced: bool,
 }
 
+/// One change of a document's history.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct HistoryEntry {
+    /// The change's hash (hex).
+    pub hash: String,
+    /// Its actor (hex).
+    pub actor: String,
+    /// Its sequence number under that actor, from 1.
+    pub seq: u64,
+    /// Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+    pub time_ms: i64,
+    /// Its commit message, if any.
+    pub message: Option<String>,
+    /// The changes it depends on (hex).
+    pub deps: Vec<String>,
+    /// The document's heads just after it, in this history's order (hex).
+    pub heads: Vec<String>,
+}
+
 /// Hears remote changes to a document; implemented by the app.
 #[uniffi::export(with_foreign)]
 pub trait ChangeListener: Send + Sync {
@@ -294,6 +313,32 @@ impl Document {
             .handle
             .try_change(|doc| edit::to_json_at(doc, &heads))??
             .to_string())
+    }
+
+    /// Every change of the document in causal order, each with the heads just after it.
+    pub fn history(&self) -> Result<Vec<HistoryEntry>, MeridianError> {
+        self.check_open()?;
+        Ok(self
+            .handle
+            .history()
+            .into_iter()
+            .map(|e| HistoryEntry {
+                hash: e.hash,
+                actor: e.actor,
+                seq: e.seq,
+                time_ms: e.time,
+                message: e.message,
+                deps: e.deps,
+                heads: e.heads,
+            })
+            .collect())
+    }
+
+    /// Makes the document equal to its state at `heads` (hex) with one forward edit that
+    /// others merge like any edit.
+    pub fn restore(&self, heads: Vec<String>) -> Result<(), MeridianError> {
+        let heads = parse_heads(&heads)?;
+        self.edit(|doc| edit::restore(doc, &heads))
     }
 
     /// The document's heads, as hex strings.

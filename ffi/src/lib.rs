@@ -19,7 +19,9 @@ mod log;
 mod runtime;
 
 pub use client::{Client, ConnectionListener, ConnectionState, Settings, TokenProvider};
-pub use document::{ChangeListener, Document, PathSegment, Presence, Subscription, SyncStatus};
+pub use document::{
+    ChangeListener, Document, HistoryEntry, PathSegment, Presence, Subscription, SyncStatus,
+};
 pub use error::MeridianError;
 pub use log::{LogLevel, Logger, clear_logger, set_logger};
 

@@ -339,3 +339,55 @@ def test_a_token_provider_keeps_a_short_lived_token_fresh(dev, tmp_path):
         doc.wait_durable(WAIT)
         assert calls, "the provider was never asked"
         assert isinstance(client.state(), meridian.ConnectionState.CONNECTED)
+
+
+def test_history_and_restore_from_the_sdk_and_the_cli(dev, client):
+    doc_id = fresh_id("history")
+    doc = client.open(doc_id)
+    doc.wait_synced(WAIT)
+    doc.put(["title"], "draft")
+    doc.put_text(["body"], "first words")
+    doc.wait_durable(WAIT)
+    draft = doc.to_dict()
+    doc.put(["title"], "final")
+    doc.delete(["body"])
+    doc.put(["tags"], ["done"])
+    doc.wait_durable(WAIT)
+    final = doc.to_dict()
+
+    history = doc.history()
+    assert len(history) == 5
+    assert [h.seq for h in history] == [1, 2, 3, 4, 5]
+    assert history[-1].heads == doc.heads()
+    draft_heads = history[1].heads
+
+    listed = json.loads(dev.cli("doc", "history", "--config", dev.config, doc_id, "--json"))
+    assert [e["hash"] for e in listed] == [h.hash for h in history]
+    assert listed[1]["heads"] == draft_heads
+    lines = dev.cli("doc", "history", "--config", dev.config, doc_id).splitlines()
+    assert len(lines) == 5 and history[0].hash[:12] in lines[0]
+    at = dev.cli("doc", "get", "--config", dev.config, doc_id, "--at", ",".join(draft_heads))
+    assert json.loads(at) == draft
+
+    # The CLI restores the draft with one forward change; the SDK's copy merges it.
+    restored_heads = dev.cli(
+        "doc", "restore", "--config", dev.config, doc_id, "--to", ",".join(draft_heads)
+    ).split()
+    deadline = time.monotonic() + WAIT
+    while doc.heads() != restored_heads:
+        assert time.monotonic() < deadline, "the restore never reached the SDK"
+        time.sleep(0.05)
+    assert doc.to_dict() == draft
+    assert len(doc.history()) == 6
+    assert json.loads(doc.to_json_at(history[-1].heads)) == final
+
+    # And back again from the SDK.
+    doc.restore(history[-1].heads)
+    assert doc.to_dict() == final
+    doc.wait_durable(WAIT)
+    with pytest.raises(MeridianError.InvalidValue):
+        doc.restore(["00" * 32])
+    with pytest.raises(MeridianError.InvalidValue):
+        doc.restore([])
+    with pytest.raises(AssertionError):
+        dev.cli("doc", "restore", "--config", dev.config, doc_id, "--to", "nothex")

@@ -1370,6 +1370,11 @@ public protocol DocumentProtocol: AnyObject, Sendable {
     func heads() throws  -> [String]
     
     /**
+     * Every change of the document in causal order, each with the heads just after it.
+     */
+    func history() throws  -> [HistoryEntry]
+    
+    /**
      * The document's id.
      */
     func id()  -> String
@@ -1412,6 +1417,12 @@ public protocol DocumentProtocol: AnyObject, Sendable {
      * Sets a collaborative text at `path` holding `text`.
      */
     func putText(path: [PathSegment], text: String) throws 
+    
+    /**
+     * Makes the document equal to its state at `heads` (hex) with one forward edit that
+     * others merge like any edit.
+     */
+    func restore(heads: [String]) throws 
     
     /**
      * The whole document in Automerge's save format.
@@ -1581,6 +1592,17 @@ open func heads()throws  -> [String]  {
 }
     
     /**
+     * Every change of the document in causal order, each with the heads just after it.
+     */
+open func history()throws  -> [HistoryEntry]  {
+    return try  FfiConverterSequenceTypeHistoryEntry.lift(try rustCallWithError(FfiConverterTypeMeridianError_lift) {
+    uniffi_meridian_ffi_fn_method_document_history(
+            self.uniffiCloneHandle(),$0
+    )
+})
+}
+    
+    /**
      * The document's id.
      */
 open func id() -> String  {
@@ -1673,6 +1695,18 @@ open func putText(path: [PathSegment], text: String)throws   {try rustCallWithEr
             self.uniffiCloneHandle(),
         FfiConverterSequenceTypePathSegment.lower(path),
         FfiConverterString.lower(text),$0
+    )
+}
+}
+    
+    /**
+     * Makes the document equal to its state at `heads` (hex) with one forward edit that
+     * others merge like any edit.
+     */
+open func restore(heads: [String])throws   {try rustCallWithError(FfiConverterTypeMeridianError_lift) {
+    uniffi_meridian_ffi_fn_method_document_restore(
+            self.uniffiCloneHandle(),
+        FfiConverterSequenceString.lower(heads),$0
     )
 }
 }
@@ -2444,6 +2478,125 @@ public func FfiConverterTypeTokenProvider_lower(_ value: TokenProvider) -> UInt6
 }
 
 
+
+
+/**
+ * One change of a document's history.
+ */
+public struct HistoryEntry: Equatable, Hashable {
+    /**
+     * The change's hash (hex).
+     */
+    public var hash: String
+    /**
+     * Its actor (hex).
+     */
+    public var actor: String
+    /**
+     * Its sequence number under that actor, from 1.
+     */
+    public var seq: UInt64
+    /**
+     * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+     */
+    public var timeMs: Int64
+    /**
+     * Its commit message, if any.
+     */
+    public var message: String?
+    /**
+     * The changes it depends on (hex).
+     */
+    public var deps: [String]
+    /**
+     * The document's heads just after it, in this history's order (hex).
+     */
+    public var heads: [String]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The change's hash (hex).
+         */hash: String, 
+        /**
+         * Its actor (hex).
+         */actor: String, 
+        /**
+         * Its sequence number under that actor, from 1.
+         */seq: UInt64, 
+        /**
+         * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+         */timeMs: Int64, 
+        /**
+         * Its commit message, if any.
+         */message: String?, 
+        /**
+         * The changes it depends on (hex).
+         */deps: [String], 
+        /**
+         * The document's heads just after it, in this history's order (hex).
+         */heads: [String]) {
+        self.hash = hash
+        self.actor = actor
+        self.seq = seq
+        self.timeMs = timeMs
+        self.message = message
+        self.deps = deps
+        self.heads = heads
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension HistoryEntry: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeHistoryEntry: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> HistoryEntry {
+        return
+            try HistoryEntry(
+                hash: FfiConverterString.read(from: &buf), 
+                actor: FfiConverterString.read(from: &buf), 
+                seq: FfiConverterUInt64.read(from: &buf), 
+                timeMs: FfiConverterInt64.read(from: &buf), 
+                message: FfiConverterOptionString.read(from: &buf), 
+                deps: FfiConverterSequenceString.read(from: &buf), 
+                heads: FfiConverterSequenceString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: HistoryEntry, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.hash, into: &buf)
+        FfiConverterString.write(value.actor, into: &buf)
+        FfiConverterUInt64.write(value.seq, into: &buf)
+        FfiConverterInt64.write(value.timeMs, into: &buf)
+        FfiConverterOptionString.write(value.message, into: &buf)
+        FfiConverterSequenceString.write(value.deps, into: &buf)
+        FfiConverterSequenceString.write(value.heads, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeHistoryEntry_lift(_ buf: RustBuffer) throws -> HistoryEntry {
+    return try FfiConverterTypeHistoryEntry.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeHistoryEntry_lower(_ value: HistoryEntry) -> RustBuffer {
+    return FfiConverterTypeHistoryEntry.lower(value)
+}
 
 
 /**
@@ -3348,6 +3501,31 @@ fileprivate struct FfiConverterSequenceData: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeHistoryEntry: FfiConverterRustBuffer {
+    typealias SwiftType = [HistoryEntry]
+
+    public static func write(_ value: [HistoryEntry], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeHistoryEntry.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [HistoryEntry] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [HistoryEntry]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeHistoryEntry.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypePresence: FfiConverterRustBuffer {
     typealias SwiftType = [Presence]
 
@@ -3538,6 +3716,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_meridian_ffi_checksum_method_document_heads() != 59501) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_meridian_ffi_checksum_method_document_history() != 16858) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_meridian_ffi_checksum_method_document_id() != 55362) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3560,6 +3741,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_meridian_ffi_checksum_method_document_put_text() != 57813) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_meridian_ffi_checksum_method_document_restore() != 60804) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_meridian_ffi_checksum_method_document_save() != 65042) {

@@ -477,6 +477,11 @@ void uniffi_meridian_ffi_fn_method_document_delete(uint64_t ptr, RustBuffer path
 RustBuffer uniffi_meridian_ffi_fn_method_document_heads(uint64_t ptr, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_HISTORY
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_HISTORY
+RustBuffer uniffi_meridian_ffi_fn_method_document_history(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_ID
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_ID
 RustBuffer uniffi_meridian_ffi_fn_method_document_id(uint64_t ptr, RustCallStatus *_Nonnull out_status
@@ -515,6 +520,11 @@ void uniffi_meridian_ffi_fn_method_document_put_json(uint64_t ptr, RustBuffer pa
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_PUT_TEXT
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_PUT_TEXT
 void uniffi_meridian_ffi_fn_method_document_put_text(uint64_t ptr, RustBuffer path, RustBuffer text, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_RESTORE
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_RESTORE
+void uniffi_meridian_ffi_fn_method_document_restore(uint64_t ptr, RustBuffer heads, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_SAVE
@@ -1003,6 +1013,12 @@ uint16_t uniffi_meridian_ffi_checksum_method_document_heads(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_HISTORY
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_HISTORY
+uint16_t uniffi_meridian_ffi_checksum_method_document_history(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_ID
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_ID
 uint16_t uniffi_meridian_ffi_checksum_method_document_id(void
@@ -1048,6 +1064,12 @@ uint16_t uniffi_meridian_ffi_checksum_method_document_put_json(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_PUT_TEXT
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_PUT_TEXT
 uint16_t uniffi_meridian_ffi_checksum_method_document_put_text(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_RESTORE
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_RESTORE
+uint16_t uniffi_meridian_ffi_checksum_method_document_restore(void
     
 );
 #endif

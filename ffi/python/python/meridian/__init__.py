@@ -37,6 +37,7 @@ MeridianError = _ffi.MeridianError
 ConnectionState = _ffi.ConnectionState
 SyncStatus = _ffi.SyncStatus
 Presence = _ffi.Presence
+HistoryEntry = _ffi.HistoryEntry
 
 __all__ = [
     "Client",
@@ -46,6 +47,7 @@ __all__ = [
     "ConnectionState",
     "SyncStatus",
     "Presence",
+    "HistoryEntry",
     "set_logger",
 ]
 
@@ -252,6 +254,15 @@ class Document:
     def to_json_at(self, heads: Iterable[str]) -> str:
         """The document as it was at `heads`, as a JSON string."""
         return self._native.to_json_at(list(heads))
+
+    def history(self) -> list:
+        """Every change in causal order: `hash`, `actor`, `seq`, `time_ms`, `message`,
+        `deps` and the document's `heads` just after it."""
+        return list(self._native.history())
+
+    def restore(self, heads: Iterable[str]) -> None:
+        """Makes the document equal to its state at `heads`, as one forward edit."""
+        self._native.restore(list(heads))
 
     def heads(self) -> list:
         """The document's heads, as hex strings."""

@@ -771,6 +771,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_heads(
     ): Int
+    external fun uniffi_meridian_ffi_checksum_method_document_history(
+    ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_id(
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_increment(
@@ -786,6 +788,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_meridian_ffi_checksum_method_document_put_json(
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_put_text(
+    ): Int
+    external fun uniffi_meridian_ffi_checksum_method_document_restore(
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_save(
     ): Int
@@ -911,6 +915,8 @@ external fun uniffi_meridian_ffi_fn_method_document_delete(`ptr`: Long,`path`: R
 ): Unit
 external fun uniffi_meridian_ffi_fn_method_document_heads(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
+external fun uniffi_meridian_ffi_fn_method_document_history(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+): RustBuffer.ByValue
 external fun uniffi_meridian_ffi_fn_method_document_id(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
 external fun uniffi_meridian_ffi_fn_method_document_increment(`ptr`: Long,`path`: RustBuffer.ByValue,`by`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -926,6 +932,8 @@ external fun uniffi_meridian_ffi_fn_method_document_put_counter(`ptr`: Long,`pat
 external fun uniffi_meridian_ffi_fn_method_document_put_json(`ptr`: Long,`path`: RustBuffer.ByValue,`json`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
 external fun uniffi_meridian_ffi_fn_method_document_put_text(`ptr`: Long,`path`: RustBuffer.ByValue,`text`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+): Unit
+external fun uniffi_meridian_ffi_fn_method_document_restore(`ptr`: Long,`heads`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
 external fun uniffi_meridian_ffi_fn_method_document_save(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): RustBuffer.ByValue
@@ -1148,6 +1156,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if (lib.uniffi_meridian_ffi_checksum_method_document_heads() != 59501) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if (lib.uniffi_meridian_ffi_checksum_method_document_history() != 16858) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if (lib.uniffi_meridian_ffi_checksum_method_document_id() != 55362) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1170,6 +1181,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_meridian_ffi_checksum_method_document_put_text() != 57813) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_meridian_ffi_checksum_method_document_restore() != 60804) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_meridian_ffi_checksum_method_document_save() != 65042) {
@@ -2947,6 +2961,11 @@ public interface DocumentInterface {
     fun `heads`(): List<kotlin.String>
     
     /**
+     * Every change of the document in causal order, each with the heads just after it.
+     */
+    fun `history`(): List<HistoryEntry>
+    
+    /**
      * The document's id.
      */
     fun `id`(): kotlin.String
@@ -2989,6 +3008,12 @@ public interface DocumentInterface {
      * Sets a collaborative text at `path` holding `text`.
      */
     fun `putText`(`path`: List<PathSegment>, `text`: kotlin.String)
+    
+    /**
+     * Makes the document equal to its state at `heads` (hex) with one forward edit that
+     * others merge like any edit.
+     */
+    fun `restore`(`heads`: List<kotlin.String>)
     
     /**
      * The whole document in Automerge's save format.
@@ -3225,6 +3250,23 @@ open class Document: Disposable, AutoCloseable, DocumentInterface
 
     
     /**
+     * Every change of the document in causal order, each with the heads just after it.
+     */
+    @Throws(MeridianException::class)override fun `history`(): List<HistoryEntry> {
+            return FfiConverterSequenceTypeHistoryEntry.lift(
+    callWithHandle {
+    uniffiRustCallWithError(MeridianException) { _status ->
+    UniffiLib.uniffi_meridian_ffi_fn_method_document_history(
+        it,
+        _status)
+}
+    }
+    )
+    }
+    
+
+    
+    /**
      * The document's id.
      */override fun `id`(): kotlin.String {
             return FfiConverterString.lift(
@@ -3351,6 +3393,23 @@ open class Document: Disposable, AutoCloseable, DocumentInterface
     UniffiLib.uniffi_meridian_ffi_fn_method_document_put_text(
         it,
         FfiConverterSequenceTypePathSegment.lower(`path`),FfiConverterString.lower(`text`),_status)
+}
+    }
+    
+    
+
+    
+    /**
+     * Makes the document equal to its state at `heads` (hex) with one forward edit that
+     * others merge like any edit.
+     */
+    @Throws(MeridianException::class)override fun `restore`(`heads`: List<kotlin.String>)
+        = 
+    callWithHandle {
+    uniffiRustCallWithError(MeridianException) { _status ->
+    UniffiLib.uniffi_meridian_ffi_fn_method_document_restore(
+        it,
+        FfiConverterSequenceString.lower(`heads`),_status)
 }
     }
     
@@ -4525,6 +4584,93 @@ public object FfiConverterTypeTokenProvider: FfiConverter<TokenProvider, Long> {
 
 
 /**
+ * One change of a document's history.
+ */
+data class HistoryEntry (
+    /**
+     * The change's hash (hex).
+     */
+    var `hash`: kotlin.String
+    , 
+    /**
+     * Its actor (hex).
+     */
+    var `actor`: kotlin.String
+    , 
+    /**
+     * Its sequence number under that actor, from 1.
+     */
+    var `seq`: kotlin.ULong
+    , 
+    /**
+     * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+     */
+    var `timeMs`: kotlin.Long
+    , 
+    /**
+     * Its commit message, if any.
+     */
+    var `message`: kotlin.String?
+    , 
+    /**
+     * The changes it depends on (hex).
+     */
+    var `deps`: List<kotlin.String>
+    , 
+    /**
+     * The document's heads just after it, in this history's order (hex).
+     */
+    var `heads`: List<kotlin.String>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeHistoryEntry: FfiConverterRustBuffer<HistoryEntry> {
+    override fun read(buf: ByteBuffer): HistoryEntry {
+        return HistoryEntry(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterLong.read(buf),
+            FfiConverterOptionalString.read(buf),
+            FfiConverterSequenceString.read(buf),
+            FfiConverterSequenceString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: HistoryEntry) = (
+            FfiConverterString.allocationSize(value.`hash`) +
+            FfiConverterString.allocationSize(value.`actor`) +
+            FfiConverterULong.allocationSize(value.`seq`) +
+            FfiConverterLong.allocationSize(value.`timeMs`) +
+            FfiConverterOptionalString.allocationSize(value.`message`) +
+            FfiConverterSequenceString.allocationSize(value.`deps`) +
+            FfiConverterSequenceString.allocationSize(value.`heads`)
+    )
+
+    override fun write(value: HistoryEntry, buf: ByteBuffer) {
+            FfiConverterString.write(value.`hash`, buf)
+            FfiConverterString.write(value.`actor`, buf)
+            FfiConverterULong.write(value.`seq`, buf)
+            FfiConverterLong.write(value.`timeMs`, buf)
+            FfiConverterOptionalString.write(value.`message`, buf)
+            FfiConverterSequenceString.write(value.`deps`, buf)
+            FfiConverterSequenceString.write(value.`heads`, buf)
+    }
+}
+
+
+
+/**
  * A peer present on the document.
  */
 data class Presence (
@@ -5467,6 +5613,34 @@ public object FfiConverterSequenceByteArray: FfiConverterRustBuffer<List<kotlin.
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterByteArray.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeHistoryEntry: FfiConverterRustBuffer<List<HistoryEntry>> {
+    override fun read(buf: ByteBuffer): List<HistoryEntry> {
+        val len = buf.getInt()
+        return List<HistoryEntry>(len) {
+            FfiConverterTypeHistoryEntry.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<HistoryEntry>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeHistoryEntry.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<HistoryEntry>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeHistoryEntry.write(it, buf)
         }
     }
 }
