@@ -976,7 +976,10 @@ fn handle_message(doc: &DocHandle, message: RelayToClient) {
                 // refused for missing dependencies followed one the relay refused (a
                 // rate-limited frame makes the frames behind it, already on their way,
                 // orphans): resending what is not applied, in order, fills the gap.
-                doc.retry_unapplied(Duration::from_millis(u64::from(retry_after_ms).max(250)));
+                doc.retry_unapplied(
+                    Duration::from_millis(u64::from(retry_after_ms).max(250)),
+                    matches!(code, ErrorCode::RateLimited | ErrorCode::Overloaded),
+                );
             }
             doc.on_error(code, message)
         }

@@ -58,6 +58,10 @@ pub struct SyncStatus {
     pub synced: bool,
 }
 
+/// While throttled, at most this many bytes of changes go in flight at once (less than
+/// one frame, so that one frame carries them).
+const THROTTLED_UPLOAD_BYTES: usize = 128 << 10;
+
 /// A local change not yet Durable.
 pub(crate) struct Pending {
     pub(crate) hash: ChangeHash,
@@ -79,6 +83,13 @@ pub(crate) struct DocState {
     pub(crate) last_error: Option<(ErrorCode, String)>,
     /// Counts refusals that end a wait: a forbidden subscribe or a refused change.
     pub(crate) refusals: u64,
+    /// The relay rate-limited this document's uploads: send one frame's worth at a time,
+    /// the next once the last is Applied, until nothing is left unsent. (Frames sent
+    /// behind a refused one arrive as orphans but still cost the connection's budget, so
+    /// sending everything again each time can starve the frame they depend on.)
+    pub(crate) throttled: bool,
+    /// Throttled: a frame's worth is in flight, with no answer yet (Applied or an error).
+    pub(crate) in_flight: bool,
 }
 
 pub(crate) struct DocShared {
@@ -148,6 +159,8 @@ impl DocHandle {
                     snapshot_refused: false,
                     last_error: None,
                     refusals: 0,
+                    throttled: false,
+                    in_flight: false,
                 }),
                 version,
                 events,
@@ -405,10 +418,14 @@ impl DocHandle {
 
     /// The relay could not take our changes yet (the document is still loading, or it is
     /// overloaded): send the unacknowledged ones again a little later.
-    pub(crate) fn retry_unapplied(&self, after: std::time::Duration) {
+    pub(crate) fn retry_unapplied(&self, after: std::time::Duration, throttle: bool) {
         use std::sync::atomic::Ordering;
-        for pending in self.lock().pending.iter_mut().filter(|p| !p.applied) {
-            pending.sent = false;
+        {
+            let mut state = self.lock();
+            state.throttled |= throttle;
+            for pending in state.pending.iter_mut().filter(|p| !p.applied) {
+                pending.sent = false;
+            }
         }
         // Many refusals of one burst (a frame each, or a change each) make one resend.
         if self.shared.retry_scheduled.swap(true, Ordering::AcqRel) {
@@ -446,6 +463,7 @@ impl DocHandle {
         let mut state = self.lock();
         state.synced = false;
         state.snapshot.clear();
+        state.in_flight = false;
         for pending in &mut state.pending {
             pending.sent = false;
         }
@@ -465,6 +483,27 @@ impl DocHandle {
     pub(crate) fn take_outgoing(&self) -> (Vec<Bytes>, Option<Bytes>) {
         let mut state = self.lock();
         let mut out = std::mem::take(&mut state.extra_upload);
+        if state.throttled {
+            // One frame's worth, and only once the last one was answered.
+            if state.in_flight {
+                return (out, state.presence_out.take());
+            }
+            let mut bytes = 0;
+            for pending in state.pending.iter_mut().filter(|p| !p.sent) {
+                if !out.is_empty() && bytes + pending.bytes.len() > THROTTLED_UPLOAD_BYTES {
+                    break;
+                }
+                bytes += pending.bytes.len();
+                pending.sent = true;
+                out.push(pending.bytes.clone());
+            }
+            state.in_flight = !out.is_empty();
+            if state.pending.iter().all(|p| p.sent) {
+                state.throttled = false;
+                state.in_flight = false;
+            }
+            return (out, state.presence_out.take());
+        }
         for pending in state.pending.iter_mut().filter(|p| !p.sent) {
             pending.sent = true;
             out.push(pending.bytes.clone());
@@ -575,8 +614,16 @@ impl DocHandle {
                 pending.applied = true;
             }
         }
+        // Throttled: the frame in flight is in; the next one may go.
+        let next = state.throttled && state.pending.iter().all(|p| !p.sent || p.applied);
+        if next {
+            state.in_flight = false;
+        }
         drop(state);
         self.bump();
+        if next {
+            self.shared.outgoing.notify_one();
+        }
     }
 
     pub(crate) fn on_durable(&self, hashes: &[ChangeHash]) -> Result<(), ClientError> {
@@ -609,6 +656,13 @@ impl DocHandle {
     pub(crate) fn on_error(&self, code: ErrorCode, message: String) {
         let mut state = self.lock();
         state.last_error = Some((code, message.clone()));
+        // Throttled: an answer to the frame in flight; what is resent and when is the
+        // retry's decision (for the codes that retry), the rest goes on now.
+        let next = std::mem::take(&mut state.in_flight)
+            && !matches!(
+                code,
+                ErrorCode::Overloaded | ErrorCode::RateLimited | ErrorCode::MissingDependencies
+            );
         if matches!(
             code,
             ErrorCode::Forbidden
@@ -621,6 +675,9 @@ impl DocHandle {
         }
         drop(state);
         self.bump();
+        if next {
+            self.shared.outgoing.notify_one();
+        }
         self.emit(DocEvent::Error { code, message });
     }
 

@@ -665,27 +665,44 @@ async fn the_sdk_backs_off_on_rate_limited_and_loses_nothing() {
     let addr = relay.local_addr();
     let client = dev.client(addr, "writer").await;
     let handle = client.open("burst").await.unwrap();
-    let mut updates = handle.updates();
-    // More changes than one bucket holds (4,096: a whole frame), typed offline-fast.
+    // Watched while the burst goes on: a long burst's events can outrun a reader that
+    // only looks afterwards.
+    let limited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let mut updates = handle.updates();
+        let limited = limited.clone();
+        tokio::spawn(async move {
+            loop {
+                match updates.recv().await {
+                    Ok(meridian_client::DocEvent::Error {
+                        code: ErrorCode::RateLimited,
+                        ..
+                    }) => limited.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    // More changes than one bucket holds (4,096: a whole frame), typed offline and sent
+    // together on reconnecting: back-to-back frames, however slow the machine.
+    handle.wait_synced().await.unwrap();
+    client.pause().await;
+    while client.state() != meridian_client::ConnectionState::Paused {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for i in 0..6_000 {
         handle
             .change(|d| d.put(automerge::ROOT, format!("k{}", i % 100), i).unwrap())
             .unwrap();
     }
+    client.resume().await;
     common::wait_durable(&handle).await;
-    // The events of a long burst can outrun the receiver's buffer: skip what it lost.
-    let mut limited = false;
-    loop {
-        match updates.try_recv() {
-            Ok(meridian_client::DocEvent::Error {
-                code: ErrorCode::RateLimited,
-                ..
-            }) => limited = true,
-            Ok(_) | Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => {}
-            Err(_) => break,
-        }
-    }
-    assert!(limited, "the relay never rate-limited the burst");
+    watcher.abort();
+    assert!(
+        limited.load(std::sync::atomic::Ordering::Relaxed),
+        "the relay never rate-limited the burst"
+    );
     // Everything arrived: a fresh reader sees the last value of every key.
     let reader = dev.client(addr, "reader").await;
     let copy = reader.open("burst").await.unwrap();
