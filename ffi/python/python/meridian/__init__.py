@@ -114,6 +114,15 @@ def _check_value(value: Any, depth: int = 0) -> None:
     )
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("meridian")
+    except Exception:  # noqa: BLE001 - a name for the relay's logs only
+        return "unknown"
+
+
 def _timeout(timeout_s: Optional[float]) -> float:
     if timeout_s is None:
         return DEFAULT_TIMEOUT
@@ -352,7 +361,7 @@ class Client:
             ca_pem=ca_pem,
             token=token,
             store_dir=None if store_dir is None else str(store_dir),
-            client_name=f"meridian-python/{_ffi.__name__}",
+            client_name=f"meridian-python/{_version()}",
         )
         provider = None if token_provider is None else _TokenProvider(token_provider)
         return cls(_ffi.Client.connect(settings, provider))
