@@ -514,9 +514,39 @@ impl ClientToRelay {
                 max: MAX_FRAME_LEN,
             });
         }
-        // Round-tripping is the single source of truth for field limits.
+        // The encoder only debug-asserts list counts and string lengths: check them first,
+        // as the decoder would. Then round-tripping is the source of truth for the rest.
+        self.check_lengths()?;
         let bytes = self.to_bytes();
         ClientToRelay::decode(&bytes).map(|_| ())
+    }
+
+    /// The list counts and string lengths the decoder bounds.
+    fn check_lengths(&self) -> Result<(), DecodeError> {
+        match self {
+            ClientToRelay::Hello { token, client } => {
+                within(token.len(), MAX_TOKEN_LEN, "token", "too long")?;
+                within(client.len(), MAX_MESSAGE_LEN, "client", "too long")
+            }
+            ClientToRelay::Reauth { token } => {
+                within(token.len(), MAX_TOKEN_LEN, "token", "too long")
+            }
+            ClientToRelay::Subscribe { heads, .. } => {
+                within(heads.len(), MAX_HEADS, "heads", "too many items")
+            }
+            ClientToRelay::Changes { changes, .. } => within(
+                changes.len(),
+                MAX_CHANGES_PER_FRAME,
+                "changes",
+                "too many items",
+            ),
+            ClientToRelay::Presence { state, .. } => {
+                within(state.len(), MAX_PRESENCE_LEN, "presence", "too long")
+            }
+            ClientToRelay::Unsubscribe { .. }
+            | ClientToRelay::Ping { .. }
+            | ClientToRelay::Locate { .. } => Ok(()),
+        }
     }
 
     fn tag(&self) -> u8 {

@@ -280,6 +280,47 @@ fn over_limit_fields_are_rejected() {
 }
 
 #[test]
+fn over_limit_lists_and_strings_are_errors_not_encoder_panics() {
+    let doc = DocId::new("d").unwrap();
+    let cases = [
+        (
+            ClientToRelay::Subscribe {
+                doc: doc.clone(),
+                heads: vec![ChangeHash([1; 32]); meridian_protocol::MAX_HEADS + 1],
+                snapshot: false,
+            },
+            "heads",
+        ),
+        (
+            ClientToRelay::Changes {
+                doc: doc.clone(),
+                changes: vec![Bytes::new(); meridian_protocol::MAX_CHANGES_PER_FRAME + 1],
+            },
+            "changes",
+        ),
+        (
+            ClientToRelay::Hello {
+                token: "t".repeat(usize::from(u16::MAX) + 1),
+                client: String::new(),
+            },
+            "token",
+        ),
+        (
+            ClientToRelay::Reauth {
+                token: "t".repeat(meridian_protocol::MAX_TOKEN_LEN + 1),
+            },
+            "token",
+        ),
+    ];
+    for (message, expected) in cases {
+        match message.check_limits() {
+            Err(DecodeError::InvalidField { field, .. }) => assert_eq!(field, expected),
+            other => panic!("{expected}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn a_subscribe_flag_other_than_0_or_1_is_rejected() {
     let message = ClientToRelay::Subscribe {
         doc: DocId::new("d").unwrap(),
