@@ -1,6 +1,7 @@
 //! `meridian`: the one binary. Local dev deployment, relay node, tokens, documents.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+mod archive;
 mod cell;
 mod config;
 mod dev;
@@ -65,6 +66,12 @@ enum Command {
     /// Prepare the durable tier.
     #[command(subcommand)]
     Durable(DurableCommand),
+    /// Write a tenant's documents (or some) from the durable tier to a portable archive:
+    /// each document's Automerge save, its heads and the user of each actor.
+    Export(archive::ExportArgs),
+    /// Write an archive's documents into a tenant of the same jurisdiction's durable tier
+    /// (authors kept; changes already there are written again harmlessly).
+    Import(archive::ImportArgs),
 }
 
 /// How `meridian relay` and `meridian router` are run.
@@ -171,6 +178,8 @@ fn main() -> ExitCode {
             Command::Cell(command) => cell::run(command).await,
             Command::Token(command) => token::run(command).await,
             Command::Doc(command) => doc::run(command).await,
+            Command::Export(args) => archive::export(args).await,
+            Command::Import(args) => archive::import(args).await,
             Command::Durable(DurableCommand::Init {
                 jurisdiction,
                 endpoint,

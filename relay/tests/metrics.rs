@@ -89,6 +89,12 @@ impl DurableStore for Gated {
     ) -> BoxFuture<'a, Result<Vec<meridian_relay::revocation::Revocation>, StoreError>> {
         self.inner.revocations(now_unix)
     }
+    fn documents<'a>(
+        &'a self,
+        tenant: &'a meridian_protocol::TenantId,
+    ) -> BoxFuture<'a, Result<Vec<meridian_protocol::DocId>, StoreError>> {
+        self.inner.documents(tenant)
+    }
     fn kind(&self) -> &'static str {
         "gated"
     }

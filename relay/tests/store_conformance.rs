@@ -95,6 +95,40 @@ async fn writing_the_same_change_twice_stores_it_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_documents_are_listed_and_no_other_tenants() {
+    for under in Under::both().await {
+        let store = under.store();
+        assert!(store.documents(&key("x").tenant).await.unwrap().is_empty());
+        let (_, written) = changes(2, 10);
+        for doc in ["notes/b", "notes/a", "am/xyz"] {
+            store
+                .write_changes(&keyed(&key(doc), &written))
+                .await
+                .unwrap();
+        }
+        let other = DocKey {
+            tenant: TenantId::new("other").unwrap(),
+            doc: DocId::new("notes/c").unwrap(),
+        };
+        store.write_changes(&keyed(&other, &written)).await.unwrap();
+        let listed: Vec<String> = store
+            .documents(&key("x").tenant)
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(listed, ["am/xyz", "notes/a", "notes/b"], "{}", store.kind());
+        assert_eq!(
+            store.documents(&other.tenant).await.unwrap(),
+            std::slice::from_ref(&other.doc),
+            "{}",
+            store.kind()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_larger_than_25_are_split_and_all_written() {
     for under in Under::both().await {
         let store = under.store();

@@ -732,6 +732,38 @@ impl AwsStore {
         Ok(out)
     }
 
+    /// Every document of `tenant` with items: a scan of the partition keys (an operator's
+    /// export, not the serving path).
+    async fn scan_documents(
+        &self,
+        tenant: &meridian_protocol::TenantId,
+    ) -> Result<Vec<meridian_protocol::DocId>, StoreError> {
+        let prefix = format!("{tenant}#");
+        let mut pages = self
+            .dynamodb
+            .scan()
+            .table_name(&self.config.table)
+            .consistent_read(true)
+            .filter_expression("begins_with(pk, :prefix)")
+            .projection_expression("pk")
+            .expression_attribute_values(":prefix", AttributeValue::S(prefix.clone()))
+            .into_paginator()
+            .items()
+            .send();
+        let mut docs = std::collections::BTreeSet::new();
+        while let Some(item) = pages.next().await {
+            let item = item.map_err(|e| unavailable("Scan", e))?;
+            let Some(doc) = string(&item, "pk").and_then(|pk| {
+                pk.strip_prefix(&prefix)
+                    .and_then(|doc| meridian_protocol::DocId::new(doc).ok())
+            }) else {
+                continue;
+            };
+            docs.insert(doc);
+        }
+        Ok(docs.into_iter().collect())
+    }
+
     /// Revocations are items of one partition, [`REVOCATIONS_PK`], keyed by
     /// [`Revocation::key`]; a write never moves a revocation's time back.
     async fn put_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
@@ -891,6 +923,13 @@ impl DurableStore for AwsStore {
         key: &'a DocKey,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
         Box::pin(self.load_every_change(key))
+    }
+
+    fn documents<'a>(
+        &'a self,
+        tenant: &'a meridian_protocol::TenantId,
+    ) -> BoxFuture<'a, Result<Vec<meridian_protocol::DocId>, StoreError>> {
+        Box::pin(self.scan_documents(tenant))
     }
 
     fn kind(&self) -> &'static str {

@@ -413,6 +413,43 @@ impl DurableStore for LocalDirStore {
         })
     }
 
+    fn documents<'a>(
+        &'a self,
+        tenant: &'a meridian_protocol::TenantId,
+    ) -> BoxFuture<'a, Result<Vec<meridian_protocol::DocId>, StoreError>> {
+        let dir = self.root.join(tenant.as_str());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let entries = match std::fs::read_dir(&dir) {
+                    Ok(entries) => entries,
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                        return Ok(Vec::new());
+                    }
+                    Err(error) => return Err(error.into()),
+                };
+                let mut docs = Vec::new();
+                for entry in entries {
+                    let name = entry?.file_name();
+                    let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".log")) else {
+                        continue;
+                    };
+                    let id = hex::decode(stem)
+                        .ok()
+                        .and_then(|raw| String::from_utf8(raw).ok())
+                        .and_then(|id| meridian_protocol::DocId::new(&id).ok())
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("log file {stem}.log names no document"))
+                        })?;
+                    docs.push(id);
+                }
+                docs.sort();
+                Ok(docs)
+            })
+            .await
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "local"
     }

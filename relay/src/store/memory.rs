@@ -150,6 +150,22 @@ impl DurableStore for MemoryStore {
         })
     }
 
+    fn documents<'a>(
+        &'a self,
+        tenant: &'a meridian_protocol::TenantId,
+    ) -> BoxFuture<'a, Result<Vec<meridian_protocol::DocId>, StoreError>> {
+        Box::pin(async move {
+            let mut docs: Vec<_> = self
+                .docs()?
+                .iter()
+                .filter(|(key, doc)| key.tenant == *tenant && !doc.changes.is_empty())
+                .map(|(key, _)| key.doc.clone())
+                .collect();
+            docs.sort();
+            Ok(docs)
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "memory"
     }

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use meridian_protocol::{ActorId, ChangeHash, UserId};
+use meridian_protocol::{ActorId, ChangeHash, DocId, TenantId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::engine::{DocKey, StoredChange};
@@ -128,6 +128,13 @@ pub trait DurableStore: Send + Sync + 'static {
         &'a self,
         key: &'a DocKey,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
+
+    /// The ids of every document of `tenant` that has stored changes, sorted (for
+    /// operators' exports: an AWS store scans the table, which costs a full read).
+    fn documents<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Vec<DocId>, StoreError>>;
 
     /// Stores a revocation, replacing an older one with the same key
     /// ([`Revocation::key`]); returns once it is durable.

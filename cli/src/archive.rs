@@ -1,0 +1,235 @@
+//! `meridian export` and `meridian import`: a tenant's documents in a portable archive,
+//! read from and written to the durable tier a relay config names.
+//!
+//! The archive is one CBOR map (`format` = `meridian-export/1`): the jurisdiction and
+//! tenant it came from, when it was made, and per document its id, heads, change count,
+//! the user each actor wrote as, and the document in Automerge's save format (which any
+//! Automerge implementation loads).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use automerge::Automerge;
+use bytes::Bytes;
+use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
+use meridian_relay::engine::{DocKey, StoredChange};
+use serde::{Deserialize, Serialize};
+
+/// The archive format this build writes and reads.
+const FORMAT: &str = "meridian-export/1";
+/// Changes per durable-tier write on import.
+const IMPORT_BATCH: usize = 500;
+/// The user that imported changes of an actor the archive names no user for write as.
+const UNKNOWN_USER: &str = "imported";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Archive {
+    format: String,
+    jurisdiction: String,
+    tenant: String,
+    exported_at: String,
+    documents: Vec<Document>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Document {
+    doc: String,
+    heads: Vec<String>,
+    changes: u64,
+    /// Actor (hex) → the user its changes were written by.
+    users: Vec<(String, String)>,
+    #[serde(with = "serde_bytes")]
+    save: Vec<u8>,
+}
+
+/// `meridian export`.
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// A relay config of the jurisdiction (its `[durable]` section and `[[tenants]]`).
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    tenant: String,
+    /// Only these documents (repeatable); default: every document of the tenant.
+    #[arg(long)]
+    doc: Vec<String>,
+    /// Where to write the archive.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// `meridian import`.
+#[derive(clap::Args)]
+pub struct ImportArgs {
+    /// A relay config of the jurisdiction to import into.
+    #[arg(long)]
+    config: PathBuf,
+    /// The archive.
+    file: PathBuf,
+    /// The tenant to import into (default: the one the archive came from); it must be a
+    /// tenant of this config, and so of the archive's jurisdiction.
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+fn relay_config(path: &Path) -> Result<meridian_relay::config::RelayConfig> {
+    let file = crate::config::RelayFile::read(path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    file.into_config(&base)
+}
+
+pub async fn export(args: ExportArgs) -> Result<()> {
+    let config = relay_config(&args.config)?;
+    let tenant = TenantId::new(&args.tenant)?;
+    if !config.tenants.iter().any(|t| t.tenant == tenant) {
+        bail!("tenant {tenant} is not in {}", args.config.display());
+    }
+    let store = meridian_relay::node::open_store(&config).await?;
+    let docs = if args.doc.is_empty() {
+        store.documents(&tenant).await?
+    } else {
+        args.doc
+            .iter()
+            .map(|d| DocId::new(d).with_context(|| format!("document id {d:?}")))
+            .collect::<Result<_>>()?
+    };
+    let mut documents = Vec::with_capacity(docs.len());
+    for doc in docs {
+        let key = DocKey {
+            tenant: tenant.clone(),
+            doc: doc.clone(),
+        };
+        let stored = store.load_all_changes(&key).await?;
+        if stored.is_empty() {
+            bail!("document {doc} has no stored changes in tenant {tenant}");
+        }
+        documents.push(archive_doc(&doc, &stored)?);
+    }
+    let archive = Archive {
+        format: FORMAT.into(),
+        jurisdiction: config.jurisdiction.clone(),
+        tenant: tenant.to_string(),
+        exported_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)?,
+        documents,
+    };
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&archive, &mut bytes).context("encoding the archive")?;
+    write_atomically(&args.out, &bytes)?;
+    println!(
+        "exported {} document(s) of tenant {tenant} to {} ({} bytes)",
+        archive.documents.len(),
+        args.out.display(),
+        bytes.len()
+    );
+    Ok(())
+}
+
+/// One document's stored changes as an archive entry.
+fn archive_doc(doc: &DocId, stored: &[StoredChange]) -> Result<Document> {
+    let mut users: HashMap<String, String> = HashMap::new();
+    let mut changes = Vec::with_capacity(stored.len());
+    for change in stored {
+        let parsed = automerge::Change::try_from(&change.bytes[..])
+            .with_context(|| format!("a stored change of {doc} does not parse"))?;
+        users
+            .entry(parsed.actor_id().to_hex_string())
+            .or_insert_with(|| change.user.to_string());
+        changes.push(parsed);
+    }
+    let mut loaded = Automerge::new();
+    loaded
+        .apply_changes(changes)
+        .with_context(|| format!("the stored changes of {doc} do not apply"))?;
+    let mut users: Vec<(String, String)> = users.into_iter().collect();
+    users.sort();
+    Ok(Document {
+        doc: doc.to_string(),
+        heads: loaded.get_heads().iter().map(ToString::to_string).collect(),
+        changes: stored.len() as u64,
+        users,
+        save: loaded.save(),
+    })
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, bytes)
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub async fn import(args: ImportArgs) -> Result<()> {
+    let config = relay_config(&args.config)?;
+    let file = std::fs::File::open(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
+    let archive: Archive = ciborium::from_reader(std::io::BufReader::new(file))
+        .with_context(|| format!("{} is not a Meridian export", args.file.display()))?;
+    if archive.format != FORMAT {
+        bail!(
+            "archive format {:?}; this build reads {FORMAT}",
+            archive.format
+        );
+    }
+    if archive.jurisdiction != config.jurisdiction {
+        bail!(
+            "the archive is from jurisdiction {}, {} serves {}: documents never leave their jurisdiction",
+            archive.jurisdiction,
+            args.config.display(),
+            config.jurisdiction
+        );
+    }
+    let tenant = TenantId::new(args.tenant.as_deref().unwrap_or(&archive.tenant))?;
+    if !config.tenants.iter().any(|t| t.tenant == tenant) {
+        bail!("tenant {tenant} is not in {}", args.config.display());
+    }
+    let store = meridian_relay::node::open_store(&config).await?;
+    let unknown = UserId::new(UNKNOWN_USER)?;
+    let mut total = 0;
+    for entry in &archive.documents {
+        let doc = DocId::new(&entry.doc).with_context(|| format!("document id {:?}", entry.doc))?;
+        let loaded = Automerge::load(&entry.save)
+            .with_context(|| format!("the saved document {doc} does not load"))?;
+        let heads: Vec<String> = loaded.get_heads().iter().map(ToString::to_string).collect();
+        if heads != entry.heads {
+            bail!("document {doc}: the saved document's heads differ from the archive's");
+        }
+        let users: HashMap<&str, UserId> = entry
+            .users
+            .iter()
+            .map(|(actor, user)| Ok((actor.as_str(), UserId::new(user)?)))
+            .collect::<Result<_>>()?;
+        let key = DocKey {
+            tenant: tenant.clone(),
+            doc: doc.clone(),
+        };
+        let stored: Vec<(DocKey, StoredChange)> = loaded
+            .get_changes(&[])
+            .iter()
+            .map(|change| {
+                let user = users
+                    .get(change.actor_id().to_hex_string().as_str())
+                    .cloned()
+                    .unwrap_or_else(|| unknown.clone());
+                (
+                    key.clone(),
+                    StoredChange {
+                        hash: ChangeHash(change.hash().0),
+                        bytes: Bytes::copy_from_slice(change.raw_bytes()),
+                        user,
+                    },
+                )
+            })
+            .collect();
+        for batch in stored.chunks(IMPORT_BATCH) {
+            store.write_changes(batch).await?;
+        }
+        total += stored.len();
+    }
+    println!(
+        "imported {} document(s), {total} change(s), into tenant {tenant}",
+        archive.documents.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `meridian export` and `meridian import` on the local durable store: a tenant's
+//! documents move to another tenant of the jurisdiction with their authors, and never to
+//! another jurisdiction.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use common::meridian;
+use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
+use meridian_relay::engine::{DocKey, StoredChange};
+use meridian_relay::store::{DurableStore, LocalDirStore};
+
+fn key(tenant: &str, doc: &str) -> DocKey {
+    DocKey {
+        tenant: TenantId::new(tenant).unwrap(),
+        doc: DocId::new(doc).unwrap(),
+    }
+}
+
+/// Two authors editing one document concurrently, as the relay stores their changes.
+fn two_authors(key: &DocKey) -> Vec<(DocKey, StoredChange)> {
+    let mut a = automerge::AutoCommit::new();
+    a.put(automerge::ROOT, "title", "first").unwrap();
+    a.commit();
+    let mut b = a.fork();
+    b.put(automerge::ROOT, "by", "b").unwrap();
+    b.commit();
+    a.put(automerge::ROOT, "title", "second").unwrap();
+    a.commit();
+    let actor_a = a.get_actor().clone();
+    let mut out = Vec::new();
+    let mut merged = a.clone();
+    merged.merge(&mut b).unwrap();
+    for change in merged.get_changes(&[]) {
+        let user = if change.actor_id() == &actor_a {
+            "alice"
+        } else {
+            "bob"
+        };
+        out.push((
+            key.clone(),
+            StoredChange {
+                hash: ChangeHash(change.hash().0),
+                bytes: Bytes::copy_from_slice(change.raw_bytes()),
+                user: UserId::new(user).unwrap(),
+            },
+        ));
+    }
+    out
+}
+
+fn relay_toml(dir: &Path, name: &str, jurisdiction: &str, public: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[node]\nid = \"n1\"\ncell = \"c1\"\njurisdiction = \"{jurisdiction}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"node\"\n\
+             [tls]\ncert_file = \"none.crt\"\nkey_file = \"none.key\"\n[durable]\nkind = \"local\"\npath = \"durable-{jurisdiction}\"\n\
+             [[tenants]]\nid = \"acme\"\npublic_keys = [\"{public}\"]\n\
+             [[tenants]]\nid = \"beta\"\npublic_keys = [\"{public}\"]\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Hash → user of every stored change of a document.
+async fn authors(store: &LocalDirStore, key: &DocKey) -> BTreeMap<String, String> {
+    store
+        .load_all_changes(key)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.hash.to_hex(), c.user.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_imports_into_another_tenant_with_its_authors_and_not_abroad() {
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = meridian()
+        .args(["token", "keygen", "--out"])
+        .arg(dir.path().join("acme.key"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let eu = relay_toml(dir.path(), "eu.toml", "eu", &public);
+    let us = relay_toml(dir.path(), "us.toml", "us", &public);
+
+    let store = LocalDirStore::open(dir.path().join("durable-eu")).unwrap();
+    for doc in ["notes/a", "notes/b"] {
+        store
+            .write_changes(&two_authors(&key("acme", doc)))
+            .await
+            .unwrap();
+    }
+
+    let archive = dir.path().join("acme.mrx");
+    let export = meridian()
+        .args(["export", "--tenant", "acme", "--out"])
+        .arg(&archive)
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    assert!(String::from_utf8_lossy(&export.stdout).contains("exported 2 document(s)"));
+
+    let import = meridian()
+        .args(["import", "--tenant", "beta", "--config"])
+        .arg(&eu)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let listed = store
+        .documents(&TenantId::new("beta").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    for doc in ["notes/a", "notes/b"] {
+        let from = authors(&store, &key("acme", doc)).await;
+        assert_eq!(from.len(), 3);
+        assert_eq!(authors(&store, &key("beta", doc)).await, from, "{doc}");
+    }
+
+    // Never into another jurisdiction, nor into a tenant the config does not serve.
+    let abroad = meridian()
+        .args(["import", "--config"])
+        .arg(&us)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(!abroad.status.success());
+    assert!(String::from_utf8_lossy(&abroad.stderr).contains("jurisdiction"));
+    let unknown = meridian()
+        .args(["import", "--tenant", "gamma", "--config"])
+        .arg(&eu)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(!unknown.status.success());
+
+    // One document only, and a file that is not an archive.
+    let one = dir.path().join("one.mrx");
+    let export = meridian()
+        .args(["export", "--tenant", "acme", "--doc", "notes/b", "--out"])
+        .arg(&one)
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&export.stdout).contains("exported 1 document(s)"));
+    let garbage = dir.path().join("garbage.mrx");
+    std::fs::write(&garbage, b"not an archive").unwrap();
+    let refused = meridian()
+        .args(["import", "--config"])
+        .arg(&eu)
+        .arg(&garbage)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a Meridian export"));
+}
