@@ -138,10 +138,24 @@ fn archive_doc(doc: &DocId, stored: &[StoredChange]) -> Result<Document> {
             .or_insert_with(|| change.user.to_string());
         changes.push(parsed);
     }
+    let count = changes
+        .iter()
+        .map(automerge::Change::hash)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let mut loaded = Automerge::new();
     loaded
         .apply_changes(changes)
         .with_context(|| format!("the stored changes of {doc} do not apply"))?;
+    // A change whose dependencies are not stored waits unapplied: refuse to write an
+    // archive that would silently leave it out.
+    let applied = loaded.get_changes(&[]).len();
+    if applied != count {
+        bail!(
+            "document {doc}: {} of its {count} stored changes miss dependencies",
+            count - applied
+        );
+    }
     let mut users: Vec<(String, String)> = users.into_iter().collect();
     users.sort();
     Ok(Document {
