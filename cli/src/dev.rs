@@ -1,6 +1,6 @@
 //! `meridian dev`: a complete local deployment with embedded storage in one command.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -883,14 +883,30 @@ async fn stop_all(procs: &mut [Proc]) {
     }
 }
 
+/// Ports this process has handed out: the kernel may give a port just released to the
+/// next `bind(0)`, and two children told the same port fail to start.
+static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// A port the kernel says is free now and this process has not handed out before.
+fn fresh_port(probe: impl Fn() -> std::io::Result<SocketAddr>) -> Result<SocketAddr> {
+    for _ in 0..64 {
+        let addr = probe()?;
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if handed_out.insert(addr.port()) {
+            return Ok(addr);
+        }
+    }
+    bail!("no free port on 127.0.0.1 that was not handed out already")
+}
+
 fn free_udp() -> Result<SocketAddr> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    Ok(socket.local_addr()?)
+    fresh_port(|| std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr())
 }
 
 fn free_tcp() -> Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?)
+    fresh_port(|| std::net::TcpListener::bind("127.0.0.1:0")?.local_addr())
 }
 
 /// Reads the dev cell's gossip key, creating it on first start.
