@@ -109,7 +109,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
             let value = if at.is_empty() {
                 to_json(&handle)?
             } else {
-                let heads = parse_heads(&at)?;
+                let heads = edit::parse_heads(&at)?;
                 handle.try_change(|d| edit::to_json_at(d, &heads))??
             };
             println!("{}", serde_json::to_string_pretty(&value)?);
@@ -137,7 +137,7 @@ pub async fn run(command: DocCommand) -> Result<()> {
             Ok(())
         }
         DocCommand::Restore { config, doc, to } => {
-            let heads = parse_heads(&to)?;
+            let heads = edit::parse_heads(&to)?;
             let (client, handle) = open(&config, &doc).await?;
             handle.try_change(|d| edit::restore(d, &heads))??;
             durable_then_close(client, &handle).await
@@ -205,17 +205,6 @@ fn to_json(handle: &DocHandle) -> Result<serde_json::Value> {
     handle
         .read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)))
         .context("document is not JSON")
-}
-
-fn parse_heads(heads: &[String]) -> Result<Vec<automerge::ChangeHash>> {
-    heads
-        .iter()
-        .map(|h| {
-            h.trim()
-                .parse()
-                .with_context(|| format!("{h:?} is not a change hash (64 hex digits)"))
-        })
-        .collect()
 }
 
 /// A change's own timestamp as RFC 3339 (`-` when its author set none).

@@ -360,8 +360,31 @@ pub fn to_json_at(
     doc: &mut AutoCommit,
     heads: &[automerge::ChangeHash],
 ) -> Result<serde_json::Value, EditError> {
+    known_heads(doc, heads)?;
     let past = doc.fork_at(heads).map_err(automerge_error)?;
     Ok(to_json(&past))
+}
+
+/// Heads as hex strings (64 digits each, surrounding spaces allowed) parsed.
+pub fn parse_heads(heads: &[String]) -> Result<Vec<automerge::ChangeHash>, EditError> {
+    heads
+        .iter()
+        .map(|h| {
+            h.trim().parse().map_err(|_| {
+                EditError::Value(format!("{h:?} is not a change hash (64 hex digits)"))
+            })
+        })
+        .collect()
+}
+
+/// Refuses heads the document does not hold.
+fn known_heads(doc: &mut AutoCommit, heads: &[automerge::ChangeHash]) -> Result<(), EditError> {
+    match heads.iter().find(|h| doc.get_change_by_hash(h).is_none()) {
+        Some(unknown) => Err(EditError::Value(format!(
+            "head {unknown} is not in this document"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// One change of a document's history.
@@ -418,11 +441,7 @@ pub fn restore(doc: &mut AutoCommit, heads: &[automerge::ChangeHash]) -> Result<
             "restore needs the heads of a past state".into(),
         ));
     }
-    if let Some(unknown) = heads.iter().find(|h| doc.get_change_by_hash(h).is_none()) {
-        return Err(EditError::Value(format!(
-            "head {unknown} is not in this document"
-        )));
-    }
+    known_heads(doc, heads)?;
     let past = doc
         .hydrate(automerge::ROOT, Some(heads))
         .map_err(automerge_error)?;

@@ -224,15 +224,7 @@ fn parse_json(json: &str) -> Result<serde_json::Value, MeridianError> {
 }
 
 fn parse_heads(heads: &[String]) -> Result<Vec<automerge::ChangeHash>, MeridianError> {
-    heads
-        .iter()
-        .map(|h| {
-            h.parse::<automerge::ChangeHash>()
-                .map_err(|_| MeridianError::InvalidValue {
-                    detail: format!("{h:?} is not a change hash (64 hex digits)"),
-                })
-        })
-        .collect()
+    Ok(edit::parse_heads(heads)?)
 }
 
 fn hex_heads(handle: &DocHandle) -> Vec<String> {
@@ -302,13 +294,6 @@ impl Document {
     pub fn to_json_at(&self, heads: Vec<String>) -> Result<String, MeridianError> {
         self.check_open()?;
         let heads = parse_heads(&heads)?;
-        for head in &heads {
-            if !self.handle.contains(&meridian_client::ChangeHash(head.0)) {
-                return Err(MeridianError::InvalidValue {
-                    detail: format!("head {head} is not in this document"),
-                });
-            }
-        }
         Ok(self
             .handle
             .try_change(|doc| edit::to_json_at(doc, &heads))??
