@@ -207,18 +207,19 @@ fn to_json(handle: &DocHandle) -> Result<serde_json::Value> {
         .context("document is not JSON")
 }
 
-/// A change's own timestamp as RFC 3339 (`-` when its author set none).
-fn time_of(millis: i64) -> String {
-    if millis == 0 {
+/// A change's own timestamp (seconds since the Unix epoch) as RFC 3339 (`-` when its
+/// author set none).
+fn time_of(seconds: i64) -> String {
+    if seconds == 0 {
         return "-".into();
     }
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+    time::OffsetDateTime::from_unix_timestamp(seconds)
         .ok()
         .and_then(|t| {
             t.format(&time::format_description::well_known::Rfc3339)
                 .ok()
         })
-        .unwrap_or_else(|| millis.to_string())
+        .unwrap_or_else(|| seconds.to_string())
 }
 
 fn heads_hex(handle: &DocHandle) -> Vec<String> {

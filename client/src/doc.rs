@@ -218,7 +218,14 @@ impl DocHandle {
         mut state: MutexGuard<'_, DocState>,
         before: Vec<automerge::ChangeHash>,
     ) -> Result<Vec<ChangeHash>, ClientError> {
-        state.doc.commit();
+        // Stamped with this device's clock, in seconds since the Unix epoch (as other
+        // Automerge libraries stamp theirs): what histories show as the change's time.
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        state
+            .doc
+            .commit_with(automerge::transaction::CommitOptions::default().with_time(time));
         let new: Vec<(ChangeHash, Bytes)> = state
             .doc
             .get_changes(&before)

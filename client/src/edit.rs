@@ -396,7 +396,7 @@ pub struct HistoryEntry {
     pub actor: String,
     /// Its sequence number under that actor, from 1.
     pub seq: u64,
-    /// Its own timestamp, milliseconds since the Unix epoch, from its author's clock
+    /// Its own timestamp, seconds since the Unix epoch, from its author's clock
     /// (0 when the author set none).
     pub time: i64,
     /// Its commit message, if any.

@@ -61,8 +61,8 @@ pub struct HistoryEntry {
     pub actor: String,
     /// Its sequence number under that actor, from 1.
     pub seq: u64,
-    /// Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
-    pub time_ms: i64,
+    /// Its own timestamp (seconds since the Unix epoch, its author's clock; 0: none).
+    pub time: i64,
     /// Its commit message, if any.
     pub message: Option<String>,
     /// The changes it depends on (hex).
@@ -311,7 +311,7 @@ impl Document {
                 hash: e.hash,
                 actor: e.actor,
                 seq: e.seq,
-                time_ms: e.time,
+                time: e.time,
                 message: e.message,
                 deps: e.deps,
                 heads: e.heads,

@@ -2497,9 +2497,9 @@ public struct HistoryEntry: Equatable, Hashable {
      */
     public var seq: UInt64
     /**
-     * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+     * Its own timestamp (seconds since the Unix epoch, its author's clock; 0: none).
      */
-    public var timeMs: Int64
+    public var time: Int64
     /**
      * Its commit message, if any.
      */
@@ -2526,8 +2526,8 @@ public struct HistoryEntry: Equatable, Hashable {
          * Its sequence number under that actor, from 1.
          */seq: UInt64, 
         /**
-         * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
-         */timeMs: Int64, 
+         * Its own timestamp (seconds since the Unix epoch, its author's clock; 0: none).
+         */time: Int64, 
         /**
          * Its commit message, if any.
          */message: String?, 
@@ -2540,7 +2540,7 @@ public struct HistoryEntry: Equatable, Hashable {
         self.hash = hash
         self.actor = actor
         self.seq = seq
-        self.timeMs = timeMs
+        self.time = time
         self.message = message
         self.deps = deps
         self.heads = heads
@@ -2565,7 +2565,7 @@ public struct FfiConverterTypeHistoryEntry: FfiConverterRustBuffer {
                 hash: FfiConverterString.read(from: &buf), 
                 actor: FfiConverterString.read(from: &buf), 
                 seq: FfiConverterUInt64.read(from: &buf), 
-                timeMs: FfiConverterInt64.read(from: &buf), 
+                time: FfiConverterInt64.read(from: &buf), 
                 message: FfiConverterOptionString.read(from: &buf), 
                 deps: FfiConverterSequenceString.read(from: &buf), 
                 heads: FfiConverterSequenceString.read(from: &buf)
@@ -2576,7 +2576,7 @@ public struct FfiConverterTypeHistoryEntry: FfiConverterRustBuffer {
         FfiConverterString.write(value.hash, into: &buf)
         FfiConverterString.write(value.actor, into: &buf)
         FfiConverterUInt64.write(value.seq, into: &buf)
-        FfiConverterInt64.write(value.timeMs, into: &buf)
+        FfiConverterInt64.write(value.time, into: &buf)
         FfiConverterOptionString.write(value.message, into: &buf)
         FfiConverterSequenceString.write(value.deps, into: &buf)
         FfiConverterSequenceString.write(value.heads, into: &buf)

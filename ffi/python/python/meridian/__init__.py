@@ -265,7 +265,7 @@ class Document:
         return self._native.to_json_at(list(heads))
 
     def history(self) -> list:
-        """Every change in causal order: `hash`, `actor`, `seq`, `time_ms`, `message`,
+        """Every change in causal order: `hash`, `actor`, `seq`, `time` (seconds), `message`,
         `deps` and the document's `heads` just after it."""
         return list(self._native.history())
 

@@ -4603,9 +4603,9 @@ data class HistoryEntry (
     var `seq`: kotlin.ULong
     , 
     /**
-     * Its own timestamp (milliseconds since the Unix epoch, its author's clock; 0: none).
+     * Its own timestamp (seconds since the Unix epoch, its author's clock; 0: none).
      */
-    var `timeMs`: kotlin.Long
+    var `time`: kotlin.Long
     , 
     /**
      * Its commit message, if any.
@@ -4651,7 +4651,7 @@ public object FfiConverterTypeHistoryEntry: FfiConverterRustBuffer<HistoryEntry>
             FfiConverterString.allocationSize(value.`hash`) +
             FfiConverterString.allocationSize(value.`actor`) +
             FfiConverterULong.allocationSize(value.`seq`) +
-            FfiConverterLong.allocationSize(value.`timeMs`) +
+            FfiConverterLong.allocationSize(value.`time`) +
             FfiConverterOptionalString.allocationSize(value.`message`) +
             FfiConverterSequenceString.allocationSize(value.`deps`) +
             FfiConverterSequenceString.allocationSize(value.`heads`)
@@ -4661,7 +4661,7 @@ public object FfiConverterTypeHistoryEntry: FfiConverterRustBuffer<HistoryEntry>
             FfiConverterString.write(value.`hash`, buf)
             FfiConverterString.write(value.`actor`, buf)
             FfiConverterULong.write(value.`seq`, buf)
-            FfiConverterLong.write(value.`timeMs`, buf)
+            FfiConverterLong.write(value.`time`, buf)
             FfiConverterOptionalString.write(value.`message`, buf)
             FfiConverterSequenceString.write(value.`deps`, buf)
             FfiConverterSequenceString.write(value.`heads`, buf)
