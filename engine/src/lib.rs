@@ -333,6 +333,9 @@ pub enum Outbound {
         /// For a session taking [`Delivery::Changes`]: the heads of the document's
         /// durable part ([`graph::ChangeGraph::durable_heads`]); empty for the others.
         durable_heads: Vec<ChangeHash>,
+        /// For a session taking [`Delivery::Inspect`]: every actor of the document bound
+        /// to a user, with that user; empty for the others.
+        authors: Vec<(meridian_protocol::ActorId, UserId)>,
     },
     /// Changes fanned out to a session taking [`Delivery::Changes`], with the document's
     /// heads after them and the heads of its durable part.
@@ -361,6 +364,10 @@ pub enum Delivery {
     /// speak another sync protocol (the WebSocket gateway), which must tell their peer
     /// the relay's heads with every change.
     Changes,
+    /// As [`Delivery::Changes`], and each catch-up also names the user every actor of
+    /// the document is bound to: front ends that show who wrote what (the HTTP API's
+    /// history).
+    Inspect,
 }
 
 /// A message for one session.
@@ -1429,7 +1436,7 @@ impl Engine {
             to.iter().partition(|session| {
                 sessions
                     .get(session)
-                    .is_some_and(|s| s.delivery == Delivery::Changes)
+                    .is_some_and(|s| matches!(s.delivery, Delivery::Changes | Delivery::Inspect))
             });
         if !with_frames.is_empty() {
             for frame in changes_frames(doc, changes, frame_bytes) {
@@ -1555,8 +1562,13 @@ impl Engine {
             .map(|&i| entry.graph.entry(i).bytes.clone())
             .collect();
         let relay_heads = entry.heads();
-        let durable_heads = match self.sessions.get(&session).map(|s| s.delivery) {
-            Some(Delivery::Changes) => entry.graph.durable_heads(),
+        let delivery = self.sessions.get(&session).map(|s| s.delivery);
+        let durable_heads = match delivery {
+            Some(Delivery::Changes | Delivery::Inspect) => entry.graph.durable_heads(),
+            _ => Vec::new(),
+        };
+        let authors = match delivery {
+            Some(Delivery::Inspect) => entry.graph.bindings(),
             _ => Vec::new(),
         };
         entry.subscribers.insert(session);
@@ -1575,6 +1587,7 @@ impl Engine {
                 changes,
                 heads: relay_heads,
                 durable_heads,
+                authors,
             },
         });
         if !all_known {

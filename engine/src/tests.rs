@@ -150,6 +150,44 @@ fn changes_are_applied_fanned_out_and_made_durable_in_order() {
     assert_eq!(h.engine.flush_queue_len(), 0);
 }
 
+/// A session taking [`Delivery::Inspect`] is told, in its catch-up, the user each actor
+/// is bound to; one taking [`Delivery::Changes`] is not (the list costs the loop).
+#[test]
+fn inspecting_sessions_learn_who_wrote_each_actor() {
+    let mut h = Harness::new();
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    h.engine
+        .handle_session_open_with(2, capability("bob", Rights::ALL), Delivery::Inspect);
+    h.engine
+        .handle_session_open_with(3, capability("carol", Rights::ALL), Delivery::Changes);
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.run(t);
+    h.take(1);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", "v").unwrap();
+    let change = changes_of(&mut doc);
+    h.engine.handle_changes(t, 1, doc_id(), change);
+    h.run(t);
+    h.take(1);
+    let actor = meridian_protocol::ActorId::new(doc.get_actor().to_bytes()).unwrap();
+
+    h.engine.handle_subscribe(t, 2, doc_id(), vec![], false);
+    h.engine.handle_subscribe(t, 3, doc_id(), vec![], false);
+    h.run(t);
+    let out = h.take(2);
+    let [Outbound::CatchUp { authors, .. }] = &out[..] else {
+        panic!("expected a catch-up, got {out:?}");
+    };
+    assert_eq!(authors, &vec![(actor, UserId::new("alice").unwrap())]);
+    let out = h.take(3);
+    let [Outbound::CatchUp { authors, .. }] = &out[..] else {
+        panic!("expected a catch-up, got {out:?}");
+    };
+    assert!(authors.is_empty());
+}
+
 /// A session taking [`Delivery::Changes`] gets the changes themselves with the heads
 /// after them and the durable heads, in its catch-up and in every fan-out, while a
 /// frame-taking session of the same document still gets frames.

@@ -778,6 +778,7 @@ mod tests {
             changes: vec![Bytes::from_static(b"theirs")],
             heads: vec![hash(2)],
             durable_heads: vec![hash(1)],
+            authors: vec![],
         });
         let messages = sent(&out);
         assert_eq!(messages.len(), 1);
@@ -857,6 +858,7 @@ mod tests {
             changes: vec![],
             heads: vec![hash(1)],
             durable_heads: vec![hash(1)],
+            authors: vec![],
         });
         assert!(
             !out.iter().any(|e| matches!(e, Effect::Changes { .. })),
@@ -881,6 +883,7 @@ mod tests {
             changes: vec![],
             heads: vec![],
             durable_heads: vec![],
+            authors: vec![],
         });
         assert!(matches!(
             &out[..],

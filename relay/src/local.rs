@@ -435,9 +435,18 @@ impl LocalSession {
 
     /// Changes for `doc`, within the session's rate limits (count and bytes as sent
     /// before parsing, inflated bytes after), parsed here within one frame's budget of
-    /// work, then handed to the driver.
-    pub async fn changes(&self, doc: DocId, changes: &[Bytes]) -> Result<(), RateLimited> {
+    /// work, then handed to the driver. Returns each change's hash, or why it did not
+    /// parse (the driver answers those with an error too), in the order given.
+    pub async fn changes(
+        &self,
+        doc: DocId,
+        changes: &[Bytes],
+    ) -> Result<Vec<Result<ChangeHash, crate::engine::change::ChangeError>>, RateLimited> {
         let parsed = crate::session::admit_changes(&self.limits, changes)?;
+        let outcomes = parsed
+            .iter()
+            .map(|p| p.as_ref().map(|c| c.hash).map_err(Clone::clone))
+            .collect();
         let admission = self.limits.admit().await;
         self.shared
             .send_input(Input::Changes {
@@ -448,7 +457,7 @@ impl LocalSession {
                 admission,
             })
             .await;
-        Ok(())
+        Ok(outcomes)
     }
 
     /// A presence state for `doc`, within the presence rate limit.
