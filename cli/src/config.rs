@@ -40,6 +40,8 @@ pub struct RelayFile {
     pub placement: Option<PlacementSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewaySection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiSection>,
     #[serde(default)]
     pub tenants: Vec<TenantSection>,
 }
@@ -90,6 +92,79 @@ impl GatewaySection {
             cell_gateways: self.cell.clone().into_iter().collect(),
             ..defaults
         })
+    }
+}
+
+/// The HTTP API for backends on this node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Where it listens (plain `http://`; put TLS in front of it, as the load balancer
+    /// does). Never the metrics port.
+    pub listen: SocketAddr,
+    /// The largest body `POST /v1/docs/{id}/changes` takes, in bytes (default 8 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_bytes_max: Option<usize>,
+    /// Stored bytes one read may materialize (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_max: Option<usize>,
+    /// Operations one read may materialize (default 8000000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ops_max: Option<u64>,
+    /// Reads materializing at once on the node (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub materializations_max: Option<usize>,
+    /// Of those, for one tenant (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub materializations_per_tenant_max: Option<usize>,
+    /// Stored bytes a tenant's reads may take per second (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bytes_per_tenant_per_second: Option<u32>,
+    /// The APIs of the cell's other nodes, by node id, for documents they own; a node
+    /// not listed is reached at its QUIC host and this API's port.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cell: BTreeMap<String, SocketAddr>,
+}
+
+impl ApiSection {
+    /// A section listening on `listen` with every default.
+    pub fn at(listen: SocketAddr) -> Self {
+        ApiSection {
+            listen,
+            body_bytes_max: None,
+            read_bytes_max: None,
+            read_ops_max: None,
+            materializations_max: None,
+            materializations_per_tenant_max: None,
+            read_bytes_per_tenant_per_second: None,
+            cell: BTreeMap::new(),
+        }
+    }
+
+    /// The API's settings.
+    pub fn to_config(&self) -> meridian_api::ApiConfig {
+        let defaults = meridian_api::ApiConfig::default();
+        let read = meridian_api::view::ReadLimits {
+            bytes_max: self.read_bytes_max.unwrap_or(defaults.read.bytes_max),
+            ops_max: self.read_ops_max.unwrap_or(defaults.read.ops_max),
+            ..defaults.read
+        };
+        meridian_api::ApiConfig {
+            listen: self.listen,
+            body_bytes_max: self.body_bytes_max.unwrap_or(defaults.body_bytes_max),
+            read,
+            materializations_max: self
+                .materializations_max
+                .unwrap_or(defaults.materializations_max),
+            materializations_per_tenant_max: self
+                .materializations_per_tenant_max
+                .unwrap_or(defaults.materializations_per_tenant_max),
+            read_bytes_per_tenant_per_second: self
+                .read_bytes_per_tenant_per_second
+                .unwrap_or(defaults.read_bytes_per_tenant_per_second),
+            cell_apis: self.cell.clone().into_iter().collect(),
+            ..defaults
+        }
     }
 }
 
@@ -952,6 +1027,20 @@ mod tests {
         assert_eq!(gateway.message_bytes_max, defaults.message_bytes_max);
         assert_eq!(gateway.connections_max, defaults.connections_max);
         assert_eq!(gateway.keepalive, defaults.keepalive);
+        // So does its API section.
+        let api = file.api.as_ref().expect("[api]").to_config();
+        let defaults = meridian_api::ApiConfig::default();
+        assert_eq!(api.body_bytes_max, defaults.body_bytes_max);
+        assert_eq!(api.read, defaults.read);
+        assert_eq!(api.materializations_max, defaults.materializations_max);
+        assert_eq!(
+            api.materializations_per_tenant_max,
+            defaults.materializations_per_tenant_max
+        );
+        assert_eq!(
+            api.read_bytes_per_tenant_per_second,
+            defaults.read_bytes_per_tenant_per_second
+        );
         let config = file.into_config(Path::new("/etc/meridian")).unwrap();
         assert_eq!(config.node.as_str(), "node-1");
         assert_eq!(config.tenants.len(), 1);
@@ -1056,6 +1145,7 @@ mod tests {
                 "gossip_port" => "7946".into(),
                 "metrics_port" => "9090".into(),
                 "gateway_port" => "8080".into(),
+                "api_port" => "8090".into(),
                 "seeds" => "[\"10.0.1.11:7946\"]".into(),
                 other => panic!("the relay template uses ${{{other}}}: add it to this test"),
             }
@@ -1133,6 +1223,8 @@ mod tests {
             gateway.to_config().unwrap().listen,
             "0.0.0.0:8080".parse().unwrap()
         );
+        let api = file.api.as_ref().expect("[api] rendered");
+        assert_eq!(api.to_config().listen, "0.0.0.0:8090".parse().unwrap());
         let config = file
             .into_config_with(Path::new("/etc/meridian"), |path| {
                 assert_eq!(path, Path::new("/etc/meridian/gossip.key"));

@@ -234,6 +234,12 @@ async fn run_one_cell(
             gateway.listen, client.token
         );
     }
+    if let Some(api) = &nodes[0].file.api {
+        println!(
+            "  api      curl -H 'Authorization: Bearer {}' http://{}/v1/docs/notes (README \"HTTP API\")",
+            client.token, api.listen
+        );
+    }
     println!();
     print_next(&config.to_string(), false);
     supervise(&mut procs, shutdown).await;
@@ -525,12 +531,13 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
             .then(|| RelayFile::read(&config).ok())
             .flatten()
             .filter(|f| f.cell.is_some() && f.metrics.is_some());
-        let (listen, gossip, metrics, gateway) = match &previous {
+        let (listen, gossip, metrics, gateway, api) = match &previous {
             Some(file) => (
                 file.node.listen,
                 file.cell.as_ref().map(|c| c.gossip_listen),
                 file.metrics.as_ref().map(|m| m.listen),
                 file.gateway.clone(),
+                file.api.clone(),
             ),
             None => (
                 match (index, plan.first_listen) {
@@ -540,7 +547,13 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
                 None,
                 None,
                 None,
+                None,
             ),
+        };
+        // And the HTTP API for backends.
+        let api = match api {
+            Some(api) => api,
+            None => crate::config::ApiSection::at(free_tcp()?),
         };
         // Every dev node serves automerge-repo peers over WebSocket.
         let gateway = match gateway {
@@ -595,6 +608,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
             }),
             placement: plan.placement.clone(),
             gateway: Some(gateway),
+            api: Some(api),
             tenants: plan.tenants.clone(),
         };
         nodes.push(NodeSpec {
@@ -613,8 +627,19 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
         .iter()
         .filter_map(|n| Some((n.id.clone(), n.file.gateway.as_ref()?.listen)))
         .collect();
+    let apis: Vec<(String, SocketAddr)> = nodes
+        .iter()
+        .filter_map(|n| Some((n.id.clone(), n.file.api.as_ref()?.listen)))
+        .collect();
     for node in &mut nodes {
         let id = node.id.clone();
+        if let Some(api) = &mut node.file.api {
+            api.cell = apis
+                .iter()
+                .filter(|(other, _)| *other != id)
+                .cloned()
+                .collect();
+        }
         if let Some(gateway) = &mut node.file.gateway {
             gateway.cell = gateways
                 .iter()
@@ -745,8 +770,14 @@ fn print_nodes(nodes: &[NodeSpec], procs: &[Proc]) {
             .as_ref()
             .map(|g| format!("  ws://{}", g.listen))
             .unwrap_or_default();
+        let api = node
+            .file
+            .api
+            .as_ref()
+            .map(|a| format!("  api http://{}", a.listen))
+            .unwrap_or_default();
         println!(
-            "  {:<8} quic {}  gossip {}  metrics http://{}/metrics{gateway}  pid {pid}",
+            "  {:<8} quic {}  gossip {}  metrics http://{}/metrics{gateway}{api}  pid {pid}",
             node.id,
             node.file.node.listen,
             gossip.map(|g| g.to_string()).unwrap_or_default(),

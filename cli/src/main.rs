@@ -223,6 +223,7 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     let file = config::RelayFile::read(&path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
     let gateway_config = file.gateway.as_ref().map(|g| g.to_config()).transpose()?;
+    let api_config = file.api.as_ref().map(config::ApiSection::to_config);
     let relay_config = file.into_config(&base)?;
     let relay = meridian_relay::start(relay_config).await?;
     eprintln!("relay listening on {}", relay.local_addr());
@@ -232,6 +233,15 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
             let gateway = meridian_gateway::start(config, relay.session_port()).await?;
             eprintln!("gateway listening on ws://{}", gateway.local_addr());
             Some(gateway)
+        }
+        None => None,
+    };
+    let api = match api_config {
+        Some(config) => {
+            meridian_api::metrics::describe();
+            let api = meridian_api::start(config, relay.session_port()).await?;
+            eprintln!("HTTP API listening on http://{}", api.local_addr());
+            Some(api)
         }
         None => None,
     };
@@ -259,6 +269,9 @@ async fn run_relay(path: PathBuf, exit_with_parent: bool) -> anyhow::Result<()> 
     }
     if let Some(gateway) = gateway {
         gateway.shutdown().await;
+    }
+    if let Some(api) = api {
+        api.shutdown().await;
     }
     eprintln!("shutting down: flushing to the durable tier");
     relay.shutdown(std::time::Duration::from_secs(30)).await?;

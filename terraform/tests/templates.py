@@ -37,6 +37,7 @@ RELAY_KEYS = {
     "cell": {"gossip_listen", "gossip_advertise", "seeds", "key_file"},
     "metrics": {"listen"},
     "gateway": {"listen"},
+    "api": {"listen"},
     "placement": {"refresh_ms", "control"},
 }
 TENANT_KEYS = {"id", "public_keys"}

@@ -315,6 +315,7 @@ pub fn some_change(key: &str) -> Bytes {
     Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes())
 }
 
+pub mod http;
 pub mod moto;
 pub mod placement;
 

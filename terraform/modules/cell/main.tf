@@ -32,6 +32,7 @@ locals {
     gossip_port    = var.gossip_port
     metrics_port   = var.metrics_port
     gateway_port   = var.gateway_port
+    api_port       = var.api_port
     data_dir       = var.data_dir
     durable_table  = var.durable_table
     durable_bucket = var.durable_bucket

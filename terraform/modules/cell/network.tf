@@ -4,7 +4,8 @@
 #         (TCP) from metrics_cidr and from the load balancer (health checks);
 #         HTTPS out to AWS APIs.
 # gossip: SWIM (UDP) only between members of this group, i.e. this cell's nodes.
-# nlb:    QUIC and the gateway's TLS in from client_cidrs; out only to the nodes.
+# nlb:    QUIC and the gateway's and the API's TLS in from client_cidrs; out only to the
+#         nodes.
 
 resource "aws_security_group" "node" {
   name_prefix = "${local.name}-node-"
@@ -52,6 +53,33 @@ resource "aws_vpc_security_group_egress_rule" "gateway_peers" {
   ip_protocol                  = "tcp"
   from_port                    = var.gateway_port
   to_port                      = var.gateway_port
+  referenced_security_group_id = aws_security_group.node.id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "api" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "HTTP API from the load balancer's TLS listener"
+  ip_protocol                  = "tcp"
+  from_port                    = var.api_port
+  to_port                      = var.api_port
+  referenced_security_group_id = module.lb.security_group_id
+}
+
+resource "aws_vpc_security_group_ingress_rule" "api_peers" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "HTTP API between relay nodes of the cell (requests for documents another node owns)"
+  ip_protocol                  = "tcp"
+  from_port                    = var.api_port
+  to_port                      = var.api_port
+  referenced_security_group_id = aws_security_group.node.id
+}
+
+resource "aws_vpc_security_group_egress_rule" "api_peers" {
+  security_group_id            = aws_security_group.node.id
+  description                  = "HTTP API of the cell's other relay nodes"
+  ip_protocol                  = "tcp"
+  from_port                    = var.api_port
+  to_port                      = var.api_port
   referenced_security_group_id = aws_security_group.node.id
 }
 
@@ -237,6 +265,66 @@ resource "aws_lb_listener" "gateway" {
   default_action {
     type             = "forward"
     target_group_arn = aws_lb_target_group.gateway.arn
+  }
+}
+
+# The HTTP API over TLS (https) for backends, the same way: TLS ends at the load balancer
+# on api_tls_port, with the gateway's certificate, and plain TCP goes to the nodes' API.
+resource "aws_vpc_security_group_ingress_rule" "nlb_api" {
+  for_each = toset(var.client_cidrs)
+
+  security_group_id = module.lb.security_group_id
+  description       = "https:// to the HTTP API from clients"
+  ip_protocol       = "tcp"
+  from_port         = var.api_tls_port
+  to_port           = var.api_tls_port
+  cidr_ipv4         = each.value
+}
+
+resource "aws_vpc_security_group_egress_rule" "nlb_api" {
+  security_group_id            = module.lb.security_group_id
+  description                  = "To the nodes' HTTP API"
+  ip_protocol                  = "tcp"
+  from_port                    = var.api_port
+  to_port                      = var.api_port
+  referenced_security_group_id = aws_security_group.node.id
+}
+
+resource "aws_lb_target_group" "api" {
+  name_prefix          = "mra-"
+  port                 = var.api_port
+  protocol             = "TCP"
+  target_type          = "instance"
+  vpc_id               = var.vpc_id
+  deregistration_delay = 60
+  tags                 = local.tags
+
+  health_check {
+    protocol            = "HTTP"
+    port                = tostring(var.metrics_port)
+    path                = "/readyz"
+    matcher             = "200"
+    interval            = 10
+    healthy_threshold   = 2
+    unhealthy_threshold = 2
+  }
+
+  lifecycle {
+    create_before_destroy = true
+  }
+}
+
+resource "aws_lb_listener" "api" {
+  load_balancer_arn = module.lb.arn
+  port              = var.api_tls_port
+  protocol          = "TLS"
+  certificate_arn   = var.gateway_certificate_arn
+  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
+  tags              = local.tags
+
+  default_action {
+    type             = "forward"
+    target_group_arn = aws_lb_target_group.api.arn
   }
 }
 

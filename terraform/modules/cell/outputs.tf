@@ -103,6 +103,11 @@ output "alarm_arns" {
   }
 }
 
+output "api_url" {
+  description = "The cell's HTTP API for backends (Authorization: Bearer <token>)"
+  value       = "https://${module.lb.dns_name}:${var.api_tls_port}/v1/"
+}
+
 output "gateway_url" {
   description = "The cell's WebSocket URL for automerge-repo peers (add ?token=...)"
   value       = "wss://${module.lb.dns_name}:${var.gateway_tls_port}/"

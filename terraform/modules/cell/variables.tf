@@ -110,6 +110,18 @@ variable "gateway_certificate_arn" {
   type        = string
 }
 
+variable "api_port" {
+  description = "TCP port of the HTTP API for backends (relay config [api] listen); the load balancer's TLS listener forwards to it."
+  type        = number
+  default     = 8090
+}
+
+variable "api_tls_port" {
+  description = "TCP port of the load balancer's TLS listener for the HTTP API (https://, with the gateway's certificate)."
+  type        = number
+  default     = 8443
+}
+
 variable "gossip_port" {
   description = "UDP port of SWIM gossip (relay config [cell] gossip_listen)."
   type        = number

@@ -15,6 +15,7 @@ locals {
     gossip_port    = 7946
     metrics_port   = 9090
     gateway_port   = 8080
+    api_port       = 8090
     data_dir       = "/var/lib/meridian"
     durable_table  = "meridian-changes-eu"
     durable_bucket = "meridian-snapshots-eu-eu-west-1"

@@ -1,0 +1,351 @@
+//! The hostile suite against the HTTP API: slow and oversized requests, bombs and
+//! garbage in posted bodies, floods of connections and of reads. Each case asserts the
+//! typed answer, that nothing refused was stored, and that an honest request (and, where
+//! the flood could starve them, another tenant and a QUIC client) is still served.
+
+use meridian_testkit as common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use common::Dev;
+use common::http;
+use meridian_api::ApiConfig;
+use meridian_protocol::{MAX_CHANGE_OPS, TenantId};
+use meridian_relay::TenantKeys;
+use meridian_relay::engine::change::operation_bomb;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Setup {
+    dev: Dev,
+    relay: meridian_relay::RelayHandle,
+    api: meridian_api::ApiHandle,
+    globex: meridian_protocol::token::TenantSigningKey,
+}
+
+/// A relay with the dev tenant and tenant `globex`, and the API in front of it.
+async fn setup(config: ApiConfig) -> Setup {
+    let dev = Dev::new();
+    let mut relay_config = dev.config("127.0.0.1:0".parse().unwrap());
+    let globex = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
+    relay_config.tenants.push(TenantKeys {
+        tenant: TenantId::new("globex").unwrap(),
+        jurisdiction: None,
+        public_keys: vec![globex.public_key().unwrap()],
+        max_token_lifetime: None,
+    });
+    let relay = meridian_relay::start(relay_config).await.expect("relay");
+    let api = meridian_api::start(config, relay.session_port())
+        .await
+        .expect("api");
+    Setup {
+        dev,
+        relay,
+        api,
+        globex,
+    }
+}
+
+fn globex_token(key: &meridian_protocol::token::TenantSigningKey) -> String {
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new("globex").unwrap(),
+        user: meridian_protocol::UserId::new("globex-backend").unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        id: "globex-backend".into(),
+        issued_at: common::unix_now(),
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    meridian_protocol::token::mint(&capability, key).unwrap()
+}
+
+fn one_change(key: &str) -> Vec<u8> {
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, key, "v").unwrap();
+    doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+}
+
+/// One change that puts a string of `len` bytes, compressed as Automerge saves changes.
+fn long_string_change(len: usize) -> Bytes {
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "text", "a".repeat(len)).unwrap();
+    let mut change = doc.get_last_local_change().unwrap().clone();
+    Bytes::copy_from_slice(change.bytes().as_ref())
+}
+
+/// An honest write and read still work.
+async fn still_served(s: &Setup, doc: &str) {
+    let token = s.dev.token("honest");
+    let path = format!("/v1/docs/{doc}/changes");
+    let answer = http::post(s.api.local_addr(), &path, &token, &one_change("ok")).await;
+    assert_eq!(answer.status, 200, "an honest write: {answer:?}");
+    let answer = http::get(s.api.local_addr(), &format!("/v1/docs/{doc}"), &token).await;
+    assert_eq!(answer.status, 200, "an honest read: {answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bombs_garbage_and_oversized_bodies_are_refused_whole_and_store_nothing() {
+    let config = ApiConfig {
+        body_bytes_max: 256 << 10,
+        changes_max: 100,
+        ..ApiConfig::default()
+    };
+    let s = setup(config).await;
+    let addr = s.api.local_addr();
+    let token = s.dev.token("mallory");
+
+    // A 2 MB string compressed to a few kilobytes: over the change's inflation limit.
+    let bomb = long_string_change(2_000_000);
+    assert!(bomb.len() < 64 << 10);
+    let mut body = one_change("before");
+    body.extend_from_slice(&bomb);
+    let answer = http::post(addr, "/v1/docs/bombed/changes", &token, &body).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert_eq!(answer.json()["code"], "too_large");
+    assert!(
+        answer.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("change 1"),
+        "the answer names the change: {answer:?}"
+    );
+    // An operation bomb: a few bytes claiming billions of operations.
+    let ops = operation_bomb(MAX_CHANGE_OPS * 1000);
+    let answer = http::post(addr, "/v1/docs/bombed/changes", &token, &ops).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    // Many changes whose sum inflates past the body's budget (each fine alone).
+    let config_budget = ApiConfig::default().inflated_bytes_max;
+    let big = long_string_change(900_000);
+    let mut many = Vec::new();
+    for _ in 0..(config_budget / 900_000 + 2).min(99) {
+        many.extend_from_slice(&big);
+    }
+    assert!(many.len() < 256 << 10, "{}", many.len());
+    let answer = http::post(addr, "/v1/docs/bombed/changes", &token, &many).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+
+    // Too many changes, a body over its size, garbage, a chunk whose length lies.
+    let mut hundred_one = Vec::new();
+    for i in 0..101 {
+        hundred_one.extend_from_slice(&one_change(&format!("k{i}")));
+    }
+    let answer = http::post(addr, "/v1/docs/bombed/changes", &token, &hundred_one).await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    let answer = http::post(
+        addr,
+        "/v1/docs/bombed/changes",
+        &token,
+        &vec![0u8; 300 << 10],
+    )
+    .await;
+    assert_eq!(answer.status, 413, "{answer:?}");
+    let answer = http::post(
+        addr,
+        "/v1/docs/bombed/changes",
+        &token,
+        &[
+            0x85, 0x6f, 0x4a, 0x83, 1, 2, 3, 4, 1, 0xff, 0xff, 0xff, 0x7f,
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, 422, "{answer:?}");
+    // A body declared over the limit is refused from its header, before it is read.
+    let auth = format!("Bearer {token}");
+    let head = format!(
+        "POST /v1/docs/bombed/changes HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: 100000000\r\n\r\n"
+    );
+    let answer = http::raw(addr, head.as_bytes()).await;
+    assert_eq!(
+        answer.status, 413,
+        "a declared length over the limit: {answer:?}"
+    );
+    // A change with a flipped byte: the relay's checksum check refuses it.
+    let mut corrupt = one_change("corrupt");
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x55;
+    let answer = http::post(addr, "/v1/docs/bombed/changes", &token, &corrupt).await;
+    assert_eq!(answer.status, 422, "{answer:?}");
+
+    // Nothing of it was stored.
+    let answer = http::get(addr, "/v1/docs/bombed", &token).await;
+    assert_eq!(answer.status, 404, "{answer:?}");
+    still_served(&s, "after-bombs").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_and_connection_floods_are_cut() {
+    let config = ApiConfig {
+        web: meridian_process::web::WebLimits {
+            connections_max: 64,
+            per_address_max: 8,
+            header_timeout: Duration::from_millis(500),
+            request_timeout: Duration::from_secs(2),
+        },
+        ..ApiConfig::default()
+    };
+    let s = setup(config).await;
+    let addr = s.api.local_addr();
+
+    // Headers that never finish are cut after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /v1/docs/a HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "slow headers are cut");
+
+    // A body trickled a byte at a time is cut at the request timeout.
+    let token = s.dev.token("mallory");
+    let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/docs/a/changes HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n"
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if trickle.write_all(b"x").await.is_err() {
+                break;
+            }
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(1), trickle.read(&mut byte)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "a trickled body is cut");
+
+    // Connections held open from one address beyond its share are closed at once.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /v1/docs/a HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), extra.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty(),
+        "the ninth connection from one address is closed"
+    );
+    drop(held);
+    // Once the held ones are gone (or cut), the address is served again.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    still_served(&s, "after-slow").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_reads_costs_its_own_tenant_not_others_nor_quic_clients() {
+    let config = ApiConfig {
+        materializations_max: 2,
+        materializations_per_tenant_max: 1,
+        // One large document a second per tenant.
+        read_bytes_per_tenant_per_second: 64 << 10,
+        ..ApiConfig::default()
+    };
+    let s = setup(config).await;
+    let addr = s.api.local_addr();
+    let token = s.dev.token("mallory");
+
+    // A document of some size to read again and again.
+    let mut doc = automerge::AutoCommit::new();
+    let text = doc
+        .put_object(automerge::ROOT, "text", automerge::ObjType::Text)
+        .unwrap();
+    let mut body = Vec::new();
+    for i in 0..200 {
+        doc.splice_text(&text, 0, 0, &format!("line {i} of a long document\n"))
+            .unwrap();
+        doc.commit();
+        body.extend_from_slice(doc.get_last_local_change().unwrap().raw_bytes());
+    }
+    let answer = http::post(addr, "/v1/docs/big/changes", &token, &body).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+
+    // Forty reads at once: the tenant's slot and byte budget refuse most of them, typed,
+    // with a time to retry.
+    let reads = (0..40).map(|_| {
+        let token = token.clone();
+        tokio::spawn(async move { http::get(addr, "/v1/docs/big", &token).await })
+    });
+    let mut ok = 0;
+    let mut limited = 0;
+    for read in reads.collect::<Vec<_>>() {
+        let answer = read.await.unwrap();
+        match answer.status {
+            200 => ok += 1,
+            429 => {
+                limited += 1;
+                assert!(answer.header("retry-after").is_some(), "{answer:?}");
+                assert_eq!(answer.json()["code"], "rate_limited");
+            }
+            other => panic!("unexpected answer {other}: {answer:?}"),
+        }
+    }
+    assert!(ok >= 1 && limited >= 1, "{ok} served, {limited} limited");
+
+    // Meanwhile another tenant reads and writes, and a QUIC client edits.
+    let globex = globex_token(&s.globex);
+    let answer = http::post(addr, "/v1/docs/own/changes", &globex, &one_change("g")).await;
+    assert_eq!(answer.status, 200, "another tenant writes: {answer:?}");
+    let answer = http::get(addr, "/v1/docs/own", &globex).await;
+    assert_eq!(answer.status, 200, "another tenant reads: {answer:?}");
+    common::still_serving(&s.dev, s.relay.local_addr()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_documents_and_forged_tokens_stay_out_of_reach() {
+    let s = setup(ApiConfig::default()).await;
+    let addr: SocketAddr = s.api.local_addr();
+    let acme = s.dev.token("alice");
+    let answer = http::post(addr, "/v1/docs/secret/changes", &acme, &one_change("s")).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Globex's token names its own tenant: the same id is another document.
+    let globex = globex_token(&s.globex);
+    let answer = http::get(addr, "/v1/docs/secret", &globex).await;
+    assert_eq!(answer.status, 404, "{answer:?}");
+    // A token signed with another key, claiming the dev tenant.
+    let forger = meridian_protocol::token::TenantSigningKey::from_seed([3; 32]).unwrap();
+    let capability = meridian_protocol::token::Capability {
+        tenant: TenantId::new(common::TENANT).unwrap(),
+        user: meridian_protocol::UserId::new("mallory").unwrap(),
+        docs: meridian_protocol::token::DocScope::Prefix(String::new()),
+        rights: meridian_protocol::token::Rights::ALL,
+        id: "forged".into(),
+        issued_at: common::unix_now(),
+        expires_at: common::unix_now() + 600,
+        audience: common::JURISDICTION.into(),
+    };
+    let forged = meridian_protocol::token::mint(&capability, &forger).unwrap();
+    let answer = http::get(addr, "/v1/docs/secret", &forged).await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    // The token in a query string instead of the header is not read.
+    let answer = http::request(
+        addr,
+        "GET",
+        &format!("/v1/docs/secret?token={acme}"),
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(answer.status, 401, "{answer:?}");
+    // Headers past hyper's bound.
+    let pad = "x".repeat(100 << 10);
+    let answer = http::request(addr, "GET", "/v1/docs/secret", &[("X-Pad", &pad)], &[]).await;
+    assert!(answer.status == 431 || answer.status == 0, "{answer:?}");
+    still_served(&s, "after-forgery").await;
+}
