@@ -56,6 +56,13 @@ pub struct DevArgs {
     /// user at rates no editor reaches (the load generator's throughput scenarios).
     #[arg(long, value_enum, default_value_t = RateLimitsMode::Default)]
     rate_limits: RateLimitsMode,
+    /// Start the change feed for the dev tenant, delivering every durable change to
+    /// this URL (loopback allowed); `DIR/feed.toml` is its config.
+    #[arg(long, requires = "webhook_secret")]
+    webhook: Option<String>,
+    /// The webhook's signing secret (`Meridian-Signature`).
+    #[arg(long, requires = "webhook")]
+    webhook_secret: Option<String>,
 }
 
 /// Which rate limits the dev nodes run with.
@@ -155,6 +162,17 @@ pub async fn run(args: DevArgs) -> Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let pki = meridian_relay::tls::dev_pki(&dir.join("tls"))?;
     let key = tenant_key(&dir.join("tenant.key"))?;
+    if let Some(url) = &args.webhook {
+        if args.cells.is_some() {
+            bail!("--webhook runs the feed for the one-cell deployment; leave out --cells");
+        }
+        if args.durable_endpoint.is_some() {
+            bail!(
+                "--webhook reads the local store's feed log; it cannot run with --durable-endpoint yet"
+            );
+        }
+        meridian_feed::target::parse(url, &[]).map_err(|e| anyhow::anyhow!("--webhook: {e}"))?;
+    }
     match args.cells.clone() {
         Some(spec) => run_cells(&args, &dir, &pki, &key, &parse_cells(&spec)?, &mut shutdown).await,
         None => run_one_cell(&args, &dir, &pki, &key, &mut shutdown).await,
@@ -198,6 +216,16 @@ async fn run_one_cell(
     let exe = std::env::current_exe().context("cannot find the meridian binary")?;
     let mut procs = Vec::new();
     start_nodes(&exe, &nodes, &mut procs, shutdown).await?;
+    if let (Some(url), Some(secret)) = (&args.webhook, &args.webhook_secret) {
+        let proc = start_feed(&exe, dir, url, secret, shutdown).await;
+        match proc {
+            Ok(proc) => procs.push(proc),
+            Err(error) => {
+                stop_all(&mut procs).await;
+                return Err(error);
+            }
+        }
+    }
     let client = ClientFile {
         endpoint: nodes[0].file.node.listen.to_string(),
         nodes: client_nodes(&nodes),
@@ -232,6 +260,12 @@ async fn run_one_cell(
         println!(
             "  browser  ws://{}/?token={} (automerge-repo WebSocket URL; README \"From the browser\")",
             gateway.listen, client.token
+        );
+    }
+    if let Some(url) = &args.webhook {
+        println!(
+            "  feed     every durable change of tenant {DEV_TENANT} to {url} (signed; {}; log feed.log)",
+            dir.join("feed.toml").display()
         );
     }
     if let Some(api) = &nodes[0].file.api {
@@ -687,6 +721,60 @@ fn spawn(
         admin,
         child: Some(child),
     })
+}
+
+/// Writes `DIR/feed.toml` for the dev tenant's webhook and starts `meridian feed` on it,
+/// waiting until it serves.
+async fn start_feed(
+    exe: &Path,
+    dir: &Path,
+    url: &str,
+    secret: &str,
+    shutdown: &mut crate::Shutdown,
+) -> Result<Proc> {
+    let file = crate::feed::FeedFile {
+        feed: crate::feed::FeedSection {
+            id: "dev".into(),
+            poll_interval_ms: Some(100),
+            dependency_wait_ms: None,
+            ca_cert: None,
+        },
+        durable: crate::config::DurableSection {
+            kind: "local".into(),
+            path: Some(dir.join("durable")),
+            table: None,
+            bucket: None,
+            region: None,
+            endpoint: None,
+        },
+        delivery: None,
+        metrics: Some(MetricsSection {
+            listen: free_tcp()?,
+        }),
+        webhooks: vec![crate::feed::WebhookSection {
+            tenant: DEV_TENANT.into(),
+            url: url.into(),
+            secrets: vec![secret.into()],
+            allowed_hosts: Vec::new(),
+            allow_loopback: true,
+            allow_private: false,
+        }],
+    };
+    // Checked here, so that a bad URL is reported before anything else.
+    file.to_config(dir)?;
+    let config = dir.join("feed.toml");
+    std::fs::write(&config, toml::to_string_pretty(&file)?)?;
+    let mut procs = vec![spawn(
+        exe,
+        "feed",
+        "feed",
+        &config,
+        &dir.join("feed.log"),
+        &dir.join("feed.pid"),
+        crate::feed::metrics_addr(&file),
+    )?];
+    wait_ready(&mut procs, shutdown).await?;
+    procs.pop().context("the feed process")
 }
 
 /// Starts every node as a child process (added to `procs`) and waits until all are

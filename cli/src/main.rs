@@ -6,6 +6,7 @@ mod cell;
 mod config;
 mod dev;
 mod doc;
+mod feed;
 mod placement;
 mod token;
 
@@ -69,6 +70,10 @@ enum Command {
     /// Write a tenant's documents (or some) from the durable tier to a portable archive:
     /// each document's Automerge save, its heads and the user of each actor.
     Export(archive::ExportArgs),
+    /// The change feed: every durable change delivered to its tenant's webhook, signed,
+    /// at least once, in causal order per document (see relay/feed.example.toml); and its
+    /// `replay` and `dead-letters`.
+    Feed(feed::FeedArgs),
     /// Write an archive's documents into a tenant of the same jurisdiction's durable tier
     /// (authors kept; changes already there are written again harmlessly).
     Import(archive::ImportArgs),
@@ -180,6 +185,7 @@ fn main() -> ExitCode {
             Command::Doc(command) => doc::run(command).await,
             Command::Export(args) => archive::export(args).await,
             Command::Import(args) => archive::import(args).await,
+            Command::Feed(args) => feed::run(args).await,
             Command::Durable(DurableCommand::Init {
                 jurisdiction,
                 endpoint,

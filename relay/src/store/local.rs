@@ -13,6 +13,19 @@
 //! `<id>.am` (the saved document), the latter created with a hard link so that a second
 //! writer of the same id finds it present and leaves it alone.
 //!
+//! **The feed log.** Every write appends its changes, before they go to their documents'
+//! logs, to `<root>/#feed.log` (under an exclusive lock on the file, fsynced): the
+//! jurisdiction's change feed reads it ([`LocalDirStore::read_feed`]). A record is
+//! `[len: u32 BE][crc32: u32 BE][payload]` with the payload
+//! `[written at: u64 BE, ms since the Unix epoch][tenant len: u8][tenant][doc len: u16 BE]
+//! [doc][hash: 32][user len: u8][user][change bytes]`. A **cursor** is the byte offset of
+//! a record in that file: reading from a cursor returns whole records from there and the
+//! cursor after the last one; a torn tail is never returned, and the next write cuts it
+//! away. A change may appear twice (a retried write): readers deduplicate by hash. A
+//! crash between the feed log and the documents' logs leaves a change in the feed that
+//! the relay writes again (it was not acknowledged): the feed is at least once, never
+//! behind the documents.
+//!
 //! Revocations are one JSON file, `<root>/#revocations.json` (`#` is in no tenant id),
 //! a map from [`Revocation::key`] to the revocation, replaced whole (written to a
 //! temporary file, fsynced, renamed) under an exclusive lock on `#revocations.lock`, so
@@ -40,6 +53,26 @@ use crate::revocation::Revocation;
 /// The revocations file and its lock file, under the root.
 const REVOCATIONS: &str = "#revocations.json";
 const REVOCATIONS_LOCK: &str = "#revocations.lock";
+
+/// The feed log and its lock, under the root.
+const FEED: &str = "#feed.log";
+
+/// Bytes read from the feed log at once (whole records are returned; a read stops early
+/// at this bound).
+const FEED_READ_BYTES: usize = 8 << 20;
+
+/// One record of the feed log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedRecord {
+    /// Its cursor: the byte offset where it starts in the feed log.
+    pub cursor: u64,
+    /// Its document.
+    pub key: DocKey,
+    /// The change as stored.
+    pub change: StoredChange,
+    /// When it was written, milliseconds since the Unix epoch (its durable time).
+    pub written_at_ms: u64,
+}
 
 /// The largest record accepted when reading, a guard against a corrupt length.
 const RECORD_MAX: usize = 2 << 20;
@@ -224,61 +257,132 @@ impl LocalDirStore {
         changes: &[(DocKey, StoredChange)],
     ) -> Result<(), StoreError> {
         let mut by_doc: BTreeMap<&DocKey, Vec<u8>> = BTreeMap::new();
+        let mut feed = Vec::new();
+        let written_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         for (key, change) in changes {
             encode_record(by_doc.entry(key).or_default(), change);
+            encode_feed_record(&mut feed, key, change, written_at);
         }
+        Self::append_locked(&root.join(FEED), checked, &feed)?;
         for (key, records) in by_doc {
             let path = Self::path_of(root, key);
             let dir = path
                 .parent()
                 .ok_or_else(|| StoreError::Corrupt("bad path".into()))?;
-            let new_dir = !dir.exists();
-            if new_dir {
+            if !dir.exists() {
                 fs::create_dir_all(dir)?;
                 File::open(root)?.sync_all()?;
             }
-            let new_file = !path.exists();
-            let mut file = OpenOptions::new()
-                .create(true)
-                .read(true)
-                .append(true)
-                .open(&path)?;
-            file.lock()?;
-            let len = file.metadata()?.len();
-            let known = checked
-                .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-                .get(&path)
-                .copied();
-            if known != Some(len) {
-                let from = known.filter(|k| *k <= len).unwrap_or(0);
-                let mut tail = Vec::new();
-                file.seek(SeekFrom::Start(from))?;
-                file.read_to_end(&mut tail)?;
-                let whole = from + valid_prefix(&tail) as u64;
-                if whole < len {
-                    tracing::debug!(path = %path.display(), torn = len - whole, "cutting a torn log tail");
-                    file.set_len(whole)?;
-                    file.sync_data()?;
-                }
-            }
-            let before = file.metadata()?.len();
-            let appended = file.write_all(&records).and_then(|()| file.sync_data());
-            if let Err(error) = appended {
-                let _ = file.set_len(before).and_then(|()| file.sync_data());
-                return Err(error.into());
-            }
-            if new_file {
-                File::open(dir)?.sync_all()?;
-            }
-            let after = before + records.len() as u64;
-            checked
-                .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-                .insert(path, after);
-            // Dropping the file releases the lock.
+            Self::append_locked(&path, checked, &records)?;
         }
         Ok(())
+    }
+
+    /// Appends `records` to the log at `path` under its file lock, cutting a torn tail
+    /// first, and fsyncs it (a failed append is cut again).
+    fn append_locked(
+        path: &Path,
+        checked: &Mutex<HashMap<PathBuf, u64>>,
+        records: &[u8],
+    ) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let new_file = !path.exists();
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        file.lock()?;
+        let len = file.metadata()?.len();
+        let known = checked
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+            .get(path)
+            .copied();
+        if known != Some(len) {
+            let from = known.filter(|k| *k <= len).unwrap_or(0);
+            let mut tail = Vec::new();
+            file.seek(SeekFrom::Start(from))?;
+            file.read_to_end(&mut tail)?;
+            let whole = from + valid_prefix(&tail) as u64;
+            if whole < len {
+                tracing::debug!(path = %path.display(), torn = len - whole, "cutting a torn log tail");
+                file.set_len(whole)?;
+                file.sync_data()?;
+            }
+        }
+        let before = file.metadata()?.len();
+        let appended = file.write_all(records).and_then(|()| file.sync_data());
+        if let Err(error) = appended {
+            let _ = file.set_len(before).and_then(|()| file.sync_data());
+            return Err(error.into());
+        }
+        if new_file && let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        checked
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+            .insert(path.to_path_buf(), before + records.len() as u64);
+        Ok(())
+    }
+
+    /// Whole feed records from `from` (a cursor), at most `max`, and the cursor after
+    /// the last one returned (`from` when there is nothing new). Blocking.
+    pub fn read_feed(&self, from: u64, max: usize) -> Result<(Vec<FeedRecord>, u64), StoreError> {
+        let mut file = match File::open(self.root.join(FEED)) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), from));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        file.seek(SeekFrom::Start(from))?;
+        let mut data = Vec::new();
+        file.take(FEED_READ_BYTES as u64).read_to_end(&mut data)?;
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        while out.len() < max && data.len() - at >= 8 {
+            let len =
+                u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+            let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+            if len > RECORD_MAX || data.len() - at - 8 < len {
+                break;
+            }
+            let payload = &data[at + 8..at + 8 + len];
+            let cursor = from + at as u64;
+            at += 8 + len;
+            if crc32fast::hash(payload) != crc {
+                tracing::debug!(cursor, "skipping a feed record that fails its CRC");
+                continue;
+            }
+            if let Some((key, change, written_at_ms)) = decode_feed_payload(payload) {
+                out.push(FeedRecord {
+                    cursor,
+                    key,
+                    change,
+                    written_at_ms,
+                });
+            }
+        }
+        Ok((out, from + at as u64))
+    }
+
+    /// The cursor after the feed log's last whole record. Blocking.
+    pub fn feed_end(&self) -> Result<u64, StoreError> {
+        let mut data = Vec::new();
+        match File::open(self.root.join(FEED)) {
+            Ok(mut file) => {
+                file.read_to_end(&mut data)?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(error.into()),
+        }
+        Ok(valid_prefix(&data) as u64)
     }
 
     fn load_changes(root: &Path, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
@@ -474,6 +578,42 @@ fn encode_record(out: &mut Vec<u8>, change: &StoredChange) {
     out.extend_from_slice(&payload);
 }
 
+fn encode_feed_record(out: &mut Vec<u8>, key: &DocKey, change: &StoredChange, written_at: u64) {
+    let (tenant, doc) = (key.tenant.as_str().as_bytes(), key.doc.as_str().as_bytes());
+    let mut payload =
+        Vec::with_capacity(8 + 3 + tenant.len() + doc.len() + 40 + change.bytes.len());
+    payload.extend_from_slice(&written_at.to_be_bytes());
+    payload.push(tenant.len() as u8);
+    payload.extend_from_slice(tenant);
+    payload.extend_from_slice(&(doc.len() as u16).to_be_bytes());
+    payload.extend_from_slice(doc);
+    let user = change.user.as_str().as_bytes();
+    payload.extend_from_slice(&change.hash.0);
+    payload.push(user.len() as u8);
+    payload.extend_from_slice(user);
+    payload.extend_from_slice(&change.bytes);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
+    out.extend_from_slice(&payload);
+}
+
+fn decode_feed_payload(payload: &[u8]) -> Option<(DocKey, StoredChange, u64)> {
+    let written_at = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    let tenant_len = usize::from(*payload.get(8)?);
+    let tenant = std::str::from_utf8(payload.get(9..9 + tenant_len)?).ok()?;
+    let at = 9 + tenant_len;
+    let doc_len = usize::from(u16::from_be_bytes(
+        payload.get(at..at + 2)?.try_into().ok()?,
+    ));
+    let doc = std::str::from_utf8(payload.get(at + 2..at + 2 + doc_len)?).ok()?;
+    let change = decode_payload(payload.get(at + 2 + doc_len..)?)?;
+    let key = DocKey {
+        tenant: meridian_protocol::TenantId::new(tenant).ok()?,
+        doc: meridian_protocol::DocId::new(doc).ok()?,
+    };
+    Some((key, change, written_at))
+}
+
 /// The length of the log up to its last whole record (what follows is a torn tail).
 fn valid_prefix(data: &[u8]) -> usize {
     let mut at = 0;
@@ -526,6 +666,50 @@ fn decode_payload(payload: &[u8]) -> Option<StoredChange> {
 mod tests {
     use super::*;
     use meridian_protocol::{DocId, TenantId};
+
+    #[tokio::test]
+    async fn every_write_lands_in_the_feed_log_readable_from_any_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path()).unwrap();
+        let key = |doc: &str| DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new(doc).unwrap(),
+        };
+        store
+            .write_changes(&[(key("a"), change(1)), (key("b/c"), change(2))])
+            .await
+            .unwrap();
+        store.write_changes(&[(key("a"), change(3))]).await.unwrap();
+        let (all, end) = store.read_feed(0, 100).unwrap();
+        let got: Vec<(String, u8)> = all
+            .iter()
+            .map(|r| (r.key.doc.to_string(), r.change.hash.0[0]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a".into(), 1), ("b/c".into(), 2), ("a".into(), 3)]
+        );
+        assert_eq!(all[1].change, change(2));
+        assert!(all[0].written_at_ms > 0);
+        assert_eq!(end, store.feed_end().unwrap());
+        // From any record's cursor, that record and what follows; at most `max`.
+        let (from_second, next) = store.read_feed(all[1].cursor, 1).unwrap();
+        assert_eq!(from_second, vec![all[1].clone()]);
+        assert_eq!(next, all[2].cursor);
+        assert_eq!(store.read_feed(end, 100).unwrap(), (Vec::new(), end));
+
+        // A torn tail is never returned, and the next write cuts it away.
+        let path = dir.path().join(FEED);
+        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&[0, 0, 0, 50, 1, 2, 3]).unwrap();
+        assert_eq!(store.read_feed(end, 100).unwrap(), (Vec::new(), end));
+        let other = LocalDirStore::open(dir.path()).unwrap();
+        other.write_changes(&[(key("a"), change(4))]).await.unwrap();
+        let (after, _) = store.read_feed(end, 100).unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].cursor, end);
+        assert_eq!(after[0].change, change(4));
+    }
 
     fn change(n: u8) -> StoredChange {
         StoredChange {

@@ -12,7 +12,7 @@ mod local;
 mod memory;
 
 pub use aws::{AwsConfig, AwsStore, AwsStoreStats, BATCH_MAX, INLINE_MAX};
-pub use local::LocalDirStore;
+pub use local::{FeedRecord, LocalDirStore};
 pub use memory::MemoryStore;
 
 use std::collections::HashMap;

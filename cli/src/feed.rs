@@ -1,0 +1,308 @@
+//! `meridian feed`: the change feed service, its replay, and its dead letters, from a
+//! TOML file (see `relay/feed.example.toml`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use meridian_feed::target::Reach;
+use meridian_feed::{DeliveryConfig, FeedConfig, FeedState, Webhook};
+use meridian_protocol::TenantId;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{DurableSection, MetricsSection};
+
+#[derive(clap::Args)]
+pub struct FeedArgs {
+    #[command(subcommand)]
+    command: Option<FeedCommand>,
+    /// The feed's config file (runs the service when no subcommand is given).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Shut down gracefully when standard input closes (how `meridian dev` stops it).
+    #[arg(long, hide = true)]
+    exit_with_parent: bool,
+}
+
+#[derive(clap::Subcommand)]
+enum FeedCommand {
+    /// Deliver again every change from a cursor to the end of the feed log as it is now
+    /// (the service's checkpoints are left alone), then print how many were delivered.
+    Replay {
+        #[arg(long)]
+        config: PathBuf,
+        /// The cursor to start from: 0 for the start of the log, or a checkpoint.
+        #[arg(long)]
+        from: u64,
+        /// Only this tenant's webhook.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Print a tenant's dead letters (batches that failed every attempt), one JSON object
+    /// per line, and its checkpoint.
+    DeadLetters {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+/// The feed's config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedFile {
+    pub feed: FeedSection,
+    pub durable: DurableSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSection>,
+    #[serde(default)]
+    pub webhooks: Vec<WebhookSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedSection {
+    /// The feed's name: its checkpoints live under it (two feeds with one name share
+    /// them; run one process per name).
+    pub id: String,
+    /// How often the log is read again when it had nothing new (default 200).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_interval_ms: Option<u64>,
+    /// How long a change waits for a dependency before it is delivered anyway (default
+    /// 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency_wait_ms: Option<u64>,
+    /// PEM file of the CAs `https` webhooks are checked against (default: the operating
+    /// system's trust store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySection {
+    pub batch_max: Option<usize>,
+    pub attempts_max: Option<u32>,
+    pub retry_initial_ms: Option<u64>,
+    pub retry_max_ms: Option<u64>,
+    pub attempt_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSection {
+    pub tenant: String,
+    pub url: String,
+    /// The current secret first; two during a rotation.
+    pub secrets: Vec<String>,
+    /// Hosts this tenant allows (`*.domain` for subdomains); empty: any public host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    /// Allow loopback targets (development only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_loopback: bool,
+    /// Allow private and unique-local targets (a receiver inside the network).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_private: bool,
+}
+
+impl FeedFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{} is not a feed config", path.display()))
+    }
+
+    /// The service's settings; relative paths resolve against `base`.
+    pub fn to_config(&self, base: &Path) -> Result<FeedConfig> {
+        if self.durable.kind != "local" {
+            bail!(
+                "[durable] kind = {:?}: this feed reads the local store's feed log; reading DynamoDB Streams is not built yet",
+                self.durable.kind
+            );
+        }
+        let root = base.join(
+            self.durable
+                .path
+                .as_ref()
+                .context("[durable] kind = \"local\" needs a path")?,
+        );
+        let defaults = DeliveryConfig::default();
+        let d = self.delivery.clone().unwrap_or_default();
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        let delivery = DeliveryConfig {
+            batch_max: d.batch_max.unwrap_or(defaults.batch_max),
+            attempts_max: d.attempts_max.unwrap_or(defaults.attempts_max),
+            retry_initial: ms(d.retry_initial_ms, defaults.retry_initial),
+            retry_max: ms(d.retry_max_ms, defaults.retry_max),
+            attempt_timeout: ms(d.attempt_timeout_ms, defaults.attempt_timeout),
+        };
+        let mut webhooks = Vec::new();
+        for w in &self.webhooks {
+            webhooks.push(Webhook {
+                tenant: TenantId::new(w.tenant.as_str())
+                    .map_err(|e| anyhow::anyhow!("[[webhooks]] tenant {:?}: {e}", w.tenant))?,
+                url: w.url.clone(),
+                secrets: w.secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                allowed_hosts: w.allowed_hosts.clone(),
+                reach: Reach {
+                    loopback: w.allow_loopback,
+                    private: w.allow_private,
+                },
+            });
+        }
+        let ca = match &self.feed.ca_cert {
+            Some(path) => Some(
+                std::fs::read(base.join(path))
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let order_defaults = meridian_feed::order::OrderConfig::default();
+        Ok(FeedConfig {
+            id: self.feed.id.clone(),
+            store_root: root,
+            webhooks,
+            order: meridian_feed::order::OrderConfig {
+                dependency_wait: ms(self.feed.dependency_wait_ms, order_defaults.dependency_wait),
+                ..order_defaults
+            },
+            delivery,
+            poll_interval: ms(self.feed.poll_interval_ms, Duration::from_millis(200)),
+            tls: meridian_feed::deliver::Tls::new(ca.as_deref()).map_err(anyhow::Error::msg)?,
+        })
+    }
+}
+
+pub async fn run(args: FeedArgs) -> Result<()> {
+    match args.command {
+        Some(FeedCommand::Replay {
+            config,
+            from,
+            tenant,
+        }) => {
+            let (file, base) = read(&config)?;
+            let tenant = tenant
+                .map(|t| TenantId::new(t.as_str()).map_err(|e| anyhow::anyhow!("--tenant: {e}")))
+                .transpose()?;
+            let delivered =
+                meridian_feed::replay(file.to_config(&base)?, from, tenant.as_ref()).await?;
+            println!("{delivered} changes delivered");
+            Ok(())
+        }
+        Some(FeedCommand::DeadLetters { config, tenant }) => {
+            let (file, base) = read(&config)?;
+            let config = file.to_config(&base)?;
+            let tenant =
+                TenantId::new(tenant.as_str()).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+            let state = FeedState::open(&config.store_root, &config.id)?;
+            for letter in state.dead_letters(&tenant)? {
+                println!("{}", serde_json::to_string(&letter)?);
+            }
+            match state.cursor(&tenant)? {
+                Some(cursor) => eprintln!("checkpoint of {tenant}: {cursor}"),
+                None => eprintln!("{tenant} has no checkpoint yet"),
+            }
+            Ok(())
+        }
+        None => {
+            let config = args
+                .config
+                .context("meridian feed needs --config FILE (or a subcommand)")?;
+            serve(&config, args.exit_with_parent).await
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<(FeedFile, PathBuf)> {
+    let file = FeedFile::read(path)?;
+    let base = path.parent().map(PathBuf::from).unwrap_or_default();
+    Ok((file, base))
+}
+
+async fn serve(path: &Path, exit_with_parent: bool) -> Result<()> {
+    let mut shutdown = crate::Shutdown::listen()?;
+    let (file, base) = read(path)?;
+    let config = file.to_config(&base)?;
+    let metrics = match &file.metrics {
+        Some(section) => {
+            let listener = meridian_process::http::bind(section.listen).await?;
+            let addr = listener.local_addr()?;
+            let readiness = Arc::new(meridian_process::http::Readiness::default());
+            for flag in [&readiness.serving, &readiness.joined] {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            let handle =
+                meridian_process::metrics::install_and_describe(meridian_feed::metrics::describe);
+            let task = tokio::spawn(meridian_process::http::serve(listener, handle, readiness));
+            eprintln!("metrics on http://{addr}/metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let tenants: BTreeMap<String, String> = config
+        .webhooks
+        .iter()
+        .map(|w| (w.tenant.to_string(), w.url.clone()))
+        .collect();
+    let feed = meridian_feed::start(config)?;
+    for (tenant, url) in tenants {
+        eprintln!("feed: tenant {tenant} → {url}");
+    }
+    crate::stopped(&mut shutdown, exit_with_parent).await;
+    feed.shutdown().await;
+    if let Some(task) = metrics {
+        task.abort();
+    }
+    Ok(())
+}
+
+/// The metrics address of a feed file, if it has one (for `meridian dev`'s banner).
+pub fn metrics_addr(file: &FeedFile) -> Option<SocketAddr> {
+    file.metrics.as_ref().map(|m| m.listen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_feed_config_parses_to_its_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../relay/feed.example.toml");
+        let file = FeedFile::read(&path).unwrap();
+        let config = file.to_config(Path::new("/etc/meridian")).unwrap();
+        let defaults = DeliveryConfig::default();
+        assert_eq!(config.delivery.batch_max, defaults.batch_max);
+        assert_eq!(config.delivery.attempts_max, defaults.attempts_max);
+        assert_eq!(config.delivery.retry_initial, defaults.retry_initial);
+        assert_eq!(config.delivery.retry_max, defaults.retry_max);
+        assert_eq!(config.delivery.attempt_timeout, defaults.attempt_timeout);
+        assert_eq!(
+            config.order.dependency_wait,
+            meridian_feed::order::OrderConfig::default().dependency_wait
+        );
+        assert_eq!(config.webhooks.len(), 1);
+        assert_eq!(config.webhooks[0].secrets.len(), 2);
+        assert_eq!(config.store_root, Path::new("/var/lib/meridian/durable"));
+    }
+
+    #[test]
+    fn a_dynamodb_feed_is_refused_with_the_reason() {
+        let text = r#"
+            [feed]
+            id = "x"
+            [durable]
+            kind = "dynamodb"
+            region = "eu-west-1"
+        "#;
+        let file: FeedFile = toml::from_str(text).unwrap();
+        let error = file.to_config(Path::new("/")).unwrap_err().to_string();
+        assert!(error.contains("not built yet"), "{error}");
+    }
+}

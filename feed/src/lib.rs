@@ -1,0 +1,23 @@
+//! The change feed: every change the durable tier holds, delivered to the webhook of its
+//! tenant, at least once, in causal order per document, in signed JSON batches.
+//!
+//! - [`order`]: causal order per document without IO, and the rule for a dependency
+//!   that never arrives.
+//! - [`sign`]: the `Meridian-Signature` header, and how a receiver checks it.
+//! - [`target`]: which URLs and addresses a webhook may reach (allow-lists, no private,
+//!   loopback, link-local or metadata addresses unless allowed).
+//! - [`deliver`]: one signed `POST`, over TLS for `https`.
+//! - [`service`]: the pipelines (one per webhook), checkpoints, retries with backoff and
+//!   jitter, the dead-letter store, and replay.
+//!
+//! The feed reads the local durable store's feed log (`meridian dev`); its format and
+//! cursors are described in `relay::store::local`.
+
+pub mod deliver;
+pub mod metrics;
+pub mod order;
+pub mod service;
+pub mod sign;
+pub mod target;
+
+pub use service::{DeliveryConfig, FeedConfig, FeedHandle, FeedState, Webhook, replay, start};

@@ -1,0 +1,70 @@
+//! The feed's metric names. Tenant ids label only the per-pipeline gauges: a feed
+//! process runs one pipeline per configured webhook, a bounded set.
+
+use meridian_protocol::TenantId;
+
+use crate::deliver::DeliverError;
+
+/// Changes delivered (their batch answered 2xx).
+pub const DELIVERED: &str = "meridian_feed_delivered_total";
+/// Attempts that failed, by reason (`status`, `timeout`, `connect`, `target`).
+pub const FAILED_ATTEMPTS: &str = "meridian_feed_failed_attempts_total";
+/// Changes whose batch went to the dead-letter store.
+pub const DEAD_LETTERED: &str = "meridian_feed_dead_lettered_total";
+/// Seconds from a change's durable write to its webhook's 2xx.
+pub const LAG: &str = "meridian_feed_lag_seconds";
+/// Changes held for their dependencies, per tenant.
+pub const PENDING: &str = "meridian_feed_pending_changes";
+/// The saved checkpoint (a cursor into the feed log), per tenant.
+pub const CHECKPOINT: &str = "meridian_feed_checkpoint";
+/// Feed records skipped because their change does not parse.
+pub const CORRUPT: &str = "meridian_feed_corrupt_records_total";
+
+/// Describes the feed's metrics to the installed recorder.
+pub fn describe() {
+    metrics::describe_counter!(DELIVERED, "changes delivered to webhooks");
+    metrics::describe_counter!(FAILED_ATTEMPTS, "webhook attempts that failed, by reason");
+    metrics::describe_counter!(DEAD_LETTERED, "changes whose batch was dead-lettered");
+    metrics::describe_histogram!(
+        LAG,
+        metrics::Unit::Seconds,
+        "from a change's durable write to its webhook's 2xx"
+    );
+    metrics::describe_gauge!(PENDING, "changes held for their dependencies, per tenant");
+    metrics::describe_gauge!(CHECKPOINT, "the saved feed cursor, per tenant");
+    metrics::describe_counter!(CORRUPT, "feed records whose change does not parse");
+}
+
+pub(crate) fn delivered(count: usize) {
+    metrics::counter!(DELIVERED).increment(count as u64);
+}
+
+pub(crate) fn failed_attempt(error: &DeliverError) {
+    let reason = match error {
+        DeliverError::Status(_) => "status",
+        DeliverError::Timeout(_) => "timeout",
+        DeliverError::Connect(_) => "connect",
+        DeliverError::Target(_) => "target",
+    };
+    metrics::counter!(FAILED_ATTEMPTS, "reason" => reason).increment(1);
+}
+
+pub(crate) fn dead_lettered(count: usize) {
+    metrics::counter!(DEAD_LETTERED).increment(count as u64);
+}
+
+pub(crate) fn lag(millis: u64) {
+    metrics::histogram!(LAG).record(millis as f64 / 1000.0);
+}
+
+pub(crate) fn pending(tenant: &TenantId, count: usize) {
+    metrics::gauge!(PENDING, "tenant" => tenant.to_string()).set(count as f64);
+}
+
+pub(crate) fn checkpoint(tenant: &TenantId, cursor: u64) {
+    metrics::gauge!(CHECKPOINT, "tenant" => tenant.to_string()).set(cursor as f64);
+}
+
+pub(crate) fn corrupt() {
+    metrics::counter!(CORRUPT).increment(1);
+}

@@ -1,0 +1,606 @@
+//! The feed service: one pipeline per webhook (tenant), each reading the durable tier's
+//! feed log from its own checkpoint, ordering each document's changes
+//! ([`crate::order`]), and delivering them in signed batches with retries, backoff and
+//! jitter, then a dead-letter store. A tenant whose receiver is slow or down holds up
+//! only its own pipeline.
+//!
+//! **At least once.** A pipeline's checkpoint is the cursor before which every record of
+//! its tenant was delivered (or dead-lettered); it is saved after deliveries, so a
+//! restart delivers again at most what was delivered after the last save. Receivers
+//! deduplicate by change hash (each change's idempotency key) or by `delivery_id`.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use meridian_protocol::{ChangeHash, DocId, TenantId};
+use meridian_relay::store::{FeedRecord, LocalDirStore};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::deliver::{self, DeliverError, Tls};
+use crate::order::{FeedChange, OrderConfig, Orderer, batches};
+use crate::target::{Reach, Target, TargetError};
+
+/// One tenant's webhook.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// The tenant whose changes it receives.
+    pub tenant: TenantId,
+    /// Where to `POST` them.
+    pub url: String,
+    /// Its secrets, the current one first (two during a rotation).
+    pub secrets: Vec<Vec<u8>>,
+    /// Hosts the tenant allows webhooks to reach (`*.domain` for subdomains); empty:
+    /// any public host.
+    pub allowed_hosts: Vec<String>,
+    /// What the target may reach beyond public addresses.
+    pub reach: Reach,
+}
+
+/// How batches are delivered.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Changes per request, at most.
+    pub batch_max: usize,
+    /// Attempts per batch before it goes to the dead-letter store.
+    pub attempts_max: u32,
+    /// The first retry's delay (doubling, with jitter, up to `retry_max`).
+    pub retry_initial: Duration,
+    /// The longest delay between attempts.
+    pub retry_max: Duration,
+    /// How long one attempt may take (resolution, connection, answer).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            batch_max: 100,
+            attempts_max: 8,
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The feed service's settings.
+#[derive(Debug, Clone)]
+pub struct FeedConfig {
+    /// The feed's name: its checkpoints are kept under it.
+    pub id: String,
+    /// The local durable store whose feed log is read.
+    pub store_root: PathBuf,
+    /// One webhook per tenant.
+    pub webhooks: Vec<Webhook>,
+    /// Ordering bounds.
+    pub order: OrderConfig,
+    /// Delivery.
+    pub delivery: DeliveryConfig,
+    /// How often the log is read again when it had nothing new.
+    pub poll_interval: Duration,
+    /// Trust for `https` targets.
+    pub tls: Tls,
+}
+
+/// Why the feed could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// A webhook's target is refused.
+    #[error("tenant {tenant}: {error}")]
+    Target {
+        /// The tenant.
+        tenant: TenantId,
+        /// Why.
+        error: TargetError,
+    },
+    /// A webhook has no secret.
+    #[error("tenant {0}: a webhook needs at least one secret")]
+    NoSecret(TenantId),
+    /// Two webhooks for one tenant.
+    #[error("tenant {0} has two webhooks; give each tenant one")]
+    Duplicate(TenantId),
+    /// The store or the feed's own files failed.
+    #[error("feed storage: {0}")]
+    Storage(String),
+}
+
+impl From<std::io::Error> for FeedError {
+    fn from(error: std::io::Error) -> Self {
+        FeedError::Storage(error.to_string())
+    }
+}
+
+/// Where a feed keeps its checkpoints and dead letters: beside the store's data, under
+/// `#feed/` (`#` is in no tenant id).
+#[derive(Debug, Clone)]
+pub struct FeedState {
+    dir: PathBuf,
+}
+
+/// A batch that was never delivered.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// The tenant.
+    pub tenant: String,
+    /// The document.
+    pub doc: String,
+    /// The batch's id.
+    pub delivery_id: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last attempt's error.
+    pub last_error: String,
+    /// When it was given up, milliseconds since the Unix epoch.
+    pub at: u64,
+    /// The body that was not delivered.
+    pub body: serde_json::Value,
+}
+
+impl FeedState {
+    /// The state of feed `id` of the store at `root`.
+    pub fn open(root: &Path, id: &str) -> Result<Self, FeedError> {
+        let dir = root.join("#feed");
+        std::fs::create_dir_all(dir.join(id))?;
+        std::fs::create_dir_all(dir.join("dead-letter"))?;
+        Ok(FeedState { dir: dir.join(id) })
+    }
+
+    fn cursor_path(&self, tenant: &TenantId) -> PathBuf {
+        self.dir.join(format!("{tenant}.cursor"))
+    }
+
+    fn dead_letter_path(&self, tenant: &TenantId) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap_or(&self.dir)
+            .join("dead-letter")
+            .join(format!("{tenant}.jsonl"))
+    }
+
+    /// The tenant's checkpoint (`None`: it never ran).
+    pub fn cursor(&self, tenant: &TenantId) -> Result<Option<u64>, FeedError> {
+        match std::fs::read_to_string(self.cursor_path(tenant)) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| FeedError::Storage(format!("checkpoint of {tenant} is corrupt"))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Saves the tenant's checkpoint (written aside, fsynced, renamed).
+    pub fn save_cursor(&self, tenant: &TenantId, cursor: u64) -> Result<(), FeedError> {
+        let path = self.cursor_path(tenant);
+        let temporary = path.with_extension("cursor.tmp");
+        {
+            use std::io::Write;
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(cursor.to_string().as_bytes())?;
+            file.sync_data()?;
+        }
+        std::fs::rename(&temporary, &path)?;
+        Ok(())
+    }
+
+    /// Appends a dead letter (one JSON line, fsynced).
+    pub fn dead_letter(&self, tenant: &TenantId, letter: &DeadLetter) -> Result<(), FeedError> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(letter).map_err(|e| FeedError::Storage(e.to_string()))?;
+        line.push(b'\n');
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dead_letter_path(tenant))?;
+        file.lock()?;
+        file.write_all(&line)?;
+        file.sync_data()?;
+        Ok(())
+    }
+
+    /// The tenant's dead letters, oldest first.
+    pub fn dead_letters(&self, tenant: &TenantId) -> Result<Vec<DeadLetter>, FeedError> {
+        match std::fs::read_to_string(self.dead_letter_path(tenant)) {
+            Ok(text) => Ok(text
+                .lines()
+                .filter_map(|line| serde_json::from_str(line).ok())
+                .collect()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(error) => Err(error.into()),
+        }
+    }
+}
+
+/// A running feed.
+pub struct FeedHandle {
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl FeedHandle {
+    /// Stops every pipeline after its current attempt and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Checks every webhook, then starts one pipeline per webhook, each from its checkpoint
+/// (from the log's start the first time).
+pub fn start(config: FeedConfig) -> Result<FeedHandle, FeedError> {
+    let pipelines = pipelines(&config)?;
+    let state = FeedState::open(&config.store_root, &config.id)?;
+    let store = LocalDirStore::open(&config.store_root)
+        .map_err(|error| FeedError::Storage(error.to_string()))?;
+    let (stop, stopped) = watch::channel(false);
+    let config = Arc::new(config);
+    let tasks = pipelines
+        .into_iter()
+        .map(|(webhook, target)| {
+            let pipeline = Pipeline {
+                config: config.clone(),
+                store: store.clone(),
+                state: state.clone(),
+                webhook,
+                target,
+                mode: Mode::Follow,
+            };
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let tenant = pipeline.webhook.tenant.clone();
+                if let Err(error) = pipeline.run(stopped).await {
+                    tracing::error!(%tenant, %error, "feed pipeline stopped");
+                }
+            })
+        })
+        .collect();
+    Ok(FeedHandle { stop, tasks })
+}
+
+/// Delivers again, to each webhook (or `tenant`'s only), every record from `from` to
+/// the end of the log as it is now, then returns how many changes were delivered. The
+/// service's checkpoints are left as they are.
+pub async fn replay(
+    config: FeedConfig,
+    from: u64,
+    tenant: Option<&TenantId>,
+) -> Result<u64, FeedError> {
+    let pipelines = pipelines(&config)?;
+    let state = FeedState::open(&config.store_root, &config.id)?;
+    let store = LocalDirStore::open(&config.store_root)
+        .map_err(|error| FeedError::Storage(error.to_string()))?;
+    let end = store
+        .feed_end()
+        .map_err(|e| FeedError::Storage(e.to_string()))?;
+    let config = Arc::new(config);
+    let (_stop, stopped) = watch::channel(false);
+    let mut delivered = 0;
+    for (webhook, target) in pipelines {
+        if tenant.is_some_and(|t| *t != webhook.tenant) {
+            continue;
+        }
+        let pipeline = Pipeline {
+            config: config.clone(),
+            store: store.clone(),
+            state: state.clone(),
+            webhook,
+            target,
+            mode: Mode::Replay { from, until: end },
+        };
+        delivered += pipeline.run(stopped.clone()).await?;
+    }
+    Ok(delivered)
+}
+
+fn pipelines(config: &FeedConfig) -> Result<Vec<(Webhook, Target)>, FeedError> {
+    let mut seen = BTreeSet::new();
+    config
+        .webhooks
+        .iter()
+        .map(|webhook| {
+            if !seen.insert(webhook.tenant.clone()) {
+                return Err(FeedError::Duplicate(webhook.tenant.clone()));
+            }
+            if webhook.secrets.is_empty() || webhook.secrets.iter().any(Vec::is_empty) {
+                return Err(FeedError::NoSecret(webhook.tenant.clone()));
+            }
+            let target =
+                crate::target::parse(&webhook.url, &webhook.allowed_hosts).map_err(|error| {
+                    FeedError::Target {
+                        tenant: webhook.tenant.clone(),
+                        error,
+                    }
+                })?;
+            Ok((webhook.clone(), target))
+        })
+        .collect()
+}
+
+enum Mode {
+    /// Follow the log from the checkpoint, saving it.
+    Follow,
+    /// Deliver `[from, until)` once.
+    Replay { from: u64, until: u64 },
+}
+
+struct Pipeline {
+    config: Arc<FeedConfig>,
+    store: LocalDirStore,
+    state: FeedState,
+    webhook: Webhook,
+    target: Target,
+    mode: Mode,
+}
+
+/// Records read from the log per read.
+const READ_RECORDS: usize = 1000;
+
+impl Pipeline {
+    /// Runs until stopped (or, replaying, until the end); returns the changes delivered.
+    async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<u64, FeedError> {
+        let tenant = self.webhook.tenant.clone();
+        let (start, until) = match self.mode {
+            Mode::Follow => (self.state.cursor(&tenant)?.unwrap_or(0), None),
+            Mode::Replay { from, until } => (from, Some(until)),
+        };
+        let mut orderer = Orderer::new(self.config.order);
+        self.prime(&mut orderer, start).await?;
+        let mut read_at = start;
+        let mut saved = start;
+        // Cursors of this tenant's records read and not yet delivered or dead-lettered.
+        let mut outstanding: BTreeSet<u64> = BTreeSet::new();
+        let mut delivered = 0u64;
+        loop {
+            if *stopped.borrow() {
+                return Ok(delivered);
+            }
+            let read = if until.is_some_and(|end| read_at >= end) {
+                None
+            } else {
+                Some(self.read(read_at).await?)
+            };
+            let mut got = 0;
+            if let Some((records, next)) = read {
+                got = records.len();
+                for record in records {
+                    if until.is_some_and(|end| record.cursor >= end) {
+                        break;
+                    }
+                    if record.key.tenant != tenant {
+                        continue;
+                    }
+                    match feed_change(&record) {
+                        Some(change) => {
+                            if orderer.handle_change(Instant::now(), change) {
+                                outstanding.insert(record.cursor);
+                            }
+                        }
+                        None => {
+                            crate::metrics::corrupt();
+                            tracing::warn!(
+                                cursor = record.cursor,
+                                "skipping a feed record whose change does not parse"
+                            );
+                        }
+                    }
+                }
+                read_at = match until {
+                    Some(end) => next.min(end),
+                    None => next,
+                };
+            }
+            let now = Instant::now();
+            // Replaying, everything read is released at the end without waiting.
+            let ready = if until.is_some_and(|end| read_at >= end) {
+                orderer.poll_ready(now + self.config.order.dependency_wait)
+            } else {
+                orderer.poll_ready(now)
+            };
+            crate::metrics::pending(&tenant, orderer.pending());
+            for batch in batches(ready, self.config.delivery.batch_max) {
+                let cursors: Vec<u64> = batch.iter().map(|c| c.cursor).collect();
+                let count = batch.len() as u64;
+                if !self.deliver(batch, &mut stopped).await? {
+                    return Ok(delivered);
+                }
+                delivered += count;
+                for cursor in cursors {
+                    outstanding.remove(&cursor);
+                }
+            }
+            let checkpoint = outstanding.first().copied().unwrap_or(read_at);
+            if matches!(self.mode, Mode::Follow) && checkpoint != saved {
+                self.state.save_cursor(&tenant, checkpoint)?;
+                saved = checkpoint;
+                crate::metrics::checkpoint(&tenant, checkpoint);
+            }
+            if let Some(end) = until
+                && read_at >= end
+                && orderer.pending() == 0
+            {
+                return Ok(delivered);
+            }
+            if got == 0 {
+                let wait = orderer
+                    .next_deadline()
+                    .map_or(self.config.poll_interval, |deadline| {
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .min(self.config.poll_interval)
+                    });
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+        }
+    }
+
+    async fn read(&self, from: u64) -> Result<(Vec<FeedRecord>, u64), FeedError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.read_feed(from, READ_RECORDS))
+            .await
+            .map_err(|e| FeedError::Storage(e.to_string()))?
+            .map_err(|e| FeedError::Storage(e.to_string()))
+    }
+
+    /// Marks what lies before `until` as released: those records were delivered by an
+    /// earlier run (or, replaying, are before the replay's start).
+    async fn prime(&self, orderer: &mut Orderer, until: u64) -> Result<(), FeedError> {
+        let mut at = 0;
+        while at < until {
+            let (records, next) = self.read(at).await?;
+            if records.is_empty() {
+                break;
+            }
+            for record in records {
+                if record.cursor >= until {
+                    return Ok(());
+                }
+                if record.key.tenant == self.webhook.tenant {
+                    orderer.already_released(record.change.hash);
+                }
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// Delivers one batch with retries; a batch that fails every attempt goes to the
+    /// dead-letter store. Returns `false` when stopped meanwhile.
+    async fn deliver(
+        &self,
+        batch: Vec<FeedChange>,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<bool, FeedError> {
+        let tenant = &self.webhook.tenant;
+        let Some(first) = batch.first() else {
+            return Ok(true);
+        };
+        let doc = first.doc.clone();
+        let (delivery_id, body) = body(tenant, &doc, &batch);
+        let delivery = &self.config.delivery;
+        let mut backoff =
+            meridian_process::backoff::exponential(delivery.retry_initial, delivery.retry_max);
+        let mut last_error = DeliverError::Timeout(Duration::ZERO);
+        for attempt in 1..=delivery.attempts_max.max(1) {
+            let t = i64::try_from(unix_now_ms() / 1000).unwrap_or(i64::MAX);
+            let request = deliver::Request {
+                signature: crate::sign::header(&self.webhook.secrets, t, &body),
+                body: body.clone(),
+                delivery_id: delivery_id.clone(),
+            };
+            match deliver::post(
+                &self.target,
+                self.webhook.reach,
+                &self.config.tls,
+                &request,
+                delivery.attempt_timeout,
+            )
+            .await
+            {
+                Ok(_) => {
+                    let now = unix_now_ms();
+                    for change in &batch {
+                        crate::metrics::lag(now.saturating_sub(change.durable_at_ms));
+                    }
+                    crate::metrics::delivered(batch.len());
+                    return Ok(true);
+                }
+                Err(error) => {
+                    crate::metrics::failed_attempt(&error);
+                    tracing::debug!(%tenant, %doc, attempt, %error, "webhook attempt failed");
+                    last_error = error;
+                }
+            }
+            if attempt < delivery.attempts_max {
+                let wait = backoff.next().unwrap_or(delivery.retry_max);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => return Ok(false),
+                }
+            }
+        }
+        tracing::warn!(%tenant, %doc, %delivery_id, error = %last_error, "batch dead-lettered");
+        let letter = DeadLetter {
+            tenant: tenant.to_string(),
+            doc: doc.to_string(),
+            delivery_id,
+            attempts: delivery.attempts_max,
+            last_error: last_error.to_string(),
+            at: unix_now_ms(),
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        };
+        self.state.dead_letter(tenant, &letter)?;
+        crate::metrics::dead_lettered(batch.len());
+        Ok(true)
+    }
+}
+
+/// A batch's id (a digest of its changes' hashes: the same batch always has the same
+/// id) and its JSON body.
+pub fn body(tenant: &TenantId, doc: &DocId, batch: &[FeedChange]) -> (String, Bytes) {
+    let mut digest = Sha256::new();
+    for change in batch {
+        digest.update(change.hash.0);
+    }
+    let delivery_id = hex::encode(&digest.finalize()[..16]);
+    let hex =
+        |hashes: &[ChangeHash]| -> Vec<String> { hashes.iter().map(ToString::to_string).collect() };
+    let changes: Vec<serde_json::Value> = batch
+        .iter()
+        .map(|c| {
+            let mut change = serde_json::json!({
+                "hash": c.hash.to_string(),
+                "actor": c.actor,
+                "seq": c.seq,
+                "deps": hex(&c.deps),
+                "time": c.time,
+                "durable_at": c.durable_at_ms,
+                "user": c.user,
+            });
+            if !c.late_deps.is_empty() {
+                change["late_deps"] = hex(&c.late_deps).into();
+            }
+            change
+        })
+        .collect();
+    let body = serde_json::json!({
+        "type": "changes",
+        "tenant": tenant.as_str(),
+        "doc": doc.as_str(),
+        "delivery_id": delivery_id,
+        "changes": changes,
+    });
+    (delivery_id, Bytes::from(body.to_string()))
+}
+
+/// A record's change as the feed delivers it (`None`: it does not parse).
+fn feed_change(record: &FeedRecord) -> Option<FeedChange> {
+    let change = automerge::Change::try_from(&record.change.bytes[..]).ok()?;
+    Some(FeedChange {
+        cursor: record.cursor,
+        doc: record.key.doc.clone(),
+        hash: record.change.hash,
+        actor: change.actor_id().to_hex_string(),
+        seq: change.seq(),
+        deps: change.deps().iter().map(|d| ChangeHash(d.0)).collect(),
+        time: change.timestamp(),
+        durable_at_ms: record.written_at_ms,
+        user: record.change.user.to_string(),
+        late_deps: Vec::new(),
+    })
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

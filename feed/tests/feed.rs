@@ -1,0 +1,361 @@
+//! The feed against a real relay's local durable store and real HTTP receivers on
+//! 127.0.0.1 that fail, time out and answer 500 on purpose: every durable change
+//! arrives, signed, in causal order per document; checkpoints survive a restart;
+//! batches that never succeed go to the dead-letter store; replay delivers again.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use meridian_feed::target::Reach;
+use meridian_feed::{DeliveryConfig, FeedConfig, FeedState, Webhook};
+use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
+use meridian_relay::engine::{DocKey, StoredChange};
+use meridian_relay::store::{DurableStore, LocalDirStore};
+use meridian_testkit::Dev;
+
+/// What a receiver does with each request, in order; after the script, `then`.
+#[derive(Clone, Copy, Debug)]
+enum Act {
+    Ok,
+    Fail,
+    Hang,
+}
+
+/// A receiver's state: what it saw, its script, what it does after the script.
+type ReceiverState = (Arc<Mutex<Seen>>, Arc<Vec<Act>>, Act);
+
+#[derive(Default)]
+struct Seen {
+    bodies: Vec<(HeaderMap, Bytes)>,
+    requests: usize,
+}
+
+struct Receiver {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Seen>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn receiver(script: Vec<Act>, then: Act) -> Receiver {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let state = (seen.clone(), Arc::new(script), then);
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State((seen, script, then)): axum::extract::State<
+                    ReceiverState,
+                >,
+                 headers: HeaderMap,
+                 body: Bytes| async move {
+                    let act = {
+                        let mut seen = seen.lock().unwrap();
+                        let act = script.get(seen.requests).copied().unwrap_or(then);
+                        seen.requests += 1;
+                        if matches!(act, Act::Ok) {
+                            seen.bodies.push((headers, body));
+                        }
+                        act
+                    };
+                    match act {
+                        Act::Ok => StatusCode::NO_CONTENT,
+                        Act::Fail => StatusCode::INTERNAL_SERVER_ERROR,
+                        Act::Hang => {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            StatusCode::OK
+                        }
+                    }
+                },
+            ),
+        )
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Receiver {
+        addr,
+        seen,
+        _task: task,
+    }
+}
+
+impl Receiver {
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    /// Every change delivered so far, as `(doc, change JSON)`, in arrival order.
+    fn changes(&self) -> Vec<(String, serde_json::Value)> {
+        let seen = self.seen.lock().unwrap();
+        seen.bodies
+            .iter()
+            .flat_map(|(_, body)| {
+                let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+                let doc = body["doc"].as_str().unwrap().to_string();
+                body["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| (doc.clone(), c.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    async fn wait_for(&self, count: usize) {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while self.changes().len() < count {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{count} changes delivered; got {}", self.changes().len()));
+    }
+}
+
+fn config(root: &std::path::Path, webhooks: Vec<Webhook>) -> FeedConfig {
+    FeedConfig {
+        id: "test".into(),
+        store_root: root.to_path_buf(),
+        webhooks,
+        order: meridian_feed::order::OrderConfig {
+            dependency_wait: Duration::from_secs(2),
+            ..Default::default()
+        },
+        delivery: DeliveryConfig {
+            batch_max: 5,
+            attempts_max: 6,
+            retry_initial: Duration::from_millis(20),
+            retry_max: Duration::from_millis(100),
+            attempt_timeout: Duration::from_millis(500),
+        },
+        poll_interval: Duration::from_millis(50),
+        tls: meridian_feed::deliver::Tls::new(None).unwrap(),
+    }
+}
+
+fn webhook(tenant: &str, url: String) -> Webhook {
+    Webhook {
+        tenant: TenantId::new(tenant).unwrap(),
+        url,
+        secrets: vec![b"new-secret".to_vec(), b"old-secret".to_vec()],
+        allowed_hosts: Vec::new(),
+        reach: Reach {
+            loopback: true,
+            private: false,
+        },
+    }
+}
+
+/// Each document's delivered changes come after their dependencies.
+fn assert_causal(changes: &[(String, serde_json::Value)]) {
+    let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
+    let all: HashSet<&str> = changes
+        .iter()
+        .map(|(_, c)| c["hash"].as_str().unwrap())
+        .collect();
+    for (doc, change) in changes {
+        let done = seen.entry(doc.as_str()).or_default();
+        for dep in change["deps"].as_array().unwrap() {
+            let dep = dep.as_str().unwrap();
+            assert!(
+                done.contains(dep) || !all.contains(dep),
+                "{doc}: {} came before its dependency {dep}",
+                change["hash"]
+            );
+        }
+        done.insert(change["hash"].as_str().unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_changes_reach_the_webhook_signed_in_order_despite_failures() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    // Two failures, an attempt that times out, then successes.
+    let hook = receiver(vec![Act::Fail, Act::Fail, Act::Hang], Act::Ok).await;
+    let root = dev.dir.path().join("durable");
+    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())])).unwrap();
+
+    let client = dev.client(relay.local_addr(), "alice").await;
+    let mut expected = HashSet::new();
+    for name in ["notes", "tasks"] {
+        let doc = client.open(name).await.unwrap();
+        doc.wait_synced().await.unwrap();
+        for i in 0..8 {
+            let hashes = doc
+                .change_with_hashes(|d| d.put(automerge::ROOT, "n", i as i64))
+                .unwrap();
+            expected.extend(hashes.1.iter().map(|h| h.to_string()));
+        }
+        meridian_testkit::wait_durable(&doc).await;
+    }
+    hook.wait_for(expected.len()).await;
+    let changes = hook.changes();
+    let delivered: HashSet<String> = changes
+        .iter()
+        .map(|(_, c)| c["hash"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, expected);
+    assert_causal(&changes);
+    let (_, first) = &changes[0];
+    assert_eq!(first["user"], "alice");
+    assert!(first["durable_at"].as_u64().unwrap() > 1_600_000_000_000);
+    assert!(first["time"].as_i64().unwrap() > 1_600_000_000);
+    assert_eq!(first["seq"], 1);
+
+    // Every body is signed under both secrets of the rotation, and names its batch.
+    let now = meridian_testkit::unix_now();
+    for (headers, body) in &hook.seen.lock().unwrap().bodies {
+        let signature = headers["meridian-signature"].to_str().unwrap();
+        for secret in [b"new-secret".as_slice(), b"old-secret".as_slice()] {
+            meridian_feed::sign::verify(signature, secret, body, now, 300).unwrap();
+        }
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(json["tenant"], "acme");
+        assert_eq!(
+            headers["meridian-delivery"],
+            json["delivery_id"].as_str().unwrap()
+        );
+    }
+    assert!(
+        hook.seen.lock().unwrap().requests >= 3 + 4,
+        "the failures were retried"
+    );
+
+    // The checkpoint reached the end; a restart delivers only what is new.
+    let store = LocalDirStore::open(&root).unwrap();
+    let state = FeedState::open(&root, "test").unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while state.cursor(&acme).unwrap() != Some(store.feed_end().unwrap()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("checkpoint at the end of the log");
+    feed.shutdown().await;
+    let before = hook.changes().len();
+    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())])).unwrap();
+    let doc = client.open("notes").await.unwrap();
+    doc.change(|d| d.put(automerge::ROOT, "after", "restart"))
+        .unwrap()
+        .unwrap();
+    meridian_testkit::wait_durable(&doc).await;
+    hook.wait_for(before + 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.changes().len(), before + 1, "nothing delivered twice");
+    feed.shutdown().await;
+
+    // Replay from the start delivers everything again, in order.
+    let replayed = meridian_feed::replay(config(&root, vec![webhook("acme", hook.url())]), 0, None)
+        .await
+        .unwrap();
+    assert_eq!(replayed as usize, before + 1);
+    assert_eq!(hook.changes().len(), 2 * (before + 1));
+    assert_causal(&hook.changes()[before + 1..]);
+}
+
+fn stored(doc: &mut automerge::AutoCommit) -> StoredChange {
+    let change = doc.get_last_local_change().unwrap().clone();
+    StoredChange {
+        hash: ChangeHash(change.hash().0),
+        bytes: Bytes::copy_from_slice(change.raw_bytes()),
+        user: UserId::new("writer").unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_out_of_causal_order_is_delivered_in_order_and_failures_are_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    let key = DocKey {
+        tenant: TenantId::new("acme").unwrap(),
+        doc: DocId::new("d").unwrap(),
+    };
+    let mut doc = automerge::AutoCommit::new();
+    let mut chain = Vec::new();
+    for i in 0..4 {
+        doc.put(automerge::ROOT, "i", i as i64).unwrap();
+        doc.commit();
+        chain.push(stored(&mut doc));
+    }
+    // Written newest first, and the oldest twice (a retried write).
+    for change in chain.iter().rev().chain([&chain[0]]) {
+        store
+            .write_changes(&[(key.clone(), change.clone())])
+            .await
+            .unwrap();
+    }
+    let hook = receiver(Vec::new(), Act::Ok).await;
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    hook.wait_for(4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let order: Vec<String> = hook
+        .changes()
+        .iter()
+        .map(|(_, c)| c["hash"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = chain.iter().map(|c| c.hash.to_string()).collect();
+    assert_eq!(order, expected, "causal order, each once");
+    feed.shutdown().await;
+
+    // A receiver that always fails: after the attempts, the batch is dead-lettered with
+    // its body and the feed moves on.
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    store
+        .write_changes(&[(key.clone(), chain[0].clone())])
+        .await
+        .unwrap();
+    let broken = receiver(Vec::new(), Act::Fail).await;
+    let mut cfg = config(dir.path(), vec![webhook("acme", broken.url())]);
+    cfg.delivery.attempts_max = 3;
+    let feed = meridian_feed::start(cfg).unwrap();
+    let state = FeedState::open(dir.path(), "test").unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while state.dead_letters(&acme).unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("dead-lettered");
+    let letters = state.dead_letters(&acme).unwrap();
+    assert_eq!(letters[0].attempts, 3);
+    assert!(letters[0].last_error.contains("500"), "{letters:?}");
+    assert_eq!(
+        letters[0].body["changes"][0]["hash"],
+        chain[0].hash.to_string()
+    );
+    assert_eq!(broken.seen.lock().unwrap().requests, 3);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while state.cursor(&acme).unwrap() != Some(store.feed_end().unwrap()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the checkpoint moves past a dead-lettered batch");
+    feed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_targets_stop_the_feed_from_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut hook = webhook("acme", "http://hooks.evil.example/in".into());
+    hook.allowed_hosts = vec!["hooks.acme.example".into()];
+    let error = meridian_feed::start(config(dir.path(), vec![hook]))
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("allow-list"), "{error}");
+    let mut hook = webhook("acme", "http://127.0.0.1:9/in".into());
+    hook.secrets.clear();
+    assert!(meridian_feed::start(config(dir.path(), vec![hook])).is_err());
+}
