@@ -295,7 +295,8 @@ pub struct HistoryEntry {
     pub heads: Vec<String>,
 }
 
-/// Every change in `changes` (causal order, as the relay keeps them) with its author.
+/// Every change in `changes` (causal order, as the relay keeps them) with its author,
+/// from each change's header alone (no operation is decoded, no document built).
 pub fn history(
     changes: &[Bytes],
     authors: &[(ActorId, UserId)],
@@ -304,26 +305,32 @@ pub fn history(
         .iter()
         .map(|(actor, user)| (actor.as_bytes(), user))
         .collect();
-    let mut heads: Vec<automerge::ChangeHash> = Vec::new();
+    // Each actor's hex and user, made once.
+    let mut actors: HashMap<Vec<u8>, (String, Option<String>)> = HashMap::new();
+    let mut heads: Vec<meridian_protocol::ChangeHash> = Vec::new();
     changes
         .iter()
         .map(|bytes| {
-            let change = automerge::Change::try_from(&bytes[..])
+            let change = meridian_relay::engine::change::header(bytes)
                 .map_err(|error| ViewError::Load(error.to_string()))?;
-            let hash = change.hash();
-            heads.retain(|h| !change.deps().contains(h));
-            heads.push(hash);
-            heads.sort();
+            heads.retain(|h| !change.deps.contains(h));
+            heads.push(change.hash);
+            heads.sort_unstable();
+            let (actor, user) = actors
+                .entry(change.actor.clone())
+                .or_insert_with(|| {
+                    let user = users.get(change.actor.as_slice()).map(|u| u.to_string());
+                    (hex::encode(&change.actor), user)
+                })
+                .clone();
             Ok(HistoryEntry {
-                hash: hash.to_string(),
-                actor: change.actor_id().to_hex_string(),
-                user: users
-                    .get(change.actor_id().to_bytes())
-                    .map(|u| u.to_string()),
-                seq: change.seq(),
-                time: change.timestamp(),
-                message: change.message().map(str::to_owned),
-                deps: change.deps().iter().map(ToString::to_string).collect(),
+                hash: change.hash.to_string(),
+                actor,
+                user,
+                seq: change.seq,
+                time: change.time,
+                message: change.message,
+                deps: change.deps.iter().map(ToString::to_string).collect(),
                 heads: heads.iter().map(ToString::to_string).collect(),
             })
         })

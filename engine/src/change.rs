@@ -208,6 +208,104 @@ fn parse_measured(bytes: Bytes) -> Result<ParsedChange, ChangeError> {
     })
 }
 
+/// A change's header, read without decoding its operations: what a history lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeHeader {
+    /// The hash Automerge computes over the change (SHA-256 of the uncompressed chunk).
+    pub hash: ChangeHash,
+    /// The changes it depends on.
+    pub deps: Vec<ChangeHash>,
+    /// The author's actor id.
+    pub actor: Vec<u8>,
+    /// Its sequence number for its actor, from 1.
+    pub seq: u64,
+    /// Its own timestamp (its author's clock; 0: none).
+    pub time: i64,
+    /// Its commit message (`None` when empty).
+    pub message: Option<String>,
+}
+
+/// Reads a change's header and computes its hash, inflating a compressed chunk within
+/// [`MAX_CHANGE_INFLATED`] but decoding none of its operations: for listing stored
+/// changes (which passed [`parse_change`] when they arrived) cheaply.
+pub fn header(bytes: &[u8]) -> Result<ChangeHeader, ChangeError> {
+    use sha2::Digest;
+    if bytes.len() > MAX_CHANGE_LEN {
+        return Err(ChangeError::TooLarge(bytes.len()));
+    }
+    if bytes.len() < 8 || bytes[..4] != MAGIC {
+        return Err(ChangeError::Parse("missing magic bytes".into()));
+    }
+    let mut chunk = Cursor::new(&bytes[8..]);
+    let chunk_type = chunk.u8()?;
+    let len = chunk.uleb()?;
+    let data = chunk.rest();
+    if len != data.len() as u64 {
+        return Err(ChangeError::Parse(
+            "chunk length does not match its bytes".into(),
+        ));
+    }
+    let inflated;
+    let (hash, body) = match chunk_type {
+        CHUNK_CHANGE => (sha2::Sha256::digest(&bytes[8..]), data),
+        CHUNK_COMPRESSED_CHANGE => {
+            let mut out = Vec::new();
+            flate2::read::DeflateDecoder::new(data)
+                .take(MAX_CHANGE_INFLATED as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|_| ChangeError::Parse("compressed change does not inflate".into()))?;
+            if out.len() > MAX_CHANGE_INFLATED {
+                return Err(ChangeError::Inflated);
+            }
+            // The hash is over the uncompressed chunk: type, length, body.
+            let mut digest = sha2::Sha256::new();
+            digest.update([CHUNK_CHANGE]);
+            let mut len = out.len() as u64;
+            loop {
+                let byte = (len & 0x7f) as u8;
+                len >>= 7;
+                if len == 0 {
+                    digest.update([byte]);
+                    break;
+                }
+                digest.update([byte | 0x80]);
+            }
+            digest.update(&out);
+            inflated = out;
+            (digest.finalize(), &inflated[..])
+        }
+        _ => return Err(ChangeError::Parse("not a change chunk".into())),
+    };
+    let mut r = Cursor::new(body);
+    let count = r.uleb()?;
+    let mut deps = Vec::new();
+    for _ in 0..count {
+        let dep: [u8; 32] = r
+            .take(32)?
+            .try_into()
+            .map_err(|_| ChangeError::Parse("truncated change".into()))?;
+        deps.push(ChangeHash(dep));
+    }
+    let actor_len = usize::try_from(r.uleb()?).unwrap_or(usize::MAX);
+    let actor = r.take(actor_len)?.to_vec();
+    let seq = r.uleb()?;
+    r.uleb()?; // start op
+    let time = r.sleb()?;
+    let message_len = usize::try_from(r.uleb()?).unwrap_or(usize::MAX);
+    let message = std::str::from_utf8(r.take(message_len)?)
+        .map_err(|_| ChangeError::Parse("commit message is not UTF-8".into()))?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&hash);
+    Ok(ChangeHeader {
+        hash: ChangeHash(out),
+        deps,
+        actor,
+        seq,
+        time,
+        message: (!message.is_empty()).then(|| message.to_string()),
+    })
+}
+
 /// Measures a change chunk: its inflated size (inflating at most one byte past the
 /// limit) and its operation and predecessor counts (read from the run-length encoding
 /// without expanding runs). Work and memory are bounded by the limits, whatever the
@@ -387,6 +485,15 @@ impl<'a> Cursor<'a> {
         self.bytes
     }
 
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ChangeError> {
+        if n > self.bytes.len() {
+            return Err(Self::truncated());
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
     fn truncated() -> ChangeError {
         ChangeError::Parse("truncated change".into())
     }
@@ -440,6 +547,38 @@ impl<'a> Cursor<'a> {
 mod tests {
     use super::*;
     use automerge::transaction::Transactable;
+
+    #[test]
+    fn a_header_read_alone_agrees_with_automerge_compressed_or_not() {
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, "a", 1).unwrap();
+        doc.commit_with(
+            automerge::transaction::CommitOptions::default()
+                .with_message("first")
+                .with_time(1_764_979_200),
+        );
+        doc.put(automerge::ROOT, "b", "x".repeat(5000)).unwrap();
+        doc.commit_with(automerge::transaction::CommitOptions::default().with_time(-5));
+        for mut change in doc.get_changes(&[]) {
+            for bytes in [change.raw_bytes().to_vec(), change.bytes().to_vec()] {
+                let header = header(&bytes).unwrap();
+                assert_eq!(header.hash, ChangeHash(change.hash().0));
+                assert_eq!(header.actor, change.actor_id().to_bytes());
+                assert_eq!(header.seq, change.seq());
+                assert_eq!(header.time, change.timestamp());
+                assert_eq!(header.message.as_deref(), change.message());
+                let deps: Vec<ChangeHash> = change.deps().iter().map(|d| ChangeHash(d.0)).collect();
+                assert_eq!(header.deps, deps);
+            }
+        }
+        // The big one compresses: both forms were read.
+        let mut big = doc.get_last_local_change().unwrap().clone();
+        assert_eq!(big.bytes()[8], CHUNK_COMPRESSED_CHANGE);
+        assert!(header(b"nonsense").is_err());
+        let mut cut = big.bytes().to_vec();
+        cut.truncate(cut.len() - 3);
+        assert!(header(&cut).is_err());
+    }
 
     fn one_change() -> Bytes {
         let mut doc = automerge::AutoCommit::new();
