@@ -29,6 +29,9 @@ struct Archive {
     jurisdiction: String,
     tenant: String,
     exported_at: String,
+    /// For a point-in-time export: the time its documents are as of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    at_time: Option<String>,
     documents: Vec<Document>,
 }
 
@@ -57,6 +60,12 @@ pub struct ExportArgs {
     /// Where to write the archive.
     #[arg(long)]
     out: PathBuf,
+    /// The documents as the durable tier held them at this time (RFC 3339, e.g.
+    /// `2026-12-06T09:30:00Z`): changes written later are left out, and so are changes
+    /// whose dependencies were (counted in the report); documents with nothing written
+    /// by then are skipped.
+    #[arg(long)]
+    at_time: Option<String>,
 }
 
 /// `meridian import`.
@@ -85,6 +94,16 @@ pub async fn export(args: ExportArgs) -> Result<()> {
     if !config.tenants.iter().any(|t| t.tenant == tenant) {
         bail!("tenant {tenant} is not in {}", args.config.display());
     }
+    let until_ms = match &args.at_time {
+        Some(text) => {
+            let at =
+                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                    .with_context(|| format!("--at-time {text:?} is not an RFC 3339 time"))?;
+            let ms = at.unix_timestamp_nanos() / 1_000_000;
+            Some(u64::try_from(ms).with_context(|| format!("--at-time {text:?} is before 1970"))?)
+        }
+        None => None,
+    };
     let store = meridian_relay::node::open_store(&config).await?;
     let docs = if args.doc.is_empty() {
         store.documents(&tenant).await?
@@ -95,16 +114,31 @@ pub async fn export(args: ExportArgs) -> Result<()> {
             .collect::<Result<_>>()?
     };
     let mut documents = Vec::with_capacity(docs.len());
+    let mut left_out = 0;
     for doc in docs {
         let key = DocKey {
             tenant: tenant.clone(),
             doc: doc.clone(),
         };
-        let stored = store.load_all_changes(&key).await?;
+        let stored = match until_ms {
+            Some(until) => store.load_written_until(&key, until).await?,
+            None => store.load_all_changes(&key).await?,
+        };
         if stored.is_empty() {
+            if until_ms.is_some() {
+                println!("skipped {doc}: nothing of it was written by then");
+                continue;
+            }
             bail!("document {doc} has no stored changes in tenant {tenant}");
         }
-        documents.push(archive_doc(&doc, &stored)?);
+        let (document, missing) = archive_doc(&doc, &stored, until_ms.is_some())?;
+        left_out += missing;
+        documents.push(document);
+    }
+    if left_out > 0 {
+        println!(
+            "left out {left_out} change(s) written by then whose dependencies were written later"
+        );
     }
     let archive = Archive {
         format: FORMAT.into(),
@@ -112,6 +146,7 @@ pub async fn export(args: ExportArgs) -> Result<()> {
         tenant: tenant.to_string(),
         exported_at: time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)?,
+        at_time: args.at_time.clone(),
         documents,
     };
     let mut bytes = Vec::new();
@@ -126,8 +161,9 @@ pub async fn export(args: ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// One document's stored changes as an archive entry.
-fn archive_doc(doc: &DocId, stored: &[StoredChange]) -> Result<Document> {
+/// One document's stored changes as an archive entry, and how many were left out for
+/// want of their dependencies (refused unless `partial`: a point-in-time export).
+fn archive_doc(doc: &DocId, stored: &[StoredChange], partial: bool) -> Result<(Document, usize)> {
     let mut users: HashMap<String, String> = HashMap::new();
     let mut changes = Vec::with_capacity(stored.len());
     for change in stored {
@@ -150,7 +186,7 @@ fn archive_doc(doc: &DocId, stored: &[StoredChange]) -> Result<Document> {
     // A change whose dependencies are not stored waits unapplied: refuse to write an
     // archive that would silently leave it out.
     let applied = loaded.get_changes(&[]).len();
-    if applied != count {
+    if applied != count && !partial {
         bail!(
             "document {doc}: {} of its {count} stored changes miss dependencies",
             count - applied
@@ -158,13 +194,14 @@ fn archive_doc(doc: &DocId, stored: &[StoredChange]) -> Result<Document> {
     }
     let mut users: Vec<(String, String)> = users.into_iter().collect();
     users.sort();
-    Ok(Document {
+    let document = Document {
         doc: doc.to_string(),
         heads: loaded.get_heads().iter().map(ToString::to_string).collect(),
-        changes: stored.len() as u64,
+        changes: applied as u64,
         users,
         save: loaded.save(),
-    })
+    };
+    Ok((document, count - applied))
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -175,3 +175,98 @@ async fn an_export_imports_into_another_tenant_with_its_authors_and_not_abroad()
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not a Meridian export"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_at_a_time_holds_the_documents_as_they_were_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = meridian()
+        .args(["token", "keygen", "--out"])
+        .arg(dir.path().join("acme.key"))
+        .output()
+        .unwrap();
+    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let eu = relay_toml(dir.path(), "eu.toml", "eu", &public);
+    let store = LocalDirStore::open(dir.path().join("durable-eu")).unwrap();
+
+    // Three changes of one chain: the first two before the chosen time, the third after;
+    // and a document that only exists after it.
+    let mut doc = automerge::AutoCommit::new();
+    let mut chain = Vec::new();
+    for title in ["draft", "good", "broken by mistake"] {
+        doc.put(automerge::ROOT, "title", title).unwrap();
+        doc.commit();
+        let change = doc.get_last_local_change().unwrap();
+        chain.push((
+            key("acme", "report"),
+            StoredChange {
+                hash: ChangeHash(change.hash().0),
+                bytes: Bytes::copy_from_slice(change.raw_bytes()),
+                user: UserId::new("alice").unwrap(),
+            },
+        ));
+    }
+    store.write_changes(&chain[..2]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let then = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    store.write_changes(&chain[2..]).await.unwrap();
+    store
+        .write_changes(&two_authors(&key("acme", "later")))
+        .await
+        .unwrap();
+
+    let archive = dir.path().join("then.mrx");
+    let export = meridian()
+        .args(["export", "--tenant", "acme", "--at-time", &then, "--out"])
+        .arg(&archive)
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&export.stdout);
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    assert!(stdout.contains("skipped later"), "{stdout}");
+    assert!(stdout.contains("exported 1 document(s)"), "{stdout}");
+
+    // Restored into another tenant: the report as it was, before the mistake.
+    let import = meridian()
+        .args(["import", "--tenant", "beta", "--config"])
+        .arg(&eu)
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let restored = authors(&store, &key("beta", "report")).await;
+    let expected: BTreeMap<String, String> = chain[..2]
+        .iter()
+        .map(|(_, c)| (c.hash.to_hex(), "alice".to_string()))
+        .collect();
+    assert_eq!(restored, expected);
+
+    let bad = meridian()
+        .args([
+            "export",
+            "--tenant",
+            "acme",
+            "--at-time",
+            "yesterday",
+            "--out",
+        ])
+        .arg(dir.path().join("x.mrx"))
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"));
+}

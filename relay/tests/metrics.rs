@@ -77,6 +77,13 @@ impl DurableStore for Gated {
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
         self.inner.load_all_changes(key)
     }
+    fn load_written_until<'a>(
+        &'a self,
+        key: &'a DocKey,
+        until_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        self.inner.load_written_until(key, until_ms)
+    }
     fn revoke<'a>(
         &'a self,
         revocation: &'a meridian_relay::revocation::Revocation,

@@ -95,6 +95,38 @@ async fn writing_the_same_change_twice_stores_it_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_in_time_read_returns_what_was_written_by_then() {
+    for under in Under::both().await {
+        let store = under.store();
+        let doc = key("as-of");
+        let (_, written) = changes(4, 10);
+        store
+            .write_changes(&keyed(&doc, &written[..2]))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        let between = common::unix_now_ms();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        store
+            .write_changes(&keyed(&doc, &written[2..]))
+            .await
+            .unwrap();
+        let then = store.load_written_until(&doc, between).await.unwrap();
+        assert_eq!(hashes(&then), hashes(&written[..2]), "{}", store.kind());
+        let now = store
+            .load_written_until(&doc, common::unix_now_ms() + 1000)
+            .await
+            .unwrap();
+        assert_eq!(hashes(&now), hashes(&written), "{}", store.kind());
+        assert!(
+            store.load_written_until(&doc, 0).await.unwrap().is_empty(),
+            "{}",
+            store.kind()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenants_documents_are_listed_and_no_other_tenants() {
     for under in Under::both().await {
         let store = under.store();

@@ -925,6 +925,29 @@ impl DurableStore for AwsStore {
         Box::pin(self.load_every_change(key))
     }
 
+    fn load_written_until<'a>(
+        &'a self,
+        key: &'a DocKey,
+        until_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        Box::pin(async move {
+            // The write-time index, up to `until_ms` (bound as the helper's `:since`).
+            let items = self
+                .query(key, "pk = :pk AND wt <= :since", None, Some(until_ms))
+                .await?;
+            let mut seen = std::collections::HashSet::new();
+            let mut changes = Vec::with_capacity(items.len());
+            for item in items {
+                if let Some(change) = self.change_of(&item, None).await?
+                    && seen.insert(change.hash)
+                {
+                    changes.push(change);
+                }
+            }
+            Ok(changes)
+        })
+    }
+
     fn documents<'a>(
         &'a self,
         tenant: &'a meridian_protocol::TenantId,

@@ -344,32 +344,31 @@ impl LocalDirStore {
         file.seek(SeekFrom::Start(from))?;
         let mut data = Vec::new();
         file.take(FEED_READ_BYTES as u64).read_to_end(&mut data)?;
-        let mut out = Vec::new();
-        let mut at = 0usize;
-        while out.len() < max && data.len() - at >= 8 {
-            let len =
-                u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
-            let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
-            if len > RECORD_MAX || data.len() - at - 8 < len {
-                break;
-            }
-            let payload = &data[at + 8..at + 8 + len];
-            let cursor = from + at as u64;
-            at += 8 + len;
-            if crc32fast::hash(payload) != crc {
-                tracing::debug!(cursor, "skipping a feed record that fails its CRC");
-                continue;
-            }
-            if let Some((key, change, written_at_ms)) = decode_feed_payload(payload) {
-                out.push(FeedRecord {
-                    cursor,
-                    key,
-                    change,
-                    written_at_ms,
-                });
-            }
-        }
+        let (out, at) = decode_feed_records(&data, from, max);
         Ok((out, from + at as u64))
+    }
+
+    /// When each change of `key` was first written, from the feed log. Blocking.
+    fn write_times(root: &Path, key: &DocKey) -> Result<HashMap<ChangeHash, u64>, StoreError> {
+        let mut data = Vec::new();
+        match File::open(root.join(FEED)) {
+            Ok(mut file) => {
+                file.read_to_end(&mut data)?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(HashMap::new());
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let (records, _) = decode_feed_records(&data, 0, usize::MAX);
+        let mut times = HashMap::new();
+        for record in records.into_iter().filter(|r| r.key == *key) {
+            let at = times
+                .entry(record.change.hash)
+                .or_insert(record.written_at_ms);
+            *at = (*at).min(record.written_at_ms);
+        }
+        Ok(times)
     }
 
     /// The cursor after the feed log's last whole record. Blocking.
@@ -383,6 +382,29 @@ impl LocalDirStore {
             Err(error) => return Err(error.into()),
         }
         Ok(valid_prefix(&data) as u64)
+    }
+
+    /// A document's changes, each once (a change written twice is one change).
+    fn load_unique(root: &Path, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
+        let mut seen = HashSet::new();
+        let mut changes = Self::load_changes(root, key)?;
+        changes.retain(|change| seen.insert(change.hash));
+        Ok(changes)
+    }
+
+    /// Runs `read` on a blocking thread with the store's root and `key`.
+    fn blocking<'a, T: Send + 'static>(
+        &self,
+        key: &DocKey,
+        read: impl FnOnce(&Path, &DocKey) -> Result<T, StoreError> + Send + 'static,
+    ) -> BoxFuture<'a, Result<T, StoreError>> {
+        let root = self.root.clone();
+        let key = key.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || read(&root, &key))
+                .await
+                .map_err(|error| StoreError::Unavailable(error.to_string()))?
+        })
     }
 
     fn load_changes(root: &Path, key: &DocKey) -> Result<Vec<StoredChange>, StoreError> {
@@ -499,22 +521,24 @@ impl DurableStore for LocalDirStore {
         })
     }
 
+    fn load_written_until<'a>(
+        &'a self,
+        key: &'a DocKey,
+        until_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        self.blocking(key, move |root, key| {
+            let mut changes = Self::load_unique(root, key)?;
+            let written = Self::write_times(root, key)?;
+            changes.retain(|c| written.get(&c.hash).is_none_or(|at| *at <= until_ms));
+            Ok(changes)
+        })
+    }
+
     fn load_all_changes<'a>(
         &'a self,
         key: &'a DocKey,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
-        let root = self.root.clone();
-        let key = key.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                let mut seen = HashSet::new();
-                let mut changes = Self::load_changes(&root, &key)?;
-                changes.retain(|change| seen.insert(change.hash));
-                Ok(changes)
-            })
-            .await
-            .map_err(|error| StoreError::Unavailable(error.to_string()))?
-        })
+        self.blocking(key, Self::load_unique)
     }
 
     fn documents<'a>(
@@ -595,6 +619,36 @@ fn encode_feed_record(out: &mut Vec<u8>, key: &DocKey, change: &StoredChange, wr
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
     out.extend_from_slice(&payload);
+}
+
+/// Whole feed records of `data` (read from cursor `from`), at most `max`, and how many
+/// bytes they took; records that fail their CRC are skipped, a torn tail ends the read.
+fn decode_feed_records(data: &[u8], from: u64, max: usize) -> (Vec<FeedRecord>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while out.len() < max && data.len() - at >= 8 {
+        let len = u32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]]) as usize;
+        let crc = u32::from_be_bytes([data[at + 4], data[at + 5], data[at + 6], data[at + 7]]);
+        if len > RECORD_MAX || data.len() - at - 8 < len {
+            break;
+        }
+        let payload = &data[at + 8..at + 8 + len];
+        let cursor = from + at as u64;
+        at += 8 + len;
+        if crc32fast::hash(payload) != crc {
+            tracing::debug!(cursor, "skipping a feed record that fails its CRC");
+            continue;
+        }
+        if let Some((key, change, written_at_ms)) = decode_feed_payload(payload) {
+            out.push(FeedRecord {
+                cursor,
+                key,
+                change,
+                written_at_ms,
+            });
+        }
+    }
+    (out, at)
 }
 
 fn decode_feed_payload(payload: &[u8]) -> Option<(DocKey, StoredChange, u64)> {

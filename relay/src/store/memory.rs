@@ -14,6 +14,8 @@ use crate::engine::{DocKey, StoredChange};
 #[derive(Debug, Default)]
 struct Doc {
     changes: Vec<StoredChange>,
+    /// When each change was first written, milliseconds since the Unix epoch.
+    written: HashMap<meridian_protocol::ChangeHash, u64>,
     snapshots: HashMap<String, SnapshotRecord>,
 }
 
@@ -99,9 +101,10 @@ impl DurableStore for MemoryStore {
             self.fail()?;
             let mut docs = self.docs()?;
             for (key, change) in changes {
-                let stored = &mut docs.entry(key.clone()).or_default().changes;
-                if !stored.iter().any(|c| c.hash == change.hash) {
-                    stored.push(change.clone());
+                let doc = docs.entry(key.clone()).or_default();
+                if !doc.changes.iter().any(|c| c.hash == change.hash) {
+                    doc.changes.push(change.clone());
+                    doc.written.insert(change.hash, now_ms());
                 }
             }
             Ok(())
@@ -137,6 +140,26 @@ impl DurableStore for MemoryStore {
         })
     }
 
+    fn load_written_until<'a>(
+        &'a self,
+        key: &'a DocKey,
+        until_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .docs()?
+                .get(key)
+                .map(|d| {
+                    d.changes
+                        .iter()
+                        .filter(|c| d.written.get(&c.hash).is_none_or(|at| *at <= until_ms))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default())
+        })
+    }
+
     fn load_all_changes<'a>(
         &'a self,
         key: &'a DocKey,
@@ -169,4 +192,10 @@ impl DurableStore for MemoryStore {
     fn kind(&self) -> &'static str {
         "memory"
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -129,6 +129,18 @@ pub trait DurableStore: Send + Sync + 'static {
         key: &'a DocKey,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
 
+    /// Every change of a document the durable tier had written by `until_ms`
+    /// (milliseconds since the Unix epoch, by each change's write time), ignoring
+    /// snapshots: a point-in-time read for operators (`meridian export --at-time`). On
+    /// AWS the write time is the writing region's clock, kept by replication; the local
+    /// store knows it from its feed log, and counts a change written before that log
+    /// existed as written before any time.
+    fn load_written_until<'a>(
+        &'a self,
+        key: &'a DocKey,
+        until_ms: u64,
+    ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>>;
+
     /// The ids of every document of `tenant` that has stored changes, sorted (for
     /// operators' exports: an AWS store scans the table, which costs a full read).
     fn documents<'a>(
