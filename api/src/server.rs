@@ -822,7 +822,10 @@ async fn write_changes(
         }
     }
     session.close().await;
-    outcome.pending.retain(|h| !outcome.applied.contains(h));
+    // Sent and neither acknowledged nor refused; a set, as bodies carry 10,000 changes.
+    let applied: HashSet<ChangeHash> = outcome.applied.iter().copied().collect();
+    outcome.pending.retain(|h| !applied.contains(h));
+    outcome.pending.dedup();
     Ok(respond(
         outcome,
         wait_durable,
