@@ -17,6 +17,8 @@ pub const LAG: &str = "meridian_feed_lag_seconds";
 pub const PENDING: &str = "meridian_feed_pending_changes";
 /// The saved checkpoint (a cursor into the feed log), per tenant.
 pub const CHECKPOINT: &str = "meridian_feed_checkpoint";
+/// Pipelines restarted after their storage failed.
+pub const RESTARTS: &str = "meridian_feed_pipeline_restarts_total";
 /// Feed records skipped because their change does not parse.
 pub const CORRUPT: &str = "meridian_feed_corrupt_records_total";
 
@@ -33,6 +35,10 @@ pub fn describe() {
     metrics::describe_gauge!(PENDING, "changes held for their dependencies, per tenant");
     metrics::describe_gauge!(CHECKPOINT, "the saved feed cursor, per tenant");
     metrics::describe_counter!(CORRUPT, "feed records whose change does not parse");
+    metrics::describe_counter!(
+        RESTARTS,
+        "feed pipelines restarted after their storage failed"
+    );
 }
 
 pub(crate) fn delivered(count: usize) {
@@ -67,4 +73,8 @@ pub(crate) fn checkpoint(tenant: &TenantId, cursor: u64) {
 
 pub(crate) fn corrupt() {
     metrics::counter!(CORRUPT).increment(1);
+}
+
+pub(crate) fn restarted() {
+    metrics::counter!(RESTARTS).increment(1);
 }

@@ -254,9 +254,24 @@ pub fn start(config: FeedConfig) -> Result<FeedHandle, FeedError> {
             };
             let stopped = stopped.clone();
             tokio::spawn(async move {
-                let tenant = pipeline.webhook.tenant.clone();
-                if let Err(error) = pipeline.run(stopped).await {
-                    tracing::error!(%tenant, %error, "feed pipeline stopped");
+                // A pipeline whose storage fails starts again from its checkpoint.
+                let mut backoff =
+                    meridian_process::backoff::exponential(RESTART_INITIAL, RESTART_MAX);
+                loop {
+                    let tenant = &pipeline.webhook.tenant;
+                    match pipeline.run(stopped.clone()).await {
+                        Ok(_) => return,
+                        Err(error) => {
+                            crate::metrics::restarted();
+                            tracing::error!(%tenant, %error, "feed pipeline failed; restarting from its checkpoint");
+                        }
+                    }
+                    let wait = backoff.next().unwrap_or(RESTART_MAX);
+                    let mut stopped = stopped.clone();
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        _ = stopped.changed() => return,
+                    }
                 }
             })
         })
@@ -341,10 +356,21 @@ struct Pipeline {
 
 /// Records read from the log per read.
 const READ_RECORDS: usize = 1000;
+/// The first and the longest wait before a failed pipeline starts again.
+const RESTART_INITIAL: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(60);
+
+/// What became of a batch.
+enum Outcome {
+    Delivered,
+    DeadLettered,
+    Stopped,
+}
 
 impl Pipeline {
-    /// Runs until stopped (or, replaying, until the end); returns the changes delivered.
-    async fn run(self, mut stopped: watch::Receiver<bool>) -> Result<u64, FeedError> {
+    /// Runs until stopped (or, replaying, until the end); returns the changes delivered
+    /// (dead-lettered ones not counted).
+    async fn run(&self, mut stopped: watch::Receiver<bool>) -> Result<u64, FeedError> {
         let tenant = self.webhook.tenant.clone();
         let (start, until) = match self.mode {
             Mode::Follow => (self.state.cursor(&tenant)?.unwrap_or(0), None),
@@ -407,10 +433,11 @@ impl Pipeline {
             for batch in batches(ready, self.config.delivery.batch_max) {
                 let cursors: Vec<u64> = batch.iter().map(|c| c.cursor).collect();
                 let count = batch.len() as u64;
-                if !self.deliver(batch, &mut stopped).await? {
-                    return Ok(delivered);
+                match self.deliver(batch, &mut stopped).await? {
+                    Outcome::Delivered => delivered += count,
+                    Outcome::DeadLettered => {}
+                    Outcome::Stopped => return Ok(delivered),
                 }
-                delivered += count;
                 for cursor in cursors {
                     outstanding.remove(&cursor);
                 }
@@ -474,15 +501,15 @@ impl Pipeline {
     }
 
     /// Delivers one batch with retries; a batch that fails every attempt goes to the
-    /// dead-letter store. Returns `false` when stopped meanwhile.
+    /// dead-letter store.
     async fn deliver(
         &self,
         batch: Vec<FeedChange>,
         stopped: &mut watch::Receiver<bool>,
-    ) -> Result<bool, FeedError> {
+    ) -> Result<Outcome, FeedError> {
         let tenant = &self.webhook.tenant;
         let Some(first) = batch.first() else {
-            return Ok(true);
+            return Ok(Outcome::Delivered);
         };
         let doc = first.doc.clone();
         let (delivery_id, body) = body(tenant, &doc, &batch);
@@ -512,7 +539,7 @@ impl Pipeline {
                         crate::metrics::lag(now.saturating_sub(change.durable_at_ms));
                     }
                     crate::metrics::delivered(batch.len());
-                    return Ok(true);
+                    return Ok(Outcome::Delivered);
                 }
                 Err(error) => {
                     crate::metrics::failed_attempt(&error);
@@ -524,7 +551,7 @@ impl Pipeline {
                 let wait = backoff.next().unwrap_or(delivery.retry_max);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
-                    _ = stopped.changed() => return Ok(false),
+                    _ = stopped.changed() => return Ok(Outcome::Stopped),
                 }
             }
         }
@@ -540,7 +567,7 @@ impl Pipeline {
         };
         self.state.dead_letter(tenant, &letter)?;
         crate::metrics::dead_lettered(batch.len());
-        Ok(true)
+        Ok(Outcome::DeadLettered)
     }
 }
 
