@@ -230,53 +230,27 @@ pub struct ChangeHeader {
 /// changes (which passed [`parse_change`] when they arrived) cheaply.
 pub fn header(bytes: &[u8]) -> Result<ChangeHeader, ChangeError> {
     use sha2::Digest;
-    if bytes.len() > MAX_CHANGE_LEN {
-        return Err(ChangeError::TooLarge(bytes.len()));
-    }
-    if bytes.len() < 8 || bytes[..4] != MAGIC {
-        return Err(ChangeError::Parse("missing magic bytes".into()));
-    }
-    let mut chunk = Cursor::new(&bytes[8..]);
-    let chunk_type = chunk.u8()?;
-    let len = chunk.uleb()?;
-    let data = chunk.rest();
-    if len != data.len() as u64 {
-        return Err(ChangeError::Parse(
-            "chunk length does not match its bytes".into(),
-        ));
-    }
-    let inflated;
-    let (hash, body) = match chunk_type {
-        CHUNK_CHANGE => (sha2::Sha256::digest(&bytes[8..]), data),
-        CHUNK_COMPRESSED_CHANGE => {
-            let mut out = Vec::new();
-            flate2::read::DeflateDecoder::new(data)
-                .take(MAX_CHANGE_INFLATED as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|_| ChangeError::Parse("compressed change does not inflate".into()))?;
-            if out.len() > MAX_CHANGE_INFLATED {
-                return Err(ChangeError::Inflated);
+    let (body, compressed) = chunk_body(bytes, MAX_CHANGE_INFLATED)?;
+    let hash = if compressed {
+        // The hash is over the uncompressed chunk: type, length, body.
+        let mut digest = sha2::Sha256::new();
+        digest.update([CHUNK_CHANGE]);
+        let mut len = body.len() as u64;
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                digest.update([byte]);
+                break;
             }
-            // The hash is over the uncompressed chunk: type, length, body.
-            let mut digest = sha2::Sha256::new();
-            digest.update([CHUNK_CHANGE]);
-            let mut len = out.len() as u64;
-            loop {
-                let byte = (len & 0x7f) as u8;
-                len >>= 7;
-                if len == 0 {
-                    digest.update([byte]);
-                    break;
-                }
-                digest.update([byte | 0x80]);
-            }
-            digest.update(&out);
-            inflated = out;
-            (digest.finalize(), &inflated[..])
+            digest.update([byte | 0x80]);
         }
-        _ => return Err(ChangeError::Parse("not a change chunk".into())),
+        digest.update(&body);
+        digest.finalize()
+    } else {
+        sha2::Sha256::digest(&bytes[8..])
     };
-    let mut r = Cursor::new(body);
+    let mut r = Cursor::new(&body);
     let count = r.uleb()?;
     let mut deps = Vec::new();
     for _ in 0..count {
@@ -315,7 +289,12 @@ pub fn measure(bytes: &[u8]) -> Result<ChangeCost, ChangeError> {
 }
 
 /// [`measure`], inflating at most `inflate_max` bytes (one more, to tell "over").
-fn measure_within(bytes: &[u8], inflate_max: usize) -> Result<ChangeCost, ChangeError> {
+/// A change chunk's body after its header checks (size, magic, length), inflated when
+/// compressed (at most one byte past `inflate_max`, to tell "over"), and whether it was.
+fn chunk_body(
+    bytes: &[u8],
+    inflate_max: usize,
+) -> Result<(std::borrow::Cow<'_, [u8]>, bool), ChangeError> {
     if bytes.len() > MAX_CHANGE_LEN {
         return Err(ChangeError::TooLarge(bytes.len()));
     }
@@ -331,9 +310,8 @@ fn measure_within(bytes: &[u8], inflate_max: usize) -> Result<ChangeCost, Change
             "chunk length does not match its bytes".into(),
         ));
     }
-    let inflated_buffer;
-    let body = match chunk_type {
-        CHUNK_CHANGE => data,
+    match chunk_type {
+        CHUNK_CHANGE => Ok((std::borrow::Cow::Borrowed(data), false)),
         CHUNK_COMPRESSED_CHANGE => {
             let mut out = Vec::new();
             flate2::read::DeflateDecoder::new(data)
@@ -343,15 +321,18 @@ fn measure_within(bytes: &[u8], inflate_max: usize) -> Result<ChangeCost, Change
             if out.len() > inflate_max {
                 return Err(ChangeError::Inflated);
             }
-            inflated_buffer = out;
-            &inflated_buffer[..]
+            Ok((std::borrow::Cow::Owned(out), true))
         }
-        _ => return Err(ChangeError::Parse("not a change chunk".into())),
-    };
+        _ => Err(ChangeError::Parse("not a change chunk".into())),
+    }
+}
+
+fn measure_within(bytes: &[u8], inflate_max: usize) -> Result<ChangeCost, ChangeError> {
+    let (body, _) = chunk_body(bytes, inflate_max)?;
     if body.len() > inflate_max {
         return Err(ChangeError::Inflated);
     }
-    let (ops, preds) = count_ops(body)?;
+    let (ops, preds) = count_ops(&body)?;
     Ok(ChangeCost {
         inflated: body.len(),
         ops,
