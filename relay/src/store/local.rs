@@ -334,7 +334,15 @@ impl LocalDirStore {
     /// Whole feed records from `from` (a cursor), at most `max`, and the cursor after
     /// the last one returned (`from` when there is nothing new). Blocking.
     pub fn read_feed(&self, from: u64, max: usize) -> Result<(Vec<FeedRecord>, u64), StoreError> {
-        let mut file = match File::open(self.root.join(FEED)) {
+        Self::read_feed_at(&self.root, from, max)
+    }
+
+    fn read_feed_at(
+        root: &Path,
+        from: u64,
+        max: usize,
+    ) -> Result<(Vec<FeedRecord>, u64), StoreError> {
+        let mut file = match File::open(root.join(FEED)) {
             Ok(file) => file,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 return Ok((Vec::new(), from));
@@ -348,40 +356,38 @@ impl LocalDirStore {
         Ok((out, from + at as u64))
     }
 
+    /// Hands every whole record of the feed log to `each`, reading it in pieces of at
+    /// most [`FEED_READ_BYTES`] (memory stays bounded whatever the log's size); returns
+    /// the cursor after the last one. Blocking.
+    fn scan_feed(root: &Path, mut each: impl FnMut(FeedRecord)) -> Result<u64, StoreError> {
+        let mut at = 0;
+        loop {
+            let (records, next) = Self::read_feed_at(root, at, usize::MAX)?;
+            if next == at {
+                return Ok(at);
+            }
+            records.into_iter().for_each(&mut each);
+            at = next;
+        }
+    }
+
     /// When each change of `key` was first written, from the feed log. Blocking.
     fn write_times(root: &Path, key: &DocKey) -> Result<HashMap<ChangeHash, u64>, StoreError> {
-        let mut data = Vec::new();
-        match File::open(root.join(FEED)) {
-            Ok(mut file) => {
-                file.read_to_end(&mut data)?;
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(HashMap::new());
-            }
-            Err(error) => return Err(error.into()),
-        }
-        let (records, _) = decode_feed_records(&data, 0, usize::MAX);
         let mut times = HashMap::new();
-        for record in records.into_iter().filter(|r| r.key == *key) {
-            let at = times
-                .entry(record.change.hash)
-                .or_insert(record.written_at_ms);
-            *at = (*at).min(record.written_at_ms);
-        }
+        Self::scan_feed(root, |record| {
+            if record.key == *key {
+                let at = times
+                    .entry(record.change.hash)
+                    .or_insert(record.written_at_ms);
+                *at = (*at).min(record.written_at_ms);
+            }
+        })?;
         Ok(times)
     }
 
     /// The cursor after the feed log's last whole record. Blocking.
     pub fn feed_end(&self) -> Result<u64, StoreError> {
-        let mut data = Vec::new();
-        match File::open(self.root.join(FEED)) {
-            Ok(mut file) => {
-                file.read_to_end(&mut data)?;
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(error) => return Err(error.into()),
-        }
-        Ok(valid_prefix(&data) as u64)
+        Self::scan_feed(&self.root, |_| {})
     }
 
     /// A document's changes, each once (a change written twice is one change).
