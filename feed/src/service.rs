@@ -235,23 +235,11 @@ impl FeedHandle {
 /// Checks every webhook, then starts one pipeline per webhook, each from its checkpoint
 /// (from the log's start the first time).
 pub fn start(config: FeedConfig) -> Result<FeedHandle, FeedError> {
-    let pipelines = pipelines(&config)?;
-    let state = FeedState::open(&config.store_root, &config.id)?;
-    let store = LocalDirStore::open(&config.store_root)
-        .map_err(|error| FeedError::Storage(error.to_string()))?;
+    let pipelines = pipelines(config)?;
     let (stop, stopped) = watch::channel(false);
-    let config = Arc::new(config);
     let tasks = pipelines
         .into_iter()
-        .map(|(webhook, target)| {
-            let pipeline = Pipeline {
-                config: config.clone(),
-                store: store.clone(),
-                state: state.clone(),
-                webhook,
-                target,
-                mode: Mode::Follow,
-            };
+        .map(|pipeline| {
             let stopped = stopped.clone();
             tokio::spawn(async move {
                 // A pipeline whose storage fails starts again from its checkpoint.
@@ -287,34 +275,46 @@ pub async fn replay(
     from: u64,
     tenant: Option<&TenantId>,
 ) -> Result<u64, FeedError> {
-    let pipelines = pipelines(&config)?;
-    let state = FeedState::open(&config.store_root, &config.id)?;
-    let store = LocalDirStore::open(&config.store_root)
-        .map_err(|error| FeedError::Storage(error.to_string()))?;
-    let end = store
+    let mut pipelines = pipelines(config)?;
+    pipelines.retain(|p| tenant.is_none_or(|t| *t == p.webhook.tenant));
+    let Some(first) = pipelines.first() else {
+        return Ok(0);
+    };
+    let end = first
+        .store
         .feed_end()
         .map_err(|e| FeedError::Storage(e.to_string()))?;
-    let config = Arc::new(config);
     let (_stop, stopped) = watch::channel(false);
     let mut delivered = 0;
-    for (webhook, target) in pipelines {
-        if tenant.is_some_and(|t| *t != webhook.tenant) {
-            continue;
-        }
-        let pipeline = Pipeline {
-            config: config.clone(),
-            store: store.clone(),
-            state: state.clone(),
-            webhook,
-            target,
-            mode: Mode::Replay { from, until: end },
-        };
+    for mut pipeline in pipelines {
+        pipeline.mode = Mode::Replay { from, until: end };
         delivered += pipeline.run(stopped.clone()).await?;
     }
     Ok(delivered)
 }
 
-fn pipelines(config: &FeedConfig) -> Result<Vec<(Webhook, Target)>, FeedError> {
+/// Checks every webhook, opens the store and the feed's state, and makes one pipeline
+/// per webhook, following the log.
+fn pipelines(config: FeedConfig) -> Result<Vec<Pipeline>, FeedError> {
+    let checked = checked_webhooks(&config)?;
+    let state = FeedState::open(&config.store_root, &config.id)?;
+    let store = LocalDirStore::open(&config.store_root)
+        .map_err(|error| FeedError::Storage(error.to_string()))?;
+    let config = Arc::new(config);
+    Ok(checked
+        .into_iter()
+        .map(|(webhook, target)| Pipeline {
+            config: config.clone(),
+            store: store.clone(),
+            state: state.clone(),
+            webhook,
+            target,
+            mode: Mode::Follow,
+        })
+        .collect())
+}
+
+fn checked_webhooks(config: &FeedConfig) -> Result<Vec<(Webhook, Target)>, FeedError> {
     let mut seen = BTreeSet::new();
     config
         .webhooks
