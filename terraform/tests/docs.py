@@ -20,6 +20,7 @@ DOCUMENTED = [
     "modules/jurisdiction/modules/region",
     "modules/cell",
     "modules/quic-lb",
+    "modules/tls-listener",
     "modules/router",
     "modules/edge",
     "examples/eu-us",

@@ -86,7 +86,7 @@ resource "aws_autoscaling_group" "node" {
   max_size                  = var.max_size
   desired_capacity          = var.desired_capacity
   vpc_zone_identifier       = var.subnet_ids
-  target_group_arns         = [module.lb.target_group_arn, aws_lb_target_group.probe.arn, aws_lb_target_group.gateway.arn, aws_lb_target_group.api.arn]
+  target_group_arns         = [module.lb.target_group_arn, aws_lb_target_group.probe.arn, module.gateway_tls.target_group_arn, module.api_tls.target_group_arn]
   health_check_type         = "ELB"
   health_check_grace_period = 120
   default_instance_warmup   = 120

@@ -209,123 +209,64 @@ resource "aws_lb_listener" "probe" {
 
 # The WebSocket gateway over TLS (wss): browsers cannot speak QUIC to the relay, so the
 # load balancer also terminates TLS on gateway_tls_port and forwards plain TCP to the
-# nodes' gateways. Client IPs are preserved (rate limits and the penalty box see them).
-resource "aws_vpc_security_group_ingress_rule" "nlb_gateway" {
-  for_each = toset(var.client_cidrs)
+# nodes' gateways.
+module "gateway_tls" {
+  source = "../tls-listener"
 
-  security_group_id = module.lb.security_group_id
-  description       = "wss:// from clients"
-  ip_protocol       = "tcp"
-  from_port         = var.gateway_tls_port
-  to_port           = var.gateway_tls_port
-  cidr_ipv4         = each.value
+  name_prefix                     = "mrw-"
+  what                            = "wss:// to the WebSocket gateways"
+  vpc_id                          = var.vpc_id
+  load_balancer_arn               = module.lb.arn
+  load_balancer_security_group_id = module.lb.security_group_id
+  target_security_group_id        = aws_security_group.node.id
+  client_cidrs                    = var.client_cidrs
+  tls_port                        = var.gateway_tls_port
+  target_port                     = var.gateway_port
+  certificate_arn                 = var.gateway_certificate_arn
+  health_port                     = var.metrics_port
+  deregistration_delay            = 60
+  tags                            = local.tags
 }
 
-resource "aws_vpc_security_group_egress_rule" "nlb_gateway" {
-  security_group_id            = module.lb.security_group_id
-  description                  = "To the nodes' WebSocket gateways"
-  ip_protocol                  = "tcp"
-  from_port                    = var.gateway_port
-  to_port                      = var.gateway_port
-  referenced_security_group_id = aws_security_group.node.id
+# The HTTP API over TLS (https) for backends, the same way, with the gateway's
+# certificate.
+module "api_tls" {
+  source = "../tls-listener"
+
+  name_prefix                     = "mra-"
+  what                            = "https:// to the HTTP API"
+  vpc_id                          = var.vpc_id
+  load_balancer_arn               = module.lb.arn
+  load_balancer_security_group_id = module.lb.security_group_id
+  target_security_group_id        = aws_security_group.node.id
+  client_cidrs                    = var.client_cidrs
+  tls_port                        = var.api_tls_port
+  target_port                     = var.api_port
+  certificate_arn                 = var.gateway_certificate_arn
+  health_port                     = var.metrics_port
+  deregistration_delay            = 60
+  tags                            = local.tags
 }
 
-resource "aws_lb_target_group" "gateway" {
-  name_prefix          = "mrw-"
-  port                 = var.gateway_port
-  protocol             = "TCP"
-  target_type          = "instance"
-  vpc_id               = var.vpc_id
-  deregistration_delay = 60
-  tags                 = local.tags
-
-  health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/readyz"
-    matcher             = "200"
-    interval            = 10
-    healthy_threshold   = 2
-    unhealthy_threshold = 2
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
+# Deployments made before the gateway's listener moved into modules/tls-listener keep it.
+moved {
+  from = aws_vpc_security_group_ingress_rule.nlb_gateway
+  to   = module.gateway_tls.aws_vpc_security_group_ingress_rule.clients
 }
 
-resource "aws_lb_listener" "gateway" {
-  load_balancer_arn = module.lb.arn
-  port              = var.gateway_tls_port
-  protocol          = "TLS"
-  certificate_arn   = var.gateway_certificate_arn
-  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
-  tags              = local.tags
-
-  default_action {
-    type             = "forward"
-    target_group_arn = aws_lb_target_group.gateway.arn
-  }
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_gateway
+  to   = module.gateway_tls.aws_vpc_security_group_egress_rule.targets
 }
 
-# The HTTP API over TLS (https) for backends, the same way: TLS ends at the load balancer
-# on api_tls_port, with the gateway's certificate, and plain TCP goes to the nodes' API.
-resource "aws_vpc_security_group_ingress_rule" "nlb_api" {
-  for_each = toset(var.client_cidrs)
-
-  security_group_id = module.lb.security_group_id
-  description       = "https:// to the HTTP API from clients"
-  ip_protocol       = "tcp"
-  from_port         = var.api_tls_port
-  to_port           = var.api_tls_port
-  cidr_ipv4         = each.value
+moved {
+  from = aws_lb_target_group.gateway
+  to   = module.gateway_tls.aws_lb_target_group.this
 }
 
-resource "aws_vpc_security_group_egress_rule" "nlb_api" {
-  security_group_id            = module.lb.security_group_id
-  description                  = "To the nodes' HTTP API"
-  ip_protocol                  = "tcp"
-  from_port                    = var.api_port
-  to_port                      = var.api_port
-  referenced_security_group_id = aws_security_group.node.id
-}
-
-resource "aws_lb_target_group" "api" {
-  name_prefix          = "mra-"
-  port                 = var.api_port
-  protocol             = "TCP"
-  target_type          = "instance"
-  vpc_id               = var.vpc_id
-  deregistration_delay = 60
-  tags                 = local.tags
-
-  health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/readyz"
-    matcher             = "200"
-    interval            = 10
-    healthy_threshold   = 2
-    unhealthy_threshold = 2
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
-}
-
-resource "aws_lb_listener" "api" {
-  load_balancer_arn = module.lb.arn
-  port              = var.api_tls_port
-  protocol          = "TLS"
-  certificate_arn   = var.gateway_certificate_arn
-  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
-  tags              = local.tags
-
-  default_action {
-    type             = "forward"
-    target_group_arn = aws_lb_target_group.api.arn
-  }
+moved {
+  from = aws_lb_listener.gateway
+  to   = module.gateway_tls.aws_lb_listener.this
 }
 
 module "lb" {

@@ -201,62 +201,43 @@ resource "aws_vpc_security_group_ingress_rule" "locate" {
   referenced_security_group_id = module.lb.security_group_id
 }
 
-resource "aws_vpc_security_group_ingress_rule" "nlb_locate" {
-  for_each = toset(var.client_cidrs)
+module "locate_tls" {
+  source = "../tls-listener"
 
-  security_group_id = module.lb.security_group_id
-  description       = "https:// locate from clients"
-  ip_protocol       = "tcp"
-  from_port         = var.locate_tls_port
-  to_port           = var.locate_tls_port
-  cidr_ipv4         = each.value
+  name_prefix                     = "mrl-"
+  what                            = "https:// locate"
+  vpc_id                          = var.vpc_id
+  load_balancer_arn               = module.lb.arn
+  load_balancer_security_group_id = module.lb.security_group_id
+  target_security_group_id        = aws_security_group.router.id
+  client_cidrs                    = var.client_cidrs
+  tls_port                        = var.locate_tls_port
+  target_port                     = var.locate_http_port
+  certificate_arn                 = var.locate_certificate_arn
+  health_port                     = var.metrics_port
+  deregistration_delay            = 30
+  tags                            = local.tags
 }
 
-resource "aws_vpc_security_group_egress_rule" "nlb_locate" {
-  security_group_id            = module.lb.security_group_id
-  description                  = "To the routers' HTTP locate"
-  ip_protocol                  = "tcp"
-  from_port                    = var.locate_http_port
-  to_port                      = var.locate_http_port
-  referenced_security_group_id = aws_security_group.router.id
+# Deployments made before the locate listener moved into modules/tls-listener keep it.
+moved {
+  from = aws_vpc_security_group_ingress_rule.nlb_locate
+  to   = module.locate_tls.aws_vpc_security_group_ingress_rule.clients
 }
 
-resource "aws_lb_target_group" "locate" {
-  name_prefix          = "mrl-"
-  port                 = var.locate_http_port
-  protocol             = "TCP"
-  target_type          = "instance"
-  vpc_id               = var.vpc_id
-  deregistration_delay = 30
-  tags                 = local.tags
-
-  health_check {
-    protocol            = "HTTP"
-    port                = tostring(var.metrics_port)
-    path                = "/readyz"
-    matcher             = "200"
-    interval            = 10
-    healthy_threshold   = 2
-    unhealthy_threshold = 2
-  }
-
-  lifecycle {
-    create_before_destroy = true
-  }
+moved {
+  from = aws_vpc_security_group_egress_rule.nlb_locate
+  to   = module.locate_tls.aws_vpc_security_group_egress_rule.targets
 }
 
-resource "aws_lb_listener" "locate" {
-  load_balancer_arn = module.lb.arn
-  port              = var.locate_tls_port
-  protocol          = "TLS"
-  certificate_arn   = var.locate_certificate_arn
-  ssl_policy        = "ELBSecurityPolicy-TLS13-1-2-2021-06"
-  tags              = local.tags
+moved {
+  from = aws_lb_target_group.locate
+  to   = module.locate_tls.aws_lb_target_group.this
+}
 
-  default_action {
-    type             = "forward"
-    target_group_arn = aws_lb_target_group.locate.arn
-  }
+moved {
+  from = aws_lb_listener.locate
+  to   = module.locate_tls.aws_lb_listener.this
 }
 
 module "lb" {
@@ -370,7 +351,7 @@ resource "aws_autoscaling_group" "router" {
   max_size                  = var.max_size
   desired_capacity          = var.desired_capacity
   vpc_zone_identifier       = var.subnet_ids
-  target_group_arns         = [module.lb.target_group_arn, aws_lb_target_group.locate.arn]
+  target_group_arns         = [module.lb.target_group_arn, module.locate_tls.target_group_arn]
   health_check_type         = "ELB"
   health_check_grace_period = 90
   wait_for_capacity_timeout = "15m"
