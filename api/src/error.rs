@@ -112,6 +112,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         }
         ErrorCode::Forbidden | ErrorCode::UnknownTenant => StatusCode::FORBIDDEN,
         ErrorCode::UnknownDocument => StatusCode::NOT_FOUND,
+        ErrorCode::Gone => StatusCode::GONE,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::InvalidChange => StatusCode::UNPROCESSABLE_ENTITY,

@@ -270,6 +270,12 @@ impl Pool {
         );
     }
 
+    /// A document not to serve any more (the relay said it was purged): no stream is
+    /// opened for it again.
+    pub fn close(&mut self, doc: &DocId) {
+        self.docs.remove(doc);
+    }
+
     /// The connections up, by node.
     pub fn connections(&self) -> impl Iterator<Item = &str> {
         self.conns.keys().map(String::as_str)

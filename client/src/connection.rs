@@ -600,7 +600,13 @@ impl Pool {
                 doc,
                 generation,
                 moved,
-            } => self.core.handle_doc_ended(now, &doc, generation, moved),
+            } => {
+                if self.docs.get(&doc).is_some_and(DocHandle::is_gone) {
+                    self.core.close(&doc);
+                } else {
+                    self.core.handle_doc_ended(now, &doc, generation, moved);
+                }
+            }
             Event::Redirect { cell, nodes, epoch } => {
                 tracing::debug!(%cell, epoch, "tenant placed in another cell");
                 self.core.handle_redirect(now, cell, nodes, epoch);
@@ -850,6 +856,12 @@ async fn serve_doc(connection: Connection, doc: &DocHandle) -> Option<String> {
                 Ok(Some(RelayToClient::Moved { node, .. })) => {
                     let _ = send.finish();
                     return Some(node.addr);
+                }
+                Ok(Some(message @ RelayToClient::Error { code: ErrorCode::Gone, .. })) => {
+                    // Purged: nothing sent for it is kept, and the pool stops serving it.
+                    handle_message(doc, message);
+                    let _ = send.finish();
+                    return None;
                 }
                 Ok(Some(message @ RelayToClient::Error { code, .. }))
                     if !doc.status().synced

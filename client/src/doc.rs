@@ -90,6 +90,9 @@ pub(crate) struct DocState {
     pub(crate) throttled: bool,
     /// Throttled: a frame's worth is in flight, with no answer yet (Applied or an error).
     pub(crate) in_flight: bool,
+    /// The relay answered `gone`: an operator purged the document. It is not served
+    /// again, and every wait on it fails with `gone`.
+    pub(crate) gone: bool,
 }
 
 pub(crate) struct DocShared {
@@ -161,6 +164,7 @@ impl DocHandle {
                     refusals: 0,
                     throttled: false,
                     in_flight: false,
+                    gone: false,
                 }),
                 version,
                 events,
@@ -348,6 +352,13 @@ impl DocHandle {
         }
     }
 
+    /// Whether the relay said the document was purged (`gone`): it is not served any
+    /// more, its pending changes will never be stored, and the app should delete its
+    /// local copy (the client leaves that to the app).
+    pub fn is_gone(&self) -> bool {
+        self.lock().gone
+    }
+
     /// The last error the relay reported for this document, if any.
     pub fn last_error(&self) -> Option<(ErrorCode, String)> {
         self.lock().last_error.clone()
@@ -408,7 +419,7 @@ impl DocHandle {
                 if done(&state) {
                     return Ok(());
                 }
-                if state.refusals != refusals {
+                if state.refusals != refusals || state.gone {
                     let (code, message) = state
                         .last_error
                         .clone()
@@ -677,8 +688,12 @@ impl DocHandle {
                 | ErrorCode::TooLarge
                 | ErrorCode::MissingDependencies
                 | ErrorCode::UnknownDocument
+                | ErrorCode::Gone
         ) {
             state.refusals += 1;
+        }
+        if code == ErrorCode::Gone {
+            state.gone = true;
         }
         drop(state);
         self.bump();

@@ -40,6 +40,8 @@ mod compact;
 pub use compact::{materialize, snapshot_base};
 mod durability;
 mod error;
+mod gone;
+pub use gone::Gone;
 pub mod graph;
 mod load;
 pub mod membership;
@@ -486,6 +488,8 @@ pub struct Stats {
     pub backlog_refusals: u64,
     /// Idle documents evicted from memory (they reload on demand).
     pub evictions: u64,
+    /// Hot documents whose subscriptions ended because they were purged.
+    pub docs_purged: u64,
     /// Snapshots refused on load or refresh (they do not load to their recorded heads);
     /// the document was read from every change item instead.
     pub corrupt_snapshots: u64,
@@ -661,6 +665,10 @@ pub struct Engine {
     actor_owners: lru::LruCache<(TenantId, meridian_protocol::ActorId), UserId>,
     /// What each session and tenant holds against its budgets.
     usage: Usage,
+    /// Purged documents and tenants (see `gone`).
+    gone: Gone,
+    /// Purged documents still in memory, dropped once nothing is in flight for them.
+    gone_hot: std::collections::BTreeSet<DocKey>,
 }
 
 /// Refills a bucket of one second's worth of `rate` (tokens and when last filled) to
@@ -757,6 +765,8 @@ impl Engine {
             reingesting: false,
             actor_owners: lru::LruCache::new(owners_max),
             usage: Usage::default(),
+            gone: Gone::default(),
+            gone_hot: std::collections::BTreeSet::new(),
         }
     }
 
@@ -1024,6 +1034,9 @@ impl Engine {
         let Some(key) = self.authorize(now, session, &doc, |r| r.read) else {
             return;
         };
+        if self.refuse_gone(session, &key) {
+            return;
+        }
         if let Some(to) = self.owner_elsewhere(&key) {
             self.moved(session, &doc, to);
             return;
@@ -1145,6 +1158,11 @@ impl Engine {
             self.stats.changes_refused += changes.len() as u64;
             return;
         };
+        if self.refuse_gone(session, &key) {
+            // Nothing is kept: the document was purged, and stays so.
+            self.stats.changes_refused += changes.len() as u64;
+            return;
+        }
         if let Some(to) = self.owner_elsewhere(&key) {
             // Not acknowledged: the client keeps the changes and sends them to the owner.
             self.moved(session, &doc, to);

@@ -95,5 +95,6 @@ impl Engine {
                 self.tasks.insert(id, pending);
             }
         }
+        self.sweep_gone();
     }
 }

@@ -4,6 +4,7 @@ use super::*;
 use automerge::AutoCommit;
 use automerge::transaction::Transactable;
 use meridian_protocol::token::DocScope;
+use std::collections::HashSet;
 
 fn now() -> Now {
     Now {
@@ -1578,4 +1579,70 @@ fn documents_held_open_do_not_block_eviction_of_idle_ones() {
         "the idle documents behind the held ones were never reached"
     );
     assert!(h.engine.stats().evictions >= 1);
+}
+
+fn is_gone(outbound: &[Outbound]) -> bool {
+    outbound.iter().any(|o| {
+        matches!(
+            o,
+            Outbound::Message(RelayToClient::Error {
+                code: ErrorCode::Gone,
+                ..
+            })
+        )
+    })
+}
+
+/// A purge ends the document's subscriptions with `gone`, refuses every later subscribe
+/// and change (an offline client coming back with pending changes stores nothing), and
+/// the document leaves memory once its queued flush is done; other documents go on.
+#[test]
+fn a_purged_document_answers_gone_and_leaves_memory() {
+    let mut h = Harness::new();
+    let t = now();
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "k", "v").unwrap();
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    h.run(t);
+    h.take(1);
+    assert_eq!(h.engine.hot_docs(), 1);
+
+    h.engine
+        .handle_gone(Gone::new([doc_key()].into(), HashSet::new()));
+    h.run(t);
+    assert!(is_gone(&h.take(1)), "the subscriber is told");
+    // Its change was not flushed yet: the document stays until the flush is done.
+    assert_eq!(h.engine.hot_docs(), 1);
+    h.fire_timer();
+    assert_eq!(h.engine.hot_docs(), 0, "dropped once nothing is in flight");
+
+    // Subscribing again, or sending changes, is refused; nothing is loaded or stored.
+    h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+    h.run(t);
+    assert!(is_gone(&h.take(1)));
+    assert!(!h.engine.is_subscribed(1, &doc_id()));
+    let flushed = h.flushed();
+    doc.put(automerge::ROOT, "k", "again").unwrap();
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    h.run(t);
+    assert!(is_gone(&h.take(1)));
+    h.fire_timer();
+    assert_eq!(h.flushed(), flushed);
+    assert_eq!(h.engine.hot_docs(), 0);
+
+    // A tenant's purge covers its other documents; another tenant is untouched.
+    let other = DocId::new("d2").unwrap();
+    h.engine.handle_subscribe(t, 1, other.clone(), vec![], true);
+    h.run(t);
+    assert!(!is_gone(&h.take(1)));
+    h.engine.handle_gone(Gone::new(
+        HashSet::new(),
+        [TenantId::new("acme").unwrap()].into(),
+    ));
+    h.run(t);
+    assert!(is_gone(&h.take(1)));
+    assert!(!h.engine.is_subscribed(1, &other));
 }

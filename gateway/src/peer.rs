@@ -555,9 +555,10 @@ impl Peer {
                 message,
                 ..
             } => match (code, self.docs.get_mut(&doc)) {
-                // The token may not read (or write) this document: it stays with the
-                // peer, nothing is stored, and the peer is not made to reconnect.
-                (ErrorCode::Forbidden, Some(state)) => {
+                // The token may not read (or write) this document, or an operator purged
+                // it: it stays with the peer, nothing is stored, and the peer is not
+                // made to reconnect.
+                (ErrorCode::Forbidden | ErrorCode::Gone, Some(state)) => {
                     if !state.unavailable {
                         state.unavailable = true;
                         out.push(Effect::Send(ServerMessage::DocUnavailable {

@@ -301,6 +301,9 @@ pub enum ErrorCode {
     /// The session's token was revoked (by its id, or every token of its user issued
     /// before the revocation); the connection is closed. A fresh token may connect.
     TokenRevoked,
+    /// The document was purged by an operator: its changes are deleted everywhere and a
+    /// tombstone refuses new ones. Nothing sent for it is kept; do not retry.
+    Gone,
     /// A code this build does not know (sent by a newer peer).
     Other(u16),
 }
@@ -329,6 +332,7 @@ impl ErrorCode {
             ErrorCode::ActorConflict => 18,
             ErrorCode::Timeout => 19,
             ErrorCode::TokenRevoked => 20,
+            ErrorCode::Gone => 21,
             ErrorCode::Other(code) => code,
         }
     }
@@ -356,6 +360,7 @@ impl ErrorCode {
             18 => ErrorCode::ActorConflict,
             19 => ErrorCode::Timeout,
             20 => ErrorCode::TokenRevoked,
+            21 => ErrorCode::Gone,
             other => ErrorCode::Other(other),
         }
     }
@@ -386,6 +391,7 @@ impl ErrorCode {
             ErrorCode::ActorConflict => "actor_conflict",
             ErrorCode::Timeout => "timeout",
             ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::Gone => "gone",
             ErrorCode::Other(_) => return None,
         })
     }

@@ -60,6 +60,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         18 => ErrorCode::ActorConflict,
         19 => ErrorCode::Timeout,
         20 => ErrorCode::TokenRevoked,
+        21 => ErrorCode::Gone,
         other => ErrorCode::Other(other),
     })
 }

@@ -359,6 +359,44 @@ impl Cache {
         Ok(out)
     }
 
+    /// Deletes every cached change of a purged document (`doc`), or of every document of
+    /// a purged tenant (`None`), and takes them out of the flush queue; returns how many
+    /// cached entries went. A flush-queue batch that still names one of them (it also
+    /// holds other documents' changes) finds it missing on replay and drops it.
+    pub fn purge(&self, tenant: &TenantId, doc: Option<&DocId>) -> Result<usize, CacheError> {
+        let prefix = match doc {
+            Some(doc) => doc_prefix(&DocKey {
+                tenant: tenant.clone(),
+                doc: doc.clone(),
+            }),
+            None => {
+                let mut prefix = tenant.as_str().as_bytes().to_vec();
+                prefix.push(0);
+                prefix
+            }
+        };
+        let mut batch = sled::Batch::default();
+        let mut removed = 0;
+        for item in self.changes.scan_prefix(&prefix) {
+            let (key, _) = item?;
+            batch.remove(key);
+            removed += 1;
+        }
+        self.changes.apply_batch(batch)?;
+        let emptied = {
+            let mut queued = self.index()?;
+            let ids: Vec<Vec<u8>> = queued
+                .changes
+                .keys()
+                .filter(|id| id.starts_with(&prefix))
+                .cloned()
+                .collect();
+            queued.remove(ids)
+        };
+        self.remove_from_queue(emptied)?;
+        Ok(removed)
+    }
+
     /// Number of changes waiting to be flushed.
     pub fn queue_len(&self) -> usize {
         self.queued.lock().map_or(0, |queued| queued.changes.len())
@@ -580,6 +618,33 @@ mod tests {
         cache.uncache(&[(key.clone(), change.hash)]).unwrap();
         assert_eq!(cache.queue_len(), 0);
         assert!(cache.load(&key).unwrap()[0].durable);
+    }
+
+    /// A purge deletes the document's cached changes and its queued ones, leaves the
+    /// other documents alone, and a replay after a restart brings none of it back.
+    #[tokio::test]
+    async fn a_purged_document_leaves_the_cache_and_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (key("a"), key("ab"));
+        {
+            let cache = Cache::open(dir.path()).unwrap();
+            cache
+                .write(&[(a.clone(), change(1)), (b.clone(), change(2))])
+                .unwrap();
+            cache.write(&[(a.clone(), change(3))]).unwrap();
+            cache.commit().await.unwrap();
+            assert_eq!(cache.purge(&a.tenant, Some(&a.doc)).unwrap(), 2);
+            assert!(cache.load(&a).unwrap().is_empty());
+            assert_eq!(cache.load(&b).unwrap().len(), 1);
+            assert_eq!(cache.queue_len(), 1);
+            cache.commit().await.unwrap();
+        }
+        let cache = Cache::open(dir.path()).unwrap();
+        assert_eq!(cache.queued(10).unwrap(), vec![(b.clone(), change(2))]);
+        assert_eq!(cache.purge(&b.tenant, None).unwrap(), 1);
+        assert!(cache.load(&b).unwrap().is_empty());
+        assert_eq!(cache.queue_len(), 0);
+        assert!(cache.queued(10).unwrap().is_empty());
     }
 
     /// A batch spanning documents leaves the queue only when every change in it is

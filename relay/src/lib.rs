@@ -13,6 +13,7 @@ pub mod local;
 pub mod metrics;
 pub mod node;
 pub mod placement;
+pub mod purge;
 pub mod ratelimit;
 pub mod revocation;
 mod session;

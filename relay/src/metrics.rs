@@ -75,6 +75,22 @@ fn describe() {
         "Token refreshes of live sessions (`reauth`), by outcome."
     );
     describe_gauge!(
+        "meridian_tombstones",
+        "Purged documents and tenants, as this node last read the tombstones."
+    );
+    describe_counter!(
+        "meridian_tombstone_read_errors_total",
+        "Reads of the tombstones that failed (the node keeps the last set)."
+    );
+    describe_counter!(
+        "meridian_purged_writes_refused_total",
+        "Changes a durable-tier write left out because their document was purged."
+    );
+    describe_counter!(
+        "meridian_purge_sweeps_total",
+        "Second sweeps of purges this node ran, by result (ok, error)."
+    );
+    describe_gauge!(
         "meridian_revocations",
         "Token and user revocations in force, as this node last read them."
     );
@@ -359,6 +375,27 @@ pub fn reauth(outcome: &'static str) {
 /// Revocations in force on this node.
 pub fn revocations_in_force(count: usize) {
     gauge!("meridian_revocations").set(count as f64);
+}
+
+/// Changes a write to the durable tier left out because their document was purged.
+pub fn purged_writes_refused(count: usize) {
+    counter!("meridian_purged_writes_refused_total").increment(count as u64);
+}
+
+/// The tombstones in force (purged documents and tenants).
+pub fn tombstones_in_force(count: usize) {
+    gauge!("meridian_tombstones").set(count as f64);
+}
+
+/// The tombstones could not be read from the durable tier.
+pub fn tombstone_read_failed() {
+    counter!("meridian_tombstone_read_errors_total").increment(1);
+}
+
+/// A second sweep of a purge ran on this node (`ok`: it finished).
+pub fn purge_swept(ok: bool) {
+    counter!("meridian_purge_sweeps_total", "result" => if ok { "ok" } else { "error" })
+        .increment(1);
 }
 
 /// The revocations could not be read from the durable tier.

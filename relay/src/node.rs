@@ -5,7 +5,7 @@
 //! `poll_transmit` into session outboxes and `poll_store_task` into the cache worker and
 //! the durable tier, and re-arms the flush timer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +46,8 @@ struct CacheQueues {
 enum CacheJob {
     Commit(TaskId, Vec<(DocKey, StoredChange)>),
     Uncache(Vec<(DocKey, ChangeHash)>),
+    /// A purged document (or, with no document, tenant) leaves the cache.
+    Purge(TenantId, Option<DocId>),
 }
 
 /// A running relay. Dropping it without [`RelayHandle::shutdown`] aborts its tasks.
@@ -235,6 +237,23 @@ pub async fn start_with_store(
         None => (None, None),
     };
     let cache = Cache::open(&config.data_dir.join("cache")).map_err(RelayError::Cache)?;
+    // Purges made while this node was down leave its cache before anything is served.
+    let mut tombstones = match store.tombstones().await {
+        Ok(tombstones) => tombstones,
+        Err(error) => {
+            tracing::warn!(%error, "tombstones could not be read at start");
+            crate::metrics::tombstone_read_failed();
+            Vec::new()
+        }
+    };
+    tombstones.sort_by_key(crate::purge::Tombstone::key);
+    for tombstone in &tombstones {
+        if let Some(tenant) = tombstone.tenant_id() {
+            cache
+                .purge(&tenant, tombstone.doc_id().as_ref())
+                .map_err(RelayError::Cache)?;
+        }
+    }
     replay_flush_queue(&cache, store.as_ref(), &engine_config(&config)).await?;
 
     let (certs, key) = tls::load_identity(&config.cert_file, &config.key_file)?;
@@ -357,6 +376,7 @@ pub async fn start_with_store(
     if gossip.is_some() {
         engine.set_cell(me);
     }
+    engine.handle_gone(crate::purge::gone(&tombstones));
     // Certificates renewed on disk are taken without a restart.
     shared.spawn(tls::watch_identity(
         endpoint.clone(),
@@ -369,6 +389,12 @@ pub async fn start_with_store(
         store.clone(),
         limits.revocation_poll,
         revoked_tx,
+    ));
+    shared.spawn(poll_tombstones(
+        store.clone(),
+        shared.clone(),
+        limits.revocation_poll,
+        tombstones,
     ));
     let driver = Driver {
         engine,
@@ -389,6 +415,8 @@ pub async fn start_with_store(
             .checked_sub(PUBLISH_INTERVAL)
             .unwrap_or_else(Instant::now),
         materialized: Arc::default(),
+        cache_purges: Vec::new(),
+        cache_purged: HashSet::new(),
     };
     drop(arrivals_tx);
     if let Some(placements) = placements {
@@ -552,6 +580,10 @@ struct Driver {
     published: Instant,
     /// The documents the snapshot task materialized last.
     materialized: Arc<Mutex<Materialized>>,
+    /// Purges the cache has still to carry out (queued behind the commits before them).
+    cache_purges: Vec<(TenantId, Option<DocId>)>,
+    /// The tombstones (by key) whose purge went to the cache already.
+    cache_purged: HashSet<String>,
 }
 
 /// Documents materialized by the snapshot task, at most [`MATERIALIZED_MAX`], each at the
@@ -823,6 +855,17 @@ impl Driver {
             Input::TenantArrived { tenant } => {
                 self.engine.handle_tenant_arrived(now(), &tenant);
             }
+            Input::Tombstones { tombstones } => {
+                self.engine.handle_gone(crate::purge::gone(&tombstones));
+                for tombstone in tombstones.iter() {
+                    let Some(tenant) = tombstone.tenant_id() else {
+                        continue;
+                    };
+                    if self.cache_purged.insert(tombstone.key()) {
+                        self.cache_purges.push((tenant, tombstone.doc_id()));
+                    }
+                }
+            }
         }
     }
 
@@ -833,6 +876,16 @@ impl Driver {
         loads: &Arc<Semaphore>,
         workers: &mut JoinSet<()>,
     ) {
+        // Behind the commits queued before the tombstones arrived; a full queue keeps
+        // them for the next round.
+        while let Some((tenant, doc)) = self.cache_purges.pop() {
+            if let Err(error) = cache.commits.try_send(CacheJob::Purge(tenant, doc)) {
+                if let mpsc::error::TrySendError::Full(CacheJob::Purge(tenant, doc)) = error {
+                    self.cache_purges.push((tenant, doc));
+                }
+                break;
+            }
+        }
         loop {
             let mut progressed = false;
             while let Some(transmit) = self.engine.poll_transmit() {
@@ -1205,6 +1258,16 @@ async fn cache_worker(
                     tracing::debug!(%error, "uncache failed");
                 }
             }
+            CacheJob::Purge(tenant, doc) => match cache.purge(&tenant, doc.as_ref()) {
+                Ok(removed) => {
+                    tracing::info!(%tenant, doc = ?doc.as_ref().map(DocId::as_str), removed, "purged from the cache");
+                }
+                Err(error) => {
+                    // What is left is never served (the engine refuses the document) and
+                    // never flushed (the durable tier refuses it).
+                    tracing::warn!(%error, %tenant, "purge from the cache failed");
+                }
+            },
         }
     }
 }
@@ -1241,6 +1304,57 @@ async fn poll_revocations(
             Err(error) => {
                 tracing::debug!(%error, "revocations could not be read");
                 crate::metrics::revocation_read_failed();
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Reads the store's tombstones every `interval`, hands them to the driver when they
+/// changed, and runs the second sweep of every purge that is due (any node may; the sweep
+/// is idempotent, and marks the tombstone swept). An unreadable store keeps the last set
+/// (and is counted).
+async fn poll_tombstones(
+    store: Arc<dyn DurableStore>,
+    shared: Arc<Shared>,
+    interval: Duration,
+    at_start: Vec<crate::purge::Tombstone>,
+) {
+    let mut last = Some(at_start);
+    loop {
+        match store.tombstones().await {
+            Ok(mut tombstones) => {
+                tombstones.sort_by_key(crate::purge::Tombstone::key);
+                crate::metrics::tombstones_in_force(tombstones.len());
+                let now_ms = meridian_process::clock::unix_ms();
+                for tombstone in tombstones.iter_mut().filter(|t| t.sweep_due(now_ms)) {
+                    let swept = crate::purge::Tombstone {
+                        swept: true,
+                        ..tombstone.clone()
+                    };
+                    match crate::purge::sweep(store.as_ref(), &swept, shared.node.as_str()).await {
+                        Ok(()) => {
+                            crate::metrics::purge_swept(true);
+                            *tombstone = swept;
+                        }
+                        Err(error) => {
+                            crate::metrics::purge_swept(false);
+                            tracing::warn!(%error, tenant = %tombstone.tenant, "second sweep failed; retried at the next poll");
+                        }
+                    }
+                }
+                if last.as_ref() != Some(&tombstones) {
+                    shared
+                        .send_input(Input::Tombstones {
+                            tombstones: Arc::new(tombstones.clone()),
+                        })
+                        .await;
+                    last = Some(tombstones);
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "tombstones could not be read");
+                crate::metrics::tombstone_read_failed();
             }
         }
         tokio::time::sleep(interval).await;

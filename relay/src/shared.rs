@@ -98,6 +98,11 @@ pub enum Input {
         /// The tenant.
         tenant: TenantId,
     },
+    /// The tombstones changed (see [`crate::purge`]): every one stored, the whole set.
+    Tombstones {
+        /// The tombstones.
+        tombstones: std::sync::Arc<Vec<crate::purge::Tombstone>>,
+    },
 }
 
 /// A tenant's place in the engine's input queue (see

@@ -102,6 +102,28 @@ impl DurableStore for Gated {
     ) -> BoxFuture<'a, Result<Vec<meridian_protocol::DocId>, StoreError>> {
         self.inner.documents(tenant)
     }
+    fn purge<'a>(
+        &'a self,
+        tombstone: &'a meridian_relay::purge::Tombstone,
+    ) -> BoxFuture<'a, Result<meridian_relay::purge::PurgeReport, StoreError>> {
+        self.inner.purge(tombstone)
+    }
+    fn tombstones<'a>(
+        &'a self,
+    ) -> BoxFuture<'a, Result<Vec<meridian_relay::purge::Tombstone>, StoreError>> {
+        self.inner.tombstones()
+    }
+    fn audit<'a>(
+        &'a self,
+        record: &'a meridian_relay::purge::AuditRecord,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.inner.audit(record)
+    }
+    fn audit_log<'a>(
+        &'a self,
+    ) -> BoxFuture<'a, Result<Vec<meridian_relay::purge::AuditRecord>, StoreError>> {
+        self.inner.audit_log()
+    }
     fn kind(&self) -> &'static str {
         "gated"
     }

@@ -386,3 +386,157 @@ async fn revocations_are_kept_until_they_expire_and_never_move_back() {
         );
     }
 }
+
+/// Object versions left under a document's S3 prefix (all of them, delete markers too).
+async fn versions_under(config: &meridian_relay::store::AwsConfig, prefix: &str) -> usize {
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(config.region.clone()))
+        .endpoint_url(config.endpoint.clone().unwrap())
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    );
+    let listed = s3
+        .list_object_versions()
+        .bucket(&config.bucket)
+        .prefix(prefix)
+        .send()
+        .await
+        .unwrap();
+    listed.versions().len() + listed.delete_markers().len()
+}
+
+/// A purge stores its tombstone, deletes the document's changes and snapshots (on AWS
+/// every version of its S3 objects), leaves other documents alone, and from then on
+/// writes of the document are left out, by this store handle and by a fresh one; a
+/// second purge (the sweep) finds nothing more. The audit log keeps what was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_deletes_everything_of_the_document_and_keeps_it_deleted() {
+    use meridian_relay::purge::{AuditRecord, Purged, Tombstone};
+    let dir = tempfile::tempdir().unwrap();
+    let local = LocalDirStore::open(dir.path()).unwrap();
+    let (aws, aws_config) = moto::fresh_store("eu").await;
+    let unders = [Under::Local(local, dir), Under::Aws(aws)];
+    for under in &unders {
+        let store = under.store();
+        let doomed = key("doomed");
+        let kept = key("doomed-not");
+        let (source, written) = changes(20, 10);
+        let (_, large) = changes(1, 450_000);
+        store
+            .write_changes(&keyed(&doomed, &written))
+            .await
+            .unwrap();
+        // A retried write of a large change leaves two versions of its S3 object.
+        store.write_changes(&keyed(&doomed, &large)).await.unwrap();
+        store.write_changes(&keyed(&doomed, &large)).await.unwrap();
+        store
+            .write_snapshot(&doomed, &snapshot_at(&source, &written, 10))
+            .await
+            .unwrap();
+        store.write_changes(&keyed(&kept, &written)).await.unwrap();
+
+        let acme = TenantId::new("acme").unwrap();
+        let tombstone = Tombstone::new(&acme, Purged::Doc("doomed".into()), "ops@example", 1, 0);
+        let report = store.purge(&tombstone).await.unwrap();
+        assert_eq!(report.documents, 1, "{}", store.kind());
+        assert!(report.changes >= 21, "{} {report:?}", store.kind());
+        assert_eq!(report.snapshots, 1, "{}", store.kind());
+        let stored = store.load(&doomed).await.unwrap();
+        assert!(stored.snapshot.is_none() && stored.changes.is_empty());
+        assert!(store.load_all_changes(&doomed).await.unwrap().is_empty());
+        assert_eq!(store.load_all_changes(&kept).await.unwrap().len(), 20);
+        assert_eq!(
+            store.documents(&acme).await.unwrap(),
+            vec![kept.doc.clone()]
+        );
+        if let Under::Aws(_) = under {
+            assert!(report.objects >= 2, "{report:?}");
+            let prefix = format!("acme/{}/", hex::encode("doomed"));
+            assert_eq!(versions_under(&aws_config, &prefix).await, 0);
+        }
+        if let Under::Local(_, dir) = under {
+            // The feed log's records of it are blanked; the others are still read.
+            let feed = LocalDirStore::open(dir.path()).unwrap();
+            let (records, _) = feed.read_feed(0, usize::MAX).unwrap();
+            assert!(records.iter().all(|r| r.key != doomed));
+            assert_eq!(records.iter().filter(|r| r.key == kept).count(), 20);
+            assert!(report.objects >= 21, "{report:?}");
+        }
+
+        // A late write (a flush, a replayed queue) is left out.
+        let (_, late) = changes(3, 10);
+        store.write_changes(&keyed(&doomed, &late)).await.unwrap();
+        assert!(store.load_all_changes(&doomed).await.unwrap().is_empty());
+        store.write_changes(&keyed(&kept, &late)).await.unwrap();
+        assert_eq!(store.load_all_changes(&kept).await.unwrap().len(), 23);
+        assert_eq!(store.tombstones().await.unwrap(), vec![tombstone.clone()]);
+
+        // The sweep runs the purge again and finds nothing left.
+        let swept = Tombstone {
+            swept: true,
+            ..tombstone.clone()
+        };
+        let again = store.purge(&swept).await.unwrap();
+        assert_eq!((again.documents, again.changes, again.snapshots), (0, 0, 0));
+        assert_eq!(store.tombstones().await.unwrap(), vec![swept]);
+
+        let record = AuditRecord {
+            at_ms: 5,
+            operator: "ops@example".into(),
+            action: "doc purge".into(),
+            tenant: "acme".into(),
+            doc: Some("doomed".into()),
+            report,
+        };
+        store.audit(&record).await.unwrap();
+        assert_eq!(store.audit_log().await.unwrap(), vec![record]);
+    }
+}
+
+/// A tenant's purge deletes every document of the tenant and refuses new ones; another
+/// tenant whose id starts the same is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_purge_deletes_every_document_of_the_tenant() {
+    use meridian_relay::purge::{Purged, Tombstone};
+    for under in Under::both().await {
+        let store = under.store();
+        let (_, written) = changes(5, 10);
+        let acme = TenantId::new("acme").unwrap();
+        let neighbour = DocKey {
+            tenant: TenantId::new("acme2").unwrap(),
+            doc: DocId::new("a").unwrap(),
+        };
+        for doc in ["a", "b", "c"] {
+            store
+                .write_changes(&keyed(&key(doc), &written))
+                .await
+                .unwrap();
+        }
+        store
+            .write_changes(&keyed(&neighbour, &written))
+            .await
+            .unwrap();
+        let tombstone = Tombstone::new(&acme, Purged::Tenant, "ops", 1, 0);
+        let report = store.purge(&tombstone).await.unwrap();
+        assert_eq!(
+            (report.documents, report.changes),
+            (3, 15),
+            "{}",
+            store.kind()
+        );
+        assert!(store.documents(&acme).await.unwrap().is_empty());
+        store
+            .write_changes(&keyed(&key("new"), &written))
+            .await
+            .unwrap();
+        assert!(store.documents(&acme).await.unwrap().is_empty());
+        assert_eq!(store.load_all_changes(&neighbour).await.unwrap().len(), 5);
+    }
+}

@@ -12,6 +12,17 @@
 //! replication can never drop data. `BatchWriteItem` carries at most 25 items; unprocessed
 //! items and throttling are retried with capped exponential backoff and jitter.
 //!
+//! Purges: a tombstone is an item of the partition [`TOMBSTONES_PK`] (`sk` its key, `json`
+//! the tombstone), audit records are items of [`AUDIT_PK`] (`sk` the time and a random
+//! suffix). A purge stores the tombstone, deletes every item of each document's
+//! partition (`BatchWriteItem` deletes, which the global table replicates to every
+//! region), and every version and delete marker under the document's S3 prefix
+//! (`<tenant>/<hex doc>/`) in this region's bucket; the operator's command runs it once
+//! per region of the jurisdiction for the buckets. Writes leave out changes a tombstone
+//! covers, reading the tombstones at most every [`TOMBSTONE_REFRESH`]; a write in that
+//! window, and an item replicated late from another region, are what the second sweep
+//! deletes.
+//!
 //! Cold loads read the newest snapshot and only the change items written since shortly
 //! before it, through the local secondary index `by_wt` (`pk`, `wt`): `replication_margin`
 //! covers items replicated late from other regions.
@@ -23,7 +34,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    AttributeDefinition, AttributeValue, BillingMode, DeleteRequest, KeySchemaElement, KeyType,
     LocalSecondaryIndex, Projection, ProjectionType, PutRequest, ScalarAttributeType,
     StreamSpecification, StreamViewType, TimeToLiveSpecification, WriteRequest,
 };
@@ -37,7 +48,15 @@ use super::{
     encode_clock, encode_users,
 };
 use crate::engine::{DocKey, StoredChange};
+use crate::purge::{AuditRecord, PurgeReport, Purged, Tombstone};
 use crate::revocation::{Revocation, Revoked};
+
+/// How long the tombstones a write checks against may be old.
+pub const TOMBSTONE_REFRESH: Duration = Duration::from_secs(1);
+/// The tombstones as last read, and when.
+type CachedTombstones = (std::time::Instant, Arc<Vec<Tombstone>>);
+/// S3's limit on one `DeleteObjects`.
+const DELETE_OBJECTS_MAX: usize = 1000;
 
 /// Changes larger than this go to S3 behind a pointer item (DynamoDB items stop at 400 KB).
 pub const INLINE_MAX: usize = 350_000;
@@ -123,6 +142,8 @@ pub struct AwsStore {
     s3: aws_sdk_s3::Client,
     stats: Arc<AwsStoreStats>,
     faults: Arc<Faults>,
+    /// The tombstones as last read, and when.
+    tombstones: Arc<tokio::sync::Mutex<Option<CachedTombstones>>>,
 }
 
 #[derive(Default)]
@@ -155,6 +176,7 @@ impl AwsStore {
             config,
             stats: Arc::new(AwsStoreStats::default()),
             faults: Arc::new(Faults::default()),
+            tombstones: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -310,6 +332,9 @@ impl AwsStore {
     }
 
     async fn write_all(&self, changes: &[(DocKey, StoredChange)]) -> Result<(), StoreError> {
+        let tombstones = self.cached_tombstones().await?;
+        let changes = super::without_purged(changes, &tombstones);
+        let changes = &changes[..];
         let now = now_ms();
         let mut requests = Vec::with_capacity(changes.len());
         for (key, change) in changes {
@@ -869,6 +894,179 @@ impl AwsStore {
         Ok(live)
     }
 
+    /// The tombstones, read again when the copy is older than [`TOMBSTONE_REFRESH`].
+    async fn cached_tombstones(&self) -> Result<Arc<Vec<Tombstone>>, StoreError> {
+        let mut cached = self.tombstones.lock().await;
+        if let Some((at, list)) = cached.as_ref()
+            && at.elapsed() < TOMBSTONE_REFRESH
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(self.read_tombstones().await?);
+        *cached = Some((std::time::Instant::now(), list.clone()));
+        Ok(list)
+    }
+
+    async fn read_tombstones(&self) -> Result<Vec<Tombstone>, StoreError> {
+        let items = self.partition_items(TOMBSTONES_PK).await?;
+        items
+            .iter()
+            .map(|item| {
+                let json = string(item, "json")
+                    .ok_or_else(|| StoreError::Corrupt("tombstone item without json".into()))?;
+                serde_json::from_str(&json)
+                    .map_err(|e| StoreError::Corrupt(format!("tombstone item: {e}")))
+            })
+            .collect()
+    }
+
+    /// Every item of one partition.
+    async fn partition_items(
+        &self,
+        pk: &str,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, StoreError> {
+        let mut pages = self
+            .dynamodb
+            .query()
+            .table_name(&self.config.table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :pk")
+            .expression_attribute_values(":pk", AttributeValue::S(pk.to_owned()))
+            .into_paginator()
+            .items()
+            .send();
+        let mut out = Vec::new();
+        while let Some(item) = pages.next().await {
+            out.push(item.map_err(|e| unavailable("Query", e))?);
+        }
+        Ok(out)
+    }
+
+    async fn put_json_item(&self, pk: &str, sk: String, json: String) -> Result<(), StoreError> {
+        self.dynamodb
+            .put_item()
+            .table_name(&self.config.table)
+            .item("pk", AttributeValue::S(pk.to_owned()))
+            .item("sk", AttributeValue::S(sk))
+            .item("json", AttributeValue::S(json))
+            .send()
+            .await
+            .map_err(|e| unavailable("PutItem", e))?;
+        Ok(())
+    }
+
+    /// Stores the tombstone, then deletes every item of each covered document and every
+    /// version of its S3 objects in this region's bucket.
+    async fn purge_all(&self, tombstone: &Tombstone) -> Result<PurgeReport, StoreError> {
+        let json = serde_json::to_string(tombstone)
+            .map_err(|e| StoreError::Corrupt(format!("tombstone: {e}")))?;
+        self.put_json_item(TOMBSTONES_PK, tombstone.key(), json)
+            .await?;
+        *self.tombstones.lock().await = None;
+        let tenant = tombstone
+            .tenant_id()
+            .ok_or_else(|| StoreError::Corrupt(format!("tenant id {:?}", tombstone.tenant)))?;
+        let docs = match &tombstone.purged {
+            Purged::Doc(_) => tombstone.doc_id().into_iter().collect(),
+            Purged::Tenant => self.scan_documents(&tenant).await?,
+        };
+        let mut report = PurgeReport::default();
+        for doc in docs {
+            let key = DocKey {
+                tenant: tenant.clone(),
+                doc,
+            };
+            let items = self.partition_items(&partition(&key)).await?;
+            if !items.is_empty() {
+                report.documents += 1;
+            }
+            let mut deletes = Vec::with_capacity(items.len());
+            for item in items {
+                let Some(sk) = string(&item, "sk") else {
+                    continue;
+                };
+                if sk.starts_with("c#") {
+                    report.changes += 1;
+                } else if sk.starts_with("s#") {
+                    report.snapshots += 1;
+                }
+                let delete = DeleteRequest::builder()
+                    .key("pk", AttributeValue::S(partition(&key)))
+                    .key("sk", AttributeValue::S(sk))
+                    .build()
+                    .map_err(build_error)?;
+                deletes.push(WriteRequest::builder().delete_request(delete).build());
+            }
+            for chunk in deletes.chunks(BATCH_MAX) {
+                self.write_batch(chunk.to_vec()).await?;
+            }
+        }
+        let prefix = match &tombstone.purged {
+            Purged::Doc(doc) => format!("{}/{}/", tombstone.tenant, hex::encode(doc)),
+            Purged::Tenant => format!("{}/", tombstone.tenant),
+        };
+        report.objects = self.delete_versions(&prefix).await?;
+        Ok(report)
+    }
+
+    /// Deletes every version and delete marker under `prefix`; returns how many.
+    async fn delete_versions(&self, prefix: &str) -> Result<u64, StoreError> {
+        use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        let mut deleted = 0u64;
+        loop {
+            let listed = self
+                .s3
+                .list_object_versions()
+                .bucket(&self.config.bucket)
+                .prefix(prefix)
+                .max_keys(DELETE_OBJECTS_MAX as i32)
+                .send()
+                .await
+                .map_err(|e| unavailable("ListObjectVersions", e))?;
+            let mut objects = Vec::new();
+            let versions = listed.versions().iter().map(|v| (v.key(), v.version_id()));
+            let markers = listed
+                .delete_markers()
+                .iter()
+                .map(|m| (m.key(), m.version_id()));
+            for (key, version) in versions.chain(markers) {
+                let Some(key) = key else { continue };
+                let object = ObjectIdentifier::builder()
+                    .key(key)
+                    .set_version_id(version.map(str::to_owned))
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(format!("request: {e}")))?;
+                objects.push(object);
+            }
+            if objects.is_empty() {
+                return Ok(deleted);
+            }
+            for chunk in objects.chunks(DELETE_OBJECTS_MAX) {
+                let delete = Delete::builder()
+                    .set_objects(Some(chunk.to_vec()))
+                    .quiet(true)
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(format!("request: {e}")))?;
+                let output = self
+                    .s3
+                    .delete_objects()
+                    .bucket(&self.config.bucket)
+                    .delete(delete)
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("DeleteObjects", e))?;
+                if let Some(error) = output.errors().first() {
+                    return Err(StoreError::Unavailable(format!(
+                        "DeleteObjects: {} {}",
+                        error.key().unwrap_or_default(),
+                        error.message().unwrap_or_default()
+                    )));
+                }
+                deleted += chunk.len() as u64;
+            }
+        }
+    }
+
     async fn get_object(&self, object: &str) -> Result<Bytes, StoreError> {
         let output = self
             .s3
@@ -955,6 +1153,42 @@ impl DurableStore for AwsStore {
         Box::pin(self.scan_documents(tenant))
     }
 
+    fn purge<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
+        Box::pin(self.purge_all(tombstone))
+    }
+
+    fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
+        Box::pin(self.read_tombstones())
+    }
+
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let json = serde_json::to_string(record)
+                .map_err(|e| StoreError::Corrupt(format!("audit record: {e}")))?;
+            // Sorted by time; the suffix keeps two records of one millisecond apart.
+            let sk = format!("{:020}#{:016x}", record.at_ms, rand::random::<u64>());
+            self.put_json_item(AUDIT_PK, sk, json).await
+        })
+    }
+
+    fn audit_log<'a>(&'a self) -> BoxFuture<'a, Result<Vec<AuditRecord>, StoreError>> {
+        Box::pin(async move {
+            self.partition_items(AUDIT_PK)
+                .await?
+                .iter()
+                .map(|item| {
+                    let json = string(item, "json")
+                        .ok_or_else(|| StoreError::Corrupt("audit item without json".into()))?;
+                    serde_json::from_str(&json)
+                        .map_err(|e| StoreError::Corrupt(format!("audit item: {e}")))
+                })
+                .collect()
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "dynamodb"
     }
@@ -968,6 +1202,10 @@ enum BatchFailure {
 /// The partition that holds every revocation of the jurisdiction (`#` is in no tenant
 /// id, so no document's partition can be this).
 const REVOCATIONS_PK: &str = "#revocations";
+/// The partition of the jurisdiction's tombstones.
+const TOMBSTONES_PK: &str = "#tombstones";
+/// The partition of the jurisdiction's audit log.
+const AUDIT_PK: &str = "#audit";
 
 fn partition(key: &DocKey) -> String {
     format!("{}#{}", key.tenant, key.doc)

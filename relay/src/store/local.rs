@@ -26,6 +26,16 @@
 //! the relay writes again (it was not acknowledged): the feed is at least once, never
 //! behind the documents.
 //!
+//! **Purges.** Tombstones are one JSON file, `<root>/#tombstones.json` (a map from
+//! [`Tombstone::key`] to the tombstone, replaced whole under `#tombstones.lock`), and the
+//! audit log is `<root>/#audit.jsonl`, one JSON [`AuditRecord`] per line (appended under
+//! its file lock, fsynced). A purge stores the tombstone, then, for each document it
+//! covers, takes the log's file lock, deletes the log, and deletes the snapshots; every
+//! append takes the same lock and reads the tombstones *after* taking it, so a write
+//! either lands before the delete or is refused. The purged records of the feed log are
+//! blanked in place (payload zeroed, CRC recomputed: cursors stay valid, and readers skip
+//! a blank record).
+//!
 //! Revocations are one JSON file, `<root>/#revocations.json` (`#` is in no tenant id),
 //! a map from [`Revocation::key`] to the revocation, replaced whole (written to a
 //! temporary file, fsynced, renamed) under an exclusive lock on `#revocations.lock`, so
@@ -45,9 +55,10 @@ use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
     DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, decode_users,
-    encode_clock, encode_users, newest, not_covered,
+    encode_clock, encode_users, newest, not_covered, without_purged,
 };
 use crate::engine::{DocKey, StoredChange};
+use crate::purge::{AuditRecord, PurgeReport, Purged, Tombstone};
 use crate::revocation::Revocation;
 
 /// The revocations file and its lock file, under the root.
@@ -56,6 +67,15 @@ const REVOCATIONS_LOCK: &str = "#revocations.lock";
 
 /// The feed log and its lock, under the root.
 const FEED: &str = "#feed.log";
+
+/// The tombstones file and its lock, and the audit log, under the root.
+const TOMBSTONES: &str = "#tombstones.json";
+const TOMBSTONES_LOCK: &str = "#tombstones.lock";
+const AUDIT: &str = "#audit.jsonl";
+
+/// The tombstones as last read, and the file's length, modification time and inode then
+/// (a rewrite renames a new file into place, which changes them).
+type TombstoneCache = Mutex<Option<((u64, std::time::SystemTime, u64), Arc<Vec<Tombstone>>)>>;
 
 /// Bytes read from the feed log at once (whole records are returned; a read stops early
 /// at this bound).
@@ -89,6 +109,8 @@ pub struct LocalDirStore {
     checked: Arc<Mutex<HashMap<PathBuf, u64>>>,
     /// Injected failures (tests stand them in for throttling).
     failures: Arc<AtomicUsize>,
+    /// The tombstones, read again whenever the file changed.
+    tombstones: Arc<TombstoneCache>,
 }
 
 impl LocalDirStore {
@@ -101,7 +123,196 @@ impl LocalDirStore {
             writer: Arc::new(Mutex::new(())),
             checked: Arc::new(Mutex::new(HashMap::new())),
             failures: Arc::new(AtomicUsize::new(0)),
+            tombstones: Arc::new(Mutex::new(None)),
         })
+    }
+
+    /// The tombstones in force: the cached list while the file is unchanged (one `stat`),
+    /// else read again. Blocking.
+    fn current_tombstones(
+        root: &Path,
+        cache: &TombstoneCache,
+    ) -> Result<Arc<Vec<Tombstone>>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = match fs::metadata(root.join(TOMBSTONES)) {
+            Ok(meta) => (meta.len(), meta.modified()?, meta.ino()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Arc::new(Vec::new()));
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let mut cached = cache
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+        if let Some((at, list)) = cached.as_ref()
+            && *at == stamp
+        {
+            return Ok(list.clone());
+        }
+        let list = Arc::new(
+            Self::read_tombstones(root)?
+                .into_values()
+                .collect::<Vec<_>>(),
+        );
+        *cached = Some((stamp, list.clone()));
+        Ok(list)
+    }
+
+    fn read_tombstones(root: &Path) -> Result<BTreeMap<String, Tombstone>, StoreError> {
+        match fs::read(root.join(TOMBSTONES)) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("{TOMBSTONES}: {e}"))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Stores a tombstone (replacing one with the same key) under the lock. Blocking.
+    fn store_tombstone(root: &Path, tombstone: &Tombstone) -> Result<(), StoreError> {
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(TOMBSTONES_LOCK))?;
+        lock.lock()?;
+        let mut tombstones = Self::read_tombstones(root)?;
+        tombstones.insert(tombstone.key(), tombstone.clone());
+        let bytes = serde_json::to_vec_pretty(&tombstones)
+            .map_err(|e| StoreError::Corrupt(format!("{TOMBSTONES}: {e}")))?;
+        let tmp = root.join(format!("{TOMBSTONES}.tmp"));
+        write_synced(&tmp, &bytes)?;
+        fs::rename(&tmp, root.join(TOMBSTONES))?;
+        File::open(root)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Stores the tombstone, then deletes what it covers: each document's log (under its
+    /// file lock), its snapshots, and its records in the feed log (blanked). Blocking.
+    fn purge_blocking(
+        root: &Path,
+        checked: &Mutex<HashMap<PathBuf, u64>>,
+        tombstone: &Tombstone,
+    ) -> Result<PurgeReport, StoreError> {
+        Self::store_tombstone(root, tombstone)?;
+        let tenant_dir = root.join(&tombstone.tenant);
+        let mut report = PurgeReport::default();
+        let logs: Vec<PathBuf> = match &tombstone.purged {
+            Purged::Doc(doc) => vec![tenant_dir.join(format!("{}.log", hex::encode(doc)))],
+            Purged::Tenant => match fs::read_dir(&tenant_dir) {
+                Ok(entries) => entries
+                    .filter_map(|entry| entry.ok().map(|e| e.path()))
+                    .filter(|path| path.extension().and_then(|e| e.to_str()) == Some("log"))
+                    .collect(),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(error) => return Err(error.into()),
+            },
+        };
+        for path in logs {
+            let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+                Ok(file) => file,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error.into()),
+            };
+            file.lock()?;
+            let mut data = Vec::new();
+            file.read_to_end(&mut data)?;
+            report.documents += 1;
+            report.changes += decode_records(&data).len() as u64;
+            fs::remove_file(&path)?;
+            checked
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .remove(&path);
+        }
+        let snapshot_dirs: Vec<PathBuf> = match &tombstone.purged {
+            Purged::Doc(doc) => vec![tenant_dir.join(format!("{}.snap", hex::encode(doc)))],
+            Purged::Tenant => match fs::read_dir(&tenant_dir) {
+                Ok(entries) => entries
+                    .filter_map(|entry| entry.ok().map(|e| e.path()))
+                    .filter(|path| path.extension().and_then(|e| e.to_str()) == Some("snap"))
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
+        };
+        for dir in snapshot_dirs {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => return Err(error.into()),
+            };
+            report.snapshots += entries
+                .filter_map(Result::ok)
+                .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("am"))
+                .count() as u64;
+            fs::remove_dir_all(&dir)?;
+        }
+        if tenant_dir.exists() {
+            File::open(&tenant_dir)?.sync_all()?;
+        }
+        report.objects = Self::blank_feed_records(root, tombstone)?;
+        Ok(report)
+    }
+
+    /// Overwrites the payload of every feed record `tombstone` covers with zeros (and its
+    /// CRC with the zeros' CRC), under the feed log's lock; returns how many. Blocking.
+    fn blank_feed_records(root: &Path, tombstone: &Tombstone) -> Result<u64, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(root.join(FEED))
+        {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(error.into()),
+        };
+        file.lock()?;
+        let mut covered = Vec::new();
+        Self::scan_feed(root, |record| {
+            if tombstone.covers(&record.key) {
+                covered.push(record.cursor);
+            }
+        })?;
+        for cursor in &covered {
+            let mut header = [0u8; 4];
+            file.read_exact_at(&mut header, *cursor)?;
+            let len = u32::from_be_bytes(header) as usize;
+            let zeros = vec![0u8; len];
+            file.write_all_at(&crc32fast::hash(&zeros).to_be_bytes(), cursor + 4)?;
+            file.write_all_at(&zeros, cursor + 8)?;
+        }
+        if !covered.is_empty() {
+            file.sync_data()?;
+        }
+        Ok(covered.len() as u64)
+    }
+
+    fn append_audit(root: &Path, record: &AuditRecord) -> Result<(), StoreError> {
+        let mut line =
+            serde_json::to_vec(record).map_err(|e| StoreError::Corrupt(format!("{AUDIT}: {e}")))?;
+        line.push(b'\n');
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(root.join(AUDIT))?;
+        file.lock()?;
+        file.write_all(&line)?;
+        file.sync_data()?;
+        Ok(())
+    }
+
+    fn read_audit(root: &Path) -> Result<Vec<AuditRecord>, StoreError> {
+        let text = match fs::read_to_string(root.join(AUDIT)) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(error) => return Err(error.into()),
+        };
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                serde_json::from_str(line).map_err(|e| StoreError::Corrupt(format!("{AUDIT}: {e}")))
+            })
+            .collect()
     }
 
     /// Makes the next `count` writes fail with `Unavailable`, as a throttled or
@@ -254,19 +465,24 @@ impl LocalDirStore {
     fn write_blocking(
         root: &Path,
         checked: &Mutex<HashMap<PathBuf, u64>>,
+        tombstones: &TombstoneCache,
         changes: &[(DocKey, StoredChange)],
     ) -> Result<(), StoreError> {
-        let mut by_doc: BTreeMap<&DocKey, Vec<u8>> = BTreeMap::new();
+        let changes = without_purged(changes, &Self::current_tombstones(root, tombstones)?);
+        let changes = &changes[..];
+        let mut by_doc: BTreeMap<&DocKey, (Vec<u8>, usize)> = BTreeMap::new();
         let mut feed = Vec::new();
         let written_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         for (key, change) in changes {
-            encode_record(by_doc.entry(key).or_default(), change);
+            let (records, count) = by_doc.entry(key).or_default();
+            encode_record(records, change);
+            *count += 1;
             encode_feed_record(&mut feed, key, change, written_at);
         }
-        Self::append_locked(&root.join(FEED), checked, &feed)?;
-        for (key, records) in by_doc {
+        Self::append_locked(&root.join(FEED), checked, &feed, || Ok(false))?;
+        for (key, (records, count)) in by_doc {
             let path = Self::path_of(root, key);
             let dir = path
                 .parent()
@@ -275,17 +491,31 @@ impl LocalDirStore {
                 fs::create_dir_all(dir)?;
                 File::open(root)?.sync_all()?;
             }
-            Self::append_locked(&path, checked, &records)?;
+            // Checked again under the log's lock: a purge that stored its tombstone
+            // since the check above deletes this log under the same lock.
+            let purged = || {
+                let covered = Self::current_tombstones(root, tombstones)?
+                    .iter()
+                    .any(|t| t.covers(key));
+                if covered {
+                    crate::metrics::purged_writes_refused(count);
+                }
+                Ok(covered)
+            };
+            Self::append_locked(&path, checked, &records, purged)?;
         }
         Ok(())
     }
 
     /// Appends `records` to the log at `path` under its file lock, cutting a torn tail
-    /// first, and fsyncs it (a failed append is cut again).
+    /// first, and fsyncs it (a failed append is cut again); unless `purged`, asked under
+    /// the lock, says the log's document was purged (then nothing is appended, and a log
+    /// this call created is removed).
     fn append_locked(
         path: &Path,
         checked: &Mutex<HashMap<PathBuf, u64>>,
         records: &[u8],
+        purged: impl FnOnce() -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -297,6 +527,12 @@ impl LocalDirStore {
             .append(true)
             .open(path)?;
         file.lock()?;
+        if purged()? {
+            if file.metadata()?.len() == 0 {
+                let _ = fs::remove_file(path);
+            }
+            return Ok(());
+        }
         let len = file.metadata()?.len();
         let known = checked
             .lock()
@@ -428,6 +664,55 @@ impl LocalDirStore {
 }
 
 impl DurableStore for LocalDirStore {
+    fn purge<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
+        let (root, writer, checked) =
+            (self.root.clone(), self.writer.clone(), self.checked.clone());
+        let tombstone = tombstone.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                // This process's own writes wait (they would only be refused).
+                let _guard = writer
+                    .lock()
+                    .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?;
+                Self::purge_blocking(&root, &checked, &tombstone)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
+        let (root, cache) = (self.root.clone(), self.tombstones.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                Ok(Self::current_tombstones(&root, &cache)?.as_ref().clone())
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (root, record) = (self.root.clone(), record.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::append_audit(&root, &record))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn audit_log<'a>(&'a self) -> BoxFuture<'a, Result<Vec<AuditRecord>, StoreError>> {
+        let root = self.root.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || Self::read_audit(&root))
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
     fn revoke<'a>(&'a self, revocation: &'a Revocation) -> BoxFuture<'a, Result<(), StoreError>> {
         let root = self.root.clone();
         let revocation = revocation.clone();
@@ -477,6 +762,7 @@ impl DurableStore for LocalDirStore {
         let root = self.root.clone();
         let writer = self.writer.clone();
         let checked = self.checked.clone();
+        let tombstones = self.tombstones.clone();
         let changes = changes.to_vec();
         let failed = self.injected_failure();
         Box::pin(async move {
@@ -487,7 +773,7 @@ impl DurableStore for LocalDirStore {
                 let _guard = writer
                     .lock()
                     .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?;
-                Self::write_blocking(&root, &checked, &changes)
+                Self::write_blocking(&root, &checked, &tombstones, &changes)
             })
             .await
             .map_err(|error| StoreError::Unavailable(error.to_string()))?

@@ -8,8 +8,10 @@ use futures::future::BoxFuture;
 
 use super::{
     DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, newest, not_covered,
+    without_purged,
 };
 use crate::engine::{DocKey, StoredChange};
+use crate::purge::{AuditRecord, PurgeReport, Tombstone};
 
 #[derive(Debug, Default)]
 struct Doc {
@@ -24,6 +26,8 @@ struct Doc {
 pub struct MemoryStore {
     docs: Mutex<HashMap<DocKey, Doc>>,
     revocations: Mutex<HashMap<String, crate::revocation::Revocation>>,
+    tombstones: Mutex<HashMap<String, Tombstone>>,
+    audit: Mutex<Vec<AuditRecord>>,
     failures: AtomicUsize,
 }
 
@@ -48,6 +52,16 @@ impl MemoryStore {
         } else {
             Ok(())
         }
+    }
+
+    fn tombstone_list(&self) -> Result<Vec<Tombstone>, StoreError> {
+        Ok(self
+            .tombstones
+            .lock()
+            .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+            .values()
+            .cloned()
+            .collect())
     }
 
     fn docs(&self) -> Result<std::sync::MutexGuard<'_, HashMap<DocKey, Doc>>, StoreError> {
@@ -99,8 +113,10 @@ impl DurableStore for MemoryStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             self.fail()?;
+            let tombstones = self.tombstone_list()?;
+            let changes = without_purged(changes, &tombstones);
             let mut docs = self.docs()?;
-            for (key, change) in changes {
+            for (key, change) in changes.iter() {
                 let doc = docs.entry(key.clone()).or_default();
                 if !doc.changes.iter().any(|c| c.hash == change.hash) {
                     doc.changes.push(change.clone());
@@ -186,6 +202,54 @@ impl DurableStore for MemoryStore {
                 .collect();
             docs.sort();
             Ok(docs)
+        })
+    }
+
+    fn purge<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
+        Box::pin(async move {
+            self.fail()?;
+            self.tombstones
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .insert(tombstone.key(), tombstone.clone());
+            let mut report = PurgeReport::default();
+            self.docs()?.retain(|key, doc| {
+                if !tombstone.covers(key) {
+                    return true;
+                }
+                report.documents += 1;
+                report.changes += doc.changes.len() as u64;
+                report.snapshots += doc.snapshots.len() as u64;
+                false
+            });
+            Ok(report)
+        })
+    }
+
+    fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
+        Box::pin(async move { self.tombstone_list() })
+    }
+
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.audit
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .push(record.clone());
+            Ok(())
+        })
+    }
+
+    fn audit_log<'a>(&'a self) -> BoxFuture<'a, Result<Vec<AuditRecord>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .audit
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
+                .clone())
         })
     }
 

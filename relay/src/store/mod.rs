@@ -23,6 +23,7 @@ use meridian_protocol::{ActorId, ChangeHash, DocId, TenantId, UserId};
 use sha2::{Digest, Sha256};
 
 use crate::engine::{DocKey, StoredChange};
+use crate::purge::{AuditRecord, PurgeReport, Tombstone};
 use crate::revocation::Revocation;
 
 /// Why a durable-tier call failed. Nothing was acknowledged for a failed write; the
@@ -106,7 +107,10 @@ pub struct StoredDoc {
 
 /// A durable home for changes and snapshots. Implementations are safe to call concurrently.
 pub trait DurableStore: Send + Sync + 'static {
-    /// Writes changes (any documents, any order); returns once they are durable.
+    /// Writes changes (any documents, any order); returns once they are durable. Changes
+    /// of a purged document (a stored [`Tombstone`] covers it) are left out, and counted
+    /// (`meridian_purged_writes_refused_total`): a late flush, a replayed flush queue or
+    /// an import never brings a purged document back.
     fn write_changes<'a>(
         &'a self,
         changes: &'a [(DocKey, StoredChange)],
@@ -157,6 +161,26 @@ pub trait DurableStore: Send + Sync + 'static {
         &'a self,
         now_unix: i64,
     ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>>;
+
+    /// Purges what `tombstone` covers: stores the tombstone first (replacing one with the
+    /// same key, [`Tombstone::key`]), then deletes every change and snapshot of the
+    /// document (or of each document of the tenant) this store holds, on AWS every
+    /// version of its S3 objects too; returns what it deleted. Idempotent: the second
+    /// sweep calls it again (with `swept` set). From the moment the tombstone is stored,
+    /// [`DurableStore::write_changes`] leaves out the changes it covers.
+    fn purge<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>>;
+
+    /// Every tombstone stored.
+    fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>>;
+
+    /// Appends a record to the jurisdiction's audit log; returns once it is durable.
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The audit log, oldest first.
+    fn audit_log<'a>(&'a self) -> BoxFuture<'a, Result<Vec<AuditRecord>, StoreError>>;
 
     /// A short name for logs: `local`, `memory`, `dynamodb`.
     fn kind(&self) -> &'static str;
@@ -229,4 +253,25 @@ pub fn decode_clock(text: &str) -> Result<Vec<(ActorId, u64)>, StoreError> {
         out.insert(actor, seq.parse::<u64>().map_err(|_| bad())?);
     }
     Ok(out.into_iter().collect())
+}
+
+/// Leaves out of `changes` those a tombstone covers, counting them.
+pub(crate) fn without_purged<'a>(
+    changes: &'a [(DocKey, StoredChange)],
+    tombstones: &[Tombstone],
+) -> std::borrow::Cow<'a, [(DocKey, StoredChange)]> {
+    if tombstones.is_empty()
+        || !changes
+            .iter()
+            .any(|(key, _)| tombstones.iter().any(|t| t.covers(key)))
+    {
+        return std::borrow::Cow::Borrowed(changes);
+    }
+    let kept: Vec<(DocKey, StoredChange)> = changes
+        .iter()
+        .filter(|(key, _)| !tombstones.iter().any(|t| t.covers(key)))
+        .cloned()
+        .collect();
+    crate::metrics::purged_writes_refused(changes.len() - kept.len());
+    std::borrow::Cow::Owned(kept)
 }
