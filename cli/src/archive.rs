@@ -82,7 +82,7 @@ pub struct ImportArgs {
     tenant: Option<String>,
 }
 
-fn relay_config(path: &Path) -> Result<meridian_relay::config::RelayConfig> {
+pub(crate) fn relay_config(path: &Path) -> Result<meridian_relay::config::RelayConfig> {
     let file = crate::config::RelayFile::read(path)?;
     let base = path.parent().map(PathBuf::from).unwrap_or_default();
     file.into_config(&base)

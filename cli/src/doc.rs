@@ -72,10 +72,16 @@ pub enum DocCommand {
         config: PathBuf,
         doc: String,
     },
+    /// Operators: delete the document from every node's cache, every durable item and
+    /// every snapshot (all object versions) of the jurisdiction, for good. A tombstone
+    /// refuses it from then on (`gone`), a second sweep follows, and the audit log
+    /// records who did it. Takes a *relay* config (its `[durable]` section).
+    Purge(crate::purge::DocPurgeArgs),
 }
 
 pub async fn run(command: DocCommand) -> Result<()> {
     match command {
+        DocCommand::Purge(args) => crate::purge::doc_purge(args).await,
         DocCommand::Set {
             config,
             doc,

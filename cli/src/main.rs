@@ -8,6 +8,7 @@ mod dev;
 mod doc;
 mod feed;
 mod placement;
+mod purge;
 mod token;
 
 use std::path::PathBuf;
@@ -77,6 +78,8 @@ enum Command {
     /// Write an archive's documents into a tenant of the same jurisdiction's durable tier
     /// (authors kept; changes already there are written again harmlessly).
     Import(archive::ImportArgs),
+    /// The jurisdiction's audit log: purges and their sweeps, who ran them and when.
+    Audit(purge::AuditArgs),
 }
 
 /// How `meridian relay` and `meridian router` are run.
@@ -186,6 +189,7 @@ fn main() -> ExitCode {
             Command::Export(args) => archive::export(args).await,
             Command::Import(args) => archive::import(args).await,
             Command::Feed(args) => feed::run(args).await,
+            Command::Audit(args) => purge::audit(args).await,
             Command::Durable(DurableCommand::Init {
                 jurisdiction,
                 endpoint,

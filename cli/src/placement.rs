@@ -37,6 +37,16 @@ pub enum TenantCommand {
         #[arg(long)]
         tenant: String,
     },
+    /// Operators: delete every document of the tenant from the jurisdiction (caches,
+    /// durable items, snapshots with all their versions) and retire the tenant id: a
+    /// tombstone refuses every document of it from then on (`gone`). Takes a *relay*
+    /// config (its `[durable]` section).
+    Purge {
+        /// The tenant.
+        tenant: String,
+        #[command(flatten)]
+        args: crate::purge::PurgeArgs,
+    },
 }
 
 pub async fn run_tenant(command: TenantCommand) -> Result<()> {
@@ -48,6 +58,7 @@ pub async fn run_tenant(command: TenantCommand) -> Result<()> {
             pin,
         } => create(&config, &tenant, &jurisdiction, pin.as_deref()).await,
         TenantCommand::Locate { config, tenant } => locate(&config, &tenant).await,
+        TenantCommand::Purge { tenant, args } => crate::purge::tenant_purge(&tenant, args).await,
     }
 }
 

@@ -270,3 +270,125 @@ async fn an_export_at_a_time_holds_the_documents_as_they_were_then() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"));
 }
+
+/// `meridian doc purge` and `meridian tenant purge` on the local store: nothing without
+/// `--yes`; then the document (or the tenant's documents) is gone from the durable tier,
+/// later writes of it are left out, and `meridian audit` says who purged what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_delete_documents_for_good_and_are_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = meridian()
+        .args(["token", "keygen", "--out"])
+        .arg(dir.path().join("tenant.key"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success());
+    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let eu = relay_toml(dir.path(), "eu.toml", "eu", &public);
+    let store = LocalDirStore::open(dir.path().join("durable-eu")).unwrap();
+    for (tenant, doc) in [
+        ("acme", "notes/a"),
+        ("acme", "notes/b"),
+        ("beta", "x"),
+        ("beta", "y"),
+    ] {
+        store
+            .write_changes(&two_authors(&key(tenant, doc)))
+            .await
+            .unwrap();
+    }
+
+    let purge = |args: &[&str]| {
+        meridian()
+            .args(args)
+            .arg("--config")
+            .arg(&eu)
+            .args(["--operator", "ops@example"])
+            .output()
+            .unwrap()
+    };
+    let refused = purge(&["doc", "purge", "notes/a", "--tenant", "acme"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
+    assert_eq!(
+        store
+            .load_all_changes(&key("acme", "notes/a"))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let done = purge(&["doc", "purge", "notes/a", "--tenant", "acme", "--yes"]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let out = String::from_utf8_lossy(&done.stdout);
+    assert!(out.contains("1 document(s), 3 change(s)"), "{out}");
+    assert!(
+        store
+            .load_all_changes(&key("acme", "notes/a"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .documents(&TenantId::new("acme").unwrap())
+            .await
+            .unwrap(),
+        vec![DocId::new("notes/b").unwrap()]
+    );
+    // An offline client's late write (replayed by a relay) does not bring it back.
+    store
+        .write_changes(&two_authors(&key("acme", "notes/a")))
+        .await
+        .unwrap();
+    assert!(
+        store
+            .load_all_changes(&key("acme", "notes/a"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let done = purge(&["tenant", "purge", "beta", "--yes"]);
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        store
+            .documents(&TenantId::new("beta").unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Another jurisdiction's config cannot purge here, nor an unknown tenant.
+    let unknown = purge(&["tenant", "purge", "gamma", "--yes"]);
+    assert!(!unknown.status.success());
+
+    let audit = meridian()
+        .args(["audit", "--json", "--config"])
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(
+        audit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
+    let records: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let records = records.as_array().unwrap();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[0]["action"], "doc purge");
+    assert_eq!(records[0]["operator"], "ops@example");
+    assert_eq!(records[0]["doc"], "notes/a");
+    assert_eq!(records[0]["report"]["changes"], 3);
+    assert_eq!(records[1]["action"], "tenant purge");
+    assert_eq!(records[1]["tenant"], "beta");
+    assert_eq!(records[1]["report"]["documents"], 2);
+}

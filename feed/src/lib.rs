@@ -20,4 +20,6 @@ pub mod service;
 pub mod sign;
 pub mod target;
 
-pub use service::{DeliveryConfig, FeedConfig, FeedHandle, FeedState, Webhook, replay, start};
+pub use service::{
+    DeadLetter, DeliveryConfig, FeedConfig, FeedHandle, FeedState, Webhook, replay, start,
+};

@@ -8,6 +8,12 @@
 //! its tenant was delivered (or dead-lettered); it is saved after deliveries, so a
 //! restart delivers again at most what was delivered after the last save. Receivers
 //! deduplicate by change hash (each change's idempotency key) or by `delivery_id`.
+//!
+//! **Purges.** Each round reads the store's tombstones: changes of a purged document are
+//! skipped as they are read, and a held batch of one is dropped instead of delivered.
+//! Each purge of the tenant is delivered once as an event (`"type": "purge"`, at least
+//! once: announced purges are recorded beside the checkpoint), and its document's dead
+//! letters are deleted.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -16,7 +22,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use meridian_protocol::{ChangeHash, DocId, TenantId};
-use meridian_relay::store::{FeedRecord, LocalDirStore};
+use meridian_relay::engine::DocKey;
+use meridian_relay::purge::{Purged, Tombstone};
+use meridian_relay::store::{DurableStore, FeedRecord, LocalDirStore};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -199,6 +207,69 @@ impl FeedState {
             .open(self.dead_letter_path(tenant))?;
         file.lock()?;
         file.write_all(&line)?;
+        file.sync_data()?;
+        Ok(())
+    }
+
+    /// Removes the tenant's dead letters of purged documents (`purged` says which):
+    /// the file is rewritten aside, fsynced and renamed, under its lock. Returns how
+    /// many went.
+    pub fn drop_dead_letters(
+        &self,
+        tenant: &TenantId,
+        purged: impl Fn(&str) -> bool,
+    ) -> Result<usize, FeedError> {
+        use std::io::Write;
+        let path = self.dead_letter_path(tenant);
+        let lock = match std::fs::OpenOptions::new().append(true).open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(error.into()),
+        };
+        lock.lock()?;
+        let text = std::fs::read_to_string(&path)?;
+        let mut kept = String::new();
+        let mut dropped = 0;
+        for line in text.lines() {
+            let doc = serde_json::from_str::<DeadLetter>(line).ok().map(|l| l.doc);
+            if doc.as_deref().is_some_and(&purged) {
+                dropped += 1;
+            } else {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if dropped > 0 {
+            let temporary = path.with_extension("jsonl.tmp");
+            let mut file = std::fs::File::create(&temporary)?;
+            file.write_all(kept.as_bytes())?;
+            file.sync_data()?;
+            std::fs::rename(&temporary, &path)?;
+        }
+        Ok(dropped)
+    }
+
+    fn purges_path(&self, tenant: &TenantId) -> PathBuf {
+        self.dir.join(format!("{tenant}.purges"))
+    }
+
+    /// The purges (tombstone keys) whose event this feed delivered (or dead-lettered).
+    pub fn announced(&self, tenant: &TenantId) -> Result<BTreeSet<String>, FeedError> {
+        match std::fs::read_to_string(self.purges_path(tenant)) {
+            Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Records that a purge's event went out (one line, fsynced).
+    pub fn announce(&self, tenant: &TenantId, key: &str) -> Result<(), FeedError> {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.purges_path(tenant))?;
+        file.write_all(format!("{key}\n").as_bytes())?;
         file.sync_data()?;
         Ok(())
     }
@@ -387,6 +458,7 @@ impl Pipeline {
             if *stopped.borrow() {
                 return Ok(delivered);
             }
+            let tombstones = self.purges(&mut stopped).await?;
             let read = if until.is_some_and(|end| read_at >= end) {
                 None
             } else {
@@ -399,7 +471,9 @@ impl Pipeline {
                     if until.is_some_and(|end| record.cursor >= end) {
                         break;
                     }
-                    if record.key.tenant != tenant {
+                    if record.key.tenant != tenant
+                        || tombstones.iter().any(|t| t.covers(&record.key))
+                    {
                         continue;
                     }
                     match feed_change(&record) {
@@ -433,7 +507,20 @@ impl Pipeline {
             for batch in batches(ready, self.config.delivery.batch_max) {
                 let cursors: Vec<u64> = batch.iter().map(|c| c.cursor).collect();
                 let count = batch.len() as u64;
-                match self.deliver(batch, &mut stopped).await? {
+                let purged = batch.first().is_some_and(|c| {
+                    let key = DocKey {
+                        tenant: tenant.clone(),
+                        doc: c.doc.clone(),
+                    };
+                    tombstones.iter().any(|t| t.covers(&key))
+                });
+                // Held while its document was purged: dropped, never delivered.
+                let outcome = if purged {
+                    Outcome::DeadLettered
+                } else {
+                    self.deliver(batch, &mut stopped).await?
+                };
+                match outcome {
                     Outcome::Delivered => delivered += count,
                     Outcome::DeadLettered => {}
                     Outcome::Stopped => return Ok(delivered),
@@ -500,6 +587,48 @@ impl Pipeline {
         Ok(())
     }
 
+    /// The tenant's tombstones; a purge not yet announced is delivered as an event
+    /// (following the log only: a replay re-delivers changes, not purges) and its
+    /// document's dead letters are dropped.
+    async fn purges(
+        &self,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Vec<Tombstone>, FeedError> {
+        let tenant = &self.webhook.tenant;
+        let mut tombstones = self
+            .store
+            .tombstones()
+            .await
+            .map_err(|e| FeedError::Storage(e.to_string()))?;
+        tombstones.retain(|t| t.tenant == tenant.as_str());
+        if tombstones.is_empty() || !matches!(self.mode, Mode::Follow) {
+            return Ok(tombstones);
+        }
+        let announced = self.state.announced(tenant)?;
+        for tombstone in tombstones.iter().filter(|t| !announced.contains(&t.key())) {
+            let dropped = self
+                .state
+                .drop_dead_letters(tenant, |doc| match &tombstone.purged {
+                    Purged::Doc(purged) => purged == doc,
+                    Purged::Tenant => true,
+                })?;
+            if dropped > 0 {
+                tracing::info!(%tenant, dropped, "dead letters of a purged document dropped");
+            }
+            let (delivery_id, body) = purge_body(tombstone);
+            let doc = tombstone
+                .doc_id()
+                .map_or_else(|| "*".to_owned(), |d| d.to_string());
+            match self.post(&doc, delivery_id, body, 0, stopped).await? {
+                Outcome::Stopped => return Ok(tombstones),
+                Outcome::Delivered | Outcome::DeadLettered => {
+                    self.state.announce(tenant, &tombstone.key())?;
+                }
+            }
+        }
+        Ok(tombstones)
+    }
+
     /// Delivers one batch with retries; a batch that fails every attempt goes to the
     /// dead-letter store.
     async fn deliver(
@@ -513,6 +642,30 @@ impl Pipeline {
         };
         let doc = first.doc.clone();
         let (delivery_id, body) = body(tenant, &doc, &batch);
+        let lags: Vec<u64> = batch.iter().map(|c| c.durable_at_ms).collect();
+        let outcome = self
+            .post(doc.as_str(), delivery_id, body, batch.len(), stopped)
+            .await?;
+        if matches!(outcome, Outcome::Delivered) {
+            let now = unix_now_ms();
+            for durable_at in lags {
+                crate::metrics::lag(now.saturating_sub(durable_at));
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Posts one body with retries (`changes`: how many changes it carries, for the
+    /// counters); a body that fails every attempt goes to the dead-letter store.
+    async fn post(
+        &self,
+        doc: &str,
+        delivery_id: String,
+        body: Bytes,
+        changes: usize,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Outcome, FeedError> {
+        let tenant = &self.webhook.tenant;
         let delivery = &self.config.delivery;
         let mut backoff =
             meridian_process::backoff::exponential(delivery.retry_initial, delivery.retry_max);
@@ -534,11 +687,7 @@ impl Pipeline {
             .await
             {
                 Ok(_) => {
-                    let now = unix_now_ms();
-                    for change in &batch {
-                        crate::metrics::lag(now.saturating_sub(change.durable_at_ms));
-                    }
-                    crate::metrics::delivered(batch.len());
+                    crate::metrics::delivered(changes);
                     return Ok(Outcome::Delivered);
                 }
                 Err(error) => {
@@ -566,7 +715,7 @@ impl Pipeline {
             body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         };
         self.state.dead_letter(tenant, &letter)?;
-        crate::metrics::dead_lettered(batch.len());
+        crate::metrics::dead_lettered(changes);
         Ok(Outcome::DeadLettered)
     }
 }
@@ -605,6 +754,25 @@ pub fn body(tenant: &TenantId, doc: &DocId, batch: &[FeedChange]) -> (String, By
         "doc": doc.as_str(),
         "delivery_id": delivery_id,
         "changes": changes,
+    });
+    (delivery_id, Bytes::from(body.to_string()))
+}
+
+/// A purge's event: its id (a digest of the tombstone's key and time: the same purge
+/// always has the same id) and its JSON body.
+pub fn purge_body(tombstone: &Tombstone) -> (String, Bytes) {
+    let mut digest = Sha256::new();
+    digest.update(tombstone.key().as_bytes());
+    digest.update(tombstone.purged_at_ms.to_be_bytes());
+    let delivery_id = hex::encode(&digest.finalize()[..16]);
+    let body = serde_json::json!({
+        "type": "purge",
+        "tenant": tombstone.tenant,
+        "doc": tombstone.doc_id().map(|d| d.to_string()),
+        "delivery_id": delivery_id,
+        "purged_at": tombstone.purged_at_ms,
+        "operator": tombstone.operator,
+        "changes": [],
     });
     (delivery_id, Bytes::from(body.to_string()))
 }

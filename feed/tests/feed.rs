@@ -359,3 +359,90 @@ async fn refused_targets_stop_the_feed_from_starting() {
     hook.secrets.clear();
     assert!(meridian_feed::start(config(dir.path(), vec![hook])).is_err());
 }
+
+/// A purged document's changes are never delivered (the feed log's records of it are
+/// blanked, and what is read is checked against the tombstones), its dead letters are
+/// deleted, and the purge itself is delivered once as a signed event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_is_delivered_as_an_event_and_its_document_never_again() {
+    use meridian_relay::purge::{Purged, Tombstone};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    let acme = TenantId::new("acme").unwrap();
+    let key = |doc: &str| DocKey {
+        tenant: acme.clone(),
+        doc: DocId::new(doc).unwrap(),
+    };
+    for doc in ["kept", "doomed"] {
+        let mut am = automerge::AutoCommit::new();
+        for i in 0..2 {
+            am.put(automerge::ROOT, "i", i as i64).unwrap();
+            am.commit();
+            store
+                .write_changes(&[(key(doc), stored(&mut am))])
+                .await
+                .unwrap();
+        }
+    }
+    let state = FeedState::open(dir.path(), "test").unwrap();
+    for doc in ["kept", "doomed"] {
+        let letter = meridian_feed::DeadLetter {
+            tenant: "acme".into(),
+            doc: doc.into(),
+            delivery_id: format!("old-{doc}"),
+            attempts: 8,
+            last_error: "500".into(),
+            at: 1,
+            body: serde_json::Value::Null,
+        };
+        state.dead_letter(&acme, &letter).unwrap();
+    }
+    let tombstone = Tombstone::new(&acme, Purged::Doc("doomed".into()), "ops@example", 7, 0);
+    store.purge(&tombstone).await.unwrap();
+
+    let hook = receiver(Vec::new(), Act::Ok).await;
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    hook.wait_for(2).await;
+    let purge_events = || {
+        hook.seen
+            .lock()
+            .unwrap()
+            .bodies
+            .iter()
+            .filter_map(|(headers, body)| {
+                let body: serde_json::Value = serde_json::from_slice(body).unwrap();
+                (body["type"] == "purge").then(|| (headers.clone(), body))
+            })
+            .collect::<Vec<_>>()
+    };
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while purge_events().is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the purge is delivered");
+    let events = purge_events();
+    assert_eq!(events.len(), 1);
+    let (headers, event) = &events[0];
+    assert!(headers.contains_key("meridian-signature"));
+    assert_eq!(event["doc"], "doomed");
+    assert_eq!(event["operator"], "ops@example");
+    assert_eq!(event["purged_at"], 7);
+    assert!(hook.changes().iter().all(|(doc, _)| doc == "kept"));
+    let letters: Vec<String> = state
+        .dead_letters(&acme)
+        .unwrap()
+        .into_iter()
+        .map(|l| l.doc)
+        .collect();
+    assert_eq!(letters, vec!["kept".to_string()]);
+    feed.shutdown().await;
+
+    // Restarted, the feed does not announce the purge again.
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(purge_events().len(), 1);
+    assert_eq!(hook.changes().len(), 2);
+    feed.shutdown().await;
+}

@@ -1328,3 +1328,75 @@ async fn a_tenant_opening_documents_fills_only_its_own_memory_share() {
     acme.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A token holder keeps writing to a document an operator purged: its subscription ends
+/// with `gone`, every later subscribe and change is answered `gone` (nothing stored, the
+/// connection stays up), and other documents are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_purged_document_get_gone_and_store_nothing() {
+    use meridian_relay::purge::{Purged, Tombstone};
+    use meridian_relay::store::{DurableStore, LocalDirStore};
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut mallory = dev.raw(addr, dev.token("mallory")).await;
+    let mut stream = subscribed(&mallory, "doomed").await;
+    stream
+        .send(&ClientToRelay::Changes {
+            doc: doc("doomed"),
+            changes: vec![some_change("a")],
+        })
+        .await;
+    assert!(matches!(
+        stream.next().await,
+        Some(RelayToClient::Applied { .. })
+    ));
+
+    let store = LocalDirStore::open(dev.dir.path().join("durable")).unwrap();
+    let tenant = meridian_protocol::TenantId::new(common::TENANT).unwrap();
+    let tombstone = Tombstone::new(&tenant, Purged::Doc("doomed".into()), "ops", 1, 60_000);
+    store.purge(&tombstone).await.unwrap();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(20),
+        stream.until(|m| {
+            matches!(
+                m,
+                RelayToClient::Error {
+                    code: ErrorCode::Gone,
+                    ..
+                }
+            )
+        }),
+    )
+    .await
+    .expect("gone within a few tombstone polls");
+    assert!(ended.is_some());
+
+    for round in 0..3 {
+        let mut again = mallory.subscribe("doomed").await;
+        assert_eq!(
+            error_of(&again.next().await),
+            Some((ErrorCode::Gone, Some(doc("doomed")))),
+            "round {round}"
+        );
+        again
+            .send(&ClientToRelay::Changes {
+                doc: doc("doomed"),
+                changes: vec![some_change(&format!("again-{round}"))],
+            })
+            .await;
+        assert_eq!(
+            error_of(&again.next().await),
+            Some((ErrorCode::Gone, Some(doc("doomed")))),
+            "round {round}"
+        );
+    }
+    still_open(&mut mallory).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let key = meridian_relay::engine::DocKey {
+        tenant,
+        doc: doc("doomed"),
+    };
+    assert!(store.load_all_changes(&key).await.unwrap().is_empty());
+    still_serving(&dev, addr).await;
+}
