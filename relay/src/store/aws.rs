@@ -835,20 +835,9 @@ impl AwsStore {
     }
 
     async fn read_revocations(&self, now_unix: i64) -> Result<Vec<Revocation>, StoreError> {
-        let mut pages = self
-            .dynamodb
-            .query()
-            .table_name(&self.config.table)
-            .consistent_read(true)
-            .key_condition_expression("pk = :pk")
-            .expression_attribute_values(":pk", AttributeValue::S(REVOCATIONS_PK.into()))
-            .into_paginator()
-            .items()
-            .send();
         let mut live = Vec::new();
         let mut expired = Vec::new();
-        while let Some(item) = pages.next().await {
-            let item = item.map_err(|e| unavailable("Query", e))?;
+        for item in self.partition_items(REVOCATIONS_PK).await? {
             let signed = |name: &str| -> Option<i64> { item.get(name)?.as_n().ok()?.parse().ok() };
             let (Some(sk), Some(tenant), Some(kind), Some(target), Some(at), Some(until)) = (
                 string(&item, "sk"),
