@@ -1332,7 +1332,7 @@ async fn poll_tombstones(
                         swept: true,
                         ..tombstone.clone()
                     };
-                    match crate::purge::sweep(store.as_ref(), &swept, shared.node.as_str()).await {
+                    match sweep(store.as_ref(), &swept, shared.node.as_str()).await {
                         Ok(()) => {
                             crate::metrics::purge_swept(true);
                             *tombstone = swept;
@@ -1359,6 +1359,29 @@ async fn poll_tombstones(
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+/// The second sweep: the purge again, with the tombstone marked swept, and its audit
+/// record (`by`: the relay node that ran it).
+async fn sweep(
+    store: &dyn DurableStore,
+    swept: &crate::purge::Tombstone,
+    by: &str,
+) -> Result<(), crate::store::StoreError> {
+    let report = store.purge(swept).await?;
+    store
+        .audit(&crate::purge::AuditRecord {
+            at_ms: meridian_process::clock::unix_ms(),
+            operator: format!(
+                "relay {by} (second sweep of the purge by {})",
+                swept.operator
+            ),
+            action: "sweep".into(),
+            tenant: swept.tenant.clone(),
+            doc: swept.doc_id().map(|d| d.to_string()),
+            report,
+        })
+        .await
 }
 
 #[cfg(test)]

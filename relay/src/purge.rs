@@ -178,29 +178,6 @@ pub struct AuditRecord {
     pub report: PurgeReport,
 }
 
-/// The second sweep: the purge again, with the tombstone marked swept, and its audit
-/// record (`by`: the relay node that ran it).
-pub async fn sweep(
-    store: &dyn crate::store::DurableStore,
-    swept: &Tombstone,
-    by: &str,
-) -> Result<(), crate::store::StoreError> {
-    let report = store.purge(swept).await?;
-    store
-        .audit(&AuditRecord {
-            at_ms: meridian_process::clock::unix_ms(),
-            operator: format!(
-                "relay {by} (second sweep of the purge by {})",
-                swept.operator
-            ),
-            action: "sweep".into(),
-            tenant: swept.tenant.clone(),
-            doc: swept.doc_id().map(|d| d.to_string()),
-            report,
-        })
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
