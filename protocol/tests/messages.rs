@@ -363,7 +363,7 @@ fn a_subscribe_without_the_snapshot_flag_takes_a_snapshot() {
 
 #[test]
 fn every_error_code_has_its_documented_name_and_number() {
-    for number in 1u16..=20 {
+    for number in 1u16..=21 {
         let code = ErrorCode::from_code(number);
         assert_eq!(code.code(), number);
         let name = code.name().expect("a known code has a name");
@@ -376,9 +376,10 @@ fn every_error_code_has_its_documented_name_and_number() {
     assert_eq!(ErrorCode::TooLarge.to_string(), "too_large");
     assert_eq!(ErrorCode::VersionMismatch.to_string(), "version_mismatch");
     assert_eq!(ErrorCode::TokenExpired.code(), 17);
-    assert_eq!(ErrorCode::from_code(21), ErrorCode::Other(21));
-    assert_eq!(ErrorCode::Other(21).name(), None);
-    assert_eq!(ErrorCode::Other(21).to_string(), "error code 21");
+    assert_eq!(ErrorCode::Gone.to_string(), "gone");
+    assert_eq!(ErrorCode::from_code(22), ErrorCode::Other(22));
+    assert_eq!(ErrorCode::Other(22).name(), None);
+    assert_eq!(ErrorCode::Other(22).to_string(), "error code 22");
 }
 
 /// A `snapshot` frame of `doc` with `heads` heads and a piece of `piece` bytes.
