@@ -307,9 +307,49 @@ async fn the_openapi_file_matches_the_server() {
     let change = doc.get_last_local_change().expect("change").clone();
     let body = body_of(std::slice::from_ref(&change));
 
+    // A purged document: its answers are `gone` (410) once the relay read the tombstone.
+    let posted = http::post(addr, "/v1/docs/purged/changes", &token, &body).await;
+    assert_eq!(
+        posted.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&posted.body)
+    );
+    {
+        use meridian_relay::purge::{Purged, Tombstone};
+        use meridian_relay::store::{DurableStore, LocalDirStore};
+        let store = LocalDirStore::open(s.dev.dir.path().join("durable")).expect("store");
+        let tenant = meridian_protocol::TenantId::new(meridian_testkit::TENANT).expect("tenant");
+        let tombstone = Tombstone::new(&tenant, Purged::Doc("purged".into()), "ops", 1, 60_000);
+        store.purge(&tombstone).await.expect("purge");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while http::get(addr, "/v1/docs/purged", &token).await.status != 410 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the purge was never answered 410"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // The requests this test makes, by documented path and method: each an honest one
     // (expected 200) and refused ones (statuses checked against the file).
     let cases: Vec<(&str, &str, Answer)> = vec![
+        (
+            "/v1/docs/{id}",
+            "get",
+            http::get(addr, "/v1/docs/purged", &token).await,
+        ),
+        (
+            "/v1/docs/{id}/history",
+            "get",
+            http::get(addr, "/v1/docs/purged/history", &token).await,
+        ),
+        (
+            "/v1/docs/{id}/changes",
+            "post",
+            http::post(addr, "/v1/docs/purged/changes", &token, &body).await,
+        ),
         (
             "/v1/docs/{id}/changes",
             "post",
@@ -371,6 +411,15 @@ async fn the_openapi_file_matches_the_server() {
         if answer.status == 200 {
             seen.insert((*path, *method));
         }
+    }
+    for (path, method, answer) in &cases[..3] {
+        assert_eq!(
+            answer.status,
+            410,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&answer.body)
+        );
+        assert_eq!(answer.json()["code"], "gone", "{method} {path}");
     }
     // Every documented operation was met with its 200.
     for (path, item) in paths {

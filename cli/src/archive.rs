@@ -237,9 +237,20 @@ pub async fn import(args: ImportArgs) -> Result<()> {
     }
     let store = meridian_relay::node::open_store(&config).await?;
     let unknown = UserId::new(UNKNOWN_USER)?;
+    let tombstones = store.tombstones().await?;
     let mut total = 0;
+    let mut imported = 0;
     for entry in &archive.documents {
         let doc = DocId::new(&entry.doc).with_context(|| format!("document id {:?}", entry.doc))?;
+        let purged = DocKey {
+            tenant: tenant.clone(),
+            doc: doc.clone(),
+        };
+        if tombstones.iter().any(|t| t.covers(&purged)) {
+            // The durable tier would leave every change out: say so, write nothing.
+            println!("skipped {doc}: it was purged from tenant {tenant}");
+            continue;
+        }
         let loaded = Automerge::load(&entry.save)
             .with_context(|| format!("the saved document {doc} does not load"))?;
         let heads: Vec<String> = loaded.get_heads().iter().map(ToString::to_string).collect();
@@ -277,10 +288,8 @@ pub async fn import(args: ImportArgs) -> Result<()> {
             store.write_changes(batch).await?;
         }
         total += stored.len();
+        imported += 1;
     }
-    println!(
-        "imported {} document(s), {total} change(s), into tenant {tenant}",
-        archive.documents.len()
-    );
+    println!("imported {imported} document(s), {total} change(s), into tenant {tenant}");
     Ok(())
 }

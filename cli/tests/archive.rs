@@ -354,6 +354,45 @@ async fn purges_delete_documents_for_good_and_are_audited() {
             .is_empty()
     );
 
+    // An archive made before the purge does not bring it back either.
+    let archive = dir.path().join("before.cbor");
+    let exported = meridian()
+        .args(["export", "--tenant", "acme", "--out"])
+        .arg(&archive)
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let done = purge(&["doc", "purge", "notes/b", "--tenant", "acme", "--yes"]);
+    assert!(done.status.success());
+    let imported = meridian()
+        .arg("import")
+        .arg(&archive)
+        .arg("--config")
+        .arg(&eu)
+        .output()
+        .unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    let out = String::from_utf8_lossy(&imported.stdout);
+    assert!(out.contains("skipped notes/b: it was purged"), "{out}");
+    assert!(out.contains("imported 0 document(s)"), "{out}");
+    assert!(
+        store
+            .load_all_changes(&key("acme", "notes/b"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     let done = purge(&["tenant", "purge", "beta", "--yes"]);
     assert!(
         done.status.success(),
@@ -383,12 +422,13 @@ async fn purges_delete_documents_for_good_and_are_audited() {
     );
     let records: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
     let records = records.as_array().unwrap();
-    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records.len(), 3, "{records:?}");
     assert_eq!(records[0]["action"], "doc purge");
     assert_eq!(records[0]["operator"], "ops@example");
     assert_eq!(records[0]["doc"], "notes/a");
     assert_eq!(records[0]["report"]["changes"], 3);
-    assert_eq!(records[1]["action"], "tenant purge");
-    assert_eq!(records[1]["tenant"], "beta");
-    assert_eq!(records[1]["report"]["documents"], 2);
+    assert_eq!(records[1]["doc"], "notes/b");
+    assert_eq!(records[2]["action"], "tenant purge");
+    assert_eq!(records[2]["tenant"], "beta");
+    assert_eq!(records[2]["report"]["documents"], 2);
 }

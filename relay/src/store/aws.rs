@@ -523,6 +523,16 @@ impl AwsStore {
         key: &DocKey,
         snapshot: &SnapshotRecord,
     ) -> Result<SnapshotWrite, StoreError> {
+        if self
+            .cached_tombstones()
+            .await?
+            .iter()
+            .any(|t| t.covers(key))
+        {
+            // A snapshot of a purged document (one that was under way): left out, and
+            // nothing is there to load.
+            return Ok(SnapshotWrite::AlreadyExists);
+        }
         let id = snapshot.id();
         let object = format!("{}/{}/{id}.am", key.tenant, hex::encode(key.doc.as_str()));
         if self

@@ -786,8 +786,16 @@ impl DurableStore for LocalDirStore {
         snapshot: &'a SnapshotRecord,
     ) -> BoxFuture<'a, Result<SnapshotWrite, StoreError>> {
         let (root, key, snapshot) = (self.root.clone(), key.clone(), snapshot.clone());
+        let tombstones = self.tombstones.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
+                if Self::current_tombstones(&root, &tombstones)?
+                    .iter()
+                    .any(|t| t.covers(&key))
+                {
+                    // A snapshot of a purged document (one that was under way): left out.
+                    return Ok(SnapshotWrite::AlreadyExists);
+                }
                 Self::write_snapshot_blocking(&root, &key, &snapshot)
             })
             .await

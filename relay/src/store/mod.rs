@@ -116,7 +116,8 @@ pub trait DurableStore: Send + Sync + 'static {
         changes: &'a [(DocKey, StoredChange)],
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Writes a snapshot unless one with the same id exists.
+    /// Writes a snapshot unless one with the same id exists (or its document was purged:
+    /// then nothing is written, and the answer is `AlreadyExists`).
     fn write_snapshot<'a>(
         &'a self,
         key: &'a DocKey,
