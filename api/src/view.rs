@@ -7,6 +7,7 @@
 //! [`history`].
 
 use std::collections::HashMap;
+use std::io::Write as _;
 
 use automerge::{AutoCommit, ReadDoc};
 use bytes::Bytes;
@@ -295,12 +296,27 @@ pub struct HistoryEntry {
     pub heads: Vec<String>,
 }
 
-/// Every change in `changes` (causal order, as the relay keeps them) with its author,
-/// from each change's header alone (no operation is decoded, no document built).
-pub fn history(
+/// One change of a history as [`each_history_entry`] hands it out, borrowing what the
+/// entries share.
+pub struct EntryRef<'a> {
+    /// The change's header.
+    pub header: &'a meridian_relay::engine::change::ChangeHeader,
+    /// Its actor, hex.
+    pub actor: &'a str,
+    /// The user the relay bound that actor to.
+    pub user: Option<&'a str>,
+    /// The document's heads just after it, sorted.
+    pub heads: &'a [meridian_protocol::ChangeHash],
+}
+
+/// Hands every change in `changes` (causal order, as the relay keeps them) with its
+/// author and the heads after it to `each`, from each change's header alone (no
+/// operation is decoded, no document built).
+pub fn each_history_entry(
     changes: &[Bytes],
     authors: &[(ActorId, UserId)],
-) -> Result<Vec<HistoryEntry>, ViewError> {
+    mut each: impl FnMut(EntryRef<'_>),
+) -> Result<(), ViewError> {
     let users: HashMap<&[u8], &UserId> = authors
         .iter()
         .map(|(actor, user)| (actor.as_bytes(), user))
@@ -308,33 +324,125 @@ pub fn history(
     // Each actor's hex and user, made once.
     let mut actors: HashMap<Vec<u8>, (String, Option<String>)> = HashMap::new();
     let mut heads: Vec<meridian_protocol::ChangeHash> = Vec::new();
-    changes
-        .iter()
-        .map(|bytes| {
-            let change = meridian_relay::engine::change::header(bytes)
-                .map_err(|error| ViewError::Load(error.to_string()))?;
-            heads.retain(|h| !change.deps.contains(h));
-            heads.push(change.hash);
-            heads.sort_unstable();
-            let (actor, user) = actors
-                .entry(change.actor.clone())
-                .or_insert_with(|| {
-                    let user = users.get(change.actor.as_slice()).map(|u| u.to_string());
-                    (hex::encode(&change.actor), user)
-                })
-                .clone();
-            Ok(HistoryEntry {
-                hash: change.hash.to_string(),
-                actor,
-                user,
-                seq: change.seq,
-                time: change.time,
-                message: change.message,
-                deps: change.deps.iter().map(ToString::to_string).collect(),
-                heads: heads.iter().map(ToString::to_string).collect(),
-            })
-        })
-        .collect()
+    for bytes in changes {
+        let header = meridian_relay::engine::change::header(bytes)
+            .map_err(|error| ViewError::Load(error.to_string()))?;
+        heads.retain(|h| !header.deps.contains(h));
+        heads.push(header.hash);
+        heads.sort_unstable();
+        let (actor, user) = actors.entry(header.actor.clone()).or_insert_with(|| {
+            let user = users.get(header.actor.as_slice()).map(|u| u.to_string());
+            (hex::encode(&header.actor), user)
+        });
+        each(EntryRef {
+            header: &header,
+            actor,
+            user: user.as_deref(),
+            heads: &heads,
+        });
+    }
+    Ok(())
+}
+
+/// Every change in `changes` with its author and the heads after it, as entries.
+pub fn history(
+    changes: &[Bytes],
+    authors: &[(ActorId, UserId)],
+) -> Result<Vec<HistoryEntry>, ViewError> {
+    let mut out = Vec::with_capacity(changes.len());
+    each_history_entry(changes, authors, |entry| {
+        out.push(HistoryEntry {
+            hash: entry.header.hash.to_string(),
+            actor: entry.actor.to_owned(),
+            user: entry.user.map(str::to_owned),
+            seq: entry.header.seq,
+            time: entry.header.time,
+            message: entry.header.message.clone(),
+            deps: entry.header.deps.iter().map(ToString::to_string).collect(),
+            heads: entry.heads.iter().map(ToString::to_string).collect(),
+        });
+    })?;
+    Ok(out)
+}
+
+/// The history answer's JSON (`doc`, `heads`, `durable_heads`, `changes` as
+/// [`HistoryEntry`] serializes them), written straight from the change headers into one
+/// buffer: no entry, hex string or JSON value is built on the way, which on a 100k-change
+/// document is most of the answer's cost.
+pub fn history_json(
+    doc: &str,
+    heads: &[meridian_protocol::ChangeHash],
+    durable_heads: &[meridian_protocol::ChangeHash],
+    changes: &[Bytes],
+    authors: &[(ActorId, UserId)],
+) -> Result<Vec<u8>, ViewError> {
+    /// About what one entry takes, to size the buffer once.
+    const ENTRY_BYTES: usize = 360;
+    let mut out = Vec::with_capacity(256 + changes.len().saturating_mul(ENTRY_BYTES));
+    out.extend_from_slice(b"{\"doc\":");
+    json_string(&mut out, doc);
+    out.extend_from_slice(b",\"heads\":");
+    json_hashes(&mut out, heads);
+    out.extend_from_slice(b",\"durable_heads\":");
+    json_hashes(&mut out, durable_heads);
+    out.extend_from_slice(b",\"changes\":[");
+    let mut first = true;
+    each_history_entry(changes, authors, |entry| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"hash\":\"");
+        json_hex(&mut out, &entry.header.hash.0);
+        out.extend_from_slice(b"\",\"actor\":\"");
+        out.extend_from_slice(entry.actor.as_bytes());
+        out.push(b'"');
+        if let Some(user) = entry.user {
+            out.extend_from_slice(b",\"user\":");
+            json_string(&mut out, user);
+        }
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, ",\"seq\":{},\"time\":{}", entry.header.seq, entry.header.time);
+        if let Some(message) = &entry.header.message {
+            out.extend_from_slice(b",\"message\":");
+            json_string(&mut out, message);
+        }
+        out.extend_from_slice(b",\"deps\":");
+        json_hashes(&mut out, &entry.header.deps);
+        out.extend_from_slice(b",\"heads\":");
+        json_hashes(&mut out, entry.heads);
+        out.push(b'}');
+    })?;
+    out.extend_from_slice(b"]}");
+    Ok(out)
+}
+
+/// A JSON string (escaped as serde_json escapes it).
+fn json_string(out: &mut Vec<u8>, text: &str) {
+    // Writing to a Vec cannot fail; a str always serializes.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Bytes as lowercase hex.
+fn json_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)]);
+        out.push(DIGITS[usize::from(byte & 0x0f)]);
+    }
+}
+
+/// A JSON array of hashes as hex strings.
+fn json_hashes(out: &mut Vec<u8>, hashes: &[meridian_protocol::ChangeHash]) {
+    out.push(b'[');
+    for (i, hash) in hashes.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        json_hex(out, &hash.0);
+        out.push(b'"');
+    }
+    out.push(b']');
 }
 
 #[cfg(test)]
@@ -490,5 +598,46 @@ mod tests {
         assert_eq!(entries[1].seq, 2);
         let unbound = history(&changes, &[]).unwrap();
         assert_eq!(unbound[0].user, None);
+    }
+
+    /// The hand-written answer is the JSON the entries serialize to, escapes included.
+    #[test]
+    fn the_history_answer_is_the_entries_as_json() {
+        let mut doc = AutoCommit::new();
+        doc.put(automerge::ROOT, "a", 1).unwrap();
+        doc.commit_with(
+            automerge::transaction::CommitOptions::default()
+                .with_message("quote \" and \\ and\nline")
+                .with_time(1_764_979_200),
+        );
+        let mut other = doc.fork();
+        other.put(automerge::ROOT, "b", 2).unwrap();
+        other.commit();
+        doc.put(automerge::ROOT, "c", 3).unwrap();
+        doc.commit();
+        doc.merge(&mut other).unwrap();
+        let changes: Vec<Bytes> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+            .collect();
+        let actor = ActorId::new(doc.get_actor().to_bytes()).unwrap();
+        let authors = vec![(actor, UserId::new("alice:1").unwrap())];
+        let heads: Vec<meridian_protocol::ChangeHash> = doc
+            .get_heads()
+            .iter()
+            .map(|h| meridian_protocol::ChangeHash(h.0))
+            .collect();
+        let written = history_json("notes/\"1\"", &heads, &[], &changes, &authors).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
+        let expected = serde_json::json!({
+            "doc": "notes/\"1\"",
+            "heads": heads.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "durable_heads": Vec::<String>::new(),
+            "changes": history(&changes, &authors).unwrap(),
+        });
+        assert_eq!(parsed, expected);
+        assert_eq!(parsed["changes"].as_array().unwrap().len(), 3);
+        assert_eq!(parsed["changes"][2]["heads"].as_array().unwrap().len(), 2);
     }
 }
