@@ -401,7 +401,11 @@ pub fn history_json(
             json_string(&mut out, user);
         }
         // Writing to a Vec cannot fail.
-        let _ = write!(out, ",\"seq\":{},\"time\":{}", entry.header.seq, entry.header.time);
+        let _ = write!(
+            out,
+            ",\"seq\":{},\"time\":{}",
+            entry.header.seq, entry.header.time
+        );
         if let Some(message) = &entry.header.message {
             out.extend_from_slice(b",\"message\":");
             json_string(&mut out, message);

@@ -751,6 +751,7 @@ async fn start_feed(
         metrics: Some(MetricsSection {
             listen: free_tcp()?,
         }),
+        control: None,
         webhooks: vec![crate::feed::WebhookSection {
             tenant: DEV_TENANT.into(),
             url: url.into(),

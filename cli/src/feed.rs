@@ -61,6 +61,10 @@ pub struct FeedFile {
     pub delivery: Option<DeliverySection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSection>,
+    /// The control plane whose tenant records carry each tenant's webhook allow-list
+    /// (`meridian tenant webhooks`); without it only `allowed_hosts` apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<crate::config::ControlSection>,
     #[serde(default)]
     pub webhooks: Vec<WebhookSection>,
 }
@@ -176,6 +180,10 @@ impl FeedFile {
             delivery,
             poll_interval: ms(self.feed.poll_interval_ms, Duration::from_millis(200)),
             tls: meridian_feed::deliver::Tls::new(ca.as_deref()).map_err(anyhow::Error::msg)?,
+            control: match &self.control {
+                Some(control) => Some(control.clone().into_config(base)?),
+                None => None,
+            },
         })
     }
 }

@@ -37,6 +37,20 @@ pub enum TenantCommand {
         #[arg(long)]
         tenant: String,
     },
+    /// Print the tenant's webhook allow-list (the change feed's policy, kept beside its
+    /// record), or replace it with `--allow` (repeatable; `*.domain` for subdomains) or
+    /// empty it with `--clear` (any public host).
+    Webhooks {
+        /// A config file with a [control] section (router.toml, client.toml, feed.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        allow: Vec<String>,
+        #[arg(long, conflicts_with = "allow")]
+        clear: bool,
+    },
     /// Operators: delete every document of the tenant from the jurisdiction (caches,
     /// durable items, snapshots with all their versions) and retire the tenant id: a
     /// tombstone refuses every document of it from then on (`gone`). Takes a *relay*
@@ -59,7 +73,37 @@ pub async fn run_tenant(command: TenantCommand) -> Result<()> {
         } => create(&config, &tenant, &jurisdiction, pin.as_deref()).await,
         TenantCommand::Locate { config, tenant } => locate(&config, &tenant).await,
         TenantCommand::Purge { tenant, args } => crate::purge::tenant_purge(&tenant, args).await,
+        TenantCommand::Webhooks {
+            config,
+            tenant,
+            allow,
+            clear,
+        } => webhooks(&config, &tenant, &allow, clear).await,
     }
+}
+
+async fn webhooks(path: &Path, tenant: &str, allow: &[String], clear: bool) -> Result<()> {
+    let store = control_store(path).await?;
+    let tenant = TenantId::new(tenant).with_context(|| format!("tenant id {tenant:?}"))?;
+    if clear || !allow.is_empty() {
+        for host in allow {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if bare.is_empty() || bare.contains(['/', ':', ' ', '*']) {
+                bail!("--allow {host:?}: a host name, or *.domain for its subdomains");
+            }
+        }
+        let hosts: Vec<String> = allow.iter().map(|h| h.to_ascii_lowercase()).collect();
+        store
+            .set_webhook_hosts(&tenant, &hosts)
+            .await
+            .with_context(|| format!("tenant {tenant}"))?;
+    }
+    match store.webhook_hosts(&tenant).await? {
+        Some(hosts) if !hosts.is_empty() => println!("{}", hosts.join("\n")),
+        Some(_) => println!("(empty: any public host)"),
+        None => println!("(never set: any public host)"),
+    }
+    Ok(())
 }
 
 async fn create(path: &Path, tenant: &str, jurisdiction: &str, pin: Option<&str>) -> Result<()> {

@@ -170,3 +170,68 @@ fn a_webhook_needs_its_secret_and_a_url_it_may_reach() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `meridian tenant webhooks` reads and replaces a tenant's webhook allow-list beside
+/// its record in the control plane, and refuses what is not a host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_webhooks_sets_the_allow_list_beside_the_tenants_record() {
+    use meridian_relay::control::{ControlStore, LocalControlStore};
+    let dir = tempfile::tempdir().unwrap();
+    let ops = dir.path().join("ops.toml");
+    std::fs::write(&ops, "[control]\nkind = \"local\"\npath = \"control\"\n").unwrap();
+    let control = LocalControlStore::open(dir.path().join("control")).unwrap();
+    control
+        .create_tenant(&meridian_testkit::placement::record("acme", "eu", None, 0))
+        .await
+        .unwrap();
+    let run = |args: &[&str]| {
+        meridian()
+            .args(["tenant", "webhooks", "--config"])
+            .arg(&ops)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("never set"));
+    let out = run(&[
+        "--tenant",
+        "acme",
+        "--allow",
+        "Hooks.Acme.example",
+        "--allow",
+        "*.acme.example",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        control
+            .webhook_hosts(&meridian_protocol::TenantId::new("acme").unwrap())
+            .await
+            .unwrap(),
+        Some(vec![
+            "hooks.acme.example".to_string(),
+            "*.acme.example".to_string()
+        ])
+    );
+    assert!(
+        !run(&["--tenant", "acme", "--allow", "http://evil/"])
+            .status
+            .success()
+    );
+    assert!(
+        !run(&["--tenant", "nobody", "--allow", "x.example"])
+            .status
+            .success()
+    );
+    let out = run(&["--tenant", "acme", "--clear"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("empty: any public host"));
+}

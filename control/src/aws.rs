@@ -150,6 +150,53 @@ impl DynamoControlStore {
 }
 
 impl ControlStore for DynamoControlStore {
+    fn webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, ControlError>> {
+        Box::pin(async move {
+            let item = self
+                .client
+                .get_item()
+                .table_name(&self.table)
+                .key("pk", AttributeValue::S(webhooks_key(tenant)))
+                .consistent_read(true)
+                .send()
+                .await
+                .map_err(|e| unavailable("GetItem", e))?
+                .item;
+            item.map(|item| {
+                serde_json::from_str(string(&item, "hosts")?)
+                    .map_err(|e| ControlError::Corrupt(format!("webhooks item: {e}")))
+            })
+            .transpose()
+        })
+    }
+
+    fn set_webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        hosts: &'a [String],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            if self.tenant(tenant).await?.is_none() {
+                return Err(ControlError::NotFound(format!("tenant {tenant}")));
+            }
+            let hosts = serde_json::to_string(hosts)
+                .map_err(|e| ControlError::Corrupt(format!("webhooks item: {e}")))?;
+            self.client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", AttributeValue::S(webhooks_key(tenant)))
+                .item("hosts", AttributeValue::S(hosts))
+                .item("updated", number(crate::unix_ms()))
+                .send()
+                .await
+                .map_err(|e| unavailable("PutItem", e))?;
+            Ok(())
+        })
+    }
+
     fn tenant<'a>(
         &'a self,
         tenant: &'a TenantId,
@@ -311,6 +358,11 @@ fn skip_corrupt<T>(parsed: Result<T, ControlError>) -> Option<T> {
             None
         }
     }
+}
+
+/// The key of a tenant's webhook allow-list, beside its record.
+fn webhooks_key(tenant: &TenantId) -> String {
+    format!("webhooks#{tenant}")
 }
 
 fn tenant_key(tenant: &TenantId) -> String {

@@ -104,6 +104,23 @@ pub trait ControlStore: Send + Sync + 'static {
         cell: &'a CellId,
         draining: bool,
     ) -> BoxFuture<'a, Result<(), ControlError>>;
+
+    /// The hosts the tenant's webhooks may reach (the change feed's allow-list: a host,
+    /// or `*.domain` for its subdomains; empty: any public host), kept beside the
+    /// tenant's record (never in it: a placement commit cannot undo a policy change);
+    /// `None` when it was never set.
+    fn webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, ControlError>>;
+
+    /// Replaces the tenant's webhook allow-list ([`ControlError::NotFound`] for a tenant
+    /// that was never created).
+    fn set_webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        hosts: &'a [String],
+    ) -> BoxFuture<'a, Result<(), ControlError>>;
 }
 
 /// Which control store to open.

@@ -40,6 +40,7 @@ impl LocalControlStore {
         let root = root.into();
         fs::create_dir_all(root.join("tenants"))?;
         fs::create_dir_all(root.join("cells"))?;
+        fs::create_dir_all(root.join("webhooks"))?;
         Ok(LocalControlStore {
             root: Arc::new(root),
         })
@@ -48,6 +49,12 @@ impl LocalControlStore {
     fn tenant_path(&self, tenant: &TenantId) -> PathBuf {
         self.root
             .join("tenants")
+            .join(format!("{}.json", hex::encode(tenant.as_str())))
+    }
+
+    fn webhooks_path(&self, tenant: &TenantId) -> PathBuf {
+        self.root
+            .join("webhooks")
             .join(format!("{}.json", hex::encode(tenant.as_str())))
     }
 
@@ -80,6 +87,33 @@ impl LocalControlStore {
 }
 
 impl ControlStore for LocalControlStore {
+    fn webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, ControlError>> {
+        let path = self.webhooks_path(tenant);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || read_json::<Vec<String>>(&path))
+                .await
+                .map_err(|e| ControlError::Unavailable(format!("control store task: {e}")))?
+        })
+    }
+
+    fn set_webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        hosts: &'a [String],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        let (record, path) = (self.tenant_path(tenant), self.webhooks_path(tenant));
+        let (name, hosts) = (tenant.to_string(), hosts.to_vec());
+        Box::pin(self.locked(move |root| {
+            if read_json::<TenantRecord>(&record)?.is_none() {
+                return Err(ControlError::NotFound(format!("tenant {name}")));
+            }
+            write_json(root, &path, &hosts)
+        }))
+    }
+
     fn tenant<'a>(
         &'a self,
         tenant: &'a TenantId,

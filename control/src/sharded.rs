@@ -31,6 +31,38 @@ impl ByJurisdiction {
 }
 
 impl ControlStore for ByJurisdiction {
+    fn webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+    ) -> BoxFuture<'a, Result<Option<Vec<String>>, ControlError>> {
+        Box::pin(async move {
+            // Kept in the tenant's own jurisdiction's store, beside its record.
+            match self.tenant(tenant).await? {
+                Some(record) => {
+                    self.store(&record.tenant.jurisdiction)?
+                        .webhook_hosts(tenant)
+                        .await
+                }
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn set_webhook_hosts<'a>(
+        &'a self,
+        tenant: &'a TenantId,
+        hosts: &'a [String],
+    ) -> BoxFuture<'a, Result<(), ControlError>> {
+        Box::pin(async move {
+            let Some(record) = self.tenant(tenant).await? else {
+                return Err(ControlError::NotFound(format!("tenant {tenant}")));
+            };
+            self.store(&record.tenant.jurisdiction)?
+                .set_webhook_hosts(tenant, hosts)
+                .await
+        })
+    }
+
     fn tenant<'a>(
         &'a self,
         tenant: &'a TenantId,

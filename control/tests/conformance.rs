@@ -100,6 +100,40 @@ async fn conformance(store: Arc<dyn ControlStore>) {
     all.sort_by(|x, y| x.tenant.id.cmp(&y.tenant.id));
     assert_eq!(all.len(), 2);
     assert_eq!(all[1].tenant.jurisdiction, "us");
+
+    // The webhook allow-list lives beside the record: never set, set, replaced; a
+    // placement commit leaves it alone; an unknown tenant has none to set.
+    let acme = TenantId::new("acme").unwrap();
+    assert_eq!(store.webhook_hosts(&acme).await.unwrap(), None);
+    let hosts = vec![
+        "hooks.acme.example".to_string(),
+        "*.acme.example".to_string(),
+    ];
+    store.set_webhook_hosts(&acme, &hosts).await.unwrap();
+    assert_eq!(
+        store.webhook_hosts(&acme).await.unwrap(),
+        Some(hosts.clone())
+    );
+    store
+        .commit(&record("acme", "eu", Some("eu-a"), 3), 2)
+        .await
+        .unwrap();
+    assert_eq!(store.webhook_hosts(&acme).await.unwrap(), Some(hosts));
+    store.set_webhook_hosts(&acme, &[]).await.unwrap();
+    assert_eq!(store.webhook_hosts(&acme).await.unwrap(), Some(Vec::new()));
+    assert!(matches!(
+        store
+            .set_webhook_hosts(&TenantId::new("nobody").unwrap(), &[])
+            .await,
+        Err(ControlError::NotFound(_))
+    ));
+    assert_eq!(
+        store
+            .webhook_hosts(&TenantId::new("beta").unwrap())
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[tokio::test]

@@ -21,5 +21,6 @@ pub mod sign;
 pub mod target;
 
 pub use service::{
-    DeadLetter, DeliveryConfig, FeedConfig, FeedHandle, FeedState, Webhook, replay, start,
+    DeadLetter, DeliveryConfig, FeedConfig, FeedError, FeedHandle, FeedState, Webhook, replay,
+    start,
 };

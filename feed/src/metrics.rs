@@ -21,6 +21,9 @@ pub const CHECKPOINT: &str = "meridian_feed_checkpoint";
 pub const RESTARTS: &str = "meridian_feed_pipeline_restarts_total";
 /// Feed records skipped because their change does not parse.
 pub const CORRUPT: &str = "meridian_feed_corrupt_records_total";
+/// 1 while a tenant's pipeline is paused because the tenant's webhook allow-list (in the
+/// control plane) refuses its webhook, per tenant.
+pub const REFUSED_BY_POLICY: &str = "meridian_feed_refused_by_policy";
 
 /// Describes the feed's metrics to the installed recorder.
 pub fn describe() {
@@ -35,6 +38,10 @@ pub fn describe() {
     metrics::describe_gauge!(PENDING, "changes held for their dependencies, per tenant");
     metrics::describe_gauge!(CHECKPOINT, "the saved feed cursor, per tenant");
     metrics::describe_counter!(CORRUPT, "feed records whose change does not parse");
+    metrics::describe_gauge!(
+        REFUSED_BY_POLICY,
+        "1 while the tenant's allow-list refuses its webhook (the pipeline is paused)"
+    );
     metrics::describe_counter!(
         RESTARTS,
         "feed pipelines restarted after their storage failed"
@@ -77,4 +84,13 @@ pub(crate) fn corrupt() {
 
 pub(crate) fn restarted() {
     metrics::counter!(RESTARTS).increment(1);
+}
+
+/// Whether the tenant's allow-list refuses its webhook now.
+pub fn refused_by_policy(tenant: &TenantId, refused: bool) {
+    metrics::gauge!(REFUSED_BY_POLICY, "tenant" => tenant.to_string()).set(if refused {
+        1.0
+    } else {
+        0.0
+    });
 }

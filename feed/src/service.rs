@@ -92,7 +92,14 @@ pub struct FeedConfig {
     pub poll_interval: Duration,
     /// Trust for `https` targets.
     pub tls: Tls,
+    /// The control plane whose tenant records carry each tenant's webhook allow-list
+    /// (`meridian tenant webhooks`); `None` (as in `meridian dev`): only each webhook's
+    /// own `allowed_hosts` apply.
+    pub control: Option<meridian_relay::control::ControlConfig>,
 }
+
+/// How often a pipeline reads its tenant's allow-list again.
+const POLICY_RECHECK: Duration = Duration::from_secs(30);
 
 /// Why the feed could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +121,15 @@ pub enum FeedError {
     /// The store or the feed's own files failed.
     #[error("feed storage: {0}")]
     Storage(String),
+    /// The tenant's allow-list in the control plane refuses its webhook (a replay stops
+    /// with this; the service pauses the tenant's pipeline until it allows it).
+    #[error("tenant {tenant}: its allow-list refuses the webhook: {why}")]
+    Refused {
+        /// The tenant.
+        tenant: TenantId,
+        /// Why.
+        why: String,
+    },
 }
 
 impl From<std::io::Error> for FeedError {
@@ -454,9 +470,47 @@ impl Pipeline {
         // Cursors of this tenant's records read and not yet delivered or dead-lettered.
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
         let mut delivered = 0u64;
+        let control = match &self.config.control {
+            Some(config) => Some(
+                meridian_relay::control::open(config)
+                    .await
+                    .map_err(|e| FeedError::Storage(format!("control plane: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut policy: Option<(Instant, Result<(), String>)> = None;
         loop {
             if *stopped.borrow() {
                 return Ok(delivered);
+            }
+            if let Some(control) = &control {
+                if policy
+                    .as_ref()
+                    .is_none_or(|(at, _)| at.elapsed() >= POLICY_RECHECK)
+                {
+                    let verdict = self.tenant_allows(control.as_ref()).await?;
+                    crate::metrics::refused_by_policy(&tenant, verdict.is_err());
+                    if let Err(why) = &verdict {
+                        tracing::warn!(%tenant, %why, "the tenant's allow-list refuses its webhook; its changes wait in the log");
+                    }
+                    policy = Some((Instant::now(), verdict));
+                }
+                if let Some((_, Err(why))) = &policy
+                    && matches!(self.mode, Mode::Replay { .. })
+                {
+                    return Err(FeedError::Refused {
+                        tenant: tenant.clone(),
+                        why: why.clone(),
+                    });
+                }
+                if policy.as_ref().is_some_and(|(_, verdict)| verdict.is_err()) {
+                    // Paused: nothing is read, the checkpoint stays, nothing is lost.
+                    tokio::select! {
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        _ = stopped.changed() => {}
+                    }
+                    continue;
+                }
             }
             let tombstones = self.purges(&mut stopped).await?;
             let read = if until.is_some_and(|end| read_at >= end) {
@@ -585,6 +639,30 @@ impl Pipeline {
             at = next;
         }
         Ok(())
+    }
+
+    /// Whether the tenant's allow-list, kept beside its record in the control plane,
+    /// lets its webhook's URL through (an unknown tenant's does not; an allow-list never
+    /// set is empty: any public host).
+    async fn tenant_allows(
+        &self,
+        control: &dyn meridian_relay::control::ControlStore,
+    ) -> Result<Result<(), String>, FeedError> {
+        let tenant = &self.webhook.tenant;
+        let storage = |e: meridian_relay::control::ControlError| {
+            FeedError::Storage(format!("control plane: {e}"))
+        };
+        if control.tenant(tenant).await.map_err(storage)?.is_none() {
+            return Ok(Err("the control plane does not know the tenant".into()));
+        }
+        let hosts = control
+            .webhook_hosts(tenant)
+            .await
+            .map_err(storage)?
+            .unwrap_or_default();
+        Ok(crate::target::parse(&self.webhook.url, &hosts)
+            .map(|_| ())
+            .map_err(|error| error.to_string()))
     }
 
     /// The tenant's tombstones; a purge not yet announced is delivered as an event

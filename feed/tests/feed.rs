@@ -138,6 +138,7 @@ fn config(root: &std::path::Path, webhooks: Vec<Webhook>) -> FeedConfig {
         },
         poll_interval: Duration::from_millis(50),
         tls: meridian_feed::deliver::Tls::new(None).unwrap(),
+        control: None,
     }
 }
 
@@ -444,5 +445,71 @@ async fn a_purge_is_delivered_as_an_event_and_its_document_never_again() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(purge_events().len(), 1);
     assert_eq!(hook.changes().len(), 2);
+    feed.shutdown().await;
+}
+
+/// With a control plane, each tenant's allow-list kept beside its record is the policy:
+/// a webhook it refuses (or a tenant it does not know) is paused, nothing delivered and
+/// nothing lost, and a replay is refused; once the list allows it, the changes arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tenants_allow_list_in_the_control_plane_decides_what_a_webhook_may_reach() {
+    use meridian_relay::control::{ControlConfig, ControlStore, LocalControlStore};
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalDirStore::open(dir.path()).unwrap();
+    let key = DocKey {
+        tenant: TenantId::new("acme").unwrap(),
+        doc: DocId::new("d").unwrap(),
+    };
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "k", 1).unwrap();
+    doc.commit();
+    store
+        .write_changes(&[(key.clone(), stored(&mut doc))])
+        .await
+        .unwrap();
+    let control_dir = dir.path().join("control");
+    let control = LocalControlStore::open(&control_dir).unwrap();
+    let hook = receiver(Vec::new(), Act::Ok).await;
+    let with_control = || {
+        let mut cfg = config(dir.path(), vec![webhook("acme", hook.url())]);
+        cfg.control = Some(ControlConfig::Local {
+            path: control_dir.clone(),
+        });
+        cfg
+    };
+
+    // Unknown to the control plane: paused.
+    let feed = meridian_feed::start(with_control()).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(hook.seen.lock().unwrap().requests, 0);
+    feed.shutdown().await;
+
+    // Known, but its list names only another host: paused, and a replay is refused.
+    control
+        .create_tenant(&meridian_testkit::placement::record("acme", "dev", None, 0))
+        .await
+        .unwrap();
+    control
+        .set_webhook_hosts(&key.tenant, &["hooks.acme.example".to_string()])
+        .await
+        .unwrap();
+    let feed = meridian_feed::start(with_control()).unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(hook.seen.lock().unwrap().requests, 0);
+    feed.shutdown().await;
+    let refused = meridian_feed::replay(with_control(), 0, None).await;
+    assert!(
+        matches!(refused, Err(meridian_feed::FeedError::Refused { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(hook.seen.lock().unwrap().requests, 0);
+
+    // The list allows the webhook's host: what waited in the log is delivered.
+    control
+        .set_webhook_hosts(&key.tenant, &["127.0.0.1".to_string()])
+        .await
+        .unwrap();
+    let feed = meridian_feed::start(with_control()).unwrap();
+    hook.wait_for(1).await;
     feed.shutdown().await;
 }

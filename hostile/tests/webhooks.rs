@@ -78,6 +78,7 @@ fn config(root: &std::path::Path, webhooks: Vec<Webhook>, attempts: u32) -> Feed
         },
         poll_interval: Duration::from_millis(50),
         tls: meridian_feed::deliver::Tls::new(None).unwrap(),
+        control: None,
     }
 }
 

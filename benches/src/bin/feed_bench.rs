@@ -153,6 +153,7 @@ fn config(root: &std::path::Path, url: String) -> Result<FeedConfig> {
         delivery: DeliveryConfig::default(),
         poll_interval: Duration::from_millis(20),
         tls: meridian_feed::deliver::Tls::new(None).map_err(anyhow::Error::msg)?,
+        control: None,
     })
 }
 
