@@ -271,20 +271,31 @@ async fn an_export_at_a_time_holds_the_documents_as_they_were_then() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("RFC 3339"));
 }
 
+/// The standard output of a command that must succeed.
+fn succeeded(output: std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// `meridian doc purge` and `meridian tenant purge` on the local store: nothing without
 /// `--yes`; then the document (or the tenant's documents) is gone from the durable tier,
-/// later writes of it are left out, and `meridian audit` says who purged what.
+/// later writes of it (an offline client's, an old archive's) are left out, and
+/// `meridian audit` says who purged what.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_delete_documents_for_good_and_are_audited() {
     let dir = tempfile::tempdir().unwrap();
-    let keygen = meridian()
-        .args(["token", "keygen", "--out"])
-        .arg(dir.path().join("tenant.key"))
-        .output()
-        .unwrap();
-    assert!(keygen.status.success());
-    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
-    let eu = relay_toml(dir.path(), "eu.toml", "eu", &public);
+    let keygen = succeeded(
+        meridian()
+            .args(["token", "keygen", "--out"])
+            .arg(dir.path().join("tenant.key"))
+            .output()
+            .unwrap(),
+    );
+    let eu = relay_toml(dir.path(), "eu.toml", "eu", keygen.trim());
     let store = LocalDirStore::open(dir.path().join("durable-eu")).unwrap();
     for (tenant, doc) in [
         ("acme", "notes/a"),
@@ -297,48 +308,38 @@ async fn purges_delete_documents_for_good_and_are_audited() {
             .await
             .unwrap();
     }
-
-    let purge = |args: &[&str]| {
+    let run = |args: &[&str]| {
         meridian()
             .args(args)
             .arg("--config")
             .arg(&eu)
-            .args(["--operator", "ops@example"])
             .output()
             .unwrap()
     };
+    let purge = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--operator", "ops@example"]);
+        run(&all)
+    };
+    let stored = |tenant: &str, doc: &str| {
+        let key = key(tenant, doc);
+        let store = store.clone();
+        async move { store.load_all_changes(&key).await.unwrap().len() }
+    };
+
     let refused = purge(&["doc", "purge", "notes/a", "--tenant", "acme"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--yes"));
-    assert_eq!(
-        store
-            .load_all_changes(&key("acme", "notes/a"))
-            .await
-            .unwrap()
-            .len(),
-        3
-    );
+    assert_eq!(stored("acme", "notes/a").await, 3);
 
-    let done = purge(&["doc", "purge", "notes/a", "--tenant", "acme", "--yes"]);
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
-    let out = String::from_utf8_lossy(&done.stdout);
+    let out = succeeded(purge(&[
+        "doc", "purge", "notes/a", "--tenant", "acme", "--yes",
+    ]));
     assert!(out.contains("1 document(s), 3 change(s)"), "{out}");
-    assert!(
-        store
-            .load_all_changes(&key("acme", "notes/a"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(stored("acme", "notes/a").await, 0);
+    let acme = TenantId::new("acme").unwrap();
     assert_eq!(
-        store
-            .documents(&TenantId::new("acme").unwrap())
-            .await
-            .unwrap(),
+        store.documents(&acme).await.unwrap(),
         vec![DocId::new("notes/b").unwrap()]
     );
     // An offline client's late write (replayed by a relay) does not bring it back.
@@ -346,59 +347,21 @@ async fn purges_delete_documents_for_good_and_are_audited() {
         .write_changes(&two_authors(&key("acme", "notes/a")))
         .await
         .unwrap();
-    assert!(
-        store
-            .load_all_changes(&key("acme", "notes/a"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(stored("acme", "notes/a").await, 0);
 
-    // An archive made before the purge does not bring it back either.
+    // Nor does an archive made before the purge.
     let archive = dir.path().join("before.cbor");
-    let exported = meridian()
-        .args(["export", "--tenant", "acme", "--out"])
-        .arg(&archive)
-        .arg("--config")
-        .arg(&eu)
-        .output()
-        .unwrap();
-    assert!(
-        exported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&exported.stderr)
-    );
-    let done = purge(&["doc", "purge", "notes/b", "--tenant", "acme", "--yes"]);
-    assert!(done.status.success());
-    let imported = meridian()
-        .arg("import")
-        .arg(&archive)
-        .arg("--config")
-        .arg(&eu)
-        .output()
-        .unwrap();
-    assert!(
-        imported.status.success(),
-        "{}",
-        String::from_utf8_lossy(&imported.stderr)
-    );
-    let out = String::from_utf8_lossy(&imported.stdout);
+    let archive_path = archive.to_str().unwrap();
+    succeeded(run(&["export", "--tenant", "acme", "--out", archive_path]));
+    succeeded(purge(&[
+        "doc", "purge", "notes/b", "--tenant", "acme", "--yes",
+    ]));
+    let out = succeeded(run(&["import", archive_path]));
     assert!(out.contains("skipped notes/b: it was purged"), "{out}");
     assert!(out.contains("imported 0 document(s)"), "{out}");
-    assert!(
-        store
-            .load_all_changes(&key("acme", "notes/b"))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(stored("acme", "notes/b").await, 0);
 
-    let done = purge(&["tenant", "purge", "beta", "--yes"]);
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
+    succeeded(purge(&["tenant", "purge", "beta", "--yes"]));
     assert!(
         store
             .documents(&TenantId::new("beta").unwrap())
@@ -406,21 +369,15 @@ async fn purges_delete_documents_for_good_and_are_audited() {
             .unwrap()
             .is_empty()
     );
-    // Another jurisdiction's config cannot purge here, nor an unknown tenant.
-    let unknown = purge(&["tenant", "purge", "gamma", "--yes"]);
-    assert!(!unknown.status.success());
-
-    let audit = meridian()
-        .args(["audit", "--json", "--config"])
-        .arg(&eu)
-        .output()
-        .unwrap();
+    // A tenant the config does not serve cannot be purged through it.
     assert!(
-        audit.status.success(),
-        "{}",
-        String::from_utf8_lossy(&audit.stderr)
+        !purge(&["tenant", "purge", "gamma", "--yes"])
+            .status
+            .success()
     );
-    let records: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+
+    let records: serde_json::Value =
+        serde_json::from_str(&succeeded(run(&["audit", "--json"]))).unwrap();
     let records = records.as_array().unwrap();
     assert_eq!(records.len(), 3, "{records:?}");
     assert_eq!(records[0]["action"], "doc purge");
