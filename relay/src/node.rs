@@ -1328,14 +1328,10 @@ async fn poll_tombstones(
                 crate::metrics::tombstones_in_force(tombstones.len());
                 let now_ms = meridian_process::clock::unix_ms();
                 for tombstone in tombstones.iter_mut().filter(|t| t.sweep_due(now_ms)) {
-                    let swept = crate::purge::Tombstone {
-                        swept: true,
-                        ..tombstone.clone()
-                    };
-                    match sweep(store.as_ref(), &swept, shared.node.as_str()).await {
+                    match sweep(store.as_ref(), tombstone, shared.node.as_str()).await {
                         Ok(()) => {
                             crate::metrics::purge_swept(true);
-                            *tombstone = swept;
+                            tombstone.swept = true;
                         }
                         Err(error) => {
                             crate::metrics::purge_swept(false);
@@ -1361,14 +1357,20 @@ async fn poll_tombstones(
     }
 }
 
-/// The second sweep: the purge again, with the tombstone marked swept, and its audit
-/// record (`by`: the relay node that ran it).
+/// The second sweep: the purge again (every node that finds it due runs it: deleting
+/// twice is harmless, and a node that dies mid-sweep leaves it to the others), then the
+/// tombstone marked swept; the one node that marks it writes the audit record (`by`: the
+/// relay node that ran it).
 async fn sweep(
     store: &dyn DurableStore,
-    swept: &crate::purge::Tombstone,
+    tombstone: &crate::purge::Tombstone,
     by: &str,
 ) -> Result<(), crate::store::StoreError> {
-    let report = store.purge(swept).await?;
+    let report = store.purge(tombstone).await?;
+    if !store.claim_sweep(tombstone).await? {
+        return Ok(());
+    }
+    let swept = tombstone;
     store
         .audit(&crate::purge::AuditRecord {
             at_ms: meridian_process::clock::unix_ms(),

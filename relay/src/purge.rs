@@ -17,8 +17,8 @@
 //! A write that read the tombstones just before the purge stored one, or an item that
 //! another region replicates after the delete, can still land: the **second sweep**
 //! deletes again once `sweep_after_ms` has passed (the replication margin after the
-//! purge). Any relay node that sees a tombstone due for its sweep runs it, and marks the
-//! tombstone swept.
+//! purge). Every relay node that sees a tombstone due for its sweep runs it; the one that
+//! marks the tombstone swept (`DurableStore::claim_sweep`) writes the audit record.
 //!
 //! A tenant's tombstone covers every document of the tenant, present and future: a
 //! tenant purge retires the tenant id (a tenant that comes back needs a new one).

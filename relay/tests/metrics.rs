@@ -113,6 +113,12 @@ impl DurableStore for Gated {
     ) -> BoxFuture<'a, Result<Vec<meridian_relay::purge::Tombstone>, StoreError>> {
         self.inner.tombstones()
     }
+    fn claim_sweep<'a>(
+        &'a self,
+        tombstone: &'a meridian_relay::purge::Tombstone,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.claim_sweep(tombstone)
+    }
     fn audit<'a>(
         &'a self,
         record: &'a meridian_relay::purge::AuditRecord,

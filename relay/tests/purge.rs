@@ -119,3 +119,43 @@ async fn a_purged_document_is_gone_for_offline_and_live_clients_and_stays_gone()
     assert!(cache.load(&key("live")).unwrap().is_empty());
     assert!(!cache.load(&key("kept")).unwrap().is_empty());
 }
+
+/// The second sweep: two relays sharing one durable tier both find it due and both
+/// delete again, one marks the tombstone swept and writes the audit record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_second_sweep_runs_once_due_and_is_audited_once() {
+    use meridian_relay::store::LocalDirStore;
+    let dev = Dev::new();
+    let first = dev.start().await;
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    config.data_dir = dev.dir.path().join("second");
+    config.node = meridian_protocol::NodeId::new("second").unwrap();
+    let second = meridian_relay::start(config).await.unwrap();
+    let store = LocalDirStore::open(dev.dir.path().join("durable")).unwrap();
+    let mut due_now = tombstone("swept");
+    due_now.sweep_after_ms = 0;
+    store.purge(&due_now).await.unwrap();
+    let audited = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let swept = store.tombstones().await.unwrap().iter().all(|t| t.swept);
+            if swept {
+                // Both nodes had their poll since: a second record would be there.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                return store.audit_log().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("swept within a few polls");
+    let sweeps: Vec<_> = audited.iter().filter(|r| r.action == "sweep").collect();
+    assert_eq!(sweeps.len(), 1, "{audited:?}");
+    assert_eq!(sweeps[0].doc.as_deref(), Some("swept"));
+    assert!(
+        sweeps[0].operator.contains("ops@example"),
+        "{:?}",
+        sweeps[0]
+    );
+    first.shutdown(Duration::from_secs(10)).await.unwrap();
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -483,14 +483,29 @@ async fn a_purge_deletes_everything_of_the_document_and_keeps_it_deleted() {
         assert_eq!(store.load_all_changes(&kept).await.unwrap().len(), 23);
         assert_eq!(store.tombstones().await.unwrap(), vec![tombstone.clone()]);
 
-        // The sweep runs the purge again and finds nothing left.
+        // The sweep runs the purge again and finds nothing left; one caller marks it
+        // swept, and a late sweeper's purge leaves the mark alone.
+        let again = store.purge(&tombstone).await.unwrap();
+        assert_eq!((again.documents, again.changes, again.snapshots), (0, 0, 0));
+        assert_eq!(store.tombstones().await.unwrap(), vec![tombstone.clone()]);
+        assert!(store.claim_sweep(&tombstone).await.unwrap());
+        assert!(!store.claim_sweep(&tombstone).await.unwrap());
         let swept = Tombstone {
             swept: true,
             ..tombstone.clone()
         };
-        let again = store.purge(&swept).await.unwrap();
-        assert_eq!((again.documents, again.changes, again.snapshots), (0, 0, 0));
+        assert_eq!(store.tombstones().await.unwrap(), vec![swept.clone()]);
+        store.purge(&tombstone).await.unwrap();
         assert_eq!(store.tombstones().await.unwrap(), vec![swept]);
+        // A new purge of the same document is a new tombstone, to be swept again.
+        let newer = Tombstone::new(&acme, Purged::Doc("doomed".into()), "ops@example", 2, 0);
+        store.purge(&newer).await.unwrap();
+        assert_eq!(store.tombstones().await.unwrap(), vec![newer.clone()]);
+        assert!(
+            !store.claim_sweep(&tombstone).await.unwrap(),
+            "the older purge's claim"
+        );
+        assert!(store.claim_sweep(&newer).await.unwrap());
 
         let record = AuditRecord {
             at_ms: 5,

@@ -959,8 +959,35 @@ impl AwsStore {
     async fn purge_all(&self, tombstone: &Tombstone) -> Result<PurgeReport, StoreError> {
         let json = serde_json::to_string(tombstone)
             .map_err(|e| StoreError::Corrupt(format!("tombstone: {e}")))?;
-        self.put_json_item(TOMBSTONES_PK, tombstone.key(), json)
-            .await?;
+        // Stored unless this purge's tombstone is there already (a sweep leaves its
+        // `swept` flag alone).
+        let put = self
+            .dynamodb
+            .put_item()
+            .table_name(&self.config.table)
+            .item("pk", AttributeValue::S(TOMBSTONES_PK.into()))
+            .item("sk", AttributeValue::S(tombstone.key()))
+            .item("json", AttributeValue::S(json))
+            .item(
+                "purged_at",
+                AttributeValue::N(tombstone.purged_at_ms.to_string()),
+            )
+            .item("swept", AttributeValue::Bool(tombstone.swept))
+            .condition_expression("attribute_not_exists(sk) OR purged_at <> :at")
+            .expression_attribute_values(
+                ":at",
+                AttributeValue::N(tombstone.purged_at_ms.to_string()),
+            )
+            .send()
+            .await;
+        match put {
+            Ok(_) => {}
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) => {}
+            Err(error) => return Err(unavailable("PutItem", error)),
+        }
         *self.tombstones.lock().await = None;
         let tenant = tombstone
             .tenant_id()
@@ -1161,6 +1188,51 @@ impl DurableStore for AwsStore {
 
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
         Box::pin(self.read_tombstones())
+    }
+
+    fn claim_sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let swept = Tombstone {
+                swept: true,
+                ..tombstone.clone()
+            };
+            let json = serde_json::to_string(&swept)
+                .map_err(|e| StoreError::Corrupt(format!("tombstone: {e}")))?;
+            let update = self
+                .dynamodb
+                .update_item()
+                .table_name(&self.config.table)
+                .key("pk", AttributeValue::S(TOMBSTONES_PK.into()))
+                .key("sk", AttributeValue::S(tombstone.key()))
+                .update_expression("SET swept = :yes, json = :json")
+                .condition_expression("purged_at = :at AND swept = :no")
+                .expression_attribute_values(":yes", AttributeValue::Bool(true))
+                .expression_attribute_values(":no", AttributeValue::Bool(false))
+                .expression_attribute_values(":json", AttributeValue::S(json))
+                .expression_attribute_values(
+                    ":at",
+                    AttributeValue::N(tombstone.purged_at_ms.to_string()),
+                )
+                .send()
+                .await;
+            match update {
+                Ok(_) => {
+                    *self.tombstones.lock().await = None;
+                    Ok(true)
+                }
+                Err(error)
+                    if error
+                        .as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                {
+                    Ok(false)
+                }
+                Err(error) => Err(unavailable("UpdateItem", error)),
+            }
+        })
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -167,8 +167,28 @@ impl LocalDirStore {
         }
     }
 
-    /// Stores a tombstone (replacing one with the same key) under the lock. Blocking.
+    /// Stores a tombstone (replacing one with the same key, unless that one is of the
+    /// same purge) under the lock. Blocking.
     fn store_tombstone(root: &Path, tombstone: &Tombstone) -> Result<(), StoreError> {
+        Self::update_tombstones(root, |tombstones| {
+            if tombstones
+                .get(&tombstone.key())
+                .is_some_and(|stored| stored.purged_at_ms == tombstone.purged_at_ms)
+            {
+                return false;
+            }
+            tombstones.insert(tombstone.key(), tombstone.clone());
+            true
+        })
+        .map(|_| ())
+    }
+
+    /// Rewrites the tombstones under their lock when `change` says it changed them;
+    /// returns what it said. Blocking.
+    fn update_tombstones(
+        root: &Path,
+        change: impl FnOnce(&mut BTreeMap<String, Tombstone>) -> bool,
+    ) -> Result<bool, StoreError> {
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -176,14 +196,16 @@ impl LocalDirStore {
             .open(root.join(TOMBSTONES_LOCK))?;
         lock.lock()?;
         let mut tombstones = Self::read_tombstones(root)?;
-        tombstones.insert(tombstone.key(), tombstone.clone());
+        if !change(&mut tombstones) {
+            return Ok(false);
+        }
         let bytes = serde_json::to_vec_pretty(&tombstones)
             .map_err(|e| StoreError::Corrupt(format!("{TOMBSTONES}: {e}")))?;
         let tmp = root.join(format!("{TOMBSTONES}.tmp"));
         write_synced(&tmp, &bytes)?;
         fs::rename(&tmp, root.join(TOMBSTONES))?;
         File::open(root)?.sync_all()?;
-        Ok(())
+        Ok(true)
     }
 
     /// Stores the tombstone, then deletes what it covers: each document's log (under its
@@ -689,6 +711,30 @@ impl DurableStore for LocalDirStore {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 Ok(Self::current_tombstones(&root, &cache)?.as_ref().clone())
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?
+        })
+    }
+
+    fn claim_sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let (root, tombstone) = (self.root.clone(), tombstone.clone());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                Self::update_tombstones(&root, |tombstones| {
+                    match tombstones.get_mut(&tombstone.key()) {
+                        Some(stored)
+                            if stored.purged_at_ms == tombstone.purged_at_ms && !stored.swept =>
+                        {
+                            stored.swept = true;
+                            true
+                        }
+                        _ => false,
+                    }
+                })
             })
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?

@@ -211,10 +211,17 @@ impl DurableStore for MemoryStore {
     ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
         Box::pin(async move {
             self.fail()?;
-            self.tombstones
+            let mut tombstones = self
+                .tombstones
                 .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-                .insert(tombstone.key(), tombstone.clone());
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            if tombstones
+                .get(&tombstone.key())
+                .is_none_or(|stored| stored.purged_at_ms != tombstone.purged_at_ms)
+            {
+                tombstones.insert(tombstone.key(), tombstone.clone());
+            }
+            drop(tombstones);
             let mut report = PurgeReport::default();
             self.docs()?.retain(|key, doc| {
                 if !tombstone.covers(key) {
@@ -231,6 +238,25 @@ impl DurableStore for MemoryStore {
 
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
         Box::pin(async move { self.tombstone_list() })
+    }
+
+    fn claim_sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut tombstones = self
+                .tombstones
+                .lock()
+                .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
+            Ok(match tombstones.get_mut(&tombstone.key()) {
+                Some(stored) if stored.purged_at_ms == tombstone.purged_at_ms && !stored.swept => {
+                    stored.swept = true;
+                    true
+                }
+                _ => false,
+            })
+        })
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>> {

@@ -164,10 +164,11 @@ pub trait DurableStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<Revocation>, StoreError>>;
 
     /// Purges what `tombstone` covers: stores the tombstone first (replacing one with the
-    /// same key, [`Tombstone::key`]), then deletes every change and snapshot of the
-    /// document (or of each document of the tenant) this store holds, on AWS every
-    /// version of its S3 objects too; returns what it deleted. Idempotent: the second
-    /// sweep calls it again (with `swept` set). From the moment the tombstone is stored,
+    /// same key, [`Tombstone::key`], unless that one is of the same purge, the same
+    /// `purged_at_ms`: then it is left as it is, swept or not), then deletes every change
+    /// and snapshot of the document (or of each document of the tenant) this store holds,
+    /// on AWS every version of its S3 objects too; returns what it deleted. Idempotent:
+    /// the second sweep calls it again. From the moment the tombstone is stored,
     /// [`DurableStore::write_changes`] leaves out the changes it covers.
     fn purge<'a>(
         &'a self,
@@ -176,6 +177,14 @@ pub trait DurableStore: Send + Sync + 'static {
 
     /// Every tombstone stored.
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>>;
+
+    /// Marks the stored tombstone of `tombstone`'s purge swept, atomically: `true` for
+    /// the one caller that did it, `false` when it was swept already (or replaced by a
+    /// newer purge). The nodes that ran a second sweep together write one audit record.
+    fn claim_sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<bool, StoreError>>;
 
     /// Appends a record to the jurisdiction's audit log; returns once it is durable.
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), StoreError>>;
