@@ -394,6 +394,13 @@ impl Document {
         Ok(())
     }
 
+    /// Whether an operator purged the document (the relay answered `gone`): it is not
+    /// served any more, its pending changes will never be stored, and every wait on it
+    /// fails with the relay error `gone`. Delete the app's local copy.
+    pub fn is_gone(&self) -> bool {
+        self.handle.is_gone()
+    }
+
     /// Where this document's local changes stand.
     pub fn status(&self) -> SyncStatus {
         let status = self.handle.status();

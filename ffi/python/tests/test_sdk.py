@@ -391,3 +391,29 @@ def test_history_and_restore_from_the_sdk_and_the_cli(dev, client):
         doc.restore([])
     with pytest.raises(AssertionError):
         dev.cli("doc", "restore", "--config", dev.config, doc_id, "--to", "nothex")
+
+
+def test_a_purged_document_is_gone_for_the_sdk(dev, client):
+    """An operator purges a document through the CLI while the SDK has it open: the SDK
+    learns it is gone, and its next edit is refused with the typed relay error `gone`."""
+    doc_id = fresh_id("purged")
+    doc = client.open(doc_id)
+    doc.wait_synced(WAIT)
+    doc.put(["secret"], "value")
+    doc.wait_durable(WAIT)
+
+    out = dev.cli(
+        "doc", "purge", doc_id, "--tenant", "dev", "--config", str(dev.data_dir / "relay.toml"),
+        "--operator", "pytest", "--yes",
+    )
+    assert "1 document(s)" in out
+    deadline = time.monotonic() + WAIT
+    while not doc.is_gone():
+        assert time.monotonic() < deadline, "the SDK never learned the document is gone"
+        time.sleep(0.05)
+    doc.put(["secret"], "again")
+    with pytest.raises(MeridianError.Relay) as refused:
+        doc.wait_durable(WAIT)
+    assert refused.value.name == "gone" and refused.value.code == 21
+    audit = json.loads(dev.cli("audit", "--config", str(dev.data_dir / "relay.toml"), "--json"))
+    assert any(r["doc"] == doc_id and r["operator"] == "pytest" for r in audit)

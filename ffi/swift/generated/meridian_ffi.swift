@@ -1385,6 +1385,13 @@ public protocol DocumentProtocol: AnyObject, Sendable {
     func increment(path: [PathSegment], by: Int64) throws 
     
     /**
+     * Whether an operator purged the document (the relay answered `gone`): it is not
+     * served any more, its pending changes will never be stored, and every wait on it
+     * fails with the relay error `gone`. Delete the app's local copy.
+     */
+    func isGone()  -> Bool
+    
+    /**
      * Merges a document saved elsewhere (`save` output) into this one; its changes
      * this document lacks are applied and sent, as with `apply_changes`.
      */
@@ -1623,6 +1630,19 @@ open func increment(path: [PathSegment], by: Int64)throws   {try rustCallWithErr
         FfiConverterInt64.lower(by),$0
     )
 }
+}
+    
+    /**
+     * Whether an operator purged the document (the relay answered `gone`): it is not
+     * served any more, its pending changes will never be stored, and every wait on it
+     * fails with the relay error `gone`. Delete the app's local copy.
+     */
+open func isGone() -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+    uniffi_meridian_ffi_fn_method_document_is_gone(
+            self.uniffiCloneHandle(),$0
+    )
+})
 }
     
     /**
@@ -3723,6 +3743,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_meridian_ffi_checksum_method_document_increment() != 19112) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_meridian_ffi_checksum_method_document_is_gone() != 35529) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_meridian_ffi_checksum_method_document_load() != 35192) {

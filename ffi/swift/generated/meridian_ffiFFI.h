@@ -492,6 +492,11 @@ RustBuffer uniffi_meridian_ffi_fn_method_document_id(uint64_t ptr, RustCallStatu
 void uniffi_meridian_ffi_fn_method_document_increment(uint64_t ptr, RustBuffer path, int64_t by, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_IS_GONE
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_IS_GONE
+int8_t uniffi_meridian_ffi_fn_method_document_is_gone(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_LOAD
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_FN_METHOD_DOCUMENT_LOAD
 void uniffi_meridian_ffi_fn_method_document_load(uint64_t ptr, RustBuffer saved, RustCallStatus *_Nonnull out_status
@@ -1028,6 +1033,12 @@ uint16_t uniffi_meridian_ffi_checksum_method_document_id(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_INCREMENT
 #define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_INCREMENT
 uint16_t uniffi_meridian_ffi_checksum_method_document_increment(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_IS_GONE
+#define UNIFFI_FFIDEF_UNIFFI_MERIDIAN_FFI_CHECKSUM_METHOD_DOCUMENT_IS_GONE
+uint16_t uniffi_meridian_ffi_checksum_method_document_is_gone(void
     
 );
 #endif

@@ -280,6 +280,12 @@ class Document:
     def status(self) -> "SyncStatus":
         return self._native.status()
 
+    def is_gone(self) -> bool:
+        """Whether an operator purged the document (the relay answered `gone`): it is
+        not served any more, pending edits are never stored, and waits raise
+        `MeridianError.Relay` named `gone`. Delete the app's local copy."""
+        return self._native.is_gone()
+
     # Raw changes -------------------------------------------------------------------
 
     def changes_since(self, heads: Iterable[str] = ()) -> list:

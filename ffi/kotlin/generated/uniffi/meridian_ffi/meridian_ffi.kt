@@ -777,6 +777,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_increment(
     ): Int
+    external fun uniffi_meridian_ffi_checksum_method_document_is_gone(
+    ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_load(
     ): Int
     external fun uniffi_meridian_ffi_checksum_method_document_on_change(
@@ -921,6 +923,8 @@ external fun uniffi_meridian_ffi_fn_method_document_id(`ptr`: Long,uniffi_out_er
 ): RustBuffer.ByValue
 external fun uniffi_meridian_ffi_fn_method_document_increment(`ptr`: Long,`path`: RustBuffer.ByValue,`by`: Long,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
+external fun uniffi_meridian_ffi_fn_method_document_is_gone(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+): Byte
 external fun uniffi_meridian_ffi_fn_method_document_load(`ptr`: Long,`saved`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
 ): Unit
 external fun uniffi_meridian_ffi_fn_method_document_on_change(`ptr`: Long,`listener`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -1163,6 +1167,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_meridian_ffi_checksum_method_document_increment() != 19112) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if (lib.uniffi_meridian_ffi_checksum_method_document_is_gone() != 35529) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if (lib.uniffi_meridian_ffi_checksum_method_document_load() != 35192) {
@@ -2976,6 +2983,13 @@ public interface DocumentInterface {
     fun `increment`(`path`: List<PathSegment>, `by`: kotlin.Long)
     
     /**
+     * Whether an operator purged the document (the relay answered `gone`): it is not
+     * served any more, its pending changes will never be stored, and every wait on it
+     * fails with the relay error `gone`. Delete the app's local copy.
+     */
+    fun `isGone`(): kotlin.Boolean
+    
+    /**
      * Merges a document saved elsewhere (`save` output) into this one; its changes
      * this document lacks are applied and sent, as with `apply_changes`.
      */
@@ -3295,6 +3309,24 @@ open class Document: Disposable, AutoCloseable, DocumentInterface
 }
     }
     
+    
+
+    
+    /**
+     * Whether an operator purged the document (the relay answered `gone`): it is not
+     * served any more, its pending changes will never be stored, and every wait on it
+     * fails with the relay error `gone`. Delete the app's local copy.
+     */override fun `isGone`(): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_meridian_ffi_fn_method_document_is_gone(
+        it,
+        _status)
+}
+    }
+    )
+    }
     
 
     
