@@ -48,6 +48,18 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Answer {
+    request_within(addr, method, path, headers, body, ANSWER_WAIT).await
+}
+
+/// As [`request`], waiting up to `wait` for the answer.
+async fn request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    wait: Duration,
+) -> Answer {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -58,13 +70,22 @@ pub async fn request(
     head.push_str("\r\n");
     let mut bytes = head.into_bytes();
     bytes.extend_from_slice(body);
-    raw(addr, &bytes).await
+    raw_within(addr, &bytes, wait).await
 }
+
+/// How long a request waits for the whole answer.
+const ANSWER_WAIT: Duration = Duration::from_secs(60);
 
 /// `GET path` with a bearer token.
 pub async fn get(addr: SocketAddr, path: &str, token: &str) -> Answer {
+    get_within(addr, path, token, ANSWER_WAIT).await
+}
+
+/// `GET path` with a bearer token, waiting up to `wait` for the answer (benchmarks of
+/// slow durable tiers).
+pub async fn get_within(addr: SocketAddr, path: &str, token: &str, wait: Duration) -> Answer {
     let auth = format!("Bearer {token}");
-    request(addr, "GET", path, &[("Authorization", &auth)], &[]).await
+    request_within(addr, "GET", path, &[("Authorization", &auth)], &[], wait).await
 }
 
 /// `POST path` with a bearer token and a binary body.
@@ -85,11 +106,15 @@ pub async fn post(addr: SocketAddr, path: &str, token: &str, body: &[u8]) -> Ans
 
 /// Sends `bytes` as they are and parses what comes back.
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> Answer {
+    raw_within(addr, bytes, ANSWER_WAIT).await
+}
+
+async fn raw_within(addr: SocketAddr, bytes: &[u8], wait: Duration) -> Answer {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     // The server may answer (and close) before reading a whole refused body.
     let _ = stream.write_all(bytes).await;
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut answer)).await;
     parse(&answer)
 }
 
