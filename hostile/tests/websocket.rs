@@ -535,3 +535,50 @@ async fn a_tenant_of_another_cell_is_refused_with_its_home() {
         "the error names the home cell: {error}"
     );
 }
+
+/// A browser peer keeps syncing a document an operator purged: it is told the document
+/// is unavailable, its socket stays up for its other documents, and nothing it sends
+/// for the purged one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_document_is_unavailable_and_nothing_sent_for_it_is_stored() {
+    use meridian_relay::purge::{Purged, Tombstone};
+    use meridian_relay::store::{DurableStore, LocalDirStore};
+    let node = Node::start(GatewayConfig::default()).await;
+    let id = doc_id();
+    let store = LocalDirStore::open(node.dev.dir.path().join("durable")).expect("store");
+    let tenant = meridian_protocol::TenantId::new(meridian_testkit::TENANT).expect("tenant");
+    let purged = format!("am/{id}");
+    let tombstone = Tombstone::new(&tenant, Purged::Doc(purged.clone()), "ops", 1, 60_000);
+    store.purge(&tombstone).await.expect("purge");
+    // The relay reads the tombstones about every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let mut socket = node.joined("mallory").await;
+    send(&mut socket, &sync(&id, &[], vec![one_change("again")])).await;
+    let answer = next(&mut socket).await.expect("an answer");
+    assert_eq!(
+        field(&answer, "type"),
+        Some(text("doc-unavailable")),
+        "{answer:?}"
+    );
+    assert_eq!(field(&answer, "documentId"), Some(text(&id)));
+    // Told once; what it sends for it afterwards is dropped without an answer.
+    for round in 0..3 {
+        send(
+            &mut socket,
+            &sync(&id, &[], vec![one_change(&format!("again-{round}"))]),
+        )
+        .await;
+    }
+    // The same socket still syncs another document (the next answer is for it).
+    let other = doc_id();
+    send(&mut socket, &sync(&other, &[], vec![one_change("fine")])).await;
+    let reply = next(&mut socket).await.expect("a sync reply");
+    assert_eq!(field(&reply, "type"), Some(text("sync")), "{reply:?}");
+    let key = meridian_relay::engine::DocKey {
+        tenant,
+        doc: meridian_protocol::DocId::new(&purged).expect("doc id"),
+    };
+    assert!(store.load_all_changes(&key).await.expect("read").is_empty());
+    node.still_serving().await;
+}
