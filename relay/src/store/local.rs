@@ -159,12 +159,7 @@ impl LocalDirStore {
     }
 
     fn read_tombstones(root: &Path) -> Result<BTreeMap<String, Tombstone>, StoreError> {
-        match fs::read(root.join(TOMBSTONES)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("{TOMBSTONES}: {e}"))),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(error) => Err(error.into()),
-        }
+        read_map(root, TOMBSTONES)
     }
 
     /// Stores a tombstone (replacing one with the same key, unless that one is of the
@@ -189,23 +184,7 @@ impl LocalDirStore {
         root: &Path,
         change: impl FnOnce(&mut BTreeMap<String, Tombstone>) -> bool,
     ) -> Result<bool, StoreError> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join(TOMBSTONES_LOCK))?;
-        lock.lock()?;
-        let mut tombstones = Self::read_tombstones(root)?;
-        if !change(&mut tombstones) {
-            return Ok(false);
-        }
-        let bytes = serde_json::to_vec_pretty(&tombstones)
-            .map_err(|e| StoreError::Corrupt(format!("{TOMBSTONES}: {e}")))?;
-        let tmp = root.join(format!("{TOMBSTONES}.tmp"));
-        write_synced(&tmp, &bytes)?;
-        fs::rename(&tmp, root.join(TOMBSTONES))?;
-        File::open(root)?.sync_all()?;
-        Ok(true)
+        update_map(root, TOMBSTONES, TOMBSTONES_LOCK, change)
     }
 
     /// Stores the tombstone, then deletes what it covers: each document's log (under its
@@ -350,12 +329,7 @@ impl LocalDirStore {
     }
 
     fn read_revocations(root: &Path) -> Result<BTreeMap<String, Revocation>, StoreError> {
-        match fs::read(root.join(REVOCATIONS)) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Corrupt(format!("{REVOCATIONS}: {e}"))),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(error) => Err(error.into()),
-        }
+        read_map(root, REVOCATIONS)
     }
 
     /// Rewrites the revocations under the lock: `change` edits them, expired ones go.
@@ -364,22 +338,12 @@ impl LocalDirStore {
         now_unix: i64,
         change: impl FnOnce(&mut BTreeMap<String, Revocation>),
     ) -> Result<(), StoreError> {
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(root.join(REVOCATIONS_LOCK))?;
-        lock.lock()?;
-        let mut revocations = Self::read_revocations(root)?;
-        change(&mut revocations);
-        revocations.retain(|_, r| r.expires_at > now_unix);
-        let bytes = serde_json::to_vec_pretty(&revocations)
-            .map_err(|e| StoreError::Corrupt(format!("{REVOCATIONS}: {e}")))?;
-        let tmp = root.join(format!("{REVOCATIONS}.tmp"));
-        write_synced(&tmp, &bytes)?;
-        fs::rename(&tmp, root.join(REVOCATIONS))?;
-        File::open(root)?.sync_all()?;
-        Ok(())
+        update_map(root, REVOCATIONS, REVOCATIONS_LOCK, |revocations| {
+            change(revocations);
+            revocations.retain(|_, r| r.expires_at > now_unix);
+            true
+        })
+        .map(|_| ())
     }
 
     fn snapshot_dir(root: &Path, key: &DocKey) -> PathBuf {
@@ -927,6 +891,48 @@ impl DurableStore for LocalDirStore {
     fn kind(&self) -> &'static str {
         "local"
     }
+}
+
+/// A JSON map file under the root (empty when it does not exist).
+fn read_map<T: serde::de::DeserializeOwned>(
+    root: &Path,
+    name: &str,
+) -> Result<BTreeMap<String, T>, StoreError> {
+    match fs::read(root.join(name)) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// Rewrites a JSON map file under an exclusive lock on `lock` (shared by every process
+/// using the directory) when `change` says it changed the map: written aside, fsynced,
+/// renamed into place. Returns what `change` said. Blocking.
+fn update_map<T: serde::Serialize + serde::de::DeserializeOwned>(
+    root: &Path,
+    name: &str,
+    lock: &str,
+    change: impl FnOnce(&mut BTreeMap<String, T>) -> bool,
+) -> Result<bool, StoreError> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(root.join(lock))?;
+    lock.lock()?;
+    let mut map = read_map(root, name)?;
+    if !change(&mut map) {
+        return Ok(false);
+    }
+    let bytes =
+        serde_json::to_vec_pretty(&map).map_err(|e| StoreError::Corrupt(format!("{name}: {e}")))?;
+    let tmp = root.join(format!("{name}.tmp"));
+    write_synced(&tmp, &bytes)?;
+    fs::rename(&tmp, root.join(name))?;
+    File::open(root)?.sync_all()?;
+    Ok(true)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
