@@ -349,3 +349,42 @@ async fn another_tenants_documents_and_forged_tokens_stay_out_of_reach() {
     assert!(answer.status == 431 || answer.status == 0, "{answer:?}");
     still_served(&s, "after-forgery").await;
 }
+
+/// A backend keeps writing to and reading a document an operator purged: every request
+/// is answered `gone` (410), nothing it posts is stored, and the API serves the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_document_is_gone_for_every_request_and_stores_nothing() {
+    use meridian_relay::purge::{Purged, Tombstone};
+    use meridian_relay::store::{DurableStore, LocalDirStore};
+    let s = setup(ApiConfig::default()).await;
+    let addr = s.api.local_addr();
+    let token = s.dev.token("backend");
+    let store = LocalDirStore::open(s.dev.dir.path().join("durable")).unwrap();
+    let tenant = TenantId::new(common::TENANT).unwrap();
+    let tombstone = Tombstone::new(&tenant, Purged::Doc("doomed".into()), "ops", 1, 60_000);
+    store.purge(&tombstone).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http::get(addr, "/v1/docs/doomed", &token).await.status != 410 {
+        assert!(std::time::Instant::now() < deadline, "never answered 410");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for round in 0..5 {
+        let posted = http::post(
+            addr,
+            "/v1/docs/doomed/changes",
+            &token,
+            &one_change(&format!("again-{round}")),
+        )
+        .await;
+        assert_eq!(posted.status, 410, "round {round}: {posted:?}");
+        assert_eq!(posted.json()["code"], "gone");
+        let history = http::get(addr, "/v1/docs/doomed/history", &token).await;
+        assert_eq!(history.status, 410, "round {round}: {history:?}");
+    }
+    let key = meridian_relay::engine::DocKey {
+        tenant,
+        doc: meridian_protocol::DocId::new("doomed").unwrap(),
+    };
+    assert!(store.load_all_changes(&key).await.unwrap().is_empty());
+    still_served(&s, "fine").await;
+}
