@@ -94,16 +94,11 @@ pub async fn export(args: ExportArgs) -> Result<()> {
     if !config.tenants.iter().any(|t| t.tenant == tenant) {
         bail!("tenant {tenant} is not in {}", args.config.display());
     }
-    let until_ms = match &args.at_time {
-        Some(text) => {
-            let at =
-                time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-                    .with_context(|| format!("--at-time {text:?} is not an RFC 3339 time"))?;
-            let ms = at.unix_timestamp_nanos() / 1_000_000;
-            Some(u64::try_from(ms).with_context(|| format!("--at-time {text:?} is before 1970"))?)
-        }
-        None => None,
-    };
+    let until_ms = args
+        .at_time
+        .as_deref()
+        .map(|text| rfc3339_ms("--at-time", text))
+        .transpose()?;
     let store = meridian_relay::node::open_store(&config).await?;
     let docs = if args.doc.is_empty() {
         store.documents(&tenant).await?
@@ -292,4 +287,12 @@ pub async fn import(args: ImportArgs) -> Result<()> {
     }
     println!("imported {imported} document(s), {total} change(s), into tenant {tenant}");
     Ok(())
+}
+
+/// An RFC 3339 time given to `flag`, as milliseconds since the Unix epoch.
+pub fn rfc3339_ms(flag: &str, text: &str) -> Result<u64> {
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("{flag} {text:?} is not an RFC 3339 time"))?;
+    let ms = at.unix_timestamp_nanos() / 1_000_000;
+    u64::try_from(ms).with_context(|| format!("{flag} {text:?} is before 1970"))
 }

@@ -166,11 +166,6 @@ pub async fn run(args: DevArgs) -> Result<()> {
         if args.cells.is_some() {
             bail!("--webhook runs the feed for the one-cell deployment; leave out --cells");
         }
-        if args.durable_endpoint.is_some() {
-            bail!(
-                "--webhook reads the local store's feed log; it cannot run with --durable-endpoint yet"
-            );
-        }
         meridian_feed::target::parse(url, &[]).map_err(|e| anyhow::anyhow!("--webhook: {e}"))?;
     }
     match args.cells.clone() {
@@ -217,7 +212,7 @@ async fn run_one_cell(
     let mut procs = Vec::new();
     start_nodes(&exe, &nodes, &mut procs, shutdown).await?;
     if let (Some(url), Some(secret)) = (&args.webhook, &args.webhook_secret) {
-        let proc = start_feed(&exe, dir, url, secret, shutdown).await;
+        let proc = start_feed(&exe, dir, &durable, url, secret, shutdown).await;
         match proc {
             Ok(proc) => procs.push(proc),
             Err(error) => {
@@ -728,6 +723,7 @@ fn spawn(
 async fn start_feed(
     exe: &Path,
     dir: &Path,
+    durable: &DurableSection,
     url: &str,
     secret: &str,
     shutdown: &mut crate::Shutdown,
@@ -738,15 +734,11 @@ async fn start_feed(
             poll_interval_ms: Some(100),
             dependency_wait_ms: None,
             ca_cert: None,
+            jurisdiction: Some(DEV_JURISDICTION.into()),
+            // One feed process: a restarted `meridian dev` takes the lease over quickly.
+            lease_ms: Some(5000),
         },
-        durable: crate::config::DurableSection {
-            kind: "local".into(),
-            path: Some(dir.join("durable")),
-            table: None,
-            bucket: None,
-            region: None,
-            endpoint: None,
-        },
+        durable: durable.clone(),
         delivery: None,
         metrics: Some(MetricsSection {
             listen: free_tcp()?,

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use meridian_feed::target::Reach;
-use meridian_feed::{DeliveryConfig, FeedConfig, FeedState, Webhook};
+use meridian_feed::{DeliveryConfig, FeedConfig, FeedSource, FeedState, ReplayFrom, Webhook};
 use meridian_protocol::TenantId;
 use serde::{Deserialize, Serialize};
 
@@ -29,14 +29,24 @@ pub struct FeedArgs {
 
 #[derive(clap::Subcommand)]
 enum FeedCommand {
-    /// Deliver again every change from a cursor to the end of the feed log as it is now
-    /// (the service's checkpoints are left alone), then print how many were delivered.
+    /// Deliver again every change from a cursor (local store) or a write time (DynamoDB)
+    /// to the end of the feed as it is now (the service's checkpoints are left alone),
+    /// then print how many were delivered.
     Replay {
         #[arg(long)]
         config: PathBuf,
-        /// The cursor to start from: 0 for the start of the log, or a checkpoint.
+        /// Local store: the cursor to start from (0 for the start of the log, or a
+        /// checkpoint).
+        #[arg(
+            long,
+            conflicts_with = "from_time",
+            required_unless_present = "from_time"
+        )]
+        from: Option<u64>,
+        /// DynamoDB: every change written since this time (RFC 3339, e.g.
+        /// 2026-12-01T00:00:00Z), read from the table (any age).
         #[arg(long)]
-        from: u64,
+        from_time: Option<String>,
         /// Only this tenant's webhook.
         #[arg(long)]
         tenant: Option<String>,
@@ -82,6 +92,14 @@ pub struct FeedSection {
     /// 30000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dependency_wait_ms: Option<u64>,
+    /// DynamoDB: the jurisdiction whose table is read (names the table and bucket unless
+    /// `[durable]` gives them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jurisdiction: Option<String>,
+    /// DynamoDB: how long the lease lasts without renewal (default 30000): after a
+    /// holder stops renewing, another process (another region) takes over this late.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_ms: Option<u64>,
     /// PEM file of the CAs `https` webhooks are checked against (default: the operating
     /// system's trust store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -125,21 +143,45 @@ impl FeedFile {
 
     /// The service's settings; relative paths resolve against `base`.
     pub fn to_config(&self, base: &Path) -> Result<FeedConfig> {
-        if self.durable.kind != "local" {
-            bail!(
-                "[durable] kind = {:?}: this feed reads the local store's feed log; reading DynamoDB Streams is not built yet",
-                self.durable.kind
-            );
-        }
-        let root = base.join(
-            self.durable
-                .path
-                .as_ref()
-                .context("[durable] kind = \"local\" needs a path")?,
-        );
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        let source = match self.durable.kind.as_str() {
+            "local" => FeedSource::Local(
+                base.join(
+                    self.durable
+                        .path
+                        .as_ref()
+                        .context("[durable] kind = \"local\" needs a path")?,
+                ),
+            ),
+            "dynamodb" => {
+                let region = self
+                    .durable
+                    .region
+                    .as_deref()
+                    .context("[durable] kind = \"dynamodb\" needs a region")?;
+                let jurisdiction = self.feed.jurisdiction.as_deref().context(
+                    "[feed] jurisdiction is required with [durable] kind = \"dynamodb\"",
+                )?;
+                let mut store = meridian_relay::store::AwsConfig::new(jurisdiction, region);
+                if let Some(table) = &self.durable.table {
+                    store.table.clone_from(table);
+                }
+                if let Some(bucket) = &self.durable.bucket {
+                    store.bucket.clone_from(bucket);
+                }
+                store.endpoint.clone_from(&self.durable.endpoint);
+                store.cell = "feed".into();
+                FeedSource::Aws {
+                    store: Box::new(store),
+                    lease: ms(self.feed.lease_ms, Duration::from_secs(30)),
+                }
+            }
+            other => {
+                bail!("[durable] kind = {other:?} is not supported (use \"local\" or \"dynamodb\")")
+            }
+        };
         let defaults = DeliveryConfig::default();
         let d = self.delivery.clone().unwrap_or_default();
-        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
         let delivery = DeliveryConfig {
             batch_max: d.batch_max.unwrap_or(defaults.batch_max),
             attempts_max: d.attempts_max.unwrap_or(defaults.attempts_max),
@@ -171,7 +213,7 @@ impl FeedFile {
         let order_defaults = meridian_feed::order::OrderConfig::default();
         Ok(FeedConfig {
             id: self.feed.id.clone(),
-            store_root: root,
+            source,
             webhooks,
             order: meridian_feed::order::OrderConfig {
                 dependency_wait: ms(self.feed.dependency_wait_ms, order_defaults.dependency_wait),
@@ -193,8 +235,16 @@ pub async fn run(args: FeedArgs) -> Result<()> {
         Some(FeedCommand::Replay {
             config,
             from,
+            from_time,
             tenant,
         }) => {
+            let from = match (from, from_time) {
+                (Some(cursor), _) => ReplayFrom::Cursor(cursor),
+                (None, Some(time)) => {
+                    ReplayFrom::Time(crate::archive::rfc3339_ms("--from-time", &time)?)
+                }
+                (None, None) => bail!("give --from CURSOR or --from-time RFC3339"),
+            };
             let (file, base) = read(&config)?;
             let tenant = tenant
                 .map(|t| TenantId::new(t.as_str()).map_err(|e| anyhow::anyhow!("--tenant: {e}")))
@@ -209,13 +259,32 @@ pub async fn run(args: FeedArgs) -> Result<()> {
             let config = file.to_config(&base)?;
             let tenant =
                 TenantId::new(tenant.as_str()).map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
-            let state = FeedState::open(&config.store_root, &config.id)?;
-            for letter in state.dead_letters(&tenant)? {
-                println!("{}", serde_json::to_string(&letter)?);
-            }
-            match state.cursor(&tenant)? {
-                Some(cursor) => eprintln!("checkpoint of {tenant}: {cursor}"),
-                None => eprintln!("{tenant} has no checkpoint yet"),
+            match &config.source {
+                FeedSource::Local(root) => {
+                    let state = FeedState::open(root, &config.id)?;
+                    for letter in state.dead_letters(&tenant)? {
+                        println!("{}", serde_json::to_string(&letter)?);
+                    }
+                    match state.cursor(&tenant)? {
+                        Some(cursor) => eprintln!("checkpoint of {tenant}: {cursor}"),
+                        None => eprintln!("{tenant} has no checkpoint yet"),
+                    }
+                }
+                FeedSource::Aws { store, .. } => {
+                    let store =
+                        meridian_relay::store::AwsStore::connect(store.as_ref().clone()).await;
+                    let state = meridian_feed::aws::TableState::new(&store, &config.id);
+                    for letter in state.dead_letters(&tenant).await? {
+                        println!("{}", serde_json::to_string(&letter)?);
+                    }
+                    match state.checkpoint(&tenant).await? {
+                        Some(checkpoint) => eprintln!(
+                            "checkpoint of {tenant}: {}",
+                            serde_json::to_string(&checkpoint)?
+                        ),
+                        None => eprintln!("{tenant} has no checkpoint yet"),
+                    }
+                }
             }
             Ok(())
         }
@@ -259,7 +328,7 @@ async fn serve(path: &Path, exit_with_parent: bool) -> Result<()> {
         .iter()
         .map(|w| (w.tenant.to_string(), w.url.clone()))
         .collect();
-    let feed = meridian_feed::start(config)?;
+    let feed = meridian_feed::start(config).await?;
     for (tenant, url) in tenants {
         eprintln!("feed: tenant {tenant} → {url}");
     }
@@ -297,11 +366,13 @@ mod tests {
         );
         assert_eq!(config.webhooks.len(), 1);
         assert_eq!(config.webhooks[0].secrets.len(), 2);
-        assert_eq!(config.store_root, Path::new("/var/lib/meridian/durable"));
+        assert!(
+            matches!(&config.source, FeedSource::Local(root) if root == Path::new("/var/lib/meridian/durable"))
+        );
     }
 
     #[test]
-    fn a_dynamodb_feed_is_refused_with_the_reason() {
+    fn a_dynamodb_feed_names_its_table_by_jurisdiction_and_needs_one() {
         let text = r#"
             [feed]
             id = "x"
@@ -311,6 +382,18 @@ mod tests {
         "#;
         let file: FeedFile = toml::from_str(text).unwrap();
         let error = file.to_config(Path::new("/")).unwrap_err().to_string();
-        assert!(error.contains("not built yet"), "{error}");
+        assert!(error.contains("jurisdiction"), "{error}");
+        let text = text.replace(
+            "id = \"x\"",
+            "id = \"x\"\njurisdiction = \"eu\"\nlease_ms = 9000",
+        );
+        let file: FeedFile = toml::from_str(&text).unwrap();
+        let config = file.to_config(Path::new("/")).unwrap();
+        let FeedSource::Aws { store, lease } = config.source else {
+            panic!("not a DynamoDB feed");
+        };
+        assert_eq!(store.table, "meridian-changes-eu");
+        assert_eq!(store.region, "eu-west-1");
+        assert_eq!(lease, Duration::from_secs(9));
     }
 }

@@ -10,10 +10,16 @@
 //! - [`service`]: the pipelines (one per webhook), checkpoints, retries with backoff and
 //!   jitter, the dead-letter store, and replay.
 //!
-//! The feed reads the local durable store's feed log (`meridian dev`); its format and
-//! cursors are described in `relay::store::local`.
+//! - [`aws`]: on DynamoDB, the table's stream as the log, the table for what the stream
+//!   no longer holds, and the feed's state as items of the table.
+//! - [`lease`]: on DynamoDB, the lease that lets one process of a jurisdiction deliver.
+//!
+//! On the local store (`meridian dev`) the feed reads the store's feed log, whose format
+//! and cursors are described in `relay::store::local`.
 
+pub mod aws;
 pub mod deliver;
+pub mod lease;
 pub mod metrics;
 pub mod order;
 pub mod service;
@@ -21,6 +27,6 @@ pub mod sign;
 pub mod target;
 
 pub use service::{
-    DeadLetter, DeliveryConfig, FeedConfig, FeedError, FeedHandle, FeedState, Webhook, replay,
-    start,
+    DeadLetter, DeliveryConfig, FeedConfig, FeedError, FeedHandle, FeedSource, FeedState,
+    ReplayFrom, Webhook, replay, start,
 };

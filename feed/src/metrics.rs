@@ -25,6 +25,15 @@ pub const CORRUPT: &str = "meridian_feed_corrupt_records_total";
 /// control plane) refuses its webhook, per tenant.
 pub const REFUSED_BY_POLICY: &str = "meridian_feed_refused_by_policy";
 
+/// 1 while this process holds the feed's lease (DynamoDB Streams; always 1 on the local
+/// store, which has no lease).
+pub const LEADER: &str = "meridian_feed_leader";
+/// Stream records read (every tenant's; a pipeline skips other tenants' at once).
+pub const STREAM_RECORDS: &str = "meridian_feed_stream_records_total";
+/// Times a pipeline read its tenant's changes from the table because its checkpoint's
+/// stream position was gone (older than the stream's 24 hours, or a disabled stream).
+pub const TABLE_CATCH_UPS: &str = "meridian_feed_table_catch_ups_total";
+
 /// Describes the feed's metrics to the installed recorder.
 pub fn describe() {
     metrics::describe_counter!(DELIVERED, "changes delivered to webhooks");
@@ -41,6 +50,12 @@ pub fn describe() {
     metrics::describe_gauge!(
         REFUSED_BY_POLICY,
         "1 while the tenant's allow-list refuses its webhook (the pipeline is paused)"
+    );
+    metrics::describe_gauge!(LEADER, "1 while this process holds the feed's lease");
+    metrics::describe_counter!(STREAM_RECORDS, "DynamoDB Streams records read");
+    metrics::describe_counter!(
+        TABLE_CATCH_UPS,
+        "catch-ups from the table after a checkpoint's stream position was gone"
     );
     metrics::describe_counter!(
         RESTARTS,
@@ -93,4 +108,16 @@ pub fn refused_by_policy(tenant: &TenantId, refused: bool) {
     } else {
         0.0
     });
+}
+
+pub(crate) fn leader(holding: bool) {
+    metrics::gauge!(LEADER).set(if holding { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn stream_records(count: usize) {
+    metrics::counter!(STREAM_RECORDS).increment(count as u64);
+}
+
+pub(crate) fn table_catch_up() {
+    metrics::counter!(TABLE_CATCH_UPS).increment(1);
 }

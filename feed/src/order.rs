@@ -70,6 +70,8 @@ impl Default for OrderConfig {
 pub struct Orderer {
     config: OrderConfig,
     released: lru::LruCache<ChangeHash, ()>,
+    /// Dependencies found delivered before this run ([`Orderer::delivered_earlier`]).
+    earlier: lru::LruCache<ChangeHash, ()>,
     /// Held changes: when each arrived, how many of its dependencies are not released.
     held: HashMap<ChangeHash, Held>,
     /// Held changes in order of arrival (released ones are skipped when met).
@@ -93,6 +95,7 @@ impl Orderer {
         Orderer {
             config,
             released: lru::LruCache::new(cap),
+            earlier: lru::LruCache::new(cap),
             held: HashMap::new(),
             arrivals: VecDeque::new(),
             waiting: HashMap::new(),
@@ -115,7 +118,7 @@ impl Orderer {
         let mut deps: Vec<ChangeHash> = change.deps.clone();
         deps.sort_unstable();
         deps.dedup();
-        deps.retain(|d| !self.released.contains(d));
+        deps.retain(|d| !self.released.contains(d) && !self.earlier.contains(d));
         let hash = change.hash;
         if deps.is_empty() {
             self.release(change);
@@ -134,6 +137,33 @@ impl Orderer {
         );
         self.arrivals.push_back(hash);
         true
+    }
+
+    /// The dependencies held changes wait for that were never read (a held one is not
+    /// among them), each with its document and when the first change still waiting for
+    /// it arrived.
+    pub fn awaited(&self) -> Vec<(DocId, ChangeHash, Instant)> {
+        self.waiting
+            .iter()
+            .filter(|(dep, _)| !self.held.contains_key(*dep))
+            .filter_map(|(dep, dependents)| {
+                let held: Vec<&Held> = dependents.iter().filter_map(|h| self.held.get(h)).collect();
+                let first = held.first()?;
+                let earliest = held.iter().map(|h| h.arrived).min()?;
+                Some((first.change.doc.clone(), *dep, earliest))
+            })
+            .collect()
+    }
+
+    /// A dependency found to have been delivered before this run's history starts (after
+    /// a change that needs it arrived): the changes waiting only for it are released,
+    /// without listing it in their `late_deps`. It is not taken for a duplicate: if its
+    /// record is read after all, it is delivered.
+    pub fn delivered_earlier(&mut self, hash: ChangeHash) {
+        self.earlier.put(hash, ());
+        for change in self.no_longer_waiting(hash) {
+            self.release(change);
+        }
     }
 
     /// Changes held now.
@@ -207,24 +237,31 @@ impl Orderer {
             change.late_deps = change
                 .deps
                 .iter()
-                .filter(|d| !self.released.contains(*d))
+                .filter(|d| !self.released.contains(*d) && !self.earlier.contains(*d))
                 .copied()
                 .collect();
             let hash = change.hash;
             self.released.put(hash, ());
             self.out.push(change);
-            for dependent in self.waiting.remove(&hash).unwrap_or_default() {
-                let Some(held) = self.held.get_mut(&dependent) else {
-                    continue;
-                };
-                held.missing = held.missing.saturating_sub(1);
-                if held.missing == 0
-                    && let Some(held) = self.held.remove(&dependent)
-                {
-                    stack.push(held.change);
-                }
+            stack.extend(self.no_longer_waiting(hash));
+        }
+    }
+
+    /// `hash` is no longer missing: the held changes that waited only for it, taken out.
+    fn no_longer_waiting(&mut self, hash: ChangeHash) -> Vec<FeedChange> {
+        let mut ready = Vec::new();
+        for dependent in self.waiting.remove(&hash).unwrap_or_default() {
+            let Some(held) = self.held.get_mut(&dependent) else {
+                continue;
+            };
+            held.missing = held.missing.saturating_sub(1);
+            if held.missing == 0
+                && let Some(held) = self.held.remove(&dependent)
+            {
+                ready.push(held.change);
             }
         }
+        ready
     }
 }
 
@@ -342,6 +379,29 @@ mod tests {
         let out = o.poll_ready(t + Duration::from_secs(10));
         assert_eq!(hashes(&out), vec![7, 8]);
         assert_eq!(out[0].late_deps, vec![hash(6)]);
+    }
+
+    #[test]
+    fn a_dependency_delivered_earlier_releases_its_dependents_and_is_still_delivered_if_read() {
+        let config = OrderConfig {
+            dependency_wait: Duration::from_secs(60),
+            ..OrderConfig::default()
+        };
+        let mut o = Orderer::new(config);
+        let t = Instant::now();
+        o.handle_change(t, change(3, &[2]));
+        o.handle_change(t + Duration::from_secs(1), change(4, &[3, 2]));
+        assert!(o.poll_ready(t).is_empty());
+        let awaited: Vec<(u8, Instant)> =
+            o.awaited().iter().map(|(_, h, at)| (h.0[0], *at)).collect();
+        assert_eq!(awaited, vec![(2, t)]);
+        o.delivered_earlier(hash(2));
+        let out = o.poll_ready(t);
+        assert_eq!(hashes(&out), vec![3, 4]);
+        assert!(out.iter().all(|c| c.late_deps.is_empty()));
+        // Read after all: delivered, not taken for a duplicate.
+        assert!(o.handle_change(t, change(2, &[])));
+        assert_eq!(hashes(&o.poll_ready(t)), vec![2]);
     }
 
     #[test]

@@ -24,10 +24,11 @@ use bytes::Bytes;
 use meridian_protocol::{ChangeHash, DocId, TenantId};
 use meridian_relay::engine::DocKey;
 use meridian_relay::purge::{Purged, Tombstone};
-use meridian_relay::store::{DurableStore, FeedRecord, LocalDirStore};
+use meridian_relay::store::{AwsConfig, AwsStore, DurableStore, FeedRecord, LocalDirStore};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::aws::{StreamCheckpoint, StreamLog, TableLog, TableState};
 use crate::deliver::{self, DeliverError, Tls};
 use crate::order::{FeedChange, OrderConfig, Orderer, batches};
 use crate::target::{Reach, Target, TargetError};
@@ -80,8 +81,8 @@ impl Default for DeliveryConfig {
 pub struct FeedConfig {
     /// The feed's name: its checkpoints are kept under it.
     pub id: String,
-    /// The local durable store whose feed log is read.
-    pub store_root: PathBuf,
+    /// The durable tier whose log is read.
+    pub source: FeedSource,
     /// One webhook per tenant.
     pub webhooks: Vec<Webhook>,
     /// Ordering bounds.
@@ -96,6 +97,23 @@ pub struct FeedConfig {
     /// (`meridian tenant webhooks`); `None` (as in `meridian dev`): only each webhook's
     /// own `allowed_hosts` apply.
     pub control: Option<meridian_relay::control::ControlConfig>,
+}
+
+/// Which durable tier a feed reads, and where it keeps its state.
+#[derive(Debug, Clone)]
+pub enum FeedSource {
+    /// The local store at this directory: its feed log, and the feed's files under
+    /// `#feed/` beside its data.
+    Local(PathBuf),
+    /// A jurisdiction's DynamoDB table (and bucket): its stream, and the feed's items in
+    /// the table. One process per feed id delivers at a time, holding the lease
+    /// ([`crate::lease`]).
+    Aws {
+        /// The table, bucket and region this process reads.
+        store: Box<AwsConfig>,
+        /// How long a lease lasts without renewal (renewed every third of it).
+        lease: Duration,
+    },
 }
 
 /// How often a pipeline reads its tenant's allow-list again.
@@ -121,6 +139,13 @@ pub enum FeedError {
     /// The store or the feed's own files failed.
     #[error("feed storage: {0}")]
     Storage(String),
+    /// This process does not hold the feed's lease (any more): its pipelines wait.
+    #[error("another process holds the feed's lease")]
+    NotLeader,
+    /// A replay's starting point does not fit the durable tier (a cursor for the local
+    /// store, a time for DynamoDB).
+    #[error("{0}")]
+    ReplayFrom(String),
     /// The tenant's allow-list in the control plane refuses its webhook (a replay stops
     /// with this; the service pauses the tenant's pipeline until it allows it).
     #[error("tenant {tenant}: its allow-list refuses the webhook: {why}")]
@@ -310,7 +335,8 @@ pub struct FeedHandle {
 }
 
 impl FeedHandle {
-    /// Stops every pipeline after its current attempt and waits for them.
+    /// Stops every pipeline after its current attempt (and gives the lease up) and waits
+    /// for them.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
@@ -320,85 +346,146 @@ impl FeedHandle {
 }
 
 /// Checks every webhook, then starts one pipeline per webhook, each from its checkpoint
-/// (from the log's start the first time).
-pub fn start(config: FeedConfig) -> Result<FeedHandle, FeedError> {
-    let pipelines = pipelines(config)?;
+/// (from the log's start the first time). On DynamoDB the pipelines deliver only while
+/// this process holds the feed's lease.
+pub async fn start(config: FeedConfig) -> Result<FeedHandle, FeedError> {
     let (stop, stopped) = watch::channel(false);
-    let tasks = pipelines
-        .into_iter()
-        .map(|pipeline| {
-            let stopped = stopped.clone();
-            tokio::spawn(async move {
-                // A pipeline whose storage fails starts again from its checkpoint.
-                let mut backoff =
-                    meridian_process::backoff::exponential(RESTART_INITIAL, RESTART_MAX);
-                loop {
-                    let tenant = &pipeline.webhook.tenant;
-                    match pipeline.run(stopped.clone()).await {
-                        Ok(_) => return,
-                        Err(error) => {
-                            crate::metrics::restarted();
-                            tracing::error!(%tenant, %error, "feed pipeline failed; restarting from its checkpoint");
-                        }
+    let (pipelines, lease) = pipelines(config).await?;
+    let mut tasks = Vec::new();
+    if let Some((lease, held)) = lease {
+        tasks.push(tokio::spawn(lease.keep(held, stopped.clone())));
+    } else {
+        crate::metrics::leader(true);
+    }
+    tasks.extend(pipelines.into_iter().map(|pipeline| {
+        let stopped = stopped.clone();
+        tokio::spawn(async move {
+            // A pipeline whose storage fails starts again from its checkpoint.
+            let mut backoff = meridian_process::backoff::exponential(RESTART_INITIAL, RESTART_MAX);
+            loop {
+                let tenant = &pipeline.webhook.tenant;
+                let wait = match pipeline.run(stopped.clone()).await {
+                    Ok(_) => return,
+                    // The lease went elsewhere: start again (from the saved checkpoint)
+                    // once it comes back.
+                    Err(FeedError::NotLeader) => Duration::ZERO,
+                    Err(error) => {
+                        crate::metrics::restarted();
+                        tracing::error!(%tenant, %error, "feed pipeline failed; restarting from its checkpoint");
+                        backoff.next().unwrap_or(RESTART_MAX)
                     }
-                    let wait = backoff.next().unwrap_or(RESTART_MAX);
-                    let mut stopped = stopped.clone();
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        _ = stopped.changed() => return,
-                    }
+                };
+                let mut stopped = stopped.clone();
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopped.changed() => return,
                 }
-            })
+            }
         })
-        .collect();
+    }));
     Ok(FeedHandle { stop, tasks })
 }
 
-/// Delivers again, to each webhook (or `tenant`'s only), every record from `from` to
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplayFrom {
+    /// A cursor of the local store's feed log (0: its start, or a checkpoint).
+    Cursor(u64),
+    /// A write time, milliseconds since the Unix epoch: every change written since, read
+    /// from the table (DynamoDB; any age, the stream's 24 hours do not limit it).
+    Time(u64),
+}
+
+/// Delivers again, to each webhook (or `tenant`'s only), every change from `from` to
 /// the end of the log as it is now, then returns how many changes were delivered. The
-/// service's checkpoints are left as they are.
+/// service's checkpoints are left as they are; a replay needs no lease (it runs beside
+/// the service).
 pub async fn replay(
     config: FeedConfig,
-    from: u64,
+    from: ReplayFrom,
     tenant: Option<&TenantId>,
 ) -> Result<u64, FeedError> {
-    let mut pipelines = pipelines(config)?;
+    let (mut pipelines, _lease) = pipelines(config).await?;
     pipelines.retain(|p| tenant.is_none_or(|t| *t == p.webhook.tenant));
     let Some(first) = pipelines.first() else {
         return Ok(0);
     };
-    let end = first
-        .store
-        .feed_end()
-        .map_err(|e| FeedError::Storage(e.to_string()))?;
+    let mode = match (&first.durable, from) {
+        (Durable::Local { store, .. }, ReplayFrom::Cursor(from)) => Mode::Replay {
+            from,
+            until: store
+                .feed_end()
+                .map_err(|e| FeedError::Storage(e.to_string()))?,
+        },
+        (Durable::Aws(_), ReplayFrom::Time(from_ms)) => Mode::ReplayTable { from_ms },
+        (Durable::Local { .. }, ReplayFrom::Time(_)) => {
+            return Err(FeedError::ReplayFrom(
+                "the local store's feed is replayed from a cursor (--from)".into(),
+            ));
+        }
+        (Durable::Aws(_), ReplayFrom::Cursor(_)) => {
+            return Err(FeedError::ReplayFrom(
+                "a DynamoDB feed is replayed from a time (--from-time)".into(),
+            ));
+        }
+    };
     let (_stop, stopped) = watch::channel(false);
     let mut delivered = 0;
     for mut pipeline in pipelines {
-        pipeline.mode = Mode::Replay { from, until: end };
+        pipeline.mode = mode;
         delivered += pipeline.run(stopped.clone()).await?;
     }
     Ok(delivered)
 }
 
+/// The lease this process must hold to deliver, and where it says whether it does.
+type LeaseTask = (crate::lease::Lease, watch::Sender<bool>);
+
 /// Checks every webhook, opens the store and the feed's state, and makes one pipeline
 /// per webhook, following the log.
-fn pipelines(config: FeedConfig) -> Result<Vec<Pipeline>, FeedError> {
+async fn pipelines(config: FeedConfig) -> Result<(Vec<Pipeline>, Option<LeaseTask>), FeedError> {
     let checked = checked_webhooks(&config)?;
-    let state = FeedState::open(&config.store_root, &config.id)?;
-    let store = LocalDirStore::open(&config.store_root)
-        .map_err(|error| FeedError::Storage(error.to_string()))?;
+    let (durable, lease) = match &config.source {
+        FeedSource::Local(root) => {
+            let state = FeedState::open(root, &config.id)?;
+            let store =
+                LocalDirStore::open(root).map_err(|error| FeedError::Storage(error.to_string()))?;
+            (Durable::Local { store, state }, None)
+        }
+        FeedSource::Aws { store, lease } => {
+            let store = AwsStore::connect(AwsConfig::clone(store)).await;
+            let state = TableState::new(&store, &config.id);
+            let (client, table) = store.table_client();
+            let lease = crate::lease::Lease::new(
+                client.clone(),
+                table,
+                &config.id,
+                &store.config().region,
+                *lease,
+            );
+            let (held, leader) = watch::channel(false);
+            (
+                Durable::Aws(Box::new(AwsDurable {
+                    store,
+                    state,
+                    leader,
+                })),
+                Some((lease, held)),
+            )
+        }
+    };
     let config = Arc::new(config);
-    Ok(checked
+    let pipelines = checked
         .into_iter()
         .map(|(webhook, target)| Pipeline {
             config: config.clone(),
-            store: store.clone(),
-            state: state.clone(),
+            durable: durable.clone(),
             webhook,
             target,
             mode: Mode::Follow,
         })
-        .collect())
+        .collect();
+    Ok((pipelines, lease))
 }
 
 fn checked_webhooks(config: &FeedConfig) -> Result<Vec<(Webhook, Target)>, FeedError> {
@@ -425,17 +512,90 @@ fn checked_webhooks(config: &FeedConfig) -> Result<Vec<(Webhook, Target)>, FeedE
         .collect()
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Mode {
     /// Follow the log from the checkpoint, saving it.
     Follow,
-    /// Deliver `[from, until)` once.
+    /// Deliver `[from, until)` of the local feed log once.
     Replay { from: u64, until: u64 },
+    /// Deliver every change written since `from_ms`, read from the table, once.
+    ReplayTable { from_ms: u64 },
+}
+
+/// The durable tier and the feed's state in it.
+#[derive(Clone)]
+enum Durable {
+    Local {
+        store: LocalDirStore,
+        state: FeedState,
+    },
+    Aws(Box<AwsDurable>),
+}
+
+/// The DynamoDB side of [`Durable`].
+#[derive(Clone)]
+struct AwsDurable {
+    store: AwsStore,
+    state: TableState,
+    /// Whether this process holds the feed's lease.
+    leader: watch::Receiver<bool>,
+}
+
+/// What one pipeline reads.
+enum Log {
+    /// The local feed log from `at` (to `until`, replaying).
+    Local { at: u64, until: Option<u64> },
+    /// The table's stream.
+    Stream(Box<StreamLog>),
+    /// The table, from a write time.
+    Table(Box<TableLog>),
+}
+
+impl Durable {
+    async fn tombstones(&self) -> Result<Vec<Tombstone>, FeedError> {
+        let result = match self {
+            Durable::Local { store, .. } => store.tombstones().await,
+            Durable::Aws(aws) => aws.store.tombstones().await,
+        };
+        result.map_err(|e| FeedError::Storage(e.to_string()))
+    }
+
+    async fn announced(&self, tenant: &TenantId) -> Result<BTreeSet<String>, FeedError> {
+        match self {
+            Durable::Local { state, .. } => state.announced(tenant),
+            Durable::Aws(aws) => aws.state.announced(tenant).await,
+        }
+    }
+
+    async fn announce(&self, tenant: &TenantId, key: &str) -> Result<(), FeedError> {
+        match self {
+            Durable::Local { state, .. } => state.announce(tenant, key),
+            Durable::Aws(aws) => aws.state.announce(tenant, key).await,
+        }
+    }
+
+    async fn drop_dead_letters(
+        &self,
+        tenant: &TenantId,
+        purged: impl Fn(&str) -> bool,
+    ) -> Result<usize, FeedError> {
+        match self {
+            Durable::Local { state, .. } => state.drop_dead_letters(tenant, purged),
+            Durable::Aws(aws) => aws.state.drop_dead_letters(tenant, purged).await,
+        }
+    }
+
+    async fn dead_letter(&self, tenant: &TenantId, letter: &DeadLetter) -> Result<(), FeedError> {
+        match self {
+            Durable::Local { state, .. } => state.dead_letter(tenant, letter),
+            Durable::Aws(aws) => aws.state.dead_letter(tenant, letter).await,
+        }
+    }
 }
 
 struct Pipeline {
     config: Arc<FeedConfig>,
-    store: LocalDirStore,
-    state: FeedState,
+    durable: Durable,
     webhook: Webhook,
     target: Target,
     mode: Mode,
@@ -446,6 +606,11 @@ const READ_RECORDS: usize = 1000;
 /// The first and the longest wait before a failed pipeline starts again.
 const RESTART_INITIAL: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(60);
+/// A stream checkpoint whose positions did not move is saved again after this, to move
+/// its `safe_ms` on.
+const STREAM_CHECKPOINT_REFRESH: Duration = Duration::from_secs(30);
+/// Dependencies looked up in the table, remembered so each is looked up once.
+const LOOKED_UP_MAX: usize = 100_000;
 
 /// What became of a batch.
 enum Outcome {
@@ -455,18 +620,80 @@ enum Outcome {
 }
 
 impl Pipeline {
+    /// Opens what this pipeline reads, from its checkpoint (following) or the replay's
+    /// start; following DynamoDB, waits for the lease first.
+    async fn open(
+        &self,
+        orderer: &mut Orderer,
+        stopped: &mut watch::Receiver<bool>,
+    ) -> Result<Option<Log>, FeedError> {
+        let tenant = &self.webhook.tenant;
+        match (&self.durable, self.mode) {
+            (Durable::Local { state, .. }, Mode::Follow) => {
+                let start = state.cursor(tenant)?.unwrap_or(0);
+                self.prime(orderer, start).await?;
+                Ok(Some(Log::Local {
+                    at: start,
+                    until: None,
+                }))
+            }
+            (Durable::Local { .. }, Mode::Replay { from, until }) => {
+                self.prime(orderer, from).await?;
+                Ok(Some(Log::Local {
+                    at: from,
+                    until: Some(until),
+                }))
+            }
+            (Durable::Aws(aws), Mode::Follow) => {
+                let AwsDurable {
+                    store,
+                    state,
+                    leader,
+                } = aws.as_ref();
+                let mut leader = leader.clone();
+                while !*leader.borrow_and_update() {
+                    tokio::select! {
+                        changed = leader.changed() => {
+                            if changed.is_err() {
+                                return Ok(None);
+                            }
+                        }
+                        _ = stopped.changed() => return Ok(None),
+                    }
+                    if *stopped.borrow() {
+                        return Ok(None);
+                    }
+                }
+                let checkpoint = state.checkpoint(tenant).await?;
+                let log = StreamLog::open(store.clone(), tenant.clone(), checkpoint).await?;
+                Ok(Some(Log::Stream(Box::new(log))))
+            }
+            (Durable::Aws(aws), Mode::ReplayTable { from_ms }) => Ok(Some(Log::Table(Box::new(
+                TableLog::new(aws.store.clone(), tenant.clone(), from_ms),
+            )))),
+            _ => Err(FeedError::ReplayFrom(
+                "this replay does not fit the durable tier".into(),
+            )),
+        }
+    }
+
     /// Runs until stopped (or, replaying, until the end); returns the changes delivered
     /// (dead-lettered ones not counted).
     async fn run(&self, mut stopped: watch::Receiver<bool>) -> Result<u64, FeedError> {
         let tenant = self.webhook.tenant.clone();
-        let (start, until) = match self.mode {
-            Mode::Follow => (self.state.cursor(&tenant)?.unwrap_or(0), None),
-            Mode::Replay { from, until } => (from, Some(until)),
-        };
+        let replaying = !matches!(self.mode, Mode::Follow);
         let mut orderer = Orderer::new(self.config.order);
-        self.prime(&mut orderer, start).await?;
-        let mut read_at = start;
-        let mut saved = start;
+        let Some(mut log) = self.open(&mut orderer, &mut stopped).await? else {
+            return Ok(0);
+        };
+        let mut saved_local = match &log {
+            Log::Local { at, .. } => *at,
+            _ => 0,
+        };
+        let mut saved_stream: Option<(StreamCheckpoint, Instant)> = None;
+        // Dependencies already looked up in the table (stream only).
+        let mut looked_up: std::collections::HashMap<ChangeHash, Instant> =
+            std::collections::HashMap::new();
         // Cursors of this tenant's records read and not yet delivered or dead-lettered.
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
         let mut delivered = 0u64;
@@ -483,6 +710,11 @@ impl Pipeline {
             if *stopped.borrow() {
                 return Ok(delivered);
             }
+            if let (Durable::Aws(aws), Mode::Follow) = (&self.durable, self.mode)
+                && !*aws.leader.borrow()
+            {
+                return Err(FeedError::NotLeader);
+            }
             if let Some(control) = &control {
                 if policy
                     .as_ref()
@@ -496,7 +728,7 @@ impl Pipeline {
                     policy = Some((Instant::now(), verdict));
                 }
                 if let Some((_, Err(why))) = &policy
-                    && matches!(self.mode, Mode::Replay { .. })
+                    && replaying
                 {
                     return Err(FeedError::Refused {
                         tenant: tenant.clone(),
@@ -513,46 +745,41 @@ impl Pipeline {
                 }
             }
             let tombstones = self.purges(&mut stopped).await?;
-            let read = if until.is_some_and(|end| read_at >= end) {
-                None
-            } else {
-                Some(self.read(read_at).await?)
-            };
-            let mut got = 0;
-            if let Some((records, next)) = read {
-                got = records.len();
-                for record in records {
-                    if until.is_some_and(|end| record.cursor >= end) {
-                        break;
-                    }
-                    if record.key.tenant != tenant
-                        || tombstones.iter().any(|t| t.covers(&record.key))
-                    {
-                        continue;
-                    }
-                    match feed_change(&record) {
-                        Some(change) => {
-                            if orderer.handle_change(Instant::now(), change) {
-                                outstanding.insert(record.cursor);
-                            }
+            let records = self.read(&mut log).await?;
+            let got = records.len();
+            for record in records {
+                if record.key.tenant != tenant || tombstones.iter().any(|t| t.covers(&record.key)) {
+                    continue;
+                }
+                match feed_change(&record) {
+                    Some(change) => {
+                        if orderer.handle_change(Instant::now(), change) {
+                            outstanding.insert(record.cursor);
                         }
-                        None => {
-                            crate::metrics::corrupt();
-                            tracing::warn!(
-                                cursor = record.cursor,
-                                "skipping a feed record whose change does not parse"
-                            );
-                        }
+                    }
+                    None => {
+                        crate::metrics::corrupt();
+                        tracing::warn!(
+                            cursor = record.cursor,
+                            "skipping a feed record whose change does not parse"
+                        );
                     }
                 }
-                read_at = match until {
-                    Some(end) => next.min(end),
-                    None => next,
-                };
             }
+            if let Log::Stream(stream) = &log
+                && got == 0
+            {
+                self.look_up_dependencies(stream, &mut orderer, &mut looked_up)
+                    .await?;
+            }
+            let at_end = match &log {
+                Log::Local { at, until } => until.is_some_and(|end| *at >= end),
+                Log::Table(table) => table.finished(),
+                Log::Stream(_) => false,
+            };
             let now = Instant::now();
             // Replaying, everything read is released at the end without waiting.
-            let ready = if until.is_some_and(|end| read_at >= end) {
+            let ready = if at_end {
                 orderer.poll_ready(now + self.config.order.dependency_wait)
             } else {
                 orderer.poll_ready(now)
@@ -583,16 +810,34 @@ impl Pipeline {
                     outstanding.remove(&cursor);
                 }
             }
-            let checkpoint = outstanding.first().copied().unwrap_or(read_at);
-            if matches!(self.mode, Mode::Follow) && checkpoint != saved {
-                self.state.save_cursor(&tenant, checkpoint)?;
-                saved = checkpoint;
-                crate::metrics::checkpoint(&tenant, checkpoint);
+            if !replaying {
+                match (&mut log, &self.durable) {
+                    (Log::Local { at, .. }, Durable::Local { state, .. }) => {
+                        let checkpoint = outstanding.first().copied().unwrap_or(*at);
+                        if checkpoint != saved_local {
+                            state.save_cursor(&tenant, checkpoint)?;
+                            saved_local = checkpoint;
+                            crate::metrics::checkpoint(&tenant, checkpoint);
+                        }
+                    }
+                    (Log::Stream(stream), Durable::Aws(aws)) => {
+                        let state = &aws.state;
+                        let checkpoint = stream.checkpoint(outstanding.first().copied());
+                        let due = saved_stream.as_ref().is_none_or(|(saved, at)| {
+                            saved.shards != checkpoint.shards
+                                || saved.catch_up_from_ms != checkpoint.catch_up_from_ms
+                                || at.elapsed() >= STREAM_CHECKPOINT_REFRESH
+                        });
+                        if due {
+                            state.save_checkpoint(&tenant, &checkpoint).await?;
+                            crate::metrics::checkpoint(&tenant, checkpoint.safe_ms);
+                            saved_stream = Some((checkpoint, Instant::now()));
+                        }
+                    }
+                    _ => {}
+                }
             }
-            if let Some(end) = until
-                && read_at >= end
-                && orderer.pending() == 0
-            {
+            if at_end && orderer.pending() == 0 {
                 return Ok(delivered);
             }
             if got == 0 {
@@ -611,12 +856,75 @@ impl Pipeline {
         }
     }
 
-    async fn read(&self, from: u64) -> Result<(Vec<FeedRecord>, u64), FeedError> {
-        let store = self.store.clone();
+    /// The next records of the log.
+    async fn read(&self, log: &mut Log) -> Result<Vec<FeedRecord>, FeedError> {
+        match log {
+            Log::Local { at, until } => {
+                if until.is_some_and(|end| *at >= end) {
+                    return Ok(Vec::new());
+                }
+                let (mut records, next) = self.read_local(*at).await?;
+                if let Some(end) = *until {
+                    records.retain(|r| r.cursor < end);
+                    *at = next.min(end);
+                } else {
+                    *at = next;
+                }
+                Ok(records)
+            }
+            Log::Stream(stream) => stream.read(READ_RECORDS).await,
+            Log::Table(table) => table.read(READ_RECORDS).await,
+        }
+    }
+
+    async fn read_local(&self, from: u64) -> Result<(Vec<FeedRecord>, u64), FeedError> {
+        let Durable::Local { store, .. } = &self.durable else {
+            return Ok((Vec::new(), from));
+        };
+        let store = store.clone();
         tokio::task::spawn_blocking(move || store.read_feed(from, READ_RECORDS))
             .await
             .map_err(|e| FeedError::Storage(e.to_string()))?
             .map_err(|e| FeedError::Storage(e.to_string()))
+    }
+
+    /// Held changes' dependencies that an earlier run delivered (see [`crate::aws`] for
+    /// the rule): called when the stream was read to its end; each dependency is looked
+    /// up at most once per [`crate::aws::STREAM_DELAY`].
+    async fn look_up_dependencies(
+        &self,
+        stream: &StreamLog,
+        orderer: &mut Orderer,
+        looked_up: &mut std::collections::HashMap<ChangeHash, Instant>,
+    ) -> Result<(), FeedError> {
+        let delay = crate::aws::STREAM_DELAY;
+        if !stream.resumed() {
+            return Ok(());
+        }
+        if looked_up.len() >= LOOKED_UP_MAX {
+            looked_up.clear();
+        }
+        looked_up.retain(|_, at| at.elapsed() < delay);
+        let written_by = unix_now_ms().saturating_sub(delay.as_millis() as u64);
+        for (doc, dep, waiting_since) in orderer.awaited() {
+            if waiting_since.elapsed() < delay || looked_up.contains_key(&dep) {
+                continue;
+            }
+            looked_up.insert(dep, Instant::now());
+            let key = DocKey {
+                tenant: self.webhook.tenant.clone(),
+                doc,
+            };
+            let item = stream
+                .store()
+                .change_item(&key, &dep)
+                .await
+                .map_err(|e| FeedError::Storage(e.to_string()))?;
+            if item.is_some_and(|(_, wt)| wt <= written_by) {
+                orderer.delivered_earlier(dep);
+            }
+        }
+        Ok(())
     }
 
     /// Marks what lies before `until` as released: those records were delivered by an
@@ -624,7 +932,7 @@ impl Pipeline {
     async fn prime(&self, orderer: &mut Orderer, until: u64) -> Result<(), FeedError> {
         let mut at = 0;
         while at < until {
-            let (records, next) = self.read(at).await?;
+            let (records, next) = self.read_local(at).await?;
             if records.is_empty() {
                 break;
             }
@@ -673,23 +981,20 @@ impl Pipeline {
         stopped: &mut watch::Receiver<bool>,
     ) -> Result<Vec<Tombstone>, FeedError> {
         let tenant = &self.webhook.tenant;
-        let mut tombstones = self
-            .store
-            .tombstones()
-            .await
-            .map_err(|e| FeedError::Storage(e.to_string()))?;
+        let mut tombstones = self.durable.tombstones().await?;
         tombstones.retain(|t| t.tenant == tenant.as_str());
         if tombstones.is_empty() || !matches!(self.mode, Mode::Follow) {
             return Ok(tombstones);
         }
-        let announced = self.state.announced(tenant)?;
+        let announced = self.durable.announced(tenant).await?;
         for tombstone in tombstones.iter().filter(|t| !announced.contains(&t.key())) {
             let dropped = self
-                .state
+                .durable
                 .drop_dead_letters(tenant, |doc| match &tombstone.purged {
                     Purged::Doc(purged) => purged == doc,
                     Purged::Tenant => true,
-                })?;
+                })
+                .await?;
             if dropped > 0 {
                 tracing::info!(%tenant, dropped, "dead letters of a purged document dropped");
             }
@@ -700,7 +1005,7 @@ impl Pipeline {
             match self.post(&doc, delivery_id, body, 0, stopped).await? {
                 Outcome::Stopped => return Ok(tombstones),
                 Outcome::Delivered | Outcome::DeadLettered => {
-                    self.state.announce(tenant, &tombstone.key())?;
+                    self.durable.announce(tenant, &tombstone.key()).await?;
                 }
             }
         }
@@ -792,7 +1097,7 @@ impl Pipeline {
             at: unix_now_ms(),
             body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         };
-        self.state.dead_letter(tenant, &letter)?;
+        self.durable.dead_letter(tenant, &letter).await?;
         crate::metrics::dead_lettered(changes);
         Ok(Outcome::DeadLettered)
     }
@@ -872,7 +1177,7 @@ fn feed_change(record: &FeedRecord) -> Option<FeedChange> {
     })
 }
 
-fn unix_now_ms() -> u64 {
+pub(crate) fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

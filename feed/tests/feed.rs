@@ -3,127 +3,23 @@
 //! arrives, signed, in causal order per document; checkpoints survive a restart;
 //! batches that never succeed go to the dead-letter store; replay delivers again.
 
-use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::collections::HashSet;
 use std::time::Duration;
 
 use automerge::transaction::Transactable;
-use axum::http::{HeaderMap, StatusCode};
-use bytes::Bytes;
-use meridian_feed::target::Reach;
+use common::{Act, assert_causal, receiver, stored, webhook};
 use meridian_feed::{DeliveryConfig, FeedConfig, FeedState, Webhook};
-use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
-use meridian_relay::engine::{DocKey, StoredChange};
+use meridian_protocol::{DocId, TenantId};
+use meridian_relay::engine::DocKey;
 use meridian_relay::store::{DurableStore, LocalDirStore};
 use meridian_testkit::Dev;
-
-/// What a receiver does with each request, in order; after the script, `then`.
-#[derive(Clone, Copy, Debug)]
-enum Act {
-    Ok,
-    Fail,
-    Hang,
-}
-
-/// A receiver's state: what it saw, its script, what it does after the script.
-type ReceiverState = (Arc<Mutex<Seen>>, Arc<Vec<Act>>, Act);
-
-#[derive(Default)]
-struct Seen {
-    bodies: Vec<(HeaderMap, Bytes)>,
-    requests: usize,
-}
-
-struct Receiver {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Seen>>,
-    _task: tokio::task::JoinHandle<()>,
-}
-
-async fn receiver(script: Vec<Act>, then: Act) -> Receiver {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let state = (seen.clone(), Arc::new(script), then);
-    let app = axum::Router::new()
-        .route(
-            "/hook",
-            axum::routing::post(
-                |axum::extract::State((seen, script, then)): axum::extract::State<
-                    ReceiverState,
-                >,
-                 headers: HeaderMap,
-                 body: Bytes| async move {
-                    let act = {
-                        let mut seen = seen.lock().unwrap();
-                        let act = script.get(seen.requests).copied().unwrap_or(then);
-                        seen.requests += 1;
-                        if matches!(act, Act::Ok) {
-                            seen.bodies.push((headers, body));
-                        }
-                        act
-                    };
-                    match act {
-                        Act::Ok => StatusCode::NO_CONTENT,
-                        Act::Fail => StatusCode::INTERNAL_SERVER_ERROR,
-                        Act::Hang => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                            StatusCode::OK
-                        }
-                    }
-                },
-            ),
-        )
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
-    Receiver {
-        addr,
-        seen,
-        _task: task,
-    }
-}
-
-impl Receiver {
-    fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    /// Every change delivered so far, as `(doc, change JSON)`, in arrival order.
-    fn changes(&self) -> Vec<(String, serde_json::Value)> {
-        let seen = self.seen.lock().unwrap();
-        seen.bodies
-            .iter()
-            .flat_map(|(_, body)| {
-                let body: serde_json::Value = serde_json::from_slice(body).unwrap();
-                let doc = body["doc"].as_str().unwrap().to_string();
-                body["changes"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|c| (doc.clone(), c.clone()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    async fn wait_for(&self, count: usize) {
-        tokio::time::timeout(Duration::from_secs(60), async {
-            while self.changes().len() < count {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{count} changes delivered; got {}", self.changes().len()));
-    }
-}
 
 fn config(root: &std::path::Path, webhooks: Vec<Webhook>) -> FeedConfig {
     FeedConfig {
         id: "test".into(),
-        store_root: root.to_path_buf(),
+        source: meridian_feed::FeedSource::Local(root.to_path_buf()),
         webhooks,
         order: meridian_feed::order::OrderConfig {
             dependency_wait: Duration::from_secs(2),
@@ -142,40 +38,6 @@ fn config(root: &std::path::Path, webhooks: Vec<Webhook>) -> FeedConfig {
     }
 }
 
-fn webhook(tenant: &str, url: String) -> Webhook {
-    Webhook {
-        tenant: TenantId::new(tenant).unwrap(),
-        url,
-        secrets: vec![b"new-secret".to_vec(), b"old-secret".to_vec()],
-        allowed_hosts: Vec::new(),
-        reach: Reach {
-            loopback: true,
-            private: false,
-        },
-    }
-}
-
-/// Each document's delivered changes come after their dependencies.
-fn assert_causal(changes: &[(String, serde_json::Value)]) {
-    let mut seen: HashMap<&str, HashSet<&str>> = HashMap::new();
-    let all: HashSet<&str> = changes
-        .iter()
-        .map(|(_, c)| c["hash"].as_str().unwrap())
-        .collect();
-    for (doc, change) in changes {
-        let done = seen.entry(doc.as_str()).or_default();
-        for dep in change["deps"].as_array().unwrap() {
-            let dep = dep.as_str().unwrap();
-            assert!(
-                done.contains(dep) || !all.contains(dep),
-                "{doc}: {} came before its dependency {dep}",
-                change["hash"]
-            );
-        }
-        done.insert(change["hash"].as_str().unwrap());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn durable_changes_reach_the_webhook_signed_in_order_despite_failures() {
     let dev = Dev::new();
@@ -183,7 +45,9 @@ async fn durable_changes_reach_the_webhook_signed_in_order_despite_failures() {
     // Two failures, an attempt that times out, then successes.
     let hook = receiver(vec![Act::Fail, Act::Fail, Act::Hang], Act::Ok).await;
     let root = dev.dir.path().join("durable");
-    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())])).unwrap();
+    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())]))
+        .await
+        .unwrap();
 
     let client = dev.client(relay.local_addr(), "alice").await;
     let mut expected = HashSet::new();
@@ -244,7 +108,9 @@ async fn durable_changes_reach_the_webhook_signed_in_order_despite_failures() {
     .expect("checkpoint at the end of the log");
     feed.shutdown().await;
     let before = hook.changes().len();
-    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())])).unwrap();
+    let feed = meridian_feed::start(config(&root, vec![webhook("acme", hook.url())]))
+        .await
+        .unwrap();
     let doc = client.open("notes").await.unwrap();
     doc.change(|d| d.put(automerge::ROOT, "after", "restart"))
         .unwrap()
@@ -256,21 +122,16 @@ async fn durable_changes_reach_the_webhook_signed_in_order_despite_failures() {
     feed.shutdown().await;
 
     // Replay from the start delivers everything again, in order.
-    let replayed = meridian_feed::replay(config(&root, vec![webhook("acme", hook.url())]), 0, None)
-        .await
-        .unwrap();
+    let replayed = meridian_feed::replay(
+        config(&root, vec![webhook("acme", hook.url())]),
+        meridian_feed::ReplayFrom::Cursor(0),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(replayed as usize, before + 1);
     assert_eq!(hook.changes().len(), 2 * (before + 1));
     assert_causal(&hook.changes()[before + 1..]);
-}
-
-fn stored(doc: &mut automerge::AutoCommit) -> StoredChange {
-    let change = doc.get_last_local_change().unwrap().clone();
-    StoredChange {
-        hash: ChangeHash(change.hash().0),
-        bytes: Bytes::copy_from_slice(change.raw_bytes()),
-        user: UserId::new("writer").unwrap(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +157,9 @@ async fn a_log_out_of_causal_order_is_delivered_in_order_and_failures_are_dead_l
             .unwrap();
     }
     let hook = receiver(Vec::new(), Act::Ok).await;
-    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())]))
+        .await
+        .unwrap();
     hook.wait_for(4).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let order: Vec<String> = hook
@@ -319,7 +182,7 @@ async fn a_log_out_of_causal_order_is_delivered_in_order_and_failures_are_dead_l
     let broken = receiver(Vec::new(), Act::Fail).await;
     let mut cfg = config(dir.path(), vec![webhook("acme", broken.url())]);
     cfg.delivery.attempts_max = 3;
-    let feed = meridian_feed::start(cfg).unwrap();
+    let feed = meridian_feed::start(cfg).await.unwrap();
     let state = FeedState::open(dir.path(), "test").unwrap();
     let acme = TenantId::new("acme").unwrap();
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -353,12 +216,17 @@ async fn refused_targets_stop_the_feed_from_starting() {
     let mut hook = webhook("acme", "http://hooks.evil.example/in".into());
     hook.allowed_hosts = vec!["hooks.acme.example".into()];
     let error = meridian_feed::start(config(dir.path(), vec![hook]))
+        .await
         .err()
         .expect("refused");
     assert!(error.to_string().contains("allow-list"), "{error}");
     let mut hook = webhook("acme", "http://127.0.0.1:9/in".into());
     hook.secrets.clear();
-    assert!(meridian_feed::start(config(dir.path(), vec![hook])).is_err());
+    assert!(
+        meridian_feed::start(config(dir.path(), vec![hook]))
+            .await
+            .is_err()
+    );
 }
 
 /// A purged document's changes are never delivered (the feed log's records of it are
@@ -402,7 +270,9 @@ async fn a_purge_is_delivered_as_an_event_and_its_document_never_again() {
     store.purge(&tombstone).await.unwrap();
 
     let hook = receiver(Vec::new(), Act::Ok).await;
-    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())]))
+        .await
+        .unwrap();
     hook.wait_for(2).await;
     let purge_events = || {
         hook.seen
@@ -441,7 +311,9 @@ async fn a_purge_is_delivered_as_an_event_and_its_document_never_again() {
     feed.shutdown().await;
 
     // Restarted, the feed does not announce the purge again.
-    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())])).unwrap();
+    let feed = meridian_feed::start(config(dir.path(), vec![webhook("acme", hook.url())]))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(purge_events().len(), 1);
     assert_eq!(hook.changes().len(), 2);
@@ -479,7 +351,7 @@ async fn the_tenants_allow_list_in_the_control_plane_decides_what_a_webhook_may_
     };
 
     // Unknown to the control plane: paused.
-    let feed = meridian_feed::start(with_control()).unwrap();
+    let feed = meridian_feed::start(with_control()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(hook.seen.lock().unwrap().requests, 0);
     feed.shutdown().await;
@@ -493,11 +365,12 @@ async fn the_tenants_allow_list_in_the_control_plane_decides_what_a_webhook_may_
         .set_webhook_hosts(&key.tenant, &["hooks.acme.example".to_string()])
         .await
         .unwrap();
-    let feed = meridian_feed::start(with_control()).unwrap();
+    let feed = meridian_feed::start(with_control()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(hook.seen.lock().unwrap().requests, 0);
     feed.shutdown().await;
-    let refused = meridian_feed::replay(with_control(), 0, None).await;
+    let refused =
+        meridian_feed::replay(with_control(), meridian_feed::ReplayFrom::Cursor(0), None).await;
     assert!(
         matches!(refused, Err(meridian_feed::FeedError::Refused { .. })),
         "{refused:?}"
@@ -509,7 +382,7 @@ async fn the_tenants_allow_list_in_the_control_plane_decides_what_a_webhook_may_
         .set_webhook_hosts(&key.tenant, &["127.0.0.1".to_string()])
         .await
         .unwrap();
-    let feed = meridian_feed::start(with_control()).unwrap();
+    let feed = meridian_feed::start(with_control()).await.unwrap();
     hook.wait_for(1).await;
     feed.shutdown().await;
 }

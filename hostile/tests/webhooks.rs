@@ -66,7 +66,7 @@ const LOOPBACK: Reach = Reach {
 fn config(root: &std::path::Path, webhooks: Vec<Webhook>, attempts: u32) -> FeedConfig {
     FeedConfig {
         id: "hostile".into(),
-        store_root: root.to_path_buf(),
+        source: meridian_feed::FeedSource::Local(root.to_path_buf()),
         webhooks,
         order: Default::default(),
         delivery: DeliveryConfig {
@@ -119,6 +119,7 @@ async fn a_hanging_or_failing_receiver_holds_up_only_its_own_tenant() {
         ],
         1000,
     ))
+    .await
     .unwrap();
     let state = FeedState::open(dir.path(), "hostile").unwrap();
     let acme = TenantId::new("acme").unwrap();
@@ -166,6 +167,7 @@ async fn webhooks_never_reach_addresses_they_were_not_allowed_nor_follow_redirec
         ],
         2,
     ))
+    .await
     .unwrap();
     let state = FeedState::open(dir.path(), "hostile").unwrap();
     for tenant in ["mallory", "eve", "trent"] {

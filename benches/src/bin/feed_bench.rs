@@ -138,7 +138,7 @@ impl Chains {
 fn config(root: &std::path::Path, url: String) -> Result<FeedConfig> {
     Ok(FeedConfig {
         id: "bench".into(),
-        store_root: root.to_path_buf(),
+        source: meridian_feed::FeedSource::Local(root.to_path_buf()),
         webhooks: vec![Webhook {
             tenant: TenantId::new("bench")?,
             url,
@@ -189,7 +189,7 @@ async fn main() -> Result<()> {
             docs,
         } => {
             let mut chains = Chains::new(docs)?;
-            let feed = meridian_feed::start(config(dir.path(), url)?)?;
+            let feed = meridian_feed::start(config(dir.path(), url)?).await?;
             let per_flush = (rate * FLUSH_EVERY.as_millis() as u64 / 1000).max(1) as usize;
             let flushes = seconds * 1000 / FLUSH_EVERY.as_millis() as u64;
             let mut tick = tokio::time::interval(FLUSH_EVERY);
@@ -235,7 +235,7 @@ async fn main() -> Result<()> {
                 left -= n;
             }
             let started = Instant::now();
-            let feed = meridian_feed::start(config(dir.path(), url)?)?;
+            let feed = meridian_feed::start(config(dir.path(), url)?).await?;
             wait_for(&received, changes, Duration::from_secs(600)).await?;
             let took = started.elapsed();
             feed.shutdown().await;

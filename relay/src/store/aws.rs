@@ -1093,6 +1093,70 @@ impl AwsStore {
         }
     }
 
+    /// The DynamoDB client and the table's name (the change feed keeps its lease,
+    /// checkpoints and dead letters in the table, under partitions starting with `#`).
+    pub fn table_client(&self) -> (&aws_sdk_dynamodb::Client, &str) {
+        (&self.dynamodb, &self.config.table)
+    }
+
+    /// The store's settings.
+    pub fn config(&self) -> &AwsConfig {
+        &self.config
+    }
+
+    /// One change item read back (consistent read) with its write time; `None` when the
+    /// table has no such item. The change feed reads an item this way when its stream
+    /// record does not carry usable bytes.
+    pub async fn change_item(
+        &self,
+        key: &DocKey,
+        hash: &ChangeHash,
+    ) -> Result<Option<(StoredChange, u64)>, StoreError> {
+        let output = self
+            .dynamodb
+            .get_item()
+            .table_name(&self.config.table)
+            .consistent_read(true)
+            .key("pk", AttributeValue::S(partition(key)))
+            .key("sk", AttributeValue::S(format!("c#{}", hash.to_hex())))
+            .send()
+            .await
+            .map_err(|e| unavailable("GetItem", e))?;
+        let Some(item) = output.item else {
+            return Ok(None);
+        };
+        let wt = number(&item, "wt").unwrap_or(0);
+        Ok(self
+            .change_of(&item, None)
+            .await?
+            .map(|change| (change, wt)))
+    }
+
+    /// Every change of a document written at or after `since_ms`, with its write time,
+    /// oldest first (the write-time index): the change feed's replay from the table, for
+    /// history the stream no longer holds.
+    pub async fn changes_written_since(
+        &self,
+        key: &DocKey,
+        since_ms: u64,
+    ) -> Result<Vec<(StoredChange, u64)>, StoreError> {
+        let items = self
+            .query(key, "pk = :pk AND wt >= :since", None, Some(since_ms))
+            .await?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let wt = number(&item, "wt").unwrap_or(0);
+            if let Some(change) = self.change_of(&item, None).await?
+                && seen.insert(change.hash)
+            {
+                out.push((change, wt));
+            }
+        }
+        out.sort_by_key(|(_, wt)| *wt);
+        Ok(out)
+    }
+
     async fn get_object(&self, object: &str) -> Result<Bytes, StoreError> {
         let output = self
             .s3
