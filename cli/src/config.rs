@@ -1009,7 +1009,7 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -1099,7 +1099,9 @@ mod tests {
 
     /// Renders a Terraform template the way `templatefile` would for one iteration of
     /// every loop (loop lines dropped), with `value` for each `${...}` expression.
-    fn render_template(relative: &str, value: impl Fn(&str) -> String) -> String {
+    /// Fills a Terraform template's `${...}` with `value` (loops and conditionals are
+    /// left out: their bodies render once).
+    pub(crate) fn render_template(relative: &str, value: impl Fn(&str) -> String) -> String {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
         let template = std::fs::read_to_string(path).unwrap();
         let mut out = String::new();

@@ -748,6 +748,7 @@ async fn start_feed(
             tenant: DEV_TENANT.into(),
             url: url.into(),
             secrets: vec![secret.into()],
+            secrets_file: None,
             allowed_hosts: Vec::new(),
             allow_loopback: true,
             allow_private: false,

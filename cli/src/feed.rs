@@ -122,7 +122,12 @@ pub struct WebhookSection {
     pub tenant: String,
     pub url: String,
     /// The current secret first; two during a rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<String>,
+    /// A file of secrets, one per line, the current one first (what Terraform's boot
+    /// script writes from Secrets Manager); added after `secrets`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_file: Option<PathBuf>,
     /// Hosts this tenant allows (`*.domain` for subdomains); empty: any public host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_hosts: Vec<String>,
@@ -195,7 +200,7 @@ impl FeedFile {
                 tenant: TenantId::new(w.tenant.as_str())
                     .map_err(|e| anyhow::anyhow!("[[webhooks]] tenant {:?}: {e}", w.tenant))?,
                 url: w.url.clone(),
-                secrets: w.secrets.iter().map(|s| s.as_bytes().to_vec()).collect(),
+                secrets: webhook_secrets(w, base)?,
                 allowed_hosts: w.allowed_hosts.clone(),
                 reach: Reach {
                     loopback: w.allow_loopback,
@@ -228,6 +233,30 @@ impl FeedFile {
             },
         })
     }
+}
+
+/// A webhook's secrets: those given inline, then those of its `secrets_file`.
+fn webhook_secrets(webhook: &WebhookSection, base: &Path) -> Result<Vec<Vec<u8>>> {
+    let mut secrets: Vec<Vec<u8>> = webhook
+        .secrets
+        .iter()
+        .map(|s| s.as_bytes().to_vec())
+        .collect();
+    if let Some(path) = &webhook.secrets_file {
+        let path = base.join(path);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read the secrets of {}'s webhook", webhook.tenant))?;
+        secrets.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(|line| line.as_bytes().to_vec()),
+        );
+        if secrets.is_empty() {
+            bail!("{} holds no secret", path.display());
+        }
+    }
+    Ok(secrets)
 }
 
 pub async fn run(args: FeedArgs) -> Result<()> {
@@ -369,6 +398,50 @@ mod tests {
         assert!(
             matches!(&config.source, FeedSource::Local(root) if root == Path::new("/var/lib/meridian/durable"))
         );
+    }
+
+    #[test]
+    fn the_terraform_feed_template_renders_a_config_the_feed_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("acme.secrets");
+        std::fs::write(&secrets, "whsec-current\nwhsec-previous\n").unwrap();
+        let secrets_file = serde_json::to_string(&secrets).unwrap();
+        let value = |expr: &str| -> String {
+            match expr {
+                "jsonencode(feed_id)" => "\"main\"".into(),
+                "jsonencode(jurisdiction)" => "\"eu\"".into(),
+                "lease_ms" => "30000".into(),
+                "poll_interval_ms" => "500".into(),
+                "jsonencode(durable_table)" => "\"meridian-changes-eu\"".into(),
+                "jsonencode(durable_bucket)" => "\"meridian-snapshots-eu-eu-west-1\"".into(),
+                "jsonencode(region)" => "\"eu-west-1\"".into(),
+                "metrics_port" => "9102".into(),
+                "jsonencode(control_table)" => "\"meridian-control\"".into(),
+                "jsonencode(control_region)" => "\"eu-west-1\"".into(),
+                "jsonencode(webhook.tenant)" => "\"acme\"".into(),
+                "jsonencode(webhook.url)" => "\"https://hooks.acme.example/meridian\"".into(),
+                "jsonencode(format(\"/etc/meridian/webhooks/%s.secrets\", webhook.tenant))" => {
+                    secrets_file.clone()
+                }
+                "jsonencode(webhook.allowed_hosts)" => "[\"hooks.acme.example\"]".into(),
+                "webhook.allow_private" => "false".into(),
+                other => panic!("the feed template uses ${{{other}}}: add it to this test"),
+            }
+        };
+        let text = crate::config::tests::render_template(
+            "../terraform/modules/feed/templates/feed.toml.tftpl",
+            value,
+        );
+        let file: FeedFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let config = file.to_config(Path::new("/etc/meridian")).unwrap();
+        assert!(
+            matches!(&config.source, FeedSource::Aws { store, .. } if store.table == "meridian-changes-eu" && store.region == "eu-west-1")
+        );
+        assert_eq!(
+            config.webhooks[0].secrets,
+            vec![b"whsec-current".to_vec(), b"whsec-previous".to_vec()]
+        );
+        assert!(config.control.is_some());
     }
 
     #[test]

@@ -162,6 +162,27 @@ def router(config: str) -> None:
     )
 
 
+def feed(config: str) -> None:
+    try:
+        doc = tomllib.loads(config)
+    except tomllib.TOMLDecodeError as err:
+        failures.append(f"feed_config: not TOML: {err}")
+        return
+    check(set(doc) == {"feed", "durable", "metrics", "control", "webhooks"}, f"feed_config: sections {set(doc)}")
+    check(
+        doc.get("durable") == {"kind": "dynamodb", "table": "meridian-changes-eu",
+                               "bucket": "meridian-snapshots-eu-eu-west-1", "region": "eu-west-1"},
+        f"feed_config: [durable] {doc.get('durable')}",
+    )
+    check(
+        doc.get("webhooks") == [{"tenant": "acme", "url": "https://hooks.acme.example/meridian",
+                                 "secrets_file": "/etc/meridian/webhooks/acme.secrets",
+                                 "allowed_hosts": ["hooks.acme.example"], "allow_private": False}],
+        f"feed_config: webhooks {doc.get('webhooks')}",
+    )
+    check("secret" not in json.dumps(doc.get("feed")), "feed_config: a secret in [feed]")
+
+
 def boot_script(script: str, name: str, service: str, config: str, features: dict[str, bool]) -> None:
     result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
     check(result.returncode == 0, f"{name}: bash -n: {result.stderr.strip()}")
@@ -201,7 +222,14 @@ def rendered(path: str) -> None:
     )
     boot_script(
         outputs["router_user_data"], "router_user_data", "router", outputs["router_config"],
-        {"mkfs.xfs": False, "gossip.key": False, "describe-instances": False, "amazon-cloudwatch-agent-ctl": False},
+        {"mkfs.xfs": False, "gossip.key": False, "describe-instances": False, "amazon-cloudwatch-agent-ctl": False,
+         "/etc/meridian/webhooks/": False},
+    )
+    feed(outputs["feed_config"])
+    boot_script(
+        outputs["feed_user_data"], "feed_user_data", "feed", outputs["feed_config"],
+        {"mkfs.xfs": False, "gossip.key": False, "describe-instances": False,
+         'secret "arn:aws:secretsmanager:eu-west-1:111122223333:secret:acme-hook-AbCdEf" > "/etc/meridian/webhooks/acme.secrets"': True},
     )
 
 

@@ -108,6 +108,48 @@ module "cell_eu_b" {
   deletion_protection     = var.deletion_protection
 }
 
+# The change feed, in every region of the jurisdiction: one lease, one delivers.
+module "feed_eu_west_1" {
+  source    = "../../modules/feed"
+  providers = { aws = aws.eu_west_1 }
+
+  jurisdiction           = module.eu.jurisdiction
+  durable_table          = module.eu.change_table_name
+  durable_bucket         = module.eu_storage_eu_west_1.bucket_name
+  kms_key_arn            = module.eu_storage_eu_west_1.kms_key_arn
+  control_table          = module.eu.control_table_name
+  control_region         = module.eu.control_table_region
+  control_kms_key_arn    = module.eu_storage_eu_west_1.kms_key_arn
+  webhooks               = lookup(var.webhooks, "eu", [])
+  vpc_id                 = var.networks["eu-west-1"].vpc_id
+  subnet_ids             = var.networks["eu-west-1"].subnet_ids
+  metrics_cidr           = var.metrics_cidr
+  meridian_binary_url    = var.meridian_binary_url
+  meridian_binary_sha256 = var.meridian_binary_sha256
+  binary_bucket_arn      = var.binary_bucket_arn
+}
+
+# The change feed, in every region of the jurisdiction: one lease, one delivers.
+module "feed_eu_central_1" {
+  source    = "../../modules/feed"
+  providers = { aws = aws.eu_central_1 }
+
+  jurisdiction           = module.eu.jurisdiction
+  durable_table          = module.eu.change_table_name
+  durable_bucket         = module.eu_storage_eu_central_1.bucket_name
+  kms_key_arn            = module.eu_storage_eu_central_1.kms_key_arn
+  control_table          = module.eu.control_table_name
+  control_region         = module.eu.control_table_region
+  control_kms_key_arn    = module.eu_storage_eu_west_1.kms_key_arn
+  webhooks               = lookup(var.webhooks, "eu", [])
+  vpc_id                 = var.networks["eu-central-1"].vpc_id
+  subnet_ids             = var.networks["eu-central-1"].subnet_ids
+  metrics_cidr           = var.metrics_cidr
+  meridian_binary_url    = var.meridian_binary_url
+  meridian_binary_sha256 = var.meridian_binary_sha256
+  binary_bucket_arn      = var.binary_bucket_arn
+}
+
 # --- us -------------------------------------------------------------------------------
 
 module "us_storage_us_east_1" {
@@ -155,6 +197,27 @@ module "cell_us_a" {
   tenants                 = lookup(var.tenants, "us", [])
   alarm_actions           = lookup(var.alarm_actions, "us-east-1", [])
   deletion_protection     = var.deletion_protection
+}
+
+# The change feed, in every region of the jurisdiction: one lease, one delivers.
+module "feed_us_east_1" {
+  source    = "../../modules/feed"
+  providers = { aws = aws.us_east_1 }
+
+  jurisdiction           = module.us.jurisdiction
+  durable_table          = module.us.change_table_name
+  durable_bucket         = module.us_storage_us_east_1.bucket_name
+  kms_key_arn            = module.us_storage_us_east_1.kms_key_arn
+  control_table          = module.us.control_table_name
+  control_region         = module.us.control_table_region
+  control_kms_key_arn    = module.us_storage_us_east_1.kms_key_arn
+  webhooks               = lookup(var.webhooks, "us", [])
+  vpc_id                 = var.networks["us-east-1"].vpc_id
+  subnet_ids             = var.networks["us-east-1"].subnet_ids
+  metrics_cidr           = var.metrics_cidr
+  meridian_binary_url    = var.meridian_binary_url
+  meridian_binary_sha256 = var.meridian_binary_sha256
+  binary_bucket_arn      = var.binary_bucket_arn
 }
 
 # --- Routers and global entry ---------------------------------------------------------

@@ -79,6 +79,18 @@ variable "tenants" {
   default = {}
 }
 
+variable "webhooks" {
+  description = "Per jurisdiction, the tenants' webhooks its change feed delivers to (see modules/feed)."
+  type = map(list(object({
+    tenant        = string
+    url           = string
+    allowed_hosts = list(string)
+    allow_private = bool
+    secret_arn    = string
+  })))
+  default = {}
+}
+
 variable "zone_id" {
   description = "Route 53 hosted zone of the router entry record."
   type        = string

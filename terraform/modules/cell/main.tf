@@ -80,6 +80,7 @@ locals {
     discover_seeds     = length(var.gossip_seeds) == 0
     config_b64         = base64encode(local.relay_config)
     cwagent_config_b64 = base64encode(local.cwagent_config)
+    secret_files       = {}
   })
 }
 

@@ -47,6 +47,7 @@ locals {
     discover_seeds     = false
     config_b64         = base64encode(local.router_config)
     cwagent_config_b64 = ""
+    secret_files       = {}
   })
 }
 

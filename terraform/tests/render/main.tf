@@ -6,6 +6,7 @@
 locals {
   cell_templates   = "${path.module}/../../modules/cell/templates"
   router_templates = "${path.module}/../../modules/router/templates"
+  feed_templates   = "${path.module}/../../modules/feed/templates"
 
   relay_vars = {
     cell_id        = "eu-a"
@@ -53,6 +54,22 @@ locals {
     }
   })
 
+  feed_config = templatefile("${local.feed_templates}/feed.toml.tftpl", {
+    feed_id          = "main"
+    jurisdiction     = "eu"
+    lease_ms         = 30000
+    poll_interval_ms = 500
+    durable_table    = "meridian-changes-eu"
+    durable_bucket   = "meridian-snapshots-eu-eu-west-1"
+    region           = "eu-west-1"
+    metrics_port     = 9102
+    control_table    = "meridian-control"
+    control_region   = "eu-west-1"
+    webhooks = [
+      { tenant = "acme", url = "https://hooks.acme.example/meridian", allowed_hosts = ["hooks.acme.example"], allow_private = false, secret_arn = "arn:aws:secretsmanager:eu-west-1:111122223333:secret:acme-hook-AbCdEf" },
+    ]
+  })
+
   user_data_vars = {
     service            = "relay"
     region             = "eu-west-1"
@@ -70,6 +87,7 @@ locals {
     discover_seeds     = true
     config_b64         = base64encode(local.relay_config)
     cwagent_config_b64 = base64encode("{}")
+    secret_files       = {}
   }
 }
 
@@ -108,5 +126,27 @@ output "router_user_data" {
     discover_seeds     = false
     config_b64         = base64encode(local.router_config)
     cwagent_config_b64 = ""
+    secret_files       = {}
+  }))
+}
+
+output "feed_config" {
+  value = local.feed_config
+}
+
+output "feed_user_data" {
+  value = templatefile("${local.cell_templates}/user-data.sh.tftpl", merge(local.user_data_vars, {
+    service            = "feed"
+    cell_id            = ""
+    data_volume        = "none"
+    quic_port          = 0
+    gossip_port        = 0
+    metrics_port       = 9102
+    gossip_secret_arn  = ""
+    advertise_public   = false
+    discover_seeds     = false
+    config_b64         = base64encode(local.feed_config)
+    cwagent_config_b64 = ""
+    secret_files       = { "/etc/meridian/webhooks/acme.secrets" = "arn:aws:secretsmanager:eu-west-1:111122223333:secret:acme-hook-AbCdEf" }
   }))
 }
