@@ -137,8 +137,7 @@ impl TableLog {
         self.docs.as_ref().is_some_and(VecDeque::is_empty) && self.ready.is_empty()
     }
 
-    /// The next records (at most `max`; cursors count up from `first_cursor` on the
-    /// first call, then on from the last).
+    /// The next records (at most `max`; cursors count up from 0 across calls).
     pub async fn read(&mut self, max: usize) -> Result<Vec<FeedRecord>, FeedError> {
         if self.docs.is_none() {
             let docs = self
@@ -429,6 +428,7 @@ impl StreamLog {
                 }
             }
         };
+        let iterator_for_retry = iterator.clone();
         let result = self
             .streams
             .get_records()
@@ -438,6 +438,18 @@ impl StreamLog {
             .await;
         let output = match result {
             Ok(output) => output,
+            Err(error)
+                if error
+                    .as_service_error()
+                    .is_some_and(|e| e.is_limit_exceeded_exception()) =>
+            {
+                // Throttled: the same iterator next round.
+                crate::metrics::stream_throttled();
+                if let Some(shard) = self.shards.get_mut(id) {
+                    shard.iterator = Some(iterator_for_retry);
+                }
+                return Ok(());
+            }
             Err(error)
                 if error
                     .as_service_error()

@@ -30,6 +30,8 @@ pub const REFUSED_BY_POLICY: &str = "meridian_feed_refused_by_policy";
 pub const LEADER: &str = "meridian_feed_leader";
 /// Stream records read (every tenant's; a pipeline skips other tenants' at once).
 pub const STREAM_RECORDS: &str = "meridian_feed_stream_records_total";
+/// `GetRecords` calls throttled (the shard is read again next round).
+pub const STREAM_THROTTLED: &str = "meridian_feed_stream_throttled_total";
 /// Times a pipeline read its tenant's changes from the table because its checkpoint's
 /// stream position was gone (older than the stream's 24 hours, or a disabled stream).
 pub const TABLE_CATCH_UPS: &str = "meridian_feed_table_catch_ups_total";
@@ -53,6 +55,7 @@ pub fn describe() {
     );
     metrics::describe_gauge!(LEADER, "1 while this process holds the feed's lease");
     metrics::describe_counter!(STREAM_RECORDS, "DynamoDB Streams records read");
+    metrics::describe_counter!(STREAM_THROTTLED, "GetRecords calls throttled");
     metrics::describe_counter!(
         TABLE_CATCH_UPS,
         "catch-ups from the table after a checkpoint's stream position was gone"
@@ -120,4 +123,8 @@ pub(crate) fn stream_records(count: usize) {
 
 pub(crate) fn table_catch_up() {
     metrics::counter!(TABLE_CATCH_UPS).increment(1);
+}
+
+pub(crate) fn stream_throttled() {
+    metrics::counter!(STREAM_THROTTLED).increment(1);
 }

@@ -23,6 +23,11 @@
 //! window, and an item replicated late from another region, are what the second sweep
 //! deletes.
 //!
+//! The change feed (`meridian-feed`) reads the table's stream and keeps its own items in
+//! partitions starting with `#feed` (its lease, checkpoints, announced purges) and
+//! `#dead-letter#` (its dead letters); [`AwsStore::change_item`] and
+//! [`AwsStore::changes_written_since`] are its reads.
+//!
 //! Cold loads read the newest snapshot and only the change items written since shortly
 //! before it, through the local secondary index `by_wt` (`pk`, `wt`): `replication_margin`
 //! covers items replicated late from other regions.
