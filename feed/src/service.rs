@@ -555,7 +555,12 @@ impl Durable {
     async fn tombstones(&self) -> Result<Vec<Tombstone>, FeedError> {
         let result = match self {
             Durable::Local { store, .. } => store.tombstones().await,
-            Durable::Aws(aws) => aws.store.tombstones().await,
+            // Shared by the process's pipelines, read again at most once a second.
+            Durable::Aws(aws) => aws
+                .store
+                .recent_tombstones()
+                .await
+                .map(|list| list.as_ref().clone()),
         };
         result.map_err(|e| FeedError::Storage(e.to_string()))
     }

@@ -1098,6 +1098,12 @@ impl AwsStore {
         }
     }
 
+    /// The tombstones as read at most [`TOMBSTONE_REFRESH`] ago (one read per interval
+    /// for every clone of this store: the change feed's pipelines share it).
+    pub async fn recent_tombstones(&self) -> Result<Arc<Vec<Tombstone>>, StoreError> {
+        self.cached_tombstones().await
+    }
+
     /// The DynamoDB client and the table's name (the change feed keeps its lease,
     /// checkpoints and dead letters in the table, under partitions starting with `#`).
     pub fn table_client(&self) -> (&aws_sdk_dynamodb::Client, &str) {
