@@ -6,8 +6,9 @@
 //! only after its parent was read to its end (a partition's records stay in order), and
 //! keeps its tenant's change items (`INSERT`/`MODIFY` of `c#` items; removals are purges,
 //! which the tombstones announce). A record's bytes are taken from its new image when
-//! they hash to the item's key, and read from the table otherwise (a `KEYS_ONLY` stream,
-//! a change kept in S3).
+//! they hash to the item's key (moto_server's images encode them in base64 once too
+//! often: decoded once more, and checked the same way), and read from the table otherwise
+//! (a `KEYS_ONLY` stream, a change kept in S3).
 //!
 //! **Checkpoints.** A [`StreamCheckpoint`] names, per shard, the sequence number to read
 //! again from (the first record not yet delivered) or after (everything read was
@@ -593,6 +594,17 @@ impl StreamLog {
             Some(StreamValue::B(blob)) => Some(Bytes::copy_from_slice(blob.as_ref())),
             _ => None,
         };
+        // moto_server (5.1) encodes a binary attribute of a stream image in base64 twice:
+        // such bytes are decoded once more, and accepted only if they hash to the key.
+        let inline = inline.map(|bytes| {
+            if hashes_to(&bytes, &hash) {
+                return bytes;
+            }
+            std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| aws_smithy_types::base64::decode(text).ok())
+                .map_or(bytes, Bytes::from)
+        });
         if let (Some(bytes), Some(user)) = (inline, user)
             && hashes_to(&bytes, &hash)
         {

@@ -4,6 +4,8 @@
 //!
 //!   feed-bench lag --rate 1000 --seconds 20 --docs 100
 //!   feed-bench throughput --changes 50000 --docs 100
+//!   feed-bench --moto http://127.0.0.1:5000 lag ...   (a fresh table on a moto_server:
+//!                                                      the feed reads its stream)
 //!
 //! `lag` writes `rate` changes per second and measures, per change, from its durable
 //! write (`durable_at`) to the receiver's receipt: p50, p99 and max. `throughput` writes
@@ -21,10 +23,14 @@ use meridian_feed::target::Reach;
 use meridian_feed::{DeliveryConfig, FeedConfig, Webhook};
 use meridian_protocol::{ChangeHash, DocId, TenantId, UserId};
 use meridian_relay::engine::{DocKey, StoredChange};
-use meridian_relay::store::{DurableStore, LocalDirStore};
+use meridian_relay::store::{AwsStore, DurableStore, LocalDirStore};
 
 #[derive(Parser)]
 struct Args {
+    /// Write to a fresh table of the DynamoDB/S3 API at this URL (moto_server) instead of
+    /// a local store: the feed reads the table's stream.
+    #[arg(long, global = true)]
+    moto: Option<String>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -135,10 +141,10 @@ impl Chains {
     }
 }
 
-fn config(root: &std::path::Path, url: String) -> Result<FeedConfig> {
+fn config(source: meridian_feed::FeedSource, url: String) -> Result<FeedConfig> {
     Ok(FeedConfig {
         id: "bench".into(),
-        source: meridian_feed::FeedSource::Local(root.to_path_buf()),
+        source,
         webhooks: vec![Webhook {
             tenant: TenantId::new("bench")?,
             url,
@@ -180,7 +186,24 @@ async fn wait_for(received: &Shared, count: usize, limit: Duration) -> Result<()
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let store = LocalDirStore::open(dir.path())?;
+    let (store, source): (Arc<dyn DurableStore>, _) = match &args.moto {
+        None => (
+            Arc::new(LocalDirStore::open(dir.path())?),
+            meridian_feed::FeedSource::Local(dir.path().to_path_buf()),
+        ),
+        Some(endpoint) => {
+            let aws = meridian_testkit::moto::unique_config(endpoint, "bench");
+            let store = AwsStore::connect(aws.clone()).await;
+            store.ensure_resources().await?;
+            (
+                Arc::new(store),
+                meridian_feed::FeedSource::Aws {
+                    store: Box::new(aws),
+                    lease: Duration::from_secs(10),
+                },
+            )
+        }
+    };
     let (url, received) = receiver().await?;
     match args.mode {
         Mode::Lag {
@@ -189,7 +212,7 @@ async fn main() -> Result<()> {
             docs,
         } => {
             let mut chains = Chains::new(docs)?;
-            let feed = meridian_feed::start(config(dir.path(), url)?).await?;
+            let feed = meridian_feed::start(config(source.clone(), url)?).await?;
             let per_flush = (rate * FLUSH_EVERY.as_millis() as u64 / 1000).max(1) as usize;
             let flushes = seconds * 1000 / FLUSH_EVERY.as_millis() as u64;
             let mut tick = tokio::time::interval(FLUSH_EVERY);
@@ -214,6 +237,7 @@ async fn main() -> Result<()> {
                 "{}",
                 serde_json::json!({
                     "mode": "lag",
+                    "source": if args.moto.is_some() { "moto stream" } else { "local log" },
                     "changes": written,
                     "rate_per_s": (written as f64 / wrote_for.as_secs_f64()).round(),
                     "docs": docs,
@@ -235,7 +259,7 @@ async fn main() -> Result<()> {
                 left -= n;
             }
             let started = Instant::now();
-            let feed = meridian_feed::start(config(dir.path(), url)?).await?;
+            let feed = meridian_feed::start(config(source.clone(), url)?).await?;
             wait_for(&received, changes, Duration::from_secs(600)).await?;
             let took = started.elapsed();
             feed.shutdown().await;
@@ -243,6 +267,7 @@ async fn main() -> Result<()> {
                 "{}",
                 serde_json::json!({
                     "mode": "throughput",
+                    "source": if args.moto.is_some() { "moto stream" } else { "local log" },
                     "changes": changes,
                     "docs": docs,
                     "seconds": (took.as_secs_f64() * 100.0).round() / 100.0,
