@@ -387,8 +387,8 @@ async fn revocations_are_kept_until_they_expire_and_never_move_back() {
     }
 }
 
-/// Object versions left under a document's S3 prefix (all of them, delete markers too).
-async fn versions_under(config: &meridian_relay::store::AwsConfig, prefix: &str) -> usize {
+/// An S3 client of moto's, for what the store does not do itself.
+async fn s3_client(config: &meridian_relay::store::AwsConfig) -> aws_sdk_s3::Client {
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .region(aws_config::Region::new(config.region.clone()))
         .endpoint_url(config.endpoint.clone().unwrap())
@@ -397,12 +397,17 @@ async fn versions_under(config: &meridian_relay::store::AwsConfig, prefix: &str)
         ))
         .load()
         .await;
-    let s3 = aws_sdk_s3::Client::from_conf(
+    aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)
             .build(),
-    );
-    let listed = s3
+    )
+}
+
+/// Object versions left under a document's S3 prefix (all of them, delete markers too).
+async fn versions_under(config: &meridian_relay::store::AwsConfig, prefix: &str) -> usize {
+    let listed = s3_client(config)
+        .await
         .list_object_versions()
         .bucket(&config.bucket)
         .prefix(prefix)
@@ -410,6 +415,67 @@ async fn versions_under(config: &meridian_relay::store::AwsConfig, prefix: &str)
         .await
         .unwrap();
     listed.versions().len() + listed.delete_markers().len()
+}
+
+/// The snapshot buckets Terraform creates have Object Lock with a default retention in
+/// GOVERNANCE mode: a purge still deletes every version of the document's objects (it
+/// bypasses the retention, which the operator's identity must be allowed to do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_deletes_object_versions_under_governance_retention() {
+    use aws_sdk_s3::types::{
+        DefaultRetention, ObjectLockConfiguration, ObjectLockEnabled, ObjectLockRetentionMode,
+        ObjectLockRule,
+    };
+    use meridian_relay::purge::{Purged, Tombstone};
+    let config = moto::unique_config(&moto::endpoint(), "eu");
+    let s3 = s3_client(&config).await;
+    s3.create_bucket()
+        .bucket(&config.bucket)
+        .object_lock_enabled_for_bucket(true)
+        .send()
+        .await
+        .unwrap();
+    s3.put_object_lock_configuration()
+        .bucket(&config.bucket)
+        .object_lock_configuration(
+            ObjectLockConfiguration::builder()
+                .object_lock_enabled(ObjectLockEnabled::Enabled)
+                .rule(
+                    ObjectLockRule::builder()
+                        .default_retention(
+                            DefaultRetention::builder()
+                                .mode(ObjectLockRetentionMode::Governance)
+                                .days(30)
+                                .build(),
+                        )
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let store = meridian_relay::store::AwsStore::connect(config.clone()).await;
+    store.ensure_resources().await.unwrap();
+    let doomed = key("locked");
+    let (source, written) = changes(20, 10);
+    let (_, large) = changes(1, 450_000);
+    store
+        .write_changes(&keyed(&doomed, &written))
+        .await
+        .unwrap();
+    store.write_changes(&keyed(&doomed, &large)).await.unwrap();
+    store
+        .write_snapshot(&doomed, &snapshot_at(&source, &written, 10))
+        .await
+        .unwrap();
+    let prefix = format!("acme/{}/", hex::encode("locked"));
+    assert_eq!(versions_under(&config, &prefix).await, 2);
+    let acme = TenantId::new("acme").unwrap();
+    let tombstone = Tombstone::new(&acme, Purged::Doc("locked".into()), "ops@example", 1, 0);
+    let report = store.purge(&tombstone).await.unwrap();
+    assert_eq!(report.objects, 2, "{report:?}");
+    assert_eq!(versions_under(&config, &prefix).await, 0);
 }
 
 /// A purge stores its tombstone, deletes the document's changes and snapshots (on AWS

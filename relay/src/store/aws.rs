@@ -1078,10 +1078,13 @@ impl AwsStore {
                     .quiet(true)
                     .build()
                     .map_err(|e| StoreError::Unavailable(format!("request: {e}")))?;
+                // The buckets keep snapshots under Object Lock (GOVERNANCE): a purge
+                // deletes them anyway, as an identity allowed to bypass the retention.
                 let output = self
                     .s3
                     .delete_objects()
                     .bucket(&self.config.bucket)
+                    .bypass_governance_retention(true)
                     .delete(delete)
                     .send()
                     .await
