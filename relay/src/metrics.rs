@@ -90,6 +90,10 @@ fn describe() {
         "meridian_purge_sweeps_total",
         "Second sweeps of purges this node ran, by result (ok, error)."
     );
+    describe_counter!(
+        "meridian_purge_objects_left_total",
+        "S3 objects a second sweep found written after a purge and could not delete (the operator's purge command must)."
+    );
     describe_gauge!(
         "meridian_revocations",
         "Token and user revocations in force, as this node last read them."
@@ -390,6 +394,11 @@ pub fn tombstones_in_force(count: usize) {
 /// The tombstones could not be read from the durable tier.
 pub fn tombstone_read_failed() {
     counter!("meridian_tombstone_read_errors_total").increment(1);
+}
+
+/// A second sweep found S3 objects written after the purge that this node may not delete.
+pub fn purge_objects_left(count: u64) {
+    counter!("meridian_purge_objects_left_total").increment(count);
 }
 
 /// A second sweep of a purge ran on this node (`ok`: it finished).

@@ -1357,16 +1357,19 @@ async fn poll_tombstones(
     }
 }
 
-/// The second sweep: the purge again (every node that finds it due runs it: deleting
-/// twice is harmless, and a node that dies mid-sweep leaves it to the others), then the
-/// tombstone marked swept; the one node that marks it writes the audit record (`by`: the
-/// relay node that ran it).
+/// The second sweep: the purge again, as a relay may (every node that finds it due runs
+/// it: deleting twice is harmless, and a node that dies mid-sweep leaves it to the
+/// others), then the tombstone marked swept; the one node that marks it writes the audit
+/// record (`by`: the relay node that ran it), with the objects it could not delete.
 async fn sweep(
     store: &dyn DurableStore,
     tombstone: &crate::purge::Tombstone,
     by: &str,
 ) -> Result<(), crate::store::StoreError> {
-    let report = store.purge(tombstone).await?;
+    let report = store.sweep(tombstone).await?;
+    if report.objects_left > 0 {
+        crate::metrics::purge_objects_left(report.objects_left);
+    }
     if !store.claim_sweep(tombstone).await? {
         return Ok(());
     }

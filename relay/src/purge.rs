@@ -148,6 +148,14 @@ pub struct PurgeReport {
     pub snapshots: u64,
     /// Object versions deleted (S3), or feed log records blanked (local store).
     pub objects: u64,
+    /// S3 objects this identity could not delete (a relay's sweep under Object Lock: the
+    /// operator's purge command deletes them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub objects_left: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl PurgeReport {
@@ -157,6 +165,7 @@ impl PurgeReport {
         self.changes += other.changes;
         self.snapshots += other.snapshots;
         self.objects += other.objects;
+        self.objects_left += other.objects_left;
     }
 }
 

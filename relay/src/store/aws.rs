@@ -155,6 +155,18 @@ pub struct AwsStore {
 struct Faults {
     throttles: AtomicUsize,
     unprocessed: AtomicUsize,
+    versions_denied: std::sync::atomic::AtomicBool,
+}
+
+/// Why deleting object versions failed: refused to this identity, or anything else.
+enum Denied {
+    Denied(String),
+    Other(StoreError),
+}
+
+/// Whether an S3 error is `AccessDenied`.
+fn access_denied(error: &impl aws_sdk_s3::error::ProvideErrorMetadata) -> bool {
+    error.code() == Some("AccessDenied")
 }
 
 impl AwsStore {
@@ -961,7 +973,11 @@ impl AwsStore {
 
     /// Stores the tombstone, then deletes every item of each covered document and every
     /// version of its S3 objects in this region's bucket.
-    async fn purge_all(&self, tombstone: &Tombstone) -> Result<PurgeReport, StoreError> {
+    async fn purge_all(
+        &self,
+        tombstone: &Tombstone,
+        sweeping: bool,
+    ) -> Result<PurgeReport, StoreError> {
         let json = serde_json::to_string(tombstone)
             .map_err(|e| StoreError::Corrupt(format!("tombstone: {e}")))?;
         // Stored unless this purge's tombstone is there already (a sweep leaves its
@@ -1036,16 +1052,56 @@ impl AwsStore {
             Purged::Doc(doc) => format!("{}/{}/", tombstone.tenant, hex::encode(doc)),
             Purged::Tenant => format!("{}/", tombstone.tenant),
         };
-        report.objects = self.delete_versions(&prefix).await?;
+        match self.delete_versions(&prefix).await {
+            Ok(deleted) => report.objects = deleted,
+            // A relay's role may not delete versions: what is there was written after the
+            // purge (the purge deleted the rest), and is left to the operator.
+            Err(Denied::Denied(why)) if sweeping => {
+                report.objects_left = self.count_objects(&prefix).await?;
+                if report.objects_left > 0 {
+                    tracing::warn!(prefix, left = report.objects_left, %why, "objects written after a purge need the operator's purge command (this identity may not delete object versions)");
+                }
+            }
+            Err(Denied::Denied(why)) => return Err(StoreError::Unavailable(why)),
+            Err(Denied::Other(error)) => return Err(error),
+        }
         Ok(report)
     }
 
+    /// How many objects (current versions) are under `prefix`.
+    async fn count_objects(&self, prefix: &str) -> Result<u64, StoreError> {
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.config.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        let mut count = 0u64;
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| unavailable("ListObjectsV2", e))?;
+            count += page.contents().len() as u64;
+        }
+        Ok(count)
+    }
+
+    /// Tests: whether deleting object versions is refused as `AccessDenied` (what a relay's
+    /// role gets on AWS; moto does not check permissions).
+    pub fn inject_versions_denied(&self, denied: bool) {
+        self.faults.versions_denied.store(denied, Ordering::SeqCst);
+    }
+
     /// Deletes every version and delete marker under `prefix`; returns how many.
-    async fn delete_versions(&self, prefix: &str) -> Result<u64, StoreError> {
+    async fn delete_versions(&self, prefix: &str) -> Result<u64, Denied> {
         use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+        if self.faults.versions_denied.load(Ordering::SeqCst) {
+            return Err(Denied::Denied(
+                "ListObjectVersions: AccessDenied (injected)".into(),
+            ));
+        }
         let mut deleted = 0u64;
         loop {
-            let listed = self
+            let listed = match self
                 .s3
                 .list_object_versions()
                 .bucket(&self.config.bucket)
@@ -1053,7 +1109,13 @@ impl AwsStore {
                 .max_keys(DELETE_OBJECTS_MAX as i32)
                 .send()
                 .await
-                .map_err(|e| unavailable("ListObjectVersions", e))?;
+            {
+                Ok(listed) => listed,
+                Err(error) if access_denied(&error) => {
+                    return Err(Denied::Denied(format!("ListObjectVersions: {error}")));
+                }
+                Err(error) => return Err(Denied::Other(unavailable("ListObjectVersions", error))),
+            };
             let mut objects = Vec::new();
             let versions = listed.versions().iter().map(|v| (v.key(), v.version_id()));
             let markers = listed
@@ -1066,7 +1128,7 @@ impl AwsStore {
                     .key(key)
                     .set_version_id(version.map(str::to_owned))
                     .build()
-                    .map_err(|e| StoreError::Unavailable(format!("request: {e}")))?;
+                    .map_err(|e| Denied::Other(StoreError::Unavailable(format!("request: {e}"))))?;
                 objects.push(object);
             }
             if objects.is_empty() {
@@ -1077,10 +1139,10 @@ impl AwsStore {
                     .set_objects(Some(chunk.to_vec()))
                     .quiet(true)
                     .build()
-                    .map_err(|e| StoreError::Unavailable(format!("request: {e}")))?;
+                    .map_err(|e| Denied::Other(StoreError::Unavailable(format!("request: {e}"))))?;
                 // The buckets keep snapshots under Object Lock (GOVERNANCE): a purge
                 // deletes them anyway, as an identity allowed to bypass the retention.
-                let output = self
+                let output = match self
                     .s3
                     .delete_objects()
                     .bucket(&self.config.bucket)
@@ -1088,13 +1150,24 @@ impl AwsStore {
                     .delete(delete)
                     .send()
                     .await
-                    .map_err(|e| unavailable("DeleteObjects", e))?;
+                {
+                    Ok(output) => output,
+                    Err(error) if access_denied(&error) => {
+                        return Err(Denied::Denied(format!("DeleteObjects: {error}")));
+                    }
+                    Err(error) => return Err(Denied::Other(unavailable("DeleteObjects", error))),
+                };
                 if let Some(error) = output.errors().first() {
-                    return Err(StoreError::Unavailable(format!(
+                    let why = format!(
                         "DeleteObjects: {} {}",
                         error.key().unwrap_or_default(),
                         error.message().unwrap_or_default()
-                    )));
+                    );
+                    return Err(if error.code() == Some("AccessDenied") {
+                        Denied::Denied(why)
+                    } else {
+                        Denied::Other(StoreError::Unavailable(why))
+                    });
                 }
                 deleted += chunk.len() as u64;
             }
@@ -1261,7 +1334,14 @@ impl DurableStore for AwsStore {
         &'a self,
         tombstone: &'a Tombstone,
     ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
-        Box::pin(self.purge_all(tombstone))
+        Box::pin(self.purge_all(tombstone, false))
+    }
+
+    fn sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
+        Box::pin(self.purge_all(tombstone, true))
     }
 
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {

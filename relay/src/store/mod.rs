@@ -175,6 +175,17 @@ pub trait DurableStore: Send + Sync + 'static {
         tombstone: &'a Tombstone,
     ) -> BoxFuture<'a, Result<PurgeReport, StoreError>>;
 
+    /// The second sweep of a purge, as a relay runs it: [`DurableStore::purge`] again,
+    /// with what a relay may do. On AWS a relay may not delete S3 object versions (they
+    /// are under Object Lock): objects written after the purge are counted in
+    /// [`PurgeReport::objects_left`] instead, for the operator's purge command.
+    fn sweep<'a>(
+        &'a self,
+        tombstone: &'a Tombstone,
+    ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
+        self.purge(tombstone)
+    }
+
     /// Every tombstone stored.
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>>;
 

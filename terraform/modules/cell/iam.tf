@@ -35,6 +35,8 @@ data "aws_iam_policy_document" "node" {
       "dynamodb:GetItem",
       "dynamodb:PutItem",
       "dynamodb:Query",
+      # The second sweep of a tenant purge lists the tenant's documents.
+      "dynamodb:Scan",
     ]
     resources = ["arn:${local.partition}:dynamodb:${local.region}:${local.account_id}:table/${var.durable_table}"]
   }
