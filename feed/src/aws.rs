@@ -34,6 +34,7 @@
 //! for the orderer's `dependency_wait`.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -77,7 +78,7 @@ pub struct StreamCheckpoint {
 }
 
 /// Where to read a shard on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ShardMark {
     /// From its oldest record.
@@ -95,6 +96,198 @@ struct Shard {
     mark: ShardMark,
     iterator: Option<String>,
     listed: bool,
+}
+
+/// `GetRecords` pages shared by every pipeline of a process. DynamoDB allows five
+/// `GetRecords` per shard per second, shared by all readers: pipelines that read a shard
+/// from the same place get the same page, fetched once. A page that brought nothing (the
+/// stream's tip) is fetched again only after `empty_ttl`, whatever the number of
+/// pipelines; pages with records stay while they fit in `bytes_max`, for pipelines a
+/// little behind. Fetches are one at a time (single flight).
+pub struct PageCache {
+    inner: tokio::sync::Mutex<Pages>,
+    empty_ttl: Duration,
+    bytes_max: usize,
+    fetched: std::sync::atomic::AtomicU64,
+    served: std::sync::atomic::AtomicU64,
+}
+
+struct Pages {
+    by_place: lru::LruCache<(String, ShardMark), Arc<Page>>,
+    bytes: usize,
+}
+
+/// One `GetRecords` answer.
+pub struct Page {
+    records: Vec<aws_sdk_dynamodbstreams::types::Record>,
+    /// The iterator for what follows (`None`: the shard ended).
+    next: Option<String>,
+    fetched_at: Instant,
+    bytes: usize,
+}
+
+/// What a pipeline gets for a shard this round.
+enum Fetched {
+    Page(Arc<Page>),
+    /// Nothing this round; read on with this iterator (`None`: a new one from the mark).
+    Again(Option<String>),
+    /// The stream no longer holds the place.
+    Lost,
+    /// The shard has no more records.
+    Ended,
+}
+
+impl PageCache {
+    /// A cache whose empty pages are fetched again after `empty_ttl`, holding at most
+    /// `bytes_max` of records.
+    pub fn new(empty_ttl: Duration, bytes_max: usize) -> Arc<Self> {
+        Arc::new(PageCache {
+            inner: tokio::sync::Mutex::new(Pages {
+                by_place: lru::LruCache::unbounded(),
+                bytes: 0,
+            }),
+            empty_ttl,
+            bytes_max,
+            fetched: std::sync::atomic::AtomicU64::new(0),
+            served: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// `GetRecords` calls made, and pages handed to pipelines.
+    pub fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.fetched.load(Relaxed), self.served.load(Relaxed))
+    }
+
+    /// The page of `shard` at `mark`: cached, or fetched with `iterator` (or the iterator
+    /// of a cached empty page at the same place, or a new one from the mark).
+    async fn page(
+        &self,
+        streams: &aws_sdk_dynamodbstreams::Client,
+        arn: &str,
+        shard: &str,
+        mark: &ShardMark,
+        iterator: Option<String>,
+    ) -> Result<Fetched, FeedError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let key = (shard.to_owned(), mark.clone());
+        let mut pages = self.inner.lock().await;
+        let mut iterator = iterator;
+        if let Some(page) = pages.by_place.get(&key) {
+            if !page.records.is_empty() || page.fetched_at.elapsed() < self.empty_ttl {
+                self.served.fetch_add(1, Relaxed);
+                return Ok(Fetched::Page(page.clone()));
+            }
+            // The tip, seen a while ago: read on from where that read left off.
+            if page.next.is_some() {
+                iterator.clone_from(&page.next);
+            }
+        }
+        let iterator = match iterator {
+            Some(iterator) => iterator,
+            None => match shard_iterator(streams, arn, shard, mark).await? {
+                Ok(Some(iterator)) => iterator,
+                Ok(None) => return Ok(Fetched::Ended),
+                Err(()) => return Ok(Fetched::Lost),
+            },
+        };
+        self.fetched.fetch_add(1, Relaxed);
+        let result = streams
+            .get_records()
+            .shard_iterator(iterator.clone())
+            .limit(GET_RECORDS_MAX)
+            .send()
+            .await;
+        let output = match result {
+            Ok(output) => output,
+            Err(error) => {
+                let Some(service) = error.as_service_error() else {
+                    return Err(storage("GetRecords", error));
+                };
+                if service.is_limit_exceeded_exception() {
+                    crate::metrics::stream_throttled();
+                    return Ok(Fetched::Again(Some(iterator)));
+                }
+                if service.is_expired_iterator_exception() {
+                    // Neither this iterator nor a cached one: a new one from the mark.
+                    if let Some(old) = pages.by_place.pop(&key) {
+                        pages.bytes = pages.bytes.saturating_sub(old.bytes);
+                    }
+                    return Ok(Fetched::Again(None));
+                }
+                if service.is_trimmed_data_access_exception()
+                    || service.is_resource_not_found_exception()
+                {
+                    return Ok(Fetched::Lost);
+                }
+                return Err(storage("GetRecords", error));
+            }
+        };
+        let records = output.records.unwrap_or_default();
+        let bytes = records
+            .iter()
+            .map(|r| {
+                r.dynamodb
+                    .as_ref()
+                    .and_then(|d| d.size_bytes)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .unwrap_or(1024)
+            })
+            .sum();
+        let page = Arc::new(Page {
+            records,
+            next: output.next_shard_iterator,
+            fetched_at: Instant::now(),
+            bytes,
+        });
+        if let Some(old) = pages.by_place.put(key, page.clone()) {
+            pages.bytes = pages.bytes.saturating_sub(old.bytes);
+        }
+        pages.bytes += page.bytes;
+        while pages.bytes > self.bytes_max && pages.by_place.len() > 1 {
+            match pages.by_place.pop_lru() {
+                Some((_, old)) => pages.bytes = pages.bytes.saturating_sub(old.bytes),
+                None => break,
+            }
+        }
+        self.served.fetch_add(1, Relaxed);
+        Ok(Fetched::Page(page))
+    }
+}
+
+/// A new iterator for `shard` at `mark`: `Ok(None)` when the shard has no more records,
+/// `Err(())` when the stream no longer holds the place.
+async fn shard_iterator(
+    streams: &aws_sdk_dynamodbstreams::Client,
+    arn: &str,
+    shard: &str,
+    mark: &ShardMark,
+) -> Result<Result<Option<String>, ()>, FeedError> {
+    let (kind, seq) = match mark {
+        ShardMark::Start => (ShardIteratorType::TrimHorizon, None),
+        ShardMark::At(seq) => (ShardIteratorType::AtSequenceNumber, Some(seq.clone())),
+        ShardMark::After(seq) => (ShardIteratorType::AfterSequenceNumber, Some(seq.clone())),
+        ShardMark::Done => return Ok(Ok(None)),
+    };
+    let result = streams
+        .get_shard_iterator()
+        .stream_arn(arn)
+        .shard_id(shard)
+        .shard_iterator_type(kind)
+        .set_sequence_number(seq)
+        .send()
+        .await;
+    match result {
+        Ok(output) => Ok(Ok(output.shard_iterator)),
+        Err(error)
+            if error.as_service_error().is_some_and(|e| {
+                e.is_trimmed_data_access_exception() || e.is_resource_not_found_exception()
+            }) =>
+        {
+            Ok(Err(()))
+        }
+        Err(error) => Err(storage("GetShardIterator", error)),
+    }
 }
 
 /// Where a handed-out record came from.
@@ -189,6 +382,7 @@ impl TableLog {
 pub struct StreamLog {
     store: AwsStore,
     streams: aws_sdk_dynamodbstreams::Client,
+    pages: Arc<PageCache>,
     tenant: TenantId,
     arn: String,
     shards: BTreeMap<String, Shard>,
@@ -207,6 +401,7 @@ impl StreamLog {
     /// stream's oldest record when there is none).
     pub async fn open(
         store: AwsStore,
+        pages: Arc<PageCache>,
         tenant: TenantId,
         checkpoint: Option<StreamCheckpoint>,
     ) -> Result<Self, FeedError> {
@@ -242,6 +437,7 @@ impl StreamLog {
         let mut log = StreamLog {
             store,
             streams,
+            pages,
             tenant,
             arn,
             shards: BTreeMap::new(),
@@ -388,94 +584,35 @@ impl StreamLog {
         let Some(shard) = self.shards.get(id) else {
             return Ok(());
         };
-        let iterator = match &shard.iterator {
-            Some(iterator) => iterator.clone(),
-            None => {
-                let (kind, seq) = match &shard.mark {
-                    ShardMark::Start => (ShardIteratorType::TrimHorizon, None),
-                    ShardMark::At(seq) => (ShardIteratorType::AtSequenceNumber, Some(seq.clone())),
-                    ShardMark::After(seq) => {
-                        (ShardIteratorType::AfterSequenceNumber, Some(seq.clone()))
-                    }
-                    ShardMark::Done => return Ok(()),
-                };
-                let result = self
-                    .streams
-                    .get_shard_iterator()
-                    .stream_arn(&self.arn)
-                    .shard_id(id)
-                    .shard_iterator_type(kind)
-                    .set_sequence_number(seq)
-                    .send()
-                    .await;
-                match result {
-                    Ok(output) => match output.shard_iterator {
-                        Some(iterator) => iterator,
-                        None => {
-                            self.finish(id);
-                            return Ok(());
-                        }
-                    },
-                    Err(error)
-                        if error.as_service_error().is_some_and(|e| {
-                            e.is_trimmed_data_access_exception()
-                                || e.is_resource_not_found_exception()
-                        }) =>
-                    {
-                        self.lost(id);
-                        return Ok(());
-                    }
-                    Err(error) => return Err(storage("GetShardIterator", error)),
-                }
-            }
-        };
-        let iterator_for_retry = iterator.clone();
-        let result = self
-            .streams
-            .get_records()
-            .shard_iterator(iterator)
-            .limit(GET_RECORDS_MAX)
-            .send()
-            .await;
-        let output = match result {
-            Ok(output) => output,
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_limit_exceeded_exception()) =>
-            {
-                // Throttled: the same iterator next round.
-                crate::metrics::stream_throttled();
+        if shard.mark == ShardMark::Done {
+            return Ok(());
+        }
+        let (mark, iterator) = (shard.mark.clone(), shard.iterator.clone());
+        let fetched = self
+            .pages
+            .page(&self.streams, &self.arn, id, &mark, iterator)
+            .await?;
+        let page = match fetched {
+            Fetched::Page(page) => page,
+            Fetched::Again(iterator) => {
+                // Throttled (the same iterator) or expired (a new one from the mark).
                 if let Some(shard) = self.shards.get_mut(id) {
-                    shard.iterator = Some(iterator_for_retry);
+                    shard.iterator = iterator;
                 }
                 return Ok(());
             }
-            Err(error)
-                if error
-                    .as_service_error()
-                    .is_some_and(|e| e.is_expired_iterator_exception()) =>
-            {
-                // Fetched again from the mark next round.
-                if let Some(shard) = self.shards.get_mut(id) {
-                    shard.iterator = None;
-                }
-                return Ok(());
-            }
-            Err(error)
-                if error.as_service_error().is_some_and(|e| {
-                    e.is_trimmed_data_access_exception() || e.is_resource_not_found_exception()
-                }) =>
-            {
+            Fetched::Lost => {
                 self.lost(id);
                 return Ok(());
             }
-            Err(error) => return Err(storage("GetRecords", error)),
+            Fetched::Ended => {
+                self.finish(id);
+                return Ok(());
+            }
         };
-        let records = output.records.unwrap_or_default();
-        crate::metrics::stream_records(records.len());
-        for record in records {
-            let Some(image) = record.dynamodb else {
+        crate::metrics::stream_records(page.records.len());
+        for record in &page.records {
+            let Some(image) = &record.dynamodb else {
                 continue;
             };
             let Some(seq) = image.sequence_number.clone() else {
@@ -503,7 +640,7 @@ impl StreamLog {
                 ));
             }
         }
-        match output.next_shard_iterator {
+        match page.next.clone() {
             Some(next) => {
                 if let Some(shard) = self.shards.get_mut(id) {
                     shard.iterator = Some(next);

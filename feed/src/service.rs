@@ -28,7 +28,7 @@ use meridian_relay::store::{AwsConfig, AwsStore, DurableStore, FeedRecord, Local
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::aws::{StreamCheckpoint, StreamLog, TableLog, TableState};
+use crate::aws::{PageCache, StreamCheckpoint, StreamLog, TableLog, TableState};
 use crate::deliver::{self, DeliverError, Tls};
 use crate::order::{FeedChange, OrderConfig, Orderer, batches};
 use crate::target::{Reach, Target, TargetError};
@@ -468,6 +468,7 @@ async fn pipelines(config: FeedConfig) -> Result<(Vec<Pipeline>, Option<LeaseTas
                 Durable::Aws(Box::new(AwsDurable {
                     store,
                     state,
+                    pages: PageCache::new(config.poll_interval.max(PAGE_FLOOR), PAGES_BYTES_MAX),
                     leader,
                 })),
                 Some((lease, held)),
@@ -537,6 +538,8 @@ enum Durable {
 struct AwsDurable {
     store: AwsStore,
     state: TableState,
+    /// `GetRecords` pages shared by the process's pipelines.
+    pages: Arc<PageCache>,
     /// Whether this process holds the feed's lease.
     leader: watch::Receiver<bool>,
 }
@@ -614,6 +617,12 @@ const RESTART_MAX: Duration = Duration::from_secs(60);
 /// A stream checkpoint whose positions did not move is saved again after this, to move
 /// its `safe_ms` on.
 const STREAM_CHECKPOINT_REFRESH: Duration = Duration::from_secs(30);
+/// How long the stream's tip, read empty, is not read again (at least): with the poll
+/// interval, what keeps a process under DynamoDB's five `GetRecords` per shard per second
+/// whatever its number of pipelines.
+const PAGE_FLOOR: Duration = Duration::from_millis(250);
+/// Bytes of stream records the process keeps for pipelines a little behind.
+const PAGES_BYTES_MAX: usize = 64 << 20;
 /// Dependencies looked up in the table, remembered so each is looked up once.
 const LOOKED_UP_MAX: usize = 100_000;
 
@@ -653,6 +662,7 @@ impl Pipeline {
                 let AwsDurable {
                     store,
                     state,
+                    pages,
                     leader,
                 } = aws.as_ref();
                 let mut leader = leader.clone();
@@ -670,7 +680,8 @@ impl Pipeline {
                     }
                 }
                 let checkpoint = state.checkpoint(tenant).await?;
-                let log = StreamLog::open(store.clone(), tenant.clone(), checkpoint).await?;
+                let log = StreamLog::open(store.clone(), pages.clone(), tenant.clone(), checkpoint)
+                    .await?;
                 Ok(Some(Log::Stream(Box::new(log))))
             }
             (Durable::Aws(aws), Mode::ReplayTable { from_ms }) => Ok(Some(Log::Table(Box::new(

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use common::{Act, Receiver, assert_causal, receiver, stored, webhook};
-use meridian_feed::aws::{ShardMark, StreamLog, TableState};
+use meridian_feed::aws::{PageCache, ShardMark, StreamLog, TableState};
 use meridian_feed::{DeliveryConfig, FeedConfig, FeedSource, ReplayFrom, Webhook};
 use meridian_protocol::{DocId, TenantId};
 use meridian_relay::DurableConfig;
@@ -290,7 +290,10 @@ async fn a_checkpoint_whose_stream_position_is_gone_is_caught_up_from_the_table_
     write(&store, "acme", "doc", &mut am, 4).await;
     // A checkpoint past everything in the stream's one shard, naming also a shard the
     // stream no longer lists (as after 24 hours): only the table can bring the changes.
-    let mut log = StreamLog::open(store.clone(), acme(), None).await.unwrap();
+    let pages = PageCache::new(Duration::from_millis(100), 1 << 20);
+    let mut log = StreamLog::open(store.clone(), pages, acme(), None)
+        .await
+        .unwrap();
     while !log.read(1000).await.unwrap().is_empty() {}
     let mut checkpoint = log.checkpoint(None);
     assert!(
@@ -361,4 +364,40 @@ async fn a_checkpoint_whose_stream_position_is_gone_is_caught_up_from_the_table_
         matches!(wrong, Err(meridian_feed::FeedError::ReplayFrom(_))),
         "{wrong:?}"
     );
+}
+
+/// The pipelines of a process share `GetRecords` pages: DynamoDB allows five per shard
+/// per second for all readers, so two tenants reading the same shard from the same place
+/// cost one call, and the stream's tip, read empty, is read again only after the cache's
+/// wait, however many pipelines ask.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_of_a_process_share_each_get_records_page() {
+    let (store, _aws) = moto::fresh_store("eu").await;
+    write(&store, "acme", "doc", &mut automerge::AutoCommit::new(), 3).await;
+    write(
+        &store,
+        "globex",
+        "doc",
+        &mut automerge::AutoCommit::new(),
+        2,
+    )
+    .await;
+    let pages = PageCache::new(Duration::from_secs(600), 1 << 20);
+    let open = |tenant: &str| {
+        StreamLog::open(
+            store.clone(),
+            pages.clone(),
+            TenantId::new(tenant).unwrap(),
+            None,
+        )
+    };
+    let mut acme_log = open("acme").await.unwrap();
+    let mut globex_log = open("globex").await.unwrap();
+    assert_eq!(acme_log.read(1000).await.unwrap().len(), 3);
+    assert_eq!(globex_log.read(1000).await.unwrap().len(), 2);
+    assert_eq!(pages.counts(), (1, 2), "one GetRecords for both");
+    // At the tip: one empty read, shared.
+    assert!(acme_log.read(1000).await.unwrap().is_empty());
+    assert!(globex_log.read(1000).await.unwrap().is_empty());
+    assert_eq!(pages.counts(), (2, 4));
 }
