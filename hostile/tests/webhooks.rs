@@ -83,7 +83,7 @@ fn config(root: &std::path::Path, webhooks: Vec<Webhook>, attempts: u32) -> Feed
 }
 
 /// Writes `count` independent changes of `tenant` to the store.
-async fn write(store: &LocalDirStore, tenant: &str, count: usize) {
+async fn write(store: &dyn DurableStore, tenant: &str, count: usize) {
     for i in 0..count {
         let mut doc = automerge::AutoCommit::new();
         automerge::transaction::Transactable::put(&mut doc, automerge::ROOT, "i", i as i64)
@@ -141,6 +141,54 @@ async fn a_hanging_or_failing_receiver_holds_up_only_its_own_tenant() {
         state.cursor(&mallory).unwrap(),
         None,
         "mallory is stuck on her own"
+    );
+    feed.shutdown().await;
+}
+
+/// The same on DynamoDB (moto): the pipelines share the stream's pages, and a tenant
+/// whose receiver hangs still holds up nobody but itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_dynamodb_a_hanging_receiver_holds_up_only_its_own_tenant() {
+    let (store, aws) = meridian_testkit::moto::fresh_store("eu").await;
+    write(&store, "mallory", 20).await;
+    write(&store, "acme", 20).await;
+    let (hanging, hanging_count) = listener(None).await;
+    let (honest, honest_count) = listener(Some(OK)).await;
+    let mut config = config(
+        std::path::Path::new("/nonexistent"),
+        vec![
+            webhook("mallory", hanging, LOOPBACK),
+            webhook("acme", honest, LOOPBACK),
+        ],
+        1000,
+    );
+    config.source = meridian_feed::FeedSource::Aws {
+        store: Box::new(aws),
+        lease: Duration::from_secs(10),
+    };
+    let feed = meridian_feed::start(config).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while honest_count.load(Ordering::SeqCst) < 20 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("acme's changes are all delivered while mallory's receiver hangs");
+    assert!(
+        hanging_count.load(Ordering::SeqCst) >= 1,
+        "mallory's receiver was tried"
+    );
+    let state = meridian_feed::aws::TableState::new(&store, "hostile");
+    let mallory = state
+        .checkpoint(&TenantId::new("mallory").unwrap())
+        .await
+        .unwrap();
+    assert!(
+        mallory.as_ref().is_none_or(|c| c
+            .shards
+            .values()
+            .all(|m| !matches!(m, meridian_feed::aws::ShardMark::After(_)))),
+        "mallory's checkpoint never passes her undelivered changes: {mallory:?}"
     );
     feed.shutdown().await;
 }
