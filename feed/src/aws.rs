@@ -47,7 +47,7 @@ use meridian_relay::engine::{DocKey, StoredChange};
 use meridian_relay::store::{AwsStore, DurableStore, FeedRecord};
 use serde::{Deserialize, Serialize};
 
-use crate::service::{DeadLetter, FeedError};
+use crate::shared::{DeadLetter, FeedError};
 
 /// How long after its write an item's record is surely in this region's stream (and a
 /// missing dependency is looked up in the table).
@@ -666,7 +666,7 @@ impl StreamLog {
             .values()
             .map(|h| h.written_at_ms)
             .min()
-            .unwrap_or_else(crate::service::unix_now_ms)
+            .unwrap_or_else(crate::shared::unix_now_ms)
             .min(self.delivered_before_ms.unwrap_or(u64::MAX))
             .saturating_sub(self.margin_ms);
         tracing::warn!(tenant = %self.tenant, shard = id, "stream records trimmed before they were read; reading the tenant's changes from the table");
@@ -781,7 +781,7 @@ impl StreamLog {
             .map(|(id, shard)| (id.clone(), shard.mark.clone()))
             .collect();
         let mut table_owed = false;
-        let mut safe_ms = crate::service::unix_now_ms();
+        let mut safe_ms = crate::shared::unix_now_ms();
         // Oldest first: the first owed record of each shard is where it resumes.
         for handed in self.handed.values().rev() {
             safe_ms = safe_ms.min(handed.written_at_ms);

@@ -14,7 +14,7 @@ use std::time::Duration;
 use aws_sdk_dynamodb::types::AttributeValue;
 use tokio::sync::watch;
 
-use crate::service::FeedError;
+use crate::shared::FeedError;
 
 /// The lease item's partition.
 pub const LEASE_PK: &str = "#feed";
@@ -57,7 +57,7 @@ impl Lease {
 
     /// Takes or renews the lease; `false`: another holder's lease has not ended.
     pub async fn try_hold(&self) -> Result<bool, FeedError> {
-        let now = crate::service::unix_now_ms();
+        let now = crate::shared::unix_now_ms();
         let until = now.saturating_add(u64::try_from(self.length.as_millis()).unwrap_or(u64::MAX));
         let result = self
             .client

@@ -23,6 +23,7 @@ pub mod lease;
 pub mod metrics;
 pub mod order;
 pub mod service;
+mod shared;
 pub mod sign;
 pub mod target;
 
