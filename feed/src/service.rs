@@ -661,6 +661,8 @@ impl Pipeline {
             None => None,
         };
         let mut policy: Option<(Instant, Result<(), String>)> = None;
+        // The purges this feed announced, read once per run (then kept up to date here).
+        let mut announced: Option<BTreeSet<String>> = None;
         loop {
             if *stopped.borrow() {
                 return Ok(delivered);
@@ -699,7 +701,7 @@ impl Pipeline {
                     continue;
                 }
             }
-            let tombstones = self.purges(&mut stopped).await?;
+            let tombstones = self.purges(&mut stopped, &mut announced).await?;
             let records = self.read(&mut log).await?;
             let got = records.len();
             for record in records {
@@ -934,6 +936,7 @@ impl Pipeline {
     async fn purges(
         &self,
         stopped: &mut watch::Receiver<bool>,
+        announced: &mut Option<BTreeSet<String>>,
     ) -> Result<Vec<Tombstone>, FeedError> {
         let tenant = &self.webhook.tenant;
         let mut tombstones = self.durable.tombstones().await?;
@@ -941,8 +944,15 @@ impl Pipeline {
         if tombstones.is_empty() || !matches!(self.mode, Mode::Follow) {
             return Ok(tombstones);
         }
-        let announced = self.durable.announced(tenant).await?;
-        for tombstone in tombstones.iter().filter(|t| !announced.contains(&t.key())) {
+        if announced.is_none() {
+            *announced = Some(self.durable.announced(tenant).await?);
+        }
+        let known = announced.get_or_insert_default();
+        let unannounced: Vec<&Tombstone> = tombstones
+            .iter()
+            .filter(|t| !known.contains(&t.key()))
+            .collect();
+        for tombstone in unannounced {
             let dropped = self
                 .durable
                 .drop_dead_letters(tenant, |doc| match &tombstone.purged {
@@ -961,6 +971,7 @@ impl Pipeline {
                 Outcome::Stopped => return Ok(tombstones),
                 Outcome::Delivered | Outcome::DeadLettered => {
                     self.durable.announce(tenant, &tombstone.key()).await?;
+                    announced.get_or_insert_default().insert(tombstone.key());
                 }
             }
         }
