@@ -1319,7 +1319,15 @@ impl DurableStore for AwsStore {
                     changes.push(change);
                 }
             }
-            Ok(changes)
+            // An item keeps its last write time: a change rewritten after `until_ms` (a
+            // retry, a replayed flush, another region) is brought back by its dependents.
+            super::with_dependencies(changes, |hash| async move {
+                Ok(self
+                    .change_item(key, &hash)
+                    .await?
+                    .map(|(change, _)| change))
+            })
+            .await
         })
     }
 

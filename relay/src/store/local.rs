@@ -837,10 +837,16 @@ impl DurableStore for LocalDirStore {
         until_ms: u64,
     ) -> BoxFuture<'a, Result<Vec<StoredChange>, StoreError>> {
         self.blocking(key, move |root, key| {
-            let mut changes = Self::load_unique(root, key)?;
+            let all = Self::load_unique(root, key)?;
             let written = Self::write_times(root, key)?;
-            changes.retain(|c| written.get(&c.hash).is_none_or(|at| *at <= until_ms));
-            Ok(changes)
+            let (then, later): (Vec<StoredChange>, Vec<StoredChange>) = all
+                .into_iter()
+                .partition(|c| written.get(&c.hash).is_none_or(|at| *at <= until_ms));
+            let mut later: HashMap<ChangeHash, StoredChange> =
+                later.into_iter().map(|c| (c.hash, c)).collect();
+            futures::executor::block_on(super::with_dependencies(then, |hash| {
+                std::future::ready(Ok(later.remove(&hash)))
+            }))
         })
     }
 

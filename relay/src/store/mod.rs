@@ -139,7 +139,9 @@ pub trait DurableStore: Send + Sync + 'static {
     /// snapshots: a point-in-time read for operators (`meridian export --at-time`). On
     /// AWS the write time is the writing region's clock, kept by replication; the local
     /// store knows it from its feed log, and counts a change written before that log
-    /// existed as written before any time.
+    /// existed as written before any time. The result is causally complete: the changes
+    /// those depend on come too, whenever they were written (on AWS an item keeps its
+    /// last write time, so a change a retry rewrote later comes back this way).
     fn load_written_until<'a>(
         &'a self,
         key: &'a DocKey,
@@ -274,6 +276,47 @@ pub fn decode_clock(text: &str) -> Result<Vec<(ActorId, u64)>, StoreError> {
         out.insert(actor, seq.parse::<u64>().map_err(|_| bad())?);
     }
     Ok(out.into_iter().collect())
+}
+
+/// Adds to a point-in-time read every change it depends on, directly or not, that
+/// `lookup` finds (wherever its write time lies): the result is causally complete. A
+/// dependency written after the time is one whose item a retry rewrote later (DynamoDB
+/// keeps the last write time), or one flushed after its dependent: its dependents prove
+/// it existed. A dependency `lookup` does not find stays missing.
+pub(crate) async fn with_dependencies<F, Fut>(
+    mut changes: Vec<StoredChange>,
+    mut lookup: F,
+) -> Result<Vec<StoredChange>, StoreError>
+where
+    F: FnMut(ChangeHash) -> Fut,
+    Fut: std::future::Future<Output = Result<Option<StoredChange>, StoreError>>,
+{
+    let mut have: std::collections::HashSet<ChangeHash> = changes.iter().map(|c| c.hash).collect();
+    let mut wanted: Vec<ChangeHash> = changes.iter().flat_map(deps_of).collect();
+    let mut absent = std::collections::HashSet::new();
+    while let Some(dep) = wanted.pop() {
+        if have.contains(&dep) || absent.contains(&dep) {
+            continue;
+        }
+        match lookup(dep).await? {
+            Some(change) => {
+                wanted.extend(deps_of(&change));
+                have.insert(dep);
+                changes.push(change);
+            }
+            None => {
+                absent.insert(dep);
+            }
+        }
+    }
+    Ok(changes)
+}
+
+/// The changes a stored change depends on (none when its bytes do not parse).
+fn deps_of(change: &StoredChange) -> Vec<ChangeHash> {
+    automerge::Change::try_from(&change.bytes[..])
+        .map(|c| c.deps().iter().map(|d| ChangeHash(d.0)).collect())
+        .unwrap_or_default()
 }
 
 /// Leaves out of `changes` those a tombstone covers, counting them.
