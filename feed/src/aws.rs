@@ -53,8 +53,11 @@ use crate::shared::{DeadLetter, FeedError};
 /// missing dependency is looked up in the table).
 pub const STREAM_DELAY: Duration = Duration::from_secs(3);
 
-/// How often the stream's shards are listed again.
+/// How often a pipeline looks at the stream's shards again.
 const RELIST: Duration = Duration::from_secs(10);
+/// How old a shared listing of the shards may be when a pipeline asks (one that finished
+/// a shard asks at once, for its children).
+const RELIST_FLOOR: Duration = Duration::from_secs(1);
 /// Records asked for per `GetRecords` (the API's largest page).
 const GET_RECORDS_MAX: i32 = 1000;
 
@@ -110,12 +113,18 @@ pub struct PageCache {
     bytes_max: usize,
     fetched: std::sync::atomic::AtomicU64,
     served: std::sync::atomic::AtomicU64,
+    described: std::sync::atomic::AtomicU64,
 }
 
 struct Pages {
     by_place: lru::LruCache<(String, ShardMark), Arc<Page>>,
     bytes: usize,
+    /// The stream's shards (id, parent) as last described, and when.
+    listing: Option<(Instant, Listing)>,
 }
+
+/// The stream's shards: (id, parent).
+type Listing = Arc<Vec<(String, Option<String>)>>;
 
 /// One `GetRecords` answer.
 pub struct Page {
@@ -145,18 +154,69 @@ impl PageCache {
             inner: tokio::sync::Mutex::new(Pages {
                 by_place: lru::LruCache::unbounded(),
                 bytes: 0,
+                listing: None,
             }),
             empty_ttl,
             bytes_max,
             fetched: std::sync::atomic::AtomicU64::new(0),
             served: std::sync::atomic::AtomicU64::new(0),
+            described: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The stream's shards, (id, parent): described at most once per [`RELIST`] for all
+    /// the pipelines (DynamoDB allows ten `DescribeStream` per second per account), or
+    /// again when a pipeline finished a shard and looks for its children.
+    async fn listing(
+        &self,
+        streams: &aws_sdk_dynamodbstreams::Client,
+        arn: &str,
+    ) -> Result<Listing, FeedError> {
+        let mut pages = self.inner.lock().await;
+        if let Some((at, listing)) = &pages.listing
+            && at.elapsed() < RELIST_FLOOR
+        {
+            return Ok(listing.clone());
+        }
+        self.described
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut listing = Vec::new();
+        let mut start: Option<String> = None;
+        loop {
+            let described = streams
+                .describe_stream()
+                .stream_arn(arn)
+                .set_exclusive_start_shard_id(start.clone())
+                .send()
+                .await
+                .map_err(|e| storage("DescribeStream", e))?;
+            let Some(description) = described.stream_description else {
+                break;
+            };
+            for shard in description.shards.unwrap_or_default() {
+                if let Some(id) = shard.shard_id {
+                    listing.push((id, shard.parent_shard_id));
+                }
+            }
+            start = description.last_evaluated_shard_id;
+            if start.is_none() {
+                break;
+            }
+        }
+        let listing = Arc::new(listing);
+        pages.listing = Some((Instant::now(), listing.clone()));
+        Ok(listing)
     }
 
     /// `GetRecords` calls made, and pages handed to pipelines.
     pub fn counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.fetched.load(Relaxed), self.served.load(Relaxed))
+    }
+
+    /// Listings of the stream's shards made (`DescribeStream`, all pages of one).
+    pub fn listings(&self) -> u64 {
+        self.described.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The page of `shard` at `mark`: cached, or fetched with `iterator` (or the iterator
@@ -387,6 +447,8 @@ pub struct StreamLog {
     arn: String,
     shards: BTreeMap<String, Shard>,
     listed_at: Option<Instant>,
+    /// A shard ended since the last listing (its children are read next).
+    finished_one: bool,
     next_cursor: u64,
     handed: BTreeMap<u64, Handed>,
     catch_up: Option<(u64, TableLog)>,
@@ -442,6 +504,7 @@ impl StreamLog {
             arn,
             shards: BTreeMap::new(),
             listed_at: None,
+            finished_one: false,
             next_cursor: 0,
             handed: BTreeMap::new(),
             catch_up: None,
@@ -487,38 +550,20 @@ impl StreamLog {
 
     /// Lists the stream's shards (new ones start at their oldest record).
     async fn list(&mut self) -> Result<(), FeedError> {
-        let mut start: Option<String> = None;
         for shard in self.shards.values_mut() {
             shard.listed = false;
         }
-        loop {
-            let described = self
-                .streams
-                .describe_stream()
-                .stream_arn(&self.arn)
-                .set_exclusive_start_shard_id(start.clone())
-                .send()
-                .await
-                .map_err(|e| storage("DescribeStream", e))?;
-            let Some(description) = described.stream_description else {
-                break;
-            };
-            for listed in description.shards.unwrap_or_default() {
-                let Some(id) = listed.shard_id else { continue };
-                self.shards
-                    .entry(id)
-                    .or_insert_with(|| Shard {
-                        parent: listed.parent_shard_id.clone(),
-                        mark: ShardMark::Start,
-                        iterator: None,
-                        listed: true,
-                    })
-                    .listed = true;
-            }
-            start = description.last_evaluated_shard_id;
-            if start.is_none() {
-                break;
-            }
+        let listing = self.pages.listing(&self.streams, &self.arn).await?;
+        for (id, parent) in listing.iter() {
+            self.shards
+                .entry(id.clone())
+                .or_insert_with(|| Shard {
+                    parent: parent.clone(),
+                    mark: ShardMark::Start,
+                    iterator: None,
+                    listed: true,
+                })
+                .listed = true;
         }
         // A finished shard no longer listed is forgotten.
         self.shards
@@ -550,11 +595,8 @@ impl StreamLog {
                 .map(|record| self.hand(record, Origin::Table))
                 .collect());
         }
-        let finished_one = self
-            .shards
-            .values()
-            .any(|s| s.mark == ShardMark::Done && s.listed);
-        if self.listed_at.is_none_or(|at| at.elapsed() >= RELIST) || finished_one {
+        if self.listed_at.is_none_or(|at| at.elapsed() >= RELIST) || self.finished_one {
+            self.finished_one = false;
             self.list().await?;
         }
         let readable: Vec<String> = self
@@ -655,6 +697,8 @@ impl StreamLog {
         if let Some(shard) = self.shards.get_mut(id) {
             shard.mark = ShardMark::Done;
             shard.iterator = None;
+            // Its children may be listed now.
+            self.finished_one = true;
         }
     }
 

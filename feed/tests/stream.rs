@@ -366,10 +366,11 @@ async fn a_checkpoint_whose_stream_position_is_gone_is_caught_up_from_the_table_
     );
 }
 
-/// The pipelines of a process share `GetRecords` pages: DynamoDB allows five per shard
-/// per second for all readers, so two tenants reading the same shard from the same place
-/// cost one call, and the stream's tip, read empty, is read again only after the cache's
-/// wait, however many pipelines ask.
+/// The pipelines of a process share `GetRecords` pages and the shard listing: DynamoDB
+/// allows five `GetRecords` per shard per second for all readers (and ten
+/// `DescribeStream` per second per account), so two tenants reading the same shard from
+/// the same place cost one call, and the stream's tip, read empty, is read again only
+/// after the cache's wait, however many pipelines ask.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_of_a_process_share_each_get_records_page() {
     let (store, _aws) = moto::fresh_store("eu").await;
@@ -393,6 +394,7 @@ async fn pipelines_of_a_process_share_each_get_records_page() {
     };
     let mut acme_log = open("acme").await.unwrap();
     let mut globex_log = open("globex").await.unwrap();
+    assert_eq!(pages.listings(), 1, "one DescribeStream for both");
     assert_eq!(acme_log.read(1000).await.unwrap().len(), 3);
     assert_eq!(globex_log.read(1000).await.unwrap().len(), 2);
     assert_eq!(pages.counts(), (1, 2), "one GetRecords for both");
