@@ -72,8 +72,10 @@ pub struct StreamCheckpoint {
     pub stream: String,
     /// Per shard, where to read on.
     pub shards: BTreeMap<String, ShardMark>,
-    /// Every change of the tenant read with a write time before this (milliseconds since
-    /// the Unix epoch) was delivered or dead-lettered.
+    /// Every change of the tenant written before this (milliseconds since the Unix epoch)
+    /// was read and delivered or dead-lettered, up to the replication margin: every shard
+    /// not yet ended was read past its records created before it, and no change owed was
+    /// written before it.
     pub safe_ms: u64,
     /// A catch-up from the table was under way from this write time: it runs again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +101,10 @@ struct Shard {
     mark: ShardMark,
     iterator: Option<String>,
     listed: bool,
+    /// Every record of this shard created before this (milliseconds since the Unix
+    /// epoch) was read: the creation time of the last record read, or a while before the
+    /// shard's end was last seen.
+    read_to_ms: u64,
 }
 
 /// `GetRecords` pages shared by every pipeline of a process. DynamoDB allows five
@@ -132,6 +138,8 @@ pub struct Page {
     /// The iterator for what follows (`None`: the shard ended).
     next: Option<String>,
     fetched_at: Instant,
+    /// When it was fetched, milliseconds since the Unix epoch.
+    fetched_at_ms: u64,
     bytes: usize,
 }
 
@@ -298,6 +306,7 @@ impl PageCache {
             records,
             next: output.next_shard_iterator,
             fetched_at: Instant::now(),
+            fetched_at_ms: crate::shared::unix_now_ms(),
             bytes,
         });
         if let Some(old) = pages.by_place.put(key, page.clone()) {
@@ -446,6 +455,11 @@ pub struct StreamLog {
     tenant: TenantId,
     arn: String,
     shards: BTreeMap<String, Shard>,
+    /// Where a shard seen for the first time starts `read_to_ms`: the checkpoint's
+    /// `safe_ms` (0 without one).
+    base_ms: u64,
+    /// Whether the last read found every shard at its end (nothing to read, no catch-up).
+    at_tip: bool,
     listed_at: Option<Instant>,
     /// A shard ended since the last listing (its children are read next).
     finished_one: bool,
@@ -503,6 +517,8 @@ impl StreamLog {
             tenant,
             arn,
             shards: BTreeMap::new(),
+            base_ms: 0,
+            at_tip: false,
             listed_at: None,
             finished_one: false,
             next_cursor: 0,
@@ -523,6 +539,10 @@ impl StreamLog {
     fn resume(&mut self, checkpoint: StreamCheckpoint) {
         let since = checkpoint.safe_ms.saturating_sub(self.margin_ms);
         self.delivered_before_ms = Some(since);
+        self.base_ms = checkpoint.safe_ms;
+        for shard in self.shards.values_mut() {
+            shard.read_to_ms = checkpoint.safe_ms;
+        }
         let mut lost = checkpoint.stream != self.arn;
         if !lost {
             for (id, mark) in checkpoint.shards {
@@ -554,6 +574,7 @@ impl StreamLog {
             shard.listed = false;
         }
         let listing = self.pages.listing(&self.streams, &self.arn).await?;
+        let base_ms = self.base_ms;
         for (id, parent) in listing.iter() {
             self.shards
                 .entry(id.clone())
@@ -562,6 +583,7 @@ impl StreamLog {
                     mark: ShardMark::Start,
                     iterator: None,
                     listed: true,
+                    read_to_ms: base_ms,
                 })
                 .listed = true;
         }
@@ -586,6 +608,7 @@ impl StreamLog {
     /// The next records of the tenant, at most about `max`: the catch-up's first, then
     /// the stream's.
     pub async fn read(&mut self, max: usize) -> Result<Vec<FeedRecord>, FeedError> {
+        self.at_tip = false;
         if let Some((_, table)) = self.catch_up.as_mut()
             && !table.finished()
         {
@@ -613,21 +636,33 @@ impl StreamLog {
             .map(|(id, _)| id.clone())
             .collect();
         let mut out = Vec::new();
+        let mut at_tip = true;
         for id in readable {
             if out.len() >= max {
+                at_tip = false;
                 break;
             }
-            self.read_shard(&id, &mut out).await?;
+            at_tip &= self.read_shard(&id, &mut out).await?;
         }
+        // A shard that ended has children to read first.
+        self.at_tip = at_tip && !self.finished_one;
         Ok(out)
     }
 
-    async fn read_shard(&mut self, id: &str, out: &mut Vec<FeedRecord>) -> Result<(), FeedError> {
+    /// Whether the last read found every shard at its end: nothing written more than
+    /// [`STREAM_DELAY`] ago is left to read.
+    pub fn at_tip(&self) -> bool {
+        self.at_tip
+    }
+
+    /// Reads one page of a shard; returns whether the shard was at its end (nothing to
+    /// read, or it ended).
+    async fn read_shard(&mut self, id: &str, out: &mut Vec<FeedRecord>) -> Result<bool, FeedError> {
         let Some(shard) = self.shards.get(id) else {
-            return Ok(());
+            return Ok(true);
         };
         if shard.mark == ShardMark::Done {
-            return Ok(());
+            return Ok(true);
         }
         let (mark, iterator) = (shard.mark.clone(), shard.iterator.clone());
         let fetched = self
@@ -641,17 +676,26 @@ impl StreamLog {
                 if let Some(shard) = self.shards.get_mut(id) {
                     shard.iterator = iterator;
                 }
-                return Ok(());
+                return Ok(false);
             }
             Fetched::Lost => {
                 self.lost(id);
-                return Ok(());
+                return Ok(false);
             }
             Fetched::Ended => {
                 self.finish(id);
-                return Ok(());
+                return Ok(true);
             }
         };
+        if page.records.is_empty()
+            && let Some(shard) = self.shards.get_mut(id)
+        {
+            // At the shard's end: what was written a while before is in it, and read.
+            let seen = page
+                .fetched_at_ms
+                .saturating_sub(STREAM_DELAY.as_millis() as u64);
+            shard.read_to_ms = shard.read_to_ms.max(seen);
+        }
         crate::metrics::stream_records(page.records.len());
         for record in &page.records {
             let Some(image) = &record.dynamodb else {
@@ -660,8 +704,15 @@ impl StreamLog {
             let Some(seq) = image.sequence_number.clone() else {
                 continue;
             };
+            let created_ms = image
+                .approximate_creation_date_time
+                .and_then(|t| t.to_millis().ok())
+                .and_then(|ms| u64::try_from(ms).ok());
             if let Some(shard) = self.shards.get_mut(id) {
                 shard.mark = ShardMark::After(seq.clone());
+                if let Some(created_ms) = created_ms {
+                    shard.read_to_ms = shard.read_to_ms.max(created_ms);
+                }
             }
             if !matches!(
                 record.event_name,
@@ -682,6 +733,7 @@ impl StreamLog {
                 ));
             }
         }
+        let at_end = page.records.is_empty();
         match page.next.clone() {
             Some(next) => {
                 if let Some(shard) = self.shards.get_mut(id) {
@@ -690,7 +742,7 @@ impl StreamLog {
             }
             None => self.finish(id),
         }
-        Ok(())
+        Ok(at_end)
     }
 
     fn finish(&mut self, id: &str) {
@@ -705,13 +757,12 @@ impl StreamLog {
     /// A shard whose position the stream no longer holds: what was not read of it is read
     /// from the table (from the oldest write time still owed), and the shard is done.
     fn lost(&mut self, id: &str) {
+        // What was not read of the shard was created after its `read_to_ms`; changes
+        // replicated from another region carry older write times, which the margin covers.
         let from = self
-            .handed
-            .values()
-            .map(|h| h.written_at_ms)
-            .min()
-            .unwrap_or_else(crate::shared::unix_now_ms)
-            .min(self.delivered_before_ms.unwrap_or(u64::MAX))
+            .shards
+            .get(id)
+            .map_or(self.base_ms, |shard| shard.read_to_ms)
             .saturating_sub(self.margin_ms);
         tracing::warn!(tenant = %self.tenant, shard = id, "stream records trimmed before they were read; reading the tenant's changes from the table");
         crate::metrics::table_catch_up();
@@ -825,7 +876,14 @@ impl StreamLog {
             .map(|(id, shard)| (id.clone(), shard.mark.clone()))
             .collect();
         let mut table_owed = false;
-        let mut safe_ms = crate::shared::unix_now_ms();
+        // Not later than what every shard not yet ended was read to.
+        let mut safe_ms = self
+            .shards
+            .values()
+            .filter(|shard| shard.mark != ShardMark::Done)
+            .map(|shard| shard.read_to_ms)
+            .min()
+            .unwrap_or_else(crate::shared::unix_now_ms);
         // Oldest first: the first owed record of each shard is where it resumes.
         for handed in self.handed.values().rev() {
             safe_ms = safe_ms.min(handed.written_at_ms);

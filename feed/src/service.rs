@@ -702,6 +702,9 @@ impl Pipeline {
                 }
             }
             let tombstones = self.purges(&mut stopped, &mut announced).await?;
+            if *stopped.borrow() {
+                return Ok(delivered);
+            }
             let records = self.read(&mut log).await?;
             let got = records.len();
             for record in records {
@@ -724,7 +727,7 @@ impl Pipeline {
                 }
             }
             if let Log::Stream(stream) = &log
-                && got == 0
+                && stream.at_tip()
             {
                 self.look_up_dependencies(stream, &mut orderer, &mut looked_up)
                     .await?;
@@ -1020,6 +1023,10 @@ impl Pipeline {
             meridian_process::backoff::exponential(delivery.retry_initial, delivery.retry_max);
         let mut last_error = DeliverError::Timeout(Duration::ZERO);
         for attempt in 1..=delivery.attempts_max.max(1) {
+            // A stop seen earlier (its change already taken) still stops the retries.
+            if *stopped.borrow() {
+                return Ok(Outcome::Stopped);
+            }
             let t = i64::try_from(unix_now_ms() / 1000).unwrap_or(i64::MAX);
             let request = deliver::Request {
                 signature: crate::sign::header(&self.webhook.secrets, t, &body),

@@ -395,11 +395,21 @@ async fn pipelines_of_a_process_share_each_get_records_page() {
     let mut acme_log = open("acme").await.unwrap();
     let mut globex_log = open("globex").await.unwrap();
     assert_eq!(pages.listings(), 1, "one DescribeStream for both");
+    // Nothing read yet: the checkpoint promises nothing (a catch-up from it would read
+    // the table from the start).
+    assert_eq!(acme_log.checkpoint(None).safe_ms, 0);
     assert_eq!(acme_log.read(1000).await.unwrap().len(), 3);
+    assert!(!acme_log.at_tip(), "a page with records is not the end");
     assert_eq!(globex_log.read(1000).await.unwrap().len(), 2);
     assert_eq!(pages.counts(), (1, 2), "one GetRecords for both");
     // At the tip: one empty read, shared.
     assert!(acme_log.read(1000).await.unwrap().is_empty());
+    assert!(acme_log.at_tip());
     assert!(globex_log.read(1000).await.unwrap().is_empty());
     assert_eq!(pages.counts(), (2, 4));
+    // Read to the end, the checkpoint's time is recent (the end was seen moments ago),
+    // and never later than what the shard was read to.
+    let safe_ms = acme_log.checkpoint(None).safe_ms;
+    let now = meridian_testkit::unix_now_ms();
+    assert!(safe_ms > 0 && safe_ms <= now, "{safe_ms} {now}");
 }
