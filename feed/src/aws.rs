@@ -112,9 +112,15 @@ struct Shard {
 /// from the same place get the same page, fetched once. A page that brought nothing (the
 /// stream's tip) is fetched again only after `empty_ttl`, whatever the number of
 /// pipelines; pages with records stay while they fit in `bytes_max`, for pipelines a
-/// little behind. Fetches are one at a time (single flight).
+/// little behind. One fetch per shard and place at a time (single flight); fetches of
+/// different places, and the pipelines served from the cache, do not wait for each other.
 pub struct PageCache {
-    inner: tokio::sync::Mutex<Pages>,
+    /// Held only to look up and store, never across a call to DynamoDB.
+    inner: std::sync::Mutex<Pages>,
+    /// One fetch per shard and place at a time; other places go on meanwhile.
+    gates: std::sync::Mutex<std::collections::HashMap<(String, ShardMark), Gate>>,
+    /// One listing at a time.
+    listing: tokio::sync::Mutex<Option<(Instant, Listing)>>,
     empty_ttl: Duration,
     bytes_max: usize,
     fetched: std::sync::atomic::AtomicU64,
@@ -125,9 +131,10 @@ pub struct PageCache {
 struct Pages {
     by_place: lru::LruCache<(String, ShardMark), Arc<Page>>,
     bytes: usize,
-    /// The stream's shards (id, parent) as last described, and when.
-    listing: Option<(Instant, Listing)>,
 }
+
+/// The lock a fetch of one shard and place holds.
+type Gate = Arc<tokio::sync::Mutex<()>>;
 
 /// The stream's shards: (id, parent).
 type Listing = Arc<Vec<(String, Option<String>)>>;
@@ -159,11 +166,12 @@ impl PageCache {
     /// `bytes_max` of records.
     pub fn new(empty_ttl: Duration, bytes_max: usize) -> Arc<Self> {
         Arc::new(PageCache {
-            inner: tokio::sync::Mutex::new(Pages {
+            inner: std::sync::Mutex::new(Pages {
                 by_place: lru::LruCache::unbounded(),
                 bytes: 0,
-                listing: None,
             }),
+            gates: std::sync::Mutex::new(std::collections::HashMap::new()),
+            listing: tokio::sync::Mutex::new(None),
             empty_ttl,
             bytes_max,
             fetched: std::sync::atomic::AtomicU64::new(0),
@@ -180,8 +188,8 @@ impl PageCache {
         streams: &aws_sdk_dynamodbstreams::Client,
         arn: &str,
     ) -> Result<Listing, FeedError> {
-        let mut pages = self.inner.lock().await;
-        if let Some((at, listing)) = &pages.listing
+        let mut last = self.listing.lock().await;
+        if let Some((at, listing)) = last.as_ref()
             && at.elapsed() < RELIST_FLOOR
         {
             return Ok(listing.clone());
@@ -212,7 +220,7 @@ impl PageCache {
             }
         }
         let listing = Arc::new(listing);
-        pages.listing = Some((Instant::now(), listing.clone()));
+        *last = Some((Instant::now(), listing.clone()));
         Ok(listing)
     }
 
@@ -237,20 +245,66 @@ impl PageCache {
         mark: &ShardMark,
         iterator: Option<String>,
     ) -> Result<Fetched, FeedError> {
-        use std::sync::atomic::Ordering::Relaxed;
         let key = (shard.to_owned(), mark.clone());
-        let mut pages = self.inner.lock().await;
         let mut iterator = iterator;
-        if let Some(page) = pages.by_place.get(&key) {
-            if !page.records.is_empty() || page.fetched_at.elapsed() < self.empty_ttl {
-                self.served.fetch_add(1, Relaxed);
-                return Ok(Fetched::Page(page.clone()));
-            }
-            // The tip, seen a while ago: read on from where that read left off.
-            if page.next.is_some() {
-                iterator.clone_from(&page.next);
-            }
+        if let Some(page) = self.cached(&key, &mut iterator) {
+            return Ok(Fetched::Page(page));
         }
+        // One fetch per place: a pipeline that waited here finds the page cached.
+        let gate = self
+            .gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _fetching = gate.lock().await;
+        if let Some(page) = self.cached(&key, &mut iterator) {
+            return Ok(Fetched::Page(page));
+        }
+        let fetched = self.fetch(streams, arn, &key, iterator).await;
+        self.gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key);
+        fetched
+    }
+
+    /// The cached page at `key`, when it may be served (one with records, or an empty one
+    /// younger than `empty_ttl`); an older empty page leaves its iterator in `iterator`.
+    fn cached(
+        &self,
+        key: &(String, ShardMark),
+        iterator: &mut Option<String>,
+    ) -> Option<Arc<Page>> {
+        let mut pages = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let page = pages.by_place.get(key)?;
+        if !page.records.is_empty() || page.fetched_at.elapsed() < self.empty_ttl {
+            self.served
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(page.clone());
+        }
+        // The tip, seen a while ago: read on from where that read left off.
+        if page.next.is_some() {
+            iterator.clone_from(&page.next);
+        }
+        None
+    }
+
+    /// Fetches the page at `key` (with `iterator`, or a new one from the mark) and keeps
+    /// it.
+    async fn fetch(
+        &self,
+        streams: &aws_sdk_dynamodbstreams::Client,
+        arn: &str,
+        key: &(String, ShardMark),
+        iterator: Option<String>,
+    ) -> Result<Fetched, FeedError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (shard, mark) = (key.0.as_str(), &key.1);
         let iterator = match iterator {
             Some(iterator) => iterator,
             None => match shard_iterator(streams, arn, shard, mark).await? {
@@ -278,7 +332,11 @@ impl PageCache {
                 }
                 if service.is_expired_iterator_exception() {
                     // Neither this iterator nor a cached one: a new one from the mark.
-                    if let Some(old) = pages.by_place.pop(&key) {
+                    let mut pages = self
+                        .inner
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(old) = pages.by_place.pop(key) {
                         pages.bytes = pages.bytes.saturating_sub(old.bytes);
                     }
                     return Ok(Fetched::Again(None));
@@ -309,7 +367,11 @@ impl PageCache {
             fetched_at_ms: crate::shared::unix_now_ms(),
             bytes,
         });
-        if let Some(old) = pages.by_place.put(key, page.clone()) {
+        let mut pages = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = pages.by_place.put(key.clone(), page.clone()) {
             pages.bytes = pages.bytes.saturating_sub(old.bytes);
         }
         pages.bytes += page.bytes;
