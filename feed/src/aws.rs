@@ -285,6 +285,7 @@ impl PageCache {
         if !page.records.is_empty() || page.fetched_at.elapsed() < self.empty_ttl {
             self.served
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            crate::metrics::page_from_cache();
             return Some(page.clone());
         }
         // The tip, seen a while ago: read on from where that read left off.
@@ -314,6 +315,7 @@ impl PageCache {
             },
         };
         self.fetched.fetch_add(1, Relaxed);
+        crate::metrics::get_records();
         let result = streams
             .get_records()
             .shard_iterator(iterator.clone())

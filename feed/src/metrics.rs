@@ -30,6 +30,10 @@ pub const REFUSED_BY_POLICY: &str = "meridian_feed_refused_by_policy";
 pub const LEADER: &str = "meridian_feed_leader";
 /// Stream records read (every tenant's; a pipeline skips other tenants' at once).
 pub const STREAM_RECORDS: &str = "meridian_feed_stream_records_total";
+/// `GetRecords` calls made (for every pipeline of the process together).
+pub const GET_RECORDS: &str = "meridian_feed_get_records_total";
+/// Stream pages a pipeline got from the process's cache instead of a `GetRecords` call.
+pub const PAGES_FROM_CACHE: &str = "meridian_feed_pages_from_cache_total";
 /// `GetRecords` calls throttled (the shard is read again next round).
 pub const STREAM_THROTTLED: &str = "meridian_feed_stream_throttled_total";
 /// Times a pipeline read its tenant's changes from the table because its checkpoint's
@@ -56,6 +60,11 @@ pub fn describe() {
     metrics::describe_gauge!(LEADER, "1 while this process holds the feed's lease");
     metrics::describe_counter!(STREAM_RECORDS, "DynamoDB Streams records read");
     metrics::describe_counter!(STREAM_THROTTLED, "GetRecords calls throttled");
+    metrics::describe_counter!(GET_RECORDS, "GetRecords calls made by the process");
+    metrics::describe_counter!(
+        PAGES_FROM_CACHE,
+        "stream pages pipelines got from the shared cache instead of a GetRecords call"
+    );
     metrics::describe_counter!(
         TABLE_CATCH_UPS,
         "catch-ups from the table after a checkpoint's stream position was gone"
@@ -127,4 +136,12 @@ pub(crate) fn table_catch_up() {
 
 pub(crate) fn stream_throttled() {
     metrics::counter!(STREAM_THROTTLED).increment(1);
+}
+
+pub(crate) fn get_records() {
+    metrics::counter!(GET_RECORDS).increment(1);
+}
+
+pub(crate) fn page_from_cache() {
+    metrics::counter!(PAGES_FROM_CACHE).increment(1);
 }
