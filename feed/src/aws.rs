@@ -361,7 +361,9 @@ impl PageCache {
                     .and_then(|n| usize::try_from(n).ok())
                     .unwrap_or(1024)
             })
-            .sum();
+            .sum::<usize>()
+            // An empty page counts too: the cache's size bounds how many it holds.
+            .max(1024);
         let page = Arc::new(Page {
             records,
             next: output.next_shard_iterator,

@@ -1373,17 +1373,16 @@ async fn sweep(
     if !store.claim_sweep(tombstone).await? {
         return Ok(());
     }
-    let swept = tombstone;
     store
         .audit(&crate::purge::AuditRecord {
             at_ms: meridian_process::clock::unix_ms(),
             operator: format!(
                 "relay {by} (second sweep of the purge by {})",
-                swept.operator
+                tombstone.operator
             ),
             action: "sweep".into(),
-            tenant: swept.tenant.clone(),
-            doc: swept.doc_id().map(|d| d.to_string()),
+            tenant: tombstone.tenant.clone(),
+            doc: tombstone.doc_id().map(|d| d.to_string()),
             report,
         })
         .await

@@ -349,7 +349,7 @@ impl AwsStore {
     }
 
     async fn write_all(&self, changes: &[(DocKey, StoredChange)]) -> Result<(), StoreError> {
-        let tombstones = self.cached_tombstones().await?;
+        let tombstones = self.recent_tombstones().await?;
         let changes = super::without_purged(changes, &tombstones);
         let changes = &changes[..];
         let now = now_ms();
@@ -541,7 +541,7 @@ impl AwsStore {
         snapshot: &SnapshotRecord,
     ) -> Result<SnapshotWrite, StoreError> {
         if self
-            .cached_tombstones()
+            .recent_tombstones()
             .await?
             .iter()
             .any(|t| t.covers(key))
@@ -911,7 +911,10 @@ impl AwsStore {
     }
 
     /// The tombstones, read again when the copy is older than [`TOMBSTONE_REFRESH`].
-    async fn cached_tombstones(&self) -> Result<Arc<Vec<Tombstone>>, StoreError> {
+    /// The tombstones as read at most [`TOMBSTONE_REFRESH`] ago (one read per interval
+    /// for every clone of this store: writes check them, and the change feed's pipelines
+    /// share them).
+    pub async fn recent_tombstones(&self) -> Result<Arc<Vec<Tombstone>>, StoreError> {
         let mut cached = self.tombstones.lock().await;
         if let Some((at, list)) = cached.as_ref()
             && at.elapsed() < TOMBSTONE_REFRESH
@@ -1172,12 +1175,6 @@ impl AwsStore {
                 deleted += chunk.len() as u64;
             }
         }
-    }
-
-    /// The tombstones as read at most [`TOMBSTONE_REFRESH`] ago (one read per interval
-    /// for every clone of this store: the change feed's pipelines share it).
-    pub async fn recent_tombstones(&self) -> Result<Arc<Vec<Tombstone>>, StoreError> {
-        self.cached_tombstones().await
     }
 
     /// The DynamoDB client and the table's name (the change feed keeps its lease,
