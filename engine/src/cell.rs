@@ -12,9 +12,11 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_protocol::{DocId, NodeAddr, NodeId, RelayToClient, TenantId};
+use meridian_protocol::{DocId, ErrorCode, NodeAddr, NodeId, RelayToClient, TenantId};
 
-use super::{DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask, TaskError};
+use super::{
+    DocKey, DocState, Engine, Loaded, Now, SessionId, StoreTask, TaskError, WaitingSubscribe,
+};
 use crate::membership::owner;
 
 /// This node and the cell's live members.
@@ -269,8 +271,30 @@ impl Engine {
         });
     }
 
+    /// Expands the graph's base: a refresh (which reads the snapshot expanded, with every
+    /// change after it) asked for at once, not after the refresh interval, because a
+    /// subscribe or an upload waits for it. One per document at a time; it runs once per
+    /// load, since the graph it builds has no base.
+    pub(super) fn request_history(&mut self, now: Instant, key: &DocKey) {
+        let Some(doc) = self.docs.get_mut(key) else {
+            return;
+        };
+        if doc.refreshing || doc.handoff.is_some() || !matches!(doc.state, DocState::Ready) {
+            return;
+        }
+        doc.refreshing = true;
+        doc.last_refresh = Some(now);
+        self.stats.expansions += 1;
+        self.store_tasks.push_back(StoreTask::Refresh {
+            key: key.clone(),
+            snapshot: true,
+        });
+    }
+
     /// The result of a `Refresh` task: changes the graph lacked join it and go out to the
-    /// subscribers, and orphans whose dependencies arrived are taken.
+    /// subscribers, and orphans whose dependencies arrived are taken. A graph with a base
+    /// is built again from the expanded snapshot and every change; the subscribes that
+    /// waited for it are served (or, if it failed, refused with a reason to retry).
     pub(crate) fn handle_refreshed(
         &mut self,
         now: Now,
@@ -282,7 +306,10 @@ impl Engine {
             return;
         };
         if let Err(TaskError::Snapshot(reason)) = &result {
-            // Still refreshing.
+            // Still refreshing. The snapshot held may be that one (a base taken on trust
+            // from its record, whose bytes turned out not to load when expanded): it is
+            // no longer served, and the next one starts from the changes.
+            doc.snapshot = None;
             self.snapshot_refused(&key, reason);
             self.store_tasks.push_back(StoreTask::Refresh {
                 key,
@@ -296,13 +323,19 @@ impl Engine {
             Ok(loaded) => loaded,
             Err(reason) => {
                 tracing::debug!(tenant = %key.tenant, doc = %key.doc, %reason, "refresh failed");
+                self.serve_awaiting_history(now.instant, &key);
                 return;
             }
         };
         if !matches!(doc.state, DocState::Ready) || doc.handoff.is_some() {
             return;
         }
-        let new = self.insert_loaded(now, &key, loaded.changes, true);
+        let new = if doc.graph.has_base() && loaded.base.is_none() {
+            self.expand_base(now, &key, loaded.changes)
+        } else {
+            self.insert_loaded(now, &key, loaded.changes, true)
+        };
+        self.serve_awaiting_history(now.instant, &key);
         self.register_bindings(&key);
         self.reaccount(&key);
         let Some(doc) = self.docs.get_mut(&key) else {
@@ -363,6 +396,38 @@ impl Engine {
             }
         }
         self.reingesting = false;
+    }
+
+    /// Serves the subscribes that waited for the graph's base to be expanded; if it
+    /// still has one (the refresh failed or found the snapshot inconsistent), they are
+    /// refused with a reason to retry rather than parked again, so that a failing
+    /// durable tier is not read in a loop.
+    fn serve_awaiting_history(&mut self, now: Instant, key: &DocKey) {
+        let Some(doc) = self.docs.get_mut(key) else {
+            return;
+        };
+        let waiting = std::mem::take(&mut doc.awaiting_history);
+        let expanded = !doc.graph.has_base();
+        for WaitingSubscribe {
+            session,
+            heads,
+            snapshot,
+        } in waiting
+        {
+            if !self.is_subscribed(session, &key.doc) {
+                continue;
+            }
+            if expanded {
+                self.serve_subscribe(now, key, session, heads, snapshot);
+            } else {
+                self.refuse_subscription(
+                    session,
+                    &key.doc,
+                    ErrorCode::Internal,
+                    "the document's history could not be read; retry",
+                );
+            }
+        }
     }
 
     /// Answers `Moved` and drops the session's subscription, if any.
@@ -430,6 +495,7 @@ impl Engine {
                 sessions.extend(subscribes.iter().map(|w| w.session));
                 sessions.extend(changes.iter().map(|(s, _)| *s));
             }
+            sessions.extend(doc.awaiting_history.drain(..).map(|w| w.session));
             sessions.sort_unstable();
             sessions.dedup();
             let loading = matches!(doc.state, DocState::Loading { .. });

@@ -47,7 +47,11 @@ impl Engine {
         }
         let base = entry.snapshot.clone();
         let since = base.as_ref().map_or(&[][..], |s| &s.heads[..]);
-        let (missing, _) = entry.graph.missing_since(since);
+        // A graph that starts from a snapshot always holds what came after it (the
+        // newest snapshot is that one or a later one made from this graph).
+        let Some((missing, _)) = entry.graph.missing_since(since) else {
+            return;
+        };
         let task = StoreTask::Compact {
             key: key.clone(),
             changes: missing
@@ -55,6 +59,7 @@ impl Engine {
                 .map(|&i| entry.graph.entry(i).bytes.clone())
                 .collect(),
             heads: entry.graph.heads().to_vec(),
+            head_clocks: entry.graph.head_clocks(),
             clock: entry.graph.clock(),
             users: entry.graph.bindings(),
             base,

@@ -53,4 +53,7 @@ pub enum SnapshotError {
     /// (the record's, or the graph's).
     #[error("its heads are not the ones recorded")]
     HeadsDiffer,
+    /// The heads and clocks recorded with it cannot start a change graph.
+    #[error("its recorded head clocks are inconsistent: {0}")]
+    Base(#[from] crate::graph::BaseError),
 }

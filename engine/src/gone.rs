@@ -92,6 +92,7 @@ impl Engine {
             subscribes.clear();
             changes.clear();
         }
+        sessions.extend(entry.awaiting_history.drain(..).map(|w| w.session));
         entry.subscribers.clear();
         entry.presence.clear();
         entry.orphans.clear();

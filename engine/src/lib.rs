@@ -170,10 +170,25 @@ impl Snapshot {
 /// A document read back from storage.
 #[derive(Debug, Clone, Default)]
 pub struct Loaded {
-    /// Every change (a snapshot's changes included, expanded by the IO layer).
+    /// Every change (a snapshot's changes included, expanded by the IO layer), or with a
+    /// `base`, every change the base does not cover (covered ones are skipped).
     pub changes: Vec<LoadedChange>,
     /// The newest snapshot, kept to answer empty clients' catch-up.
     pub snapshot: Option<Snapshot>,
+    /// When the snapshot was not expanded: what it stands for in the change graph.
+    pub base: Option<SnapshotBase>,
+}
+
+/// What a snapshot known to load stands for in a change graph that starts from it (see
+/// [`graph`]'s "A snapshot as the base"): a cold load then costs the snapshot's read,
+/// not its expansion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotBase {
+    /// Its heads, each with its vector clock (actor → highest sequence number in the
+    /// head's ancestry, the head's own actor first).
+    pub heads: Vec<(ChangeHash, Vec<(meridian_protocol::ActorId, u64)>)>,
+    /// Each bound actor's user, as recorded with the snapshot.
+    pub users: Vec<(meridian_protocol::ActorId, UserId)>,
 }
 
 /// Engine limits and timings.
@@ -432,6 +447,10 @@ pub enum StoreTask {
         changes: Vec<Bytes>,
         /// The heads the result must have.
         heads: Vec<ChangeHash>,
+        /// Each head's vector clock, in the order of `heads` (see [`SnapshotBase`]):
+        /// recorded with a snapshot that was checked to load, so that a graph can start
+        /// from it.
+        head_clocks: Vec<Vec<(meridian_protocol::ActorId, u64)>>,
         /// The vector clock it covers (actor → highest seq).
         clock: Vec<(meridian_protocol::ActorId, u64)>,
         /// Each bound actor's user, recorded with the snapshot.
@@ -495,6 +514,9 @@ pub struct Stats {
     pub corrupt_snapshots: u64,
     /// Subscribes refused because loading the document would pass a memory budget.
     pub memory_refusals: u64,
+    /// Graph bases expanded (a catch-up or an upload needed the changes a snapshot
+    /// covers): cold loads start from snapshots without expanding them.
+    pub expansions: u64,
 }
 
 /// The retry delay sent with a refusal for a full unflushed backlog: about what a flush
@@ -522,6 +544,7 @@ struct WaitingSubscribe {
 }
 
 enum DocState {
+    /// Being read from storage; what arrives for it waits.
     Loading {
         subscribes: Vec<WaitingSubscribe>,
         changes: Vec<(SessionId, ChangeFrame)>,
@@ -536,6 +559,9 @@ struct Doc {
     orphans: Vec<Orphan>,
     orphan_bytes: usize,
     presence: HashMap<SessionId, Bytes>,
+    /// Subscribes whose catch-up needs changes the graph's base covers: served once
+    /// the refresh that expands it completes.
+    awaiting_history: Vec<WaitingSubscribe>,
     /// The document's presence bucket: tokens left and when it was last filled.
     presence_bucket: (f64, Option<Instant>),
     /// The document's presence fan-out bucket (bytes times recipients), the same way.
@@ -589,6 +615,7 @@ impl Doc {
             orphans: Vec::new(),
             orphan_bytes: 0,
             presence: HashMap::new(),
+            awaiting_history: Vec::new(),
             presence_bucket: (0.0, None),
             presence_bytes_bucket: (0.0, None),
             durable_waiters: HashMap::new(),
@@ -1315,14 +1342,41 @@ impl Engine {
         if !matches!(entry.state, DocState::Loading { .. }) {
             return;
         }
-        if let Err(TaskError::Snapshot(reason)) = &result {
+        // A base that is not one (its heads' clocks contradict each other) is refused as
+        // a snapshot that does not load would be.
+        let mut graph = None;
+        let refused = match &result {
+            Err(TaskError::Snapshot(reason)) => {
+                self.snapshot_refused(&key, reason);
+                true
+            }
+            Ok(Loaded {
+                base: Some(base), ..
+            }) => match ChangeGraph::from_base(&base.heads, &base.users) {
+                Ok(from_base) => {
+                    graph = Some(from_base);
+                    false
+                }
+                Err(error) => {
+                    self.snapshot_refused(&key, &SnapshotError::Base(error));
+                    true
+                }
+            },
+            _ => false,
+        };
+        if refused {
             // It stays loading.
-            self.snapshot_refused(&key, reason);
             self.store_tasks.push_back(StoreTask::Load {
                 key,
                 snapshot: false,
             });
             return;
+        }
+        let Some(entry) = self.docs.get_mut(&key) else {
+            return;
+        };
+        if let Some(graph) = graph {
+            entry.graph = graph;
         }
         let DocState::Loading {
             subscribes,
@@ -1529,6 +1583,7 @@ impl Engine {
         if let DocState::Loading { subscribes, .. } = &mut entry.state {
             subscribes.retain(|w| w.session != session);
         }
+        entry.awaiting_history.retain(|w| w.session != session);
         if let Some(state) = entry.presence.remove(&session) {
             adjust(
                 &mut self.usage.presence_bytes_by_tenant,
@@ -1574,7 +1629,16 @@ impl Engine {
             .filter(|s| heads.is_empty() && snapshot && s.fits_frames(&key.doc))
             .cloned();
         let since = snapshot.as_ref().map_or(&heads[..], |s| &s.heads[..]);
-        let (missing, all_known) = entry.graph.missing_since(since);
+        let Some((missing, all_known)) = entry.graph.missing_since(since) else {
+            // The catch-up needs changes the graph's base covers: expand it first.
+            entry.awaiting_history.push(WaitingSubscribe {
+                session,
+                heads,
+                snapshot: snapshot.is_some(),
+            });
+            self.request_history(now, key);
+            return;
+        };
         let changes = missing
             .iter()
             .map(|&i| entry.graph.entry(i).bytes.clone())
@@ -1913,7 +1977,13 @@ impl Engine {
             self.error(session, Some(key.doc.clone()), code, &message);
         }
         if stale && !self.reingesting {
-            self.request_refresh(now.instant, key);
+            if self.docs.get(key).is_some_and(|d| d.graph.has_base()) {
+                // What cannot be placed may be covered history: expand it (a refresh
+                // that does not wait for the refresh interval).
+                self.request_history(now.instant, key);
+            } else {
+                self.request_refresh(now.instant, key);
+            }
         }
         self.recency.touch(key);
         self.reaccount(key);

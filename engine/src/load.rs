@@ -1,19 +1,24 @@
-//! Building a document's graph from changes loaded from the cache and the durable tier.
+//! Building a document's graph from changes loaded from the cache and the durable tier,
+//! and expanding a graph's base (a snapshot it started from) into its changes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use meridian_protocol::{ChangeHash, UserId};
 
 use super::change::{ParsedChange, parse_change};
 use super::durability::FlushItem;
-use super::graph::Added;
-use super::{DocKey, Engine, LoadedChange, Now};
+use super::graph::{AddError, Added, ChangeGraph};
+use super::{DocKey, Engine, LoadedChange, Now, Stats};
+
+/// A loaded change, parsed: the change, its user, whether it is durable.
+type Parsed = (ParsedChange, Option<UserId>, bool);
 
 impl Engine {
     /// Builds a document's graph from loaded changes in any order (Kahn's algorithm over
     /// the dependency edges), or merges them into the graph it has. Changes that fail
-    /// their checks are counted and skipped. With `collect_new`, returns the bytes of the
-    /// changes that were new to the graph, in causal order.
+    /// their checks are counted and skipped; so are those a base covers (the base
+    /// stands for them). With `collect_new`, returns the bytes of the changes that were
+    /// new to the graph, in causal order.
     pub(super) fn insert_loaded(
         &mut self,
         now: Now,
@@ -24,86 +29,107 @@ impl Engine {
         let Some(entry) = self.docs.get_mut(key) else {
             return Vec::new();
         };
-        let mut parsed: Vec<(ParsedChange, Option<UserId>, bool)> =
-            Vec::with_capacity(loaded.len());
-        let mut position: HashMap<ChangeHash, usize> = HashMap::with_capacity(loaded.len());
-        for item in loaded {
-            // A refresh re-reads a hot document: what the graph already holds is not
-            // parsed (hashed) again, on the driver, only to be found known.
-            if entry.graph.index_of(&item.hash).is_some() {
-                continue;
-            }
-            if let Some(&at) = position.get(&item.hash) {
-                // The same change from the cache and the durable tier (or a snapshot):
-                // keep one, durable if either copy is, with the user if either knows it.
-                let (_, user, durable) = &mut parsed[at];
-                *durable |= item.durable;
-                if user.is_none() {
-                    *user = item.user;
-                }
-                continue;
-            }
-            match parse_change(item.bytes) {
-                Ok(change) if change.hash == item.hash => {
-                    position.insert(change.hash, parsed.len());
-                    parsed.push((change, item.user, item.durable));
-                }
-                _ => self.stats.corrupt_changes += 1,
-            }
+        let parsed = parse_loaded(&entry.graph, loaded, &mut self.stats);
+        let (added, waiting) = add_in_order(&mut entry.graph, &parsed, &mut self.stats);
+        if waiting > 0 {
+            // Changes of a branch older than the base (they depend on covered changes
+            // that are not its heads): the expansion reads them again and places them.
+            self.request_history(now.instant, key);
         }
-        let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
-        let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
-        for (i, (change, _, _)) in parsed.iter().enumerate() {
-            for dep in &change.deps {
-                if let Some(&j) = position.get(dep) {
-                    waiting_on[i] += 1;
-                    dependents.entry(j).or_default().push(i);
-                }
-            }
-        }
-        let mut ready: VecDeque<usize> =
-            (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
         let mut unflushed = Vec::new();
-        let mut unflushed_bytes = 0usize;
-        let mut added = 0usize;
         let mut new = Vec::new();
-        while let Some(i) = ready.pop_front() {
-            let (change, user, durable) = &parsed[i];
-            match entry.graph.add(change, user.as_ref(), *durable) {
-                Ok(Added::New(_)) => {
-                    added += 1;
-                    if collect_new {
-                        new.push(change.bytes.clone());
-                    }
-                    if !durable {
-                        unflushed.push(change.hash);
-                        unflushed_bytes += change.bytes.len();
-                    }
-                }
-                Ok(Added::Known(_)) => added += 1,
-                Err(_) => {
-                    self.stats.corrupt_changes += 1;
-                    continue;
-                }
+        for i in added {
+            let (change, _, durable) = &parsed[i];
+            if collect_new {
+                new.push(change.bytes.clone());
             }
-            for &next in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
-                waiting_on[next] -= 1;
-                if waiting_on[next] == 0 {
-                    ready.push_back(next);
-                }
+            if !durable {
+                unflushed.push((change.hash, change.bytes.len()));
             }
         }
-        if added < parsed.len() {
-            self.stats.corrupt_changes += (parsed.len() - added) as u64;
+        self.account_unflushed(now, key, unflushed);
+        new
+    }
+
+    /// Builds a graph that has a base again from `loaded`, which holds the base's
+    /// snapshot expanded and every change after it (a refresh's read), and from every
+    /// change the graph held: the result has no base. Returns the bytes of the changes
+    /// that are new to the document's subscribers (neither held nor covered by the base),
+    /// in causal order. If the read does not hold every base head (a newer snapshot
+    /// cannot lack them; a broken one can), the graph is left as it was and the
+    /// snapshot counted as refused.
+    pub(super) fn expand_base(
+        &mut self,
+        now: Now,
+        key: &DocKey,
+        loaded: Vec<LoadedChange>,
+    ) -> Vec<bytes::Bytes> {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return Vec::new();
+        };
+        let old = std::mem::take(&mut entry.graph);
+        let base_clock = old.base_clock();
+        let held: HashSet<ChangeHash> = old.entries().iter().map(|e| e.hash).collect();
+        // The changes held keep their users and durability; read and held changes go
+        // through one causal ordering, since either may depend on the other.
+        let everything = loaded
+            .into_iter()
+            .chain(old.entries().iter().map(|e| LoadedChange {
+                hash: e.hash,
+                bytes: e.bytes.clone(),
+                user: e.user.clone(),
+                durable: e.durable,
+            }));
+        let mut graph = ChangeGraph::new();
+        let parsed = parse_loaded(&graph, everything, &mut self.stats);
+        let (added, _) = add_in_order(&mut graph, &parsed, &mut self.stats);
+        let complete = held
+            .iter()
+            .chain(old.base_heads())
+            .all(|h| graph.contains(h));
+        if !complete {
+            self.stats.corrupt_snapshots += 1;
+            tracing::debug!(tenant = %key.tenant, doc = %key.doc, "expanded snapshot lacks changes the graph's base stood for; keeping the base");
+            entry.graph = old;
+            return Vec::new();
         }
+        entry.graph = graph;
+        let mut unflushed = Vec::new();
+        let mut new = Vec::new();
+        for i in added {
+            let (change, _, durable) = &parsed[i];
+            if held.contains(&change.hash) {
+                continue;
+            }
+            if !durable {
+                unflushed.push((change.hash, change.bytes.len()));
+            }
+            let covered = base_clock
+                .get(&change.actor)
+                .is_some_and(|&seq| change.seq <= seq);
+            if !covered {
+                new.push(change.bytes.clone());
+            }
+        }
+        self.account_unflushed(now, key, unflushed);
+        new
+    }
+
+    /// Counts changes newly in a graph but not durable against the backlog budgets and
+    /// queues them for the durable tier.
+    fn account_unflushed(&mut self, now: Now, key: &DocKey, unflushed: Vec<(ChangeHash, usize)>) {
+        let Some(entry) = self.docs.get_mut(key) else {
+            return;
+        };
+        let bytes: usize = unflushed.iter().map(|(_, size)| size).sum();
         entry.unflushed += unflushed.len();
-        self.unflushed_bytes += unflushed_bytes;
+        self.unflushed_bytes += bytes;
         super::adjust(
             &mut self.usage.unflushed_bytes_by_tenant,
             key.tenant.clone(),
-            unflushed_bytes as isize,
+            bytes as isize,
         );
-        for hash in unflushed {
+        for (hash, _) in unflushed {
             self.flush_queue.push_back(FlushItem {
                 key: key.clone(),
                 hash,
@@ -113,6 +139,102 @@ impl Engine {
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant + self.config.flush_interval);
         }
-        new
+    }
+}
+
+/// Parses loaded changes, leaving out those `graph` holds (a refresh re-reads a hot
+/// document: what the graph already holds is not parsed, hashed, again on the driver
+/// only to be found known) or its base covers, and merging duplicates (the same change
+/// from the cache and the durable tier, or a snapshot: one is kept, durable if either
+/// copy is, with the user if either knows it).
+fn parse_loaded(
+    graph: &ChangeGraph,
+    loaded: impl IntoIterator<Item = LoadedChange>,
+    stats: &mut Stats,
+) -> Vec<Parsed> {
+    let mut parsed: Vec<Parsed> = Vec::new();
+    let mut position: HashMap<ChangeHash, usize> = HashMap::new();
+    for item in loaded {
+        if graph.contains(&item.hash) {
+            continue;
+        }
+        if let Some(&at) = position.get(&item.hash) {
+            let (_, user, durable) = &mut parsed[at];
+            *durable |= item.durable;
+            if user.is_none() {
+                *user = item.user;
+            }
+            continue;
+        }
+        match parse_change(item.bytes) {
+            Ok(change) if change.hash == item.hash => {
+                if graph.in_base(&change) {
+                    continue;
+                }
+                position.insert(change.hash, parsed.len());
+                parsed.push((change, item.user, item.durable));
+            }
+            _ => stats.corrupt_changes += 1,
+        }
+    }
+    parsed
+}
+
+/// Adds parsed changes to `graph` in causal order (Kahn's algorithm over the dependency
+/// edges among them); returns the positions of those new to it, in the order added, and
+/// how many wait for the graph's base to be expanded (they depend on covered changes
+/// that are not its heads, directly or through another such change). Changes that fail
+/// their checks, or wait on one that did, are counted as corrupt.
+fn add_in_order(
+    graph: &mut ChangeGraph,
+    parsed: &[Parsed],
+    stats: &mut Stats,
+) -> (Vec<usize>, usize) {
+    let position: HashMap<ChangeHash, usize> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, (change, _, _))| (change.hash, i))
+        .collect();
+    let mut waiting_on: Vec<usize> = vec![0; parsed.len()];
+    let mut dependents: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, (change, _, _)) in parsed.iter().enumerate() {
+        for dep in &change.deps {
+            if let Some(&j) = position.get(dep) {
+                waiting_on[i] += 1;
+                dependents.entry(j).or_default().push(i);
+            }
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..parsed.len()).filter(|&i| waiting_on[i] == 0).collect();
+    let mut placed = 0usize;
+    let mut failed = 0usize;
+    let mut new = Vec::new();
+    while let Some(i) = ready.pop_front() {
+        let (change, user, durable) = &parsed[i];
+        match graph.add(change, user.as_ref(), *durable) {
+            Ok(Added::New(_)) => {
+                placed += 1;
+                new.push(i);
+            }
+            Ok(Added::Known(_)) => placed += 1,
+            Err(AddError::MissingDeps(_)) if graph.has_base() => continue,
+            Err(_) => {
+                failed += 1;
+                continue;
+            }
+        }
+        for &next in dependents.get(&i).map(Vec::as_slice).unwrap_or(&[]) {
+            waiting_on[next] -= 1;
+            if waiting_on[next] == 0 {
+                ready.push_back(next);
+            }
+        }
+    }
+    if graph.has_base() {
+        stats.corrupt_changes += failed as u64;
+        (new, parsed.len() - placed - failed)
+    } else {
+        stats.corrupt_changes += (parsed.len() - placed) as u64;
+        (new, 0)
     }
 }

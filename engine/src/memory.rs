@@ -141,6 +141,7 @@ impl Engine {
     fn idle(&self, key: &DocKey) -> bool {
         self.docs.get(key).is_some_and(|d| {
             d.subscribers.is_empty()
+                && d.awaiting_history.is_empty()
                 && d.unflushed == 0
                 && d.orphans.is_empty()
                 && d.handoff.is_none()

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use meridian_protocol::ChangeHash;
 
 use crate::{
-    DocKey, Engine, Loaded, LoadedChange, Now, Snapshot, SnapshotError, StoreTask, StoredChange,
-    TaskError, TaskId, TaskResult, Transmit,
+    DocKey, Engine, Loaded, LoadedChange, Now, Snapshot, SnapshotBase, SnapshotError, StoreTask,
+    StoredChange, TaskError, TaskId, TaskResult, Transmit,
 };
 
 /// A durable tier in memory: every change ever flushed (never deleted), and each
@@ -22,6 +22,8 @@ use crate::{
 pub struct MemoryDurable {
     changes: BTreeMap<DocKey, BTreeMap<ChangeHash, StoredChange>>,
     snapshots: HashMap<DocKey, Snapshot>,
+    /// What each newest snapshot stands for as a graph's base (its heads' clocks).
+    bases: HashMap<DocKey, SnapshotBase>,
 }
 
 impl MemoryDurable {
@@ -111,8 +113,12 @@ pub fn execute(
     behaviour: Behaviour,
 ) {
     match task {
-        StoreTask::Load { key, snapshot } | StoreTask::Refresh { key, snapshot } => {
-            let loaded = load(&key, snapshot, cache, durable, behaviour);
+        StoreTask::Load { key, snapshot } => {
+            let loaded = load(&key, snapshot, true, cache, durable, behaviour);
+            engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
+        }
+        StoreTask::Refresh { key, snapshot } => {
+            let loaded = load(&key, snapshot, false, cache, durable, behaviour);
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Cache { changes, .. } => {
@@ -143,6 +149,8 @@ pub fn execute(
             base,
             changes,
             heads,
+            head_clocks,
+            users,
             ..
         } => {
             let result = if behaviour.snapshots {
@@ -154,18 +162,28 @@ pub fn execute(
             };
             if let Ok(snapshot) = &result {
                 durable.snapshots.insert(key.clone(), snapshot.clone());
+                durable.bases.insert(
+                    key.clone(),
+                    SnapshotBase {
+                        heads: heads.into_iter().zip(head_clocks).collect(),
+                        users,
+                    },
+                );
             }
             engine.handle_task_done(now, id, TaskResult::Compacted(result));
         }
     }
 }
 
-/// What a load reads: the durable changes (a snapshot's changes are among them: change
-/// items are never deleted) and the cached ones, those still queued marked not durable;
-/// and, when asked to start from it, the newest snapshot.
+/// What a load reads: the durable changes and the cached ones, those still queued
+/// marked not durable; and, when asked to start from it, the newest snapshot. A cold load
+/// (`as_base`) takes the snapshot as the graph's base and reads only the durable changes
+/// it does not cover, as the IO layer does with a snapshot known to load; a refresh
+/// reads it expanded (every durable change: change items are never deleted here).
 fn load(
     key: &DocKey,
     from_snapshot: bool,
+    as_base: bool,
     cache: &MemoryCache,
     durable: &MemoryDurable,
     behaviour: Behaviour,
@@ -183,8 +201,28 @@ fn load(
     if snapshot.is_some() && behaviour.corrupt_snapshots {
         return Err(TaskError::Snapshot(SnapshotError::HeadsDiffer));
     }
+    let base = snapshot
+        .as_ref()
+        .and(durable.bases.get(key))
+        .filter(|_| as_base)
+        .cloned();
+    // The clock the base covers: the highest of its heads' clocks per actor.
+    let mut covered: HashMap<Vec<u8>, u64> = HashMap::new();
+    for (_, clock) in base.iter().flat_map(|b| &b.heads) {
+        for (actor, seq) in clock {
+            let slot = covered.entry(actor.as_bytes().to_vec()).or_insert(0);
+            *slot = (*slot).max(*seq);
+        }
+    }
     let mut changes: Vec<LoadedChange> = durable
         .changes(key)
+        .filter(|c| {
+            crate::change::parse_change(c.bytes.clone()).map_or(true, |parsed| {
+                covered
+                    .get(parsed.actor.as_bytes())
+                    .is_none_or(|&seq| parsed.seq > seq)
+            })
+        })
         .map(|c| LoadedChange::stored(c.clone(), true))
         .collect();
     for ((k, hash), change) in cache.changes.range((key.clone(), ChangeHash([0; 32]))..) {
@@ -194,7 +232,11 @@ fn load(
         let queued = cache.queued.contains(&(k.clone(), *hash));
         changes.push(LoadedChange::stored(change.clone(), !queued));
     }
-    Ok(Loaded { changes, snapshot })
+    Ok(Loaded {
+        changes,
+        snapshot,
+        base,
+    })
 }
 
 /// Materializes a document from its base snapshot and the changes after it, checks the

@@ -1646,3 +1646,216 @@ fn a_purged_document_answers_gone_and_leaves_memory() {
     assert!(is_gone(&h.take(1)));
     assert!(!h.engine.is_subscribed(1, &other));
 }
+
+/// A node that holds none of the test document, sharing the durable tier of `h`, after
+/// `h` wrote six changes, snapshotted them, and wrote two more: the snapshot's hash of
+/// the second change (covered, not a head) and the writer's document are returned too.
+fn cold_node_after_a_snapshot_and_a_tail(t: Now) -> (Harness, AutoCommit, automerge::ChangeHash) {
+    let (mut h, mut doc) = six_changes_past_the_snapshot_threshold(t);
+    h.behaviour.snapshots = true;
+    h.run(t);
+    h.fire_timer();
+    assert!(h.durable.snapshot(&doc_key()).is_some());
+    let second = doc.get_changes(&[])[1].hash();
+    let before = doc.get_heads();
+    for i in 10..12 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let tail: Vec<Bytes> = doc
+        .get_changes(&before)
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    h.engine.handle_changes(t, 1, doc_id(), tail);
+    h.run(t);
+    h.fire_timer();
+    let mut other = Harness::new();
+    other.durable = h.durable.clone();
+    other.behaviour.snapshots = true;
+    (other, doc, second)
+}
+
+fn catch_up(out: &[Outbound]) -> (Option<&Snapshot>, usize) {
+    match out.first() {
+        Some(Outbound::CatchUp {
+            snapshot, changes, ..
+        }) => (snapshot.as_ref(), changes.len()),
+        _ => panic!("expected a catch-up, got {out:?}"),
+    }
+}
+
+/// A cold load takes the newest snapshot as the graph's base without expanding it:
+/// empty clients, clients at or after its heads, and writers on top of it are served
+/// from the base and the tail; a client behind it has the base expanded first and then
+/// gets exactly what it lacks.
+#[test]
+fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
+    let t = now();
+    let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
+    let snapshot_heads = other.durable.snapshot(&doc_key()).unwrap().heads.clone();
+    other
+        .engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    other.run(t);
+    let out = other.take(2);
+    let (snapshot, changes) = catch_up(&out);
+    assert!(snapshot.is_some());
+    assert_eq!(changes, 2, "the tail after the snapshot");
+    other
+        .engine
+        .handle_session_open(3, capability("carol", Rights::ALL));
+    other
+        .engine
+        .handle_subscribe(t, 3, doc_id(), snapshot_heads, true);
+    other.run(t);
+    assert_eq!(catch_up(&other.take(3)).1, 2);
+    // Bob writes on top of the newest heads.
+    let mut bob = doc.fork();
+    bob.put(automerge::ROOT, "b", 1).unwrap();
+    bob.commit();
+    let mine = Bytes::copy_from_slice(bob.get_last_local_change().unwrap().raw_bytes());
+    other.engine.handle_changes(t, 2, doc_id(), vec![mine]);
+    other.run(t);
+    assert!(
+        other
+            .take(2)
+            .iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+    );
+    assert_eq!(other.engine.stats().expansions, 0);
+    assert_eq!(other.engine.stats().cold_loads, 1);
+
+    // A client that has only the first two changes.
+    other
+        .engine
+        .handle_session_open(4, capability("dave", Rights::ALL));
+    other.engine.handle_subscribe(
+        t,
+        4,
+        doc_id(),
+        vec![meridian_protocol::ChangeHash(second.0)],
+        true,
+    );
+    other.run(t);
+    assert_eq!(other.engine.stats().expansions, 1);
+    let out = other.take(4);
+    let (snapshot, changes) = catch_up(&out);
+    assert!(snapshot.is_none());
+    doc.merge(&mut bob).unwrap();
+    assert_eq!(changes, doc.get_changes(&[second]).len());
+    assert_eq!(changes, 4 + 2 + 1);
+    // The expanded graph serves as the base did.
+    other
+        .engine
+        .handle_session_open(5, capability("erin", Rights::ALL));
+    other.engine.handle_subscribe(t, 5, doc_id(), vec![], true);
+    other.run(t);
+    let out = other.take(5);
+    let (snapshot, changes) = catch_up(&out);
+    assert!(snapshot.is_some());
+    assert_eq!(changes, 3);
+    assert_eq!(other.engine.stats().corrupt_changes, 0);
+    assert_eq!(other.engine.stats().corrupt_snapshots, 0);
+}
+
+/// A change that depends on a covered change that is not a head waits (as an orphan)
+/// while the base is expanded, then is applied; a copy of a covered change is found
+/// known after the expansion.
+#[test]
+fn an_upload_depending_on_covered_history_expands_the_base() {
+    let t = now();
+    let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
+    other
+        .engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    other.run(t);
+    other.take(2);
+    assert_eq!(other.engine.stats().expansions, 0);
+    let mut bob = doc.fork_at(&[second]).unwrap();
+    bob.put(automerge::ROOT, "b", 1).unwrap();
+    bob.commit();
+    let mine = Bytes::copy_from_slice(bob.get_last_local_change().unwrap().raw_bytes());
+    other.engine.handle_changes(t, 2, doc_id(), vec![mine]);
+    other.run(t);
+    assert_eq!(other.engine.stats().orphans_parked, 1);
+    assert_eq!(other.engine.stats().expansions, 1);
+    let out = other.take(2);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. }))),
+        "{out:?}"
+    );
+    // Alice's covered first change, uploaded again, is known.
+    let first = Bytes::copy_from_slice(doc.get_changes(&[])[0].raw_bytes());
+    other
+        .engine
+        .handle_session_open(3, capability("alice", Rights::ALL));
+    other.engine.handle_subscribe(t, 3, doc_id(), vec![], true);
+    other.run(t);
+    other.take(3);
+    other.engine.handle_changes(t, 3, doc_id(), vec![first]);
+    other.run(t);
+    let out = other.take(3);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Outbound::Message(RelayToClient::Error { .. }))),
+        "{out:?}"
+    );
+    assert_eq!(other.engine.stats().corrupt_changes, 0);
+}
+
+/// A change in the durable tier from a branch older than the snapshot (it depends on a
+/// covered change that is no head) cannot join the base: the cold load expands the
+/// base to place it, and the subscriber gets it after its catch-up from the snapshot.
+#[test]
+fn a_stored_branch_older_than_the_snapshot_is_placed_by_an_expansion() {
+    let t = now();
+    let (mut h, mut doc) = six_changes_past_the_snapshot_threshold(t);
+    h.behaviour.snapshots = true;
+    h.run(t);
+    h.fire_timer();
+    let second = doc.get_changes(&[])[1].hash();
+    let mut bob = doc.fork_at(&[second]).unwrap();
+    bob.put(automerge::ROOT, "b", 1).unwrap();
+    bob.commit();
+    let branch = bob.get_last_local_change().unwrap().hash();
+    h.join(2, "bob", t);
+    h.engine.handle_changes(
+        t,
+        2,
+        doc_id(),
+        vec![Bytes::copy_from_slice(
+            bob.get_last_local_change().unwrap().raw_bytes(),
+        )],
+    );
+    h.run(t);
+    h.fire_timer();
+    assert!(h.durable.contains(&doc_key(), &ChangeHash(branch.0)));
+
+    let mut other = Harness::new();
+    other.durable = h.durable.clone();
+    other
+        .engine
+        .handle_session_open(3, capability("carol", Rights::ALL));
+    other.engine.handle_subscribe(t, 3, doc_id(), vec![], true);
+    other.run(t);
+    let out = other.take(3);
+    let (snapshot, _) = catch_up(&out);
+    assert!(snapshot.is_some());
+    let mut received: Vec<Bytes> = out
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::CatchUp { changes, .. } => Some(changes.clone()),
+            other => fanned_out(other),
+        })
+        .flatten()
+        .collect();
+    assert_eq!(received.len(), 1, "{out:?}");
+    let received = change::parse_change(received.remove(0)).unwrap();
+    assert_eq!(received.hash, ChangeHash(branch.0));
+    assert_eq!(other.engine.stats().expansions, 1);
+    assert_eq!(other.engine.stats().corrupt_changes, 0);
+}

@@ -204,9 +204,18 @@ fn describe() {
         Unit::Seconds,
         "Time to materialize, save and store a snapshot."
     );
+    describe_histogram!(
+        "meridian_snapshot_check_duration_seconds",
+        Unit::Seconds,
+        "Time to load a new snapshot back before recording it as known to load (at most one per document per 10 s)."
+    );
     describe_counter!(
         "meridian_cold_loads_total",
         "Documents loaded from storage."
+    );
+    describe_counter!(
+        "meridian_snapshot_expansions_total",
+        "Change graphs whose snapshot base was expanded into its changes (a catch-up or an upload needed covered history)."
     );
     describe_counter!(
         "meridian_corrupt_changes_total",
@@ -331,6 +340,7 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_snapshots_total").absolute(engine.snapshots);
     counter!("meridian_snapshot_errors_total").absolute(engine.snapshot_errors);
     counter!("meridian_cold_loads_total").absolute(engine.cold_loads);
+    counter!("meridian_snapshot_expansions_total").absolute(engine.expansions);
     counter!("meridian_corrupt_changes_total").absolute(engine.corrupt_changes);
     counter!("meridian_corrupt_snapshots_total").absolute(engine.corrupt_snapshots);
     counter!("meridian_slow_consumers_total").absolute(stats.slow_consumers);
@@ -446,6 +456,11 @@ pub fn durable_ack_latency(latency: Duration) {
 /// One snapshot's duration.
 pub fn snapshot_duration(duration: Duration) {
     histogram!("meridian_snapshot_duration_seconds").record(duration.as_secs_f64());
+}
+
+/// A snapshot loaded back and recorded as known to load, and how long the check took.
+pub fn snapshot_checked(duration: Duration) {
+    histogram!("meridian_snapshot_check_duration_seconds").record(duration.as_secs_f64());
 }
 
 /// A durable-tier retry of the given kind.

@@ -590,15 +590,46 @@ struct Driver {
 /// heads of its newest snapshot: the next snapshot of a document starts from this copy
 /// (when its base is that snapshot) instead of loading the snapshot again, which on a
 /// 100k-change document is most of a snapshot's cost.
-#[derive(Default)]
+/// It also remembers when each document's snapshot was last checked to load.
 struct Materialized {
     docs: std::collections::VecDeque<(DocKey, Vec<ChangeHash>, automerge::AutoCommit)>,
+    /// When a snapshot of each document was last loaded back and recorded as known to
+    /// load, for the most recently checked documents.
+    checked: lru::LruCache<DocKey, Instant>,
+}
+
+impl Default for Materialized {
+    fn default() -> Self {
+        Materialized {
+            docs: std::collections::VecDeque::new(),
+            checked: lru::LruCache::new(CHECKED_MAX),
+        }
+    }
 }
 
 /// Materialized documents kept between snapshots.
 const MATERIALIZED_MAX: usize = 4;
+/// Documents whose last snapshot check time is remembered.
+const CHECKED_MAX: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
+    Some(n) => n,
+    None => unreachable!(),
+};
+/// The least time between two snapshots of one document that are loaded back and
+/// recorded as known to load. Loading back costs about what the save does (190 ms for a
+/// 100k-change text); a document written fast snapshots every few hundred milliseconds,
+/// and checking each would double the snapshot task's work. The snapshots in between are
+/// stored unchecked: a cold load takes the newest checked one as its base, and reads the
+/// (at most this long) tail after it.
+const SNAPSHOT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 impl Materialized {
+    /// Whether the next snapshot of `key` is to be loaded back and checked.
+    fn check_due(&mut self, key: &DocKey, now: Instant) -> bool {
+        self.checked
+            .peek(key)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= SNAPSHOT_CHECK_INTERVAL)
+    }
+
     /// Takes `key`'s copy if it stands at `heads` (sorted).
     fn take(&mut self, key: &DocKey, heads: &[ChangeHash]) -> Option<automerge::AutoCommit> {
         let at = self.docs.iter().position(|(k, _, _)| k == key)?;
@@ -968,7 +999,7 @@ impl Driver {
     fn spawn_load(
         &self,
         id: TaskId,
-        (key, snapshot): (DocKey, bool),
+        (key, snapshot, expand): (DocKey, bool, bool),
         permits: Arc<Semaphore>,
         done: &mpsc::Sender<Completion>,
         workers: &mut JoinSet<()>,
@@ -976,7 +1007,7 @@ impl Driver {
         let (store, cache, done) = (self.store.clone(), self.cache.clone(), done.clone());
         workers.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let result = load_doc(&cache, store.as_ref(), &key, snapshot).await;
+            let result = load_doc(&cache, store.as_ref(), &key, (snapshot, expand)).await;
             let _ = done.send(Completion(id, TaskResult::Loaded(result))).await;
         });
     }
@@ -990,14 +1021,16 @@ impl Driver {
         workers: &mut JoinSet<()>,
     ) {
         match task {
+            // A cold load takes a snapshot known to load as the graph's base, unexpanded.
             StoreTask::Load { key, snapshot } => {
-                self.spawn_load(id, (key, snapshot), loads.clone(), done, workers);
+                self.spawn_load(id, (key, snapshot, false), loads.clone(), done, workers);
             }
             // A refresh is a load whose result merges into a hot document; it waits on its
-            // own permits so that cold loads never queue behind refreshes.
+            // own permits so that cold loads never queue behind refreshes. It expands the
+            // snapshot: that is how a graph's base is expanded.
             StoreTask::Refresh { key, snapshot } => {
                 let permits = self.refresh_permits.clone();
-                self.spawn_load(id, (key, snapshot), permits, done, workers);
+                self.spawn_load(id, (key, snapshot, true), permits, done, workers);
             }
             StoreTask::Cache { changes, .. } => {
                 if cache
@@ -1013,6 +1046,7 @@ impl Driver {
                 base,
                 changes,
                 heads,
+                head_clocks,
                 clock,
                 users,
             } => {
@@ -1020,8 +1054,13 @@ impl Driver {
                 let materialized = self.materialized.clone();
                 workers.spawn(async move {
                     let started = Instant::now();
+                    let covers = SnapshotCovers {
+                        clock,
+                        users,
+                        head_clocks,
+                    };
                     let result =
-                        compact(store, materialized, &key, base, changes, heads, (clock, users)).await;
+                        compact(store, materialized, &key, base, changes, heads, covers).await;
                     if result.is_ok() {
                         crate::metrics::snapshot_duration(started.elapsed());
                     }
@@ -1072,15 +1111,17 @@ impl Driver {
     }
 }
 
-/// Reads a document as a `Load` or `Refresh` task asks: from its newest snapshot (checked
-/// and expanded off the runtime's threads; one that fails its check is reported as
-/// [`TaskError::Snapshot`], and the engine asks again without it) and the change items
-/// after it, or from every change item; and the cache's changes.
+/// Reads a document as a `Load` or `Refresh` task asks: from its newest snapshot and the
+/// change items after it, or from every change item; and the cache's changes. A snapshot
+/// known to load (its record has its heads' clocks, see [`SnapshotRecord::head_clocks`])
+/// is handed over unexpanded as the graph's base, unless `expand`: then, as every older
+/// snapshot is, it is checked and expanded off the runtime's threads (one that fails its
+/// check is reported as [`TaskError::Snapshot`], and the engine asks again without it).
 async fn load_doc(
     cache: &Cache,
     store: &dyn DurableStore,
     key: &DocKey,
-    from_snapshot: bool,
+    (from_snapshot, expand): (bool, bool),
 ) -> Result<Loaded, TaskError> {
     let durable = |e: crate::store::StoreError| TaskError::Durable(e.into());
     let (record, tail) = if from_snapshot {
@@ -1095,7 +1136,18 @@ async fn load_doc(
         .await
         .map_err(|_| TaskError::WorkerLost)?
         .map_err(|e| TaskError::Cache(e.into()))?;
+    let base = record
+        .as_ref()
+        .filter(|_| !expand)
+        .and_then(SnapshotRecord::base);
     let (snapshot, mut changes) = match record {
+        Some(record) if base.is_some() => (
+            Some(Snapshot {
+                heads: record.heads,
+                bytes: record.bytes,
+            }),
+            Vec::new(),
+        ),
         Some(record) => {
             let (snapshot, expanded) = tokio::task::spawn_blocking(move || expand_snapshot(record))
                 .await
@@ -1106,7 +1158,11 @@ async fn load_doc(
     };
     changes.extend(tail.into_iter().map(|c| LoadedChange::stored(c, true)));
     changes.extend(cached);
-    Ok(Loaded { changes, snapshot })
+    Ok(Loaded {
+        changes,
+        snapshot,
+        base,
+    })
 }
 
 /// Checks a snapshot (its loaded heads must be the recorded ones) and expands it into its
@@ -1150,11 +1206,15 @@ fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange
     ))
 }
 
-/// What a snapshot covers: its vector clock, and each bound actor's user.
-type SnapshotCovers = (
-    Vec<(meridian_protocol::ActorId, u64)>,
-    Vec<(meridian_protocol::ActorId, meridian_protocol::UserId)>,
-);
+/// What a snapshot covers, as its record keeps it.
+struct SnapshotCovers {
+    /// Its vector clock.
+    clock: Vec<(meridian_protocol::ActorId, u64)>,
+    /// Each bound actor's user.
+    users: Vec<(meridian_protocol::ActorId, meridian_protocol::UserId)>,
+    /// Each head's clock, in the order of the heads.
+    head_clocks: Vec<Vec<(meridian_protocol::ActorId, u64)>>,
+}
 
 /// Materializes a document (off the hot path) and stores it as a snapshot.
 async fn compact(
@@ -1168,7 +1228,7 @@ async fn compact(
 ) -> Result<Snapshot, TaskError> {
     let expected = heads.clone();
     let doc_key = key.clone();
-    let bytes = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, SnapshotError> {
+    let bytes = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, bool), SnapshotError> {
         let copy = base.as_ref().and_then(|base| {
             let mut at = base.heads.clone();
             at.sort();
@@ -1180,24 +1240,55 @@ async fn compact(
         };
         let got = crate::engine::materialize(&mut doc, &changes, &expected)?;
         let saved = doc.save();
-        // Not loaded again here: that would cost as much as the save and more, on every
-        // snapshot of a document that keeps growing. Every reader checks instead: a node
-        // loading the document refuses a snapshot that does not load to its recorded heads
-        // and reads every change (`expand_snapshot`; change items are never deleted), and
-        // a client whose snapshot does not load subscribes again for every change.
+        // Loaded back here, at most once per `SNAPSHOT_CHECK_INTERVAL` per document, so
+        // that the record can say the snapshot is known to load (it then carries its
+        // heads' clocks): cold loads take the newest such snapshot as the graph's base
+        // without loading it. (A client whose snapshot does not load all the same
+        // subscribes again for every change.)
+        let started = Instant::now();
+        let due = materialized
+            .lock()
+            .map(|mut m| m.check_due(&doc_key, started))
+            .unwrap_or(true);
+        let checked = if due {
+            let check =
+                automerge::Automerge::load(&saved).map_err(|e| SnapshotError::Load(Box::new(e)))?;
+            let mut loaded: Vec<ChangeHash> =
+                check.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+            loaded.sort();
+            if loaded != got {
+                return Err(SnapshotError::HeadsDiffer);
+            }
+            crate::metrics::snapshot_checked(started.elapsed());
+            true
+        } else {
+            false
+        };
         // The next snapshot starts from this copy.
         if let Ok(mut materialized) = materialized.lock() {
+            if checked {
+                materialized.checked.put(doc_key.clone(), started);
+            }
             materialized.put(doc_key, got, doc);
         }
-        Ok(saved)
+        Ok((saved, checked))
     })
     .await
     .map_err(|_| TaskError::WorkerLost)??;
-    let (clock, users) = covers;
+    let (bytes, checked) = bytes;
+    let SnapshotCovers {
+        clock,
+        users,
+        mut head_clocks,
+    } = covers;
+    if !checked {
+        head_clocks.clear();
+    }
     let record = SnapshotRecord {
         heads,
         clock,
         users,
+        head_clocks,
         bytes: Bytes::from(bytes),
     };
     store
@@ -1419,6 +1510,7 @@ mod tests {
                 actor(&alice),
                 meridian_protocol::UserId::new("alice").unwrap(),
             )],
+            head_clocks: Vec::new(),
             bytes: Bytes::from(alice.save()),
         };
         let (_, changes) = expand_snapshot(record).unwrap();

@@ -23,6 +23,23 @@ async fn first_snapshot(relay: &meridian_relay::node::RelayHandle) {
     }
 }
 
+/// The engine's counters once `ready` holds for them (they are published every so
+/// often; up to 10 s).
+async fn published(
+    relay: &meridian_relay::node::RelayHandle,
+    ready: impl Fn(&meridian_relay::engine::Stats) -> bool,
+) -> meridian_relay::engine::Stats {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = relay.stats().engine;
+        if ready(&stats) {
+            return stats;
+        }
+        assert!(Instant::now() < deadline, "not published: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     let mut dev = Dev::new();
@@ -108,6 +125,42 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     c.change(|d| d.put(automerge::ROOT, "after", true).unwrap())
         .unwrap();
     c.wait_durable().await.unwrap();
+    // The snapshot was the graph's base: nothing was expanded.
+    let stats = published(&relay, |s| s.cold_loads >= 1 && s.changes_durable >= 1).await;
+    assert_eq!(stats.expansions, 0, "{stats:?}");
+    // A client that holds only the first change is behind the snapshot: the base is
+    // expanded for its catch-up, once, and the catch-up is every other change.
+    let all = automerge::AutoCommit::load(&c.save())
+        .unwrap()
+        .get_changes(&[])
+        .len();
+    let first = automerge::AutoCommit::load(&a.save())
+        .unwrap()
+        .get_changes(&[])[0]
+        .hash();
+    let raw = dev.raw(relay.local_addr(), dev.token("dave")).await;
+    let mut stream = raw
+        .subscribe_at("novel", vec![meridian_protocol::ChangeHash(first.0)], true)
+        .await;
+    let mut caught_up = 0;
+    loop {
+        match stream.next().await.expect("catch-up") {
+            meridian_protocol::RelayToClient::Changes { changes, .. } => caught_up += changes.len(),
+            meridian_protocol::RelayToClient::Synced { heads, .. } => {
+                let mut want: Vec<_> = c.heads().into_iter().collect();
+                let mut heads = heads;
+                want.sort();
+                heads.sort();
+                assert_eq!(heads, want);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(caught_up, all - 1);
+    let stats = published(&relay, |s| s.expansions >= 1).await;
+    assert_eq!(stats.expansions, 1);
+    assert_eq!(stats.corrupt_changes, 0);
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
@@ -148,6 +201,9 @@ async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_l
                 heads,
                 clock: vec![(ActorId::new(actor.to_bytes()).unwrap(), 20)],
                 users: vec![],
+                // Not known to load (as written before records said so): a cold load
+                // expands it, which is its check.
+                head_clocks: vec![],
                 bytes: bytes::Bytes::from(other.save()),
             },
         )

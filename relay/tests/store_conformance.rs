@@ -297,12 +297,15 @@ fn snapshot_at(
         .clone()
         .fork_at(&[automerge::ChangeHash(written[upto - 1].hash.0)])
         .unwrap();
+    let clock = vec![(
+        ActorId::new(doc.get_actor().to_bytes()).unwrap(),
+        upto as u64,
+    )];
     SnapshotRecord {
         heads: vec![written[upto - 1].hash],
-        clock: vec![(
-            ActorId::new(doc.get_actor().to_bytes()).unwrap(),
-            upto as u64,
-        )],
+        clock: clock.clone(),
+        // One head: its clock is the snapshot's (known to load: saved by Automerge).
+        head_clocks: vec![clock],
         // Bindings round-trip with the snapshot (a user id may hold a colon).
         users: vec![(
             ActorId::new(doc.get_actor().to_bytes()).unwrap(),
@@ -360,15 +363,27 @@ async fn cold_load_is_the_newest_snapshot_plus_what_it_does_not_cover() {
             .write_snapshot(&doc, &snapshot_at(&source, &written, 60))
             .await
             .unwrap();
+        // A newer snapshot not known to load (written unchecked) is passed over.
+        let mut unchecked = snapshot_at(&source, &written, 90);
+        unchecked.head_clocks.clear();
+        store.write_snapshot(&doc, &unchecked).await.unwrap();
         let loaded = store.load(&doc).await.unwrap();
         let snapshot = loaded.snapshot.expect("a snapshot");
         assert_eq!(
             snapshot.heads,
             vec![written[59].hash],
-            "{}: the newest",
+            "{}: the newest known to load",
             store.kind()
         );
         assert_eq!(hashes(&loaded.changes), hashes(&written[60..]));
+        // Its head clocks round-trip, and make it a change graph's base.
+        assert_eq!(
+            snapshot.head_clocks,
+            snapshot_at(&source, &written, 60).head_clocks
+        );
+        let base = snapshot.base().expect("a base");
+        assert_eq!(base.heads[0].0, written[59].hash);
+        assert_eq!(base.users.len(), 1);
         // Rebuilt from what was loaded, the document equals the written set.
         let mut rebuilt = automerge::AutoCommit::load(&snapshot.bytes).unwrap();
         for change in &loaded.changes {

@@ -180,10 +180,20 @@ impl Raw {
     /// Opens a document stream and sends `subscribe` with no heads, taking a snapshot for
     /// the catch-up or not.
     pub async fn subscribe_with(&self, doc: &str, snapshot: bool) -> RawStream {
+        self.subscribe_at(doc, vec![], snapshot).await
+    }
+
+    /// Opens a document stream and sends `subscribe` with the heads the client holds.
+    pub async fn subscribe_at(
+        &self,
+        doc: &str,
+        heads: Vec<meridian_protocol::ChangeHash>,
+        snapshot: bool,
+    ) -> RawStream {
         let (mut send, recv) = self.connection.open_bi().await.expect("doc stream");
         let subscribe = ClientToRelay::Subscribe {
             doc: meridian_protocol::DocId::new(doc).expect("doc"),
-            heads: vec![],
+            heads,
             snapshot,
         };
         send.write_all(&subscribe.to_bytes())

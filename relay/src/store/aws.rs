@@ -5,7 +5,8 @@
 //! Items (partition key `pk = "<tenant>#<doc>"`, sort key `sk`):
 //! - change: `sk = "c#<hash hex>"`, `b` (bytes) or `s3` (object key, for changes over
 //!   [`INLINE_MAX`]), `actor`, `seq`, `user`, `cell`, `wt` (write time, ms);
-//! - snapshot: `sk = "s#<snapshot id>"`, `heads`, `clock`, `size`, `s3`, `wt`.
+//! - snapshot: `sk = "s#<snapshot id>"`, `heads`, `clock`, `users`, `head_clocks`, `size`,
+//!   `s3`, `wt`.
 //!
 //! Change items are immutable and keyed by content, so a retry, a replayed flush queue or
 //! another region writing the same change writes the same item, and last-writer-wins
@@ -49,8 +50,8 @@ use futures::future::BoxFuture;
 use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
-    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, decode_users,
-    encode_clock, encode_users,
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock,
+    decode_head_clocks, decode_users, encode_clock, encode_head_clocks, encode_users,
 };
 use crate::engine::{DocKey, StoredChange};
 use crate::purge::{AuditRecord, PurgeReport, Purged, Tombstone};
@@ -595,6 +596,10 @@ impl AwsStore {
             .item("heads", AttributeValue::L(heads))
             .item("clock", AttributeValue::S(encode_clock(&snapshot.clock)))
             .item("users", AttributeValue::S(encode_users(&snapshot.users)))
+            .item(
+                "head_clocks",
+                AttributeValue::S(encode_head_clocks(&snapshot.head_clocks)),
+            )
             .item("size", AttributeValue::N(snapshot.size().to_string()))
             .item("s3", AttributeValue::S(object))
             .item("cell", AttributeValue::S(self.config.cell.clone()))
@@ -624,14 +629,17 @@ impl AwsStore {
                 None,
             )
             .await?;
-        // Newest first by the recorded size; only the chosen snapshot's object is fetched,
-        // and an unreadable one (missing, not yet replicated, bad record) falls back to the
-        // next, then to no snapshot: change items are never deleted.
-        let mut candidates: Vec<(u64, &HashMap<String, AttributeValue>)> = snapshot_items
+        // Known to load first, then newest first by the recorded size; only the chosen
+        // snapshot's object is fetched, and an unreadable one (missing, not yet
+        // replicated, bad record) falls back to the next, then to no snapshot.
+        let mut candidates: Vec<_> = snapshot_items
             .iter()
-            .map(|item| (number(item, "size").unwrap_or(0), item))
+            .map(|item| {
+                let checked = string(item, "head_clocks").is_some_and(|c| !c.is_empty());
+                ((checked, number(item, "size").unwrap_or(0)), item)
+            })
             .collect();
-        candidates.sort_by_key(|(size, _)| std::cmp::Reverse(*size));
+        candidates.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
         let mut best = None;
         let mut snapshot_wt = None;
         for (_, item) in candidates {
@@ -692,11 +700,14 @@ impl AwsStore {
         };
         let clock = decode_clock(string(item, "clock").unwrap_or_default().as_str())?;
         let users = decode_users(string(item, "users").unwrap_or_default().as_str())?;
+        let head_clocks =
+            decode_head_clocks(string(item, "head_clocks").unwrap_or_default().as_str())?;
         let bytes = self.get_object(&object).await?;
         Ok(SnapshotRecord {
             heads,
             clock,
             users,
+            head_clocks,
             bytes,
         })
     }

@@ -9,7 +9,7 @@
 //! A record whose CRC fails in the middle of a file is corruption: it is skipped and
 //! reported by the engine's own re-hash of every loaded change.
 //!
-//! Snapshots live beside the log: `<hex of doc id>.snap/<id>.meta` (heads and clock) and
+//! Snapshots live beside the log: `<hex of doc id>.snap/<id>.meta` (heads, clock, bindings, head clocks: a line each) and
 //! `<id>.am` (the saved document), the latter created with a hard link so that a second
 //! writer of the same id finds it present and leaves it alone.
 //!
@@ -54,8 +54,9 @@ use futures::future::BoxFuture;
 use meridian_protocol::{ChangeHash, UserId};
 
 use super::{
-    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock, decode_users,
-    encode_clock, encode_users, newest, not_covered, without_purged,
+    DurableStore, SnapshotRecord, SnapshotWrite, StoreError, StoredDoc, decode_clock,
+    decode_head_clocks, decode_users, encode_clock, encode_head_clocks, encode_users, newest,
+    not_covered, without_purged,
 };
 use crate::engine::{DocKey, StoredChange};
 use crate::purge::{AuditRecord, PurgeReport, Purged, Tombstone};
@@ -364,7 +365,7 @@ impl LocalDirStore {
             return Ok(SnapshotWrite::AlreadyExists);
         }
         let meta = format!(
-            "{}\n{}\n{}\n",
+            "{}\n{}\n{}\n{}\n",
             snapshot
                 .heads
                 .iter()
@@ -372,7 +373,8 @@ impl LocalDirStore {
                 .collect::<Vec<_>>()
                 .join(","),
             encode_clock(&snapshot.clock),
-            encode_users(&snapshot.users)
+            encode_users(&snapshot.users),
+            encode_head_clocks(&snapshot.head_clocks)
         );
         write_synced(&dir.join(format!("{id}.meta.tmp")), meta.as_bytes())?;
         fs::rename(
@@ -426,10 +428,13 @@ impl LocalDirStore {
             let clock = decode_clock(lines.next().unwrap_or(""))?;
             // Snapshots written before bindings were kept have no third line.
             let users = decode_users(lines.next().unwrap_or(""))?;
+            // Nor a fourth before head clocks were (they are then expanded on load).
+            let head_clocks = decode_head_clocks(lines.next().unwrap_or(""))?;
             out.push(SnapshotRecord {
                 heads,
                 clock,
                 users,
+                head_clocks,
                 bytes: Bytes::from(bytes),
             });
         }

@@ -57,6 +57,12 @@ pub struct SnapshotRecord {
     /// for: the changes a cold load expands from the snapshot keep their authors, so
     /// actor bindings survive snapshots.
     pub users: Vec<(ActorId, UserId)>,
+    /// Each head's vector clock, in the order of `heads` (the head's own actor first):
+    /// written only by a compaction that loaded the saved document back and found the
+    /// recorded heads, so a record that has them is known to load, and a cold load takes
+    /// it as the change graph's base without expanding it. Empty in records written
+    /// before (they are expanded, and so checked, on every load).
+    pub head_clocks: Vec<Vec<(ActorId, u64)>>,
     /// The saved document.
     pub bytes: Bytes,
 }
@@ -76,6 +82,40 @@ impl SnapshotRecord {
     /// How many changes it covers (the sum of its clock): the newest snapshot covers most.
     pub fn size(&self) -> u64 {
         self.clock.iter().map(|(_, seq)| *seq).sum()
+    }
+
+    /// Whether the node that wrote it loaded it back and found its heads (it then
+    /// records its heads' clocks).
+    pub fn known_to_load(&self) -> bool {
+        !self.head_clocks.is_empty()
+    }
+
+    /// What the snapshot stands for as a change graph's base, if it is known to load:
+    /// it has a clock for each head, and its clock is theirs (what the store's `load`
+    /// leaves out of the tail is what the base covers).
+    pub fn base(&self) -> Option<crate::engine::SnapshotBase> {
+        if self.heads.is_empty() || self.head_clocks.len() != self.heads.len() {
+            return None;
+        }
+        let mut covered: HashMap<&ActorId, u64> = HashMap::new();
+        for (actor, seq) in self.head_clocks.iter().flatten() {
+            let slot = covered.entry(actor).or_insert(0);
+            *slot = (*slot).max(*seq);
+        }
+        let consistent = covered.len() == self.clock.len()
+            && self
+                .clock
+                .iter()
+                .all(|(actor, seq)| covered.get(actor) == Some(seq));
+        consistent.then(|| crate::engine::SnapshotBase {
+            heads: self
+                .heads
+                .iter()
+                .copied()
+                .zip(self.head_clocks.iter().cloned())
+                .collect(),
+            users: self.users.clone(),
+        })
     }
 
     /// Whether the change `(actor, seq)` is inside the snapshot.
@@ -229,9 +269,12 @@ pub fn not_covered(
         .collect()
 }
 
-/// Picks the snapshot that covers the most changes.
+/// Picks the snapshot that covers the most changes among those known to load (see
+/// [`SnapshotRecord::known_to_load`]), or among all if none is.
 pub fn newest(snapshots: impl IntoIterator<Item = SnapshotRecord>) -> Option<SnapshotRecord> {
-    snapshots.into_iter().max_by_key(SnapshotRecord::size)
+    snapshots
+        .into_iter()
+        .max_by_key(|s| (s.known_to_load(), s.size()))
 }
 
 /// Encodes a clock for storage as `actorhex:seq,actorhex:seq`.
@@ -262,6 +305,35 @@ pub fn decode_users(text: &str) -> Result<Vec<(ActorId, UserId)>, StoreError> {
             let (actor, user) = part.split_once(':').ok_or_else(bad)?;
             let actor = ActorId::new(&hex::decode(actor).map_err(|_| bad())?).map_err(|_| bad())?;
             Ok((actor, UserId::new(user).map_err(|_| bad())?))
+        })
+        .collect()
+}
+
+/// Encodes each head's clock of a snapshot, in order and keeping each clock's order, as
+/// [`encode_clock`]'s format joined by `;`.
+pub fn encode_head_clocks(clocks: &[Vec<(ActorId, u64)>]) -> String {
+    clocks
+        .iter()
+        .map(|clock| encode_clock(clock))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Decodes [`encode_head_clocks`]'s format.
+pub fn decode_head_clocks(text: &str) -> Result<Vec<Vec<(ActorId, u64)>>, StoreError> {
+    let bad = || StoreError::Corrupt("bad head clocks".into());
+    text.split(';')
+        .filter(|c| !c.is_empty())
+        .map(|clock| {
+            clock
+                .split(',')
+                .map(|part| {
+                    let (actor, seq) = part.split_once(':').ok_or_else(bad)?;
+                    let actor =
+                        ActorId::new(&hex::decode(actor).map_err(|_| bad())?).map_err(|_| bad())?;
+                    Ok((actor, seq.parse::<u64>().map_err(|_| bad())?))
+                })
+                .collect()
         })
         .collect()
 }
