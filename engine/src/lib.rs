@@ -2016,9 +2016,7 @@ impl Engine {
         uploader: &UserId,
     ) -> Option<UserId> {
         let doc = self.docs.get(key)?;
-        if doc.graph.actor_user(&change.actor).is_some()
-            || doc.graph.index_of(&change.hash).is_some()
-        {
+        if doc.graph.actor_user(&change.actor).is_some() || doc.graph.contains(&change.hash) {
             return Some(uploader.clone());
         }
         let owner = self
@@ -2044,7 +2042,7 @@ impl Engine {
                         };
                         self.docs
                             .get(&other)
-                            .is_some_and(|d| d.graph.index_of(&change.hash).is_some())
+                            .is_some_and(|d| d.graph.contains(&change.hash))
                     });
                 held_elsewhere.then_some(owner)
             }
