@@ -40,6 +40,32 @@ async fn published(
     }
 }
 
+fn sorted(mut heads: Vec<meridian_protocol::ChangeHash>) -> Vec<meridian_protocol::ChangeHash> {
+    heads.sort();
+    heads
+}
+
+/// Subscribes as a client that holds the document up to `held` only (over raw QUIC) and
+/// reads its catch-up: how many changes it got, and the heads `synced` named (sorted).
+async fn catch_up_behind(
+    dev: &Dev,
+    relay: &meridian_relay::node::RelayHandle,
+    doc: &str,
+    held: automerge::ChangeHash,
+) -> (usize, Vec<meridian_protocol::ChangeHash>) {
+    use meridian_protocol::{ChangeHash, RelayToClient};
+    let raw = dev.raw(relay.local_addr(), dev.token("dave")).await;
+    let mut stream = raw.subscribe_at(doc, vec![ChangeHash(held.0)], true).await;
+    let mut caught_up = 0;
+    loop {
+        match stream.next().await.expect("catch-up") {
+            RelayToClient::Changes { changes, .. } => caught_up += changes.len(),
+            RelayToClient::Synced { heads, .. } => return (caught_up, sorted(heads)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     let mut dev = Dev::new();
@@ -138,25 +164,8 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
         .unwrap()
         .get_changes(&[])[0]
         .hash();
-    let raw = dev.raw(relay.local_addr(), dev.token("dave")).await;
-    let mut stream = raw
-        .subscribe_at("novel", vec![meridian_protocol::ChangeHash(first.0)], true)
-        .await;
-    let mut caught_up = 0;
-    loop {
-        match stream.next().await.expect("catch-up") {
-            meridian_protocol::RelayToClient::Changes { changes, .. } => caught_up += changes.len(),
-            meridian_protocol::RelayToClient::Synced { heads, .. } => {
-                let mut want: Vec<_> = c.heads().into_iter().collect();
-                let mut heads = heads;
-                want.sort();
-                heads.sort();
-                assert_eq!(heads, want);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (caught_up, heads) = catch_up_behind(&dev, &relay, "novel", first).await;
+    assert_eq!(heads, sorted(c.heads()));
     assert_eq!(caught_up, all - 1);
     let stats = published(&relay, |s| s.expansions >= 1).await;
     assert_eq!(stats.expansions, 1);
@@ -598,5 +607,63 @@ async fn a_corrupt_snapshot_is_refused_and_the_document_loads_from_its_changes()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     bob.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// On DynamoDB and S3 (moto): a relay whose cache is gone cold-loads a document from its
+/// newest snapshot known to load as the change graph's base and its tail, expanding
+/// nothing; a client behind the snapshot has it expanded, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_dynamodb_a_cold_load_starts_from_the_snapshot_base() {
+    use meridian_relay::DurableConfig;
+    let (_, aws) = common::moto::fresh_store(common::JURISDICTION).await;
+    let mut dev = Dev::new();
+    dev.engine.snapshot_every_changes = 50;
+    let mut config = dev.config("127.0.0.1:0".parse().unwrap());
+    config.durable = DurableConfig::Aws(aws.clone());
+    let relay = meridian_relay::start(config.clone()).await.unwrap();
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let a = alice.open("ledger").await.unwrap();
+    for i in 0..120 {
+        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+    first_snapshot(&relay).await;
+    for i in 0..10 {
+        a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+    alice.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    std::fs::remove_dir_all(dev.data_dir()).unwrap();
+
+    let relay = meridian_relay::start(config).await.unwrap();
+    let carol = dev.client(relay.local_addr(), "carol").await;
+    let c = carol.open("ledger").await.unwrap();
+    c.wait_synced().await.unwrap();
+    assert_eq!(c.heads(), a.heads());
+    assert_eq!(json(&c), json(&a));
+    let stats = published(&relay, |s| s.cold_loads >= 1).await;
+    assert_eq!(stats.expansions, 0, "{stats:?}");
+    let all = automerge::AutoCommit::load(&a.save())
+        .unwrap()
+        .get_changes(&[])
+        .len();
+    let first = automerge::AutoCommit::load(&a.save())
+        .unwrap()
+        .get_changes(&[])[0]
+        .hash();
+    let (caught_up, heads) = catch_up_behind(&dev, &relay, "ledger", first).await;
+    assert_eq!(caught_up, all - 1);
+    assert_eq!(heads, sorted(a.heads()));
+    let stats = published(&relay, |s| s.expansions >= 1).await;
+    assert_eq!(
+        (stats.expansions, stats.corrupt_changes),
+        (1, 0),
+        "{stats:?}"
+    );
+    carol.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
