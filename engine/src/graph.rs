@@ -617,44 +617,53 @@ mod tests {
         }
     }
 
-    /// The graph's missing set equals Automerge's own answer for random concurrent
-    /// histories of three actors with merges.
-    #[test]
-    fn missing_since_matches_automerge() {
-        let mut seed = 7u64;
-        let mut next = || {
+    /// A seeded generator of small numbers.
+    fn numbers(mut seed: u64) -> impl FnMut() -> usize {
+        move || {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             (seed >> 33) as usize
-        };
+        }
+    }
+
+    /// A random history of three actors that edit concurrently and merge one another
+    /// now and then (one in `merge_one_in` steps): the merged document, and the heads of
+    /// the writer's copy after each of its 40 edits.
+    fn random_history(
+        next: &mut impl FnMut() -> usize,
+        merge_one_in: usize,
+    ) -> (AutoCommit, Vec<Vec<automerge::ChangeHash>>) {
+        let mut docs: Vec<AutoCommit> = (0..3).map(|_| AutoCommit::new()).collect();
+        let mut points = Vec::new();
+        for step in 0..40 {
+            let who = next() % 3;
+            docs[who]
+                .put(automerge::ROOT, format!("k{}", next() % 5), step as i64)
+                .unwrap();
+            docs[who].commit();
+            let other = next() % 3;
+            if next().is_multiple_of(merge_one_in) && other != who {
+                let (a, b) = (who.min(other), who.max(other));
+                let (left, right) = docs.split_at_mut(b);
+                left[a].merge(&mut right[0]).unwrap();
+            }
+            points.push(docs[who].get_heads());
+        }
+        let mut all = AutoCommit::new();
+        for d in &mut docs {
+            all.merge(d).unwrap();
+        }
+        (all, points)
+    }
+
+    /// The graph's missing set equals Automerge's own answer for random concurrent
+    /// histories of three actors with merges.
+    #[test]
+    fn missing_since_matches_automerge() {
+        let mut next = numbers(7);
         for _round in 0..20 {
-            let mut docs: Vec<AutoCommit> = (0..3).map(|_| AutoCommit::new()).collect();
-            let mut snapshots = Vec::new();
-            for step in 0..40 {
-                let who = next() % 3;
-                docs[who]
-                    .put(automerge::ROOT, format!("k{}", next() % 5), step as i64)
-                    .unwrap();
-                docs[who].commit();
-                if next() % 4 == 0 {
-                    let other = next() % 3;
-                    if other != who {
-                        let (a, b) = if who < other {
-                            (who, other)
-                        } else {
-                            (other, who)
-                        };
-                        let (left, right) = docs.split_at_mut(b);
-                        left[a].merge(&mut right[0]).unwrap();
-                    }
-                }
-                snapshots.push(docs[who].get_heads());
-            }
-            let mut all = AutoCommit::new();
-            for d in &mut docs {
-                all.merge(d).unwrap();
-            }
+            let (mut all, snapshots) = random_history(&mut next, 4);
             let mut graph = ChangeGraph::new();
             add_all(&mut graph, &mut all);
             assert_eq!(graph.len(), all.get_changes(&[]).len());
@@ -685,35 +694,10 @@ mod tests {
     /// lacks, durable heads; and it says `None` for a client behind the base.
     #[test]
     fn a_graph_from_a_base_answers_as_the_whole_graph() {
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 33) as usize
-        };
+        let mut next = numbers(11);
         let mut compared = 0;
         for _round in 0..40 {
-            let mut docs: Vec<AutoCommit> = (0..3).map(|_| AutoCommit::new()).collect();
-            let mut points = Vec::new();
-            for step in 0..40 {
-                let who = next() % 3;
-                docs[who]
-                    .put(automerge::ROOT, format!("k{}", next() % 5), step as i64)
-                    .unwrap();
-                docs[who].commit();
-                let other = next() % 3;
-                if next() % 3 == 0 && other != who {
-                    let (a, b) = (who.min(other), who.max(other));
-                    let (left, right) = docs.split_at_mut(b);
-                    left[a].merge(&mut right[0]).unwrap();
-                }
-                points.push(docs[who].get_heads());
-            }
-            let mut all = AutoCommit::new();
-            for d in &mut docs {
-                all.merge(d).unwrap();
-            }
+            let (mut all, points) = random_history(&mut next, 3);
             let hashes = |heads: &[automerge::ChangeHash]| -> Vec<ChangeHash> {
                 heads.iter().map(|h| ChangeHash(h.0)).collect()
             };
@@ -791,7 +775,7 @@ mod tests {
                 }
             }
             for &index in &after {
-                if next() % 2 == 0 {
+                if next().is_multiple_of(2) {
                     whole.mark_durable(index);
                     let hash = whole.entry(index).hash;
                     based.mark_durable(based.index_of(&hash).unwrap());

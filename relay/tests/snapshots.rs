@@ -45,15 +45,28 @@ fn sorted(mut heads: Vec<meridian_protocol::ChangeHash>) -> Vec<meridian_protoco
     heads
 }
 
-/// Subscribes as a client that holds the document up to `held` only (over raw QUIC) and
-/// reads its catch-up: how many changes it got, and the heads `synced` named (sorted).
+/// How many changes the document behind `handle` holds.
+fn changes_in(handle: &meridian_client::DocHandle) -> usize {
+    automerge::AutoCommit::load(&handle.save())
+        .unwrap()
+        .get_changes(&[])
+        .len()
+}
+
+/// Subscribes as a client that holds only the first change of the document behind
+/// `writer` (over raw QUIC) and reads its catch-up: how many changes it got, and the
+/// heads `synced` named (sorted).
 async fn catch_up_behind(
     dev: &Dev,
     relay: &meridian_relay::node::RelayHandle,
     doc: &str,
-    held: automerge::ChangeHash,
+    writer: &meridian_client::DocHandle,
 ) -> (usize, Vec<meridian_protocol::ChangeHash>) {
     use meridian_protocol::{ChangeHash, RelayToClient};
+    let held = automerge::AutoCommit::load(&writer.save())
+        .unwrap()
+        .get_changes(&[])[0]
+        .hash();
     let raw = dev.raw(relay.local_addr(), dev.token("dave")).await;
     let mut stream = raw.subscribe_at(doc, vec![ChangeHash(held.0)], true).await;
     let mut caught_up = 0;
@@ -156,17 +169,9 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     assert_eq!(stats.expansions, 0, "{stats:?}");
     // A client that holds only the first change is behind the snapshot: the base is
     // expanded for its catch-up, once, and the catch-up is every other change.
-    let all = automerge::AutoCommit::load(&c.save())
-        .unwrap()
-        .get_changes(&[])
-        .len();
-    let first = automerge::AutoCommit::load(&a.save())
-        .unwrap()
-        .get_changes(&[])[0]
-        .hash();
-    let (caught_up, heads) = catch_up_behind(&dev, &relay, "novel", first).await;
+    let (caught_up, heads) = catch_up_behind(&dev, &relay, "novel", &c).await;
     assert_eq!(heads, sorted(c.heads()));
-    assert_eq!(caught_up, all - 1);
+    assert_eq!(caught_up, changes_in(&c) - 1);
     let stats = published(&relay, |s| s.expansions >= 1).await;
     assert_eq!(stats.expansions, 1);
     assert_eq!(stats.corrupt_changes, 0);
@@ -647,16 +652,8 @@ async fn on_dynamodb_a_cold_load_starts_from_the_snapshot_base() {
     assert_eq!(json(&c), json(&a));
     let stats = published(&relay, |s| s.cold_loads >= 1).await;
     assert_eq!(stats.expansions, 0, "{stats:?}");
-    let all = automerge::AutoCommit::load(&a.save())
-        .unwrap()
-        .get_changes(&[])
-        .len();
-    let first = automerge::AutoCommit::load(&a.save())
-        .unwrap()
-        .get_changes(&[])[0]
-        .hash();
-    let (caught_up, heads) = catch_up_behind(&dev, &relay, "ledger", first).await;
-    assert_eq!(caught_up, all - 1);
+    let (caught_up, heads) = catch_up_behind(&dev, &relay, "ledger", &a).await;
+    assert_eq!(caught_up, changes_in(&a) - 1);
     assert_eq!(heads, sorted(a.heads()));
     let stats = published(&relay, |s| s.expansions >= 1).await;
     assert_eq!(

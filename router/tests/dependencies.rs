@@ -17,8 +17,22 @@ const FORBIDDEN: &[&str] = &[
 #[test]
 fn the_routers_dependency_tree_holds_no_engine_cache_or_gossip() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // The tree for this machine's platform: what the binary links here. (Unfiltered,
+    // cargo wants every platform's crates, Windows' too, which an offline machine that
+    // only ever built for Linux does not have.)
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = Command::new(rustc)
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
+    let version = String::from_utf8_lossy(&version.stdout);
+    let host = version
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .expect("rustc -vV names the host");
     let output = Command::new(cargo)
         .args(["metadata", "--format-version", "1", "--offline", "--locked"])
+        .args(["--filter-platform", host])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo metadata");
