@@ -335,7 +335,6 @@ impl Engine {
         } else {
             self.insert_loaded(now, &key, loaded.changes, true)
         };
-        self.serve_awaiting_history(now.instant, &key);
         self.register_bindings(&key);
         self.reaccount(&key);
         let Some(doc) = self.docs.get_mut(&key) else {
@@ -360,6 +359,8 @@ impl Engine {
                 self.config.catchup_frame_bytes,
             );
         }
+        // After the fan-out, which they need not get: their catch-up has it.
+        self.serve_awaiting_history(now.instant, &key);
         // Orphans may now have their dependencies: take them again from their sessions
         // (what still misses something is parked again, without asking for another
         // refresh: the next upload that cannot be placed does).

@@ -1,7 +1,7 @@
 //! Building a document's graph from changes loaded from the cache and the durable tier,
 //! and expanding a graph's base (a snapshot it started from) into its changes.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use meridian_protocol::{ChangeHash, UserId};
 
@@ -69,7 +69,9 @@ impl Engine {
         };
         let old = std::mem::take(&mut entry.graph);
         let base_clock = old.base_clock();
-        let held: HashSet<ChangeHash> = old.entries().iter().map(|e| e.hash).collect();
+        // Each held change and whether it was durable.
+        let held: HashMap<ChangeHash, bool> =
+            old.entries().iter().map(|e| (e.hash, e.durable)).collect();
         // The changes held keep their users and durability; read and held changes go
         // through one causal ordering, since either may depend on the other.
         let everything = loaded
@@ -81,10 +83,17 @@ impl Engine {
                 durable: e.durable,
             }));
         let mut graph = ChangeGraph::new();
-        let parsed = parse_loaded(&graph, everything, &mut self.stats);
+        let mut parsed = parse_loaded(&graph, everything, &mut self.stats);
+        // A held change still in the flush queue stays not durable even if the read
+        // found it stored: the flush's completion marks it and settles its accounting.
+        for (change, _, durable) in &mut parsed {
+            if let Some(&was) = held.get(&change.hash) {
+                *durable = was;
+            }
+        }
         let (added, _) = add_in_order(&mut graph, &parsed, &mut self.stats);
         let complete = held
-            .iter()
+            .keys()
             .chain(old.base_heads())
             .all(|h| graph.contains(h));
         if !complete {
@@ -98,7 +107,7 @@ impl Engine {
         let mut new = Vec::new();
         for i in added {
             let (change, _, durable) = &parsed[i];
-            if held.contains(&change.hash) {
+            if held.contains_key(&change.hash) {
                 continue;
             }
             if !durable {

@@ -1859,3 +1859,58 @@ fn a_stored_branch_older_than_the_snapshot_is_placed_by_an_expansion() {
     assert_eq!(other.engine.stats().expansions, 1);
     assert_eq!(other.engine.stats().corrupt_changes, 0);
 }
+
+/// A change held but not yet durable when the base is expanded stays in the flush
+/// queue's accounting, even if the expansion's read already finds it stored (its flush
+/// landed and was not answered yet): its flush completes it as for any change.
+#[test]
+fn an_expansion_keeps_what_is_still_being_flushed_accounted() {
+    let t = now();
+    let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
+    other.behaviour.fail_flushes = true;
+    other
+        .engine
+        .handle_session_open(2, capability("bob", Rights::ALL));
+    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
+    other.run(t);
+    other.take(2);
+    let mut bob = doc.fork();
+    bob.put(automerge::ROOT, "b", 1).unwrap();
+    bob.commit();
+    let change = bob.get_last_local_change().unwrap();
+    let bytes = Bytes::copy_from_slice(change.raw_bytes());
+    other
+        .engine
+        .handle_changes(t, 2, doc_id(), vec![bytes.clone()]);
+    other.run(t);
+    other.fire_timer();
+    assert!(other.engine.stats().flush_errors >= 1);
+    let durable_before = other.engine.stats().changes_durable;
+    // The flush landed in the durable tier, unanswered; then a client behind the
+    // snapshot has the base expanded.
+    other.store_durable(StoredChange {
+        hash: ChangeHash(change.hash().0),
+        bytes,
+        user: UserId::new("bob").unwrap(),
+    });
+    other
+        .engine
+        .handle_session_open(3, capability("dave", Rights::ALL));
+    other.engine.handle_subscribe(
+        t,
+        3,
+        doc_id(),
+        vec![meridian_protocol::ChangeHash(second.0)],
+        true,
+    );
+    other.run(t);
+    assert_eq!(other.engine.stats().expansions, 1);
+    other.behaviour.fail_flushes = false;
+    for _ in 0..20 {
+        if other.engine.stats().changes_durable > durable_before {
+            break;
+        }
+        other.fire_timer();
+    }
+    assert_eq!(other.engine.stats().changes_durable, durable_before + 1);
+}
