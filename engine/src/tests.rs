@@ -1647,6 +1647,21 @@ fn a_purged_document_answers_gone_and_leaves_memory() {
     assert!(!h.engine.is_subscribed(1, &other));
 }
 
+/// Opens `session` for its user and subscribes it to the test document holding it up to
+/// `held` (nothing: an empty client, which takes a snapshot), then runs.
+fn subscribe_holding(
+    h: &mut Harness,
+    t: Now,
+    (session, user): (SessionId, &str),
+    held: Vec<automerge::ChangeHash>,
+) {
+    h.engine
+        .handle_session_open(session, capability(user, Rights::ALL));
+    let heads = held.iter().map(|h| ChangeHash(h.0)).collect();
+    h.engine.handle_subscribe(t, session, doc_id(), heads, true);
+    h.run(t);
+}
+
 /// A node that holds none of the test document, sharing the durable tier of `h`, after
 /// `h` wrote six changes, snapshotted them, and wrote two more: the snapshot's hash of
 /// the second change (covered, not a head) and the writer's document are returned too.
@@ -1694,11 +1709,7 @@ fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
     let t = now();
     let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
     let snapshot_heads = other.durable.snapshot(&doc_key()).unwrap().heads.clone();
-    other
-        .engine
-        .handle_session_open(2, capability("bob", Rights::ALL));
-    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (2, "bob"), vec![]);
     let out = other.take(2);
     let (snapshot, changes) = catch_up(&out);
     assert!(snapshot.is_some());
@@ -1728,17 +1739,7 @@ fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
     assert_eq!(other.engine.stats().cold_loads, 1);
 
     // A client that has only the first two changes.
-    other
-        .engine
-        .handle_session_open(4, capability("dave", Rights::ALL));
-    other.engine.handle_subscribe(
-        t,
-        4,
-        doc_id(),
-        vec![meridian_protocol::ChangeHash(second.0)],
-        true,
-    );
-    other.run(t);
+    subscribe_holding(&mut other, t, (4, "dave"), vec![second]);
     assert_eq!(other.engine.stats().expansions, 1);
     let out = other.take(4);
     let (snapshot, changes) = catch_up(&out);
@@ -1747,11 +1748,7 @@ fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
     assert_eq!(changes, doc.get_changes(&[second]).len());
     assert_eq!(changes, 4 + 2 + 1);
     // The expanded graph serves as the base did.
-    other
-        .engine
-        .handle_session_open(5, capability("erin", Rights::ALL));
-    other.engine.handle_subscribe(t, 5, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (5, "erin"), vec![]);
     let out = other.take(5);
     let (snapshot, changes) = catch_up(&out);
     assert!(snapshot.is_some());
@@ -1767,11 +1764,7 @@ fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
 fn an_upload_depending_on_covered_history_expands_the_base() {
     let t = now();
     let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
-    other
-        .engine
-        .handle_session_open(2, capability("bob", Rights::ALL));
-    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (2, "bob"), vec![]);
     other.take(2);
     assert_eq!(other.engine.stats().expansions, 0);
     let mut bob = doc.fork_at(&[second]).unwrap();
@@ -1790,11 +1783,7 @@ fn an_upload_depending_on_covered_history_expands_the_base() {
     );
     // Alice's covered first change, uploaded again, is known.
     let first = Bytes::copy_from_slice(doc.get_changes(&[])[0].raw_bytes());
-    other
-        .engine
-        .handle_session_open(3, capability("alice", Rights::ALL));
-    other.engine.handle_subscribe(t, 3, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (3, "alice"), vec![]);
     other.take(3);
     other.engine.handle_changes(t, 3, doc_id(), vec![first]);
     other.run(t);
@@ -1837,11 +1826,7 @@ fn a_stored_branch_older_than_the_snapshot_is_placed_by_an_expansion() {
 
     let mut other = Harness::new();
     other.durable = h.durable.clone();
-    other
-        .engine
-        .handle_session_open(3, capability("carol", Rights::ALL));
-    other.engine.handle_subscribe(t, 3, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (3, "carol"), vec![]);
     let out = other.take(3);
     let (snapshot, _) = catch_up(&out);
     assert!(snapshot.is_some());
@@ -1868,11 +1853,7 @@ fn an_expansion_keeps_what_is_still_being_flushed_accounted() {
     let t = now();
     let (mut other, mut doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
     other.behaviour.fail_flushes = true;
-    other
-        .engine
-        .handle_session_open(2, capability("bob", Rights::ALL));
-    other.engine.handle_subscribe(t, 2, doc_id(), vec![], true);
-    other.run(t);
+    subscribe_holding(&mut other, t, (2, "bob"), vec![]);
     other.take(2);
     let mut bob = doc.fork();
     bob.put(automerge::ROOT, "b", 1).unwrap();
@@ -1893,17 +1874,7 @@ fn an_expansion_keeps_what_is_still_being_flushed_accounted() {
         bytes,
         user: UserId::new("bob").unwrap(),
     });
-    other
-        .engine
-        .handle_session_open(3, capability("dave", Rights::ALL));
-    other.engine.handle_subscribe(
-        t,
-        3,
-        doc_id(),
-        vec![meridian_protocol::ChangeHash(second.0)],
-        true,
-    );
-    other.run(t);
+    subscribe_holding(&mut other, t, (3, "dave"), vec![second]);
     assert_eq!(other.engine.stats().expansions, 1);
     other.behaviour.fail_flushes = false;
     for _ in 0..20 {
