@@ -602,7 +602,9 @@ impl Default for Materialized {
     fn default() -> Self {
         Materialized {
             docs: std::collections::VecDeque::new(),
-            checked: lru::LruCache::new(CHECKED_MAX),
+            checked: lru::LruCache::new(
+                std::num::NonZeroUsize::new(CHECKED_MAX).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
         }
     }
 }
@@ -610,10 +612,7 @@ impl Default for Materialized {
 /// Materialized documents kept between snapshots.
 const MATERIALIZED_MAX: usize = 4;
 /// Documents whose last snapshot check time is remembered.
-const CHECKED_MAX: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(4096) {
-    Some(n) => n,
-    None => unreachable!(),
-};
+const CHECKED_MAX: usize = 4096;
 /// The least time between two snapshots of one document that are loaded back and
 /// recorded as known to load. Loading back costs about what the save does (190 ms for a
 /// 100k-change text); a document written fast snapshots every few hundred milliseconds,
