@@ -1405,3 +1405,58 @@ async fn writes_to_a_purged_document_get_gone_and_store_nothing() {
     assert!(store.load_all_changes(&key).await.unwrap().is_empty());
     still_serving(&dev, addr).await;
 }
+
+/// Token holders who subscribe to a document loaded cold from its snapshot with heads
+/// behind it or unknown to it (made up) make the relay expand the snapshot's covered
+/// history: once per load, however many ask, and every one of them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribes_behind_a_snapshot_expand_it_once_per_load() {
+    let mut dev = Dev::new();
+    dev.engine.snapshot_every_changes = 50;
+    let relay = dev.start().await;
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let a = alice.open("big").await.unwrap();
+    for i in 0..120 {
+        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
+            .unwrap();
+    }
+    common::wait_durable(&a).await;
+    common::published(&relay, |s| s.snapshots >= 1).await;
+    alice.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    // The cache is gone: the next load is cold, from the snapshot.
+    std::fs::remove_dir_all(dev.data_dir()).unwrap();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut streams = Vec::new();
+    for i in 0..10u8 {
+        let raw = dev.raw(addr, dev.token(&format!("mallory{i}"))).await;
+        let made_up = meridian_protocol::ChangeHash([i; 32]);
+        let stream = raw.subscribe_at("big", vec![made_up], true).await;
+        streams.push((raw, stream));
+    }
+    for (_, stream) in &mut streams {
+        let synced = stream
+            .until(|m| matches!(m, RelayToClient::Synced { .. }))
+            .await;
+        assert!(
+            synced.is_some(),
+            "a subscriber behind the snapshot was not served"
+        );
+    }
+    let stats = common::published(&relay, |s| s.expansions >= 1).await;
+    // Served, and nothing more to expand: later subscribes leave the count alone.
+    let raw = dev.raw(addr, dev.token("late")).await;
+    let mut late = raw
+        .subscribe_at("big", vec![meridian_protocol::ChangeHash([99; 32])], true)
+        .await;
+    assert!(
+        late.until(|m| matches!(m, RelayToClient::Synced { .. }))
+            .await
+            .is_some()
+    );
+    let after = common::published(&relay, |s| s.cold_loads >= 1).await;
+    assert_eq!((stats.expansions, after.expansions), (1, 1), "{after:?}");
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

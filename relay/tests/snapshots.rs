@@ -7,7 +7,7 @@ use meridian_testkit as common;
 use std::time::{Duration, Instant};
 
 use automerge::transaction::Transactable;
-use common::{Dev, json};
+use common::{Dev, json, published};
 use meridian_client::DocEvent;
 
 /// Waits (up to 30 s) until the relay has written a snapshot.
@@ -19,23 +19,6 @@ async fn first_snapshot(relay: &meridian_relay::node::RelayHandle) {
             "no snapshot: {:?}",
             relay.stats()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The engine's counters once `ready` holds for them (they are published every so
-/// often; up to 10 s).
-async fn published(
-    relay: &meridian_relay::node::RelayHandle,
-    ready: impl Fn(&meridian_relay::engine::Stats) -> bool,
-) -> meridian_relay::engine::Stats {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let stats = relay.stats().engine;
-        if ready(&stats) {
-            return stats;
-        }
-        assert!(Instant::now() < deadline, "not published: {stats:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

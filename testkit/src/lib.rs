@@ -353,6 +353,26 @@ pub async fn wait_durable(handle: &DocHandle) {
     }
 }
 
+/// The engine's counters once `ready` holds for them (they are published every so
+/// often; up to 10 s).
+pub async fn published(
+    relay: &RelayHandle,
+    ready: impl Fn(&meridian_relay::engine::Stats) -> bool,
+) -> meridian_relay::engine::Stats {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = relay.stats().engine;
+        if ready(&stats) {
+            return stats;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not published: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The relay still serves a well-behaved client end to end (durable acknowledgement).
 pub async fn still_serving(dev: &Dev, addr: SocketAddr) {
     use automerge::transaction::Transactable;
