@@ -961,6 +961,15 @@ async fn run(
                         );
                     }
                 }
+                // What the relay holds for the document once idle: the raw runs ended
+                // with it idle; two seconds more let the allocator give back what the
+                // last snapshot freed (jemalloc purges freed pages after one second).
+                // (`relay_rss_mib`, read at the end, may still include a snapshot's
+                // working memory.)
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if let Some((rss, _)) = target.usage() {
+                    report["relay_rss_idle_mib"] = serde_json::json!(rss as f64 / (1 << 20) as f64);
+                }
             }
         }
     }
