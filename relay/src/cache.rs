@@ -68,8 +68,10 @@ pub const LAYOUT: u32 = 1;
 const LAYOUT_KEY: &[u8] = b"layout";
 
 const HASH_LEN: usize = 32;
-/// sled's page cache.
-const SLED_CACHE_BYTES: u64 = 64 << 20;
+/// sled's page cache. Its pages keep the values written to them in memory up to this
+/// size; the cache is read back only on loads and restarts, so the relay holds little of
+/// it (64 MiB held about 38 MB of a 100k-change document's recent batches).
+const SLED_CACHE_BYTES: u64 = 16 << 20;
 /// A busy directory lock is tried this many times, this far apart (two seconds in all).
 const LOCK_ATTEMPTS_MAX: u32 = 100;
 const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
