@@ -253,6 +253,7 @@ impl Engine {
             by_doc.entry(item.key).or_default().push(item.hash);
         }
         let mut uncache = Vec::new();
+        let mut rebase = Vec::new();
         for (key, hashes) in by_doc {
             let Some(entry) = self.docs.get_mut(&key) else {
                 self.stats.invariant_violations += 1;
@@ -281,6 +282,9 @@ impl Engine {
                 uncache.push((key.clone(), *hash));
             }
             let heads = entry.durable_heads();
+            if entry.rebase_to.is_some() {
+                rebase.push(key.clone());
+            }
             for (session, hashes) in notify {
                 for chunk in hashes.chunks(MAX_HEADS) {
                     self.send(
@@ -297,6 +301,10 @@ impl Engine {
         }
         self.store_tasks
             .push_back(StoreTask::Uncache { changes: uncache });
+        // A snapshot known to load waited for these changes to be durable.
+        for key in rebase {
+            self.try_rebase(now.instant, &key);
+        }
     }
 
     fn stored_change(&self, key: &DocKey, hash: &ChangeHash) -> Option<StoredChange> {

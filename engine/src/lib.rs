@@ -233,6 +233,11 @@ pub struct EngineConfig {
     pub snapshot_every_bytes: usize,
     /// Snapshots being made at once (materializing is CPU-heavy).
     pub compactions_in_flight_max: usize,
+    /// A hot document's change graph is rebased onto the snapshot it just stored (the
+    /// changes the snapshot covers leave memory; its heads and their clocks stand for
+    /// them) once that drops at least this many changes, all durable. Smaller graphs
+    /// keep every change. `usize::MAX` never rebases.
+    pub rebase_min_changes: usize,
     /// How long a document handing off to another node of the cell waits for its flush
     /// before its subscribers are told `Moved` anyway.
     pub handoff_timeout: Duration,
@@ -309,6 +314,7 @@ impl Default for EngineConfig {
             snapshot_every_changes: 1000,
             snapshot_every_bytes: 1 << 20,
             compactions_in_flight_max: 1,
+            rebase_min_changes: 10_000,
             handoff_timeout: Duration::from_secs(10),
             refresh_after_join: Duration::from_secs(1),
             jurisdiction: String::new(),
@@ -517,6 +523,11 @@ pub struct Stats {
     /// Graph bases expanded (a catch-up or an upload needed the changes a snapshot
     /// covers): cold loads start from snapshots without expanding them.
     pub expansions: u64,
+    /// Hot documents' graphs rebased onto their newest snapshot (the covered changes left
+    /// memory).
+    pub rebases: u64,
+    /// Covered changes those rebases dropped from memory.
+    pub rebased_changes: u64,
 }
 
 /// The retry delay sent with a refusal for a full unflushed backlog: about what a flush
@@ -573,6 +584,12 @@ struct Doc {
     compacting: bool,
     /// After failed snapshots: how many, and not before when to try again.
     compact_retry: Option<(u32, Instant)>,
+    /// What the newest stored snapshot covers: the graph is rebased onto it once every
+    /// covered change is durable (see `compact::try_rebase`).
+    rebase_to: Option<SnapshotBase>,
+    /// After an expansion, no rebase before this time: a client that needed covered
+    /// history once may need it again.
+    rebase_not_before: Option<Instant>,
     /// Bytes this document is counted at against the memory budgets (see `memory`).
     accounted: usize,
     /// Set while the document hands off to its new owner.
@@ -625,6 +642,8 @@ impl Doc {
             compacting: false,
             accounted: 0,
             compact_retry: None,
+            rebase_to: None,
+            rebase_not_before: None,
             handoff: None,
             refreshing: false,
             last_refresh: None,

@@ -103,6 +103,8 @@ impl Engine {
             return Vec::new();
         }
         entry.graph = graph;
+        entry.rebase_to = None;
+        entry.rebase_not_before = Some(now.instant + super::compact::REBASE_AFTER_EXPANSION);
         let mut unflushed = Vec::new();
         let mut new = Vec::new();
         for i in added {

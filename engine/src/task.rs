@@ -3,7 +3,7 @@
 //! [`Engine::handle_task_done`]. The engine remembers what each id was for, so a result
 //! can only ever complete the task it belongs to.
 
-use super::{DocKey, Engine, Loaded, Now, Snapshot, StoreTask, TaskError};
+use super::{DocKey, Engine, Loaded, Now, Snapshot, SnapshotBase, StoreTask, TaskError};
 
 /// Names one storage task, from `poll_store_task` to `handle_task_done`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -30,8 +30,9 @@ pub(super) enum Pending {
     Refresh(DocKey),
     Commit(u64),
     Flush(u64),
-    /// The document, and how many changes the snapshot covers past its base.
-    Compact(DocKey, usize),
+    /// The document, how many changes the snapshot covers past its base, and what the
+    /// snapshot covers (its heads with their clocks, the bindings).
+    Compact(DocKey, usize, SnapshotBase),
 }
 
 impl Pending {
@@ -41,9 +42,21 @@ impl Pending {
             StoreTask::Refresh { key, .. } => Some(Pending::Refresh(key.clone())),
             StoreTask::Cache { commit, .. } => Some(Pending::Commit(*commit)),
             StoreTask::Flush { batch, .. } => Some(Pending::Flush(*batch)),
-            StoreTask::Compact { key, changes, .. } => {
-                Some(Pending::Compact(key.clone(), changes.len()))
-            }
+            StoreTask::Compact {
+                key,
+                changes,
+                heads,
+                head_clocks,
+                users,
+                ..
+            } => Some(Pending::Compact(
+                key.clone(),
+                changes.len(),
+                SnapshotBase {
+                    heads: heads.iter().copied().zip(head_clocks.clone()).collect(),
+                    users: users.clone(),
+                },
+            )),
             StoreTask::Uncache { .. } => None,
         }
     }
@@ -86,8 +99,8 @@ impl Engine {
             (Pending::Flush(batch), TaskResult::Flushed(result)) => {
                 self.handle_flush_done(now, batch, result);
             }
-            (Pending::Compact(key, changes), TaskResult::Compacted(result)) => {
-                self.handle_compacted(now, key, result, changes);
+            (Pending::Compact(key, changes, covers), TaskResult::Compacted(result)) => {
+                self.handle_compacted(now, key, result, changes, covers);
             }
             (pending, _) => {
                 // The right answer may still come.

@@ -1885,3 +1885,109 @@ fn an_expansion_keeps_what_is_still_being_flushed_accounted() {
     }
     assert_eq!(other.engine.stats().changes_durable, durable_before + 1);
 }
+
+/// A hot graph is rebased onto its newest snapshot once what that covers is durable:
+/// the covered changes leave memory, and the document serves as before from the base
+/// and the tail; a client behind the base has it expanded, after which the graph is not
+/// rebased again for a while.
+#[test]
+fn a_hot_graph_is_rebased_onto_a_snapshot_known_to_load() {
+    let t = now();
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        snapshot_every_changes: 5,
+        rebase_min_changes: 3,
+        ..config()
+    });
+    h.behaviour.snapshots = true;
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    for i in 0..6 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    h.run(t);
+    // The snapshot is made before its changes are durable: the rebase waits for them.
+    assert_eq!(h.engine.stats().snapshots, 1);
+    assert_eq!(h.engine.stats().rebases, 0);
+    let before = h.engine.hot_bytes();
+    h.fire_timer();
+    assert_eq!(h.engine.stats().rebases, 1);
+    assert_eq!(h.engine.stats().rebased_changes, 6);
+    assert!(h.engine.hot_bytes() < before);
+    h.take(1);
+
+    // Two more changes after the snapshot are applied and fanned out as usual.
+    let second = doc.get_changes(&[])[1].hash();
+    let at_snapshot = doc.get_heads();
+    for i in 10..12 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let tail: Vec<Bytes> = doc
+        .get_changes(&at_snapshot)
+        .iter()
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    h.join(2, "bob", t);
+    h.engine.handle_changes(t, 1, doc_id(), tail.clone());
+    h.run(t);
+    h.fire_timer();
+    let to_alice = h.take(1);
+    assert_eq!(
+        to_alice
+            .iter()
+            .filter(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+            .count(),
+        1,
+        "{to_alice:?}"
+    );
+    let to_bob: Vec<Bytes> = h.take(2).iter().filter_map(fanned_out).flatten().collect();
+    assert_eq!(to_bob, tail);
+
+    // An empty client gets the snapshot and the tail; one at the heads, nothing.
+    subscribe_holding(&mut h, t, (3, "carol"), vec![]);
+    let out = h.take(3);
+    let (snapshot, changes) = catch_up(&out);
+    assert!(snapshot.is_some());
+    assert_eq!(changes, 2);
+    subscribe_holding(&mut h, t, (4, "dave"), doc.get_heads());
+    assert_eq!(catch_up(&h.take(4)).1, 0);
+    assert_eq!(h.engine.stats().expansions, 0);
+
+    // A client holding only the first two changes has the base expanded, and gets
+    // exactly what it lacks.
+    subscribe_holding(&mut h, t, (5, "erin"), vec![second]);
+    assert_eq!(h.engine.stats().expansions, 1);
+    let out = h.take(5);
+    let (snapshot, changes) = catch_up(&out);
+    assert!(snapshot.is_none());
+    assert_eq!(changes, doc.get_changes(&[second]).len());
+    assert_eq!(changes, 4 + 2);
+
+    // Snapshots after an expansion do not rebase the graph again for a while.
+    for i in 20..26 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
+    let heads = doc.get_heads();
+    let more: Vec<Bytes> = doc
+        .get_changes(&[])
+        .iter()
+        .skip(8)
+        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
+        .collect();
+    h.engine.handle_changes(t, 1, doc_id(), more);
+    h.run(t);
+    h.fire_timer();
+    assert_eq!(h.engine.stats().snapshots, 2);
+    assert_eq!(h.engine.stats().rebases, 1);
+    subscribe_holding(&mut h, t, (6, "frank"), vec![second]);
+    assert_eq!(catch_up(&h.take(6)).1, doc.get_changes(&[second]).len());
+    assert_eq!(h.engine.stats().expansions, 1);
+    assert_eq!(heads, doc.get_heads());
+    assert_eq!(h.engine.stats().corrupt_changes, 0);
+    assert_eq!(h.engine.stats().corrupt_snapshots, 0);
+}

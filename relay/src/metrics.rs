@@ -218,6 +218,14 @@ fn describe() {
         "Change graphs whose snapshot base was expanded into its changes (a catch-up or an upload needed covered history)."
     );
     describe_counter!(
+        "meridian_graph_rebases_total",
+        "Hot documents' change graphs rebased onto a snapshot known to load (the changes it covers left memory)."
+    );
+    describe_counter!(
+        "meridian_graph_rebased_changes_total",
+        "Changes those rebases dropped from memory."
+    );
+    describe_counter!(
         "meridian_corrupt_changes_total",
         "Stored changes that failed their checks on load."
     );
@@ -341,6 +349,8 @@ pub fn publish(stats: &RelayStats) {
     counter!("meridian_snapshot_errors_total").absolute(engine.snapshot_errors);
     counter!("meridian_cold_loads_total").absolute(engine.cold_loads);
     counter!("meridian_snapshot_expansions_total").absolute(engine.expansions);
+    counter!("meridian_graph_rebases_total").absolute(engine.rebases);
+    counter!("meridian_graph_rebased_changes_total").absolute(engine.rebased_changes);
     counter!("meridian_corrupt_changes_total").absolute(engine.corrupt_changes);
     counter!("meridian_corrupt_snapshots_total").absolute(engine.corrupt_snapshots);
     counter!("meridian_slow_consumers_total").absolute(stats.slow_consumers);

@@ -592,7 +592,7 @@ struct Driver {
 /// 100k-change document is most of a snapshot's cost.
 /// It also remembers when each document's snapshot was last checked to load.
 struct Materialized {
-    docs: std::collections::VecDeque<(DocKey, Vec<ChangeHash>, automerge::AutoCommit)>,
+    docs: std::collections::VecDeque<(DocKey, Vec<ChangeHash>, automerge::Automerge)>,
     /// When a snapshot of each document was last loaded back and recorded as known to
     /// load, for the most recently checked documents.
     checked: lru::LruCache<DocKey, Instant>,
@@ -630,14 +630,14 @@ impl Materialized {
     }
 
     /// Takes `key`'s copy if it stands at `heads` (sorted).
-    fn take(&mut self, key: &DocKey, heads: &[ChangeHash]) -> Option<automerge::AutoCommit> {
+    fn take(&mut self, key: &DocKey, heads: &[ChangeHash]) -> Option<automerge::Automerge> {
         let at = self.docs.iter().position(|(k, _, _)| k == key)?;
         let (_, at_heads, doc) = self.docs.remove(at)?;
         (at_heads == heads).then_some(doc)
     }
 
     /// Keeps `doc` as `key`'s copy at `heads` (sorted), forgetting the oldest copies.
-    fn put(&mut self, key: DocKey, heads: Vec<ChangeHash>, doc: automerge::AutoCommit) {
+    fn put(&mut self, key: DocKey, heads: Vec<ChangeHash>, doc: automerge::Automerge) {
         self.docs.retain(|(k, _, _)| *k != key);
         self.docs.push_back((key, heads, doc));
         while self.docs.len() > MATERIALIZED_MAX {
@@ -1526,7 +1526,7 @@ mod tests {
     fn a_materialized_copy_is_reused_only_at_its_heads_and_only_the_newest_are_kept() {
         let mut materialized = Materialized::default();
         let at = vec![ChangeHash([1; 32])];
-        materialized.put(key("a"), at.clone(), automerge::AutoCommit::new());
+        materialized.put(key("a"), at.clone(), automerge::Automerge::new());
         // Other heads: not reused, and forgotten (a newer snapshot replaced it).
         assert!(
             materialized
@@ -1534,12 +1534,12 @@ mod tests {
                 .is_none()
         );
         assert!(materialized.take(&key("a"), &at).is_none());
-        materialized.put(key("a"), at.clone(), automerge::AutoCommit::new());
+        materialized.put(key("a"), at.clone(), automerge::Automerge::new());
         assert!(materialized.take(&key("a"), &at).is_some());
         // Taken means gone.
         assert!(materialized.take(&key("a"), &at).is_none());
         for doc in ["a", "b", "c", "d", "e"] {
-            materialized.put(key(doc), at.clone(), automerge::AutoCommit::new());
+            materialized.put(key(doc), at.clone(), automerge::Automerge::new());
         }
         assert_eq!(materialized.docs.len(), MATERIALIZED_MAX);
         assert!(

@@ -647,3 +647,45 @@ async fn on_dynamodb_a_cold_load_starts_from_the_snapshot_base() {
     carol.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A hot document's graph is rebased onto the snapshot the node stored: the covered
+/// changes leave memory, writers and readers carry on, an empty client catches up from
+/// the snapshot, and a client behind it has it expanded and gets exactly what it lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_graph_is_rebased_onto_its_snapshot_and_serves_as_before() {
+    let mut dev = Dev::new();
+    dev.engine.snapshot_every_changes = 50;
+    dev.engine.rebase_min_changes = 50;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let alice = dev.client(addr, "alice").await;
+    let a = alice.open("ledger").await.unwrap();
+    for i in 0..120 {
+        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+    let stats = published(&relay, |s| s.rebases >= 1).await;
+    assert!(stats.rebased_changes >= 50, "{stats:?}");
+    assert_eq!(stats.expansions, 0, "{stats:?}");
+    // Writing goes on after the rebase.
+    for i in 0..10 {
+        a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
+            .unwrap();
+    }
+    a.wait_durable().await.unwrap();
+
+    let bob = dev.client(addr, "bob").await;
+    let b = bob.open("ledger").await.unwrap();
+    b.wait_synced().await.unwrap();
+    assert_eq!(b.heads(), a.heads());
+    assert_eq!(json(&b), json(&a));
+    let (caught_up, heads) = catch_up_behind(&dev, &relay, "ledger", &a).await;
+    assert_eq!(caught_up, changes_in(&a) - 1);
+    assert_eq!(heads, sorted(a.heads()));
+    let stats = published(&relay, |s| s.expansions >= 1).await;
+    assert_eq!(stats.expansions, 1, "{stats:?}");
+    bob.close().await;
+    alice.close().await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
