@@ -1891,7 +1891,7 @@ fn an_expansion_keeps_what_is_still_being_flushed_accounted() {
 /// and the tail; a client behind the base has it expanded, after which the graph is not
 /// rebased again for a while.
 #[test]
-fn a_hot_graph_is_rebased_onto_a_snapshot_known_to_load() {
+fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     let t = now();
     let mut h = Harness::new();
     h.engine = Engine::new(EngineConfig {
