@@ -237,9 +237,13 @@ impl Engine {
             doc.refreshing = true;
             doc.last_refresh = Some(now);
             self.stats.refreshes += 1;
+            // A graph with a base looks for new changes after it, not through the
+            // history it covers (see `handle_refreshed`).
+            let expand = !doc.graph.has_base();
             self.store_tasks.push_back(StoreTask::Refresh {
                 key,
                 snapshot: true,
+                expand,
             });
         }
     }
@@ -265,9 +269,11 @@ impl Engine {
         doc.refreshing = true;
         doc.last_refresh = Some(now);
         self.stats.refreshes += 1;
+        let expand = !doc.graph.has_base();
         self.store_tasks.push_back(StoreTask::Refresh {
             key: key.clone(),
             snapshot: true,
+            expand,
         });
     }
 
@@ -284,10 +290,10 @@ impl Engine {
         }
         doc.refreshing = true;
         doc.last_refresh = Some(now);
-        self.stats.expansions += 1;
         self.store_tasks.push_back(StoreTask::Refresh {
             key: key.clone(),
             snapshot: true,
+            expand: true,
         });
     }
 
@@ -314,6 +320,7 @@ impl Engine {
             self.store_tasks.push_back(StoreTask::Refresh {
                 key,
                 snapshot: false,
+                expand: true,
             });
             return;
         }
@@ -330,11 +337,21 @@ impl Engine {
         if !matches!(doc.state, DocState::Ready) || doc.handoff.is_some() {
             return;
         }
+        // A read from a base (a graph with a base looks only after it) whose base covers
+        // history this graph neither holds nor stands for (another node snapshotted past
+        // it) is merged, and then the history is read expanded.
+        let beyond = loaded
+            .base
+            .as_ref()
+            .is_some_and(|base| !doc.graph.holds_or_covers(&base.heads));
         let new = if doc.graph.has_base() && loaded.base.is_none() {
             self.expand_base(now, &key, loaded.changes)
         } else {
             self.insert_loaded(now, &key, loaded.changes, true)
         };
+        if beyond {
+            self.request_history(now.instant, &key);
+        }
         self.register_bindings(&key);
         self.reaccount(&key);
         let Some(doc) = self.docs.get_mut(&key) else {

@@ -242,6 +242,20 @@ impl ChangeGraph {
         self.by_hash.contains_key(hash) || self.base.contains_key(hash)
     }
 
+    /// Whether the graph holds or its base covers each of `heads` (each with its vector
+    /// clock, its own actor first, as a snapshot records them): then the history they
+    /// stand for is all here or stood for.
+    pub fn holds_or_covers(&self, heads: &[(ChangeHash, Vec<(ActorId, u64)>)]) -> bool {
+        heads.iter().all(|(hash, clock)| {
+            self.contains(hash)
+                || clock.first().is_some_and(|(actor, seq)| {
+                    self.actor_index
+                        .get(actor)
+                        .is_some_and(|&i| self.actors[i as usize].base >= *seq)
+                })
+        })
+    }
+
     /// Every change held, in causal order.
     pub fn entries(&self) -> &[Entry] {
         &self.entries

@@ -442,6 +442,10 @@ pub enum StoreTask {
         key: DocKey,
         /// As for `Load`.
         snapshot: bool,
+        /// Read the snapshot expanded (every change it covers), as the engine asks when
+        /// it needs covered history or its graph has no base; otherwise a snapshot known
+        /// to load may come as a base with only the changes after it, as for `Load`.
+        expand: bool,
     },
     /// Materialize the document and store a snapshot; answer [`TaskResult::Compacted`].
     Compact {
@@ -521,7 +525,8 @@ pub struct Stats {
     /// Subscribes refused because loading the document would pass a memory budget.
     pub memory_refusals: u64,
     /// Graph bases expanded (a catch-up or an upload needed the changes a snapshot
-    /// covers): cold loads start from snapshots without expanding them.
+    /// covers, or a refresh read them): cold loads start from snapshots without
+    /// expanding them.
     pub expansions: u64,
     /// Hot documents' graphs rebased onto their newest snapshot (the covered changes left
     /// memory).

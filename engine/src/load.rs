@@ -103,6 +103,7 @@ impl Engine {
             return Vec::new();
         }
         entry.graph = graph;
+        self.stats.expansions += 1;
         entry.rebase_to = None;
         entry.rebase_not_before = Some(now.instant + super::compact::REBASE_AFTER_EXPANSION);
         let mut unflushed = Vec::new();

@@ -117,8 +117,12 @@ pub fn execute(
             let loaded = load(&key, snapshot, true, cache, durable, behaviour);
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
-        StoreTask::Refresh { key, snapshot } => {
-            let loaded = load(&key, snapshot, false, cache, durable, behaviour);
+        StoreTask::Refresh {
+            key,
+            snapshot,
+            expand,
+        } => {
+            let loaded = load(&key, snapshot, !expand, cache, durable, behaviour);
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Cache { changes, .. } => {

@@ -1957,6 +1957,32 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     assert_eq!(catch_up(&h.take(4)).1, 0);
     assert_eq!(h.engine.stats().expansions, 0);
 
+    // A refresh (here for a tenant that arrived) reads the durable tier from the base:
+    // a change another node stored reaches the subscribers, and nothing is expanded.
+    let mut other = doc.fork();
+    other.put(automerge::ROOT, "elsewhere", 1).unwrap();
+    other.commit();
+    let elsewhere = other.get_last_local_change().unwrap();
+    h.store_durable(StoredChange {
+        hash: ChangeHash(elsewhere.hash().0),
+        bytes: Bytes::copy_from_slice(elsewhere.raw_bytes()),
+        user: UserId::new("zoe").unwrap(),
+    });
+    let refreshes = h.engine.stats().refreshes;
+    h.engine.handle_tenant_arrived(t, &doc_key().tenant);
+    for _ in 0..4 {
+        h.fire_timer();
+    }
+    assert!(h.engine.stats().refreshes > refreshes);
+    let to_dave: Vec<Bytes> = h.take(4).iter().filter_map(fanned_out).flatten().collect();
+    assert_eq!(to_dave, vec![Bytes::copy_from_slice(elsewhere.raw_bytes())]);
+    assert_eq!(h.engine.stats().expansions, 0);
+    assert_eq!(h.engine.stats().rebases, 1);
+    doc.merge(&mut other).unwrap();
+    h.take(1);
+    h.take(2);
+    h.take(3);
+
     // A client holding only the first two changes has the base expanded, and gets
     // exactly what it lacks.
     subscribe_holding(&mut h, t, (5, "erin"), vec![second]);
@@ -1965,7 +1991,7 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     let (snapshot, changes) = catch_up(&out);
     assert!(snapshot.is_none());
     assert_eq!(changes, doc.get_changes(&[second]).len());
-    assert_eq!(changes, 4 + 2);
+    assert_eq!(changes, 4 + 2 + 1);
 
     // Snapshots after an expansion do not rebase the graph again for a while.
     for i in 20..26 {
@@ -1976,7 +2002,7 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     let more: Vec<Bytes> = doc
         .get_changes(&[])
         .iter()
-        .skip(8)
+        .skip(9)
         .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
         .collect();
     h.engine.handle_changes(t, 1, doc_id(), more);

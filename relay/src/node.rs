@@ -1027,9 +1027,13 @@ impl Driver {
             // A refresh is a load whose result merges into a hot document; it waits on its
             // own permits so that cold loads never queue behind refreshes. It expands the
             // snapshot: that is how a graph's base is expanded.
-            StoreTask::Refresh { key, snapshot } => {
+            StoreTask::Refresh {
+                key,
+                snapshot,
+                expand,
+            } => {
                 let permits = self.refresh_permits.clone();
-                self.spawn_load(id, (key, snapshot, true), permits, done, workers);
+                self.spawn_load(id, (key, snapshot, expand), permits, done, workers);
             }
             StoreTask::Cache { changes, .. } => {
                 if cache

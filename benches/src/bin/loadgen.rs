@@ -1028,6 +1028,23 @@ async fn run(
                 report["relay_snapshot_ms_mean"] = serde_json::json!(sum * 1000.0 / count);
             }
         }
+        // Hot graphs rebased onto their snapshots, the changes that left memory, and the
+        // expansions that brought them back.
+        for (name, key) in [
+            ("meridian_graph_rebases_total", "relay_graph_rebases"),
+            (
+                "meridian_graph_rebased_changes_total",
+                "relay_graph_rebased_changes",
+            ),
+            (
+                "meridian_snapshot_expansions_total",
+                "relay_snapshot_expansions",
+            ),
+        ] {
+            if let Some(count) = value(name) {
+                report[key] = serde_json::json!(count);
+            }
+        }
     }
     // Relay CPU from the connections being up to the end of the load (steady, fanout:
     // when the writers stopped; otherwise now).
