@@ -234,7 +234,10 @@ fn load(
             break;
         }
         let queued = cache.queued.contains(&(k.clone(), *hash));
-        changes.push(LoadedChange::stored(change.clone(), !queued));
+        // From a base, only what is not durable yet, as the IO layer reads it.
+        if base.is_none() || queued {
+            changes.push(LoadedChange::stored(change.clone(), !queued));
+        }
     }
     Ok(Loaded {
         changes,

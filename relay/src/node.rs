@@ -1160,7 +1160,16 @@ async fn load_doc(
         None => (None, Vec::new()),
     };
     changes.extend(tail.into_iter().map(|c| LoadedChange::stored(c, true)));
-    changes.extend(cached);
+    if base.is_some() {
+        // From a base, the durable tier's items after it hold every durable change the
+        // base does not cover: of the cache only what is not durable yet is needed. (The
+        // cache keeps a document's durable changes too; parsing a large document's
+        // whole cache on the decision loop only to find most of it covered would stall
+        // every other document.)
+        changes.extend(cached.into_iter().filter(|c| !c.durable));
+    } else {
+        changes.extend(cached);
+    }
     Ok(Loaded {
         changes,
         snapshot,
