@@ -251,15 +251,7 @@ pub fn header(bytes: &[u8]) -> Result<ChangeHeader, ChangeError> {
         sha2::Sha256::digest(&bytes[8..])
     };
     let mut r = Cursor::new(&body);
-    let count = r.uleb()?;
-    let mut deps = Vec::new();
-    for _ in 0..count {
-        let dep: [u8; 32] = r
-            .take(32)?
-            .try_into()
-            .map_err(|_| ChangeError::Parse("truncated change".into()))?;
-        deps.push(ChangeHash(dep));
-    }
+    let deps = read_deps(&mut r)?;
     let actor_len = usize::try_from(r.uleb()?).unwrap_or(usize::MAX);
     let actor = r.take(actor_len)?.to_vec();
     let seq = r.uleb()?;
@@ -278,6 +270,30 @@ pub fn header(bytes: &[u8]) -> Result<ChangeHeader, ChangeError> {
         time,
         message: (!message.is_empty()).then(|| message.to_string()),
     })
+}
+
+/// The dependency list at the start of a change chunk's body.
+fn read_deps(r: &mut Cursor<'_>) -> Result<Vec<ChangeHash>, ChangeError> {
+    let count = r.uleb()?;
+    let mut deps = Vec::new();
+    for _ in 0..count {
+        let dep: [u8; 32] = r
+            .take(32)?
+            .try_into()
+            .map_err(|_| ChangeError::Parse("truncated change".into()))?;
+        deps.push(ChangeHash(dep));
+    }
+    Ok(deps)
+}
+
+/// Reads only a change's dependencies, without hashing it or decoding its operations:
+/// for changes the graph already holds (they passed [`parse_change`] when they arrived),
+/// whose hash, actor and sequence number it knows.
+pub fn deps(bytes: &[u8]) -> Result<Vec<ChangeHash>, ChangeError> {
+    let (body, _) = chunk_body(bytes, MAX_CHANGE_INFLATED)?;
+    let mut r = Cursor::new(&body);
+    let deps = read_deps(&mut r)?;
+    Ok(deps)
 }
 
 /// Measures a change chunk: its inflated size (inflating at most one byte past the

@@ -2017,3 +2017,36 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     assert_eq!(h.engine.stats().corrupt_changes, 0);
     assert_eq!(h.engine.stats().corrupt_snapshots, 0);
 }
+
+/// `change::deps` reads the dependencies `change::header` reads, for a small change and
+/// for a large (compressed) one.
+#[test]
+fn deps_reads_what_the_header_reads() {
+    let mut doc = AutoCommit::new();
+    doc.put(automerge::ROOT, "a", 1).unwrap();
+    doc.commit();
+    let mut other = doc.fork();
+    other.put(automerge::ROOT, "b", 2).unwrap();
+    other.commit();
+    doc.put(automerge::ROOT, "c", "x".repeat(4096)).unwrap();
+    doc.commit();
+    doc.merge(&mut other).unwrap();
+    doc.put(automerge::ROOT, "d", 4).unwrap();
+    doc.commit();
+    let changes = changes_of(&mut doc);
+    assert!(
+        changes.iter().any(|c| c.len() < 4096),
+        "a compressed change"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| change::header(c).unwrap().deps.len() == 2)
+    );
+    for bytes in &changes {
+        assert_eq!(
+            change::deps(bytes).unwrap(),
+            change::header(bytes).unwrap().deps
+        );
+    }
+}
