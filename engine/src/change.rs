@@ -286,6 +286,18 @@ fn read_deps(r: &mut Cursor<'_>) -> Result<Vec<ChangeHash>, ChangeError> {
     Ok(deps)
 }
 
+/// A change's actor and sequence number, read from its header without hashing it or
+/// decoding its operations: to pass over loaded changes a graph's base covers cheaply.
+pub fn actor_seq(bytes: &[u8]) -> Result<(ActorId, u64), ChangeError> {
+    let (body, _) = chunk_body(bytes, MAX_CHANGE_INFLATED)?;
+    let mut r = Cursor::new(&body);
+    read_deps(&mut r)?;
+    let actor_len = usize::try_from(r.uleb()?).unwrap_or(usize::MAX);
+    let actor =
+        ActorId::new(r.take(actor_len)?).map_err(|_| ChangeError::Parse("bad actor id".into()))?;
+    Ok((actor, r.uleb()?))
+}
+
 /// Reads only a change's dependencies, without hashing it or decoding its operations:
 /// for changes the graph already holds (they passed [`parse_change`] when they arrived),
 /// whose hash, actor and sequence number it knows.

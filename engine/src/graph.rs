@@ -218,9 +218,14 @@ impl ChangeGraph {
     /// Whether the base covers `change`'s sequence number (so that it is a covered
     /// change, or conflicts with one: the graph cannot tell without the base expanded).
     pub fn in_base(&self, change: &ParsedChange) -> bool {
+        self.covers_seq(&change.actor, change.seq)
+    }
+
+    /// Whether the base covers sequence number `seq` of `actor`.
+    pub fn covers_seq(&self, actor: &ActorId, seq: u64) -> bool {
         self.actor_index
-            .get(&change.actor)
-            .is_some_and(|&a| change.seq <= self.actors[a as usize].base)
+            .get(actor)
+            .is_some_and(|&a| seq <= self.actors[a as usize].base)
     }
 
     /// The highest sequence number the base covers for each actor in it.

@@ -178,6 +178,17 @@ fn parse_loaded(
             }
             continue;
         }
+        // What the base covers is passed over before the full parse: a load from a base
+        // also reads the cache, which keeps a large document's durable changes too, and
+        // parsing them all on the decision loop only to find them covered would stall
+        // every other document. (Whether it was the covered change or one reusing its
+        // sequence number, the base stands for that number either way.)
+        if graph.has_base()
+            && super::change::actor_seq(&item.bytes)
+                .is_ok_and(|(actor, seq)| graph.covers_seq(&actor, seq))
+        {
+            continue;
+        }
         match parse_change(item.bytes) {
             Ok(change) if change.hash == item.hash => {
                 if graph.in_base(&change) {

@@ -234,10 +234,7 @@ fn load(
             break;
         }
         let queued = cache.queued.contains(&(k.clone(), *hash));
-        // From a base, only what is not durable yet, as the IO layer reads it.
-        if base.is_none() || queued {
-            changes.push(LoadedChange::stored(change.clone(), !queued));
-        }
+        changes.push(LoadedChange::stored(change.clone(), !queued));
     }
     Ok(Loaded {
         changes,

@@ -2018,10 +2018,10 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     assert_eq!(h.engine.stats().corrupt_snapshots, 0);
 }
 
-/// `change::deps` reads the dependencies `change::header` reads, for a small change and
-/// for a large (compressed) one.
+/// `change::deps` and `change::actor_seq` read what `change::header` reads, for small
+/// changes and for a large (compressed) one.
 #[test]
-fn deps_reads_what_the_header_reads() {
+fn deps_and_actor_seq_read_what_the_header_reads() {
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "a", 1).unwrap();
     doc.commit();
@@ -2044,9 +2044,9 @@ fn deps_reads_what_the_header_reads() {
             .any(|c| change::header(c).unwrap().deps.len() == 2)
     );
     for bytes in &changes {
-        assert_eq!(
-            change::deps(bytes).unwrap(),
-            change::header(bytes).unwrap().deps
-        );
+        let header = change::header(bytes).unwrap();
+        assert_eq!(change::deps(bytes).unwrap(), header.deps);
+        let (actor, seq) = change::actor_seq(bytes).unwrap();
+        assert_eq!((actor.as_bytes().to_vec(), seq), (header.actor, header.seq));
     }
 }

@@ -1025,8 +1025,8 @@ impl Driver {
                 self.spawn_load(id, (key, snapshot, false), loads.clone(), done, workers);
             }
             // A refresh is a load whose result merges into a hot document; it waits on its
-            // own permits so that cold loads never queue behind refreshes. It expands the
-            // snapshot: that is how a graph's base is expanded.
+            // own permits so that cold loads never queue behind refreshes. With `expand` it
+            // expands the snapshot: that is how a graph's base is expanded.
             StoreTask::Refresh {
                 key,
                 snapshot,
@@ -1160,16 +1160,7 @@ async fn load_doc(
         None => (None, Vec::new()),
     };
     changes.extend(tail.into_iter().map(|c| LoadedChange::stored(c, true)));
-    if base.is_some() {
-        // From a base, the durable tier's items after it hold every durable change the
-        // base does not cover: of the cache only what is not durable yet is needed. (The
-        // cache keeps a document's durable changes too; parsing a large document's
-        // whole cache on the decision loop only to find most of it covered would stall
-        // every other document.)
-        changes.extend(cached.into_iter().filter(|c| !c.durable));
-    } else {
-        changes.extend(cached);
-    }
+    changes.extend(cached);
     Ok(Loaded {
         changes,
         snapshot,
