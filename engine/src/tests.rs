@@ -110,10 +110,23 @@ fn fanned_out(outbound: &Outbound) -> Option<Vec<Bytes>> {
 }
 
 fn changes_of(doc: &mut AutoCommit) -> Vec<Bytes> {
-    doc.get_changes(&[])
+    changes_after(doc, &[])
+}
+
+/// The changes of `doc` after `heads`, as sent.
+fn changes_after(doc: &mut AutoCommit, heads: &[automerge::ChangeHash]) -> Vec<Bytes> {
+    doc.get_changes(heads)
         .iter()
         .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
         .collect()
+}
+
+/// Commits one change per value, each putting it under `k`.
+fn put_k(doc: &mut AutoCommit, values: std::ops::Range<i64>) {
+    for i in values {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+    }
 }
 
 #[test]
@@ -1673,15 +1686,8 @@ fn cold_node_after_a_snapshot_and_a_tail(t: Now) -> (Harness, AutoCommit, autome
     assert!(h.durable.snapshot(&doc_key()).is_some());
     let second = doc.get_changes(&[])[1].hash();
     let before = doc.get_heads();
-    for i in 10..12 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-    }
-    let tail: Vec<Bytes> = doc
-        .get_changes(&before)
-        .iter()
-        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
-        .collect();
+    put_k(&mut doc, 10..12);
+    let tail = changes_after(&mut doc, &before);
     h.engine.handle_changes(t, 1, doc_id(), tail);
     h.run(t);
     h.fire_timer();
@@ -1902,10 +1908,7 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     h.behaviour.snapshots = true;
     h.join(1, "alice", t);
     let mut doc = AutoCommit::new();
-    for i in 0..6 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-    }
+    put_k(&mut doc, 0..6);
     h.engine
         .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
     h.run(t);
@@ -1922,15 +1925,8 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     // Two more changes after the snapshot are applied and fanned out as usual.
     let second = doc.get_changes(&[])[1].hash();
     let at_snapshot = doc.get_heads();
-    for i in 10..12 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-    }
-    let tail: Vec<Bytes> = doc
-        .get_changes(&at_snapshot)
-        .iter()
-        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
-        .collect();
+    put_k(&mut doc, 10..12);
+    let tail = changes_after(&mut doc, &at_snapshot);
     h.join(2, "bob", t);
     h.engine.handle_changes(t, 1, doc_id(), tail.clone());
     h.run(t);
@@ -1994,17 +1990,9 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     assert_eq!(changes, 4 + 2 + 1);
 
     // Snapshots after an expansion do not rebase the graph again for a while.
-    for i in 20..26 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-    }
-    let heads = doc.get_heads();
-    let more: Vec<Bytes> = doc
-        .get_changes(&[])
-        .iter()
-        .skip(9)
-        .map(|c| Bytes::copy_from_slice(c.raw_bytes()))
-        .collect();
+    let before = doc.get_heads();
+    put_k(&mut doc, 20..26);
+    let more = changes_after(&mut doc, &before);
     h.engine.handle_changes(t, 1, doc_id(), more);
     h.run(t);
     h.fire_timer();
@@ -2013,7 +2001,6 @@ fn a_hot_graph_is_rebased_onto_its_newest_snapshot() {
     subscribe_holding(&mut h, t, (6, "frank"), vec![second]);
     assert_eq!(catch_up(&h.take(6)).1, doc.get_changes(&[second]).len());
     assert_eq!(h.engine.stats().expansions, 1);
-    assert_eq!(heads, doc.get_heads());
     assert_eq!(h.engine.stats().corrupt_changes, 0);
     assert_eq!(h.engine.stats().corrupt_snapshots, 0);
 }

@@ -28,6 +28,17 @@ fn sorted(mut heads: Vec<meridian_protocol::ChangeHash>) -> Vec<meridian_protoco
     heads
 }
 
+/// Writes `count` keys `{prefix}0`, `{prefix}1`, ... through `handle`, one change each,
+/// and waits until they are durable.
+async fn write_durable(handle: &meridian_client::DocHandle, prefix: &str, count: i64) {
+    for i in 0..count {
+        handle
+            .change(|d| d.put(automerge::ROOT, format!("{prefix}{i}"), i).unwrap())
+            .unwrap();
+    }
+    handle.wait_durable().await.unwrap();
+}
+
 /// How many changes the document behind `handle` holds.
 fn changes_in(handle: &meridian_client::DocHandle) -> usize {
     automerge::AutoCommit::load(&handle.save())
@@ -87,11 +98,7 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     a.wait_durable().await.unwrap();
     first_snapshot(&relay).await;
     // A tail after the snapshot.
-    for i in 0..30 {
-        a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "tail", 30).await;
 
     // An empty client gets the snapshot (one event with no change count) and the tail.
     let bob = dev.client(addr, "bob").await;
@@ -171,11 +178,7 @@ async fn a_snapshot_that_does_not_match_its_record_is_refused_and_every_change_l
     let relay = dev.start().await;
     let alice = dev.client(relay.local_addr(), "alice").await;
     let a = alice.open("ledger").await.unwrap();
-    for i in 0..20 {
-        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "k", 20).await;
     let expected = json(&a);
     alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -555,11 +558,7 @@ async fn a_corrupt_snapshot_is_refused_and_the_document_loads_from_its_changes()
     let addr = relay.local_addr();
     let alice = dev.client(addr, "alice").await;
     let a = alice.open("ledger").await.unwrap();
-    for i in 0..120 {
-        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "k", 120).await;
     first_snapshot(&relay).await;
     alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -612,17 +611,9 @@ async fn on_dynamodb_a_cold_load_starts_from_the_snapshot_base() {
     let relay = meridian_relay::start(config.clone()).await.unwrap();
     let alice = dev.client(relay.local_addr(), "alice").await;
     let a = alice.open("ledger").await.unwrap();
-    for i in 0..120 {
-        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "k", 120).await;
     first_snapshot(&relay).await;
-    for i in 0..10 {
-        a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "tail", 10).await;
     alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
     std::fs::remove_dir_all(dev.data_dir()).unwrap();
@@ -660,20 +651,12 @@ async fn a_hot_graph_is_rebased_onto_its_snapshot_and_serves_as_before() {
     let addr = relay.local_addr();
     let alice = dev.client(addr, "alice").await;
     let a = alice.open("ledger").await.unwrap();
-    for i in 0..120 {
-        a.change(|d| d.put(automerge::ROOT, format!("k{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "k", 120).await;
     let stats = published(&relay, |s| s.rebases >= 1).await;
     assert!(stats.rebased_changes >= 50, "{stats:?}");
     assert_eq!(stats.expansions, 0, "{stats:?}");
     // Writing goes on after the rebase.
-    for i in 0..10 {
-        a.change(|d| d.put(automerge::ROOT, format!("tail{i}"), i).unwrap())
-            .unwrap();
-    }
-    a.wait_durable().await.unwrap();
+    write_durable(&a, "tail", 10).await;
 
     let bob = dev.client(addr, "bob").await;
     let b = bob.open("ledger").await.unwrap();
