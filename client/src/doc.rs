@@ -490,9 +490,37 @@ impl DocHandle {
         self.bump();
     }
 
-    /// The heads to subscribe with.
+    /// The heads to subscribe with: what the relay is known to hold, which is the
+    /// local heads with the changes it has not applied yet replaced by their
+    /// dependencies. A relay that does not know a head cannot tell whether the client is
+    /// ahead of it or behind the snapshot its graph starts from, and must then read the
+    /// document's whole history; a change of ours it did apply after all (its `applied`
+    /// was lost with a connection) only comes back once more in the catch-up.
     pub(crate) fn subscribe_heads(&self) -> Vec<ChangeHash> {
-        let mut heads = self.heads();
+        let mut state = self.lock();
+        let unapplied: std::collections::HashSet<automerge::ChangeHash> = state
+            .pending
+            .iter()
+            .filter(|p| !p.applied)
+            .map(|p| automerge::ChangeHash(p.hash.0))
+            .collect();
+        let mut stack = state.doc.get_heads();
+        let mut heads = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while let Some(head) = stack.pop() {
+            if !seen.insert(head) {
+                continue;
+            }
+            if !unapplied.contains(&head) {
+                heads.push(ChangeHash(head.0));
+                continue;
+            }
+            if let Some(change) = state.doc.get_change_by_hash(&head) {
+                stack.extend_from_slice(change.deps());
+            }
+        }
+        drop(state);
+        heads.sort_unstable();
         heads.truncate(meridian_protocol::MAX_HEADS);
         heads
     }

@@ -13,9 +13,10 @@
 //! [`DocHandle::updates`].
 //!
 //! A background task owns the pool. When a connection drops, the task reconnects with
-//! exponential backoff and jitter, resubscribes every open document with its heads (the
-//! relay sends what is missing), and uploads what the relay lacks. Edits made while
-//! offline simply wait.
+//! exponential backoff and jitter, resubscribes every open document with the heads the
+//! relay is known to hold (its heads, with changes not yet `applied` replaced by their
+//! dependencies; the relay sends what is missing), and uploads what the relay lacks.
+//! Edits made while offline simply wait.
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 mod connection;

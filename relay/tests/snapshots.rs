@@ -47,6 +47,24 @@ fn changes_in(handle: &meridian_client::DocHandle) -> usize {
         .len()
 }
 
+/// Starts a relay that snapshots every 50 changes, and writes alice's "ledger" through
+/// it: 120 durable changes, with a snapshot of them stored.
+async fn ledger_with_a_snapshot(
+    dev: &mut Dev,
+) -> (
+    meridian_relay::node::RelayHandle,
+    meridian_client::Client,
+    meridian_client::DocHandle,
+) {
+    dev.engine.snapshot_every_changes = 50;
+    let relay = dev.start().await;
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let a = alice.open("ledger").await.unwrap();
+    write_durable(&a, "k", 120).await;
+    first_snapshot(&relay).await;
+    (relay, alice, a)
+}
+
 /// Subscribes as a client that holds only the first change of the document behind
 /// `writer` (over raw QUIC) and reads its catch-up: how many changes it got, and the
 /// heads `synced` named (sorted).
@@ -165,6 +183,37 @@ async fn empty_clients_catch_up_from_a_snapshot_and_cold_loads_use_it() {
     let stats = published(&relay, |s| s.expansions >= 1).await;
     assert_eq!(stats.expansions, 1);
     assert_eq!(stats.corrupt_changes, 0);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A client that wrote while the relay was away subscribes with what the relay is known
+/// to hold, not with its unapplied change: the restarted relay, whose graph starts from
+/// the snapshot, serves it and takes the change without reading the whole history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_edit_does_not_make_a_graph_from_a_snapshot_read_its_history() {
+    let mut dev = Dev::new();
+    let (relay, alice, a) = ledger_with_a_snapshot(&mut dev).await;
+    let addr = relay.local_addr();
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    a.change(|d| d.put(automerge::ROOT, "offline", true).unwrap())
+        .unwrap();
+    assert_eq!(a.status().pending, 1);
+
+    let relay = dev.start_at(addr).await;
+    a.wait_durable().await.unwrap();
+    let bob = dev.client(addr, "bob").await;
+    let b = bob.open("ledger").await.unwrap();
+    b.wait_synced().await.unwrap();
+    assert_eq!(json(&b), json(&a));
+    let stats = published(&relay, |s| s.cold_loads >= 1 && s.changes_durable >= 1).await;
+    assert_eq!(stats.expansions, 0, "{stats:?}");
+    // The graph did start from the snapshot: a client behind it has it expanded.
+    let (caught_up, _) = catch_up_behind(&dev, &relay, "ledger", &a).await;
+    assert_eq!(caught_up, changes_in(&a) - 1);
+    let stats = published(&relay, |s| s.expansions >= 1).await;
+    assert_eq!(stats.expansions, 1, "{stats:?}");
+    bob.close().await;
+    alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
@@ -553,13 +602,7 @@ fn snapshot_files(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_snapshot_is_refused_and_the_document_loads_from_its_changes() {
     let mut dev = Dev::new();
-    dev.engine.snapshot_every_changes = 50;
-    let relay = dev.start().await;
-    let addr = relay.local_addr();
-    let alice = dev.client(addr, "alice").await;
-    let a = alice.open("ledger").await.unwrap();
-    write_durable(&a, "k", 120).await;
-    first_snapshot(&relay).await;
+    let (relay, alice, a) = ledger_with_a_snapshot(&mut dev).await;
     alice.close().await;
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 
