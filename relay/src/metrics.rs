@@ -473,6 +473,11 @@ pub fn snapshot_checked(duration: Duration) {
     histogram!("meridian_snapshot_check_duration_seconds").record(duration.as_secs_f64());
 }
 
+/// Materialized copies the snapshot task let go after no snapshot used them for a while.
+pub fn snapshot_copies_released(count: usize) {
+    counter!("meridian_snapshot_copies_released_total").increment(count as u64);
+}
+
 /// A durable-tier retry of the given kind.
 pub fn store_retry(kind: &'static str) {
     counter!("meridian_store_retries_total", "kind" => kind).increment(1);

@@ -154,6 +154,8 @@ async fn metrics_health_and_readiness() {
     // Second life: the durable store is held shut, so the replay of the flush queue
     // cannot finish; `/readyz` answers "not ready" meanwhile.
     dev.engine.flush_interval = Duration::from_millis(20);
+    // Snapshots early, to see the snapshot task let go of its copy once they stop.
+    dev.engine.snapshot_every_changes = 10;
     let (open, gate) = tokio::sync::watch::channel(false);
     let store = Gated {
         inner: LocalDirStore::open(dev.dir.path().join("durable")).unwrap(),
@@ -258,6 +260,20 @@ async fn metrics_health_and_readiness() {
         )),
         "{text}"
     );
+    // No snapshot follows the last one: its materialized copy is let go after 5 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = get(metrics_addr, "/metrics").await.1;
+        if text
+            .lines()
+            .any(|l| l.starts_with("meridian_snapshot_copies_released_total") && !l.ends_with(" 0"))
+        {
+            assert!(value(&text, "meridian_snapshots_total") >= 1.0, "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no copy let go:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(get(metrics_addr, "/nope").await.0, 404);
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }

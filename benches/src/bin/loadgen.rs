@@ -970,6 +970,14 @@ async fn run(
                 if let Some((rss, _)) = target.usage() {
                     report["relay_rss_idle_mib"] = serde_json::json!(rss as f64 / (1 << 20) as f64);
                 }
+                // And once the document has been quiet a while: ours lets go of the
+                // snapshot task's materialized copy 5 s after its last snapshot (the
+                // naive relay holds what it held).
+                tokio::time::sleep(Duration::from_secs(8)).await;
+                if let Some((rss, _)) = target.usage() {
+                    report["relay_rss_quiet_mib"] =
+                        serde_json::json!(rss as f64 / (1 << 20) as f64);
+                }
             }
         }
     }
