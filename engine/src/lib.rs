@@ -112,6 +112,9 @@ pub struct LoadedChange {
     pub user: Option<UserId>,
     /// True if it came from (or is known to be in) the durable tier.
     pub durable: bool,
+    /// The change parsed by [`Loaded::prepare`] off the decision loop; `None`: the
+    /// engine parses it when the load completes.
+    pub parsed: Option<ParsedChange>,
 }
 
 impl LoadedChange {
@@ -122,6 +125,7 @@ impl LoadedChange {
             bytes: change.bytes,
             user: Some(change.user),
             durable,
+            parsed: None,
         }
     }
 }
@@ -177,6 +181,34 @@ pub struct Loaded {
     pub snapshot: Option<Snapshot>,
     /// When the snapshot was not expanded: what it stands for in the change graph.
     pub base: Option<SnapshotBase>,
+}
+
+impl Loaded {
+    /// Parses the changes read, which the engine would otherwise do on its decision loop
+    /// when the load completes: the IO layer calls this on a worker thread for a cold
+    /// load and for a refresh that expands a graph's base ([`StoreTask::parses_loaded`]),
+    /// where every change is new to the graph (parsing and hashing the 245,000 changes of
+    /// a large document's history takes a few hundred milliseconds). Changes the base
+    /// covers are left as they are (the engine passes over them without parsing), and so
+    /// is a change that does not parse (the engine counts it).
+    pub fn prepare(&mut self) {
+        let base = self
+            .base
+            .as_ref()
+            .and_then(|base| graph::ChangeGraph::from_base(&base.heads, &base.users).ok());
+        for change in &mut self.changes {
+            if change.parsed.is_some() {
+                continue;
+            }
+            if let Some(base) = &base
+                && change::actor_seq(&change.bytes)
+                    .is_ok_and(|(actor, seq)| base.covers_seq(&actor, seq))
+            {
+                continue;
+            }
+            change.parsed = change::parse_change(change.bytes.clone()).ok();
+        }
+    }
 }
 
 /// What a snapshot known to load stands for in a change graph that starts from it (see
@@ -471,6 +503,19 @@ pub enum StoreTask {
         /// The changes.
         changes: Vec<(DocKey, ChangeHash)>,
     },
+}
+
+impl StoreTask {
+    /// Whether the IO layer parses this task's [`Loaded`] changes off the decision loop
+    /// ([`Loaded::prepare`]) before handing it back: a cold load, or a refresh that
+    /// expands the graph's base. (A refresh without expanding re-reads mostly what the
+    /// graph holds, which the engine passes over by hash without parsing.)
+    pub fn parses_loaded(&self) -> bool {
+        matches!(
+            self,
+            StoreTask::Load { .. } | StoreTask::Refresh { expand: true, .. }
+        )
+    }
 }
 
 /// Counters the IO layer exports as metrics.

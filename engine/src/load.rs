@@ -81,6 +81,7 @@ impl Engine {
                 bytes: e.bytes.clone(),
                 user: e.user.clone(),
                 durable: e.durable,
+                parsed: None,
             }));
         let mut graph = ChangeGraph::new();
         let mut parsed = parse_loaded(&graph, everything, &mut self.stats);
@@ -189,7 +190,11 @@ fn parse_loaded(
         {
             continue;
         }
-        match parse_change(item.bytes) {
+        let change = match item.parsed {
+            Some(parsed) => Ok(parsed),
+            None => parse_change(item.bytes),
+        };
+        match change {
             Ok(change) if change.hash == item.hash => {
                 if graph.in_base(&change) {
                     continue;

@@ -112,9 +112,17 @@ pub fn execute(
     durable: &mut MemoryDurable,
     behaviour: Behaviour,
 ) {
+    // As the relay does on a worker thread.
+    let prepare = |mut loaded: Result<Loaded, TaskError>| {
+        if let Ok(loaded) = &mut loaded {
+            loaded.prepare();
+        }
+        loaded
+    };
+    let parses = task.parses_loaded();
     match task {
         StoreTask::Load { key, snapshot } => {
-            let loaded = load(&key, snapshot, true, cache, durable, behaviour);
+            let loaded = prepare(load(&key, snapshot, true, cache, durable, behaviour));
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Refresh {
@@ -122,7 +130,10 @@ pub fn execute(
             snapshot,
             expand,
         } => {
-            let loaded = load(&key, snapshot, !expand, cache, durable, behaviour);
+            let mut loaded = load(&key, snapshot, !expand, cache, durable, behaviour);
+            if parses {
+                loaded = prepare(loaded);
+            }
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Cache { changes, .. } => {

@@ -2037,3 +2037,83 @@ fn deps_and_actor_seq_read_what_the_header_reads() {
         assert_eq!((actor.as_bytes().to_vec(), seq), (header.actor, header.seq));
     }
 }
+
+/// A load the IO layer parsed off the decision loop (`Loaded::prepare`) builds what a
+/// load of the changes as read builds; a change that does not parse, or whose hash is
+/// not its stored one, is counted either way; changes a base covers are not parsed.
+#[test]
+fn a_prepared_load_builds_what_a_load_parsed_on_the_loop_builds() {
+    let t = now();
+    let mut doc = AutoCommit::new();
+    put_k(&mut doc, 0..20);
+    let user = UserId::new("alice").unwrap();
+    let stored = |bytes: Bytes, hash: ChangeHash| {
+        LoadedChange::stored(
+            StoredChange {
+                hash,
+                bytes,
+                user: user.clone(),
+            },
+            true,
+        )
+    };
+    let mut read: Vec<LoadedChange> = changes_of(&mut doc)
+        .into_iter()
+        .rev()
+        .map(|bytes| {
+            let hash = ChangeHash(automerge::Change::try_from(&bytes[..]).unwrap().hash().0);
+            stored(bytes, hash)
+        })
+        .collect();
+    read.push(stored(read[0].bytes.clone(), ChangeHash([7; 32])));
+    read.push(stored(
+        Bytes::from_static(b"not a change"),
+        ChangeHash([9; 32]),
+    ));
+    let mut served = Vec::new();
+    for prepare in [false, true] {
+        let mut h = Harness::new();
+        h.engine
+            .handle_session_open(1, capability("alice", Rights::ALL));
+        h.engine.handle_subscribe(t, 1, doc_id(), vec![], true);
+        let Some((id, task)) = h.engine.poll_store_task() else {
+            panic!("expected a load");
+        };
+        assert!(task.parses_loaded());
+        let mut loaded = Loaded {
+            changes: read.clone(),
+            ..Loaded::default()
+        };
+        if prepare {
+            loaded.prepare();
+            let parsed = loaded.changes.iter().filter(|c| c.parsed.is_some()).count();
+            assert_eq!(parsed, 21, "all but the garbage");
+        }
+        h.engine
+            .handle_task_done(t, id, TaskResult::Loaded(Ok(loaded)));
+        h.run(t);
+        let out = h.take(1);
+        let Outbound::CatchUp { changes, heads, .. } = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(h.engine.stats().corrupt_changes, 2);
+        served.push((changes.clone(), heads.clone()));
+    }
+    assert_eq!(served[0].0.len(), 20);
+    assert_eq!(served[0], served[1]);
+
+    // With a base standing for the first ten changes, those are left unparsed.
+    let tenth = doc.get_changes(&[])[9].hash();
+    let actor = meridian_protocol::ActorId::new(doc.get_actor().to_bytes()).unwrap();
+    let mut loaded = Loaded {
+        changes: read[..20].to_vec(),
+        base: Some(SnapshotBase {
+            heads: vec![(ChangeHash(tenth.0), vec![(actor, 10)])],
+            users: Vec::new(),
+        }),
+        ..Loaded::default()
+    };
+    loaded.prepare();
+    let parsed = loaded.changes.iter().filter(|c| c.parsed.is_some()).count();
+    assert_eq!(parsed, 10);
+}

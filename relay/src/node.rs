@@ -1051,11 +1051,12 @@ impl Driver {
     }
 
     /// Reads a document from the cache and the durable tier on a worker, holding one of
-    /// `permits`, and reports it as `completion`.
+    /// `permits`, parses what it read there if `parse` ([`StoreTask::parses_loaded`]), and
+    /// reports it as `completion`.
     fn spawn_load(
         &self,
         id: TaskId,
-        (key, snapshot, expand): (DocKey, bool, bool),
+        (key, snapshot, expand, parse): (DocKey, bool, bool, bool),
         permits: Arc<Semaphore>,
         done: &mpsc::Sender<Completion>,
         workers: &mut JoinSet<()>,
@@ -1063,7 +1064,16 @@ impl Driver {
         let (store, cache, done) = (self.store.clone(), self.cache.clone(), done.clone());
         workers.spawn(async move {
             let _permit = permits.acquire_owned().await;
-            let result = load_doc(&cache, store.as_ref(), &key, (snapshot, expand)).await;
+            let mut result = load_doc(&cache, store.as_ref(), &key, (snapshot, expand)).await;
+            if parse && let Ok(loaded) = result {
+                result = tokio::task::spawn_blocking(move || {
+                    let mut loaded = loaded;
+                    loaded.prepare();
+                    loaded
+                })
+                .await
+                .map_err(|_| TaskError::WorkerLost);
+            }
             let _ = done.send(Completion(id, TaskResult::Loaded(result))).await;
         });
     }
@@ -1076,10 +1086,12 @@ impl Driver {
         loads: &Arc<Semaphore>,
         workers: &mut JoinSet<()>,
     ) {
+        let parses = task.parses_loaded();
         match task {
             // A cold load takes a snapshot known to load as the graph's base, unexpanded.
             StoreTask::Load { key, snapshot } => {
-                self.spawn_load(id, (key, snapshot, false), loads.clone(), done, workers);
+                let load = (key, snapshot, false, parses);
+                self.spawn_load(id, load, loads.clone(), done, workers);
             }
             // A refresh is a load whose result merges into a hot document; it waits on its
             // own permits so that cold loads never queue behind refreshes. With `expand` it
@@ -1090,7 +1102,7 @@ impl Driver {
                 expand,
             } => {
                 let permits = self.refresh_permits.clone();
-                self.spawn_load(id, (key, snapshot, expand), permits, done, workers);
+                self.spawn_load(id, (key, snapshot, expand, parses), permits, done, workers);
             }
             StoreTask::Cache { changes, .. } => {
                 if cache
@@ -1255,6 +1267,7 @@ fn expand_snapshot(record: SnapshotRecord) -> Result<(Snapshot, Vec<LoadedChange
             bytes: bytes::Bytes::copy_from_slice(c.raw_bytes()),
             user: users.get(c.actor_id().to_bytes()).cloned(),
             durable: true,
+            parsed: None,
         })
         .collect();
     Ok((
