@@ -253,11 +253,9 @@ impl ChangeGraph {
     pub fn holds_or_covers(&self, heads: &[(ChangeHash, Vec<(ActorId, u64)>)]) -> bool {
         heads.iter().all(|(hash, clock)| {
             self.contains(hash)
-                || clock.first().is_some_and(|(actor, seq)| {
-                    self.actor_index
-                        .get(actor)
-                        .is_some_and(|&i| self.actors[i as usize].base >= *seq)
-                })
+                || clock
+                    .first()
+                    .is_some_and(|(actor, seq)| self.covers_seq(actor, *seq))
         })
     }
 

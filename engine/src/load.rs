@@ -183,8 +183,10 @@ fn parse_loaded(
         // also reads the cache, which keeps a large document's durable changes too, and
         // parsing them all on the decision loop only to find them covered would stall
         // every other document. (Whether it was the covered change or one reusing its
-        // sequence number, the base stands for that number either way.)
-        if graph.has_base()
+        // sequence number, the base stands for that number either way.) A change parsed
+        // off the loop is not read again here: `in_base` below looks at what it holds.
+        if item.parsed.is_none()
+            && graph.has_base()
             && super::change::actor_seq(&item.bytes)
                 .is_ok_and(|(actor, seq)| graph.covers_seq(&actor, seq))
         {

@@ -112,17 +112,17 @@ pub fn execute(
     durable: &mut MemoryDurable,
     behaviour: Behaviour,
 ) {
-    // As the relay does on a worker thread.
-    let prepare = |mut loaded: Result<Loaded, TaskError>| {
-        if let Ok(loaded) = &mut loaded {
+    // Parsed before the engine takes it, as the relay does on a worker thread.
+    let parses = task.parses_loaded();
+    let prepared = |mut loaded: Result<Loaded, TaskError>| {
+        if parses && let Ok(loaded) = &mut loaded {
             loaded.prepare();
         }
         loaded
     };
-    let parses = task.parses_loaded();
     match task {
         StoreTask::Load { key, snapshot } => {
-            let loaded = prepare(load(&key, snapshot, true, cache, durable, behaviour));
+            let loaded = prepared(load(&key, snapshot, true, cache, durable, behaviour));
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Refresh {
@@ -130,10 +130,7 @@ pub fn execute(
             snapshot,
             expand,
         } => {
-            let mut loaded = load(&key, snapshot, !expand, cache, durable, behaviour);
-            if parses {
-                loaded = prepare(loaded);
-            }
+            let loaded = prepared(load(&key, snapshot, !expand, cache, durable, behaviour));
             engine.handle_task_done(now, id, TaskResult::Loaded(loaded));
         }
         StoreTask::Cache { changes, .. } => {
