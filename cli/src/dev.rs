@@ -1000,10 +1000,31 @@ async fn stop_all(procs: &mut [Proc]) {
 /// next `bind(0)`, and two children told the same port fail to start.
 static HANDED_OUT: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
 
-/// A port the kernel says is free now and this process has not handed out before.
-fn fresh_port(probe: impl Fn() -> std::io::Result<SocketAddr>) -> Result<SocketAddr> {
-    for _ in 0..64 {
-        let addr = probe()?;
+/// The lowest port handed to a child.
+const DEV_PORT_LOW: u16 = 10_000;
+
+/// Ports handed to children are drawn below the kernel's ephemeral range (read from
+/// `ip_local_port_range`), where `bind(0)` and outgoing connections of other programs
+/// never land between the probe and the child's bind; `None` (probe with port 0) where
+/// that range cannot be read or leaves fewer than 1,000 ports below it.
+fn dev_port_range() -> Option<std::ops::Range<u16>> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    below_ephemeral(&text)
+}
+
+fn below_ephemeral(range: &str) -> Option<std::ops::Range<u16>> {
+    let first: u16 = range.split_whitespace().next()?.parse().ok()?;
+    (first >= DEV_PORT_LOW.saturating_add(1_000)).then_some(DEV_PORT_LOW..first)
+}
+
+/// A port free now (the probe binds it) that this process has not handed out before.
+fn fresh_port(probe: impl Fn(u16) -> std::io::Result<SocketAddr>) -> Result<SocketAddr> {
+    let range = dev_port_range();
+    for _ in 0..256 {
+        let port = range.clone().map_or(0, rand::random_range);
+        let Ok(addr) = probe(port) else {
+            continue; // taken: draw another
+        };
         let mut handed_out = HANDED_OUT
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -1015,11 +1036,11 @@ fn fresh_port(probe: impl Fn() -> std::io::Result<SocketAddr>) -> Result<SocketA
 }
 
 fn free_udp() -> Result<SocketAddr> {
-    fresh_port(|| std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr())
+    fresh_port(|port| std::net::UdpSocket::bind(("127.0.0.1", port))?.local_addr())
 }
 
 fn free_tcp() -> Result<SocketAddr> {
-    fresh_port(|| std::net::TcpListener::bind("127.0.0.1:0")?.local_addr())
+    fresh_port(|port| std::net::TcpListener::bind(("127.0.0.1", port))?.local_addr())
 }
 
 /// Reads the dev cell's gossip key, creating it on first start.
@@ -1107,5 +1128,22 @@ mod tests {
         assert!(parse_cells("a=eu-west-1:eu,b=eu-west-1:us").is_err());
         assert!(parse_cells("").is_err());
         assert!(parse_cells("bad cell=eu-west-1:eu").is_err());
+    }
+
+    #[test]
+    fn ports_are_drawn_below_the_kernels_ephemeral_range() {
+        assert_eq!(below_ephemeral("32768\t60999\n"), Some(DEV_PORT_LOW..32768));
+        assert_eq!(below_ephemeral("10500 60999"), None);
+        assert_eq!(below_ephemeral("garbage"), None);
+        let range = dev_port_range();
+        for _ in 0..20 {
+            let addr = free_udp().unwrap();
+            let tcp = free_tcp().unwrap();
+            if let Some(range) = &range {
+                assert!(range.contains(&addr.port()), "{addr} outside {range:?}");
+                assert!(range.contains(&tcp.port()), "{tcp} outside {range:?}");
+            }
+            assert_ne!(addr.port(), tcp.port());
+        }
     }
 }
