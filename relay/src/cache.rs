@@ -228,6 +228,13 @@ impl Cache {
         Ok(())
     }
 
+    /// [`Cache::commit`] on the calling thread: no hop to sled's pool, whose every job
+    /// wakes all of its idle threads. Blocking.
+    pub fn commit_blocking(&self) -> Result<(), CacheError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Removes durable changes from the flush queue (the changes stay cached).
     pub fn uncache(&self, changes: &[(DocKey, ChangeHash)]) -> Result<(), CacheError> {
         let emptied = self.index()?.remove(

@@ -763,12 +763,13 @@ impl Driver {
             uncaches: uncaches_tx,
         };
         let mut workers = JoinSet::new();
-        workers.spawn(cache_worker(
-            self.cache.clone(),
-            commits_rx,
-            uncaches_rx,
-            done_tx.clone(),
-        ));
+        {
+            let (cache, done) = (self.cache.clone(), done_tx.clone());
+            let runtime = tokio::runtime::Handle::current();
+            workers.spawn_blocking(move || {
+                cache_worker(cache, commits_rx, uncaches_rx, done, runtime);
+            });
+        }
         let loads = Arc::new(Semaphore::new(self.limits.loads_in_flight_max));
         let mut shutting_down = false;
         // After a graceful leave: when the handoffs finished, so that the `moved` answers
@@ -1381,40 +1382,43 @@ const CACHE_RETRY_INITIAL: Duration = Duration::from_millis(10);
 /// Longest delay between two attempts of a failed cache commit.
 const CACHE_RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// Applies cache jobs in order; a commit covers every write before it.
-async fn cache_worker(
+/// Applies cache jobs in order, on a blocking thread of its own: a commit writes and
+/// fsyncs in place, so a change crosses one thread on its way to `applied`. A commit
+/// covers every write before it. Returns when both queues are closed.
+fn cache_worker(
     cache: Cache,
     mut commits: mpsc::Receiver<CacheJob>,
     mut uncaches: mpsc::Receiver<CacheJob>,
     done: mpsc::Sender<Completion>,
+    runtime: tokio::runtime::Handle,
 ) {
     loop {
-        let job = tokio::select! {
-            biased;
-            Some(job) = commits.recv() => job,
-            Some(job) = uncaches.recv() => job,
-            else => return,
+        let job = runtime.block_on(async {
+            tokio::select! {
+                biased;
+                Some(job) = commits.recv() => Some(job),
+                Some(job) = uncaches.recv() => Some(job),
+                else => None,
+            }
+        });
+        let Some(job) = job else {
+            return;
         };
         match job {
             CacheJob::Commit(id, changes) => {
                 let mut delays =
                     meridian_process::backoff::exponential(CACHE_RETRY_INITIAL, CACHE_RETRY_MAX);
                 loop {
-                    let written = match cache.write(&changes) {
-                        Ok(()) => cache.commit().await,
-                        Err(error) => Err(error),
-                    };
-                    match written {
+                    match cache.write(&changes).and_then(|()| cache.commit_blocking()) {
                         Ok(()) => break,
                         Err(error) => {
                             crate::metrics::cache_commit_retry();
                             tracing::error!(%error, "cache commit failed; retrying");
-                            let delay = delays.next().unwrap_or(CACHE_RETRY_MAX);
-                            tokio::time::sleep(delay).await;
+                            std::thread::sleep(delays.next().unwrap_or(CACHE_RETRY_MAX));
                         }
                     }
                 }
-                let _ = done.send(Completion(id, TaskResult::Committed)).await;
+                let _ = done.blocking_send(Completion(id, TaskResult::Committed));
             }
             CacheJob::Uncache(changes) => {
                 if let Err(error) = cache.uncache(&changes) {
