@@ -337,7 +337,7 @@ impl Default for EngineConfig {
             unflushed_bytes_max: 512 << 20,
             unflushed_bytes_per_tenant_max: 128 << 20,
             flush_interval: Duration::from_millis(20),
-            commit_interval_min: Duration::from_millis(5),
+            commit_interval_min: Duration::from_millis(20),
             flush_batch_max: 500,
             flush_in_flight_max: 4,
             flush_retry_initial: Duration::from_millis(50),
