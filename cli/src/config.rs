@@ -530,6 +530,7 @@ pub struct LimitsSection {
     pub subscriptions_per_session_max: Option<usize>,
     pub flush_interval_ms: Option<u64>,
     pub commit_interval_ms: Option<u64>,
+    pub commit_batch_changes: Option<usize>,
     pub flush_batch_max: Option<usize>,
     pub flush_in_flight_max: Option<usize>,
     pub snapshot_every_changes: Option<usize>,
@@ -784,6 +785,9 @@ impl RelayFile {
             if let Some(v) = l.commit_interval_ms {
                 // Longer would hold `applied` (and a stopping node) for no gain.
                 engine.commit_interval_min = ms(v.min(COMMIT_INTERVAL_MAX_MS));
+            }
+            if let Some(v) = l.commit_batch_changes {
+                engine.commit_batch_changes = v.max(1);
             }
             if let Some(v) = l.flush_batch_max {
                 engine.flush_batch_max = v.max(1);

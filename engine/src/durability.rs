@@ -162,8 +162,9 @@ impl Engine {
     }
 
     /// Starts the next group commit if none is in flight, anything is waiting, and the
-    /// last one started at least `commit_interval_min` ago (otherwise the timer starts it):
-    /// one commit then covers every change of that interval.
+    /// last one started at least `commit_interval_min` ago or `commit_batch_changes` wait
+    /// (otherwise the timer starts it): one commit then covers every change of that
+    /// interval.
     pub(super) fn start_commit(&mut self, now: Instant) {
         if self.cache_in_flight.is_some()
             || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
@@ -172,7 +173,7 @@ impl Engine {
         }
         if let Some(last) = self.last_commit_at {
             let due = last + self.config.commit_interval_min;
-            if now < due {
+            if now < due && self.cache_pending.len() < self.config.commit_batch_changes {
                 self.commit_due = Some(due);
                 return;
             }

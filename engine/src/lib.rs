@@ -249,6 +249,10 @@ pub struct EngineConfig {
     /// between share the next one (and one flush of the cache), at the cost of at most
     /// this much more before `applied`. Fan-out never waits for it.
     pub commit_interval_min: Duration,
+    /// Changes waiting that start a commit without waiting for `commit_interval_min`
+    /// (one still in flight is waited for), so that a fast writer that paces itself on
+    /// `applied` is not held to a commit per interval.
+    pub commit_batch_changes: usize,
     /// Changes per flush batch.
     pub flush_batch_max: usize,
     /// Flush batches in flight at once.
@@ -338,6 +342,7 @@ impl Default for EngineConfig {
             unflushed_bytes_per_tenant_max: 128 << 20,
             flush_interval: Duration::from_millis(20),
             commit_interval_min: Duration::from_millis(20),
+            commit_batch_changes: 256,
             flush_batch_max: 500,
             flush_in_flight_max: 4,
             flush_retry_initial: Duration::from_millis(50),

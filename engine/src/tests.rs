@@ -1475,6 +1475,47 @@ fn changes_within_the_commit_interval_share_one_commit() {
     );
 }
 
+/// A full batch does not wait for the commit interval: once `commit_batch_changes` wait
+/// (and no commit is in flight), the next commit starts.
+#[test]
+fn a_full_batch_of_changes_starts_a_commit_before_the_interval() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        commit_interval_min: Duration::from_secs(3600),
+        commit_batch_changes: 3,
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    let mut commits = Vec::new();
+    for i in 0..7 {
+        doc.put(automerge::ROOT, "k", i).unwrap();
+        doc.commit();
+        let last = changes_of(&mut doc).pop().unwrap();
+        h.engine.handle_changes(t, 1, doc_id(), vec![last]);
+        while let Some((id, task)) = h.engine.poll_store_task() {
+            if let StoreTask::Cache { changes, .. } = &task {
+                commits.push(changes.len());
+            }
+            testing::execute(
+                &mut h.0.engine,
+                t,
+                (id, task),
+                &mut h.0.cache,
+                &mut h.0.durable,
+                testing::Behaviour::default(),
+            );
+        }
+        h.run(t);
+    }
+    assert_eq!(
+        commits,
+        [1, 3, 3],
+        "the first at once, then one per three changes within the hour"
+    );
+}
+
 /// A snapshot that fails its check on load is refused, never served: the engine counts
 /// it and loads the document again from every change item, and the subscriber gets every
 /// change.
