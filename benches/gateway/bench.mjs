@@ -10,7 +10,9 @@
 //   fanout    100 subscribers of one document, 5 writers among them at 1 edit/s each
 //   large-doc a 20,000-change text, loaded by 10 clients, 5 of them typing 1 edit/s
 // Reported per server: server CPU per edit (utime + stime of the server process over the
-// edit phase, divided by the edits made), delivered latency p50/p99 (from an edit to its
+// edit phase, divided by the edits made; the phase starts once the server is quiet, so
+// that what the setup started, such as a background snapshot of the large document or
+// the readers' first sync, is not counted as the edits'; `settle_s` says how long that took), delivered latency p50/p99 (from an edit to its
 // arrival at every other client of the document, one clock: one process), the server's
 // RSS at the end and its peak, and deliveries missing at the end (must be 0).
 import { spawn } from "node:child_process";
@@ -62,11 +64,14 @@ async function startMeridian() {
 
 async function startReference() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "reference-sync-"));
-  const port = 30000 + Math.floor(Math.random() * 20000);
-  const child = spawn(process.execPath, [path.join(here, "sync-server.mjs"), String(port), dir],
+  // Port 0: the system picks a free one, and the server says which.
+  const child = spawn(process.execPath, [path.join(here, "sync-server.mjs"), "0", dir],
     { stdio: ["ignore", "pipe", "inherit"] });
-  await new Promise((resolve, reject) => {
-    child.stdout.on("data", chunk => String(chunk).includes("listening") && resolve());
+  const port = await new Promise((resolve, reject) => {
+    child.stdout.on("data", chunk => {
+      const found = String(chunk).match(/listening (\d+)/);
+      if (found) resolve(Number(found[1]));
+    });
     child.on("exit", code => reject(new Error(`reference server exited ${code}`)));
   });
   return { name: "reference", url: `ws://127.0.0.1:${port}`, pid: child.pid, stop: () => child.kill("SIGTERM") };
@@ -89,6 +94,20 @@ async function waitFor(what, check, ms = 120000) {
 
 // Creates a document on the server (through a creator client), returns its URL once a
 // fresh client can find it.
+// Waits, at most 30 s, until the server used under 5 % of a core over one second; returns
+// the seconds waited.
+async function quiet(pid) {
+  const started = Date.now();
+  let last = cpuSeconds(pid);
+  while (Date.now() - started < 30000) {
+    await sleep(1000);
+    const now = cpuSeconds(pid);
+    if (now - last < 0.05) break;
+    last = now;
+  }
+  return (Date.now() - started) / 1000;
+}
+
 async function createDoc(server, init) {
   const creator = client(server.url);
   const handle = creator.create();
@@ -100,8 +119,13 @@ async function createDoc(server, init) {
       return JSON.stringify(found.heads()) === JSON.stringify(handle.heads());
     } catch { return false; }
   });
+  setupRepos.push(creator, probe);
   return { url: handle.url, creator, probe };
 }
+
+// Every repo the setup opened: shut down with the scenario's own, so that none keeps
+// reconnecting to a server that was stopped.
+const setupRepos = [];
 
 // Runs a scenario: `docs` document URLs, `clients` assignments of {doc index, writes}.
 // Every edit sets the writer's key to {t, n}; a reader records now - t for each new n.
@@ -128,7 +152,7 @@ async function run(server, docs, plan, { rate = 1 } = {}) {
       }
     });
   });
-  await sleep(1000);
+  const settle_s = await quiet(server.pid);
   const before = cpuSeconds(server.pid);
   let edits = 0;
   const counts = plan.map(() => 0);
@@ -155,11 +179,12 @@ async function run(server, docs, plan, { rate = 1 } = {}) {
   while (expected() > 0 && Date.now() < deadline) await sleep(100);
   const missing = expected();
   const mem = memory(server.pid);
-  for (const repo of repos) repo.shutdown?.();
+  for (const repo of [...repos, ...setupRepos.splice(0)]) repo.shutdown?.();
   latencies.sort((a, b) => a - b);
   const pct = p => latencies[Math.min(latencies.length - 1, Math.floor(p * latencies.length))] ?? NaN;
   return {
     edits,
+    settle_s,
     cpu_ms_per_edit: (cpu * 1000) / Math.max(edits, 1),
     p50_ms: pct(0.5),
     p99_ms: pct(0.99),
@@ -210,7 +235,7 @@ for (const name of chosen) {
   }
 }
 const fmt = n => (typeof n === "number" ? (Number.isInteger(n) ? String(n) : n.toFixed(3)) : String(n));
-const columns = ["scenario", "server", "edits", "cpu_ms_per_edit", "p50_ms", "p99_ms", "deliveries", "missing", "rss_mib", "peak_rss_mib"];
+const columns = ["scenario", "server", "edits", "settle_s", "cpu_ms_per_edit", "p50_ms", "p99_ms", "deliveries", "missing", "rss_mib", "peak_rss_mib"];
 console.log(`| ${columns.join(" | ")} |`);
 console.log(`|${columns.map(() => "---").join("|")}|`);
 for (const row of rows) console.log(`| ${columns.map(c => fmt(row[c])).join(" | ")} |`);

@@ -1,6 +1,7 @@
 // The reference: automerge-repo's own sync server, set up as its public sync server is
 // (a Repo with NodeFS storage and the WebSocket server adapter, sharing nothing it is not
-// asked for). node sync-server.mjs <port> <data dir>; prints "listening" when ready.
+// asked for). node sync-server.mjs <port> <data dir>; prints "listening <port>" when ready
+// (port 0: one the system picks).
 import { WebSocketServer } from "ws";
 import { Repo } from "@automerge/automerge-repo";
 import { WebSocketServerAdapter } from "@automerge/automerge-repo-network-websocket";
@@ -14,4 +15,4 @@ new Repo({
   peerId: `storage-server-reference`,
   sharePolicy: async () => false,
 });
-wss.on("listening", () => console.log("listening"));
+wss.on("listening", () => console.log(`listening ${wss.address().port}`));
