@@ -92,8 +92,6 @@ async function waitFor(what, check, ms = 120000) {
   throw new Error(`timed out: ${what}`);
 }
 
-// Creates a document on the server (through a creator client), returns its URL once a
-// fresh client can find it.
 // Waits, at most 30 s, until the server used under 5 % of a core over one second; returns
 // the seconds waited.
 async function quiet(pid) {
@@ -108,6 +106,8 @@ async function quiet(pid) {
   return (Date.now() - started) / 1000;
 }
 
+// Creates a document on the server (through a creator client), returns its URL once a
+// fresh client can find it.
 async function createDoc(server, init) {
   const creator = client(server.url);
   const handle = creator.create();

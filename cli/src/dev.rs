@@ -1022,8 +1022,10 @@ fn fresh_port(probe: impl Fn(u16) -> std::io::Result<SocketAddr>) -> Result<Sock
     let range = dev_port_range();
     for _ in 0..256 {
         let port = range.clone().map_or(0, rand::random_range);
-        let Ok(addr) = probe(port) else {
-            continue; // taken: draw another
+        let addr = match probe(port) {
+            Ok(addr) => addr,
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(error) => bail!("cannot bind a port on 127.0.0.1: {error}"),
         };
         let mut handed_out = HANDED_OUT
             .lock()

@@ -65,7 +65,7 @@ pub struct GossipConfig {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum DurableConfig {
-    /// Fsynced log files under a directory (the embedded default).
+    /// Log files under a directory, committed by an fsynced feed log (the embedded default).
     Local {
         /// The directory.
         path: PathBuf,

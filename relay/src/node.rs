@@ -210,7 +210,15 @@ pub async fn open_store(config: &RelayConfig) -> Result<Arc<dyn DurableStore>, R
             Arc::new(crate::store::AwsStore::connect(aws).await)
         }
         DurableConfig::Local { path } => {
-            Arc::new(LocalDirStore::open(path).map_err(RelayError::Store)?)
+            // Opening may restore logs from the feed after a machine restart: blocking.
+            let path = path.clone();
+            let store = tokio::task::spawn_blocking(move || LocalDirStore::open(path))
+                .await
+                .map_err(|error| {
+                    RelayError::Store(crate::store::StoreError::Unavailable(error.to_string()))
+                })?
+                .map_err(RelayError::Store)?;
+            Arc::new(store)
         }
     })
 }

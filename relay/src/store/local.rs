@@ -1,4 +1,5 @@
-//! The embedded durable store: one append-only, fsynced log file per document.
+//! The embedded durable store: one append-only log file per document, behind one fsynced
+//! feed log.
 //!
 //! Layout: `<root>/<tenant>/<hex of doc id>.log`. Each record is
 //! `[len: u32 BE][crc32 of payload: u32 BE][payload]`, and the payload is
@@ -6,10 +7,14 @@
 //!
 //! **Group commit.** A write appends its changes to the feed log (below) and fsyncs it:
 //! that is the commit, and the write returns once it is done. Still under the feed log's
-//! lock it appends them to their documents' logs, which are not fsynced then. Every
-//! [`CHECKPOINT_INTERVAL`] (or [`CHECKPOINT_BYTES`] of feed), a write fsyncs every log
-//! with a record between the last checkpoint and the feed's end, then records that end
-//! and the machine's boot id in `<root>/#feed.synced`. A process that dies leaves its
+//! lock it appends them to their documents' logs, which are not fsynced then. The first
+//! write [`CHECKPOINT_INTERVAL`] after this process's last checkpoint (or
+//! [`CHECKPOINT_BYTES`] of feed after it) fsyncs every log with a record between the
+//! checkpoint and the feed's end, then records that end and the machine's boot id in
+//! `<root>/#feed.synced`. When writes stop, logs may stay unsynced until the next write;
+//! the feed holds what they lack. A checkpoint whose fsync failed is not trusted: the next
+//! one re-appends from the feed what the logs lack (the kernel may have dropped pages it
+//! could not write) before it fsyncs them. A process that dies leaves its
 //! appends in the page cache, where every other process reads them; only a machine that
 //! stops loses them, and it restarts with another boot id: the first
 //! [`LocalDirStore::open`] after that (under the feed lock) copies every feed record
@@ -84,6 +89,14 @@ const FEED: &str = "#feed.log";
 /// cursor is in its document's log, fsynced.
 const CHECKPOINT: &str = "#feed.synced";
 
+/// This process's last checkpoint: when, the feed's end then, and whether one failed since.
+#[derive(Debug)]
+struct Checkpointed {
+    at: std::time::Instant,
+    end: u64,
+    failed: bool,
+}
+
 /// The longest time between checkpoints while writes arrive: after a machine restart,
 /// the first open restores at most this much of the feed into documents' logs.
 pub const CHECKPOINT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
@@ -123,7 +136,7 @@ pub struct FeedRecord {
 /// The largest record accepted when reading, a guard against a corrupt length.
 const RECORD_MAX: usize = 2 << 20;
 
-/// Changes in fsynced log files under a directory.
+/// Changes in log files under a directory, committed by an fsynced feed log.
 #[derive(Debug, Clone)]
 pub struct LocalDirStore {
     root: Arc<PathBuf>,
@@ -138,7 +151,7 @@ pub struct LocalDirStore {
     /// The tombstones, read again whenever the file changed.
     tombstones: Arc<TombstoneCache>,
     /// When this process last took a checkpoint, and the feed's end then.
-    checkpointed: Arc<Mutex<(std::time::Instant, u64)>>,
+    checkpointed: Arc<Mutex<Checkpointed>>,
     /// [`CHECKPOINT_INTERVAL`], unless a test says otherwise.
     checkpoint_interval: std::time::Duration,
 }
@@ -154,7 +167,11 @@ impl LocalDirStore {
             checked: Arc::new(Mutex::new(HashMap::new())),
             failures: Arc::new(AtomicUsize::new(0)),
             tombstones: Arc::new(Mutex::new(None)),
-            checkpointed: Arc::new(Mutex::new((std::time::Instant::now(), 0))),
+            checkpointed: Arc::new(Mutex::new(Checkpointed {
+                at: std::time::Instant::now(),
+                end: 0,
+                failed: false,
+            })),
             checkpoint_interval: CHECKPOINT_INTERVAL,
         };
         let restored = Self::recover(&store.root, &store.checked, &store.tombstones)?;
@@ -199,8 +216,23 @@ impl LocalDirStore {
         {
             return Ok(0);
         }
-        let tombstones = Self::current_tombstones(root, tombstones)?;
-        let mut at = checkpoint.map_or(0, |(cursor, _)| cursor);
+        let from = checkpoint.map_or(0, |(cursor, _)| cursor);
+        let (restored, at) = Self::restore_from(root, checked, tombstones, from)?;
+        write_checkpoint(root, at, &boot)?;
+        Ok(restored)
+    }
+
+    /// Appends every feed record from `from` on that its document's log lacks (unless a
+    /// tombstone covers the document) and fsyncs those logs and their directories; returns
+    /// how many records it appended and the cursor after the last record read. The caller
+    /// holds the feed lock. Blocking.
+    fn restore_from(
+        root: &Path,
+        checked: &Mutex<HashMap<PathBuf, u64>>,
+        tombstones: &TombstoneCache,
+        from: u64,
+    ) -> Result<(u64, u64), StoreError> {
+        let mut at = from;
         let mut restored = 0;
         let mut dirs = BTreeSet::new();
         loop {
@@ -209,15 +241,23 @@ impl LocalDirStore {
                 break;
             }
             at = next;
+            let gone = Self::current_tombstones(root, tombstones)?;
             let mut by_doc: BTreeMap<DocKey, Vec<StoredChange>> = BTreeMap::new();
             for record in records {
-                if !tombstones.iter().any(|t| t.covers(&record.key)) {
+                if !gone.iter().any(|t| t.covers(&record.key)) {
                     by_doc.entry(record.key).or_default().push(record.change);
                 }
             }
             for (key, changes) in by_doc {
                 let path = Self::path_of(root, &key);
-                restored += Self::restore_log(&path, checked, &changes)?;
+                // Asked again under the log's lock: a purge that stored its tombstone
+                // since deletes the log under the same lock.
+                let purged = || {
+                    Ok(Self::current_tombstones(root, tombstones)?
+                        .iter()
+                        .any(|t| t.covers(&key)))
+                };
+                restored += Self::restore_log(&path, checked, &changes, purged)?;
                 if let Some(dir) = path.parent() {
                     dirs.insert(dir.to_path_buf());
                 }
@@ -229,16 +269,18 @@ impl LocalDirStore {
         if !dirs.is_empty() {
             File::open(root)?.sync_all()?;
         }
-        write_checkpoint(root, at, &boot)?;
-        Ok(restored)
+        Ok((restored, at))
     }
 
     /// Appends to the log at `path` (under its lock, after cutting a torn tail) those of
-    /// `changes` it lacks, and fsyncs it; returns how many. Blocking.
+    /// `changes` it lacks, and fsyncs it; returns how many. Nothing when `purged`, asked
+    /// under the lock, says the document was purged (a log this call created is removed).
+    /// Blocking.
     fn restore_log(
         path: &Path,
         checked: &Mutex<HashMap<PathBuf, u64>>,
         changes: &[StoredChange],
+        purged: impl FnOnce() -> Result<bool, StoreError>,
     ) -> Result<u64, StoreError> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
@@ -249,6 +291,12 @@ impl LocalDirStore {
             .append(true)
             .open(path)?;
         file.lock()?;
+        if purged()? {
+            if file.metadata()?.len() == 0 {
+                let _ = fs::remove_file(path);
+            }
+            return Ok(0);
+        }
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let whole = valid_prefix(&data);
@@ -277,8 +325,9 @@ impl LocalDirStore {
     }
 
     /// Fsyncs the log of every document with a record in the feed between the checkpoint
-    /// and `end` (and their directories), then moves the checkpoint to `end`. The caller
-    /// holds the feed lock, so every record before `end` is in its log. Blocking.
+    /// and `end` (and their directories), then moves the checkpoint to the last record
+    /// read (`end`, unless a record the feed reader cannot pass stops it). The caller holds
+    /// the feed lock, so every record before `end` is in its log. Blocking.
     fn checkpoint_locked(root: &Path, end: u64) -> Result<(), StoreError> {
         let mut at = read_checkpoint(root)?.map_or(0, |(cursor, _)| cursor.min(end));
         let mut logs = BTreeSet::new();
@@ -310,7 +359,7 @@ impl LocalDirStore {
         for dir in dirs {
             File::open(dir)?.sync_all()?;
         }
-        write_checkpoint(root, end, &boot_id())
+        write_checkpoint(root, at.min(end), &boot_id())
     }
 
     /// The tombstones in force: the cached list while the file is unchanged (one `stat`),
@@ -642,7 +691,7 @@ impl LocalDirStore {
         root: &Path,
         checked: &Mutex<HashMap<PathBuf, u64>>,
         tombstones: &TombstoneCache,
-        checkpoint: (&Mutex<(std::time::Instant, u64)>, std::time::Duration),
+        checkpoint: (&Mutex<Checkpointed>, std::time::Duration),
         changes: &[(DocKey, StoredChange)],
     ) -> Result<(), StoreError> {
         let changes = without_purged(changes, &Self::current_tombstones(root, tombstones)?);
@@ -690,9 +739,34 @@ impl LocalDirStore {
         let mut last = last
             .lock()
             .map_err(|_| StoreError::Unavailable("poisoned".into()))?;
-        if last.0.elapsed() >= interval || end.saturating_sub(last.1) >= CHECKPOINT_BYTES {
-            Self::checkpoint_locked(root, end)?;
-            *last = (std::time::Instant::now(), end);
+        if last.failed
+            || last.at.elapsed() >= interval
+            || end.saturating_sub(last.end) >= CHECKPOINT_BYTES
+        {
+            let taken = if last.failed {
+                // The kernel may have dropped what it could not write: append again what
+                // the logs lack before trusting them.
+                let from = read_checkpoint(root)?.map_or(0, |(cursor, _)| cursor);
+                Self::restore_from(root, checked, tombstones, from)
+                    .and_then(|(_, at)| write_checkpoint(root, at, &boot_id()))
+            } else {
+                Self::checkpoint_locked(root, end)
+            };
+            // The write itself is committed (the feed is fsynced): a checkpoint that
+            // failed is taken again, by the next write, from the feed.
+            match taken {
+                Ok(()) => {
+                    *last = Checkpointed {
+                        at: std::time::Instant::now(),
+                        end,
+                        failed: false,
+                    };
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "checkpoint of the local store failed; the next write restores from the feed log");
+                    last.failed = true;
+                }
+            }
         }
         Ok(())
     }
@@ -1515,13 +1589,77 @@ mod tests {
             1_000,
             0,
         );
-        store.purge(&tombstone).await.unwrap();
+        // A purge that stopped after deleting the log, before blanking the feed.
+        LocalDirStore::store_tombstone(dir.path(), &tombstone).unwrap();
+        fs::remove_file(LocalDirStore::path_of(dir.path(), &key("gone"))).unwrap();
         fs::remove_file(LocalDirStore::path_of(dir.path(), &key("kept"))).unwrap();
         restart_the_machine(dir.path());
         let after = LocalDirStore::open(dir.path()).unwrap();
         assert!(after.load(&key("gone")).await.unwrap().changes.is_empty());
         assert!(!LocalDirStore::path_of(dir.path(), &key("gone")).exists());
         assert_eq!(after.load(&key("kept")).await.unwrap().changes, [change(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_covers_what_other_processes_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        let a = LocalDirStore::open(dir.path())
+            .unwrap()
+            .with_checkpoint_interval(std::time::Duration::ZERO);
+        let b = LocalDirStore::open(dir.path())
+            .unwrap()
+            .with_checkpoint_interval(hour);
+        let key = |doc: &str| DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new(doc).unwrap(),
+        };
+        b.write_changes(&[(key("x"), change(1))]).await.unwrap();
+        assert_eq!(read_checkpoint(dir.path()).unwrap(), None);
+        a.write_changes(&[(key("y"), change(2))]).await.unwrap();
+        assert_eq!(
+            read_checkpoint(dir.path()).unwrap(),
+            Some((a.feed_end().unwrap(), boot_id())),
+            "`a`'s checkpoint covers `b`'s record too"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_checkpoint_the_next_one_restores_from_the_feed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path())
+            .unwrap()
+            .with_checkpoint_interval(std::time::Duration::from_secs(3600));
+        let key = DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new("doc").unwrap(),
+        };
+        store
+            .write_changes(&[(key.clone(), change(1)), (key.clone(), change(2))])
+            .await
+            .unwrap();
+        // The fsync of a checkpoint failed, and the kernel dropped the pages it could not
+        // write.
+        store.checkpointed.lock().unwrap().failed = true;
+        fs::write(LocalDirStore::path_of(dir.path(), &key), b"").unwrap();
+        store
+            .write_changes(&[(key.clone(), change(3))])
+            .await
+            .unwrap();
+        let hashes: Vec<u8> = store
+            .load(&key)
+            .await
+            .unwrap()
+            .changes
+            .iter()
+            .map(|c| c.hash.0[0])
+            .collect();
+        assert_eq!(hashes, [3, 1, 2]);
+        assert!(!store.checkpointed.lock().unwrap().failed);
+        assert_eq!(
+            read_checkpoint(dir.path()).unwrap(),
+            Some((store.feed_end().unwrap(), boot_id()))
+        );
     }
 
     #[tokio::test]
