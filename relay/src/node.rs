@@ -1419,6 +1419,12 @@ fn cache_worker(
                 loop {
                     match cache.write(&changes).and_then(|()| cache.commit_blocking()) {
                         Ok(()) => break,
+                        Err(error) if commits.is_closed() && uncaches.is_closed() => {
+                            // The driver is gone: no one waits for this commit, and the
+                            // clients send again what was never `applied`.
+                            tracing::error!(%error, "cache commit failed while the node stops; giving up");
+                            return;
+                        }
                         Err(error) => {
                             crate::metrics::cache_commit_retry();
                             tracing::error!(%error, "cache commit failed; retrying");
