@@ -746,8 +746,11 @@ impl LocalDirStore {
             let taken = if last.failed {
                 // The kernel may have dropped what it could not write: append again what
                 // the logs lack before trusting them.
-                let from = read_checkpoint(root)?.map_or(0, |(cursor, _)| cursor);
-                Self::restore_from(root, checked, tombstones, from)
+                read_checkpoint(root)
+                    .and_then(|checkpoint| {
+                        let from = checkpoint.map_or(0, |(cursor, _)| cursor);
+                        Self::restore_from(root, checked, tombstones, from)
+                    })
                     .and_then(|(_, at)| write_checkpoint(root, at, &boot_id()))
             } else {
                 Self::checkpoint_locked(root, end)
