@@ -1414,28 +1414,20 @@ fn a_task_result_completes_only_the_task_it_belongs_to() {
     );
 }
 
-/// Cache commits start at most every `commit_interval_min`: changes that arrive in
-/// between are fanned out at once but share the next commit, started by the timer.
-#[test]
-fn changes_within_the_commit_interval_share_one_commit() {
-    let mut h = Harness::new();
-    h.engine = Engine::new(EngineConfig {
-        commit_interval_min: Duration::from_millis(5),
-        ..config()
-    });
-    let t = now();
-    h.join(1, "alice", t);
-    h.join(2, "bob", t);
+/// Session 1 sends `edits` changes to the document one frame at a time, every store task
+/// running to completion at `t` after each; returns the number of changes of each cache
+/// commit that started.
+fn edit_one_change_at_a_time(h: &mut Harness, t: Now, edits: i64) -> Vec<usize> {
     let mut doc = AutoCommit::new();
-    let mut commits = 0;
-    for i in 0..3 {
+    let mut commits = Vec::new();
+    for i in 0..edits {
         doc.put(automerge::ROOT, "k", i).unwrap();
         doc.commit();
         let last = changes_of(&mut doc).pop().unwrap();
         h.engine.handle_changes(t, 1, doc_id(), vec![last]);
         while let Some((id, task)) = h.engine.poll_store_task() {
-            if matches!(task, StoreTask::Cache { .. }) {
-                commits += 1;
+            if let StoreTask::Cache { changes, .. } = &task {
+                commits.push(changes.len());
             }
             testing::execute(
                 &mut h.0.engine,
@@ -1448,7 +1440,27 @@ fn changes_within_the_commit_interval_share_one_commit() {
         }
         h.run(t);
     }
-    assert_eq!(commits, 1, "only the first change's commit starts at once");
+    commits
+}
+
+/// Cache commits start at most every `commit_interval_min`: changes that arrive in
+/// between are fanned out at once but share the next commit, started by the timer.
+#[test]
+fn changes_within_the_commit_interval_share_one_commit() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        commit_interval_min: Duration::from_millis(5),
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    let commits = edit_one_change_at_a_time(&mut h, t, 3);
+    assert_eq!(
+        commits.len(),
+        1,
+        "only the first change's commit starts at once"
+    );
     let fanned: usize = h
         .take(2)
         .iter()
@@ -1487,28 +1499,7 @@ fn a_full_batch_of_changes_starts_a_commit_before_the_interval() {
     });
     let t = now();
     h.join(1, "alice", t);
-    let mut doc = AutoCommit::new();
-    let mut commits = Vec::new();
-    for i in 0..7 {
-        doc.put(automerge::ROOT, "k", i).unwrap();
-        doc.commit();
-        let last = changes_of(&mut doc).pop().unwrap();
-        h.engine.handle_changes(t, 1, doc_id(), vec![last]);
-        while let Some((id, task)) = h.engine.poll_store_task() {
-            if let StoreTask::Cache { changes, .. } = &task {
-                commits.push(changes.len());
-            }
-            testing::execute(
-                &mut h.0.engine,
-                t,
-                (id, task),
-                &mut h.0.cache,
-                &mut h.0.durable,
-                testing::Behaviour::default(),
-            );
-        }
-        h.run(t);
-    }
+    let commits = edit_one_change_at_a_time(&mut h, t, 7);
     assert_eq!(
         commits,
         [1, 3, 3],

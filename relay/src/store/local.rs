@@ -285,18 +285,9 @@ impl LocalDirStore {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
-        file.lock()?;
-        if purged()? {
-            if file.metadata()?.len() == 0 {
-                let _ = fs::remove_file(path);
-            }
+        let Some(mut file) = Self::open_locked(path, purged)? else {
             return Ok(0);
-        }
+        };
         let mut data = Vec::new();
         file.read_to_end(&mut data)?;
         let whole = valid_prefix(&data);
@@ -774,6 +765,28 @@ impl LocalDirStore {
         Ok(())
     }
 
+    /// Opens (creating) the log at `path` for appending and takes its file lock; `None`
+    /// when `purged`, asked under the lock, says its document was purged (a log this call
+    /// created is removed again).
+    fn open_locked(
+        path: &Path,
+        purged: impl FnOnce() -> Result<bool, StoreError>,
+    ) -> Result<Option<File>, StoreError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        file.lock()?;
+        if purged()? {
+            if file.metadata()?.len() == 0 {
+                let _ = fs::remove_file(path);
+            }
+            return Ok(None);
+        }
+        Ok(Some(file))
+    }
+
     /// Appends `records` to the log at `path` under its file lock, cutting a torn tail
     /// first, and fsyncs it if `sync` (a failed append is cut again); unless `purged`,
     /// asked under the lock, says the log's document was purged (then nothing is
@@ -790,18 +803,9 @@ impl LocalDirStore {
             return Ok(None);
         }
         let new_file = !path.exists();
-        let mut file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .open(path)?;
-        file.lock()?;
-        if purged()? {
-            if file.metadata()?.len() == 0 {
-                let _ = fs::remove_file(path);
-            }
+        let Some(mut file) = Self::open_locked(path, purged)? else {
             return Ok(None);
-        }
+        };
         let len = file.metadata()?.len();
         let known = checked
             .lock()
