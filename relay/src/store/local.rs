@@ -47,8 +47,12 @@
 //! audit log is `<root>/#audit.jsonl`, one JSON [`AuditRecord`] per line (appended under
 //! its file lock, fsynced). A purge stores the tombstone, then, for each document it
 //! covers, takes the log's file lock, deletes the log, and deletes the snapshots; every
-//! append takes the same lock and reads the tombstones *after* taking it, so a write
-//! either lands before the delete or is refused. The purged records of the feed log are
+//! append takes the same lock and, when it opens the log, reads the tombstones *after*
+//! taking it, so a write either lands before the delete or is refused. A process keeps
+//! the logs it appended to most recently open (at most [`OPEN_LOGS_MAX`]); an append to a
+//! kept log checks under the lock that the file is still linked (a purge deletes it
+//! under that lock) and otherwise opens the log again, and every kept log is closed when
+//! the tombstones change, so a purged log's space is freed. The purged records of the feed log are
 //! blanked in place (payload zeroed, CRC recomputed: cursors stay valid, and readers skip
 //! a blank record).
 //!
@@ -116,6 +120,60 @@ const AUDIT: &str = "#audit.jsonl";
 /// (a rewrite renames a new file into place, which changes them).
 type TombstoneCache = Mutex<Option<((u64, std::time::SystemTime, u64), Arc<Vec<Tombstone>>)>>;
 
+/// Log files one process keeps open between appends (the most recently appended).
+const OPEN_LOGS_MAX: usize = 128;
+
+/// Log files kept open between appends (an append would otherwise open, `stat` and close
+/// its document's log each time), and the tombstones they were last checked against:
+/// when those change, every kept file is closed, so that a purged log's space is freed
+/// even when another process purged it.
+#[derive(Debug)]
+struct OpenLogs {
+    files: lru::LruCache<PathBuf, Arc<File>>,
+    tombstones: Option<Arc<Vec<Tombstone>>>,
+}
+
+impl OpenLogs {
+    fn new() -> Self {
+        OpenLogs {
+            files: lru::LruCache::new(
+                std::num::NonZeroUsize::new(OPEN_LOGS_MAX).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+            tombstones: None,
+        }
+    }
+
+    /// Closes every kept file if the tombstones in force are not those last seen.
+    fn check_tombstones(&mut self, current: &Arc<Vec<Tombstone>>) {
+        let same = self.tombstones.as_ref().is_some_and(|seen| {
+            Arc::ptr_eq(seen, current) || (seen.is_empty() && current.is_empty())
+        });
+        if !same {
+            self.files.clear();
+            self.tombstones = Some(current.clone());
+        }
+    }
+}
+
+/// A log file under this process's exclusive lock, released when dropped (the file
+/// itself may stay open in [`OpenLogs`]).
+struct LockedLog(Arc<File>);
+
+impl LockedLog {
+    fn file(&self) -> &File {
+        &self.0
+    }
+}
+
+impl Drop for LockedLog {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.unlock() {
+            // Closing the file releases the lock: at the latest when it leaves the kept set.
+            tracing::warn!(%error, "cannot unlock a log file");
+        }
+    }
+}
+
 /// Bytes read from the feed log at once (whole records are returned; a read stops early
 /// at this bound).
 const FEED_READ_BYTES: usize = 8 << 20;
@@ -146,6 +204,8 @@ pub struct LocalDirStore {
     /// log still has that length, no other process wrote to it since, and its tail is
     /// whole.
     checked: Arc<Mutex<HashMap<PathBuf, u64>>>,
+    /// Logs kept open between appends.
+    open_logs: Arc<Mutex<OpenLogs>>,
     /// Injected failures (tests stand them in for throttling).
     failures: Arc<AtomicUsize>,
     /// The tombstones, read again whenever the file changed.
@@ -165,6 +225,7 @@ impl LocalDirStore {
             root: Arc::new(root),
             writer: Arc::new(Mutex::new(())),
             checked: Arc::new(Mutex::new(HashMap::new())),
+            open_logs: Arc::new(Mutex::new(OpenLogs::new())),
             failures: Arc::new(AtomicUsize::new(0)),
             tombstones: Arc::new(Mutex::new(None)),
             checkpointed: Arc::new(Mutex::new(Checkpointed {
@@ -417,7 +478,7 @@ impl LocalDirStore {
     /// file lock), its snapshots, and its records in the feed log (blanked). Blocking.
     fn purge_blocking(
         root: &Path,
-        checked: &Mutex<HashMap<PathBuf, u64>>,
+        (checked, open_logs): (&Mutex<HashMap<PathBuf, u64>>, &Mutex<OpenLogs>),
         tombstone: &Tombstone,
     ) -> Result<PurgeReport, StoreError> {
         Self::store_tombstone(root, tombstone)?;
@@ -446,10 +507,8 @@ impl LocalDirStore {
             report.documents += 1;
             report.changes += decode_records(&data).len() as u64;
             fs::remove_file(&path)?;
-            checked
-                .lock()
-                .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-                .remove(&path);
+            lock(checked)?.remove(&path);
+            lock(open_logs)?.files.pop(&path);
         }
         let snapshot_dirs: Vec<PathBuf> = match &tombstone.purged {
             Purged::Doc(doc) => vec![tenant_dir.join(format!("{}.snap", hex::encode(doc)))],
@@ -680,13 +739,16 @@ impl LocalDirStore {
     /// it. An append that fails is cut back off, so the log always ends on a record.
     fn write_blocking(
         root: &Path,
-        checked: &Mutex<HashMap<PathBuf, u64>>,
+        (checked, open_logs): (&Mutex<HashMap<PathBuf, u64>>, &Mutex<OpenLogs>),
         tombstones: &TombstoneCache,
         checkpoint: (&Mutex<Checkpointed>, std::time::Duration),
         changes: &[(DocKey, StoredChange)],
     ) -> Result<(), StoreError> {
-        let changes = without_purged(changes, &Self::current_tombstones(root, tombstones)?);
+        let gone = Self::current_tombstones(root, tombstones)?;
+        lock(open_logs)?.check_tombstones(&gone);
+        let changes = without_purged(changes, &gone);
         let changes = &changes[..];
+        let logs = (checked, open_logs);
         let mut by_doc: BTreeMap<&DocKey, (Vec<u8>, usize)> = BTreeMap::new();
         let mut feed = Vec::new();
         let written_at = std::time::SystemTime::now()
@@ -699,21 +761,16 @@ impl LocalDirStore {
             encode_feed_record(&mut feed, key, change, written_at);
         }
         // The commit: fsynced. The lock stays held until the documents' logs have them.
-        let Some(feed) = Self::append_locked(&root.join(FEED), checked, &feed, true, || Ok(false))?
+        let Some(feed) = Self::append_locked(&root.join(FEED), logs, &feed, true, || Ok(false))?
         else {
             return Ok(());
         };
         for (key, (records, count)) in by_doc {
             let path = Self::path_of(root, key);
-            let dir = path
-                .parent()
-                .ok_or_else(|| StoreError::Corrupt("bad path".into()))?;
-            if !dir.exists() {
-                fs::create_dir_all(dir)?;
-                File::open(root)?.sync_all()?;
-            }
-            // Checked again under the log's lock: a purge that stored its tombstone
-            // since the check above deletes this log under the same lock.
+            // Checked again under the log's lock when the log is opened: a purge that
+            // stored its tombstone since the check above deletes this log under the same
+            // lock (a log kept open that is still linked was not deleted yet, and its
+            // purge waits for the lock).
             let purged = || {
                 let covered = Self::current_tombstones(root, tombstones)?
                     .iter()
@@ -723,9 +780,9 @@ impl LocalDirStore {
                 }
                 Ok(covered)
             };
-            Self::append_locked(&path, checked, &records, false, purged)?;
+            Self::append_locked(&path, logs, &records, false, purged)?;
         }
-        let end = feed.metadata()?.len();
+        let end = feed.file().metadata()?.len();
         let (last, interval) = checkpoint;
         let mut last = last
             .lock()
@@ -789,29 +846,64 @@ impl LocalDirStore {
 
     /// Appends `records` to the log at `path` under its file lock, cutting a torn tail
     /// first, and fsyncs it if `sync` (a failed append is cut again); unless `purged`,
-    /// asked under the lock, says the log's document was purged (then nothing is
-    /// appended, and a log this call created is removed). Returns the file, still locked,
-    /// when it appended.
+    /// asked under the lock when the log is opened, says the log's document was purged
+    /// (then nothing is appended, and a log this call created is removed). The log stays
+    /// open in `open_logs` for the next append, unless a purge deleted it: then it is
+    /// opened again. Returns the log, still locked, when it appended.
     fn append_locked(
         path: &Path,
-        checked: &Mutex<HashMap<PathBuf, u64>>,
+        (checked, open_logs): (&Mutex<HashMap<PathBuf, u64>>, &Mutex<OpenLogs>),
         records: &[u8],
         sync: bool,
         purged: impl FnOnce() -> Result<bool, StoreError>,
-    ) -> Result<Option<File>, StoreError> {
+    ) -> Result<Option<LockedLog>, StoreError> {
+        use std::os::unix::fs::MetadataExt;
         if records.is_empty() {
             return Ok(None);
         }
-        let new_file = !path.exists();
-        let Some(mut file) = Self::open_locked(path, purged)? else {
-            return Ok(None);
+        let kept = lock(open_logs)?.files.get(path).cloned();
+        let kept = match kept {
+            Some(file) => {
+                file.lock()?;
+                let log = LockedLog(file);
+                let meta = log.file().metadata()?;
+                if meta.nlink() > 0 {
+                    Some((log, meta.len()))
+                } else {
+                    // Deleted (purged) since: open it again (and ask `purged`).
+                    drop(log);
+                    lock(open_logs)?.files.pop(path);
+                    None
+                }
+            }
+            None => None,
         };
-        let len = file.metadata()?.len();
-        let known = checked
-            .lock()
-            .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-            .get(path)
-            .copied();
+        let (log, len, new_file) = match kept {
+            Some((log, len)) => (log, len, false),
+            None => {
+                let dir = path
+                    .parent()
+                    .ok_or_else(|| StoreError::Corrupt("bad path".into()))?;
+                if !dir.exists() {
+                    fs::create_dir_all(dir)?;
+                    if let Some(up) = dir.parent() {
+                        File::open(up)?.sync_all()?;
+                    }
+                }
+                let new_file = !path.exists();
+                let Some(file) = Self::open_locked(path, purged)? else {
+                    return Ok(None);
+                };
+                let file = Arc::new(file);
+                let log = LockedLog(file.clone());
+                let len = log.file().metadata()?.len();
+                lock(open_logs)?.files.put(path.to_path_buf(), file);
+                (log, len, new_file)
+            }
+        };
+        let mut file = log.file();
+        let known = lock(checked)?.get(path).copied();
+        let mut before = len;
         if known != Some(len) {
             let from = known.filter(|k| *k <= len).unwrap_or(0);
             let mut tail = Vec::new();
@@ -822,9 +914,9 @@ impl LocalDirStore {
                 tracing::debug!(path = %path.display(), torn = len - whole, "cutting a torn log tail");
                 file.set_len(whole)?;
                 file.sync_data()?;
+                before = whole;
             }
         }
-        let before = file.metadata()?.len();
         let appended = file
             .write_all(records)
             .and_then(|()| if sync { file.sync_data() } else { Ok(()) });
@@ -838,11 +930,8 @@ impl LocalDirStore {
         {
             File::open(dir)?.sync_all()?;
         }
-        checked
-            .lock()
-            .map_err(|_| StoreError::Unavailable("poisoned".into()))?
-            .insert(path.to_path_buf(), before + records.len() as u64);
-        Ok(Some(file))
+        lock(checked)?.insert(path.to_path_buf(), before + records.len() as u64);
+        Ok(Some(log))
     }
 
     /// Whole feed records from `from` (a cursor), at most `max`, and the cursor after
@@ -948,6 +1037,7 @@ impl DurableStore for LocalDirStore {
     ) -> BoxFuture<'a, Result<PurgeReport, StoreError>> {
         let (root, writer, checked) =
             (self.root.clone(), self.writer.clone(), self.checked.clone());
+        let open_logs = self.open_logs.clone();
         let tombstone = tombstone.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -955,7 +1045,7 @@ impl DurableStore for LocalDirStore {
                 let _guard = writer
                     .lock()
                     .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?;
-                Self::purge_blocking(&root, &checked, &tombstone)
+                Self::purge_blocking(&root, (&checked, &open_logs), &tombstone)
             })
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
@@ -964,9 +1054,13 @@ impl DurableStore for LocalDirStore {
 
     fn tombstones<'a>(&'a self) -> BoxFuture<'a, Result<Vec<Tombstone>, StoreError>> {
         let (root, cache) = (self.root.clone(), self.tombstones.clone());
+        let open_logs = self.open_logs.clone();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                Ok(Self::current_tombstones(&root, &cache)?.as_ref().clone())
+                let current = Self::current_tombstones(&root, &cache)?;
+                // Another process's purge: close the logs it deleted.
+                lock(&open_logs)?.check_tombstones(&current);
+                Ok(current.as_ref().clone())
             })
             .await
             .map_err(|e| StoreError::Unavailable(e.to_string()))?
@@ -1063,7 +1157,7 @@ impl DurableStore for LocalDirStore {
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let root = self.root.clone();
         let writer = self.writer.clone();
-        let checked = self.checked.clone();
+        let (checked, open_logs) = (self.checked.clone(), self.open_logs.clone());
         let tombstones = self.tombstones.clone();
         let (checkpointed, interval) = (self.checkpointed.clone(), self.checkpoint_interval);
         let changes = changes.to_vec();
@@ -1078,7 +1172,7 @@ impl DurableStore for LocalDirStore {
                     .map_err(|_| StoreError::Unavailable("writer lock poisoned".into()))?;
                 Self::write_blocking(
                     &root,
-                    &checked,
+                    (&checked, &open_logs),
                     &tombstones,
                     (&checkpointed, interval),
                     &changes,
@@ -1241,6 +1335,13 @@ fn update_map<T: serde::Serialize + serde::de::DeserializeOwned>(
 }
 
 /// The current boot's id; empty where the system does not say (every open then restores).
+/// Locks `mutex`; a poisoned one (a writer panicked) makes the store unavailable.
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StoreError> {
+    mutex
+        .lock()
+        .map_err(|_| StoreError::Unavailable("poisoned".into()))
+}
+
 fn boot_id() -> String {
     fs::read_to_string(BOOT_ID)
         .map(|id| id.trim().to_string())
@@ -1666,6 +1767,80 @@ mod tests {
         assert_eq!(
             read_checkpoint(dir.path()).unwrap(),
             Some((store.feed_end().unwrap(), boot_id()))
+        );
+    }
+
+    /// Files this process has open under `dir` whose name was deleted.
+    fn deleted_files_open_under(dir: &Path) -> Vec<String> {
+        fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+            .map(|target| target.display().to_string())
+            .filter(|target| {
+                target.starts_with(&dir.display().to_string()) && target.ends_with("(deleted)")
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_deleted_behind_a_writers_back_is_opened_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalDirStore::open(dir.path()).unwrap();
+        let key = DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new("doc").unwrap(),
+        };
+        store
+            .write_changes(&[(key.clone(), change(1))])
+            .await
+            .unwrap();
+        // The writer keeps the log open; its name goes away.
+        let path = LocalDirStore::path_of(dir.path(), &key);
+        fs::remove_file(&path).unwrap();
+        store
+            .write_changes(&[(key.clone(), change(2))])
+            .await
+            .unwrap();
+        assert_eq!(store.load(&key).await.unwrap().changes, [change(2)]);
+        assert!(deleted_files_open_under(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_log_another_process_purged_is_closed_and_never_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            LocalDirStore::open(dir.path()).unwrap(),
+            LocalDirStore::open(dir.path()).unwrap(),
+        );
+        let key = |doc: &str| DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new(doc).unwrap(),
+        };
+        a.write_changes(&[(key("gone"), change(1)), (key("kept"), change(2))])
+            .await
+            .unwrap();
+        let tombstone = Tombstone::new(
+            &TenantId::new("acme").unwrap(),
+            Purged::Doc("gone".into()),
+            "ops",
+            1_000,
+            0,
+        );
+        let report = b.purge(&tombstone).await.unwrap();
+        assert_eq!(report.changes, 1);
+        // `a` still holds the purged log open until it next looks at the tombstones.
+        assert_eq!(deleted_files_open_under(dir.path()).len(), 1);
+        a.tombstones().await.unwrap();
+        assert!(deleted_files_open_under(dir.path()).is_empty());
+        // Writes to the purged document are refused; the others go on.
+        a.write_changes(&[(key("gone"), change(3)), (key("kept"), change(4))])
+            .await
+            .unwrap();
+        assert!(!LocalDirStore::path_of(dir.path(), &key("gone")).exists());
+        assert!(b.load(&key("gone")).await.unwrap().changes.is_empty());
+        assert_eq!(
+            b.load(&key("kept")).await.unwrap().changes,
+            [change(2), change(4)]
         );
     }
 
