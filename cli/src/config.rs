@@ -531,6 +531,7 @@ pub struct LimitsSection {
     pub flush_interval_ms: Option<u64>,
     pub commit_interval_ms: Option<u64>,
     pub commit_batch_changes: Option<usize>,
+    pub applied_hold_ms: Option<u64>,
     pub flush_batch_max: Option<usize>,
     pub flush_in_flight_max: Option<usize>,
     pub snapshot_every_changes: Option<usize>,
@@ -788,6 +789,10 @@ impl RelayFile {
             }
             if let Some(v) = l.commit_batch_changes {
                 engine.commit_batch_changes = v.max(1);
+            }
+            if let Some(v) = l.applied_hold_ms {
+                // It holds `applied` only while flushes are that quick: longer is no use.
+                engine.applied_hold_max = ms(v.min(COMMIT_INTERVAL_MAX_MS));
             }
             if let Some(v) = l.flush_batch_max {
                 engine.flush_batch_max = v.max(1);
@@ -1064,6 +1069,17 @@ pub(crate) mod tests {
             Limits::default().frame_stall_timeout
         );
         assert_eq!(config.engine.subscriptions_per_session_max, 255);
+        // The acknowledgement keys state the engine's defaults.
+        let engine = EngineConfig::default();
+        assert_eq!(
+            config.engine.commit_interval_min,
+            engine.commit_interval_min
+        );
+        assert_eq!(
+            config.engine.commit_batch_changes,
+            engine.commit_batch_changes
+        );
+        assert_eq!(config.engine.applied_hold_max, engine.applied_hold_max);
     }
 
     #[test]

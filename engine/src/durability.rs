@@ -18,6 +18,15 @@ pub(super) struct Ack {
     pub(super) hashes: Vec<ChangeHash>,
 }
 
+/// The acks of a completed commit, held until the flush batches that carry its changes
+/// are done (then `applied` and `durable` leave together) or until `until`.
+pub(super) struct HeldAcks {
+    /// Those batches still in flight.
+    batches: Vec<u64>,
+    pub(super) until: Instant,
+    acks: Vec<Ack>,
+}
+
 #[derive(Clone)]
 pub(super) struct FlushItem {
     pub(super) key: DocKey,
@@ -44,13 +53,53 @@ impl Engine {
                 since: now.instant,
             });
         }
+        // Holding `applied` for the flush is worth it only while flushes finish within
+        // the hold (a durable tier across the network usually does not: `applied` would
+        // wait for nothing). Then, with no flush in flight, this commit's changes are
+        // flushed at once (commits are already paced by `commit_interval_min`) and its
+        // acks wait for that flush if every change is in it; otherwise the changes
+        // accumulate for `flush_interval`.
+        let hold = !self.config.applied_hold_max.is_zero()
+            && self
+                .last_flush_took
+                .is_none_or(|took| took <= self.config.applied_hold_max);
+        let first = self.next_batch;
+        if hold && self.flush_in_flight.is_empty() && !self.flush_queue.is_empty() {
+            self.flush_due = None;
+            self.start_flushes(now.instant);
+        }
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant + self.config.flush_interval);
         }
-        for ack in acks {
-            self.acknowledge(ack);
+        let batches: Vec<u64> = (first..self.next_batch).collect();
+        if hold && !batches.is_empty() && self.flush_queue.is_empty() && !acks.is_empty() {
+            self.held_acks.push_back(HeldAcks {
+                batches,
+                until: now.instant + self.config.applied_hold_max,
+                acks,
+            });
+        } else {
+            self.release_held_acks(now.instant, true);
+            for ack in acks {
+                self.acknowledge(ack);
+            }
         }
         self.start_commit(now.instant);
+    }
+
+    /// Acknowledges, in commit order, the held acks whose flushes are done or whose time
+    /// is up (every one if `all`).
+    fn release_held_acks(&mut self, now: Instant, all: bool) {
+        while let Some(held) = self.held_acks.front() {
+            if !(all || held.batches.is_empty() || held.until <= now) {
+                break;
+            }
+            if let Some(held) = self.held_acks.pop_front() {
+                for ack in held.acks {
+                    self.acknowledge(ack);
+                }
+            }
+        }
     }
 
     /// A `Flush` task finished: on success its changes are durable; on failure they go
@@ -65,6 +114,12 @@ impl Engine {
             self.stats.invariant_violations += 1;
             return;
         };
+        if let Some(started) = self.flush_started.remove(&batch) {
+            self.last_flush_took = Some(now.instant.saturating_duration_since(started));
+        }
+        for held in &mut self.held_acks {
+            held.batches.retain(|b| *b != batch);
+        }
         match result {
             Ok(()) => {
                 self.stats.flush_batches += 1;
@@ -86,6 +141,9 @@ impl Engine {
                 self.flush_due = Some(now.instant + backoff);
             }
         }
+        // After `complete_flush`: the changes are durable, so each held ack sends
+        // `applied` and `durable` at once (after a failure, `applied` alone).
+        self.release_held_acks(now.instant, false);
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant);
         }
@@ -98,6 +156,7 @@ impl Engine {
     pub fn handle_timeout(&mut self, now: Now) {
         self.progress_handoffs(now.instant);
         self.start_refreshes(now.instant);
+        self.release_held_acks(now.instant, false);
         if self.commit_due.is_some_and(|due| due <= now.instant) {
             self.start_commit(now.instant);
         }
@@ -108,6 +167,11 @@ impl Engine {
             return;
         }
         self.flush_due = None;
+        self.start_flushes(now.instant);
+    }
+
+    /// Starts flush batches from the queue, as many as may be in flight.
+    fn start_flushes(&mut self, now: Instant) {
         while !self.flush_queue.is_empty()
             && self.flush_in_flight.len() < self.config.flush_in_flight_max
         {
@@ -136,6 +200,7 @@ impl Engine {
             let batch = self.next_batch;
             self.next_batch += 1;
             self.flush_in_flight.insert(batch, planned);
+            self.flush_started.insert(batch, now);
             self.store_tasks.push_back(StoreTask::Flush {
                 batch,
                 jurisdiction: self.config.jurisdiction.clone(),
@@ -144,7 +209,7 @@ impl Engine {
         }
         if !self.flush_queue.is_empty() {
             // Wait for a batch to finish; it re-arms the timer.
-            self.flush_due = Some(now.instant + self.config.flush_interval);
+            self.flush_due = Some(now + self.config.flush_interval);
         }
     }
 

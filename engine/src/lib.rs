@@ -27,7 +27,10 @@
 //! A change is *Applied* once the cache commit that covers it completes (group commit: one
 //! commit covers every change that arrived while the previous one was in flight), and
 //! *Durable* once the flush batch that carries it succeeds. Only then is it acknowledged,
-//! and `Applied` is always sent before `Durable`. Changes with missing dependencies wait in
+//! and `Applied` is always sent before `Durable`. A commit's changes are flushed as soon
+//! as it completes when no flush is in flight, and its `applied` waits a little for that
+//! flush (`applied_hold_max`), so that the two acknowledgements usually leave in one
+//! packet. Changes with missing dependencies wait in
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -253,6 +256,12 @@ pub struct EngineConfig {
     /// (one still in flight is waited for), so that a fast writer that paces itself on
     /// `applied` is not held to a commit per interval.
     pub commit_batch_changes: usize,
+    /// When a cache commit completes and no flush is in flight, its changes are flushed
+    /// at once, and its `applied` waits up to this long for that flush: when it succeeds
+    /// in time, `applied` and `durable` leave together (one packet instead of two). Only
+    /// while the last flush took no longer than this (a slower durable tier gets `applied`
+    /// at once). Zero sends `applied` at once.
+    pub applied_hold_max: Duration,
     /// Changes per flush batch.
     pub flush_batch_max: usize,
     /// Flush batches in flight at once.
@@ -343,6 +352,7 @@ impl Default for EngineConfig {
             flush_interval: Duration::from_millis(20),
             commit_interval_min: Duration::from_millis(20),
             commit_batch_changes: 256,
+            applied_hold_max: Duration::from_millis(5),
             flush_batch_max: 500,
             flush_in_flight_max: 4,
             flush_retry_initial: Duration::from_millis(50),
@@ -718,6 +728,12 @@ pub struct Engine {
     cache_pending: Vec<(DocKey, StoredChange)>,
     cache_pending_acks: Vec<Ack>,
     cache_in_flight: Option<CommitInFlight>,
+    /// Acks of completed commits waiting for their flush (see `applied_hold_max`), in
+    /// commit order; at most one per flush batch in flight.
+    held_acks: VecDeque<durability::HeldAcks>,
+    /// When each flush batch in flight started, and how long the last one took.
+    flush_started: HashMap<u64, Instant>,
+    last_flush_took: Option<Duration>,
     flush_queue: VecDeque<FlushItem>,
     flush_in_flight: HashMap<u64, Vec<FlushItem>>,
     next_batch: u64,
@@ -840,6 +856,9 @@ impl Engine {
             cache_pending: Vec::new(),
             cache_pending_acks: Vec::new(),
             cache_in_flight: None,
+            held_acks: VecDeque::new(),
+            flush_started: HashMap::new(),
+            last_flush_took: None,
             flush_queue: VecDeque::new(),
             flush_in_flight: HashMap::new(),
             next_batch: 1,
@@ -898,12 +917,14 @@ impl Engine {
             + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
     }
 
-    /// Whether changes wait for a cache commit, or one is in flight: they are not yet
-    /// acknowledged, and a stopping node must let the commit run.
+    /// Whether changes wait for a cache commit, or one is in flight, or a commit's
+    /// `applied` waits for its flush: they are not yet acknowledged, and a stopping node
+    /// must let the commit run.
     pub fn commit_pending(&self) -> bool {
         self.cache_in_flight.is_some()
             || !self.cache_pending.is_empty()
             || !self.cache_pending_acks.is_empty()
+            || !self.held_acks.is_empty()
     }
 
     /// Bytes of changes not yet durable.
@@ -965,6 +986,7 @@ impl Engine {
         [
             flush,
             self.commit_due,
+            self.held_acks.front().map(|held| held.until),
             self.handoff_deadline(),
             self.refresh_deadline(),
         ]

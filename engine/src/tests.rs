@@ -27,10 +27,12 @@ fn capability(user: &str, rights: Rights) -> Capability {
 }
 
 /// The default config with tenant `acme` resident in jurisdiction `dev`, every cache
-/// commit started at once (the tests drive one instant at a time).
+/// commit started at once and `applied` never held for a flush (the tests drive one
+/// instant at a time, and flushes follow their timer).
 fn config() -> EngineConfig {
     EngineConfig {
         commit_interval_min: Duration::ZERO,
+        applied_hold_max: Duration::ZERO,
         jurisdiction: "dev".into(),
         tenant_jurisdictions: [(TenantId::new("acme").unwrap(), "dev".to_string())].into(),
         ..EngineConfig::default()
@@ -2148,4 +2150,161 @@ fn a_prepared_load_builds_what_a_load_parsed_on_the_loop_builds() {
     loaded.prepare();
     let parsed = loaded.changes.iter().filter(|c| c.parsed.is_some()).count();
     assert_eq!(parsed, 10);
+}
+
+/// The messages of `outbound` that acknowledge: `applied` or `durable`, in order.
+fn acks(outbound: &[Outbound]) -> Vec<&'static str> {
+    outbound
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Message(RelayToClient::Applied { .. }) => Some("applied"),
+            Outbound::Message(RelayToClient::Durable { .. }) => Some("durable"),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Runs the engine's tasks at `t` like [`testing::MemoryDriver::run`], except flushes,
+/// which are returned unfinished.
+fn run_holding_flushes(h: &mut Harness, t: Now) -> Vec<(TaskId, StoreTask)> {
+    let mut flushes = Vec::new();
+    loop {
+        while let Some(transmit) = h.engine.poll_transmit() {
+            h.0.sent.push(transmit);
+        }
+        let Some((id, task)) = h.engine.poll_store_task() else {
+            return flushes;
+        };
+        if matches!(task, StoreTask::Flush { .. }) {
+            flushes.push((id, task));
+            continue;
+        }
+        let behaviour = h.behaviour;
+        testing::execute(
+            &mut h.0.engine,
+            t,
+            (id, task),
+            &mut h.0.cache,
+            &mut h.0.durable,
+            behaviour,
+        );
+    }
+}
+
+fn at(t: Now, later: Duration) -> Now {
+    Now {
+        instant: t.instant + later,
+        unix_secs: t.unix_secs,
+    }
+}
+
+/// With `applied_hold_max`, a commit's changes are flushed as soon as it completes (no
+/// timer), and a flush that succeeds within the hold sends `applied` and `durable`
+/// together, in that order; the fan-out never waits.
+#[test]
+fn applied_waits_for_a_quick_flush_and_leaves_with_durable() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        applied_hold_max: Duration::from_millis(5),
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    h.join(2, "bob", t);
+    let mut doc = AutoCommit::new();
+    put_k(&mut doc, 0..2);
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    let flushes = run_holding_flushes(&mut h, t);
+    assert_eq!(
+        flushes.len(),
+        1,
+        "the flush starts when the commit completes"
+    );
+    assert_eq!(h.take(2).iter().filter_map(fanned_out).count(), 1);
+    assert!(acks(&h.take(1)).is_empty(), "applied waits for the flush");
+    assert!(
+        h.engine.commit_pending(),
+        "a stopping node waits for the held ack"
+    );
+    let behaviour = h.behaviour;
+    for task in flushes {
+        testing::execute(
+            &mut h.0.engine,
+            at(t, Duration::from_millis(1)),
+            task,
+            &mut h.0.cache,
+            &mut h.0.durable,
+            behaviour,
+        );
+    }
+    h.run(at(t, Duration::from_millis(1)));
+    assert_eq!(acks(&h.take(1)), ["applied", "durable"]);
+    assert!(!h.engine.commit_pending());
+    assert_eq!(h.flushed(), 2);
+}
+
+/// A flush that outlasts the hold releases `applied` alone when the hold ends, and
+/// `durable` follows when the flush does; after a flush slower than the hold, commits no
+/// longer wait (nor flush at once), until flushes are quick again. A failed flush
+/// releases `applied` at once.
+#[test]
+fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
+    let mut h = Harness::new();
+    let hold = Duration::from_millis(5);
+    h.engine = Engine::new(EngineConfig {
+        applied_hold_max: hold,
+        ..config()
+    });
+    let t = now();
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    put_k(&mut doc, 0..1);
+    h.engine
+        .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
+    let flushes = run_holding_flushes(&mut h, t);
+    assert!(acks(&h.take(1)).is_empty());
+    assert_eq!(h.engine.poll_timeout(), Some(t.instant + hold));
+    h.engine.handle_timeout(at(t, hold));
+    h.run(at(t, hold));
+    assert_eq!(acks(&h.take(1)), ["applied"]);
+    let late = at(t, 2 * hold);
+    let behaviour = h.behaviour;
+    for task in flushes {
+        testing::execute(
+            &mut h.0.engine,
+            late,
+            task,
+            &mut h.0.cache,
+            &mut h.0.durable,
+            behaviour,
+        );
+    }
+    h.run(late);
+    assert_eq!(acks(&h.take(1)), ["durable"]);
+
+    // That flush took longer than the hold: the next commit is acknowledged at once,
+    // and its flush waits for its timer.
+    let before = h.flushed();
+    put_k(&mut doc, 1..2);
+    h.engine
+        .handle_changes(late, 1, doc_id(), changes_after(&mut doc, &[]).split_off(1));
+    h.run(late);
+    assert_eq!(acks(&h.take(1)), ["applied"]);
+    assert_eq!(h.flushed(), before, "no flush before its timer");
+    h.fire_timer();
+    assert_eq!(acks(&h.take(1)), ["durable"]);
+
+    // A quick flush again (that one took no time): the next commit holds, and a flush
+    // that fails releases `applied` alone, at once.
+    h.behaviour.fail_flushes = true;
+    put_k(&mut doc, 2..3);
+    h.engine
+        .handle_changes(late, 1, doc_id(), changes_after(&mut doc, &[]).split_off(2));
+    h.run(late);
+    assert_eq!(acks(&h.take(1)), ["applied"]);
+    assert_eq!(h.engine.stats().flush_errors, 1);
+    h.behaviour.fail_flushes = false;
+    h.fire_timer();
+    assert_eq!(acks(&h.take(1)), ["durable"]);
 }
