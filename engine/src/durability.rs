@@ -53,13 +53,15 @@ impl Engine {
                 since: now.instant,
             });
         }
-        // Holding `applied` for the flush is worth it only while flushes finish within
+        // Holding `applied` for the flush is worth it only while flushes succeed within
         // the hold (a durable tier across the network usually does not: `applied` would
-        // wait for nothing). Then, with no flush in flight, this commit's changes are
-        // flushed at once (commits are already paced by `commit_interval_min`) and its
-        // acks wait for that flush if every change is in it; otherwise the changes
-        // accumulate for `flush_interval`.
+        // wait for nothing; one that fails is retried after its backoff, never sooner).
+        // Then, with no flush in flight, this commit's changes are flushed at once
+        // (commits are already paced by `commit_interval_min`) and its acks wait for that
+        // flush if every change is in it; otherwise the changes accumulate for
+        // `flush_interval`.
         let hold = !self.config.applied_hold_max.is_zero()
+            && self.flush_backoff.is_none()
             && self
                 .last_flush_took
                 .is_none_or(|took| took <= self.config.applied_hold_max);

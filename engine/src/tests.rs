@@ -2304,7 +2304,18 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     h.run(late);
     assert_eq!(acks(&h.take(1)), ["applied"]);
     assert_eq!(h.engine.stats().flush_errors, 1);
+    // While flushes back off, a commit neither holds nor flushes before the retry.
+    put_k(&mut doc, 3..4);
+    h.engine
+        .handle_changes(late, 1, doc_id(), changes_after(&mut doc, &[]).split_off(3));
+    h.run(late);
+    assert_eq!(acks(&h.take(1)), ["applied"]);
+    assert_eq!(
+        h.engine.stats().flush_errors,
+        1,
+        "no retry before the backoff"
+    );
     h.behaviour.fail_flushes = false;
     h.fire_timer();
-    assert_eq!(acks(&h.take(1)), ["durable"]);
+    assert_eq!(acks(&h.take(1)), ["durable"], "one for both changes");
 }
