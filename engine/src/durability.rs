@@ -122,11 +122,12 @@ impl Engine {
         for held in &mut self.held_acks {
             held.batches.retain(|b| *b != batch);
         }
+        let mut rebase = Vec::new();
         match result {
             Ok(()) => {
                 self.stats.flush_batches += 1;
                 self.flush_backoff = None;
-                self.complete_flush(now, items);
+                rebase = self.complete_flush(now, items);
             }
             Err(reason) => {
                 self.stats.flush_errors += 1;
@@ -146,6 +147,11 @@ impl Engine {
         // After `complete_flush`: the changes are durable, so each held ack sends
         // `applied` and `durable` at once (after a failure, `applied` alone).
         self.release_held_acks(now.instant, false);
+        // A snapshot known to load waited for these changes to be durable. After the
+        // held acks: a rebase drops the changes it covers from the graph.
+        for key in rebase {
+            self.try_rebase(now.instant, &key);
+        }
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant);
         }
@@ -270,6 +276,9 @@ impl Engine {
         let mut durable = Vec::new();
         for hash in &ack.hashes {
             let Some(index) = entry.graph.index_of(hash) else {
+                // Acknowledged changes leave the graph only in a rebase onto a snapshot,
+                // which covers durable changes only.
+                durable.push(*hash);
                 continue;
             };
             if entry.graph.entry(index).durable {
@@ -307,7 +316,9 @@ impl Engine {
         }
     }
 
-    fn complete_flush(&mut self, now: Now, items: Vec<FlushItem>) {
+    /// Marks a flushed batch's changes durable and sends `durable` to those waiting;
+    /// returns the documents whose snapshot waited for these changes (to rebase).
+    fn complete_flush(&mut self, now: Now, items: Vec<FlushItem>) -> Vec<DocKey> {
         /// Samples kept for the IO layer between two drains.
         const LATENCY_SAMPLES_MAX: usize = 10_000;
         for item in &items {
@@ -369,10 +380,7 @@ impl Engine {
         }
         self.store_tasks
             .push_back(StoreTask::Uncache { changes: uncache });
-        // A snapshot known to load waited for these changes to be durable.
-        for key in rebase {
-            self.try_rebase(now.instant, &key);
-        }
+        rebase
     }
 
     fn stored_change(&self, key: &DocKey, hash: &ChangeHash) -> Option<StoredChange> {

@@ -2319,3 +2319,53 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     h.fire_timer();
     assert_eq!(acks(&h.take(1)), ["durable"], "one for both changes");
 }
+
+/// A flush that makes a held commit durable can also let the document rebase onto a
+/// snapshot (which drops the covered changes from the graph): the held `applied` still
+/// leaves with a `durable` for every change.
+#[test]
+fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
+    let t = now();
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        snapshot_every_changes: 5,
+        rebase_min_changes: 3,
+        applied_hold_max: Duration::from_millis(5),
+        ..config()
+    });
+    h.behaviour.snapshots = true;
+    h.join(1, "alice", t);
+    let mut doc = AutoCommit::new();
+    put_k(&mut doc, 0..6);
+    let changes = changes_of(&mut doc);
+    h.engine.handle_changes(t, 1, doc_id(), changes.clone());
+    let flushes = run_holding_flushes(&mut h, t);
+    assert_eq!(
+        h.engine.stats().snapshots,
+        1,
+        "the snapshot is made before the flush"
+    );
+    assert!(acks(&h.take(1)).is_empty());
+    let behaviour = h.behaviour;
+    for task in flushes {
+        testing::execute(
+            &mut h.0.engine,
+            t,
+            task,
+            &mut h.0.cache,
+            &mut h.0.durable,
+            behaviour,
+        );
+    }
+    h.run(t);
+    assert_eq!(h.engine.stats().rebases, 1);
+    let durable: usize = h
+        .take(1)
+        .iter()
+        .map(|o| match o {
+            Outbound::Message(RelayToClient::Durable { changes, .. }) => changes.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(durable, changes.len());
+}

@@ -140,6 +140,8 @@ async fn metrics_health_and_readiness() {
     let mut dev = Dev::new();
     // First life: changes are applied (cached, queued) but never flushed; then a crash.
     dev.engine.flush_interval = Duration::from_secs(3600);
+    // (No flush started when the commit completes, to send `durable` with `applied`.)
+    dev.engine.applied_hold_max = Duration::ZERO;
     let relay = dev.start().await;
     let alice = dev.client(relay.local_addr(), "alice").await;
     let a = alice.open("queued").await.unwrap();
@@ -154,6 +156,7 @@ async fn metrics_health_and_readiness() {
     // Second life: the durable store is held shut, so the replay of the flush queue
     // cannot finish; `/readyz` answers "not ready" meanwhile.
     dev.engine.flush_interval = Duration::from_millis(20);
+    dev.engine.applied_hold_max = meridian_relay::engine::EngineConfig::default().applied_hold_max;
     // Snapshots early, to see the snapshot task let go of its copy once they stop.
     dev.engine.snapshot_every_changes = 10;
     let (open, gate) = tokio::sync::watch::channel(false);

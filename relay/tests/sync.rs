@@ -165,6 +165,8 @@ async fn acknowledged_changes_survive_losing_the_durable_ack_and_a_crash() {
     // crash; on restart it replays its flush queue before serving.
     let mut dev = Dev::new();
     dev.engine.flush_interval = Duration::from_secs(3600);
+    // (No flush started when the commit completes, to send `durable` with `applied`.)
+    dev.engine.applied_hold_max = Duration::ZERO;
     let relay = dev.start().await;
     let alice = dev.client(relay.local_addr(), "alice").await;
     let a = alice.open("crashy").await.unwrap();
@@ -177,6 +179,7 @@ async fn acknowledged_changes_survive_losing_the_durable_ack_and_a_crash() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     dev.engine.flush_interval = Duration::from_millis(20);
+    dev.engine.applied_hold_max = meridian_relay::engine::EngineConfig::default().applied_hold_max;
     let relay = dev.start().await;
     let bob = dev.client(relay.local_addr(), "bob").await;
     let b = bob.open("crashy").await.unwrap();
