@@ -91,7 +91,7 @@ impl Engine {
 
     /// Acknowledges, in commit order, the held acks whose flushes are done or whose time
     /// is up (every one if `all`).
-    fn release_held_acks(&mut self, now: Instant, all: bool) {
+    pub(super) fn release_held_acks(&mut self, now: Instant, all: bool) {
         while let Some(held) = self.held_acks.front() {
             if !(all || held.batches.is_empty() || held.until <= now) {
                 break;
@@ -162,9 +162,9 @@ impl Engine {
 
     /// The timer from `poll_timeout` fired.
     pub fn handle_timeout(&mut self, now: Now) {
+        self.release_held_acks(now.instant, false);
         self.progress_handoffs(now.instant);
         self.start_refreshes(now.instant);
-        self.release_held_acks(now.instant, false);
         if self.commit_due.is_some_and(|due| due <= now.instant) {
             self.start_commit(now.instant);
         }

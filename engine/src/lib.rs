@@ -260,7 +260,7 @@ pub struct EngineConfig {
     /// at once, and its `applied` waits up to this long for that flush: when it succeeds
     /// in time, `applied` and `durable` leave together (one packet instead of two). Only
     /// while the last flush took no longer than this (a slower durable tier gets `applied`
-    /// at once). Zero sends `applied` at once.
+    /// at once) and failed flushes are not backing off. Zero sends `applied` at once.
     pub applied_hold_max: Duration,
     /// Changes per flush batch.
     pub flush_batch_max: usize,

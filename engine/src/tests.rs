@@ -2359,8 +2359,9 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
     }
     h.run(t);
     assert_eq!(h.engine.stats().rebases, 1);
-    let durable: usize = h
-        .take(1)
+    let out = h.take(1);
+    assert_eq!(acks(&out), ["applied", "durable"]);
+    let durable: usize = out
         .iter()
         .map(|o| match o {
             Outbound::Message(RelayToClient::Durable { changes, .. }) => changes.len(),
@@ -2368,4 +2369,101 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
         })
         .sum();
     assert_eq!(durable, changes.len());
+}
+
+/// A held `applied` goes out before a handoff's `moved` ends the subscription, even when
+/// its commit's other flush batches (other documents) are still in flight.
+#[test]
+fn a_held_applied_goes_out_before_a_handoffs_moved() {
+    let mut h = Harness::new();
+    h.engine = Engine::new(EngineConfig {
+        applied_hold_max: Duration::from_millis(5),
+        flush_batch_max: 1,
+        ..config()
+    });
+    h.engine.set_cell(node("a"));
+    let (leaving, staying) = (doc_owned_by("b"), doc_owned_by("a"));
+    let t = now();
+    h.engine
+        .handle_session_open(1, capability("alice", Rights::ALL));
+    for doc in [&leaving, &staying] {
+        h.engine.handle_subscribe(t, 1, doc.clone(), vec![], true);
+    }
+    h.run(t);
+    h.take(1);
+    let (mut l, mut s) = (AutoCommit::new(), AutoCommit::new());
+    put_k(&mut l, 0..2);
+    put_k(&mut s, 0..1);
+    let (l_changes, s_changes) = (changes_of(&mut l), changes_of(&mut s));
+    // The first change's commit is in flight while the next two arrive: they share the
+    // second commit, whose flush takes two batches (one change each).
+    h.engine
+        .handle_changes(t, 1, leaving.clone(), l_changes[..1].to_vec());
+    let first_commit = h.engine.poll_store_task().unwrap();
+    h.engine
+        .handle_changes(t, 1, leaving.clone(), l_changes[1..].to_vec());
+    h.engine.handle_changes(t, 1, staying.clone(), s_changes);
+    let behaviour = h.behaviour;
+    testing::execute(
+        &mut h.0.engine,
+        t,
+        first_commit,
+        &mut h.0.cache,
+        &mut h.0.durable,
+        behaviour,
+    );
+    // Queued now: the first commit's flush and the second commit. The flush completes
+    // first; then the second commit, whose two flush batches stay in flight.
+    let mut queued = Vec::new();
+    while let Some(task) = h.engine.poll_store_task() {
+        queued.push(task);
+    }
+    queued.sort_by_key(|(_, task)| !matches!(task, StoreTask::Flush { .. }));
+    assert_eq!(queued.len(), 2, "{queued:?}");
+    for task in queued {
+        testing::execute(
+            &mut h.0.engine,
+            t,
+            task,
+            &mut h.0.cache,
+            &mut h.0.durable,
+            behaviour,
+        );
+    }
+    let mut flushes = run_holding_flushes(&mut h, t);
+    assert_eq!(flushes.len(), 2, "{flushes:?}");
+    assert_eq!(
+        acks(&h.take(1)),
+        ["applied", "durable"],
+        "the first commit's"
+    );
+    // `b` joins and wins the leaving document, which waits for its flush.
+    h.engine
+        .handle_membership(t, vec![(node("a"), 1), (node("b"), 1)]);
+    h.run(t);
+    assert_eq!(h.engine.handoffs_pending(), 1);
+    let leaving_flush = flushes
+        .iter()
+        .position(|(_, task)| matches!(task, StoreTask::Flush { changes, .. } if changes[0].0.doc == leaving))
+        .unwrap();
+    let task = flushes.remove(leaving_flush);
+    testing::execute(
+        &mut h.0.engine,
+        t,
+        task,
+        &mut h.0.cache,
+        &mut h.0.durable,
+        behaviour,
+    );
+    h.run(t);
+    let out = h.take(1);
+    let applied_at = out
+        .iter()
+        .position(|o| matches!(o, Outbound::Message(RelayToClient::Applied { doc, .. }) if *doc == leaving))
+        .expect("applied for the leaving document");
+    let moved_at = out
+        .iter()
+        .position(|o| matches!(o, Outbound::Message(RelayToClient::Moved { .. })))
+        .expect("moved");
+    assert!(applied_at < moved_at, "{out:?}");
 }
