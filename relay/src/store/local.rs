@@ -47,12 +47,13 @@
 //! audit log is `<root>/#audit.jsonl`, one JSON [`AuditRecord`] per line (appended under
 //! its file lock, fsynced). A purge stores the tombstone, then, for each document it
 //! covers, takes the log's file lock, deletes the log, and deletes the snapshots; every
-//! append takes the same lock and, when it opens the log, reads the tombstones *after*
-//! taking it, so a write either lands before the delete or is refused. A process keeps
-//! the logs it appended to most recently open (at most [`OPEN_LOGS_MAX`]); an append to a
-//! kept log checks under the lock that the file is still linked (a purge deletes it
-//! under that lock) and otherwise opens the log again, and every kept log is closed when
-//! the tombstones change, so a purged log's space is freed. The purged records of the feed log are
+//! append takes the same lock and reads the tombstones *after* taking it, so a write
+//! either lands before the delete or is refused. A process keeps the logs it appended to
+//! most recently open (at most [`OPEN_LOGS_MAX`]); an append to a kept log checks under
+//! the lock that the file is still linked (a purge deletes it under that lock) and
+//! otherwise opens the log again. Every kept log is closed when this process sees the
+//! tombstones change (at its next write, or its next poll of the tombstones), so a
+//! purged log's space is freed then. The purged records of the feed log are
 //! blanked in place (payload zeroed, CRC recomputed: cursors stay valid, and readers skip
 //! a blank record).
 //!
@@ -157,19 +158,28 @@ impl OpenLogs {
 
 /// A log file under this process's exclusive lock, released when dropped (the file
 /// itself may stay open in [`OpenLogs`]).
-struct LockedLog(Arc<File>);
+struct LockedLog<'a> {
+    file: Arc<File>,
+    /// The kept set holding the file, and its path there.
+    kept: (&'a Mutex<OpenLogs>, PathBuf),
+}
 
-impl LockedLog {
+impl LockedLog<'_> {
     fn file(&self) -> &File {
-        &self.0
+        &self.file
     }
 }
 
-impl Drop for LockedLog {
+impl Drop for LockedLog<'_> {
     fn drop(&mut self) {
-        if let Err(error) = self.0.unlock() {
-            // Closing the file releases the lock: at the latest when it leaves the kept set.
-            tracing::warn!(%error, "cannot unlock a log file");
+        if let Err(error) = self.file.unlock() {
+            // Closing the file releases the lock: it leaves the kept set, and closes once
+            // this guard lets go of it.
+            tracing::warn!(%error, "cannot unlock a log file; closing it");
+            let (open_logs, path) = &self.kept;
+            if let Ok(mut open_logs) = open_logs.lock() {
+                open_logs.files.pop(path);
+            }
         }
     }
 }
@@ -767,10 +777,8 @@ impl LocalDirStore {
         };
         for (key, (records, count)) in by_doc {
             let path = Self::path_of(root, key);
-            // Checked again under the log's lock when the log is opened: a purge that
-            // stored its tombstone since the check above deletes this log under the same
-            // lock (a log kept open that is still linked was not deleted yet, and its
-            // purge waits for the lock).
+            // Checked again under the log's lock: a purge that stored its tombstone since
+            // the check above deletes this log under the same lock.
             let purged = || {
                 let covered = Self::current_tombstones(root, tombstones)?
                     .iter()
@@ -846,17 +854,17 @@ impl LocalDirStore {
 
     /// Appends `records` to the log at `path` under its file lock, cutting a torn tail
     /// first, and fsyncs it if `sync` (a failed append is cut again); unless `purged`,
-    /// asked under the lock when the log is opened, says the log's document was purged
-    /// (then nothing is appended, and a log this call created is removed). The log stays
-    /// open in `open_logs` for the next append, unless a purge deleted it: then it is
-    /// opened again. Returns the log, still locked, when it appended.
-    fn append_locked(
+    /// asked under the lock, says the log's document was purged (then nothing is
+    /// appended, and a log this call created is removed). The log stays open in
+    /// `open_logs` for the next append, unless a purge deleted it: then it is opened
+    /// again. Returns the log, still locked, when it appended.
+    fn append_locked<'a>(
         path: &Path,
-        (checked, open_logs): (&Mutex<HashMap<PathBuf, u64>>, &Mutex<OpenLogs>),
+        (checked, open_logs): (&Mutex<HashMap<PathBuf, u64>>, &'a Mutex<OpenLogs>),
         records: &[u8],
         sync: bool,
         purged: impl FnOnce() -> Result<bool, StoreError>,
-    ) -> Result<Option<LockedLog>, StoreError> {
+    ) -> Result<Option<LockedLog<'a>>, StoreError> {
         use std::os::unix::fs::MetadataExt;
         if records.is_empty() {
             return Ok(None);
@@ -865,7 +873,10 @@ impl LocalDirStore {
         let kept = match kept {
             Some(file) => {
                 file.lock()?;
-                let log = LockedLog(file);
+                let log = LockedLog {
+                    file,
+                    kept: (open_logs, path.to_path_buf()),
+                };
                 let meta = log.file().metadata()?;
                 if meta.nlink() > 0 {
                     Some((log, meta.len()))
@@ -879,7 +890,14 @@ impl LocalDirStore {
             None => None,
         };
         let (log, len, new_file) = match kept {
-            Some((log, len)) => (log, len, false),
+            // Asked under the lock: a purge that stored its tombstone and has not deleted
+            // the log yet (it waits for this lock, or stopped before) gets nothing more.
+            Some((log, len)) => {
+                if purged()? {
+                    return Ok(None);
+                }
+                (log, len, false)
+            }
             None => {
                 let dir = path
                     .parent()
@@ -895,7 +913,10 @@ impl LocalDirStore {
                     return Ok(None);
                 };
                 let file = Arc::new(file);
-                let log = LockedLog(file.clone());
+                let log = LockedLog {
+                    file: file.clone(),
+                    kept: (open_logs, path.to_path_buf()),
+                };
                 let len = log.file().metadata()?.len();
                 lock(open_logs)?.files.put(path.to_path_buf(), file);
                 (log, len, new_file)
@@ -1772,6 +1793,8 @@ mod tests {
 
     /// Files this process has open under `dir` whose name was deleted.
     fn deleted_files_open_under(dir: &Path) -> Vec<String> {
+        // Links in /proc name canonical paths.
+        let dir = dir.canonicalize().unwrap();
         fs::read_dir("/proc/self/fd")
             .unwrap()
             .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
@@ -1816,19 +1839,22 @@ mod tests {
             tenant: TenantId::new("acme").unwrap(),
             doc: DocId::new(doc).unwrap(),
         };
+        let purge = |doc: &str| {
+            Tombstone::new(
+                &TenantId::new("acme").unwrap(),
+                Purged::Doc(doc.into()),
+                "ops",
+                1_000,
+                0,
+            )
+        };
         a.write_changes(&[(key("gone"), change(1)), (key("kept"), change(2))])
             .await
             .unwrap();
-        let tombstone = Tombstone::new(
-            &TenantId::new("acme").unwrap(),
-            Purged::Doc("gone".into()),
-            "ops",
-            1_000,
-            0,
-        );
-        let report = b.purge(&tombstone).await.unwrap();
+        let report = b.purge(&purge("gone")).await.unwrap();
         assert_eq!(report.changes, 1);
-        // `a` still holds the purged log open until it next looks at the tombstones.
+        // `a` still holds the purged log open until it next looks at the tombstones:
+        // here its poll of them.
         assert_eq!(deleted_files_open_under(dir.path()).len(), 1);
         a.tombstones().await.unwrap();
         assert!(deleted_files_open_under(dir.path()).is_empty());
@@ -1841,6 +1867,23 @@ mod tests {
         assert_eq!(
             b.load(&key("kept")).await.unwrap().changes,
             [change(2), change(4)]
+        );
+
+        // Another purge, and `a` writes straight away: its write sees the tombstones
+        // change, closes the purged log and refuses its changes.
+        a.write_changes(&[(key("gone-too"), change(5))])
+            .await
+            .unwrap();
+        b.purge(&purge("gone-too")).await.unwrap();
+        assert_eq!(deleted_files_open_under(dir.path()).len(), 1);
+        a.write_changes(&[(key("gone-too"), change(6)), (key("kept"), change(7))])
+            .await
+            .unwrap();
+        assert!(deleted_files_open_under(dir.path()).is_empty());
+        assert!(!LocalDirStore::path_of(dir.path(), &key("gone-too")).exists());
+        assert_eq!(
+            b.load(&key("kept")).await.unwrap().changes,
+            [change(2), change(4), change(7)]
         );
     }
 
