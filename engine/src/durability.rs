@@ -112,13 +112,11 @@ impl Engine {
         batch: u64,
         result: Result<(), TaskError>,
     ) {
-        let Some(items) = self.flush_in_flight.remove(&batch) else {
+        let Some((started, items)) = self.flush_in_flight.remove(&batch) else {
             self.stats.invariant_violations += 1;
             return;
         };
-        if let Some(started) = self.flush_started.remove(&batch) {
-            self.last_flush_took = Some(now.instant.saturating_duration_since(started));
-        }
+        self.last_flush_took = Some(now.instant.saturating_duration_since(started));
         for held in &mut self.held_acks {
             held.batches.retain(|b| *b != batch);
         }
@@ -207,8 +205,7 @@ impl Engine {
             }
             let batch = self.next_batch;
             self.next_batch += 1;
-            self.flush_in_flight.insert(batch, planned);
-            self.flush_started.insert(batch, now);
+            self.flush_in_flight.insert(batch, (now, planned));
             self.store_tasks.push_back(StoreTask::Flush {
                 batch,
                 jurisdiction: self.config.jurisdiction.clone(),

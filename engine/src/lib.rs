@@ -731,11 +731,11 @@ pub struct Engine {
     /// Acks of completed commits waiting for their flush (see `applied_hold_max`), in
     /// commit order; at most one per flush batch in flight.
     held_acks: VecDeque<durability::HeldAcks>,
-    /// When each flush batch in flight started, and how long the last one took.
-    flush_started: HashMap<u64, Instant>,
+    /// How long the last flush batch took (see `applied_hold_max`).
     last_flush_took: Option<Duration>,
     flush_queue: VecDeque<FlushItem>,
-    flush_in_flight: HashMap<u64, Vec<FlushItem>>,
+    /// Each flush batch in flight: when it started, and its changes.
+    flush_in_flight: HashMap<u64, (Instant, Vec<FlushItem>)>,
     next_batch: u64,
     next_task: u64,
     /// Storage tasks handed out, by id, and what each is for (bounded by the loads,
@@ -857,7 +857,6 @@ impl Engine {
             cache_pending_acks: Vec::new(),
             cache_in_flight: None,
             held_acks: VecDeque::new(),
-            flush_started: HashMap::new(),
             last_flush_took: None,
             flush_queue: VecDeque::new(),
             flush_in_flight: HashMap::new(),
@@ -914,7 +913,11 @@ impl Engine {
     pub fn flush_queue_len(&self) -> usize {
         self.flush_queue.len()
             + self.quarantined.len()
-            + self.flush_in_flight.values().map(Vec::len).sum::<usize>()
+            + self
+                .flush_in_flight
+                .values()
+                .map(|(_, items)| items.len())
+                .sum::<usize>()
     }
 
     /// Whether changes wait for a cache commit, or one is in flight, or a commit's
@@ -943,7 +946,7 @@ impl Engine {
         let in_flight = self
             .flush_in_flight
             .values()
-            .flatten()
+            .flat_map(|(_, items)| items)
             .map(|item| item.since)
             .min();
         [queued, in_flight]
