@@ -295,22 +295,42 @@ impl MemoryDriver {
 
     /// Collects what the engine sent and carries out its tasks until it has none.
     pub fn run(&mut self, now: Now) {
+        self.run_holding(now, |_| false);
+    }
+
+    /// [`MemoryDriver::run`], except that the tasks `hold` picks are returned unfinished
+    /// (for a test to finish later, with [`MemoryDriver::finish`]).
+    pub fn run_holding(
+        &mut self,
+        now: Now,
+        hold: impl Fn(&StoreTask) -> bool,
+    ) -> Vec<(TaskId, StoreTask)> {
+        let mut held = Vec::new();
         loop {
             while let Some(transmit) = self.engine.poll_transmit() {
                 self.sent.push(transmit);
             }
             let Some(task) = self.engine.poll_store_task() else {
-                break;
+                return held;
             };
-            execute(
-                &mut self.engine,
-                now,
-                task,
-                &mut self.cache,
-                &mut self.durable,
-                self.behaviour,
-            );
+            if hold(&task.1) {
+                held.push(task);
+            } else {
+                self.finish(now, task);
+            }
         }
+    }
+
+    /// Carries out one task the engine handed out.
+    pub fn finish(&mut self, now: Now, task: (TaskId, StoreTask)) {
+        execute(
+            &mut self.engine,
+            now,
+            task,
+            &mut self.cache,
+            &mut self.durable,
+            self.behaviour,
+        );
     }
 
     /// Fires the engine's timer at the time it asked for (if it did), then runs.

@@ -1431,14 +1431,7 @@ fn edit_one_change_at_a_time(h: &mut Harness, t: Now, edits: i64) -> Vec<usize> 
             if let StoreTask::Cache { changes, .. } = &task {
                 commits.push(changes.len());
             }
-            testing::execute(
-                &mut h.0.engine,
-                t,
-                (id, task),
-                &mut h.0.cache,
-                &mut h.0.durable,
-                testing::Behaviour::default(),
-            );
+            h.0.finish(t, (id, task));
         }
         h.run(t);
     }
@@ -2167,28 +2160,7 @@ fn acks(outbound: &[Outbound]) -> Vec<&'static str> {
 /// Runs the engine's tasks at `t` like [`testing::MemoryDriver::run`], except flushes,
 /// which are returned unfinished.
 fn run_holding_flushes(h: &mut Harness, t: Now) -> Vec<(TaskId, StoreTask)> {
-    let mut flushes = Vec::new();
-    loop {
-        while let Some(transmit) = h.engine.poll_transmit() {
-            h.0.sent.push(transmit);
-        }
-        let Some((id, task)) = h.engine.poll_store_task() else {
-            return flushes;
-        };
-        if matches!(task, StoreTask::Flush { .. }) {
-            flushes.push((id, task));
-            continue;
-        }
-        let behaviour = h.behaviour;
-        testing::execute(
-            &mut h.0.engine,
-            t,
-            (id, task),
-            &mut h.0.cache,
-            &mut h.0.durable,
-            behaviour,
-        );
-    }
+    h.0.run_holding(t, |task| matches!(task, StoreTask::Flush { .. }))
 }
 
 fn at(t: Now, later: Duration) -> Now {
@@ -2227,16 +2199,8 @@ fn applied_waits_for_a_quick_flush_and_leaves_with_durable() {
         h.engine.commit_pending(),
         "a stopping node waits for the held ack"
     );
-    let behaviour = h.behaviour;
     for task in flushes {
-        testing::execute(
-            &mut h.0.engine,
-            at(t, Duration::from_millis(1)),
-            task,
-            &mut h.0.cache,
-            &mut h.0.durable,
-            behaviour,
-        );
+        h.0.finish(at(t, Duration::from_millis(1)), task);
     }
     h.run(at(t, Duration::from_millis(1)));
     assert_eq!(acks(&h.take(1)), ["applied", "durable"]);
@@ -2269,16 +2233,8 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     h.run(at(t, hold));
     assert_eq!(acks(&h.take(1)), ["applied"]);
     let late = at(t, 2 * hold);
-    let behaviour = h.behaviour;
     for task in flushes {
-        testing::execute(
-            &mut h.0.engine,
-            late,
-            task,
-            &mut h.0.cache,
-            &mut h.0.durable,
-            behaviour,
-        );
+        h.0.finish(late, task);
     }
     h.run(late);
     assert_eq!(acks(&h.take(1)), ["durable"]);
@@ -2346,16 +2302,8 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
         "the snapshot is made before the flush"
     );
     assert!(acks(&h.take(1)).is_empty());
-    let behaviour = h.behaviour;
     for task in flushes {
-        testing::execute(
-            &mut h.0.engine,
-            t,
-            task,
-            &mut h.0.cache,
-            &mut h.0.durable,
-            behaviour,
-        );
+        h.0.finish(t, task);
     }
     h.run(t);
     assert_eq!(h.engine.stats().rebases, 1);
@@ -2403,15 +2351,7 @@ fn a_held_applied_goes_out_before_a_handoffs_moved() {
     h.engine
         .handle_changes(t, 1, leaving.clone(), l_changes[1..].to_vec());
     h.engine.handle_changes(t, 1, staying.clone(), s_changes);
-    let behaviour = h.behaviour;
-    testing::execute(
-        &mut h.0.engine,
-        t,
-        first_commit,
-        &mut h.0.cache,
-        &mut h.0.durable,
-        behaviour,
-    );
+    h.0.finish(t, first_commit);
     // Queued now: the first commit's flush and the second commit. The flush completes
     // first; then the second commit, whose two flush batches stay in flight.
     let mut queued = Vec::new();
@@ -2421,14 +2361,7 @@ fn a_held_applied_goes_out_before_a_handoffs_moved() {
     queued.sort_by_key(|(_, task)| !matches!(task, StoreTask::Flush { .. }));
     assert_eq!(queued.len(), 2, "{queued:?}");
     for task in queued {
-        testing::execute(
-            &mut h.0.engine,
-            t,
-            task,
-            &mut h.0.cache,
-            &mut h.0.durable,
-            behaviour,
-        );
+        h.0.finish(t, task);
     }
     let mut flushes = run_holding_flushes(&mut h, t);
     assert_eq!(flushes.len(), 2, "{flushes:?}");
@@ -2447,14 +2380,7 @@ fn a_held_applied_goes_out_before_a_handoffs_moved() {
         .position(|(_, task)| matches!(task, StoreTask::Flush { changes, .. } if changes[0].0.doc == leaving))
         .unwrap();
     let task = flushes.remove(leaving_flush);
-    testing::execute(
-        &mut h.0.engine,
-        t,
-        task,
-        &mut h.0.cache,
-        &mut h.0.durable,
-        behaviour,
-    );
+    h.0.finish(t, task);
     h.run(t);
     let out = h.take(1);
     let applied_at = out
