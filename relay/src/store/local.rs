@@ -1535,10 +1535,6 @@ mod tests {
     async fn every_write_lands_in_the_feed_log_readable_from_any_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalDirStore::open(dir.path()).unwrap();
-        let key = |doc: &str| DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new(doc).unwrap(),
-        };
         store
             .write_changes(&[(key("a"), change(1)), (key("b/c"), change(2))])
             .await
@@ -1581,6 +1577,25 @@ mod tests {
             bytes: Bytes::from(vec![n; 10 + n as usize]),
             user: UserId::new("alice").unwrap(),
         }
+    }
+
+    /// Tenant `acme`'s document `doc`.
+    fn key(doc: &str) -> DocKey {
+        DocKey {
+            tenant: TenantId::new("acme").unwrap(),
+            doc: DocId::new(doc).unwrap(),
+        }
+    }
+
+    /// An operator's purge of `acme`'s document `doc`.
+    fn purge_of(doc: &str) -> Tombstone {
+        Tombstone::new(
+            &TenantId::new("acme").unwrap(),
+            Purged::Doc(doc.into()),
+            "ops",
+            1_000,
+            0,
+        )
     }
 
     #[tokio::test]
@@ -1636,10 +1651,6 @@ mod tests {
         let store = LocalDirStore::open(dir.path())
             .unwrap()
             .with_checkpoint_interval(std::time::Duration::ZERO);
-        let key = |doc: &str| DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new(doc).unwrap(),
-        };
         // Checkpointed: fsynced in the logs, and the checkpoint is at the feed's end.
         store.write_changes(&[(key("a"), change(1))]).await.unwrap();
         assert_eq!(
@@ -1703,21 +1714,11 @@ mod tests {
         let store = LocalDirStore::open(dir.path())
             .unwrap()
             .with_checkpoint_interval(std::time::Duration::from_secs(3600));
-        let key = |doc: &str| DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new(doc).unwrap(),
-        };
         store
             .write_changes(&[(key("gone"), change(1)), (key("kept"), change(2))])
             .await
             .unwrap();
-        let tombstone = Tombstone::new(
-            &TenantId::new("acme").unwrap(),
-            Purged::Doc("gone".into()),
-            "ops",
-            1_000,
-            0,
-        );
+        let tombstone = purge_of("gone");
         // A purge that stopped after deleting the log, before blanking the feed.
         LocalDirStore::store_tombstone(dir.path(), &tombstone).unwrap();
         fs::remove_file(LocalDirStore::path_of(dir.path(), &key("gone"))).unwrap();
@@ -1739,10 +1740,6 @@ mod tests {
         let b = LocalDirStore::open(dir.path())
             .unwrap()
             .with_checkpoint_interval(hour);
-        let key = |doc: &str| DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new(doc).unwrap(),
-        };
         b.write_changes(&[(key("x"), change(1))]).await.unwrap();
         assert_eq!(read_checkpoint(dir.path()).unwrap(), None);
         a.write_changes(&[(key("y"), change(2))]).await.unwrap();
@@ -1759,10 +1756,7 @@ mod tests {
         let store = LocalDirStore::open(dir.path())
             .unwrap()
             .with_checkpoint_interval(std::time::Duration::from_secs(3600));
-        let key = DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new("doc").unwrap(),
-        };
+        let key = key("doc");
         store
             .write_changes(&[(key.clone(), change(1)), (key.clone(), change(2))])
             .await
@@ -1809,10 +1803,7 @@ mod tests {
     async fn a_log_deleted_behind_a_writers_back_is_opened_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalDirStore::open(dir.path()).unwrap();
-        let key = DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new("doc").unwrap(),
-        };
+        let key = key("doc");
         store
             .write_changes(&[(key.clone(), change(1))])
             .await
@@ -1835,23 +1826,10 @@ mod tests {
             LocalDirStore::open(dir.path()).unwrap(),
             LocalDirStore::open(dir.path()).unwrap(),
         );
-        let key = |doc: &str| DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new(doc).unwrap(),
-        };
-        let purge = |doc: &str| {
-            Tombstone::new(
-                &TenantId::new("acme").unwrap(),
-                Purged::Doc(doc.into()),
-                "ops",
-                1_000,
-                0,
-            )
-        };
         a.write_changes(&[(key("gone"), change(1)), (key("kept"), change(2))])
             .await
             .unwrap();
-        let report = b.purge(&purge("gone")).await.unwrap();
+        let report = b.purge(&purge_of("gone")).await.unwrap();
         assert_eq!(report.changes, 1);
         // `a` still holds the purged log open until it next looks at the tombstones:
         // here its poll of them.
@@ -1874,7 +1852,7 @@ mod tests {
         a.write_changes(&[(key("gone-too"), change(5))])
             .await
             .unwrap();
-        b.purge(&purge("gone-too")).await.unwrap();
+        b.purge(&purge_of("gone-too")).await.unwrap();
         assert_eq!(deleted_files_open_under(dir.path()).len(), 1);
         a.write_changes(&[(key("gone-too"), change(6)), (key("kept"), change(7))])
             .await
@@ -1894,10 +1872,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = LocalDirStore::open(dir.path()).unwrap();
         let b = LocalDirStore::open(dir.path()).unwrap();
-        let key = DocKey {
-            tenant: TenantId::new("acme").unwrap(),
-            doc: DocId::new("shared").unwrap(),
-        };
+        let key = key("shared");
         a.write_changes(&[(key.clone(), change(1))]).await.unwrap();
         b.write_changes(&[(key.clone(), change(2))]).await.unwrap();
         a.write_changes(&[(key.clone(), change(3))]).await.unwrap();
