@@ -492,10 +492,6 @@ impl Engine {
             .collect();
         ready.sort();
         let handed_off = !ready.is_empty();
-        if handed_off {
-            // Before `moved` ends their subscriptions: a held `applied` would find none.
-            self.release_held_acks(now, true);
-        }
         for key in ready.clone() {
             let Some(doc) = self.docs.get_mut(&key) else {
                 continue;

@@ -8,8 +8,24 @@ use meridian_protocol::{ChangeHash, MAX_HEADS, RelayToClient, TenantId};
 
 use super::{DocKey, Engine, Now, SessionId, StoreTask, StoredChange, TaskError};
 
-/// The cache commit in flight: its number, the changes it covers, the acks it releases.
-pub(super) type CommitInFlight = (u64, Vec<(DocKey, ChangeHash)>, Vec<Ack>);
+/// The group commit in flight: its number, how its changes become crash-safe, and the
+/// acks it releases.
+pub(super) struct Commit {
+    number: u64,
+    via: Via,
+    acks: Vec<Ack>,
+}
+
+/// How a commit's changes become crash-safe.
+enum Via {
+    /// The cache task `Cache { commit }`. These changes join the flush queue when it
+    /// completes (none: they are queued or in flight already, after a direct commit fell
+    /// back).
+    Cache(Vec<(DocKey, ChangeHash)>),
+    /// Straight to the durable tier, as flush batch `batch`: no cache write. Past `until`,
+    /// or when that flush fails, the commit falls back to the cache.
+    Direct { batch: u64, until: Instant },
+}
 
 /// Changes acknowledged to one session when a commit completes.
 pub(super) struct Ack {
@@ -18,89 +34,115 @@ pub(super) struct Ack {
     pub(super) hashes: Vec<ChangeHash>,
 }
 
-/// The acks of a completed commit, held until the flush batches that carry its changes
-/// are done (then `applied` and `durable` leave together) or until `until`.
-pub(super) struct HeldAcks {
-    /// Those batches still in flight.
-    batches: Vec<u64>,
-    pub(super) until: Instant,
-    acks: Vec<Ack>,
-}
-
 #[derive(Clone)]
 pub(super) struct FlushItem {
     pub(super) key: DocKey,
     pub(super) hash: ChangeHash,
     pub(super) since: Instant,
+    /// Whether the change is in the cache's flush queue (then a durable change leaves it:
+    /// `Uncache`); a direct commit's changes are not.
+    pub(super) cached: bool,
 }
 
 impl Engine {
     /// A `Cache` task completed: its changes survive a crash. Acknowledge them.
     pub(crate) fn handle_cache_committed(&mut self, now: Now, commit: u64) {
-        let Some((in_flight, entries, acks)) = self.cache_in_flight.take() else {
+        let Some(in_flight) = self.commit.take() else {
             self.stats.invariant_violations += 1;
             return;
         };
-        if in_flight != commit {
+        let Via::Cache(entries) = &in_flight.via else {
             self.stats.invariant_violations += 1;
-            self.cache_in_flight = Some((in_flight, entries, acks));
+            self.commit = Some(in_flight);
+            return;
+        };
+        if in_flight.number != commit {
+            self.stats.invariant_violations += 1;
+            self.commit = Some(in_flight);
             return;
         }
         for (key, hash) in entries {
             self.flush_queue.push_back(FlushItem {
-                key,
-                hash,
+                key: key.clone(),
+                hash: *hash,
                 since: now.instant,
+                cached: true,
             });
-        }
-        // Holding `applied` for the flush is worth it only while flushes succeed within
-        // the hold (a durable tier across the network usually does not: `applied` would
-        // wait for nothing; one that fails is retried after its backoff, never sooner).
-        // Then, with no flush in flight, this commit's changes are flushed at once
-        // (commits are already paced by `commit_interval_min`) and its acks wait for that
-        // flush if every change is in it; otherwise the changes accumulate for
-        // `flush_interval`.
-        let hold = !self.config.applied_hold_max.is_zero()
-            && self.flush_backoff.is_none()
-            && self
-                .last_flush_took
-                .is_none_or(|took| took <= self.config.applied_hold_max);
-        let first = self.next_batch;
-        if hold && self.flush_in_flight.is_empty() && !self.flush_queue.is_empty() {
-            self.flush_due = None;
-            self.start_flushes(now.instant);
         }
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {
             self.flush_due = Some(now.instant + self.config.flush_interval);
         }
-        let batches: Vec<u64> = (first..self.next_batch).collect();
-        if hold && !batches.is_empty() && self.flush_queue.is_empty() && !acks.is_empty() {
-            self.held_acks.push_back(HeldAcks {
-                batches,
-                until: now.instant + self.config.applied_hold_max,
-                acks,
-            });
-        } else {
-            self.release_held_acks(now.instant, true);
-            for ack in acks {
-                self.acknowledge(ack);
-            }
+        for ack in in_flight.acks {
+            self.acknowledge(ack);
         }
         self.start_commit(now.instant);
     }
 
-    /// Acknowledges, in commit order, the held acks whose flushes are done or whose time
-    /// is up (every one if `all`).
-    pub(super) fn release_held_acks(&mut self, now: Instant, all: bool) {
-        while let Some(held) = self.held_acks.front() {
-            if !(all || held.batches.is_empty() || held.until <= now) {
-                break;
+    /// Whether a commit of `changes` goes straight to the durable tier (see
+    /// `applied_hold_max`): while the last flush took no longer than the hold, no failed
+    /// flush backs off, nothing waits in the flush queue (it would be flushed after
+    /// these), a batch may start, and every change fits in it and may go to this node's
+    /// durable tier.
+    fn commits_direct(&self, changes: &[(DocKey, StoredChange)]) -> bool {
+        let hold = self.config.applied_hold_max;
+        !changes.is_empty()
+            && !hold.is_zero()
+            && self.flush_backoff.is_none()
+            && self.last_flush_took.is_none_or(|took| took <= hold)
+            && self.flush_queue.is_empty()
+            && self.flush_in_flight.len() < self.config.flush_in_flight_max
+            && changes.len() <= self.config.flush_batch_max
+            && changes.iter().all(|(key, _)| self.resident(&key.tenant))
+    }
+
+    /// A direct commit's flush is late or failed: its changes are committed to the cache
+    /// instead (their flush, in flight or queued again, goes on), and its acks wait for
+    /// that commit.
+    fn fall_back_to_cache(&mut self, entries: &[(DocKey, ChangeHash)]) {
+        let Some(commit) = self.commit.as_mut() else {
+            return;
+        };
+        commit.via = Via::Cache(Vec::new());
+        let number = commit.number;
+        let mut changes = Vec::with_capacity(entries.len());
+        for (key, hash) in entries {
+            match self.stored_change(key, hash) {
+                Some(change) => changes.push((key.clone(), change)),
+                None => self.stats.invariant_violations += 1,
             }
-            if let Some(held) = self.held_acks.pop_front() {
-                for ack in held.acks {
-                    self.acknowledge(ack);
-                }
-            }
+        }
+        self.store_tasks.push_back(StoreTask::Cache {
+            commit: number,
+            changes,
+        });
+    }
+
+    /// Acknowledges the acks of the commit in flight whose changes are all durable (a
+    /// direct commit that fell back to the cache, whose flush finished first): durable
+    /// is crash-safe, and a handoff may be about to end their subscriptions.
+    fn release_durable_acks(&mut self) {
+        let Some(commit) = self.commit.as_mut() else {
+            return;
+        };
+        if commit.acks.is_empty() {
+            return;
+        }
+        let docs = &self.docs;
+        let (ready, waiting): (Vec<Ack>, Vec<Ack>) = std::mem::take(&mut commit.acks)
+            .into_iter()
+            .partition(|ack| {
+                docs.get(&ack.key).is_some_and(|entry| {
+                    ack.hashes.iter().all(|hash| {
+                        entry
+                            .graph
+                            .index_of(hash)
+                            .is_none_or(|index| entry.graph.entry(index).durable)
+                    })
+                })
+            });
+        commit.acks = waiting;
+        for ack in ready {
+            self.acknowledge(ack);
         }
     }
 
@@ -117,21 +159,40 @@ impl Engine {
             return;
         };
         self.last_flush_took = Some(now.instant.saturating_duration_since(started));
-        for held in &mut self.held_acks {
-            held.batches.retain(|b| *b != batch);
-        }
+        let direct = self
+            .commit
+            .as_ref()
+            .is_some_and(|c| matches!(c.via, Via::Direct { batch: b, .. } if b == batch));
         let mut rebase = Vec::new();
         match result {
             Ok(()) => {
                 self.stats.flush_batches += 1;
                 self.flush_backoff = None;
                 rebase = self.complete_flush(now, items);
+                if direct {
+                    // Its changes are durable, and every change before them is crash-safe
+                    // (the commit before it completed): `applied` and `durable` leave
+                    // together.
+                    if let Some(commit) = self.commit.take() {
+                        for ack in commit.acks {
+                            self.acknowledge(ack);
+                        }
+                    }
+                    self.start_commit(now.instant);
+                }
             }
             Err(reason) => {
                 self.stats.flush_errors += 1;
                 tracing::debug!(batch, %reason, "flush failed; will retry");
+                if direct {
+                    let entries: Vec<_> = items.iter().map(|i| (i.key.clone(), i.hash)).collect();
+                    self.fall_back_to_cache(&entries);
+                }
                 for item in items.into_iter().rev() {
-                    self.flush_queue.push_front(item);
+                    self.flush_queue.push_front(FlushItem {
+                        cached: true,
+                        ..item
+                    });
                 }
                 let backoff = self
                     .flush_backoff
@@ -142,11 +203,9 @@ impl Engine {
                 self.flush_due = Some(now.instant + backoff);
             }
         }
-        // After `complete_flush`: the changes are durable, so each held ack sends
-        // `applied` and `durable` at once (after a failure, `applied` alone).
-        self.release_held_acks(now.instant, false);
+        self.release_durable_acks();
         // A snapshot known to load waited for these changes to be durable. After the
-        // held acks: a rebase drops the changes it covers from the graph.
+        // acks: a rebase drops the changes it covers from the graph.
         for key in rebase {
             self.try_rebase(now.instant, &key);
         }
@@ -160,7 +219,22 @@ impl Engine {
 
     /// The timer from `poll_timeout` fired.
     pub fn handle_timeout(&mut self, now: Now) {
-        self.release_held_acks(now.instant, false);
+        if let Some(Commit {
+            via: Via::Direct { batch, until },
+            ..
+        }) = &self.commit
+            && *until <= now.instant
+        {
+            let batch = *batch;
+            let mut entries = Vec::new();
+            if let Some((_, items)) = self.flush_in_flight.get_mut(&batch) {
+                for item in items {
+                    item.cached = true;
+                    entries.push((item.key.clone(), item.hash));
+                }
+            }
+            self.fall_back_to_cache(&entries);
+        }
         self.progress_handoffs(now.instant);
         self.start_refreshes(now.instant);
         if self.commit_due.is_some_and(|due| due <= now.instant) {
@@ -174,6 +248,14 @@ impl Engine {
         }
         self.flush_due = None;
         self.start_flushes(now.instant);
+    }
+
+    /// When a direct commit falls back to the cache, if one is in flight.
+    pub(super) fn commit_deadline(&self) -> Option<Instant> {
+        match self.commit.as_ref()?.via {
+            Via::Direct { until, .. } => Some(until),
+            Via::Cache(_) => None,
+        }
     }
 
     /// Starts flush batches from the queue, as many as may be in flight.
@@ -234,9 +316,10 @@ impl Engine {
     /// Starts the next group commit if none is in flight, anything is waiting, and the
     /// last one started at least `commit_interval_min` ago or `commit_batch_changes` wait
     /// (otherwise the timer starts it): one commit then covers every change of that
-    /// interval.
+    /// interval. It goes to the cache, or straight to the durable tier while that is quick
+    /// ([`Engine::commits_direct`]).
     pub(super) fn start_commit(&mut self, now: Instant) {
-        if self.cache_in_flight.is_some()
+        if self.commit.is_some()
             || (self.cache_pending.is_empty() && self.cache_pending_acks.is_empty())
         {
             return;
@@ -250,17 +333,51 @@ impl Engine {
         }
         self.commit_due = None;
         self.last_commit_at = Some(now);
-        let commit = self.next_commit;
+        let number = self.next_commit;
         self.next_commit += 1;
         let changes = std::mem::take(&mut self.cache_pending);
+        let acks = std::mem::take(&mut self.cache_pending_acks);
+        if self.commits_direct(&changes) {
+            let batch = self.next_batch;
+            self.next_batch += 1;
+            let items = changes
+                .iter()
+                .map(|(key, change)| FlushItem {
+                    key: key.clone(),
+                    hash: change.hash,
+                    since: now,
+                    cached: false,
+                })
+                .collect();
+            self.flush_in_flight.insert(batch, (now, items));
+            self.store_tasks.push_back(StoreTask::Flush {
+                batch,
+                jurisdiction: self.config.jurisdiction.clone(),
+                changes,
+            });
+            self.commit = Some(Commit {
+                number,
+                via: Via::Direct {
+                    batch,
+                    until: now + self.config.applied_hold_max,
+                },
+                acks,
+            });
+            return;
+        }
         let entries = changes
             .iter()
             .map(|(key, change)| (key.clone(), change.hash))
             .collect();
-        let acks = std::mem::take(&mut self.cache_pending_acks);
-        self.cache_in_flight = Some((commit, entries, acks));
-        self.store_tasks
-            .push_back(StoreTask::Cache { commit, changes });
+        self.commit = Some(Commit {
+            number,
+            via: Via::Cache(entries),
+            acks,
+        });
+        self.store_tasks.push_back(StoreTask::Cache {
+            commit: number,
+            changes,
+        });
     }
 
     fn acknowledge(&mut self, ack: Ack) {
@@ -324,11 +441,15 @@ impl Engine {
                     .push(now.instant.saturating_duration_since(item.since));
             }
         }
+        let uncache: Vec<(DocKey, ChangeHash)> = items
+            .iter()
+            .filter(|item| item.cached)
+            .map(|item| (item.key.clone(), item.hash))
+            .collect();
         let mut by_doc: BTreeMap<DocKey, Vec<ChangeHash>> = BTreeMap::new();
         for item in items {
             by_doc.entry(item.key).or_default().push(item.hash);
         }
-        let mut uncache = Vec::new();
         let mut rebase = Vec::new();
         for (key, hashes) in by_doc {
             let Some(entry) = self.docs.get_mut(&key) else {
@@ -355,7 +476,6 @@ impl Engine {
                         notify.entry(session).or_default().push(*hash);
                     }
                 }
-                uncache.push((key.clone(), *hash));
             }
             let heads = entry.durable_heads();
             if entry.rebase_to.is_some() {
@@ -375,8 +495,10 @@ impl Engine {
                 }
             }
         }
-        self.store_tasks
-            .push_back(StoreTask::Uncache { changes: uncache });
+        if !uncache.is_empty() {
+            self.store_tasks
+                .push_back(StoreTask::Uncache { changes: uncache });
+        }
         rebase
     }
 

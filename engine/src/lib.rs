@@ -27,10 +27,9 @@
 //! A change is *Applied* once the cache commit that covers it completes (group commit: one
 //! commit covers every change that arrived while the previous one was in flight), and
 //! *Durable* once the flush batch that carries it succeeds. Only then is it acknowledged,
-//! and `Applied` is always sent before `Durable`. A commit's changes are flushed as soon
-//! as it completes when no flush is in flight, and its `applied` waits a little for that
-//! flush (`applied_hold_max`), so that the two acknowledgements usually leave in one
-//! packet. Changes with missing dependencies wait in
+//! and `Applied` is always sent before `Durable`. While flushes are quick
+//! (`applied_hold_max`), a commit is a flush batch instead of a cache write, and both
+//! acknowledgements leave together when it succeeds. Changes with missing dependencies wait in
 //! a bounded orphan queue and are never acknowledged or flushed until they connect.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
@@ -60,7 +59,7 @@ use meridian_protocol::token::{Capability, Rights};
 use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, RelayToClient, TenantId, UserId};
 
 use change::{ChangeError, ParsedChange, parse_frame};
-use durability::{Ack, CommitInFlight, FlushItem};
+use durability::{Ack, Commit, FlushItem};
 use graph::{AddError, Added, ChangeGraph, ChangeIndex};
 
 pub use error::{BoxError, SnapshotError, TaskError};
@@ -256,11 +255,12 @@ pub struct EngineConfig {
     /// (one still in flight is waited for), so that a fast writer that paces itself on
     /// `applied` is not held to a commit per interval.
     pub commit_batch_changes: usize,
-    /// When a cache commit completes and no flush is in flight, its changes are flushed
-    /// at once, and its `applied` waits up to this long for that flush: when it succeeds
-    /// in time, `applied` and `durable` leave together (one packet instead of two). Only
-    /// while the last flush took no longer than this (a slower durable tier gets `applied`
-    /// at once) and failed flushes are not backing off. Zero sends `applied` at once.
+    /// While the last flush took no longer than this and failed flushes are not backing
+    /// off, a commit skips the cache: it is a flush batch of its own, and when that
+    /// succeeds `applied` and `durable` leave together (one packet instead of two, one
+    /// fsync instead of two). A direct commit whose flush fails or is not done within this
+    /// time is committed to the cache instead, and `applied` follows that commit. Zero
+    /// commits every change to the cache.
     pub applied_hold_max: Duration,
     /// Changes per flush batch.
     pub flush_batch_max: usize,
@@ -727,10 +727,8 @@ pub struct Engine {
     next_commit: u64,
     cache_pending: Vec<(DocKey, StoredChange)>,
     cache_pending_acks: Vec<Ack>,
-    cache_in_flight: Option<CommitInFlight>,
-    /// Acks of completed commits waiting for their flush (see `applied_hold_max`), in
-    /// commit order; at most one per flush batch in flight.
-    held_acks: VecDeque<durability::HeldAcks>,
+    /// The group commit in flight (at most one).
+    commit: Option<Commit>,
     /// How long the last flush batch took (see `applied_hold_max`).
     last_flush_took: Option<Duration>,
     flush_queue: VecDeque<FlushItem>,
@@ -855,8 +853,7 @@ impl Engine {
             next_commit: 1,
             cache_pending: Vec::new(),
             cache_pending_acks: Vec::new(),
-            cache_in_flight: None,
-            held_acks: VecDeque::new(),
+            commit: None,
             last_flush_took: None,
             flush_queue: VecDeque::new(),
             flush_in_flight: HashMap::new(),
@@ -920,14 +917,12 @@ impl Engine {
                 .sum::<usize>()
     }
 
-    /// Whether changes wait for a cache commit, or one is in flight, or a commit's
-    /// `applied` waits for its flush: they are not yet acknowledged, and a stopping node
-    /// must let the commit run.
+    /// Whether changes wait for a commit or one is in flight: they are not yet
+    /// acknowledged, and a stopping node must let the commit run.
     pub fn commit_pending(&self) -> bool {
-        self.cache_in_flight.is_some()
+        self.commit.is_some()
             || !self.cache_pending.is_empty()
             || !self.cache_pending_acks.is_empty()
-            || !self.held_acks.is_empty()
     }
 
     /// Bytes of changes not yet durable.
@@ -989,7 +984,7 @@ impl Engine {
         [
             flush,
             self.commit_due,
-            self.held_acks.front().map(|held| held.until),
+            self.commit_deadline(),
             self.handoff_deadline(),
             self.refresh_deadline(),
         ]

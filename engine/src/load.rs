@@ -147,6 +147,8 @@ impl Engine {
                 key: key.clone(),
                 hash,
                 since: now.instant,
+                // Loaded changes not durable come from the cache's flush queue.
+                cached: true,
             });
         }
         if !self.flush_queue.is_empty() && self.flush_due.is_none() {

@@ -87,6 +87,16 @@ impl MemoryCache {
     pub fn queued(&self) -> usize {
         self.queued.len()
     }
+
+    /// Changes committed, durable or not.
+    pub fn len(&self) -> usize {
+        self.changes.len()
+    }
+
+    /// Whether no change was committed.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
 }
 
 /// How the driver answers: the faults it injects and what it supports.

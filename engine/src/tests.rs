@@ -2157,12 +2157,6 @@ fn acks(outbound: &[Outbound]) -> Vec<&'static str> {
         .collect()
 }
 
-/// Runs the engine's tasks at `t` like [`testing::MemoryDriver::run`], except flushes,
-/// which are returned unfinished.
-fn run_holding_flushes(h: &mut Harness, t: Now) -> Vec<(TaskId, StoreTask)> {
-    h.0.run_holding(t, |task| matches!(task, StoreTask::Flush { .. }))
-}
-
 fn at(t: Now, later: Duration) -> Now {
     Now {
         instant: t.instant + later,
@@ -2170,11 +2164,19 @@ fn at(t: Now, later: Duration) -> Now {
     }
 }
 
-/// With `applied_hold_max`, a commit's changes are flushed as soon as it completes (no
-/// timer), and a flush that succeeds within the hold sends `applied` and `durable`
+/// Runs the engine's tasks at `t` like [`testing::MemoryDriver::run`], except cache
+/// commits and flushes, which are returned unfinished.
+fn run_holding_commits(h: &mut Harness, t: Now) -> Vec<(TaskId, StoreTask)> {
+    h.0.run_holding(t, |task| {
+        matches!(task, StoreTask::Flush { .. } | StoreTask::Cache { .. })
+    })
+}
+
+/// With `applied_hold_max`, a commit goes straight to the durable tier as a flush batch
+/// (the cache is not written), and when that flush succeeds `applied` and `durable` leave
 /// together, in that order; the fan-out never waits.
 #[test]
-fn applied_waits_for_a_quick_flush_and_leaves_with_durable() {
+fn a_quick_durable_tier_takes_commits_without_the_cache() {
     let mut h = Harness::new();
     h.engine = Engine::new(EngineConfig {
         applied_hold_max: Duration::from_millis(5),
@@ -2187,33 +2189,48 @@ fn applied_waits_for_a_quick_flush_and_leaves_with_durable() {
     put_k(&mut doc, 0..2);
     h.engine
         .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
-    let flushes = run_holding_flushes(&mut h, t);
-    assert_eq!(
-        flushes.len(),
-        1,
-        "the flush starts when the commit completes"
+    let tasks = run_holding_commits(&mut h, t);
+    assert!(
+        matches!(tasks[..], [(_, StoreTask::Flush { .. })]),
+        "the commit is one flush: {tasks:?}"
     );
     assert_eq!(h.take(2).iter().filter_map(fanned_out).count(), 1);
     assert!(acks(&h.take(1)).is_empty(), "applied waits for the flush");
     assert!(
         h.engine.commit_pending(),
-        "a stopping node waits for the held ack"
+        "a stopping node waits for the commit"
     );
-    for task in flushes {
-        h.0.finish(at(t, Duration::from_millis(1)), task);
+    let later = at(t, Duration::from_millis(1));
+    for task in tasks {
+        h.0.finish(later, task);
     }
-    h.run(at(t, Duration::from_millis(1)));
+    h.run(later);
     assert_eq!(acks(&h.take(1)), ["applied", "durable"]);
     assert!(!h.engine.commit_pending());
     assert_eq!(h.flushed(), 2);
+    assert!(h.cache.is_empty(), "nothing went to the cache");
+
+    // The next commit goes the same way.
+    put_k(&mut doc, 2..3);
+    h.engine.handle_changes(
+        later,
+        1,
+        doc_id(),
+        changes_after(&mut doc, &[]).split_off(2),
+    );
+    h.run(later);
+    assert_eq!(acks(&h.take(1)), ["applied", "durable"]);
+    assert_eq!(h.flushed(), 3);
+    assert!(h.cache.is_empty());
 }
 
-/// A flush that outlasts the hold releases `applied` alone when the hold ends, and
-/// `durable` follows when the flush does; after a flush slower than the hold, commits no
-/// longer wait (nor flush at once), until flushes are quick again. A failed flush
-/// releases `applied` at once.
+/// A direct commit whose flush outlasts the hold falls back to the cache: `applied`
+/// follows that commit, and `durable` the flush; after a flush slower than the hold,
+/// commits go to the cache (and their flush waits for its timer) until flushes are quick
+/// again. A direct commit whose flush fails falls back to the cache at once, and while
+/// failed flushes back off, commits go to the cache and nothing is retried early.
 #[test]
-fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
+fn a_direct_commit_falls_back_to_the_cache_when_late_or_failed() {
     let mut h = Harness::new();
     let hold = Duration::from_millis(5);
     h.engine = Engine::new(EngineConfig {
@@ -2226,21 +2243,27 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     put_k(&mut doc, 0..1);
     h.engine
         .handle_changes(t, 1, doc_id(), changes_of(&mut doc));
-    let flushes = run_holding_flushes(&mut h, t);
+    let flushes = run_holding_commits(&mut h, t);
     assert!(acks(&h.take(1)).is_empty());
     assert_eq!(h.engine.poll_timeout(), Some(t.instant + hold));
     h.engine.handle_timeout(at(t, hold));
     h.run(at(t, hold));
-    assert_eq!(acks(&h.take(1)), ["applied"]);
+    assert_eq!(acks(&h.take(1)), ["applied"], "after the cache commit");
+    assert_eq!(h.cache.queued(), 1);
     let late = at(t, 2 * hold);
     for task in flushes {
         h.0.finish(late, task);
     }
     h.run(late);
     assert_eq!(acks(&h.take(1)), ["durable"]);
+    assert_eq!(
+        h.cache.queued(),
+        0,
+        "the durable change left the cache's queue"
+    );
 
-    // That flush took longer than the hold: the next commit is acknowledged at once,
-    // and its flush waits for its timer.
+    // That flush took longer than the hold: the next commit goes to the cache and is
+    // acknowledged when that completes, and its flush waits for its timer.
     let before = h.flushed();
     put_k(&mut doc, 1..2);
     h.engine
@@ -2248,19 +2271,22 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     h.run(late);
     assert_eq!(acks(&h.take(1)), ["applied"]);
     assert_eq!(h.flushed(), before, "no flush before its timer");
+    assert_eq!(h.cache.queued(), 1);
     h.fire_timer();
     assert_eq!(acks(&h.take(1)), ["durable"]);
 
-    // A quick flush again (that one took no time): the next commit holds, and a flush
-    // that fails releases `applied` alone, at once.
+    // A quick flush again (that one took no time): the next commit is direct, and when
+    // its flush fails it falls back to the cache, which sends `applied` alone.
     h.behaviour.fail_flushes = true;
+    let cached = h.cache.len();
     put_k(&mut doc, 2..3);
     h.engine
         .handle_changes(late, 1, doc_id(), changes_after(&mut doc, &[]).split_off(2));
     h.run(late);
     assert_eq!(acks(&h.take(1)), ["applied"]);
-    assert_eq!(h.engine.stats().flush_errors, 1);
-    // While flushes back off, a commit neither holds nor flushes before the retry.
+    assert_eq!(h.engine.stats().flush_errors, 1, "it was flushed first");
+    assert_eq!(h.cache.len(), cached + 1, "then committed to the cache");
+    // While flushes back off, a commit goes to the cache, and nothing is retried early.
     put_k(&mut doc, 3..4);
     h.engine
         .handle_changes(late, 1, doc_id(), changes_after(&mut doc, &[]).split_off(3));
@@ -2274,13 +2300,14 @@ fn applied_is_not_held_past_its_bound_or_a_failed_flush() {
     h.behaviour.fail_flushes = false;
     h.fire_timer();
     assert_eq!(acks(&h.take(1)), ["durable"], "one for both changes");
+    assert_eq!(h.cache.queued(), 0);
 }
 
-/// A flush that makes a held commit durable can also let the document rebase onto a
-/// snapshot (which drops the covered changes from the graph): the held `applied` still
-/// leaves with a `durable` for every change.
+/// A direct commit's flush can also let the document rebase onto a snapshot (which drops
+/// the covered changes from the graph): `applied` still leaves with a `durable` for every
+/// change.
 #[test]
-fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
+fn a_direct_commit_gets_durable_for_changes_a_rebase_dropped() {
     let t = now();
     let mut h = Harness::new();
     h.engine = Engine::new(EngineConfig {
@@ -2295,7 +2322,7 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
     put_k(&mut doc, 0..6);
     let changes = changes_of(&mut doc);
     h.engine.handle_changes(t, 1, doc_id(), changes.clone());
-    let flushes = run_holding_flushes(&mut h, t);
+    let flushes = run_holding_commits(&mut h, t);
     assert_eq!(
         h.engine.stats().snapshots,
         1,
@@ -2312,6 +2339,14 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
     let durable: usize = out
         .iter()
         .map(|o| match o {
+            Outbound::Message(RelayToClient::Durable { .. }) => 1,
+            _ => 0,
+        })
+        .sum::<usize>();
+    assert_eq!(durable, 1);
+    let durable: usize = out
+        .iter()
+        .map(|o| match o {
             Outbound::Message(RelayToClient::Durable { changes, .. }) => changes.len(),
             _ => 0,
         })
@@ -2319,77 +2354,67 @@ fn a_held_ack_gets_durable_for_changes_a_rebase_dropped() {
     assert_eq!(durable, changes.len());
 }
 
-/// A held `applied` goes out before a handoff's `moved` ends the subscription, even when
-/// its commit's other flush batches (other documents) are still in flight.
+/// A direct commit that fell back to the cache, whose flush finishes before that cache
+/// commit: its `applied` goes out as the flush completes, before the handoff that the
+/// flush lets finish sends `moved` (which ends the subscription).
 #[test]
-fn a_held_applied_goes_out_before_a_handoffs_moved() {
+fn a_fallen_back_commit_is_applied_before_a_handoffs_moved() {
     let mut h = Harness::new();
+    let hold = Duration::from_millis(5);
     h.engine = Engine::new(EngineConfig {
-        applied_hold_max: Duration::from_millis(5),
-        flush_batch_max: 1,
+        applied_hold_max: hold,
         ..config()
     });
     h.engine.set_cell(node("a"));
-    let (leaving, staying) = (doc_owned_by("b"), doc_owned_by("a"));
+    let leaving = doc_owned_by("b");
     let t = now();
     h.engine
         .handle_session_open(1, capability("alice", Rights::ALL));
-    for doc in [&leaving, &staying] {
-        h.engine.handle_subscribe(t, 1, doc.clone(), vec![], true);
-    }
+    h.engine
+        .handle_subscribe(t, 1, leaving.clone(), vec![], true);
     h.run(t);
     h.take(1);
-    let (mut l, mut s) = (AutoCommit::new(), AutoCommit::new());
-    put_k(&mut l, 0..2);
-    put_k(&mut s, 0..1);
-    let (l_changes, s_changes) = (changes_of(&mut l), changes_of(&mut s));
-    // The first change's commit is in flight while the next two arrive: they share the
-    // second commit, whose flush takes two batches (one change each).
+    let mut l = AutoCommit::new();
+    put_k(&mut l, 0..1);
     h.engine
-        .handle_changes(t, 1, leaving.clone(), l_changes[..1].to_vec());
-    let first_commit = h.engine.poll_store_task().unwrap();
-    h.engine
-        .handle_changes(t, 1, leaving.clone(), l_changes[1..].to_vec());
-    h.engine.handle_changes(t, 1, staying.clone(), s_changes);
-    h.0.finish(t, first_commit);
-    // Queued now: the first commit's flush and the second commit. The flush completes
-    // first; then the second commit, whose two flush batches stay in flight.
-    let mut queued = Vec::new();
-    while let Some(task) = h.engine.poll_store_task() {
-        queued.push(task);
-    }
-    queued.sort_by_key(|(_, task)| !matches!(task, StoreTask::Flush { .. }));
-    assert_eq!(queued.len(), 2, "{queued:?}");
-    for task in queued {
-        h.0.finish(t, task);
-    }
-    let mut flushes = run_holding_flushes(&mut h, t);
-    assert_eq!(flushes.len(), 2, "{flushes:?}");
-    assert_eq!(
-        acks(&h.take(1)),
-        ["applied", "durable"],
-        "the first commit's"
+        .handle_changes(t, 1, leaving.clone(), changes_of(&mut l));
+    let flush = run_holding_commits(&mut h, t);
+    assert!(
+        matches!(flush[..], [(_, StoreTask::Flush { .. })]),
+        "{flush:?}"
     );
-    // `b` joins and wins the leaving document, which waits for its flush.
+    // `b` joins and wins the document, which waits for its flush.
     h.engine
         .handle_membership(t, vec![(node("a"), 1), (node("b"), 1)]);
     h.run(t);
     assert_eq!(h.engine.handoffs_pending(), 1);
-    let leaving_flush = flushes
-        .iter()
-        .position(|(_, task)| matches!(task, StoreTask::Flush { changes, .. } if changes[0].0.doc == leaving))
-        .unwrap();
-    let task = flushes.remove(leaving_flush);
-    h.0.finish(t, task);
-    h.run(t);
+    // The flush is late: the commit falls back to the cache, which is slower still.
+    h.engine.handle_timeout(at(t, hold));
+    let commit = run_holding_commits(&mut h, at(t, hold));
+    assert!(
+        matches!(commit[..], [(_, StoreTask::Cache { .. })]),
+        "{commit:?}"
+    );
+    assert!(acks(&h.take(1)).is_empty());
+    for task in flush {
+        h.0.finish(at(t, hold), task);
+    }
+    h.run(at(t, hold));
     let out = h.take(1);
     let applied_at = out
         .iter()
-        .position(|o| matches!(o, Outbound::Message(RelayToClient::Applied { doc, .. }) if *doc == leaving))
-        .expect("applied for the leaving document");
+        .position(|o| matches!(o, Outbound::Message(RelayToClient::Applied { .. })))
+        .expect("applied");
     let moved_at = out
         .iter()
         .position(|o| matches!(o, Outbound::Message(RelayToClient::Moved { .. })))
         .expect("moved");
     assert!(applied_at < moved_at, "{out:?}");
+    assert_eq!(acks(&out), ["applied", "durable"]);
+    for task in commit {
+        h.0.finish(at(t, hold), task);
+    }
+    h.run(at(t, hold));
+    assert!(acks(&h.take(1)).is_empty(), "acknowledged once");
+    assert!(!h.engine.commit_pending());
 }

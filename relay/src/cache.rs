@@ -1,8 +1,9 @@
 //! The node's sled cache: the changes of each document, and the flush queue.
 //!
 //! It is a cache, never the record: losing the directory loses nothing Durable. It makes
-//! Applied changes survive a crash until they are flushed: on start the node replays the
-//! flush queue into the durable tier before it serves.
+//! the changes committed to it survive a crash until they are flushed: on start the node
+//! replays the flush queue into the durable tier before it serves. (While the durable tier
+//! is quick, the engine commits changes to it directly and the cache is not written.)
 //!
 //! Layout: one [`Cache::write`] (one group commit) is one *batch*, numbered in order.
 //! - `changes`: key `tenant 0x00 doc 0x00 seq` (the batch number, 8 bytes big-endian; ids
