@@ -197,6 +197,46 @@ async fn acknowledged_changes_survive_losing_the_durable_ack_and_a_crash() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quick_durable_tier_takes_commits_and_the_cache_holds_nothing() {
+    // While flushes are quick, a commit goes straight to the durable tier: the change is
+    // durable when it is applied, and the node's cache never holds it, so a crash that
+    // also loses the node's data directory loses nothing acknowledged.
+    let mut dev = Dev::new();
+    // However slow this machine's disk, the commit waits for its flush.
+    dev.engine.applied_hold_max = Duration::from_secs(60);
+    let relay = dev.start().await;
+    let alice = dev.client(relay.local_addr(), "alice").await;
+    let a = alice.open("direct").await.unwrap();
+    a.change(|doc| doc.put(automerge::ROOT, "x", 1).unwrap())
+        .unwrap();
+    a.wait_durable().await.unwrap();
+    drop(relay);
+    alice.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let cache_dir = dev.data_dir().join("cache");
+    {
+        let cache = meridian_relay::cache::Cache::open(&cache_dir).unwrap();
+        let key = meridian_relay::engine::DocKey {
+            tenant: meridian_protocol::TenantId::new(common::TENANT).unwrap(),
+            doc: meridian_protocol::DocId::new("direct").unwrap(),
+        };
+        assert!(
+            cache.load(&key).unwrap().is_empty(),
+            "the cache was written"
+        );
+        assert!(cache.queued(usize::MAX).unwrap().is_empty());
+    }
+    std::fs::remove_dir_all(dev.data_dir()).unwrap();
+    let relay = dev.start().await;
+    let bob = dev.client(relay.local_addr(), "bob").await;
+    let b = bob.open("direct").await.unwrap();
+    b.wait_synced().await.unwrap();
+    assert_eq!(json(&b), serde_json::json!({"x": 1}));
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_subscriber_catches_up_by_graph_walk() {
     let dev = Dev::new();
     let relay = dev.start().await;
