@@ -1,5 +1,6 @@
-//! Acknowledgements and durability: the group commit to the cache, `applied`, the batched
-//! flush to the durable tier with retry and backoff, and `durable`.
+//! Acknowledgements and durability: the group commit (to the cache, or straight to the
+//! durable tier while it is quick), `applied`, the batched flush to the durable tier with
+//! retry and backoff, and `durable`.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -146,8 +147,9 @@ impl Engine {
         }
     }
 
-    /// A `Flush` task finished: on success its changes are durable; on failure they go
-    /// back to the front of the queue and the next attempt backs off.
+    /// A `Flush` task finished: on success its changes are durable (and a direct commit's
+    /// acks go out); on failure they go back to the front of the queue, the next attempt
+    /// backs off, and a direct commit falls back to the cache.
     pub(crate) fn handle_flush_done(
         &mut self,
         now: Now,

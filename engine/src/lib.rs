@@ -29,8 +29,9 @@
 //! *Durable* once the flush batch that carries it succeeds. Only then is it acknowledged,
 //! and `Applied` is always sent before `Durable`. While flushes are quick
 //! (`applied_hold_max`), a commit is a flush batch instead of a cache write, and both
-//! acknowledgements leave together when it succeeds. Changes with missing dependencies wait in
-//! a bounded orphan queue and are never acknowledged or flushed until they connect.
+//! acknowledgements leave together when it succeeds. Changes with missing dependencies
+//! wait in a bounded orphan queue and are never acknowledged or flushed until they
+//! connect.
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 // Tests build documents and read the clock to make their inputs.

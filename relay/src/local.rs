@@ -442,7 +442,8 @@ impl LocalSession {
         doc: DocId,
         changes: &[Bytes],
     ) -> Result<Vec<Result<ChangeHash, crate::engine::change::ChangeError>>, RateLimited> {
-        let parsed = crate::session::admit_changes(&self.limits, changes)?;
+        let parsed =
+            crate::session::admit_changes(&self.limits, &self.shared.parse_pool, changes).await?;
         let outcomes = parsed
             .iter()
             .map(|p| p.as_ref().map(|c| c.hash).map_err(Clone::clone))

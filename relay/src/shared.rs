@@ -161,6 +161,8 @@ pub struct Shared {
     pub(crate) placements: Option<Arc<crate::placement::Placements>>,
     pub(crate) inputs: mpsc::Sender<Input>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
+    /// Where large change frames are parsed.
+    pub(crate) parse_pool: crate::session::ParsePool,
 }
 
 impl Shared {
