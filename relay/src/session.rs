@@ -803,11 +803,9 @@ impl DocStream {
     }
 }
 
-/// A frame of at most this many bytes as sent and this many changes (a keystroke's, a
-/// burst of typing) is parsed on its session's task; a larger one on the node's
-/// [`ParsePool`].
-const PARSE_INLINE_BYTES_MAX: usize = 16 * 1024;
-const PARSE_INLINE_CHANGES_MAX: usize = 4;
+/// A frame of at most this many bytes as sent (keystrokes, a batch of small edits) is
+/// parsed on its session's task; a larger one on the node's [`ParsePool`].
+const PARSE_INLINE_BYTES_MAX: usize = 64 * 1024;
 /// Bytes (as sent) of frames waiting for the parse pool; a frame past it is refused,
 /// retryable after [`PARSE_POOL_RETRY`].
 const PARSE_WAITING_BYTES_MAX: usize = 64 << 20;
@@ -899,12 +897,11 @@ pub(crate) async fn admit_changes(
     // empty gets no parse work at all), what inflating added after.
     let wire: usize = changes.iter().map(Bytes::len).sum();
     limits.check(Kind::InflatedBytes, u32::try_from(wire).unwrap_or(u32::MAX))?;
-    let (parsed, inflated) =
-        if wire <= PARSE_INLINE_BYTES_MAX && changes.len() <= PARSE_INLINE_CHANGES_MAX {
-            parse_frame(changes)
-        } else {
-            pool.parse(changes, wire).await?
-        };
+    let (parsed, inflated) = if wire <= PARSE_INLINE_BYTES_MAX {
+        parse_frame(changes)
+    } else {
+        pool.parse(changes, wire).await?
+    };
     let added = inflated.saturating_sub(wire);
     limits.check(
         Kind::InflatedBytes,
