@@ -41,12 +41,25 @@ fn moto() -> String {
         })
 }
 
+/// A free UDP port below the kernel's ephemeral range. The relay keeps its port across
+/// its lives, and while it is down each of the test's connect attempts binds an ephemeral
+/// port: one of them could otherwise take the relay's, which would then fail to start.
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let start = 10_000 + (std::process::id() % 10_000) as u16;
+    (start..low)
+        .chain(10_000..start.min(low))
+        .find(|&port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
+        .unwrap_or_else(|| {
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
 }
 
 /// A small deterministic generator (the seed is printed so a failure can be replayed).
@@ -61,24 +74,37 @@ impl Rng {
     }
 }
 
-fn start_relay(config: &Path) -> Relay {
+/// Starts the relay, its output going to `log`.
+fn start_relay(config: &Path, log: &Path) -> Relay {
+    let out = std::fs::File::create(log).expect("relay log");
+    let err = out.try_clone().expect("relay log");
     let child = Command::new(env!("CARGO_BIN_EXE_meridian"))
         .args(["relay", "--config"])
         .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
         .spawn()
         .expect("spawn relay");
     Relay(child)
 }
 
-async fn connect(config: &ClientConfig) -> Client {
+async fn connect(config: &ClientConfig, relay: &mut Relay, log: &Path) -> Client {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match Client::connect(config.clone()).await {
             Ok(client) => return client,
             Err(error) => {
-                assert!(Instant::now() < deadline, "relay did not come up: {error}");
+                if Instant::now() >= deadline {
+                    let exited = relay.0.try_wait();
+                    let log = std::fs::read_to_string(log).unwrap_or_default();
+                    let from = (log.len().saturating_sub(4000)..log.len())
+                        .find(|&i| log.is_char_boundary(i))
+                        .unwrap_or(log.len());
+                    let tail = &log[from..];
+                    panic!(
+                        "relay did not come up: {error}; exited: {exited:?}; its log ends:\n{tail}"
+                    );
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -164,8 +190,9 @@ async fn kill_9_at_random_points_loses_nothing_acknowledged_durable() {
 
     let mut acknowledged: Vec<HashSet<ChangeHash>> = vec![HashSet::new(); DOCS];
     for cycle in 0..cycles {
-        let relay = start_relay(&config);
-        let client = connect(&client_config).await;
+        let log = dir.path().join(format!("relay-{cycle}.log"));
+        let mut relay = start_relay(&config, &log);
+        let client = connect(&client_config, &mut relay, &log).await;
         let mut handles = Vec::new();
         for d in 0..DOCS {
             handles.push(client.open(&format!("doc-{d}")).await.unwrap());
