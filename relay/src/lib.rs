@@ -12,6 +12,7 @@ pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod node;
+mod parse;
 pub mod placement;
 pub mod purge;
 pub mod ratelimit;

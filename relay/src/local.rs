@@ -443,7 +443,7 @@ impl LocalSession {
         changes: &[Bytes],
     ) -> Result<Vec<Result<ChangeHash, crate::engine::change::ChangeError>>, RateLimited> {
         let parsed =
-            crate::session::admit_changes(&self.limits, &self.shared.parse_pool, changes).await?;
+            crate::parse::admit_changes(&self.limits, &self.shared.parse_pool, changes).await?;
         let outcomes = parsed
             .iter()
             .map(|p| p.as_ref().map(|c| c.hash).map_err(Clone::clone))

@@ -377,7 +377,7 @@ pub async fn start_with_store(
         placements: placements.clone(),
         inputs: inputs_tx,
         tasks: Mutex::new(JoinSet::new()),
-        parse_pool: crate::session::ParsePool::new(),
+        parse_pool: crate::parse::ParsePool::new(),
     });
     let (stats_tx, stats_rx) = watch::channel(RelayStats::default());
     let (stop_tx, stop_rx) = oneshot::channel();

@@ -162,7 +162,7 @@ pub struct Shared {
     pub(crate) inputs: mpsc::Sender<Input>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
     /// Where large change frames are parsed.
-    pub(crate) parse_pool: crate::session::ParsePool,
+    pub(crate) parse_pool: crate::parse::ParsePool,
 }
 
 impl Shared {
