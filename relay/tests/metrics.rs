@@ -140,7 +140,7 @@ async fn metrics_health_and_readiness() {
     let mut dev = Dev::new();
     // First life: changes are applied (cached, queued) but never flushed; then a crash.
     dev.engine.flush_interval = Duration::from_secs(3600);
-    // (No flush started when the commit completes, to send `durable` with `applied`.)
+    // (Commits go to the cache, not straight to the durable tier.)
     dev.engine.applied_hold_max = Duration::ZERO;
     let relay = dev.start().await;
     let alice = dev.client(relay.local_addr(), "alice").await;

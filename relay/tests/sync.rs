@@ -165,7 +165,7 @@ async fn acknowledged_changes_survive_losing_the_durable_ack_and_a_crash() {
     // crash; on restart it replays its flush queue before serving.
     let mut dev = Dev::new();
     dev.engine.flush_interval = Duration::from_secs(3600);
-    // (No flush started when the commit completes, to send `durable` with `applied`.)
+    // (Commits go to the cache, not straight to the durable tier.)
     dev.engine.applied_hold_max = Duration::ZERO;
     let relay = dev.start().await;
     let alice = dev.client(relay.local_addr(), "alice").await;
