@@ -123,6 +123,11 @@ fn describe() {
         "Streams reset because unfinished frames held the session's or the node's budget, by scope."
     );
     describe_histogram!(
+        "meridian_engine_input_wait_seconds",
+        Unit::Seconds,
+        "From a change frame's arrival to the engine's driver taking it (its tenant's admission and the input queue)."
+    );
+    describe_histogram!(
         "meridian_fanout_latency_seconds",
         Unit::Seconds,
         "From a change's arrival to its being written to another subscriber's stream."
@@ -501,6 +506,13 @@ pub fn tenant_arrived() {
 /// A placement read from the control plane failed (the last verdict stands).
 pub fn placement_read_failed() {
     counter!("meridian_placement_read_errors_total").increment(1);
+}
+
+/// The input wait histogram: a change frame, from its arrival at the relay (parsed and
+/// within its rate limits) to the engine's driver taking it, through its tenant's
+/// admission and the shared input queue. The driver looks it up once.
+pub fn input_wait() -> metrics::Histogram {
+    histogram!("meridian_engine_input_wait_seconds")
 }
 
 /// The fan-out latency histogram: another session's changes, from their arrival at the

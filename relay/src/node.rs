@@ -410,6 +410,7 @@ pub async fn start_with_store(
     let driver = Driver {
         engine,
         fanout_from: None,
+        input_wait: crate::metrics::input_wait(),
         refresh_permits: Arc::new(Semaphore::new(REFRESHES_IN_FLIGHT_MAX)),
         shared: shared.clone(),
         cell: gossip.as_ref().map(Gossip::view),
@@ -573,6 +574,8 @@ struct Driver {
     engine: Engine,
     /// While one session's changes are handled: that session and when they arrived.
     fanout_from: Option<(SessionId, Instant)>,
+    /// How long change frames waited between their arrival and the driver taking them.
+    input_wait: metrics::Histogram,
     /// Refreshes (re-reads after membership changes) never take cold loads' permits.
     refresh_permits: Arc<Semaphore>,
     shared: Arc<Shared>,
@@ -932,6 +935,7 @@ impl Driver {
                 admission: _admission,
             } => {
                 self.fanout_from = Some((session, received));
+                self.input_wait.record(received.elapsed().as_secs_f64());
                 self.engine
                     .handle_parsed_changes(now(), session, doc, changes);
             }

@@ -235,6 +235,10 @@ async fn metrics_health_and_readiness() {
         value(&text, "meridian_fanout_latency_seconds_count") >= 1.0,
         "the deliveries to bob were timed"
     );
+    assert!(
+        value(&text, "meridian_engine_input_wait_seconds_count") >= 1.0,
+        "alice's change frames were timed on their way to the driver"
+    );
     assert!(value(&text, "meridian_cold_loads_total") >= 1.0);
     assert!(
         value(
