@@ -42,6 +42,10 @@ struct Cli {
         default_value_t
     )]
     log_format: meridian_process::logging::LogFormat,
+    /// Threads of the async runtime that runs every task of the process (default: the
+    /// machine's cores).
+    #[arg(long, global = true, env = "MERIDIAN_WORKER_THREADS")]
+    worker_threads: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(Subcommand)]
@@ -165,10 +169,11 @@ fn main() -> ExitCode {
     };
     meridian_process::logging::init(cli.log_format);
     meridian_relay::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cli.worker_threads {
+        builder.worker_threads(threads.get());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

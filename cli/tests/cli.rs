@@ -446,3 +446,36 @@ fn logs_are_json_lines_on_request() {
     );
     assert!(!stderr.trim_start().starts_with('{'), "{stderr}");
 }
+
+/// `--worker-threads` (and `MERIDIAN_WORKER_THREADS`) size the runtime: any positive count
+/// runs the command; zero is refused by name before anything runs.
+#[test]
+fn worker_threads_come_from_the_flag_or_the_environment() {
+    for (flag, env) in [(Some("1"), None), (None, Some("3")), (Some("5"), Some("1"))] {
+        let mut command = meridian();
+        if let Some(threads) = flag {
+            command.args(["--worker-threads", threads]);
+        }
+        if let Some(threads) = env {
+            command.env("MERIDIAN_WORKER_THREADS", threads);
+        }
+        let output = command.args(["token", "keygen", "--json"]).output().unwrap();
+        assert!(output.status.success(), "{flag:?} {env:?}: {output:?}");
+    }
+    for refused in [
+        meridian()
+            .args(["--worker-threads", "0", "token", "keygen", "--json"])
+            .output()
+            .unwrap(),
+        meridian()
+            .env("MERIDIAN_WORKER_THREADS", "0")
+            .args(["token", "keygen", "--json"])
+            .output()
+            .unwrap(),
+    ] {
+        assert!(!refused.status.success());
+        assert!(refused.stdout.is_empty(), "{refused:?}");
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("worker-threads"), "{stderr}");
+    }
+}
