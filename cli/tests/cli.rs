@@ -459,7 +459,10 @@ fn worker_threads_come_from_the_flag_or_the_environment() {
         if let Some(threads) = env {
             command.env("MERIDIAN_WORKER_THREADS", threads);
         }
-        let output = command.args(["token", "keygen", "--json"]).output().unwrap();
+        let output = command
+            .args(["token", "keygen", "--json"])
+            .output()
+            .unwrap();
         assert!(output.status.success(), "{flag:?} {env:?}: {output:?}");
     }
     for refused in [
