@@ -65,6 +65,10 @@ pub struct GatewaySection {
     /// How often a ping is sent (default 5000); two unanswered close the socket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_ms: Option<u64>,
+    /// After a sync message to a peer, how long the next waits so that what arrives in
+    /// between goes together (default 100; 0 sends every message at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_interval_ms: Option<u64>,
     /// The gateways of the cell's other nodes, by node id, for documents they own; a
     /// node not listed is reached at its QUIC host and this gateway's port.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -90,6 +94,13 @@ impl GatewaySection {
                 std::time::Duration::from_millis(ms.max(100))
             }),
             cell_gateways: self.cell.clone().into_iter().collect(),
+            peer: meridian_gateway::PeerLimits {
+                sync_interval: self.sync_interval_ms.map_or(
+                    defaults.peer.sync_interval,
+                    std::time::Duration::from_millis,
+                ),
+                ..defaults.peer.clone()
+            },
             ..defaults
         })
     }
@@ -1036,6 +1047,7 @@ pub(crate) mod tests {
         assert_eq!(gateway.message_bytes_max, defaults.message_bytes_max);
         assert_eq!(gateway.connections_max, defaults.connections_max);
         assert_eq!(gateway.keepalive, defaults.keepalive);
+        assert_eq!(gateway.peer.sync_interval, defaults.peer.sync_interval);
         // So does its API section.
         let api = file.api.as_ref().expect("[api]").to_config();
         let defaults = meridian_api::ApiConfig::default();

@@ -593,6 +593,7 @@ fn plan_cell(plan: CellPlan<'_>) -> Result<Vec<NodeSpec>> {
                 message_bytes_max: None,
                 connections_max: None,
                 keepalive_ms: None,
+                sync_interval_ms: None,
                 cell: Default::default(),
             },
         };

@@ -312,6 +312,7 @@ impl Conn {
         };
         loop {
             let reading = to_relay.is_empty();
+            let flush_at = peer.flush_at().map(tokio::time::Instant::from_std);
             let effects = tokio::select! {
                 message = self.socket.recv(), if reading => {
                     heard = true;
@@ -320,7 +321,7 @@ impl Conn {
                             crate::metrics::messages(crate::metrics::Direction::In, 1);
                             match ClientMessage::decode(&bytes) {
                                 Ok(message) => {
-                                    let effects = peer.handle_client(message, &bytes);
+                                    let effects = peer.handle_client(message, &bytes, std::time::Instant::now());
                                     if !waiting.set(peer.waiting_bytes()) {
                                         vec![Effect::Close {
                                             code: ErrorCode::Overloaded,
@@ -355,10 +356,11 @@ impl Conn {
                     Event::Outbound(outbound) => {
                         // Everything else already queued is handled in the same turn,
                         // and written with one flush.
-                        let mut effects = peer.handle_outbound(outbound);
+                        let now = std::time::Instant::now();
+                        let mut effects = peer.handle_outbound(outbound, now);
                         for _ in 0..DRAIN_MAX {
                             let Some(more) = session.try_next() else { break };
-                            effects.extend(peer.handle_outbound(more));
+                            effects.extend(peer.handle_outbound(more, now));
                         }
                         waiting.set(peer.waiting_bytes());
                         effects
@@ -403,6 +405,10 @@ impl Conn {
                 () = sleep_until(resume_at), if resume_at.is_some() => {
                     resume_at = None;
                     Vec::new()
+                }
+                // Sync messages paced by the peer's `sync_interval`.
+                () = sleep_until(flush_at), if flush_at.is_some() => {
+                    peer.flush(std::time::Instant::now())
                 }
             };
             if self.their_id.is_empty()
