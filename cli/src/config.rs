@@ -66,7 +66,8 @@ pub struct GatewaySection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keepalive_ms: Option<u64>,
     /// After a sync message to a peer, how long the next waits so that what arrives in
-    /// between goes together (default 100; 0 sends every message at once).
+    /// between goes together (default 100; 0 turns pacing off, the wait for the peer's
+    /// answer too, and sends every message at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_interval_ms: Option<u64>,
     /// The gateways of the cell's other nodes, by node id, for documents they own; a
@@ -94,12 +95,18 @@ impl GatewaySection {
                 std::time::Duration::from_millis(ms.max(100))
             }),
             cell_gateways: self.cell.clone().into_iter().collect(),
-            peer: meridian_gateway::PeerLimits {
-                sync_interval: self.sync_interval_ms.map_or(
-                    defaults.peer.sync_interval,
-                    std::time::Duration::from_millis,
-                ),
-                ..defaults.peer.clone()
+            peer: match self.sync_interval_ms {
+                None => defaults.peer.clone(),
+                // Zero turns pacing off: no interval, and no wait for answers.
+                Some(0) => meridian_gateway::PeerLimits {
+                    sync_interval: std::time::Duration::ZERO,
+                    answer_wait: std::time::Duration::ZERO,
+                    ..defaults.peer.clone()
+                },
+                Some(ms) => meridian_gateway::PeerLimits {
+                    sync_interval: std::time::Duration::from_millis(ms),
+                    ..defaults.peer.clone()
+                },
             },
             ..defaults
         })
@@ -1031,6 +1038,25 @@ pub fn parse_duration(text: &str) -> Result<Duration> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn the_gateways_sync_interval_paces_and_zero_turns_pacing_off() {
+        let section = |extra: &str| {
+            toml::from_str::<GatewaySection>(&format!("listen = \"127.0.0.1:0\"\n{extra}"))
+                .unwrap()
+                .to_config()
+                .unwrap()
+                .peer
+        };
+        let defaults = meridian_gateway::PeerLimits::default();
+        let paced = section("sync_interval_ms = 250");
+        assert_eq!(paced.sync_interval, Duration::from_millis(250));
+        assert_eq!(paced.answer_wait, defaults.answer_wait);
+        let off = section("sync_interval_ms = 0");
+        assert_eq!(off.sync_interval, Duration::ZERO);
+        assert_eq!(off.answer_wait, Duration::ZERO);
+        assert_eq!(section("").sync_interval, defaults.sync_interval);
+    }
 
     #[test]
     fn the_example_relay_config_parses() {
