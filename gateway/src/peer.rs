@@ -244,7 +244,9 @@ pub struct Peer {
     /// Bytes its documents hold while their catch-ups are on their way (the sum of
     /// their `waiting`).
     waiting: usize,
-    /// The documents with a sync message due (see the module's "Coalescing").
+    /// The documents with a sync message due (see the module's "Coalescing"). Whatever
+    /// changes what is due ends with `send_due`, which keeps only documents still due
+    /// and caught up: so a document is listed at most once.
     due: Vec<DocId>,
     /// When the last paced sync message went.
     last_sent: Option<Instant>,
@@ -1105,6 +1107,40 @@ mod tests {
         assert_eq!(peer.flush_at(), Some(at(1030)));
         assert!(peer.flush(at(500)).is_empty());
         let messages = sent(&peer.flush(at(1030)));
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
+    }
+
+    #[test]
+    fn a_document_waits_in_the_due_list_once_however_often_it_is_caught_up_again() {
+        let mut peer = all();
+        peer.limits.sync_interval = Duration::from_millis(100);
+        let (id, doc) = id(1);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        synced(&mut peer, &id, &doc, vec![], t0);
+        assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
+        for round in 0..5u64 {
+            // Something waits; the peer needs something, is caught up again, and more
+            // waits, all within the interval.
+            assert!(
+                peer.handle_outbound(fanout(&doc, 3), at(2 + round))
+                    .is_empty()
+            );
+            let needs = SyncMessage {
+                need: vec![hash(9)],
+                ..SyncMessage::default()
+            };
+            let message = ClientMessage::Sync {
+                document_id: id.clone(),
+                data: Bytes::from(needs.encode()),
+            };
+            peer.handle_client(message, &Bytes::new(), at(2 + round));
+            synced(&mut peer, &id, &doc, vec![], at(2 + round));
+        }
+        assert!(peer.handle_outbound(fanout(&doc, 4), at(20)).is_empty());
+        assert_eq!(peer.due.len(), 1);
+        let messages = sent(&peer.flush(at(101)));
+        assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
     }
 
