@@ -709,6 +709,8 @@ impl Peer {
                 // it: it stays with the peer, nothing is stored, and the peer is not
                 // made to reconnect.
                 (ErrorCode::Forbidden | ErrorCode::Gone, Some(state)) => {
+                    // Nothing that waited to be sent goes after this.
+                    state.drop_outbox();
                     if !state.unavailable {
                         state.unavailable = true;
                         out.push(Effect::Send(ServerMessage::DocUnavailable {
@@ -1142,6 +1144,36 @@ mod tests {
         let messages = sent(&peer.flush(at(101)));
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
+    }
+
+    #[test]
+    fn what_waits_for_a_document_that_becomes_forbidden_or_gone_is_never_sent() {
+        for code in [ErrorCode::Forbidden, ErrorCode::Gone] {
+            let mut peer = all();
+            peer.limits.sync_interval = Duration::from_millis(100);
+            let (id, doc) = id(1);
+            let t0 = Instant::now();
+            let at = |ms: u64| t0 + Duration::from_millis(ms);
+            synced(&mut peer, &id, &doc, vec![], t0);
+            assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
+            assert!(peer.handle_outbound(fanout(&doc, 3), at(2)).is_empty());
+            let refused = RelayToClient::Error {
+                code,
+                doc: Some(doc.clone()),
+                message: "no longer yours".into(),
+                retry_after_ms: 0,
+            };
+            let out = peer.handle_outbound(Outbound::Message(refused), at(3));
+            assert!(
+                matches!(
+                    &out[..],
+                    [Effect::Send(ServerMessage::DocUnavailable { .. })]
+                ),
+                "{out:?}"
+            );
+            assert_eq!(peer.flush_at(), None);
+            assert!(peer.flush(at(200)).is_empty());
+        }
     }
 
     #[test]
