@@ -302,10 +302,7 @@ impl Peer {
             if !force && (!ready || answered_at.is_some_and(|at| now < at)) {
                 // Not yet: at the pace's time, or when the peer answers (or has had
                 // long enough to).
-                let at = match (paced, answered_at) {
-                    (Some(p), Some(a)) => p.max(a),
-                    (p, a) => p.or(a).unwrap_or(now),
-                };
+                let at = paced.max(answered_at).unwrap_or(now);
                 next = Some(next.map_or(at, |n| n.min(at)));
                 kept.push(doc);
                 continue;
@@ -896,6 +893,20 @@ mod tests {
         assert_eq!(sent(&peer.handle_outbound(catch_up, now)).len(), 1);
     }
 
+    /// A peer with `limits` applied, synced to document 1 with a catch-up of `changes` at
+    /// the returned instant.
+    fn paced(
+        limits: impl FnOnce(&mut PeerLimits),
+        changes: Vec<Bytes>,
+    ) -> (Peer, String, DocId, Instant) {
+        let mut peer = all();
+        limits(&mut peer.limits);
+        let (id, doc) = id(1);
+        let t0 = Instant::now();
+        synced(&mut peer, &id, &doc, changes, t0);
+        (peer, id, doc, t0)
+    }
+
     /// The relay's fan-out of change `[n]`, heads `hash(n)`.
     fn fanout(doc: &DocId, n: u8) -> Outbound {
         Outbound::Changes {
@@ -1025,12 +1036,13 @@ mod tests {
 
     #[test]
     fn messages_within_the_sync_interval_go_together_and_full_outboxes_go_at_once() {
-        let mut peer = all();
-        peer.limits.sync_interval = Duration::from_millis(100);
-        peer.limits.upload_changes_max = 3;
-        let (id, doc) = id(1);
-        let t0 = Instant::now();
-        synced(&mut peer, &id, &doc, vec![], t0);
+        let (mut peer, id, doc, t0) = paced(
+            |limits| {
+                limits.sync_interval = Duration::from_millis(100);
+                limits.upload_changes_max = 3;
+            },
+            vec![],
+        );
         let fanout = |n: u8| fanout(&doc, n);
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // The first change after a quiet spell goes at once.
@@ -1088,12 +1100,11 @@ mod tests {
 
     #[test]
     fn changes_wait_for_the_peers_answer_to_the_last_ones_or_until_it_had_long_enough() {
-        let mut peer = all();
-        peer.limits.answer_wait = Duration::from_secs(1);
-        let (id, doc) = id(1);
-        let t0 = Instant::now();
+        let (mut peer, id, doc, t0) = paced(
+            |limits| limits.answer_wait = Duration::from_secs(1),
+            vec![Bytes::from_static(b"old")],
+        );
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        synced(&mut peer, &id, &doc, vec![Bytes::from_static(b"old")], t0);
         let fanout = |n: u8| fanout(&doc, n);
         // The catch-up is not answered yet: what follows waits for the answer.
         assert!(peer.handle_outbound(fanout(2), at(10)).is_empty());
@@ -1114,12 +1125,11 @@ mod tests {
 
     #[test]
     fn a_document_waits_in_the_due_list_once_however_often_it_is_caught_up_again() {
-        let mut peer = all();
-        peer.limits.sync_interval = Duration::from_millis(100);
-        let (id, doc) = id(1);
-        let t0 = Instant::now();
+        let (mut peer, id, doc, t0) = paced(
+            |limits| limits.sync_interval = Duration::from_millis(100),
+            vec![],
+        );
         let at = |ms: u64| t0 + Duration::from_millis(ms);
-        synced(&mut peer, &id, &doc, vec![], t0);
         assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
         for round in 0..5u64 {
             // Something waits; the peer needs something, is caught up again, and more
@@ -1149,12 +1159,11 @@ mod tests {
     #[test]
     fn what_waits_for_a_document_that_becomes_forbidden_or_gone_is_never_sent() {
         for code in [ErrorCode::Forbidden, ErrorCode::Gone] {
-            let mut peer = all();
-            peer.limits.sync_interval = Duration::from_millis(100);
-            let (id, doc) = id(1);
-            let t0 = Instant::now();
+            let (mut peer, _, doc, t0) = paced(
+                |limits| limits.sync_interval = Duration::from_millis(100),
+                vec![],
+            );
             let at = |ms: u64| t0 + Duration::from_millis(ms);
-            synced(&mut peer, &id, &doc, vec![], t0);
             assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
             assert!(peer.handle_outbound(fanout(&doc, 3), at(2)).is_empty());
             let refused = RelayToClient::Error {
