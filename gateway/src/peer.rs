@@ -28,7 +28,10 @@
 //! applying gets the next changes together rather than one message each. What waits
 //! for a document goes at once when it reaches [`PeerLimits::upload_bytes_max`] or
 //! [`PeerLimits::upload_changes_max`] (and what waits for the peer's other documents
-//! with it). A quiet peer's changes are never delayed.
+//! with it). A quiet peer's changes are never delayed. A message that only tells the
+//! peer that the heads moved (no changes, cheap to apply) waits like the others but does
+//! not start the interval: a writer told that its change is durable is not made to wait
+//! longer for the next changes of others.
 //! Catch-ups and `doc-unavailable` go at once.
 //!
 //! Changes a peer sends before its catch-up arrived wait (within
@@ -248,7 +251,7 @@ pub struct Peer {
     /// changes what is due ends with `send_due`, which keeps only documents still due
     /// and caught up: so a document is listed at most once.
     due: Vec<DocId>,
-    /// When the last paced sync message went.
+    /// When the last sync message with changes went (the interval runs from it).
     last_sent: Option<Instant>,
     /// When [`Peer::flush`] is next to be called, if anything waits.
     next_flush: Option<Instant>,
@@ -285,7 +288,7 @@ impl Peer {
         let answer_wait = self.limits.answer_wait;
         let mut kept = Vec::new();
         let mut next: Option<Instant> = None;
-        let mut sent = false;
+        let mut sent_changes = false;
         for doc in std::mem::take(&mut self.due) {
             let Some(state) = self.docs.get_mut(&doc) else {
                 continue;
@@ -313,13 +316,14 @@ impl Peer {
                 state.due = false;
                 continue;
             }
-            if !changes.is_empty() && !answer_wait.is_zero() {
+            let with_changes = !changes.is_empty();
+            if with_changes && !answer_wait.is_zero() {
                 state.unanswered = Some(now);
             }
             out.push(Effect::Send(state.message(changes)));
-            sent = true;
+            sent_changes |= with_changes;
         }
-        if sent {
+        if sent_changes {
             self.last_sent = Some(now);
         }
         self.due = kept;
@@ -1121,6 +1125,48 @@ mod tests {
         assert!(peer.flush(at(500)).is_empty());
         let messages = sent(&peer.flush(at(1030)));
         assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
+    }
+
+    #[test]
+    fn a_message_that_only_moves_the_heads_does_not_hold_back_the_next_changes() {
+        let (mut peer, id, doc, t0) = paced(
+            |limits| {
+                limits.sync_interval = Duration::from_millis(100);
+                limits.answer_wait = Duration::from_secs(1);
+            },
+            vec![],
+        );
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
+        peer.handle_client(sync(&id, vec![hash(2)], vec![]), &Bytes::new(), at(5));
+        // The durable heads move after the interval: the peer is told at once...
+        let durable = RelayToClient::Durable {
+            doc: doc.clone(),
+            changes: vec![],
+            heads: vec![hash(2)],
+        };
+        let messages = sent(&peer.handle_outbound(Outbound::Message(durable), at(150)));
+        assert_eq!(messages.len(), 1);
+        assert!(messages[0].changes.is_empty());
+        assert_eq!(messages[0].heads, vec![hash(2)]);
+        // ...and the next change goes at once too: that message started no interval.
+        let next = Outbound::Changes {
+            doc: doc.clone(),
+            changes: vec![Bytes::from(vec![3])],
+            heads: vec![hash(3)],
+            durable_heads: vec![hash(2)],
+        };
+        let messages = sent(&peer.handle_outbound(next, at(160)));
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![3])]);
+        assert_eq!(peer.flush_at(), None);
+        // A change within the interval after it waits, as before.
+        assert!(peer.handle_outbound(fanout(&doc, 4), at(170)).is_empty());
+        assert_eq!(
+            peer.flush_at(),
+            Some(at(1160)),
+            "until the answer, at most 1 s"
+        );
     }
 
     #[test]
