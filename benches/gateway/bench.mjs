@@ -3,7 +3,8 @@
 //
 //   cargo build --release -p meridian-cli
 //   (cd benches/gateway && npm ci && node bench.mjs [--scenario steady|fanout|large-doc|all]
-//     [--duration SECONDS] [--servers meridian,reference] [--meridian ../../target/release/meridian])
+//     [--duration SECONDS] [--runs N] [--servers meridian,reference]
+//     [--meridian ../../target/release/meridian])
 //
 // Scenarios (the same clients and edits for both servers):
 //   steady    100 clients, 10 documents (10 clients each), every client 1 edit/s
@@ -14,7 +15,12 @@
 // that what the setup started, such as a background snapshot of the large document or
 // the readers' first sync, is not counted as the edits'; `settle_s` says how long that took), delivered latency p50/p99 (from an edit to its
 // arrival at every other client of the document, one clock: one process), the server's
-// RSS at the end and its peak, and deliveries missing at the end (must be 0).
+// RSS at the end and its peak, deliveries missing at the end (must be 0), the
+// WebSocket messages per edit the clients received from the server and sent to it, and
+// the CPU per edit of this process (every client) over the edit phase.
+// `--runs N` runs every scenario N times, alternating which server goes first, and ends
+// with each server's medians and, per run, whether Meridian's p99 was at most the
+// reference's.
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
@@ -32,6 +38,7 @@ const args = Object.fromEntries(
 const here = path.dirname(new URL(import.meta.url).pathname);
 const meridianBin = path.resolve(here, args.meridian ?? "../../target/release/meridian");
 const duration = Number(args.duration ?? 20);
+const runs = Math.max(1, Number(args.runs ?? 1));
 const only = args.scenario ?? "all";
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 
@@ -78,6 +85,20 @@ async function startReference() {
 }
 
 // ---- clients ----------------------------------------------------------------------------
+
+// WebSocket messages every client received and sent (all clients are in this process).
+const messages = { received: 0, sent: 0 };
+{
+  const { receiveMessage, send } = WebSocketClientAdapter.prototype;
+  WebSocketClientAdapter.prototype.receiveMessage = function (bytes) {
+    messages.received += 1;
+    return receiveMessage.call(this, bytes);
+  };
+  WebSocketClientAdapter.prototype.send = function (message) {
+    messages.sent += 1;
+    return send.call(this, message);
+  };
+}
 
 function client(url) {
   return new Repo({ network: [new WebSocketClientAdapter(url, 1000)] });
@@ -154,6 +175,8 @@ async function run(server, docs, plan, { rate = 1 } = {}) {
   });
   const settle_s = await quiet(server.pid);
   const before = cpuSeconds(server.pid);
+  const messagesBefore = { ...messages };
+  const clientBefore = process.cpuUsage();
   let edits = 0;
   const counts = plan.map(() => 0);
   const timers = plan.map((entry, i) => entry.writes && setTimeout(() => {
@@ -172,6 +195,9 @@ async function run(server, docs, plan, { rate = 1 } = {}) {
   await sleep(duration * 1000);
   timers.forEach(t => clearInterval(t));
   const cpu = cpuSeconds(server.pid) - before;
+  const clientCpu = process.cpuUsage(clientBefore);
+  const received = messages.received - messagesBefore.received;
+  const sent = messages.sent - messagesBefore.sent;
   // Every reader of a document must end up with every writer's last edit.
   const expected = () => plan.reduce((missing, entry, i) => missing + plan.filter((other, j) =>
     j !== i && other.writes && other.doc === entry.doc && (seen[i].get(`c${j}`) ?? 0) < counts[j]).length, 0);
@@ -186,10 +212,13 @@ async function run(server, docs, plan, { rate = 1 } = {}) {
     edits,
     settle_s,
     cpu_ms_per_edit: (cpu * 1000) / Math.max(edits, 1),
+    client_cpu_ms_per_edit: (clientCpu.user + clientCpu.system) / 1000 / Math.max(edits, 1),
     p50_ms: pct(0.5),
     p99_ms: pct(0.99),
     deliveries: latencies.length,
     missing,
+    msgs_in_per_edit: received / Math.max(edits, 1),
+    msgs_out_per_edit: sent / Math.max(edits, 1),
     rss_mib: mem.rss,
     peak_rss_mib: mem.peak,
   };
@@ -218,25 +247,66 @@ const scenarios = {
 };
 
 const chosen = only === "all" ? Object.keys(scenarios) : [only];
+const servers = { meridian: startMeridian, reference: startReference };
+const names = (args.servers ?? "meridian,reference").split(",");
 const rows = [];
 for (const name of chosen) {
-  const servers = { meridian: startMeridian, reference: startReference };
-  const names = (args.servers ?? "meridian,reference").split(",");
-  for (const start of names.map(n => servers[n])) {
-    const server = await start();
-    try {
-      const result = await scenarios[name](server);
-      rows.push({ scenario: name, server: server.name, ...result });
-      console.error(JSON.stringify(rows.at(-1)));
-    } finally {
-      server.stop();
-      await sleep(2000);
+  for (let run = 1; run <= runs; run++) {
+    // Alternate which server goes first, so that a drift of the machine over the
+    // invocation does not always favour the same one.
+    const order = run % 2 === 1 ? names : [...names].reverse();
+    for (const start of order.map(n => servers[n])) {
+      const server = await start();
+      try {
+        const result = await scenarios[name](server);
+        rows.push({ scenario: name, server: server.name, run, ...result });
+        console.error(JSON.stringify(rows.at(-1)));
+      } finally {
+        server.stop();
+        await sleep(2000);
+      }
     }
   }
 }
 const fmt = n => (typeof n === "number" ? (Number.isInteger(n) ? String(n) : n.toFixed(3)) : String(n));
-const columns = ["scenario", "server", "edits", "settle_s", "cpu_ms_per_edit", "p50_ms", "p99_ms", "deliveries", "missing", "rss_mib", "peak_rss_mib"];
-console.log(`| ${columns.join(" | ")} |`);
-console.log(`|${columns.map(() => "---").join("|")}|`);
-for (const row of rows) console.log(`| ${columns.map(c => fmt(row[c])).join(" | ")} |`);
+const table = (columns, lines) => {
+  console.log(`| ${columns.join(" | ")} |`);
+  console.log(`|${columns.map(() => "---").join("|")}|`);
+  for (const line of lines) console.log(`| ${columns.map(c => fmt(line[c])).join(" | ")} |`);
+};
+table(["scenario", "server", "run", "edits", "settle_s", "cpu_ms_per_edit", "client_cpu_ms_per_edit", "p50_ms", "p99_ms", "deliveries",
+  "missing", "msgs_in_per_edit", "msgs_out_per_edit", "rss_mib", "peak_rss_mib"], rows);
+if (runs > 1) {
+  const median = values => {
+    const sorted = [...values].sort((a, b) => a - b);
+    const mid = Math.floor(sorted.length / 2);
+    return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+  };
+  const summary = [];
+  for (const scenario of chosen) {
+    for (const server of names) {
+      const own = rows.filter(r => r.scenario === scenario && r.server === server);
+      const ours = rows.filter(r => r.scenario === scenario && r.server === "meridian");
+      const theirs = rows.filter(r => r.scenario === scenario && r.server === "reference");
+      const pairs = ours.map(o => [o, theirs.find(t => t.run === o.run)]).filter(([, t]) => t);
+      summary.push({
+        scenario,
+        server,
+        runs: own.length,
+        cpu_ms_per_edit: median(own.map(r => r.cpu_ms_per_edit)),
+        p50_ms: median(own.map(r => r.p50_ms)),
+        p99_ms: median(own.map(r => r.p99_ms)),
+        missing: own.reduce((sum, r) => sum + r.missing, 0),
+        peak_rss_mib: Math.max(...own.map(r => r.peak_rss_mib)),
+        cpu_ratio: server === "meridian" && pairs.length
+          ? pairs.map(([o, t]) => (t.cpu_ms_per_edit / o.cpu_ms_per_edit).toFixed(1)).join(" / ") : "",
+        p99_at_most_reference: server === "meridian" && pairs.length
+          ? `${pairs.filter(([o, t]) => o.p99_ms <= t.p99_ms).length} of ${pairs.length}` : "",
+      });
+    }
+  }
+  console.log();
+  table(["scenario", "server", "runs", "cpu_ms_per_edit", "p50_ms", "p99_ms", "missing", "peak_rss_mib",
+    "cpu_ratio", "p99_at_most_reference"], summary);
+}
 process.exit(rows.some(r => r.missing > 0) ? 1 : 0);
