@@ -38,7 +38,7 @@ const args = Object.fromEntries(
 const here = path.dirname(new URL(import.meta.url).pathname);
 const meridianBin = path.resolve(here, args.meridian ?? "../../target/release/meridian");
 const duration = Number(args.duration ?? 20);
-const runs = Math.max(1, Number(args.runs ?? 1));
+const runs = Math.max(1, Number.parseInt(args.runs ?? "1", 10) || 1);
 const only = args.scenario ?? "all";
 const sleep = ms => new Promise(r => setTimeout(r, ms));
 
