@@ -284,11 +284,13 @@ if (runs > 1) {
   };
   const summary = [];
   for (const scenario of chosen) {
+    const of = server => rows.filter(r => r.scenario === scenario && r.server === server);
+    // Meridian's run against the reference's run of the same number.
+    const theirs = of("reference");
+    const pairs = of("meridian").map(o => [o, theirs.find(t => t.run === o.run)]).filter(([, t]) => t);
     for (const server of names) {
-      const own = rows.filter(r => r.scenario === scenario && r.server === server);
-      const ours = rows.filter(r => r.scenario === scenario && r.server === "meridian");
-      const theirs = rows.filter(r => r.scenario === scenario && r.server === "reference");
-      const pairs = ours.map(o => [o, theirs.find(t => t.run === o.run)]).filter(([, t]) => t);
+      const own = of(server);
+      const compared = server === "meridian" && pairs.length > 0;
       summary.push({
         scenario,
         server,
@@ -298,9 +300,9 @@ if (runs > 1) {
         p99_ms: median(own.map(r => r.p99_ms)),
         missing: own.reduce((sum, r) => sum + r.missing, 0),
         peak_rss_mib: Math.max(...own.map(r => r.peak_rss_mib)),
-        cpu_ratio: server === "meridian" && pairs.length
+        cpu_ratio: compared
           ? pairs.map(([o, t]) => (t.cpu_ms_per_edit / o.cpu_ms_per_edit).toFixed(1)).join(" / ") : "",
-        p99_at_most_reference: server === "meridian" && pairs.length
+        p99_at_most_reference: compared
           ? `${pairs.filter(([o, t]) => o.p99_ms <= t.p99_ms).length} of ${pairs.length}` : "",
       });
     }
