@@ -3,15 +3,20 @@
 use std::net::IpAddr;
 
 /// The address a connection counts against: IPv4 as it is, IPv6 by its /64 (one host
-/// usually holds a whole /64).
+/// usually holds a whole /64). An IPv4 client of a dual-stack listener (bound to `[::]`)
+/// arrives as an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) and counts as its IPv4
+/// address: by its /64 every IPv4 client would share one key.
 pub fn address_key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut segments = v6.segments();
-            segments[4..].fill(0);
-            IpAddr::V6(segments.into())
-        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+        },
     }
 }
 
@@ -63,5 +68,13 @@ mod tests {
         assert_ne!(address_key(a), address_key(c));
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         assert_eq!(address_key(v4), v4);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_count_by_their_own_address() {
+        let a: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let b: IpAddr = "::ffff:192.0.2.8".parse().unwrap();
+        assert_ne!(address_key(a), address_key(b));
+        assert_eq!(address_key(a), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 }
