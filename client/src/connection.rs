@@ -57,6 +57,26 @@ impl Established {
 /// A QUIC client endpoint that trusts the configured CA, TLS 1.3 only, ALPN `meridian/1`.
 /// Public for tools and tests that speak the protocol by hand.
 pub fn endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    let client_config = quic_client_config(config)?;
+    let bind: SocketAddr = if config.endpoint.starts_with('[') {
+        "[::]:0"
+            .parse()
+            .map_err(|_| ClientError::Config("bind".into()))?
+    } else {
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| ClientError::Config("bind".into()))?
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(e.to_string()))?;
+    endpoint.set_default_client_config(client_config);
+    Ok(endpoint)
+}
+
+/// The QUIC client configuration [`endpoint`] connects with: the TLS settings above and
+/// the transport's keep-alive, idle timeout and receive windows from `config`. Public
+/// for tools and tests that need another transport (`quinn::Endpoint::connect_with`).
+pub fn quic_client_config(config: &ClientConfig) -> Result<quinn::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -89,19 +109,7 @@ pub fn endpoint(config: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
         .stream_receive_window(quinn::VarInt::from_u32((MAX_FRAME_LEN + (64 << 10)) as u32))
         .receive_window(quinn::VarInt::from_u32(8 << 20));
     client_config.transport_config(Arc::new(transport));
-    let bind: SocketAddr = if config.endpoint.starts_with('[') {
-        "[::]:0"
-            .parse()
-            .map_err(|_| ClientError::Config("bind".into()))?
-    } else {
-        "0.0.0.0:0"
-            .parse()
-            .map_err(|_| ClientError::Config("bind".into()))?
-    };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Config(e.to_string()))?;
-    endpoint.set_default_client_config(client_config);
-    Ok(endpoint)
+    Ok(client_config)
 }
 
 /// The certificates of a PEM bundle, as trust anchors.

@@ -34,7 +34,7 @@ use std::time::Duration;
 use meridian_protocol::{DocId, ErrorCode, IdError, NodeAddr};
 use tokio::sync::{mpsc, watch};
 
-pub use connection::endpoint as quic_endpoint;
+pub use connection::{endpoint as quic_endpoint, quic_client_config};
 pub use doc::{DocEvent, DocHandle, PeerPresence, SyncStatus};
 pub use locate::Home;
 pub use meridian_protocol::{ChangeHash, UserId};

@@ -385,6 +385,57 @@ async fn connections_that_never_authenticate_close_with_timeout() {
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// A client that grants the relay no flow-control credit (a receive window of zero, kept
+/// alive by its pings) cannot keep its connection, and the node's connection slot, by
+/// leaving the relay's last words unread: a refused `hello` and an expired session close
+/// with their typed codes all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_grants_no_credit_cannot_hold_its_connection_past_a_close() {
+    let dev = Dev::new();
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let deaf = |token: String| {
+        let config = dev.client_config(addr, token.clone());
+        async move {
+            let endpoint = meridian_client::quic_endpoint(&config).unwrap();
+            let mut client = meridian_client::quic_client_config(&config).unwrap();
+            let mut transport = quinn::TransportConfig::default();
+            transport
+                .stream_receive_window(quinn::VarInt::from_u32(0))
+                .receive_window(quinn::VarInt::from_u32(0))
+                .keep_alive_interval(Some(Duration::from_millis(500)));
+            client.transport_config(std::sync::Arc::new(transport));
+            let connection = endpoint
+                .connect_with(client, addr, "localhost")
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, _recv) = connection.open_bi().await.unwrap();
+            let hello = ClientToRelay::Hello {
+                token,
+                client: "deaf".into(),
+            };
+            send.write_all(&hello.to_bytes()).await.unwrap();
+            (endpoint, connection, send)
+        }
+    };
+    // A bad token: the `unauthorized` answer cannot be written; the close comes anyway.
+    let (_endpoint, refused, _send) = deaf("not a token".into()).await;
+    expect_closed_with(&refused, ErrorCode::Unauthorized).await;
+    // A token that expires in two seconds: `welcome` is never taken, and the close queued
+    // behind it comes anyway.
+    let token = dev.token_with(
+        "deaf",
+        meridian_protocol::token::DocScope::Prefix(String::new()),
+        meridian_protocol::token::Rights::ALL,
+        2,
+    );
+    let (_endpoint, expired, _send) = deaf(token).await;
+    expect_closed_with(&expired, ErrorCode::TokenExpired).await;
+    still_serving(&dev, addr).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_ends_when_its_token_expires_even_while_only_reading() {
     let dev = Dev::new();

@@ -824,13 +824,24 @@ async fn refuse(
     message: &str,
 ) {
     let frame = RelayToClient::error(code, None, message).to_bytes();
-    if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(crate::writer::LAST_WORD_TIMEOUT, send.stopped()).await;
-    }
+    last_word(send, &frame).await;
     shared
         .rate_limits
         .closed(connection.remote_address().ip(), code);
     close(connection, code);
+}
+
+/// Writes a refusal before a close and waits for the peer to take it, all within
+/// [`crate::writer::LAST_WORD_TIMEOUT`]: a peer that grants no flow-control credit (a
+/// receive window of zero) blocks the write itself, and must not keep its connection, and
+/// the connection slot it holds, open by it.
+async fn last_word(send: &mut SendStream, frame: &[u8]) {
+    let _ = tokio::time::timeout(crate::writer::LAST_WORD_TIMEOUT, async {
+        if send.write_all(frame).await.is_ok() && send.finish().is_ok() {
+            let _ = send.stopped().await;
+        }
+    })
+    .await;
 }
 
 /// Verifies a token against the tenants' current keys and lifetimes.
@@ -904,9 +915,7 @@ async fn refuse_placement(connection: &quinn::Connection, send: &mut SendStream,
     let code = close_code(&message);
     crate::metrics::connection_rejected("not_home");
     let frame = message.to_bytes();
-    if send.write_all(&frame).await.is_ok() && send.finish().is_ok() {
-        let _ = tokio::time::timeout(crate::writer::LAST_WORD_TIMEOUT, send.stopped()).await;
-    }
+    last_word(send, &frame).await;
     connection.close(
         VarInt::from(u32::from(code.code())),
         code.to_string().as_bytes(),

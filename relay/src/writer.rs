@@ -162,11 +162,41 @@ impl Outbox {
         if !self.queued_bytes.take(size) {
             return false;
         }
+        let closing = match &outbound {
+            Outbound::Close(message) => Some(close_code(message)),
+            _ => None,
+        };
         if self.tx.try_send((outbound, received)).is_err() {
             self.queued_bytes.give(size);
             return false;
         }
+        if let Some(code) = closing {
+            self.close_unless_closed_by(code, 2 * LAST_WORD_TIMEOUT);
+        }
         true
+    }
+
+    /// A close queued behind other messages happens when the writer reaches it, which a
+    /// peer that stops granting flow-control credit (it reads nothing) would put off for
+    /// ever, keeping the connection open past the session's end: closes it with `code`
+    /// after `grace` unless it is closed by then.
+    fn close_unless_closed_by(&self, code: ErrorCode, grace: std::time::Duration) {
+        let Peer::Quic(connection) = &self.peer else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (connection, limits) = (connection.clone(), self.limits.clone());
+        runtime.spawn(async move {
+            if tokio::time::timeout(grace, connection.closed())
+                .await
+                .is_err()
+            {
+                limits.closed(connection.remote_address().ip(), code);
+                close(&connection, code);
+            }
+        });
     }
 
     /// Closes the connection with a typed error code (its name is the close reason).
