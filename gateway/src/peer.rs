@@ -44,7 +44,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_protocol::token::{Capability, Rights};
-use meridian_protocol::{ChangeHash, DocId, ErrorCode, MAX_HEADS, NodeAddr, RelayToClient};
+use meridian_protocol::{
+    ChangeHash, DocId, ErrorCode, MAX_HEADS, MAX_PRESENCE_LEN, NodeAddr, RelayToClient,
+};
 use meridian_relay::engine::{Outbound, SessionId};
 
 use crate::docid;
@@ -55,9 +57,11 @@ use crate::wire::{ClientMessage, PROTOCOL_VERSION, ServerMessage, cbor_bytes, is
 #[derive(Debug, Clone)]
 pub struct PeerLimits {
     /// Bytes of messages and changes held, across the peer's documents, while their
-    /// catch-ups are on their way.
+    /// catch-ups are on their way (a held change counts its bytes and the 32 of its
+    /// place in the list).
     pub pending_bytes_max: usize,
-    /// Documents one peer may sync at once.
+    /// Documents one peer may sync at once (the relay's subscriptions per session); a
+    /// document past them is answered `doc-unavailable`.
     pub docs_max: usize,
     /// Changes go to the relay in groups of at most this many bytes...
     pub upload_bytes_max: usize,
@@ -76,7 +80,7 @@ impl Default for PeerLimits {
     fn default() -> Self {
         PeerLimits {
             pending_bytes_max: 32 << 20,
-            docs_max: 1024,
+            docs_max: 255,
             upload_bytes_max: 256 << 10,
             upload_changes_max: 512,
             sync_interval: Duration::from_millis(100),
@@ -242,7 +246,11 @@ pub struct Peer {
     /// bs58check id costs two SHA-256 rounds; a peer names its documents in every
     /// message).
     ids: HashMap<String, DocId>,
-    /// The counter of ephemeral messages sent to this peer.
+    /// The `count` of the last ephemeral message sent to this peer. automerge-repo drops
+    /// an ephemeral message whose count is not above the last one it saw from the same
+    /// sender and session, and remembers them across reconnects; so counts start at the
+    /// connection's wall-clock time in microseconds ([`Peer::start_ephemeral_counts_at`]),
+    /// above any count an earlier connection used.
     ephemeral_count: u64,
     /// Bytes its documents hold while their catch-ups are on their way (the sum of
     /// their `waiting`).
@@ -273,6 +281,13 @@ impl Peer {
             last_sent: None,
             next_flush: None,
         }
+    }
+
+    /// Starts the counts of the ephemeral messages sent to this peer above `base` (the
+    /// server gives the wall-clock time in microseconds since the Unix epoch: an earlier
+    /// connection of the same repo sent fewer than a million a second).
+    pub fn start_ephemeral_counts_at(&mut self, base: u64) {
+        self.ephemeral_count = self.ephemeral_count.max(base);
     }
 
     /// When the sync messages that wait are to be sent ([`Peer::flush`]), if any wait.
@@ -446,6 +461,17 @@ impl Peer {
                 let Some(doc) = self.doc_id(&mut out, &document_id) else {
                     return out;
                 };
+                if data.len() > MAX_PRESENCE_LEN {
+                    // A presence state goes to native sessions too, whose protocol caps it.
+                    out.push(Effect::close(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "ephemeral data of {} bytes; at most {MAX_PRESENCE_LEN}",
+                            data.len()
+                        ),
+                    ));
+                    return out;
+                }
                 if self.capability.allows(&doc, |r: &Rights| r.presence)
                     && self.docs.contains_key(&doc)
                 {
@@ -503,13 +529,10 @@ impl Peer {
         let writable = self.capability.allows(&doc, |r: &Rights| r.write);
         if !self.docs.contains_key(&doc) {
             if self.docs.len() >= self.limits.docs_max {
-                out.push(Effect::close(
-                    ErrorCode::Overloaded,
-                    format!(
-                        "a connection syncs at most {} documents",
-                        self.limits.docs_max
-                    ),
-                ));
+                // Unavailable here, as a document outside the token's rights is: an
+                // automerge-repo peer announces every document it has open whenever it
+                // connects, so a close would only bring it back to be closed again.
+                out.push(Effect::Send(ServerMessage::DocUnavailable { document_id }));
                 return;
             }
             if self.waiting + raw.len() > self.limits.pending_bytes_max {
@@ -554,7 +577,12 @@ impl Peer {
             if state.caught_up {
                 upload(out, &limits, &doc, message.changes);
             } else {
-                let bytes: usize = message.changes.iter().map(Bytes::len).sum();
+                // What a held change costs: its bytes and its place in the list.
+                let bytes: usize = message
+                    .changes
+                    .iter()
+                    .map(|change| change.len() + std::mem::size_of::<Bytes>())
+                    .sum();
                 if self.waiting + bytes > limits.pending_bytes_max {
                     out.push(Effect::close(
                         ErrorCode::TooLarge,
@@ -915,7 +943,7 @@ mod tests {
     fn fanout(doc: &DocId, n: u8) -> Outbound {
         Outbound::Changes {
             doc: doc.clone(),
-            changes: vec![Bytes::from(vec![n])],
+            changes: vec![Bytes::from(vec![n; 10])],
             heads: vec![hash(n)],
             durable_heads: vec![hash(1)],
         }
@@ -951,10 +979,98 @@ mod tests {
     }
 
     #[test]
+    fn ephemeral_data_over_the_presence_limit_closes_the_socket() {
+        let (id, doc) = id(1);
+        let mut peer = all();
+        peer.handle_client(sync(&id, vec![], vec![]), &Bytes::new(), Instant::now());
+        let ephemeral = |data: Bytes| ClientMessage::Ephemeral {
+            document_id: id.clone(),
+            data,
+        };
+        let at_limit = Bytes::from(vec![0x61; MAX_PRESENCE_LEN]);
+        let out = peer.handle_client(ephemeral(at_limit.clone()), &Bytes::new(), Instant::now());
+        assert_eq!(
+            out,
+            vec![Effect::Presence {
+                doc,
+                state: at_limit
+            }]
+        );
+        let over = Bytes::from(vec![0x61; MAX_PRESENCE_LEN + 1]);
+        let out = peer.handle_client(ephemeral(over), &Bytes::new(), Instant::now());
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Close {
+                    code: ErrorCode::TooLarge,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn ephemeral_counts_of_a_later_connection_are_above_an_earlier_ones() {
+        let (id, doc) = id(1);
+        let counts = |base: u64| -> Vec<u64> {
+            let mut peer = all();
+            peer.start_ephemeral_counts_at(base);
+            peer.handle_client(sync(&id, vec![], vec![]), &Bytes::new(), Instant::now());
+            (0..3)
+                .flat_map(|_| {
+                    let presence = Outbound::Message(RelayToClient::Presence {
+                        doc: doc.clone(),
+                        session: 7,
+                        user: UserId::new("bob").unwrap(),
+                        state: Bytes::from_static(&[0xa0]),
+                    });
+                    peer.handle_outbound(presence, Instant::now())
+                })
+                .filter_map(|effect| match effect {
+                    Effect::Send(ServerMessage::Ephemeral { count, .. }) => Some(count),
+                    _ => None,
+                })
+                .collect()
+        };
+        // automerge-repo keeps the last count per sender and session across reconnects,
+        // and drops what is not above it.
+        let earlier = counts(1_000_000);
+        let later = counts(2_000_000);
+        assert_eq!(earlier, vec![1_000_001, 1_000_002, 1_000_003]);
+        assert!(later[0] > earlier[2], "{earlier:?} {later:?}");
+    }
+
+    #[test]
+    fn changes_held_for_a_catch_up_count_their_place_in_the_list() {
+        // pending_bytes_max is 1000 here; a held change costs its bytes and a `Bytes`.
+        let held = 10 + std::mem::size_of::<Bytes>();
+        let mut peer = all();
+        let (id, _) = id(1);
+        let changes = (0..20u8).map(|n| Bytes::from(vec![n; 10])).collect();
+        let out = peer.handle_client(sync(&id, vec![], changes), &Bytes::new(), Instant::now());
+        assert!(matches!(&out[..], [Effect::Subscribe { .. }]), "{out:?}");
+        assert_eq!(peer.waiting_bytes(), 20 * held);
+        // Ten more of ten bytes (100 bytes of changes) go past the budget.
+        let changes = (20..30u8).map(|n| Bytes::from(vec![n; 10])).collect();
+        let out = peer.handle_client(sync(&id, vec![], changes), &Bytes::new(), Instant::now());
+        assert!(
+            matches!(
+                &out[..],
+                [Effect::Close {
+                    code: ErrorCode::TooLarge,
+                    ..
+                }]
+            ),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn changes_wait_for_the_catch_up_then_go_to_the_relay_and_replies_do_not_ping_pong() {
         let mut peer = all();
         let (id, doc) = id(1);
-        let change = Bytes::from_static(b"change");
+        let change = Bytes::from_static(b"one change");
         let out = peer.handle_client(
             sync(&id, vec![hash(9)], vec![change.clone()]),
             &Bytes::new(),
@@ -973,7 +1089,7 @@ mod tests {
             Outbound::CatchUp {
                 doc: doc.clone(),
                 snapshot: None,
-                changes: vec![Bytes::from_static(b"theirs")],
+                changes: vec![Bytes::from_static(b"their change")],
                 heads: vec![hash(2)],
                 durable_heads: vec![hash(1)],
                 authors: vec![],
@@ -984,7 +1100,10 @@ mod tests {
         assert_eq!(messages.len(), 1);
         assert_eq!(messages[0].heads, vec![hash(1)]);
         assert_eq!(messages[0].have[0].last_sync, vec![hash(2)]);
-        assert_eq!(messages[0].changes, vec![Bytes::from_static(b"theirs")]);
+        assert_eq!(
+            messages[0].changes,
+            vec![Bytes::from_static(b"their change")]
+        );
         assert!(out.contains(&Effect::Changes {
             doc: doc.clone(),
             changes: vec![change]
@@ -1013,7 +1132,7 @@ mod tests {
         let out = peer.handle_outbound(
             Outbound::Changes {
                 doc,
-                changes: vec![Bytes::from_static(b"new")],
+                changes: vec![Bytes::from_static(b"new change")],
                 heads: vec![hash(3)],
                 durable_heads: vec![hash(2)],
             },
@@ -1051,7 +1170,7 @@ mod tests {
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         // The first change after a quiet spell goes at once.
         let out = peer.handle_outbound(fanout(2), at(1));
-        assert_eq!(sent(&out)[0].changes, vec![Bytes::from(vec![2])]);
+        assert_eq!(sent(&out)[0].changes, vec![Bytes::from(vec![2; 10])]);
         assert_eq!(peer.flush_at(), None);
         // What follows within the interval waits, durable heads included...
         assert!(peer.handle_outbound(fanout(3), at(10)).is_empty());
@@ -1072,7 +1191,7 @@ mod tests {
         assert_eq!(messages.len(), 1);
         assert_eq!(
             messages[0].changes,
-            vec![Bytes::from(vec![3]), Bytes::from(vec![4])]
+            vec![Bytes::from(vec![3; 10]), Bytes::from(vec![4; 10])]
         );
         assert_eq!(messages[0].heads, vec![hash(3)]);
         assert_eq!(messages[0].have[0].last_sync, vec![hash(4)]);
@@ -1106,7 +1225,7 @@ mod tests {
     fn changes_wait_for_the_peers_answer_to_the_last_ones_or_until_it_had_long_enough() {
         let (mut peer, id, doc, t0) = paced(
             |limits| limits.answer_wait = Duration::from_secs(1),
-            vec![Bytes::from_static(b"old")],
+            vec![Bytes::from_static(b"old change")],
         );
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         let fanout = |n: u8| fanout(&doc, n);
@@ -1124,7 +1243,7 @@ mod tests {
         assert_eq!(peer.flush_at(), Some(at(1030)));
         assert!(peer.flush(at(500)).is_empty());
         let messages = sent(&peer.flush(at(1030)));
-        assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![4; 10])]);
     }
 
     #[test]
@@ -1152,13 +1271,13 @@ mod tests {
         // ...and the next change goes at once too: that message started no interval.
         let next = Outbound::Changes {
             doc: doc.clone(),
-            changes: vec![Bytes::from(vec![3])],
+            changes: vec![Bytes::from(vec![3; 10])],
             heads: vec![hash(3)],
             durable_heads: vec![hash(2)],
         };
         let messages = sent(&peer.handle_outbound(next, at(160)));
         assert_eq!(messages.len(), 1);
-        assert_eq!(messages[0].changes, vec![Bytes::from(vec![3])]);
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![3; 10])]);
         assert_eq!(peer.flush_at(), None);
         // A change within the interval after it waits, as before.
         assert!(peer.handle_outbound(fanout(&doc, 4), at(170)).is_empty());
@@ -1199,7 +1318,7 @@ mod tests {
         assert_eq!(peer.due.len(), 1);
         let messages = sent(&peer.flush(at(101)));
         assert_eq!(messages.len(), 1);
-        assert_eq!(messages[0].changes, vec![Bytes::from(vec![4])]);
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![4; 10])]);
     }
 
     #[test]
@@ -1236,7 +1355,7 @@ mod tests {
         let mut narrow = peer(DocScope::Exact(vec!["am/other".into()]), Rights::ALL);
         let (id, _) = id(1);
         let out = narrow.handle_client(
-            sync(&id, vec![], vec![Bytes::from_static(b"x")]),
+            sync(&id, vec![], vec![Bytes::from_static(b"x change x")]),
             &Bytes::new(),
             Instant::now(),
         );
@@ -1253,7 +1372,7 @@ mod tests {
             },
         );
         reader.handle_client(
-            sync(&id, vec![], vec![Bytes::from_static(b"x")]),
+            sync(&id, vec![], vec![Bytes::from_static(b"x change x")]),
             &Bytes::new(),
             Instant::now(),
         );
@@ -1305,7 +1424,7 @@ mod tests {
         let out = peer.handle_outbound(
             Outbound::Changes {
                 doc,
-                changes: vec![Bytes::from_static(b"c")],
+                changes: vec![Bytes::from_static(b"c change c")],
                 heads: vec![hash(1)],
                 durable_heads: vec![],
             },
@@ -1347,7 +1466,7 @@ mod tests {
             ]
         );
         assert_eq!(peer.waiting_bytes(), 0, "what waited went to the owner");
-        let third = Bytes::from_static(b"third");
+        let third = Bytes::from_static(b"third change");
         let out = peer.handle_client(sync(&id, vec![], vec![]), &third, Instant::now());
         assert_eq!(
             out,
@@ -1386,13 +1505,18 @@ mod tests {
         let mut peer = all();
         peer.handle_client(sync(&a, vec![], vec![]), &Bytes::new(), Instant::now());
         peer.handle_client(sync(&b, vec![], vec![]), &Bytes::new(), Instant::now());
+        // A third document (two at most here) is unavailable to this peer, which stays.
         let out = peer.handle_client(sync(&c, vec![], vec![]), &Bytes::new(), Instant::now());
-        assert!(matches!(
-            &out[..],
-            [Effect::Close {
-                code: ErrorCode::Overloaded,
-                ..
-            }]
-        ));
+        assert_eq!(
+            out,
+            vec![Effect::Send(ServerMessage::DocUnavailable {
+                document_id: c.clone()
+            })]
+        );
+        let out = peer.handle_client(sync(&a, vec![], vec![]), &Bytes::new(), Instant::now());
+        assert!(
+            !out.iter().any(|e| matches!(e, Effect::Close { .. })),
+            "{out:?}"
+        );
     }
 }

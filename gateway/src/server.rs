@@ -296,6 +296,12 @@ impl Conn {
             storage_id(&tenant),
             config.peer.clone(),
         );
+        let wall_micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_micros()).unwrap_or(u64::MAX)
+            });
+        peer.start_ephemeral_counts_at(wall_micros);
         // What is on its way to the relay, in order; while any waits, the socket is not
         // read (backpressure).
         let mut to_relay: VecDeque<Effect> = VecDeque::new();

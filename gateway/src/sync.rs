@@ -5,7 +5,9 @@
 //! a flags section; the gateway reads past it and never sends one, so peers keep
 //! sending changes rather than whole saved documents (version 2, `0x43`, refused here).
 //!
-//! Decoding is total and bounded by the input and by [`HASHES_MAX`], [`HAVES_MAX`].
+//! Decoding is total and bounded by the input and by [`HASHES_MAX`], [`HAVES_MAX`]; every
+//! change takes at least [`CHANGE_MIN_BYTES`] of it, so the list of changes (a [`Bytes`]
+//! each) stays within a small multiple of the message's size.
 
 use bytes::Bytes;
 use meridian_protocol::ChangeHash;
@@ -16,6 +18,10 @@ pub const V1: u8 = 0x42;
 pub const V2: u8 = 0x43;
 /// The most hashes in one list (heads, need, a `lastSync`).
 pub const HASHES_MAX: usize = meridian_protocol::MAX_HEADS;
+/// The fewest bytes of one change: an Automerge change chunk's header alone (magic bytes,
+/// checksum, chunk type, length) takes ten. A shorter one is refused, so that a message
+/// of empty changes cannot list millions of them.
+pub const CHANGE_MIN_BYTES: usize = 10;
 /// The most `have` entries.
 pub const HAVES_MAX: usize = 16;
 
@@ -34,6 +40,9 @@ pub enum SyncError {
     /// A list longer than its limit, or a length that does not fit.
     #[error("a sync message list is too long")]
     TooLong,
+    /// A change shorter than any Automerge change chunk.
+    #[error("a change of {0} bytes is shorter than an Automerge change chunk")]
+    ShortChange(usize),
 }
 
 /// What a peer has: the heads of what both sides had at the last sync, and a Bloom
@@ -141,10 +150,14 @@ impl SyncMessage {
                 bloom: r.take(len)?,
             });
         }
-        let count = r.len(1, usize::MAX)?;
-        let mut changes = Vec::with_capacity(count);
+        // Each change: its length (a byte at least) and at least its chunk header.
+        let count = r.len(1 + CHANGE_MIN_BYTES, usize::MAX)?;
+        let mut changes = Vec::with_capacity(count.min(1024));
         for _ in 0..count {
             let len = r.len(1, usize::MAX)?;
+            if len < CHANGE_MIN_BYTES {
+                return Err(SyncError::ShortChange(len));
+            }
             changes.push(r.take(len)?);
         }
         // Whatever follows is the flags section of newer peers: read past.
@@ -290,5 +303,17 @@ mod tests {
         for end in 0..valid.len() {
             assert!(SyncMessage::decode(&Bytes::copy_from_slice(&valid[..end])).is_err());
         }
+        // A million empty changes in a megabyte would be a million `Bytes` (32 MB): the
+        // count alone is refused, before anything is listed.
+        let mut empty = vec![V1, 0, 0, 0];
+        uleb(&mut empty, 1_000_000);
+        empty.resize(empty.len() + 1_000_000, 0);
+        assert_eq!(
+            SyncMessage::decode(&empty.into()),
+            Err(SyncError::Truncated)
+        );
+        // A change shorter than a chunk header is refused as such.
+        let short = Bytes::from_static(&[V1, 0, 0, 0, 1, 3, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(SyncMessage::decode(&short), Err(SyncError::ShortChange(3)));
     }
 }

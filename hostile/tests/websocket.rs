@@ -442,10 +442,46 @@ async fn origins_outside_the_tenants_list_and_too_many_documents_are_refused() {
         field(&next(&mut allowed).await.expect("peer"), "type"),
         Some(text("peer"))
     );
-    for _ in 0..4 {
-        send(&mut allowed, &sync(&doc_id(), &[], vec![])).await;
+    let ids: Vec<String> = (0..4).map(|_| doc_id()).collect();
+    for id in &ids {
+        send(&mut allowed, &sync(id, &[], vec![])).await;
     }
-    expect_refused(&mut allowed, ErrorCode::Overloaded).await;
+    // The fourth document is unavailable to this peer; the socket stays (an
+    // automerge-repo peer announces every open document whenever it connects: a close
+    // would bring it back to be closed again).
+    loop {
+        let message = next(&mut allowed).await.expect("the socket stays open");
+        assert_ne!(field(&message, "type"), Some(text("error")), "{message:?}");
+        if field(&message, "type") == Some(text("doc-unavailable"))
+            && field(&message, "documentId") == Some(text(&ids[3]))
+        {
+            break;
+        }
+    }
+    // The first three still sync: a change to one of them reaches the relay, whose heads
+    // come back with it.
+    let change = one_change("after");
+    let hash = meridian_relay::engine::change::parse_change(change.clone())
+        .expect("valid")
+        .hash;
+    send(&mut allowed, &sync(&ids[0], &[], vec![change])).await;
+    loop {
+        let message = next(&mut allowed).await.expect("the socket stays open");
+        assert_ne!(field(&message, "type"), Some(text("error")), "{message:?}");
+        if field(&message, "type") == Some(text("sync"))
+            && field(&message, "documentId") == Some(text(&ids[0]))
+            && let Some(Value::Bytes(data)) = field(&message, "data")
+        {
+            let answer = SyncMessage::decode(&Bytes::from(data)).expect("a version 1 message");
+            if answer
+                .have
+                .iter()
+                .any(|have| have.last_sync.contains(&hash))
+            {
+                break;
+            }
+        }
+    }
     node.still_serving().await;
 }
 
