@@ -322,6 +322,52 @@ async fn unfinished_frames_are_budgeted_per_session() {
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// Unfinished frames spread over many streams, each under one read, still count against
+/// the node's budget: only the first read's worth of a whole session is free of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_frames_spread_over_streams_count_against_the_node() {
+    let mut dev = Dev::new();
+    dev.limits.unfinished_bytes_per_node_max = 512 << 10;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let frame = |name: &str| {
+        ClientToRelay::Changes {
+            doc: doc(name),
+            changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
+        }
+        .to_bytes()
+    };
+    // Sixteen streams with 60 KiB of a 1 MB frame each: 960 KiB in all, of which the
+    // node's budget (512 KiB) sees all but the session's first 64 KiB.
+    let mut streams = Vec::new();
+    for i in 0..16 {
+        let name = format!("spread-{i}");
+        let mut stream = subscribed(&raw, &name).await;
+        stream.send_raw(&frame(&name)[..60 << 10]).await;
+        // Let the relay read this one before the next starts.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        streams.push((name, stream));
+    }
+    let (name, last) = streams.last_mut().expect("streams");
+    assert_eq!(
+        error_of(&last.next().await),
+        Some((ErrorCode::Overloaded, Some(doc(name))))
+    );
+    // The attacker's connection goes on, and another session's small frames still get
+    // through the node's full budget (its own free share).
+    still_open(&mut raw).await;
+    let writer = dev.client(addr, "writer").await;
+    let handle = writer.open("legit").await.unwrap();
+    handle
+        .change(|d| d.put(automerge::ROOT, "k", 1).unwrap())
+        .unwrap();
+    common::wait_durable(&handle).await;
+    writer.close().await;
+    drop(streams);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_of_another_jurisdiction_is_refused_before_welcome() {
     let dev = Dev::new();

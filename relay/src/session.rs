@@ -63,9 +63,13 @@ impl ReadError {
 struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
-    budgets: [Arc<UnfinishedBudget>; 2],
-    /// Bytes charged to both budgets (what the decoder buffers).
+    session: Arc<SessionUnfinished>,
+    node: Arc<UnfinishedBudget>,
+    /// Bytes charged to the session's budget (what the decoder buffers)...
     charged: usize,
+    /// ...of which these are in the session's share free of the node's budget (the rest
+    /// is charged to the node's).
+    free: usize,
     /// When the frame being read began (`None`: between frames).
     started: Option<tokio::time::Instant>,
     stall_timeout: std::time::Duration,
@@ -73,12 +77,14 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    fn new(recv: RecvStream, shared: &Shared, session: Arc<UnfinishedBudget>) -> Self {
+    fn new(recv: RecvStream, shared: &Shared, session: Arc<SessionUnfinished>) -> Self {
         FrameReader {
             recv,
             decoder: FrameDecoder::new(),
-            budgets: [session, shared.unfinished.clone()],
+            session,
+            node: shared.unfinished.clone(),
             charged: 0,
+            free: 0,
             started: None,
             stall_timeout: shared.limits.frame_stall_timeout,
             frame_timeout: shared.limits.frame_timeout,
@@ -123,29 +129,35 @@ impl FrameReader {
         }
     }
 
-    /// Charges the budgets for what the decoder now buffers.
-    ///
-    /// The node's budget is charged only for what a stream buffers past one read
-    /// ([`READ_CHUNK`]): when others have filled it, a session's pings and small frames
-    /// still get through (its own budget still counts every byte).
+    /// Charges the budgets for what the decoder now buffers: every byte to the session's,
+    /// and what passes the session's free share ([`READ_CHUNK`] across all its streams) to
+    /// the node's too. So when others have filled the node's budget, a session's pings
+    /// and small frames still get through, and what the node's budget does not see is
+    /// at most one read per session, however many streams it spreads frames over.
     fn recharge(&mut self) -> Result<(), ReadError> {
         let buffered = self.decoder.buffered();
-        let node_share = |bytes: usize| bytes.saturating_sub(READ_CHUNK);
         if buffered > self.charged {
             let more = buffered - self.charged;
-            let more_node = node_share(buffered) - node_share(self.charged);
-            if !self.budgets[0].take(more) {
+            if !self.session.bytes.take(more) {
                 crate::metrics::unfinished_refused("session");
                 return Err(ReadError::Budget);
             }
-            if !self.budgets[1].take(more_node) {
-                self.budgets[0].give(more);
+            let free = self.session.free.take_up_to(more);
+            if !self.node.take(more - free) {
+                self.session.bytes.give(more);
+                self.session.free.give(free);
                 crate::metrics::unfinished_refused("node");
                 return Err(ReadError::Budget);
             }
+            self.free += free;
         } else {
-            self.budgets[0].give(self.charged - buffered);
-            self.budgets[1].give(node_share(self.charged) - node_share(buffered));
+            let less = self.charged - buffered;
+            // The node's part goes back first.
+            let node_part = less.min(self.charged - self.free);
+            self.session.bytes.give(less);
+            self.node.give(node_part);
+            self.session.free.give(less - node_part);
+            self.free -= less - node_part;
         }
         self.charged = buffered;
         Ok(())
@@ -154,8 +166,26 @@ impl FrameReader {
 
 impl Drop for FrameReader {
     fn drop(&mut self) {
-        self.budgets[0].give(self.charged);
-        self.budgets[1].give(self.charged.saturating_sub(READ_CHUNK));
+        self.session.bytes.give(self.charged);
+        self.session.free.give(self.free);
+        self.node.give(self.charged - self.free);
+    }
+}
+
+/// A session's bytes of unfinished frames, across its streams: all of them count against
+/// `bytes` (`unfinished_bytes_per_session_max`), and the first [`READ_CHUNK`] of them are
+/// `free` of the node's budget.
+struct SessionUnfinished {
+    bytes: UnfinishedBudget,
+    free: UnfinishedBudget,
+}
+
+impl SessionUnfinished {
+    fn new(max: usize) -> Self {
+        SessionUnfinished {
+            bytes: UnfinishedBudget::new(max),
+            free: UnfinishedBudget::new(READ_CHUNK),
+        }
     }
 }
 
@@ -203,7 +233,7 @@ async fn run(
         return Err("no control stream in time".into());
     };
     let (mut send, recv) = accepted.map_err(|error| error.to_string())?;
-    let unfinished = Arc::new(UnfinishedBudget::new(
+    let unfinished = Arc::new(SessionUnfinished::new(
         shared.limits.unfinished_bytes_per_session_max,
     ));
     let mut reader = FrameReader::new(recv, shared, unfinished.clone());

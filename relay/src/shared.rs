@@ -212,4 +212,21 @@ impl UnfinishedBudget {
     pub(crate) fn give(&self, bytes: usize) {
         self.used.fetch_sub(bytes, Ordering::Relaxed);
     }
+
+    /// Takes as much of `bytes` as is left, and says how much that was.
+    pub(crate) fn take_up_to(&self, bytes: usize) -> usize {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let taken = bytes.min(self.max.saturating_sub(used));
+            match self.used.compare_exchange_weak(
+                used,
+                used + taken,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return taken,
+                Err(now) => used = now,
+            }
+        }
+    }
 }
