@@ -322,6 +322,45 @@ async fn unfinished_frames_are_budgeted_per_session() {
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// A `subscribe` that would take the session over its budget of unfinished frames (held
+/// by a large frame on another stream) ends only its own stream, as any frame does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_over_the_unfinished_budget_ends_only_its_stream() {
+    let mut dev = Dev::new();
+    dev.limits.unfinished_bytes_per_session_max = 1 << 20;
+    let relay = dev.start().await;
+    let addr = relay.local_addr();
+    let mut raw = dev.raw(addr, dev.token("mallory")).await;
+    let big = ClientToRelay::Changes {
+        doc: doc("a"),
+        changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
+    }
+    .to_bytes();
+    let mut first = subscribed(&raw, "a").await;
+    first.send_raw(&big[..big.len() - 7]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 1,024 heads: about 32 KiB, more than the budget has left.
+    let heads = (0..1024u32)
+        .map(|i| {
+            let mut hash = [0u8; 32];
+            hash[..4].copy_from_slice(&i.to_be_bytes());
+            meridian_protocol::ChangeHash(hash)
+        })
+        .collect();
+    let mut second = raw.subscribe_at("b", heads, false).await;
+    assert_eq!(
+        error_of(&second.next().await),
+        Some((ErrorCode::Overloaded, None))
+    );
+    still_open(&mut raw).await;
+    first.send_raw(&big[big.len() - 7..]).await;
+    assert_eq!(
+        error_of(&first.next().await),
+        Some((ErrorCode::InvalidChange, Some(doc("a"))))
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 /// Unfinished frames spread over many streams, each under one read, still count against
 /// the node's budget: only the first read's worth of a whole session is free of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -703,6 +703,18 @@ impl DocStream {
                 }
             },
             Ok(None) | Err(ReadError::Stream) => return,
+            // A stalled `subscribe`, or one over the session's budget of unfinished
+            // frames (larger frames on other streams hold it): as for any frame, only
+            // this stream ends, with the reason; the connection goes on.
+            Err(error @ (ReadError::Stalled | ReadError::Budget)) => {
+                let (code, message) = error
+                    .answer()
+                    .unwrap_or((ErrorCode::Timeout, String::new()));
+                let _ = reader.recv.stop(VarInt::from(u32::from(code.code())));
+                let frame = RelayToClient::error(code, None, message).to_bytes();
+                last_word(&mut send, &frame).await;
+                return;
+            }
             Err(error) => {
                 let (code, message) = error
                     .answer()
