@@ -237,6 +237,15 @@ struct Conn {
     ),
 }
 
+/// A write to a socket ([`Conn::write`]).
+enum Write {
+    /// Into the write buffer (written out when it is full).
+    Feed(Message),
+    /// Into the write buffer, then flushed.
+    Send(Message),
+    Flush,
+}
+
 /// How a socket's loop goes on after an effect.
 enum Flow {
     Continue,
@@ -244,28 +253,53 @@ enum Flow {
 }
 
 impl Conn {
-    async fn send(&mut self, message: &ServerMessage) -> bool {
-        self.feed(message).await && self.socket.flush().await.is_ok()
+    async fn send(&mut self, message: &ServerMessage) -> Result<(), ErrorCode> {
+        self.feed(message).await?;
+        self.write(Write::Flush).await
     }
 
     /// Queues a message in the socket's write buffer (written at the next flush, or when
     /// the buffer is full).
-    async fn feed(&mut self, message: &ServerMessage) -> bool {
+    async fn feed(&mut self, message: &ServerMessage) -> Result<(), ErrorCode> {
         let bytes = wire::encode(message, &self.gateway.peer_id, &self.their_id);
         crate::metrics::messages(crate::metrics::Direction::Out, 1);
-        self.socket
-            .feed(Message::Binary(bytes.into()))
-            .await
-            .is_ok()
+        self.write(Write::Feed(Message::Binary(bytes.into()))).await
+    }
+
+    /// One write to the socket, which may wait for the peer to take bytes at most two
+    /// keepalive intervals: a peer that takes nothing for that long (its receive window
+    /// full, and it not reading) is as gone as one that does not answer pings, and must
+    /// not keep its task, its connection slot and what waits for it (`slow_consumer`).
+    /// A socket that fails is `shutting_down`.
+    async fn write(&mut self, write: Write) -> Result<(), ErrorCode> {
+        let within = 2 * self.gateway.config.keepalive;
+        let written = match write {
+            Write::Feed(message) => tokio::time::timeout(within, self.socket.feed(message)).await,
+            Write::Send(message) => tokio::time::timeout(within, self.socket.send(message)).await,
+            Write::Flush => tokio::time::timeout(within, self.socket.flush()).await,
+        };
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ErrorCode::ShuttingDown),
+            Err(_) => {
+                self.gateway.port.closed(self.ip, ErrorCode::SlowConsumer);
+                crate::metrics::closed(reason(ErrorCode::SlowConsumer));
+                Err(ErrorCode::SlowConsumer)
+            }
+        }
     }
 
     /// Sends `error` and closes with `4000 + code` and the code's name as the reason.
     async fn close(&mut self, code: ErrorCode, message: &str) {
-        let _ = self
+        if let Err(ErrorCode::SlowConsumer) = self
             .send(&ServerMessage::Error {
                 message: message.to_string(),
             })
-            .await;
+            .await
+        {
+            // It takes nothing: no close frame either.
+            return;
+        }
         let frame = CloseFrame {
             code: 4000 + code.code(),
             reason: reason(code).into(),
@@ -386,8 +420,8 @@ impl Conn {
                         vec![Effect::Close { code: ErrorCode::Timeout, message: "no answer to pings".into() }]
                     } else {
                         heard = false;
-                        if self.socket.send(Message::Ping(Vec::new().into())).await.is_err() {
-                            return ErrorCode::ShuttingDown;
+                        if let Err(code) = self.write(Write::Send(Message::Ping(Vec::new().into()))).await {
+                            return code;
                         }
                         Vec::new()
                     }
@@ -398,8 +432,8 @@ impl Conn {
                 Some(from_owner) = self.from_owners.1.recv() => match from_owner {
                     Ok(bytes) => {
                         crate::metrics::messages(crate::metrics::Direction::Out, 1);
-                        if self.socket.send(Message::Binary(bytes)).await.is_err() {
-                            return ErrorCode::ShuttingDown;
+                        if let Err(code) = self.write(Write::Send(Message::Binary(bytes))).await {
+                            return code;
                         }
                         Vec::new()
                     }
@@ -426,8 +460,8 @@ impl Conn {
             for effect in effects {
                 match effect {
                     Effect::Send(message) => {
-                        if !self.feed(&message).await {
-                            return ErrorCode::ShuttingDown;
+                        if let Err(code) = self.feed(&message).await {
+                            return code;
                         }
                         written = true;
                     }
@@ -438,8 +472,8 @@ impl Conn {
                     other => to_relay.push_back(other),
                 }
             }
-            if written && self.socket.flush().await.is_err() {
-                return ErrorCode::ShuttingDown;
+            if written && let Err(code) = self.write(Write::Flush).await {
+                return code;
             }
             if resume_at.is_none()
                 && let Flow::Closed(code) = self

@@ -346,6 +346,104 @@ async fn oversize_messages_silent_sockets_and_unanswered_pings_are_closed() {
     node.still_serving().await;
 }
 
+/// A peer that stops taking bytes (its socket's buffers full, it not reading) while
+/// changes come for it is closed within two keepalive intervals and gives back its
+/// connection slot; it does not pin its task and what waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_taking_bytes_is_dropped_and_frees_its_slot() {
+    let mut dev = Dev::new();
+    let plenty = std::num::NonZeroU32::new(256 << 20).expect("nonzero");
+    for rates in [
+        &mut dev.limits.rates.connection,
+        &mut dev.limits.rates.user,
+        &mut dev.limits.rates.tenant,
+    ] {
+        rates.inflated_bytes = plenty;
+    }
+    let config = GatewayConfig {
+        connections_max: 1,
+        keepalive: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    };
+    let node = Node::start_dev(dev, config).await;
+    // The only connection allowed, with a small receive buffer: it syncs a document, then
+    // reads nothing more but keeps sending pings (so it is never silent).
+    let tcp = tokio::net::TcpSocket::new_v4().expect("socket");
+    tcp.set_recv_buffer_size(4096).expect("receive buffer");
+    let tcp = tcp
+        .connect(node.gateway.local_addr())
+        .await
+        .expect("connect");
+    let url = format!(
+        "ws://{}/?token={}",
+        node.gateway.local_addr(),
+        node.dev.token("mallory")
+    );
+    let (mut deaf, _) = tokio_tungstenite::client_async(url.as_str(), tcp)
+        .await
+        .expect("the upgrade succeeds");
+    let id = doc_id();
+    for message in [join("mallory"), sync(&id, &[], vec![one_change("deaf")])] {
+        deaf.send(Message::Binary(message.into()))
+            .await
+            .expect("send");
+    }
+    let mut answers = 0;
+    while answers < 2 {
+        if let Some(Ok(Message::Binary(_))) = deaf.next().await {
+            answers += 1;
+        }
+    }
+    let (mut sink, unread) = deaf.split();
+    let pinger = tokio::spawn(async move {
+        while sink.send(Message::Ping(Vec::new().into())).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // A native writer puts 16 MiB that does not compress into the document: more than
+    // the loopback sockets between the gateway and the deaf peer hold.
+    let writer = node.dev.client(node.relay.local_addr(), "writer").await;
+    let handle = writer.open(&format!("am/{id}")).await.expect("open");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..256 {
+        let noise: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        handle
+            .change(|d| {
+                d.put(automerge::ROOT, format!("k{i}"), noise.clone())
+                    .expect("put")
+            })
+            .expect("change");
+    }
+    meridian_testkit::wait_durable(&handle).await;
+    // Its slot comes free: an honest peer gets in (503 while the deaf one holds it).
+    let url = format!(
+        "ws://{}/?token={}",
+        node.gateway.local_addr(),
+        node.dev.token("honest")
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if tokio_tungstenite::connect_async(url.as_str()).await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deaf peer still holds the only connection slot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    writer.close().await;
+    pinger.abort();
+    drop(unread);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
     let node = Node::start(GatewayConfig::default()).await;
