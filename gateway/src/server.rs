@@ -416,7 +416,9 @@ impl Conn {
                     }
                 },
                 _ = keepalive.tick() => {
-                    if !heard {
+                    // A peer whose socket is not read (held back by a rate limit) cannot
+                    // be heard: its answers to pings wait unread until reading resumes.
+                    if !heard && reading {
                         vec![Effect::Close { code: ErrorCode::Timeout, message: "no answer to pings".into() }]
                     } else {
                         heard = false;

@@ -587,23 +587,31 @@ async fn origins_outside_the_tenants_list_and_too_many_documents_are_refused() {
 async fn a_flood_of_changes_is_slowed_down_not_dropped() {
     let mut dev = Dev::new();
     dev.limits.rates.connection.changes = std::num::NonZeroU32::new(50).expect("nonzero");
-    let node = Node::start_dev(dev, GatewayConfig::default()).await;
+    // Pings far more often than the flood is held back: a peer whose socket is not read
+    // while it waits is not taken for one that does not answer them.
+    let config = GatewayConfig {
+        keepalive: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    };
+    let node = Node::start_dev(dev, config).await;
     let mut socket = node.joined("flooder").await;
     let id = doc_id();
     let mut doc = automerge::AutoCommit::new();
     let mut changes = Vec::new();
-    for i in 0..300 {
-        doc.put(automerge::ROOT, "k", i).expect("put");
+    // A bucket holds at least one frame's worth (4,096 changes); 150 more at 50 a
+    // second hold the flooder back about three seconds.
+    for i in 0..meridian_protocol::MAX_CHANGES_PER_FRAME + 150 {
+        doc.put(automerge::ROOT, "k", i as i64).expect("put");
         doc.commit();
         changes.push(Bytes::copy_from_slice(
             doc.get_last_local_change().expect("change").raw_bytes(),
         ));
     }
-    // Every change in messages of ten, as fast as the socket takes them.
-    for chunk in changes.chunks(10) {
+    // Every change in messages of a hundred, as fast as the socket takes them.
+    for chunk in changes.chunks(100) {
         send(&mut socket, &sync(&id, &[], chunk.to_vec())).await;
     }
-    // Nothing is dropped: the relay ends up with all 300 (reading the socket pauses
+    // Nothing is dropped: the relay ends up with all of them (reading the socket pauses
     // while the rate limit holds the flooder back).
     let client = node.dev.client(node.relay.local_addr(), "auditor").await;
     let handle = client.open(&format!("am/{id}")).await.expect("open");
