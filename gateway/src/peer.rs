@@ -747,6 +747,12 @@ impl Peer {
                         }));
                     }
                 }
+                // The document's presence rate, shared by every session on it, is used
+                // up (the relay answers nothing else of a gateway peer's this way: its
+                // own rates hold the socket back before anything reaches the relay).
+                // Presence is best effort: that update is dropped, and the peer, which
+                // may be the quietest one on the document, stays.
+                (ErrorCode::RateLimited, _) => {}
                 // Anything else refused a change the peer will not send again in this
                 // session: it must reconnect and sync again.
                 _ => out.push(Effect::close(code, message)),
@@ -1039,6 +1045,24 @@ mod tests {
         let later = counts(2_000_000);
         assert_eq!(earlier, vec![1_000_001, 1_000_002, 1_000_003]);
         assert!(later[0] > earlier[2], "{earlier:?} {later:?}");
+    }
+
+    #[test]
+    fn a_documents_presence_rate_used_up_by_others_drops_the_update_not_the_peer() {
+        let (id, doc) = id(1);
+        let mut peer = all();
+        peer.handle_client(sync(&id, vec![], vec![]), &Bytes::new(), Instant::now());
+        let refused = Outbound::Message(RelayToClient::error_retry(
+            ErrorCode::RateLimited,
+            Some(doc),
+            100,
+            "this document's presence rate is used up; retry later",
+        ));
+        let out = peer.handle_outbound(refused, Instant::now());
+        assert!(
+            !out.iter().any(|e| matches!(e, Effect::Close { .. })),
+            "{out:?}"
+        );
     }
 
     #[test]
