@@ -633,7 +633,8 @@ impl Conn {
 }
 
 /// One connection to another node's gateway on behalf of a client: joins as the client,
-/// sends what `rx` brings, and passes what comes back to the client's task.
+/// sends what `rx` brings, and passes what comes back to the client's task; when it ends
+/// (other than by the client's task letting go), tells that task why.
 async fn upstream(
     url: String,
     join: Bytes,
@@ -641,8 +642,32 @@ async fn upstream(
     to_client: tokio::sync::mpsc::Sender<FromOwner>,
     our_id: String,
 ) {
+    let ended = relay_upstream(url, join, &mut rx, &to_client, &our_id).await;
+    // Let go of the client's messages first: its task, if it waits for room to hand
+    // this one a message, then learns the connection ended instead of waiting for ever.
+    drop(rx);
+    if let Some(reason) = ended {
+        let _ = to_client.send(Err(reason)).await;
+    }
+}
+
+/// [`upstream`]'s work; why the connection ended, or `None` when the client's task let
+/// go of it.
+///
+/// A message from the owner waits, one at a time, for room in the client's queue, and
+/// while it waits the client's messages still go out: the client's task, handing over a
+/// turn's worth of them, drains its queue only once it has handed them all, so waiting
+/// for that room with its messages untaken would wait for ever.
+async fn relay_upstream(
+    url: String,
+    join: Bytes,
+    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    to_client: &tokio::sync::mpsc::Sender<FromOwner>,
+    our_id: &str,
+) -> Option<String> {
     use futures::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message as Upstream;
+    let ended = || Some("the connection ended".to_string());
     let connected = tokio::time::timeout(
         Duration::from_secs(10),
         tokio_tungstenite::connect_async(url),
@@ -650,55 +675,42 @@ async fn upstream(
     .await;
     let mut socket = match connected {
         Ok(Ok((socket, _))) => socket,
-        Ok(Err(error)) => {
-            let _ = to_client.send(Err(error.to_string())).await;
-            return;
-        }
-        Err(_) => {
-            let _ = to_client.send(Err("no connection in time".into())).await;
-            return;
-        }
+        Ok(Err(error)) => return Some(error.to_string()),
+        Err(_) => return Some("no connection in time".into()),
     };
     if socket.send(Upstream::Binary(join)).await.is_err() {
-        let _ = to_client.send(Err("the connection ended".into())).await;
-        return;
+        return ended();
     }
+    let mut waiting: Option<Bytes> = None;
     loop {
         tokio::select! {
             outgoing = rx.recv() => match outgoing {
                 Some(bytes) => {
                     if socket.send(Upstream::Binary(bytes)).await.is_err() {
-                        let _ = to_client.send(Err("the connection ended".into())).await;
-                        return;
+                        return ended();
                     }
                 }
                 None => {
                     let _ = socket.close(None).await;
-                    return;
+                    return None;
                 }
             },
-            incoming = socket.next() => match incoming {
-                Some(Ok(Upstream::Binary(bytes))) => match wire::relay_from_owner(&bytes, &our_id) {
-                    Ok(Some(bytes)) => {
-                        if to_client.send(Ok(bytes)).await.is_err() {
-                            return;
-                        }
+            room = to_client.reserve(), if waiting.is_some() => match room {
+                Ok(room) => {
+                    if let Some(bytes) = waiting.take() {
+                        room.send(Ok(bytes));
                     }
-                    Ok(None) => {}
-                    Err(error) => {
-                        let _ = to_client.send(Err(error)).await;
-                        return;
-                    }
+                }
+                Err(_) => return None,
+            },
+            incoming = socket.next(), if waiting.is_none() => match incoming {
+                Some(Ok(Upstream::Binary(bytes))) => match wire::relay_from_owner(&bytes, our_id) {
+                    Ok(message) => waiting = message,
+                    Err(error) => return Some(error),
                 },
                 Some(Ok(_)) => {}
-                Some(Err(error)) => {
-                    let _ = to_client.send(Err(error.to_string())).await;
-                    return;
-                }
-                None => {
-                    let _ = to_client.send(Err("the connection ended".into())).await;
-                    return;
-                }
+                Some(Err(error)) => return Some(error.to_string()),
+                None => return ended(),
             },
         }
     }
@@ -715,6 +727,55 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A client's task hands a turn's worth of messages to the owner's connection before
+    /// it drains what came back; an owner that answers every one must not wedge both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owner_answering_every_message_never_wedges_a_client_handing_many_over() {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message as Ws;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The owner's gateway: answers every message twice.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            while let Some(Ok(message)) = socket.next().await {
+                if let Ws::Binary(bytes) = message {
+                    for _ in 0..2 {
+                        if socket.send(Ws::Binary(bytes.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let (tx, rx) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
+        let (to_client, mut from_owner) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
+        tokio::spawn(upstream(
+            format!("ws://{addr}/"),
+            wire::encode_join("client"),
+            rx,
+            to_client,
+            "gateway".into(),
+        ));
+        let message = wire::encode_client_sync("client", "doc", b"data");
+        let sent = 10 * UPSTREAM_QUEUE;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            for _ in 0..sent {
+                tx.send(message.clone()).await.unwrap();
+            }
+        })
+        .await
+        .expect("every message went out while the answers waited");
+        // Then every answer arrives: two for each message and for the join.
+        for _ in 0..2 * (sent + 1) {
+            let answer = tokio::time::timeout(Duration::from_secs(20), from_owner.recv())
+                .await
+                .expect("the answers arrive");
+            assert!(matches!(answer, Some(Ok(_))), "{answer:?}");
+        }
+    }
 
     #[test]
     fn peers_share_the_gateways_budget_of_waiting_bytes() {
