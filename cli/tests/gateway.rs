@@ -1,0 +1,216 @@
+//! The WebSocket gateway of `meridian dev --nodes 2`: a peer of either node syncs every
+//! document, those the other node owns through that node's gateway (the gateway joins it
+//! as the peer and relays both ways), and what a peer wrote through one node a peer of the
+//! other node reads.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use automerge::transaction::Transactable;
+use bytes::Bytes;
+use ciborium::Value;
+use common::start_dev;
+use futures::{SinkExt, StreamExt};
+use meridian_gateway::sync::{Have, SyncMessage};
+use meridian_gateway::{docid, wire};
+use meridian_protocol::ChangeHash;
+use tokio_tungstenite::tungstenite::Message;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn gateway_listen(dir: &Path, node: usize) -> SocketAddr {
+    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
+        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
+        .expect("node config");
+    let file: toml::Value = toml::from_str(&text).expect("node toml");
+    file["gateway"]["listen"]
+        .as_str()
+        .expect("dev nodes have a [gateway] section")
+        .parse()
+        .expect("address")
+}
+
+fn metrics_listen(dir: &Path, node: usize) -> SocketAddr {
+    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
+        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
+        .expect("node config");
+    let file: toml::Value = toml::from_str(&text).expect("node toml");
+    file["metrics"]["listen"]
+        .as_str()
+        .expect("dev nodes have a [metrics] section")
+        .parse()
+        .expect("address")
+}
+
+fn token(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("client.toml")).expect("client.toml");
+    let file: toml::Value = toml::from_str(&text).expect("client toml");
+    file["token"].as_str().expect("token").to_string()
+}
+
+/// A joined peer of the gateway at `addr`.
+async fn joined(addr: SocketAddr, token: &str, peer: &str) -> Socket {
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/?token={token}"))
+        .await
+        .expect("the upgrade succeeds");
+    socket
+        .send(Message::Binary(wire::encode_join(peer)))
+        .await
+        .expect("join");
+    let answer = next(&mut socket).await;
+    assert_eq!(field(&answer, "type"), Some(Value::Text("peer".into())));
+    socket
+}
+
+/// The next message the gateway sends, decoded.
+async fn next(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("the gateway answers in time")
+            .expect("the socket stays open")
+            .expect("a message");
+        if let Message::Binary(bytes) = message {
+            return ciborium::from_reader(&bytes[..]).expect("CBOR");
+        }
+    }
+}
+
+fn field(value: &Value, key: &str) -> Option<Value> {
+    let Value::Map(entries) = value else {
+        return None;
+    };
+    entries
+        .iter()
+        .find(|(k, _)| k == &Value::Text(key.into()))
+        .map(|(_, v)| v.clone())
+}
+
+/// The document and the sync message of a `sync` message (or `None` for other messages).
+fn sync_of(message: &Value) -> Option<(String, SyncMessage)> {
+    if field(message, "type") != Some(Value::Text("sync".into())) {
+        assert_ne!(
+            field(message, "type"),
+            Some(Value::Text("error".into())),
+            "{message:?}"
+        );
+        return None;
+    }
+    let Some(Value::Text(document)) = field(message, "documentId") else {
+        return None;
+    };
+    let Some(Value::Bytes(data)) = field(message, "data") else {
+        return None;
+    };
+    Some((
+        document,
+        SyncMessage::decode(&Bytes::from(data)).expect("a version 1 sync message"),
+    ))
+}
+
+fn sync(peer: &str, document: &str, heads: Vec<ChangeHash>, changes: Vec<Bytes>) -> Message {
+    let data = SyncMessage {
+        heads,
+        need: vec![],
+        have: vec![Have::default()],
+        changes,
+    }
+    .encode();
+    Message::Binary(wire::encode_client_sync(peer, document, &data))
+}
+
+fn hash_of(change: &Bytes) -> ChangeHash {
+    meridian_relay::engine::change::parse_change(change.clone())
+        .expect("a valid change")
+        .hash
+}
+
+/// `count` fresh automerge-repo document ids.
+fn document_ids(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            let bytes: [u8; 16] = rand::random();
+            docid::url_of(bytes)
+                .trim_start_matches(docid::URL_SCHEME)
+                .to_string()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let _dev = start_dev(dir, 2);
+    let token = token(dir);
+    let gateways = [gateway_listen(dir, 1), gateway_listen(dir, 2)];
+
+    // A writer on node 1 creates 200 documents, a change each, as fast as the socket
+    // takes them: about half are node 2's, and their answers come back through node 1
+    // while the writer's next messages still go out.
+    let ids = document_ids(200);
+    let mut hashes = HashMap::new();
+    let mut writer = joined(gateways[0], &token, "writer").await;
+    for id in &ids {
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, "id", id.as_str()).expect("put");
+        let bytes =
+            Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes());
+        let hash = hash_of(&bytes);
+        hashes.insert(id.clone(), hash);
+        writer
+            .send(sync("writer", id, vec![hash], vec![bytes]))
+            .await
+            .expect("send");
+    }
+    // Each document's owner took its change: the writer is told so (the relay's heads,
+    // as `lastSync`, hold it).
+    let mut waiting = hashes.clone();
+    while !waiting.is_empty() {
+        if let Some((document, message)) = sync_of(&next(&mut writer).await)
+            && let Some(hash) = waiting.get(&document)
+            && message
+                .have
+                .iter()
+                .any(|have| have.last_sync.contains(hash))
+        {
+            waiting.remove(&document);
+        }
+    }
+
+    // Some of them were node 2's: node 1's relay answered `moved` for them (its
+    // counters are published every second).
+    let admin = metrics_listen(dir, 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while meridian_relay::http::metric_sum(admin, "meridian_moved_total").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 1 owned every document: nothing was forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A reader on node 2 asks for every document and gets each one's change, from node
+    // 2 itself or through node 1's gateway.
+    let mut reader = joined(gateways[1], &token, "reader").await;
+    for id in &ids {
+        reader
+            .send(sync("reader", id, vec![], vec![]))
+            .await
+            .expect("send");
+    }
+    let mut waiting = hashes;
+    while !waiting.is_empty() {
+        if let Some((document, message)) = sync_of(&next(&mut reader).await)
+            && let Some(hash) = waiting.get(&document)
+            && message.changes.iter().any(|bytes| hash_of(bytes) == *hash)
+        {
+            waiting.remove(&document);
+        }
+    }
+}
