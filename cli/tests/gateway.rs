@@ -67,10 +67,11 @@ async fn joined(addr: SocketAddr, token: &str, peer: &str) -> Socket {
     socket
 }
 
-/// The next message the gateway sends, decoded.
+/// The next message the gateway sends, decoded (its pings do not count).
 async fn next(socket: &mut Socket) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+        let message = tokio::time::timeout_at(deadline, socket.next())
             .await
             .expect("the gateway answers in time")
             .expect("the socket stays open")
@@ -171,7 +172,13 @@ async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
     // Each document's owner took its change: the writer is told so (the relay's heads,
     // as `lastSync`, hold it).
     let mut waiting = hashes.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while !waiting.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} documents not acknowledged",
+            waiting.len()
+        );
         if let Some((document, message)) = sync_of(&next(&mut writer).await)
             && let Some(hash) = waiting.get(&document)
             && message
@@ -205,7 +212,13 @@ async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
             .expect("send");
     }
     let mut waiting = hashes;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while !waiting.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} documents not read through node 2",
+            waiting.len()
+        );
         if let Some((document, message)) = sync_of(&next(&mut reader).await)
             && let Some(hash) = waiting.get(&document)
             && message.changes.iter().any(|bytes| hash_of(bytes) == *hash)

@@ -152,10 +152,12 @@ async fn send(socket: &mut Socket, bytes: &[u8]) {
         .expect("send");
 }
 
-/// The next binary message, decoded (`None` once the socket closes).
+/// The next binary message, decoded (`None` once the socket closes); the gateway's pings
+/// do not count.
 async fn next(socket: &mut Socket) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        let message = tokio::time::timeout_at(deadline, socket.next())
             .await
             .expect("the gateway answers in time")?;
         match message.ok()? {
@@ -181,8 +183,9 @@ fn field(value: &Value, key: &str) -> Option<Value> {
 /// Reads until the close: the `error` message's text and the close code and reason.
 async fn closed(socket: &mut Socket) -> (Option<String>, Option<(u16, String)>) {
     let mut error = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+        let message = tokio::time::timeout_at(deadline, socket.next())
             .await
             .expect("the gateway closes in time");
         match message {
