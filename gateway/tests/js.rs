@@ -338,6 +338,9 @@ async fn refused_tokens_get_an_error_and_documents_outside_the_rights_are_unavai
     );
     let out = run_js("refused.mjs", &[&node.url(&narrow), &url]).await;
     assert_eq!(out["unavailable"], true, "{out}");
+    // Said in a `doc-unavailable` message, not by an `error` and a close.
+    assert_eq!(out["told"], true, "{out}");
+    assert!(out["error"].is_null(), "{out}");
     // The same document with a token that covers it.
     let out = run_js("refused.mjs", &[&node.url_for("bob"), &url]).await;
     assert_eq!(out["unavailable"], false, "{out}");
