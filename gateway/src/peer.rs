@@ -182,6 +182,10 @@ struct DocState {
     due: bool,
     /// When a sync message with changes went that the peer has not answered yet.
     unanswered: Option<Instant>,
+    /// Changes of the peer went to this node's relay: the peer will not send them again
+    /// in this session (automerge's sync state remembers what it sent), so should the
+    /// document move before the relay took them, the peer is asked to (see `Moved`).
+    uploaded: bool,
 }
 
 impl DocState {
@@ -575,6 +579,7 @@ impl Peer {
         let had_changes = !message.changes.is_empty();
         if had_changes && writable {
             if state.caught_up {
+                state.uploaded = true;
                 upload(out, &limits, &doc, message.changes);
             } else {
                 // What a held change costs: its bytes and its place in the list.
@@ -650,6 +655,7 @@ impl Peer {
                     out.push(Effect::Send(state.message(changes)));
                 }
                 if !pending.is_empty() {
+                    state.uploaded = true;
                     upload(&mut out, &limits, &doc, pending);
                 }
             }
@@ -799,6 +805,27 @@ impl Peer {
                             message,
                         });
                     }
+                    if std::mem::take(&mut state.uploaded) {
+                        // This relay answers `moved` to changes it had not taken yet,
+                        // without taking them, and the peer will not send them again:
+                        // a sync message with no heads makes an automerge peer forget
+                        // what it sent (it takes it for a peer that lost its data), and
+                        // it answers with every change after `lastSync`, the relay's
+                        // heads here; that answer goes to the owner.
+                        let reset = SyncMessage {
+                            heads: Vec::new(),
+                            need: Vec::new(),
+                            have: vec![Have {
+                                last_sync: state.relay_heads.clone(),
+                                bloom: Bytes::new(),
+                            }],
+                            changes: Vec::new(),
+                        };
+                        out.push(Effect::Send(ServerMessage::Sync {
+                            document_id: state.document_id.clone(),
+                            data: Bytes::from(reset.encode()),
+                        }));
+                    }
                     state.caught_up = false;
                     state.forward = Some(node);
                 }
@@ -887,6 +914,13 @@ mod tests {
         let id = url.trim_start_matches(docid::URL_SCHEME).to_string();
         let doc = docid::to_doc_id(&id).unwrap();
         (id, doc)
+    }
+
+    fn sync_data(document_id: &str, data: Vec<u8>) -> ClientMessage {
+        ClientMessage::Sync {
+            document_id: document_id.into(),
+            data: Bytes::from(data),
+        }
     }
 
     fn sync(document_id: &str, heads: Vec<ChangeHash>, changes: Vec<Bytes>) -> ClientMessage {
@@ -1499,6 +1533,116 @@ mod tests {
                 message: third
             }]
         );
+    }
+
+    /// An automerge peer sends a change, the relay answers `moved` without taking it, and
+    /// the peer (which never sends a change twice in a session) is made to send it again,
+    /// to the owner. Checked against automerge's own sync state.
+    #[test]
+    fn a_change_the_relay_did_not_take_before_a_move_is_asked_for_again() {
+        use automerge::sync::SyncDoc;
+        use automerge::transaction::Transactable;
+        let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
+        let to_peer = |effects: &[Effect]| -> Vec<Bytes> {
+            effects
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Send(ServerMessage::Sync { data, .. }) => Some(data.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        // The relay holds a base change; the peer syncs it.
+        let mut base = automerge::AutoCommit::new();
+        base.put(automerge::ROOT, "base", 1).unwrap();
+        let base_change = base.get_last_local_change().unwrap().clone();
+        let base_hash = ChangeHash(base_change.hash().0);
+        let (id, doc) = id(1);
+        let mut gateway = all();
+        let mut client = automerge::AutoCommit::new();
+        let mut state = automerge::sync::State::new();
+        let hello = client.sync().generate_sync_message(&mut state).unwrap();
+        gateway.handle_client(
+            sync_data(&id, hello.encode()),
+            &Bytes::new(),
+            Instant::now(),
+        );
+        let caught_up = gateway.handle_outbound(
+            Outbound::CatchUp {
+                doc: doc.clone(),
+                snapshot: None,
+                changes: vec![Bytes::copy_from_slice(base_change.raw_bytes())],
+                heads: vec![base_hash],
+                durable_heads: vec![base_hash],
+                authors: vec![],
+            },
+            Instant::now(),
+        );
+        for data in to_peer(&caught_up) {
+            client
+                .sync()
+                .receive_sync_message(&mut state, decode(&data))
+                .unwrap();
+        }
+        assert_eq!(client.get_heads(), base.get_heads());
+        // The peer's change goes to this relay, which then answers `moved`.
+        client.put(automerge::ROOT, "mine", 2).unwrap();
+        let mine = ChangeHash(client.get_last_local_change().unwrap().hash().0);
+        let sent = client.sync().generate_sync_message(&mut state).unwrap();
+        let out =
+            gateway.handle_client(sync_data(&id, sent.encode()), &Bytes::new(), Instant::now());
+        assert!(out.iter().any(|e| matches!(e, Effect::Changes { .. })));
+        let owner = NodeAddr {
+            node: NodeId::new("node-2").unwrap(),
+            addr: "127.0.0.1:1".into(),
+        };
+        let moved = gateway.handle_outbound(
+            Outbound::Message(RelayToClient::Moved { doc, node: owner }),
+            Instant::now(),
+        );
+        // Without more, the peer would not send it again: it already did.
+        let mut unaware = state.clone();
+        let mut same = client.fork();
+        let ordinary = SyncMessage {
+            heads: vec![base_hash],
+            need: vec![],
+            have: vec![Have {
+                last_sync: vec![base_hash],
+                bloom: Bytes::new(),
+            }],
+            changes: vec![],
+        };
+        same.sync()
+            .receive_sync_message(&mut unaware, decode(&Bytes::from(ordinary.encode())))
+            .unwrap();
+        let again = same.sync().generate_sync_message(&mut unaware);
+        assert!(
+            again.is_none_or(|m| m.changes.is_empty()),
+            "automerge sends a change once per session"
+        );
+        // The gateway's message makes it send the change again; that goes to the owner.
+        let resets = to_peer(&moved);
+        assert_eq!(resets.len(), 1, "{moved:?}");
+        client
+            .sync()
+            .receive_sync_message(&mut state, decode(&resets[0]))
+            .unwrap();
+        let answer = client
+            .sync()
+            .generate_sync_message(&mut state)
+            .unwrap()
+            .encode();
+        let resent = SyncMessage::decode(&Bytes::from(answer.clone())).unwrap();
+        assert!(
+            resent
+                .changes
+                .iter()
+                .any(|c| meridian_relay::engine::change::parse_change(c.clone())
+                    .is_ok_and(|parsed| parsed.hash == mine)),
+            "the change is sent again"
+        );
+        let out = gateway.handle_client(sync_data(&id, answer), &Bytes::new(), Instant::now());
+        assert!(matches!(&out[..], [Effect::Forward { .. }]), "{out:?}");
     }
 
     #[test]
