@@ -1658,8 +1658,18 @@ impl Engine {
         code: ErrorCode,
         message: &str,
     ) {
-        if let Some(state) = self.sessions.get_mut(&session) {
+        // A subscribe that waited (for a load or the base's expansion) counted as one:
+        // what the session did meanwhile, such as presence, leaves with it.
+        let left = self.sessions.get_mut(&session).map(|state| {
             state.subscriptions.remove(doc);
+            let key = DocKey {
+                tenant: state.capability.tenant.clone(),
+                doc: doc.clone(),
+            };
+            (state.capability.user.clone(), key)
+        });
+        if let Some((user, key)) = left {
+            self.leave(session, &user, &key);
         }
         self.error(session, Some(doc.clone()), code, message);
     }

@@ -1790,6 +1790,67 @@ fn a_cold_load_starts_from_the_snapshot_and_expands_only_when_needed() {
     assert_eq!(other.engine.stats().corrupt_snapshots, 0);
 }
 
+/// A subscribe that waited for the base's expansion and is then refused (the history
+/// could not be read) takes the presence it sent meanwhile with it: later subscribers
+/// are not shown it, and the tenant's presence budget gets it back.
+#[test]
+fn a_subscribe_refused_after_waiting_for_history_leaves_no_presence() {
+    let t = now();
+    let (mut other, _doc, second) = cold_node_after_a_snapshot_and_a_tail(t);
+    subscribe_holding(&mut other, t, (2, "bob"), vec![]);
+    other.take(2);
+    // Dave is behind the base: his subscribe waits for its expansion (held here).
+    other
+        .engine
+        .handle_session_open(4, capability("dave", Rights::ALL));
+    other
+        .engine
+        .handle_subscribe(t, 4, doc_id(), vec![ChangeHash(second.0)], true);
+    let held = other.run_holding(t, |task| {
+        matches!(task, StoreTask::Refresh { expand: true, .. })
+    });
+    assert_eq!(held.len(), 1);
+    other
+        .engine
+        .handle_presence(t, 4, doc_id(), Bytes::from_static(b"dave's cursor"));
+    other.run(t);
+    assert!(
+        other.take(2).iter().any(|o| matches!(
+            o,
+            Outbound::Message(RelayToClient::Presence { session: 4, .. })
+        )),
+        "the waiting subscriber's presence went out"
+    );
+    // The expansion fails: the subscribe is refused.
+    let (id, _) = held.into_iter().next().unwrap();
+    other.engine.handle_task_done(
+        t,
+        id,
+        TaskResult::Loaded(Err(TaskError::Durable("unreadable".into()))),
+    );
+    other.run(t);
+    assert!(other.take(4).iter().any(|o| matches!(
+        o,
+        Outbound::Message(RelayToClient::Error {
+            code: ErrorCode::Internal,
+            ..
+        })
+    )));
+    // A later subscriber is not shown Dave's presence; Bob is told it is gone.
+    assert!(other.take(2).iter().any(|o| matches!(
+        o,
+        Outbound::Message(RelayToClient::Presence { session: 4, state, .. }) if state.is_empty()
+    )));
+    subscribe_holding(&mut other, t, (5, "erin"), vec![]);
+    assert!(
+        !other.take(5).iter().any(|o| matches!(
+            o,
+            Outbound::Message(RelayToClient::Presence { session: 4, .. })
+        )),
+        "a refused subscriber's presence stays behind"
+    );
+}
+
 /// A change that depends on a covered change that is not a head waits (as an orphan)
 /// while the base is expanded, then is applied; a copy of a covered change is found
 /// known after the expansion.
