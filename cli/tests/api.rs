@@ -13,21 +13,11 @@ use common::start_dev;
 use meridian_testkit::http;
 
 fn api_listen(dir: &Path, node: usize) -> SocketAddr {
-    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
-        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
-        .expect("node config");
-    let file: toml::Value = toml::from_str(&text).expect("node toml");
-    file["api"]["listen"]
-        .as_str()
-        .expect("dev nodes have an [api] section")
-        .parse()
-        .expect("address")
+    common::node_listen(dir, node, "api")
 }
 
 fn token(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("client.toml")).expect("client.toml");
-    let file: toml::Value = toml::from_str(&text).expect("client toml");
-    file["token"].as_str().expect("token").to_string()
+    common::dev_token(dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,13 +7,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 
 use automerge::transaction::Transactable;
 use bytes::Bytes;
 use ciborium::Value;
-use common::start_dev;
+use common::{dev_token, node_listen, start_dev};
 use futures::{SinkExt, StreamExt};
 use meridian_gateway::sync::{Have, SyncMessage};
 use meridian_gateway::{docid, wire};
@@ -22,36 +21,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn gateway_listen(dir: &Path, node: usize) -> SocketAddr {
-    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
-        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
-        .expect("node config");
-    let file: toml::Value = toml::from_str(&text).expect("node toml");
-    file["gateway"]["listen"]
-        .as_str()
-        .expect("dev nodes have a [gateway] section")
-        .parse()
-        .expect("address")
-}
-
-fn metrics_listen(dir: &Path, node: usize) -> SocketAddr {
-    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
-        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
-        .expect("node config");
-    let file: toml::Value = toml::from_str(&text).expect("node toml");
-    file["metrics"]["listen"]
-        .as_str()
-        .expect("dev nodes have a [metrics] section")
-        .parse()
-        .expect("address")
-}
-
-fn token(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("client.toml")).expect("client.toml");
-    let file: toml::Value = toml::from_str(&text).expect("client toml");
-    file["token"].as_str().expect("token").to_string()
-}
 
 /// A joined peer of the gateway at `addr`.
 async fn joined(addr: SocketAddr, token: &str, peer: &str) -> Socket {
@@ -148,8 +117,11 @@ async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path();
     let _dev = start_dev(dir, 2);
-    let token = token(dir);
-    let gateways = [gateway_listen(dir, 1), gateway_listen(dir, 2)];
+    let token = dev_token(dir);
+    let gateways = [
+        node_listen(dir, 1, "gateway"),
+        node_listen(dir, 2, "gateway"),
+    ];
 
     // A writer on node 1 creates 200 documents, a change each, as fast as the socket
     // takes them: about half are node 2's, and their answers come back through node 1
@@ -192,7 +164,7 @@ async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
 
     // Some of them were node 2's: node 1's relay answered `moved` for them (its
     // counters are published every second).
-    let admin = metrics_listen(dir, 1);
+    let admin = node_listen(dir, 1, "metrics");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while meridian_relay::http::metric_sum(admin, "meridian_moved_total").await < 1.0 {
         assert!(

@@ -37,6 +37,15 @@ async fn subscribed(raw: &Raw, name: &str) -> RawStream {
     stream
 }
 
+/// A `changes` frame of about 1 MB for document `name` (one invalid change).
+fn megabyte_frame(name: &str) -> Bytes {
+    ClientToRelay::Changes {
+        doc: doc(name),
+        changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
+    }
+    .to_bytes()
+}
+
 /// The connection still answers `ping` on its control stream.
 async fn still_open(raw: &mut Raw) {
     raw.control.send(&ClientToRelay::Ping { nonce: 77 }).await;
@@ -293,20 +302,13 @@ async fn unfinished_frames_are_budgeted_per_session() {
     let relay = dev.start().await;
     let addr = relay.local_addr();
     let mut raw = dev.raw(addr, dev.token("mallory")).await;
-    let frame = |name: &str| {
-        ClientToRelay::Changes {
-            doc: doc(name),
-            changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
-        }
-        .to_bytes()
-    };
     let mut first = subscribed(&raw, "a").await;
-    let a = frame("a");
+    let a = megabyte_frame("a");
     first.send_raw(&a[..a.len() - 7]).await;
     // Let the relay read the first one before the second starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut second = subscribed(&raw, "b").await;
-    let b = frame("b");
+    let b = megabyte_frame("b");
     second.send_raw(&b[..b.len() - 7]).await;
     assert_eq!(
         error_of(&second.next().await),
@@ -331,11 +333,7 @@ async fn a_subscribe_over_the_unfinished_budget_ends_only_its_stream() {
     let relay = dev.start().await;
     let addr = relay.local_addr();
     let mut raw = dev.raw(addr, dev.token("mallory")).await;
-    let big = ClientToRelay::Changes {
-        doc: doc("a"),
-        changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
-    }
-    .to_bytes();
+    let big = megabyte_frame("a");
     let mut first = subscribed(&raw, "a").await;
     first.send_raw(&big[..big.len() - 7]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -370,20 +368,13 @@ async fn unfinished_frames_spread_over_streams_count_against_the_node() {
     let relay = dev.start().await;
     let addr = relay.local_addr();
     let mut raw = dev.raw(addr, dev.token("mallory")).await;
-    let frame = |name: &str| {
-        ClientToRelay::Changes {
-            doc: doc(name),
-            changes: vec![Bytes::from(vec![1u8; 1000 << 10])],
-        }
-        .to_bytes()
-    };
     // Sixteen streams with 60 KiB of a 1 MB frame each: 960 KiB in all, of which the
     // node's budget (512 KiB) sees all but the session's first 64 KiB.
     let mut streams = Vec::new();
     for i in 0..16 {
         let name = format!("spread-{i}");
         let mut stream = subscribed(&raw, &name).await;
-        stream.send_raw(&frame(&name)[..60 << 10]).await;
+        stream.send_raw(&megabyte_frame(&name)[..60 << 10]).await;
         // Let the relay read this one before the next starts.
         tokio::time::sleep(Duration::from_millis(100)).await;
         streams.push((name, stream));

@@ -17,6 +17,27 @@ pub fn meridian() -> Command {
     Command::new(env!("CARGO_BIN_EXE_meridian"))
 }
 
+/// The `listen` address of a `meridian dev` node's `section` (`api`, `gateway`,
+/// `metrics`), read from its config in `dir` (one cell, or `--cells`).
+pub fn node_listen(dir: &Path, node: usize, section: &str) -> std::net::SocketAddr {
+    let text = std::fs::read_to_string(dir.join(format!("cell/node-{node}.toml")))
+        .or_else(|_| std::fs::read_to_string(dir.join(format!("node-{node}.toml"))))
+        .expect("node config");
+    let file: toml::Value = toml::from_str(&text).expect("node toml");
+    file[section]["listen"]
+        .as_str()
+        .unwrap_or_else(|| panic!("dev nodes have a [{section}] section"))
+        .parse()
+        .expect("address")
+}
+
+/// The token in `meridian dev`'s `client.toml` in `dir`.
+pub fn dev_token(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("client.toml")).expect("client.toml");
+    let file: toml::Value = toml::from_str(&text).expect("client toml");
+    file["token"].as_str().expect("token").to_string()
+}
+
 /// Kills the child if a test fails before stopping it.
 pub struct Guard(pub Option<Child>);
 
