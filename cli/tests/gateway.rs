@@ -199,3 +199,83 @@ async fn a_peer_of_either_node_syncs_every_document_through_its_owner() {
         }
     }
 }
+
+/// Ids of documents node `node` of a two-node dev cell owns (the cell's rendezvous hashing
+/// over its node ids, as every node computes it).
+fn owned_by(node: &str, count: usize) -> Vec<String> {
+    use meridian_protocol::{DocId, NodeAddr, NodeId, TenantId};
+    let members: Vec<NodeAddr> = ["dev-1", "dev-2"]
+        .into_iter()
+        .map(|id| NodeAddr {
+            node: NodeId::new(id).expect("node id"),
+            addr: String::new(),
+        })
+        .collect();
+    let tenant = TenantId::new("dev").expect("tenant");
+    std::iter::repeat_with(|| document_ids(1).remove(0))
+        .filter(|id| {
+            let key = meridian_relay::engine::DocKey {
+                tenant: tenant.clone(),
+                doc: DocId::new(format!("am/{id}")).expect("doc id"),
+            };
+            meridian_relay::engine::membership::owner(&members, &key)
+                .is_some_and(|owner| owner.node.as_str() == node)
+        })
+        .take(count)
+        .collect()
+}
+
+/// A client of node 1 that sends garbage for a document node 2 owns is closed, and node
+/// 2, which closes the connection node 1 forwarded it on, does not hold that against
+/// node 1's address: the other clients node 1 forwards still get through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_garbage_does_not_cut_the_others_off_from_the_owner() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let _dev = start_dev(dir, 2);
+    let token = dev_token(dir);
+    let gateway = node_listen(dir, 1, "gateway");
+    let ids = owned_by("dev-2", 7);
+    // Six times over (a penalty would have grown to 8 s): once node 1 forwards the
+    // document (its answer comes from node 2), a version 2 sync message, which node 1
+    // passes on as it came and node 2 refuses with `version_mismatch` and a close.
+    for id in &ids[..6] {
+        let mut mallory = joined(gateway, &token, "mallory").await;
+        mallory
+            .send(sync("mallory", id, vec![], vec![]))
+            .await
+            .expect("send");
+        while sync_of(&next(&mut mallory).await).is_none_or(|(document, _)| document != *id) {}
+        let garbage = wire::encode_client_sync("mallory", id, &[0x43, 0, 0, 0]);
+        mallory.send(Message::Binary(garbage)).await.expect("send");
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(60), mallory.next())
+                .await
+                .expect("node 1 closes the socket in time");
+            if !matches!(message, Some(Ok(Message::Binary(_) | Message::Ping(_)))) {
+                break;
+            }
+        }
+    }
+    // An honest client of node 1 writes a document node 2 owns, and is told it took it.
+    let mut honest = joined(gateway, &token, "honest").await;
+    let mut doc = automerge::AutoCommit::new();
+    doc.put(automerge::ROOT, "honest", 1).expect("put");
+    let bytes = Bytes::copy_from_slice(doc.get_last_local_change().expect("change").raw_bytes());
+    let hash = hash_of(&bytes);
+    honest
+        .send(sync("honest", &ids[6], vec![hash], vec![bytes]))
+        .await
+        .expect("send");
+    loop {
+        if let Some((document, message)) = sync_of(&next(&mut honest).await)
+            && document == ids[6]
+            && message
+                .have
+                .iter()
+                .any(|have| have.last_sync.contains(&hash))
+        {
+            break;
+        }
+    }
+}

@@ -150,15 +150,26 @@ async fn upgrade(
         crate::metrics::refused("connections");
         return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
     };
-    let slot = match gateway.port.admit(remote.ip()) {
-        Ok(slot) => slot,
-        Err(error) => {
-            crate::metrics::refused("address");
-            return (StatusCode::TOO_MANY_REQUESTS, error.to_string()).into_response();
-        }
-    };
     let token = params.token.unwrap_or_default();
     let forwarded = params.forwarded.is_some();
+    // Another node of the cell forwarding a client proves it with the cell's key: its
+    // address is that of every client it forwards, so it counts against no address's
+    // share and is never penalized (one client's misconduct must not cut off the rest).
+    let cell_peer = params
+        .forwarded
+        .as_deref()
+        .and_then(|proof| gateway.port.admit_forwarded(&token, proof));
+    let slot = match cell_peer {
+        Some(slot) => slot,
+        None => match gateway.port.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(error) => {
+                crate::metrics::refused("address");
+                return (StatusCode::TOO_MANY_REQUESTS, error.to_string()).into_response();
+            }
+        },
+    };
+    let accountable = slot.accountable();
     let origin = headers
         .get(header::ORIGIN)
         .and_then(|value| value.to_str().ok())
@@ -176,6 +187,7 @@ async fn upgrade(
                 socket,
                 gateway: gateway.clone(),
                 ip,
+                accountable,
                 their_id: String::new(),
                 forwarded,
                 token: token.clone(),
@@ -223,6 +235,9 @@ struct Conn {
     socket: WebSocket,
     gateway: Arc<Gateway>,
     ip: IpAddr,
+    /// Closes count against `ip` in the penalty box (false for another node of the cell
+    /// forwarding clients, which proved it).
+    accountable: bool,
     their_id: String,
     /// This connection comes from another node's gateway.
     forwarded: bool,
@@ -253,6 +268,14 @@ enum Flow {
 }
 
 impl Conn {
+    /// Records the close for the penalty box, unless the connection is another node of
+    /// the cell forwarding clients.
+    fn penalize(&self, code: ErrorCode) {
+        if self.accountable {
+            self.gateway.port.closed(self.ip, code);
+        }
+    }
+
     async fn send(&mut self, message: &ServerMessage) -> Result<(), ErrorCode> {
         self.feed(message).await?;
         self.write(Write::Flush).await
@@ -282,7 +305,7 @@ impl Conn {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(ErrorCode::ShuttingDown),
             Err(_) => {
-                self.gateway.port.closed(self.ip, ErrorCode::SlowConsumer);
+                self.penalize(ErrorCode::SlowConsumer);
                 crate::metrics::closed(reason(ErrorCode::SlowConsumer));
                 Err(ErrorCode::SlowConsumer)
             }
@@ -309,7 +332,7 @@ impl Conn {
             self.socket.send(Message::Close(Some(frame))),
         )
         .await;
-        self.gateway.port.closed(self.ip, code);
+        self.penalize(code);
         crate::metrics::closed(reason(code));
     }
 
@@ -617,7 +640,13 @@ impl Conn {
             };
             let (tx, rx) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
             tracing::debug!(node = %key, %addr, "forwarding documents to another node's gateway");
-            let url = format!("ws://{addr}/?forwarded=1&token={}", self.token);
+            // Hex: nothing in it needs escaping in a query.
+            let proof = self
+                .gateway
+                .port
+                .forward_proof(&self.token)
+                .unwrap_or_else(|| "1".into());
+            let url = format!("ws://{addr}/?forwarded={proof}&token={}", self.token);
             let join = wire::encode_join(&self.their_id);
             let to_client = self.from_owners.0.clone();
             let our_id = self.gateway.peer_id.clone();

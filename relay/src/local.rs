@@ -182,6 +182,37 @@ impl SessionPort {
         self.shared.rate_limits.closed(ip, code);
     }
 
+    /// What a front end that forwards a client holding `token` to another node of the
+    /// cell shows that node: an HMAC-SHA256 of the token under the cell's key, in hex.
+    /// `None` without a cell (there is no other node).
+    pub fn forward_proof(&self, token: &str) -> Option<String> {
+        use hmac::Mac;
+        Some(hex::encode(
+            self.forward_mac(token)?.finalize().into_bytes(),
+        ))
+    }
+
+    /// Admits a connection that another node of the cell forwards for a client holding
+    /// `token`, if `proof` is that node's [`SessionPort::forward_proof`]: it counts
+    /// against no address and is never penalized, since its address is the forwarding
+    /// node's, shared by every client it forwards (one client's misconduct must not cut
+    /// the others off). `None` if the proof does not hold.
+    pub fn admit_forwarded(&self, token: &str, proof: &str) -> Option<AddressSlot> {
+        use hmac::Mac;
+        let proof = hex::decode(proof).ok()?;
+        self.forward_mac(token)?.verify_slice(&proof).ok()?;
+        Some(self.shared.rate_limits.cell_peer())
+    }
+
+    fn forward_mac(&self, token: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
+        use hmac::Mac;
+        let key = self.shared.cell_key.as_ref()?;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+        mac.update(b"meridian forwarded client\0");
+        mac.update(token.as_bytes());
+        Some(mac)
+    }
+
     /// The node's id.
     pub fn node(&self) -> &meridian_protocol::NodeId {
         &self.shared.node
@@ -197,9 +228,13 @@ impl SessionPort {
         delivery: Delivery,
     ) -> Result<LocalSession, OpenError> {
         let shared = &self.shared;
+        // A cell peer's address answers for none of its clients.
+        let accountable = address.accountable().then_some(ip);
         let refuse = |error: OpenError, reason: &'static str| {
             crate::metrics::connection_rejected(reason);
-            shared.rate_limits.closed(ip, error.code());
+            if let Some(ip) = accountable {
+                shared.rate_limits.closed(ip, error.code());
+            }
             error
         };
         let capability = crate::session::verify_token(shared, token)
@@ -247,7 +282,7 @@ impl SessionPort {
         ));
         let (closed_tx, closed) = watch::channel(None);
         let peer = Peer::Local {
-            address: ip,
+            address: accountable,
             closed: Arc::new(closed_tx),
         };
         let (outbox, queue) = Outbox::local(&shared.writer, queued, peer);

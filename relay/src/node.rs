@@ -356,6 +356,10 @@ pub async fn start_with_store(
         node: config.node.clone(),
         joined: Arc::new(std::sync::atomic::AtomicBool::new(gossip.is_none())),
         nodes: Mutex::new(vec![me.clone()]),
+        cell_key: config
+            .gossip
+            .as_ref()
+            .map(|gossip| Arc::from(gossip.key.as_slice())),
         advertise,
         jurisdiction: config.jurisdiction.clone(),
         tenants: std::sync::RwLock::new(Arc::new(trust_entries(&config.tenants))),

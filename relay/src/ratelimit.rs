@@ -345,8 +345,17 @@ impl NodeLimits {
         *count += 1;
         Some(AddressSlot {
             limits: self.clone(),
-            key,
+            key: Some(key),
         })
+    }
+
+    /// A place for a connection that counts against no address and is never penalized:
+    /// another node of the cell forwarding a client (it proved so with the cell's key).
+    pub fn cell_peer(self: &Arc<Self>) -> AddressSlot {
+        AddressSlot {
+            limits: self.clone(),
+            key: None,
+        }
     }
 
     /// A session of `user` of `tenant` opens; refused over the connection caps.
@@ -401,20 +410,33 @@ impl NodeLimits {
 pub use meridian_process::net::address_key;
 
 /// An unauthenticated connection's place in its address's share, given back when dropped
-/// (when the connection says `hello` or ends).
+/// (when the connection says `hello` or ends); a cell peer's counts against no address
+/// ([`NodeLimits::cell_peer`]).
 pub struct AddressSlot {
     limits: Arc<NodeLimits>,
-    key: IpAddr,
+    key: Option<IpAddr>,
+}
+
+impl AddressSlot {
+    /// Whether the connection's address answers for what it does (the penalty box):
+    /// false for another node of the cell forwarding a client, whose address is that of
+    /// every client it forwards.
+    pub fn accountable(&self) -> bool {
+        self.key.is_some()
+    }
 }
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
+        let Some(key) = self.key else {
+            return;
+        };
         if let Ok(mut held) = self.limits.addresses.lock()
-            && let Some(count) = held.get_mut(&self.key)
+            && let Some(count) = held.get_mut(&key)
         {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                held.remove(&self.key);
+                held.remove(&key);
             }
         }
     }

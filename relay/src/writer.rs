@@ -127,8 +127,9 @@ pub(crate) enum Peer {
     /// A session of another front end in this process (the WebSocket gateway): the close
     /// code is posted for it to act on.
     Local {
-        /// The client's address (for the penalty box).
-        address: std::net::IpAddr,
+        /// The client's address, for the penalty box (`None`: another node of the cell
+        /// forwarding clients, which answers for none of them).
+        address: Option<std::net::IpAddr>,
         /// Set once, with the reason, when the session is to end.
         closed: Arc<tokio::sync::watch::Sender<Option<ErrorCode>>>,
     },
@@ -207,7 +208,9 @@ impl Outbox {
                 close(connection, code);
             }
             Peer::Local { address, closed } => {
-                self.limits.closed(*address, code);
+                if let Some(address) = address {
+                    self.limits.closed(*address, code);
+                }
                 closed.send_if_modified(|current| {
                     let first = current.is_none();
                     current.get_or_insert(code);
