@@ -142,8 +142,8 @@ pub struct Shared {
     /// The cell's live members, told to clients in `welcome`.
     pub(crate) nodes: Mutex<Vec<meridian_protocol::NodeAddr>>,
     /// The cell's key (`None` without a cell): a front end that forwards a client to
-    /// another node of the cell proves with it that the connection is its own
-    /// ([`crate::local::SessionPort::forward_proof`]).
+    /// another node of the cell proves with it that the connection is its own (the
+    /// session port's `forward_proof`).
     pub(crate) cell_key: Option<Arc<[u8]>>,
     pub(crate) jurisdiction: String,
     /// What is trusted per tenant; swapped whole when keys rotate
