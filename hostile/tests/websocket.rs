@@ -447,6 +447,84 @@ async fn a_peer_that_stops_taking_bytes_is_dropped_and_frees_its_slot() {
     drop(unread);
 }
 
+/// A connection that says another node of the cell forwards it must prove it with the
+/// cell's key: with the proof, a forwarded client's misconduct does not put the
+/// forwarding node's address in the penalty box (it is every forwarded client's); with a
+/// forged proof it does, as for any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_proven_forwarding_connection_escapes_the_penalty_box() {
+    let mut dev = Dev::new();
+    dev.limits.rates.penalty_initial = Duration::from_secs(60);
+    let mut config = dev.config("127.0.0.1:0".parse().expect("addr"));
+    // A cell of one: it has a key, and serves once it has been alone long enough.
+    config.gossip = Some(meridian_relay::config::GossipConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertise: None,
+        key: vec![7; 32],
+        seeds: vec![],
+        membership: Default::default(),
+    });
+    let relay = meridian_relay::start(config).await.expect("relay starts");
+    let gateway = meridian_gateway::start(GatewayConfig::default(), relay.session_port())
+        .await
+        .expect("gateway starts");
+    let token = dev.token("mallory");
+    let url = |forwarded: &str| {
+        format!(
+            "ws://{}/?forwarded={forwarded}&token={token}",
+            gateway.local_addr()
+        )
+    };
+    // Text where CBOR belongs: `malformed`, an offence (once the node serves).
+    let offend = |forwarded: String| {
+        let url = url(&forwarded);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+                    .await
+                    .expect("the upgrade succeeds");
+                let _ = socket.send(Message::Text("not cbor".into())).await;
+                let (_, close) = closed(&mut socket).await;
+                if close
+                    .as_ref()
+                    .is_some_and(|(code, _)| *code == 4000 + ErrorCode::Malformed.code())
+                {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the node never served: {close:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    // Whether a plain client from the same address gets in (it leaves with a close
+    // handshake: a dropped socket is an offence of its own).
+    let plain = url("").replace("?forwarded=&", "?");
+    let admitted = || async {
+        match tokio_tungstenite::connect_async(plain.as_str()).await {
+            Ok((mut socket, _)) => {
+                let _ = socket.close(None).await;
+                true
+            }
+            Err(_) => false,
+        }
+    };
+    let proof = relay
+        .session_port()
+        .forward_proof(&token)
+        .expect("a node of a cell has its key");
+    offend(proof).await;
+    assert!(
+        admitted().await,
+        "the forwarding node's address was penalized"
+    );
+    offend("00".repeat(32)).await;
+    assert!(!admitted().await, "a forged proof escaped the penalty box");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
     let node = Node::start(GatewayConfig::default()).await;
