@@ -935,6 +935,14 @@ mod tests {
         }
     }
 
+    /// The code of the close that `effects` is, if it is one close and nothing else.
+    fn only_close(effects: &[Effect]) -> Option<ErrorCode> {
+        match effects {
+            [Effect::Close { code, .. }] => Some(*code),
+            _ => None,
+        }
+    }
+
     fn sent(effects: &[Effect]) -> Vec<SyncMessage> {
         effects
             .iter()
@@ -994,13 +1002,7 @@ mod tests {
         let mut fresh = Peer::new(all().capability.clone(), "s".into(), PeerLimits::default());
         let (doc, _) = id(1);
         let out = fresh.handle_client(sync(&doc, vec![], vec![]), &Bytes::new(), Instant::now());
-        assert!(matches!(
-            &out[..],
-            [Effect::Close {
-                code: ErrorCode::Malformed,
-                ..
-            }]
-        ));
+        assert_eq!(only_close(&out), Some(ErrorCode::Malformed), "{out:?}");
         let out = fresh.handle_client(
             ClientMessage::Join {
                 sender_id: "p".into(),
@@ -1009,13 +1011,11 @@ mod tests {
             &Bytes::new(),
             Instant::now(),
         );
-        assert!(matches!(
-            &out[..],
-            [Effect::Close {
-                code: ErrorCode::VersionMismatch,
-                ..
-            }]
-        ));
+        assert_eq!(
+            only_close(&out),
+            Some(ErrorCode::VersionMismatch),
+            "{out:?}"
+        );
     }
 
     #[test]
@@ -1038,16 +1038,7 @@ mod tests {
         );
         let over = Bytes::from(vec![0x61; MAX_PRESENCE_LEN + 1]);
         let out = peer.handle_client(ephemeral(over), &Bytes::new(), Instant::now());
-        assert!(
-            matches!(
-                &out[..],
-                [Effect::Close {
-                    code: ErrorCode::TooLarge,
-                    ..
-                }]
-            ),
-            "{out:?}"
-        );
+        assert_eq!(only_close(&out), Some(ErrorCode::TooLarge), "{out:?}");
     }
 
     #[test]
@@ -1112,16 +1103,7 @@ mod tests {
         // Ten more of ten bytes (100 bytes of changes) go past the budget.
         let changes = (20..30u8).map(|n| Bytes::from(vec![n; 10])).collect();
         let out = peer.handle_client(sync(&id, vec![], changes), &Bytes::new(), Instant::now());
-        assert!(
-            matches!(
-                &out[..],
-                [Effect::Close {
-                    code: ErrorCode::TooLarge,
-                    ..
-                }]
-            ),
-            "{out:?}"
-        );
+        assert_eq!(only_close(&out), Some(ErrorCode::TooLarge), "{out:?}");
     }
 
     #[test]
