@@ -8,6 +8,9 @@ pub const MESSAGES: &str = "meridian_gateway_messages_total";
 pub const CLOSED: &str = "meridian_gateway_closed_total";
 /// Connections or inputs refused, by reason.
 pub const REFUSED: &str = "meridian_gateway_refused_total";
+/// Documents tried again after the relay refused them for now, by what (`subscribe`,
+/// `changes`).
+pub const RETRIES: &str = "meridian_gateway_retries_total";
 
 /// Describes the gateway's metrics to the installed recorder.
 pub fn describe() {
@@ -15,6 +18,10 @@ pub fn describe() {
     metrics::describe_counter!(MESSAGES, "automerge-repo messages, by direction");
     metrics::describe_counter!(CLOSED, "sockets closed by the gateway, by reason");
     metrics::describe_counter!(REFUSED, "connections or inputs refused, by reason");
+    metrics::describe_counter!(
+        RETRIES,
+        "documents tried again after the relay refused their subscription or changes for now"
+    );
 }
 
 pub(crate) fn connected(delta: i32) {
@@ -46,4 +53,8 @@ pub(crate) fn closed(reason: &'static str) {
 
 pub(crate) fn refused(reason: &'static str) {
     metrics::counter!(REFUSED, "reason" => reason).increment(1);
+}
+
+pub(crate) fn retried(what: &'static str) {
+    metrics::counter!(RETRIES, "what" => what).increment(1);
 }

@@ -38,6 +38,22 @@
 //! [`PeerLimits::pending_bytes_max`]) and go to the relay after it. A peer that asks for
 //! something (`need`) or shows empty heads after the relay sent it changes gets a fresh
 //! catch-up.
+//!
+//! # Refusals
+//!
+//! The relay refuses some things for now, naming the document: a subscription while the
+//! node's memory, its documents loading or the user's subscriptions are at their
+//! bounds, or a load failed (`overloaded`, `internal`); changes while the tenant's
+//! changes not yet durable are at their bound, beyond a frame's budget of work, or
+//! orphans beyond their queue (`overloaded`, `missing_dependencies`). A native client
+//! resends; an automerge-repo peer never sends a change twice in one session, and would
+//! only reconnect if closed, to be refused again with every other document's sync lost
+//! in between. So the socket stays, and the document is tried again after
+//! `retry_after_ms` or a backoff (250 ms, doubling up to [`RETRY_MAX`], from the start
+//! again after 30 s without a refusal): a refused subscription is asked for again with
+//! the same heads, its peer's messages waiting as for any catch-up; a document whose
+//! changes were refused gets a sync message with empty heads, after which the peer sends
+//! again every change of its own that the relay's heads do not cover.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -186,6 +202,16 @@ struct DocState {
     /// in this session (automerge's sync state remembers what it sent), so should the
     /// document move before the relay took them, the peer is asked to (see `Moved`).
     uploaded: bool,
+    /// The heads the last subscribe asked with (a refused subscribe is tried again with
+    /// them).
+    asked: Vec<ChangeHash>,
+    /// The relay refused the subscription or changes for now: when to try again (see
+    /// the module's "Refusals").
+    retry_at: Option<Instant>,
+    /// The wait before that try; it doubles with each refusal, up to [`RETRY_MAX`].
+    backoff: Duration,
+    /// When the relay last refused something of this document for now.
+    refused_at: Option<Instant>,
 }
 
 impl DocState {
@@ -220,8 +246,26 @@ impl DocState {
     fn message(&mut self, changes: Vec<Bytes>) -> ServerMessage {
         self.due = false;
         let heads = self.reported();
+        self.last_sent = Some(heads.clone());
+        self.sync_message(heads, changes)
+    }
+
+    /// A sync message that makes an automerge peer send again every change of its own
+    /// that the relay's heads do not cover, with `changes` (the relay's, which those
+    /// heads cover) for it to apply first. Its empty `heads` tell the peer that this
+    /// side lost what it had: automerge then forgets which changes it sent in this
+    /// session, and answers with every change after `lastSync`, the relay's heads.
+    fn reset(&mut self, changes: Vec<Bytes>) -> ServerMessage {
+        self.due = false;
+        // The peer now takes this side for empty: the next message corrects it.
+        self.last_sent = None;
+        self.sync_message(Vec::new(), changes)
+    }
+
+    /// A sync message with `heads` and `changes` whose `lastSync` is the relay's heads.
+    fn sync_message(&self, heads: Vec<ChangeHash>, changes: Vec<Bytes>) -> ServerMessage {
         let data = SyncMessage {
-            heads: heads.clone(),
+            heads,
             need: Vec::new(),
             have: vec![Have {
                 last_sync: self.relay_heads.clone(),
@@ -230,13 +274,19 @@ impl DocState {
             changes,
         }
         .encode();
-        self.last_sent = Some(heads);
         ServerMessage::Sync {
             document_id: self.document_id.clone(),
             data: Bytes::from(data),
         }
     }
 }
+
+/// The first wait before trying again what the relay refused for now.
+const RETRY_MIN: Duration = Duration::from_millis(250);
+/// The longest wait between tries.
+pub const RETRY_MAX: Duration = Duration::from_secs(8);
+/// A document whose last refusal is this old starts again from [`RETRY_MIN`].
+const RETRY_FORGET: Duration = Duration::from_secs(30);
 
 /// One peer's state.
 pub struct Peer {
@@ -265,8 +315,10 @@ pub struct Peer {
     due: Vec<DocId>,
     /// When the last sync message with changes went (the interval runs from it).
     last_sent: Option<Instant>,
-    /// When [`Peer::flush`] is next to be called, if anything waits.
+    /// When [`Peer::flush`] is next to be called for sync messages that wait.
     next_flush: Option<Instant>,
+    /// The documents with a try due after a refusal (`retry_at`), each listed once.
+    retrying: Vec<DocId>,
 }
 
 impl Peer {
@@ -284,6 +336,7 @@ impl Peer {
             due: Vec::new(),
             last_sent: None,
             next_flush: None,
+            retrying: Vec::new(),
         }
     }
 
@@ -294,9 +347,55 @@ impl Peer {
         self.ephemeral_count = self.ephemeral_count.max(base);
     }
 
-    /// When the sync messages that wait are to be sent ([`Peer::flush`]), if any wait.
+    /// When [`Peer::flush`] is next to be called: sync messages wait, or a try after a
+    /// refusal is due.
     pub fn flush_at(&self) -> Option<Instant> {
-        self.next_flush
+        let retry = self
+            .retrying
+            .iter()
+            .filter_map(|doc| self.docs.get(doc).and_then(|state| state.retry_at))
+            .min();
+        match (self.next_flush, retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Tries again, at their time, what the relay refused for now: a subscription that
+    /// was refused is asked for again, and a document whose changes were refused gets a
+    /// [`DocState::reset`] so that the peer sends them again.
+    fn retry_due(&mut self, out: &mut Vec<Effect>, now: Instant) {
+        for doc in std::mem::take(&mut self.retrying) {
+            let Some(state) = self.docs.get_mut(&doc) else {
+                continue;
+            };
+            match state.retry_at {
+                Some(at) if at > now => {
+                    self.retrying.push(doc);
+                    continue;
+                }
+                Some(_) => state.retry_at = None,
+                None => continue,
+            }
+            if state.forward.is_some() {
+                // The owner serves the document now, and the move asked the peer for
+                // what this relay had not taken.
+                continue;
+            }
+            if state.caught_up {
+                let changes = std::mem::take(&mut state.outbox);
+                state.outbox_bytes = 0;
+                state.unanswered = None;
+                out.push(Effect::Send(state.reset(changes)));
+                crate::metrics::retried("changes");
+            } else {
+                crate::metrics::retried("subscribe");
+                out.push(Effect::Resubscribe {
+                    doc,
+                    heads: state.asked.clone(),
+                });
+            }
+        }
     }
 
     /// Sends what waits, one sync message per document, if its time has come (or
@@ -352,6 +451,7 @@ impl Peer {
     /// The sync messages whose time has come ([`Peer::flush_at`]).
     pub fn flush(&mut self, now: Instant) -> Vec<Effect> {
         let mut out = Vec::new();
+        self.retry_due(&mut out, now);
         self.send_due(&mut out, now, false);
         out
     }
@@ -476,9 +576,13 @@ impl Peer {
                     ));
                     return out;
                 }
-                if self.capability.allows(&doc, |r: &Rights| r.presence)
-                    && self.docs.contains_key(&doc)
-                {
+                // Not while the document's subscription is refused: the relay takes
+                // presence only from its subscribers.
+                let subscribed = self
+                    .docs
+                    .get(&doc)
+                    .is_some_and(|state| state.caught_up || state.retry_at.is_none());
+                if subscribed && self.capability.allows(&doc, |r: &Rights| r.presence) {
                     out.push(Effect::Presence { doc, state: data });
                 }
             }
@@ -562,6 +666,7 @@ impl Peer {
                     requested: request,
                     held: vec![raw.clone()],
                     waiting: raw.len(),
+                    asked: heads.clone(),
                     ..DocState::default()
                 },
             );
@@ -609,6 +714,7 @@ impl Peer {
             // (the catch-up holds what waited to be sent, too).
             state.caught_up = false;
             state.drop_outbox();
+            state.asked.clone_from(&message.heads);
             out.push(Effect::Resubscribe {
                 doc,
                 heads: message.heads,
@@ -672,7 +778,7 @@ impl Peer {
                     full = self.queue(&doc, changes);
                 }
             }
-            Outbound::Message(message) => self.relay_message(&mut out, message),
+            Outbound::Message(message) => self.relay_message(&mut out, message, now),
             Outbound::Close(message) => {
                 let (code, text) = match message {
                     RelayToClient::Error { code, message, .. } => (code, message),
@@ -691,7 +797,7 @@ impl Peer {
         out
     }
 
-    fn relay_message(&mut self, out: &mut Vec<Effect>, message: RelayToClient) {
+    fn relay_message(&mut self, out: &mut Vec<Effect>, message: RelayToClient, now: Instant) {
         match message {
             RelayToClient::Applied { doc, heads, .. } => {
                 if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up) {
@@ -738,7 +844,7 @@ impl Peer {
                 code,
                 doc: Some(doc),
                 message,
-                ..
+                retry_after_ms,
             } => match (code, self.docs.get_mut(&doc)) {
                 // The token may not read (or write) this document, or an operator purged
                 // it: it stays with the peer, nothing is stored, and the peer is not
@@ -759,6 +865,34 @@ impl Peer {
                 // Presence is best effort: that update is dropped, and the peer, which
                 // may be the quietest one on the document, stays.
                 (ErrorCode::RateLimited, _) => {}
+                // The relay refused the subscription or changes for now (memory, loads
+                // or subscriptions at their bounds, changes not yet durable at theirs,
+                // a full orphan queue, a frame's budget, a failed load; or presence
+                // that crossed the refusal of its subscription): tried again later, and
+                // the socket stays (see the module's "Refusals").
+                (
+                    ErrorCode::Overloaded
+                    | ErrorCode::Internal
+                    | ErrorCode::MissingDependencies
+                    | ErrorCode::UnknownDocument,
+                    Some(state),
+                ) => {
+                    if state.forward.is_some() || state.retry_at.is_some() {
+                        return;
+                    }
+                    let forgotten = state
+                        .refused_at
+                        .is_none_or(|at| now.saturating_duration_since(at) > RETRY_FORGET);
+                    state.backoff = if forgotten {
+                        RETRY_MIN
+                    } else {
+                        (state.backoff * 2).clamp(RETRY_MIN, RETRY_MAX)
+                    };
+                    state.refused_at = Some(now);
+                    let asked = Duration::from_millis(u64::from(retry_after_ms)).min(RETRY_MAX);
+                    state.retry_at = Some(now + state.backoff.max(asked));
+                    self.retrying.push(doc);
+                }
                 // Anything else refused a change the peer will not send again in this
                 // session: it must reconnect and sync again.
                 _ => out.push(Effect::close(code, message)),
@@ -808,25 +942,11 @@ impl Peer {
                     if std::mem::take(&mut state.uploaded) {
                         // This relay answers `moved` to changes it had not taken yet,
                         // without taking them, and the peer will not send them again:
-                        // a sync message with no heads makes an automerge peer forget
-                        // what it sent (it takes it for a peer that lost its data), and
-                        // it answers with every change after `lastSync`, the relay's
-                        // heads here; that answer goes to the owner.
-                        let reset = SyncMessage {
-                            heads: Vec::new(),
-                            need: Vec::new(),
-                            have: vec![Have {
-                                last_sync: state.relay_heads.clone(),
-                                bloom: Bytes::new(),
-                            }],
-                            changes: Vec::new(),
-                        };
-                        out.push(Effect::Send(ServerMessage::Sync {
-                            document_id: state.document_id.clone(),
-                            data: Bytes::from(reset.encode()),
-                        }));
+                        // it is asked to, and its answer goes to the owner.
+                        out.push(Effect::Send(state.reset(Vec::new())));
                     }
                     state.caught_up = false;
+                    state.retry_at = None;
                     state.forward = Some(node);
                 }
             }
@@ -985,6 +1105,18 @@ mod tests {
         let t0 = Instant::now();
         synced(&mut peer, &id, &doc, changes, t0);
         (peer, id, doc, t0)
+    }
+
+    /// The catch-up of a document the relay has no change of.
+    fn empty_catch_up(doc: &DocId) -> Outbound {
+        Outbound::CatchUp {
+            doc: doc.clone(),
+            snapshot: None,
+            changes: vec![],
+            heads: vec![],
+            durable_heads: vec![],
+            authors: vec![],
+        }
     }
 
     /// The relay's fan-out of change `[n]`, heads `hash(n)`.
@@ -1446,17 +1578,7 @@ mod tests {
             &Bytes::new(),
             Instant::now(),
         );
-        let out = peer.handle_outbound(
-            Outbound::CatchUp {
-                doc: doc.clone(),
-                snapshot: None,
-                changes: vec![],
-                heads: vec![],
-                durable_heads: vec![],
-                authors: vec![],
-            },
-            Instant::now(),
-        );
+        let out = peer.handle_outbound(empty_catch_up(&doc), Instant::now());
         assert!(matches!(
             &out[..],
             [Effect::Send(ServerMessage::DocUnavailable { .. })]
@@ -1625,6 +1747,158 @@ mod tests {
         );
         let out = gateway.handle_client(sync_data(&id, answer), &Bytes::new(), Instant::now());
         assert!(matches!(&out[..], [Effect::Forward { .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn a_subscription_refused_for_now_is_asked_for_again_and_the_socket_stays() {
+        let mut peer = all();
+        let (id, doc) = id(1);
+        let t0 = Instant::now();
+        let change = Bytes::from(vec![7; 10]);
+        let out = peer.handle_client(
+            sync(&id, vec![hash(7)], vec![change.clone()]),
+            &Bytes::new(),
+            t0,
+        );
+        assert_eq!(
+            out,
+            vec![Effect::Subscribe {
+                doc: doc.clone(),
+                heads: vec![hash(7)]
+            }]
+        );
+        let refused = |ms| {
+            Outbound::Message(RelayToClient::error_retry(
+                ErrorCode::Overloaded,
+                Some(doc.clone()),
+                ms,
+                "too many documents open for this user on this node",
+            ))
+        };
+        assert_eq!(peer.handle_outbound(refused(0), t0), vec![]);
+        assert_eq!(peer.flush_at(), Some(t0 + RETRY_MIN));
+        // Presence waits for the subscription too: the relay takes it only from
+        // subscribers.
+        let ephemeral = ClientMessage::Ephemeral {
+            document_id: id.clone(),
+            data: Bytes::from_static(&[0xa0]),
+        };
+        assert_eq!(
+            peer.handle_client(ephemeral.clone(), &Bytes::new(), t0),
+            vec![]
+        );
+        assert_eq!(peer.flush(t0 + RETRY_MIN / 2), vec![]);
+        let again = vec![Effect::Resubscribe {
+            doc: doc.clone(),
+            heads: vec![hash(7)],
+        }];
+        assert_eq!(peer.flush(t0 + RETRY_MIN), again);
+        assert_eq!(peer.flush_at(), None);
+        // Refused again: the wait doubles, or is what the relay asks if longer.
+        let t1 = t0 + RETRY_MIN;
+        assert_eq!(peer.handle_outbound(refused(0), t1), vec![]);
+        assert_eq!(peer.flush_at(), Some(t1 + 2 * RETRY_MIN));
+        assert_eq!(peer.flush(t1 + 2 * RETRY_MIN), again);
+        let t2 = t1 + 2 * RETRY_MIN;
+        assert_eq!(peer.handle_outbound(refused(3_000), t2), vec![]);
+        assert_eq!(peer.flush_at(), Some(t2 + Duration::from_secs(3)));
+        assert_eq!(peer.flush(t2 + Duration::from_secs(3)), again);
+        // The catch-up comes: the peer is synced, and its change goes to the relay.
+        let t3 = t2 + Duration::from_secs(3);
+        let out = peer.handle_outbound(
+            Outbound::CatchUp {
+                doc: doc.clone(),
+                snapshot: None,
+                changes: vec![],
+                heads: vec![hash(1)],
+                durable_heads: vec![hash(1)],
+                authors: vec![],
+            },
+            t3,
+        );
+        assert_eq!(sent(&out).len(), 1, "{out:?}");
+        assert!(out.contains(&Effect::Changes {
+            doc: doc.clone(),
+            changes: vec![change]
+        }));
+        assert_eq!(peer.waiting_bytes(), 0);
+        assert!(matches!(
+            &peer.handle_client(ephemeral, &Bytes::new(), t3)[..],
+            [Effect::Presence { .. }]
+        ));
+        // What the peer itself got wrong still closes.
+        let invalid = Outbound::Message(RelayToClient::error(
+            ErrorCode::InvalidChange,
+            Some(doc),
+            "change does not parse",
+        ));
+        assert_eq!(
+            only_close(&peer.handle_outbound(invalid, t3)),
+            Some(ErrorCode::InvalidChange)
+        );
+    }
+
+    #[test]
+    fn changes_the_relay_refused_for_now_are_sent_again_by_the_peer() {
+        use automerge::sync::SyncDoc;
+        use automerge::transaction::Transactable;
+        let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
+        let (id, doc) = id(1);
+        let mut gateway = all();
+        let mut client = automerge::AutoCommit::new();
+        let mut state = automerge::sync::State::new();
+        let t0 = Instant::now();
+        let hello = client.sync().generate_sync_message(&mut state).unwrap();
+        gateway.handle_client(sync_data(&id, hello.encode()), &Bytes::new(), t0);
+        let caught_up = gateway.handle_outbound(empty_catch_up(&doc), t0);
+        for message in sent(&caught_up) {
+            client
+                .sync()
+                .receive_sync_message(&mut state, decode(&Bytes::from(message.encode())))
+                .unwrap();
+        }
+        client.put(automerge::ROOT, "mine", 2).unwrap();
+        let mine = ChangeHash(client.get_last_local_change().unwrap().hash().0);
+        let message = client.sync().generate_sync_message(&mut state).unwrap();
+        let out = gateway.handle_client(sync_data(&id, message.encode()), &Bytes::new(), t0);
+        assert!(matches!(&out[..], [Effect::Changes { .. }]), "{out:?}");
+        // The relay refuses them for now (changes not yet durable at their bound).
+        let refused = Outbound::Message(RelayToClient::error_retry(
+            ErrorCode::Overloaded,
+            Some(doc.clone()),
+            1_000,
+            "changes not yet durable on this node are at their bound; retry later",
+        ));
+        assert_eq!(gateway.handle_outbound(refused, t0), vec![]);
+        assert!(
+            client.sync().generate_sync_message(&mut state).is_none(),
+            "automerge sends a change once per session"
+        );
+        let at = t0 + Duration::from_secs(1);
+        assert_eq!(gateway.flush_at(), Some(at));
+        assert_eq!(gateway.flush(at - Duration::from_millis(1)), vec![]);
+        let reset = sent(&gateway.flush(at));
+        assert_eq!(reset.len(), 1);
+        client
+            .sync()
+            .receive_sync_message(&mut state, decode(&Bytes::from(reset[0].encode())))
+            .unwrap();
+        let answer = client.sync().generate_sync_message(&mut state).unwrap();
+        let out = gateway.handle_client(sync_data(&id, answer.encode()), &Bytes::new(), at);
+        let resent: Vec<ChangeHash> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Changes { changes, .. } => Some(changes.clone()),
+                _ => None,
+            })
+            .flatten()
+            .map(|c| {
+                meridian_relay::engine::change::parse_change(c)
+                    .unwrap()
+                    .hash
+            })
+            .collect();
+        assert_eq!(resent, vec![mine], "{out:?}");
     }
 
     #[test]

@@ -30,7 +30,10 @@ impl Node {
     }
 
     async fn start_with(config: GatewayConfig) -> Node {
-        let dev = Dev::new();
+        Node::start_dev(Dev::new(), config).await
+    }
+
+    async fn start_dev(dev: Dev, config: GatewayConfig) -> Node {
         let relay = dev.start().await;
         let gateway = meridian_gateway::start(config, relay.session_port())
             .await
@@ -57,7 +60,11 @@ impl Node {
 
 /// Runs `node <script> <args>` in `gateway/js`, returning its last stdout line as JSON.
 async fn run_js(script: &str, args: &[&str]) -> serde_json::Value {
-    let output = node_output(script, args).await;
+    js_result(script, node_output(script, args).await)
+}
+
+/// What `node <script>` printed last, as JSON, once it succeeded.
+fn js_result(script: &str, output: std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
         "node {script} failed: {}\n{}",
@@ -346,6 +353,41 @@ async fn refused_tokens_get_an_error_and_documents_outside_the_rights_are_unavai
     assert_eq!(out["unavailable"], false, "{out}");
     assert_eq!(out["doc"]["secret"], "x");
     client.close().await;
+}
+
+/// A subscription the relay refuses for now (here the user's documents open on the node
+/// are at their bound) is asked for again, and the JS peer is neither told of an error
+/// nor closed: its document syncs once the bound allows, with the change it made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_refused_for_now_syncs_later_without_a_reconnect() {
+    let mut dev = Dev::new();
+    dev.engine.subscriptions_per_user_max = 1;
+    let node = Node::start_dev(dev, GatewayConfig::default()).await;
+    // A native client of the same user holds the user's one subscription.
+    let client = node.dev.client(node.relay.local_addr(), "alice").await;
+    let (_, held) = new_doc();
+    let handle = client.open(&held).await.expect("open");
+    handle.wait_synced().await.expect("synced");
+
+    let url = node.url_for("alice");
+    let storage_id = node.storage_id();
+    let js = tokio::spawn(async move {
+        node_output("later.mjs", &[&url, &storage_id, r#"{"title":"later"}"#]).await
+    });
+    // Long enough for the JS peer's subscribe to be refused (at once, once it is
+    // connected); then the user's subscription is free.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    client.close().await;
+    let out = js_result("later.mjs", js.await.expect("the JS task"));
+    assert_eq!(out["errors"], 0, "{out}");
+    assert_eq!(out["disconnects"], 0, "{out}");
+    // What the JS peer made is stored: another user reads it.
+    let doc = meridian_gateway::docid::parse(out["url"].as_str().expect("url")).expect("id");
+    let reader = node.dev.client(node.relay.local_addr(), "bob").await;
+    let read = reader.open(doc.as_str()).await.expect("open");
+    read.wait_synced().await.expect("synced");
+    assert_eq!(meridian_testkit::json(&read)["title"], "later");
+    reader.close().await;
 }
 
 /// An empty JS peer finds a 100,000-change document (written to the node's durable
