@@ -21,6 +21,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota};
+use meridian_process::web::AddressHold;
 use meridian_protocol::{ChangeHash, DocId, ErrorCode, RelayToClient, TenantId, UserId};
 use meridian_relay::engine::{Delivery, Outbound};
 use meridian_relay::local::{Ended, Event, LocalSession, SessionPort, SubscribeError};
@@ -183,20 +184,51 @@ struct WriteParams {
     timeout_ms: Option<u64>,
 }
 
+/// Who sent a request: its address, and its connection's place among that address's
+/// connections (both put on every request by `web::serve`).
+struct Caller(SocketAddr, AddressHold);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Response> {
+        let remote = parts.extensions.get::<ConnectInfo<SocketAddr>>();
+        let hold = parts.extensions.get::<AddressHold>();
+        match (remote, hold) {
+            (Some(ConnectInfo(remote)), Some(hold)) => Ok(Caller(*remote, hold.clone())),
+            _ => Err(
+                ApiError::Internal("served without the listener's connection info".into())
+                    .into_response(),
+            ),
+        }
+    }
+}
+
 /// One request's context: who asked, for which document, on which path.
 struct Request {
     remote: SocketAddr,
+    /// The connection's place among its address's connections.
+    hold: AddressHold,
     headers: HeaderMap,
     uri: Uri,
     doc: DocId,
 }
 
 impl Request {
-    fn new(remote: SocketAddr, headers: HeaderMap, uri: Uri, id: &str) -> Result<Self, ApiError> {
+    fn new(
+        Caller(remote, hold): Caller,
+        headers: HeaderMap,
+        uri: Uri,
+        id: &str,
+    ) -> Result<Self, ApiError> {
         let doc = DocId::new(id)
             .map_err(|error| ApiError::BadRequest(format!("document id {id:?}: {error}")))?;
         Ok(Request {
             remote,
+            hold,
             headers,
             uri,
             doc,
@@ -207,6 +239,12 @@ impl Request {
     /// is never forwarded again (ownership that moves meanwhile is answered 307).
     fn forwarded(&self) -> bool {
         self.headers.contains_key(FORWARDED)
+    }
+
+    /// The forwarding node's proof ([`SessionPort::forward_proof`] of the token), if
+    /// the request says it was forwarded.
+    fn forward_proof(&self) -> Option<&str> {
+        self.headers.get(FORWARDED).and_then(|v| v.to_str().ok())
     }
 
     fn token(&self) -> Result<&str, ApiError> {
@@ -225,7 +263,8 @@ impl Request {
     }
 }
 
-/// The header a forwarded request carries.
+/// The header a forwarded request carries: the forwarding node's proof that it is a
+/// node of the cell.
 const FORWARDED: &str = "meridian-forwarded";
 /// How long connecting to the owner's API may take.
 const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,7 +282,18 @@ impl Api {
     async fn open(&self, request: &Request) -> Result<LocalSession, ApiError> {
         let token = request.token()?;
         let ip = request.remote.ip();
-        let slot = self.port.admit(ip)?;
+        // A request forwarded by another node of the cell counts against no address:
+        // the forwarding node's address is that of every client it forwards.
+        let proven = request
+            .forward_proof()
+            .and_then(|proof| self.port.admit_forwarded(token, proof));
+        let slot = match proven {
+            Some(slot) => {
+                request.hold.release();
+                slot
+            }
+            None => self.port.admit(ip)?,
+        };
         Ok(self.port.open(token, slot, ip, Delivery::Inspect).await?)
     }
 
@@ -384,7 +434,14 @@ impl Api {
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string())
-            .header(FORWARDED, "1");
+            // Without a cell key there is no other node to prove anything to; the
+            // header still says that the request is not to be forwarded again.
+            .header(
+                FORWARDED,
+                self.port
+                    .forward_proof(request.token()?)
+                    .unwrap_or_else(|| "unproven".into()),
+            );
         for name in [header::AUTHORIZATION, header::CONTENT_TYPE] {
             if let Some(value) = request.headers.get(&name) {
                 outgoing = outgoing.header(name, value);
@@ -538,7 +595,7 @@ fn answer(route: &'static str, result: Result<Response, ApiError>) -> Response {
 
 async fn get_doc(
     State(api): State<Arc<Api>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(params): Query<ReadParams>,
     headers: HeaderMap,
@@ -546,19 +603,19 @@ async fn get_doc(
 ) -> Response {
     answer(
         "doc",
-        read_doc(&api, remote, id, params, headers, uri).await,
+        read_doc(&api, caller, id, params, headers, uri).await,
     )
 }
 
 async fn read_doc(
     api: &Api,
-    remote: SocketAddr,
+    caller: Caller,
     id: String,
     params: ReadParams,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let request = Request::new(remote, headers, uri, &id)?;
+    let request = Request::new(caller, headers, uri, &id)?;
     let at = params.at.as_deref().map(view::parse_heads).transpose()?;
     let (held, _slot) = match api.take_for_read(&request).await? {
         Ok(taken) => taken,
@@ -586,25 +643,25 @@ async fn read_doc(
 
 async fn get_history(
     State(api): State<Arc<Api>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
     answer(
         "history",
-        read_history(&api, remote, id, headers, uri).await,
+        read_history(&api, caller, id, headers, uri).await,
     )
 }
 
 async fn read_history(
     api: &Api,
-    remote: SocketAddr,
+    caller: Caller,
     id: String,
     headers: HeaderMap,
     uri: Uri,
 ) -> Result<Response, ApiError> {
-    let request = Request::new(remote, headers, uri, &id)?;
+    let request = Request::new(caller, headers, uri, &id)?;
     let (held, _slot) = match api.take_for_read(&request).await? {
         Ok(taken) => taken,
         Err(forwarded) => return Ok(forwarded),
@@ -627,7 +684,7 @@ async fn read_history(
 
 async fn post_changes(
     State(api): State<Arc<Api>>,
-    ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    caller: Caller,
     Path(id): Path<String>,
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
@@ -636,7 +693,7 @@ async fn post_changes(
 ) -> Response {
     answer(
         "changes",
-        write_changes(&api, remote, id, params, headers, uri, body).await,
+        write_changes(&api, caller, id, params, headers, uri, body).await,
     )
 }
 
@@ -655,14 +712,14 @@ struct Outcome {
 #[allow(clippy::too_many_arguments)]
 async fn write_changes(
     api: &Api,
-    remote: SocketAddr,
+    caller: Caller,
     id: String,
     params: WriteParams,
     headers: HeaderMap,
     uri: Uri,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let request = Request::new(remote, headers, uri, &id)?;
+    let request = Request::new(caller, headers, uri, &id)?;
     let wait_durable = match params.wait.as_deref() {
         None | Some("applied") => false,
         Some("durable") => true,

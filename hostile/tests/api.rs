@@ -248,6 +248,76 @@ async fn slow_requests_and_connection_floods_are_cut() {
     still_served(&s, "after-slow").await;
 }
 
+/// Requests that another node of the cell forwards come from that node's address, which
+/// is every forwarded client's: with the proof of the cell's key they do not count
+/// against that address's connections (so one tenant's slow requests through a node
+/// cannot use up what the node may forward for all); with a forged proof they do, as
+/// any client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_proven_forwarded_requests_escape_the_per_address_bound() {
+    let dev = Dev::new();
+    let mut relay_config = dev.config("127.0.0.1:0".parse().unwrap());
+    // A cell of one, for its key.
+    relay_config.gossip = Some(meridian_relay::config::GossipConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        advertise: None,
+        key: vec![7; 32],
+        seeds: vec![],
+        membership: Default::default(),
+    });
+    let relay = meridian_relay::start(relay_config).await.expect("relay");
+    let config = ApiConfig {
+        web: meridian_process::web::WebLimits {
+            per_address_max: 2,
+            ..Default::default()
+        },
+        ..ApiConfig::default()
+    };
+    let api = meridian_api::start(config, relay.session_port())
+        .await
+        .expect("api");
+    let addr = api.local_addr();
+    let token = dev.token("backend");
+    // A request marked as forwarded, answered on a connection kept open after it.
+    let kept = |proof: String| {
+        let token = token.clone();
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET /v1/docs/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nMeridian-Forwarded: {proof}\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = tokio::time::timeout(Duration::from_secs(30), stream.read(&mut buf))
+                    .await
+                    .expect("an answer in time")
+                    .unwrap();
+                assert!(n > 0, "the connection closed without an answer");
+                answer.extend_from_slice(&buf[..n]);
+            }
+            stream
+        }
+    };
+    let proof = relay
+        .session_port()
+        .forward_proof(&token)
+        .expect("a node of a cell has its key");
+    // Two connections whose requests were answered, kept open: the address's share is
+    // used up unless their proofs hold.
+    for (proof, escapes) in [(proof, true), ("00".repeat(32), false)] {
+        let held = vec![kept(proof.clone()).await, kept(proof).await];
+        let third = http::get(addr, "/v1/docs/a", &token).await;
+        assert_eq!(
+            third.status != 0,
+            escapes,
+            "a third connection from the address (proof holds: {escapes})"
+        );
+        drop(held);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_reads_costs_its_own_tenant_not_others_nor_quic_clients() {
     let config = ApiConfig {

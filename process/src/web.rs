@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::http::{ACCEPT_RETRY, PerAddress};
+use crate::http::{ACCEPT_RETRY, AddressSlot, PerAddress};
 
 /// Bounds on a listener's connections in their HTTP phase.
 #[derive(Debug, Clone, Copy)]
@@ -40,8 +40,25 @@ impl Default for WebLimits {
     }
 }
 
+/// A connection's place among its source address's connections in their HTTP phase, as
+/// an axum `Extension` on every request. A handler that finds the connection answers for
+/// no address (another node of the cell forwarding its clients' requests, proven with
+/// the cell's key) gives the place back: that address is every forwarded client's, and
+/// its bound must not cap what the node forwards for all of them.
+#[derive(Clone)]
+pub struct AddressHold(Arc<std::sync::Mutex<Option<AddressSlot>>>);
+
+impl AddressHold {
+    /// Gives the connection's place back (once; later calls do nothing).
+    pub fn release(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            slot.take();
+        }
+    }
+}
+
 /// Serves `app` on `listener` until the task is aborted; handlers can extract
-/// `ConnectInfo<SocketAddr>`. `refused` is called with `address` or `limit` for every
+/// `ConnectInfo<SocketAddr>` and `Extension<AddressHold>`. `refused` is called with `address` or `limit` for every
 /// connection closed at once, `timeout` for every one cut.
 pub async fn serve(
     listener: TcpListener,
@@ -68,9 +85,11 @@ pub async fn serve(
             refused("limit");
             continue;
         };
+        let hold = AddressHold(Arc::new(std::sync::Mutex::new(Some(slot))));
         let service = app
             .clone()
-            .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)));
+            .layer(axum::Extension(ConnectInfo::<SocketAddr>(peer)))
+            .layer(axum::Extension(hold.clone()));
         tokio::spawn(async move {
             let service = hyper_util::service::TowerToHyperService::new(service);
             let connection = hyper::server::conn::http1::Builder::new()
@@ -89,7 +108,7 @@ pub async fn serve(
             {
                 refused("timeout");
             }
-            drop((permit, slot));
+            drop((permit, hold));
         });
     }
 }
