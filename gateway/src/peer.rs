@@ -54,6 +54,12 @@
 //! the same heads, its peer's messages waiting as for any catch-up; a document whose
 //! changes were refused gets a sync message with empty heads, after which the peer sends
 //! again every change of its own that the relay's heads do not cover.
+//!
+//! A change the relay refuses for good (`invalid_change`, `too_large`,
+//! `actor_conflict`) would come back with every connection of the peer. Its document
+//! stops syncing on this connection: the peer gets an `error` message saying why and
+//! `doc-unavailable`, the subscription ends, and the peer's later messages for the
+//! document are dropped; the socket and its other documents go on.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -116,6 +122,11 @@ pub enum Effect {
         doc: DocId,
         /// What the peer holds.
         heads: Vec<ChangeHash>,
+    },
+    /// End the subscription to `doc`.
+    Unsubscribe {
+        /// The document.
+        doc: DocId,
     },
     /// End the subscription to `doc` and subscribe again with `heads` (a fresh catch-up).
     Resubscribe {
@@ -182,6 +193,9 @@ struct DocState {
     last_sent: Option<Vec<ChangeHash>>,
     /// `doc-unavailable` was sent.
     unavailable: bool,
+    /// The relay refused a change of the peer's for good: the document no longer syncs
+    /// on this connection (see the module's "Refusals").
+    quarantined: bool,
     /// Another node of the cell owns the document: its messages go to that node's
     /// gateway.
     forward: Option<NodeAddr>,
@@ -531,6 +545,9 @@ impl Peer {
         if let Some(doc) = message.document_id().and_then(|d| self.ids.get(d).cloned())
             && let Some(state) = self.docs.get_mut(&doc)
         {
+            if state.quarantined {
+                return out;
+            }
             if let Some(node) = &state.forward {
                 out.push(Effect::Forward {
                     node: node.clone(),
@@ -739,7 +756,7 @@ impl Peer {
                 ..
             } => {
                 let limits = self.limits.clone();
-                let Some(state) = self.docs.get_mut(&doc) else {
+                let Some(state) = self.docs.get_mut(&doc).filter(|s| !s.quarantined) else {
                     return out;
                 };
                 state.caught_up = true;
@@ -771,7 +788,11 @@ impl Peer {
                 heads,
                 durable_heads,
             } => {
-                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up) {
+                if let Some(state) = self
+                    .docs
+                    .get_mut(&doc)
+                    .filter(|s| s.caught_up && !s.quarantined)
+                {
                     state.relay_heads = heads;
                     state.durable_heads = durable_heads;
                     state.unavailable = false;
@@ -800,7 +821,11 @@ impl Peer {
     fn relay_message(&mut self, out: &mut Vec<Effect>, message: RelayToClient, now: Instant) {
         match message {
             RelayToClient::Applied { doc, heads, .. } => {
-                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up) {
+                if let Some(state) = self
+                    .docs
+                    .get_mut(&doc)
+                    .filter(|s| s.caught_up && !s.quarantined)
+                {
                     state.relay_heads = heads;
                     if state.last_sent.as_ref() != Some(&state.reported()) {
                         self.queue(&doc, Vec::new());
@@ -808,7 +833,10 @@ impl Peer {
                 }
             }
             RelayToClient::Durable { doc, heads, .. } => {
-                if let Some(state) = self.docs.get_mut(&doc).filter(|s| s.caught_up)
+                if let Some(state) = self
+                    .docs
+                    .get_mut(&doc)
+                    .filter(|s| s.caught_up && !s.quarantined)
                     && !heads.is_empty()
                 {
                     state.durable_heads = heads;
@@ -823,7 +851,7 @@ impl Peer {
                 user,
                 state,
             } => {
-                let Some(doc_state) = self.docs.get(&doc) else {
+                let Some(doc_state) = self.docs.get(&doc).filter(|s| !s.quarantined) else {
                     return;
                 };
                 self.ephemeral_count += 1;
@@ -846,6 +874,34 @@ impl Peer {
                 message,
                 retry_after_ms,
             } => match (code, self.docs.get_mut(&doc)) {
+                // What the relay says of a document that no longer syncs here.
+                (_, Some(state)) if state.quarantined => {}
+                // A change the relay will never take: it does not parse, is over the
+                // change limits, or is new under an actor bound to another user. The
+                // peer would send it again on every connection, so a close would only
+                // bring it back in a loop (and, for `too_large`, put its address in the
+                // penalty box) with its other documents' sync cut each time. The
+                // document stops syncing on this connection instead: the peer is told
+                // why in an `error` message, and that it is unavailable here; its other
+                // documents go on.
+                (
+                    ErrorCode::InvalidChange | ErrorCode::TooLarge | ErrorCode::ActorConflict,
+                    Some(state),
+                ) => {
+                    state.quarantined = true;
+                    state.drop_outbox();
+                    state.retry_at = None;
+                    state.unavailable = true;
+                    let document_id = state.document_id.clone();
+                    out.push(Effect::Send(ServerMessage::Error {
+                        message: format!(
+                            "{}: {message}; document {document_id} does not sync on this connection",
+                            code.name().unwrap_or("refused"),
+                        ),
+                    }));
+                    out.push(Effect::Send(ServerMessage::DocUnavailable { document_id }));
+                    out.push(Effect::Unsubscribe { doc });
+                }
                 // The token may not read (or write) this document, or an operator purged
                 // it: it stays with the peer, nothing is stored, and the peer is not
                 // made to reconnect.
@@ -1826,16 +1882,78 @@ mod tests {
             &peer.handle_client(ephemeral, &Bytes::new(), t3)[..],
             [Effect::Presence { .. }]
         ));
-        // What the peer itself got wrong still closes.
-        let invalid = Outbound::Message(RelayToClient::error(
+    }
+
+    #[test]
+    fn a_document_with_a_change_refused_for_good_stops_syncing_and_the_socket_stays() {
+        let mut peer = all();
+        let t0 = Instant::now();
+        let (bad_id, bad) = id(1);
+        let (good_id, good) = id(2);
+        synced(&mut peer, &bad_id, &bad, vec![], t0);
+        synced(&mut peer, &good_id, &good, vec![], t0);
+        for code in [
             ErrorCode::InvalidChange,
-            Some(doc),
-            "change does not parse",
-        ));
+            ErrorCode::TooLarge,
+            ErrorCode::ActorConflict,
+        ] {
+            let refused = Outbound::Message(RelayToClient::error(
+                code,
+                Some(bad.clone()),
+                "change 0101 is refused",
+            ));
+            let out = peer.handle_outbound(refused, t0);
+            if code == ErrorCode::InvalidChange {
+                // Said once: why, that the document is unavailable here, and the
+                // subscription ends.
+                assert!(
+                    matches!(&out[..], [
+                        Effect::Send(ServerMessage::Error { message }),
+                        Effect::Send(ServerMessage::DocUnavailable { document_id }),
+                        Effect::Unsubscribe { doc },
+                    ] if message.starts_with("invalid_change: change 0101 is refused")
+                        && message.contains(&bad_id)
+                        && *document_id == bad_id
+                        && *doc == bad),
+                    "{out:?}"
+                );
+            } else {
+                assert_eq!(out, vec![], "{code:?}");
+            }
+        }
+        // The peer's later messages for it, and what the relay still sends of it, are
+        // dropped; the other document syncs on.
+        let change = Bytes::from(vec![9; 10]);
         assert_eq!(
-            only_close(&peer.handle_outbound(invalid, t3)),
-            Some(ErrorCode::InvalidChange)
+            peer.handle_client(
+                sync(&bad_id, vec![], vec![change.clone()]),
+                &Bytes::new(),
+                t0
+            ),
+            vec![]
         );
+        assert_eq!(peer.handle_outbound(fanout(&bad, 3), t0), vec![]);
+        assert_eq!(peer.handle_outbound(empty_catch_up(&bad), t0), vec![]);
+        let later = Outbound::Message(RelayToClient::error(
+            ErrorCode::MissingDependencies,
+            Some(bad.clone()),
+            "missing",
+        ));
+        assert_eq!(peer.handle_outbound(later, t0), vec![]);
+        assert_eq!(peer.flush_at(), None);
+        let out = peer.handle_client(
+            sync(&good_id, vec![], vec![change.clone()]),
+            &Bytes::new(),
+            t0,
+        );
+        assert!(
+            out.contains(&Effect::Changes {
+                doc: good.clone(),
+                changes: vec![change]
+            }),
+            "{out:?}"
+        );
+        assert_eq!(sent(&peer.handle_outbound(fanout(&good, 3), t0)).len(), 1);
     }
 
     #[test]

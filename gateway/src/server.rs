@@ -529,6 +529,10 @@ impl Conn {
                         }
                     }
                 }
+                Effect::Unsubscribe { doc } => {
+                    session.unsubscribe(doc.clone()).await;
+                    None
+                }
                 Effect::Resubscribe { doc, heads } => {
                     session.unsubscribe(doc.clone()).await;
                     to_relay.push_front(Effect::Subscribe {

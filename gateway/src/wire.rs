@@ -284,7 +284,8 @@ pub enum ServerMessage {
         /// The gateway's storage id for the client's tenant.
         storage_id: String,
     },
-    /// Something went wrong; the gateway closes the socket after it.
+    /// Something went wrong: the gateway closes the socket after it, unless it concerns
+    /// one document, which then no longer syncs on this connection.
     Error {
         /// What, for people.
         message: String,

@@ -530,15 +530,61 @@ async fn only_a_proven_forwarding_connection_escapes_the_penalty_box() {
     assert!(!admitted().await, "a forged proof escaped the penalty box");
 }
 
+/// A change the relay refuses for good (an operation bomb, one that does not parse)
+/// gets an `error` naming why and `doc-unavailable`: its document stops syncing on the
+/// connection, nothing of it is stored, and the socket and its other documents go on (a
+/// close would bring the peer back with the same change, in a loop). Bytes too short to
+/// be a change are garbage: the socket is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
     let node = Node::start(GatewayConfig::default()).await;
     let mut socket = node.joined("mallory").await;
     let bomb =
         meridian_relay::engine::change::operation_bomb(meridian_protocol::MAX_CHANGE_OPS * 4);
-    send(&mut socket, &sync(&doc_id(), &[], vec![bomb])).await;
-    let error = closed(&mut socket).await;
-    assert!(error.1.is_some(), "the bomb's socket is closed: {error:?}");
+    let junk = Bytes::from_static(b"\x85\x6f\x4a\x83 junk, long enough to be read");
+    let mut refused = Vec::new();
+    for (change, code) in [(bomb, "too_large"), (junk, "invalid_change")] {
+        let id = doc_id();
+        send(&mut socket, &sync(&id, &[], vec![change])).await;
+        // The catch-up's sync message may come first.
+        let (mut error, mut unavailable) = (None, false);
+        while error.is_none() || !unavailable {
+            let message = next(&mut socket).await.expect("the socket stays open");
+            match field(&message, "type") {
+                Some(t) if t == text("error") => error = field(&message, "message"),
+                Some(t) if t == text("doc-unavailable") => {
+                    assert_eq!(field(&message, "documentId"), Some(text(&id)));
+                    unavailable = true;
+                }
+                _ => {}
+            }
+        }
+        let error = error.and_then(|e| e.as_text().map(String::from));
+        assert!(
+            error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(code) && e.contains(&id)),
+            "{error:?}"
+        );
+        // Later messages for it are dropped, not answered.
+        send(&mut socket, &sync(&id, &[], vec![one_change("later")])).await;
+        refused.push(id);
+    }
+    // The same socket syncs another document.
+    let id = doc_id();
+    send(&mut socket, &sync(&id, &[], vec![one_change("fine")])).await;
+    let reply = next(&mut socket).await.expect("a sync reply");
+    assert_eq!(field(&reply, "type"), Some(text("sync")), "{reply:?}");
+    assert_eq!(field(&reply, "documentId"), Some(text(&id)), "{reply:?}");
+    let client = node.dev.client(node.relay.local_addr(), "auditor").await;
+    for id in refused {
+        let handle = client.open(&format!("am/{id}")).await.expect("open");
+        handle.wait_synced().await.expect("synced");
+        assert!(handle.heads().is_empty(), "nothing of am/{id} is stored");
+    }
+    client.close().await;
+
+    // Too short to be a change: garbage, and the socket is closed.
     let mut socket = node.joined("mallory").await;
     send(
         &mut socket,
@@ -549,13 +595,7 @@ async fn bombs_and_invalid_changes_are_refused_and_nothing_is_stored() {
         ),
     )
     .await;
-    let (error, close) = closed(&mut socket).await;
-    let (code, _) = close.expect("a close");
-    assert!(
-        code == 4000 + ErrorCode::InvalidChange.code()
-            || code == 4000 + ErrorCode::Malformed.code(),
-        "{code} {error:?}"
-    );
+    expect_refused(&mut socket, ErrorCode::Malformed).await;
     node.still_serving().await;
 }
 
