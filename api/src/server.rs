@@ -116,7 +116,7 @@ struct Api {
     config: ApiConfig,
     listen_port: u16,
     slots: Arc<Semaphore>,
-    per_tenant: Mutex<HashMap<TenantId, usize>>,
+    per_tenant: Arc<Mutex<HashMap<TenantId, usize>>>,
     read_budget: DefaultKeyedRateLimiter<TenantId>,
 }
 
@@ -134,7 +134,7 @@ pub async fn start(config: ApiConfig, port: SessionPort) -> std::io::Result<ApiH
     let api = Arc::new(Api {
         listen_port: local_addr.port(),
         slots: Arc::new(Semaphore::new(config.materializations_max.max(1))),
-        per_tenant: Mutex::new(HashMap::new()),
+        per_tenant: Arc::new(Mutex::new(HashMap::new())),
         read_budget: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
         port,
         config,
@@ -235,12 +235,6 @@ impl Request {
         })
     }
 
-    /// Set by a node that forwarded the request to the document's owner: such a request
-    /// is never forwarded again (ownership that moves meanwhile is answered 307).
-    fn forwarded(&self) -> bool {
-        self.headers.contains_key(FORWARDED)
-    }
-
     /// The forwarding node's proof ([`SessionPort::forward_proof`] of the token), if
     /// the request says it was forwarded.
     fn forward_proof(&self) -> Option<&str> {
@@ -284,10 +278,7 @@ impl Api {
         let ip = request.remote.ip();
         // A request forwarded by another node of the cell counts against no address:
         // the forwarding node's address is that of every client it forwards.
-        let proven = request
-            .forward_proof()
-            .and_then(|proof| self.port.admit_forwarded(token, proof));
-        let slot = match proven {
+        let slot = match self.proven_forwarded(request) {
             Some(slot) => {
                 request.hold.release();
                 slot
@@ -295,6 +286,17 @@ impl Api {
             None => self.port.admit(ip)?,
         };
         Ok(self.port.open(token, slot, ip, Delivery::Inspect).await?)
+    }
+
+    /// A node of the cell forwarded the request to this one, as its proof shows (a
+    /// client's own `Meridian-Forwarded` header changes nothing): the request counts
+    /// against no address, and is never forwarded again. The slot it takes instead.
+    fn proven_forwarded(
+        &self,
+        request: &Request,
+    ) -> Option<meridian_relay::ratelimit::AddressSlot> {
+        let proof = request.forward_proof()?;
+        self.port.admit_forwarded(request.token().ok()?, proof)
     }
 
     /// Subscribes to the document holding `heads` and returns the relay's catch-up.
@@ -400,7 +402,8 @@ impl Api {
         let ApiError::Moved { node, location } = refused else {
             return Err(refused);
         };
-        if request.forwarded() {
+        if self.proven_forwarded(request).is_some() {
+            // Ownership moved while it was forwarded: the client follows the redirect.
             return Err(ApiError::Moved { node, location });
         }
         let Some(addr) = self.owner_addr(&node) else {
@@ -434,8 +437,8 @@ impl Api {
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string())
-            // Without a cell key there is no other node to prove anything to; the
-            // header still says that the request is not to be forwarded again.
+            // Without a cell key there is no other node to forward to (and the header
+            // would prove nothing).
             .header(
                 FORWARDED,
                 self.port
@@ -475,7 +478,7 @@ impl Api {
     async fn take_for_read(
         &self,
         request: &Request,
-    ) -> Result<Result<(Held, ReadSlot<'_>), Response>, ApiError> {
+    ) -> Result<Result<(Held, ReadSlot), Response>, ApiError> {
         let mut session = self.open(request).await?;
         let held = match self.catch_up(&mut session, request, Vec::new()).await {
             Ok(held) => held,
@@ -500,7 +503,7 @@ impl Api {
 
     /// Waits for a read slot (node-wide and the tenant's) after charging the tenant's
     /// read budget with `bytes`.
-    async fn read_slot(&self, tenant: &TenantId, bytes: usize) -> Result<ReadSlot<'_>, ApiError> {
+    async fn read_slot(&self, tenant: &TenantId, bytes: usize) -> Result<ReadSlot, ApiError> {
         if bytes > self.config.read.bytes_max {
             return Err(ApiError::View(view::ViewError::TooLarge(format!(
                 "{bytes} bytes stored, over {}",
@@ -530,7 +533,7 @@ impl Api {
             *held += 1;
         }
         let mut slot = ReadSlot {
-            api: self,
+            per_tenant: self.per_tenant.clone(),
             tenant: tenant.clone(),
             _permit: None,
         };
@@ -545,20 +548,18 @@ impl Api {
     }
 }
 
-/// A read's slot: released (node-wide and for its tenant) on drop.
-struct ReadSlot<'a> {
-    api: &'a Api,
+/// A read's slot: released (node-wide and for its tenant) on drop. It goes with the
+/// read's work to its blocking thread, so that a client that leaves does not free the
+/// slot while the work it asked for still runs.
+struct ReadSlot {
+    per_tenant: Arc<Mutex<HashMap<TenantId, usize>>>,
     tenant: TenantId,
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl Drop for ReadSlot<'_> {
+impl Drop for ReadSlot {
     fn drop(&mut self) {
-        let mut per_tenant = self
-            .api
-            .per_tenant
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut per_tenant = self.per_tenant.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(held) = per_tenant.get_mut(&self.tenant) {
             *held -= 1;
             if *held == 0 {
@@ -617,7 +618,7 @@ async fn read_doc(
 ) -> Result<Response, ApiError> {
     let request = Request::new(caller, headers, uri, &id)?;
     let at = params.at.as_deref().map(view::parse_heads).transpose()?;
-    let (held, _slot) = match api.take_for_read(&request).await? {
+    let (held, slot) = match api.take_for_read(&request).await? {
         Ok(taken) => taken,
         Err(forwarded) => return Ok(forwarded),
     };
@@ -626,19 +627,28 @@ async fn read_doc(
         Some(at) => at.iter().map(|h| h.to_string()).collect(),
         None => hex(&held.heads),
     };
-    let changes = held.changes;
-    let content = blocking(move || {
+    let (doc, changes) = (request.doc.to_string(), held.changes);
+    let durable_heads = hex(&held.durable_heads);
+    // The document and its JSON are built on a blocking thread, which holds the slot
+    // until they are done (even if the client left meanwhile).
+    let body = blocking(move || {
+        let _slot = slot;
         view::check_read(&changes, &limits)?;
-        view::materialize(&changes, at.as_deref())
+        let content = view::materialize(&changes, at.as_deref())?;
+        let answer = serde_json::json!({
+            "doc": doc,
+            "heads": heads,
+            "durable_heads": durable_heads,
+            "content": content,
+        });
+        serde_json::to_vec(&answer).map_err(|error| view::ViewError::Load(error.to_string()))
     })
     .await?;
-    Ok(axum::Json(serde_json::json!({
-        "doc": request.doc.as_str(),
-        "heads": heads,
-        "durable_heads": hex(&held.durable_heads),
-        "content": content,
-    }))
-    .into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 async fn get_history(
@@ -662,19 +672,23 @@ async fn read_history(
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let request = Request::new(caller, headers, uri, &id)?;
-    let (held, _slot) = match api.take_for_read(&request).await? {
+    let (held, slot) = match api.take_for_read(&request).await? {
         Ok(taken) => taken,
         Err(forwarded) => return Ok(forwarded),
     };
     let (changes, authors) = (held.changes, held.authors);
     let (heads, durable_heads) = (held.heads, held.durable_heads);
     let doc = request.doc.to_string();
+    let answer_max = api.config.read.inflated_max;
     // Headers only: the read slot already bounded the stored bytes, and no document is
-    // built, so the operation and inflation bounds of a materialization do not apply.
-    // The JSON is written off the runtime's threads too, straight from the headers.
-    let body =
-        blocking(move || view::history_json(&doc, &heads, &durable_heads, &changes, &authors))
-            .await?;
+    // built, so the operation bound of a materialization does not apply; the answer is
+    // bounded like an inflated document. The JSON is written off the runtime's threads
+    // too, straight from the headers, on a thread that holds the slot until it is done.
+    let body = blocking(move || {
+        let _slot = slot;
+        view::history_json(&doc, &heads, &durable_heads, &changes, &authors, answer_max)
+    })
+    .await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         body,
@@ -750,17 +764,23 @@ async fn write_changes(
         .await
         .map_err(|_| too_large())?;
     let changes = view::split_changes(&body, api.config.changes_max)?;
+    // Measuring inflates every change: not for a client its rates would refuse anyway.
+    session
+        .changes_admissible()
+        .map_err(|limited| ApiError::RateLimited(limited.retry_after))?;
     let inflated_max = api.config.inflated_bytes_max;
-    let (changes, costs) = blocking(move || {
+    let (changes, costs, base) = blocking(move || {
         let costs = view::measure_all(&changes, inflated_max)?;
-        Ok((changes, costs))
+        // What the first change builds on (read from its header alone): the relay
+        // answers with what it holds beyond that (usually nothing), and learns of a
+        // base it lacks.
+        let base = changes
+            .first()
+            .and_then(|first| meridian_relay::engine::change::deps(first).ok())
+            .unwrap_or_default();
+        Ok((changes, costs, base))
     })
     .await?;
-    // What the first change builds on: the relay answers with what it holds beyond
-    // that (usually nothing), and learns of a base it lacks.
-    let base = automerge::Change::try_from(&changes[0][..])
-        .map(|c| c.deps().iter().map(|d| ChangeHash(d.0)).collect())
-        .unwrap_or_default();
     if let Err(refused) = api.catch_up(&mut session, &request, base).await {
         drop(session);
         return api

@@ -315,7 +315,7 @@ pub struct EntryRef<'a> {
 pub fn each_history_entry(
     changes: &[Bytes],
     authors: &[(ActorId, UserId)],
-    mut each: impl FnMut(EntryRef<'_>),
+    mut each: impl FnMut(EntryRef<'_>) -> Result<(), ViewError>,
 ) -> Result<(), ViewError> {
     let users: HashMap<&[u8], &UserId> = authors
         .iter()
@@ -328,8 +328,8 @@ pub fn each_history_entry(
         let header = meridian_relay::engine::change::header(bytes)
             .map_err(|error| ViewError::Load(error.to_string()))?;
         heads.retain(|h| !header.deps.contains(h));
-        heads.push(header.hash);
-        heads.sort_unstable();
+        let at = heads.binary_search(&header.hash).unwrap_or_else(|at| at);
+        heads.insert(at, header.hash);
         let (actor, user) = actors.entry(header.actor.clone()).or_insert_with(|| {
             let user = users.get(header.actor.as_slice()).map(|u| u.to_string());
             (hex::encode(&header.actor), user)
@@ -339,7 +339,7 @@ pub fn each_history_entry(
             actor,
             user: user.as_deref(),
             heads: &heads,
-        });
+        })?;
     }
     Ok(())
 }
@@ -361,6 +361,7 @@ pub fn history(
             deps: entry.header.deps.iter().map(ToString::to_string).collect(),
             heads: entry.heads.iter().map(ToString::to_string).collect(),
         });
+        Ok(())
     })?;
     Ok(out)
 }
@@ -368,17 +369,22 @@ pub fn history(
 /// The history answer's JSON (`doc`, `heads`, `durable_heads`, `changes` as
 /// [`HistoryEntry`] serializes them), written straight from the change headers into one
 /// buffer: no entry, hex string or JSON value is built on the way, which on a 100k-change
-/// document is most of the answer's cost.
+/// document is most of the answer's cost. An answer past `max_bytes` is refused
+/// (`TooLarge`) as soon as it gets there: each entry lists the heads after it, so a
+/// document of many concurrent changes (many heads) would otherwise answer with about
+/// the square of its size.
 pub fn history_json(
     doc: &str,
     heads: &[meridian_protocol::ChangeHash],
     durable_heads: &[meridian_protocol::ChangeHash],
     changes: &[Bytes],
     authors: &[(ActorId, UserId)],
+    max_bytes: usize,
 ) -> Result<Vec<u8>, ViewError> {
     /// About what one entry takes, to size the buffer once.
     const ENTRY_BYTES: usize = 360;
-    let mut out = Vec::with_capacity(256 + changes.len().saturating_mul(ENTRY_BYTES));
+    let sized = 256 + changes.len().saturating_mul(ENTRY_BYTES);
+    let mut out = Vec::with_capacity(sized.min(max_bytes));
     out.extend_from_slice(b"{\"doc\":");
     json_string(&mut out, doc);
     out.extend_from_slice(b",\"heads\":");
@@ -415,6 +421,12 @@ pub fn history_json(
         out.extend_from_slice(b",\"heads\":");
         json_hashes(&mut out, entry.heads);
         out.push(b'}');
+        if out.len() > max_bytes {
+            return Err(ViewError::TooLarge(format!(
+                "its history's answer passes {max_bytes} bytes"
+            )));
+        }
+        Ok(())
     })?;
     out.extend_from_slice(b"]}");
     Ok(out)
@@ -632,7 +644,8 @@ mod tests {
             .iter()
             .map(|h| meridian_protocol::ChangeHash(h.0))
             .collect();
-        let written = history_json("notes/\"1\"", &heads, &[], &changes, &authors).unwrap();
+        let written =
+            history_json("notes/\"1\"", &heads, &[], &changes, &authors, 1 << 20).unwrap();
         let parsed: serde_json::Value = serde_json::from_slice(&written).unwrap();
         let expected = serde_json::json!({
             "doc": "notes/\"1\"",
@@ -643,5 +656,30 @@ mod tests {
         assert_eq!(parsed, expected);
         assert_eq!(parsed["changes"].as_array().unwrap().len(), 3);
         assert_eq!(parsed["changes"][2]["heads"].as_array().unwrap().len(), 2);
+    }
+
+    /// Each entry lists the heads after it: changes that are all concurrent make an
+    /// answer of about the square of their number, refused once past its bound.
+    #[test]
+    fn a_history_answer_past_its_bound_is_refused() {
+        let changes: Vec<Bytes> = (0..200)
+            .map(|i| {
+                let mut doc = AutoCommit::new();
+                doc.put(automerge::ROOT, "k", i).unwrap();
+                Bytes::copy_from_slice(doc.get_last_local_change().unwrap().raw_bytes())
+            })
+            .collect();
+        let whole = history_json("d", &[], &[], &changes, &[], usize::MAX).unwrap();
+        let parsed: serde_json::Value = serde_json::from_slice(&whole).unwrap();
+        assert_eq!(
+            parsed["changes"][199]["heads"].as_array().unwrap().len(),
+            200
+        );
+        // 200 × 201 / 2 hashes of 67 bytes each at least.
+        assert!(whole.len() > 1_340_000, "{}", whole.len());
+        assert!(matches!(
+            history_json("d", &[], &[], &changes, &[], 1 << 20),
+            Err(ViewError::TooLarge(_))
+        ));
     }
 }

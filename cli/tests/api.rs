@@ -1,7 +1,7 @@
 //! The HTTP API of `meridian dev --nodes 2`: each node serves it, a request for a
-//! document the other node owns is forwarded to that node's API (once: a forwarded
-//! request that meets `moved` again is answered 307), and what one node's API wrote the
-//! other's reads.
+//! document the other node owns is forwarded to that node's API (once: a request a node
+//! of the cell forwarded that meets `moved` again is answered 307), and what one node's
+//! API wrote the other's reads.
 
 mod common;
 
@@ -28,6 +28,9 @@ async fn each_node_serves_every_document_forwarding_to_its_owner() {
     let apis = [api_listen(dir, 1), api_listen(dir, 2)];
     let token = token(dir);
     let auth = format!("Bearer {token}");
+    let key = std::fs::read_to_string(dir.join("cell.key")).expect("the cell's key");
+    let key = hex::decode(key.trim()).expect("hex");
+    let proof = meridian_relay::local::forward_proof(&key, &token);
 
     let mut on_node_2 = 0;
     for i in 0..12 {
@@ -49,12 +52,23 @@ async fn each_node_serves_every_document_forwarding_to_its_owner() {
         assert_eq!(answer.status, 200, "{id}: {answer:?}");
         assert_eq!(answer.json()["content"], serde_json::json!({"n": i}));
 
-        // A request already forwarded is not forwarded again: the owner's address.
+        // A client's own `Meridian-Forwarded` changes nothing: it is forwarded.
         let answer = http::request(
             apis[0],
             "GET",
             &read,
             &[("Authorization", &auth), ("Meridian-Forwarded", "1")],
+            &[],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{id}: {answer:?}");
+        // A request a node of the cell forwarded is not forwarded again: the owner's
+        // address.
+        let answer = http::request(
+            apis[0],
+            "GET",
+            &read,
+            &[("Authorization", &auth), ("Meridian-Forwarded", &proof)],
             &[],
         )
         .await;

@@ -27,7 +27,10 @@ struct Setup {
 
 /// A relay with the dev tenant and tenant `globex`, and the API in front of it.
 async fn setup(config: ApiConfig) -> Setup {
-    let dev = Dev::new();
+    setup_with(Dev::new(), config).await
+}
+
+async fn setup_with(dev: Dev, config: ApiConfig) -> Setup {
     let mut relay_config = dev.config("127.0.0.1:0".parse().unwrap());
     let globex = meridian_protocol::token::TenantSigningKey::from_seed([9; 32]).unwrap();
     relay_config.tenants.push(TenantKeys {
@@ -246,6 +249,55 @@ async fn slow_requests_and_connection_floods_are_cut() {
     // Once the held ones are gone (or cut), the address is served again.
     tokio::time::sleep(Duration::from_millis(700)).await;
     still_served(&s, "after-slow").await;
+}
+
+/// A body is measured (every change inflated) only for a client its change rates do
+/// not refuse already: past them, a compression bomb is answered `rate_limited` at
+/// once, not inflated first and then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rates_gets_no_body_inflated() {
+    let mut dev = Dev::new();
+    dev.limits.rates.user.changes = std::num::NonZeroU32::MIN;
+    let s = setup_with(dev, ApiConfig::default()).await;
+    let addr = s.api.local_addr();
+    let token = s.dev.token("mallory");
+    // A bucket holds at least a frame's worth of changes: a frame of nearly that many
+    // uses most of it (the rest goes one by one below).
+    let mut doc = automerge::AutoCommit::new();
+    let mut body = Vec::new();
+    for i in 0..(meridian_protocol::MAX_CHANGES_PER_FRAME - 10) {
+        doc.put(automerge::ROOT, "k", i as i64).unwrap();
+        body.extend_from_slice(doc.get_last_local_change().unwrap().raw_bytes());
+    }
+    let answer = http::post(addr, "/v1/docs/rated/changes", &token, &body).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    // Measured, this would be `too_large` (it inflates past the change limit). The
+    // bucket refills one change a second: what a refill lets through is measured, so
+    // the bucket is emptied right before, and a slow turn tried again.
+    let bomb = long_string_change(2_000_000);
+    let mut answer = None;
+    for _ in 0..3 {
+        for i in 0..50 {
+            // Each on its own (no dependencies), so none waits for another.
+            let change = one_change(&format!("k{i}"));
+            let one = http::post(addr, "/v1/docs/rated/changes", &token, &change).await;
+            if one.status == 429 {
+                break;
+            }
+        }
+        let bombed = http::post(addr, "/v1/docs/rated/changes", &token, &bomb).await;
+        let done = bombed.status == 429;
+        answer = Some(bombed);
+        if done {
+            break;
+        }
+    }
+    let answer = answer.expect("an answer");
+    assert_eq!(answer.status, 429, "{answer:?}");
+    assert_eq!(answer.json()["code"], "rate_limited");
+    assert!(answer.header("retry-after").is_some(), "{answer:?}");
+    // Another user of the tenant is not held back.
+    still_served(&s, "rated-other").await;
 }
 
 /// Requests that another node of the cell forwards come from that node's address, which

@@ -186,10 +186,7 @@ impl SessionPort {
     /// cell shows that node: an HMAC-SHA256 of the token under the cell's key, in hex.
     /// `None` without a cell (there is no other node).
     pub fn forward_proof(&self, token: &str) -> Option<String> {
-        use hmac::Mac;
-        Some(hex::encode(
-            self.forward_mac(token)?.finalize().into_bytes(),
-        ))
+        Some(forward_proof(self.shared.cell_key.as_ref()?, token))
     }
 
     /// Admits a connection that another node of the cell forwards for a client holding
@@ -205,12 +202,7 @@ impl SessionPort {
     }
 
     fn forward_mac(&self, token: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
-        use hmac::Mac;
-        let key = self.shared.cell_key.as_ref()?;
-        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
-        mac.update(b"meridian forwarded client\0");
-        mac.update(token.as_bytes());
-        Some(mac)
+        forward_mac(self.shared.cell_key.as_ref()?, token)
     }
 
     /// The node's id.
@@ -314,6 +306,24 @@ impl SessionPort {
             open: true,
         })
     }
+}
+
+/// The proof that a node of the cell whose key is `cell_key` forwards a client holding
+/// `token` ([`SessionPort::forward_proof`]): HMAC-SHA256 of the token under the key, in
+/// hex.
+pub fn forward_proof(cell_key: &[u8], token: &str) -> String {
+    use hmac::Mac;
+    forward_mac(cell_key, token)
+        .map(|mac| hex::encode(mac.finalize().into_bytes()))
+        .unwrap_or_default()
+}
+
+fn forward_mac(cell_key: &[u8], token: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(cell_key).ok()?;
+    mac.update(b"meridian forwarded client\0");
+    mac.update(token.as_bytes());
+    Some(mac)
 }
 
 /// What a session is told when its tenant is not served in this cell (`None`: served).
@@ -466,6 +476,17 @@ impl LocalSession {
                 })
                 .await;
         }
+    }
+
+    /// Whether the session's change rates (its connection's, user's and tenant's) have
+    /// room now, taking one change and one inflated byte from them: a front end asks
+    /// before costly work on changes (inflating a posted body to measure it) that the
+    /// rates would then refuse, so that a client over its rates costs no such work.
+    pub fn changes_admissible(&self) -> Result<(), RateLimited> {
+        self.limits
+            .check(Kind::Changes, 1)
+            .and_then(|()| self.limits.check(Kind::InflatedBytes, 1))
+            .map_err(Into::into)
     }
 
     /// Changes for `doc`, within the session's rate limits (count and bytes as sent
