@@ -9,8 +9,12 @@
 //! from then on the relay fans out every new change with its heads
 //! ([`Outbound::Changes`]). Each sync message the gateway sends carries those changes and:
 //!
-//! - `heads`: the heads of the document's durable part (what the tenant's storage
-//!   holds), or the relay's heads while nothing is durable yet;
+//! - `heads`: the relay's durable heads (its heads, when everything it holds of the
+//!   document is durable: what the tenant's storage holds); while a change is still on
+//!   its way to storage (acknowledged, in the node's local cache), the relay sends no
+//!   durable heads and the relay's heads stand in. A writer is told its change became
+//!   durable (`Durable`); readers are not, so for them the heads of a change run ahead
+//!   of its durability by one flush (milliseconds), never behind;
 //! - `have`: one entry whose `lastSync` is the relay's heads, which the peer holds once it
 //!   has applied the message, and an empty Bloom filter; so the peer answers with
 //!   exactly the changes the relay lacks (its changes outside those heads);
@@ -45,7 +49,9 @@
 //! node's memory, its documents loading or the user's subscriptions are at their
 //! bounds, or a load failed (`overloaded`, `internal`); changes while the tenant's
 //! changes not yet durable are at their bound, beyond a frame's budget of work, or
-//! orphans beyond their queue (`overloaded`, `missing_dependencies`). A native client
+//! orphans beyond their queue (`overloaded`, `missing_dependencies`), or another user's
+//! change under its actor that this node's copy lacks (`actor_conflict`: the relay
+//! re-reads the document, and a genuine change is then known). A native client
 //! resends; an automerge-repo peer never sends a change twice in one session, and would
 //! only reconnect if closed, to be refused again with every other document's sync lost
 //! in between. So the socket stays, and the document is tried again after
@@ -55,8 +61,8 @@
 //! changes were refused gets a sync message with empty heads, after which the peer sends
 //! again every change of its own that the relay's heads do not cover.
 //!
-//! A change the relay refuses for good (`invalid_change`, `too_large`,
-//! `actor_conflict`) would come back with every connection of the peer. Its document
+//! A change the relay refuses for good (`invalid_change`, `too_large`) would come back
+//! with every connection of the peer. Its document
 //! stops syncing on this connection: the peer gets an `error` message saying why and
 //! `doc-unavailable`, the subscription ends, and the peer's later messages for the
 //! document are dropped; the socket and its other documents go on.
@@ -187,7 +193,7 @@ struct DocState {
     pending: Vec<Bytes>,
     /// The relay's heads, which the peer holds once it has applied what was sent.
     relay_heads: Vec<ChangeHash>,
-    /// The heads of the durable part.
+    /// The relay's durable heads (empty while a change is on its way to storage).
     durable_heads: Vec<ChangeHash>,
     /// The `heads` of the last sync message sent.
     last_sent: Option<Vec<ChangeHash>>,
@@ -247,8 +253,8 @@ impl DocState {
         self.due = false;
     }
 
-    /// The heads reported to the peer: durable heads, or the relay's while nothing is
-    /// durable.
+    /// The heads reported to the peer: the relay's durable heads, or its heads while a
+    /// change is on its way to storage.
     fn reported(&self) -> Vec<ChangeHash> {
         if self.durable_heads.is_empty() {
             self.relay_heads.clone()
@@ -726,9 +732,17 @@ impl Peer {
             return;
         }
         let lost = message.heads.is_empty() && !state.relay_heads.is_empty();
-        if !message.need.is_empty() || (lost && !had_changes) {
-            // The peer lacks something it was sent (or everything): catch it up again
-            // (the catch-up holds what waited to be sent, too).
+        // An automerge peer that does not hold every hash of the `lastSync` it was sent
+        // answers with nothing but its heads and an empty `have` (a reset).
+        let reset = state.last_sent.is_some()
+            && !had_changes
+            && message.need.is_empty()
+            && !message.heads.is_empty()
+            && matches!(&message.have[..], [have] if have.last_sync.is_empty() && have.bloom.is_empty());
+        if !message.need.is_empty() || (lost && !had_changes) || reset {
+            // The peer lacks something it was sent (or everything), or does not follow
+            // what it was told: catch it up again from what it holds (the catch-up
+            // holds what waited to be sent, too).
             state.caught_up = false;
             state.drop_outbox();
             state.asked.clone_from(&message.heads);
@@ -876,18 +890,15 @@ impl Peer {
             } => match (code, self.docs.get_mut(&doc)) {
                 // What the relay says of a document that no longer syncs here.
                 (_, Some(state)) if state.quarantined => {}
-                // A change the relay will never take: it does not parse, is over the
-                // change limits, or is new under an actor bound to another user. The
-                // peer would send it again on every connection, so a close would only
+                // A change the relay will never take: it does not parse, or is over the
+                // change limits. The peer would send it again on every connection, so a
+                // close would only
                 // bring it back in a loop (and, for `too_large`, put its address in the
                 // penalty box) with its other documents' sync cut each time. The
                 // document stops syncing on this connection instead: the peer is told
                 // why in an `error` message, and that it is unavailable here; its other
                 // documents go on.
-                (
-                    ErrorCode::InvalidChange | ErrorCode::TooLarge | ErrorCode::ActorConflict,
-                    Some(state),
-                ) => {
+                (ErrorCode::InvalidChange | ErrorCode::TooLarge, Some(state)) => {
                     state.quarantined = true;
                     state.drop_outbox();
                     state.retry_at = None;
@@ -923,14 +934,17 @@ impl Peer {
                 (ErrorCode::RateLimited, _) => {}
                 // The relay refused the subscription or changes for now (memory, loads
                 // or subscriptions at their bounds, changes not yet durable at theirs,
-                // a full orphan queue, a frame's budget, a failed load; or presence
-                // that crossed the refusal of its subscription): tried again later, and
-                // the socket stays (see the module's "Refusals").
+                // a full orphan queue, a frame's budget, a failed load; presence that
+                // crossed the refusal of its subscription; or another user's change
+                // under its actor, which may be genuine and this node's copy behind: the
+                // relay re-reads the document, after which it is known): tried again
+                // later, and the socket stays (see the module's "Refusals").
                 (
                     ErrorCode::Overloaded
                     | ErrorCode::Internal
                     | ErrorCode::MissingDependencies
-                    | ErrorCode::UnknownDocument,
+                    | ErrorCode::UnknownDocument
+                    | ErrorCode::ActorConflict,
                     Some(state),
                 ) => {
                     if state.forward.is_some() || state.retry_at.is_some() {
@@ -965,6 +979,14 @@ impl Peer {
                 // answered here.
                 let peer_id = self.joined.clone().unwrap_or_default();
                 if let Some(state) = self.docs.get_mut(&doc) {
+                    // The relay's changes that wait for the peer's pace go first: the
+                    // owner is told that the peer holds the relay's heads, which
+                    // include them.
+                    if state.caught_up && !state.outbox.is_empty() {
+                        let changes = std::mem::take(&mut state.outbox);
+                        state.outbox_bytes = 0;
+                        out.push(Effect::Send(state.message(changes)));
+                    }
                     // What waited goes to the owner as it came (the changes are in it).
                     let (held, _, given_back) = state.stop_waiting();
                     self.waiting -= given_back;
@@ -1161,6 +1183,14 @@ mod tests {
         let t0 = Instant::now();
         synced(&mut peer, &id, &doc, changes, t0);
         (peer, id, doc, t0)
+    }
+
+    /// Another node of the cell, owning a document.
+    fn owner() -> NodeAddr {
+        NodeAddr {
+            node: NodeId::new("node-2").unwrap(),
+            addr: "127.0.0.1:1".into(),
+        }
     }
 
     /// The catch-up of a document the relay has no change of.
@@ -1659,10 +1689,7 @@ mod tests {
         peer.handle_client(sync(&id, vec![], vec![]), &first, Instant::now());
         let second = Bytes::from_static(b"second message");
         peer.handle_client(sync(&id, vec![], vec![]), &second, Instant::now());
-        let owner = NodeAddr {
-            node: NodeId::new("node-2").unwrap(),
-            addr: "127.0.0.1:1".into(),
-        };
+        let owner = owner();
         let out = peer.handle_outbound(
             Outbound::Message(RelayToClient::Moved {
                 doc,
@@ -1752,10 +1779,7 @@ mod tests {
         let out =
             gateway.handle_client(sync_data(&id, sent.encode()), &Bytes::new(), Instant::now());
         assert!(out.iter().any(|e| matches!(e, Effect::Changes { .. })));
-        let owner = NodeAddr {
-            node: NodeId::new("node-2").unwrap(),
-            addr: "127.0.0.1:1".into(),
-        };
+        let owner = owner();
         let moved = gateway.handle_outbound(
             Outbound::Message(RelayToClient::Moved { doc, node: owner }),
             Instant::now(),
@@ -1892,11 +1916,7 @@ mod tests {
         let (good_id, good) = id(2);
         synced(&mut peer, &bad_id, &bad, vec![], t0);
         synced(&mut peer, &good_id, &good, vec![], t0);
-        for code in [
-            ErrorCode::InvalidChange,
-            ErrorCode::TooLarge,
-            ErrorCode::ActorConflict,
-        ] {
+        for code in [ErrorCode::InvalidChange, ErrorCode::TooLarge] {
             let refused = Outbound::Message(RelayToClient::error(
                 code,
                 Some(bad.clone()),
@@ -2017,6 +2037,93 @@ mod tests {
             })
             .collect();
         assert_eq!(resent, vec![mine], "{out:?}");
+        // Another user's change under its actor may be genuine, this node's copy behind
+        // (the relay re-reads it): tried again the same way, not closed.
+        let conflict = Outbound::Message(RelayToClient::error(
+            ErrorCode::ActorConflict,
+            Some(doc),
+            "change under an actor bound to another user",
+        ));
+        assert_eq!(gateway.handle_outbound(conflict, at), vec![]);
+        assert!(gateway.flush_at().is_some_and(|next| next > at));
+    }
+
+    /// The owner is told that the peer holds the relay's heads: the relay's changes
+    /// that waited for the peer's pace go to the peer before the move.
+    #[test]
+    fn changes_waiting_for_the_pace_go_before_the_document_moves() {
+        let (mut peer, _, doc, t0) = paced(
+            |limits| limits.sync_interval = Duration::from_millis(100),
+            vec![],
+        );
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(sent(&peer.handle_outbound(fanout(&doc, 2), at(1))).len(), 1);
+        assert!(peer.handle_outbound(fanout(&doc, 3), at(10)).is_empty());
+        let owner = owner();
+        let moved = RelayToClient::Moved { doc, node: owner };
+        let out = peer.handle_outbound(Outbound::Message(moved), at(20));
+        let messages = sent(&out);
+        assert_eq!(messages.len(), 1, "{out:?}");
+        assert_eq!(messages[0].changes, vec![Bytes::from(vec![3; 10])]);
+        assert_eq!(messages[0].have[0].last_sync, vec![hash(3)]);
+        let Some(Effect::Forward { message, .. }) = out.last() else {
+            panic!("the owner is told what the peer holds: {out:?}");
+        };
+        let told = match ClientMessage::decode(message).unwrap() {
+            ClientMessage::Sync { data, .. } => SyncMessage::decode(&data).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(told.heads, vec![hash(3)]);
+        assert!(
+            matches!(out.first(), Some(Effect::Send(_))),
+            "sent first: {out:?}"
+        );
+    }
+
+    /// An automerge peer sent a `lastSync` it does not hold answers with a reset; it is
+    /// caught up again from its heads.
+    #[test]
+    fn a_peer_that_does_not_follow_its_last_sync_is_caught_up_again() {
+        use automerge::sync::SyncDoc;
+        use automerge::transaction::Transactable;
+        let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
+        let (id, doc) = id(1);
+        let mut gateway = all();
+        let mut client = automerge::AutoCommit::new();
+        client.put(automerge::ROOT, "mine", 1).unwrap();
+        client.commit();
+        let heads: Vec<ChangeHash> = client.get_heads().iter().map(|h| ChangeHash(h.0)).collect();
+        let mut state = automerge::sync::State::new();
+        let hello = client.sync().generate_sync_message(&mut state).unwrap();
+        gateway.handle_client(
+            sync_data(&id, hello.encode()),
+            &Bytes::new(),
+            Instant::now(),
+        );
+        // The relay's heads name a change the peer never got.
+        let catch_up = Outbound::CatchUp {
+            doc: doc.clone(),
+            snapshot: None,
+            changes: vec![],
+            heads: vec![hash(9)],
+            durable_heads: vec![hash(9)],
+            authors: vec![],
+        };
+        let caught_up = gateway.handle_outbound(catch_up, Instant::now());
+        for message in sent(&caught_up) {
+            client
+                .sync()
+                .receive_sync_message(&mut state, decode(&Bytes::from(message.encode())))
+                .unwrap();
+        }
+        let reply = client.sync().generate_sync_message(&mut state).unwrap();
+        assert!(reply.changes.is_empty() && reply.need.is_empty(), "a reset");
+        let out = gateway.handle_client(
+            sync_data(&id, reply.encode()),
+            &Bytes::new(),
+            Instant::now(),
+        );
+        assert_eq!(out, vec![Effect::Resubscribe { doc, heads }]);
     }
 
     #[test]

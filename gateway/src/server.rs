@@ -715,6 +715,11 @@ async fn relay_upstream(
         return ended();
     }
     let mut waiting: Option<Bytes> = None;
+    // An `error` from the owner waits for what follows it: the owner's close (the error
+    // is then why this connection ended, and the client's close says so), or another
+    // message (it concerned one document, and goes to the client before that message).
+    let mut error: Option<(String, Bytes)> = None;
+    let mut after_error: Option<Bytes> = None;
     loop {
         tokio::select! {
             outgoing = rx.recv() => match outgoing {
@@ -733,17 +738,32 @@ async fn relay_upstream(
                     if let Some(bytes) = waiting.take() {
                         room.send(Ok(bytes));
                     }
+                    waiting = after_error.take();
                 }
                 Err(_) => return None,
             },
             incoming = socket.next(), if waiting.is_none() => match incoming {
                 Some(Ok(Upstream::Binary(bytes))) => match wire::relay_from_owner(&bytes, our_id) {
-                    Ok(message) => waiting = message,
+                    Ok(wire::FromOwner::Nothing) => {}
+                    Ok(wire::FromOwner::Pass(message)) => match error.take() {
+                        Some((_, held)) => {
+                            waiting = Some(held);
+                            after_error = Some(message);
+                        }
+                        None => waiting = Some(message),
+                    },
+                    Ok(wire::FromOwner::Error(text, message)) => {
+                        if let Some((_, held)) = error.replace((text, message)) {
+                            waiting = Some(held);
+                        }
+                    }
                     Err(error) => return Some(error),
                 },
                 Some(Ok(_)) => {}
-                Some(Err(error)) => return Some(error.to_string()),
-                None => return ended(),
+                Some(Err(failure)) => {
+                    return Some(error.map_or_else(|| failure.to_string(), |(text, _)| text));
+                }
+                None => return error.map(|(text, _)| text).or_else(ended),
             },
         }
     }
@@ -760,6 +780,26 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A connection to the owner at `addr` for a client: what to send it, and what
+    /// comes back.
+    fn client_of(
+        addr: SocketAddr,
+    ) -> (
+        tokio::sync::mpsc::Sender<Bytes>,
+        tokio::sync::mpsc::Receiver<FromOwner>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
+        let (to_client, from_owner) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
+        tokio::spawn(upstream(
+            format!("ws://{addr}/"),
+            wire::encode_join("client"),
+            rx,
+            to_client,
+            "gateway".into(),
+        ));
+        (tx, from_owner)
+    }
 
     /// A client's task hands a turn's worth of messages to the owner's connection before
     /// it drains what came back; an owner that answers every one must not wedge both.
@@ -783,15 +823,7 @@ mod tests {
                 }
             }
         });
-        let (tx, rx) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
-        let (to_client, mut from_owner) = tokio::sync::mpsc::channel(UPSTREAM_QUEUE);
-        tokio::spawn(upstream(
-            format!("ws://{addr}/"),
-            wire::encode_join("client"),
-            rx,
-            to_client,
-            "gateway".into(),
-        ));
+        let (tx, mut from_owner) = client_of(addr);
         let message = wire::encode_client_sync("client", "doc", b"data");
         let sent = 10 * UPSTREAM_QUEUE;
         tokio::time::timeout(Duration::from_secs(20), async {
@@ -808,6 +840,67 @@ mod tests {
                 .expect("the answers arrive");
             assert!(matches!(answer, Some(Ok(_))), "{answer:?}");
         }
+    }
+
+    /// An owner's `error` about one document (followed by `doc-unavailable`) reaches the
+    /// client and the connection stays; an `error` followed by the owner's close is why
+    /// the connection ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_owners_error_about_one_document_passes_and_one_before_its_close_ends_it() {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message as Ws;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let encode =
+            |message: &ServerMessage| Bytes::from(wire::encode(message, "owner", "client"));
+        let refused = encode(&ServerMessage::Error {
+            message: "invalid_change: change 01 ...; document d does not sync".into(),
+        });
+        let unavailable = encode(&ServerMessage::DocUnavailable {
+            document_id: "d".into(),
+        });
+        let last_word = encode(&ServerMessage::Error {
+            message: "token_expired".into(),
+        });
+        let script = vec![refused, unavailable, last_word];
+        // The owner: on the client's first message after its join, says what `script`
+        // says, then closes.
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let _join = socket.next().await;
+            let _first = socket.next().await;
+            for bytes in script {
+                socket.send(Ws::Binary(bytes)).await.unwrap();
+            }
+            socket.close(None).await.unwrap();
+        });
+        let (tx, mut from_owner) = client_of(addr);
+        tx.send(wire::encode_client_sync("client", "d", b"data"))
+            .await
+            .unwrap();
+        let mut next = async || {
+            tokio::time::timeout(Duration::from_secs(20), from_owner.recv())
+                .await
+                .expect("in time")
+                .expect("a message or an end")
+        };
+        let kind = |bytes: &Bytes| {
+            let value: ciborium::Value = ciborium::from_reader(&bytes[..]).unwrap();
+            let entries = value.into_map().unwrap();
+            let find = |key: &str| {
+                entries
+                    .iter()
+                    .find(|(k, _)| k.as_text() == Some(key))
+                    .and_then(|(_, v)| v.as_text().map(str::to_string))
+            };
+            (find("type").unwrap(), find("senderId").unwrap())
+        };
+        let first = next().await.expect("the error passes");
+        assert_eq!(kind(&first), ("error".into(), "gateway".into()));
+        let second = next().await.expect("then doc-unavailable");
+        assert_eq!(kind(&second).0, "doc-unavailable");
+        assert_eq!(next().await, Err("token_expired".to_string()));
     }
 
     #[test]

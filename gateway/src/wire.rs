@@ -130,11 +130,22 @@ pub fn encode_client_sync(sender_id: &str, document_id: &str, data: &[u8]) -> By
     Bytes::from(out)
 }
 
-/// What another node's gateway sent, to pass on to the client: `None` for its `peer`
-/// message (the client knows this gateway only), an error's text for `error`, else the
-/// message with its `senderId` made this gateway's (`ephemeral` keeps its sender: the
-/// peer whose presence it is).
-pub fn relay_from_owner(bytes: &[u8], our_id: &str) -> Result<Option<Bytes>, String> {
+/// What another node's gateway sent, to pass on to the client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FromOwner {
+    /// Its `peer` message: nothing (the client knows this gateway only).
+    Nothing,
+    /// A message, its `senderId` made this gateway's (`ephemeral` keeps its sender: the
+    /// peer whose presence it is).
+    Pass(Bytes),
+    /// An `error`: its text, and the message as [`FromOwner::Pass`] would carry it. The
+    /// owner closes after it, unless it concerned one document.
+    Error(String, Bytes),
+}
+
+/// Reads a message that another node's gateway sent ([`FromOwner`]); why not, if it is
+/// not an automerge-repo message.
+pub fn relay_from_owner(bytes: &[u8], our_id: &str) -> Result<FromOwner, String> {
     let value: Value = ciborium::from_reader(bytes).map_err(|e| e.to_string())?;
     let Value::Map(mut entries) = value else {
         return Err("not a map".into());
@@ -144,28 +155,30 @@ pub fn relay_from_owner(bytes: &[u8], our_id: &str) -> Result<Option<Bytes>, Str
         .find(|(k, _)| k == &text("type"))
         .and_then(|(_, v)| v.as_text().map(str::to_string))
         .unwrap_or_default();
-    match kind.as_str() {
-        "peer" => return Ok(None),
-        "error" => {
-            let message = entries
-                .iter()
-                .find(|(k, _)| k == &text("message"))
-                .and_then(|(_, v)| v.as_text().map(str::to_string))
-                .unwrap_or_default();
-            return Err(message);
-        }
-        "ephemeral" => {}
-        _ => {
-            for (key, value) in &mut entries {
-                if key == &text("senderId") {
-                    *value = text(our_id);
-                }
+    if kind == "peer" {
+        return Ok(FromOwner::Nothing);
+    }
+    if kind != "ephemeral" {
+        for (key, value) in &mut entries {
+            if key == &text("senderId") {
+                *value = text(our_id);
             }
         }
     }
+    let error = (kind == "error").then(|| {
+        entries
+            .iter()
+            .find(|(k, _)| k == &text("message"))
+            .and_then(|(_, v)| v.as_text().map(str::to_string))
+            .unwrap_or_default()
+    });
     let mut out = Vec::new();
     let _ = ciborium::into_writer(&Value::Map(entries), &mut out);
-    Ok(Some(Bytes::from(out)))
+    let out = Bytes::from(out);
+    Ok(match error {
+        Some(message) => FromOwner::Error(message, out),
+        None => FromOwner::Pass(out),
+    })
 }
 
 /// The fields any message may have; unknown fields are skipped without allocating.
