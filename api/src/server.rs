@@ -81,7 +81,14 @@ impl Default for ApiConfig {
             relay_timeout: Duration::from_secs(10),
             ack_timeout: Duration::from_secs(10),
             ack_timeout_max: Duration::from_secs(25),
-            web: meridian_process::web::WebLimits::default(),
+            // A request may wait 10 s for the relay's catch-up and 25 s for its
+            // acknowledgements, and a forwarded one for the owner's whole answer on top
+            // of its own catch-up: 30 s (the other listeners' bound) would cut some
+            // with no answer at all.
+            web: meridian_process::web::WebLimits {
+                request_timeout: Duration::from_secs(60),
+                ..meridian_process::web::WebLimits::default()
+            },
             cell_apis: HashMap::new(),
         }
     }
@@ -139,11 +146,18 @@ pub async fn start(config: ApiConfig, port: SessionPort) -> std::io::Result<ApiH
         port,
         config,
     });
+    use axum::routing::{get, post};
     let app = axum::Router::new()
-        .route("/v1/docs/{id}", axum::routing::get(get_doc))
-        .route("/v1/docs/{id}/history", axum::routing::get(get_history))
-        .route("/v1/docs/{id}/changes", axum::routing::post(post_changes))
-        .route("/v1/health", axum::routing::get(health))
+        .route("/v1/docs/{id}", get(get_doc).fallback(only("GET")))
+        .route(
+            "/v1/docs/{id}/history",
+            get(get_history).fallback(only("GET")),
+        )
+        .route(
+            "/v1/docs/{id}/changes",
+            post(post_changes).fallback(only("POST")),
+        )
+        .route("/v1/health", get(health).fallback(only("GET")))
         .fallback(not_found)
         .with_state(api);
     let task = tokio::spawn(meridian_process::web::serve(
@@ -153,6 +167,45 @@ pub async fn start(config: ApiConfig, port: SessionPort) -> std::io::Result<ApiH
         crate::metrics::listener_refused,
     ));
     Ok(ApiHandle { local_addr, task })
+}
+
+/// The answer to a method a route does not serve: 405 with `Allow`, typed as every
+/// refusal is.
+fn only(
+    allow: &'static str,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move || {
+        let message = format!("this route serves {allow} only");
+        let body = error_body(ErrorCode::Malformed, &message, None);
+        std::future::ready(
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                [(header::ALLOW, allow)],
+                axum::Json(serde_json::Value::Object(body)),
+            )
+                .into_response(),
+        )
+    }
+}
+
+/// A query string, deserialized; one that does not parse is answered as every refusal
+/// is (`malformed`, JSON), not with axum's plain text.
+struct ApiQuery<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S>
+    for ApiQuery<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(value)) => Ok(ApiQuery(value)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text()).into_response()),
+        }
+    }
 }
 
 async fn health() -> Response {
@@ -598,7 +651,7 @@ async fn get_doc(
     State(api): State<Arc<Api>>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(params): Query<ReadParams>,
+    ApiQuery(params): ApiQuery<ReadParams>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
@@ -700,7 +753,7 @@ async fn post_changes(
     State(api): State<Arc<Api>>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(params): Query<WriteParams>,
+    ApiQuery(params): ApiQuery<WriteParams>,
     headers: HeaderMap,
     uri: Uri,
     body: axum::body::Body,
@@ -964,4 +1017,20 @@ fn respond(
     }
     let response = (status, axum::Json(serde_json::Value::Object(body))).into_response();
     with_retry_after(response, limited)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The listener cuts a request only after the longest answer it may wait for: a
+    /// forwarded write waits for this node's catch-up, then the owner's catch-up and
+    /// acknowledgements (a read, for a slot instead of acknowledgements).
+    #[test]
+    fn a_request_is_cut_only_after_the_longest_wait_it_may_ask_for() {
+        let config = ApiConfig::default();
+        let write = 2 * config.relay_timeout + config.ack_timeout_max;
+        let read = 2 * config.relay_timeout + config.materialize_wait;
+        assert!(config.web.request_timeout > write.max(read));
+    }
 }

@@ -193,6 +193,22 @@ async fn refusals_are_typed() {
 
     let bad = http::get(addr, "/v1/docs/a", "v4.public.nonsense").await;
     assert_eq!(bad.status, 401);
+
+    // A method a route does not serve, and a query that does not parse: typed too.
+    let auth = format!("Bearer {token}");
+    let put = http::request(addr, "PUT", "/v1/docs/a", &[("Authorization", &auth)], &[]).await;
+    assert_eq!(put.status, 405, "{put:?}");
+    assert_eq!(put.header("allow"), Some("GET"));
+    assert_eq!(put.json()["code"], "malformed");
+    let query = http::post(addr, "/v1/docs/a/changes?timeout_ms=soon", &token, b"x").await;
+    assert_eq!(query.status, 400, "{query:?}");
+    assert_eq!(query.json()["code"], "malformed");
+    assert!(
+        query.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("timeout_ms")),
+        "{query:?}"
+    );
     let expired = s.dev.token_with(
         "backend",
         DocScope::Prefix(String::new()),
