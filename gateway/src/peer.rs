@@ -62,10 +62,14 @@
 //! again every change of its own that the relay's heads do not cover.
 //!
 //! A change the relay refuses for good (`invalid_change`, `too_large`) would come back
-//! with every connection of the peer. Its document
-//! stops syncing on this connection: the peer gets an `error` message saying why and
-//! `doc-unavailable`, the subscription ends, and the peer's later messages for the
-//! document are dropped; the socket and its other documents go on.
+//! with every connection of the peer. Its document stops syncing on this connection:
+//! the peer gets an `error` message saying why and `doc-unavailable`, the subscription
+//! ends, and the peer's later messages for the document are dropped; the socket and its
+//! other documents go on.
+//!
+//! An automerge peer that does not hold every hash of a `lastSync` it was sent answers
+//! with a reset (its heads, an empty `have`, nothing else); it gets a fresh catch-up from
+//! its heads.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -892,12 +896,11 @@ impl Peer {
                 (_, Some(state)) if state.quarantined => {}
                 // A change the relay will never take: it does not parse, or is over the
                 // change limits. The peer would send it again on every connection, so a
-                // close would only
-                // bring it back in a loop (and, for `too_large`, put its address in the
-                // penalty box) with its other documents' sync cut each time. The
-                // document stops syncing on this connection instead: the peer is told
-                // why in an `error` message, and that it is unavailable here; its other
-                // documents go on.
+                // close would only bring it back in a loop (and, for `too_large`, put
+                // its address in the penalty box) with its other documents' sync cut
+                // each time. The document stops syncing on this connection instead: the
+                // peer is told why in an `error` message, and that it is unavailable
+                // here; its other documents go on.
                 (ErrorCode::InvalidChange | ErrorCode::TooLarge, Some(state)) => {
                     state.quarantined = true;
                     state.drop_outbox();

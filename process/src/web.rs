@@ -58,8 +58,9 @@ impl AddressHold {
 }
 
 /// Serves `app` on `listener` until the task is aborted; handlers can extract
-/// `ConnectInfo<SocketAddr>` and `Extension<AddressHold>`. `refused` is called with `address` or `limit` for every
-/// connection closed at once, `timeout` for every one cut.
+/// `ConnectInfo<SocketAddr>` and `Extension<AddressHold>`. `refused` is called with
+/// `address` or `limit` for every connection closed at once, `timeout` for every one
+/// cut.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
