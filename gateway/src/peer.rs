@@ -90,7 +90,9 @@ use crate::wire::{ClientMessage, PROTOCOL_VERSION, ServerMessage, cbor_bytes, is
 pub struct PeerLimits {
     /// Bytes of messages and changes held, across the peer's documents, while their
     /// catch-ups are on their way (a held change counts its bytes and the 32 of its
-    /// place in the list).
+    /// place in the list). The server stops reading the socket while less than one
+    /// message's worth is left, so only a peer that sends past a message it was not
+    /// read for meets it (and is closed with `too_large`).
     pub pending_bytes_max: usize,
     /// Documents one peer may sync at once (the relay's subscriptions per session); a
     /// document past them is answered `doc-unavailable`.

@@ -42,8 +42,9 @@ pub struct GatewayConfig {
     /// Bounds on each peer.
     pub peer: PeerLimits,
     /// Bytes all peers together may hold while their documents' catch-ups are on their
-    /// way (each also within `peer.pending_bytes_max`); a peer that would pass it is
-    /// closed with `overloaded`.
+    /// way (each also within `peer.pending_bytes_max`). A peer's socket is not read
+    /// while less than `message_bytes_max` is left of either; a peer that passes it all
+    /// the same is closed with `overloaded`.
     pub waiting_bytes_max: usize,
     /// Bounds on connections before their upgrade (headers in time, per address).
     pub web: meridian_process::web::WebLimits,
@@ -373,8 +374,20 @@ impl Conn {
             max: config.waiting_bytes_max,
             mine: 0,
         };
+        // Room for one more message of the peer's while its documents' catch-ups are on
+        // their way, within its bound and the gateway's; without room the socket is not
+        // read until catch-ups arrive (backpressure), so that a peer announcing many
+        // documents with their offline changes is slowed down, not closed (it would come
+        // back with the same messages).
+        let room = |peer: &Peer| {
+            let mine = peer.waiting_bytes();
+            let all = gateway.waiting.load(std::sync::atomic::Ordering::Relaxed);
+            mine == 0
+                || (mine + config.message_bytes_max <= config.peer.pending_bytes_max
+                    && all + config.message_bytes_max <= config.waiting_bytes_max)
+        };
         loop {
-            let reading = to_relay.is_empty();
+            let reading = to_relay.is_empty() && room(&peer);
             let flush_at = peer.flush_at().map(tokio::time::Instant::from_std);
             let effects = tokio::select! {
                 message = self.socket.recv(), if reading => {

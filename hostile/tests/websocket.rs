@@ -709,6 +709,75 @@ async fn origins_outside_the_tenants_list_and_too_many_documents_are_refused() {
     node.still_serving().await;
 }
 
+/// A peer whose messages wait for their documents' catch-ups beyond what it may hold is
+/// not read until the catch-ups come (backpressure), not closed: it would come back
+/// with the same messages. Here the catch-up waits for the user's one subscription on
+/// the node, which a native client holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_for_a_catch_up_past_the_peers_bound_slow_it_down() {
+    let mut dev = Dev::new();
+    dev.engine.subscriptions_per_user_max = 1;
+    let config = GatewayConfig {
+        message_bytes_max: 64 << 10,
+        peer: meridian_gateway::peer::PeerLimits {
+            pending_bytes_max: 128 << 10,
+            ..Default::default()
+        },
+        ..GatewayConfig::default()
+    };
+    let node = Node::start_dev(dev, config).await;
+    let native = node.dev.client(node.relay.local_addr(), "heavy").await;
+    let held = native.open("elsewhere").await.expect("open");
+    held.wait_synced().await.expect("synced");
+
+    // Four changes of about 35 KB each (140 KB in all) for one document.
+    let mut socket = node.joined("heavy").await;
+    let id = doc_id();
+    let mut seed = 7u64;
+    let mut hashes = Vec::new();
+    for _ in 0..4 {
+        let text: String = (0..45_000)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'a' + (seed >> 59) as u8 % 26)
+            })
+            .collect();
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, "text", text).expect("put");
+        let change = doc.get_last_local_change().expect("change");
+        hashes.push(change.hash());
+        let bytes = Bytes::copy_from_slice(change.raw_bytes());
+        assert!(bytes.len() < 64 << 10, "{}", bytes.len());
+        send(&mut socket, &sync(&id, &[], vec![bytes])).await;
+    }
+    // The subscription frees up: the catch-up comes, and every change is taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    native.close().await;
+    let reply = next(&mut socket).await.expect("the socket stays open");
+    assert_eq!(field(&reply, "type"), Some(text("sync")), "{reply:?}");
+    let reader = node.dev.client(node.relay.local_addr(), "reader").await;
+    let handle = reader.open(&format!("am/{id}")).await.expect("open");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let have: Vec<automerge::ChangeHash> = handle
+            .heads()
+            .into_iter()
+            .map(|h| automerge::ChangeHash(h.0))
+            .collect();
+        if hashes.iter().all(|h| have.contains(h)) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every change was stored"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_changes_is_slowed_down_not_dropped() {
     let mut dev = Dev::new();
