@@ -183,8 +183,8 @@ impl SessionPort {
     }
 
     /// What a front end that forwards a client holding `token` to another node of the
-    /// cell shows that node: an HMAC-SHA256 of the token under the cell's key, in hex.
-    /// `None` without a cell (there is no other node).
+    /// cell shows that node ([`forward_proof`]). `None` without a cell (there is no
+    /// other node).
     pub fn forward_proof(&self, token: &str) -> Option<String> {
         Some(forward_proof(self.shared.cell_key.as_ref()?, token))
     }
@@ -195,14 +195,8 @@ impl SessionPort {
     /// node's, shared by every client it forwards (one client's misconduct must not cut
     /// the others off). `None` if the proof does not hold.
     pub fn admit_forwarded(&self, token: &str, proof: &str) -> Option<AddressSlot> {
-        use hmac::Mac;
-        let proof = hex::decode(proof).ok()?;
-        self.forward_mac(token)?.verify_slice(&proof).ok()?;
-        Some(self.shared.rate_limits.cell_peer())
-    }
-
-    fn forward_mac(&self, token: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
-        forward_mac(self.shared.cell_key.as_ref()?, token)
+        let key = self.shared.cell_key.as_ref()?;
+        proof_holds(key, token, proof, unix_minute()).then(|| self.shared.rate_limits.cell_peer())
     }
 
     /// The node's id.
@@ -309,21 +303,49 @@ impl SessionPort {
 }
 
 /// The proof that a node of the cell whose key is `cell_key` forwards a client holding
-/// `token` ([`SessionPort::forward_proof`]): HMAC-SHA256 of the token under the key, in
-/// hex.
+/// `token` ([`SessionPort::forward_proof`]): HMAC-SHA256, under the key, of the token
+/// and the current minute (Unix time), in hex. It holds for that minute and the next
+/// (and the one before, for clocks a little apart): replayed from a log, say, it soon
+/// proves nothing.
 pub fn forward_proof(cell_key: &[u8], token: &str) -> String {
+    forward_proof_at(cell_key, token, unix_minute())
+}
+
+fn forward_proof_at(cell_key: &[u8], token: &str, minute: u64) -> String {
     use hmac::Mac;
-    forward_mac(cell_key, token)
+    forward_mac(cell_key, token, minute)
         .map(|mac| hex::encode(mac.finalize().into_bytes()))
         .unwrap_or_default()
 }
 
-fn forward_mac(cell_key: &[u8], token: &str) -> Option<hmac::Hmac<sha2::Sha256>> {
+/// Whether `proof` is a [`forward_proof`] of `token` under `cell_key` made within a
+/// minute of `now` (a minute count).
+fn proof_holds(cell_key: &[u8], token: &str, proof: &str, now: u64) -> bool {
+    use hmac::Mac;
+    let Ok(proof) = hex::decode(proof) else {
+        return false;
+    };
+    [now, now.saturating_sub(1), now + 1]
+        .into_iter()
+        .any(|minute| {
+            forward_mac(cell_key, token, minute).is_some_and(|mac| mac.verify_slice(&proof).is_ok())
+        })
+}
+
+fn forward_mac(cell_key: &[u8], token: &str, minute: u64) -> Option<hmac::Hmac<sha2::Sha256>> {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(cell_key).ok()?;
     mac.update(b"meridian forwarded client\0");
+    mac.update(&minute.to_be_bytes());
     mac.update(token.as_bytes());
     Some(mac)
+}
+
+/// Minutes since the Unix epoch, by this machine's clock.
+fn unix_minute() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / 60)
 }
 
 /// What a session is told when its tenant is not served in this cell (`None`: served).
@@ -549,5 +571,35 @@ impl Drop for LocalSession {
                 shared.send_input(Input::Closed { session }).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarding_proof_holds_for_its_token_key_and_minute_only() {
+        let key = [7u8; 32];
+        let proof = forward_proof_at(&key, "token", 1_000);
+        assert!(proof_holds(&key, "token", &proof, 1_000));
+        assert!(proof_holds(&key, "token", &proof, 1_001), "the next minute");
+        assert!(
+            proof_holds(&key, "token", &proof, 999),
+            "a clock a little behind"
+        );
+        assert!(!proof_holds(&key, "token", &proof, 1_002), "replayed later");
+        assert!(!proof_holds(&key, "other", &proof, 1_000), "another token");
+        assert!(
+            !proof_holds(&[8u8; 32], "token", &proof, 1_000),
+            "another cell"
+        );
+        assert!(!proof_holds(&key, "token", "zz", 1_000));
+        assert!(proof_holds(
+            &key,
+            "token",
+            &forward_proof(&key, "token"),
+            unix_minute()
+        ));
     }
 }
