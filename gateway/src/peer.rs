@@ -904,6 +904,7 @@ impl Peer {
                 // peer is told why in an `error` message, and that it is unavailable
                 // here; its other documents go on.
                 (ErrorCode::InvalidChange | ErrorCode::TooLarge, Some(state)) => {
+                    crate::metrics::refused(code.name().unwrap_or("refused"));
                     state.quarantined = true;
                     state.drop_outbox();
                     state.retry_at = None;
