@@ -53,6 +53,9 @@ pub enum ApiError {
     /// Every materialization slot stayed busy while the request waited.
     #[error("this node is busy reading documents; retry later")]
     Busy(Duration),
+    /// Answers built and not yet taken by their clients fill the node's budget.
+    #[error("answers not yet read by their clients fill this node's memory for them; retry later")]
+    AnswersFull(Duration),
     /// The document holds no change.
     #[error("no such document")]
     NotFound,
@@ -85,7 +88,7 @@ impl ApiError {
             ApiError::Relay { code, .. } => *code,
             ApiError::RateLimited(_) => ErrorCode::RateLimited,
             ApiError::Moved { .. } => ErrorCode::Redirect,
-            ApiError::Busy(_) => ErrorCode::Overloaded,
+            ApiError::Busy(_) | ApiError::AnswersFull(_) => ErrorCode::Overloaded,
             ApiError::NotFound => ErrorCode::UnknownDocument,
             ApiError::Timeout(_) => ErrorCode::Timeout,
             ApiError::Internal(_) => ErrorCode::Internal,
@@ -94,7 +97,9 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::RateLimited(after) | ApiError::Busy(after) => Some(*after),
+            ApiError::RateLimited(after) | ApiError::Busy(after) | ApiError::AnswersFull(after) => {
+                Some(*after)
+            }
             ApiError::Relay { retry_after, .. } => *retry_after,
             ApiError::Open(OpenError::Address | OpenError::Quota(_) | OpenError::Joining) => {
                 Some(Duration::from_secs(1))

@@ -64,6 +64,12 @@ pub struct ApiConfig {
     /// The API of each other node of the cell, by node id, for documents another node
     /// owns; a node not listed is reached at its QUIC address's host and this port.
     pub cell_apis: HashMap<String, SocketAddr>,
+    /// Bytes of read answers built and not yet taken by their clients, on the node (a
+    /// client that reads slowly holds its answer until it has read it or the request
+    /// bound cuts it); a read past it is answered `overloaded`.
+    pub answer_bytes_max: usize,
+    /// Of those, for one tenant; past it, `rate_limited`.
+    pub answer_bytes_per_tenant_max: usize,
 }
 
 impl Default for ApiConfig {
@@ -90,6 +96,8 @@ impl Default for ApiConfig {
                 ..meridian_process::web::WebLimits::default()
             },
             cell_apis: HashMap::new(),
+            answer_bytes_max: 1 << 30,
+            answer_bytes_per_tenant_max: 256 << 20,
         }
     }
 }
@@ -125,6 +133,7 @@ struct Api {
     slots: Arc<Semaphore>,
     per_tenant: Arc<Mutex<HashMap<TenantId, usize>>>,
     read_budget: DefaultKeyedRateLimiter<TenantId>,
+    answers: Arc<Answers>,
 }
 
 /// Starts the API in front of the relay node whose sessions `port` opens.
@@ -143,6 +152,10 @@ pub async fn start(config: ApiConfig, port: SessionPort) -> std::io::Result<ApiH
         slots: Arc::new(Semaphore::new(config.materializations_max.max(1))),
         per_tenant: Arc::new(Mutex::new(HashMap::new())),
         read_budget: DefaultKeyedRateLimiter::dashmap(Quota::per_second(rate).allow_burst(burst)),
+        answers: Arc::new(Answers::new(
+            config.answer_bytes_max,
+            config.answer_bytes_per_tenant_max,
+        )),
         port,
         config,
     });
@@ -622,6 +635,92 @@ impl Drop for ReadSlot {
     }
 }
 
+/// Bytes of read answers built and not yet taken by their clients, on the node and per
+/// tenant: a client that reads slowly keeps its answer in memory until it has read it
+/// (or the request bound cuts it), so what all such answers hold is bounded.
+struct Answers {
+    node_max: usize,
+    tenant_max: usize,
+    held: Mutex<(usize, HashMap<TenantId, usize>)>,
+}
+
+impl Answers {
+    fn new(node_max: usize, tenant_max: usize) -> Self {
+        Answers {
+            node_max,
+            tenant_max,
+            held: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Takes `body`'s share of the budget: the bytes to answer with, which give the
+    /// share back once the last copy of them is dropped (written to the client, or the
+    /// connection ended).
+    fn hold(self: &Arc<Self>, tenant: &TenantId, body: Vec<u8>) -> Result<Bytes, ApiError> {
+        let bytes = body.len();
+        {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            let (node, tenants) = &mut *held;
+            let mine = tenants.get(tenant).copied().unwrap_or(0);
+            if mine > 0 && mine + bytes > self.tenant_max {
+                return Err(ApiError::RateLimited(ANSWERS_RETRY));
+            }
+            if *node > 0 && *node + bytes > self.node_max {
+                return Err(ApiError::AnswersFull(ANSWERS_RETRY));
+            }
+            *node += bytes;
+            *tenants.entry(tenant.clone()).or_insert(0) += bytes;
+        }
+        let hold = AnswerHold {
+            answers: self.clone(),
+            tenant: tenant.clone(),
+            bytes,
+        };
+        Ok(Bytes::from_owner(HeldAnswer { body, _hold: hold }))
+    }
+
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+}
+
+/// When to try again after the answers' budget refused a read.
+const ANSWERS_RETRY: Duration = Duration::from_secs(1);
+
+/// An answer's share of [`Answers`], given back on drop.
+struct AnswerHold {
+    answers: Arc<Answers>,
+    tenant: TenantId,
+    bytes: usize,
+}
+
+impl Drop for AnswerHold {
+    fn drop(&mut self) {
+        let mut held = self.answers.held.lock().unwrap_or_else(|e| e.into_inner());
+        let (node, tenants) = &mut *held;
+        *node = node.saturating_sub(self.bytes);
+        if let Some(mine) = tenants.get_mut(&self.tenant) {
+            *mine = mine.saturating_sub(self.bytes);
+            if *mine == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// An answer's bytes with their share of [`Answers`].
+struct HeldAnswer {
+    body: Vec<u8>,
+    _hold: AnswerHold,
+}
+
+impl AsRef<[u8]> for HeldAnswer {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
+}
+
 /// Runs `work` on a blocking thread, timed and counted.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, view::ViewError> + Send + 'static,
@@ -682,6 +781,7 @@ async fn read_doc(
     };
     let (doc, changes) = (request.doc.to_string(), held.changes);
     let durable_heads = hex(&held.durable_heads);
+    let tenant = slot.tenant.clone();
     // The document and its JSON are built on a blocking thread, which holds the slot
     // until they are done (even if the client left meanwhile).
     let body = blocking(move || {
@@ -699,7 +799,7 @@ async fn read_doc(
     .await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
+        api.answers.hold(&tenant, body)?,
     )
         .into_response())
 }
@@ -733,6 +833,7 @@ async fn read_history(
     let (heads, durable_heads) = (held.heads, held.durable_heads);
     let doc = request.doc.to_string();
     let answer_max = api.config.read.inflated_max;
+    let tenant = slot.tenant.clone();
     // Headers only: the read slot already bounded the stored bytes, and no document is
     // built, so the operation bound of a materialization does not apply; the answer is
     // bounded like an inflated document. The JSON is written off the runtime's threads
@@ -744,7 +845,7 @@ async fn read_history(
     .await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
+        api.answers.hold(&tenant, body)?,
     )
         .into_response())
 }
@@ -1022,6 +1123,35 @@ fn respond(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers not yet taken hold their bytes, on the node and per tenant, until the
+    /// last copy of them is dropped; a tenant's share and the node's bound refuse more.
+    #[test]
+    fn answers_not_yet_taken_are_bounded_per_tenant_and_node() {
+        let answers = Arc::new(Answers::new(300, 200));
+        let acme = TenantId::new("acme").unwrap();
+        let globex = TenantId::new("globex").unwrap();
+        let first = answers.hold(&acme, vec![1; 150]).unwrap();
+        let copy = first.clone();
+        assert_eq!(answers.held(), 150);
+        assert!(matches!(
+            answers.hold(&acme, vec![1; 100]),
+            Err(ApiError::RateLimited(_))
+        ));
+        let other = answers.hold(&globex, vec![2; 100]).unwrap();
+        assert!(matches!(
+            answers.hold(&globex, vec![2; 100]),
+            Err(ApiError::AnswersFull(_))
+        ));
+        drop(first);
+        assert_eq!(answers.held(), 250, "a copy still holds the bytes");
+        drop(copy);
+        assert_eq!(answers.held(), 100);
+        // Alone, an answer over a bound still goes (nothing else would ever fit).
+        drop(other);
+        assert_eq!(answers.hold(&acme, vec![3; 400]).unwrap().len(), 400);
+        assert_eq!(answers.held(), 0);
+    }
 
     /// The listener cuts a request only after the longest answer it may wait for: a
     /// forwarded write waits for this node's catch-up, then the owner's catch-up and

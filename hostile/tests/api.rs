@@ -370,6 +370,80 @@ async fn only_proven_forwarded_requests_escape_the_per_address_bound() {
     }
 }
 
+/// A client that reads its answer slowly keeps it in memory: the bytes of answers not
+/// yet taken count against the tenant's share (and the node's), and come back once the
+/// answer is written or its connection ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_held_by_slow_readers_count_against_their_tenant() {
+    let config = ApiConfig {
+        answer_bytes_per_tenant_max: 1 << 20,
+        ..ApiConfig::default()
+    };
+    let s = setup(config).await;
+    let addr = s.api.local_addr();
+    let token = s.dev.token("mallory");
+    // A document whose answer (about 20 MB) is more than the sockets between the API
+    // and a client that reads nothing can buffer.
+    let writer = s.dev.client(s.relay.local_addr(), "writer").await;
+    let handle = writer.open("slow").await.expect("open");
+    let mut seed = 11u64;
+    for i in 0..22 {
+        let text: String = (0..900_000)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'a' + (seed >> 59) as u8 % 26)
+            })
+            .collect();
+        handle
+            .change(|d| d.put(automerge::ROOT, format!("k{i}"), text))
+            .expect("change")
+            .expect("put");
+    }
+    common::wait_durable(&handle).await;
+    writer.close().await;
+
+    // A client that asks and then reads only the answer's first bytes.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head =
+        format!("GET /v1/docs/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(60), slow.read_exact(&mut first))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert_eq!(
+        &first,
+        b"HTTP/1.1 200",
+        "{}",
+        String::from_utf8_lossy(&first)
+    );
+    // Its answer holds the tenant's share.
+    let start = |answer: &http::Answer| {
+        String::from_utf8_lossy(&answer.body[..answer.body.len().min(200)]).into_owned()
+    };
+    let answer = http::get(addr, "/v1/docs/slow", &token).await;
+    assert_eq!(answer.status, 429, "{}", start(&answer));
+    assert_eq!(answer.json()["code"], "rate_limited");
+    // Once that connection ends, the share comes back.
+    drop(slow);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = http::get(addr, "/v1/docs/slow", &token).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.status, 429, "{}", start(&answer));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the share never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_reads_costs_its_own_tenant_not_others_nor_quic_clients() {
     let config = ApiConfig {
