@@ -386,16 +386,8 @@ async fn answers_held_by_slow_readers_count_against_their_tenant() {
     // and a client that reads nothing can buffer.
     let writer = s.dev.client(s.relay.local_addr(), "writer").await;
     let handle = writer.open("slow").await.expect("open");
-    let mut seed = 11u64;
-    for i in 0..22 {
-        let text: String = (0..900_000)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                char::from(b'a' + (seed >> 59) as u8 % 26)
-            })
-            .collect();
+    for (i, seed) in (0..22).zip(11u64..) {
+        let text = meridian_testkit::incompressible_text(900_000, seed);
         handle
             .change(|d| d.put(automerge::ROOT, format!("k{i}"), text))
             .expect("change")

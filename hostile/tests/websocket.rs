@@ -733,17 +733,9 @@ async fn messages_waiting_for_a_catch_up_past_the_peers_bound_slow_it_down() {
     // Four changes of about 35 KB each (140 KB in all) for one document.
     let mut socket = node.joined("heavy").await;
     let id = doc_id();
-    let mut seed = 7u64;
     let mut hashes = Vec::new();
-    for _ in 0..4 {
-        let text: String = (0..45_000)
-            .map(|_| {
-                seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                char::from(b'a' + (seed >> 59) as u8 % 26)
-            })
-            .collect();
+    for seed in 7u64..11 {
+        let text = meridian_testkit::incompressible_text(45_000, seed);
         let mut doc = automerge::AutoCommit::new();
         doc.put(automerge::ROOT, "text", text).expect("put");
         let change = doc.get_last_local_change().expect("change");

@@ -325,6 +325,20 @@ pub fn json(handle: &DocHandle) -> serde_json::Value {
     handle.read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)).expect("json"))
 }
 
+/// `len` lowercase letters that deflate barely compresses (a linear congruential
+/// generator from `seed`): changes of a known size, whatever Automerge compresses.
+pub fn incompressible_text(len: usize, seed: u64) -> String {
+    let mut state = seed;
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            char::from(b'a' + (state >> 59) as u8 % 26)
+        })
+        .collect()
+}
+
 /// One Automerge change's bytes, made by a fresh document.
 pub fn some_change(key: &str) -> Bytes {
     use automerge::transaction::Transactable;
