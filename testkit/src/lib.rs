@@ -325,8 +325,8 @@ pub fn json(handle: &DocHandle) -> serde_json::Value {
     handle.read(|doc| serde_json::to_value(automerge::AutoSerde::from(doc)).expect("json"))
 }
 
-/// `len` lowercase letters that deflate barely compresses (a linear congruential
-/// generator from `seed`): changes of a known size, whatever Automerge compresses.
+/// `len` lowercase letters that deflate compresses little (a linear congruential
+/// generator from `seed`; about 60 % of their size deflated): changes of a known size.
 pub fn incompressible_text(len: usize, seed: u64) -> String {
     let mut state = seed;
     (0..len)
