@@ -1211,6 +1211,25 @@ mod tests {
         }
     }
 
+    /// Hands an automerge peer every sync message the gateway sent in `effects`;
+    /// returns how many.
+    fn deliver(
+        client: &mut automerge::AutoCommit,
+        state: &mut automerge::sync::State,
+        effects: &[Effect],
+    ) -> usize {
+        use automerge::sync::SyncDoc;
+        let mut delivered = 0;
+        for effect in effects {
+            if let Effect::Send(ServerMessage::Sync { data, .. }) = effect {
+                let message = automerge::sync::Message::decode(data).unwrap();
+                client.sync().receive_sync_message(state, message).unwrap();
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     /// The relay's fan-out of change `[n]`, heads `hash(n)`.
     fn fanout(doc: &DocId, n: u8) -> Outbound {
         Outbound::Changes {
@@ -1736,15 +1755,6 @@ mod tests {
         use automerge::sync::SyncDoc;
         use automerge::transaction::Transactable;
         let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
-        let to_peer = |effects: &[Effect]| -> Vec<Bytes> {
-            effects
-                .iter()
-                .filter_map(|e| match e {
-                    Effect::Send(ServerMessage::Sync { data, .. }) => Some(data.clone()),
-                    _ => None,
-                })
-                .collect()
-        };
         // The relay holds a base change; the peer syncs it.
         let mut base = automerge::AutoCommit::new();
         base.put(automerge::ROOT, "base", 1).unwrap();
@@ -1771,12 +1781,7 @@ mod tests {
             },
             Instant::now(),
         );
-        for data in to_peer(&caught_up) {
-            client
-                .sync()
-                .receive_sync_message(&mut state, decode(&data))
-                .unwrap();
-        }
+        deliver(&mut client, &mut state, &caught_up);
         assert_eq!(client.get_heads(), base.get_heads());
         // The peer's change goes to this relay, which then answers `moved`.
         client.put(automerge::ROOT, "mine", 2).unwrap();
@@ -1811,12 +1816,7 @@ mod tests {
             "automerge sends a change once per session"
         );
         // The gateway's message makes it send the change again; that goes to the owner.
-        let resets = to_peer(&moved);
-        assert_eq!(resets.len(), 1, "{moved:?}");
-        client
-            .sync()
-            .receive_sync_message(&mut state, decode(&resets[0]))
-            .unwrap();
+        assert_eq!(deliver(&mut client, &mut state, &moved), 1, "{moved:?}");
         let answer = client
             .sync()
             .generate_sync_message(&mut state)
@@ -1986,7 +1986,6 @@ mod tests {
     fn changes_the_relay_refused_for_now_are_sent_again_by_the_peer() {
         use automerge::sync::SyncDoc;
         use automerge::transaction::Transactable;
-        let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
         let (id, doc) = id(1);
         let mut gateway = all();
         let mut client = automerge::AutoCommit::new();
@@ -1995,12 +1994,7 @@ mod tests {
         let hello = client.sync().generate_sync_message(&mut state).unwrap();
         gateway.handle_client(sync_data(&id, hello.encode()), &Bytes::new(), t0);
         let caught_up = gateway.handle_outbound(empty_catch_up(&doc), t0);
-        for message in sent(&caught_up) {
-            client
-                .sync()
-                .receive_sync_message(&mut state, decode(&Bytes::from(message.encode())))
-                .unwrap();
-        }
+        deliver(&mut client, &mut state, &caught_up);
         client.put(automerge::ROOT, "mine", 2).unwrap();
         let mine = ChangeHash(client.get_last_local_change().unwrap().hash().0);
         let message = client.sync().generate_sync_message(&mut state).unwrap();
@@ -2021,12 +2015,7 @@ mod tests {
         let at = t0 + Duration::from_secs(1);
         assert_eq!(gateway.flush_at(), Some(at));
         assert_eq!(gateway.flush(at - Duration::from_millis(1)), vec![]);
-        let reset = sent(&gateway.flush(at));
-        assert_eq!(reset.len(), 1);
-        client
-            .sync()
-            .receive_sync_message(&mut state, decode(&Bytes::from(reset[0].encode())))
-            .unwrap();
+        assert_eq!(deliver(&mut client, &mut state, &gateway.flush(at)), 1);
         let answer = client.sync().generate_sync_message(&mut state).unwrap();
         let out = gateway.handle_client(sync_data(&id, answer.encode()), &Bytes::new(), at);
         let resent: Vec<ChangeHash> = out
@@ -2092,7 +2081,6 @@ mod tests {
     fn a_peer_that_does_not_follow_its_last_sync_is_caught_up_again() {
         use automerge::sync::SyncDoc;
         use automerge::transaction::Transactable;
-        let decode = |data: &Bytes| automerge::sync::Message::decode(data).unwrap();
         let (id, doc) = id(1);
         let mut gateway = all();
         let mut client = automerge::AutoCommit::new();
@@ -2116,12 +2104,7 @@ mod tests {
             authors: vec![],
         };
         let caught_up = gateway.handle_outbound(catch_up, Instant::now());
-        for message in sent(&caught_up) {
-            client
-                .sync()
-                .receive_sync_message(&mut state, decode(&Bytes::from(message.encode())))
-                .unwrap();
-        }
+        deliver(&mut client, &mut state, &caught_up);
         let reply = client.sync().generate_sync_message(&mut state).unwrap();
         assert!(reply.changes.is_empty() && reply.need.is_empty(), "a reset");
         let out = gateway.handle_client(
